@@ -1,0 +1,56 @@
+//! Names of agents and the DNS identities their certificates carry.
+
+use thiserror::Error;
+
+/// An agent name is not usable as a certificate identity.
+#[derive(Debug, Error)]
+#[error("invalid agent name {name:?}: use 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'")]
+pub struct InvalidName {
+    /// The rejected name.
+    pub name: String,
+}
+
+/// Checks that `name` is a valid agent (or admin) name: a single DNS label.
+pub fn validate_name(name: &str) -> Result<(), InvalidName> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The DNS name in an agent's certificate. Peers check it to know who they talk to.
+pub fn agent_dns(name: &str) -> String {
+    format!("{name}.agent.ferry")
+}
+
+/// The DNS name in an admin (ferryctl) certificate.
+pub fn admin_dns(name: &str) -> String {
+    format!("{name}.admin.ferry")
+}
+
+/// The DNS name every coordinator node's certificate carries; clients verify it.
+pub const COORDINATOR_DNS: &str = "coordinator.ferry";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("src-1").is_ok());
+        for bad in ["", "-a", "a-", "A", "a.b", "a/b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(agent_dns("t1"), "t1.agent.ferry");
+    }
+}

@@ -1,0 +1,259 @@
+//! The segment model: how a scanned tree becomes segments. Pure: the scanner feeds items in, the
+//! planner hands finished segments out.
+//!
+//! A file of at least `segment_size` bytes is split into `ceil(size / segment_size)` chunk segments
+//! of its own. Smaller files, empty files, directories and symlinks are packed in scan order into
+//! bundle segments of at most `segment_size` bytes and [`MAX_BUNDLE_ENTRIES`] entries.
+
+/// What kind of thing an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file (or a piece of one).
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+}
+
+/// One item of a segment, as the source scanned it. `path` is relative, '/'-separated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Kind of item.
+    pub kind: EntryKind,
+    /// Relative path (validated with [`crate::path::validate_relative`]).
+    pub path: String,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime_sec: i64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: u32,
+    /// Files: total size.
+    pub file_size: u64,
+    /// Files: offset of this piece.
+    pub offset: u64,
+    /// Files: bytes of this piece carried by the segment.
+    pub len: u64,
+    /// Files: index of this piece.
+    pub chunk_index: u32,
+    /// Files: number of pieces (1 for a whole file).
+    pub chunk_count: u32,
+    /// Symlinks: where the link points.
+    pub link_target: String,
+    /// Inode at scan time (0 for non-files); the source uses it to notice replaced files.
+    pub inode: u64,
+}
+
+impl Entry {
+    /// A directory entry.
+    pub fn dir(path: &str, mode: u32, mtime: (i64, u32)) -> Self {
+        Entry::base(EntryKind::Dir, path, mode, mtime)
+    }
+
+    /// A symlink entry.
+    pub fn symlink(path: &str, target: &str, mtime: (i64, u32)) -> Self {
+        Entry {
+            link_target: target.to_string(),
+            ..Entry::base(EntryKind::Symlink, path, 0o777, mtime)
+        }
+    }
+
+    /// A whole-file entry (before the planner decides whether to split it).
+    pub fn file(path: &str, size: u64, mode: u32, mtime: (i64, u32), inode: u64) -> Self {
+        Entry {
+            file_size: size,
+            len: size,
+            chunk_count: 1,
+            inode,
+            ..Entry::base(EntryKind::File, path, mode, mtime)
+        }
+    }
+
+    fn base(kind: EntryKind, path: &str, mode: u32, mtime: (i64, u32)) -> Self {
+        Entry {
+            kind,
+            path: path.to_string(),
+            mode,
+            mtime_sec: mtime.0,
+            mtime_nsec: mtime.1,
+            file_size: 0,
+            offset: 0,
+            len: 0,
+            chunk_index: 0,
+            chunk_count: 0,
+            link_target: String::new(),
+            inode: 0,
+        }
+    }
+}
+
+/// A segment as planned by the source: its id and the entries whose bytes it carries, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedSegment {
+    /// Id, dense from 0 within a migration, in scan order.
+    pub id: u64,
+    /// Entries, in the order their bytes are streamed.
+    pub entries: Vec<Entry>,
+}
+
+impl PlannedSegment {
+    /// Bytes of file data the segment carries.
+    pub fn bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.len).sum()
+    }
+
+    /// Number of whole files (or first pieces of split files) the segment accounts for, so that
+    /// summing over segments counts every file once.
+    pub fn files(&self) -> u32 {
+        self.entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Dir && e.chunk_index == 0)
+            .count() as u32
+    }
+}
+
+/// Most entries in one bundle: bounds the header a target must hold in memory (≈ 200 B each).
+pub const MAX_BUNDLE_ENTRIES: usize = 16 * 1024;
+
+/// Turns a stream of scanned entries into segments.
+#[derive(Debug)]
+pub struct SegmentPlanner {
+    segment_size: u64,
+    next_id: u64,
+    bundle: Vec<Entry>,
+    bundle_bytes: u64,
+}
+
+impl SegmentPlanner {
+    /// A planner cutting segments of `segment_size` bytes (at least 1).
+    pub fn new(segment_size: u64) -> Self {
+        SegmentPlanner {
+            segment_size: segment_size.max(1),
+            next_id: 0,
+            bundle: Vec::new(),
+            bundle_bytes: 0,
+        }
+    }
+
+    /// Adds one scanned entry; returns the segments it completed (possibly none).
+    pub fn push(&mut self, entry: Entry) -> Vec<PlannedSegment> {
+        let mut out = Vec::new();
+        if entry.kind == EntryKind::File && entry.file_size >= self.segment_size {
+            let size = entry.file_size;
+            let count = size.div_ceil(self.segment_size);
+            for i in 0..count {
+                let offset = i * self.segment_size;
+                let piece = Entry {
+                    offset,
+                    len: (size - offset).min(self.segment_size),
+                    chunk_index: i as u32,
+                    chunk_count: count as u32,
+                    ..entry.clone()
+                };
+                out.push(self.cut(vec![piece]));
+            }
+            return out;
+        }
+        if self.bundle_bytes + entry.len > self.segment_size
+            || self.bundle.len() >= MAX_BUNDLE_ENTRIES
+        {
+            if let Some(s) = self.flush() {
+                out.push(s);
+            }
+        }
+        self.bundle_bytes += entry.len;
+        self.bundle.push(entry);
+        out
+    }
+
+    /// Ends the scan: returns the last, partly filled bundle, if any.
+    pub fn finish(&mut self) -> Option<PlannedSegment> {
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Option<PlannedSegment> {
+        if self.bundle.is_empty() {
+            return None;
+        }
+        self.bundle_bytes = 0;
+        let entries = std::mem::take(&mut self.bundle);
+        Some(self.cut(entries))
+    }
+
+    fn cut(&mut self, entries: Vec<Entry>) -> PlannedSegment {
+        let id = self.next_id;
+        self.next_id += 1;
+        PlannedSegment { id, entries }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(p: &str, size: u64) -> Entry {
+        Entry::file(p, size, 0o644, (1, 0), 7)
+    }
+
+    fn plan(size: u64, entries: Vec<Entry>) -> Vec<PlannedSegment> {
+        let mut p = SegmentPlanner::new(size);
+        let mut out: Vec<_> = entries.into_iter().flat_map(|e| p.push(e)).collect();
+        out.extend(p.finish());
+        out
+    }
+
+    #[test]
+    fn large_files_split_into_chunks_covering_every_byte() {
+        let segs = plan(100, vec![file("big", 250)]);
+        assert_eq!(segs.len(), 3);
+        let pieces: Vec<_> = segs.iter().map(|s| (s.entries[0].offset, s.entries[0].len)).collect();
+        assert_eq!(pieces, vec![(0, 100), (100, 100), (200, 50)]);
+        assert!(segs.iter().all(|s| s.entries[0].chunk_count == 3));
+        assert_eq!(segs.iter().map(|s| s.files()).sum::<u32>(), 1);
+        assert_eq!(segs.iter().map(|s| s.id).collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn exact_multiple_has_no_empty_tail() {
+        let segs = plan(100, vec![file("big", 200)]);
+        assert_eq!(segs.len(), 2);
+        assert!(segs.iter().all(|s| s.bytes() == 100));
+    }
+
+    #[test]
+    fn small_files_bundle_up_to_the_segment_size() {
+        let entries = vec![
+            Entry::dir("d", 0o755, (1, 0)),
+            file("d/a", 40),
+            file("d/b", 40),
+            file("d/c", 40),
+            file("d/empty", 0),
+            Entry::symlink("d/l", "a", (1, 0)),
+        ];
+        let segs = plan(100, entries);
+        assert_eq!(segs.len(), 2);
+        assert_eq!(segs[0].bytes(), 80);
+        assert_eq!(segs[1].bytes(), 40);
+        assert_eq!(segs[0].entries.len(), 3);
+        assert_eq!(segs.iter().map(|s| s.files()).sum::<u32>(), 5);
+        assert!(segs.iter().all(|s| s.bytes() <= 100));
+    }
+
+    #[test]
+    fn bundles_are_capped_by_entry_count() {
+        let entries: Vec<_> = (0..MAX_BUNDLE_ENTRIES + 1).map(|i| file(&format!("f{i}"), 0)).collect();
+        let segs = plan(100, entries);
+        assert_eq!(segs.len(), 2);
+        assert_eq!(segs[0].entries.len(), MAX_BUNDLE_ENTRIES);
+    }
+
+    #[test]
+    fn big_file_between_small_ones_keeps_order_of_ids() {
+        let segs = plan(100, vec![file("a", 10), file("big", 150), file("b", 10)]);
+        // The big file's chunks are cut immediately; the open bundle keeps collecting.
+        assert_eq!(segs.len(), 3);
+        assert_eq!(segs[0].entries[0].path, "big");
+        assert_eq!(segs[2].entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+    }
+}

@@ -1,0 +1,241 @@
+//! TLS configurations for every connection ferry makes: gRPC (tonic) to the coordinator and QUIC
+//! (quinn) between agents. All of them are mutual TLS 1.3 against the cluster CA (invariant 5).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use thiserror::Error;
+
+use crate::config::TlsPaths;
+
+/// TLS material could not be loaded or used.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A PEM file held nothing usable.
+    #[error("{path} holds no {what}; issue it with `ferry-coordinator pki issue`")]
+    Empty {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What was expected.
+        what: &'static str,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("TLS client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC TLS setup failed: {0}")]
+    Quic(String),
+}
+
+/// The PEM files of one identity, read into memory.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    /// The CA certificate (PEM).
+    pub ca_pem: Vec<u8>,
+    /// This identity's certificate (PEM).
+    pub cert_pem: Vec<u8>,
+    /// This identity's key (PEM).
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsMaterial {
+    /// Reads the three files.
+    pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| TlsError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let m = TlsMaterial {
+            ca_pem: read(&paths.ca)?,
+            cert_pem: read(&paths.cert)?,
+            key_pem: read(&paths.key)?,
+        };
+        // Parse once now so that a bad file fails at start-up with its name, not at first use.
+        m.certs(&paths.ca, &m.ca_pem, "CA certificate")?;
+        m.certs(&paths.cert, &m.cert_pem, "certificate")?;
+        m.key(&paths.key)?;
+        Ok(m)
+    }
+
+    fn certs(
+        &self,
+        path: &std::path::Path,
+        pem: &[u8],
+        what: &'static str,
+    ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+            .collect::<Result<_, _>>()
+            .map_err(|source| TlsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::Empty {
+                path: path.to_path_buf(),
+                what,
+            });
+        }
+        Ok(certs)
+    }
+
+    fn key(&self, path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+        rustls_pemfile::private_key(&mut &self.key_pem[..])
+            .map_err(|source| TlsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .ok_or_else(|| TlsError::Empty {
+                path: path.to_path_buf(),
+                what: "private key",
+            })
+    }
+
+    fn parts(
+        &self,
+    ) -> Result<
+        (
+            rustls::RootCertStore,
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
+        let p = std::path::Path::new("<memory>");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in self.certs(p, &self.ca_pem, "CA certificate")? {
+            roots.add(c)?;
+        }
+        Ok((roots, self.certs(p, &self.cert_pem, "certificate")?, self.key(p)?))
+    }
+
+    /// tonic server TLS: presents this identity and requires a client certificate from the CA.
+    pub fn grpc_server(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// tonic client TLS towards a coordinator: verifies it as [`crate::names::COORDINATOR_DNS`]
+    /// and presents this identity.
+    pub fn grpc_client(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .domain_name(crate::names::COORDINATOR_DNS)
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+    }
+
+    /// QUIC server (target agent): TLS 1.3, client certificate from the CA required.
+    pub fn quic_server(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (roots, certs, key) = self.parts()?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)?;
+        cfg.alpn_protocols = vec![ferry_proto::DATA_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport_config()));
+        Ok(server)
+    }
+
+    /// QUIC client (source agent): TLS 1.3, verifies the server against the CA and presents this
+    /// identity. The caller names the expected server (`names::agent_dns(target)`) when connecting.
+    pub fn quic_client(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (roots, certs, key) = self.parts()?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)?;
+        cfg.alpn_protocols = vec![ferry_proto::DATA_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(transport_config()));
+        Ok(client)
+    }
+}
+
+/// QUIC transport settings. The windows are sized for a 1 Gbit/s path at 250 ms RTT (≈ 32 MB in
+/// flight); they cap memory per connection too, so they are not unbounded.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((16u32 * 1024 * 1024).into());
+    t.receive_window((64u32 * 1024 * 1024).into());
+    t.send_window(64 * 1024 * 1024);
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .expect("30 s is a valid QUIC idle timeout"),
+    ));
+    t
+}
+
+/// Whether the (already CA-verified) end-entity certificate `cert` is valid for `dns_name`. Used
+/// after a handshake to learn which agent or admin is on the other end.
+pub fn cert_is_for(cert: &CertificateDer<'_>, dns_name: &str) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(dns_name) else {
+        return false;
+    };
+    ee.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, Identity};
+
+    #[test]
+    fn identities_and_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let paths = ca.issue(&Identity::Agent("src".into()), dir.path()).unwrap();
+        let m = TlsMaterial::load(&paths).unwrap();
+        m.quic_server().unwrap();
+        m.quic_client().unwrap();
+        let (_, certs, _) = m.parts().unwrap();
+        assert!(cert_is_for(&certs[0], "src.agent.ferry"));
+        assert!(!cert_is_for(&certs[0], "dst.agent.ferry"));
+        assert!(!cert_is_for(&certs[0], "coordinator.ferry"));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = TlsPaths::in_dir(dir.path(), "nobody");
+        let err = TlsMaterial::load(&paths).err().unwrap().to_string();
+        assert!(err.contains("ca.pem"), "{err}");
+    }
+}

@@ -1,0 +1,789 @@
+//! The replicated state and the rules that change it. Pure: no I/O and no clock — every time value
+//! arrives inside a [`Command`] (the leader stamps it when proposing), and the log index of the entry
+//! is passed in by the store. Given the same entries, every node computes the same state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Default lease time: how long a source may hold a segment before it returns to `Pending`.
+pub const DEFAULT_LEASE_TTL_MS: u64 = 120_000;
+/// Most segments one source agent may hold at once, whatever it asks for.
+pub const MAX_LEASES_PER_AGENT: usize = 64;
+/// Scan issues kept per migration (the total is always counted).
+pub const MAX_SCAN_ISSUES_KEPT: usize = 1000;
+
+/// A 32-byte BLAKE3 digest.
+pub type Digest = [u8; 32];
+
+/// An agent the cluster knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agent {
+    /// Name, as in its certificate.
+    pub name: String,
+    /// Its QUIC data endpoint (`host:port`), empty if it cannot receive.
+    pub data_addr: String,
+    /// When it first registered (unix ms, leader's clock).
+    pub registered_ms: u64,
+    /// When it last registered or sent a heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// What an operator asked to move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSpec {
+    /// The agent that reads.
+    pub source_agent: String,
+    /// Absolute directory on the source agent.
+    pub source_path: String,
+    /// The agent that writes.
+    pub target_agent: String,
+    /// Directory under the target's root (relative; empty = the root).
+    pub target_path: String,
+    /// Segment size in bytes.
+    pub segment_size: u64,
+}
+
+/// Where a migration is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Created; the source has not registered segments yet.
+    Planned,
+    /// Bulk copy (round 0) in progress.
+    Copying,
+    /// Every segment is verified and the scan is complete.
+    Done,
+}
+
+impl Phase {
+    /// Lower-case name for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Planned => "planned",
+            Phase::Copying => "copying",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// Running totals of a migration, kept up to date on every change so status reads are O(1).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Segments registered.
+    pub segments: u64,
+    /// Bytes in registered segments.
+    pub bytes: u64,
+    /// Files in registered segments.
+    pub files: u64,
+    /// Segments verified.
+    pub verified_segments: u64,
+    /// Bytes verified.
+    pub verified_bytes: u64,
+    /// Files verified.
+    pub verified_files: u64,
+    /// Leases granted over all segments (equals `segments` when nothing was ever resent).
+    pub leases_granted: u64,
+    /// Failed transfer attempts (errors and hash mismatches).
+    pub failed_attempts: u64,
+}
+
+/// A migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Id, from 1.
+    pub id: u64,
+    /// What to move.
+    pub spec: MigrationSpec,
+    /// Where it is.
+    pub phase: Phase,
+    /// The source has registered all segments.
+    pub scan_complete: bool,
+    /// Totals.
+    pub counters: Counters,
+    /// Paths the source could not copy, with the reason (at most [`MAX_SCAN_ISSUES_KEPT`]).
+    pub scan_issues: Vec<(String, String)>,
+    /// All scan issues, including those not kept.
+    pub scan_issues_total: u64,
+    /// The last transfer error seen.
+    pub last_error: String,
+    /// Creation time (unix ms).
+    pub created_ms: u64,
+    /// When it reached `Done` (0 before).
+    pub finished_ms: u64,
+}
+
+/// Where a segment is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegState {
+    /// Waiting for a lease.
+    Pending,
+    /// Held by the source until `expires_ms`; `epoch` is the fencing token (the granting entry's
+    /// log index).
+    Leased {
+        /// Fencing token.
+        epoch: u64,
+        /// Expiry (unix ms).
+        expires_ms: u64,
+    },
+    /// Target holds the bytes durably and both ends computed the same hash.
+    Verified,
+}
+
+/// A segment, as the coordinator tracks it (its contents are described by the source's manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Bytes of file data.
+    pub bytes: u64,
+    /// Files it accounts for.
+    pub files: u32,
+    /// Lifecycle state.
+    pub state: SegState,
+    /// Leases granted for it.
+    pub leases: u32,
+    /// Failed attempts.
+    pub attempts: u32,
+    /// Hash the source reported under the current lease (or the verified one).
+    pub source_hash: Option<Digest>,
+    /// Hash the target reported under the current lease (or the verified one).
+    pub target_hash: Option<Digest>,
+    /// Last failure.
+    pub last_error: String,
+}
+
+/// Which end reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The reading end.
+    Source,
+    /// The writing end.
+    Target,
+}
+
+/// A state change, as proposed to Raft. Times are the leader's clock when it proposed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An agent announces itself (or its new data address).
+    RegisterAgent {
+        /// Name from its certificate.
+        name: String,
+        /// Its QUIC endpoint.
+        data_addr: String,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An agent is alive.
+    Heartbeat {
+        /// Name.
+        name: String,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An operator creates a migration.
+    CreateMigration {
+        /// What to move.
+        spec: MigrationSpec,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A source registers segments it planned (idempotent per segment id).
+    RegisterSegments {
+        /// The source agent.
+        agent: String,
+        /// Migration.
+        migration_id: u64,
+        /// `(segment id, bytes, files)`.
+        segments: Vec<(u64, u64, u32)>,
+    },
+    /// A source finished scanning.
+    CompleteScan {
+        /// The source agent.
+        agent: String,
+        /// Migration.
+        migration_id: u64,
+        /// How many segments the scan produced.
+        segments_total: u64,
+        /// Paths it could not copy.
+        issues: Vec<(String, String)>,
+        /// All issues, including those not listed.
+        issues_total: u64,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A source asks for up to `max` segments to send.
+    LeaseSegments {
+        /// The source agent.
+        agent: String,
+        /// Most segments wanted.
+        max: u32,
+        /// Leader time.
+        now_ms: u64,
+        /// Lease duration.
+        ttl_ms: u64,
+    },
+    /// One end reports the outcome of a transfer.
+    ReportSegment {
+        /// Reporting agent.
+        agent: String,
+        /// Which end it is.
+        role: Role,
+        /// Migration.
+        migration_id: u64,
+        /// Segment.
+        segment_id: u64,
+        /// The lease's fencing token.
+        epoch: u64,
+        /// The hash, or the error.
+        result: Result<Digest, String>,
+        /// Leader time.
+        now_ms: u64,
+    },
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Migration.
+    pub migration_id: u64,
+    /// Segment.
+    pub segment_id: u64,
+    /// Fencing token.
+    pub epoch: u64,
+    /// Expiry (unix ms).
+    pub expires_ms: u64,
+    /// The target agent.
+    pub target_agent: String,
+    /// Its data address.
+    pub target_addr: String,
+}
+
+/// What a report led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportOutcome {
+    /// Both ends agree: the segment is verified.
+    Verified,
+    /// Recorded; the other end has not reported yet.
+    Waiting,
+    /// The lease is not current (expired and re-leased, or never granted): nothing recorded.
+    Rejected,
+    /// The transfer failed or the hashes differ: the segment is pending again.
+    Failed,
+}
+
+/// The result of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Applied.
+    Ok,
+    /// A migration was created with this id.
+    MigrationCreated(u64),
+    /// Leases granted (maybe none).
+    Leases(Vec<Lease>),
+    /// A report was processed.
+    Report(ReportOutcome, String),
+    /// The command was refused; nothing changed. The text says why and what to do.
+    Refused(String),
+}
+
+/// Keys changed since the last [`State::take_dirty`], so the store writes only those.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dirty {
+    /// Changed agents.
+    pub agents: BTreeSet<String>,
+    /// Changed migrations.
+    pub migrations: BTreeSet<u64>,
+    /// Changed segments.
+    pub segments: BTreeSet<(u64, u64)>,
+}
+
+/// The whole replicated state.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Agents by name.
+    pub agents: BTreeMap<String, Agent>,
+    /// Migrations by id.
+    pub migrations: BTreeMap<u64, Migration>,
+    /// Segments by `(migration id, segment id)`.
+    pub segments: BTreeMap<(u64, u64), Segment>,
+    /// Derived index: pending segment ids per migration (rebuilt on load, never persisted).
+    #[serde(skip)]
+    pending: BTreeMap<u64, BTreeSet<u64>>,
+    /// Derived index: leased segment ids per migration.
+    #[serde(skip)]
+    leased: BTreeMap<u64, BTreeSet<u64>>,
+    #[serde(skip)]
+    dirty: Dirty,
+}
+
+fn refused(msg: impl Into<String>) -> Response {
+    Response::Refused(msg.into())
+}
+
+impl State {
+    /// Builds a state from stored records and rebuilds the derived indexes.
+    pub fn from_parts(
+        agents: BTreeMap<String, Agent>,
+        migrations: BTreeMap<u64, Migration>,
+        segments: BTreeMap<(u64, u64), Segment>,
+    ) -> Self {
+        let mut s = State {
+            agents,
+            migrations,
+            segments,
+            ..State::default()
+        };
+        s.rebuild_indexes();
+        s
+    }
+
+    /// Recomputes the pending/leased indexes from the segments.
+    pub fn rebuild_indexes(&mut self) {
+        self.pending.clear();
+        self.leased.clear();
+        for (&(m, id), seg) in &self.segments {
+            match seg.state {
+                SegState::Pending => {
+                    self.pending.entry(m).or_default().insert(id);
+                }
+                SegState::Leased { .. } => {
+                    self.leased.entry(m).or_default().insert(id);
+                }
+                SegState::Verified => {}
+            }
+        }
+    }
+
+    /// Returns and clears the set of keys changed since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Applies one command committed at log index `index`.
+    pub fn apply(&mut self, index: u64, cmd: Command) -> Response {
+        match cmd {
+            Command::RegisterAgent {
+                name,
+                data_addr,
+                now_ms,
+            } => {
+                let a = self.agents.entry(name.clone()).or_insert_with(|| Agent {
+                    name: name.clone(),
+                    data_addr: String::new(),
+                    registered_ms: now_ms,
+                    last_seen_ms: now_ms,
+                });
+                a.data_addr = data_addr;
+                a.last_seen_ms = now_ms;
+                self.dirty.agents.insert(name);
+                Response::Ok
+            }
+            Command::Heartbeat { name, now_ms } => match self.agents.get_mut(&name) {
+                Some(a) => {
+                    a.last_seen_ms = now_ms;
+                    self.dirty.agents.insert(name);
+                    Response::Ok
+                }
+                None => refused(format!("agent {name} is not registered; register first")),
+            },
+            Command::CreateMigration { spec, now_ms } => self.create_migration(index, spec, now_ms),
+            Command::RegisterSegments {
+                agent,
+                migration_id,
+                segments,
+            } => self.register_segments(&agent, migration_id, segments),
+            Command::CompleteScan {
+                agent,
+                migration_id,
+                segments_total,
+                issues,
+                issues_total,
+                now_ms,
+            } => self.complete_scan(
+                &agent,
+                migration_id,
+                segments_total,
+                issues,
+                issues_total,
+                now_ms,
+            ),
+            Command::LeaseSegments {
+                agent,
+                max,
+                now_ms,
+                ttl_ms,
+            } => Response::Leases(self.lease(index, &agent, max, now_ms, ttl_ms)),
+            Command::ReportSegment {
+                agent,
+                role,
+                migration_id,
+                segment_id,
+                epoch,
+                result,
+                now_ms,
+            } => {
+                let (o, why) =
+                    self.report(&agent, role, migration_id, segment_id, epoch, result, now_ms);
+                Response::Report(o, why)
+            }
+        }
+    }
+
+    fn create_migration(&mut self, _index: u64, spec: MigrationSpec, now_ms: u64) -> Response {
+        if spec.source_agent == spec.target_agent {
+            return refused("source and target agent must differ");
+        }
+        for a in [&spec.source_agent, &spec.target_agent] {
+            if !self.agents.contains_key(a) {
+                return refused(format!(
+                    "agent {a} is not registered; start it and check `ferryctl agents list`"
+                ));
+            }
+        }
+        if spec.segment_size == 0 {
+            return refused("segment size must be at least 1 byte");
+        }
+        let id = self.migrations.keys().next_back().map_or(1, |last| last + 1);
+        self.migrations.insert(
+            id,
+            Migration {
+                id,
+                spec,
+                phase: Phase::Planned,
+                scan_complete: false,
+                counters: Counters::default(),
+                scan_issues: Vec::new(),
+                scan_issues_total: 0,
+                last_error: String::new(),
+                created_ms: now_ms,
+                finished_ms: 0,
+            },
+        );
+        self.dirty.migrations.insert(id);
+        Response::MigrationCreated(id)
+    }
+
+    fn source_migration(&mut self, agent: &str, id: u64) -> Result<&mut Migration, Response> {
+        match self.migrations.get_mut(&id) {
+            None => Err(refused(format!("migration {id} does not exist"))),
+            Some(m) if m.spec.source_agent != agent => Err(refused(format!(
+                "agent {agent} is not the source of migration {id}"
+            ))),
+            Some(m) => Ok(m),
+        }
+    }
+
+    fn register_segments(
+        &mut self,
+        agent: &str,
+        mid: u64,
+        segments: Vec<(u64, u64, u32)>,
+    ) -> Response {
+        let m = match self.source_migration(agent, mid) {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        if m.scan_complete {
+            // Re-registration after a source restart: everything must match what is known.
+            for (id, bytes, files) in &segments {
+                match self.segments.get(&(mid, *id)) {
+                    Some(s) if s.bytes == *bytes && s.files == *files => {}
+                    _ => {
+                        return refused(format!(
+                        "migration {mid}: segment {id} differs from the completed scan; the source \
+                         manifest changed — start a new migration"
+                    ))
+                    }
+                }
+            }
+            return Response::Ok;
+        }
+        if m.phase == Phase::Planned {
+            m.phase = Phase::Copying;
+        }
+        let m = self.migrations.get_mut(&mid).expect("checked above");
+        for (id, bytes, files) in segments {
+            match self.segments.get_mut(&(mid, id)) {
+                Some(s) if s.bytes == bytes && s.files == files => continue,
+                Some(s) if s.state == SegState::Pending && s.leases == 0 => {
+                    // A rescan after a source restart planned it differently: replace it.
+                    m.counters.bytes = m.counters.bytes - s.bytes + bytes;
+                    m.counters.files = m.counters.files - s.files as u64 + files as u64;
+                    s.bytes = bytes;
+                    s.files = files;
+                }
+                Some(_) => {
+                    return refused(format!(
+                        "migration {mid}: segment {id} was already sent with other contents; the \
+                         source changed during the scan — start a new migration"
+                    ))
+                }
+                None => {
+                    self.segments.insert(
+                        (mid, id),
+                        Segment {
+                            bytes,
+                            files,
+                            state: SegState::Pending,
+                            leases: 0,
+                            attempts: 0,
+                            source_hash: None,
+                            target_hash: None,
+                            last_error: String::new(),
+                        },
+                    );
+                    self.pending.entry(mid).or_default().insert(id);
+                    m.counters.segments += 1;
+                    m.counters.bytes += bytes;
+                    m.counters.files += files as u64;
+                }
+            }
+            self.dirty.segments.insert((mid, id));
+        }
+        self.dirty.migrations.insert(mid);
+        Response::Ok
+    }
+
+    fn complete_scan(
+        &mut self,
+        agent: &str,
+        mid: u64,
+        total: u64,
+        issues: Vec<(String, String)>,
+        issues_total: u64,
+        now_ms: u64,
+    ) -> Response {
+        let m = match self.source_migration(agent, mid) {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        if m.scan_complete {
+            return Response::Ok;
+        }
+        if m.counters.segments != total {
+            return refused(format!(
+                "migration {mid}: scan reports {total} segments but {} are registered; register \
+                 the missing ones first",
+                m.counters.segments
+            ));
+        }
+        m.scan_complete = true;
+        m.scan_issues = issues.into_iter().take(MAX_SCAN_ISSUES_KEPT).collect();
+        m.scan_issues_total = issues_total;
+        if m.phase == Phase::Planned {
+            m.phase = Phase::Copying;
+        }
+        Self::maybe_done(m, now_ms);
+        self.dirty.migrations.insert(mid);
+        Response::Ok
+    }
+
+    fn maybe_done(m: &mut Migration, now_ms: u64) {
+        if m.scan_complete && m.counters.verified_segments == m.counters.segments {
+            m.phase = Phase::Done;
+            m.finished_ms = now_ms;
+        }
+    }
+
+    /// The scheduler: grants `agent` up to `max` pending segments of migrations it is the source
+    /// of, lowest ids first, round-robin across migrations, after returning expired leases.
+    fn lease(&mut self, index: u64, agent: &str, max: u32, now_ms: u64, ttl_ms: u64) -> Vec<Lease> {
+        let mids: Vec<u64> = self
+            .migrations
+            .values()
+            .filter(|m| m.phase == Phase::Copying && m.spec.source_agent == agent)
+            .map(|m| m.id)
+            .collect();
+        let mut held = 0usize;
+        for &mid in &mids {
+            self.expire_leases(mid, now_ms);
+            held += self.leased.get(&mid).map_or(0, |s| s.len());
+        }
+        let mut budget = (max as usize).min(MAX_LEASES_PER_AGENT.saturating_sub(held));
+        let mut out = Vec::new();
+        let mut progress = true;
+        while budget > 0 && progress {
+            progress = false;
+            for &mid in &mids {
+                if budget == 0 {
+                    break;
+                }
+                let m = &self.migrations[&mid];
+                let Some(target) = self.agents.get(&m.spec.target_agent) else {
+                    continue;
+                };
+                if target.data_addr.is_empty() {
+                    continue;
+                }
+                let Some(id) = self.pending.get_mut(&mid).and_then(|p| p.pop_first()) else {
+                    continue;
+                };
+                let seg = self.segments.get_mut(&(mid, id)).expect("indexed segment exists");
+                let expires_ms = now_ms + ttl_ms;
+                seg.state = SegState::Leased {
+                    epoch: index,
+                    expires_ms,
+                };
+                seg.leases += 1;
+                seg.source_hash = None;
+                seg.target_hash = None;
+                self.leased.entry(mid).or_default().insert(id);
+                self.dirty.segments.insert((mid, id));
+                out.push(Lease {
+                    migration_id: mid,
+                    segment_id: id,
+                    epoch: index,
+                    expires_ms,
+                    target_agent: target.name.clone(),
+                    target_addr: target.data_addr.clone(),
+                });
+                let m = self.migrations.get_mut(&mid).expect("listed above");
+                m.counters.leases_granted += 1;
+                self.dirty.migrations.insert(mid);
+                budget -= 1;
+                progress = true;
+            }
+        }
+        out
+    }
+
+    fn expire_leases(&mut self, mid: u64, now_ms: u64) {
+        let Some(leased) = self.leased.get_mut(&mid) else {
+            return;
+        };
+        let expired: Vec<u64> = leased
+            .iter()
+            .copied()
+            .filter(|id| {
+                matches!(self.segments[&(mid, *id)].state,
+                         SegState::Leased { expires_ms, .. } if expires_ms <= now_ms)
+            })
+            .collect();
+        for id in expired {
+            leased.remove(&id);
+            let seg = self.segments.get_mut(&(mid, id)).expect("indexed");
+            seg.state = SegState::Pending;
+            seg.last_error = "lease expired".into();
+            self.pending.entry(mid).or_default().insert(id);
+            self.dirty.segments.insert((mid, id));
+        }
+    }
+
+    /// Whether `source` currently holds the lease `epoch` on the segment, for `target`.
+    pub fn check_lease(
+        &self,
+        target: &str,
+        mid: u64,
+        sid: u64,
+        epoch: u64,
+        source: &str,
+        now_ms: u64,
+    ) -> Result<&Migration, String> {
+        let m = self
+            .migrations
+            .get(&mid)
+            .ok_or_else(|| format!("migration {mid} does not exist"))?;
+        if m.spec.target_agent != target {
+            return Err(format!("agent {target} is not the target of migration {mid}"));
+        }
+        if m.spec.source_agent != source {
+            return Err(format!(
+                "peer {source} is not the source of migration {mid} ({} is)",
+                m.spec.source_agent
+            ));
+        }
+        let seg = self
+            .segments
+            .get(&(mid, sid))
+            .ok_or_else(|| format!("segment {sid} of migration {mid} does not exist"))?;
+        match seg.state {
+            SegState::Leased {
+                epoch: e,
+                expires_ms,
+            } if e == epoch && expires_ms > now_ms => Ok(m),
+            SegState::Leased { epoch: e, .. } if e == epoch => Err("lease expired".into()),
+            SegState::Verified => Err("segment already verified".into()),
+            _ => Err(format!("lease {epoch} is not current")),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &mut self,
+        agent: &str,
+        role: Role,
+        mid: u64,
+        sid: u64,
+        epoch: u64,
+        result: Result<Digest, String>,
+        now_ms: u64,
+    ) -> (ReportOutcome, String) {
+        let Some(m) = self.migrations.get_mut(&mid) else {
+            return (ReportOutcome::Rejected, format!("migration {mid} does not exist"));
+        };
+        let expected = match role {
+            Role::Source => &m.spec.source_agent,
+            Role::Target => &m.spec.target_agent,
+        };
+        if expected != agent {
+            return (
+                ReportOutcome::Rejected,
+                format!("agent {agent} is not the {role:?} of migration {mid}"),
+            );
+        }
+        let Some(seg) = self.segments.get_mut(&(mid, sid)) else {
+            return (ReportOutcome::Rejected, format!("segment {sid} does not exist"));
+        };
+        match seg.state {
+            SegState::Leased { epoch: e, .. } if e == epoch => {}
+            _ => return (ReportOutcome::Rejected, format!("lease {epoch} is not current")),
+        }
+        self.dirty.segments.insert((mid, sid));
+        self.dirty.migrations.insert(mid);
+        let hash = match result {
+            Ok(h) => h,
+            Err(e) => {
+                let why = format!("{role:?}: {e}");
+                Self::fail(seg, m, &why);
+                self.leased.entry(mid).or_default().remove(&sid);
+                self.pending.entry(mid).or_default().insert(sid);
+                return (ReportOutcome::Failed, why);
+            }
+        };
+        match role {
+            Role::Source => seg.source_hash = Some(hash),
+            Role::Target => seg.target_hash = Some(hash),
+        }
+        match (seg.source_hash, seg.target_hash) {
+            (Some(s), Some(t)) if s == t => {
+                seg.state = SegState::Verified;
+                seg.last_error.clear();
+                self.leased.entry(mid).or_default().remove(&sid);
+                m.counters.verified_segments += 1;
+                m.counters.verified_bytes += seg.bytes;
+                m.counters.verified_files += seg.files as u64;
+                Self::maybe_done(m, now_ms);
+                (ReportOutcome::Verified, String::new())
+            }
+            (Some(_), Some(_)) => {
+                let why = "source and target BLAKE3 differ".to_string();
+                Self::fail(seg, m, &why);
+                self.leased.entry(mid).or_default().remove(&sid);
+                self.pending.entry(mid).or_default().insert(sid);
+                (ReportOutcome::Failed, why)
+            }
+            _ => (ReportOutcome::Waiting, String::new()),
+        }
+    }
+
+    fn fail(seg: &mut Segment, m: &mut Migration, why: &str) {
+        seg.state = SegState::Pending;
+        seg.attempts += 1;
+        seg.source_hash = None;
+        seg.target_hash = None;
+        seg.last_error = why.to_string();
+        m.counters.failed_attempts += 1;
+        m.last_error = why.to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,18 @@
+//! Generated protobuf and gRPC types. Nothing but generated code lives here: each crate converts
+//! these to its own domain types in one module at its edge.
+#![allow(clippy::all, missing_docs)]
+
+pub mod admin {
+    tonic::include_proto!("ferry.admin.v1");
+}
+
+pub mod control {
+    tonic::include_proto!("ferry.control.v1");
+}
+
+pub mod data {
+    tonic::include_proto!("ferry.data.v1");
+}
+
+/// ALPN protocol id of the agent-to-agent data plane. Bump it when the frames change incompatibly.
+pub const DATA_ALPN: &[u8] = b"ferry/1";
