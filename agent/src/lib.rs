@@ -1,1 +1,8 @@
+//! ferry's agent. A source scans its paths into segments and streams them to target agents over
+//! QUIC; a target writes what it receives below its root. Both report to the coordinator.
+//! This crate links neither openraft nor sled.
 
+pub mod frame;
+pub mod manifest;
+pub mod scan;
+pub mod sink;

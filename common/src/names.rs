@@ -38,6 +38,9 @@ pub fn admin_dns(name: &str) -> String {
     format!("{name}.admin.ferry")
 }
 
+/// The DNS name every admin certificate carries besides its own; the admin API requires it.
+pub const ADMIN_DNS: &str = "admin.ferry";
+
 /// The DNS name every coordinator node's certificate carries; clients verify it.
 pub const COORDINATOR_DNS: &str = "coordinator.ferry";
 

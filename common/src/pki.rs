@@ -68,7 +68,7 @@ impl Identity {
             Identity::Coordinator(id) => {
                 vec![COORDINATOR_DNS.to_string(), format!("node-{id}.{COORDINATOR_DNS}")]
             }
-            Identity::Admin(n) => vec![names::admin_dns(n)],
+            Identity::Admin(n) => vec![names::admin_dns(n), names::ADMIN_DNS.to_string()],
         }
     }
 }

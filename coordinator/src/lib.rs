@@ -1,6 +1,9 @@
 //! ferry's coordinator: the replicated migration state (openraft on sled), the gRPC services that
 //! agents and operators use, and the `ferryctl` client.
 
+pub mod grpc;
+pub mod network;
+pub mod node;
 pub mod raft_types;
 pub mod state;
 pub mod store;

@@ -667,14 +667,14 @@ impl State {
         }
     }
 
-    /// Whether `source` currently holds the lease `epoch` on the segment, for `target`.
+    /// Whether lease `epoch` on the segment is current and `target` is the migration's target.
+    /// The caller must still check that its peer is `spec.source_agent`.
     pub fn check_lease(
         &self,
         target: &str,
         mid: u64,
         sid: u64,
         epoch: u64,
-        source: &str,
         now_ms: u64,
     ) -> Result<&Migration, String> {
         let m = self
@@ -683,12 +683,6 @@ impl State {
             .ok_or_else(|| format!("migration {mid} does not exist"))?;
         if m.spec.target_agent != target {
             return Err(format!("agent {target} is not the target of migration {mid}"));
-        }
-        if m.spec.source_agent != source {
-            return Err(format!(
-                "peer {source} is not the source of migration {mid} ({} is)",
-                m.spec.source_agent
-            ));
         }
         let seg = self
             .segments

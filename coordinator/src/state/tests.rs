@@ -118,19 +118,21 @@ fn stale_epoch_is_fenced_off() {
     assert_eq!(new.segment_id, old.segment_id);
     assert_eq!(w.report(Role::Target, &old, Ok([1; 32])), ReportOutcome::Rejected);
     assert_eq!(w.report(Role::Source, &old, Ok([1; 32])), ReportOutcome::Rejected);
-    assert!(w.s.check_lease("dst", mid, 0, old.epoch, "src", 11 + TTL).is_err());
-    assert!(w.s.check_lease("dst", mid, 0, new.epoch, "src", 11 + TTL).is_ok());
+    assert!(w.s.check_lease("dst", mid, 0, old.epoch, 11 + TTL).is_err());
+    assert!(w.s.check_lease("dst", mid, 0, new.epoch, 11 + TTL).is_ok());
     assert_eq!(w.s.segments[&(mid, 0)].leases, 2);
 }
 
 #[test]
-fn check_lease_names_the_wrong_peer() {
+fn check_lease_refuses_other_targets_and_expired_leases() {
     let mut w = World::new();
     let mid = w.migration(&[(0, 10, 1)]);
     let l = w.lease(1, 10).pop().unwrap();
-    let err = w.s.check_lease("dst", mid, 0, l.epoch, "mallory", 11).unwrap_err();
-    assert!(err.contains("mallory"), "{err}");
-    assert!(w.s.check_lease("src", mid, 0, l.epoch, "src", 11).is_err());
+    assert_eq!(w.s.check_lease("dst", mid, 0, l.epoch, 11).unwrap().spec.source_agent, "src");
+    let err = w.s.check_lease("src", mid, 0, l.epoch, 11).unwrap_err();
+    assert!(err.contains("not the target"), "{err}");
+    let err = w.s.check_lease("dst", mid, 0, l.epoch, 10 + TTL).unwrap_err();
+    assert!(err.contains("expired"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,173 @@
+//! Walks a source tree as a stream: one directory listing in memory per level of depth, never the
+//! whole tree. Children are visited in name order so that a rescan plans the same segments.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use ferry_common::path::to_wire;
+use ferry_common::segment::Entry;
+
+/// What the walk found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walked {
+    /// Something to copy.
+    Entry(Entry),
+    /// Something that cannot be copied, and why. It is reported, never skipped silently.
+    Issue {
+        /// Path relative to the root (lossy if not UTF-8).
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The source root cannot be scanned at all.
+#[derive(Debug, thiserror::Error)]
+#[error("source path {path} cannot be scanned: {reason}")]
+pub struct RootError {
+    /// The root.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+fn sorted_children(dir: &Path) -> std::io::Result<Vec<OsString>> {
+    let mut names = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<Vec<_>, _>>()?;
+    names.sort();
+    Ok(names)
+}
+
+fn mtime(m: &fs::Metadata) -> (i64, u32) {
+    (m.mtime(), m.mtime_nsec() as u32)
+}
+
+/// Walks `root`, calling `f` for each item in depth-first name order (a directory before its
+/// contents). Stops early if `f` returns an error.
+pub fn walk<E>(root: &Path, mut f: impl FnMut(Walked) -> Result<(), E>) -> Result<Result<(), E>, RootError> {
+    let root_err = |reason: String| RootError {
+        path: root.to_path_buf(),
+        reason,
+    };
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(root_err("not a directory".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(root_err("it does not exist".into()))
+        }
+        Err(e) => return Err(root_err(e.to_string())),
+    }
+    let top = sorted_children(root).map_err(|e| root_err(e.to_string()))?;
+    let mut stack: Vec<(PathBuf, std::vec::IntoIter<OsString>)> = vec![(PathBuf::new(), top.into_iter())];
+    while let Some((dir, names)) = stack.last_mut() {
+        let Some(name) = names.next() else {
+            stack.pop();
+            continue;
+        };
+        let rel = dir.join(&name);
+        let abs = root.join(&rel);
+        let shown = rel.to_string_lossy().into_owned();
+        let issue = |reason: String| Walked::Issue {
+            path: shown.clone(),
+            reason,
+        };
+        let Some(wire) = to_wire(&rel) else {
+            if let Err(e) = f(issue("name is not valid UTF-8 or not representable".into())) {
+                return Ok(Err(e));
+            }
+            continue;
+        };
+        let item = match fs::symlink_metadata(&abs) {
+            Err(e) => issue(format!("cannot stat: {e}")),
+            Ok(m) => {
+                let ft = m.file_type();
+                let mode = m.mode() & 0o7777;
+                if ft.is_dir() {
+                    match sorted_children(&abs) {
+                        Ok(children) => {
+                            stack.push((rel.clone(), children.into_iter()));
+                            Walked::Entry(Entry::dir(&wire, mode, mtime(&m)))
+                        }
+                        Err(e) => issue(format!("cannot read directory: {e}")),
+                    }
+                } else if ft.is_file() {
+                    match fs::File::open(&abs) {
+                        Ok(_) => Walked::Entry(Entry::file(&wire, m.len(), mode, mtime(&m), m.ino())),
+                        Err(e) => issue(format!("cannot read: {e}")),
+                    }
+                } else if ft.is_symlink() {
+                    match fs::read_link(&abs) {
+                        Ok(t) => match t.to_str() {
+                            Some(t) if !t.is_empty() => Walked::Entry(Entry::symlink(&wire, t, mtime(&m))),
+                            _ => issue("symlink target is not valid UTF-8".into()),
+                        },
+                        Err(e) => issue(format!("cannot read symlink: {e}")),
+                    }
+                } else {
+                    let kind = if ft.is_socket() {
+                        "socket"
+                    } else if ft.is_fifo() {
+                        "named pipe"
+                    } else if ft.is_block_device() {
+                        "block device"
+                    } else if ft.is_char_device() {
+                        "character device"
+                    } else {
+                        "unknown file type"
+                    };
+                    issue(format!("unsupported file type: {kind}"))
+                }
+            }
+        };
+        if let Err(e) = f(item) {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_in_name_order_and_reports_what_it_cannot_copy() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("b/inner")).unwrap();
+        fs::create_dir(r.join("a-empty")).unwrap();
+        fs::write(r.join("b/inner/x"), b"12345").unwrap();
+        fs::write(r.join("c"), b"").unwrap();
+        std::os::unix::fs::symlink("c", r.join("d-link")).unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(r.join("e.sock")).unwrap();
+        let mut seen = Vec::new();
+        walk::<()>(r, |w| {
+            seen.push(w);
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        let paths: Vec<String> = seen
+            .iter()
+            .map(|w| match w {
+                Walked::Entry(e) => e.path.clone(),
+                Walked::Issue { path, .. } => format!("!{path}"),
+            })
+            .collect();
+        assert_eq!(paths, vec!["a-empty", "b", "b/inner", "b/inner/x", "c", "d-link", "!e.sock"]);
+        let Walked::Issue { reason, .. } = &seen[6] else { panic!() };
+        assert!(reason.contains("socket"), "{reason}");
+        let Walked::Entry(x) = &seen[3] else { panic!() };
+        assert_eq!(x.file_size, 5);
+    }
+
+    #[test]
+    fn missing_root_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let err = walk::<()>(&d.path().join("nope"), |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,195 @@
+//! The admin service (ferryctl).
+
+use std::sync::Arc;
+
+use ferry_proto::admin::{self as pb, admin_server::Admin};
+use tonic::{Request, Response as GrpcResponse, Status};
+
+use super::{authorize_admin, convert, now_ms, refused, Core};
+use crate::state::{Command, MigrationSpec, Response, SegState};
+
+/// Serves [`Admin`].
+pub struct AdminService(pub Arc<Core>);
+
+type R<T> = Result<GrpcResponse<T>, Status>;
+
+fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    for (what, name) in [("source agent", &s.source_agent), ("target agent", &s.target_agent)] {
+        if let Err(e) = ferry_common::names::validate_name(name) {
+            return bad(format!("{what}: {e}"));
+        }
+    }
+    if !s.source_path.starts_with('/') {
+        return bad(format!(
+            "source path {:?} must be absolute (a directory on the source agent)",
+            s.source_path
+        ));
+    }
+    if let Err(e) = ferry_common::path::validate_subdir(&s.target_path) {
+        return bad(format!("target path: {e}"));
+    }
+    Ok(MigrationSpec {
+        source_agent: s.source_agent,
+        source_path: s.source_path,
+        target_agent: s.target_agent,
+        target_path: s.target_path,
+        segment_size: if s.segment_size == 0 {
+            ferry_common::DEFAULT_SEGMENT_SIZE
+        } else {
+            s.segment_size
+        },
+    })
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn cluster_status(
+        &self,
+        req: Request<pb::ClusterStatusRequest>,
+    ) -> R<pb::ClusterStatusResponse> {
+        authorize_admin(&req)?;
+        let m = self.0.raft.metrics().borrow().clone();
+        let members = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| pb::ClusterMember {
+                node_id: *id,
+                addr: node.addr.clone(),
+                voter: m.membership_config.membership().voter_ids().any(|v| v == *id),
+            })
+            .collect();
+        Ok(GrpcResponse::new(pb::ClusterStatusResponse {
+            node_id: self.0.node_id,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            state: format!("{:?}", m.state),
+        }))
+    }
+
+    async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
+        authorize_admin(&req)?;
+        let agents = self
+            .0
+            .read(|s| {
+                s.agents
+                    .values()
+                    .map(|a| pb::AgentInfo {
+                        name: a.name.clone(),
+                        data_addr: a.data_addr.clone(),
+                        last_seen_ms: a.last_seen_ms,
+                        registered_ms: a.registered_ms,
+                    })
+                    .collect()
+            })
+            .await?;
+        Ok(GrpcResponse::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn create_migration(
+        &self,
+        req: Request<pb::CreateMigrationRequest>,
+    ) -> R<pb::CreateMigrationResponse> {
+        authorize_admin(&req)?;
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let spec = validate_spec(spec)?;
+        match self
+            .0
+            .write(Command::CreateMigration {
+                spec,
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Response::MigrationCreated(id) => {
+                Ok(GrpcResponse::new(pb::CreateMigrationResponse { migration_id: id }))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn list_migrations(
+        &self,
+        req: Request<pb::ListMigrationsRequest>,
+    ) -> R<pb::ListMigrationsResponse> {
+        authorize_admin(&req)?;
+        let migrations = self
+            .0
+            .read(|s| s.migrations.values().map(convert::progress).collect())
+            .await?;
+        Ok(GrpcResponse::new(pb::ListMigrationsResponse { migrations }))
+    }
+
+    async fn migration_status(
+        &self,
+        req: Request<pb::MigrationStatusRequest>,
+    ) -> R<pb::MigrationStatusResponse> {
+        authorize_admin(&req)?;
+        let id = req.into_inner().migration_id;
+        let progress = self
+            .0
+            .read(|s| {
+                s.migrations.get(&id).map(|m| {
+                    let mut p = convert::progress(m);
+                    p.segments_leased = s
+                        .segments
+                        .range((id, 0)..=(id, u64::MAX))
+                        .filter(|(_, seg)| matches!(seg.state, SegState::Leased { .. }))
+                        .count() as u64;
+                    p
+                })
+            })
+            .await?
+            .ok_or_else(|| Status::not_found(format!("migration {id} does not exist")))?;
+        Ok(GrpcResponse::new(pb::MigrationStatusResponse {
+            progress: Some(progress),
+        }))
+    }
+
+    async fn verify_migration(
+        &self,
+        req: Request<pb::VerifyMigrationRequest>,
+    ) -> R<pb::VerifyMigrationResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        let id = r.migration_id;
+        let max = if r.max_listed == 0 { 100 } else { r.max_listed as usize };
+        let resp = self
+            .0
+            .read(|s| {
+                let m = s.migrations.get(&id)?;
+                let mut out = pb::VerifyMigrationResponse {
+                    migration_id: id,
+                    segments_total: m.counters.segments,
+                    ..Default::default()
+                };
+                for (&(_, sid), seg) in s.segments.range((id, 0)..=(id, u64::MAX)) {
+                    if seg.state == SegState::Verified {
+                        out.segments_verified += 1;
+                        if seg.source_hash.is_none() || seg.source_hash != seg.target_hash {
+                            out.hash_mismatches += 1;
+                        }
+                    } else if out.unverified.len() < max {
+                        out.unverified.push(convert::segment(sid, seg));
+                    }
+                    if r.max_listed == u32::MAX {
+                        out.segments.push(convert::segment(sid, seg));
+                    }
+                }
+                out.all_verified = m.scan_complete
+                    && out.hash_mismatches == 0
+                    && out.segments_verified == out.segments_total;
+                Some(out)
+            })
+            .await?
+            .ok_or_else(|| Status::not_found(format!("migration {id} does not exist")))?;
+        Ok(GrpcResponse::new(resp))
+    }
+}

@@ -1,0 +1,220 @@
+//! The agent control service.
+
+use std::sync::Arc;
+
+use ferry_proto::control::{self as pb, agent_control_server::AgentControl};
+use tonic::{Request, Response as GrpcResponse, Status};
+
+use super::{authorize_agent, now_ms, refused, Core};
+use crate::state::{Command, Phase, Response, Role};
+
+/// Serves [`AgentControl`].
+pub struct AgentService(pub Arc<Core>);
+
+type R<T> = Result<GrpcResponse<T>, Status>;
+
+fn expect_ok(r: Response) -> Result<(), Status> {
+    match r {
+        Response::Ok => Ok(()),
+        other => Err(refused(other)),
+    }
+}
+
+#[tonic::async_trait]
+impl AgentControl for AgentService {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> R<pb::RegisterResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        if !r.data_addr.is_empty() && r.data_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "data address {:?} is not host:port",
+                r.data_addr
+            )));
+        }
+        let resp = self
+            .0
+            .write(Command::RegisterAgent {
+                name: r.agent,
+                data_addr: r.data_addr,
+                now_ms: now_ms(),
+            })
+            .await?;
+        expect_ok(resp)?;
+        Ok(GrpcResponse::new(pb::RegisterResponse {}))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> R<pb::HeartbeatResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let agent = req.into_inner().agent;
+        let resp = self
+            .0
+            .write(Command::Heartbeat {
+                name: agent.clone(),
+                now_ms: now_ms(),
+            })
+            .await?;
+        expect_ok(resp)?;
+        let work = self
+            .0
+            .read(|s| {
+                s.migrations
+                    .values()
+                    .filter(|m| m.spec.source_agent == agent)
+                    .map(|m| pb::SourceWork {
+                        migration_id: m.id,
+                        source_path: m.spec.source_path.clone(),
+                        segment_size: m.spec.segment_size,
+                        scan_complete: m.scan_complete,
+                        finished: m.phase == Phase::Done,
+                    })
+                    .collect()
+            })
+            .await?;
+        Ok(GrpcResponse::new(pb::HeartbeatResponse { source_work: work }))
+    }
+
+    async fn register_segments(
+        &self,
+        req: Request<pb::RegisterSegmentsRequest>,
+    ) -> R<pb::RegisterSegmentsResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let resp = self
+            .0
+            .write(Command::RegisterSegments {
+                agent: r.agent,
+                migration_id: r.migration_id,
+                segments: r
+                    .segments
+                    .into_iter()
+                    .map(|s| (s.segment_id, s.bytes, s.files))
+                    .collect(),
+            })
+            .await?;
+        expect_ok(resp)?;
+        Ok(GrpcResponse::new(pb::RegisterSegmentsResponse {}))
+    }
+
+    async fn complete_scan(
+        &self,
+        req: Request<pb::CompleteScanRequest>,
+    ) -> R<pb::CompleteScanResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let resp = self
+            .0
+            .write(Command::CompleteScan {
+                agent: r.agent,
+                migration_id: r.migration_id,
+                segments_total: r.segments_total,
+                issues: r.issues.into_iter().map(|i| (i.path, i.reason)).collect(),
+                issues_total: r.issues_total,
+                now_ms: now_ms(),
+            })
+            .await?;
+        expect_ok(resp)?;
+        Ok(GrpcResponse::new(pb::CompleteScanResponse {}))
+    }
+
+    async fn lease_segments(
+        &self,
+        req: Request<pb::LeaseSegmentsRequest>,
+    ) -> R<pb::LeaseSegmentsResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let resp = self
+            .0
+            .write(Command::LeaseSegments {
+                agent: r.agent,
+                max: r.max,
+                now_ms: now_ms(),
+                ttl_ms: self.0.lease_ttl_ms,
+            })
+            .await?;
+        let Response::Leases(leases) = resp else {
+            return Err(refused(resp));
+        };
+        Ok(GrpcResponse::new(pb::LeaseSegmentsResponse {
+            leases: leases
+                .into_iter()
+                .map(|l| pb::Lease {
+                    migration_id: l.migration_id,
+                    segment_id: l.segment_id,
+                    epoch: l.epoch,
+                    expires_ms: l.expires_ms,
+                    target_agent: l.target_agent,
+                    target_addr: l.target_addr,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn check_lease(&self, req: Request<pb::CheckLeaseRequest>) -> R<pb::CheckLeaseResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let now = now_ms();
+        let out = self
+            .0
+            .read(|s| {
+                match s.check_lease(
+                    &r.agent,
+                    r.migration_id,
+                    r.segment_id,
+                    r.epoch,
+                    now,
+                ) {
+                    Ok(m) => pb::CheckLeaseResponse {
+                        ok: true,
+                        reason: String::new(),
+                        target_path: m.spec.target_path.clone(),
+                        source_agent: m.spec.source_agent.clone(),
+                    },
+                    Err(reason) => pb::CheckLeaseResponse {
+                        ok: false,
+                        reason,
+                        ..Default::default()
+                    },
+                }
+            })
+            .await?;
+        Ok(GrpcResponse::new(out))
+    }
+
+    async fn report_segment(
+        &self,
+        req: Request<pb::ReportSegmentRequest>,
+    ) -> R<pb::ReportSegmentResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let role = match pb::Role::try_from(r.role) {
+            Ok(pb::Role::Source) => Role::Source,
+            Ok(pb::Role::Target) => Role::Target,
+            _ => return Err(Status::invalid_argument("role must be source or target")),
+        };
+        let result = if r.ok {
+            Ok(ferry_common::hash::digest_from_slice(&r.blake3)
+                .ok_or_else(|| Status::invalid_argument("blake3 must be 32 bytes"))?)
+        } else {
+            Err(r.error)
+        };
+        let resp = self
+            .0
+            .write(Command::ReportSegment {
+                agent: r.agent,
+                role,
+                migration_id: r.migration_id,
+                segment_id: r.segment_id,
+                epoch: r.epoch,
+                result,
+                now_ms: now_ms(),
+            })
+            .await?;
+        let Response::Report(outcome, reason) = resp else {
+            return Err(refused(resp));
+        };
+        Ok(GrpcResponse::new(pb::ReportSegmentResponse {
+            outcome: super::convert::outcome_str(outcome).to_string(),
+            reason,
+        }))
+    }
+}

@@ -1,0 +1,78 @@
+//! Domain → protobuf conversions for the services: the one place that knows both.
+
+use ferry_proto::admin as pb;
+
+use crate::state::{Migration, MigrationSpec, ReportOutcome, SegState, Segment};
+
+/// Wire name of a report outcome.
+pub fn outcome_str(o: ReportOutcome) -> &'static str {
+    match o {
+        ReportOutcome::Verified => "verified",
+        ReportOutcome::Waiting => "waiting",
+        ReportOutcome::Rejected => "rejected",
+        ReportOutcome::Failed => "failed",
+    }
+}
+
+/// Admin spec from the domain spec.
+pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
+    pb::MigrationSpec {
+        source_agent: s.source_agent.clone(),
+        source_path: s.source_path.clone(),
+        target_agent: s.target_agent.clone(),
+        target_path: s.target_path.clone(),
+        segment_size: s.segment_size,
+    }
+}
+
+/// Progress of a migration.
+pub fn progress(m: &Migration) -> pb::MigrationProgress {
+    let c = &m.counters;
+    pb::MigrationProgress {
+        migration_id: m.id,
+        spec: Some(spec(&m.spec)),
+        phase: m.phase.as_str().to_string(),
+        scan_complete: m.scan_complete,
+        segments_total: c.segments,
+        segments_verified: c.verified_segments,
+        segments_leased: 0,
+        bytes_total: c.bytes,
+        bytes_verified: c.verified_bytes,
+        files_total: c.files,
+        files_verified: c.verified_files,
+        leases_granted: c.leases_granted,
+        failed_attempts: c.failed_attempts,
+        last_error: m.last_error.clone(),
+        scan_issues: m
+            .scan_issues
+            .iter()
+            .map(|(path, reason)| pb::ScanIssue {
+                path: path.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        scan_issues_total: m.scan_issues_total,
+        created_ms: m.created_ms,
+        finished_ms: m.finished_ms,
+    }
+}
+
+/// One segment's state.
+pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
+    let hex = |h: &Option<[u8; 32]>| h.map(|h| ferry_common::hash::hex(&h)).unwrap_or_default();
+    pb::SegmentState {
+        segment_id: id,
+        state: match s.state {
+            SegState::Pending => "pending",
+            SegState::Leased { .. } => "leased",
+            SegState::Verified => "verified",
+        }
+        .to_string(),
+        bytes: s.bytes,
+        leases: s.leases,
+        attempts: s.attempts,
+        source_blake3: hex(&s.source_hash),
+        target_blake3: hex(&s.target_hash),
+        last_error: s.last_error.clone(),
+    }
+}

@@ -1,0 +1,189 @@
+//! A running coordinator node: Raft on the sled store plus the gRPC services, until shut down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use ferry_common::config::TlsPaths;
+use ferry_common::tls::TlsMaterial;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::grpc::{admin::AdminService, agent::AgentService, Core};
+use crate::network::SingleNodeNetworkFactory;
+use crate::raft_types::Raft;
+use crate::store::Applied;
+
+/// A coordinator node's configuration (`/etc/ferry/coordinator.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Unique node id (≥ 1).
+    pub node_id: u64,
+    /// gRPC listen address for agents and ferryctl.
+    pub listen: SocketAddr,
+    /// sled database directory.
+    pub data_dir: PathBuf,
+    /// Segment lease duration.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: u64,
+    /// TLS files.
+    pub tls: TlsPaths,
+}
+
+fn default_lease_ttl() -> u64 {
+    crate::state::DEFAULT_LEASE_TTL_MS / 1000
+}
+
+/// Starting a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material is missing or bad.
+    #[error(transparent)]
+    Tls(#[from] ferry_common::tls::TlsError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::OpenError),
+    /// Raft refused to start.
+    #[error("raft failed to start: {0}")]
+    Raft(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// gRPC TLS setup failed.
+    #[error("gRPC server setup failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// A node that is serving.
+pub struct RunningNode {
+    /// The bound gRPC address.
+    pub addr: SocketAddr,
+    /// The Raft handle.
+    pub raft: Raft,
+    /// Applied state, for in-process readers.
+    pub applied: Arc<RwLock<Applied>>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningNode {
+    /// Stops serving, shuts Raft down and flushes state. In-flight RPCs are abandoned; nothing
+    /// half-applied can remain because every change is one committed entry applied atomically.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = self.server.await;
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(message = "Raft shutdown failed.", error = %e);
+        }
+    }
+
+    /// Resolves when the gRPC server stops for a reason other than [`RunningNode::shutdown`].
+    pub async fn wait(&mut self) -> Result<(), String> {
+        match (&mut self.server).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Starts a node: opens the store, starts Raft (initialising a single-node cluster on first start)
+/// and serves gRPC on `cfg.listen`.
+pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
+    let tls = TlsMaterial::load(&cfg.tls)?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        StartError::Store(crate::store::OpenError::Corrupt {
+            path: cfg.data_dir.clone(),
+            message: format!("cannot create directory: {e}"),
+        })
+    })?;
+    let (log, sm) = crate::store::open(&cfg.data_dir)?;
+    let applied = sm.shared();
+    let raft_cfg = openraft::Config {
+        cluster_name: "ferry".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let raft = Raft::new(
+        cfg.node_id,
+        Arc::new(raft_cfg),
+        SingleNodeNetworkFactory,
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+
+    let members = std::collections::BTreeMap::from([(
+        cfg.node_id,
+        openraft::BasicNode {
+            addr: addr.to_string(),
+        },
+    )]);
+    match raft.initialize(members).await {
+        Ok(()) => tracing::info!(message = "Initialised a new single-node cluster.", node_id = cfg.node_id),
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::InitializeError::NotAllowed(_),
+        )) => tracing::info!(message = "Resuming an initialised cluster.", node_id = cfg.node_id),
+        Err(e) => return Err(StartError::Raft(e.to_string())),
+    }
+
+    let core = Arc::new(Core {
+        raft: raft.clone(),
+        applied: applied.clone(),
+        node_id: cfg.node_id,
+        lease_ttl_ms: cfg.lease_ttl_secs.max(1) * 1000,
+    });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let limit = 64 * 1024 * 1024;
+    let router = tonic::transport::Server::builder()
+        .tls_config(tls.grpc_server())?
+        .add_service(
+            ferry_proto::control::agent_control_server::AgentControlServer::new(AgentService(
+                core.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        )
+        .add_service(
+            ferry_proto::admin::admin_server::AdminServer::new(AdminService(core))
+                .max_decoding_message_size(limit),
+        );
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(message = "Coordinator serving.", %addr, node_id = cfg.node_id);
+    Ok(RunningNode {
+        addr,
+        raft,
+        applied,
+        stop: Some(stop_tx),
+        server,
+    })
+}
