@@ -2,7 +2,12 @@
 //! QUIC; a target writes what it receives below its root. Both report to the coordinator.
 //! This crate links neither openraft nor sled.
 
+pub mod control;
 pub mod frame;
 pub mod manifest;
+pub mod run;
 pub mod scan;
 pub mod sink;
+pub mod source;
+pub mod stats;
+pub mod target;

@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use ferry_common::segment::{Entry, PlannedSegment};
 use ferry_proto::data as pb;
@@ -60,22 +61,36 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ManifestError + '_ {
     }
 }
 
-/// Appends segments to a new manifest.
+/// Appends segments to a new manifest. Segments become readable through the shared [`Manifest`]
+/// once [`ManifestWriter::sync`] has made them durable, so sends can start while the scan goes on.
 pub struct ManifestWriter {
     path: PathBuf,
     out: BufWriter<File>,
     next_id: u64,
+    pos: u64,
+    unsynced: Vec<u64>,
+    shared: Arc<Manifest>,
 }
 
 impl ManifestWriter {
-    /// Creates (or truncates) the manifest at `path`.
-    pub fn create(path: &Path) -> Result<Self, ManifestError> {
+    /// Creates (or truncates) the manifest at `path`; returns the writer and the reader it feeds.
+    pub fn create(path: &Path) -> Result<(Self, Arc<Manifest>), ManifestError> {
         let f = File::create(path).map_err(io(path))?;
-        Ok(ManifestWriter {
+        let reader = OpenOptions::new().read(true).open(path).map_err(io(path))?;
+        let shared = Arc::new(Manifest {
+            path: path.to_path_buf(),
+            file: reader,
+            offsets: RwLock::new(Vec::new()),
+        });
+        let w = ManifestWriter {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(1 << 20, f),
             next_id: 0,
-        })
+            pos: 0,
+            unsynced: Vec::new(),
+            shared: shared.clone(),
+        };
+        Ok((w, shared))
     }
 
     /// Appends one segment; ids must arrive dense from 0.
@@ -96,14 +111,22 @@ impl ManifestWriter {
             .write_all(&(body.len() as u32).to_be_bytes())
             .and_then(|_| self.out.write_all(&body))
             .map_err(io(&self.path))?;
+        self.unsynced.push(self.pos);
+        self.pos += 4 + body.len() as u64;
         self.next_id += 1;
         Ok(())
     }
 
-    /// Makes everything appended so far durable.
+    /// Makes everything appended so far durable and readable.
     pub fn sync(&mut self) -> Result<(), ManifestError> {
         self.out.flush().map_err(io(&self.path))?;
-        self.out.get_ref().sync_data().map_err(io(&self.path))
+        self.out.get_ref().sync_data().map_err(io(&self.path))?;
+        self.shared
+            .offsets
+            .write()
+            .expect("not poisoned")
+            .append(&mut self.unsynced);
+        Ok(())
     }
 }
 
@@ -112,7 +135,7 @@ pub struct Manifest {
     path: PathBuf,
     file: File,
     /// Offset of each segment's record; index = segment id. 8 bytes per segment.
-    offsets: Vec<u64>,
+    offsets: RwLock<Vec<u64>>,
 }
 
 impl Manifest {
@@ -143,23 +166,28 @@ impl Manifest {
         Ok(Manifest {
             path: path.to_path_buf(),
             file,
-            offsets,
+            offsets: RwLock::new(offsets),
         })
     }
 
     /// Number of segments.
     pub fn len(&self) -> u64 {
-        self.offsets.len() as u64
+        self.offsets.read().expect("not poisoned").len() as u64
     }
 
     /// Whether there are no segments.
     pub fn is_empty(&self) -> bool {
-        self.offsets.is_empty()
+        self.len() == 0
     }
 
     /// Reads segment `id`'s entries.
     pub fn read(&self, id: u64) -> Result<Vec<Entry>, ManifestError> {
-        let off = *self.offsets.get(id as usize).ok_or(ManifestError::Unknown(id))?;
+        let off = *self
+            .offsets
+            .read()
+            .expect("not poisoned")
+            .get(id as usize)
+            .ok_or(ManifestError::Unknown(id))?;
         let mut len = [0u8; 4];
         self.file.read_exact_at(&mut len, off).map_err(io(&self.path))?;
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -235,7 +263,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("manifest");
         let mut planner = SegmentPlanner::new(10);
-        let mut w = ManifestWriter::create(&p).unwrap();
+        let (mut w, live) = ManifestWriter::create(&p).unwrap();
         let mut segs = Vec::new();
         for i in 0..5 {
             segs.extend(planner.push(Entry::file(&format!("f{i}"), 6, 0o644, (1, 2), 100 + i)));
@@ -244,7 +272,9 @@ mod tests {
         for s in &segs {
             w.append(s).unwrap();
         }
+        assert!(live.is_empty(), "readable before it is durable");
         w.sync().unwrap();
+        assert_eq!(live.read(1).unwrap(), segs[1].entries);
         let m = Manifest::open(&p).unwrap();
         assert_eq!(m.len(), segs.len() as u64);
         for s in &segs {

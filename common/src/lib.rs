@@ -1,5 +1,6 @@
-//! Pieces shared by every ferry binary. This crate does no network I/O and reads no clock: it names
-//! things (agents, paths, segments), plans segments, and builds TLS material from files.
+//! Pieces shared by every ferry binary: names, paths, the segment planner, config and PKI files,
+//! TLS configurations, logging and systemd notifications. It opens no network connection and
+//! decides nothing from the clock.
 
 pub mod config;
 pub mod hash;
@@ -7,6 +8,7 @@ pub mod names;
 pub mod path;
 pub mod pki;
 pub mod segment;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod wire;

@@ -7,3 +7,5 @@ pub mod node;
 pub mod raft_types;
 pub mod state;
 pub mod store;
+pub mod ctl;
+pub mod quickstart;

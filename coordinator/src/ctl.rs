@@ -1,0 +1,247 @@
+//! The admin client behind `ferryctl`: connects with an admin certificate and renders answers as
+//! tables or JSON.
+
+use std::time::{Duration, Instant};
+
+use ferry_common::tls::TlsMaterial;
+use ferry_proto::admin::{self as pb, admin_client::AdminClient};
+use tonic::transport::{Channel, Endpoint};
+
+/// A call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The coordinator could not be reached.
+    #[error("cannot reach the coordinator at {addr}: {reason}; is it running, and is --coordinator right?")]
+    Connect {
+        /// Address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator answered with an error.
+    #[error("{0}")]
+    Status(String),
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] ferry_common::tls::TlsError),
+}
+
+impl From<tonic::Status> for CtlError {
+    fn from(s: tonic::Status) -> Self {
+        CtlError::Status(format!("coordinator refused: {}", s.message()))
+    }
+}
+
+/// An admin connection.
+#[derive(Clone)]
+pub struct Ctl {
+    client: AdminClient<Channel>,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Human-readable.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+impl Ctl {
+    /// Connects to `addr` as the admin whose TLS material is given.
+    pub async fn connect(addr: &str, tls: &TlsMaterial) -> Result<Self, CtlError> {
+        let err = |reason: String| CtlError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(|e| err(e.to_string()))?
+            .tls_config(tls.grpc_client())
+            .map_err(|e| err(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .connect()
+            .await
+            .map_err(|e| err(error_chain(&e)))?;
+        Ok(Ctl {
+            client: AdminClient::new(channel).max_decoding_message_size(256 * 1024 * 1024),
+        })
+    }
+
+    /// Cluster status.
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, CtlError> {
+        Ok(self.client.clone().cluster_status(pb::ClusterStatusRequest {}).await?.into_inner())
+    }
+
+    /// Agents.
+    pub async fn agents(&self) -> Result<Vec<pb::AgentInfo>, CtlError> {
+        Ok(self.client.clone().list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents)
+    }
+
+    /// Creates a migration; returns its id.
+    pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
+        Ok(self
+            .client
+            .clone()
+            .create_migration(pb::CreateMigrationRequest { spec: Some(spec) })
+            .await?
+            .into_inner()
+            .migration_id)
+    }
+
+    /// All migrations.
+    pub async fn migrations(&self) -> Result<Vec<pb::MigrationProgress>, CtlError> {
+        Ok(self
+            .client
+            .clone()
+            .list_migrations(pb::ListMigrationsRequest {})
+            .await?
+            .into_inner()
+            .migrations)
+    }
+
+    /// One migration.
+    pub async fn status(&self, id: u64) -> Result<pb::MigrationProgress, CtlError> {
+        self.client
+            .clone()
+            .migration_status(pb::MigrationStatusRequest { migration_id: id })
+            .await?
+            .into_inner()
+            .progress
+            .ok_or_else(|| CtlError::Status("empty status".into()))
+    }
+
+    /// Verification summary; `max_listed = u32::MAX` lists every segment.
+    pub async fn verify(&self, id: u64, max_listed: u32) -> Result<pb::VerifyMigrationResponse, CtlError> {
+        Ok(self
+            .client
+            .clone()
+            .verify_migration(pb::VerifyMigrationRequest {
+                migration_id: id,
+                max_listed,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Polls a migration until it is done, calling `show` on each sample. Fails if verified
+    /// bytes do not move for `stall` (the last error is in the message).
+    pub async fn watch(
+        &self,
+        id: u64,
+        stall: Duration,
+        mut show: impl FnMut(&pb::MigrationProgress, &Rate),
+    ) -> Result<pb::MigrationProgress, CtlError> {
+        let mut rate = Rate::default();
+        let mut last_change = Instant::now();
+        let mut last_bytes = u64::MAX;
+        loop {
+            let p = self.status(id).await?;
+            rate.sample(p.bytes_verified);
+            show(&p, &rate);
+            if p.phase == "done" {
+                return Ok(p);
+            }
+            if p.bytes_verified != last_bytes || p.segments_verified == 0 && !p.scan_complete {
+                last_bytes = p.bytes_verified;
+                last_change = Instant::now();
+            } else if last_change.elapsed() > stall {
+                return Err(CtlError::Status(format!(
+                    "migration {id} made no progress for {}s; last error: {}",
+                    stall.as_secs(),
+                    if p.last_error.is_empty() { "none" } else { &p.last_error }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Throughput over the samples seen so far (bytes verified per second since the first sample
+/// that showed progress).
+#[derive(Debug, Default)]
+pub struct Rate {
+    first: Option<(Instant, u64)>,
+    last: Option<(Instant, u64)>,
+}
+
+impl Rate {
+    fn sample(&mut self, bytes: u64) {
+        let now = Instant::now();
+        if self.first.is_none() {
+            self.first = Some((now, bytes));
+        }
+        self.last = Some((now, bytes));
+    }
+
+    /// Bytes per second, if measurable.
+    pub fn bytes_per_sec(&self) -> Option<f64> {
+        let ((t0, b0), (t1, b1)) = (self.first?, self.last?);
+        let dt = t1.duration_since(t0).as_secs_f64();
+        (dt > 0.2 && b1 > b0).then(|| (b1 - b0) as f64 / dt)
+    }
+}
+
+/// `12.3 MiB`.
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+/// One progress line.
+pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
+    let pct = if p.bytes_total > 0 {
+        100.0 * p.bytes_verified as f64 / p.bytes_total as f64
+    } else if p.phase == "done" {
+        100.0
+    } else {
+        0.0
+    };
+    let speed = rate.bytes_per_sec();
+    let eta = match speed {
+        Some(s) if p.scan_complete && p.bytes_total > p.bytes_verified => {
+            format!("ETA {:.0}s", (p.bytes_total - p.bytes_verified) as f64 / s)
+        }
+        _ if p.phase == "done" => "done".to_string(),
+        _ if !p.scan_complete => "scanning".to_string(),
+        _ => "ETA -".to_string(),
+    };
+    format!(
+        "migration {} {:<8} {:>10} / {:<10} ({pct:5.1}%)  files {}/{}  segments {}/{}  {}  {eta}",
+        p.migration_id,
+        p.phase,
+        human_bytes(p.bytes_verified),
+        human_bytes(p.bytes_total),
+        p.files_verified,
+        p.files_total,
+        p.segments_verified,
+        p.segments_total,
+        speed.map_or("- MB/s".to_string(), |s| format!("{:.1} MB/s", s / 1e6)),
+    )
+}
+
+/// Prints `v` as pretty JSON.
+pub fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("protobuf types serialise"));
+}
