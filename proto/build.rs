@@ -1,7 +1,11 @@
 //! Compiles `proto/*.proto` with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/admin.proto", "proto/control.proto", "proto/data.proto"];
+    let files = [
+        "proto/admin.proto",
+        "proto/control.proto",
+        "proto/data.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -28,7 +28,9 @@ pub enum ManifestError {
         source: std::io::Error,
     },
     /// The manifest is damaged.
-    #[error("manifest {path} is damaged: {reason}; delete the migration's state directory to rescan")]
+    #[error(
+        "manifest {path} is damaged: {reason}; delete the migration's state directory to rescan"
+    )]
     Damaged {
         /// The file.
         path: PathBuf,
@@ -98,7 +100,10 @@ impl ManifestWriter {
         if seg.id != self.next_id {
             return Err(ManifestError::Damaged {
                 path: self.path.clone(),
-                reason: format!("segment {} appended where {} was expected", seg.id, self.next_id),
+                reason: format!(
+                    "segment {} appended where {} was expected",
+                    seg.id, self.next_id
+                ),
             });
         }
         let rec = pb::ManifestRecord {
@@ -189,9 +194,13 @@ impl Manifest {
             .get(id as usize)
             .ok_or(ManifestError::Unknown(id))?;
         let mut len = [0u8; 4];
-        self.file.read_exact_at(&mut len, off).map_err(io(&self.path))?;
+        self.file
+            .read_exact_at(&mut len, off)
+            .map_err(io(&self.path))?;
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        self.file.read_exact_at(&mut body, off + 4).map_err(io(&self.path))?;
+        self.file
+            .read_exact_at(&mut body, off + 4)
+            .map_err(io(&self.path))?;
         let damaged = |reason: String| ManifestError::Damaged {
             path: self.path.clone(),
             reason,
@@ -234,7 +243,9 @@ pub fn write_summary(path: &Path, s: &ScanSummary) -> Result<(), ManifestError> 
     f.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))?;
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
     }
     Ok(())
 }
@@ -283,8 +294,16 @@ mod tests {
         assert!(matches!(m.read(99), Err(ManifestError::Unknown(99))));
         // A torn tail is detected.
         let len = fs::metadata(&p).unwrap().len();
-        OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 1).unwrap();
-        assert!(matches!(Manifest::open(&p), Err(ManifestError::Damaged { .. })));
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        assert!(matches!(
+            Manifest::open(&p),
+            Err(ManifestError::Damaged { .. })
+        ));
     }
 
     #[test]
@@ -292,7 +311,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("scan.json");
         assert_eq!(read_summary(&p).unwrap(), None);
-        let s = ScanSummary { segments_total: 3, issues: vec![("a".into(), "b".into())], issues_total: 1 };
+        let s = ScanSummary {
+            segments_total: 3,
+            issues: vec![("a".into(), "b".into())],
+            issues_total: 1,
+        };
         write_summary(&p, &s).unwrap();
         assert_eq!(read_summary(&p).unwrap(), Some(s));
     }

@@ -106,7 +106,10 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     ferry_common::names::validate_name(&cfg.name).map_err(|e| StartError::Config(e.to_string()))?;
     let tls = TlsMaterial::load(&cfg.tls)?;
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        StartError::Config(format!("cannot create state_dir {}: {e}", cfg.state_dir.display()))
+        StartError::Config(format!(
+            "cannot create state_dir {}: {e}",
+            cfg.state_dir.display()
+        ))
     })?;
     let control = Control::new(&cfg.name, &cfg.coordinator, &tls)?;
     let stats = Arc::new(Stats::default());
@@ -116,18 +119,25 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let mut data_addr = None;
     let mut advertised = String::new();
     if let Some(listen) = cfg.data_listen {
-        let root = cfg
-            .root
-            .as_ref()
-            .ok_or_else(|| StartError::Config("data_listen is set but root is not: a target needs a root".into()))?;
+        let root = cfg.root.as_ref().ok_or_else(|| {
+            StartError::Config("data_listen is set but root is not: a target needs a root".into())
+        })?;
         let sink = Arc::new(FsSink::new(root)?);
-        let endpoint = quinn::Endpoint::server(tls.quic_server()?, listen)
-            .map_err(|source| StartError::Bind { addr: listen, source })?;
-        let bound = endpoint
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr: listen, source })?;
+        let endpoint = quinn::Endpoint::server(tls.quic_server()?, listen).map_err(|source| {
+            StartError::Bind {
+                addr: listen,
+                source,
+            }
+        })?;
+        let bound = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
         data_addr = Some(bound);
-        advertised = cfg.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
+        advertised = cfg
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| bound.to_string());
         let target = Arc::new(Target {
             sink,
             control: control.clone(),

@@ -47,7 +47,10 @@ fn mtime(m: &fs::Metadata) -> (i64, u32) {
 
 /// Walks `root`, calling `f` for each item in depth-first name order (a directory before its
 /// contents). Stops early if `f` returns an error.
-pub fn walk<E>(root: &Path, mut f: impl FnMut(Walked) -> Result<(), E>) -> Result<Result<(), E>, RootError> {
+pub fn walk<E>(
+    root: &Path,
+    mut f: impl FnMut(Walked) -> Result<(), E>,
+) -> Result<Result<(), E>, RootError> {
     let root_err = |reason: String| RootError {
         path: root.to_path_buf(),
         reason,
@@ -61,7 +64,8 @@ pub fn walk<E>(root: &Path, mut f: impl FnMut(Walked) -> Result<(), E>) -> Resul
         Err(e) => return Err(root_err(e.to_string())),
     }
     let top = sorted_children(root).map_err(|e| root_err(e.to_string()))?;
-    let mut stack: Vec<(PathBuf, std::vec::IntoIter<OsString>)> = vec![(PathBuf::new(), top.into_iter())];
+    let mut stack: Vec<(PathBuf, std::vec::IntoIter<OsString>)> =
+        vec![(PathBuf::new(), top.into_iter())];
     while let Some((dir, names)) = stack.last_mut() {
         let Some(name) = names.next() else {
             stack.pop();
@@ -95,13 +99,17 @@ pub fn walk<E>(root: &Path, mut f: impl FnMut(Walked) -> Result<(), E>) -> Resul
                     }
                 } else if ft.is_file() {
                     match fs::File::open(&abs) {
-                        Ok(_) => Walked::Entry(Entry::file(&wire, m.len(), mode, mtime(&m), m.ino())),
+                        Ok(_) => {
+                            Walked::Entry(Entry::file(&wire, m.len(), mode, mtime(&m), m.ino()))
+                        }
                         Err(e) => issue(format!("cannot read: {e}")),
                     }
                 } else if ft.is_symlink() {
                     match fs::read_link(&abs) {
                         Ok(t) => match t.to_str() {
-                            Some(t) if !t.is_empty() => Walked::Entry(Entry::symlink(&wire, t, mtime(&m))),
+                            Some(t) if !t.is_empty() => {
+                                Walked::Entry(Entry::symlink(&wire, t, mtime(&m)))
+                            }
                             _ => issue("symlink target is not valid UTF-8".into()),
                         },
                         Err(e) => issue(format!("cannot read symlink: {e}")),
@@ -157,8 +165,21 @@ mod tests {
                 Walked::Issue { path, .. } => format!("!{path}"),
             })
             .collect();
-        assert_eq!(paths, vec!["a-empty", "b", "b/inner", "b/inner/x", "c", "d-link", "!e.sock"]);
-        let Walked::Issue { reason, .. } = &seen[6] else { panic!() };
+        assert_eq!(
+            paths,
+            vec![
+                "a-empty",
+                "b",
+                "b/inner",
+                "b/inner/x",
+                "c",
+                "d-link",
+                "!e.sock"
+            ]
+        );
+        let Walked::Issue { reason, .. } = &seen[6] else {
+            panic!()
+        };
         assert!(reason.contains("socket"), "{reason}");
         let Walked::Entry(x) = &seen[3] else { panic!() };
         assert_eq!(x.file_size, 5);

@@ -153,7 +153,11 @@ impl FsSink {
     }
 
     /// Starts receiving segment `segment_id` into `target_path` (relative to the root).
-    pub fn begin(&self, target_path: &str, segment_id: u64) -> Result<SegmentWriter<'_>, SinkError> {
+    pub fn begin(
+        &self,
+        target_path: &str,
+        segment_id: u64,
+    ) -> Result<SegmentWriter<'_>, SinkError> {
         let base = validate_subdir(target_path)?;
         Ok(SegmentWriter {
             sink: self,
@@ -178,9 +182,18 @@ impl FsSink {
 /// What a segment has written but not yet made visible.
 enum Staged {
     /// A whole file or symlink written to `tmp`, to be renamed to `dest`.
-    Rename { tmp: PathBuf, dest: PathBuf, dir: PathBuf },
+    Rename {
+        tmp: PathBuf,
+        dest: PathBuf,
+        dir: PathBuf,
+    },
     /// A piece of a split file, to be recorded in its sidecar.
-    Piece { entry: Entry, part: PathBuf, dest: PathBuf, dir: PathBuf },
+    Piece {
+        entry: Entry,
+        part: PathBuf,
+        dest: PathBuf,
+        dir: PathBuf,
+    },
     /// A directory (already created; mode set).
     Dir,
 }
@@ -272,7 +285,10 @@ impl SegmentWriter<'_> {
                 }
                 if !whole
                     && (entry.chunk_index >= entry.chunk_count
-                        || entry.offset.checked_add(entry.len).is_none_or(|end| end > entry.file_size))
+                        || entry
+                            .offset
+                            .checked_add(entry.len)
+                            .is_none_or(|end| end > entry.file_size))
                 {
                     return Err(bad("piece lies outside the file"));
                 }
@@ -344,14 +360,18 @@ impl SegmentWriter<'_> {
             let t = mtime_of(e);
             filetime::set_file_handle_times(&open.file, Some(t), Some(t))
                 .map_err(io_at("cannot set mtime of", &open.path))?;
-            open.file.sync_all().map_err(io_at("cannot fsync", &open.path))?;
+            open.file
+                .sync_all()
+                .map_err(io_at("cannot fsync", &open.path))?;
             self.staged.push(Staged::Rename {
                 tmp: open.path,
                 dest,
                 dir,
             });
         } else {
-            open.file.sync_data().map_err(io_at("cannot fsync", &open.path))?;
+            open.file
+                .sync_data()
+                .map_err(io_at("cannot fsync", &open.path))?;
             self.staged.push(Staged::Piece {
                 entry: open.entry,
                 part: open.path,
@@ -461,7 +481,8 @@ impl FsSink {
         let tmp = hidden_name(dest, "ferry-part.json.tmp");
         let bytes = serde_json::to_vec(&st).expect("plain struct serialises");
         let f = File::create(&tmp).map_err(io_at("cannot create", &tmp))?;
-        f.write_all_at(&bytes, 0).map_err(io_at("cannot write", &tmp))?;
+        f.write_all_at(&bytes, 0)
+            .map_err(io_at("cannot write", &tmp))?;
         f.sync_all().map_err(io_at("cannot fsync", &tmp))?;
         fs::rename(&tmp, &sidecar).map_err(io_at("cannot rename", &sidecar))?;
         if let Some(dir) = dest.parent() {

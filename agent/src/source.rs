@@ -103,7 +103,11 @@ impl Source {
                     .lock()
                     .expect("not poisoned")
                     .insert(w.migration_id, PathBuf::from(&w.source_path));
-                let known = self.manifests.lock().expect("not poisoned").contains_key(&w.migration_id);
+                let known = self
+                    .manifests
+                    .lock()
+                    .expect("not poisoned")
+                    .contains_key(&w.migration_id);
                 if !known && !scans.contains_key(&w.migration_id) {
                     let me = self.clone();
                     let w = w.clone();
@@ -137,11 +141,20 @@ impl Source {
         for l in in_flight.values() {
             let r = tokio::time::timeout(
                 Duration::from_secs(2),
-                self.control.report(Role::Source, l.migration_id, l.segment_id, l.epoch, Err("source agent shut down".into())),
+                self.control.report(
+                    Role::Source,
+                    l.migration_id,
+                    l.segment_id,
+                    l.epoch,
+                    Err("source agent shut down".into()),
+                ),
             )
             .await;
             if !matches!(r, Ok(Ok(_))) {
-                tracing::debug!(message = "Could not release lease at shutdown; it will expire.", segment = l.segment_id);
+                tracing::debug!(
+                    message = "Could not release lease at shutdown; it will expire.",
+                    segment = l.segment_id
+                );
             }
         }
         self.endpoint.close(0u32.into(), b"agent shutting down");
@@ -157,11 +170,17 @@ impl Source {
         let mid = w.migration_id;
         let dir = self.migration_dir(mid);
         let result = (|| -> Result<(), String> {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let summary_path = dir.join("scan.json");
-            if let Some(summary) = manifest::read_summary(&summary_path).map_err(|e| e.to_string())? {
+            if let Some(summary) =
+                manifest::read_summary(&summary_path).map_err(|e| e.to_string())?
+            {
                 let m = Arc::new(Manifest::open(&dir.join("manifest")).map_err(|e| e.to_string())?);
-                self.manifests.lock().expect("not poisoned").insert(mid, m.clone());
+                self.manifests
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(mid, m.clone());
                 if !w.scan_complete {
                     // We crashed between finishing the scan and telling the coordinator.
                     let all = m.summaries().map_err(|e| e.to_string())?;
@@ -170,7 +189,11 @@ impl Source {
                     }
                     retry(&rt, &stop, || self.control.complete_scan(mid, &summary))?;
                 }
-                tracing::info!(message = "Loaded manifest.", migration = mid, segments = m.len());
+                tracing::info!(
+                    message = "Loaded manifest.",
+                    migration = mid,
+                    segments = m.len()
+                );
                 return Ok(());
             }
             if w.scan_complete {
@@ -197,19 +220,24 @@ impl Source {
         let mid = w.migration_id;
         let root = PathBuf::from(&w.source_path);
         tracing::info!(message = "Scanning.", migration = mid, root = %root.display());
-        let (mut writer, live) = ManifestWriter::create(&dir.join("manifest")).map_err(|e| e.to_string())?;
-        self.manifests.lock().expect("not poisoned").insert(mid, live);
+        let (mut writer, live) =
+            ManifestWriter::create(&dir.join("manifest")).map_err(|e| e.to_string())?;
+        self.manifests
+            .lock()
+            .expect("not poisoned")
+            .insert(mid, live);
         let mut planner = SegmentPlanner::new(w.segment_size.max(1));
         let mut summary = ScanSummary::default();
         let mut batch: Vec<(u64, u64, u32)> = Vec::new();
-        let flush = |writer: &mut ManifestWriter, batch: &mut Vec<(u64, u64, u32)>| -> Result<(), String> {
-            writer.sync().map_err(|e| e.to_string())?;
-            if !batch.is_empty() {
-                retry(rt, stop, || self.control.register_segments(mid, batch))?;
-                batch.clear();
-            }
-            Ok(())
-        };
+        let flush =
+            |writer: &mut ManifestWriter, batch: &mut Vec<(u64, u64, u32)>| -> Result<(), String> {
+                writer.sync().map_err(|e| e.to_string())?;
+                if !batch.is_empty() {
+                    retry(rt, stop, || self.control.register_segments(mid, batch))?;
+                    batch.clear();
+                }
+                Ok(())
+            };
         let walked = walk(&root, |item| -> Result<(), String> {
             if *stop.borrow() {
                 return Err("agent shutting down".into());
@@ -239,7 +267,9 @@ impl Source {
             Ok(r) => r?,
             Err(root_err) => {
                 summary.issues_total += 1;
-                summary.issues.push((w.source_path.clone(), root_err.reason.clone()));
+                summary
+                    .issues
+                    .push((w.source_path.clone(), root_err.reason.clone()));
                 tracing::error!(message = "Source path cannot be scanned.", migration = mid, error = %root_err);
             }
         }
@@ -268,11 +298,18 @@ impl Source {
             Stats::add(&self.stats.segments_failed, 1);
             tracing::warn!(message = "Segment transfer failed.", migration = mid, segment = sid, error = %e);
         }
-        let outcome = self.control.report(Role::Source, mid, sid, epoch, result.clone()).await;
+        let outcome = self
+            .control
+            .report(Role::Source, mid, sid, epoch, result.clone())
+            .await;
         match outcome {
             Ok(r) if r.outcome == "verified" => Stats::add(&self.stats.segments_verified, 1),
-            Ok(r) => tracing::debug!(message = "Segment not verified.", segment = sid, outcome = %r.outcome, reason = %r.reason),
-            Err(e) => tracing::warn!(message = "Could not report segment; its lease will expire.", segment = sid, error = %e),
+            Ok(r) => {
+                tracing::debug!(message = "Segment not verified.", segment = sid, outcome = %r.outcome, reason = %r.reason)
+            }
+            Err(e) => {
+                tracing::warn!(message = "Could not report segment; its lease will expire.", segment = sid, error = %e)
+            }
         }
         if result.is_err() {
             // Back off a little so that an unreachable target is not hammered.
@@ -296,7 +333,10 @@ impl Source {
             .map_err(|e| format!("cannot dial {target} at {addr}: {e}"))?
             .await
             .map_err(|e| format!("cannot connect to {target} at {addr}: {e}"))?;
-        self.conns.lock().expect("not poisoned").insert(key, conn.clone());
+        self.conns
+            .lock()
+            .expect("not poisoned")
+            .insert(key, conn.clone());
         Ok(conn)
     }
 
@@ -317,27 +357,45 @@ impl Source {
             .cloned()
             .ok_or_else(|| format!("source root of migration {mid} unknown"))?;
         let entries = block_in_place(|| manifest.read(sid)).map_err(|e| e.to_string())?;
-        let conn = self.connect(&lease.target_agent, &lease.target_addr).await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("cannot open stream: {e}"))?;
+        let conn = self
+            .connect(&lease.target_agent, &lease.target_addr)
+            .await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("cannot open stream: {e}"))?;
         let header = pb::SegmentHeader {
             migration_id: mid,
             segment_id: sid,
             epoch: lease.epoch,
             entries: entries.iter().map(pb::Entry::from).collect(),
         };
-        frame::write(&mut send, &header).await.map_err(|e| e.to_string())?;
+        frame::write(&mut send, &header)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; BUF];
-        for e in entries.iter().filter(|e| e.kind == EntryKind::File && e.len > 0) {
-            if let Err(why) = self.stream_piece(&root, e, &mut hasher, &mut buf, &mut send).await {
+        for e in entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File && e.len > 0)
+        {
+            if let Err(why) = self
+                .stream_piece(&root, e, &mut hasher, &mut buf, &mut send)
+                .await
+            {
                 let _ = send.reset(1u32.into());
                 return Err(why);
             }
         }
         let hash = *hasher.finalize().as_bytes();
-        frame::write(&mut send, &pb::SegmentTrailer { blake3: hash.to_vec() })
-            .await
-            .map_err(|e| e.to_string())?;
+        frame::write(
+            &mut send,
+            &pb::SegmentTrailer {
+                blake3: hash.to_vec(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
         let ack: pb::SegmentAck = frame::read(&mut recv, MAX_SMALL_FRAME)
             .await
@@ -359,11 +417,21 @@ impl Source {
         send: &mut quinn::SendStream,
     ) -> Result<(), String> {
         let path = root.join(&e.path);
-        let file = block_in_place(|| File::open(&path)).map_err(|err| format!("cannot open {}: {err}", path.display()))?;
+        let file = block_in_place(|| File::open(&path))
+            .map_err(|err| format!("cannot open {}: {err}", path.display()))?;
         let unchanged = |f: &File| -> Result<(), String> {
-            let m = f.metadata().map_err(|err| format!("cannot stat {}: {err}", path.display()))?;
-            if m.ino() != e.inode || m.len() != e.file_size || m.mtime() != e.mtime_sec || m.mtime_nsec() as u32 != e.mtime_nsec {
-                return Err(format!("{} changed since it was scanned (or while being read); it will be resent", path.display()));
+            let m = f
+                .metadata()
+                .map_err(|err| format!("cannot stat {}: {err}", path.display()))?;
+            if m.ino() != e.inode
+                || m.len() != e.file_size
+                || m.mtime() != e.mtime_sec
+                || m.mtime_nsec() as u32 != e.mtime_nsec
+            {
+                return Err(format!(
+                    "{} changed since it was scanned (or while being read); it will be resent",
+                    path.display()
+                ));
             }
             Ok(())
         };
@@ -372,9 +440,12 @@ impl Source {
         let end = e.offset + e.len;
         while off < end {
             let n = ((end - off) as usize).min(buf.len());
-            block_in_place(|| file.read_exact_at(&mut buf[..n], off)).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+            block_in_place(|| file.read_exact_at(&mut buf[..n], off))
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
             hasher.update(&buf[..n]);
-            send.write_all(&buf[..n]).await.map_err(|err| format!("stream write failed: {err}"))?;
+            send.write_all(&buf[..n])
+                .await
+                .map_err(|err| format!("stream write failed: {err}"))?;
             Stats::add(&self.stats.bytes_sent, n as u64);
             off += n as u64;
         }
@@ -384,7 +455,11 @@ impl Source {
 
 /// Runs a coordinator call from a blocking thread, retrying transient failures until it succeeds
 /// or the agent stops.
-fn retry<T, F, Fut>(rt: &tokio::runtime::Handle, stop: &watch::Receiver<bool>, f: F) -> Result<T, String>
+fn retry<T, F, Fut>(
+    rt: &tokio::runtime::Handle,
+    stop: &watch::Receiver<bool>,
+    f: F,
+) -> Result<T, String>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::control::ControlError>>,

@@ -48,7 +48,11 @@ enum Refusal {
 
 impl Target {
     /// Accepts connections until `stop` turns true.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut conns = JoinSet::new();
         loop {
             tokio::select! {
@@ -78,6 +82,7 @@ impl Target {
             conn.close(1u32.into(), b"client certificate required");
             return;
         };
+        tracing::debug!(message = "Connection accepted.", remote = %conn.remote_address());
         let peer = Arc::new(peer);
         let mut streams = JoinSet::new();
         loop {
@@ -113,6 +118,12 @@ impl Target {
             }
         };
         let (mid, sid, epoch) = (header.migration_id, header.segment_id, header.epoch);
+        tracing::debug!(
+            message = "Segment offered.",
+            migration = mid,
+            segment = sid,
+            epoch
+        );
         let outcome = self.receive(conn, peer, header, &mut recv).await;
         let ack = match outcome {
             Ok(hash) => pb::SegmentAck {
@@ -176,7 +187,9 @@ impl Target {
             .map_err(|e| Refusal::Plain(e.to_string()))?;
         let total: u64 = entries.iter().map(|e| e.len).fold(0, u64::saturating_add);
         if total > MAX_SEGMENT_BYTES {
-            return Err(Refusal::Plain(format!("segment announces {total} bytes, over the limit")));
+            return Err(Refusal::Plain(format!(
+                "segment announces {total} bytes, over the limit"
+            )));
         }
         let mut writer = self.sink.begin(&lease.target_path, sid)?;
         let mut buf = vec![0u8; BUF];
@@ -212,9 +225,14 @@ impl Target {
             .control
             .report(Role::Target, mid, sid, epoch, Ok(hash))
             .await
-            .map_err(|e| Refusal::Plain(format!("segment is durable but could not be recorded: {e}")))?;
+            .map_err(|e| {
+                Refusal::Plain(format!("segment is durable but could not be recorded: {e}"))
+            })?;
         if r.outcome == "rejected" || r.outcome == "failed" {
-            return Err(Refusal::Plain(format!("coordinator {}: {}", r.outcome, r.reason)));
+            return Err(Refusal::Plain(format!(
+                "coordinator {}: {}",
+                r.outcome, r.reason
+            )));
         }
         Ok(hash)
     }

@@ -82,7 +82,9 @@ mod tests {
         std::fs::write(&p, "name = 3\n").unwrap();
         let err = load_toml::<Cfg>(&p).unwrap_err().to_string();
         assert!(err.contains("c.toml") && err.contains("invalid"), "{err}");
-        let err = load_toml::<Cfg>(&dir.path().join("missing.toml")).unwrap_err().to_string();
+        let err = load_toml::<Cfg>(&dir.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read config"), "{err}");
     }
 }

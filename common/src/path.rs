@@ -90,22 +90,52 @@ mod tests {
 
     #[test]
     fn accepts_plain_relative_paths() {
-        assert_eq!(validate_relative("a/b.txt").unwrap(), PathBuf::from("a/b.txt"));
-        assert_eq!(validate_relative("..a/b..").unwrap(), PathBuf::from("..a/b.."));
+        assert_eq!(
+            validate_relative("a/b.txt").unwrap(),
+            PathBuf::from("a/b.txt")
+        );
+        assert_eq!(
+            validate_relative("..a/b..").unwrap(),
+            PathBuf::from("..a/b..")
+        );
         assert_eq!(validate_subdir("").unwrap(), PathBuf::new());
     }
 
     #[test]
     fn refuses_escapes() {
-        assert_eq!(validate_relative("../x"), Err(PathError::ParentDir("../x".into())));
-        assert_eq!(validate_relative("a/../../x"), Err(PathError::ParentDir("a/../../x".into())));
-        assert_eq!(validate_relative("/etc/passwd"), Err(PathError::Absolute("/etc/passwd".into())));
-        assert!(matches!(validate_relative("a//b"), Err(PathError::Malformed(_))));
-        assert!(matches!(validate_relative("a/./b"), Err(PathError::Malformed(_))));
-        assert!(matches!(validate_relative("a/"), Err(PathError::Malformed(_))));
-        assert!(matches!(validate_relative("a\0b"), Err(PathError::Malformed(_))));
+        assert_eq!(
+            validate_relative("../x"),
+            Err(PathError::ParentDir("../x".into()))
+        );
+        assert_eq!(
+            validate_relative("a/../../x"),
+            Err(PathError::ParentDir("a/../../x".into()))
+        );
+        assert_eq!(
+            validate_relative("/etc/passwd"),
+            Err(PathError::Absolute("/etc/passwd".into()))
+        );
+        assert!(matches!(
+            validate_relative("a//b"),
+            Err(PathError::Malformed(_))
+        ));
+        assert!(matches!(
+            validate_relative("a/./b"),
+            Err(PathError::Malformed(_))
+        ));
+        assert!(matches!(
+            validate_relative("a/"),
+            Err(PathError::Malformed(_))
+        ));
+        assert!(matches!(
+            validate_relative("a\0b"),
+            Err(PathError::Malformed(_))
+        ));
         assert_eq!(validate_relative(""), Err(PathError::Empty));
-        assert!(matches!(validate_relative(&"a/".repeat(3000)), Err(PathError::TooLong(_))));
+        assert!(matches!(
+            validate_relative(&"a/".repeat(3000)),
+            Err(PathError::TooLong(_))
+        ));
     }
 
     #[test]

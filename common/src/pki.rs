@@ -66,7 +66,10 @@ impl Identity {
         match self {
             Identity::Agent(n) => vec![names::agent_dns(n)],
             Identity::Coordinator(id) => {
-                vec![COORDINATOR_DNS.to_string(), format!("node-{id}.{COORDINATOR_DNS}")]
+                vec![
+                    COORDINATOR_DNS.to_string(),
+                    format!("node-{id}.{COORDINATOR_DNS}"),
+                ]
             }
             Identity::Admin(n) => vec![names::admin_dns(n), names::ADMIN_DNS.to_string()],
         }
@@ -187,7 +190,9 @@ mod tests {
     fn issue_and_reload() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path()).unwrap();
-        let paths = ca.issue(&Identity::Agent("src".into()), dir.path()).unwrap();
+        let paths = ca
+            .issue(&Identity::Agent("src".into()), dir.path())
+            .unwrap();
         assert!(paths.cert.exists() && paths.key.exists());
         assert!(matches!(Ca::init(dir.path()), Err(PkiError::CaExists(_))));
         let again = Ca::load(dir.path()).unwrap();

@@ -207,7 +207,10 @@ mod tests {
     fn large_files_split_into_chunks_covering_every_byte() {
         let segs = plan(100, vec![file("big", 250)]);
         assert_eq!(segs.len(), 3);
-        let pieces: Vec<_> = segs.iter().map(|s| (s.entries[0].offset, s.entries[0].len)).collect();
+        let pieces: Vec<_> = segs
+            .iter()
+            .map(|s| (s.entries[0].offset, s.entries[0].len))
+            .collect();
         assert_eq!(pieces, vec![(0, 100), (100, 100), (200, 50)]);
         assert!(segs.iter().all(|s| s.entries[0].chunk_count == 3));
         assert_eq!(segs.iter().map(|s| s.files()).sum::<u32>(), 1);
@@ -242,7 +245,9 @@ mod tests {
 
     #[test]
     fn bundles_are_capped_by_entry_count() {
-        let entries: Vec<_> = (0..MAX_BUNDLE_ENTRIES + 1).map(|i| file(&format!("f{i}"), 0)).collect();
+        let entries: Vec<_> = (0..MAX_BUNDLE_ENTRIES + 1)
+            .map(|i| file(&format!("f{i}"), 0))
+            .collect();
         let segs = plan(100, entries);
         assert_eq!(segs.len(), 2);
         assert_eq!(segs[0].entries.len(), MAX_BUNDLE_ENTRIES);
@@ -254,6 +259,13 @@ mod tests {
         // The big file's chunks are cut immediately; the open bundle keeps collecting.
         assert_eq!(segs.len(), 3);
         assert_eq!(segs[0].entries[0].path, "big");
-        assert_eq!(segs[2].entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(
+            segs[2]
+                .entries
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
     }
 }

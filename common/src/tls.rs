@@ -120,7 +120,11 @@ impl TlsMaterial {
         for c in self.certs(p, &self.ca_pem, "CA certificate")? {
             roots.add(c)?;
         }
-        Ok((roots, self.certs(p, &self.cert_pem, "certificate")?, self.key(p)?))
+        Ok((
+            roots,
+            self.certs(p, &self.cert_pem, "certificate")?,
+            self.key(p)?,
+        ))
     }
 
     /// tonic server TLS: presents this identity and requires a client certificate from the CA.
@@ -221,7 +225,9 @@ mod tests {
     fn identities_and_configs() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path()).unwrap();
-        let paths = ca.issue(&Identity::Agent("src".into()), dir.path()).unwrap();
+        let paths = ca
+            .issue(&Identity::Agent("src".into()), dir.path())
+            .unwrap();
         let m = TlsMaterial::load(&paths).unwrap();
         m.quic_server().unwrap();
         m.quic_client().unwrap();

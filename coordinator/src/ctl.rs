@@ -70,12 +70,23 @@ impl Ctl {
 
     /// Cluster status.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, CtlError> {
-        Ok(self.client.clone().cluster_status(pb::ClusterStatusRequest {}).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await?
+            .into_inner())
     }
 
     /// Agents.
     pub async fn agents(&self) -> Result<Vec<pb::AgentInfo>, CtlError> {
-        Ok(self.client.clone().list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents)
+        Ok(self
+            .client
+            .clone()
+            .list_agents(pb::ListAgentsRequest {})
+            .await?
+            .into_inner()
+            .agents)
     }
 
     /// Creates a migration; returns its id.
@@ -112,7 +123,11 @@ impl Ctl {
     }
 
     /// Verification summary; `max_listed = u32::MAX` lists every segment.
-    pub async fn verify(&self, id: u64, max_listed: u32) -> Result<pb::VerifyMigrationResponse, CtlError> {
+    pub async fn verify(
+        &self,
+        id: u64,
+        max_listed: u32,
+    ) -> Result<pb::VerifyMigrationResponse, CtlError> {
         Ok(self
             .client
             .clone()
@@ -149,7 +164,11 @@ impl Ctl {
                 return Err(CtlError::Status(format!(
                     "migration {id} made no progress for {}s; last error: {}",
                     stall.as_secs(),
-                    if p.last_error.is_empty() { "none" } else { &p.last_error }
+                    if p.last_error.is_empty() {
+                        "none"
+                    } else {
+                        &p.last_error
+                    }
                 )));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -243,5 +262,8 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
 
 /// Prints `v` as pretty JSON.
 pub fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("protobuf types serialise"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("protobuf types serialise")
+    );
 }

@@ -147,10 +147,16 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         },
     )]);
     match raft.initialize(members).await {
-        Ok(()) => tracing::info!(message = "Initialised a new single-node cluster.", node_id = cfg.node_id),
+        Ok(()) => tracing::info!(
+            message = "Initialised a new single-node cluster.",
+            node_id = cfg.node_id
+        ),
         Err(openraft::error::RaftError::APIError(
             openraft::error::InitializeError::NotAllowed(_),
-        )) => tracing::info!(message = "Resuming an initialised cluster.", node_id = cfg.node_id),
+        )) => tracing::info!(
+            message = "Resuming an initialised cluster.",
+            node_id = cfg.node_id
+        ),
         Err(e) => return Err(StartError::Raft(e.to_string())),
     }
 

@@ -97,14 +97,26 @@ impl Report {
         s.push_str(&format!("source      {}\n", self.source.display()));
         s.push_str(&format!("target      {}\n", self.target.display()));
         s.push_str(&format!("files       {}\n", self.files));
-        s.push_str(&format!("bytes       {} ({})\n", self.bytes, human_bytes(self.bytes)));
+        s.push_str(&format!(
+            "bytes       {} ({})\n",
+            self.bytes,
+            human_bytes(self.bytes)
+        ));
         s.push_str(&format!("segments    {}\n", self.segments));
         s.push_str(&format!("time        {:.2} s\n", self.seconds));
         s.push_str(&format!("throughput  {:.1} MB/s\n", self.mb_per_sec));
-        s.push_str(&format!("bytes sent  {} (resent: {})\n", self.bytes_sent, self.bytes_sent.saturating_sub(self.bytes)));
+        s.push_str(&format!(
+            "bytes sent  {} (resent: {})\n",
+            self.bytes_sent,
+            self.bytes_sent.saturating_sub(self.bytes)
+        ));
         s.push_str(&format!(
             "verified    {} (BLAKE3 of every segment equal at source and target, target fsynced)\n",
-            if self.all_verified && self.hash_mismatches == 0 { "yes" } else { "NO" }
+            if self.all_verified && self.hash_mismatches == 0 {
+                "yes"
+            } else {
+                "NO"
+            }
         ));
         if self.issues_total > 0 {
             s.push_str(&format!("NOT COPIED  {} path(s):\n", self.issues_total));
@@ -125,7 +137,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             w.clone()
         }
         None => {
-            tmp = tempfile::Builder::new().prefix("ferry-quickstart-").tempdir()?;
+            tmp = tempfile::Builder::new()
+                .prefix("ferry-quickstart-")
+                .tempdir()?;
             tmp.path().to_path_buf()
         }
     };
@@ -147,9 +161,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     if !source.is_dir() {
         bail!("source {} is not a directory", source.display());
     }
-    let target = opts.target.clone().unwrap_or_else(|| workdir.join("target"));
+    let target = opts
+        .target
+        .clone()
+        .unwrap_or_else(|| workdir.join("target"));
     if target.exists() && std::fs::read_dir(&target)?.next().is_some() {
-        bail!("target {} is not empty; pick an empty or new directory", target.display());
+        bail!(
+            "target {} is not empty; pick an empty or new directory",
+            target.display()
+        );
     }
 
     let pki = workdir.join("pki");
@@ -233,11 +253,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             bytes: done.bytes_total,
             segments: done.segments_total,
             seconds: elapsed,
-            mb_per_sec: if elapsed > 0.0 { done.bytes_total as f64 / elapsed / 1e6 } else { 0.0 },
+            mb_per_sec: if elapsed > 0.0 {
+                done.bytes_total as f64 / elapsed / 1e6
+            } else {
+                0.0
+            },
             all_verified: v.all_verified,
             hash_mismatches: v.hash_mismatches,
             bytes_sent: Stats::get(&src_stats.bytes_sent),
-            issues: done.scan_issues.iter().map(|i| (i.path.clone(), i.reason.clone())).collect(),
+            issues: done
+                .scan_issues
+                .iter()
+                .map(|i| (i.path.clone(), i.reason.clone()))
+                .collect(),
             issues_total: done.scan_issues_total,
         })
     }
@@ -273,7 +301,10 @@ pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> any
     write(&dir.join("checkpoints/model-00001.bin"), big_file_bytes)?;
     write(&dir.join("checkpoints/model-00002.bin"), big_file_bytes)?;
     // Not a multiple of any segment size: exercises the short last piece.
-    write(&dir.join("checkpoints/optimizer.bin"), big_file_bytes * 3 / 4 + 12_345)?;
+    write(
+        &dir.join("checkpoints/optimizer.bin"),
+        big_file_bytes * 3 / 4 + 12_345,
+    )?;
     let mut size_rng = blake3::Hasher::new_derive_key("ferry quickstart sizes v1").finalize_xof();
     for i in 0..small_files {
         let mut b = [0u8; 4];
@@ -291,9 +322,15 @@ pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> any
     std::fs::create_dir_all(dir.join("datasets/empty-dir"))?;
     std::fs::create_dir_all(dir.join("logs/2026/11/empty"))?;
     write(&dir.join("scripts/train.sh"), 300)?;
-    std::fs::set_permissions(dir.join("scripts/train.sh"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(
+        dir.join("scripts/train.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
     write(&dir.join("secrets/wandb.key"), 40)?;
-    std::fs::set_permissions(dir.join("secrets/wandb.key"), std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(
+        dir.join("secrets/wandb.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
     std::os::unix::fs::symlink("model-00002.bin", dir.join("checkpoints/latest"))?;
     Ok(())
 }

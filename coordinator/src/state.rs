@@ -420,8 +420,15 @@ impl State {
                 result,
                 now_ms,
             } => {
-                let (o, why) =
-                    self.report(&agent, role, migration_id, segment_id, epoch, result, now_ms);
+                let (o, why) = self.report(
+                    &agent,
+                    role,
+                    migration_id,
+                    segment_id,
+                    epoch,
+                    result,
+                    now_ms,
+                );
                 Response::Report(o, why)
             }
         }
@@ -441,7 +448,11 @@ impl State {
         if spec.segment_size == 0 {
             return refused("segment size must be at least 1 byte");
         }
-        let id = self.migrations.keys().next_back().map_or(1, |last| last + 1);
+        let id = self
+            .migrations
+            .keys()
+            .next_back()
+            .map_or(1, |last| last + 1);
         self.migrations.insert(
             id,
             Migration {
@@ -616,7 +627,10 @@ impl State {
                 let Some(id) = self.pending.get_mut(&mid).and_then(|p| p.pop_first()) else {
                     continue;
                 };
-                let seg = self.segments.get_mut(&(mid, id)).expect("indexed segment exists");
+                let seg = self
+                    .segments
+                    .get_mut(&(mid, id))
+                    .expect("indexed segment exists");
                 let expires_ms = now_ms + ttl_ms;
                 seg.state = SegState::Leased {
                     epoch: index,
@@ -682,7 +696,9 @@ impl State {
             .get(&mid)
             .ok_or_else(|| format!("migration {mid} does not exist"))?;
         if m.spec.target_agent != target {
-            return Err(format!("agent {target} is not the target of migration {mid}"));
+            return Err(format!(
+                "agent {target} is not the target of migration {mid}"
+            ));
         }
         let seg = self
             .segments
@@ -711,7 +727,10 @@ impl State {
         now_ms: u64,
     ) -> (ReportOutcome, String) {
         let Some(m) = self.migrations.get_mut(&mid) else {
-            return (ReportOutcome::Rejected, format!("migration {mid} does not exist"));
+            return (
+                ReportOutcome::Rejected,
+                format!("migration {mid} does not exist"),
+            );
         };
         let expected = match role {
             Role::Source => &m.spec.source_agent,
@@ -724,11 +743,19 @@ impl State {
             );
         }
         let Some(seg) = self.segments.get_mut(&(mid, sid)) else {
-            return (ReportOutcome::Rejected, format!("segment {sid} does not exist"));
+            return (
+                ReportOutcome::Rejected,
+                format!("segment {sid} does not exist"),
+            );
         };
         match seg.state {
             SegState::Leased { epoch: e, .. } if e == epoch => {}
-            _ => return (ReportOutcome::Rejected, format!("lease {epoch} is not current")),
+            _ => {
+                return (
+                    ReportOutcome::Rejected,
+                    format!("lease {epoch} is not current"),
+                )
+            }
         }
         self.dirty.segments.insert((mid, sid));
         self.dirty.migrations.insert(mid);

@@ -197,10 +197,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>("committed")?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -341,7 +347,12 @@ impl StateMachine {
         })
     }
 
-    fn read_snapshot(&self) -> Result<Option<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)>, Box<dyn std::error::Error>> {
+    fn read_snapshot(
+        &self,
+    ) -> Result<
+        Option<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)>,
+        Box<dyn std::error::Error>,
+    > {
         let (Some(meta), Some(data)) = (self.snap.get("meta")?, self.snap.get("data")?) else {
             return Ok(None);
         };
@@ -405,7 +416,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let dirty = a.state.take_dirty();
-        let enc = |v: &dyn erased::Ser| v.to_json().map_err(|e| StorageIOError::write_state_machine(&e));
+        let enc = |v: &dyn erased::Ser| {
+            v.to_json()
+                .map_err(|e| StorageIOError::write_state_machine(&e))
+        };
         for name in &dirty.agents {
             match a.state.agents.get(name) {
                 Some(x) => batch.insert(agent_key(name), enc(x)?),
@@ -454,8 +468,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let d: SnapshotData = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         save_snapshot(&self.snap, meta, &data).await?;
-        self.write_all(&d)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string())))?;
+        self.write_all(&d).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
+        })?;
         let mut state = d.state;
         state.rebuild_indexes();
         *self.shared.write().expect("not poisoned") = Applied {
@@ -518,7 +533,9 @@ async fn save_snapshot(
     meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
     data: &[u8],
 ) -> Result<(), StorageError> {
-    let err = |e: &dyn std::error::Error| StorageIOError::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()));
+    let err = |e: &dyn std::error::Error| {
+        StorageIOError::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
+    };
     let mut batch = sled::Batch::default();
     batch.insert("meta", serde_json::to_vec(meta).map_err(|e| err(&e))?);
     batch.insert("data", data);

@@ -42,11 +42,20 @@ fn whole_files_land_with_mode_mtime_and_hash() {
     let m = fs::metadata(&a).unwrap();
     assert_eq!(m.mode() & 0o7777, 0o640);
     assert_eq!((m.mtime(), m.mtime_nsec()), (1_600_000_000, 123));
-    assert_eq!(fs::read_link(dir.path().join("d/link")).unwrap(), PathBuf::from("a.txt"));
+    assert_eq!(
+        fs::read_link(dir.path().join("d/link")).unwrap(),
+        PathBuf::from("a.txt")
+    );
     assert_eq!(fs::metadata(dir.path().join("d/empty")).unwrap().len(), 0);
-    assert_eq!(fs::metadata(dir.path().join("d")).unwrap().mode() & 0o7777, 0o750);
+    assert_eq!(
+        fs::metadata(dir.path().join("d")).unwrap().mode() & 0o7777,
+        0o750
+    );
     // No temporary files are left.
-    let names: Vec<_> = fs::read_dir(dir.path().join("d")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(dir.path().join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 3, "{names:?}");
 }
 
@@ -77,7 +86,11 @@ fn split_file_is_visible_only_when_every_piece_landed() {
     write_segment(&sink, 1, &[(e, &data[100..200])]).unwrap();
     assert_eq!(fs::read(&dest).unwrap(), data);
     assert_eq!(fs::metadata(&dest).unwrap().mode() & 0o7777, 0o600);
-    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "sidecar and part removed");
+    assert_eq!(
+        fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "sidecar and part removed"
+    );
 }
 
 #[test]
@@ -110,7 +123,10 @@ fn hostile_paths_write_nothing_outside_the_root() {
     assert!(matches!(err, SinkError::Escape { .. }), "{err}");
     // The target path of a migration is checked the same way.
     assert!(sink.begin("../up", 0).is_err());
-    let left: Vec<_> = fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = fs::read_dir(outer.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("root")]);
 }
 

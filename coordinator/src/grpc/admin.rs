@@ -15,7 +15,10 @@ type R<T> = Result<GrpcResponse<T>, Status>;
 
 fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
-    for (what, name) in [("source agent", &s.source_agent), ("target agent", &s.target_agent)] {
+    for (what, name) in [
+        ("source agent", &s.source_agent),
+        ("target agent", &s.target_agent),
+    ] {
         if let Err(e) = ferry_common::names::validate_name(name) {
             return bad(format!("{what}: {e}"));
         }
@@ -57,7 +60,11 @@ impl Admin for AdminService {
             .map(|(id, node)| pb::ClusterMember {
                 node_id: *id,
                 addr: node.addr.clone(),
-                voter: m.membership_config.membership().voter_ids().any(|v| v == *id),
+                voter: m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == *id),
             })
             .collect();
         Ok(GrpcResponse::new(pb::ClusterStatusResponse {
@@ -108,9 +115,9 @@ impl Admin for AdminService {
             })
             .await?
         {
-            Response::MigrationCreated(id) => {
-                Ok(GrpcResponse::new(pb::CreateMigrationResponse { migration_id: id }))
-            }
+            Response::MigrationCreated(id) => Ok(GrpcResponse::new(pb::CreateMigrationResponse {
+                migration_id: id,
+            })),
             other => Err(refused(other)),
         }
     }
@@ -160,7 +167,11 @@ impl Admin for AdminService {
         authorize_admin(&req)?;
         let r = req.into_inner();
         let id = r.migration_id;
-        let max = if r.max_listed == 0 { 100 } else { r.max_listed as usize };
+        let max = if r.max_listed == 0 {
+            100
+        } else {
+            r.max_listed as usize
+        };
         let resp = self
             .0
             .read(|s| {

@@ -70,7 +70,9 @@ impl AgentControl for AgentService {
                     .collect()
             })
             .await?;
-        Ok(GrpcResponse::new(pb::HeartbeatResponse { source_work: work }))
+        Ok(GrpcResponse::new(pb::HeartbeatResponse {
+            source_work: work,
+        }))
     }
 
     async fn register_segments(
@@ -155,14 +157,8 @@ impl AgentControl for AgentService {
         let now = now_ms();
         let out = self
             .0
-            .read(|s| {
-                match s.check_lease(
-                    &r.agent,
-                    r.migration_id,
-                    r.segment_id,
-                    r.epoch,
-                    now,
-                ) {
+            .read(
+                |s| match s.check_lease(&r.agent, r.migration_id, r.segment_id, r.epoch, now) {
                     Ok(m) => pb::CheckLeaseResponse {
                         ok: true,
                         reason: String::new(),
@@ -174,8 +170,8 @@ impl AgentControl for AgentService {
                         reason,
                         ..Default::default()
                     },
-                }
-            })
+                },
+            )
             .await?;
         Ok(GrpcResponse::new(out))
     }

@@ -48,7 +48,9 @@ impl Core {
     /// Reads the state at a linearizable point.
     pub async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, Status> {
         self.raft.ensure_linearizable().await.map_err(|e| {
-            Status::unavailable(format!("coordinator cannot serve a current read: {e}; retry"))
+            Status::unavailable(format!(
+                "coordinator cannot serve a current read: {e}; retry"
+            ))
         })?;
         let a = self.applied.read().expect("not poisoned");
         Ok(f(&a.state))

@@ -11,9 +11,16 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        let mut w = World { s: State::default(), index: 0 };
+        let mut w = World {
+            s: State::default(),
+            index: 0,
+        };
         for (name, addr) in [("src", ""), ("dst", "127.0.0.1:9")] {
-            w.apply(Command::RegisterAgent { name: name.into(), data_addr: addr.into(), now_ms: 0 });
+            w.apply(Command::RegisterAgent {
+                name: name.into(),
+                data_addr: addr.into(),
+                now_ms: 0,
+            });
         }
         w
     }
@@ -31,12 +38,17 @@ impl World {
             target_path: String::new(),
             segment_size: 100,
         };
-        let Response::MigrationCreated(id) = self.apply(Command::CreateMigration { spec, now_ms: 1 })
+        let Response::MigrationCreated(id) =
+            self.apply(Command::CreateMigration { spec, now_ms: 1 })
         else {
             panic!("not created")
         };
         assert_eq!(
-            self.apply(Command::RegisterSegments { agent: "src".into(), migration_id: id, segments: segs.to_vec() }),
+            self.apply(Command::RegisterSegments {
+                agent: "src".into(),
+                migration_id: id,
+                segments: segs.to_vec()
+            }),
             Response::Ok
         );
         assert_eq!(
@@ -54,7 +66,12 @@ impl World {
     }
 
     fn lease(&mut self, max: u32, now_ms: u64) -> Vec<Lease> {
-        match self.apply(Command::LeaseSegments { agent: "src".into(), max, now_ms, ttl_ms: TTL }) {
+        match self.apply(Command::LeaseSegments {
+            agent: "src".into(),
+            max,
+            now_ms,
+            ttl_ms: TTL,
+        }) {
             Response::Leases(l) => l,
             r => panic!("{r:?}"),
         }
@@ -82,9 +99,18 @@ fn segment_verifies_only_when_both_hashes_match() {
     let mut w = World::new();
     let mid = w.migration(&[(0, 10, 1)]);
     let l = w.lease(8, 10).pop().unwrap();
-    assert_eq!(w.report(Role::Target, &l, Ok([1; 32])), ReportOutcome::Waiting);
-    assert!(matches!(w.s.segments[&(mid, 0)].state, SegState::Leased { .. }));
-    assert_eq!(w.report(Role::Source, &l, Ok([1; 32])), ReportOutcome::Verified);
+    assert_eq!(
+        w.report(Role::Target, &l, Ok([1; 32])),
+        ReportOutcome::Waiting
+    );
+    assert!(matches!(
+        w.s.segments[&(mid, 0)].state,
+        SegState::Leased { .. }
+    ));
+    assert_eq!(
+        w.report(Role::Source, &l, Ok([1; 32])),
+        ReportOutcome::Verified
+    );
     assert_eq!(w.s.segments[&(mid, 0)].state, SegState::Verified);
     let m = &w.s.migrations[&mid];
     assert_eq!(m.phase, Phase::Done);
@@ -97,7 +123,10 @@ fn hash_mismatch_requeues_with_an_attempt() {
     let mid = w.migration(&[(0, 10, 1)]);
     let l = w.lease(8, 10).pop().unwrap();
     w.report(Role::Target, &l, Ok([1; 32]));
-    assert_eq!(w.report(Role::Source, &l, Ok([2; 32])), ReportOutcome::Failed);
+    assert_eq!(
+        w.report(Role::Source, &l, Ok([2; 32])),
+        ReportOutcome::Failed
+    );
     let seg = &w.s.segments[&(mid, 0)];
     assert_eq!(seg.state, SegState::Pending);
     assert_eq!(seg.attempts, 1);
@@ -116,8 +145,14 @@ fn stale_epoch_is_fenced_off() {
     // Lease expires; the segment is granted again.
     let new = w.lease(8, 10 + TTL).pop().unwrap();
     assert_eq!(new.segment_id, old.segment_id);
-    assert_eq!(w.report(Role::Target, &old, Ok([1; 32])), ReportOutcome::Rejected);
-    assert_eq!(w.report(Role::Source, &old, Ok([1; 32])), ReportOutcome::Rejected);
+    assert_eq!(
+        w.report(Role::Target, &old, Ok([1; 32])),
+        ReportOutcome::Rejected
+    );
+    assert_eq!(
+        w.report(Role::Source, &old, Ok([1; 32])),
+        ReportOutcome::Rejected
+    );
     assert!(w.s.check_lease("dst", mid, 0, old.epoch, 11 + TTL).is_err());
     assert!(w.s.check_lease("dst", mid, 0, new.epoch, 11 + TTL).is_ok());
     assert_eq!(w.s.segments[&(mid, 0)].leases, 2);
@@ -128,10 +163,18 @@ fn check_lease_refuses_other_targets_and_expired_leases() {
     let mut w = World::new();
     let mid = w.migration(&[(0, 10, 1)]);
     let l = w.lease(1, 10).pop().unwrap();
-    assert_eq!(w.s.check_lease("dst", mid, 0, l.epoch, 11).unwrap().spec.source_agent, "src");
+    assert_eq!(
+        w.s.check_lease("dst", mid, 0, l.epoch, 11)
+            .unwrap()
+            .spec
+            .source_agent,
+        "src"
+    );
     let err = w.s.check_lease("src", mid, 0, l.epoch, 11).unwrap_err();
     assert!(err.contains("not the target"), "{err}");
-    let err = w.s.check_lease("dst", mid, 0, l.epoch, 10 + TTL).unwrap_err();
+    let err =
+        w.s.check_lease("dst", mid, 0, l.epoch, 10 + TTL)
+            .unwrap_err();
     assert!(err.contains("expired"), "{err}");
 }
 
@@ -140,7 +183,10 @@ fn failure_report_requeues() {
     let mut w = World::new();
     let mid = w.migration(&[(0, 10, 1)]);
     let l = w.lease(1, 10).pop().unwrap();
-    assert_eq!(w.report(Role::Source, &l, Err("connection lost".into())), ReportOutcome::Failed);
+    assert_eq!(
+        w.report(Role::Source, &l, Err("connection lost".into())),
+        ReportOutcome::Failed
+    );
     assert_eq!(w.s.segments[&(mid, 0)].state, SegState::Pending);
     assert_eq!(w.s.migrations[&mid].counters.failed_attempts, 1);
 }
@@ -156,7 +202,10 @@ fn scheduler_respects_max_and_per_agent_cap() {
     assert!(w.lease(10, 10).is_empty(), "cap reached");
     // Lowest ids first.
     assert_eq!(more[0].segment_id, 3);
-    assert_eq!(w.s.migrations[&mid].counters.leases_granted, MAX_LEASES_PER_AGENT as u64);
+    assert_eq!(
+        w.s.migrations[&mid].counters.leases_granted,
+        MAX_LEASES_PER_AGENT as u64
+    );
 }
 
 #[test]
@@ -171,7 +220,11 @@ fn scheduler_round_robins_across_migrations() {
 #[test]
 fn no_leases_until_target_has_an_address() {
     let mut w = World::new();
-    w.apply(Command::RegisterAgent { name: "dst".into(), data_addr: String::new(), now_ms: 3 });
+    w.apply(Command::RegisterAgent {
+        name: "dst".into(),
+        data_addr: String::new(),
+        now_ms: 3,
+    });
     w.migration(&[(0, 1, 1)]);
     assert!(w.lease(1, 10).is_empty());
 }
@@ -186,10 +239,15 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         target_path: String::new(),
         segment_size: 1,
     };
-    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration { spec, now_ms: 0 }) else {
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration { spec, now_ms: 0 })
+    else {
         panic!()
     };
-    let reg = Command::RegisterSegments { agent: "src".into(), migration_id: mid, segments: vec![(0, 5, 1)] };
+    let reg = Command::RegisterSegments {
+        agent: "src".into(),
+        migration_id: mid,
+        segments: vec![(0, 5, 1)],
+    };
     w.apply(reg.clone());
     w.apply(reg);
     assert_eq!(w.s.migrations[&mid].counters.segments, 1);
@@ -203,7 +261,11 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
     });
     assert!(matches!(r, Response::Refused(_)));
     // Only the source may register.
-    let r = w.apply(Command::RegisterSegments { agent: "dst".into(), migration_id: mid, segments: vec![] });
+    let r = w.apply(Command::RegisterSegments {
+        agent: "dst".into(),
+        migration_id: mid,
+        segments: vec![],
+    });
     assert!(matches!(r, Response::Refused(_)));
 }
 
@@ -225,7 +287,10 @@ fn create_refuses_unknown_agents() {
         segment_size: 1,
     };
     let r = w.apply(Command::CreateMigration { spec, now_ms: 0 });
-    assert!(matches!(r, Response::Refused(ref m) if m.contains("nobody")), "{r:?}");
+    assert!(
+        matches!(r, Response::Refused(ref m) if m.contains("nobody")),
+        "{r:?}"
+    );
 }
 
 /// A seeded random walk over the lifecycle: after every step the counters equal a recount and the
@@ -233,7 +298,9 @@ fn create_refuses_unknown_agents() {
 #[test]
 fn random_walk_keeps_counters_and_indexes_consistent() {
     for seed in 0..20u64 {
-        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut rng = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut next = move || {
             rng ^= rng << 13;
             rng ^= rng >> 7;
@@ -262,14 +329,33 @@ fn random_walk_keeps_counters_and_indexes_consistent() {
                 _ => {}
             }
             let m = &w.s.migrations[&mid];
-            let verified: Vec<_> = w.s.segments.values().filter(|s| s.state == SegState::Verified).collect();
-            assert_eq!(m.counters.verified_segments, verified.len() as u64, "seed {seed}");
-            assert_eq!(m.counters.verified_bytes, verified.iter().map(|s| s.bytes).sum::<u64>(), "seed {seed}");
-            assert!(verified.iter().all(|s| s.source_hash == s.target_hash && s.source_hash.is_some()), "seed {seed}");
+            let verified: Vec<_> =
+                w.s.segments
+                    .values()
+                    .filter(|s| s.state == SegState::Verified)
+                    .collect();
+            assert_eq!(
+                m.counters.verified_segments,
+                verified.len() as u64,
+                "seed {seed}"
+            );
+            assert_eq!(
+                m.counters.verified_bytes,
+                verified.iter().map(|s| s.bytes).sum::<u64>(),
+                "seed {seed}"
+            );
+            assert!(
+                verified
+                    .iter()
+                    .all(|s| s.source_hash == s.target_hash && s.source_hash.is_some()),
+                "seed {seed}"
+            );
             let mut rebuilt = w.s.clone();
             rebuilt.rebuild_indexes();
             let flat = |m: &BTreeMap<u64, BTreeSet<u64>>| -> Vec<(u64, u64)> {
-                m.iter().flat_map(|(k, v)| v.iter().map(move |x| (*k, *x))).collect()
+                m.iter()
+                    .flat_map(|(k, v)| v.iter().map(move |x| (*k, *x)))
+                    .collect()
             };
             assert_eq!(flat(&rebuilt.pending), flat(&w.s.pending), "seed {seed}");
             assert_eq!(flat(&rebuilt.leased), flat(&w.s.leased), "seed {seed}");

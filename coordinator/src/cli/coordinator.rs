@@ -1,0 +1,115 @@
+//! `ferry-coordinator`: a node of the coordinator cluster, and the PKI commands that create the
+//! cluster CA and issue certificates.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ferry_common::pki::{Ca, Identity};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-coordinator",
+    version,
+    about = "ferry coordinator node (Raft on sled) and cluster PKI"
+)]
+struct Cli {
+    /// Log one JSON object per line.
+    #[arg(long, global = true, env = "FERRY_JSON_LOGS")]
+    json_logs: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node until SIGTERM or SIGINT.
+    Run {
+        /// Config file.
+        #[arg(
+            long,
+            env = "FERRY_COORDINATOR_CONFIG",
+            default_value = "/etc/ferry/coordinator.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Manage the cluster's certificates.
+    #[command(subcommand)]
+    Pki(Pki),
+}
+
+#[derive(Subcommand)]
+enum Pki {
+    /// Create the cluster CA (ca.pem, ca.key) in DIR. Refuses to replace an existing one.
+    Init {
+        /// PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by the CA in DIR; writes <kind>-<name>.pem and .key there.
+    Issue(Issue),
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct Who {
+    /// An agent certificate, for the agent of this name.
+    #[arg(long)]
+    agent: Option<String>,
+    /// An admin (ferryctl) certificate, for this operator name.
+    #[arg(long)]
+    admin: Option<String>,
+    /// A coordinator node certificate, for this node id.
+    #[arg(long)]
+    coordinator: Option<u64>,
+}
+
+#[derive(Args)]
+struct Issue {
+    /// PKI directory holding ca.pem and ca.key.
+    #[arg(long)]
+    dir: PathBuf,
+    #[command(flatten)]
+    who: Who,
+}
+
+/// The binary's entry point.
+#[tokio::main]
+pub async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    ferry_common::telemetry::init("info,openraft=warn", cli.json_logs);
+    match cli.cmd {
+        Cmd::Pki(Pki::Init { dir }) => {
+            Ca::init(&dir)?;
+            println!("created cluster CA in {}", dir.display());
+            Ok(())
+        }
+        Cmd::Pki(Pki::Issue(Issue { dir, who })) => {
+            let id = match (who.agent, who.admin, who.coordinator) {
+                (Some(n), _, _) => Identity::Agent(n),
+                (_, Some(n), _) => Identity::Admin(n),
+                (_, _, Some(id)) => Identity::Coordinator(id),
+                _ => unreachable!("clap requires exactly one"),
+            };
+            let paths = Ca::load(&dir)
+                .with_context(|| format!("cannot load the CA from {}; run `ferry-coordinator pki init --dir {}` first", dir.display(), dir.display()))?
+                .issue(&id, &dir)?;
+            println!("wrote {} and {}", paths.cert.display(), paths.key.display());
+            Ok(())
+        }
+        Cmd::Run { config } => {
+            let cfg: crate::node::CoordinatorConfig = ferry_common::config::load_toml(&config)?;
+            let node = crate::node::start(cfg).await.with_context(|| {
+                format!("coordinator failed to start (config {})", config.display())
+            })?;
+            ferry_common::systemd::notify("READY=1");
+            ferry_common::systemd::wait_for_signal()
+                .await
+                .context("cannot install signal handlers")?;
+            tracing::info!(message = "Stopping.");
+            ferry_common::systemd::notify("STOPPING=1");
+            node.shutdown().await;
+            Ok(())
+        }
+    }
+}

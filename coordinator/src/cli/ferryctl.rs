@@ -1,0 +1,348 @@
+//! `ferryctl`: the operator's CLI (gRPC with an admin certificate).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::ctl::{human_bytes, print_json, progress_line, Ctl, Output};
+use crate::quickstart;
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use ferry_common::config::TlsPaths;
+use ferry_common::tls::TlsMaterial;
+use ferry_proto::admin as pb;
+
+#[derive(Parser)]
+#[command(
+    name = "ferryctl",
+    version,
+    about = "Drive ferry migrations: agents, migrations, progress, verification"
+)]
+struct Cli {
+    /// Coordinator address (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_COORDINATOR",
+        default_value = "127.0.0.1:7400"
+    )]
+    coordinator: String,
+    /// Directory with ca.pem and admin-<name>.pem/.key.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_PKI_DIR",
+        default_value = "/etc/ferry/pki"
+    )]
+    pki_dir: PathBuf,
+    /// Admin identity (certificate admin-<name>.pem).
+    #[arg(long, global = true, env = "FERRY_ADMIN", default_value = "admin")]
+    name: String,
+    /// Output format of read commands.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The coordinator cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Agents.
+    #[command(subcommand)]
+    Agents(AgentsCmd),
+    /// Migrations.
+    #[command(subcommand)]
+    Migration(MigrationCmd),
+    /// Run a complete migration on this machine: coordinator and two agents on 127.0.0.1.
+    Quickstart {
+        /// Directory to migrate (default: a generated sample).
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Where to write it (default: <workdir>/target); must be empty or absent.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Keep the CA, coordinator and agent state here (default: a temporary directory).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Segment size in bytes.
+        #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE)]
+        segment_size: u64,
+        /// Size of each large file of the generated sample, in MiB.
+        #[arg(long, default_value_t = 128)]
+        sample_big_file_mib: u64,
+        /// Number of small files in the generated sample.
+        #[arg(long, default_value_t = 3000)]
+        sample_small_files: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term, log indexes.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum AgentsCmd {
+    /// Registered agents.
+    List,
+}
+
+#[derive(Subcommand)]
+enum MigrationCmd {
+    /// Create a migration: --source AGENT:/abs/path --target AGENT[:relative/dir].
+    Create {
+        /// Source agent and absolute directory, as AGENT:/path.
+        #[arg(long)]
+        source: String,
+        /// Target agent and directory under its root, as AGENT or AGENT:dir.
+        #[arg(long)]
+        target: String,
+        /// Segment size in bytes.
+        #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE)]
+        segment_size: u64,
+    },
+    /// All migrations.
+    List,
+    /// One migration's progress.
+    Status {
+        /// Migration id.
+        id: u64,
+        /// Refresh until the migration is done.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Check that every segment is verified with equal source and target BLAKE3.
+    /// Exits non-zero when not.
+    Verify {
+        /// Migration id.
+        id: u64,
+    },
+}
+
+/// The binary's entry point.
+#[tokio::main]
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ferry_common::telemetry::init("warn", false);
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Ctl> {
+    let paths = TlsPaths::in_dir(&cli.pki_dir, &format!("admin-{}", cli.name));
+    let tls = TlsMaterial::load(&paths).with_context(|| {
+        format!(
+            "cannot load admin certificate; issue one with `ferry-coordinator pki issue --dir {} --admin {}`",
+            cli.pki_dir.display(),
+            cli.name
+        )
+    })?;
+    Ok(Ctl::connect(&cli.coordinator, &tls).await?)
+}
+
+fn split_agent(s: &str, what: &str) -> anyhow::Result<(String, String)> {
+    let (agent, path) = s.split_once(':').unwrap_or((s, ""));
+    if agent.is_empty() {
+        bail!("{what} {s:?}: expected AGENT or AGENT:PATH");
+    }
+    Ok((agent.to_string(), path.to_string()))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let json = cli.output == Output::Json;
+    match &cli.cmd {
+        Cmd::Quickstart {
+            source,
+            target,
+            workdir,
+            segment_size,
+            sample_big_file_mib,
+            sample_small_files,
+        } => {
+            let report = quickstart::run(quickstart::Options {
+                source: source.clone(),
+                target: target.clone(),
+                workdir: workdir.clone(),
+                segment_size: *segment_size,
+                sample_big_file_bytes: sample_big_file_mib * 1024 * 1024,
+                sample_small_files: *sample_small_files,
+                progress: !json,
+            })
+            .await?;
+            if json {
+                print_json(&report);
+            } else {
+                print!("{}", report.render());
+            }
+            return Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let s = connect(&cli).await?.cluster_status().await?;
+            if json {
+                print_json(&s);
+            } else {
+                println!(
+                    "node {}  state {}  leader {}  term {}",
+                    s.node_id, s.state, s.leader_id, s.term
+                );
+                println!(
+                    "last log index {}  last applied {}",
+                    s.last_log_index, s.last_applied_index
+                );
+                for m in &s.members {
+                    println!(
+                        "  member {}  {}  {}",
+                        m.node_id,
+                        m.addr,
+                        if m.voter { "voter" } else { "learner" }
+                    );
+                }
+            }
+        }
+        Cmd::Agents(AgentsCmd::List) => {
+            let agents = connect(&cli).await?.agents().await?;
+            if json {
+                print_json(&agents);
+            } else {
+                println!(
+                    "{:<24} {:<24} {}",
+                    "NAME", "DATA ADDRESS", "LAST SEEN (unix ms)"
+                );
+                for a in agents {
+                    println!(
+                        "{:<24} {:<24} {}",
+                        a.name,
+                        if a.data_addr.is_empty() {
+                            "-"
+                        } else {
+                            &a.data_addr
+                        },
+                        a.last_seen_ms
+                    );
+                }
+            }
+        }
+        Cmd::Migration(MigrationCmd::Create {
+            source,
+            target,
+            segment_size,
+        }) => {
+            let (source_agent, source_path) = split_agent(source, "--source")?;
+            let (target_agent, target_path) = split_agent(target, "--target")?;
+            let id = connect(&cli)
+                .await?
+                .create(pb::MigrationSpec {
+                    source_agent,
+                    source_path,
+                    target_agent,
+                    target_path,
+                    segment_size: *segment_size,
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::json!({ "migration_id": id }));
+            } else {
+                println!("created migration {id}");
+            }
+        }
+        Cmd::Migration(MigrationCmd::List) => {
+            let ms = connect(&cli).await?.migrations().await?;
+            if json {
+                print_json(&ms);
+            } else {
+                println!(
+                    "{:<4} {:<9} {:<22} {:<22} {:>12} {:>10}",
+                    "ID", "PHASE", "SOURCE", "TARGET", "BYTES", "VERIFIED"
+                );
+                for m in ms {
+                    let spec = m.spec.clone().unwrap_or_default();
+                    println!(
+                        "{:<4} {:<9} {:<22} {:<22} {:>12} {:>9.1}%",
+                        m.migration_id,
+                        m.phase,
+                        format!("{}:{}", spec.source_agent, spec.source_path),
+                        format!("{}:{}", spec.target_agent, spec.target_path),
+                        human_bytes(m.bytes_total),
+                        if m.bytes_total > 0 {
+                            100.0 * m.bytes_verified as f64 / m.bytes_total as f64
+                        } else {
+                            0.0
+                        }
+                    );
+                }
+            }
+        }
+        Cmd::Migration(MigrationCmd::Status { id, watch }) => {
+            let ctl = connect(&cli).await?;
+            if *watch && !json {
+                ctl.watch(*id, Duration::from_secs(3600), |p, r| {
+                    eprintln!("{}", progress_line(p, r))
+                })
+                .await?;
+            }
+            let p = ctl.status(*id).await?;
+            if json {
+                print_json(&p);
+            } else {
+                println!("{}", progress_line(&p, &Default::default()));
+                println!(
+                    "leases granted {}  in flight {}  failed attempts {}",
+                    p.leases_granted, p.segments_leased, p.failed_attempts
+                );
+                if !p.last_error.is_empty() {
+                    println!("last error: {}", p.last_error);
+                }
+                if p.scan_issues_total > 0 {
+                    println!("{} path(s) cannot be copied:", p.scan_issues_total);
+                    for i in &p.scan_issues {
+                        println!("  {}: {}", i.path, i.reason);
+                    }
+                }
+            }
+        }
+        Cmd::Migration(MigrationCmd::Verify { id }) => {
+            let v = connect(&cli).await?.verify(*id, 0).await?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "migration {}: {} of {} segments verified, {} hash mismatches — {}",
+                    v.migration_id,
+                    v.segments_verified,
+                    v.segments_total,
+                    v.hash_mismatches,
+                    if v.all_verified {
+                        "VERIFIED"
+                    } else {
+                        "NOT VERIFIED"
+                    }
+                );
+                for s in &v.unverified {
+                    println!(
+                        "  segment {} {} attempts {} {}",
+                        s.segment_id, s.state, s.attempts, s.last_error
+                    );
+                }
+            }
+            return Ok(if v.all_verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

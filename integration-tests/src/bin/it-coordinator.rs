@@ -1,0 +1,6 @@
+//! The `ferry-coordinator` binary, built inside this package so its tests can spawn it
+//! (`CARGO_BIN_EXE_it-coordinator`).
+
+fn main() -> anyhow::Result<()> {
+    ferry_coordinator::cli::coordinator::main()
+}

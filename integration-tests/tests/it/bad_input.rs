@@ -1,0 +1,307 @@
+//! Bad input gets a clear error and writes nothing it should not: missing source, unusable target
+//! root, unreachable coordinator, hostile peers (paths with `..`, absolute paths, the wrong agent,
+//! another CA).
+
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_agent::control::Control;
+use ferry_agent::frame;
+use ferry_agent::manifest::ScanSummary;
+use ferry_common::names::agent_dns;
+use ferry_common::pki::Identity;
+use ferry_common::tls::TlsMaterial;
+use ferry_proto::admin as pb;
+use ferry_proto::control::Lease;
+use ferry_proto::data as dpb;
+
+use crate::harness::{ferryctl_bin, free_port, TestEnv};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_source_path_is_reported_not_ignored() {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(env.path("dst"))).await;
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let id = ctl
+        .create(pb::MigrationSpec {
+            source_agent: "source".into(),
+            source_path: "/nonexistent/ferry-test".into(),
+            target_agent: "target".into(),
+            target_path: String::new(),
+            segment_size: 0,
+        })
+        .await
+        .unwrap();
+    let p = ctl
+        .watch(id, Duration::from_secs(30), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(p.scan_issues_total, 1);
+    assert_eq!(p.scan_issues[0].path, "/nonexistent/ferry-test");
+    assert!(
+        p.scan_issues[0].reason.contains("does not exist"),
+        "{:?}",
+        p.scan_issues
+    );
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_target_root_fails_agent_start_clearly() {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let file = env.path("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let cfg = env.agent_config("target", &node.addr.to_string(), Some(file.join("root")));
+    let err = ferry_agent::run::start(cfg)
+        .await
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        err.contains("not usable") && err.contains("a-file"),
+        "{err}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_coordinator_is_a_clear_error() {
+    let env = TestEnv::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    // ferryctl, as an operator would run it.
+    env.issue(Identity::Admin("admin".into()));
+    let out = Command::new(ferryctl_bin())
+        .args(["--coordinator", &addr, "--pki-dir"])
+        .arg(env.pki())
+        .args(["agents", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot reach the coordinator at {addr}")),
+        "{err}"
+    );
+    // An agent gives up after its registration timeout, naming the coordinator.
+    let mut cfg = env.agent_config("source", &addr, None);
+    cfg.register_timeout_secs = 1;
+    let err = ferry_agent::run::start(cfg)
+        .await
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        err.contains("cannot register with the coordinator") && err.contains(&addr),
+        "{err}"
+    );
+}
+
+/// A cluster with a real target agent, where the test itself plays the source agent so it can
+/// send whatever it likes with a current lease.
+struct Hostile {
+    env: TestEnv,
+    node: ferry_coordinator::node::RunningNode,
+    target: ferry_agent::run::RunningAgent,
+    lease: Lease,
+    /// One client endpoint for all sends: a fresh endpoint per send could reuse the port of a
+    /// connection the target just closed, and be answered with a stateless reset.
+    ep: quinn::Endpoint,
+}
+
+impl Hostile {
+    async fn new() -> Self {
+        let env = TestEnv::new();
+        let node = env.coordinator().await;
+        let coord = node.addr.to_string();
+        let target = env
+            .agent("target", &coord, Some(env.path("outer/root")))
+            .await;
+        let tls = TlsMaterial::load(&env.issue(Identity::Agent("source".into()))).unwrap();
+        let me = Control::new("source", &coord, &tls).unwrap();
+        me.register("").await.unwrap();
+        let id = env
+            .ctl(&coord)
+            .await
+            .create(pb::MigrationSpec {
+                source_agent: "source".into(),
+                source_path: "/src".into(),
+                target_agent: "target".into(),
+                target_path: String::new(),
+                segment_size: 0,
+            })
+            .await
+            .unwrap();
+        me.register_segments(id, &[(0, 3, 1)]).await.unwrap();
+        me.complete_scan(
+            id,
+            &ScanSummary {
+                segments_total: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let lease = me.lease(1).await.unwrap().pop().expect("a lease");
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        Hostile {
+            env,
+            node,
+            target,
+            lease,
+            ep,
+        }
+    }
+
+    /// Sends one segment holding a single 3-byte file at `path`, as agent `as_agent` with a
+    /// certificate from `tls`; returns the ack or the transport error.
+    async fn send(&self, tls: &TlsMaterial, path: &str) -> Result<dpb::SegmentAck, String> {
+        let conn = self
+            .ep
+            .connect_with(
+                tls.quic_client().unwrap(),
+                self.target.data_addr.unwrap(),
+                &agent_dns("target"),
+            )
+            .unwrap()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let entry = dpb::Entry {
+            kind: dpb::EntryKind::File as i32,
+            path: path.to_string(),
+            mode: 0o644,
+            file_size: 3,
+            len: 3,
+            chunk_count: 1,
+            ..Default::default()
+        };
+        let header = dpb::SegmentHeader {
+            migration_id: self.lease.migration_id,
+            segment_id: self.lease.segment_id,
+            epoch: self.lease.epoch,
+            entries: vec![entry],
+        };
+        frame::write(&mut send, &header)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.write_all(b"bad").await;
+        let trailer = dpb::SegmentTrailer {
+            blake3: blake3::hash(b"bad").as_bytes().to_vec(),
+        };
+        let _ = frame::write(&mut send, &trailer).await;
+        let _ = send.finish();
+        frame::read(&mut recv, 1 << 16)
+            .await
+            .map_err(|e| format!("{e}: {e:?}"))
+    }
+
+    fn outer(&self) -> std::path::PathBuf {
+        self.env.path("outer")
+    }
+
+    async fn stop(self) {
+        self.target.shutdown().await;
+        self.node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_paths_with_dotdot_or_absolute_are_refused_and_nothing_escapes() {
+    let h = Hostile::new().await;
+    let tls = TlsMaterial::load(&h.env.issue(Identity::Agent("source".into()))).unwrap();
+    for (path, expect) in [
+        ("../escape.txt", "'..'"),
+        ("/tmp/ferry-abs-escape.txt", "absolute"),
+        ("a/../../x", "'..'"),
+    ] {
+        let ack = h.send(&tls, path).await.expect("the target answers");
+        assert!(!ack.ok, "{path} accepted");
+        assert!(ack.error.contains(expect), "{path}: {}", ack.error);
+    }
+    let outer: Vec<_> = std::fs::read_dir(h.outer())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        outer,
+        vec![std::ffi::OsString::from("root")],
+        "something was written outside the root"
+    );
+    assert!(!std::path::Path::new("/tmp/ferry-abs-escape.txt").exists());
+    // A well-formed path from the right peer with the current lease is accepted.
+    let ack = h.send(&tls, "fine.txt").await.unwrap();
+    assert!(ack.ok, "{}", ack.error);
+    assert_eq!(
+        std::fs::read(h.outer().join("root/fine.txt")).unwrap(),
+        b"bad"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_assigned_source_may_send() {
+    let h = Hostile::new().await;
+    // Same CA, valid certificate, current lease epoch — but not the agent the coordinator named.
+    let mallory = TlsMaterial::load(&h.env.issue(Identity::Agent("mallory".into()))).unwrap();
+    match h.send(&mallory, "x.txt").await {
+        Ok(ack) => {
+            assert!(!ack.ok);
+            assert!(
+                ack.error.contains("not source, the assigned source"),
+                "{}",
+                ack.error
+            );
+        }
+        Err(e) => assert!(e.contains("assigned source") || e.contains("closed"), "{e}"),
+    }
+    assert!(!h.outer().join("root/x.txt").exists());
+    // A stale epoch from the right peer is refused too.
+    let tls = TlsMaterial::load(&h.env.issue(Identity::Agent("source".into()))).unwrap();
+    let mut stale = Hostile {
+        lease: h.lease.clone(),
+        ..h
+    };
+    stale.lease.epoch -= 1;
+    let ack = stale.send(&tls, "y.txt").await.unwrap();
+    assert!(
+        !ack.ok && ack.error.contains("not current"),
+        "{}",
+        ack.error
+    );
+    stale.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_from_another_ca_are_rejected() {
+    let h = Hostile::new().await;
+    let other = TestEnv::new();
+    // Data plane: the TLS handshake fails.
+    let foreign = TlsMaterial::load(&other.issue(Identity::Agent("source".into()))).unwrap();
+    let err = h
+        .send(&foreign, "z.txt")
+        .await
+        .expect_err("foreign CA accepted on QUIC");
+    assert!(!err.is_empty());
+    // Admin API: ferryctl with a foreign admin certificate cannot call.
+    let coord = h.node.addr.to_string();
+    let rejected = match other.ctl_try(&coord).await {
+        None => true,
+        Some(ctl) => ctl.agents().await.is_err(),
+    };
+    assert!(rejected, "foreign CA accepted on gRPC");
+    // An agent certificate of the right CA cannot use the admin API either.
+    let agent_as_admin = TlsMaterial::load(&h.env.issue(Identity::Agent("target".into()))).unwrap();
+    let ctl = ferry_coordinator::ctl::Ctl::connect(&coord, &agent_as_admin)
+        .await
+        .unwrap();
+    let err = ctl.agents().await.unwrap_err().to_string();
+    assert!(err.contains("admin certificate"), "{err}");
+    assert!(!h.outer().join("root/z.txt").exists());
+    h.stop().await;
+}

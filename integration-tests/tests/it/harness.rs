@@ -1,0 +1,341 @@
+//! Helpers: a test PKI, coordinators in-process or as real processes, agents, independent tree
+//! comparison, and polling with deadlines.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_agent::run::{AgentConfig, RunningAgent};
+use ferry_common::config::TlsPaths;
+use ferry_common::pki::{Ca, Identity};
+use ferry_common::tls::TlsMaterial;
+use ferry_coordinator::ctl::Ctl;
+use ferry_coordinator::node::{CoordinatorConfig, RunningNode};
+
+/// A test cluster's PKI and working directory.
+pub struct TestEnv {
+    /// Root of everything the test writes.
+    pub dir: tempfile::TempDir,
+    ca: Ca,
+}
+
+impl TestEnv {
+    /// A new directory with a fresh CA.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = Ca::init(&dir.path().join("pki")).expect("CA");
+        TestEnv { dir, ca }
+    }
+
+    /// A path below the test directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The PKI directory.
+    pub fn pki(&self) -> PathBuf {
+        self.path("pki")
+    }
+
+    /// Issues (or re-issues) a certificate.
+    pub fn issue(&self, who: Identity) -> TlsPaths {
+        self.ca.issue(&who, &self.pki()).expect("issue certificate")
+    }
+
+    /// Coordinator config for node 1 on `listen`.
+    pub fn coordinator_config(&self, listen: std::net::SocketAddr) -> CoordinatorConfig {
+        CoordinatorConfig {
+            node_id: 1,
+            listen,
+            data_dir: self.path("coordinator"),
+            lease_ttl_secs: 30,
+            tls: self.issue(Identity::Coordinator(1)),
+        }
+    }
+
+    /// Starts a coordinator in this process on a free port.
+    pub async fn coordinator(&self) -> RunningNode {
+        ferry_coordinator::node::start(self.coordinator_config("127.0.0.1:0".parse().unwrap()))
+            .await
+            .expect("coordinator starts")
+    }
+
+    /// Agent config; `root` makes it a target.
+    pub fn agent_config(
+        &self,
+        name: &str,
+        coordinator: &str,
+        root: Option<PathBuf>,
+    ) -> AgentConfig {
+        AgentConfig {
+            name: name.to_string(),
+            coordinator: coordinator.to_string(),
+            data_listen: root.as_ref().map(|_| "127.0.0.1:0".parse().unwrap()),
+            advertise_addr: None,
+            root,
+            state_dir: self.path(&format!("agent-{name}")),
+            max_in_flight: 4,
+            register_timeout_secs: 20,
+            tls: self.issue(Identity::Agent(name.to_string())),
+        }
+    }
+
+    /// Starts an agent in this process.
+    pub async fn agent(
+        &self,
+        name: &str,
+        coordinator: &str,
+        root: Option<PathBuf>,
+    ) -> RunningAgent {
+        ferry_agent::run::start(self.agent_config(name, coordinator, root))
+            .await
+            .expect("agent starts")
+    }
+
+    /// An admin client.
+    pub async fn ctl(&self, coordinator: &str) -> Ctl {
+        let tls = TlsMaterial::load(&self.issue(Identity::Admin("test".into()))).unwrap();
+        Ctl::connect(coordinator, &tls)
+            .await
+            .expect("admin connects")
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A coordinator running as a real `ferry-coordinator` process.
+pub struct CoordinatorProcess {
+    child: Child,
+    config: PathBuf,
+    log: PathBuf,
+    /// Its gRPC address.
+    pub addr: String,
+}
+
+impl CoordinatorProcess {
+    /// Writes a config for `env` on a free port and starts the process.
+    pub fn start(env: &TestEnv) -> anyhow::Result<Self> {
+        let port = free_port();
+        let cfg = env.coordinator_config(format!("127.0.0.1:{port}").parse()?);
+        let config = env.path("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = 1\nlisten = \"{}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                cfg.listen,
+                cfg.data_dir.display(),
+                cfg.lease_ttl_secs,
+                cfg.tls.ca.display(),
+                cfg.tls.cert.display(),
+                cfg.tls.key.display()
+            ),
+        )?;
+        let log = env.path("coordinator.log");
+        let child = spawn_coordinator(&config, &log)?;
+        Ok(CoordinatorProcess {
+            child,
+            config,
+            log,
+            addr: format!("127.0.0.1:{port}"),
+        })
+    }
+
+    /// `kill -9`, then waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again from the same config and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = spawn_coordinator(&self.config, &self.log)?;
+        Ok(())
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_coordinator(config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(env!("CARGO_BIN_EXE_it-coordinator"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("spawn coordinator")
+}
+
+/// Path of the `ferryctl` binary built for tests.
+pub fn ferryctl_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_it-ferryctl")
+}
+
+/// Path of the `ferry-agent` binary built for tests.
+pub fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_it-agent")
+}
+
+/// One node of a tree, as seen by `stat` and an independent BLAKE3 of the contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    /// A regular file.
+    File {
+        /// BLAKE3 of the contents.
+        hash: String,
+        /// Size.
+        size: u64,
+        /// Permission bits.
+        mode: u32,
+        /// mtime (s, ns).
+        mtime: (i64, i64),
+    },
+    /// A directory.
+    Dir {
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A symlink.
+    Symlink {
+        /// Where it points.
+        target: PathBuf,
+        /// mtime (s, ns).
+        mtime: (i64, i64),
+    },
+}
+
+/// Describes every node below `root` (not `root` itself), keyed by relative path.
+pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p)?;
+            let rel = p.strip_prefix(root)?.to_path_buf();
+            let node = if m.file_type().is_symlink() {
+                Node::Symlink {
+                    target: std::fs::read_link(&p)?,
+                    mtime: (m.mtime(), m.mtime_nsec()),
+                }
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                Node::Dir {
+                    mode: m.mode() & 0o7777,
+                }
+            } else if m.is_file() {
+                let mut h = blake3::Hasher::new();
+                let mut f = std::fs::File::open(&p)?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+                Node::File {
+                    hash: h.finalize().to_hex().to_string(),
+                    size: m.len(),
+                    mode: m.mode() & 0o7777,
+                    mtime: (m.mtime(), m.mtime_nsec()),
+                }
+            } else {
+                bail!("{} is neither file, directory nor symlink", p.display());
+            };
+            out.insert(rel, node);
+        }
+    }
+    Ok(out)
+}
+
+/// Asserts that two trees are equal node by node, naming the first difference.
+pub fn assert_same_tree(source: &Path, target: &Path) {
+    let a = describe_tree(source).expect("describe source");
+    let b = describe_tree(target).expect("describe target");
+    for (p, n) in &a {
+        match b.get(p) {
+            None => panic!("{} missing at the target", p.display()),
+            Some(m) if m != n => panic!("{} differs:\n source {n:?}\n target {m:?}", p.display()),
+            _ => {}
+        }
+    }
+    for p in b.keys() {
+        assert!(
+            a.contains_key(p),
+            "{} exists only at the target",
+            p.display()
+        );
+    }
+}
+
+/// Writes `count` files of `size` bytes (deterministic contents) under `dir`, spread over
+/// subdirectories.
+pub fn make_files(dir: &Path, count: usize, size: usize) {
+    let mut rng = blake3::Hasher::new_derive_key("ferry integration test data").finalize_xof();
+    for i in 0..count {
+        let p = dir.join(format!("d{:02}/f{i:05}.bin", i % 17));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let mut data = vec![0u8; size];
+        rng.fill(&mut data);
+        std::fs::write(p, data).unwrap();
+    }
+}
+
+impl TestEnv {
+    /// An admin client, or `None` while the coordinator is unreachable.
+    pub async fn ctl_try(&self, coordinator: &str) -> Option<Ctl> {
+        let tls = TlsMaterial::load(&self.issue(Identity::Admin("test".into()))).ok()?;
+        Ctl::connect(coordinator, &tls).await.ok()
+    }
+}

@@ -1,0 +1,8 @@
+//! ferry's integration tests: one binary, one module per concern.
+
+#[allow(dead_code)]
+mod harness;
+
+mod bad_input;
+mod quickstart;
+mod resume;

@@ -1,0 +1,124 @@
+//! The quick start, run as the real `ferryctl quickstart` command, and checked by independent
+//! hashing and `stat` of both trees (not by ferry's own report).
+
+use std::process::Command;
+
+use crate::harness::{assert_same_tree, describe_tree, ferryctl_bin, Node};
+
+#[test]
+fn quickstart_command_migrates_the_sample_exactly() {
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(ferryctl_bin())
+        .args([
+            "quickstart",
+            "--sample-big-file-mib",
+            "3",
+            "--sample-small-files",
+            "400",
+            "--segment-size",
+            "1048576",
+            "-o",
+            "json",
+            "--workdir",
+        ])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "quickstart failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let source = work.path().join("sample-source");
+    let target = work.path().join("target");
+    assert_same_tree(&source, &target);
+
+    let tree = describe_tree(&target).unwrap();
+    // The sample has what a real migration meets: split files, bundles, empties, a symlink, modes.
+    assert!(matches!(
+        tree[std::path::Path::new("checkpoints/latest")],
+        Node::Symlink { .. }
+    ));
+    assert!(matches!(
+        tree[std::path::Path::new("datasets/empty-dir")],
+        Node::Dir { .. }
+    ));
+    assert!(matches!(
+        tree[std::path::Path::new("datasets/empty-labels.txt")],
+        Node::File { size: 0, .. }
+    ));
+    assert!(matches!(
+        tree[std::path::Path::new("scripts/train.sh")],
+        Node::File { mode: 0o755, .. }
+    ));
+    assert!(matches!(
+        tree[std::path::Path::new("secrets/wandb.key")],
+        Node::File { mode: 0o600, .. }
+    ));
+    let Node::File { size, .. } = tree[std::path::Path::new("checkpoints/optimizer.bin")] else {
+        panic!()
+    };
+    assert!(size > 2 * 1024 * 1024, "split over several 1 MiB segments");
+
+    // The JSON report agrees with what we measured ourselves.
+    for key in [
+        "\"all_verified\": true",
+        "\"hash_mismatches\": 0",
+        "\"issues_total\": 0",
+    ] {
+        assert!(stdout.contains(key), "{key} not in report:\n{stdout}");
+    }
+    let files = tree
+        .values()
+        .filter(|n| !matches!(n, Node::Dir { .. }))
+        .count();
+    assert!(
+        stdout.contains(&format!("\"files\": {files}")),
+        "file count {files} not in report:\n{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quickstart_lists_what_it_cannot_copy_and_fails() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("ok.txt"), b"fine").unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(src.join("app.sock")).unwrap();
+    let report = ferry_coordinator::quickstart::run(ferry_coordinator::quickstart::Options {
+        source: Some(src.clone()),
+        workdir: Some(work.path().join("qs")),
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !report.ok(),
+        "a socket cannot be copied: the quick start must fail"
+    );
+    assert_eq!(report.issues_total, 1);
+    assert_eq!(report.issues[0].0, "app.sock");
+    assert!(report.issues[0].1.contains("socket"), "{:?}", report.issues);
+    assert!(report.render().contains("NOT COPIED"));
+    assert_eq!(
+        std::fs::read(report.target.join("ok.txt")).unwrap(),
+        b"fine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_refuses_a_missing_source() {
+    let work = tempfile::tempdir().unwrap();
+    let err = ferry_coordinator::quickstart::run(ferry_coordinator::quickstart::Options {
+        source: Some(work.path().join("nope")),
+        workdir: Some(work.path().join("qs")),
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
+}

@@ -1,0 +1,183 @@
+//! Restarts mid-migration: the migration completes with identical data, and no segment that was
+//! verified before the restart is sent again (asserted on lease counts and bytes-sent counters).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferry_coordinator::ctl::Ctl;
+use ferry_proto::admin as pb;
+
+use crate::harness::{assert_same_tree, make_files, wait_for, CoordinatorProcess, TestEnv};
+
+const SEGMENT: u64 = 256 * 1024;
+
+fn spec(src: &std::path::Path) -> pb::MigrationSpec {
+    pb::MigrationSpec {
+        source_agent: "source".into(),
+        source_path: src.to_string_lossy().into_owned(),
+        target_agent: "target".into(),
+        target_path: "restored".into(),
+        segment_size: SEGMENT,
+    }
+}
+
+/// Waits until at least `n` segments are verified and returns every segment's state.
+async fn some_verified(ctl: &Ctl, id: u64, n: u64) -> pb::VerifyMigrationResponse {
+    wait_for(
+        "segments to be verified",
+        Duration::from_secs(120),
+        || async {
+            let p = ctl.status(id).await.ok()?;
+            (p.segments_verified >= n).then_some(())
+        },
+    )
+    .await;
+    ctl.verify(id, u32::MAX).await.unwrap()
+}
+
+/// Every segment verified in `before` has the same lease count in `after`: it was not resent.
+fn assert_not_resent(before: &pb::VerifyMigrationResponse, after: &pb::VerifyMigrationResponse) {
+    let after: HashMap<u64, &pb::SegmentState> =
+        after.segments.iter().map(|s| (s.segment_id, s)).collect();
+    let mut checked = 0;
+    for s in before.segments.iter().filter(|s| s.state == "verified") {
+        let a = after[&s.segment_id];
+        assert_eq!(
+            a.leases, s.leases,
+            "segment {} was verified before the restart but leased again",
+            s.segment_id
+        );
+        assert_eq!(a.source_blake3, s.source_blake3);
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
+/// Upper bound on bytes a source may send after `before`: only segments not yet verified then,
+/// once per new lease plus one lease possibly in flight at the snapshot.
+fn resend_bound(before: &pb::VerifyMigrationResponse, after: &pb::VerifyMigrationResponse) -> u64 {
+    let after: HashMap<u64, &pb::SegmentState> =
+        after.segments.iter().map(|s| (s.segment_id, s)).collect();
+    before
+        .segments
+        .iter()
+        .filter(|s| s.state != "verified")
+        .map(|s| s.bytes * (after[&s.segment_id].leases - s.leases + 1) as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn target_restart_mid_migration_resumes_without_resending_verified_segments() {
+    let env = TestEnv::new();
+    let src = env.path("src");
+    make_files(&src, 400, 48 * 1024);
+    let root = env.path("dst");
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    let mut cfg = env.agent_config("source", &coord, None);
+    cfg.max_in_flight = 1;
+    let source = ferry_agent::run::start(cfg).await.unwrap();
+    let ctl = env.ctl(&coord).await;
+    let id = ctl.create(spec(&src)).await.unwrap();
+
+    wait_for("some verified", Duration::from_secs(120), || async {
+        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
+    })
+    .await;
+    target.shutdown().await;
+    let sent_before = source.stats.bytes_sent.load(Ordering::Relaxed);
+    let before = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(
+        before.segments_verified < before.segments_total,
+        "the migration finished before the target stopped; the test would prove nothing"
+    );
+
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    let done = ctl
+        .watch(id, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap();
+    let after = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(after.all_verified && after.hash_mismatches == 0);
+    assert_not_resent(&before, &after);
+    let sent_after = source.stats.bytes_sent.load(Ordering::Relaxed) - sent_before;
+    assert!(
+        sent_after <= resend_bound(&before, &after),
+        "sent {sent_after} bytes after the restart, more than the unverified segments account for"
+    );
+    assert!(source.stats.bytes_sent.load(Ordering::Relaxed) >= done.bytes_total);
+    assert_same_tree(&src, &root.join("restored"));
+
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_kill9_mid_migration_resumes_from_its_sled_directory() {
+    let env = TestEnv::new();
+    let src = env.path("src");
+    make_files(&src, 400, 48 * 1024);
+    // A split file too, so pieces verified before the crash must be kept by the target.
+    std::fs::write(src.join("big.bin"), vec![7u8; 3 * SEGMENT as usize + 1000]).unwrap();
+    let root = env.path("dst");
+    let mut coord = CoordinatorProcess::start(&env).unwrap();
+    let addr = coord.addr.clone();
+    let ctl = wait_for("coordinator to serve", Duration::from_secs(30), || async {
+        let ctl = env.ctl_try(&addr).await?;
+        ctl.cluster_status()
+            .await
+            .ok()
+            .filter(|s| s.leader_id == 1)
+            .map(|_| ctl)
+    })
+    .await;
+    let target = env.agent("target", &addr, Some(root.clone())).await;
+    let mut cfg = env.agent_config("source", &addr, None);
+    cfg.max_in_flight = 1;
+    let source = ferry_agent::run::start(cfg).await.unwrap();
+    let id = ctl.create(spec(&src)).await.unwrap();
+
+    let before = some_verified(&ctl, id, 5).await;
+    coord.kill9();
+    assert!(
+        before.segments_verified < before.segments_total,
+        "the migration finished before the kill; the test would prove nothing"
+    );
+    coord.restart().unwrap();
+    let ctl = wait_for(
+        "coordinator to come back",
+        Duration::from_secs(30),
+        || async {
+            let ctl = env.ctl_try(&addr).await?;
+            ctl.cluster_status()
+                .await
+                .ok()
+                .filter(|s| s.leader_id == 1)
+                .map(|_| ctl)
+        },
+    )
+    .await;
+    ctl.watch(id, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "migration did not finish after the restart: {e}\ncoordinator log:\n{}",
+                coord.log()
+            )
+        });
+    let after = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(after.all_verified && after.hash_mismatches == 0);
+    assert_not_resent(&before, &after);
+    assert_same_tree(&src, &root.join("restored"));
+    assert!(
+        coord.log().contains("Resuming an initialised cluster"),
+        "{}",
+        coord.log()
+    );
+
+    source.shutdown().await;
+    target.shutdown().await;
+}
