@@ -11,6 +11,9 @@
 //!
 //! The live [`State`] is also kept in memory (shared with the gRPC services for reads).
 
+// openraft's trait methods return its `StorageError` (224 bytes); our helpers return the same type.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -31,6 +34,8 @@ use crate::state::{Agent, Migration, Segment, State};
 pub const FORMAT_VERSION: u64 = 1;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Opening the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -311,7 +316,7 @@ impl StateMachine {
         Ok(sm)
     }
 
-    fn read_tree(&self) -> Result<Applied, Box<dyn std::error::Error>> {
+    fn read_tree(&self) -> AnyResult<Applied> {
         let mut agents = BTreeMap::new();
         let mut migrations = BTreeMap::new();
         let mut segments = BTreeMap::new();
@@ -349,10 +354,7 @@ impl StateMachine {
 
     fn read_snapshot(
         &self,
-    ) -> Result<
-        Option<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)>,
-        Box<dyn std::error::Error>,
-    > {
+    ) -> AnyResult<Option<(Meta, Vec<u8>)>> {
         let (Some(meta), Some(data)) = (self.snap.get("meta")?, self.snap.get("data")?) else {
             return Ok(None);
         };
@@ -360,7 +362,7 @@ impl StateMachine {
     }
 
     /// Replaces the whole tree with `d` (snapshot install).
-    fn write_all(&self, d: &SnapshotData) -> Result<(), Box<dyn std::error::Error>> {
+    fn write_all(&self, d: &SnapshotData) -> AnyResult<()> {
         self.tree.clear()?;
         let mut batch = sled::Batch::default();
         for a in d.state.agents.values() {

@@ -217,10 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&agents);
             } else {
-                println!(
-                    "{:<24} {:<24} {}",
-                    "NAME", "DATA ADDRESS", "LAST SEEN (unix ms)"
-                );
+                println!("{:<24} {:<24} LAST SEEN (unix ms)", "NAME", "DATA ADDRESS");
                 for a in agents {
                     println!(
                         "{:<24} {:<24} {}",
