@@ -352,9 +352,7 @@ impl StateMachine {
         })
     }
 
-    fn read_snapshot(
-        &self,
-    ) -> AnyResult<Option<(Meta, Vec<u8>)>> {
+    fn read_snapshot(&self) -> AnyResult<Option<(Meta, Vec<u8>)>> {
         let (Some(meta), Some(data)) = (self.snap.get("meta")?, self.snap.get("data")?) else {
             return Ok(None);
         };

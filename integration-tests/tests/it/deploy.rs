@@ -3,7 +3,9 @@
 use std::path::Path;
 
 fn deploy(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(rel)
 }
 
 #[test]

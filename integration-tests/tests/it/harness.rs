@@ -187,6 +187,11 @@ impl CoordinatorProcess {
         Ok(())
     }
 
+    /// The child process.
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -5,5 +5,6 @@ mod harness;
 
 mod bad_input;
 mod deploy;
+mod processes;
 mod quickstart;
 mod resume;

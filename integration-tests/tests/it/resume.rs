@@ -181,3 +181,63 @@ async fn coordinator_kill9_mid_migration_resumes_from_its_sled_directory() {
     source.shutdown().await;
     target.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn source_restart_mid_migration_continues_from_its_manifest() {
+    let env = TestEnv::new();
+    let src = env.path("src");
+    make_files(&src, 400, 48 * 1024);
+    let root = env.path("dst");
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    let mut cfg = env.agent_config("source", &coord, None);
+    cfg.max_in_flight = 1;
+    let source = ferry_agent::run::start(cfg.clone()).await.unwrap();
+    let ctl = env.ctl(&coord).await;
+    let id = ctl.create(spec(&src)).await.unwrap();
+
+    wait_for(
+        "scan complete and some verified",
+        Duration::from_secs(120),
+        || async {
+            let p = ctl.status(id).await.ok()?;
+            (p.scan_complete && p.segments_verified >= 5).then_some(())
+        },
+    )
+    .await;
+    source.shutdown().await;
+    let before = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(
+        before.segments_verified < before.segments_total,
+        "finished too early to prove anything"
+    );
+    // The shut-down source released its in-flight lease instead of letting it expire.
+    assert!(
+        before.segments.iter().all(|s| s.state != "leased"),
+        "a lease was left behind"
+    );
+
+    let source = ferry_agent::run::start(cfg).await.unwrap();
+    ctl.watch(id, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap();
+    let after = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(after.all_verified);
+    assert_not_resent(&before, &after);
+    let unverified: u64 = before
+        .segments
+        .iter()
+        .filter(|s| s.state != "verified")
+        .map(|s| s.bytes)
+        .sum();
+    assert_eq!(
+        source.stats.bytes_sent.load(Ordering::Relaxed),
+        unverified,
+        "the restarted source sends exactly the segments not yet verified, once"
+    );
+    assert_same_tree(&src, &root.join("restored"));
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}

@@ -1,0 +1,172 @@
+//! Everything as real processes, driven through the `ferryctl` command line an operator uses:
+//! a coordinator process, two agent processes, and SIGTERM shutdown of each.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use ferry_common::pki::Identity;
+
+use crate::harness::{
+    agent_bin, assert_same_tree, ferryctl_bin, free_port, make_files, wait_for, CoordinatorProcess,
+    TestEnv,
+};
+
+fn ferryctl(env: &TestEnv, addr: &str, args: &[&str]) -> Output {
+    Command::new(ferryctl_bin())
+        .args(["--coordinator", addr, "--pki-dir"])
+        .arg(env.pki())
+        .args(["--name", "ops"])
+        .args(args)
+        .output()
+        .expect("run ferryctl")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "ferryctl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ferryctl -o json prints JSON")
+}
+
+fn spawn_agent(env: &TestEnv, name: &str, coord: &str, root: Option<&Path>) -> Child {
+    let tls = env.issue(Identity::Agent(name.into()));
+    let mut cfg = format!(
+        "name = \"{name}\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\n",
+        env.path(&format!("agent-{name}")).display()
+    );
+    if let Some(root) = root {
+        cfg.push_str(&format!(
+            "data_listen = \"127.0.0.1:{}\"\nroot = \"{}\"\n",
+            free_port(),
+            root.display()
+        ));
+    }
+    cfg.push_str(&format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        tls.ca.display(),
+        tls.cert.display(),
+        tls.key.display()
+    ));
+    let path = env.path(&format!("agent-{name}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    let log = std::fs::File::create(env.path(&format!("agent-{name}.log"))).unwrap();
+    Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM and waits (bounded) for a clean exit.
+pub fn terminate(child: &mut Child, what: &str) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "{what} exited with {s} after SIGTERM");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not stop within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_drives_a_migration_between_agent_processes_with_ferryctl() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let src = env.path("src");
+    make_files(&src, 120, 20 * 1024);
+    std::fs::write(src.join("weights.bin"), vec![3u8; 700 * 1024]).unwrap();
+    let root = env.path("dst");
+    let mut coord = CoordinatorProcess::start(&env).unwrap();
+    let addr = coord.addr.clone();
+    let mut target = spawn_agent(&env, "dst-01", &addr, Some(&root));
+    let mut source = spawn_agent(&env, "src-01", &addr, None);
+
+    let agents = wait_for("both agents registered", Duration::from_secs(30), || {
+        let out = ferryctl(&env, &addr, &["agents", "list", "-o", "json"]);
+        let ok = out.status.success();
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok().filter(|_| ok)?;
+            (v.as_array()?.len() == 2).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(agents[0]["name"], "dst-01");
+
+    let status = json(&ferryctl(&env, &addr, &["cluster", "status", "-o", "json"]));
+    assert_eq!(status["leader_id"], 1);
+    assert_eq!(status["members"].as_array().unwrap().len(), 1);
+
+    let created = json(&ferryctl(
+        &env,
+        &addr,
+        &[
+            "migration",
+            "create",
+            "--source",
+            &format!("src-01:{}", src.display()),
+            "--target",
+            "dst-01:copy",
+            "--segment-size",
+            "262144",
+            "-o",
+            "json",
+        ],
+    ));
+    let id = created["migration_id"].as_u64().unwrap().to_string();
+    let watched = ferryctl(&env, &addr, &["migration", "status", &id, "--watch"]);
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(String::from_utf8_lossy(&watched.stderr).contains("done"));
+
+    let verify = ferryctl(&env, &addr, &["migration", "verify", &id]);
+    assert!(
+        verify.status.success(),
+        "verify exits 0 when verified: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("VERIFIED"));
+    let list = json(&ferryctl(&env, &addr, &["migration", "list", "-o", "json"]));
+    assert_eq!(list[0]["phase"], "done");
+    assert_same_tree(&src, &root.join("copy"));
+
+    // An unknown migration is a clear error and a non-zero exit.
+    let missing = ferryctl(&env, &addr, &["migration", "verify", "99"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("migration 99 does not exist"));
+
+    terminate(&mut source, "source agent");
+    terminate(&mut target, "target agent");
+    // The coordinator stops cleanly on SIGTERM and its sled directory opens again.
+    terminate(coord.child_mut(), "coordinator");
+    coord.restart().unwrap();
+    let again = wait_for("coordinator back", Duration::from_secs(30), || {
+        let out = ferryctl(&env, &addr, &["migration", "list", "-o", "json"]);
+        async move {
+            out.status
+                .success()
+                .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+        }
+    })
+    .await;
+    assert_eq!(again[0]["phase"], "done", "state survived the restart");
+}
