@@ -113,7 +113,7 @@ impl Control {
     pub async fn register_segments(
         &self,
         migration_id: u64,
-        segments: &[(u64, u64, u32)],
+        segments: &[crate::manifest::SegmentSummary],
     ) -> Result<(), ControlError> {
         self.client
             .clone()
@@ -122,10 +122,11 @@ impl Control {
                 migration_id,
                 segments: segments
                     .iter()
-                    .map(|&(segment_id, bytes, files)| pb::SegmentInfo {
-                        segment_id,
-                        bytes,
-                        files,
+                    .map(|s| pb::SegmentInfo {
+                        segment_id: s.id,
+                        bytes: s.bytes,
+                        files: s.files,
+                        fingerprint: s.fingerprint.to_vec(),
                     })
                     .collect(),
             })
@@ -155,6 +156,32 @@ impl Control {
                     })
                     .collect(),
                 issues_total: summary.issues_total,
+            })
+            .await
+            .map_err(|s| self.err(s))?;
+        Ok(())
+    }
+
+    /// Tells the operator, through the migration's status, about a problem at this source.
+    pub async fn report_problem(
+        &self,
+        migration_id: u64,
+        error: &str,
+        issues: &[(String, String)],
+    ) -> Result<(), ControlError> {
+        self.client
+            .clone()
+            .report_source_problem(pb::SourceProblemRequest {
+                agent: self.agent.clone(),
+                migration_id,
+                error: error.to_string(),
+                issues: issues
+                    .iter()
+                    .map(|(path, reason)| pb::ScanIssue {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
             })
             .await
             .map_err(|s| self.err(s))?;

@@ -2,8 +2,9 @@
 
 use prost::Message;
 
-/// Largest segment header accepted (a bundle of 16 Ki entries with long paths fits easily).
-pub const MAX_HEADER: usize = 32 * 1024 * 1024;
+/// Largest segment header accepted: twice what the planner ever cuts
+/// (`segment::MAX_BUNDLE_HEADER_BYTES`).
+pub const MAX_HEADER: usize = 4 * 1024 * 1024;
 /// Largest trailer or ack accepted.
 pub const MAX_SMALL_FRAME: usize = 64 * 1024;
 

@@ -53,6 +53,20 @@ pub struct ScanSummary {
     pub issues_total: u64,
 }
 
+/// What the coordinator is told about a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentSummary {
+    /// Segment id.
+    pub id: u64,
+    /// File bytes.
+    pub bytes: u64,
+    /// Files accounted for.
+    pub files: u32,
+    /// BLAKE3 of the encoded manifest record: changes whenever any path, offset, size, mtime or
+    /// inode of the segment does.
+    pub fingerprint: [u8; 32],
+}
+
 /// Most issues kept in the summary (all are counted).
 pub const MAX_ISSUES_KEPT: usize = 1000;
 
@@ -96,7 +110,7 @@ impl ManifestWriter {
     }
 
     /// Appends one segment; ids must arrive dense from 0.
-    pub fn append(&mut self, seg: &PlannedSegment) -> Result<(), ManifestError> {
+    pub fn append(&mut self, seg: &PlannedSegment) -> Result<SegmentSummary, ManifestError> {
         if seg.id != self.next_id {
             return Err(ManifestError::Damaged {
                 path: self.path.clone(),
@@ -119,7 +133,12 @@ impl ManifestWriter {
         self.unsynced.push(self.pos);
         self.pos += 4 + body.len() as u64;
         self.next_id += 1;
-        Ok(())
+        Ok(SegmentSummary {
+            id: seg.id,
+            bytes: seg.bytes(),
+            files: seg.files(),
+            fingerprint: *blake3::hash(&body).as_bytes(),
+        })
     }
 
     /// Makes everything appended so far durable and readable.
@@ -185,8 +204,7 @@ impl Manifest {
         self.len() == 0
     }
 
-    /// Reads segment `id`'s entries.
-    pub fn read(&self, id: u64) -> Result<Vec<Entry>, ManifestError> {
+    fn read_raw(&self, id: u64) -> Result<Vec<u8>, ManifestError> {
         let off = *self
             .offsets
             .read()
@@ -201,11 +219,20 @@ impl Manifest {
         self.file
             .read_exact_at(&mut body, off + 4)
             .map_err(io(&self.path))?;
+        Ok(body)
+    }
+
+    /// Reads segment `id`'s entries.
+    pub fn read(&self, id: u64) -> Result<Vec<Entry>, ManifestError> {
+        self.decode(id, &self.read_raw(id)?)
+    }
+
+    fn decode(&self, id: u64, body: &[u8]) -> Result<Vec<Entry>, ManifestError> {
         let damaged = |reason: String| ManifestError::Damaged {
             path: self.path.clone(),
             reason,
         };
-        let rec = pb::ManifestRecord::decode(&body[..]).map_err(|e| damaged(e.to_string()))?;
+        let rec = pb::ManifestRecord::decode(body).map_err(|e| damaged(e.to_string()))?;
         if rec.segment_id != id || rec.inodes.len() != rec.entries.len() {
             return Err(damaged(format!("record for segment {id} is inconsistent")));
         }
@@ -220,15 +247,21 @@ impl Manifest {
             .collect()
     }
 
-    /// Each segment's `(id, bytes, files)`, for (re-)registration with the coordinator.
-    pub fn summaries(&self) -> Result<Vec<(u64, u64, u32)>, ManifestError> {
+    /// Each segment's summary, for (re-)registration with the coordinator.
+    pub fn summaries(&self) -> Result<Vec<SegmentSummary>, ManifestError> {
         (0..self.len())
             .map(|id| {
+                let body = self.read_raw(id)?;
                 let seg = PlannedSegment {
                     id,
-                    entries: self.read(id)?,
+                    entries: self.decode(id, &body)?,
                 };
-                Ok((id, seg.bytes(), seg.files()))
+                Ok(SegmentSummary {
+                    id,
+                    bytes: seg.bytes(),
+                    files: seg.files(),
+                    fingerprint: *blake3::hash(&body).as_bytes(),
+                })
             })
             .collect()
     }
@@ -280,9 +313,7 @@ mod tests {
             segs.extend(planner.push(Entry::file(&format!("f{i}"), 6, 0o644, (1, 2), 100 + i)));
         }
         segs.extend(planner.finish());
-        for s in &segs {
-            w.append(s).unwrap();
-        }
+        let appended: Vec<_> = segs.iter().map(|s| w.append(s).unwrap()).collect();
         assert!(live.is_empty(), "readable before it is durable");
         w.sync().unwrap();
         assert_eq!(live.read(1).unwrap(), segs[1].entries);
@@ -292,6 +323,11 @@ mod tests {
             assert_eq!(m.read(s.id).unwrap(), s.entries);
         }
         assert!(matches!(m.read(99), Err(ManifestError::Unknown(99))));
+        assert_eq!(
+            m.summaries().unwrap(),
+            appended,
+            "re-read summaries match the scan's"
+        );
         // A torn tail is detected.
         let len = fs::metadata(&p).unwrap().len();
         OpenOptions::new()

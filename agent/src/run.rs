@@ -122,7 +122,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         let root = cfg.root.as_ref().ok_or_else(|| {
             StartError::Config("data_listen is set but root is not: a target needs a root".into())
         })?;
-        let sink = Arc::new(FsSink::new(root)?);
+        let sink = Arc::new(FsSink::new(root, &cfg.state_dir)?);
         let endpoint = quinn::Endpoint::server(tls.quic_server()?, listen).map_err(|source| {
             StartError::Bind {
                 addr: listen,
@@ -139,6 +139,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             .clone()
             .unwrap_or_else(|| bound.to_string());
         let target = Arc::new(Target {
+            headers: tokio::sync::Semaphore::new(32),
             sink,
             control: control.clone(),
             stats: stats.clone(),

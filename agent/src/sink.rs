@@ -1,24 +1,38 @@
 //! The filesystem sink: where a target writes what it receives.
 //!
 //! Every path comes from a peer, so every path is checked (invariant 4): it must pass
-//! [`validate_relative`], and no existing component between the root and the file may be a
-//! symlink, so nothing can be written outside the root. Data goes to a temporary file beside its
-//! destination; a whole file is renamed into place only after its bytes are fsynced, the segment's
-//! hashes agree, and its mode and mtime are set; the parent directory is then fsynced. A file split
-//! over several segments is assembled in `.<name>.ferry-part`, with a sidecar recording which
-//! pieces are durable, and renamed into place when the last piece lands.
+//! [`validate_relative`], its last component must not be in ferry's own `.ferry-` namespace, and no
+//! existing component between the root and the file may be a symlink. Files ferry creates itself
+//! are opened with `O_NOFOLLOW` (and `O_EXCL` for temporaries, mode 0600), so a symlink planted
+//! under one of their names is never followed.
+//!
+//! A whole file goes to `.ferry-<segment>-<epoch>-<n>.tmp` beside its destination and is renamed
+//! into place only after its bytes are fsynced, the segment's hashes agree, and its mode and
+//! mtime are set; the directory is then fsynced. A file split over several segments is assembled
+//! in `.ferry-part-<id>` beside its destination; which pieces are durable is recorded in a
+//! sidecar in the agent's state directory (never in the target tree), marked complete before
+//! the part is renamed into place. A piece that arrives again after that (a resend whose first
+//! report was lost) is written into the finished file in place.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use ferry_common::hash::hex;
 use ferry_common::path::{validate_relative, validate_subdir, PathError};
 use ferry_common::segment::{Entry, EntryKind};
 use filetime::FileTime;
 use serde::{Deserialize, Serialize};
+
+/// Prefix of every name ferry creates in a target tree; peers may not use it.
+pub const RESERVED_PREFIX: &str = ".ferry-";
+
+/// Mode bits applied to files: setuid and setgid are dropped, because the agent (running as root)
+/// does not restore ownership and must not create set-id files owned by root.
+const MODE_MASK: u32 = 0o1777;
 
 /// A write could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +40,9 @@ pub enum SinkError {
     /// The peer named a path that is not allowed.
     #[error(transparent)]
     Path(#[from] PathError),
+    /// The peer named a path in ferry's own namespace.
+    #[error("path {0:?} refused: names starting with '.ferry-' are reserved for ferry's temporary files")]
+    Reserved(String),
     /// A component of the destination is a symlink (or not a directory).
     #[error("refusing {path}: component {component} is a symlink or not a directory")]
     Escape {
@@ -60,6 +77,14 @@ pub enum SinkError {
         /// Why.
         reason: String,
     },
+    /// A partial copy that verified pieces live in was removed or replaced behind ferry's back.
+    #[error("the partial copy of {path} ({part}) was removed or replaced; pieces already verified are lost — start a new migration")]
+    PartLost {
+        /// The file.
+        path: String,
+        /// The part file.
+        part: PathBuf,
+    },
 }
 
 fn io_at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SinkError + 'a {
@@ -73,21 +98,40 @@ fn io_at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sink
 /// Writes segments below one root directory.
 pub struct FsSink {
     root: PathBuf,
+    /// Sidecars of split files: `<state_dir>/parts/m<migration>/<hash of path>.json`.
+    parts_dir: PathBuf,
     /// One lock per split file, so that pieces landing at once update its sidecar in turn.
+    /// Entries are never removed: there is one per large file, and removing one while another
+    /// thread holds it would hand out a second lock for the same file.
     part_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
 }
 
-/// What a `.ferry-part` sidecar records: which pieces of the file are durable.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// What a sidecar records about a split file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct PartState {
     file_size: u64,
     chunk_count: u32,
+    mtime: (i64, u32),
+    /// Inode of the part file the pieces were written into.
+    part_ino: u64,
+    /// Pieces durable in the part file.
     done: Vec<u32>,
+    /// The part was (or is being) renamed into place.
+    complete: bool,
+}
+
+impl PartState {
+    fn describes(&self, e: &Entry) -> bool {
+        self.file_size == e.file_size
+            && self.chunk_count == e.chunk_count
+            && self.mtime == (e.mtime_sec, e.mtime_nsec)
+    }
 }
 
 impl FsSink {
-    /// Opens `root` (created if missing) and checks that files can be created in it.
-    pub fn new(root: &Path) -> Result<Self, SinkError> {
+    /// Opens `root` (created if missing) and checks that files can be created in it. Sidecars of
+    /// split files live under `state_dir`.
+    pub fn new(root: &Path, state_dir: &Path) -> Result<Self, SinkError> {
         let err = |reason: String| SinkError::Root {
             root: root.to_path_buf(),
             reason,
@@ -97,11 +141,14 @@ impl FsSink {
         if !root.is_dir() {
             return Err(err("not a directory".into()));
         }
-        let probe = root.join(format!(".ferry-probe-{}", std::process::id()));
+        let probe = root.join(format!("{RESERVED_PREFIX}probe-{}", std::process::id()));
         File::create(&probe).map_err(|e| err(format!("not writable: {e}")))?;
         let _ = fs::remove_file(&probe);
+        let parts_dir = state_dir.join("parts");
+        fs::create_dir_all(&parts_dir).map_err(io_at("cannot create", &parts_dir))?;
         Ok(FsSink {
             root,
+            parts_dir,
             part_locks: Mutex::new(HashMap::new()),
         })
     }
@@ -111,14 +158,26 @@ impl FsSink {
         &self.root
     }
 
-    /// Resolves `base/rel` below the root, creating missing directories, refusing symlinks.
-    /// Returns the parent directory and the final path.
-    fn resolve(&self, base: &Path, rel: &str) -> Result<(PathBuf, PathBuf), SinkError> {
+    /// Resolves `base/rel` below the root, creating missing directories (recorded in `created`),
+    /// refusing symlinks. Returns the parent directory and the final path.
+    fn resolve(
+        &self,
+        base: &Path,
+        rel: &str,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<(PathBuf, PathBuf), SinkError> {
         let rel_path = validate_relative(rel)?;
         let full_rel = base.join(&rel_path);
-        let mut dir = self.root.clone();
         let comps: Vec<_> = full_rel.components().collect();
         let (last, parents) = comps.split_last().ok_or(PathError::Empty)?;
+        if last
+            .as_os_str()
+            .to_string_lossy()
+            .starts_with(RESERVED_PREFIX)
+        {
+            return Err(SinkError::Reserved(rel.to_string()));
+        }
+        let mut dir = self.root.clone();
         for c in parents {
             dir.push(c);
             match fs::symlink_metadata(&dir) {
@@ -129,22 +188,21 @@ impl FsSink {
                         component: dir,
                     })
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::create_dir(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        // Created concurrently by another segment; re-check what it is.
-                        if !fs::symlink_metadata(&dir)
-                            .map(|m| m.file_type().is_dir())
-                            .unwrap_or(false)
-                        {
-                            return Err(SinkError::Escape {
-                                path: rel.to_string(),
-                                component: dir,
-                            });
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    match fs::DirBuilder::new().mode(0o755).create(&dir) {
+                        Ok(()) => created.push(dir.clone()),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            // Created concurrently by another segment; re-check what it is.
+                            if !fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir()) {
+                                return Err(SinkError::Escape {
+                                    path: rel.to_string(),
+                                    component: dir,
+                                });
+                            }
                         }
+                        Err(e) => return Err(io_at("cannot create directory", &dir)(e)),
                     }
-                    Err(e) => return Err(io_at("cannot create directory", &dir)(e)),
-                },
+                }
                 Err(e) => return Err(io_at("cannot inspect", &dir)(e)),
             }
         }
@@ -152,31 +210,83 @@ impl FsSink {
         Ok((dir, path))
     }
 
-    /// Starts receiving segment `segment_id` into `target_path` (relative to the root).
+    /// Starts receiving segment `segment_id` of `migration_id`, under lease `epoch`, into
+    /// `target_path` (relative to the root).
     pub fn begin(
         &self,
         target_path: &str,
+        migration_id: u64,
         segment_id: u64,
+        epoch: u64,
     ) -> Result<SegmentWriter<'_>, SinkError> {
         let base = validate_subdir(target_path)?;
         Ok(SegmentWriter {
             sink: self,
             base,
+            migration_id,
             segment_id,
+            epoch,
+            next: 0,
             hasher: blake3::Hasher::new(),
             current: None,
             staged: Vec::new(),
+            created: Vec::new(),
         })
     }
 
-    fn part_lock(&self, path: &Path) -> Arc<Mutex<()>> {
+    fn part_lock(&self, dest: &Path) -> Arc<Mutex<()>> {
         self.part_locks
             .lock()
             .expect("not poisoned")
-            .entry(path.to_path_buf())
+            .entry(dest.to_path_buf())
             .or_default()
             .clone()
     }
+
+    fn sidecar_path(&self, migration_id: u64, dest: &Path) -> PathBuf {
+        let key = hex(blake3::hash(dest.as_os_str().as_encoded_bytes()).as_bytes());
+        self.parts_dir
+            .join(format!("m{migration_id}"))
+            .join(format!("{key}.json"))
+    }
+
+    fn load_sidecar(&self, path: &Path) -> Result<Option<PartState>, SinkError> {
+        match fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| SinkError::Io {
+                    op: "corrupt sidecar",
+                    path: path.to_path_buf(),
+                    source: io::Error::other(e),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_at("cannot read", path)(e)),
+        }
+    }
+
+    fn save_sidecar(&self, path: &Path, st: &PartState) -> Result<(), SinkError> {
+        let dir = path.parent().expect("sidecars live in a directory");
+        fs::create_dir_all(dir).map_err(io_at("cannot create", dir))?;
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(st).expect("plain struct serialises");
+        let f = File::create(&tmp).map_err(io_at("cannot create", &tmp))?;
+        f.write_all_at(&bytes, 0)
+            .map_err(io_at("cannot write", &tmp))?;
+        f.sync_all().map_err(io_at("cannot fsync", &tmp))?;
+        fs::rename(&tmp, path).map_err(io_at("cannot rename", path))?;
+        fsync_dir(dir)
+    }
+}
+
+/// How the current file entry is being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A whole file into its own temporary.
+    Temp,
+    /// A piece into the shared part file.
+    Part,
+    /// A piece into the already finished file (a resend after completion).
+    InPlace,
 }
 
 /// What a segment has written but not yet made visible.
@@ -187,32 +297,38 @@ enum Staged {
         dest: PathBuf,
         dir: PathBuf,
     },
-    /// A piece of a split file, to be recorded in its sidecar.
+    /// A piece of a split file, to be recorded in its sidecar (unless written in place).
     Piece {
         entry: Entry,
-        part: PathBuf,
         dest: PathBuf,
         dir: PathBuf,
+        in_place: bool,
     },
-    /// A directory (already created; mode set).
-    Dir,
 }
 
 struct Open {
     file: File,
     path: PathBuf,
+    dest: PathBuf,
+    dir: PathBuf,
     entry: Entry,
     written: u64,
+    mode: Mode,
 }
 
 /// Receives one segment's entries and bytes.
 pub struct SegmentWriter<'a> {
     sink: &'a FsSink,
     base: PathBuf,
+    migration_id: u64,
     segment_id: u64,
+    epoch: u64,
+    next: usize,
     hasher: blake3::Hasher,
     current: Option<Open>,
     staged: Vec<Staged>,
+    /// Directories this segment created; their parents are fsynced at commit.
+    created: Vec<PathBuf>,
 }
 
 fn mtime_of(e: &Entry) -> FileTime {
@@ -225,19 +341,65 @@ fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
         .map_err(io_at("cannot fsync directory", dir))
 }
 
-fn hidden_name(dest: &Path, suffix: &str) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.{suffix}"))
+/// Removes whatever non-directory sits at `path` (never following a symlink).
+fn clear(path: &Path) -> Result<(), SinkError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(SinkError::Escape {
+            path: path.display().to_string(),
+            component: path.to_path_buf(),
+        }),
+        Ok(_) => fs::remove_file(path).map_err(io_at("cannot remove", path)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Creates a new private file, refusing to follow or reuse anything already there.
+fn create_private(path: &Path) -> Result<File, SinkError> {
+    clear(path)?;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_at("cannot create", path))
+}
+
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+fn part_name(dest: &Path) -> PathBuf {
+    let name = dest.file_name().unwrap_or_default();
+    let id = hex(&blake3::hash(name.as_encoded_bytes()).as_bytes()[..16]);
+    dest.with_file_name(format!("{RESERVED_PREFIX}part-{id}"))
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.ino())
 }
 
 impl SegmentWriter<'_> {
+    fn tmp_name(&mut self, dir: &Path) -> PathBuf {
+        self.next += 1;
+        dir.join(format!(
+            "{RESERVED_PREFIX}{}-{}-{}.tmp",
+            self.segment_id, self.epoch, self.next
+        ))
+    }
+
     /// Prepares for `entry`'s bytes (`entry.len` of them follow through [`Self::write`]).
     pub fn start_entry(&mut self, entry: &Entry) -> Result<(), SinkError> {
         self.finish_entry()?;
-        let (dir, dest) = self.sink.resolve(&self.base, &entry.path)?;
+        let (dir, dest) = self
+            .sink
+            .resolve(&self.base, &entry.path, &mut self.created)?;
         let bad = |reason: &str| SinkError::BadEntry {
             path: entry.path.clone(),
             reason: reason.to_string(),
@@ -255,22 +417,21 @@ impl SegmentWriter<'_> {
                             component: dest,
                         })
                     }
-                    Err(_) => match fs::create_dir(&dest) {
-                        Ok(()) => {}
+                    Err(_) => match fs::DirBuilder::new().mode(0o700).create(&dest) {
+                        Ok(()) => self.created.push(dest.clone()),
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                         Err(e) => return Err(io_at("cannot create directory", &dest)(e)),
                     },
                 }
-                fs::set_permissions(&dest, Permissions::from_mode(entry.mode & 0o7777))
+                fs::set_permissions(&dest, Permissions::from_mode(entry.mode & MODE_MASK))
                     .map_err(io_at("cannot set mode of", &dest))?;
-                self.staged.push(Staged::Dir);
             }
             EntryKind::Symlink => {
                 if entry.len != 0 || entry.link_target.is_empty() {
                     return Err(bad("a symlink needs a target and carries no bytes"));
                 }
-                let tmp = hidden_name(&dest, &format!("ferry-{}.tmp", self.segment_id));
-                let _ = fs::remove_file(&tmp);
+                let tmp = self.tmp_name(&dir);
+                clear(&tmp)?;
                 std::os::unix::fs::symlink(&entry.link_target, &tmp)
                     .map_err(io_at("cannot create symlink", &tmp))?;
                 let t = mtime_of(entry);
@@ -292,30 +453,74 @@ impl SegmentWriter<'_> {
                 {
                     return Err(bad("piece lies outside the file"));
                 }
-                let (path, file) = if whole {
-                    let tmp = hidden_name(&dest, &format!("ferry-{}.tmp", self.segment_id));
-                    let f = File::create(&tmp).map_err(io_at("cannot create", &tmp))?;
-                    (tmp, f)
+                let (mode, path, file) = if whole {
+                    let tmp = self.tmp_name(&dir);
+                    let f = create_private(&tmp)?;
+                    (Mode::Temp, tmp, f)
                 } else {
-                    let part = hidden_name(&dest, "ferry-part");
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(&part)
-                        .map_err(io_at("cannot open", &part))?;
-                    (part, f)
+                    self.open_piece(entry, &dest)?
                 };
                 self.current = Some(Open {
                     file,
                     path,
+                    dest,
+                    dir,
                     entry: entry.clone(),
                     written: 0,
+                    mode,
                 });
-                let _ = dir;
             }
         }
         Ok(())
+    }
+
+    /// Opens the file a piece of a split file goes into, after consulting its sidecar.
+    fn open_piece(&self, e: &Entry, dest: &Path) -> Result<(Mode, PathBuf, File), SinkError> {
+        let lock = self.sink.part_lock(dest);
+        let _guard = lock.lock().expect("not poisoned");
+        let sidecar = self.sink.sidecar_path(self.migration_id, dest);
+        let part = part_name(dest);
+        match self.sink.load_sidecar(&sidecar)? {
+            Some(st) if st.complete && st.describes(e) => {
+                if inode(dest).is_none() && inode(&part) == Some(st.part_ino) {
+                    // We stopped between marking it complete and renaming it: finish that.
+                    fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
+                    fsync_dir(dest.parent().expect("has a parent"))?;
+                }
+                let f = open_nofollow(dest).map_err(io_at("cannot open finished file", dest))?;
+                Ok((Mode::InPlace, dest.to_path_buf(), f))
+            }
+            Some(mut st) if st.describes(e) && inode(&part) == Some(st.part_ino) => {
+                if let Some(i) = st.done.iter().position(|&d| d == e.chunk_index) {
+                    // Rewriting a recorded range: un-record it first, so that a failed rewrite
+                    // can never leave a range marked durable that is not.
+                    st.done.remove(i);
+                    self.sink.save_sidecar(&sidecar, &st)?;
+                }
+                let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
+                Ok((Mode::Part, part, f))
+            }
+            Some(st) if st.describes(e) && !st.done.is_empty() => Err(SinkError::PartLost {
+                path: e.path.clone(),
+                part,
+            }),
+            _ => {
+                // First piece of this version of the file: start a fresh part.
+                let f = create_private(&part)?;
+                let ino = f.metadata().map_err(io_at("cannot stat", &part))?.ino();
+                let st = PartState {
+                    file_size: e.file_size,
+                    chunk_count: e.chunk_count,
+                    mtime: (e.mtime_sec, e.mtime_nsec),
+                    part_ino: ino,
+                    done: Vec::new(),
+                    complete: false,
+                };
+                self.sink.save_sidecar(&sidecar, &st)?;
+                fsync_dir(dest.parent().expect("has a parent"))?;
+                Ok((Mode::Part, part, f))
+            }
+        }
     }
 
     /// Writes the next bytes of the current entry and hashes them.
@@ -347,37 +552,57 @@ impl SegmentWriter<'_> {
         };
         let e = &open.entry;
         if open.written != e.len {
+            if open.mode == Mode::Temp {
+                let _ = fs::remove_file(&open.path);
+            }
             return Err(SinkError::BadEntry {
                 path: e.path.clone(),
                 reason: format!("{} of {} bytes arrived", open.written, e.len),
             });
         }
-        let (dir, dest) = self.sink.resolve(&self.base, &e.path)?;
-        if e.chunk_count <= 1 {
-            open.file
-                .set_permissions(Permissions::from_mode(e.mode & 0o7777))
-                .map_err(io_at("cannot set mode of", &open.path))?;
-            let t = mtime_of(e);
-            filetime::set_file_handle_times(&open.file, Some(t), Some(t))
-                .map_err(io_at("cannot set mtime of", &open.path))?;
-            open.file
-                .sync_all()
-                .map_err(io_at("cannot fsync", &open.path))?;
-            self.staged.push(Staged::Rename {
-                tmp: open.path,
-                dest,
-                dir,
-            });
-        } else {
-            open.file
-                .sync_data()
-                .map_err(io_at("cannot fsync", &open.path))?;
-            self.staged.push(Staged::Piece {
-                entry: open.entry,
-                part: open.path,
-                dest,
-                dir,
-            });
+        let t = mtime_of(e);
+        match open.mode {
+            Mode::Temp => {
+                let staged = Staged::Rename {
+                    tmp: open.path.clone(),
+                    dest: open.dest,
+                    dir: open.dir,
+                };
+                // Staged first, so that Drop removes the temporary if the calls below fail.
+                self.staged.push(staged);
+                open.file
+                    .set_permissions(Permissions::from_mode(e.mode & MODE_MASK))
+                    .map_err(io_at("cannot set mode of", &open.path))?;
+                filetime::set_file_handle_times(&open.file, Some(t), Some(t))
+                    .map_err(io_at("cannot set mtime of", &open.path))?;
+                open.file
+                    .sync_all()
+                    .map_err(io_at("cannot fsync", &open.path))?;
+            }
+            Mode::Part => {
+                open.file
+                    .sync_data()
+                    .map_err(io_at("cannot fsync", &open.path))?;
+                self.staged.push(Staged::Piece {
+                    entry: open.entry,
+                    dest: open.dest,
+                    dir: open.dir,
+                    in_place: false,
+                });
+            }
+            Mode::InPlace => {
+                filetime::set_file_handle_times(&open.file, Some(t), Some(t))
+                    .map_err(io_at("cannot set mtime of", &open.path))?;
+                open.file
+                    .sync_all()
+                    .map_err(io_at("cannot fsync", &open.path))?;
+                self.staged.push(Staged::Piece {
+                    entry: open.entry,
+                    dest: open.dest,
+                    dir: open.dir,
+                    in_place: true,
+                });
+            }
         }
         Ok(())
     }
@@ -388,27 +613,39 @@ impl SegmentWriter<'_> {
         Ok(*self.hasher.finalize().as_bytes())
     }
 
-    /// Makes the segment visible: renames whole files into place, records pieces of split files
-    /// (assembling a file when its last piece lands) and fsyncs the directories touched. Call only
-    /// after [`Self::finish`] and the hash check.
+    /// Makes the segment visible and durable: renames whole files into place, records pieces of
+    /// split files (assembling a file when its last piece lands) and fsyncs every directory
+    /// touched or created. Call only after [`Self::finish`] and the hash check.
     pub fn commit(mut self) -> Result<(), SinkError> {
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        for s in std::mem::take(&mut self.staged) {
-            match s {
-                Staged::Dir => {}
-                Staged::Rename { tmp, dest, dir } => {
-                    fs::rename(&tmp, &dest).map_err(io_at("cannot rename into place", &dest))?;
-                    dirs.push(dir);
-                }
+        let mut dirs: Vec<PathBuf> = self
+            .created
+            .iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect();
+        let mut staged = std::mem::take(&mut self.staged).into_iter();
+        while let Some(s) = staged.next() {
+            let done = match &s {
+                Staged::Rename { tmp, dest, dir } => fs::rename(tmp, dest)
+                    .map_err(io_at("cannot rename into place", dest))
+                    .map(|()| Some(dir.clone())),
                 Staged::Piece {
                     entry,
-                    part,
                     dest,
                     dir,
-                } => {
-                    if self.sink.record_piece(&entry, &part, &dest)? {
-                        dirs.push(dir);
-                    }
+                    in_place,
+                } => match *in_place {
+                    true => Ok(None),
+                    false => self
+                        .record_piece(entry, dest)
+                        .map(|renamed| renamed.then(|| dir.clone())),
+                },
+            };
+            match done {
+                Ok(dir) => dirs.extend(dir),
+                Err(e) => {
+                    // Hand what is left back to Drop, which removes the temporaries.
+                    self.staged = std::iter::once(s).chain(staged).collect();
+                    return Err(e);
                 }
             }
         }
@@ -419,14 +656,55 @@ impl SegmentWriter<'_> {
         }
         Ok(())
     }
+
+    /// Records a durable piece; when all pieces are there, finalises the file. Returns whether the
+    /// file was renamed into place.
+    fn record_piece(&self, e: &Entry, dest: &Path) -> Result<bool, SinkError> {
+        let sink = self.sink;
+        let lock = sink.part_lock(dest);
+        let _guard = lock.lock().expect("not poisoned");
+        let sidecar = sink.sidecar_path(self.migration_id, dest);
+        let part = part_name(dest);
+        let mut st = match sink.load_sidecar(&sidecar)? {
+            Some(st) if st.describes(e) && inode(&part) == Some(st.part_ino) => st,
+            _ => {
+                return Err(SinkError::PartLost {
+                    path: e.path.clone(),
+                    part,
+                })
+            }
+        };
+        if !st.done.contains(&e.chunk_index) {
+            st.done.push(e.chunk_index);
+            st.done.sort_unstable();
+        }
+        if st.done.len() as u32 != st.chunk_count {
+            sink.save_sidecar(&sidecar, &st)?;
+            return Ok(false);
+        }
+        let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
+        f.set_len(e.file_size)
+            .map_err(io_at("cannot size", &part))?;
+        f.set_permissions(Permissions::from_mode(e.mode & MODE_MASK))
+            .map_err(io_at("cannot set mode of", &part))?;
+        let t = mtime_of(e);
+        filetime::set_file_handle_times(&f, Some(t), Some(t))
+            .map_err(io_at("cannot set mtime of", &part))?;
+        f.sync_all().map_err(io_at("cannot fsync", &part))?;
+        // Complete before the rename: a restart in between finishes the rename (open_piece).
+        st.complete = true;
+        sink.save_sidecar(&sidecar, &st)?;
+        fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
+        Ok(true)
+    }
 }
 
 impl Drop for SegmentWriter<'_> {
     /// An uncommitted segment leaves nothing visible: its temporary whole files are removed.
-    /// Pieces of split files stay in `.ferry-part` (unrecorded), to be overwritten by the resend.
+    /// Pieces of split files stay in the part file, unrecorded, to be overwritten by the resend.
     fn drop(&mut self) {
         if let Some(open) = self.current.take() {
-            if open.entry.chunk_count <= 1 {
+            if open.mode == Mode::Temp {
                 let _ = fs::remove_file(&open.path);
             }
         }
@@ -435,60 +713,6 @@ impl Drop for SegmentWriter<'_> {
                 let _ = fs::remove_file(tmp);
             }
         }
-    }
-}
-
-impl FsSink {
-    /// Records a durable piece; when all pieces are there, finalises the file. Returns whether the
-    /// file was renamed into place.
-    fn record_piece(&self, e: &Entry, part: &Path, dest: &Path) -> Result<bool, SinkError> {
-        let lock = self.part_lock(dest);
-        let _guard = lock.lock().expect("not poisoned");
-        let sidecar = hidden_name(dest, "ferry-part.json");
-        let mut st: PartState = match fs::read(&sidecar) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
-            Err(_) => PartState::default(),
-        };
-        if st.file_size != e.file_size || st.chunk_count != e.chunk_count {
-            // A different version of the file (or none yet): start the record afresh.
-            st = PartState {
-                file_size: e.file_size,
-                chunk_count: e.chunk_count,
-                done: Vec::new(),
-            };
-        }
-        if !st.done.contains(&e.chunk_index) {
-            st.done.push(e.chunk_index);
-            st.done.sort_unstable();
-        }
-        if st.done.len() as u32 == st.chunk_count {
-            let f = OpenOptions::new()
-                .write(true)
-                .open(part)
-                .map_err(io_at("cannot open", part))?;
-            f.set_len(e.file_size).map_err(io_at("cannot size", part))?;
-            f.set_permissions(Permissions::from_mode(e.mode & 0o7777))
-                .map_err(io_at("cannot set mode of", part))?;
-            let t = mtime_of(e);
-            filetime::set_file_handle_times(&f, Some(t), Some(t))
-                .map_err(io_at("cannot set mtime of", part))?;
-            f.sync_all().map_err(io_at("cannot fsync", part))?;
-            fs::rename(part, dest).map_err(io_at("cannot rename into place", dest))?;
-            let _ = fs::remove_file(&sidecar);
-            self.part_locks.lock().expect("not poisoned").remove(dest);
-            return Ok(true);
-        }
-        let tmp = hidden_name(dest, "ferry-part.json.tmp");
-        let bytes = serde_json::to_vec(&st).expect("plain struct serialises");
-        let f = File::create(&tmp).map_err(io_at("cannot create", &tmp))?;
-        f.write_all_at(&bytes, 0)
-            .map_err(io_at("cannot write", &tmp))?;
-        f.sync_all().map_err(io_at("cannot fsync", &tmp))?;
-        fs::rename(&tmp, &sidecar).map_err(io_at("cannot rename", &sidecar))?;
-        if let Some(dir) = dest.parent() {
-            fsync_dir(dir)?;
-        }
-        Ok(false)
     }
 }
 

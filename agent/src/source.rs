@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_common::names::agent_dns;
 use ferry_common::segment::{Entry, EntryKind, SegmentPlanner};
@@ -17,7 +17,9 @@ use tokio::task::{block_in_place, JoinSet};
 
 use crate::control::Control;
 use crate::frame::{self, MAX_SMALL_FRAME};
-use crate::manifest::{self, Manifest, ManifestWriter, ScanSummary, MAX_ISSUES_KEPT};
+use crate::manifest::{
+    self, Manifest, ManifestWriter, ScanSummary, SegmentSummary, MAX_ISSUES_KEPT,
+};
 use crate::scan::{walk, Walked};
 use crate::stats::Stats;
 
@@ -25,6 +27,8 @@ use crate::stats::Stats;
 const REGISTER_BATCH: usize = 1000;
 /// Read buffer per segment in flight: bounds memory whatever the file sizes.
 const BUF: usize = 1024 * 1024;
+/// How long to wait before preparing a migration again after a failure.
+const PREPARE_RETRY: Duration = Duration::from_secs(5);
 /// How often to ask for work and leases when idle.
 const TICK: Duration = Duration::from_millis(250);
 /// How often to send a heartbeat (and learn of new migrations).
@@ -42,6 +46,8 @@ pub struct Source {
     roots: Mutex<HashMap<u64, PathBuf>>,
     /// Manifests being written or complete, per migration.
     manifests: Mutex<HashMap<u64, Arc<Manifest>>>,
+    /// When a migration whose preparation failed may be tried again.
+    retry_at: Mutex<HashMap<u64, Instant>>,
     /// Open connections per (target name, address).
     conns: Mutex<HashMap<(String, String), quinn::Connection>>,
 }
@@ -65,6 +71,7 @@ impl Source {
             stats,
             roots: Mutex::default(),
             manifests: Mutex::default(),
+            retry_at: Mutex::default(),
             conns: Mutex::default(),
         }
     }
@@ -91,10 +98,13 @@ impl Source {
                 _ = tick.tick() => {}
             }
             if last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY) {
-                last_heartbeat = Some(std::time::Instant::now());
-                match self.control.heartbeat().await {
-                    Ok(w) => work = w,
-                    Err(e) => tracing::warn!(message = "Heartbeat failed.", error = %e),
+                last_heartbeat = Some(Instant::now());
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    r = self.control.heartbeat() => match r {
+                        Ok(w) => work = w,
+                        Err(e) => tracing::warn!(message = "Heartbeat failed.", error = %e),
+                    },
                 }
             }
             scans.retain(|_, h| !h.is_finished());
@@ -108,7 +118,13 @@ impl Source {
                     .lock()
                     .expect("not poisoned")
                     .contains_key(&w.migration_id);
-                if !known && !scans.contains_key(&w.migration_id) {
+                let waiting = self
+                    .retry_at
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&w.migration_id)
+                    .is_some_and(|t| Instant::now() < *t);
+                if !known && !waiting && !scans.contains_key(&w.migration_id) {
                     let me = self.clone();
                     let w = w.clone();
                     let stop = stop.clone();
@@ -122,7 +138,11 @@ impl Source {
             if free == 0 || work.iter().all(|w| w.finished) {
                 continue;
             }
-            match self.control.lease(free).await {
+            let leased = tokio::select! {
+                _ = stop.changed() => break,
+                r = self.control.lease(free) => r,
+            };
+            match leased {
                 Ok(leases) => {
                     for l in leases {
                         let me = self.clone();
@@ -138,24 +158,22 @@ impl Source {
         for h in scans.values() {
             h.abort();
         }
-        for l in in_flight.values() {
-            let r = tokio::time::timeout(
-                Duration::from_secs(2),
-                self.control.report(
-                    Role::Source,
-                    l.migration_id,
-                    l.segment_id,
-                    l.epoch,
-                    Err("source agent shut down".into()),
-                ),
+        // Release the abandoned leases together, within a bound that fits systemd's stop timeout.
+        let releases = in_flight.values().map(|l| {
+            self.control.report(
+                Role::Source,
+                l.migration_id,
+                l.segment_id,
+                l.epoch,
+                Err("source agent shut down".into()),
             )
-            .await;
-            if !matches!(r, Ok(Ok(_))) {
-                tracing::debug!(
-                    message = "Could not release lease at shutdown; it will expire.",
-                    segment = l.segment_id
-                );
-            }
+        });
+        let released =
+            tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(releases)).await;
+        if !matches!(&released, Ok(r) if r.iter().all(|r| r.is_ok())) {
+            tracing::info!(
+                message = "Some leases could not be released at shutdown; they will expire."
+            );
         }
         self.endpoint.close(0u32.into(), b"agent shutting down");
     }
@@ -184,6 +202,7 @@ impl Source {
                 if !w.scan_complete {
                     // We crashed between finishing the scan and telling the coordinator.
                     let all = m.summaries().map_err(|e| e.to_string())?;
+
                     for batch in all.chunks(REGISTER_BATCH) {
                         retry(&rt, &stop, || self.control.register_segments(mid, batch))?;
                     }
@@ -206,7 +225,16 @@ impl Source {
             self.scan(&rt, &stop, w, &dir)
         })();
         if let Err(e) = result {
-            tracing::error!(message = "Cannot prepare migration.", migration = mid, error = %e);
+            tracing::error!(message = "Cannot prepare migration; will retry.", migration = mid, error = %e);
+            self.manifests.lock().expect("not poisoned").remove(&mid);
+            self.retry_at
+                .lock()
+                .expect("not poisoned")
+                .insert(mid, Instant::now() + PREPARE_RETRY);
+            let msg = format!("source {}: {e}", self.control.agent());
+            if let Err(e) = rt.block_on(self.control.report_problem(mid, &msg, &[])) {
+                tracing::warn!(message = "Could not report the problem to the coordinator.", error = %e);
+            }
         }
     }
 
@@ -228,9 +256,9 @@ impl Source {
             .insert(mid, live);
         let mut planner = SegmentPlanner::new(w.segment_size.max(1));
         let mut summary = ScanSummary::default();
-        let mut batch: Vec<(u64, u64, u32)> = Vec::new();
+        let mut batch: Vec<SegmentSummary> = Vec::new();
         let flush =
-            |writer: &mut ManifestWriter, batch: &mut Vec<(u64, u64, u32)>| -> Result<(), String> {
+            |writer: &mut ManifestWriter, batch: &mut Vec<SegmentSummary>| -> Result<(), String> {
                 writer.sync().map_err(|e| e.to_string())?;
                 if !batch.is_empty() {
                     retry(rt, stop, || self.control.register_segments(mid, batch))?;
@@ -245,8 +273,7 @@ impl Source {
             match item {
                 Walked::Entry(e) => {
                     for seg in planner.push(e) {
-                        writer.append(&seg).map_err(|e| e.to_string())?;
-                        batch.push((seg.id, seg.bytes(), seg.files()));
+                        batch.push(writer.append(&seg).map_err(|e| e.to_string())?);
                         summary.segments_total += 1;
                     }
                     if batch.len() >= REGISTER_BATCH {
@@ -274,8 +301,7 @@ impl Source {
             }
         }
         if let Some(seg) = planner.finish() {
-            writer.append(&seg).map_err(|e| e.to_string())?;
-            batch.push((seg.id, seg.bytes(), seg.files()));
+            batch.push(writer.append(&seg).map_err(|e| e.to_string())?);
             summary.segments_total += 1;
         }
         flush(&mut writer, &mut batch)?;
@@ -356,7 +382,8 @@ impl Source {
             .get(&mid)
             .cloned()
             .ok_or_else(|| format!("source root of migration {mid} unknown"))?;
-        let entries = block_in_place(|| manifest.read(sid)).map_err(|e| e.to_string())?;
+        let scanned = block_in_place(|| manifest.read(sid)).map_err(|e| e.to_string())?;
+        let (entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
         let conn = self
             .connect(&lease.target_agent, &lease.target_addr)
             .await?;
@@ -375,12 +402,10 @@ impl Source {
             .map_err(|e| e.to_string())?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; BUF];
-        for e in entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File && e.len > 0)
-        {
+        for (e, expect) in entries.iter().zip(&expect) {
+            let Some(expect) = expect else { continue };
             if let Err(why) = self
-                .stream_piece(&root, e, &mut hasher, &mut buf, &mut send)
+                .stream_piece(&root, e, expect, &mut hasher, &mut buf, &mut send)
                 .await
             {
                 let _ = send.reset(1u32.into());
@@ -403,15 +428,22 @@ impl Source {
         if !ack.ok {
             return Err(format!("target refused segment: {}", ack.error));
         }
+        if !vanished.is_empty() {
+            // Files deleted since the scan are not at the target: the operator must see them.
+            if let Err(e) = self.control.report_problem(mid, "", &vanished).await {
+                tracing::warn!(message = "Could not report vanished files.", migration = mid, error = %e);
+            }
+        }
         Ok(hash)
     }
 
-    /// Streams one file piece, checking that the file is the one scanned and did not change while
+    /// Streams one file piece, checking that the file is the one expected and did not change while
     /// being read (invariant 3: a torn read is never reported as a good hash).
     async fn stream_piece(
         &self,
         root: &Path,
         e: &Entry,
+        expect: &FileId,
         hasher: &mut blake3::Hasher,
         buf: &mut [u8],
         send: &mut quinn::SendStream,
@@ -423,15 +455,20 @@ impl Source {
             let m = f
                 .metadata()
                 .map_err(|err| format!("cannot stat {}: {err}", path.display()))?;
-            if m.ino() != e.inode
-                || m.len() != e.file_size
-                || m.mtime() != e.mtime_sec
-                || m.mtime_nsec() as u32 != e.mtime_nsec
-            {
-                return Err(format!(
-                    "{} changed since it was scanned (or while being read); it will be resent",
-                    path.display()
-                ));
+            if !expect.matches(&m) {
+                return Err(if e.chunk_count > 1 {
+                    format!(
+                        "{} changed since it was scanned; a file split over several segments must \
+                         not change during the bulk copy (stop its writer, or copy it in a later \
+                         sync round)",
+                        path.display()
+                    )
+                } else {
+                    format!(
+                        "{} changed while being read; it will be resent",
+                        path.display()
+                    )
+                });
             }
             Ok(())
         };
@@ -451,6 +488,83 @@ impl Source {
         }
         unchanged(&file)
     }
+}
+
+/// What a file must still look like for its bytes to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    /// Checked for whole files (stat'ed at send time); `None` for pieces, whose identity is the
+    /// scan's (the manifest has no ctime).
+    ctime: Option<(i64, i64)>,
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> Self {
+        FileId {
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: Some((m.ctime(), m.ctime_nsec())),
+        }
+    }
+
+    fn matches(&self, m: &std::fs::Metadata) -> bool {
+        let now = FileId::of(m);
+        now.ino == self.ino
+            && now.size == self.size
+            && now.mtime == self.mtime
+            && (self.ctime.is_none() || now.ctime == self.ctime)
+    }
+}
+
+/// What to send for a segment: entries, what each file must look like (`None`: no bytes), and
+/// paths left out because they vanished since the scan.
+type SendPlan = (Vec<Entry>, Vec<Option<FileId>>, Vec<(String, String)>);
+
+/// The entries to send for a scanned segment, with what each file must look like.
+///
+/// Whole files are described as they are now, not as scanned: a small file modified since the
+/// scan is sent in its current version, and one deleted since is left out and returned as an
+/// issue. Pieces of split files must still be the scanned file.
+fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
+    let mut entries = Vec::with_capacity(scanned.len());
+    let mut expect = Vec::with_capacity(scanned.len());
+    let mut vanished = Vec::new();
+    for mut e in scanned {
+        if e.kind != EntryKind::File {
+            entries.push(e);
+            expect.push(None);
+            continue;
+        }
+        if e.chunk_count > 1 {
+            expect.push((e.len > 0).then_some(FileId {
+                ino: e.inode,
+                size: e.file_size,
+                mtime: (e.mtime_sec, e.mtime_nsec as i64),
+                ctime: None,
+            }));
+            entries.push(e);
+            continue;
+        }
+        match std::fs::symlink_metadata(root.join(&e.path)) {
+            Ok(m) if m.is_file() => {
+                e.file_size = m.len();
+                e.len = m.len();
+                e.mode = m.mode() & 0o7777;
+                e.mtime_sec = m.mtime();
+                e.mtime_nsec = m.mtime_nsec() as u32;
+                e.inode = m.ino();
+                expect.push((e.len > 0).then(|| FileId::of(&m)));
+                entries.push(e);
+            }
+            Ok(_) => vanished.push((e.path, "no longer a regular file at copy time".into())),
+            Err(err) => vanished.push((e.path, format!("gone at copy time: {err}"))),
+        }
+    }
+    (entries, expect, vanished)
 }
 
 /// Runs a coordinator call from a blocking thread, retrying transient failures until it succeeds

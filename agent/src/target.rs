@@ -25,6 +25,10 @@ const BUF: usize = 1024 * 1024;
 
 /// Everything a target needs to receive segments.
 pub struct Target {
+    /// Bounds the segments received at once (across all peers), and so the memory headers and
+    /// buffers take, including what a peer can make the target spend before its lease and
+    /// identity are checked.
+    pub headers: tokio::sync::Semaphore,
     /// Where segments land.
     pub sink: Arc<FsSink>,
     /// The coordinator.
@@ -57,6 +61,8 @@ impl Target {
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
+                // Reap finished connections so the set holds only live ones.
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let me = self.clone();
@@ -86,17 +92,20 @@ impl Target {
         let peer = Arc::new(peer);
         let mut streams = JoinSet::new();
         loop {
-            match conn.accept_bi().await {
-                Ok((send, recv)) => {
-                    let me = self.clone();
-                    let peer = peer.clone();
-                    let conn = conn.clone();
-                    streams.spawn(async move { me.stream(&conn, &peer, send, recv).await });
-                }
-                Err(e) => {
-                    tracing::debug!(message = "Connection ended.", remote = %conn.remote_address(), error = %e);
-                    break;
-                }
+            tokio::select! {
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                accepted = conn.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        let me = self.clone();
+                        let peer = peer.clone();
+                        let conn = conn.clone();
+                        streams.spawn(async move { me.stream(&conn, &peer, send, recv).await });
+                    }
+                    Err(e) => {
+                        tracing::debug!(message = "Connection ended.", remote = %conn.remote_address(), error = %e);
+                        break;
+                    }
+                },
             }
         }
         streams.shutdown().await;
@@ -109,6 +118,7 @@ impl Target {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        let _permit = self.headers.acquire().await.expect("never closed");
         let header: pb::SegmentHeader = match frame::read(&mut recv, MAX_HEADER).await {
             Ok(h) => h,
             Err(e) => {
@@ -185,13 +195,19 @@ impl Target {
             .map(Entry::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Refusal::Plain(e.to_string()))?;
+        if entries.len() > ferry_common::segment::MAX_BUNDLE_ENTRIES {
+            return Err(Refusal::Plain(format!(
+                "segment has {} entries, over the limit",
+                entries.len()
+            )));
+        }
         let total: u64 = entries.iter().map(|e| e.len).fold(0, u64::saturating_add);
         if total > MAX_SEGMENT_BYTES {
             return Err(Refusal::Plain(format!(
                 "segment announces {total} bytes, over the limit"
             )));
         }
-        let mut writer = self.sink.begin(&lease.target_path, sid)?;
+        let mut writer = self.sink.begin(&lease.target_path, mid, sid, epoch)?;
         let mut buf = vec![0u8; BUF];
         for e in &entries {
             block_in_place(|| writer.start_entry(e))?;
@@ -217,6 +233,19 @@ impl Target {
                 .report(Role::Target, mid, sid, epoch, Err(why.clone()))
                 .await;
             return Err(Refusal::Plain(why));
+        }
+        // The lease may have expired and been granted again while the bytes streamed: only the
+        // current holder may make its bytes visible.
+        let still = self
+            .control
+            .check_lease(mid, sid, epoch)
+            .await
+            .map_err(|e| Refusal::Plain(format!("cannot confirm the lease: {e}")))?;
+        if !still.ok {
+            return Err(Refusal::Plain(format!(
+                "lease lost while receiving: {}",
+                still.reason
+            )));
         }
         block_in_place(|| writer.commit())?;
         Stats::add(&self.stats.bytes_received, total);

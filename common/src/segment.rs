@@ -113,8 +113,15 @@ impl PlannedSegment {
     }
 }
 
-/// Most entries in one bundle: bounds the header a target must hold in memory (≈ 200 B each).
+/// Most entries in one bundle: bounds the header a target must hold in memory.
 pub const MAX_BUNDLE_ENTRIES: usize = 16 * 1024;
+/// Most header bytes in one bundle (estimated per entry as its path and link lengths plus 64),
+/// so that long paths cannot push a header past the receiver's frame limit (4 MiB).
+pub const MAX_BUNDLE_HEADER_BYTES: usize = 2 * 1024 * 1024;
+
+fn header_cost(e: &Entry) -> usize {
+    e.path.len() + e.link_target.len() + 64
+}
 
 /// Turns a stream of scanned entries into segments.
 #[derive(Debug)]
@@ -123,6 +130,7 @@ pub struct SegmentPlanner {
     next_id: u64,
     bundle: Vec<Entry>,
     bundle_bytes: u64,
+    bundle_header: usize,
 }
 
 impl SegmentPlanner {
@@ -133,6 +141,7 @@ impl SegmentPlanner {
             next_id: 0,
             bundle: Vec::new(),
             bundle_bytes: 0,
+            bundle_header: 0,
         }
     }
 
@@ -157,12 +166,14 @@ impl SegmentPlanner {
         }
         if self.bundle_bytes + entry.len > self.segment_size
             || self.bundle.len() >= MAX_BUNDLE_ENTRIES
+            || self.bundle_header + header_cost(&entry) > MAX_BUNDLE_HEADER_BYTES
         {
             if let Some(s) = self.flush() {
                 out.push(s);
             }
         }
         self.bundle_bytes += entry.len;
+        self.bundle_header += header_cost(&entry);
         self.bundle.push(entry);
         out
     }
@@ -177,6 +188,7 @@ impl SegmentPlanner {
             return None;
         }
         self.bundle_bytes = 0;
+        self.bundle_header = 0;
         let entries = std::mem::take(&mut self.bundle);
         Some(self.cut(entries))
     }
@@ -251,6 +263,18 @@ mod tests {
         let segs = plan(100, entries);
         assert_eq!(segs.len(), 2);
         assert_eq!(segs[0].entries.len(), MAX_BUNDLE_ENTRIES);
+    }
+
+    #[test]
+    fn bundles_are_capped_by_header_bytes() {
+        let long = "p/".repeat(1000) + "f";
+        let entries: Vec<_> = (0..2000).map(|i| file(&format!("{long}{i}"), 0)).collect();
+        let segs = plan(100, entries);
+        assert!(segs.len() > 1);
+        for s in &segs {
+            let cost: usize = s.entries.iter().map(header_cost).sum();
+            assert!(cost <= MAX_BUNDLE_HEADER_BYTES);
+        }
     }
 
     #[test]

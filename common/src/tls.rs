@@ -190,7 +190,7 @@ impl TlsMaterial {
 /// flight); they cap memory per connection too, so they are not unbounded.
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_bidi_streams(64u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());

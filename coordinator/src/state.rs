@@ -16,6 +16,20 @@ pub const MAX_SCAN_ISSUES_KEPT: usize = 1000;
 /// A 32-byte BLAKE3 digest.
 pub type Digest = [u8; 32];
 
+/// A segment as the source registers it. The fingerprint (BLAKE3 of the source's manifest record:
+/// paths, offsets, sizes, mtimes, inodes) tells a replanned segment from the one already known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentReg {
+    /// Segment id.
+    pub id: u64,
+    /// File bytes it carries.
+    pub bytes: u64,
+    /// Files it accounts for.
+    pub files: u32,
+    /// Fingerprint of its description.
+    pub fingerprint: Digest,
+}
+
 /// An agent the cluster knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Agent {
@@ -136,6 +150,8 @@ pub struct Segment {
     pub bytes: u64,
     /// Files it accounts for.
     pub files: u32,
+    /// Fingerprint of the source's description of it.
+    pub fingerprint: Digest,
     /// Lifecycle state.
     pub state: SegState,
     /// Leases granted for it.
@@ -191,8 +207,8 @@ pub enum Command {
         agent: String,
         /// Migration.
         migration_id: u64,
-        /// `(segment id, bytes, files)`.
-        segments: Vec<(u64, u64, u32)>,
+        /// The segments.
+        segments: Vec<SegmentReg>,
     },
     /// A source finished scanning.
     CompleteScan {
@@ -219,6 +235,18 @@ pub enum Command {
         now_ms: u64,
         /// Lease duration.
         ttl_ms: u64,
+    },
+    /// A source reports a problem the operator must see: an error that stops it from working on
+    /// the migration, and/or paths it could not copy after the scan (e.g. deleted meanwhile).
+    SourceProblem {
+        /// The source agent.
+        agent: String,
+        /// Migration.
+        migration_id: u64,
+        /// The error (empty if only issues are reported).
+        error: String,
+        /// Paths not copied, with the reason.
+        issues: Vec<(String, String)>,
     },
     /// One end reports the outcome of a transfer.
     ReportSegment {
@@ -302,7 +330,9 @@ pub struct State {
     pub agents: BTreeMap<String, Agent>,
     /// Migrations by id.
     pub migrations: BTreeMap<u64, Migration>,
-    /// Segments by `(migration id, segment id)`.
+    /// Segments by `(migration id, segment id)`. Serialised as a list of pairs: JSON maps need
+    /// string keys.
+    #[serde(with = "pairs")]
     pub segments: BTreeMap<(u64, u64), Segment>,
     /// Derived index: pending segment ids per migration (rebuilt on load, never persisted).
     #[serde(skip)]
@@ -312,6 +342,29 @@ pub struct State {
     leased: BTreeMap<u64, BTreeSet<u64>>,
     #[serde(skip)]
     dirty: Dirty,
+}
+
+/// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(
+        m: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 fn refused(msg: impl Into<String>) -> Response {
@@ -405,6 +458,31 @@ impl State {
                 issues_total,
                 now_ms,
             ),
+            Command::SourceProblem {
+                agent,
+                migration_id,
+                error,
+                issues,
+            } => match self.source_migration(&agent, migration_id) {
+                Err(r) => r,
+                Ok(m) => {
+                    if !error.is_empty() {
+                        m.last_error = error;
+                    }
+                    // A resent segment may report the same path again: count each path once.
+                    for issue in issues {
+                        if m.scan_issues.iter().any(|(p, _)| *p == issue.0) {
+                            continue;
+                        }
+                        m.scan_issues_total += 1;
+                        if m.scan_issues.len() < MAX_SCAN_ISSUES_KEPT {
+                            m.scan_issues.push(issue);
+                        }
+                    }
+                    self.dirty.migrations.insert(migration_id);
+                    Response::Ok
+                }
+            },
             Command::LeaseSegments {
                 agent,
                 max,
@@ -482,57 +560,54 @@ impl State {
         }
     }
 
-    fn register_segments(
-        &mut self,
-        agent: &str,
-        mid: u64,
-        segments: Vec<(u64, u64, u32)>,
-    ) -> Response {
+    fn register_segments(&mut self, agent: &str, mid: u64, segments: Vec<SegmentReg>) -> Response {
         let m = match self.source_migration(agent, mid) {
             Ok(m) => m,
             Err(r) => return r,
         };
-        if m.scan_complete {
-            // Re-registration after a source restart: everything must match what is known.
-            for (id, bytes, files) in &segments {
-                match self.segments.get(&(mid, *id)) {
-                    Some(s) if s.bytes == *bytes && s.files == *files => {}
-                    _ => {
-                        return refused(format!(
-                        "migration {mid}: segment {id} differs from the completed scan; the source \
-                         manifest changed — start a new migration"
+        let complete = m.scan_complete;
+        // Check the whole batch first: a refused command changes nothing.
+        for r in &segments {
+            match self.segments.get(&(mid, r.id)) {
+                Some(s) if s.fingerprint == r.fingerprint => {}
+                None if !complete => {}
+                // A rescan after a source restart planned this segment differently; it may be
+                // replaced only if no byte of it was ever sent.
+                Some(s) if !complete && s.state == SegState::Pending && s.leases == 0 => {}
+                _ => {
+                    return refused(format!(
+                        "migration {mid}: segment {} differs from the one already registered \
+                         (the source tree changed between scans after a source restart); \
+                         start a new migration",
+                        r.id
                     ))
-                    }
                 }
             }
+        }
+        if complete {
             return Response::Ok;
         }
+        let m = self.migrations.get_mut(&mid).expect("checked above");
         if m.phase == Phase::Planned {
             m.phase = Phase::Copying;
         }
-        let m = self.migrations.get_mut(&mid).expect("checked above");
-        for (id, bytes, files) in segments {
-            match self.segments.get_mut(&(mid, id)) {
-                Some(s) if s.bytes == bytes && s.files == files => continue,
-                Some(s) if s.state == SegState::Pending && s.leases == 0 => {
-                    // A rescan after a source restart planned it differently: replace it.
-                    m.counters.bytes = m.counters.bytes - s.bytes + bytes;
-                    m.counters.files = m.counters.files - s.files as u64 + files as u64;
-                    s.bytes = bytes;
-                    s.files = files;
-                }
-                Some(_) => {
-                    return refused(format!(
-                        "migration {mid}: segment {id} was already sent with other contents; the \
-                         source changed during the scan — start a new migration"
-                    ))
+        for r in segments {
+            match self.segments.get_mut(&(mid, r.id)) {
+                Some(s) if s.fingerprint == r.fingerprint => continue,
+                Some(s) => {
+                    m.counters.bytes = m.counters.bytes - s.bytes + r.bytes;
+                    m.counters.files = m.counters.files - s.files as u64 + r.files as u64;
+                    s.bytes = r.bytes;
+                    s.files = r.files;
+                    s.fingerprint = r.fingerprint;
                 }
                 None => {
                     self.segments.insert(
-                        (mid, id),
+                        (mid, r.id),
                         Segment {
-                            bytes,
-                            files,
+                            bytes: r.bytes,
+                            files: r.files,
+                            fingerprint: r.fingerprint,
                             state: SegState::Pending,
                             leases: 0,
                             attempts: 0,
@@ -541,13 +616,13 @@ impl State {
                             last_error: String::new(),
                         },
                     );
-                    self.pending.entry(mid).or_default().insert(id);
+                    self.pending.entry(mid).or_default().insert(r.id);
                     m.counters.segments += 1;
-                    m.counters.bytes += bytes;
-                    m.counters.files += files as u64;
+                    m.counters.bytes += r.bytes;
+                    m.counters.files += r.files as u64;
                 }
             }
-            self.dirty.segments.insert((mid, id));
+            self.dirty.segments.insert((mid, r.id));
         }
         self.dirty.migrations.insert(mid);
         Response::Ok
@@ -569,12 +644,37 @@ impl State {
         if m.scan_complete {
             return Response::Ok;
         }
-        if m.counters.segments != total {
+        // Segments past the end were planned by an earlier scan that a restarted source redid
+        // with fewer segments: drop them if nothing of them was sent, else refuse.
+        let stale: Vec<u64> = self
+            .segments
+            .range((mid, total)..=(mid, u64::MAX))
+            .map(|(&(_, id), _)| id)
+            .collect();
+        if let Some(id) = stale.iter().find(|id| {
+            let s = &self.segments[&(mid, **id)];
+            s.state != SegState::Pending || s.leases > 0
+        }) {
             return refused(format!(
-                "migration {mid}: scan reports {total} segments but {} are registered; register \
-                 the missing ones first",
-                m.counters.segments
+                "migration {mid}: the rescan has {total} segments but segment {id} of an earlier \
+                 scan was already sent; the source tree changed — start a new migration"
             ));
+        }
+        let registered = self.segments.range((mid, 0)..(mid, total)).count() as u64;
+        if registered != total {
+            return refused(format!(
+                "migration {mid}: scan reports {total} segments but {registered} are registered; \
+                 the source retries registration"
+            ));
+        }
+        let m = self.migrations.get_mut(&mid).expect("checked above");
+        for id in stale {
+            let s = self.segments.remove(&(mid, id)).expect("listed above");
+            self.pending.entry(mid).or_default().remove(&id);
+            m.counters.segments -= 1;
+            m.counters.bytes -= s.bytes;
+            m.counters.files -= s.files as u64;
+            self.dirty.segments.insert((mid, id));
         }
         m.scan_complete = true;
         m.scan_issues = issues.into_iter().take(MAX_SCAN_ISSUES_KEPT).collect();

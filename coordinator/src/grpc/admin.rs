@@ -32,6 +32,14 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
     if let Err(e) = ferry_common::path::validate_subdir(&s.target_path) {
         return bad(format!("target path: {e}"));
     }
+    const MIN_SEGMENT: u64 = 64 * 1024;
+    const MAX_SEGMENT: u64 = 4 * 1024 * 1024 * 1024;
+    if s.segment_size != 0 && !(MIN_SEGMENT..=MAX_SEGMENT).contains(&s.segment_size) {
+        return bad(format!(
+            "segment size {} is out of range: use {MIN_SEGMENT} bytes to 4 GiB (0 = 64 MiB)",
+            s.segment_size
+        ));
+    }
     Ok(MigrationSpec {
         source_agent: s.source_agent,
         source_path: s.source_path,

@@ -6,7 +6,7 @@ use ferry_proto::control::{self as pb, agent_control_server::AgentControl};
 use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_agent, now_ms, refused, Core};
-use crate::state::{Command, Phase, Response, Role};
+use crate::state::{Command, Phase, Response, Role, SegmentReg};
 
 /// Serves [`AgentControl`].
 pub struct AgentService(pub Arc<Core>);
@@ -89,8 +89,18 @@ impl AgentControl for AgentService {
                 segments: r
                     .segments
                     .into_iter()
-                    .map(|s| (s.segment_id, s.bytes, s.files))
-                    .collect(),
+                    .map(|s| {
+                        Ok(SegmentReg {
+                            id: s.segment_id,
+                            bytes: s.bytes,
+                            files: s.files,
+                            fingerprint: ferry_common::hash::digest_from_slice(&s.fingerprint)
+                                .ok_or_else(|| {
+                                    Status::invalid_argument("fingerprint must be 32 bytes")
+                                })?,
+                        })
+                    })
+                    .collect::<Result<_, Status>>()?,
             })
             .await?;
         expect_ok(resp)?;
@@ -174,6 +184,25 @@ impl AgentControl for AgentService {
             )
             .await?;
         Ok(GrpcResponse::new(out))
+    }
+
+    async fn report_source_problem(
+        &self,
+        req: Request<pb::SourceProblemRequest>,
+    ) -> R<pb::SourceProblemResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let resp = self
+            .0
+            .write(Command::SourceProblem {
+                agent: r.agent,
+                migration_id: r.migration_id,
+                error: r.error,
+                issues: r.issues.into_iter().map(|i| (i.path, i.reason)).collect(),
+            })
+            .await?;
+        expect_ok(resp)?;
+        Ok(GrpcResponse::new(pb::SourceProblemResponse {}))
     }
 
     async fn report_segment(

@@ -4,6 +4,15 @@ use super::*;
 
 const TTL: u64 = 1000;
 
+fn reg(id: u64, bytes: u64, files: u32) -> SegmentReg {
+    SegmentReg {
+        id,
+        bytes,
+        files,
+        fingerprint: [bytes as u8; 32],
+    }
+}
+
 struct World {
     s: State,
     index: u64,
@@ -31,6 +40,10 @@ impl World {
     }
 
     fn migration(&mut self, segs: &[(u64, u64, u32)]) -> u64 {
+        let segs: Vec<SegmentReg> = segs
+            .iter()
+            .map(|&(id, bytes, files)| reg(id, bytes, files))
+            .collect();
         let spec = MigrationSpec {
             source_agent: "src".into(),
             source_path: "/data".into(),
@@ -246,7 +259,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
     let reg = Command::RegisterSegments {
         agent: "src".into(),
         migration_id: mid,
-        segments: vec![(0, 5, 1)],
+        segments: vec![reg(0, 5, 1)],
     };
     w.apply(reg.clone());
     w.apply(reg);
@@ -362,4 +375,157 @@ fn random_walk_keeps_counters_and_indexes_consistent() {
             assert_eq!(m.phase == Phase::Done, verified.len() == 30, "seed {seed}");
         }
     }
+}
+
+fn create(w: &mut World) -> u64 {
+    let spec = MigrationSpec {
+        source_agent: "src".into(),
+        source_path: "/d".into(),
+        target_agent: "dst".into(),
+        target_path: String::new(),
+        segment_size: 1,
+    };
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration { spec, now_ms: 0 })
+    else {
+        panic!()
+    };
+    mid
+}
+
+fn register(w: &mut World, mid: u64, segs: Vec<SegmentReg>) -> Response {
+    w.apply(Command::RegisterSegments {
+        agent: "src".into(),
+        migration_id: mid,
+        segments: segs,
+    })
+}
+
+fn complete(w: &mut World, mid: u64, total: u64) -> Response {
+    w.apply(Command::CompleteScan {
+        agent: "src".into(),
+        migration_id: mid,
+        segments_total: total,
+        issues: vec![],
+        issues_total: 0,
+        now_ms: 0,
+    })
+}
+
+#[test]
+fn rescan_may_replace_unsent_segments_but_never_sent_ones() {
+    let mut w = World::new();
+    let mid = create(&mut w);
+    assert_eq!(
+        register(&mut w, mid, vec![reg(0, 10, 1), reg(1, 10, 1)]),
+        Response::Ok
+    );
+    let l = w.lease(1, 10).pop().unwrap();
+    assert_eq!(l.segment_id, 0);
+    // Same sizes, other contents (another file shifted into id 0): refused, since 0 was sent.
+    let moved = SegmentReg {
+        fingerprint: [7; 32],
+        ..reg(0, 10, 1)
+    };
+    let before = w.s.clone();
+    let r = register(&mut w, mid, vec![reg(1, 10, 1), moved]);
+    assert!(
+        matches!(r, Response::Refused(ref m) if m.contains("segment 0 differs")),
+        "{r:?}"
+    );
+    assert_eq!(w.s, before, "a refused batch changes nothing");
+    // Segment 1 was never sent: a replan of it is accepted and the totals follow.
+    let replanned = SegmentReg {
+        fingerprint: [8; 32],
+        ..reg(1, 30, 2)
+    };
+    assert_eq!(register(&mut w, mid, vec![replanned]), Response::Ok);
+    let m = &w.s.migrations[&mid];
+    assert_eq!((m.counters.bytes, m.counters.files), (40, 3));
+    assert_eq!(w.s.segments[&(mid, 1)].fingerprint, [8; 32]);
+}
+
+#[test]
+fn shorter_rescan_drops_the_unsent_tail() {
+    let mut w = World::new();
+    let mid = create(&mut w);
+    register(&mut w, mid, vec![reg(0, 1, 1), reg(1, 2, 1), reg(2, 3, 1)]);
+    assert_eq!(complete(&mut w, mid, 2), Response::Ok);
+    let m = &w.s.migrations[&mid];
+    assert_eq!((m.counters.segments, m.counters.bytes), (2, 3));
+    assert!(!w.s.segments.contains_key(&(mid, 2)));
+    assert_eq!(
+        w.lease(10, 10).len(),
+        2,
+        "the dropped segment is not leased"
+    );
+}
+
+#[test]
+fn shorter_rescan_is_refused_when_the_tail_was_sent() {
+    let mut w = World::new();
+    let mid = create(&mut w);
+    register(&mut w, mid, vec![reg(0, 1, 1), reg(1, 2, 1)]);
+    w.lease(10, 10);
+    let r = complete(&mut w, mid, 1);
+    assert!(
+        matches!(r, Response::Refused(ref m) if m.contains("already sent")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn re_registration_after_a_complete_scan_must_match() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    assert_eq!(register(&mut w, mid, vec![reg(0, 10, 1)]), Response::Ok);
+    let other = SegmentReg {
+        fingerprint: [1; 32],
+        ..reg(0, 10, 1)
+    };
+    assert!(matches!(
+        register(&mut w, mid, vec![other]),
+        Response::Refused(_)
+    ));
+    assert!(matches!(
+        register(&mut w, mid, vec![reg(5, 1, 1)]),
+        Response::Refused(_)
+    ));
+}
+
+#[test]
+fn source_problems_are_visible_on_the_migration() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    let r = w.apply(Command::SourceProblem {
+        agent: "src".into(),
+        migration_id: mid,
+        error: "cannot write manifest: disk full".into(),
+        issues: vec![("a/gone.txt".into(), "deleted after the scan".into())],
+    });
+    assert_eq!(r, Response::Ok);
+    let m = &w.s.migrations[&mid];
+    assert!(m.last_error.contains("disk full"));
+    assert_eq!(m.scan_issues_total, 1);
+    let r = w.apply(Command::SourceProblem {
+        agent: "dst".into(),
+        migration_id: mid,
+        error: "x".into(),
+        issues: vec![],
+    });
+    assert!(
+        matches!(r, Response::Refused(_)),
+        "only the source may report"
+    );
+}
+
+#[test]
+fn state_survives_json_round_trip_with_segments() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 5, 2)]);
+    w.lease(1, 10);
+    let json = serde_json::to_vec(&w.s).expect("state with tuple-keyed segments serialises");
+    let mut back: State = serde_json::from_slice(&json).unwrap();
+    back.rebuild_indexes();
+    assert_eq!(back.segments, w.s.segments);
+    assert_eq!(back.migrations[&mid], w.s.migrations[&mid]);
 }

@@ -1,6 +1,8 @@
 //! openraft's storage suite on the sled store, plus ferry's own crash-recovery checks.
 
+use openraft::storage::RaftStateMachine;
 use openraft::testing::{StoreBuilder, Suite};
+use openraft::RaftSnapshotBuilder;
 
 use super::*;
 
@@ -31,4 +33,149 @@ fn refuses_other_format_versions() {
     }
     let err = open(dir.path()).err().expect("must refuse").to_string();
     assert!(err.contains("format version 99"), "{err}");
+}
+
+fn entry(index: u64, cmd: crate::state::Command) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(cmd),
+    }
+}
+
+/// A state with agents, a migration and segments in every lifecycle state.
+fn busy_entries() -> Vec<Entry<TypeConfig>> {
+    use crate::state::{Command, MigrationSpec, SegmentReg};
+    let mut cmds = vec![
+        Command::RegisterAgent {
+            name: "src".into(),
+            data_addr: String::new(),
+            now_ms: 1,
+        },
+        Command::RegisterAgent {
+            name: "dst".into(),
+            data_addr: "127.0.0.1:9".into(),
+            now_ms: 1,
+        },
+        Command::CreateMigration {
+            spec: MigrationSpec {
+                source_agent: "src".into(),
+                source_path: "/d".into(),
+                target_agent: "dst".into(),
+                target_path: String::new(),
+                segment_size: 10,
+            },
+            now_ms: 2,
+        },
+        Command::RegisterSegments {
+            agent: "src".into(),
+            migration_id: 1,
+            segments: (0..5)
+                .map(|id| SegmentReg {
+                    id,
+                    bytes: 10,
+                    files: 1,
+                    fingerprint: [id as u8; 32],
+                })
+                .collect(),
+        },
+        Command::LeaseSegments {
+            agent: "src".into(),
+            max: 2,
+            now_ms: 3,
+            ttl_ms: 1000,
+        },
+    ];
+    // Segment 0 was leased by entry 5: verify it.
+    for role in [crate::state::Role::Target, crate::state::Role::Source] {
+        cmds.push(Command::ReportSegment {
+            agent: if role == crate::state::Role::Source {
+                "src"
+            } else {
+                "dst"
+            }
+            .into(),
+            role,
+            migration_id: 1,
+            segment_id: 0,
+            epoch: 5,
+            result: Ok([9; 32]),
+            now_ms: 4,
+        });
+    }
+    cmds.into_iter()
+        .enumerate()
+        .map(|(i, c)| entry(i as u64 + 1, c))
+        .collect()
+}
+
+#[tokio::test]
+async fn snapshot_of_a_busy_state_builds_installs_and_survives_reopen() {
+    let a = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(a.path()).unwrap();
+    let responses = sm.apply(busy_entries()).await.unwrap();
+    assert!(
+        responses
+            .iter()
+            .all(|r| !matches!(r, crate::state::Response::Refused(_))),
+        "{responses:?}"
+    );
+    let original = sm.shared().read().unwrap().state.clone();
+    assert_eq!(original.segments.len(), 5);
+    assert_eq!(original.migrations[&1].counters.verified_segments, 1);
+
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("snapshot builds");
+    let b = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut other) = open(b.path()).unwrap();
+        other
+            .install_snapshot(
+                &snap.meta,
+                Box::new(Cursor::new(snap.snapshot.get_ref().clone())),
+            )
+            .await
+            .expect("snapshot installs");
+        assert_eq!(other.shared().read().unwrap().state, original);
+        let current = other.get_current_snapshot().await.unwrap().expect("kept");
+        assert_eq!(current.meta, snap.meta);
+    }
+    // Reopened from disk, the installed state is all there, derived indexes included.
+    let (_log, mut reopened) = open(b.path()).unwrap();
+    let (applied, _) = reopened.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(7));
+    let mut state = reopened.shared().read().unwrap().state.clone();
+    assert_eq!(state, original);
+    // The two leased-and-pending segments are leasable exactly as before.
+    let r = state.apply(
+        8,
+        crate::state::Command::LeaseSegments {
+            agent: "src".into(),
+            max: 10,
+            now_ms: 5000,
+            ttl_ms: 1,
+        },
+    );
+    let crate::state::Response::Leases(l) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(l.len(), 4, "1 expired lease and 3 pending segments");
+}
+
+#[tokio::test]
+async fn applied_state_is_recorded_with_the_data_so_a_restart_does_not_reapply() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(busy_entries()).await.unwrap();
+    }
+    let (_log, mut sm) = open(dir.path()).unwrap();
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(7));
+    let m = sm.shared().read().unwrap().state.migrations[&1].clone();
+    assert_eq!(m.counters.leases_granted, 2, "counters as applied once");
+    assert_eq!(m.counters.verified_segments, 1);
 }

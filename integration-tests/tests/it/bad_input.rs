@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferry_agent::control::Control;
 use ferry_agent::frame;
-use ferry_agent::manifest::ScanSummary;
+use ferry_agent::manifest::{ScanSummary, SegmentSummary};
 use ferry_common::names::agent_dns;
 use ferry_common::pki::Identity;
 use ferry_common::tls::TlsMaterial;
@@ -137,7 +137,13 @@ impl Hostile {
             })
             .await
             .unwrap();
-        me.register_segments(id, &[(0, 3, 1)]).await.unwrap();
+        let seg = SegmentSummary {
+            id: 0,
+            bytes: 3,
+            files: 1,
+            fingerprint: [0; 32],
+        };
+        me.register_segments(id, &[seg]).await.unwrap();
         me.complete_scan(
             id,
             &ScanSummary {
