@@ -591,3 +591,60 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scanned(root: &Path, rel: &str) -> Entry {
+        let m = std::fs::metadata(root.join(rel)).unwrap();
+        Entry::file(rel, m.len(), 0o644, (m.mtime(), m.mtime_nsec() as u32), m.ino())
+    }
+
+    #[test]
+    fn whole_files_are_sent_as_they_are_now_and_vanished_ones_reported() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), b"old").unwrap();
+        std::fs::write(d.path().join("gone"), b"x").unwrap();
+        let entries = vec![scanned(d.path(), "a"), scanned(d.path(), "gone"), Entry::dir("dir", 0o755, (1, 0))];
+        std::fs::write(d.path().join("a"), b"newer").unwrap();
+        std::fs::remove_file(d.path().join("gone")).unwrap();
+        let (sent, expect, vanished) = current_entries(d.path(), entries);
+        assert_eq!(sent.len(), 2);
+        assert_eq!((sent[0].path.as_str(), sent[0].len), ("a", 5));
+        assert!(expect[0].is_some() && expect[1].is_none());
+        assert_eq!(vanished.len(), 1);
+        assert_eq!(vanished[0].0, "gone");
+    }
+
+    #[test]
+    fn a_write_during_the_read_is_detected() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let id = FileId::of(&std::fs::metadata(&p).unwrap());
+        assert!(id.matches(&std::fs::metadata(&p).unwrap()));
+        // Same size, same mtime restored by the writer: ctime still gives it away.
+        let before = std::fs::metadata(&p).unwrap();
+        std::fs::write(&p, b"9876543210").unwrap();
+        let t = filetime::FileTime::from_last_modification_time(&before);
+        filetime::set_file_mtime(&p, t).unwrap();
+        let after = std::fs::metadata(&p).unwrap();
+        assert_eq!(after.mtime_nsec(), before.mtime_nsec());
+        assert!(!id.matches(&after), "rewrite with restored mtime not detected");
+    }
+
+    #[test]
+    fn pieces_of_split_files_must_be_the_scanned_file() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("big"), vec![1u8; 300]).unwrap();
+        let mut e = scanned(d.path(), "big");
+        e.len = 100;
+        e.chunk_count = 3;
+        let (_, expect, _) = current_entries(d.path(), vec![e]);
+        let id = expect[0].expect("a piece with bytes has an identity");
+        assert_eq!(id.ctime, None);
+        std::fs::write(d.path().join("big"), vec![1u8; 301]).unwrap();
+        assert!(!id.matches(&std::fs::metadata(d.path().join("big")).unwrap()));
+    }
+}
