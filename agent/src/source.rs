@@ -598,7 +598,13 @@ mod tests {
 
     fn scanned(root: &Path, rel: &str) -> Entry {
         let m = std::fs::metadata(root.join(rel)).unwrap();
-        Entry::file(rel, m.len(), 0o644, (m.mtime(), m.mtime_nsec() as u32), m.ino())
+        Entry::file(
+            rel,
+            m.len(),
+            0o644,
+            (m.mtime(), m.mtime_nsec() as u32),
+            m.ino(),
+        )
     }
 
     #[test]
@@ -606,7 +612,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a"), b"old").unwrap();
         std::fs::write(d.path().join("gone"), b"x").unwrap();
-        let entries = vec![scanned(d.path(), "a"), scanned(d.path(), "gone"), Entry::dir("dir", 0o755, (1, 0))];
+        let entries = vec![
+            scanned(d.path(), "a"),
+            scanned(d.path(), "gone"),
+            Entry::dir("dir", 0o755, (1, 0)),
+        ];
         std::fs::write(d.path().join("a"), b"newer").unwrap();
         std::fs::remove_file(d.path().join("gone")).unwrap();
         let (sent, expect, vanished) = current_entries(d.path(), entries);
@@ -631,7 +641,10 @@ mod tests {
         filetime::set_file_mtime(&p, t).unwrap();
         let after = std::fs::metadata(&p).unwrap();
         assert_eq!(after.mtime_nsec(), before.mtime_nsec());
-        assert!(!id.matches(&after), "rewrite with restored mtime not detected");
+        assert!(
+            !id.matches(&after),
+            "rewrite with restored mtime not detected"
+        );
     }
 
     #[test]

@@ -303,7 +303,7 @@ pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> any
     // Not a multiple of any segment size: exercises the short last piece.
     write(
         &dir.join("checkpoints/optimizer.bin"),
-        big_file_bytes * 3 / 4 + 12_345,
+        big_file_bytes + big_file_bytes / 4 + 12_345,
     )?;
     let mut size_rng = blake3::Hasher::new_derive_key("ferry quickstart sizes v1").finalize_xof();
     for i in 0..small_files {
