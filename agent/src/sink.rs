@@ -104,6 +104,16 @@ pub struct FsSink {
     /// Entries are never removed: there is one per large file, and removing one while another
     /// thread holds it would hand out a second lock for the same file.
     part_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// Source mtimes of directories received so far. Adding anything to a directory changes its
+    /// mtime, so every commit that touches a known directory sets it back. Kept in memory and in
+    /// `<state_dir>/dir-mtimes.jsonl` (fsynced before the segment is reported).
+    dir_times: Mutex<DirTimes>,
+}
+
+struct DirTimes {
+    known: HashMap<PathBuf, (i64, u32)>,
+    log: File,
+    log_path: PathBuf,
 }
 
 /// What a sidecar records about a split file.
@@ -146,10 +156,35 @@ impl FsSink {
         let _ = fs::remove_file(&probe);
         let parts_dir = state_dir.join("parts");
         fs::create_dir_all(&parts_dir).map_err(io_at("cannot create", &parts_dir))?;
+        let log_path = state_dir.join("dir-mtimes.jsonl");
+        let mut known = HashMap::new();
+        match fs::read(&log_path) {
+            Ok(bytes) => {
+                // A torn last line (crash while appending) is ignored: that segment was not
+                // reported, so its directories arrive again.
+                for line in bytes.split(|&b| b == b'\n') {
+                    if let Ok((p, t)) = serde_json::from_slice::<(PathBuf, (i64, u32))>(line) {
+                        known.insert(p, t);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at("cannot read", &log_path)(e)),
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_at("cannot open", &log_path))?;
         Ok(FsSink {
             root,
             parts_dir,
             part_locks: Mutex::new(HashMap::new()),
+            dir_times: Mutex::new(DirTimes {
+                known,
+                log,
+                log_path,
+            }),
         })
     }
 
@@ -231,6 +266,7 @@ impl FsSink {
             current: None,
             staged: Vec::new(),
             created: Vec::new(),
+            dirs: Vec::new(),
         })
     }
 
@@ -329,6 +365,8 @@ pub struct SegmentWriter<'a> {
     staged: Vec<Staged>,
     /// Directories this segment created; their parents are fsynced at commit.
     created: Vec<PathBuf>,
+    /// Directory entries this segment carries, with their source mtimes.
+    dirs: Vec<(PathBuf, (i64, u32))>,
 }
 
 fn mtime_of(e: &Entry) -> FileTime {
@@ -425,6 +463,7 @@ impl SegmentWriter<'_> {
                 }
                 fs::set_permissions(&dest, Permissions::from_mode(entry.mode & MODE_MASK))
                     .map_err(io_at("cannot set mode of", &dest))?;
+                self.dirs.push((dest, (entry.mtime_sec, entry.mtime_nsec)));
             }
             EntryKind::Symlink => {
                 if entry.len != 0 || entry.link_target.is_empty() {
@@ -649,8 +688,10 @@ impl SegmentWriter<'_> {
                 }
             }
         }
+        dirs.extend(self.dirs.iter().map(|(d, _)| d.clone()));
         dirs.sort();
         dirs.dedup();
+        self.sink.restore_dir_times(&self.dirs, &dirs)?;
         for d in dirs {
             fsync_dir(&d)?;
         }
@@ -696,6 +737,39 @@ impl SegmentWriter<'_> {
         sink.save_sidecar(&sidecar, &st)?;
         fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
         Ok(true)
+    }
+}
+
+impl FsSink {
+    /// Records the directory mtimes a segment carries (durably), then sets the source mtime back
+    /// on every directory in `touched` that has one.
+    fn restore_dir_times(
+        &self,
+        received: &[(PathBuf, (i64, u32))],
+        touched: &[PathBuf],
+    ) -> Result<(), SinkError> {
+        let mut dt = self.dir_times.lock().expect("not poisoned");
+        if !received.is_empty() {
+            let mut lines = Vec::new();
+            for (d, t) in received {
+                lines.extend(serde_json::to_vec(&(d, t)).expect("plain tuple serialises"));
+                lines.push(b'\n');
+                dt.known.insert(d.clone(), *t);
+            }
+            use std::io::Write;
+            let DirTimes { log, log_path, .. } = &mut *dt;
+            log.write_all(&lines)
+                .and_then(|()| log.sync_data())
+                .map_err(io_at("cannot append to", log_path))?;
+        }
+        for d in touched {
+            if let Some(&(sec, nsec)) = dt.known.get(d) {
+                let t = FileTime::from_unix_time(sec, nsec);
+                filetime::set_symlink_file_times(d, t, t)
+                    .map_err(io_at("cannot set mtime of", d))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -27,6 +27,8 @@ use crate::stats::Stats;
 const REGISTER_BATCH: usize = 1000;
 /// Read buffer per segment in flight: bounds memory whatever the file sizes.
 const BUF: usize = 1024 * 1024;
+/// How long a source keeps retrying a segment report the coordinator did not answer.
+const REPORT_RETRY_FOR: Duration = Duration::from_secs(60);
 /// How long to wait before preparing a migration again after a failure.
 const PREPARE_RETRY: Duration = Duration::from_secs(5);
 /// How often to ask for work and leases when idle.
@@ -138,10 +140,9 @@ impl Source {
             if free == 0 || work.iter().all(|w| w.finished) {
                 continue;
             }
-            let leased = tokio::select! {
-                _ = stop.changed() => break,
-                r = self.control.lease(free) => r,
-            };
+            // Not interrupted by `stop`: leases the coordinator granted must be known here, to be
+            // sent or released, or they would sit until they expire.
+            let leased = self.control.lease(free).await;
             match leased {
                 Ok(leases) => {
                     for l in leases {
@@ -324,10 +325,24 @@ impl Source {
             Stats::add(&self.stats.segments_failed, 1);
             tracing::warn!(message = "Segment transfer failed.", migration = mid, segment = sid, error = %e);
         }
-        let outcome = self
-            .control
-            .report(Role::Source, mid, sid, epoch, result.clone())
-            .await;
+        // A report lost to a coordinator restart or leader change is retried: the segment would
+        // otherwise sit leased until its lease expires. Reports are idempotent per epoch.
+        let mut delay = Duration::from_millis(100);
+        let give_up = Instant::now() + REPORT_RETRY_FOR;
+        let outcome = loop {
+            let r = self
+                .control
+                .report(Role::Source, mid, sid, epoch, result.clone())
+                .await;
+            match r {
+                Err(e) if e.is_transient() && Instant::now() + delay < give_up => {
+                    tracing::debug!(message = "Report failed; retrying.", segment = sid, error = %e);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                r => break r,
+            }
+        };
         match outcome {
             Ok(r) if r.outcome == "verified" => Stats::add(&self.stats.segments_verified, 1),
             Ok(r) => {

@@ -262,3 +262,18 @@ fn unusable_roots_are_reported() {
         .to_string();
     assert!(err.contains("cannot create"), "{err}");
 }
+
+#[test]
+fn directory_mtimes_survive_later_children_and_restarts() {
+    let f = Fixture::new();
+    let dir_mtime = (1_500_000_000, 7);
+    write_segment(&f.sink, 0, &[(Entry::dir("d", 0o755, dir_mtime), b"")]).unwrap();
+    write_segment(&f.sink, 1, &[(file("d/a", b"a"), b"a")]).unwrap();
+    let m = fs::metadata(f.path("d")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 7));
+    // A restarted target still knows it: a child arriving later does not disturb it.
+    let f = f.restart();
+    write_segment(&f.sink, 2, &[(file("d/sub/b", b"b"), b"b")]).unwrap();
+    let m = fs::metadata(f.path("d")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 7));
+}

@@ -248,6 +248,8 @@ pub enum Node {
     Dir {
         /// Permission bits.
         mode: u32,
+        /// mtime (s, ns).
+        mtime: (i64, i64),
     },
     /// A symlink.
     Symlink {
@@ -277,6 +279,7 @@ pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
                 stack.push(p.clone());
                 Node::Dir {
                     mode: m.mode() & 0o7777,
+                    mtime: (m.mtime(), m.mtime_nsec()),
                 }
             } else if m.is_file() {
                 let mut h = blake3::Hasher::new();
