@@ -69,7 +69,8 @@ pub struct Report {
     pub bytes: u64,
     /// Segments.
     pub segments: u64,
-    /// Wall time from creating the migration to its last verified segment.
+    /// Seconds from the migration's creation to its last verified segment, by the coordinator's
+    /// clock (scan included).
     pub seconds: f64,
     /// Throughput over that time, in MB/s (10^6 bytes).
     pub mb_per_sec: f64,
@@ -243,7 +244,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         if tty {
             eprintln!();
         }
-        let elapsed = started.elapsed().as_secs_f64();
+        // The coordinator's own timestamps: from the entry that created the migration to the one
+        // that verified its last segment (scan included). The watch loop's clock only bounds it.
+        let elapsed = if done.finished_ms >= done.created_ms && done.finished_ms > 0 {
+            (done.finished_ms - done.created_ms) as f64 / 1000.0
+        } else {
+            started.elapsed().as_secs_f64()
+        };
         let v = ctl.verify(id, 0).await?;
         anyhow::Ok(Report {
             source: source.clone(),
