@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/admin.proto",
         "proto/control.proto",
         "proto/data.proto",
+        "proto/raft.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -56,18 +56,29 @@ impl Control {
             addr: addr.to_string(),
             reason,
         };
-        let ep = Endpoint::from_shared(format!("https://{addr}"))
-            .map_err(|e| bad(e.to_string()))?
-            .tls_config(tls.grpc_client())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .tcp_nodelay(true);
+        // Several coordinators may be listed ("a:7400,b:7400,c:7400"): calls go to any of them
+        // (each forwards to the leader), and a node that is down is skipped until it is back.
+        let mut endpoints = Vec::new();
+        for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            endpoints.push(
+                Endpoint::from_shared(format!("https://{one}"))
+                    .map_err(|e| bad(e.to_string()))?
+                    .tls_config(tls.grpc_client())
+                    .map_err(|e| bad(e.to_string()))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(30))
+                    .tcp_nodelay(true),
+            );
+        }
+        let channel = match endpoints.len() {
+            0 => return Err(bad("no address given".into())),
+            1 => endpoints.pop().expect("one").connect_lazy(),
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
         Ok(Control {
             agent: agent.to_string(),
             addr: addr.to_string(),
-            client: AgentControlClient::new(ep.connect_lazy())
-                .max_decoding_message_size(64 * 1024 * 1024),
+            client: AgentControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
         })
     }
 

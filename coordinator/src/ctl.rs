@@ -49,7 +49,23 @@ pub enum Output {
 
 impl Ctl {
     /// Connects to `addr` as the admin whose TLS material is given.
+    /// With several addresses (`a:7400,b:7400`), the first that accepts a connection is used; any
+    /// node serves every call (writes are forwarded to the leader).
     pub async fn connect(addr: &str, tls: &TlsMaterial) -> Result<Self, CtlError> {
+        let mut last = None;
+        for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match Self::connect_one(one, tls).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| CtlError::Connect {
+            addr: addr.to_string(),
+            reason: "no address given".into(),
+        }))
+    }
+
+    async fn connect_one(addr: &str, tls: &TlsMaterial) -> Result<Self, CtlError> {
         let err = |reason: String| CtlError::Connect {
             addr: addr.to_string(),
             reason,
@@ -66,6 +82,36 @@ impl Ctl {
         Ok(Ctl {
             client: AdminClient::new(channel).max_decoding_message_size(256 * 1024 * 1024),
         })
+    }
+
+    /// Adds a coordinator node (it catches up as a learner, then becomes a voter).
+    pub async fn add_node(&self, node_id: u64, addr: &str) -> Result<(), CtlError> {
+        self.client
+            .clone()
+            .add_node(pb::AddNodeRequest {
+                node_id,
+                addr: addr.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a coordinator node from the cluster.
+    pub async fn remove_node(&self, node_id: u64) -> Result<(), CtlError> {
+        self.client
+            .clone()
+            .remove_node(pb::RemoveNodeRequest { node_id })
+            .await?;
+        Ok(())
+    }
+
+    /// Makes `node_id` the leader.
+    pub async fn transfer_leader(&self, node_id: u64) -> Result<(), CtlError> {
+        self.client
+            .clone()
+            .transfer_leader(pb::TransferLeaderRequest { node_id })
+            .await?;
+        Ok(())
     }
 
     /// Cluster status.

@@ -1,72 +1,163 @@
-//! Raft transport between coordinator nodes.
-//!
-//! This build runs single-node clusters: a lone voter never sends Raft RPCs, so the factory below is
-//! never asked for a connection. Should it be (a membership change to several nodes), every RPC
-//! fails with `Unreachable` and a message saying so, rather than pretending to deliver.
+//! Raft transport between coordinator nodes: openraft's RPCs as JSON over gRPC with mutual TLS
+//! (the `RaftPeer` service in `proto/raft.proto`). Each peer gets one lazily connected channel.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_common::tls::TlsMaterial;
+use ferry_proto::raft::{raft_peer_client::RaftPeerClient, RaftPayload};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::raft_types::{NodeId, TypeConfig};
 
-/// Creates [`SingleNodeNetwork`] clients.
-#[derive(Debug, Clone, Default)]
-pub struct SingleNodeNetworkFactory;
+/// gRPC channels to peers, shared by the Raft network and request forwarding.
+#[derive(Clone)]
+pub struct Peers {
+    tls: tonic::transport::ClientTlsConfig,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
 
-/// A Raft peer connection that cannot exist in a single-node build.
-#[derive(Debug)]
-pub struct SingleNodeNetwork {
+impl Peers {
+    /// Peers reached with this node's TLS identity.
+    pub fn new(tls: &TlsMaterial) -> Self {
+        Peers {
+            tls: tls.grpc_client(),
+            channels: Arc::default(),
+        }
+    }
+
+    /// A client for the peer at `addr` (`host:port`).
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, String> {
+        let mut map = self.channels.lock().expect("not poisoned");
+        let ch = match map.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Endpoint::from_shared(format!("https://{addr}"))
+                    .map_err(|e| format!("bad peer address {addr}: {e}"))?
+                    .tls_config(self.tls.clone())
+                    .map_err(|e| format!("TLS for peer {addr}: {e}"))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                map.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(RaftPeerClient::new(ch)
+            .max_decoding_message_size(1 << 30)
+            .max_encoding_message_size(1 << 30))
+    }
+}
+
+/// Creates [`PeerNetwork`] clients.
+#[derive(Clone)]
+pub struct PeerNetworkFactory(pub Peers);
+
+/// The Raft connection to one peer.
+pub struct PeerNetwork {
     target: NodeId,
+    addr: String,
+    peers: Peers,
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
+        PeerNetwork {
+            target,
+            addr: node.addr.clone(),
+            peers: self.0.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("node {0} is not reachable: this coordinator build runs a single-node cluster; multi-node Raft transport is not available yet")]
-struct NoPeers(NodeId);
+#[error("{0}")]
+struct Msg(String);
 
-impl RaftNetworkFactory<TypeConfig> for SingleNodeNetworkFactory {
-    type Network = SingleNodeNetwork;
+type Rpc = fn(
+    RaftPeerClient<Channel>,
+    tonic::Request<RaftPayload>,
+) -> futures::future::BoxFuture<'static, Result<tonic::Response<RaftPayload>, tonic::Status>>;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> SingleNodeNetwork {
-        SingleNodeNetwork { target }
+impl PeerNetwork {
+    async fn call<Req, Resp, E>(
+        &self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload = serde_json::to_vec(req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let client = self
+            .peers
+            .client(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Msg(e))))?;
+        let mut request = tonic::Request::new(RaftPayload { payload });
+        request.set_timeout(option.hard_ttl());
+        let reply = match rpc(client, request).await {
+            Ok(r) => r.into_inner().payload,
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
+                let e = Msg(format!("node {} at {}: {}", self.target, self.addr, s.message()));
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            Err(s) => {
+                let e = Msg(format!("node {} at {}: {}", self.target, self.addr, s.message()));
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
-impl SingleNodeNetwork {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
-        RPCError::Unreachable(Unreachable::new(&NoPeers(self.target)))
-    }
-}
-
-impl RaftNetwork<TypeConfig> for SingleNodeNetwork {
+impl RaftNetwork<TypeConfig> for PeerNetwork {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        self.call(|mut c, r| Box::pin(async move { c.append_entries(r).await }), &rpc, &option)
+            .await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        self.call(|mut c, r| Box::pin(async move { c.install_snapshot(r).await }), &rpc, &option)
+            .await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        self.call(|mut c, r| Box::pin(async move { c.vote(r).await }), &rpc, &option)
+            .await
     }
 }

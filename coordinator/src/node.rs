@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::grpc::{admin::AdminService, agent::AgentService, Core};
-use crate::network::SingleNodeNetworkFactory;
+use crate::network::{PeerNetworkFactory, Peers};
 use crate::raft_types::Raft;
 use crate::store::Applied;
 
@@ -28,8 +28,17 @@ pub struct CoordinatorConfig {
     /// Segment lease duration.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_secs: u64,
+    /// On first start with an empty data directory, initialise a new one-node cluster (the
+    /// first node of a cluster). Nodes that will join an existing cluster set this to false and
+    /// wait to be added with `ferryctl cluster add-node`.
+    #[serde(default = "default_bootstrap")]
+    pub bootstrap: bool,
     /// TLS files.
     pub tls: TlsPaths,
+}
+
+fn default_bootstrap() -> bool {
+    true
 }
 
 fn default_lease_ttl() -> u64 {
@@ -119,10 +128,11 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     }
     .validate()
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    let peers = Peers::new(&tls);
     let raft = Raft::new(
         cfg.node_id,
         Arc::new(raft_cfg),
-        SingleNodeNetworkFactory,
+        PeerNetworkFactory(peers.clone()),
         log,
         sm,
     )
@@ -146,22 +156,28 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             addr: addr.to_string(),
         },
     )]);
-    match raft.initialize(members).await {
-        Ok(()) => tracing::info!(
-            message = "Initialised a new single-node cluster.",
-            node_id = cfg.node_id
-        ),
-        Err(openraft::error::RaftError::APIError(
-            openraft::error::InitializeError::NotAllowed(_),
-        )) => tracing::info!(
-            message = "Resuming an initialised cluster.",
-            node_id = cfg.node_id
-        ),
-        Err(e) => return Err(StartError::Raft(e.to_string())),
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    if initialized {
+        tracing::info!(message = "Resuming an initialised cluster.", node_id = cfg.node_id);
+    } else if cfg.bootstrap {
+        raft.initialize(members)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        tracing::info!(message = "Initialised a new single-node cluster.", node_id = cfg.node_id);
+    } else {
+        tracing::info!(
+            message = "Waiting to be added to a cluster (ferryctl cluster add-node).",
+            node_id = cfg.node_id,
+            %addr
+        );
     }
 
     let core = Arc::new(Core {
         raft: raft.clone(),
+        peers,
         applied: applied.clone(),
         node_id: cfg.node_id,
         lease_ttl_ms: cfg.lease_ttl_secs.max(1) * 1000,
@@ -177,8 +193,15 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             .max_decoding_message_size(limit),
         )
         .add_service(
-            ferry_proto::admin::admin_server::AdminServer::new(AdminService(core))
+            ferry_proto::admin::admin_server::AdminServer::new(AdminService(core.clone()))
                 .max_decoding_message_size(limit),
+        )
+        .add_service(
+            ferry_proto::raft::raft_peer_server::RaftPeerServer::new(
+                crate::grpc::peer::PeerService(core),
+            )
+            .max_decoding_message_size(1 << 30)
+            .max_encoding_message_size(1 << 30),
         );
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {

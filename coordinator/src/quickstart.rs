@@ -189,6 +189,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         listen: "127.0.0.1:0".parse()?,
         data_dir: workdir.join("coordinator"),
         lease_ttl_secs: 120,
+        bootstrap: true,
         tls: coord_tls,
     })
     .await

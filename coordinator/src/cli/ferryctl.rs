@@ -19,7 +19,7 @@ use ferry_proto::admin as pb;
     about = "Drive ferry migrations: agents, migrations, progress, verification"
 )]
 struct Cli {
-    /// Coordinator address (host:port).
+    /// Coordinator address (host:port), or several separated by commas.
     #[arg(
         long,
         global = true,
@@ -81,8 +81,29 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Members, leader, term, log indexes.
+    /// Members, leader, term, log indexes, each member's replication (on the leader).
     Status,
+    /// Add a coordinator node (started with `bootstrap = false`): it catches up, then votes.
+    AddNode {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
+        /// Its gRPC address (host:port).
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a coordinator node from the cluster.
+    RemoveNode {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Make a node the leader.
+    TransferLeader {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +210,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             });
         }
+        Cmd::Cluster(ClusterCmd::AddNode { id, addr }) => {
+            connect(&cli).await?.add_node(*id, addr).await?;
+            println!("node {id} added");
+        }
+        Cmd::Cluster(ClusterCmd::RemoveNode { id }) => {
+            connect(&cli).await?.remove_node(*id).await?;
+            println!("node {id} removed");
+        }
+        Cmd::Cluster(ClusterCmd::TransferLeader { id }) => {
+            connect(&cli).await?.transfer_leader(*id).await?;
+            println!("node {id} leads");
+        }
         Cmd::Cluster(ClusterCmd::Status) => {
             let s = connect(&cli).await?.cluster_status().await?;
             if json {
@@ -203,8 +236,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.last_log_index, s.last_applied_index
                 );
                 for m in &s.members {
+                    let lag = if m.matched_known {
+                        format!(
+                            "replicated to {} (lag {})",
+                            m.matched_index,
+                            s.last_log_index.saturating_sub(m.matched_index)
+                        )
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "  member {}  {}  {}",
+                        "  member {}  {}  {}  {lag}",
                         m.node_id,
                         m.addr,
                         if m.voter { "voter" } else { "learner" }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use ferry_proto::admin::{self as pb, admin_server::Admin};
 use tonic::{Request, Response as GrpcResponse, Status};
 
-use super::{authorize_admin, convert, now_ms, refused, Core};
+use super::{authorize_admin, convert, now_ms, refused, Core, Proposal};
 use crate::state::{Command, MigrationSpec, Response, SegState};
 
 /// Serves [`Admin`].
@@ -55,6 +55,73 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> R<pb::AddNodeResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        if r.node_id == 0 {
+            return Err(Status::invalid_argument("node ids start at 1"));
+        }
+        if r.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "node address {:?} is not host:port",
+                r.addr
+            )));
+        }
+        match self
+            .0
+            .propose(Proposal::AddNode {
+                node_id: r.node_id,
+                addr: r.addr,
+            })
+            .await?
+        {
+            Response::Ok => Ok(GrpcResponse::new(pb::AddNodeResponse {})),
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> R<pb::RemoveNodeResponse> {
+        authorize_admin(&req)?;
+        let node_id = req.into_inner().node_id;
+        match self.0.propose(Proposal::RemoveNode { node_id }).await? {
+            Response::Ok => Ok(GrpcResponse::new(pb::RemoveNodeResponse {})),
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> R<pb::TransferLeaderResponse> {
+        authorize_admin(&req)?;
+        let to = req.into_inner().node_id;
+        let metrics = self.0.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        if !membership.voter_ids().any(|v| v == to) {
+            return Err(Status::failed_precondition(format!("node {to} is not a voter")));
+        }
+        if metrics.current_leader != Some(to) {
+            let addr = membership
+                .get_node(&to)
+                .map(|n| n.addr.clone())
+                .ok_or_else(|| Status::not_found(format!("node {to} has no address")))?;
+            let mut client = self.0.peers.client(&addr).map_err(Status::unavailable)?;
+            client
+                .elect(ferry_proto::raft::ElectRequest {})
+                .await
+                .map_err(|s| Status::unavailable(format!("node {to}: {}", s.message())))?;
+            self.0
+                .raft
+                .wait(Some(std::time::Duration::from_secs(10)))
+                .metrics(|m| m.current_leader == Some(to), "leader transfer")
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("node {to} did not become leader: {e}"))
+                })?;
+        }
+        Ok(GrpcResponse::new(pb::TransferLeaderResponse { leader_id: to }))
+    }
+
     async fn cluster_status(
         &self,
         req: Request<pb::ClusterStatusRequest>,
@@ -65,14 +132,19 @@ impl Admin for AdminService {
             .membership_config
             .membership()
             .nodes()
-            .map(|(id, node)| pb::ClusterMember {
-                node_id: *id,
-                addr: node.addr.clone(),
-                voter: m
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .any(|v| v == *id),
+            .map(|(id, node)| {
+                let matched = m.replication.as_ref().and_then(|r| r.get(id));
+                pb::ClusterMember {
+                    node_id: *id,
+                    addr: node.addr.clone(),
+                    voter: m
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|v| v == *id),
+                    matched_known: matched.is_some(),
+                    matched_index: matched.copied().flatten().map(|l| l.index).unwrap_or(0),
+                }
             })
             .collect();
         Ok(GrpcResponse::new(pb::ClusterStatusResponse {

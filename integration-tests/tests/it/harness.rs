@@ -48,12 +48,18 @@ impl TestEnv {
 
     /// Coordinator config for node 1 on `listen`.
     pub fn coordinator_config(&self, listen: std::net::SocketAddr) -> CoordinatorConfig {
+        self.node_config(1, listen, true)
+    }
+
+    /// Coordinator config for node `id`; `bootstrap` for the node that starts the cluster.
+    pub fn node_config(&self, id: u64, listen: std::net::SocketAddr, bootstrap: bool) -> CoordinatorConfig {
         CoordinatorConfig {
-            node_id: 1,
+            node_id: id,
             listen,
-            data_dir: self.path("coordinator"),
+            data_dir: self.path(&format!("coordinator-{id}")),
             lease_ttl_secs: 30,
-            tls: self.issue(Identity::Coordinator(1)),
+            bootstrap,
+            tls: self.issue(Identity::Coordinator(id)),
         }
     }
 
@@ -148,15 +154,20 @@ pub struct CoordinatorProcess {
 }
 
 impl CoordinatorProcess {
-    /// Writes a config for `env` on a free port and starts the process.
+    /// Writes a config for node 1 of `env` on a free port and starts the process.
     pub fn start(env: &TestEnv) -> anyhow::Result<Self> {
+        Self::start_node(env, 1, true)
+    }
+
+    /// Writes a config for node `id` on a free port and starts the process.
+    pub fn start_node(env: &TestEnv, id: u64, bootstrap: bool) -> anyhow::Result<Self> {
         let port = free_port();
-        let cfg = env.coordinator_config(format!("127.0.0.1:{port}").parse()?);
-        let config = env.path("coordinator.toml");
+        let cfg = env.node_config(id, format!("127.0.0.1:{port}").parse()?, bootstrap);
+        let config = env.path(&format!("coordinator-{id}.toml"));
         std::fs::write(
             &config,
             format!(
-                "node_id = 1\nlisten = \"{}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                "node_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 cfg.listen,
                 cfg.data_dir.display(),
                 cfg.lease_ttl_secs,
@@ -165,7 +176,7 @@ impl CoordinatorProcess {
                 cfg.tls.key.display()
             ),
         )?;
-        let log = env.path("coordinator.log");
+        let log = env.path(&format!("coordinator-{id}.log"));
         let child = spawn_coordinator(&config, &log)?;
         Ok(CoordinatorProcess {
             child,

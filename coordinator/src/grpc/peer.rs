@@ -1,0 +1,79 @@
+//! The coordinator-to-coordinator service: Raft RPCs, forwarded proposals, read index, elect.
+
+use std::sync::Arc;
+
+use ferry_proto::raft::{self as pb, raft_peer_server::RaftPeer};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::{authorize_coordinator, Core, Proposal};
+use crate::raft_types::{NodeId, TypeConfig};
+
+/// Serves [`RaftPeer`].
+pub struct PeerService(pub Arc<Core>);
+
+fn decode<T: DeserializeOwned>(p: &pb::RaftPayload) -> Result<T, Status> {
+    serde_json::from_slice(&p.payload)
+        .map_err(|e| Status::invalid_argument(format!("malformed Raft payload: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
+    Ok(Response::new(pb::RaftPayload {
+        payload: serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?,
+    }))
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: Request<pb::RaftPayload>) -> R<pb::RaftPayload> {
+        authorize_coordinator(&req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.0.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftPayload>) -> R<pb::RaftPayload> {
+        authorize_coordinator(&req)?;
+        let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        encode(&self.0.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> R<pb::RaftPayload> {
+        authorize_coordinator(&req)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.0.raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, req: Request<pb::RaftPayload>) -> R<pb::RaftPayload> {
+        authorize_coordinator(&req)?;
+        let p: Proposal = decode(req.get_ref())?;
+        // Only the leader executes forwarded proposals; it never forwards them again.
+        let resp = self.0.execute_here(p).await?;
+        encode(&resp)
+    }
+
+    async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> R<pb::ReadIndexReply> {
+        authorize_coordinator(&req)?;
+        let (read, _applied) = self.0.raft.get_read_log_id().await.map_err(|e| {
+            Status::unavailable(format!("cannot confirm leadership for a read: {e}"))
+        })?;
+        Ok(Response::new(pb::ReadIndexReply {
+            index: read.map(|l| l.index).unwrap_or(0),
+            present: read.is_some(),
+        }))
+    }
+
+    async fn elect(&self, req: Request<pb::ElectRequest>) -> R<pb::ElectReply> {
+        authorize_coordinator(&req)?;
+        self.0
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot start an election: {e}")))?;
+        Ok(Response::new(pb::ElectReply {}))
+    }
+}
