@@ -45,7 +45,10 @@ impl ControlError {
 pub struct Control {
     agent: String,
     addr: String,
-    client: AgentControlClient<Channel>,
+    /// One client per coordinator listed; calls start at `current` and move on when a node is
+    /// unavailable.
+    clients: std::sync::Arc<Vec<AgentControlClient<Channel>>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Control {
@@ -56,8 +59,8 @@ impl Control {
             addr: addr.to_string(),
             reason,
         };
-        // Several coordinators may be listed ("a:7400,b:7400,c:7400"): calls go to any of them
-        // (each forwards to the leader), and a node that is down is skipped until it is back.
+        // Several coordinators may be listed ("a:7400,b:7400,c:7400"): any of them serves every
+        // call (each forwards writes to the leader); a node that is unavailable is skipped.
         let mut endpoints = Vec::new();
         for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
             endpoints.push(
@@ -70,21 +73,56 @@ impl Control {
                     .tcp_nodelay(true),
             );
         }
-        let channel = match endpoints.len() {
-            0 => return Err(bad("no address given".into())),
-            1 => endpoints.pop().expect("one").connect_lazy(),
-            _ => Channel::balance_list(endpoints.into_iter()),
-        };
+        if endpoints.is_empty() {
+            return Err(bad("no address given".into()));
+        }
+        let clients = endpoints
+            .into_iter()
+            .map(|e| {
+                AgentControlClient::new(e.connect_lazy())
+                    .max_decoding_message_size(64 * 1024 * 1024)
+            })
+            .collect();
         Ok(Control {
             agent: agent.to_string(),
             addr: addr.to_string(),
-            client: AgentControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            clients: std::sync::Arc::new(clients),
+            current: Default::default(),
         })
     }
 
     /// This agent's name.
     pub fn agent(&self) -> &str {
         &self.agent
+    }
+
+    /// Sends `req` to the current coordinator, moving on to the next listed one while a node
+    /// answers `Unavailable` (down, or without a leader). Such a request was not executed, so
+    /// sending it elsewhere is safe; any other error (a timeout is one) is returned as is.
+    async fn call<Req, Resp, F, Fut>(&self, req: Req, f: F) -> Result<Resp, ControlError>
+    where
+        Req: Clone,
+        F: Fn(AgentControlClient<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match f(self.clients[idx].clone(), req.clone()).await {
+                Ok(r) => {
+                    if i > 0 {
+                        self.current.store(idx, Ordering::Relaxed);
+                    }
+                    return Ok(r.into_inner());
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => last = Some(s),
+                Err(s) => return Err(self.err(s)),
+            }
+        }
+        Err(self.err(last.expect("at least one coordinator is listed")))
     }
 
     fn err(&self, status: tonic::Status) -> ControlError {
@@ -96,28 +134,28 @@ impl Control {
 
     /// Registers this agent and its data address.
     pub async fn register(&self, data_addr: &str) -> Result<(), ControlError> {
-        self.client
-            .clone()
-            .register(pb::RegisterRequest {
+        self.call(
+            pb::RegisterRequest {
                 agent: self.agent.clone(),
                 data_addr: data_addr.to_string(),
-            })
-            .await
-            .map_err(|s| self.err(s))?;
+            },
+            |mut c, r| async move { c.register(r).await },
+        )
+        .await?;
         Ok(())
     }
 
     /// Heartbeat; returns the source work assigned to this agent.
     pub async fn heartbeat(&self) -> Result<Vec<pb::SourceWork>, ControlError> {
         let r = self
-            .client
-            .clone()
-            .heartbeat(pb::HeartbeatRequest {
-                agent: self.agent.clone(),
-            })
-            .await
-            .map_err(|s| self.err(s))?;
-        Ok(r.into_inner().source_work)
+            .call(
+                pb::HeartbeatRequest {
+                    agent: self.agent.clone(),
+                },
+                |mut c, r| async move { c.heartbeat(r).await },
+            )
+            .await?;
+        Ok(r.source_work)
     }
 
     /// Registers planned segments.
@@ -126,9 +164,8 @@ impl Control {
         migration_id: u64,
         segments: &[crate::manifest::SegmentSummary],
     ) -> Result<(), ControlError> {
-        self.client
-            .clone()
-            .register_segments(pb::RegisterSegmentsRequest {
+        self.call(
+            pb::RegisterSegmentsRequest {
                 agent: self.agent.clone(),
                 migration_id,
                 segments: segments
@@ -140,9 +177,10 @@ impl Control {
                         fingerprint: s.fingerprint.to_vec(),
                     })
                     .collect(),
-            })
-            .await
-            .map_err(|s| self.err(s))?;
+            },
+            |mut c, r| async move { c.register_segments(r).await },
+        )
+        .await?;
         Ok(())
     }
 
@@ -152,9 +190,8 @@ impl Control {
         migration_id: u64,
         summary: &crate::manifest::ScanSummary,
     ) -> Result<(), ControlError> {
-        self.client
-            .clone()
-            .complete_scan(pb::CompleteScanRequest {
+        self.call(
+            pb::CompleteScanRequest {
                 agent: self.agent.clone(),
                 migration_id,
                 segments_total: summary.segments_total,
@@ -167,9 +204,10 @@ impl Control {
                     })
                     .collect(),
                 issues_total: summary.issues_total,
-            })
-            .await
-            .map_err(|s| self.err(s))?;
+            },
+            |mut c, r| async move { c.complete_scan(r).await },
+        )
+        .await?;
         Ok(())
     }
 
@@ -180,9 +218,8 @@ impl Control {
         error: &str,
         issues: &[(String, String)],
     ) -> Result<(), ControlError> {
-        self.client
-            .clone()
-            .report_source_problem(pb::SourceProblemRequest {
+        self.call(
+            pb::SourceProblemRequest {
                 agent: self.agent.clone(),
                 migration_id,
                 error: error.to_string(),
@@ -193,24 +230,38 @@ impl Control {
                         reason: reason.clone(),
                     })
                     .collect(),
-            })
-            .await
-            .map_err(|s| self.err(s))?;
+            },
+            |mut c, r| async move { c.report_source_problem(r).await },
+        )
+        .await?;
         Ok(())
     }
 
     /// Asks for up to `max` segments to send.
     pub async fn lease(&self, max: u32) -> Result<Vec<pb::Lease>, ControlError> {
         let r = self
-            .client
-            .clone()
-            .lease_segments(pb::LeaseSegmentsRequest {
-                agent: self.agent.clone(),
-                max,
-            })
-            .await
-            .map_err(|s| self.err(s))?;
-        Ok(r.into_inner().leases)
+            .call(
+                pb::LeaseSegmentsRequest {
+                    agent: self.agent.clone(),
+                    max,
+                },
+                |mut c, r| async move { c.lease_segments(r).await },
+            )
+            .await?;
+        Ok(r.leases)
+    }
+
+    /// The leases this agent holds, as committed.
+    pub async fn list_leases(&self) -> Result<Vec<pb::Lease>, ControlError> {
+        let r = self
+            .call(
+                pb::ListLeasesRequest {
+                    agent: self.agent.clone(),
+                },
+                |mut c, r| async move { c.list_leases(r).await },
+            )
+            .await?;
+        Ok(r.leases)
     }
 
     /// Asks whether a lease is current (as a target).
@@ -221,17 +272,17 @@ impl Control {
         epoch: u64,
     ) -> Result<pb::CheckLeaseResponse, ControlError> {
         let r = self
-            .client
-            .clone()
-            .check_lease(pb::CheckLeaseRequest {
-                agent: self.agent.clone(),
-                migration_id,
-                segment_id,
-                epoch,
-            })
-            .await
-            .map_err(|s| self.err(s))?;
-        Ok(r.into_inner())
+            .call(
+                pb::CheckLeaseRequest {
+                    agent: self.agent.clone(),
+                    migration_id,
+                    segment_id,
+                    epoch,
+                },
+                |mut c, r| async move { c.check_lease(r).await },
+            )
+            .await?;
+        Ok(r)
     }
 
     /// Reports a transfer's outcome from this end.
@@ -248,20 +299,20 @@ impl Control {
             Err(e) => (false, Vec::new(), e),
         };
         let r = self
-            .client
-            .clone()
-            .report_segment(pb::ReportSegmentRequest {
-                agent: self.agent.clone(),
-                role: role as i32,
-                migration_id,
-                segment_id,
-                epoch,
-                ok,
-                blake3,
-                error,
-            })
-            .await
-            .map_err(|s| self.err(s))?;
-        Ok(r.into_inner())
+            .call(
+                pb::ReportSegmentRequest {
+                    agent: self.agent.clone(),
+                    role: role as i32,
+                    migration_id,
+                    segment_id,
+                    epoch,
+                    ok,
+                    blake3,
+                    error,
+                },
+                |mut c, r| async move { c.report_segment(r).await },
+            )
+            .await?;
+        Ok(r)
     }
 }

@@ -87,6 +87,9 @@ impl Source {
         let mut tick = tokio::time::interval(TICK);
         let mut last_heartbeat: Option<std::time::Instant> = None;
         let mut work: Vec<SourceWork> = Vec::new();
+        // Leases granted to this agent that it may not know of: from its previous run, or from a
+        // lease request whose answer was lost. Resolved by reading the committed state.
+        let mut reconcile = true;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -136,6 +139,31 @@ impl Source {
                     );
                 }
             }
+            if reconcile && !work.is_empty() {
+                match self.control.list_leases().await {
+                    Ok(held) => {
+                        reconcile = false;
+                        for l in held {
+                            let known = in_flight.values().any(|k| {
+                                (k.migration_id, k.segment_id, k.epoch)
+                                    == (l.migration_id, l.segment_id, l.epoch)
+                            });
+                            if !known {
+                                tracing::info!(
+                                    message = "Adopting a lease granted earlier.",
+                                    migration = l.migration_id,
+                                    segment = l.segment_id
+                                );
+                                let me = self.clone();
+                                let lease = l.clone();
+                                let h = sends.spawn(async move { me.transfer(lease).await });
+                                in_flight.insert(h.id(), l);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(message = "Cannot list held leases.", error = %e),
+                }
+            }
             let free = self.max_in_flight.saturating_sub(sends.len() as u32);
             if free == 0 || work.iter().all(|w| w.finished) {
                 continue;
@@ -152,7 +180,11 @@ impl Source {
                         in_flight.insert(h.id(), l);
                     }
                 }
-                Err(e) => tracing::warn!(message = "Lease request failed.", error = %e),
+                Err(e) => {
+                    // The coordinator may have granted leases whose answer was lost.
+                    reconcile = true;
+                    tracing::warn!(message = "Lease request failed.", error = %e);
+                }
             }
         }
         sends.shutdown().await;

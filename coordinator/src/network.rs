@@ -88,10 +88,12 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
 #[error("{0}")]
 struct Msg(String);
 
-type Rpc = fn(
-    RaftPeerClient<Channel>,
-    tonic::Request<RaftPayload>,
-) -> futures::future::BoxFuture<'static, Result<tonic::Response<RaftPayload>, tonic::Status>>;
+type Rpc =
+    fn(
+        RaftPeerClient<Channel>,
+        tonic::Request<RaftPayload>,
+    )
+        -> futures::future::BoxFuture<'static, Result<tonic::Response<RaftPayload>, tonic::Status>>;
 
 impl PeerNetwork {
     async fn call<Req, Resp, E>(
@@ -105,8 +107,8 @@ impl PeerNetwork {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let payload = serde_json::to_vec(req)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let client = self
             .peers
             .client(&self.addr)
@@ -115,17 +117,32 @@ impl PeerNetwork {
         request.set_timeout(option.hard_ttl());
         let reply = match rpc(client, request).await {
             Ok(r) => r.into_inner().payload,
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
-                let e = Msg(format!("node {} at {}: {}", self.target, self.addr, s.message()));
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                let e = Msg(format!(
+                    "node {} at {}: {}",
+                    self.target,
+                    self.addr,
+                    s.message()
+                ));
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
             Err(s) => {
-                let e = Msg(format!("node {} at {}: {}", self.target, self.addr, s.message()));
+                let e = Msg(format!(
+                    "node {} at {}: {}",
+                    self.target,
+                    self.addr,
+                    s.message()
+                ));
                 return Err(RPCError::Network(NetworkError::new(&e)));
             }
         };
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -136,8 +153,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(|mut c, r| Box::pin(async move { c.append_entries(r).await }), &rpc, &option)
-            .await
+        self.call(
+            |mut c, r| Box::pin(async move { c.append_entries(r).await }),
+            &rpc,
+            &option,
+        )
+        .await
     }
 
     async fn install_snapshot(
@@ -148,8 +169,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(|mut c, r| Box::pin(async move { c.install_snapshot(r).await }), &rpc, &option)
-            .await
+        self.call(
+            |mut c, r| Box::pin(async move { c.install_snapshot(r).await }),
+            &rpc,
+            &option,
+        )
+        .await
     }
 
     async fn vote(
@@ -157,7 +182,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(|mut c, r| Box::pin(async move { c.vote(r).await }), &rpc, &option)
-            .await
+        self.call(
+            |mut c, r| Box::pin(async move { c.vote(r).await }),
+            &rpc,
+            &option,
+        )
+        .await
     }
 }

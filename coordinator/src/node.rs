@@ -161,12 +161,18 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     if initialized {
-        tracing::info!(message = "Resuming an initialised cluster.", node_id = cfg.node_id);
+        tracing::info!(
+            message = "Resuming an initialised cluster.",
+            node_id = cfg.node_id
+        );
     } else if cfg.bootstrap {
         raft.initialize(members)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        tracing::info!(message = "Initialised a new single-node cluster.", node_id = cfg.node_id);
+        tracing::info!(
+            message = "Initialised a new single-node cluster.",
+            node_id = cfg.node_id
+        );
     } else {
         tracing::info!(
             message = "Waiting to be added to a cluster (ferryctl cluster add-node).",

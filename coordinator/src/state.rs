@@ -781,6 +781,35 @@ impl State {
         }
     }
 
+    /// The unexpired leases `agent` holds as a source.
+    pub fn leases_of(&self, agent: &str, now_ms: u64) -> Vec<Lease> {
+        let mut out = Vec::new();
+        for m in self
+            .migrations
+            .values()
+            .filter(|m| m.spec.source_agent == agent)
+        {
+            let Some(target) = self.agents.get(&m.spec.target_agent) else {
+                continue;
+            };
+            for &id in self.leased.get(&m.id).into_iter().flatten() {
+                if let SegState::Leased { epoch, expires_ms } = self.segments[&(m.id, id)].state {
+                    if expires_ms > now_ms {
+                        out.push(Lease {
+                            migration_id: m.id,
+                            segment_id: id,
+                            epoch,
+                            expires_ms,
+                            target_agent: target.name.clone(),
+                            target_addr: target.data_addr.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Whether lease `epoch` on the segment is current and `target` is the migration's target.
     /// The caller must still check that its peer is `spec.source_agent`.
     pub fn check_lease(

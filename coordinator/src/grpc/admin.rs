@@ -98,7 +98,9 @@ impl Admin for AdminService {
         let metrics = self.0.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
         if !membership.voter_ids().any(|v| v == to) {
-            return Err(Status::failed_precondition(format!("node {to} is not a voter")));
+            return Err(Status::failed_precondition(format!(
+                "node {to} is not a voter"
+            )));
         }
         if metrics.current_leader != Some(to) {
             let addr = membership
@@ -119,7 +121,9 @@ impl Admin for AdminService {
                     Status::unavailable(format!("node {to} did not become leader: {e}"))
                 })?;
         }
-        Ok(GrpcResponse::new(pb::TransferLeaderResponse { leader_id: to }))
+        Ok(GrpcResponse::new(pb::TransferLeaderResponse {
+            leader_id: to,
+        }))
     }
 
     async fn cluster_status(

@@ -8,6 +8,17 @@ use tonic::{Request, Response as GrpcResponse, Status};
 use super::{authorize_agent, now_ms, refused, Core};
 use crate::state::{Command, Phase, Response, Role, SegmentReg};
 
+fn lease_pb(l: crate::state::Lease) -> pb::Lease {
+    pb::Lease {
+        migration_id: l.migration_id,
+        segment_id: l.segment_id,
+        epoch: l.epoch,
+        expires_ms: l.expires_ms,
+        target_agent: l.target_agent,
+        target_addr: l.target_addr,
+    }
+}
+
 /// Serves [`AgentControl`].
 pub struct AgentService(pub Arc<Core>);
 
@@ -147,17 +158,20 @@ impl AgentControl for AgentService {
             return Err(refused(resp));
         };
         Ok(GrpcResponse::new(pb::LeaseSegmentsResponse {
-            leases: leases
-                .into_iter()
-                .map(|l| pb::Lease {
-                    migration_id: l.migration_id,
-                    segment_id: l.segment_id,
-                    epoch: l.epoch,
-                    expires_ms: l.expires_ms,
-                    target_agent: l.target_agent,
-                    target_addr: l.target_addr,
-                })
-                .collect(),
+            leases: leases.into_iter().map(lease_pb).collect(),
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> R<pb::LeaseSegmentsResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let agent = req.into_inner().agent;
+        let now = now_ms();
+        let leases = self.0.read(|s| s.leases_of(&agent, now)).await?;
+        Ok(GrpcResponse::new(pb::LeaseSegmentsResponse {
+            leases: leases.into_iter().map(lease_pb).collect(),
         }))
     }
 

@@ -101,14 +101,18 @@ impl Core {
                 let idx = client
                     .read_index(ferry_proto::raft::ReadIndexRequest {})
                     .await
-                    .map_err(|s| Status::unavailable(format!("read index from leader: {}", s.message())))?
+                    .map_err(|s| {
+                        Status::unavailable(format!("read index from leader: {}", s.message()))
+                    })?
                     .into_inner();
                 if idx.present {
                     self.raft
                         .wait(Some(READ_WAIT))
                         .applied_index_at_least(Some(idx.index), "linearizable read")
                         .await
-                        .map_err(|e| Status::unavailable(format!("this node lags the leader: {e}; retry")))?;
+                        .map_err(|e| {
+                            Status::unavailable(format!("this node lags the leader: {e}; retry"))
+                        })?;
                 }
             }
             Err(e) => {
@@ -172,7 +176,9 @@ pub enum NotLeader {
 impl From<NotLeader> for Status {
     fn from(n: NotLeader) -> Status {
         Status::unavailable(match n {
-            NotLeader::Elsewhere(Some(a)) => format!("not the leader any more (leader is {a}); retry"),
+            NotLeader::Elsewhere(Some(a)) => {
+                format!("not the leader any more (leader is {a}); retry")
+            }
             NotLeader::Elsewhere(None) => {
                 "no coordinator leader is elected right now; retry in a moment".to_string()
             }
@@ -192,7 +198,9 @@ pub fn authorize_coordinator<T>(req: &Request<T>) -> Result<(), Status> {
     {
         Ok(())
     } else {
-        Err(Status::permission_denied("only coordinator nodes may call this"))
+        Err(Status::permission_denied(
+            "only coordinator nodes may call this",
+        ))
     }
 }
 

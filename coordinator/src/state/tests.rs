@@ -529,3 +529,18 @@ fn state_survives_json_round_trip_with_segments() {
     assert_eq!(back.segments, w.s.segments);
     assert_eq!(back.migrations[&mid], w.s.migrations[&mid]);
 }
+
+#[test]
+fn leases_of_lists_what_an_agent_holds() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 1, 1), (1, 1, 1), (2, 1, 1)]);
+    let granted = w.lease(2, 10);
+    let held = w.s.leases_of("src", 11);
+    assert_eq!(held, granted);
+    assert!(w.s.leases_of("dst", 11).is_empty());
+    assert!(
+        w.s.leases_of("src", 10 + TTL).is_empty(),
+        "expired leases are not held"
+    );
+    let _ = mid;
+}

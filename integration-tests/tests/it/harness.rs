@@ -52,7 +52,12 @@ impl TestEnv {
     }
 
     /// Coordinator config for node `id`; `bootstrap` for the node that starts the cluster.
-    pub fn node_config(&self, id: u64, listen: std::net::SocketAddr, bootstrap: bool) -> CoordinatorConfig {
+    pub fn node_config(
+        &self,
+        id: u64,
+        listen: std::net::SocketAddr,
+        bootstrap: bool,
+    ) -> CoordinatorConfig {
         CoordinatorConfig {
             node_id: id,
             listen,

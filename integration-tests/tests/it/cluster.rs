@@ -1,0 +1,115 @@
+//! A three-node coordinator cluster as real processes: formation with `add-node`, and the leader
+//! killed with SIGKILL in the middle of a migration.
+
+use std::time::Duration;
+
+use ferry_coordinator::ctl::Ctl;
+use ferry_proto::admin as pb;
+
+use crate::harness::{assert_same_tree, make_files, wait_for, CoordinatorProcess, TestEnv};
+
+/// Waits until some node in `addrs` answers with a leader, optionally one other than `not`.
+async fn leader(env: &TestEnv, addrs: &[String], not: Option<u64>) -> (Ctl, u64) {
+    wait_for("a leader", Duration::from_secs(60), || async {
+        for a in addrs {
+            let Some(ctl) = env.ctl_try(a).await else {
+                continue;
+            };
+            if let Ok(s) = ctl.cluster_status().await {
+                if s.leader_id != 0 && Some(s.leader_id) != not {
+                    return Some((ctl, s.leader_id));
+                }
+            }
+        }
+        None
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
+    let env = TestEnv::new();
+    let mut nodes = [
+        CoordinatorProcess::start_node(&env, 1, true).unwrap(),
+        CoordinatorProcess::start_node(&env, 2, false).unwrap(),
+        CoordinatorProcess::start_node(&env, 3, false).unwrap(),
+    ];
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let (ctl, first) = leader(&env, &addrs[..1], None).await;
+    assert_eq!(first, 1);
+    for (id, addr) in [(2, &addrs[1]), (3, &addrs[2])] {
+        ctl.add_node(id, addr)
+            .await
+            .unwrap_or_else(|e| panic!("add node {id}: {e}\n{}", nodes[0].log()));
+    }
+    let status = ctl.cluster_status().await.unwrap();
+    assert_eq!(
+        status.members.iter().filter(|m| m.voter).count(),
+        3,
+        "{status:?}"
+    );
+
+    // Agents know every coordinator; any node serves them.
+    let all = addrs.join(",");
+    let src = env.path("src");
+    make_files(&src, 300, 48 * 1024);
+    let root = env.path("dst");
+    let target = env.agent("target", &all, Some(root.clone())).await;
+    let mut cfg = env.agent_config("source", &all, None);
+    cfg.max_in_flight = 2;
+    let source = ferry_agent::run::start(cfg).await.unwrap();
+    // Created through a follower: the write is forwarded to the leader.
+    let via_follower = env.ctl_try(&addrs[1]).await.expect("follower answers");
+    let id = via_follower
+        .create(pb::MigrationSpec {
+            source_agent: "source".into(),
+            source_path: src.to_string_lossy().into_owned(),
+            target_agent: "target".into(),
+            target_path: String::new(),
+            segment_size: 256 * 1024,
+        })
+        .await
+        .unwrap();
+
+    wait_for("some verified", Duration::from_secs(120), || async {
+        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
+    })
+    .await;
+    let before = ctl.verify(id, u32::MAX).await.unwrap();
+    nodes[0].kill9();
+    assert!(
+        before.segments_verified < before.segments_total,
+        "finished before the kill"
+    );
+
+    let (ctl, new_leader) = leader(&env, &addrs[1..], Some(1)).await;
+    assert!(new_leader == 2 || new_leader == 3);
+    let done = ctl
+        .watch(id, Duration::from_secs(90), |_, _| {})
+        .await
+        .unwrap_or_else(|e| panic!("migration did not finish: {e}\nnode 2:\n{}", nodes[1].log()));
+    assert_eq!(done.phase, "done");
+    let after = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(after.all_verified && after.hash_mismatches == 0);
+    for s in before.segments.iter().filter(|s| s.state == "verified") {
+        let a = after
+            .segments
+            .iter()
+            .find(|a| a.segment_id == s.segment_id)
+            .unwrap();
+        assert_eq!(
+            a.leases, s.leases,
+            "segment {} verified before the kill was sent again",
+            s.segment_id
+        );
+    }
+    assert_same_tree(&src, &root);
+
+    // The dead node is still a member until removed; removing it works with two alive.
+    ctl.remove_node(1).await.unwrap();
+    let status = ctl.cluster_status().await.unwrap();
+    assert_eq!(status.members.len(), 2, "{status:?}");
+
+    source.shutdown().await;
+    target.shutdown().await;
+}
