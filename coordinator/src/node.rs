@@ -33,8 +33,22 @@ pub struct CoordinatorConfig {
     /// wait to be added with `ferryctl cluster add-node`.
     #[serde(default = "default_bootstrap")]
     pub bootstrap: bool,
+    /// Build a snapshot (and compact the log) after this many new log entries.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so that lagging followers catch up from the log.
+    #[serde(default = "default_keep_logs")]
+    pub keep_logs_after_snapshot: u64,
     /// TLS files.
     pub tls: TlsPaths,
+}
+
+fn default_snapshot_every() -> u64 {
+    20_000
+}
+
+fn default_keep_logs() -> u64 {
+    1_000
 }
 
 fn default_bootstrap() -> bool {
@@ -122,8 +136,9 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         heartbeat_interval: 250,
         election_timeout_min: 1000,
         election_timeout_max: 2000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every.max(1)),
+        max_in_snapshot_log_to_keep: cfg.keep_logs_after_snapshot,
+        purge_batch_size: 1,
         ..Default::default()
     }
     .validate()

@@ -190,6 +190,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         data_dir: workdir.join("coordinator"),
         lease_ttl_secs: 120,
         bootstrap: true,
+        snapshot_every: 20_000,
+        keep_logs_after_snapshot: 1_000,
         tls: coord_tls,
     })
     .await

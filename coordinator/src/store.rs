@@ -268,6 +268,33 @@ pub struct Applied {
     pub membership: Membership,
 }
 
+/// Snapshot bytes: a 32-byte BLAKE3 of the body, then the body (JSON of [`SnapshotData`]). The
+/// checksum is verified before a snapshot is installed or loaded, so a snapshot damaged in
+/// transit or on disk is refused instead of becoming the state.
+fn seal_snapshot(d: &SnapshotData) -> Result<Vec<u8>, serde_json::Error> {
+    let body = serde_json::to_vec(d)?;
+    let mut out = Vec::with_capacity(32 + body.len());
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// A snapshot could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotError {
+    #[error("snapshot checksum mismatch ({0} bytes): refusing a damaged snapshot")]
+    Checksum(usize),
+    #[error("snapshot body is not valid: {0}")]
+    Body(#[from] serde_json::Error),
+}
+
+fn open_snapshot(bytes: &[u8]) -> Result<SnapshotData, SnapshotError> {
+    if bytes.len() < 32 || blake3::hash(&bytes[32..]).as_bytes() != &bytes[..32] {
+        return Err(SnapshotError::Checksum(bytes.len()));
+    }
+    Ok(serde_json::from_slice(&bytes[32..])?)
+}
+
 /// The serialised form of a snapshot.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
@@ -300,7 +327,7 @@ impl StateMachine {
         let snapshot = sm.read_snapshot().map_err(|e| e.to_string())?;
         let applied = match snapshot {
             Some((meta, data)) if meta.last_log_id > from_tree.last_applied => {
-                let d: SnapshotData = serde_json::from_slice(&data).map_err(|e| e.to_string())?;
+                let d = open_snapshot(&data).map_err(|e| e.to_string())?;
                 sm.write_all(&d).map_err(|e| e.to_string())?;
                 let mut state = d.state;
                 state.rebuild_indexes();
@@ -465,7 +492,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let d: SnapshotData = serde_json::from_slice(&data)
+        let d = open_snapshot(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         save_snapshot(&self.snap, meta, &data).await?;
         self.write_all(&d).map_err(|e| {
@@ -478,6 +505,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: d.last_applied,
             membership: d.membership,
         };
+        tracing::info!(message = "Installed snapshot.", id = %meta.snapshot_id, bytes = data.len());
         Ok(())
     }
 
@@ -513,7 +541,7 @@ fn build_snapshot(shared: &RwLock<Applied>) -> Result<Snapshot<TypeConfig>, Stor
         membership: a.membership.clone(),
         state: a.state.clone(),
     };
-    let data = serde_json::to_vec(&d).map_err(|e| StorageIOError::read_state_machine(&e))?;
+    let data = seal_snapshot(&d).map_err(|e| StorageIOError::read_state_machine(&e))?;
     let snapshot_id = match a.last_applied {
         Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
         None => format!("empty-{}", data.len()),

@@ -159,6 +159,8 @@ impl Admin for AdminService {
             last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             members,
             state: format!("{:?}", m.state),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }))
     }
 

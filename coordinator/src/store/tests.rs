@@ -179,3 +179,30 @@ async fn applied_state_is_recorded_with_the_data_so_a_restart_does_not_reapply()
     assert_eq!(m.counters.leases_granted, 2, "counters as applied once");
     assert_eq!(m.counters.verified_segments, 1);
 }
+
+#[tokio::test]
+async fn a_damaged_snapshot_is_refused() {
+    let a = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(a.path()).unwrap();
+    sm.apply(busy_entries()).await.unwrap();
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let mut bytes = snap.snapshot.get_ref().clone();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 1;
+    let b = tempfile::tempdir().unwrap();
+    let (_log, mut other) = open(b.path()).unwrap();
+    let err = other
+        .install_snapshot(&snap.meta, Box::new(Cursor::new(bytes)))
+        .await
+        .expect_err("damaged snapshot installed");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert!(
+        other.shared().read().unwrap().state.segments.is_empty(),
+        "state unchanged"
+    );
+}

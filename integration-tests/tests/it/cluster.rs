@@ -26,28 +26,40 @@ async fn leader(env: &TestEnv, addrs: &[String], not: Option<u64>) -> (Ctl, u64)
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
-    let env = TestEnv::new();
-    let mut nodes = [
-        CoordinatorProcess::start_node(&env, 1, true).unwrap(),
-        CoordinatorProcess::start_node(&env, 2, false).unwrap(),
-        CoordinatorProcess::start_node(&env, 3, false).unwrap(),
-    ];
+/// Starts node 1 (bootstrap) and nodes 2..=n, and adds them with `add-node`.
+async fn form(env: &TestEnv, n: u64) -> (Vec<CoordinatorProcess>, Vec<String>, Ctl) {
+    let nodes: Vec<CoordinatorProcess> = (1..=n)
+        .map(|id| CoordinatorProcess::start_node(env, id, id == 1).unwrap())
+        .collect();
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
-    let (ctl, first) = leader(&env, &addrs[..1], None).await;
+    let (ctl, first) = leader(env, &addrs[..1], None).await;
     assert_eq!(first, 1);
-    for (id, addr) in [(2, &addrs[1]), (3, &addrs[2])] {
+    for id in 2..=n {
+        let addr = &addrs[id as usize - 1];
         ctl.add_node(id, addr)
             .await
             .unwrap_or_else(|e| panic!("add node {id}: {e}\n{}", nodes[0].log()));
     }
     let status = ctl.cluster_status().await.unwrap();
-    assert_eq!(
-        status.members.iter().filter(|m| m.voter).count(),
-        3,
-        "{status:?}"
-    );
+    let voters = status.members.iter().filter(|m| m.voter).count();
+    assert_eq!(voters, n as usize, "{status:?}");
+    (nodes, addrs, ctl)
+}
+
+fn spec(src: &std::path::Path) -> pb::MigrationSpec {
+    pb::MigrationSpec {
+        source_agent: "source".into(),
+        source_path: src.to_string_lossy().into_owned(),
+        target_agent: "target".into(),
+        target_path: String::new(),
+        segment_size: 256 * 1024,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
+    let env = TestEnv::new();
+    let (mut nodes, addrs, ctl) = form(&env, 3).await;
 
     // Agents know every coordinator; any node serves them.
     let all = addrs.join(",");
@@ -60,16 +72,7 @@ async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
     let source = ferry_agent::run::start(cfg).await.unwrap();
     // Created through a follower: the write is forwarded to the leader.
     let via_follower = env.ctl_try(&addrs[1]).await.expect("follower answers");
-    let id = via_follower
-        .create(pb::MigrationSpec {
-            source_agent: "source".into(),
-            source_path: src.to_string_lossy().into_owned(),
-            target_agent: "target".into(),
-            target_path: String::new(),
-            segment_size: 256 * 1024,
-        })
-        .await
-        .unwrap();
+    let id = via_follower.create(spec(&src)).await.unwrap();
 
     wait_for("some verified", Duration::from_secs(120), || async {
         (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
@@ -112,4 +115,125 @@ async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
 
     source.shutdown().await;
     target.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_restarted_from_disk_mid_migration_resumes() {
+    let env = TestEnv::new();
+    let (mut nodes, addrs, ctl) = form(&env, 3).await;
+    let all = addrs.join(",");
+    let src = env.path("src");
+    make_files(&src, 300, 48 * 1024);
+    let root = env.path("dst");
+    let target = env.agent("target", &all, Some(root.clone())).await;
+    let mut cfg = env.agent_config("source", &all, None);
+    cfg.max_in_flight = 2;
+    let source = ferry_agent::run::start(cfg).await.unwrap();
+    let id = ctl.create(spec(&src)).await.unwrap();
+    wait_for("some verified", Duration::from_secs(120), || async {
+        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
+    })
+    .await;
+    let before = ctl.verify(id, u32::MAX).await.unwrap();
+    for n in nodes.iter_mut() {
+        n.kill9();
+    }
+    assert!(
+        before.segments_verified < before.segments_total,
+        "finished before the kill"
+    );
+    for n in nodes.iter_mut() {
+        n.restart().unwrap();
+    }
+    let (ctl, _) = leader(&env, &addrs, None).await;
+    let done = ctl
+        .watch(id, Duration::from_secs(90), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(done.phase, "done");
+    let after = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(after.all_verified);
+    for s in before.segments.iter().filter(|s| s.state == "verified") {
+        let a = after
+            .segments
+            .iter()
+            .find(|a| a.segment_id == s.segment_id)
+            .unwrap();
+        assert_eq!(
+            a.leases, s.leases,
+            "segment {} sent again after the restart",
+            s.segment_id
+        );
+    }
+    assert_same_tree(&src, &root);
+    source.shutdown().await;
+    target.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaced_follower_catches_up_by_snapshot_during_a_migration() {
+    let env = TestEnv::new();
+    let (mut nodes, addrs, ctl) = form(&env, 3).await;
+    let all = addrs.join(",");
+    let src = env.path("src");
+    make_files(&src, 300, 48 * 1024);
+    let root = env.path("dst");
+    let target = env.agent("target", &all, Some(root.clone())).await;
+    let mut cfg = env.agent_config("source", &all, None);
+    cfg.max_in_flight = 2;
+    let source = ferry_agent::run::start(cfg).await.unwrap();
+    let id = ctl.create(spec(&src)).await.unwrap();
+    wait_for("some verified", Duration::from_secs(120), || async {
+        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
+    })
+    .await;
+
+    // Retire node 3 and bring in a fresh node 4 while segments keep flowing. Logs are compacted
+    // every 100 entries (10 kept): once the leader has purged its first entries, node 4 can only
+    // catch up from a snapshot.
+    wait_for(
+        "the leader to compact its log",
+        Duration::from_secs(60),
+        || async {
+            let s = ctl.cluster_status().await.ok()?;
+            (s.purged_index > 0 && s.snapshot_index > 0).then_some(())
+        },
+    )
+    .await;
+    ctl.remove_node(3).await.unwrap();
+    nodes[2].kill9();
+    let mut fresh = CoordinatorProcess::start_node(&env, 4, false).unwrap();
+    ctl.add_node(4, &fresh.addr)
+        .await
+        .unwrap_or_else(|e| panic!("add node 4: {e}\n{}", fresh.log()));
+    let status = ctl.cluster_status().await.unwrap();
+    let voters: Vec<u64> = status
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.node_id)
+        .collect();
+    assert_eq!(voters, vec![1, 2, 4]);
+
+    let done = ctl
+        .watch(id, Duration::from_secs(90), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(done.phase, "done");
+    // The new node answers from its own state: it has the finished migration.
+    let on_fresh = env.ctl_try(&fresh.addr).await.expect("node 4 answers");
+    assert_eq!(on_fresh.status(id).await.unwrap().phase, "done");
+    assert!(
+        fresh.log().contains("Installed snapshot"),
+        "node 4 did not install a snapshot:\n{}",
+        fresh.log()
+    );
+    assert_same_tree(&src, &root);
+    // It can lead: move leadership to it and keep working through it.
+    on_fresh.transfer_leader(4).await.unwrap();
+    assert_eq!(on_fresh.cluster_status().await.unwrap().leader_id, 4);
+    assert!(on_fresh.verify(id, 0).await.unwrap().all_verified);
+    source.shutdown().await;
+    target.shutdown().await;
+    fresh.kill9();
 }

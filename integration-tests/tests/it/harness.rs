@@ -64,6 +64,9 @@ impl TestEnv {
             data_dir: self.path(&format!("coordinator-{id}")),
             lease_ttl_secs: 30,
             bootstrap,
+            // Snapshot and compact often, so that tests exercise both.
+            snapshot_every: 100,
+            keep_logs_after_snapshot: 10,
             tls: self.issue(Identity::Coordinator(id)),
         }
     }
@@ -172,10 +175,12 @@ impl CoordinatorProcess {
         std::fs::write(
             &config,
             format!(
-                "node_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                "node_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\nsnapshot_every = {}\nkeep_logs_after_snapshot = {}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 cfg.listen,
                 cfg.data_dir.display(),
                 cfg.lease_ttl_secs,
+                cfg.snapshot_every,
+                cfg.keep_logs_after_snapshot,
                 cfg.tls.ca.display(),
                 cfg.tls.cert.display(),
                 cfg.tls.key.display()
