@@ -24,11 +24,41 @@ pub enum CtlError {
     /// TLS material.
     #[error(transparent)]
     Tls(#[from] ferry_common::tls::TlsError),
+    /// No leader could serve the call (an election is under way, or a quorum is down).
+    #[error("coordinator unavailable: {0}; retry when the cluster has a leader (ferryctl cluster status)")]
+    Unavailable(String),
 }
 
 impl From<tonic::Status> for CtlError {
     fn from(s: tonic::Status) -> Self {
-        CtlError::Status(format!("coordinator refused: {}", s.message()))
+        if s.code() == tonic::Code::Unavailable {
+            CtlError::Unavailable(s.message().to_string())
+        } else {
+            CtlError::Status(format!("coordinator refused: {}", s.message()))
+        }
+    }
+}
+
+/// How long read calls keep retrying while the cluster has no reachable leader (an election
+/// takes a few seconds).
+const READ_RETRY_FOR: Duration = Duration::from_secs(20);
+
+/// Retries a read while the coordinator answers `Unavailable`.
+async fn retry_read<T, F, Fut>(f: F) -> Result<T, CtlError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CtlError>>,
+{
+    let deadline = Instant::now() + READ_RETRY_FOR;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(CtlError::Unavailable(_)) if Instant::now() + delay < deadline => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -116,56 +146,57 @@ impl Ctl {
 
     /// Cluster status.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, CtlError> {
-        Ok(self
-            .client
-            .clone()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await?
-            .into_inner())
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.cluster_status(pb::ClusterStatusRequest {})
+                .await?
+                .into_inner())
+        })
+        .await
     }
 
     /// Agents.
     pub async fn agents(&self) -> Result<Vec<pb::AgentInfo>, CtlError> {
-        Ok(self
-            .client
-            .clone()
-            .list_agents(pb::ListAgentsRequest {})
-            .await?
-            .into_inner()
-            .agents)
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.list_agents(pb::ListAgentsRequest {})
+                .await?
+                .into_inner()
+                .agents)
+        })
+        .await
     }
 
-    /// Creates a migration; returns its id.
+    /// Creates a migration; returns its id. Not retried: an unanswered create may have happened.
     pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
-        Ok(self
-            .client
-            .clone()
-            .create_migration(pb::CreateMigrationRequest { spec: Some(spec) })
-            .await?
-            .into_inner()
-            .migration_id)
+        let mut c = self.client.clone();
+        let r = c.create_migration(pb::CreateMigrationRequest { spec: Some(spec) });
+        Ok(r.await?.into_inner().migration_id)
     }
 
     /// All migrations.
     pub async fn migrations(&self) -> Result<Vec<pb::MigrationProgress>, CtlError> {
-        Ok(self
-            .client
-            .clone()
-            .list_migrations(pb::ListMigrationsRequest {})
-            .await?
-            .into_inner()
-            .migrations)
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.list_migrations(pb::ListMigrationsRequest {})
+                .await?
+                .into_inner()
+                .migrations)
+        })
+        .await
     }
 
     /// One migration.
     pub async fn status(&self, id: u64) -> Result<pb::MigrationProgress, CtlError> {
-        self.client
-            .clone()
-            .migration_status(pb::MigrationStatusRequest { migration_id: id })
-            .await?
-            .into_inner()
-            .progress
-            .ok_or_else(|| CtlError::Status("empty status".into()))
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            let r = c.migration_status(pb::MigrationStatusRequest { migration_id: id });
+            r.await?
+                .into_inner()
+                .progress
+                .ok_or_else(|| CtlError::Status("empty status".into()))
+        })
+        .await
     }
 
     /// Verification summary; `max_listed = u32::MAX` lists every segment.
@@ -174,15 +205,15 @@ impl Ctl {
         id: u64,
         max_listed: u32,
     ) -> Result<pb::VerifyMigrationResponse, CtlError> {
-        Ok(self
-            .client
-            .clone()
-            .verify_migration(pb::VerifyMigrationRequest {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            let r = c.verify_migration(pb::VerifyMigrationRequest {
                 migration_id: id,
                 max_listed,
-            })
-            .await?
-            .into_inner())
+            });
+            Ok(r.await?.into_inner())
+        })
+        .await
     }
 
     /// Polls a migration until it is done, calling `show` on each sample. Fails if verified

@@ -56,6 +56,18 @@ enum Cmd {
     /// Migrations.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// Write the quick start's sample data set (checkpoints, small files, empties, a symlink).
+    Sample {
+        /// Directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Size of each large file, in MiB.
+        #[arg(long, default_value_t = 128)]
+        big_file_mib: u64,
+        /// Number of small files.
+        #[arg(long, default_value_t = 3000)]
+        small_files: u32,
+    },
     /// Run a complete migration on this machine: coordinator and two agents on 127.0.0.1.
     Quickstart {
         /// Directory to migrate (default: a generated sample).
@@ -209,6 +221,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             });
+        }
+        Cmd::Sample {
+            dir,
+            big_file_mib,
+            small_files,
+        } => {
+            if dir.exists() {
+                bail!(
+                    "{} exists; the sample goes into a new directory",
+                    dir.display()
+                );
+            }
+            quickstart::generate_sample(dir, big_file_mib * 1024 * 1024, *small_files)?;
+            println!("wrote a sample data set to {}", dir.display());
         }
         Cmd::Cluster(ClusterCmd::AddNode { id, addr }) => {
             connect(&cli).await?.add_node(*id, addr).await?;
