@@ -135,6 +135,17 @@ impl Ctl {
         Ok(())
     }
 
+    /// Builds a snapshot on the connected node; returns `(node, index, build milliseconds)`.
+    pub async fn snapshot(&self) -> Result<(u64, u64, u64), CtlError> {
+        let r = self
+            .client
+            .clone()
+            .snapshot(pb::SnapshotRequest {})
+            .await?
+            .into_inner();
+        Ok((r.node_id, r.snapshot_index, r.build_millis))
+    }
+
     /// Makes `node_id` the leader.
     pub async fn transfer_leader(&self, node_id: u64) -> Result<(), CtlError> {
         self.client

@@ -100,6 +100,7 @@ impl PeerNetwork {
         &self,
         rpc: Rpc,
         req: &Req,
+        data: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
@@ -113,7 +114,7 @@ impl PeerNetwork {
             .peers
             .client(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&Msg(e))))?;
-        let mut request = tonic::Request::new(RaftPayload { payload });
+        let mut request = tonic::Request::new(RaftPayload { payload, data });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc(client, request).await {
             Ok(r) => r.into_inner().payload,
@@ -156,6 +157,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         self.call(
             |mut c, r| Box::pin(async move { c.append_entries(r).await }),
             &rpc,
+            Vec::new(),
             &option,
         )
         .await
@@ -169,9 +171,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
+        let mut rpc = rpc;
+        let data = std::mem::take(&mut rpc.data);
         self.call(
             |mut c, r| Box::pin(async move { c.install_snapshot(r).await }),
             &rpc,
+            data,
             &option,
         )
         .await
@@ -185,6 +190,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         self.call(
             |mut c, r| Box::pin(async move { c.vote(r).await }),
             &rpc,
+            Vec::new(),
             &option,
         )
         .await

@@ -139,6 +139,11 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every.max(1)),
         max_in_snapshot_log_to_keep: cfg.keep_logs_after_snapshot,
         purge_batch_size: 1,
+        // A chunk must be written and acknowledged within this time; 200 ms (the default) is
+        // too short for a multi-MiB chunk on a loaded 2-core machine, and a timed-out chunk is
+        // resent from the start, forever.
+        install_snapshot_timeout: 10_000,
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
         ..Default::default()
     }
     .validate()

@@ -110,6 +110,8 @@ enum ClusterCmd {
         #[arg(long)]
         id: u64,
     },
+    /// Build a snapshot on the node ferryctl is connected to, compacting its log.
+    Snapshot,
     /// Make a node the leader.
     TransferLeader {
         /// Its node id.
@@ -243,6 +245,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Cluster(ClusterCmd::RemoveNode { id }) => {
             connect(&cli).await?.remove_node(*id).await?;
             println!("node {id} removed");
+        }
+        Cmd::Cluster(ClusterCmd::Snapshot) => {
+            let (node, index, ms) = connect(&cli).await?.snapshot().await?;
+            println!("node {node}: snapshot at log index {index} ({ms} ms)");
         }
         Cmd::Cluster(ClusterCmd::TransferLeader { id }) => {
             connect(&cli).await?.transfer_leader(*id).await?;

@@ -89,6 +89,30 @@ impl Admin for AdminService {
         }
     }
 
+    async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> R<pb::SnapshotResponse> {
+        authorize_admin(&req)?;
+        let raft = &self.0.raft;
+        let want = raft.metrics().borrow().last_applied.map(|l| l.index);
+        let started = std::time::Instant::now();
+        raft.trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot build a snapshot: {e}")))?;
+        let m = raft
+            .wait(Some(std::time::Duration::from_secs(600)))
+            .metrics(
+                |m| m.snapshot.map(|l| l.index) >= want,
+                "snapshot covers what was applied",
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("snapshot did not complete: {e}")))?;
+        Ok(GrpcResponse::new(pb::SnapshotResponse {
+            node_id: self.0.node_id,
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            build_millis: started.elapsed().as_millis() as u64,
+        }))
+    }
+
     async fn transfer_leader(
         &self,
         req: Request<pb::TransferLeaderRequest>,

@@ -78,7 +78,10 @@ impl Core {
         let payload = serde_json::to_vec(p).map_err(|e| Status::internal(e.to_string()))?;
         let mut client = self.peers.client(leader).map_err(Status::unavailable)?;
         let reply = client
-            .propose(ferry_proto::raft::RaftPayload { payload })
+            .propose(ferry_proto::raft::RaftPayload {
+                payload,
+                data: Vec::new(),
+            })
             .await
             .map_err(|s| Status::new(s.code(), format!("via leader {leader}: {}", s.message())))?;
         serde_json::from_slice(&reply.into_inner().payload)

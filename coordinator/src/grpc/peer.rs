@@ -22,6 +22,7 @@ fn decode<T: DeserializeOwned>(p: &pb::RaftPayload) -> Result<T, Status> {
 fn encode<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
     Ok(Response::new(pb::RaftPayload {
         payload: serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?,
+        data: Vec::new(),
     }))
 }
 
@@ -43,7 +44,8 @@ impl RaftPeer for PeerService {
 
     async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> R<pb::RaftPayload> {
         authorize_coordinator(&req)?;
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        rpc.data = req.into_inner().data;
         encode(&self.0.raft.install_snapshot(rpc).await)
     }
 
