@@ -781,6 +781,22 @@ impl State {
         }
     }
 
+    /// Whether a lease request from `agent` at `now_ms` could grant anything: a pending segment, or
+    /// an expired lease to take back, in a migration it is the source of. Lets the service answer
+    /// "nothing" without writing a log entry.
+    pub fn has_leasable(&self, agent: &str, now_ms: u64) -> bool {
+        self.migrations
+            .values()
+            .filter(|m| m.phase == Phase::Copying && m.spec.source_agent == agent)
+            .any(|m| {
+                self.pending.get(&m.id).is_some_and(|p| !p.is_empty())
+                    || self.leased.get(&m.id).into_iter().flatten().any(|id| {
+                        matches!(self.segments[&(m.id, *id)].state,
+                                 SegState::Leased { expires_ms, .. } if expires_ms <= now_ms)
+                    })
+            })
+    }
+
     /// The unexpired leases `agent` holds as a source.
     pub fn leases_of(&self, agent: &str, now_ms: u64) -> Vec<Lease> {
         let mut out = Vec::new();

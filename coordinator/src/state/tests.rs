@@ -544,3 +544,15 @@ fn leases_of_lists_what_an_agent_holds() {
     );
     let _ = mid;
 }
+
+#[test]
+fn has_leasable_matches_what_a_lease_would_grant() {
+    let mut w = World::new();
+    w.migration(&[(0, 1, 1)]);
+    assert!(w.s.has_leasable("src", 10));
+    assert!(!w.s.has_leasable("dst", 10));
+    let l = w.lease(1, 10);
+    assert_eq!(l.len(), 1);
+    assert!(!w.s.has_leasable("src", 11), "the only segment is leased");
+    assert!(w.s.has_leasable("src", 10 + TTL), "its lease expired");
+}

@@ -349,7 +349,7 @@ async fn main() -> anyhow::Result<()> {
     let meter = Arc::new(Meter::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for c in agents.iter().cloned() {
+    for c in agents.clone() {
         let (meter, stop) = (meter.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -441,7 +441,7 @@ async fn main() -> anyhow::Result<()> {
         .filter(|l| l.contains("Installed snapshot"))
         .filter_map(|l| l.split("bytes=").nth(1))
         .filter_map(|b| b.split_whitespace().next()?.parse().ok())
-        .last()
+        .next_back()
         .unwrap_or(0);
 
     println!("## Coordinator scale benchmark");
