@@ -56,6 +56,38 @@ fn spec(src: &std::path::Path) -> pb::MigrationSpec {
     }
 }
 
+/// A source tree, and a source and a target agent that know every coordinator in `all`.
+struct Agents {
+    src: std::path::PathBuf,
+    root: std::path::PathBuf,
+    source: ferry_agent::run::RunningAgent,
+    target: ferry_agent::run::RunningAgent,
+}
+
+async fn agents(env: &TestEnv, all: &str) -> Agents {
+    let src = env.path("src");
+    make_files(&src, 300, 48 * 1024);
+    let root = env.path("dst");
+    let target = env.agent("target", all, Some(root.clone())).await;
+    let mut cfg = env.agent_config("source", all, None);
+    cfg.max_in_flight = 2;
+    let source = ferry_agent::run::start(cfg).await.unwrap();
+    Agents {
+        src,
+        root,
+        source,
+        target,
+    }
+}
+
+/// Waits until migration `id` has at least five verified segments.
+async fn some_verified(ctl: &Ctl, id: u64) {
+    wait_for("some verified", Duration::from_secs(120), || async {
+        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
     let env = TestEnv::new();
@@ -63,21 +95,17 @@ async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
 
     // Agents know every coordinator; any node serves them.
     let all = addrs.join(",");
-    let src = env.path("src");
-    make_files(&src, 300, 48 * 1024);
-    let root = env.path("dst");
-    let target = env.agent("target", &all, Some(root.clone())).await;
-    let mut cfg = env.agent_config("source", &all, None);
-    cfg.max_in_flight = 2;
-    let source = ferry_agent::run::start(cfg).await.unwrap();
+    let Agents {
+        src,
+        root,
+        source,
+        target,
+    } = agents(&env, &all).await;
     // Created through a follower: the write is forwarded to the leader.
     let via_follower = env.ctl_try(&addrs[1]).await.expect("follower answers");
     let id = via_follower.create(spec(&src)).await.unwrap();
 
-    wait_for("some verified", Duration::from_secs(120), || async {
-        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
-    })
-    .await;
+    some_verified(&ctl, id).await;
     let before = ctl.verify(id, u32::MAX).await.unwrap();
     nodes[0].kill9();
     assert!(
@@ -122,18 +150,14 @@ async fn whole_cluster_restarted_from_disk_mid_migration_resumes() {
     let env = TestEnv::new();
     let (mut nodes, addrs, ctl) = form(&env, 3).await;
     let all = addrs.join(",");
-    let src = env.path("src");
-    make_files(&src, 300, 48 * 1024);
-    let root = env.path("dst");
-    let target = env.agent("target", &all, Some(root.clone())).await;
-    let mut cfg = env.agent_config("source", &all, None);
-    cfg.max_in_flight = 2;
-    let source = ferry_agent::run::start(cfg).await.unwrap();
+    let Agents {
+        src,
+        root,
+        source,
+        target,
+    } = agents(&env, &all).await;
     let id = ctl.create(spec(&src)).await.unwrap();
-    wait_for("some verified", Duration::from_secs(120), || async {
-        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
-    })
-    .await;
+    some_verified(&ctl, id).await;
     let before = ctl.verify(id, u32::MAX).await.unwrap();
     for n in nodes.iter_mut() {
         n.kill9();
@@ -175,18 +199,14 @@ async fn replaced_follower_catches_up_by_snapshot_during_a_migration() {
     let env = TestEnv::new();
     let (mut nodes, addrs, ctl) = form(&env, 3).await;
     let all = addrs.join(",");
-    let src = env.path("src");
-    make_files(&src, 300, 48 * 1024);
-    let root = env.path("dst");
-    let target = env.agent("target", &all, Some(root.clone())).await;
-    let mut cfg = env.agent_config("source", &all, None);
-    cfg.max_in_flight = 2;
-    let source = ferry_agent::run::start(cfg).await.unwrap();
+    let Agents {
+        src,
+        root,
+        source,
+        target,
+    } = agents(&env, &all).await;
     let id = ctl.create(spec(&src)).await.unwrap();
-    wait_for("some verified", Duration::from_secs(120), || async {
-        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
-    })
-    .await;
+    some_verified(&ctl, id).await;
 
     // Retire node 3 and bring in a fresh node 4 while segments keep flowing. Logs are compacted
     // every 100 entries (10 kept): once the leader has purged its first entries, node 4 can only
