@@ -70,7 +70,12 @@ impl Control {
                     .map_err(|e| bad(e.to_string()))?
                     .connect_timeout(Duration::from_secs(5))
                     .timeout(Duration::from_secs(30))
-                    .tcp_nodelay(true),
+                    .tcp_nodelay(true)
+                    // Notice a coordinator that vanished without closing (a partition) within
+                    // seconds, so calls fail over instead of waiting out their timeout.
+                    .http2_keep_alive_interval(Duration::from_secs(2))
+                    .keep_alive_timeout(Duration::from_secs(3))
+                    .keep_alive_while_idle(true),
             );
         }
         if endpoints.is_empty() {
@@ -119,7 +124,14 @@ impl Control {
                     return Ok(r.into_inner());
                 }
                 Err(s) if s.code() == tonic::Code::Unavailable => last = Some(s),
-                Err(s) => return Err(self.err(s)),
+                Err(s) => {
+                    if s.code() == tonic::Code::DeadlineExceeded && n > 1 {
+                        // The node may be cut off: its outcome is unknown, so this call is not
+                        // resent, but the next calls start at the next node.
+                        self.current.store((idx + 1) % n, Ordering::Relaxed);
+                    }
+                    return Err(self.err(s));
+                }
             }
         }
         Err(self.err(last.expect("at least one coordinator is listed")))

@@ -50,6 +50,9 @@ impl Peers {
                     .map_err(|e| format!("TLS for peer {addr}: {e}"))?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(2))
+                    .keep_alive_timeout(Duration::from_secs(3))
+                    .keep_alive_while_idle(true)
                     .connect_lazy();
                 map.insert(addr.to_string(), c.clone());
                 c

@@ -6,6 +6,7 @@ mod harness;
 mod bad_input;
 mod cluster;
 mod deploy;
+mod partition;
 mod processes;
 mod quickstart;
 mod resume;
