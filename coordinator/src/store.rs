@@ -469,6 +469,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if membership_changed {
             batch.insert("membership", enc(&a.membership)?);
         }
+        // Fault point: a crash here loses the in-memory changes and writes nothing, so the
+        // entries are applied again, once, after a restart (store::tests::crash_between_apply_and_record_never_applies_twice).
+        #[cfg(test)]
+        if tests::CRASH_BEFORE_RECORD.with(|c| c.get()) {
+            return Err(
+                StorageIOError::write_state_machine(&AnyErr("injected crash".into())).into(),
+            );
+        }
         self.tree
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;

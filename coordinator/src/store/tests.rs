@@ -6,6 +6,12 @@ use openraft::RaftSnapshotBuilder;
 
 use super::*;
 
+thread_local! {
+    /// Fault point in `StateMachine::apply`: fail after applying in memory, before the sled batch
+    /// that records the changes and `applied` together.
+    pub(super) static CRASH_BEFORE_RECORD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
@@ -204,5 +210,41 @@ async fn a_damaged_snapshot_is_refused() {
     assert!(
         other.shared().read().unwrap().state.segments.is_empty(),
         "state unchanged"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn crash_between_apply_and_record_never_applies_twice() {
+    let entries = busy_entries();
+    // Reference: everything applied once.
+    let r = tempfile::tempdir().unwrap();
+    let (_log, mut reference) = open(r.path()).unwrap();
+    reference.apply(entries.clone()).await.unwrap();
+    let want = reference.shared().read().unwrap().state.clone();
+
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(entries[..4].to_vec()).await.unwrap();
+        CRASH_BEFORE_RECORD.with(|c| c.set(true));
+        let crashed = sm.apply(entries[4..].to_vec()).await;
+        CRASH_BEFORE_RECORD.with(|c| c.set(false));
+        assert!(crashed.is_err(), "the fault point must fire");
+        // The process dies here: memory is lost, only sled remains.
+    }
+    let (_log, mut sm) = open(dir.path()).unwrap();
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(
+        applied.map(|l| l.index),
+        Some(4),
+        "nothing of the crashed batch was recorded"
+    );
+    // openraft re-applies from the last recorded index; the result equals applying once.
+    sm.apply(entries[4..].to_vec()).await.unwrap();
+    assert_eq!(sm.shared().read().unwrap().state, want);
+    let m = &want.migrations[&1];
+    assert_eq!(
+        (m.counters.leases_granted, m.counters.verified_segments),
+        (2, 1)
     );
 }
