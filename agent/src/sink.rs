@@ -188,11 +188,6 @@ impl FsSink {
         })
     }
 
-    /// The canonical root.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Resolves `base/rel` below the root, creating missing directories (recorded in `created`),
     /// refusing symlinks. Returns the parent directory and the final path.
     fn resolve(

@@ -176,12 +176,6 @@ impl Ca {
     }
 }
 
-/// Copies the CA certificate (not its key) into another directory, for hosts that only verify.
-pub fn copy_ca_cert(from_dir: &Path, to_dir: &Path) -> Result<(), PkiError> {
-    let pem = read_file(&from_dir.join("ca.pem"))?;
-    write_file(&to_dir.join("ca.pem"), &pem, 0o644)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

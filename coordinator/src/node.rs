@@ -108,15 +108,6 @@ impl RunningNode {
             tracing::warn!(message = "Raft shutdown failed.", error = %e);
         }
     }
-
-    /// Resolves when the gRPC server stops for a reason other than [`RunningNode::shutdown`].
-    pub async fn wait(&mut self) -> Result<(), String> {
-        match (&mut self.server).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
 }
 
 /// Starts a node: opens the store, starts Raft (initialising a single-node cluster on first start)

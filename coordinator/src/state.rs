@@ -437,7 +437,7 @@ impl State {
                 }
                 None => refused(format!("agent {name} is not registered; register first")),
             },
-            Command::CreateMigration { spec, now_ms } => self.create_migration(index, spec, now_ms),
+            Command::CreateMigration { spec, now_ms } => self.create_migration(spec, now_ms),
             Command::RegisterSegments {
                 agent,
                 migration_id,
@@ -512,7 +512,7 @@ impl State {
         }
     }
 
-    fn create_migration(&mut self, _index: u64, spec: MigrationSpec, now_ms: u64) -> Response {
+    fn create_migration(&mut self, spec: MigrationSpec, now_ms: u64) -> Response {
         if spec.source_agent == spec.target_agent {
             return refused("source and target agent must differ");
         }
