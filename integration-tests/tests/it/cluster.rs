@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use ferry_coordinator::ctl::Ctl;
-use ferry_proto::admin as pb;
 
-use crate::harness::{assert_same_tree, make_files, wait_for, CoordinatorProcess, TestEnv};
+use crate::harness::{
+    assert_not_resent, assert_same_tree, migration_spec, wait_for, wait_verified, Agents,
+    CoordinatorProcess, TestEnv,
+};
 
 /// Waits until some node in `addrs` answers with a leader, optionally one other than `not`.
 async fn leader(env: &TestEnv, addrs: &[String], not: Option<u64>) -> (Ctl, u64) {
@@ -46,48 +48,6 @@ async fn form(env: &TestEnv, n: u64) -> (Vec<CoordinatorProcess>, Vec<String>, C
     (nodes, addrs, ctl)
 }
 
-fn spec(src: &std::path::Path) -> pb::MigrationSpec {
-    pb::MigrationSpec {
-        source_agent: "source".into(),
-        source_path: src.to_string_lossy().into_owned(),
-        target_agent: "target".into(),
-        target_path: String::new(),
-        segment_size: 256 * 1024,
-    }
-}
-
-/// A source tree, and a source and a target agent that know every coordinator in `all`.
-struct Agents {
-    src: std::path::PathBuf,
-    root: std::path::PathBuf,
-    source: ferry_agent::run::RunningAgent,
-    target: ferry_agent::run::RunningAgent,
-}
-
-async fn agents(env: &TestEnv, all: &str) -> Agents {
-    let src = env.path("src");
-    make_files(&src, 300, 48 * 1024);
-    let root = env.path("dst");
-    let target = env.agent("target", all, Some(root.clone())).await;
-    let mut cfg = env.agent_config("source", all, None);
-    cfg.max_in_flight = 2;
-    let source = ferry_agent::run::start(cfg).await.unwrap();
-    Agents {
-        src,
-        root,
-        source,
-        target,
-    }
-}
-
-/// Waits until migration `id` has at least five verified segments.
-async fn some_verified(ctl: &Ctl, id: u64) {
-    wait_for("some verified", Duration::from_secs(120), || async {
-        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
     let env = TestEnv::new();
@@ -100,12 +60,12 @@ async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
         root,
         source,
         target,
-    } = agents(&env, &all).await;
+    } = env.agent_pair(&all).await;
     // Created through a follower: the write is forwarded to the leader.
     let via_follower = env.ctl_try(&addrs[1]).await.expect("follower answers");
-    let id = via_follower.create(spec(&src)).await.unwrap();
+    let id = via_follower.create(migration_spec(&src, "")).await.unwrap();
 
-    some_verified(&ctl, id).await;
+    wait_verified(&ctl, id, 5).await;
     let before = ctl.verify(id, u32::MAX).await.unwrap();
     nodes[0].kill9();
     assert!(
@@ -122,18 +82,7 @@ async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
     assert_eq!(done.phase, "done");
     let after = ctl.verify(id, u32::MAX).await.unwrap();
     assert!(after.all_verified && after.hash_mismatches == 0);
-    for s in before.segments.iter().filter(|s| s.state == "verified") {
-        let a = after
-            .segments
-            .iter()
-            .find(|a| a.segment_id == s.segment_id)
-            .unwrap();
-        assert_eq!(
-            a.leases, s.leases,
-            "segment {} verified before the kill was sent again",
-            s.segment_id
-        );
-    }
+    assert_not_resent(&before, &after);
     assert_same_tree(&src, &root);
 
     // The dead node is still a member until removed; removing it works with two alive.
@@ -155,9 +104,9 @@ async fn whole_cluster_restarted_from_disk_mid_migration_resumes() {
         root,
         source,
         target,
-    } = agents(&env, &all).await;
-    let id = ctl.create(spec(&src)).await.unwrap();
-    some_verified(&ctl, id).await;
+    } = env.agent_pair(&all).await;
+    let id = ctl.create(migration_spec(&src, "")).await.unwrap();
+    wait_verified(&ctl, id, 5).await;
     let before = ctl.verify(id, u32::MAX).await.unwrap();
     for n in nodes.iter_mut() {
         n.kill9();
@@ -177,18 +126,7 @@ async fn whole_cluster_restarted_from_disk_mid_migration_resumes() {
     assert_eq!(done.phase, "done");
     let after = ctl.verify(id, u32::MAX).await.unwrap();
     assert!(after.all_verified);
-    for s in before.segments.iter().filter(|s| s.state == "verified") {
-        let a = after
-            .segments
-            .iter()
-            .find(|a| a.segment_id == s.segment_id)
-            .unwrap();
-        assert_eq!(
-            a.leases, s.leases,
-            "segment {} sent again after the restart",
-            s.segment_id
-        );
-    }
+    assert_not_resent(&before, &after);
     assert_same_tree(&src, &root);
     source.shutdown().await;
     target.shutdown().await;
@@ -204,9 +142,9 @@ async fn replaced_follower_catches_up_by_snapshot_during_a_migration() {
         root,
         source,
         target,
-    } = agents(&env, &all).await;
-    let id = ctl.create(spec(&src)).await.unwrap();
-    some_verified(&ctl, id).await;
+    } = env.agent_pair(&all).await;
+    let id = ctl.create(migration_spec(&src, "")).await.unwrap();
+    wait_verified(&ctl, id, 5).await;
 
     // Retire node 3 and bring in a fresh node 4 while segments keep flowing. Logs are compacted
     // every 100 entries (10 kept): once the leader has purged its first entries, node 4 can only

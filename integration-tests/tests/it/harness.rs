@@ -368,3 +368,77 @@ impl TestEnv {
         Ctl::connect(coordinator, &tls).await.ok()
     }
 }
+
+/// The migration the tests run: agent "source" to agent "target", 256 KiB segments.
+pub fn migration_spec(src: &Path, target_path: &str) -> ferry_proto::admin::MigrationSpec {
+    ferry_proto::admin::MigrationSpec {
+        source_agent: "source".into(),
+        source_path: src.to_string_lossy().into_owned(),
+        target_agent: "target".into(),
+        target_path: target_path.into(),
+        segment_size: 256 * 1024,
+    }
+}
+
+/// Waits until migration `id` has at least `n` verified segments.
+pub async fn wait_verified(ctl: &Ctl, id: u64, n: u64) {
+    wait_for(
+        "segments to be verified",
+        Duration::from_secs(120),
+        || async { (ctl.status(id).await.ok()?.segments_verified >= n).then_some(()) },
+    )
+    .await;
+}
+
+/// Every segment verified in `before` has the same lease count and hash in `after`: it was
+/// not sent again.
+pub fn assert_not_resent(
+    before: &ferry_proto::admin::VerifyMigrationResponse,
+    after: &ferry_proto::admin::VerifyMigrationResponse,
+) {
+    let after: std::collections::HashMap<u64, _> =
+        after.segments.iter().map(|s| (s.segment_id, s)).collect();
+    let mut checked = 0;
+    for s in before.segments.iter().filter(|s| s.state == "verified") {
+        let a = after[&s.segment_id];
+        assert_eq!(
+            a.leases, s.leases,
+            "segment {} was verified before, but leased again",
+            s.segment_id
+        );
+        assert_eq!(a.source_blake3, s.source_blake3);
+        checked += 1;
+    }
+    assert!(checked > 0, "nothing was verified before");
+}
+
+/// A source tree of 300 files and a source and a target agent that know `coordinators`.
+pub struct Agents {
+    /// The source tree.
+    pub src: PathBuf,
+    /// The target agent's root.
+    pub root: PathBuf,
+    /// The source agent (two segments in flight).
+    pub source: RunningAgent,
+    /// The target agent.
+    pub target: RunningAgent,
+}
+
+impl TestEnv {
+    /// Starts [`Agents`].
+    pub async fn agent_pair(&self, coordinators: &str) -> Agents {
+        let src = self.path("src");
+        make_files(&src, 300, 48 * 1024);
+        let root = self.path("dst");
+        let target = self.agent("target", coordinators, Some(root.clone())).await;
+        let mut cfg = self.agent_config("source", coordinators, None);
+        cfg.max_in_flight = 2;
+        let source = ferry_agent::run::start(cfg).await.unwrap();
+        Agents {
+            src,
+            root,
+            source,
+            target,
+        }
+    }
+}

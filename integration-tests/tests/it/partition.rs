@@ -6,9 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ferry_common::pki::Identity;
-use ferry_proto::admin as pb;
 
-use crate::harness::{assert_same_tree, make_files, wait_for, TestEnv};
+use crate::harness::{
+    assert_not_resent, assert_same_tree, migration_spec, wait_for, wait_verified, Agents, TestEnv,
+};
 
 /// Namespaces, veths and a bridge, removed on drop.
 struct Net {
@@ -166,27 +167,14 @@ async fn partitioned_leader_commits_nothing_and_the_majority_carries_on() {
     }
 
     let all = (1..=3).map(addr).collect::<Vec<_>>().join(",");
-    let src = env.path("src");
-    make_files(&src, 300, 48 * 1024);
-    let root = env.path("dst");
-    let target = env.agent("target", &all, Some(root.clone())).await;
-    let mut cfg = env.agent_config("source", &all, None);
-    cfg.max_in_flight = 2;
-    let source = ferry_agent::run::start(cfg).await.unwrap();
-    let id = ctl
-        .create(pb::MigrationSpec {
-            source_agent: "source".into(),
-            source_path: src.to_string_lossy().into_owned(),
-            target_agent: "target".into(),
-            target_path: String::new(),
-            segment_size: 256 * 1024,
-        })
-        .await
-        .unwrap();
-    wait_for("some verified", Duration::from_secs(120), || async {
-        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
-    })
-    .await;
+    let Agents {
+        src,
+        root,
+        source,
+        target,
+    } = env.agent_pair(&all).await;
+    let id = ctl.create(migration_spec(&src, "")).await.unwrap();
+    wait_verified(&ctl, id, 5).await;
     let before = ctl.verify(id, u32::MAX).await.unwrap();
 
     // Cut the leader off from everyone.
@@ -252,18 +240,7 @@ async fn partitioned_leader_commits_nothing_and_the_majority_carries_on() {
     );
     let after = back.verify(id, u32::MAX).await.unwrap();
     assert!(after.all_verified);
-    for s in before.segments.iter().filter(|s| s.state == "verified") {
-        let a = after
-            .segments
-            .iter()
-            .find(|a| a.segment_id == s.segment_id)
-            .unwrap();
-        assert_eq!(
-            a.leases, s.leases,
-            "segment {} verified before the cut was sent again",
-            s.segment_id
-        );
-    }
+    assert_not_resent(&before, &after);
     source.shutdown().await;
     target.shutdown().await;
     drop(nodes);

@@ -5,54 +5,12 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ferry_coordinator::ctl::Ctl;
 use ferry_proto::admin as pb;
 
-use crate::harness::{assert_same_tree, make_files, wait_for, CoordinatorProcess, TestEnv};
-
-const SEGMENT: u64 = 256 * 1024;
-
-fn spec(src: &std::path::Path) -> pb::MigrationSpec {
-    pb::MigrationSpec {
-        source_agent: "source".into(),
-        source_path: src.to_string_lossy().into_owned(),
-        target_agent: "target".into(),
-        target_path: "restored".into(),
-        segment_size: SEGMENT,
-    }
-}
-
-/// Waits until at least `n` segments are verified and returns every segment's state.
-async fn some_verified(ctl: &Ctl, id: u64, n: u64) -> pb::VerifyMigrationResponse {
-    wait_for(
-        "segments to be verified",
-        Duration::from_secs(120),
-        || async {
-            let p = ctl.status(id).await.ok()?;
-            (p.segments_verified >= n).then_some(())
-        },
-    )
-    .await;
-    ctl.verify(id, u32::MAX).await.unwrap()
-}
-
-/// Every segment verified in `before` has the same lease count in `after`: it was not resent.
-fn assert_not_resent(before: &pb::VerifyMigrationResponse, after: &pb::VerifyMigrationResponse) {
-    let after: HashMap<u64, &pb::SegmentState> =
-        after.segments.iter().map(|s| (s.segment_id, s)).collect();
-    let mut checked = 0;
-    for s in before.segments.iter().filter(|s| s.state == "verified") {
-        let a = after[&s.segment_id];
-        assert_eq!(
-            a.leases, s.leases,
-            "segment {} was verified before the restart but leased again",
-            s.segment_id
-        );
-        assert_eq!(a.source_blake3, s.source_blake3);
-        checked += 1;
-    }
-    assert!(checked > 0);
-}
+use crate::harness::{
+    assert_not_resent, assert_same_tree, make_files, migration_spec, wait_for, wait_verified,
+    CoordinatorProcess, TestEnv,
+};
 
 /// Upper bound on bytes a source may send after `before`: only segments not yet verified then,
 /// once per new lease plus one lease possibly in flight at the snapshot.
@@ -80,12 +38,9 @@ async fn target_restart_mid_migration_resumes_without_resending_verified_segment
     cfg.max_in_flight = 1;
     let source = ferry_agent::run::start(cfg).await.unwrap();
     let ctl = env.ctl(&coord).await;
-    let id = ctl.create(spec(&src)).await.unwrap();
+    let id = ctl.create(migration_spec(&src, "restored")).await.unwrap();
 
-    wait_for("some verified", Duration::from_secs(120), || async {
-        (ctl.status(id).await.ok()?.segments_verified >= 5).then_some(())
-    })
-    .await;
+    wait_verified(&ctl, id, 5).await;
     target.shutdown().await;
     let sent_before = source.stats.bytes_sent.load(Ordering::Relaxed);
     let before = ctl.verify(id, u32::MAX).await.unwrap();
@@ -121,7 +76,7 @@ async fn coordinator_kill9_mid_migration_resumes_from_its_sled_directory() {
     let src = env.path("src");
     make_files(&src, 400, 48 * 1024);
     // A split file too, so pieces verified before the crash must be kept by the target.
-    std::fs::write(src.join("big.bin"), vec![7u8; 3 * SEGMENT as usize + 1000]).unwrap();
+    std::fs::write(src.join("big.bin"), vec![7u8; 3 * 256 * 1024 + 1000]).unwrap();
     let root = env.path("dst");
     let mut coord = CoordinatorProcess::start(&env).unwrap();
     let addr = coord.addr.clone();
@@ -138,9 +93,10 @@ async fn coordinator_kill9_mid_migration_resumes_from_its_sled_directory() {
     let mut cfg = env.agent_config("source", &addr, None);
     cfg.max_in_flight = 1;
     let source = ferry_agent::run::start(cfg).await.unwrap();
-    let id = ctl.create(spec(&src)).await.unwrap();
+    let id = ctl.create(migration_spec(&src, "restored")).await.unwrap();
 
-    let before = some_verified(&ctl, id, 5).await;
+    wait_verified(&ctl, id, 5).await;
+    let before = ctl.verify(id, u32::MAX).await.unwrap();
     coord.kill9();
     assert!(
         before.segments_verified < before.segments_total,
@@ -195,7 +151,7 @@ async fn source_restart_mid_migration_continues_from_its_manifest() {
     cfg.max_in_flight = 1;
     let source = ferry_agent::run::start(cfg.clone()).await.unwrap();
     let ctl = env.ctl(&coord).await;
-    let id = ctl.create(spec(&src)).await.unwrap();
+    let id = ctl.create(migration_spec(&src, "restored")).await.unwrap();
 
     wait_for(
         "scan complete and some verified",
