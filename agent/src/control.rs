@@ -49,7 +49,15 @@ pub struct Control {
     /// unavailable.
     clients: std::sync::Arc<Vec<AgentControlClient<Channel>>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Queue of the report coalescer, started on the first report.
+    reports: std::sync::Arc<std::sync::OnceLock<ReportQueue>>,
 }
+
+type ReportReply = tokio::sync::oneshot::Sender<Result<pb::ReportSegmentResponse, ControlError>>;
+type ReportQueue = tokio::sync::mpsc::UnboundedSender<(pb::ReportSegmentRequest, ReportReply)>;
+
+/// Most reports in one `ReportSegments` call (the coordinator accepts up to 4096).
+pub const MAX_REPORTS_PER_CALL: usize = 512;
 
 impl Control {
     /// Prepares a connection to `addr` (`host:port`); it is established on first use, so an agent
@@ -93,6 +101,7 @@ impl Control {
             addr: addr.to_string(),
             clients: std::sync::Arc::new(clients),
             current: Default::default(),
+            reports: Default::default(),
         })
     }
 
@@ -297,7 +306,9 @@ impl Control {
         Ok(r)
     }
 
-    /// Reports a transfer's outcome from this end.
+    /// Reports a transfer's outcome from this end. Reports made while another is on its way are
+    /// sent together in one `ReportSegments` call (a target committing 32 segments at once makes
+    /// one call, not 32); each caller still gets its own answer.
     pub async fn report(
         &self,
         role: pb::Role,
@@ -310,21 +321,90 @@ impl Control {
             Ok(h) => (true, h.to_vec(), String::new()),
             Err(e) => (false, Vec::new(), e),
         };
-        let r = self
-            .call(
-                pb::ReportSegmentRequest {
-                    agent: self.agent.clone(),
-                    role: role as i32,
-                    migration_id,
-                    segment_id,
-                    epoch,
-                    ok,
-                    blake3,
-                    error,
-                },
-                |mut c, r| async move { c.report_segment(r).await },
-            )
-            .await?;
-        Ok(r)
+        let req = pb::ReportSegmentRequest {
+            agent: self.agent.clone(),
+            role: role as i32,
+            migration_id,
+            segment_id,
+            epoch,
+            ok,
+            blake3,
+            error,
+        };
+        let queue = self.reports.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            // The task's own handle has no queue, so it ends once every caller's handle is gone.
+            let sender = Control {
+                reports: Default::default(),
+                ..self.clone()
+            };
+            tokio::spawn(sender.send_reports(rx));
+            tx
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if queue.send((req, reply)).is_err() {
+            return Err(self.err(tonic::Status::unavailable("report queue closed")));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(self.err(tonic::Status::unavailable("report abandoned"))))
+    }
+
+    /// The report coalescer: one call at a time, carrying every report queued meanwhile.
+    async fn send_reports(
+        self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(pb::ReportSegmentRequest, ReportReply)>,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_REPORTS_PER_CALL {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let (reports, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let n = reports.len();
+            let res = self
+                .call(
+                    pb::ReportSegmentsRequest {
+                        agent: self.agent.clone(),
+                        reports,
+                    },
+                    |mut c, r| async move { c.report_segments(r).await },
+                )
+                .await;
+            match res {
+                Ok(r) if r.results.len() == n => {
+                    for (reply, one) in replies.into_iter().zip(r.results) {
+                        let out = match one.outcome.as_str() {
+                            "refused" => {
+                                Err(self.err(tonic::Status::failed_precondition(one.reason)))
+                            }
+                            "unavailable" => Err(self.err(tonic::Status::unavailable(one.reason))),
+                            _ => Ok(one),
+                        };
+                        let _ = reply.send(out);
+                    }
+                }
+                Ok(r) => {
+                    let why = format!("{} results for {n} reports", r.results.len());
+                    for reply in replies {
+                        let _ = reply.send(Err(self.err(tonic::Status::internal(why.clone()))));
+                    }
+                }
+                Err(e) => {
+                    let status = match &e {
+                        ControlError::Call { status, .. } => status.clone(),
+                        ControlError::Address { reason, .. } => {
+                            tonic::Status::invalid_argument(reason.clone())
+                        }
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(self.err(status.clone())));
+                    }
+                }
+            }
+        }
     }
 }

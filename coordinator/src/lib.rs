@@ -2,6 +2,7 @@
 //! agents and operators use, and the `ferryctl` client.
 
 pub mod cli;
+pub mod codec;
 pub mod ctl;
 pub mod grpc;
 pub mod network;

@@ -1,4 +1,4 @@
-//! Raft transport between coordinator nodes: openraft's RPCs as JSON over gRPC with mutual TLS
+//! Raft transport between coordinator nodes: openraft's RPCs in the binary encoding of [`crate::codec`] over gRPC with mutual TLS
 //! (the `RaftPeer` service in `proto/raft.proto`). Each peer gets one lazily connected channel.
 
 use std::collections::HashMap;
@@ -112,7 +112,7 @@ impl PeerNetwork {
         E: std::error::Error + DeserializeOwned,
     {
         let payload =
-            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            crate::codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let client = self
             .peers
             .client(&self.addr)
@@ -146,7 +146,7 @@ impl PeerNetwork {
             }
         };
         let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            crate::codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

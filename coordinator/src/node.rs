@@ -198,6 +198,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         applied: applied.clone(),
         node_id: cfg.node_id,
         lease_ttl_ms: cfg.lease_ttl_secs.max(1) * 1000,
+        commits: crate::grpc::group_commit::GroupCommit::start(raft.clone()),
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limit = 64 * 1024 * 1024;

@@ -12,6 +12,15 @@ pub const DEFAULT_LEASE_TTL_MS: u64 = 120_000;
 pub const MAX_LEASES_PER_AGENT: usize = 64;
 /// Scan issues kept per migration (the total is always counted).
 pub const MAX_SCAN_ISSUES_KEPT: usize = 1000;
+/// Most commands in one [`Command::Batch`]: the position in the batch is the low 16 bits of the
+/// fencing token.
+pub const MAX_BATCH_COMMANDS: usize = 1 << 16;
+
+/// The fencing token of a lease granted by the command at `position` of the entry at log
+/// `index`: unique per grant and increasing in log order.
+pub fn fencing_token(index: u64, position: usize) -> u64 {
+    (index << 16) | position as u64
+}
 
 /// A 32-byte BLAKE3 digest.
 pub type Digest = [u8; 32];
@@ -131,8 +140,8 @@ pub struct Migration {
 pub enum SegState {
     /// Waiting for a lease.
     Pending,
-    /// Held by the source until `expires_ms`; `epoch` is the fencing token (the granting entry's
-    /// log index).
+    /// Held by the source until `expires_ms`; `epoch` is the fencing token ([`fencing_token`] of
+    /// the granting command).
     Leased {
         /// Fencing token.
         epoch: u64,
@@ -265,6 +274,23 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// Several commands committed as one entry (group commit), applied in order. Each gets its
+    /// own response; one refused command does not affect the others.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Roughly how much work and log space the command takes (for sizing batches).
+    pub fn weight(&self) -> usize {
+        match self {
+            Command::RegisterSegments { segments, .. } => 1 + segments.len(),
+            Command::CompleteScan { issues, .. } | Command::SourceProblem { issues, .. } => {
+                1 + issues.len()
+            }
+            Command::Batch(cmds) => cmds.iter().map(Command::weight).sum(),
+            _ => 1,
+        }
+    }
 }
 
 /// A granted lease.
@@ -310,6 +336,11 @@ pub enum Response {
     Report(ReportOutcome, String),
     /// The command was refused; nothing changed. The text says why and what to do.
     Refused(String),
+    /// The responses of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
+    /// Never produced by the state machine: in the answer to a multi-command proposal, a command
+    /// that could not be committed (no leader, leadership moved). Nothing changed; retry it.
+    NotCommitted(String),
 }
 
 /// Keys changed since the last [`State::take_dirty`], so the store writes only those.
@@ -388,6 +419,18 @@ impl State {
         s
     }
 
+    /// The stored parts (agents, migrations, segments), without the derived indexes.
+    #[allow(clippy::type_complexity)]
+    pub fn into_parts(
+        self,
+    ) -> (
+        BTreeMap<String, Agent>,
+        BTreeMap<u64, Migration>,
+        BTreeMap<(u64, u64), Segment>,
+    ) {
+        (self.agents, self.migrations, self.segments)
+    }
+
     /// Recomputes the pending/leased indexes from the segments.
     pub fn rebuild_indexes(&mut self) {
         self.pending.clear();
@@ -410,9 +453,31 @@ impl State {
         std::mem::take(&mut self.dirty)
     }
 
-    /// Applies one command committed at log index `index`.
+    /// Applies the command committed at log index `index` (a batch: each of its commands, in
+    /// order).
     pub fn apply(&mut self, index: u64, cmd: Command) -> Response {
         match cmd {
+            Command::Batch(cmds) if cmds.len() > MAX_BATCH_COMMANDS => refused(format!(
+                "a batch of {} commands is over the limit of {MAX_BATCH_COMMANDS}",
+                cmds.len()
+            )),
+            Command::Batch(cmds) => Response::Batch(
+                cmds.into_iter()
+                    .enumerate()
+                    .map(|(pos, c)| match c {
+                        Command::Batch(_) => refused("batches do not nest"),
+                        c => self.apply_one(fencing_token(index, pos), c),
+                    })
+                    .collect(),
+            ),
+            c => self.apply_one(fencing_token(index, 0), c),
+        }
+    }
+
+    /// Applies one command; `token` is the fencing token of any lease it grants.
+    fn apply_one(&mut self, token: u64, cmd: Command) -> Response {
+        match cmd {
+            Command::Batch(_) => refused("batches do not nest"),
             Command::RegisterAgent {
                 name,
                 data_addr,
@@ -488,7 +553,7 @@ impl State {
                 max,
                 now_ms,
                 ttl_ms,
-            } => Response::Leases(self.lease(index, &agent, max, now_ms, ttl_ms)),
+            } => Response::Leases(self.lease(token, &agent, max, now_ms, ttl_ms)),
             Command::ReportSegment {
                 agent,
                 role,
@@ -696,7 +761,7 @@ impl State {
 
     /// The scheduler: grants `agent` up to `max` pending segments of migrations it is the source
     /// of, lowest ids first, round-robin across migrations, after returning expired leases.
-    fn lease(&mut self, index: u64, agent: &str, max: u32, now_ms: u64, ttl_ms: u64) -> Vec<Lease> {
+    fn lease(&mut self, token: u64, agent: &str, max: u32, now_ms: u64, ttl_ms: u64) -> Vec<Lease> {
         let mids: Vec<u64> = self
             .migrations
             .values()
@@ -733,7 +798,7 @@ impl State {
                     .expect("indexed segment exists");
                 let expires_ms = now_ms + ttl_ms;
                 seg.state = SegState::Leased {
-                    epoch: index,
+                    epoch: token,
                     expires_ms,
                 };
                 seg.leases += 1;
@@ -744,7 +809,7 @@ impl State {
                 out.push(Lease {
                     migration_id: mid,
                     segment_id: id,
-                    epoch: index,
+                    epoch: token,
                     expires_ms,
                     target_agent: target.name.clone(),
                     target_addr: target.data_addr.clone(),
@@ -895,6 +960,17 @@ impl State {
         };
         match seg.state {
             SegState::Leased { epoch: e, .. } if e == epoch => {}
+            // A report repeated after its answer was lost (a timeout, a leader change): the
+            // segment is already verified with the hash this end reports, so say so.
+            SegState::Verified
+                if result.as_ref().ok()
+                    == match role {
+                        Role::Source => seg.source_hash.as_ref(),
+                        Role::Target => seg.target_hash.as_ref(),
+                    } =>
+            {
+                return (ReportOutcome::Verified, String::new());
+            }
             _ => {
                 return (
                     ReportOutcome::Rejected,

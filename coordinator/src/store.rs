@@ -1,23 +1,36 @@
 //! Raft log and state machine in sled 0.34 (openraft's storage-v2 traits).
 //!
-//! One sled database per node, three trees:
-//! - `log`: entry index (u64 big-endian) → JSON entry; `meta` holds the vote, the last purged log
-//!   id and the format version. Appends and votes are flushed before openraft is told they are
+//! One sled database per node (the node's data directory), three trees, every value in the
+//! binary encoding of [`crate::codec`]:
+//! - `log`: entry index (u64 big-endian) → entry; `meta` holds the vote, the last purged log id
+//!   and the format version. Appends and votes are flushed before openraft is told they are
 //!   durable.
-//! - `sm`: the applied state — one record per agent (`a/<name>`), migration (`m/<id>`) and segment
-//!   (`s/<mig><seg>`), plus `applied` and `membership`. Each apply batch, including the new
+//! - `sm-<generation>`: the applied state's records written since the last snapshot install —
+//!   one per agent (`a/<name>`), migration (`m/<id>`) and segment (`s/<mig><seg>`; an empty value
+//!   is a tombstone), plus `applied` and `membership`. Each apply batch, including the new
 //!   `applied`, is one atomic sled batch, so an entry is never applied twice.
-//! - `snap`: the current snapshot (meta + data), flushed before logs are purged.
 //!
-//! The live [`State`] is also kept in memory (shared with the gRPC services for reads).
+//! The current snapshot is a file beside the trees (`ferry-snapshot/current`: meta, then the
+//! sealed body), written to a temporary name, fsynced and renamed before logs are purged. It is
+//! also the base of the state machine: the state is the snapshot with the `sm` records laid over
+//! it. That overlay is always right because every record in the tree is the latest value of its
+//! key and the tree's `applied` is at or past the snapshot. Installing a snapshot from the leader
+//! therefore writes one file and switches to a new, empty generation of the tree (the number is
+//! in `meta/sm_generation`), instead of rewriting millions of records; the old generation is
+//! dropped afterwards. A snapshot newer than the tree's `applied` found at start-up is an install
+//! that was interrupted before the switch: the switch is finished then.
+//!
+//! The live [`State`] is also kept in memory (shared with the gRPC services for reads). sled's
+//! own cache is bounded by [`SLED_CACHE_BYTES`]: the state is served from memory, so sled's
+//! cache only has to hold what is being written.
 
 // openraft's trait methods return its `StorageError` (224 bytes); our helpers return the same type.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{Cursor, Write};
 use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -27,11 +40,19 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{decode, encode};
 use crate::raft_types::{NodeId, StorageError, TypeConfig};
-use crate::state::{Agent, Migration, Segment, State};
+use crate::state::{Migration, Segment, State};
 
 /// Version of the on-disk layout; a node refuses to open a directory of another version.
-pub const FORMAT_VERSION: u64 = 1;
+/// 1: JSON records, snapshot in sled. 2: binary records ([`crate::codec`]), snapshot in a file.
+pub const FORMAT_VERSION: u64 = 2;
+
+/// sled's page cache per node (its default is 1 GiB, which alone broke the RSS budget).
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Directory of the snapshot file, inside the node's data directory.
+const SNAPSHOT_DIR: &str = "ferry-snapshot";
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
@@ -79,11 +100,15 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 /// Opens (or creates) the node's sled database and returns its log store and state machine.
-pub fn open(path: &std::path::Path) -> Result<(LogStore, StateMachine), OpenError> {
-    let db = sled::open(path).map_err(|source| OpenError::Sled {
-        path: path.to_path_buf(),
-        source,
-    })?;
+pub fn open(path: &Path) -> Result<(LogStore, StateMachine), OpenError> {
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .open()
+        .map_err(|source| OpenError::Sled {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let sled_err = |source| OpenError::Sled {
         path: path.to_path_buf(),
         source,
@@ -105,18 +130,21 @@ pub fn open(path: &std::path::Path) -> Result<(LogStore, StateMachine), OpenErro
             }
         }
     }
+    let meta_for_sm = meta.clone();
     let log = LogStore {
         log: db.open_tree("log").map_err(sled_err)?,
         meta,
     };
-    let sm = StateMachine::load(
-        db.open_tree("sm").map_err(sled_err)?,
-        db.open_tree("snap").map_err(sled_err)?,
-    )
-    .map_err(|message| OpenError::Corrupt {
-        path: path.to_path_buf(),
-        message,
+    let snap_dir = path.join(SNAPSHOT_DIR);
+    std::fs::create_dir_all(&snap_dir).map_err(|e| OpenError::Corrupt {
+        path: snap_dir.clone(),
+        message: format!("cannot create the snapshot directory: {e}"),
     })?;
+    let sm =
+        StateMachine::load(db, meta_for_sm, snap_dir).map_err(|message| OpenError::Corrupt {
+            path: path.to_path_buf(),
+            message,
+        })?;
     Ok((log, sm))
 }
 
@@ -131,12 +159,12 @@ impl LogStore {
     fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, StorageError> {
         match self.meta.get(key).map_err(read_err)? {
             None => Ok(None),
-            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(read_err)?)),
+            Some(v) => Ok(Some(decode(&v).map_err(read_err)?)),
         }
     }
 
     async fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(v).map_err(write_err)?;
+        let bytes = encode(v).map_err(write_err)?;
         self.meta.insert(key, bytes).map_err(write_err)?;
         self.meta.flush_async().await.map_err(write_err)?;
         Ok(())
@@ -161,7 +189,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
-            out.push(serde_json::from_slice(&v).map_err(read_err)?);
+            out.push(decode(&v).map_err(read_err)?);
         }
         Ok(out)
     }
@@ -174,7 +202,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged: Option<LogId<NodeId>> = self.get_meta("last_purged")?;
         let last = match self.log.last().map_err(read_err)? {
             Some((_, v)) => {
-                let e: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+                let e: Entry<TypeConfig> = decode(&v).map_err(read_err)?;
                 Some(e.log_id)
             }
             None => last_purged,
@@ -218,7 +246,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for e in entries {
-            let v = serde_json::to_vec(&e).map_err(write_err)?;
+            let v = encode(&e).map_err(write_err)?;
             batch.insert(&e.log_id.index.to_be_bytes(), v);
         }
         self.log.apply_batch(batch).map_err(write_err)?;
@@ -250,11 +278,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// The state machine: in-memory [`State`] plus its sled records.
+/// The state machine: in-memory [`State`]; durably, the snapshot file plus the sled records
+/// written since it was installed.
 pub struct StateMachine {
+    db: sled::Db,
+    meta: sled::Tree,
+    /// The current generation of the records tree.
     tree: sled::Tree,
-    snap: sled::Tree,
+    generation: u64,
+    snap_dir: PathBuf,
+    /// Held while the snapshot file is replaced, so an older snapshot never replaces a newer one.
+    snap_lock: Arc<std::sync::Mutex<()>>,
     shared: Arc<RwLock<Applied>>,
+    /// The thread dropping old generations, joined before the next one and on drop.
+    dropper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for StateMachine {
+    fn drop(&mut self) {
+        if let Some(t) = self.dropper.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sm_tree_name(generation: u64) -> String {
+    format!("sm-{generation}")
 }
 
 /// What the state machine has applied; shared read-only with the services.
@@ -268,14 +317,19 @@ pub struct Applied {
     pub membership: Membership,
 }
 
-/// Snapshot bytes: a 32-byte BLAKE3 of the body, then the body (JSON of [`SnapshotData`]). The
-/// checksum is verified before a snapshot is installed or loaded, so a snapshot damaged in
-/// transit or on disk is refused instead of becoming the state.
-fn seal_snapshot(d: &SnapshotData) -> Result<Vec<u8>, serde_json::Error> {
-    let body = serde_json::to_vec(d)?;
-    let mut out = Vec::with_capacity(32 + body.len());
-    out.extend_from_slice(blake3::hash(&body).as_bytes());
-    out.extend_from_slice(&body);
+/// Snapshot bytes: a 32-byte BLAKE3 of the body, then the body (the encoded [`SnapshotData`]).
+/// The checksum is verified before a snapshot is installed or loaded, so a snapshot damaged in
+/// transit or on disk is refused instead of becoming the state. Encoded straight from the live
+/// state under its read lock (no clone: a clone of millions of segments doubled the memory).
+fn seal_snapshot(a: &Applied) -> Result<Vec<u8>, crate::codec::CodecError> {
+    let body = SnapshotRef {
+        last_applied: &a.last_applied,
+        membership: &a.membership,
+        state: &a.state,
+    };
+    let mut out = crate::codec::encode_into(&body, vec![0; 32])?;
+    let digest = blake3::hash(&out[32..]);
+    out[..32].copy_from_slice(digest.as_bytes());
     Ok(out)
 }
 
@@ -285,22 +339,30 @@ enum SnapshotError {
     #[error("snapshot checksum mismatch ({0} bytes): refusing a damaged snapshot")]
     Checksum(usize),
     #[error("snapshot body is not valid: {0}")]
-    Body(#[from] serde_json::Error),
+    Body(#[from] crate::codec::CodecError),
 }
 
 fn open_snapshot(bytes: &[u8]) -> Result<SnapshotData, SnapshotError> {
     if bytes.len() < 32 || blake3::hash(&bytes[32..]).as_bytes() != &bytes[..32] {
         return Err(SnapshotError::Checksum(bytes.len()));
     }
-    Ok(serde_json::from_slice(&bytes[32..])?)
+    Ok(decode(&bytes[32..])?)
 }
 
 /// The serialised form of a snapshot.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct SnapshotData {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     state: State,
+}
+
+/// [`SnapshotData`] by reference, for encoding (same fields, same order, same encoding).
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    last_applied: &'a Option<LogId<NodeId>>,
+    membership: &'a Membership,
+    state: &'a State,
 }
 
 fn agent_key(name: &str) -> Vec<u8> {
@@ -315,62 +377,154 @@ fn segment_key(m: u64, s: u64) -> Vec<u8> {
     [b"s/".as_slice(), &m.to_be_bytes(), &s.to_be_bytes()].concat()
 }
 
+/// Name of the snapshot file in the snapshot directory.
+const SNAPSHOT_FILE: &str = "current";
+
+/// Reads the snapshot file: `u64` (big-endian) length of the encoded meta, the meta, the data.
+fn read_snapshot_file(dir: &Path) -> AnyResult<Option<(Meta, Vec<u8>)>> {
+    let mut bytes = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if bytes.len() < 8 {
+        return Err(format!("snapshot file of {} bytes is truncated", bytes.len()).into());
+    }
+    let meta_len = u64::from_be_bytes(bytes[..8].try_into()?) as usize;
+    if bytes.len() < 8 + meta_len {
+        return Err(format!("snapshot file of {} bytes is truncated", bytes.len()).into());
+    }
+    let meta = decode(&bytes[8..8 + meta_len])?;
+    bytes.drain(..8 + meta_len);
+    Ok(Some((meta, bytes)))
+}
+
+/// Reads only the meta of the snapshot file.
+fn read_snapshot_meta(dir: &Path) -> AnyResult<Option<Meta>> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(dir.join(SNAPSHOT_FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let len = u64::from_be_bytes(len);
+    if len > f.metadata()?.len() {
+        return Err(format!("snapshot file meta length {len} is past its end").into());
+    }
+    let mut meta = vec![0u8; len as usize];
+    f.read_exact(&mut meta)?;
+    Ok(Some(decode(&meta)?))
+}
+
+/// Writes the snapshot file atomically: a temporary file, fsync, rename, fsync of the directory.
+fn write_snapshot_file(dir: &Path, meta: &Meta, data: &[u8]) -> AnyResult<()> {
+    let meta = encode(meta)?;
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&(meta.len() as u64).to_be_bytes())?;
+    f.write_all(&meta)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 impl StateMachine {
-    fn load(tree: sled::Tree, snap: sled::Tree) -> Result<Self, String> {
-        let sm = StateMachine {
-            tree,
-            snap,
-            shared: Arc::default(),
+    fn load(db: sled::Db, meta: sled::Tree, snap_dir: PathBuf) -> Result<Self, String> {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        let generation = match meta.get("sm_generation").map_err(|x| e(&x))? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|x| e(&x))?),
+            None => 0,
         };
-        let from_tree = sm.read_tree().map_err(|e| e.to_string())?;
-        // A snapshot newer than the tree means an install was interrupted: finish it.
-        let snapshot = sm.read_snapshot().map_err(|e| e.to_string())?;
+        let tree = db.open_tree(sm_tree_name(generation)).map_err(|x| e(&x))?;
+        let mut sm = StateMachine {
+            db,
+            meta,
+            tree,
+            generation,
+            snap_dir,
+            snap_lock: Arc::default(),
+            shared: Arc::default(),
+            dropper: None,
+        };
+        sm.drop_old_generations();
+        let snapshot = read_snapshot_file(&sm.snap_dir).map_err(|x| e(&*x))?;
+        let tree_applied: Option<LogId<NodeId>> = match sm.tree.get("applied").map_err(|x| e(&x))? {
+            Some(v) => decode(&v).map_err(|x| e(&x))?,
+            None => None,
+        };
         let applied = match snapshot {
-            Some((meta, data)) if meta.last_log_id > from_tree.last_applied => {
-                let d = open_snapshot(&data).map_err(|e| e.to_string())?;
-                sm.write_all(&d).map_err(|e| e.to_string())?;
-                let mut state = d.state;
-                state.rebuild_indexes();
-                Applied {
-                    state,
-                    last_applied: d.last_applied,
-                    membership: d.membership,
+            None => sm.read_tree(State::default(), None).map_err(|x| e(&*x))?,
+            Some((smeta, data)) => {
+                let d = open_snapshot(&data).map_err(|x| {
+                    format!(
+                        "{x}; the snapshot file in {} is the base of this node's state: remove \
+                         the node's data directory and add it to the cluster again",
+                        sm.snap_dir.display()
+                    )
+                })?;
+                if smeta.last_log_id > tree_applied {
+                    // An install was interrupted before the switch to a new generation.
+                    sm.switch_generation(&d).map_err(|x| e(&*x))?;
+                    let mut state = d.state;
+                    state.rebuild_indexes();
+                    Applied {
+                        state,
+                        last_applied: d.last_applied,
+                        membership: d.membership,
+                    }
+                } else {
+                    sm.read_tree(d.state, Some(d.membership))
+                        .map_err(|x| e(&*x))?
                 }
             }
-            _ => from_tree,
         };
         *sm.shared.write().expect("not poisoned") = applied;
         Ok(sm)
     }
 
-    fn read_tree(&self) -> AnyResult<Applied> {
-        let mut agents = BTreeMap::new();
-        let mut migrations = BTreeMap::new();
-        let mut segments = BTreeMap::new();
+    /// The state: `base` with the tree's records laid over it.
+    fn read_tree(&self, base: State, membership: Option<Membership>) -> AnyResult<Applied> {
+        let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
-            let (_, v) = kv?;
-            let a: Agent = serde_json::from_slice(&v)?;
-            agents.insert(a.name.clone(), a);
+            let (k, v) = kv?;
+            let name = String::from_utf8(k[2..].to_vec())?;
+            if v.is_empty() {
+                agents.remove(&name);
+            } else {
+                agents.insert(name, decode(&v)?);
+            }
         }
         for kv in self.tree.scan_prefix(b"m/") {
-            let (_, v) = kv?;
-            let m: Migration = serde_json::from_slice(&v)?;
-            migrations.insert(m.id, m);
+            let (k, v) = kv?;
+            let id = u64::from_be_bytes(k[2..10].try_into()?);
+            if v.is_empty() {
+                migrations.remove(&id);
+            } else {
+                migrations.insert(id, decode::<Migration>(&v)?);
+            }
         }
         for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
             let m = u64::from_be_bytes(k[2..10].try_into()?);
             let s = u64::from_be_bytes(k[10..18].try_into()?);
-            let seg: Segment = serde_json::from_slice(&v)?;
-            segments.insert((m, s), seg);
+            if v.is_empty() {
+                segments.remove(&(m, s));
+            } else {
+                segments.insert((m, s), decode::<Segment>(&v)?);
+            }
         }
         let last_applied = match self.tree.get("applied")? {
-            Some(v) => serde_json::from_slice(&v)?,
+            Some(v) => decode(&v)?,
             None => None,
         };
         let membership = match self.tree.get("membership")? {
-            Some(v) => serde_json::from_slice(&v)?,
-            None => Membership::default(),
+            Some(v) => decode(&v)?,
+            None => membership.unwrap_or_default(),
         };
         Ok(Applied {
             state: State::from_parts(agents, migrations, segments),
@@ -379,31 +533,49 @@ impl StateMachine {
         })
     }
 
-    fn read_snapshot(&self) -> AnyResult<Option<(Meta, Vec<u8>)>> {
-        let (Some(meta), Some(data)) = (self.snap.get("meta")?, self.snap.get("data")?) else {
-            return Ok(None);
-        };
-        Ok(Some((serde_json::from_slice(&meta)?, data.to_vec())))
+    /// Makes `d` (just saved as the snapshot file) the whole state: a new, empty generation of
+    /// the records tree holding only `applied` and `membership` becomes current; the old one is
+    /// dropped in the background.
+    fn switch_generation(&mut self, d: &SnapshotData) -> AnyResult<()> {
+        let next = self.generation + 1;
+        let tree = self.db.open_tree(sm_tree_name(next))?;
+        tree.clear()?;
+        let mut batch = sled::Batch::default();
+        batch.insert("applied", encode(&d.last_applied)?);
+        batch.insert("membership", encode(&d.membership)?);
+        tree.apply_batch(batch)?;
+        tree.flush()?;
+        self.meta.insert("sm_generation", &next.to_be_bytes())?;
+        self.meta.flush()?;
+        self.tree = tree;
+        self.generation = next;
+        self.drop_old_generations();
+        Ok(())
     }
 
-    /// Replaces the whole tree with `d` (snapshot install).
-    fn write_all(&self, d: &SnapshotData) -> AnyResult<()> {
-        self.tree.clear()?;
-        let mut batch = sled::Batch::default();
-        for a in d.state.agents.values() {
-            batch.insert(agent_key(&a.name), serde_json::to_vec(a)?);
+    /// Drops record trees of earlier generations (in the background: it takes time per record).
+    fn drop_old_generations(&mut self) {
+        if let Some(t) = self.dropper.take() {
+            let _ = t.join();
         }
-        for m in d.state.migrations.values() {
-            batch.insert(migration_key(m.id), serde_json::to_vec(m)?);
+        let current = sm_tree_name(self.generation);
+        let old: Vec<_> = self
+            .db
+            .tree_names()
+            .into_iter()
+            .filter(|n| n.starts_with(b"sm-") && n.as_ref() != current.as_bytes())
+            .collect();
+        if old.is_empty() {
+            return;
         }
-        for (&(m, s), seg) in &d.state.segments {
-            batch.insert(segment_key(m, s), serde_json::to_vec(seg)?);
-        }
-        batch.insert("applied", serde_json::to_vec(&d.last_applied)?);
-        batch.insert("membership", serde_json::to_vec(&d.membership)?);
-        self.tree.apply_batch(batch)?;
-        self.tree.flush()?;
-        Ok(())
+        let db = self.db.clone();
+        self.dropper = Some(std::thread::spawn(move || {
+            for name in old {
+                if let Err(e) = db.drop_tree(&name) {
+                    tracing::warn!(message = "Could not drop an old state tree; it is retried at the next start.", error = %e);
+                }
+            }
+        }));
     }
 
     /// A handle for readers (the gRPC services).
@@ -444,25 +616,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let dirty = a.state.take_dirty();
         let enc = |v: &dyn erased::Ser| {
-            v.to_json()
+            v.encode()
                 .map_err(|e| StorageIOError::write_state_machine(&e))
         };
         for name in &dirty.agents {
             match a.state.agents.get(name) {
                 Some(x) => batch.insert(agent_key(name), enc(x)?),
-                None => batch.remove(agent_key(name)),
+                None => batch.insert(agent_key(name), Vec::new()),
             }
         }
         for id in &dirty.migrations {
             match a.state.migrations.get(id) {
                 Some(x) => batch.insert(migration_key(*id), enc(x)?),
-                None => batch.remove(migration_key(*id)),
+                None => batch.insert(migration_key(*id), Vec::new()),
             }
         }
         for &(m, s) in &dirty.segments {
             match a.state.segments.get(&(m, s)) {
                 Some(x) => batch.insert(segment_key(m, s), enc(x)?),
-                None => batch.remove(segment_key(m, s)),
+                None => batch.insert(segment_key(m, s), Vec::new()),
             }
         }
         batch.insert("applied", enc(&a.last_applied)?);
@@ -486,7 +658,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             shared: self.shared.clone(),
-            snap: self.snap.clone(),
+            snap_dir: self.snap_dir.clone(),
+            snap_lock: self.snap_lock.clone(),
         }
     }
 
@@ -499,11 +672,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
         let data = snapshot.into_inner();
         let d = open_snapshot(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        save_snapshot(&self.snap, meta, &data).await?;
-        self.write_all(&d).map_err(|e| {
+        let len = data.len();
+        save_snapshot(&self.snap_dir, &self.snap_lock, meta, data).await?;
+        self.switch_generation(&d).map_err(|e| {
             StorageIOError::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
         })?;
         let mut state = d.state;
@@ -513,13 +688,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: d.last_applied,
             membership: d.membership,
         };
-        tracing::info!(message = "Installed snapshot.", id = %meta.snapshot_id, bytes = data.len());
+        tracing::info!(
+            message = "Installed snapshot.",
+            id = %meta.snapshot_id,
+            bytes = len,
+            ms = started.elapsed().as_millis() as u64
+        );
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let s = self
-            .read_snapshot()
+        let s = read_snapshot_file(&self.snap_dir)
             .map_err(|e| StorageIOError::read_snapshot(None, &AnyErr(e.to_string())))?;
         Ok(s.map(|(meta, data)| Snapshot {
             meta,
@@ -531,25 +710,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// Builds snapshots from the in-memory state and persists them before handing them to openraft.
 pub struct SnapshotBuilder {
     shared: Arc<RwLock<Applied>>,
-    snap: sled::Tree,
+    snap_dir: PathBuf,
+    snap_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let started = std::time::Instant::now();
         let snapshot = build_snapshot(&self.shared)?;
-        save_snapshot(&self.snap, &snapshot.meta, snapshot.snapshot.get_ref()).await?;
+        let data = snapshot.snapshot.get_ref().clone();
+        save_snapshot(&self.snap_dir, &self.snap_lock, &snapshot.meta, data).await?;
+        tracing::info!(
+            message = "Built snapshot.",
+            id = %snapshot.meta.snapshot_id,
+            bytes = snapshot.snapshot.get_ref().len(),
+            ms = started.elapsed().as_millis() as u64
+        );
         Ok(snapshot)
     }
 }
 
 fn build_snapshot(shared: &RwLock<Applied>) -> Result<Snapshot<TypeConfig>, StorageError> {
     let a = shared.read().expect("not poisoned");
-    let d = SnapshotData {
-        last_applied: a.last_applied,
-        membership: a.membership.clone(),
-        state: a.state.clone(),
-    };
-    let data = seal_snapshot(&d).map_err(|e| StorageIOError::read_state_machine(&e))?;
+    let data = seal_snapshot(&a).map_err(|e| StorageIOError::read_state_machine(&e))?;
     let snapshot_id = match a.last_applied {
         Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
         None => format!("empty-{}", data.len()),
@@ -564,20 +747,35 @@ fn build_snapshot(shared: &RwLock<Applied>) -> Result<Snapshot<TypeConfig>, Stor
     })
 }
 
+/// Persists a snapshot (off the async runtime: it is a large write plus fsyncs) unless the file
+/// already holds a newer one (a build that started before an install finished).
 async fn save_snapshot(
-    snap: &sled::Tree,
-    meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: &[u8],
+    dir: &Path,
+    lock: &Arc<std::sync::Mutex<()>>,
+    meta: &Meta,
+    data: Vec<u8>,
 ) -> Result<(), StorageError> {
-    let err = |e: &dyn std::error::Error| {
-        StorageIOError::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
-    };
-    let mut batch = sled::Batch::default();
-    batch.insert("meta", serde_json::to_vec(meta).map_err(|e| err(&e))?);
-    batch.insert("data", data);
-    snap.apply_batch(batch).map_err(|e| err(&e))?;
-    snap.flush_async().await.map_err(|e| err(&e))?;
-    Ok(())
+    let (dir, m, lock) = (dir.to_path_buf(), meta.clone(), lock.clone());
+    tokio::task::spawn_blocking(move || {
+        let _held = lock.lock().expect("not poisoned");
+        // An unreadable file is replaced.
+        if let Some(existing) = read_snapshot_meta(&dir).ok().flatten() {
+            if existing.last_log_id > m.last_log_id {
+                return Ok(());
+            }
+        }
+        write_snapshot_file(&dir, &m, &data).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .map_err(|e| {
+        StorageIOError::write_snapshot(
+            Some(meta.signature()),
+            &AnyErr(format!("cannot write the snapshot file: {e}")),
+        )
+        .into()
+    })
 }
 
 /// A plain error carrying a message (for errors that are not `'static` types).
@@ -593,13 +791,13 @@ impl std::fmt::Display for AnyErr {
 impl std::error::Error for AnyErr {}
 
 mod erased {
-    /// Object-safe JSON encoding, so one closure encodes every record type.
+    /// Object-safe encoding, so one closure encodes every record type.
     pub trait Ser {
-        fn to_json(&self) -> Result<Vec<u8>, serde_json::Error>;
+        fn encode(&self) -> Result<Vec<u8>, crate::codec::CodecError>;
     }
     impl<T: serde::Serialize> Ser for T {
-        fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
-            serde_json::to_vec(self)
+        fn encode(&self) -> Result<Vec<u8>, crate::codec::CodecError> {
+            crate::codec::encode(self)
         }
     }
 }

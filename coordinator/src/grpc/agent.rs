@@ -19,6 +19,33 @@ fn lease_pb(l: crate::state::Lease) -> pb::Lease {
     }
 }
 
+/// Most reports one `ReportSegments` call may carry.
+pub const MAX_REPORTS_PER_CALL: usize = 4096;
+
+/// The state machine command for one report (checked: role and digest).
+fn report_command(r: pb::ReportSegmentRequest, now_ms: u64) -> Result<Command, Status> {
+    let role = match pb::Role::try_from(r.role) {
+        Ok(pb::Role::Source) => Role::Source,
+        Ok(pb::Role::Target) => Role::Target,
+        _ => return Err(Status::invalid_argument("role must be source or target")),
+    };
+    let result = if r.ok {
+        Ok(ferry_common::hash::digest_from_slice(&r.blake3)
+            .ok_or_else(|| Status::invalid_argument("blake3 must be 32 bytes"))?)
+    } else {
+        Err(r.error)
+    };
+    Ok(Command::ReportSegment {
+        agent: r.agent,
+        role,
+        migration_id: r.migration_id,
+        segment_id: r.segment_id,
+        epoch: r.epoch,
+        result,
+        now_ms,
+    })
+}
+
 /// How stale an agent's committed `last_seen` may get before a heartbeat writes it again.
 pub const LAST_SEEN_EVERY_MS: u64 = 30_000;
 
@@ -61,28 +88,28 @@ impl AgentControl for AgentService {
         authorize_agent(&req, &req.get_ref().agent)?;
         let agent = req.into_inner().agent;
         let now = now_ms();
-        let (stale, work) = self
-            .0
-            .read(|s| {
-                let last = s.agents.get(&agent).map(|a| a.last_seen_ms);
-                let work: Vec<pb::SourceWork> = s
-                    .migrations
-                    .values()
-                    .filter(|m| m.spec.source_agent == agent)
-                    .map(|m| pb::SourceWork {
-                        migration_id: m.id,
-                        source_path: m.spec.source_path.clone(),
-                        segment_size: m.spec.segment_size,
-                        scan_complete: m.scan_complete,
-                        finished: m.phase == Phase::Done,
-                    })
-                    .collect();
-                (
-                    last.is_none_or(|t| now.saturating_sub(t) >= LAST_SEEN_EVERY_MS),
-                    work,
-                )
-            })
-            .await?;
+        // A local read: a lagging follower tells the agent about new work a moment later, and
+        // a `last_seen` it believes stale costs one extra commit. A linearizable read per
+        // heartbeat (a quorum round each) was most of a loaded cluster's traffic.
+        let (stale, work) = self.0.read_local(|s| {
+            let last = s.agents.get(&agent).map(|a| a.last_seen_ms);
+            let work: Vec<pb::SourceWork> = s
+                .migrations
+                .values()
+                .filter(|m| m.spec.source_agent == agent)
+                .map(|m| pb::SourceWork {
+                    migration_id: m.id,
+                    source_path: m.spec.source_path.clone(),
+                    segment_size: m.spec.segment_size,
+                    scan_complete: m.scan_complete,
+                    finished: m.phase == Phase::Done,
+                })
+                .collect();
+            (
+                last.is_none_or(|t| now.saturating_sub(t) >= LAST_SEEN_EVERY_MS),
+                work,
+            )
+        });
         // Agents call every second to learn of work; `last_seen` is committed only when stale,
         // so heartbeats cost reads, not log entries.
         if stale {
@@ -160,8 +187,9 @@ impl AgentControl for AgentService {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         let now = now_ms();
-        // Most polls find nothing to lease: answer those from a read instead of a log entry.
-        if !self.0.read(|s| s.has_leasable(&r.agent, now)).await? {
+        // Most polls find nothing to lease: answer those from a local read instead of a log
+        // entry. If this node lags, the agent polls again; the lease itself is a command.
+        if !self.0.read_local(|s| s.has_leasable(&r.agent, now)) {
             return Ok(GrpcResponse::new(pb::LeaseSegmentsResponse {
                 leases: Vec::new(),
             }));
@@ -245,30 +273,8 @@ impl AgentControl for AgentService {
         req: Request<pb::ReportSegmentRequest>,
     ) -> R<pb::ReportSegmentResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
-        let r = req.into_inner();
-        let role = match pb::Role::try_from(r.role) {
-            Ok(pb::Role::Source) => Role::Source,
-            Ok(pb::Role::Target) => Role::Target,
-            _ => return Err(Status::invalid_argument("role must be source or target")),
-        };
-        let result = if r.ok {
-            Ok(ferry_common::hash::digest_from_slice(&r.blake3)
-                .ok_or_else(|| Status::invalid_argument("blake3 must be 32 bytes"))?)
-        } else {
-            Err(r.error)
-        };
-        let resp = self
-            .0
-            .write(Command::ReportSegment {
-                agent: r.agent,
-                role,
-                migration_id: r.migration_id,
-                segment_id: r.segment_id,
-                epoch: r.epoch,
-                result,
-                now_ms: now_ms(),
-            })
-            .await?;
+        let cmd = report_command(req.into_inner(), now_ms())?;
+        let resp = self.0.write(cmd).await?;
         let Response::Report(outcome, reason) = resp else {
             return Err(refused(resp));
         };
@@ -276,5 +282,66 @@ impl AgentControl for AgentService {
             outcome: super::convert::outcome_str(outcome).to_string(),
             reason,
         }))
+    }
+
+    async fn report_segments(
+        &self,
+        req: Request<pb::ReportSegmentsRequest>,
+    ) -> R<pb::ReportSegmentsResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        if r.reports.len() > MAX_REPORTS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} reports in one call; send at most {MAX_REPORTS_PER_CALL}",
+                r.reports.len()
+            )));
+        }
+        let now = now_ms();
+        let mut results: Vec<Option<pb::ReportSegmentResponse>> = Vec::new();
+        let mut cmds = Vec::new();
+        for mut one in r.reports {
+            if one.agent.is_empty() {
+                one.agent = r.agent.clone();
+            }
+            let checked = if one.agent == r.agent {
+                report_command(one, now)
+            } else {
+                Err(Status::permission_denied(format!(
+                    "a report of agent {} inside a call of agent {}",
+                    one.agent, r.agent
+                )))
+            };
+            match checked {
+                Ok(cmd) => {
+                    cmds.push(cmd);
+                    results.push(None);
+                }
+                Err(s) => results.push(Some(pb::ReportSegmentResponse {
+                    outcome: "refused".into(),
+                    reason: s.message().to_string(),
+                })),
+            }
+        }
+        let mut answers = self.0.write_many(cmds).await?.into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    let (outcome, reason) = match answers.next() {
+                        Some(Response::Report(o, why)) => {
+                            (super::convert::outcome_str(o).to_string(), why)
+                        }
+                        Some(Response::NotCommitted(why)) => ("unavailable".to_string(), why),
+                        Some(Response::Refused(why)) => ("refused".to_string(), why),
+                        other => (
+                            "refused".to_string(),
+                            format!("unexpected answer {other:?}"),
+                        ),
+                    };
+                    pb::ReportSegmentResponse { outcome, reason }
+                })
+            })
+            .collect();
+        Ok(GrpcResponse::new(pb::ReportSegmentsResponse { results }))
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 mod convert;
+pub mod group_commit;
 pub mod peer;
 
 use std::sync::{Arc, RwLock};
@@ -27,6 +28,8 @@ pub struct Core {
     pub node_id: u64,
     /// Lease duration handed to the scheduler.
     pub lease_ttl_ms: u64,
+    /// Batches state machine commands into entries.
+    pub commits: group_commit::GroupCommit,
 }
 
 /// Wall-clock now in unix milliseconds. Only the leader reads it, when proposing a command.
@@ -42,6 +45,10 @@ pub fn now_ms() -> u64 {
 pub enum Proposal {
     /// A state machine command.
     Command(Command),
+    /// Several independent state machine commands (committed with group commit; the answer is
+    /// a [`Response::Batch`] with one response per command, [`Response::NotCommitted`] for any
+    /// that could not be committed).
+    Commands(Vec<Command>),
     /// Add a coordinator node (learner, then voter).
     AddNode {
         /// Its id.
@@ -65,6 +72,15 @@ impl Core {
         self.propose(Proposal::Command(cmd)).await
     }
 
+    /// Proposes independent commands together; one answer per command, in order.
+    pub async fn write_many(&self, cmds: Vec<Command>) -> Result<Vec<Response>, Status> {
+        let n = cmds.len();
+        match self.propose(Proposal::Commands(cmds)).await? {
+            Response::Batch(rs) if rs.len() == n => Ok(rs),
+            other => Err(Status::internal(format!("{n} commands answered {other:?}"))),
+        }
+    }
+
     /// Runs a proposal here if this node leads, else forwards it to the leader once.
     pub async fn propose(&self, p: Proposal) -> Result<Response, Status> {
         match self.execute_here(p.clone()).await {
@@ -75,7 +91,7 @@ impl Core {
     }
 
     async fn forward(&self, leader: &str, p: &Proposal) -> Result<Response, Status> {
-        let payload = serde_json::to_vec(p).map_err(|e| Status::internal(e.to_string()))?;
+        let payload = crate::codec::encode(p).map_err(|e| Status::internal(e.to_string()))?;
         let mut client = self.peers.client(leader).map_err(Status::unavailable)?;
         let reply = client
             .propose(ferry_proto::raft::RaftPayload {
@@ -84,7 +100,7 @@ impl Core {
             })
             .await
             .map_err(|s| Status::new(s.code(), format!("via leader {leader}: {}", s.message())))?;
-        serde_json::from_slice(&reply.into_inner().payload)
+        crate::codec::decode(&reply.into_inner().payload)
             .map_err(|e| Status::internal(format!("bad reply from leader {leader}: {e}")))
     }
 
@@ -128,11 +144,42 @@ impl Core {
         Ok(f(&a.state))
     }
 
+    /// Reads this node's applied state as it is, without confirming it is current. Only for
+    /// answers where being a moment behind is harmless because anything that matters is decided
+    /// again by a committed command or a linearizable read (heartbeats, lease polls).
+    pub fn read_local<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let a = self.applied.read().expect("not poisoned");
+        f(&a.state)
+    }
+
     /// Executes a proposal on this node, which must be the leader.
     pub async fn execute_here(&self, p: Proposal) -> Result<Response, NotLeader> {
         use openraft::error::{ClientWriteError, RaftError};
         let result = match p {
-            Proposal::Command(cmd) => self.raft.client_write(cmd).await.map(|r| r.data),
+            Proposal::Command(cmd) => return self.commits.write(cmd).await,
+            Proposal::Commands(cmds) => {
+                let results =
+                    futures::future::join_all(cmds.into_iter().map(|c| self.commits.write(c)))
+                        .await;
+                // Not the leader for any of them: let the caller forward the whole proposal.
+                if let Some(Err(NotLeader::Elsewhere(a))) = results.first() {
+                    if results
+                        .iter()
+                        .all(|r| matches!(r, Err(NotLeader::Elsewhere(_))))
+                    {
+                        return Err(NotLeader::Elsewhere(a.clone()));
+                    }
+                }
+                return Ok(Response::Batch(
+                    results
+                        .into_iter()
+                        .map(|r| match r {
+                            Ok(r) => r,
+                            Err(e) => Response::NotCommitted(Status::from(e).message().to_string()),
+                        })
+                        .collect(),
+                ));
+            }
             Proposal::AddNode { node_id, addr } => {
                 let node = openraft::BasicNode { addr };
                 match self.raft.add_learner(node_id, node, true).await {
@@ -168,7 +215,7 @@ impl Core {
 }
 
 /// A proposal could not be executed on this node.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum NotLeader {
     /// Another node leads (its address, if known).
     Elsewhere(Option<String>),

@@ -15,13 +15,13 @@ use crate::raft_types::{NodeId, TypeConfig};
 pub struct PeerService(pub Arc<Core>);
 
 fn decode<T: DeserializeOwned>(p: &pb::RaftPayload) -> Result<T, Status> {
-    serde_json::from_slice(&p.payload)
+    crate::codec::decode(&p.payload)
         .map_err(|e| Status::invalid_argument(format!("malformed Raft payload: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
     Ok(Response::new(pb::RaftPayload {
-        payload: serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?,
+        payload: crate::codec::encode(v).map_err(|e| Status::internal(e.to_string()))?,
         data: Vec::new(),
     }))
 }

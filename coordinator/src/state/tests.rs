@@ -519,7 +519,7 @@ fn source_problems_are_visible_on_the_migration() {
 }
 
 #[test]
-fn state_survives_json_round_trip_with_segments() {
+fn state_survives_json_and_binary_round_trips_with_segments() {
     let mut w = World::new();
     let mid = w.migration(&[(0, 10, 1), (1, 5, 2)]);
     w.lease(1, 10);
@@ -528,6 +528,84 @@ fn state_survives_json_round_trip_with_segments() {
     back.rebuild_indexes();
     assert_eq!(back.segments, w.s.segments);
     assert_eq!(back.migrations[&mid], w.s.migrations[&mid]);
+    let bin = crate::codec::encode(&w.s).unwrap();
+    let mut back: State = crate::codec::decode(&bin).unwrap();
+    back.rebuild_indexes();
+    w.s.take_dirty();
+    assert_eq!(back, w.s);
+    assert!(crate::codec::decode::<State>(&bin[..bin.len() - 1]).is_err());
+}
+
+#[test]
+fn a_repeated_report_of_a_verified_segment_is_answered_verified() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    let l = w.lease(8, 10).pop().unwrap();
+    w.report(Role::Target, &l, Ok([1; 32]));
+    assert_eq!(
+        w.report(Role::Source, &l, Ok([1; 32])),
+        ReportOutcome::Verified
+    );
+    // The answer was lost and both ends report again: nothing changes, both hear "verified".
+    assert_eq!(
+        w.report(Role::Target, &l, Ok([1; 32])),
+        ReportOutcome::Verified
+    );
+    assert_eq!(
+        w.report(Role::Source, &l, Ok([1; 32])),
+        ReportOutcome::Verified
+    );
+    assert_eq!(w.s.migrations[&mid].counters.verified_segments, 1);
+    // A different hash for a verified segment is not.
+    assert_eq!(
+        w.report(Role::Target, &l, Ok([2; 32])),
+        ReportOutcome::Rejected
+    );
+}
+
+#[test]
+fn a_batch_applies_each_command_in_order_with_its_own_response_and_token() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 10, 1), (2, 10, 1)]);
+    let lease = |max| Command::LeaseSegments {
+        agent: "src".into(),
+        max,
+        now_ms: 10,
+        ttl_ms: TTL,
+    };
+    let r = w.s.apply(
+        1000,
+        Command::Batch(vec![
+            lease(1),
+            Command::Heartbeat {
+                name: "nobody".into(),
+                now_ms: 10,
+            },
+            lease(1),
+        ]),
+    );
+    let Response::Batch(rs) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(rs.len(), 3);
+    let (Response::Leases(a), Response::Leases(b)) = (&rs[0], &rs[2]) else {
+        panic!("{rs:?}")
+    };
+    // One refused command does not stop the others.
+    assert!(matches!(rs[1], Response::Refused(_)));
+    assert_eq!((a[0].segment_id, b[0].segment_id), (0, 1));
+    // Each grant has its own fencing token, increasing in log order.
+    assert_eq!(a[0].epoch, fencing_token(1000, 0));
+    assert_eq!(b[0].epoch, fencing_token(1000, 2));
+    assert!(fencing_token(1000, 2) < fencing_token(1001, 0));
+    assert_eq!(w.s.migrations[&mid].counters.leases_granted, 2);
+    // Batches do not nest.
+    let r =
+        w.s.apply(1001, Command::Batch(vec![Command::Batch(vec![])]));
+    assert!(
+        matches!(&r, Response::Batch(v) if matches!(v[0], Response::Refused(_))),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -103,7 +103,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             role,
             migration_id: 1,
             segment_id: 0,
-            epoch: 5,
+            epoch: crate::state::fencing_token(5, 0),
             result: Ok([9; 32]),
             now_ms: 4,
         });
@@ -247,4 +247,142 @@ async fn crash_between_apply_and_record_never_applies_twice() {
         (m.counters.leases_granted, m.counters.verified_segments),
         (2, 1)
     );
+}
+
+/// Entries that register a second migration's agents on top of `busy_entries` (indexes 8..).
+fn more_entries() -> Vec<Entry<TypeConfig>> {
+    use crate::state::Command;
+    vec![
+        entry(
+            8,
+            Command::RegisterAgent {
+                name: "late".into(),
+                data_addr: String::new(),
+                now_ms: 9,
+            },
+        ),
+        entry(
+            9,
+            Command::Heartbeat {
+                name: "src".into(),
+                now_ms: 10,
+            },
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn records_applied_after_a_built_snapshot_are_laid_over_it_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(busy_entries()).await.unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        sm.apply(more_entries()).await.unwrap();
+        let s = sm.shared().read().unwrap().state.clone();
+        assert!(s.agents.contains_key("late"));
+        s
+    };
+    let (_log, mut sm) = open(dir.path()).unwrap();
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(9));
+    assert_eq!(sm.shared().read().unwrap().state, want);
+}
+
+#[tokio::test]
+async fn an_installed_snapshot_replaces_older_records_instead_of_mixing_with_them() {
+    // Leader: the busy state, snapshotted at index 7.
+    let a = tempfile::tempdir().unwrap();
+    let (_log, mut leader) = open(a.path()).unwrap();
+    leader.apply(busy_entries()).await.unwrap();
+    let snap = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let want = leader.shared().read().unwrap().state.clone();
+
+    // A lagging follower holds records of its own from earlier entries (an agent the snapshot
+    // does not know, as if it had been applied from a log the leader later overwrote).
+    let b = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut follower) = open(b.path()).unwrap();
+        follower
+            .apply(vec![entry(
+                1,
+                crate::state::Command::RegisterAgent {
+                    name: "ghost".into(),
+                    data_addr: String::new(),
+                    now_ms: 1,
+                },
+            )])
+            .await
+            .unwrap();
+        follower
+            .install_snapshot(
+                &snap.meta,
+                Box::new(Cursor::new(snap.snapshot.get_ref().clone())),
+            )
+            .await
+            .unwrap();
+        assert_eq!(follower.shared().read().unwrap().state, want);
+    }
+    let (_log, reopened) = open(b.path()).unwrap();
+    let state = reopened.shared().read().unwrap().state.clone();
+    assert!(
+        !state.agents.contains_key("ghost"),
+        "stale record came back"
+    );
+    assert_eq!(state, want);
+}
+
+#[tokio::test]
+async fn an_install_interrupted_before_the_switch_is_finished_at_start_up() {
+    let a = tempfile::tempdir().unwrap();
+    let (_log, mut leader) = open(a.path()).unwrap();
+    leader.apply(busy_entries()).await.unwrap();
+    let snap = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let want = leader.shared().read().unwrap().state.clone();
+
+    let b = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut follower) = open(b.path()).unwrap();
+        follower
+            .apply(vec![entry(
+                1,
+                crate::state::Command::RegisterAgent {
+                    name: "ghost".into(),
+                    data_addr: String::new(),
+                    now_ms: 1,
+                },
+            )])
+            .await
+            .unwrap();
+    }
+    // The crash: the snapshot file was written, the generation switch never happened.
+    write_snapshot_file(
+        &b.path().join(SNAPSHOT_DIR),
+        &snap.meta,
+        snap.snapshot.get_ref(),
+    )
+    .unwrap();
+    {
+        let (_log, mut reopened) = open(b.path()).unwrap();
+        let (applied, _) = reopened.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(7));
+        assert_eq!(reopened.shared().read().unwrap().state, want);
+    }
+    // And it stays switched.
+    let (_log, again) = open(b.path()).unwrap();
+    assert_eq!(again.shared().read().unwrap().state, want);
 }
