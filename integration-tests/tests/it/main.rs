@@ -10,3 +10,4 @@ mod partition;
 mod processes;
 mod quickstart;
 mod resume;
+mod wan;
