@@ -187,8 +187,9 @@ impl TlsMaterial {
 }
 
 /// QUIC transport settings. The windows are sized for a 1 Gbit/s path at 250 ms RTT (≈ 32 MB in
-/// flight); they cap memory per connection too, so they are not unbounded.
-fn transport_config() -> quinn::TransportConfig {
+/// flight); they cap memory per connection too, so they are not unbounded. Congestion control is
+/// quinn's default (CUBIC).
+pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(64u32.into());
     t.max_concurrent_uni_streams(0u32.into());

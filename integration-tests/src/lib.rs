@@ -2,4 +2,5 @@
 //! three ferry binaries as `it-coordinator`, `it-agent` and `it-ferryctl`, so the tests can spawn
 //! real processes (`CARGO_BIN_EXE_*`).
 
+pub mod bench;
 pub mod wan;

@@ -22,6 +22,51 @@ pub const MTU: usize = 1500;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Every namespace prefix this process created, for [`remove_all`] on a signal.
+static CREATED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Kills every process in the namespaces this process created and deletes them. For signal
+/// handlers: a process ended by a signal runs no destructors.
+pub fn remove_all() {
+    let created = CREATED.lock().map(|c| c.clone()).unwrap_or_default();
+    for ns in created {
+        kill_and_delete(&ns);
+    }
+}
+
+fn kill_and_delete(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+    let _ = ip(&["netns", "del", ns]);
+}
+
+/// Removes namespaces left behind by emulators whose process is gone (killed by SIGKILL).
+pub fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    let me = std::process::id() % 100_000;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("fw")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if pid != me && !alive {
+            kill_and_delete(name);
+        }
+    }
+}
+
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
@@ -100,6 +145,10 @@ impl WanPath {
             links,
         };
         let mut tuns = Vec::new();
+        CREATED
+            .lock()
+            .expect("not poisoned")
+            .extend([ns_a.clone(), ns_b.clone()]);
         for (ns, dev, me, peer) in [
             (&ns_a, format!("{tag}ta"), addr_a, addr_b),
             (&ns_b, format!("{tag}tb"), addr_b, addr_a),

@@ -311,3 +311,70 @@ async fn certificates_from_another_ca_are_rejected() {
     assert!(!h.outer().join("root/z.txt").exists());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_reports_cannot_speak_for_another_agent() {
+    use ferry_proto::control::{
+        agent_control_client::AgentControlClient, ReportSegmentRequest, ReportSegmentsRequest, Role,
+    };
+    let h = Hostile::new().await;
+    let tls = TlsMaterial::load(&h.env.issue(Identity::Agent("source".into()))).unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", h.node.addr))
+        .unwrap()
+        .tls_config(tls.grpc_client())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = AgentControlClient::new(ch);
+    let one = |agent: &str, role: Role| ReportSegmentRequest {
+        agent: agent.into(),
+        role: role as i32,
+        migration_id: h.lease.migration_id,
+        segment_id: h.lease.segment_id,
+        epoch: h.lease.epoch,
+        ok: true,
+        blake3: vec![7; 32],
+        error: String::new(),
+    };
+    let r = c
+        .report_segments(ReportSegmentsRequest {
+            agent: "source".into(),
+            reports: vec![
+                // The target's half of the verification, forged by the source.
+                one("target", Role::Target),
+                one("", Role::Source),
+                ReportSegmentRequest {
+                    blake3: vec![1; 3],
+                    ..one("source", Role::Source)
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let outcomes: Vec<&str> = r.results.iter().map(|x| x.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["refused", "waiting", "refused"], "{r:?}");
+    assert!(r.results[0]
+        .reason
+        .contains("inside a call of agent source"));
+    // The forged report changed nothing: the segment still waits for its target.
+    let p = h
+        .env
+        .ctl(&h.node.addr.to_string())
+        .await
+        .status(h.lease.migration_id)
+        .await
+        .unwrap();
+    assert_eq!(p.segments_verified, 0);
+    // A call in another agent's name is refused by the certificate check.
+    let err = c
+        .report_segments(ReportSegmentsRequest {
+            agent: "target".into(),
+            reports: vec![one("target", Role::Target)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    h.stop().await;
+}
