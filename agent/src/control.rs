@@ -285,6 +285,27 @@ impl Control {
         Ok(r.leases)
     }
 
+    /// Extends leases this agent is still sending; one answer per lease (false: no longer ours).
+    pub async fn renew_leases(&self, leases: &[pb::Lease]) -> Result<Vec<bool>, ControlError> {
+        let r = self
+            .call(
+                pb::RenewLeasesRequest {
+                    agent: self.agent.clone(),
+                    leases: leases
+                        .iter()
+                        .map(|l| pb::LeaseRef {
+                            migration_id: l.migration_id,
+                            segment_id: l.segment_id,
+                            epoch: l.epoch,
+                        })
+                        .collect(),
+                },
+                |mut c, r| async move { c.renew_leases(r).await },
+            )
+            .await?;
+        Ok(r.renewed)
+    }
+
     /// Asks whether a lease is current (as a target).
     pub async fn check_lease(
         &self,

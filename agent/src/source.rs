@@ -90,6 +90,8 @@ impl Source {
         // Leases granted to this agent that it may not know of: from its previous run, or from a
         // lease request whose answer was lost. Resolved by reading the committed state.
         let mut reconcile = true;
+        let mut last_renewal = Instant::now();
+        let mut renewal: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -111,6 +113,37 @@ impl Source {
                         Err(e) => tracing::warn!(message = "Heartbeat failed.", error = %e),
                     },
                 }
+            }
+            // Renew what is being sent at a third of the lease time, so a transfer slower than
+            // the lease time is not taken away and restarted (one call at a time).
+            let ttl = in_flight
+                .values()
+                .map(|l| l.ttl_ms)
+                .filter(|t| *t > 0)
+                .min();
+            if let Some(ttl) = ttl {
+                let every = Duration::from_millis(ttl / 3).max(Duration::from_secs(1));
+                if last_renewal.elapsed() >= every
+                    && renewal.as_ref().is_none_or(|h| h.is_finished())
+                {
+                    last_renewal = Instant::now();
+                    let leases: Vec<Lease> = in_flight.values().cloned().collect();
+                    let control = self.control.clone();
+                    renewal = Some(tokio::spawn(async move {
+                        match control.renew_leases(&leases).await {
+                            Ok(renewed) => {
+                                for (l, ok) in leases.iter().zip(renewed) {
+                                    if !ok {
+                                        tracing::debug!(message = "Lease no longer ours; its transfer will be refused.", migration = l.migration_id, segment = l.segment_id);
+                                    }
+                                }
+                            }
+                            Err(e) => tracing::warn!(message = "Lease renewal failed.", error = %e),
+                        }
+                    }));
+                }
+            } else {
+                last_renewal = Instant::now();
             }
             scans.retain(|_, h| !h.is_finished());
             for w in work.iter().filter(|w| !w.finished) {

@@ -274,6 +274,18 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// A source extends leases it is still sending (each `(migration, segment, epoch)`), to
+    /// `now_ms + ttl_ms`. A lease that is no longer current is left alone.
+    RenewLeases {
+        /// The source agent.
+        agent: String,
+        /// The leases.
+        leases: Vec<(u64, u64, u64)>,
+        /// Leader time.
+        now_ms: u64,
+        /// Lease duration.
+        ttl_ms: u64,
+    },
     /// Several commands committed as one entry (group commit), applied in order. Each gets its
     /// own response; one refused command does not affect the others.
     Batch(Vec<Command>),
@@ -284,6 +296,7 @@ impl Command {
     pub fn weight(&self) -> usize {
         match self {
             Command::RegisterSegments { segments, .. } => 1 + segments.len(),
+            Command::RenewLeases { leases, .. } => 1 + leases.len(),
             Command::CompleteScan { issues, .. } | Command::SourceProblem { issues, .. } => {
                 1 + issues.len()
             }
@@ -336,6 +349,8 @@ pub enum Response {
     Report(ReportOutcome, String),
     /// The command was refused; nothing changed. The text says why and what to do.
     Refused(String),
+    /// Per lease of a [`Command::RenewLeases`]: whether it was renewed.
+    Renewed(Vec<bool>),
     /// The responses of a [`Command::Batch`], in order.
     Batch(Vec<Response>),
     /// Never produced by the state machine: in the answer to a multi-command proposal, a command
@@ -554,6 +569,17 @@ impl State {
                 now_ms,
                 ttl_ms,
             } => Response::Leases(self.lease(token, &agent, max, now_ms, ttl_ms)),
+            Command::RenewLeases {
+                agent,
+                leases,
+                now_ms,
+                ttl_ms,
+            } => Response::Renewed(
+                leases
+                    .into_iter()
+                    .map(|(m, s, e)| self.renew(&agent, m, s, e, now_ms, ttl_ms))
+                    .collect(),
+            ),
             Command::ReportSegment {
                 agent,
                 role,
@@ -822,6 +848,43 @@ impl State {
             }
         }
         out
+    }
+
+    /// Extends lease `epoch` on segment `sid` of migration `mid` if `agent` is its source and
+    /// the lease is still current (not expired, not replaced).
+    fn renew(
+        &mut self,
+        agent: &str,
+        mid: u64,
+        sid: u64,
+        epoch: u64,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> bool {
+        if self
+            .migrations
+            .get(&mid)
+            .is_none_or(|m| m.spec.source_agent != agent)
+        {
+            return false;
+        }
+        let Some(seg) = self.segments.get_mut(&(mid, sid)) else {
+            return false;
+        };
+        match seg.state {
+            SegState::Leased {
+                epoch: e,
+                expires_ms,
+            } if e == epoch && expires_ms > now_ms => {
+                seg.state = SegState::Leased {
+                    epoch,
+                    expires_ms: expires_ms.max(now_ms + ttl_ms),
+                };
+                self.dirty.segments.insert((mid, sid));
+                true
+            }
+            _ => false,
+        }
     }
 
     fn expire_leases(&mut self, mid: u64, now_ms: u64) {

@@ -8,8 +8,9 @@ use tonic::{Request, Response as GrpcResponse, Status};
 use super::{authorize_agent, now_ms, refused, Core};
 use crate::state::{Command, Phase, Response, Role, SegmentReg};
 
-fn lease_pb(l: crate::state::Lease) -> pb::Lease {
+fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
     pb::Lease {
+        ttl_ms,
         migration_id: l.migration_id,
         segment_id: l.segment_id,
         epoch: l.epoch,
@@ -207,7 +208,10 @@ impl AgentControl for AgentService {
             return Err(refused(resp));
         };
         Ok(GrpcResponse::new(pb::LeaseSegmentsResponse {
-            leases: leases.into_iter().map(lease_pb).collect(),
+            leases: leases
+                .into_iter()
+                .map(|l| lease_pb(l, self.0.lease_ttl_ms))
+                .collect(),
         }))
     }
 
@@ -220,7 +224,10 @@ impl AgentControl for AgentService {
         let now = now_ms();
         let leases = self.0.read(|s| s.leases_of(&agent, now)).await?;
         Ok(GrpcResponse::new(pb::LeaseSegmentsResponse {
-            leases: leases.into_iter().map(lease_pb).collect(),
+            leases: leases
+                .into_iter()
+                .map(|l| lease_pb(l, self.0.lease_ttl_ms))
+                .collect(),
         }))
     }
 
@@ -282,6 +289,40 @@ impl AgentControl for AgentService {
             outcome: super::convert::outcome_str(outcome).to_string(),
             reason,
         }))
+    }
+
+    async fn renew_leases(
+        &self,
+        req: Request<pb::RenewLeasesRequest>,
+    ) -> R<pb::RenewLeasesResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        if r.leases.len() > MAX_REPORTS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} leases in one call; send at most {MAX_REPORTS_PER_CALL}",
+                r.leases.len()
+            )));
+        }
+        let n = r.leases.len();
+        let resp = self
+            .0
+            .write(Command::RenewLeases {
+                agent: r.agent,
+                leases: r
+                    .leases
+                    .into_iter()
+                    .map(|l| (l.migration_id, l.segment_id, l.epoch))
+                    .collect(),
+                now_ms: now_ms(),
+                ttl_ms: self.0.lease_ttl_ms,
+            })
+            .await?;
+        match resp {
+            Response::Renewed(renewed) if renewed.len() == n => {
+                Ok(GrpcResponse::new(pb::RenewLeasesResponse { renewed }))
+            }
+            other => Err(refused(other)),
+        }
     }
 
     async fn report_segments(

@@ -634,3 +634,58 @@ fn has_leasable_matches_what_a_lease_would_grant() {
     assert!(!w.s.has_leasable("src", 11), "the only segment is leased");
     assert!(w.s.has_leasable("src", 10 + TTL), "its lease expired");
 }
+
+#[test]
+fn a_source_renews_the_leases_it_still_holds_and_only_those() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 10, 1)]);
+    let ls = w.lease(2, 10);
+    let (a, b) = (&ls[0], &ls[1]);
+    let renew = |agent: &str, now_ms, leases: Vec<(u64, u64, u64)>| Command::RenewLeases {
+        agent: agent.into(),
+        leases,
+        now_ms,
+        ttl_ms: TTL,
+    };
+    // Half-way through its lease, the source renews segment 0 only.
+    let r = w.apply(renew(
+        "src",
+        10 + TTL / 2,
+        vec![(mid, a.segment_id, a.epoch)],
+    ));
+    assert_eq!(r, Response::Renewed(vec![true]));
+    // Past the original expiry: segment 0 is still the source's, segment 1 is not.
+    let later = 10 + TTL + 1;
+    assert!(w
+        .s
+        .check_lease("dst", mid, a.segment_id, a.epoch, later)
+        .is_ok());
+    assert!(w
+        .s
+        .check_lease("dst", mid, b.segment_id, b.epoch, later)
+        .is_err());
+    // An expired lease, a wrong epoch, another agent, an unknown segment: not renewed.
+    let r = w.apply(renew(
+        "src",
+        later,
+        vec![
+            (mid, b.segment_id, b.epoch),
+            (mid, a.segment_id, a.epoch + 1),
+            (mid, 99, a.epoch),
+        ],
+    ));
+    assert_eq!(r, Response::Renewed(vec![false, false, false]));
+    let r = w.apply(renew("dst", later, vec![(mid, a.segment_id, a.epoch)]));
+    assert_eq!(r, Response::Renewed(vec![false]));
+    // The expired one is leased again with a new epoch; the renewed one stays where it is.
+    let again = w.lease(2, later);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].segment_id, b.segment_id);
+    assert!(again[0].epoch > b.epoch);
+    // The renewed lease still verifies.
+    w.report(Role::Target, a, Ok([3; 32]));
+    assert_eq!(
+        w.report(Role::Source, a, Ok([3; 32])),
+        ReportOutcome::Verified
+    );
+}

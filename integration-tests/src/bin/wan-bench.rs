@@ -49,6 +49,10 @@ struct Args {
     /// Runs of each tool (interleaved); figures are medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Send `lan` through the user-space emulator too (by default `lan` is a veth pair: the
+    /// emulator's forwarding, one copy per packet, would cap every tool near 1.5 Gbit/s).
+    #[arg(long)]
+    lan_through_emulator: bool,
     /// Seed of the data set and of the emulator's random draws.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -110,6 +114,8 @@ struct Run {
     wall_secs: f64,
     cpu_secs: f64,
     peak_rss_mib: f64,
+    /// ferry only: leases granted beyond one per segment (segments sent again).
+    resent_segments: u64,
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -391,8 +397,9 @@ fn start_ferry(
     Ok(admin)
 }
 
-/// One ferry migration of the source into `root/<name>`; returns once it is done.
-fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<PathBuf, String> {
+/// One ferry migration of the source into `root/<name>`; returns once it is done, with the
+/// number of segments that were leased more than once.
+fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u64), String> {
     let addr = format!("{}:{COORD_PORT}", ctx.wan.addr_b);
     let (admin, src, tp, timeout) = (
         admin.clone(),
@@ -400,7 +407,7 @@ fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<PathBuf, Str
         name.to_string(),
         ctx.timeout,
     );
-    wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<(), String> {
+    let resent = wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<u64, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -423,7 +430,7 @@ fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<PathBuf, Str
             loop {
                 let p = ctl.status(id).await.map_err(|e| e.to_string())?;
                 if p.phase == "done" {
-                    return Ok(());
+                    return Ok(p.leases_granted.saturating_sub(p.segments_total));
                 }
                 if !p.last_error.is_empty() && p.failed_attempts > 50 {
                     return Err(format!("migration {id} keeps failing: {}", p.last_error));
@@ -436,7 +443,7 @@ fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<PathBuf, Str
         })
     })
     .map_err(|e| e.to_string())??;
-    Ok(ctx.work.join("ferry/root").join(name))
+    Ok((ctx.work.join("ferry/root").join(name), resent))
 }
 
 fn quic_helper(h: Helper) -> anyhow::Result<()> {
@@ -536,6 +543,7 @@ fn one_run(
     let sampler = RssSampler::start(&[&ctx.wan.ns_a, &ctx.wan.ns_b], daemons.others(tool));
     let (cpu0, own0) = (machine_cpu_secs(), own_cpu_secs());
     let t = Instant::now();
+    let mut resent_segments = 0;
     let result: Result<(PathBuf, Fidelity), String> = match tool {
         "rsync" => {
             let mut c = ctx.in_a("rsync");
@@ -575,7 +583,10 @@ fn one_run(
             run_logged(c, &log, ctx.timeout).map(|_| (dst.clone(), Fidelity::Contents))
         }
         "ferry" => match admin {
-            Some(a) => ferry_copy(ctx, a, &name).map(|p| (p, Fidelity::Full)),
+            Some(a) => ferry_copy(ctx, a, &name).map(|(p, resent)| {
+                resent_segments = resent;
+                (p, Fidelity::Full)
+            }),
             None => Err("ferry daemons did not start".into()),
         },
         "quic-raw" | "quic-raw-bbr" => {
@@ -622,6 +633,7 @@ fn one_run(
         wall_secs: wall,
         cpu_secs: cpu.max(0.0),
         peak_rss_mib: peak,
+        resent_segments,
     }
 }
 
@@ -783,8 +795,23 @@ fn main() -> anyhow::Result<()> {
     let pki = work.join("pki");
     let _ = std::fs::remove_dir_all(&pki);
     Ca::init(&pki)?;
-    let wan = WanPath::create(profile, args.seed).map_err(anyhow::Error::msg)?;
-    eprintln!("path: {}", profile.describe());
+    let direct = profile.name == "lan" && profile.rate_bps.is_none() && !args.lan_through_emulator;
+    let wan = if direct {
+        WanPath::direct(profile)
+    } else {
+        WanPath::create(profile, args.seed)
+    }
+    .map_err(anyhow::Error::msg)?;
+    let path_text = format!(
+        "{}{}",
+        profile.describe(),
+        if direct {
+            " (veth pair, no emulator)"
+        } else {
+            " (through the user-space emulator)"
+        }
+    );
+    eprintln!("path: {path_text}");
     let ctx = Ctx {
         wan,
         ssh_key: work.join("ssh/id"),
@@ -829,11 +856,16 @@ fn main() -> anyhow::Result<()> {
         for tool in &tools {
             let one = one_run(&ctx, tool, r, admin.as_ref(), &daemons);
             eprintln!(
-                "run {r} {tool:>8}: {} {:.2} s, {:.1} CPU s, {:.0} MiB {}",
+                "run {r} {tool:>8}: {} {:.2} s, {:.1} CPU s, {:.0} MiB{} {}",
                 if one.ok { "ok    " } else { "FAILED" },
                 one.wall_secs,
                 one.cpu_secs,
                 one.peak_rss_mib,
+                if one.resent_segments > 0 {
+                    format!(", {} segments resent", one.resent_segments)
+                } else {
+                    String::new()
+                },
                 one.error
             );
             runs.push(one);
@@ -899,7 +931,7 @@ fn main() -> anyhow::Result<()> {
         "{} files, {:.1} MiB; {}; {cores} cores, {mem_gib:.0} GiB RAM; median of {} interleaved runs.",
         files,
         bytes as f64 / 1048576.0,
-        profile.describe(),
+        path_text,
         args.runs
     );
     println!("Local ceilings: disk write+fsync {disk:.0} MB/s, BLAKE3 (one core) {hash:.0} MB/s.");

@@ -177,3 +177,46 @@ fn emulated_path_has_the_asked_rtt_loss_and_rate() {
         "the offered load must have overflowed the queue: {ab:?}"
     );
 }
+
+/// A transfer slower than the lease time completes without being taken away: the source renews
+/// the lease while it sends. 16 MiB through a 20 Mbit/s path take ~7 s against a 2 s lease; the
+/// whole benchmark harness drives it (coordinator and agents as processes in the namespaces).
+#[test]
+fn ferry_finishes_a_transfer_slower_than_its_lease_time() {
+    if let Some(why) = path::unavailable() {
+        eprintln!("SKIPPED: the WAN emulator cannot run here: {why}");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("out.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wan-bench"))
+        .args([
+            "--profile",
+            "metro",
+            "--rate",
+            "20mbit",
+            "--dataset",
+            "checkpoint",
+        ])
+        .args(["--size", "16x1", "--tools", "ferry", "--runs", "1"])
+        .args(["--lease-ttl-secs", "2", "--timeout-secs", "120"])
+        .arg("--workdir")
+        .arg(work.path())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run wan-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let run = &v["runs"][0];
+    assert_eq!(run["ok"], true, "{run}\n{stderr}");
+    assert!(
+        run["wall_secs"].as_f64().unwrap() > 4.0,
+        "the path must be slower than the lease: {run}"
+    );
+    assert_eq!(
+        run["resent_segments"], 0,
+        "a lease was lost mid-transfer: {run}\n{stderr}"
+    );
+}
