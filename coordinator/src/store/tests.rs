@@ -293,9 +293,8 @@ async fn records_applied_after_a_built_snapshot_are_laid_over_it_on_reopen() {
     assert_eq!(sm.shared().read().unwrap().state, want);
 }
 
-#[tokio::test]
-async fn an_installed_snapshot_replaces_older_records_instead_of_mixing_with_them() {
-    // Leader: the busy state, snapshotted at index 7.
+/// The busy state snapshotted at index 7 (the snapshot and the state it holds).
+async fn leader_snapshot() -> (Snapshot<TypeConfig>, crate::state::State) {
     let a = tempfile::tempdir().unwrap();
     let (_log, mut leader) = open(a.path()).unwrap();
     leader.apply(busy_entries()).await.unwrap();
@@ -305,24 +304,34 @@ async fn an_installed_snapshot_replaces_older_records_instead_of_mixing_with_the
         .build_snapshot()
         .await
         .unwrap();
-    let want = leader.shared().read().unwrap().state.clone();
+    let state = leader.shared().read().unwrap().state.clone();
+    (snap, state)
+}
 
-    // A lagging follower holds records of its own from earlier entries (an agent the snapshot
-    // does not know, as if it had been applied from a log the leader later overwrote).
+/// A lagging follower in `dir` that holds a record of its own from an earlier entry (an agent
+/// the snapshot does not know, as if applied from a log the leader later overwrote).
+async fn follower_with_a_ghost(dir: &std::path::Path) -> (LogStore, StateMachine) {
+    let (log, mut follower) = open(dir).unwrap();
+    follower
+        .apply(vec![entry(
+            1,
+            crate::state::Command::RegisterAgent {
+                name: "ghost".into(),
+                data_addr: String::new(),
+                now_ms: 1,
+            },
+        )])
+        .await
+        .unwrap();
+    (log, follower)
+}
+
+#[tokio::test]
+async fn an_installed_snapshot_replaces_older_records_instead_of_mixing_with_them() {
+    let (snap, want) = leader_snapshot().await;
     let b = tempfile::tempdir().unwrap();
     {
-        let (_log, mut follower) = open(b.path()).unwrap();
-        follower
-            .apply(vec![entry(
-                1,
-                crate::state::Command::RegisterAgent {
-                    name: "ghost".into(),
-                    data_addr: String::new(),
-                    now_ms: 1,
-                },
-            )])
-            .await
-            .unwrap();
+        let (_log, mut follower) = follower_with_a_ghost(b.path()).await;
         follower
             .install_snapshot(
                 &snap.meta,
@@ -343,32 +352,9 @@ async fn an_installed_snapshot_replaces_older_records_instead_of_mixing_with_the
 
 #[tokio::test]
 async fn an_install_interrupted_before_the_switch_is_finished_at_start_up() {
-    let a = tempfile::tempdir().unwrap();
-    let (_log, mut leader) = open(a.path()).unwrap();
-    leader.apply(busy_entries()).await.unwrap();
-    let snap = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-    let want = leader.shared().read().unwrap().state.clone();
-
+    let (snap, want) = leader_snapshot().await;
     let b = tempfile::tempdir().unwrap();
-    {
-        let (_log, mut follower) = open(b.path()).unwrap();
-        follower
-            .apply(vec![entry(
-                1,
-                crate::state::Command::RegisterAgent {
-                    name: "ghost".into(),
-                    data_addr: String::new(),
-                    now_ms: 1,
-                },
-            )])
-            .await
-            .unwrap();
-    }
+    drop(follower_with_a_ghost(b.path()).await);
     // The crash: the snapshot file was written, the generation switch never happened.
     write_snapshot_file(
         &b.path().join(SNAPSHOT_DIR),

@@ -42,8 +42,9 @@ struct Args {
     /// quick, full, or <MiB>x<files> (checkpoint bytes x small files).
     #[arg(long, default_value = "quick")]
     size: String,
-    /// Tools, comma-separated: ferry, rsync, scp, rclone, quic-raw (quinn with ferry's TLS and
-    /// transport settings, bytes only: the transport ceiling), quic-raw-bbr (the same with BBR).
+    /// Tools, comma-separated: ferry, rsync, rsync-fsync (rsync --fsync: durable like ferry),
+    /// scp, rclone, quic-raw (quinn with ferry's TLS and transport settings, bytes only: the
+    /// transport ceiling), quic-raw-bbr (the same with BBR).
     #[arg(long, default_value = "ferry,rsync,scp,rclone,quic-raw")]
     tools: String,
     /// Runs of each tool (interleaved); figures are medians.
@@ -190,7 +191,7 @@ impl Daemons {
     }
 }
 
-const SSH_TOOLS: &[&str] = &["rsync", "scp", "rclone"];
+const SSH_TOOLS: &[&str] = &["rsync", "rsync-fsync", "scp", "rclone"];
 
 impl Drop for Daemons {
     fn drop(&mut self) {
@@ -233,6 +234,43 @@ impl Ctx {
 
     fn in_a(&self, program: &str) -> Command {
         WanPath::command(&self.wan.ns_a, program)
+    }
+
+    /// `rsync -a` over ssh of `src`'s contents into `dst` on side B (`--fsync` if asked).
+    fn rsync(&self, src: &Path, dst: &Path, fsync: bool) -> Command {
+        let mut c = self.in_a("rsync");
+        if fsync {
+            // rsync >= 3.2.4: fsync every file it writes, as ferry does before it counts a
+            // segment (plain rsync leaves the data in the page cache).
+            c.arg("--fsync");
+        }
+        c.arg("-a")
+            .arg("-e")
+            .arg(format!("ssh -p {SSH_PORT} {}", self.ssh_opts().join(" ")))
+            .arg(format!("{}/", src.display()))
+            .arg(format!("root@{}:{}/", self.wan.addr_b, dst.display()));
+        c
+    }
+
+    /// `rclone copy` over sftp of `src` into `dst` on side B.
+    fn rclone(&self, src: &Path, dst: &Path) -> Command {
+        let conf = self.work.join("rclone.conf");
+        let _ = std::fs::write(&conf, "");
+        let mut c = self.in_a("rclone");
+        c.arg("copy")
+            .arg(src)
+            .arg(format!(":sftp:{}", dst.display()))
+            .arg("--config")
+            .arg(&conf)
+            .args(["--sftp-host", &self.wan.addr_b.to_string()])
+            .args(["--sftp-port", &SSH_PORT.to_string()])
+            .args(["--sftp-user", "root"])
+            .arg("--sftp-key-file")
+            .arg(&self.ssh_key)
+            .args(["--sftp-shell-type", "unix"])
+            .args(["--sftp-md5sum-command", "none"])
+            .args(["--sftp-sha1sum-command", "none"]);
+        c
     }
 }
 
@@ -545,15 +583,12 @@ fn one_run(
     let t = Instant::now();
     let mut resent_segments = 0;
     let result: Result<(PathBuf, Fidelity), String> = match tool {
-        "rsync" => {
-            let mut c = ctx.in_a("rsync");
-            c.arg("-a")
-                .arg("-e")
-                .arg(format!("ssh -p {SSH_PORT} {}", ctx.ssh_opts().join(" ")))
-                .arg(format!("{}/", ctx.src.display()))
-                .arg(format!("{}/", remote(&dst)));
-            run_logged(c, &log, ctx.timeout).map(|_| (dst.clone(), Fidelity::Full))
-        }
+        "rsync" | "rsync-fsync" => run_logged(
+            ctx.rsync(&ctx.src, &dst, tool == "rsync-fsync"),
+            &log,
+            ctx.timeout,
+        )
+        .map(|_| (dst.clone(), Fidelity::Full)),
         "scp" => {
             // scp -r follows symlinks and keeps no empty-file distinctions: contents only.
             let mut c = ctx.in_a("scp");
@@ -563,25 +598,8 @@ fn one_run(
                 .arg(remote(&dst));
             run_logged(c, &log, ctx.timeout).map(|_| (dst.clone(), Fidelity::Contents))
         }
-        "rclone" => {
-            let conf = ctx.work.join("rclone.conf");
-            let _ = std::fs::write(&conf, "");
-            let mut c = ctx.in_a("rclone");
-            c.arg("copy")
-                .arg(&ctx.src)
-                .arg(format!(":sftp:{}", dst.display()))
-                .args(["--config"])
-                .arg(&conf)
-                .args(["--sftp-host", &ctx.wan.addr_b.to_string()])
-                .args(["--sftp-port", &SSH_PORT.to_string()])
-                .args(["--sftp-user", "root"])
-                .arg("--sftp-key-file")
-                .arg(&ctx.ssh_key)
-                .args(["--sftp-shell-type", "unix"])
-                .args(["--sftp-md5sum-command", "none"])
-                .args(["--sftp-sha1sum-command", "none"]);
-            run_logged(c, &log, ctx.timeout).map(|_| (dst.clone(), Fidelity::Contents))
-        }
+        "rclone" => run_logged(ctx.rclone(&ctx.src, &dst), &log, ctx.timeout)
+            .map(|_| (dst.clone(), Fidelity::Contents)),
         "ferry" => match admin {
             Some(a) => ferry_copy(ctx, a, &name).map(|(p, resent)| {
                 resent_segments = resent;
@@ -720,6 +738,11 @@ fn main() -> anyhow::Result<()> {
     let needs: &[(&str, &[&str], &str)] = &[
         (
             "rsync",
+            &["rsync", "ssh", "/usr/sbin/sshd"],
+            "rsync openssh-client openssh-server",
+        ),
+        (
+            "rsync-fsync",
             &["rsync", "ssh", "/usr/sbin/sshd"],
             "rsync openssh-client openssh-server",
         ),
@@ -954,11 +977,16 @@ fn main() -> anyhow::Result<()> {
             format!("{:.0}", files as f64 / r.wall)
         };
         let ratio = ferry_wall.map_or("—".into(), |f| format!("{:.2}", r.wall / f));
+        let mb_s = bytes as f64 / r.wall / 1e6;
         println!(
-            "| {} | {:.2} | {:.1} | {} | {:.1} | {:.0} | {} | {}/{} |",
+            "| {} | {:.2} | {} | {} | {:.1} | {:.0} | {} | {}/{} |",
             r.tool,
             r.wall,
-            bytes as f64 / r.wall / 1e6,
+            if mb_s < 10.0 {
+                format!("{mb_s:.2}")
+            } else {
+                format!("{mb_s:.1}")
+            },
             files_s,
             r.cpu,
             r.rss,
@@ -1051,32 +1079,12 @@ fn run_incremental(
         let dst = ctx.work.join(format!("dst/incremental-{tool}"));
         let _ = std::fs::remove_dir_all(&dst);
         std::fs::create_dir_all(dst.parent().unwrap_or(Path::new("/")))?;
-        let remote = format!("root@{}:{}", ctx.wan.addr_b, dst.display());
         let sync = |log: &str| -> Result<f64, String> {
-            let mut c = ctx.in_a(tool);
-            if tool == "rsync" {
-                c.arg("-a")
-                    .arg("-e")
-                    .arg(format!("ssh -p {SSH_PORT} {}", ctx.ssh_opts().join(" ")))
-                    .arg(format!("{}/", src.display()))
-                    .arg(format!("{remote}/"));
+            let c = if tool == "rsync" {
+                ctx.rsync(&src, &dst, false)
             } else {
-                let conf = ctx.work.join("rclone.conf");
-                let _ = std::fs::write(&conf, "");
-                c.arg("copy")
-                    .arg(&src)
-                    .arg(format!(":sftp:{}", dst.display()))
-                    .arg("--config")
-                    .arg(&conf)
-                    .args(["--sftp-host", &ctx.wan.addr_b.to_string()])
-                    .args(["--sftp-port", &SSH_PORT.to_string()])
-                    .args(["--sftp-user", "root"])
-                    .arg("--sftp-key-file")
-                    .arg(&ctx.ssh_key)
-                    .args(["--sftp-shell-type", "unix"])
-                    .args(["--sftp-md5sum-command", "none"])
-                    .args(["--sftp-sha1sum-command", "none"]);
-            }
+                ctx.rclone(&src, &dst)
+            };
             let t = Instant::now();
             run_logged(c, &ctx.work.join(log), ctx.timeout)?;
             Ok(t.elapsed().as_secs_f64())

@@ -71,7 +71,8 @@ pub fn remove_stale() {
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Runs `ip` (iproute2) with `args`; its error output if it fails.
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ferry_common::pki::Identity;
+use ferry_integration_tests::wan::path::ip;
 
 use crate::harness::{
     assert_not_resent, assert_same_tree, migration_spec, wait_for, wait_verified, Agents, TestEnv,
@@ -16,22 +17,6 @@ struct Net {
     tag: String,
     subnet: u8,
     nodes: u32,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
 }
 
 impl Net {
