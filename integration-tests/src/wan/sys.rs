@@ -65,6 +65,26 @@ pub fn wait_readable(f: &File, timeout: Duration) -> io::Result<bool> {
     Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
 }
 
+/// Sets the socket's receive buffer to `bytes`, past the `rmem_max` limit (needs root, as the
+/// emulator does): a measuring receiver should not drop datagrams while it is descheduled.
+pub fn force_recv_buffer(sock: &std::net::UdpSocket, bytes: usize) -> io::Result<()> {
+    let v = bytes as libc::c_int;
+    // SAFETY: `sock` is an open socket; the option value is a valid c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs `f` on a new thread that has joined network namespace `ns` (`ip netns` name). Sockets it
 /// creates stay in that namespace wherever they are used afterwards.
 pub fn in_netns<T: Send + 'static>(

@@ -41,6 +41,8 @@ fn emulated_path_has_the_asked_rtt_loss_and_rate() {
     let b_addr = SocketAddr::from((wan.addr_b, 9000));
     let a = sock(&wan.ns_a, SocketAddr::from((wan.addr_a, 0)));
     let b = sock(&wan.ns_b, b_addr);
+    // 16 MiB of receive buffer: a receiver descheduled for a moment must not look like loss.
+    sys::force_recv_buffer(&b, 16 << 20).expect("SO_RCVBUFFORCE (root)");
 
     // 1. Round-trip time: B echoes, A times 30 pings (a lost ping is skipped).
     let echo = b.try_clone().unwrap();
