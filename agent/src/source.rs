@@ -127,20 +127,7 @@ impl Source {
                     && renewal.as_ref().is_none_or(|h| h.is_finished())
                 {
                     last_renewal = Instant::now();
-                    let leases: Vec<Lease> = in_flight.values().cloned().collect();
-                    let control = self.control.clone();
-                    renewal = Some(tokio::spawn(async move {
-                        match control.renew_leases(&leases).await {
-                            Ok(renewed) => {
-                                for (l, ok) in leases.iter().zip(renewed) {
-                                    if !ok {
-                                        tracing::debug!(message = "Lease no longer ours; its transfer will be refused.", migration = l.migration_id, segment = l.segment_id);
-                                    }
-                                }
-                            }
-                            Err(e) => tracing::warn!(message = "Lease renewal failed.", error = %e),
-                        }
-                    }));
+                    renewal = Some(self.renew(in_flight.values().cloned().collect()));
                 }
             } else {
                 last_renewal = Instant::now();
@@ -380,6 +367,28 @@ impl Source {
             issues = summary.issues_total
         );
         Ok(())
+    }
+
+    /// Renews `leases` in the background (one `RenewLeases` call); a lease that is no longer
+    /// ours is only logged: its transfer will be refused by the target.
+    fn renew(&self, leases: Vec<Lease>) -> tokio::task::JoinHandle<()> {
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            match control.renew_leases(&leases).await {
+                Ok(renewed) => {
+                    for (l, ok) in leases.iter().zip(renewed) {
+                        if !ok {
+                            tracing::debug!(
+                                message = "Lease no longer ours; its transfer will be refused.",
+                                migration = l.migration_id,
+                                segment = l.segment_id
+                            );
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(message = "Lease renewal failed.", error = %e),
+            }
+        })
     }
 
     /// Sends one leased segment and reports the outcome.

@@ -20,8 +20,8 @@ fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
     }
 }
 
-/// Most reports one `ReportSegments` call may carry.
-pub const MAX_REPORTS_PER_CALL: usize = 4096;
+/// Most reports (or leases) one `ReportSegments` (or `RenewLeases`) call may carry.
+pub const MAX_ITEMS_PER_CALL: usize = 4096;
 
 /// The state machine command for one report (checked: role and digest).
 fn report_command(r: pb::ReportSegmentRequest, now_ms: u64) -> Result<Command, Status> {
@@ -275,31 +275,15 @@ impl AgentControl for AgentService {
         Ok(GrpcResponse::new(pb::SourceProblemResponse {}))
     }
 
-    async fn report_segment(
-        &self,
-        req: Request<pb::ReportSegmentRequest>,
-    ) -> R<pb::ReportSegmentResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
-        let cmd = report_command(req.into_inner(), now_ms())?;
-        let resp = self.0.write(cmd).await?;
-        let Response::Report(outcome, reason) = resp else {
-            return Err(refused(resp));
-        };
-        Ok(GrpcResponse::new(pb::ReportSegmentResponse {
-            outcome: super::convert::outcome_str(outcome).to_string(),
-            reason,
-        }))
-    }
-
     async fn renew_leases(
         &self,
         req: Request<pb::RenewLeasesRequest>,
     ) -> R<pb::RenewLeasesResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
-        if r.leases.len() > MAX_REPORTS_PER_CALL {
+        if r.leases.len() > MAX_ITEMS_PER_CALL {
             return Err(Status::invalid_argument(format!(
-                "{} leases in one call; send at most {MAX_REPORTS_PER_CALL}",
+                "{} leases in one call; send at most {MAX_ITEMS_PER_CALL}",
                 r.leases.len()
             )));
         }
@@ -331,9 +315,9 @@ impl AgentControl for AgentService {
     ) -> R<pb::ReportSegmentsResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
-        if r.reports.len() > MAX_REPORTS_PER_CALL {
+        if r.reports.len() > MAX_ITEMS_PER_CALL {
             return Err(Status::invalid_argument(format!(
-                "{} reports in one call; send at most {MAX_REPORTS_PER_CALL}",
+                "{} reports in one call; send at most {MAX_ITEMS_PER_CALL}",
                 r.reports.len()
             )));
         }
