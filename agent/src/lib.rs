@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod control;
 pub mod frame;
+pub mod holes;
 pub mod manifest;
 pub mod run;
 pub mod scan;

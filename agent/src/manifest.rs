@@ -310,7 +310,7 @@ mod tests {
         let (mut w, live) = ManifestWriter::create(&p).unwrap();
         let mut segs = Vec::new();
         for i in 0..5 {
-            segs.extend(planner.push(Entry::file(&format!("f{i}"), 6, 0o644, (1, 2), 100 + i)));
+            segs.extend(planner.push(Entry::file(format!("f{i}"), 6, 0o644, (1, 2), 100 + i)));
         }
         segs.extend(planner.finish());
         let appended: Vec<_> = segs.iter().map(|s| w.append(s).unwrap()).collect();

@@ -1,12 +1,13 @@
 //! Walks a source tree as a stream: one directory listing in memory per level of depth, never the
 //! whole tree. Children are visited in name order so that a rescan plans the same segments.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use ferry_common::path::to_wire;
+use ferry_common::path::{display, to_wire};
 use ferry_common::segment::Entry;
 
 /// What the walk found.
@@ -16,7 +17,7 @@ pub enum Walked {
     Entry(Entry),
     /// Something that cannot be copied, and why. It is reported, never skipped silently.
     Issue {
-        /// Path relative to the root (lossy if not UTF-8).
+        /// Path relative to the root, escaped for display ([`ferry_common::path::escape`]).
         path: String,
         /// Why.
         reason: String,
@@ -47,6 +48,12 @@ fn mtime(m: &fs::Metadata) -> (i64, u32) {
 
 /// Walks `root`, calling `f` for each item in depth-first name order (a directory before its
 /// contents). Stops early if `f` returns an error.
+///
+/// A regular file with several names inside the tree (hardlinks: the same device and inode) is
+/// reported once as a file, under the first name the walk meets, and then as a
+/// [`EntryKind::Hardlink`](ferry_common::segment::EntryKind::Hardlink) to that name for every
+/// further one, so its bytes travel once. Only files with a link count above one are
+/// remembered, so memory grows with the hardlinks in the tree, not with its size.
 pub fn walk<E>(
     root: &Path,
     mut f: impl FnMut(Walked) -> Result<(), E>,
@@ -66,6 +73,8 @@ pub fn walk<E>(
     let top = sorted_children(root).map_err(|e| root_err(e.to_string()))?;
     let mut stack: Vec<(PathBuf, std::vec::IntoIter<OsString>)> =
         vec![(PathBuf::new(), top.into_iter())];
+    // (device, inode) of files with several names → the first name met.
+    let mut first_names: HashMap<(u64, u64), PathBuf> = HashMap::new();
     while let Some((dir, names)) = stack.last_mut() {
         let Some(name) = names.next() else {
             stack.pop();
@@ -73,13 +82,15 @@ pub fn walk<E>(
         };
         let rel = dir.join(&name);
         let abs = root.join(&rel);
-        let shown = rel.to_string_lossy().into_owned();
+        let shown = display(&rel);
         let issue = |reason: String| Walked::Issue {
             path: shown.clone(),
             reason,
         };
         let Some(wire) = to_wire(&rel) else {
-            if let Err(e) = f(issue("name is not valid UTF-8 or not representable".into())) {
+            if let Err(e) = f(issue(
+                "name cannot be represented (a component longer than 255 bytes)".into(),
+            )) {
                 return Ok(Err(e));
             }
             continue;
@@ -89,29 +100,38 @@ pub fn walk<E>(
             Ok(m) => {
                 let ft = m.file_type();
                 let mode = m.mode() & 0o7777;
+                let (uid, gid) = (m.uid(), m.gid());
                 if ft.is_dir() {
                     match sorted_children(&abs) {
                         Ok(children) => {
                             stack.push((rel.clone(), children.into_iter()));
-                            Walked::Entry(Entry::dir(&wire, mode, mtime(&m)))
+                            Walked::Entry(Entry::dir(&wire, mode, mtime(&m)).owned_by(uid, gid))
                         }
                         Err(e) => issue(format!("cannot read directory: {e}")),
                     }
                 } else if ft.is_file() {
+                    let key = (m.dev(), m.ino());
                     match fs::File::open(&abs) {
-                        Ok(_) => {
-                            Walked::Entry(Entry::file(&wire, m.len(), mode, mtime(&m), m.ino()))
-                        }
                         Err(e) => issue(format!("cannot read: {e}")),
+                        Ok(_) if m.nlink() > 1 && first_names.contains_key(&key) => Walked::Entry(
+                            Entry::hardlink(&wire, &first_names[&key], m.len(), mtime(&m)),
+                        ),
+                        Ok(_) => {
+                            if m.nlink() > 1 {
+                                first_names.insert(key, wire.clone());
+                            }
+                            Walked::Entry(
+                                Entry::file(&wire, m.len(), mode, mtime(&m), m.ino())
+                                    .owned_by(uid, gid),
+                            )
+                        }
                     }
                 } else if ft.is_symlink() {
                     match fs::read_link(&abs) {
-                        Ok(t) => match t.to_str() {
-                            Some(t) if !t.is_empty() => {
-                                Walked::Entry(Entry::symlink(&wire, t, mtime(&m)))
-                            }
-                            _ => issue("symlink target is not valid UTF-8".into()),
-                        },
+                        Ok(t) if !t.as_os_str().is_empty() => {
+                            Walked::Entry(Entry::symlink(&wire, t, mtime(&m)).owned_by(uid, gid))
+                        }
+                        Ok(_) => issue("symlink has an empty target".into()),
                         Err(e) => issue(format!("cannot read symlink: {e}")),
                     }
                 } else {
@@ -140,6 +160,7 @@ pub fn walk<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_common::segment::EntryKind;
 
     #[test]
     fn walks_in_name_order_and_reports_what_it_cannot_copy() {
@@ -161,7 +182,7 @@ mod tests {
         let paths: Vec<String> = seen
             .iter()
             .map(|w| match w {
-                Walked::Entry(e) => e.path.clone(),
+                Walked::Entry(e) => display(&e.path),
                 Walked::Issue { path, .. } => format!("!{path}"),
             })
             .collect();
@@ -183,6 +204,82 @@ mod tests {
         assert!(reason.contains("socket"), "{reason}");
         let Walked::Entry(x) = &seen[3] else { panic!() };
         assert_eq!(x.file_size, 5);
+    }
+
+    fn collect(root: &Path) -> Vec<Walked> {
+        let mut seen = Vec::new();
+        walk::<()>(root, |w| {
+            seen.push(w);
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        seen
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_entries_with_their_own_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let name = std::ffi::OsStr::from_bytes(b"latin1-\xe9.bin");
+        fs::create_dir(d.path().join(name)).unwrap();
+        fs::write(d.path().join(name).join(name), b"x").unwrap();
+        std::os::unix::fs::symlink(name, d.path().join("link")).unwrap();
+        let seen = collect(d.path());
+        let entries: Vec<&Entry> = seen
+            .iter()
+            .map(|w| match w {
+                Walked::Entry(e) => e,
+                Walked::Issue { path, reason } => panic!("{path}: {reason}"),
+            })
+            .collect();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].path.as_os_str().as_bytes(), b"latin1-\xe9.bin");
+        assert_eq!(
+            entries[1].path.as_os_str().as_bytes(),
+            b"latin1-\xe9.bin/latin1-\xe9.bin"
+        );
+        assert_eq!(
+            entries[2].link_target.as_os_str().as_bytes(),
+            b"latin1-\xe9.bin"
+        );
+    }
+
+    #[test]
+    fn hardlinks_are_one_file_and_links_to_its_first_name() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::write(r.join("a"), b"shared").unwrap();
+        fs::hard_link(r.join("a"), r.join("b")).unwrap();
+        fs::create_dir(r.join("c")).unwrap();
+        fs::hard_link(r.join("a"), r.join("c/d")).unwrap();
+        fs::write(r.join("e"), b"alone").unwrap();
+        let seen = collect(r);
+        let kinds: Vec<(String, EntryKind, String)> = seen
+            .iter()
+            .map(|w| match w {
+                Walked::Entry(e) => (display(&e.path), e.kind, display(&e.link_target)),
+                Walked::Issue { path, reason } => panic!("{path}: {reason}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("a".into(), EntryKind::File, "".into()),
+                ("b".into(), EntryKind::Hardlink, "a".into()),
+                ("c".into(), EntryKind::Dir, "".into()),
+                ("c/d".into(), EntryKind::Hardlink, "a".into()),
+                ("e".into(), EntryKind::File, "".into()),
+            ]
+        );
+        let Walked::Entry(link) = &seen[1] else {
+            panic!()
+        };
+        assert_eq!(
+            (link.len, link.file_size),
+            (0, 6),
+            "a link carries no bytes"
+        );
     }
 
     #[test]

@@ -6,23 +6,34 @@
 //! are opened with `O_NOFOLLOW` (and `O_EXCL` for temporaries, mode 0600), so a symlink planted
 //! under one of their names is never followed.
 //!
-//! A whole file goes to `.ferry-<segment>-<epoch>-<n>.tmp` beside its destination and is renamed
-//! into place only after its bytes are fsynced, the segment's hashes agree, and its mode and
-//! mtime are set; the directory is then fsynced. A file split over several segments is assembled
-//! in `.ferry-part-<id>` beside its destination; which pieces are durable is recorded in a
-//! sidecar in the agent's state directory (never in the target tree), marked complete before
-//! the part is renamed into place. A piece that arrives again after that (a resend whose first
-//! report was lost) is written into the finished file in place.
+//! A whole file goes to a temporary `.ferry-s<segment>-e<epoch>-<pid>.<transfer>.<n>.tmp` beside
+//! its destination (unique per transfer, so two streams of the same segment and epoch never
+//! share one) and is renamed into place only after its bytes are fsynced, the segment's hashes
+//! agree, and its owner, mode and mtime are set; the directory is then fsynced. A file split over
+//! several segments is assembled in `.ferry-part-<id>` beside its destination; which pieces are
+//! durable is recorded in a sidecar in the agent's state directory (never in the target tree),
+//! marked complete before the part is renamed into place. A piece that arrives again after that
+//! (a resend whose first report was lost) is compared with the finished file, never written
+//! into it: the file is visible, and only bytes that verified may be there.
+//!
+//! Sparse pieces carry only their data runs: a whole file is written run by run into its fresh
+//! temporary and sized, so the holes stay holes; a piece written into a part punches its holes.
+//! A hardlink entry links to the file carried under its first name, once that file is in place
+//! (or staged by the same segment); until then the segment is refused, to be sent again.
+//! Ownership (numeric uid and gid) is applied when the agent runs as root; otherwise files keep
+//! the agent's owner, and set-id bits are dropped.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ferry_common::hash::hex;
-use ferry_common::path::{validate_relative, validate_subdir, PathError};
+use ferry_common::path::{bytes, display, validate_relative, validate_subdir, PathError};
 use ferry_common::segment::{Entry, EntryKind};
 use filetime::FileTime;
 use serde::{Deserialize, Serialize};
@@ -30,9 +41,11 @@ use serde::{Deserialize, Serialize};
 /// Prefix of every name ferry creates in a target tree; peers may not use it.
 pub const RESERVED_PREFIX: &str = ".ferry-";
 
-/// Mode bits applied to files: setuid and setgid are dropped, because the agent (running as root)
-/// does not restore ownership and must not create set-id files owned by root.
-const MODE_MASK: u32 = 0o1777;
+/// Mode bits applied when ownership is not: setuid and setgid are dropped, because a set-id file
+/// must not end up owned by whoever runs the agent.
+const MODE_MASK_UNOWNED: u32 = 0o1777;
+/// Transfers started by this process, so that every transfer's temporaries have their own names.
+static TRANSFERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A write could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +54,7 @@ pub enum SinkError {
     #[error(transparent)]
     Path(#[from] PathError),
     /// The peer named a path in ferry's own namespace.
-    #[error("path {0:?} refused: names starting with '.ferry-' are reserved for ferry's temporary files")]
+    #[error("path \"{0}\" refused: names starting with '.ferry-' are reserved for ferry's temporary files")]
     Reserved(String),
     /// A component of the destination is a symlink (or not a directory).
     #[error("refusing {path}: component {component} is a symlink or not a directory")]
@@ -77,6 +90,24 @@ pub enum SinkError {
         /// Why.
         reason: String,
     },
+    /// A hardlink's first name has not arrived yet (or is not the expected file).
+    #[error("hardlink \"{path}\" waits for \"{first}\": {reason}; the segment will be sent again")]
+    LinkPending {
+        /// The link's path.
+        path: String,
+        /// The name the file travels under.
+        first: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// A piece resent after its file was finished differs from the finished file.
+    #[error("resent piece of finished file {path} differs from it at byte {offset}; the file is left as it was")]
+    ResentDiffers {
+        /// The file.
+        path: String,
+        /// First differing byte.
+        offset: u64,
+    },
     /// A partial copy that verified pieces live in was removed or replaced behind ferry's back.
     #[error("the partial copy of {path} ({part}) was removed or replaced; pieces already verified are lost — start a new migration")]
     PartLost {
@@ -108,6 +139,8 @@ pub struct FsSink {
     /// mtime, so every commit that touches a known directory sets it back. Kept in memory and in
     /// `<state_dir>/dir-mtimes.jsonl` (fsynced before the segment is reported).
     dir_times: Mutex<DirTimes>,
+    /// Whether owners are applied (the agent runs as root).
+    apply_owner: bool,
 }
 
 struct DirTimes {
@@ -151,8 +184,10 @@ impl FsSink {
         if !root.is_dir() {
             return Err(err("not a directory".into()));
         }
+        // Created with O_EXCL|O_NOFOLLOW: a symlink planted under the probe's name is removed,
+        // never followed (File::create would truncate whatever it points to).
         let probe = root.join(format!("{RESERVED_PREFIX}probe-{}", std::process::id()));
-        File::create(&probe).map_err(|e| err(format!("not writable: {e}")))?;
+        create_private(&probe).map_err(|e| err(format!("not writable: {e}")))?;
         let _ = fs::remove_file(&probe);
         let parts_dir = state_dir.join("parts");
         fs::create_dir_all(&parts_dir).map_err(io_at("cannot create", &parts_dir))?;
@@ -163,8 +198,9 @@ impl FsSink {
                 // A torn last line (crash while appending) is ignored: that segment was not
                 // reported, so its directories arrive again.
                 for line in bytes.split(|&b| b == b'\n') {
-                    if let Ok((p, t)) = serde_json::from_slice::<(PathBuf, (i64, u32))>(line) {
-                        known.insert(p, t);
+                    // A path is written as its bytes (names need not be UTF-8).
+                    if let Ok((p, t)) = serde_json::from_slice::<(Vec<u8>, (i64, u32))>(line) {
+                        known.insert(PathBuf::from(OsStr::from_bytes(&p)), t);
                     }
                 }
             }
@@ -185,7 +221,27 @@ impl FsSink {
                 log,
                 log_path,
             }),
+            apply_owner: crate::holes::running_as_root(),
         })
+    }
+
+    /// Whether this sink applies owners (uid and gid) to what it writes.
+    pub fn applies_owner(&self) -> bool {
+        self.apply_owner
+    }
+
+    /// The owner to apply to an entry, if owners are applied.
+    fn owner(&self, e: &Entry) -> Option<(u32, u32)> {
+        self.apply_owner.then_some((e.uid, e.gid))
+    }
+
+    /// The mode bits to apply to an entry.
+    fn mode(&self, e: &Entry) -> u32 {
+        if self.apply_owner {
+            e.mode & 0o7777
+        } else {
+            e.mode & MODE_MASK_UNOWNED
+        }
     }
 
     /// Resolves `base/rel` below the root, creating missing directories (recorded in `created`),
@@ -193,19 +249,19 @@ impl FsSink {
     fn resolve(
         &self,
         base: &Path,
-        rel: &str,
+        rel: &Path,
         created: &mut Vec<PathBuf>,
     ) -> Result<(PathBuf, PathBuf), SinkError> {
-        let rel_path = validate_relative(rel)?;
+        let rel_path = validate_relative(bytes(rel))?;
         let full_rel = base.join(&rel_path);
         let comps: Vec<_> = full_rel.components().collect();
         let (last, parents) = comps.split_last().ok_or(PathError::Empty)?;
         if last
             .as_os_str()
-            .to_string_lossy()
-            .starts_with(RESERVED_PREFIX)
+            .as_encoded_bytes()
+            .starts_with(RESERVED_PREFIX.as_bytes())
         {
-            return Err(SinkError::Reserved(rel.to_string()));
+            return Err(SinkError::Reserved(display(rel)));
         }
         let mut dir = self.root.clone();
         for c in parents {
@@ -214,7 +270,7 @@ impl FsSink {
                 Ok(m) if m.file_type().is_dir() => {}
                 Ok(_) => {
                     return Err(SinkError::Escape {
-                        path: rel.to_string(),
+                        path: display(rel),
                         component: dir,
                     })
                 }
@@ -225,7 +281,7 @@ impl FsSink {
                             // Created concurrently by another segment; re-check what it is.
                             if !fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir()) {
                                 return Err(SinkError::Escape {
-                                    path: rel.to_string(),
+                                    path: display(rel),
                                     component: dir,
                                 });
                             }
@@ -256,6 +312,7 @@ impl FsSink {
             migration_id,
             segment_id,
             epoch,
+            transfer: TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             next: 0,
             hasher: blake3::Hasher::new(),
             current: None,
@@ -316,8 +373,9 @@ enum Mode {
     Temp,
     /// A piece into the shared part file.
     Part,
-    /// A piece into the already finished file (a resend after completion).
-    InPlace,
+    /// A piece of an already finished file (a resend after completion): compared with the file,
+    /// never written into it.
+    Compare,
 }
 
 /// What a segment has written but not yet made visible.
@@ -328,12 +386,13 @@ enum Staged {
         dest: PathBuf,
         dir: PathBuf,
     },
-    /// A piece of a split file, to be recorded in its sidecar (unless written in place).
+    /// A piece of a split file, to be recorded in its sidecar (unless it was compared with the
+    /// finished file).
     Piece {
         entry: Entry,
         dest: PathBuf,
         dir: PathBuf,
-        in_place: bool,
+        compared: bool,
     },
 }
 
@@ -343,6 +402,12 @@ struct Open {
     dest: PathBuf,
     dir: PathBuf,
     entry: Entry,
+    /// Where the entry's bytes go: its data runs, or the whole piece.
+    runs: Vec<(u64, u64)>,
+    /// Run being filled, and bytes of it done.
+    run: usize,
+    run_done: u64,
+    /// Bytes received for this entry.
     written: u64,
     mode: Mode,
 }
@@ -354,6 +419,8 @@ pub struct SegmentWriter<'a> {
     migration_id: u64,
     segment_id: u64,
     epoch: u64,
+    /// This transfer's number in this process: part of its temporaries' names.
+    transfer: u64,
     next: usize,
     hasher: blake3::Hasher,
     current: Option<Open>,
@@ -398,6 +465,30 @@ fn create_private(path: &Path) -> Result<File, SinkError> {
         .map_err(io_at("cannot create", path))
 }
 
+/// Sets a directory's owner (if given) and mode through a handle opened with
+/// `O_NOFOLLOW|O_DIRECTORY`: if something swapped the directory for a symlink after it was
+/// checked, the open fails instead of changing whatever the link points to.
+fn set_dir_meta(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), SinkError> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(path)
+        .map_err(io_at("cannot open directory (is it a symlink?)", path))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))
+            .map_err(io_at("cannot set owner of", path))?;
+    }
+    dir.set_permissions(Permissions::from_mode(mode))
+        .map_err(io_at("cannot set mode of", path))
+}
+
+fn open_read_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 fn open_nofollow(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
@@ -411,6 +502,56 @@ fn part_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!("{RESERVED_PREFIX}part-{id}"))
 }
 
+/// The parts of a piece that none of its runs cover: its holes.
+fn gaps(e: &Entry, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = e.offset;
+    for &(start, len) in runs {
+        if start > at {
+            out.push((at, start - at));
+        }
+        at = start + len;
+    }
+    if e.offset + e.len > at {
+        out.push((at, e.offset + e.len - at));
+    }
+    out
+}
+
+/// Checks that `file` holds `data` at `at` (a resent piece against its finished file).
+fn compare_at(file: &File, data: &[u8], at: u64, e: &Entry) -> Result<(), SinkError> {
+    let mut have = vec![0u8; data.len()];
+    let n = read_up_to(file, &mut have, at).map_err(|source| SinkError::Io {
+        op: "cannot read finished file",
+        path: e.path.clone(),
+        source,
+    })?;
+    match have[..n].iter().zip(data).position(|(a, b)| a != b) {
+        None if n == data.len() => Ok(()),
+        None => Err(SinkError::ResentDiffers {
+            path: display(&e.path),
+            offset: at + n as u64,
+        }),
+        Some(i) => Err(SinkError::ResentDiffers {
+            path: display(&e.path),
+            offset: at + i as u64,
+        }),
+    }
+}
+
+fn read_up_to(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], at + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 fn inode(path: &Path) -> Option<u64> {
     fs::symlink_metadata(path)
         .ok()
@@ -422,31 +563,35 @@ impl SegmentWriter<'_> {
     fn tmp_name(&mut self, dir: &Path) -> PathBuf {
         self.next += 1;
         dir.join(format!(
-            "{RESERVED_PREFIX}{}-{}-{}.tmp",
-            self.segment_id, self.epoch, self.next
+            "{RESERVED_PREFIX}s{}-e{}-{}.{}.{}.tmp",
+            self.segment_id,
+            self.epoch,
+            std::process::id(),
+            self.transfer,
+            self.next
         ))
     }
 
-    /// Prepares for `entry`'s bytes (`entry.len` of them follow through [`Self::write`]).
+    /// Prepares for `entry`'s bytes (`entry.wire_len()` of them follow through [`Self::write`]).
     pub fn start_entry(&mut self, entry: &Entry) -> Result<(), SinkError> {
         self.finish_entry()?;
         let (dir, dest) = self
             .sink
             .resolve(&self.base, &entry.path, &mut self.created)?;
         let bad = |reason: &str| SinkError::BadEntry {
-            path: entry.path.clone(),
+            path: display(&entry.path),
             reason: reason.to_string(),
         };
+        if entry.kind != EntryKind::File && (entry.len != 0 || entry.data_runs.is_some()) {
+            return Err(bad("only files carry bytes"));
+        }
         match entry.kind {
             EntryKind::Dir => {
-                if entry.len != 0 {
-                    return Err(bad("a directory carries no bytes"));
-                }
                 match fs::symlink_metadata(&dest) {
                     Ok(m) if m.file_type().is_dir() => {}
                     Ok(_) => {
                         return Err(SinkError::Escape {
-                            path: entry.path.clone(),
+                            path: display(&entry.path),
                             component: dest,
                         })
                     }
@@ -456,21 +601,28 @@ impl SegmentWriter<'_> {
                         Err(e) => return Err(io_at("cannot create directory", &dest)(e)),
                     },
                 }
-                fs::set_permissions(&dest, Permissions::from_mode(entry.mode & MODE_MASK))
-                    .map_err(io_at("cannot set mode of", &dest))?;
+                set_dir_meta(&dest, self.sink.mode(entry), self.sink.owner(entry))?;
                 self.dirs.push((dest, (entry.mtime_sec, entry.mtime_nsec)));
             }
             EntryKind::Symlink => {
-                if entry.len != 0 || entry.link_target.is_empty() {
-                    return Err(bad("a symlink needs a target and carries no bytes"));
+                if entry.link_target.as_os_str().is_empty() {
+                    return Err(bad("a symlink needs a target"));
                 }
                 let tmp = self.tmp_name(&dir);
                 clear(&tmp)?;
                 std::os::unix::fs::symlink(&entry.link_target, &tmp)
                     .map_err(io_at("cannot create symlink", &tmp))?;
+                if let Some((uid, gid)) = self.sink.owner(entry) {
+                    std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))
+                        .map_err(io_at("cannot set owner of", &tmp))?;
+                }
                 let t = mtime_of(entry);
                 filetime::set_symlink_file_times(&tmp, t, t)
                     .map_err(io_at("cannot set mtime of", &tmp))?;
+                self.staged.push(Staged::Rename { tmp, dest, dir });
+            }
+            EntryKind::Hardlink => {
+                let tmp = self.link(entry, &dir)?;
                 self.staged.push(Staged::Rename { tmp, dest, dir });
             }
             EntryKind::File => {
@@ -478,15 +630,27 @@ impl SegmentWriter<'_> {
                 if whole && (entry.offset != 0 || entry.len != entry.file_size) {
                     return Err(bad("a whole file must start at 0 and carry all its bytes"));
                 }
-                if !whole
-                    && (entry.chunk_index >= entry.chunk_count
-                        || entry
-                            .offset
-                            .checked_add(entry.len)
-                            .is_none_or(|end| end > entry.file_size))
-                {
+                let Some(end) = entry.offset.checked_add(entry.len) else {
+                    return Err(bad("piece lies outside the file"));
+                };
+                if !whole && (entry.chunk_index >= entry.chunk_count || end > entry.file_size) {
                     return Err(bad("piece lies outside the file"));
                 }
+                let runs = match &entry.data_runs {
+                    None => vec![(entry.offset, entry.len)],
+                    Some(runs) => {
+                        let mut at = entry.offset;
+                        for &(o, l) in runs {
+                            if o < at || l == 0 || o.checked_add(l).is_none_or(|e| e > end) {
+                                return Err(bad(
+                                    "data runs must be non-empty, in order, inside the piece",
+                                ));
+                            }
+                            at = o + l;
+                        }
+                        runs.clone()
+                    }
+                };
                 let (mode, path, file) = if whole {
                     let tmp = self.tmp_name(&dir);
                     let f = create_private(&tmp)?;
@@ -500,12 +664,55 @@ impl SegmentWriter<'_> {
                     dest,
                     dir,
                     entry: entry.clone(),
+                    runs,
+                    run: 0,
+                    run_done: 0,
                     written: 0,
                     mode,
                 });
             }
         }
         Ok(())
+    }
+
+    /// Links a new temporary in `dir` to the file a hardlink entry names as its first name: the
+    /// temporary a whole file of this same segment is staged in, or the file in place. Checks
+    /// that it is the file the source linked (a regular file of the entry's size and mtime).
+    fn link(&mut self, entry: &Entry, dir: &Path) -> Result<PathBuf, SinkError> {
+        let (_, first) = self
+            .sink
+            .resolve(&self.base, &entry.link_target, &mut self.created)?;
+        let pending = |reason: &str| SinkError::LinkPending {
+            path: display(&entry.path),
+            first: display(&entry.link_target),
+            reason: reason.to_string(),
+        };
+        // Staged by this segment (bundles keep scan order, so the first name comes first)?
+        let staged = self.staged.iter().find_map(|s| match s {
+            Staged::Rename { tmp, dest, .. } if *dest == first => Some(tmp.clone()),
+            _ => None,
+        });
+        let source = staged.unwrap_or(first);
+        let m = fs::symlink_metadata(&source).map_err(|_| pending("it has not arrived yet"))?;
+        if !m.is_file() {
+            return Err(pending("it is not a regular file"));
+        }
+        if m.len() != entry.file_size
+            || (m.mtime(), m.mtime_nsec() as u32) != (entry.mtime_sec, entry.mtime_nsec)
+        {
+            return Err(pending(
+                "it is not yet the linked file (size or mtime differ)",
+            ));
+        }
+        let tmp = self.tmp_name(dir);
+        clear(&tmp)?;
+        // link(2) never follows a symlink at `source`, and `source` was checked to be a file.
+        fs::hard_link(&source, &tmp).map_err(io_at("cannot create hardlink", &tmp))?;
+        if inode(&tmp) != Some(m.ino()) {
+            let _ = fs::remove_file(&tmp);
+            return Err(pending("it was replaced while being linked"));
+        }
+        Ok(tmp)
     }
 
     /// Opens the file a piece of a split file goes into, after consulting its sidecar.
@@ -521,8 +728,9 @@ impl SegmentWriter<'_> {
                     fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
                     fsync_dir(dest.parent().expect("has a parent"))?;
                 }
-                let f = open_nofollow(dest).map_err(io_at("cannot open finished file", dest))?;
-                Ok((Mode::InPlace, dest.to_path_buf(), f))
+                let f =
+                    open_read_nofollow(dest).map_err(io_at("cannot open finished file", dest))?;
+                Ok((Mode::Compare, dest.to_path_buf(), f))
             }
             Some(mut st) if st.describes(e) && inode(&part) == Some(st.part_ino) => {
                 if let Some(i) = st.done.iter().position(|&d| d == e.chunk_index) {
@@ -535,7 +743,7 @@ impl SegmentWriter<'_> {
                 Ok((Mode::Part, part, f))
             }
             Some(st) if st.describes(e) && !st.done.is_empty() => Err(SinkError::PartLost {
-                path: e.path.clone(),
+                path: display(&e.path),
                 part,
             }),
             _ => {
@@ -557,7 +765,8 @@ impl SegmentWriter<'_> {
         }
     }
 
-    /// Writes the next bytes of the current entry and hashes them.
+    /// Writes the next bytes of the current entry (the next bytes of its data runs) and hashes
+    /// them. A resent piece of a finished file is compared with it instead.
     pub fn write(&mut self, data: &[u8]) -> Result<(), SinkError> {
         let Some(open) = self.current.as_mut() else {
             return Err(SinkError::BadEntry {
@@ -565,15 +774,31 @@ impl SegmentWriter<'_> {
                 reason: "bytes arrived for no file".into(),
             });
         };
-        if open.written + data.len() as u64 > open.entry.len {
+        if open.written + data.len() as u64 > open.entry.wire_len() {
             return Err(SinkError::BadEntry {
-                path: open.entry.path.clone(),
+                path: display(&open.entry.path),
                 reason: "more bytes than announced".into(),
             });
         }
-        open.file
-            .write_all_at(data, open.entry.offset + open.written)
-            .map_err(io_at("cannot write", &open.path))?;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (start, len) = open.runs[open.run];
+            let n = (len - open.run_done).min(rest.len() as u64) as usize;
+            let at = start + open.run_done;
+            match open.mode {
+                Mode::Temp | Mode::Part => open
+                    .file
+                    .write_all_at(&rest[..n], at)
+                    .map_err(io_at("cannot write", &open.path))?,
+                Mode::Compare => compare_at(&open.file, &rest[..n], at, &open.entry)?,
+            }
+            open.run_done += n as u64;
+            if open.run_done == len {
+                open.run += 1;
+                open.run_done = 0;
+            }
+            rest = &rest[n..];
+        }
         open.written += data.len() as u64;
         self.hasher.update(data);
         Ok(())
@@ -585,13 +810,13 @@ impl SegmentWriter<'_> {
             return Ok(());
         };
         let e = &open.entry;
-        if open.written != e.len {
+        if open.written != e.wire_len() {
             if open.mode == Mode::Temp {
                 let _ = fs::remove_file(&open.path);
             }
             return Err(SinkError::BadEntry {
-                path: e.path.clone(),
-                reason: format!("{} of {} bytes arrived", open.written, e.len),
+                path: display(&e.path),
+                reason: format!("{} of {} bytes arrived", open.written, e.wire_len()),
             });
         }
         let t = mtime_of(e);
@@ -604,8 +829,18 @@ impl SegmentWriter<'_> {
                 };
                 // Staged first, so that Drop removes the temporary if the calls below fail.
                 self.staged.push(staged);
+                // A fresh file: what no run wrote stays a hole once the file is sized.
+                if e.data_runs.is_some() {
+                    open.file
+                        .set_len(e.file_size)
+                        .map_err(io_at("cannot size", &open.path))?;
+                }
+                if let Some((uid, gid)) = self.sink.owner(e) {
+                    std::os::unix::fs::fchown(&open.file, Some(uid), Some(gid))
+                        .map_err(io_at("cannot set owner of", &open.path))?;
+                }
                 open.file
-                    .set_permissions(Permissions::from_mode(e.mode & MODE_MASK))
+                    .set_permissions(Permissions::from_mode(self.sink.mode(e)))
                     .map_err(io_at("cannot set mode of", &open.path))?;
                 filetime::set_file_handle_times(&open.file, Some(t), Some(t))
                     .map_err(io_at("cannot set mtime of", &open.path))?;
@@ -614,6 +849,11 @@ impl SegmentWriter<'_> {
                     .map_err(io_at("cannot fsync", &open.path))?;
             }
             Mode::Part => {
+                // The part may hold bytes of an earlier attempt where this piece has holes.
+                for (start, len) in gaps(e, &open.runs) {
+                    crate::holes::make_hole(&open.file, start, len)
+                        .map_err(io_at("cannot punch a hole in", &open.path))?;
+                }
                 open.file
                     .sync_data()
                     .map_err(io_at("cannot fsync", &open.path))?;
@@ -621,12 +861,22 @@ impl SegmentWriter<'_> {
                     entry: open.entry,
                     dest: open.dest,
                     dir: open.dir,
-                    in_place: false,
+                    compared: false,
                 });
             }
-            Mode::InPlace => {
-                filetime::set_file_handle_times(&open.file, Some(t), Some(t))
-                    .map_err(io_at("cannot set mtime of", &open.path))?;
+            Mode::Compare => {
+                // The finished file must read as zeros where the resent piece has holes.
+                let zeros = vec![0u8; 1 << 16];
+                for (start, len) in gaps(e, &open.runs) {
+                    let mut at = start;
+                    while at < start + len {
+                        let n = (start + len - at).min(zeros.len() as u64) as usize;
+                        compare_at(&open.file, &zeros[..n], at, e)?;
+                        at += n as u64;
+                    }
+                }
+                // Make sure what was compared is durable (an earlier run may have crashed
+                // before its fsync reached the disk).
                 open.file
                     .sync_all()
                     .map_err(io_at("cannot fsync", &open.path))?;
@@ -634,7 +884,7 @@ impl SegmentWriter<'_> {
                     entry: open.entry,
                     dest: open.dest,
                     dir: open.dir,
-                    in_place: true,
+                    compared: true,
                 });
             }
         }
@@ -666,8 +916,8 @@ impl SegmentWriter<'_> {
                     entry,
                     dest,
                     dir,
-                    in_place,
-                } => match *in_place {
+                    compared,
+                } => match *compared {
                     true => Ok(None),
                     false => self
                         .record_piece(entry, dest)
@@ -705,7 +955,7 @@ impl SegmentWriter<'_> {
             Some(st) if st.describes(e) && inode(&part) == Some(st.part_ino) => st,
             _ => {
                 return Err(SinkError::PartLost {
-                    path: e.path.clone(),
+                    path: display(&e.path),
                     part,
                 })
             }
@@ -721,7 +971,11 @@ impl SegmentWriter<'_> {
         let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
         f.set_len(e.file_size)
             .map_err(io_at("cannot size", &part))?;
-        f.set_permissions(Permissions::from_mode(e.mode & MODE_MASK))
+        if let Some((uid, gid)) = sink.owner(e) {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                .map_err(io_at("cannot set owner of", &part))?;
+        }
+        f.set_permissions(Permissions::from_mode(sink.mode(e)))
             .map_err(io_at("cannot set mode of", &part))?;
         let t = mtime_of(e);
         filetime::set_file_handle_times(&f, Some(t), Some(t))
@@ -747,7 +1001,9 @@ impl FsSink {
         if !received.is_empty() {
             let mut lines = Vec::new();
             for (d, t) in received {
-                lines.extend(serde_json::to_vec(&(d, t)).expect("plain tuple serialises"));
+                lines.extend(
+                    serde_json::to_vec(&(bytes(d), t)).expect("bytes and numbers serialise"),
+                );
                 lines.push(b'\n');
                 dt.known.insert(d.clone(), *t);
             }

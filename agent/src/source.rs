@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_common::names::agent_dns;
+use ferry_common::path::display;
 use ferry_common::segment::{Entry, EntryKind, SegmentPlanner};
 use ferry_proto::control::{Lease, Role, SourceWork};
 use ferry_proto::data as pb;
@@ -472,7 +473,8 @@ impl Source {
             .cloned()
             .ok_or_else(|| format!("source root of migration {mid} unknown"))?;
         let scanned = block_in_place(|| manifest.read(sid)).map_err(|e| e.to_string())?;
-        let (entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
+        let (mut entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
+        block_in_place(|| find_holes(&root, &mut entries, &expect))?;
         let conn = self
             .connect(&lease.target_agent, &lease.target_addr)
             .await?;
@@ -489,6 +491,8 @@ impl Source {
         frame::write(&mut send, &header)
             .await
             .map_err(|e| e.to_string())?;
+        let holes = entries.iter().map(|e| e.len - e.wire_len()).sum();
+        Stats::add(&self.stats.hole_bytes, holes);
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; BUF];
         for (e, expect) in entries.iter().zip(&expect) {
@@ -562,18 +566,23 @@ impl Source {
             Ok(())
         };
         unchanged(&file)?;
-        let mut off = e.offset;
-        let end = e.offset + e.len;
-        while off < end {
-            let n = ((end - off) as usize).min(buf.len());
-            block_in_place(|| file.read_exact_at(&mut buf[..n], off))
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-            hasher.update(&buf[..n]);
-            send.write_all(&buf[..n])
-                .await
-                .map_err(|err| format!("stream write failed: {err}"))?;
-            Stats::add(&self.stats.bytes_sent, n as u64);
-            off += n as u64;
+        // A sparse piece sends its data runs only; the holes between them never cross the wire.
+        let dense = [(e.offset, e.len)];
+        let runs = e.data_runs.as_deref().unwrap_or(&dense);
+        for &(start, len) in runs {
+            let mut off = start;
+            let end = start + len;
+            while off < end {
+                let n = ((end - off) as usize).min(buf.len());
+                block_in_place(|| file.read_exact_at(&mut buf[..n], off))
+                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+                hasher.update(&buf[..n]);
+                send.write_all(&buf[..n])
+                    .await
+                    .map_err(|err| format!("stream write failed: {err}"))?;
+                Stats::add(&self.stats.bytes_sent, n as u64);
+                off += n as u64;
+            }
         }
         unchanged(&file)
     }
@@ -646,14 +655,36 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
                 e.mtime_sec = m.mtime();
                 e.mtime_nsec = m.mtime_nsec() as u32;
                 e.inode = m.ino();
+                e.uid = m.uid();
+                e.gid = m.gid();
                 expect.push((e.len > 0).then(|| FileId::of(&m)));
                 entries.push(e);
             }
-            Ok(_) => vanished.push((e.path, "no longer a regular file at copy time".into())),
-            Err(err) => vanished.push((e.path, format!("gone at copy time: {err}"))),
+            Ok(_) => vanished.push((
+                display(&e.path),
+                "no longer a regular file at copy time".into(),
+            )),
+            Err(err) => vanished.push((display(&e.path), format!("gone at copy time: {err}"))),
         }
     }
     (entries, expect, vanished)
+}
+
+/// Finds the data runs of every sparse file piece about to be sent (`expect` is `Some` for the
+/// entries whose bytes are read). The identity checks around the read catch a file that changes
+/// after this.
+fn find_holes(root: &Path, entries: &mut [Entry], expect: &[Option<FileId>]) -> Result<(), String> {
+    for (e, expect) in entries.iter_mut().zip(expect) {
+        if expect.is_none() {
+            continue;
+        }
+        let path = root.join(&e.path);
+        let file =
+            File::open(&path).map_err(|err| format!("cannot open {}: {err}", path.display()))?;
+        e.data_runs = crate::holes::data_runs(&file, e.offset, e.len)
+            .map_err(|err| format!("cannot find the holes of {}: {err}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Runs a coordinator call from a blocking thread, retrying transient failures until it succeeds
@@ -710,7 +741,7 @@ mod tests {
         std::fs::remove_file(d.path().join("gone")).unwrap();
         let (sent, expect, vanished) = current_entries(d.path(), entries);
         assert_eq!(sent.len(), 2);
-        assert_eq!((sent[0].path.as_str(), sent[0].len), ("a", 5));
+        assert_eq!((sent[0].path.as_path(), sent[0].len), (Path::new("a"), 5));
         assert!(expect[0].is_some() && expect[1].is_none());
         assert_eq!(vanished.len(), 1);
         assert_eq!(vanished[0].0, "gone");

@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Stats {
     /// File bytes this agent sent as a source (every attempt, including failed ones).
     pub bytes_sent: AtomicU64,
+    /// Bytes in the holes of sparse files this agent sent as a source, which did not cross the
+    /// wire (every attempt, like `bytes_sent`).
+    pub hole_bytes: AtomicU64,
     /// Segments whose transfer this agent completed as a source and the coordinator verified.
     pub segments_verified: AtomicU64,
     /// Segment transfers that failed at this source.

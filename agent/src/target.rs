@@ -201,7 +201,11 @@ impl Target {
                 entries.len()
             )));
         }
-        let total: u64 = entries.iter().map(|e| e.len).fold(0, u64::saturating_add);
+        // Bytes on the wire (a sparse piece sends its data runs only).
+        let total: u64 = entries
+            .iter()
+            .map(Entry::wire_len)
+            .fold(0, u64::saturating_add);
         if total > MAX_SEGMENT_BYTES {
             return Err(Refusal::Plain(format!(
                 "segment announces {total} bytes, over the limit"
@@ -211,7 +215,7 @@ impl Target {
         let mut buf = vec![0u8; BUF];
         for e in &entries {
             block_in_place(|| writer.start_entry(e))?;
-            let mut left = e.len;
+            let mut left = e.wire_len();
             while left > 0 {
                 let n = left.min(BUF as u64) as usize;
                 recv.read_exact(&mut buf[..n]).await?;

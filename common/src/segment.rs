@@ -5,6 +5,8 @@
 //! of its own. Smaller files, empty files, directories and symlinks are packed in scan order into
 //! bundle segments of at most `segment_size` bytes and [`MAX_BUNDLE_ENTRIES`] entries.
 
+use std::path::{Path, PathBuf};
+
 /// What kind of thing an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
@@ -14,15 +16,19 @@ pub enum EntryKind {
     Dir,
     /// A symbolic link.
     Symlink,
+    /// A further name of a regular file whose content travels under another name (a hardlink):
+    /// `link_target` is that other name, relative to the root. Carries no bytes.
+    Hardlink,
 }
 
-/// One item of a segment, as the source scanned it. `path` is relative, '/'-separated.
+/// One item of a segment, as the source scanned it. `path` is relative, '/'-separated, and may be
+/// any bytes (names that are not UTF-8 are kept as they are).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Kind of item.
     pub kind: EntryKind,
     /// Relative path (validated with [`crate::path::validate_relative`]).
-    pub path: String,
+    pub path: PathBuf,
     /// Permission bits (`st_mode & 0o7777`).
     pub mode: u32,
     /// Modification time, seconds since the epoch.
@@ -40,27 +46,69 @@ pub struct Entry {
     /// Files: number of pieces (1 for a whole file).
     pub chunk_count: u32,
     /// Symlinks: where the link points.
-    pub link_target: String,
+    pub link_target: PathBuf,
     /// Inode at scan time (0 for non-files); the source uses it to notice replaced files.
     pub inode: u64,
+    /// Numeric owner, applied when the target agent runs as root.
+    pub uid: u32,
+    /// Numeric group, applied when the target agent runs as root.
+    pub gid: u32,
+    /// Files: where this piece's data lies, as `(offset, len)` runs inside `offset..offset+len`
+    /// in increasing order, when the file is sparse; `None` for a dense piece. Only the runs'
+    /// bytes cross the wire and are hashed; the rest are holes at both ends.
+    pub data_runs: Option<Vec<(u64, u64)>>,
 }
 
 impl Entry {
     /// A directory entry.
-    pub fn dir(path: &str, mode: u32, mtime: (i64, u32)) -> Self {
+    pub fn dir(path: impl AsRef<Path>, mode: u32, mtime: (i64, u32)) -> Self {
         Entry::base(EntryKind::Dir, path, mode, mtime)
     }
 
     /// A symlink entry.
-    pub fn symlink(path: &str, target: &str, mtime: (i64, u32)) -> Self {
+    pub fn symlink(path: impl AsRef<Path>, target: impl AsRef<Path>, mtime: (i64, u32)) -> Self {
         Entry {
-            link_target: target.to_string(),
+            link_target: target.as_ref().to_path_buf(),
             ..Entry::base(EntryKind::Symlink, path, 0o777, mtime)
         }
     }
 
+    /// A further name (`path`) of the file carried as `first` (a hardlink). `file_size` and
+    /// `mtime` are the file's, so the target can check it links to the right file.
+    pub fn hardlink(
+        path: impl AsRef<Path>,
+        first: impl AsRef<Path>,
+        file_size: u64,
+        mtime: (i64, u32),
+    ) -> Self {
+        Entry {
+            link_target: first.as_ref().to_path_buf(),
+            file_size,
+            ..Entry::base(EntryKind::Hardlink, path, 0, mtime)
+        }
+    }
+
+    /// The same entry owned by `uid`:`gid`.
+    pub fn owned_by(self, uid: u32, gid: u32) -> Self {
+        Entry { uid, gid, ..self }
+    }
+
+    /// Bytes of this entry that cross the wire: the data runs of a sparse piece, else `len`.
+    pub fn wire_len(&self) -> u64 {
+        match &self.data_runs {
+            Some(runs) => runs.iter().map(|r| r.1).fold(0, u64::saturating_add),
+            None => self.len,
+        }
+    }
+
     /// A whole-file entry (before the planner decides whether to split it).
-    pub fn file(path: &str, size: u64, mode: u32, mtime: (i64, u32), inode: u64) -> Self {
+    pub fn file(
+        path: impl AsRef<Path>,
+        size: u64,
+        mode: u32,
+        mtime: (i64, u32),
+        inode: u64,
+    ) -> Self {
         Entry {
             file_size: size,
             len: size,
@@ -70,10 +118,10 @@ impl Entry {
         }
     }
 
-    fn base(kind: EntryKind, path: &str, mode: u32, mtime: (i64, u32)) -> Self {
+    fn base(kind: EntryKind, path: impl AsRef<Path>, mode: u32, mtime: (i64, u32)) -> Self {
         Entry {
             kind,
-            path: path.to_string(),
+            path: path.as_ref().to_path_buf(),
             mode,
             mtime_sec: mtime.0,
             mtime_nsec: mtime.1,
@@ -82,8 +130,11 @@ impl Entry {
             len: 0,
             chunk_index: 0,
             chunk_count: 0,
-            link_target: String::new(),
+            link_target: PathBuf::new(),
             inode: 0,
+            uid: 0,
+            gid: 0,
+            data_runs: None,
         }
     }
 }
@@ -120,7 +171,7 @@ pub const MAX_BUNDLE_ENTRIES: usize = 16 * 1024;
 pub const MAX_BUNDLE_HEADER_BYTES: usize = 2 * 1024 * 1024;
 
 fn header_cost(e: &Entry) -> usize {
-    e.path.len() + e.link_target.len() + 64
+    e.path.as_os_str().len() + e.link_target.as_os_str().len() + 64
 }
 
 /// Turns a stream of scanned entries into segments.
@@ -282,14 +333,14 @@ mod tests {
         let segs = plan(100, vec![file("a", 10), file("big", 150), file("b", 10)]);
         // The big file's chunks are cut immediately; the open bundle keeps collecting.
         assert_eq!(segs.len(), 3);
-        assert_eq!(segs[0].entries[0].path, "big");
+        assert_eq!(segs[0].entries[0].path, Path::new("big"));
         assert_eq!(
             segs[2]
                 .entries
                 .iter()
-                .map(|e| e.path.as_str())
+                .map(|e| e.path.as_path())
                 .collect::<Vec<_>>(),
-            vec!["a", "b"]
+            vec![Path::new("a"), Path::new("b")]
         );
     }
 }

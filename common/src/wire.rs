@@ -1,7 +1,13 @@
 //! Conversions between the data-plane protobuf types and the domain types of [`crate::segment`].
 //! The only place that knows both.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
 use ferry_proto::data as pb;
+
+use crate::path::{bytes, escape};
 
 use crate::segment::{Entry, EntryKind};
 
@@ -12,8 +18,9 @@ impl From<&Entry> for pb::Entry {
                 EntryKind::File => pb::EntryKind::File,
                 EntryKind::Dir => pb::EntryKind::Dir,
                 EntryKind::Symlink => pb::EntryKind::Symlink,
+                EntryKind::Hardlink => pb::EntryKind::Hardlink,
             } as i32,
-            path: e.path.clone(),
+            path: bytes(&e.path).to_vec(),
             mode: e.mode,
             mtime_sec: e.mtime_sec,
             mtime_nsec: e.mtime_nsec,
@@ -22,39 +29,58 @@ impl From<&Entry> for pb::Entry {
             len: e.len,
             chunk_index: e.chunk_index,
             chunk_count: e.chunk_count,
-            link_target: e.link_target.clone(),
+            link_target: bytes(&e.link_target).to_vec(),
+            uid: e.uid,
+            gid: e.gid,
+            sparse: e.data_runs.is_some(),
+            data_runs: e
+                .data_runs
+                .iter()
+                .flatten()
+                .flat_map(|&(o, l)| [o, l])
+                .collect(),
         }
     }
 }
 
-/// A data-plane entry that cannot describe anything (unknown kind).
+/// A data-plane entry that cannot describe anything.
 #[derive(Debug, thiserror::Error)]
-#[error("entry {path:?} has unknown kind {kind}")]
-pub struct UnknownKind {
-    /// The entry's path.
+#[error("entry \"{path}\" is malformed: {reason}")]
+pub struct MalformedEntry {
+    /// The entry's path, escaped.
     pub path: String,
-    /// The kind number received.
-    pub kind: i32,
+    /// What is wrong (an unknown kind, an odd number of data-run bounds).
+    pub reason: String,
 }
 
 impl TryFrom<pb::Entry> for Entry {
-    type Error = UnknownKind;
+    type Error = MalformedEntry;
 
-    fn try_from(e: pb::Entry) -> Result<Self, UnknownKind> {
+    fn try_from(e: pb::Entry) -> Result<Self, MalformedEntry> {
         let kind = match pb::EntryKind::try_from(e.kind) {
             Ok(pb::EntryKind::File) => EntryKind::File,
             Ok(pb::EntryKind::Dir) => EntryKind::Dir,
             Ok(pb::EntryKind::Symlink) => EntryKind::Symlink,
+            Ok(pb::EntryKind::Hardlink) => EntryKind::Hardlink,
             _ => {
-                return Err(UnknownKind {
-                    path: e.path,
-                    kind: e.kind,
+                return Err(MalformedEntry {
+                    path: escape(&e.path),
+                    reason: format!("unknown kind {}", e.kind),
                 })
             }
         };
+        if !e.data_runs.len().is_multiple_of(2) {
+            return Err(MalformedEntry {
+                path: escape(&e.path),
+                reason: "data runs must come in (offset, len) pairs".into(),
+            });
+        }
+        let data_runs = e
+            .sparse
+            .then(|| e.data_runs.chunks(2).map(|p| (p[0], p[1])).collect());
         Ok(Entry {
             kind,
-            path: e.path,
+            path: path_of(e.path),
             mode: e.mode,
             mtime_sec: e.mtime_sec,
             mtime_nsec: e.mtime_nsec,
@@ -63,10 +89,17 @@ impl TryFrom<pb::Entry> for Entry {
             len: e.len,
             chunk_index: e.chunk_index,
             chunk_count: e.chunk_count,
-            link_target: e.link_target,
+            link_target: path_of(e.link_target),
             inode: 0,
+            uid: e.uid,
+            gid: e.gid,
+            data_runs,
         })
     }
+}
+
+fn path_of(b: Vec<u8>) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(&b))
 }
 
 #[cfg(test)]
@@ -78,10 +111,36 @@ mod tests {
         let e = Entry::symlink("a/b", "../c", (5, 6));
         let back = Entry::try_from(pb::Entry::from(&e)).unwrap();
         assert_eq!(back, e);
+        let latin1 = Entry::symlink(
+            OsStr::from_bytes(b"latin1-\xe9"),
+            OsStr::from_bytes(b"\xff"),
+            (5, 6),
+        );
+        let back = Entry::try_from(pb::Entry::from(&latin1)).unwrap();
+        assert_eq!(back, latin1);
+        let mut sparse = Entry::file("s", 100, 0o600, (1, 2), 0).owned_by(7, 8);
+        sparse.data_runs = Some(vec![(10, 5), (90, 10)]);
+        let back = Entry::try_from(pb::Entry::from(&sparse)).unwrap();
+        assert_eq!(back, sparse);
+        let empty_sparse = Entry {
+            data_runs: Some(vec![]),
+            ..sparse
+        };
+        let back = Entry::try_from(pb::Entry::from(&empty_sparse)).unwrap();
+        assert_eq!(back, empty_sparse, "an all-hole piece stays sparse");
+        let link = Entry::hardlink("b", "a", 5, (1, 2));
+        assert_eq!(Entry::try_from(pb::Entry::from(&link)).unwrap(), link);
         let bad = pb::Entry {
             kind: 99,
             ..Default::default()
         };
         assert!(Entry::try_from(bad).is_err());
+        let odd = pb::Entry {
+            kind: pb::EntryKind::File as i32,
+            sparse: true,
+            data_runs: vec![1, 2, 3],
+            ..Default::default()
+        };
+        assert!(Entry::try_from(odd).is_err());
     }
 }

@@ -2,8 +2,10 @@
 //! coordinator and a source and a target agent on 127.0.0.1 (in this process, over real sockets
 //! with mutual TLS), migrates a directory (or a generated sample), watches it and reports.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +74,8 @@ pub struct Report {
     /// Seconds from the migration's creation to its last verified segment, by the coordinator's
     /// clock (scan included).
     pub seconds: f64,
-    /// Throughput over that time, in MB/s (10^6 bytes).
+    /// Throughput over that time, in MB/s (10^6 bytes) of data: holes of sparse files, which
+    /// are not sent, do not count.
     pub mb_per_sec: f64,
     /// Every segment verified with matching source and target BLAKE3.
     pub all_verified: bool,
@@ -80,6 +83,9 @@ pub struct Report {
     pub hash_mismatches: u64,
     /// Bytes the source sent, including resends.
     pub bytes_sent: u64,
+    /// Bytes in holes of sparse files, which were not sent (counted per attempt, like
+    /// `bytes_sent`).
+    pub hole_bytes: u64,
     /// Paths that could not be copied.
     pub issues: Vec<(String, String)>,
     /// Number of such paths.
@@ -105,11 +111,12 @@ impl Report {
         ));
         s.push_str(&format!("segments    {}\n", self.segments));
         s.push_str(&format!("time        {:.2} s\n", self.seconds));
-        s.push_str(&format!("throughput  {:.1} MB/s\n", self.mb_per_sec));
+        s.push_str(&format!("throughput  {:.1} MB/s (data; holes not counted)\n", self.mb_per_sec));
         s.push_str(&format!(
-            "bytes sent  {} (resent: {})\n",
+            "bytes sent  {} (resent: {}, holes not sent: {})\n",
             self.bytes_sent,
-            self.bytes_sent.saturating_sub(self.bytes)
+            (self.bytes_sent + self.hole_bytes).saturating_sub(self.bytes),
+            self.hole_bytes
         ));
         s.push_str(&format!(
             "verified    {} (BLAKE3 of every segment equal at source and target, target fsynced)\n",
@@ -263,14 +270,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             bytes: done.bytes_total,
             segments: done.segments_total,
             seconds: elapsed,
+            // Data bytes only: the holes of sparse files cost nothing to "copy".
             mb_per_sec: if elapsed > 0.0 {
-                done.bytes_total as f64 / elapsed / 1e6
+                done
+                    .bytes_total
+                    .saturating_sub(Stats::get(&src_stats.hole_bytes)) as f64
+                    / elapsed
+                    / 1e6
             } else {
                 0.0
             },
             all_verified: v.all_verified,
             hash_mismatches: v.hash_mismatches,
             bytes_sent: Stats::get(&src_stats.bytes_sent),
+            hole_bytes: Stats::get(&src_stats.hole_bytes),
             issues: done
                 .scan_issues
                 .iter()
@@ -288,8 +301,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 
 /// Writes a sample data set shaped like an AI platform's: large checkpoints (split into
 /// segments), thousands of small files in nested directories (bundled), empty files and
-/// directories, a symlink, and a few file modes. Deterministic: the same arguments give the same
-/// bytes.
+/// directories, a symlink, a few file modes, names that are not UTF-8, a group of hardlinks, a
+/// sparse file and (when run as root) files owned by other users. Deterministic: the same
+/// arguments give the same bytes.
 pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> anyhow::Result<()> {
     let mut rng = blake3::Hasher::new_derive_key("ferry quickstart sample v1").finalize_xof();
     let mut write = |path: &Path, len: u64| -> anyhow::Result<()> {
@@ -342,5 +356,48 @@ pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> any
         std::fs::Permissions::from_mode(0o600),
     )?;
     std::os::unix::fs::symlink("model-00002.bin", dir.join("checkpoints/latest"))?;
+
+    // What real trees hold and a copier must keep. Names that are not UTF-8 (Latin-1, from an
+    // old Samba share), and a symlink to one:
+    let legacy = dir.join("datasets/legacy-share");
+    let latin1_dir = legacy.join(OsStr::from_bytes(b"r\xe9sum\xe9s"));
+    write(
+        &latin1_dir.join(OsStr::from_bytes(b"caf\xe9-menu.txt")),
+        500,
+    )?;
+    write(&legacy.join(OsStr::from_bytes(b"na\xefve.csv")), 2000)?;
+    std::os::unix::fs::symlink(
+        OsStr::from_bytes(b"na\xefve.csv"),
+        legacy.join("latest.csv"),
+    )?;
+    // A group of hardlinks (one file, three names in two directories):
+    write(&dir.join("datasets/labels/labels-v3.csv"), 3000)?;
+    std::fs::hard_link(
+        dir.join("datasets/labels/labels-v3.csv"),
+        dir.join("datasets/labels/labels-latest.csv"),
+    )?;
+    std::fs::hard_link(
+        dir.join("datasets/labels/labels-v3.csv"),
+        dir.join("datasets/labels.csv"),
+    )?;
+    // A sparse disk image: twice a checkpoint's size, four small runs of data.
+    let image = dir.join("vm/scratch-disk.img");
+    std::fs::create_dir_all(image.parent().expect("has a parent"))?;
+    let f = std::fs::File::create(&image)?;
+    let size = 2 * big_file_bytes;
+    f.set_len(size)?;
+    let mut run = vec![0u8; 64 * 1024];
+    for i in 0..4u64 {
+        rng.read_exact(&mut run)?;
+        f.write_all_at(&run, i * (size / 4) + 4096)?;
+    }
+    drop(f);
+    // Owners other than the one running the quick start (only root can give files away).
+    if ferry_agent::holes::running_as_root() {
+        use std::os::unix::fs::{chown, lchown};
+        chown(dir.join("datasets/README.txt"), Some(1001), Some(1002))?;
+        chown(dir.join("logs"), Some(1003), Some(1004))?;
+        lchown(dir.join("checkpoints/latest"), Some(1005), Some(1006))?;
+    }
     Ok(())
 }

@@ -134,7 +134,7 @@ fn split_file_is_visible_only_when_every_piece_landed() {
 }
 
 #[test]
-fn piece_resent_after_completion_is_written_in_place() {
+fn piece_resent_after_completion_is_checked_against_the_file_never_written_into_it() {
     let f = Fixture::new();
     for i in 0..3 {
         send_piece(&f.sink, i, &data()).unwrap();
@@ -146,7 +146,7 @@ fn piece_resent_after_completion_is_written_in_place() {
     assert_eq!(
         fs::metadata(&dest).unwrap().mtime(),
         9,
-        "mtime restored after the rewrite"
+        "mtime untouched by the resend"
     );
     assert_eq!(f.names(""), vec!["big.bin"], "no stray part file");
 }
@@ -227,12 +227,51 @@ fn hostile_paths_write_nothing_outside_the_root() {
 }
 
 #[test]
-fn setuid_and_setgid_bits_are_dropped() {
-    let f = Fixture::new();
+fn setuid_and_setgid_bits_are_dropped_when_owners_are_not_applied() {
+    let mut f = Fixture::new();
+    f.sink.apply_owner = false;
     let mut e = file("tool", b"x");
     e.mode = 0o6755;
     write_segment(&f.sink, 0, &[(e, b"x")]).unwrap();
     assert_eq!(fs::metadata(f.path("tool")).unwrap().mode() & 0o7777, 0o755);
+}
+
+#[test]
+fn owners_and_set_id_bits_are_kept_when_running_as_root() {
+    let f = Fixture::new();
+    if !crate::holes::running_as_root() {
+        assert!(!f.sink.applies_owner());
+        eprintln!("SKIPPED: ownership is applied only by an agent running as root");
+        return;
+    }
+    let mut e = file("d/tool", b"x").owned_by(1234, 5678);
+    e.mode = 0o6755;
+    let mut big = file("d/big", &[5u8; 10]).owned_by(4321, 8765);
+    big.len = 5;
+    big.chunk_count = 2;
+    let mut big2 = big.clone();
+    big2.offset = 5;
+    big2.chunk_index = 1;
+    write_segment(
+        &f.sink,
+        0,
+        &[
+            (Entry::dir("d", 0o750, (5, 0)).owned_by(11, 12), b""),
+            (e, b"x"),
+            (Entry::symlink("d/l", "tool", (5, 0)).owned_by(13, 14), b""),
+        ],
+    )
+    .unwrap();
+    write_segment(&f.sink, 1, &[(big, &[5u8; 5])]).unwrap();
+    write_segment(&f.sink, 2, &[(big2, &[5u8; 5])]).unwrap();
+    let owner = |p: &str| {
+        let m = fs::symlink_metadata(f.path(p)).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(owner("d"), (11, 12, 0o750));
+    assert_eq!(owner("d/tool"), (1234, 5678, 0o6755));
+    assert_eq!(owner("d/l").0, 13);
+    assert_eq!(owner("d/big"), (4321, 8765, 0o640));
 }
 
 #[test]
@@ -241,6 +280,7 @@ fn lying_lengths_are_refused() {
     let mut w = f.sink.begin("", 1, 0, 1).unwrap();
     w.start_entry(&file("x", b"abc")).unwrap();
     assert!(w.write(b"abcd").is_err());
+    drop(w);
     let mut w = f.sink.begin("", 1, 0, 1).unwrap();
     w.start_entry(&file("y", b"abc")).unwrap();
     w.write(b"ab").unwrap();
@@ -276,4 +316,260 @@ fn directory_mtimes_survive_later_children_and_restarts() {
     write_segment(&f.sink, 2, &[(file("d/sub/b", b"b"), b"b")]).unwrap();
     let m = fs::metadata(f.path("d")).unwrap();
     assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 7));
+}
+
+#[test]
+fn the_start_up_probe_never_follows_a_planted_symlink() {
+    let outer = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let root = outer.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let victim = outer.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let probe = root.join(format!("{RESERVED_PREFIX}probe-{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &probe).unwrap();
+    FsSink::new(&root, state.path()).unwrap();
+    assert_eq!(
+        fs::read(&victim).unwrap(),
+        b"precious",
+        "probe truncated the link's target"
+    );
+    assert!(fs::symlink_metadata(&probe).is_err(), "probe left behind");
+}
+
+#[test]
+fn directory_modes_are_never_set_through_a_symlink() {
+    let outer = tempfile::tempdir().unwrap();
+    let victim = outer.path().join("victim-dir");
+    fs::create_dir(&victim).unwrap();
+    fs::set_permissions(&victim, Permissions::from_mode(0o700)).unwrap();
+    let link = outer.path().join("d");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    // What a directory entry meets if a symlink replaced the directory after it was checked.
+    assert!(set_dir_meta(&link, 0o1777, None).is_err());
+    assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o700);
+    set_dir_meta(&victim, 0o750, None).unwrap();
+    assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o750);
+}
+
+#[test]
+fn resent_bytes_that_differ_never_reach_the_finished_file() {
+    let f = Fixture::new();
+    for i in 0..3 {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    let dest = f.path("big.bin");
+    let mut other = data();
+    other[150] ^= 0xff;
+    let e = piece(1);
+    let mut w = f.sink.begin("", 1, 1, 99).unwrap();
+    w.start_entry(&e).unwrap();
+    let err = w.write(&other[100..200]).unwrap_err();
+    assert!(
+        matches!(err, SinkError::ResentDiffers { offset: 150, .. }),
+        "{err}"
+    );
+    drop(w);
+    assert_eq!(fs::read(&dest).unwrap(), data(), "visible file changed");
+    // And a resend whose hash check fails (dropped before commit) changes nothing either.
+    let mut w = f.sink.begin("", 1, 1, 100).unwrap();
+    w.start_entry(&e).unwrap();
+    w.write(&data()[100..200]).unwrap();
+    w.finish().unwrap();
+    drop(w);
+    assert_eq!(fs::read(&dest).unwrap(), data());
+}
+
+#[test]
+fn two_transfers_of_the_same_segment_and_epoch_never_publish_each_others_bytes() {
+    let f = Fixture::new();
+    // Two streams of the same (segment, epoch), as two agents with one identity could send.
+    let e = file("x", b"AAAA");
+    let mut a = f.sink.begin("", 1, 7, 70).unwrap();
+    let mut b = f.sink.begin("", 1, 7, 70).unwrap();
+    a.start_entry(&e).unwrap();
+    b.start_entry(&e).unwrap();
+    a.write(b"AAAA").unwrap();
+    b.write(b"BBBB").unwrap();
+    let ha = a.finish().unwrap();
+    let hb = b.finish().unwrap();
+    a.commit().unwrap();
+    assert_eq!(
+        *blake3::hash(&fs::read(f.path("x")).unwrap()).as_bytes(),
+        ha,
+        "published bytes are not the ones the committer hashed"
+    );
+    b.commit().unwrap();
+    assert_eq!(
+        *blake3::hash(&fs::read(f.path("x")).unwrap()).as_bytes(),
+        hb
+    );
+    assert_eq!(f.names(""), vec!["x"], "no temporaries left");
+}
+
+#[test]
+fn names_that_are_not_utf8_land_as_the_same_bytes() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = Fixture::new();
+    let dir = std::ffi::OsStr::from_bytes(b"d\xe9");
+    let name = std::ffi::OsStr::from_bytes(b"d\xe9/latin1-\xe9.bin");
+    write_segment(
+        &f.sink,
+        1,
+        &[
+            (Entry::dir(dir, 0o755, (5, 0)), b""),
+            (Entry::file(Path::new(name), 2, 0o644, (5, 0), 0), b"hi"),
+            (Entry::symlink("link", Path::new(name), (5, 0)), b""),
+        ],
+    )
+    .unwrap();
+    assert_eq!(fs::read(f.dir.path().join(name)).unwrap(), b"hi");
+    // The directory's mtime is remembered across a restart (its log holds names as bytes).
+    let f = f.restart();
+    write_segment(
+        &f.sink,
+        2,
+        &[(
+            Entry::file(Path::new(name).with_extension("2"), 0, 0o644, (5, 0), 0),
+            b"",
+        )],
+    )
+    .unwrap();
+    assert_eq!(fs::metadata(f.dir.path().join(dir)).unwrap().mtime(), 5);
+    assert_eq!(
+        fs::read_link(f.path("link"))
+            .unwrap()
+            .as_os_str()
+            .as_bytes(),
+        name.as_bytes()
+    );
+}
+
+const MIB: u64 = 1024 * 1024;
+
+fn sparse_entry(path: &str, size: u64, runs: Vec<(u64, u64)>) -> Entry {
+    let mut e = Entry::file(path, size, 0o644, (5, 0), 0);
+    e.data_runs = Some(runs);
+    e
+}
+
+#[test]
+fn sparse_whole_files_keep_their_holes() {
+    let f = Fixture::new();
+    let runs = vec![(MIB, 4096), (40 * MIB, 8192)];
+    let e = sparse_entry("s", 64 * MIB, runs);
+    let data = vec![9u8; 4096 + 8192];
+    let h = write_segment(&f.sink, 0, &[(e, &data)]).unwrap();
+    assert_eq!(h, *blake3::hash(&data).as_bytes(), "hash covers the runs");
+    let m = fs::metadata(f.path("s")).unwrap();
+    assert_eq!(m.len(), 64 * MIB);
+    assert!(
+        m.blocks() * 512 <= 64 * 1024,
+        "{} bytes allocated for 12 KiB of data",
+        m.blocks() * 512
+    );
+    let all = fs::read(f.path("s")).unwrap();
+    assert!(all[..MIB as usize].iter().all(|&b| b == 0));
+    assert!(all[MIB as usize..(MIB + 4096) as usize]
+        .iter()
+        .all(|&b| b == 9));
+    assert!(all[(40 * MIB + 8192) as usize..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn sparse_pieces_punch_their_holes_in_the_part() {
+    let f = Fixture::new();
+    let size = 4 * MIB;
+    let mut p0 = sparse_entry("big", size, vec![(0, 4096)]);
+    p0.len = 2 * MIB;
+    p0.chunk_count = 2;
+    let mut p1 = sparse_entry("big", size, vec![]);
+    p1.offset = 2 * MIB;
+    p1.len = 2 * MIB;
+    p1.chunk_index = 1;
+    p1.chunk_count = 2;
+    // An earlier, dense attempt of piece 1 left bytes in the part; the sparse resend says
+    // that range is a hole.
+    let mut dense1 = p1.clone();
+    dense1.data_runs = None;
+    {
+        let mut w = f.sink.begin("", 1, 1, 1).unwrap();
+        w.start_entry(&dense1).unwrap();
+        w.write(&vec![7u8; 2 * MIB as usize]).unwrap();
+        // never committed
+    }
+    write_segment(&f.sink, 0, &[(p0, &[1u8; 4096])]).unwrap();
+    write_segment(&f.sink, 1, &[(p1, &[])]).unwrap();
+    let all = fs::read(f.path("big")).unwrap();
+    assert_eq!(all.len() as u64, size);
+    assert!(all[..4096].iter().all(|&b| b == 1));
+    assert!(all[4096..].iter().all(|&b| b == 0), "old bytes in a hole");
+    let m = fs::metadata(f.path("big")).unwrap();
+    assert!(
+        m.blocks() * 512 < MIB,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+}
+
+#[test]
+fn bad_data_runs_are_refused() {
+    let f = Fixture::new();
+    for runs in [vec![(10, 0)], vec![(50, 10), (10, 5)], vec![(95, 10)]] {
+        let e = sparse_entry("s", 100, runs.clone());
+        let mut w = f.sink.begin("", 1, 0, 1).unwrap();
+        let err = w.start_entry(&e).unwrap_err();
+        assert!(matches!(err, SinkError::BadEntry { .. }), "{runs:?}: {err}");
+    }
+}
+
+#[test]
+fn hardlinks_link_to_the_first_name_in_the_same_segment_or_once_it_arrived() {
+    let f = Fixture::new();
+    let a = file("a", b"shared");
+    // In one segment: linked to the staged temporary, both renamed at commit.
+    write_segment(
+        &f.sink,
+        0,
+        &[
+            (a.clone(), b"shared"),
+            (Entry::hardlink("b", "a", 6, (1_600_000_000, 123)), b""),
+        ],
+    )
+    .unwrap();
+    let ino = fs::metadata(f.path("a")).unwrap().ino();
+    assert_eq!(fs::metadata(f.path("b")).unwrap().ino(), ino);
+    // In a later segment: linked to the file in place.
+    write_segment(
+        &f.sink,
+        1,
+        &[(Entry::hardlink("c/d", "a", 6, (1_600_000_000, 123)), b"")],
+    )
+    .unwrap();
+    assert_eq!(fs::metadata(f.path("c/d")).unwrap().ino(), ino);
+    assert_eq!(fs::metadata(f.path("a")).unwrap().nlink(), 3);
+    // Before its first name arrived, or to a different file: refused, nothing created.
+    let err = write_segment(
+        &f.sink,
+        2,
+        &[(Entry::hardlink("e", "later", 6, (1_600_000_000, 123)), b"")],
+    )
+    .unwrap_err();
+    assert!(matches!(err, SinkError::LinkPending { .. }), "{err}");
+    let err = write_segment(
+        &f.sink,
+        3,
+        &[(Entry::hardlink("e", "a", 7, (1_600_000_000, 123)), b"")],
+    )
+    .unwrap_err();
+    assert!(matches!(err, SinkError::LinkPending { .. }), "{err}");
+    // A link may not be made to a path outside the root either.
+    let err = write_segment(
+        &f.sink,
+        4,
+        &[(Entry::hardlink("e", "../x", 6, (1_600_000_000, 123)), b"")],
+    )
+    .unwrap_err();
+    assert!(matches!(err, SinkError::Path(_)), "{err}");
+    assert_eq!(f.names(""), vec!["a", "b", "c"]);
 }

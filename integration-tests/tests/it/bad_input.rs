@@ -180,7 +180,7 @@ impl Hostile {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let entry = dpb::Entry {
             kind: dpb::EntryKind::File as i32,
-            path: path.to_string(),
+            path: path.as_bytes().to_vec(),
             mode: 0o644,
             file_size: 3,
             len: 3,

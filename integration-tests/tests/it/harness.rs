@@ -264,6 +264,13 @@ pub enum Node {
         mode: u32,
         /// mtime (s, ns).
         mtime: (i64, i64),
+        /// Numeric owner and group.
+        owner: (u32, u32),
+        /// Every name of this file inside the tree (more than one for hardlinks), sorted.
+        names: Vec<PathBuf>,
+        /// Bytes allocated on disk (`st_blocks * 512`): compared within a tolerance, as file
+        /// systems allocate at their own granularity.
+        allocated: u64,
     },
     /// A directory.
     Dir {
@@ -271,6 +278,8 @@ pub enum Node {
         mode: u32,
         /// mtime (s, ns).
         mtime: (i64, i64),
+        /// Numeric owner and group.
+        owner: (u32, u32),
     },
     /// A symlink.
     Symlink {
@@ -278,12 +287,18 @@ pub enum Node {
         target: PathBuf,
         /// mtime (s, ns).
         mtime: (i64, i64),
+        /// Numeric owner and group.
+        owner: (u32, u32),
     },
 }
+
+/// How far the allocated sizes of a file and its copy may differ: a few file system blocks.
+pub const ALLOCATION_SLACK: u64 = 16 * 4096;
 
 /// Describes every node below `root` (not `root` itself), keyed by relative path.
 pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
     let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir)? {
@@ -291,18 +306,25 @@ pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
             let p = e.path();
             let m = std::fs::symlink_metadata(&p)?;
             let rel = p.strip_prefix(root)?.to_path_buf();
+            let owner = (m.uid(), m.gid());
             let node = if m.file_type().is_symlink() {
                 Node::Symlink {
                     target: std::fs::read_link(&p)?,
                     mtime: (m.mtime(), m.mtime_nsec()),
+                    owner,
                 }
             } else if m.is_dir() {
                 stack.push(p.clone());
                 Node::Dir {
                     mode: m.mode() & 0o7777,
                     mtime: (m.mtime(), m.mtime_nsec()),
+                    owner,
                 }
             } else if m.is_file() {
+                inodes
+                    .entry((m.dev(), m.ino()))
+                    .or_default()
+                    .push(rel.clone());
                 let mut h = blake3::Hasher::new();
                 let mut f = std::fs::File::open(&p)?;
                 let mut buf = vec![0u8; 1 << 20];
@@ -318,6 +340,9 @@ pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
                     size: m.len(),
                     mode: m.mode() & 0o7777,
                     mtime: (m.mtime(), m.mtime_nsec()),
+                    owner,
+                    names: Vec::new(),
+                    allocated: m.blocks() * 512,
                 }
             } else {
                 bail!("{} is neither file, directory nor symlink", p.display());
@@ -325,7 +350,29 @@ pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
             out.insert(rel, node);
         }
     }
+    for mut group in inodes.into_values() {
+        group.sort();
+        for p in &group {
+            if let Some(Node::File { names, .. }) = out.get_mut(p) {
+                *names = group.clone();
+            }
+        }
+    }
     Ok(out)
+}
+
+/// The node with its allocated size left out, for an exact comparison of the rest.
+fn exact(n: &Node) -> Node {
+    match n {
+        Node::File { .. } => {
+            let mut n = n.clone();
+            if let Node::File { allocated, .. } = &mut n {
+                *allocated = 0;
+            }
+            n
+        }
+        other => other.clone(),
+    }
 }
 
 /// Asserts that two trees are equal node by node, naming the first difference.
@@ -335,7 +382,19 @@ pub fn assert_same_tree(source: &Path, target: &Path) {
     for (p, n) in &a {
         match b.get(p) {
             None => panic!("{} missing at the target", p.display()),
-            Some(m) if m != n => panic!("{} differs:\n source {n:?}\n target {m:?}", p.display()),
+            Some(m) if exact(m) != exact(n) => {
+                panic!("{} differs:\n source {n:?}\n target {m:?}", p.display())
+            }
+            Some(Node::File { allocated: t, .. }) => {
+                let Node::File { allocated: s, .. } = n else {
+                    unreachable!("same kind")
+                };
+                assert!(
+                    t.abs_diff(*s) <= ALLOCATION_SLACK,
+                    "{}: {s} bytes allocated at the source, {t} at the target",
+                    p.display()
+                );
+            }
             _ => {}
         }
     }

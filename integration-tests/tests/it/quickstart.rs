@@ -1,6 +1,9 @@
 //! The quick start, run as the real `ferryctl quickstart` command, and checked by independent
 //! hashing and `stat` of both trees (not by ferry's own report).
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::process::Command;
 
 use crate::harness::{assert_same_tree, describe_tree, ferryctl_bin, Node};
@@ -38,29 +41,65 @@ fn quickstart_command_migrates_the_sample_exactly() {
     let tree = describe_tree(&target).unwrap();
     // The sample has what a real migration meets: split files, bundles, empties, a symlink, modes.
     assert!(matches!(
-        tree[std::path::Path::new("checkpoints/latest")],
+        tree[Path::new("checkpoints/latest")],
         Node::Symlink { .. }
     ));
     assert!(matches!(
-        tree[std::path::Path::new("datasets/empty-dir")],
+        tree[Path::new("datasets/empty-dir")],
         Node::Dir { .. }
     ));
     assert!(matches!(
-        tree[std::path::Path::new("datasets/empty-labels.txt")],
+        tree[Path::new("datasets/empty-labels.txt")],
         Node::File { size: 0, .. }
     ));
     assert!(matches!(
-        tree[std::path::Path::new("scripts/train.sh")],
+        tree[Path::new("scripts/train.sh")],
         Node::File { mode: 0o755, .. }
     ));
     assert!(matches!(
-        tree[std::path::Path::new("secrets/wandb.key")],
+        tree[Path::new("secrets/wandb.key")],
         Node::File { mode: 0o600, .. }
     ));
-    let Node::File { size, .. } = tree[std::path::Path::new("checkpoints/optimizer.bin")] else {
+    let Node::File { size, .. } = tree[Path::new("checkpoints/optimizer.bin")] else {
         panic!()
     };
     assert!(size > 2 * 1024 * 1024, "split over several 1 MiB segments");
+    // ... and what a copier most often loses: names that are not UTF-8,
+    let latin1 = Path::new(OsStr::from_bytes(
+        b"datasets/legacy-share/r\xe9sum\xe9s/caf\xe9-menu.txt",
+    ));
+    assert!(matches!(tree[latin1], Node::File { size: 500, .. }));
+    // a group of hardlinks (one inode, three names),
+    let Node::File { names, .. } = &tree[Path::new("datasets/labels.csv")] else {
+        panic!()
+    };
+    assert_eq!(names.len(), 3, "{names:?}");
+    // a sparse file whose holes stay holes (4 runs of 64 KiB in 6 MiB),
+    let Node::File {
+        size, allocated, ..
+    } = tree[Path::new("vm/scratch-disk.img")]
+    else {
+        panic!()
+    };
+    assert_eq!(size, 6 * 1024 * 1024);
+    assert!(allocated <= 1024 * 1024, "{allocated} bytes allocated");
+    // and owners (given away only when the test runs as root).
+    if ferry_agent::holes::running_as_root() {
+        assert!(matches!(
+            tree[Path::new("datasets/README.txt")],
+            Node::File {
+                owner: (1001, 1002),
+                ..
+            }
+        ));
+        assert!(matches!(
+            tree[Path::new("checkpoints/latest")],
+            Node::Symlink {
+                owner: (1005, 1006),
+                ..
+            }
+        ));
+    }
 
     // The JSON report agrees with what we measured ourselves.
     for key in [
