@@ -66,6 +66,10 @@ where
 #[derive(Clone)]
 pub struct Ctl {
     client: AdminClient<Channel>,
+    /// The same node without the per-call timeout, for calls that wait on purpose (a joining
+    /// node catching up) and carry their own bound.
+    long: AdminClient<Channel>,
+    tls: TlsMaterial,
 }
 
 /// Output format.
@@ -100,30 +104,108 @@ impl Ctl {
             addr: addr.to_string(),
             reason,
         };
-        let channel = Endpoint::from_shared(format!("https://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| err(e.to_string()))?
             .tls_config(tls.grpc_client())
             .map_err(|e| err(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(5));
+        let long = endpoint.connect_lazy();
+        let channel = endpoint
             .timeout(Duration::from_secs(60))
             .connect()
             .await
             .map_err(|e| err(error_chain(&e)))?;
         Ok(Ctl {
             client: AdminClient::new(channel).max_decoding_message_size(256 * 1024 * 1024),
+            long: AdminClient::new(long),
+            tls: tls.clone(),
         })
     }
 
-    /// Adds a coordinator node (it catches up as a learner, then becomes a voter).
+    /// Adds a coordinator node (it catches up as a learner, then becomes a voter), waiting up to
+    /// the default catch-up time.
     pub async fn add_node(&self, node_id: u64, addr: &str) -> Result<(), CtlError> {
-        self.client
-            .clone()
-            .add_node(pb::AddNodeRequest {
-                node_id,
-                addr: addr.to_string(),
-            })
-            .await?;
-        Ok(())
+        self.add_node_watched(node_id, addr, Duration::ZERO, |_| {})
+            .await
+    }
+
+    /// Adds a coordinator node, allowing it `catch_up` (zero: the coordinator's default) to catch
+    /// up, and calls `progress` about once a second with a line on how far it is. If it does not
+    /// catch up in time, the coordinator removes it again and this fails.
+    pub async fn add_node_watched(
+        &self,
+        node_id: u64,
+        addr: &str,
+        catch_up: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<(), CtlError> {
+        let mut long = self.long.clone();
+        let req = pb::AddNodeRequest {
+            node_id,
+            addr: addr.to_string(),
+            catch_up_timeout_secs: catch_up.as_secs().min(u32::MAX as u64) as u32,
+        };
+        let call = long.add_node(req);
+        tokio::pin!(call);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let mut leader: Option<(u64, Ctl)> = None;
+        loop {
+            tokio::select! {
+                r = &mut call => {
+                    r?;
+                    return Ok(());
+                }
+                _ = tick.tick() => {
+                    if let Some(line) = self.join_progress(node_id, &mut leader).await {
+                        progress(&line);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One line on a joining node, from the leader's view (the only node that knows how far a
+    /// learner is); `None` when no node answers right now.
+    async fn join_progress(&self, node_id: u64, leader: &mut Option<(u64, Ctl)>) -> Option<String> {
+        let mut c = self.client.clone();
+        let here = c
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        let status = if here.leader_id == here.node_id || here.leader_id == 0 {
+            here
+        } else {
+            if leader.as_ref().is_none_or(|(id, _)| *id != here.leader_id) {
+                let addr = here
+                    .members
+                    .iter()
+                    .find(|m| m.node_id == here.leader_id)?
+                    .addr
+                    .clone();
+                *leader = Some((here.leader_id, Ctl::connect(&addr, &self.tls).await.ok()?));
+            }
+            let (_, ctl) = leader.as_ref()?;
+            ctl.client
+                .clone()
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+        };
+        Some(match status.members.iter().find(|m| m.node_id == node_id) {
+            None => format!("node {node_id}: not a member yet"),
+            Some(m) if m.voter => format!("node {node_id}: voter"),
+            Some(m) if !m.matched_known || m.matched_index == 0 => format!(
+                "node {node_id} (learner at {}): nothing replicated yet (of {} log entries)",
+                m.addr, status.last_log_index
+            ),
+            Some(m) => format!(
+                "node {node_id} (learner at {}): holds the log up to {} of {}",
+                m.addr, m.matched_index, status.last_log_index
+            ),
+        })
     }
 
     /// Removes a coordinator node from the cluster.

@@ -95,7 +95,9 @@ enum Cmd {
 enum ClusterCmd {
     /// Members, leader, term, log indexes, each member's replication (on the leader).
     Status,
-    /// Add a coordinator node (started with `bootstrap = false`): it catches up, then votes.
+    /// Add a coordinator node (started with `bootstrap = false`): it joins as a learner, and
+    /// becomes a voter once it has caught up. If it does not catch up in time it is removed
+    /// again (the membership is unchanged) and this fails.
     AddNode {
         /// Its node id.
         #[arg(long)]
@@ -103,8 +105,11 @@ enum ClusterCmd {
         /// Its gRPC address (host:port).
         #[arg(long)]
         addr: String,
+        /// Seconds it may take to catch up.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
-    /// Remove a coordinator node from the cluster.
+    /// Remove a coordinator node (voter or learner) from the cluster.
     RemoveNode {
         /// Its node id.
         #[arg(long)]
@@ -238,12 +243,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             quickstart::generate_sample(dir, big_file_mib * 1024 * 1024, *small_files)?;
             println!("wrote a sample data set to {}", dir.display());
         }
-        Cmd::Cluster(ClusterCmd::AddNode { id, addr }) => {
-            connect(&cli).await?.add_node(*id, addr).await?;
+        Cmd::Cluster(ClusterCmd::AddNode { id, addr, timeout }) => {
+            if *timeout == 0 {
+                bail!("--timeout must be at least 1 second");
+            }
+            let ctl = connect(&cli).await?;
+            ctl.add_node_watched(*id, addr, Duration::from_secs(*timeout), |line| {
+                eprintln!("{line}")
+            })
+            .await
+            .with_context(|| format!("node {id} at {addr} was not added"))?;
             println!("node {id} added");
         }
         Cmd::Cluster(ClusterCmd::RemoveNode { id }) => {
-            connect(&cli).await?.remove_node(*id).await?;
+            connect(&cli)
+                .await?
+                .remove_node(*id)
+                .await
+                .with_context(|| format!("node {id} was not removed"))?;
             println!("node {id} removed");
         }
         Cmd::Cluster(ClusterCmd::Snapshot) => {

@@ -13,6 +13,12 @@ pub struct AdminService(pub Arc<Core>);
 
 type R<T> = Result<GrpcResponse<T>, Status>;
 
+/// How long a joining node may take to catch up when the request does not say: enough for a
+/// snapshot of a few GiB on a LAN, short enough that an operator's typo is answered soon.
+pub const DEFAULT_CATCH_UP_SECS: u32 = 60;
+/// The longest catch-up a request may ask for.
+pub const MAX_CATCH_UP_SECS: u32 = 24 * 3600;
+
 fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
     for (what, name) in [
@@ -67,11 +73,21 @@ impl Admin for AdminService {
                 r.addr
             )));
         }
+        let secs = match r.catch_up_timeout_secs {
+            0 => DEFAULT_CATCH_UP_SECS,
+            s if s > MAX_CATCH_UP_SECS => {
+                return Err(Status::invalid_argument(format!(
+                    "catch-up timeout {s}s is over the limit of {MAX_CATCH_UP_SECS}s"
+                )))
+            }
+            s => s,
+        };
         match self
             .0
             .propose(Proposal::AddNode {
                 node_id: r.node_id,
                 addr: r.addr,
+                catch_up_ms: u64::from(secs) * 1000,
             })
             .await?
         {

@@ -12,7 +12,8 @@ use crate::harness::{
     TestEnv,
 };
 
-fn ferryctl(env: &TestEnv, addr: &str, args: &[&str]) -> Output {
+/// Runs `ferryctl` as admin "ops" (issue its certificate first) against `addr`.
+pub fn ferryctl(env: &TestEnv, addr: &str, args: &[&str]) -> Output {
     Command::new(ferryctl_bin())
         .args(["--coordinator", addr, "--pki-dir"])
         .arg(env.pki())
