@@ -260,11 +260,81 @@ impl Ctl {
         .await
     }
 
-    /// Creates a migration; returns its id. Not retried: an unanswered create may have happened.
+    /// Creates a migration named by [`default_name`]; returns its id. See [`Ctl::create_named`].
     pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
-        let mut c = self.client.clone();
-        let r = c.create_migration(pb::CreateMigrationRequest { spec: Some(spec) });
-        Ok(r.await?.into_inner().migration_id)
+        self.create_named(&default_name(&spec), spec).await
+    }
+
+    /// Creates a migration; returns its id. The request carries a fresh idempotency key and is
+    /// retried with it while the outcome is unknown (no leader, a timeout): a first attempt
+    /// that was committed after all is answered, never duplicated.
+    pub async fn create_named(&self, name: &str, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
+        self.create_with_key(name, spec, &new_idempotency_key())
+            .await
+    }
+
+    /// Creates a migration with the caller's idempotency key, retrying while the outcome is
+    /// unknown; the same key again answers the migration it created.
+    pub async fn create_with_key(
+        &self,
+        name: &str,
+        spec: pb::MigrationSpec,
+        key: &str,
+    ) -> Result<u64, CtlError> {
+        let req = pb::CreateMigrationRequest {
+            spec: Some(spec),
+            name: name.to_string(),
+            idempotency_key: key.to_string(),
+        };
+        let deadline = Instant::now() + READ_RETRY_FOR;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let mut c = self.client.clone();
+            match c.create_migration(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner().migration_id),
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    ) && Instant::now() + delay < deadline =>
+                {
+                    tracing::info!(
+                        message = "Create not answered; retrying with the same idempotency key.",
+                        key = %req.idempotency_key,
+                        error = %s.message()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
+    }
+
+    /// The id of the migration given as NAME or id (all digits).
+    pub async fn resolve(&self, name_or_id: &str) -> Result<u64, CtlError> {
+        if let Ok(id) = name_or_id.parse::<u64>() {
+            return Ok(id);
+        }
+        Ok(self.status_of(name_or_id).await?.migration_id)
+    }
+
+    /// One migration, by name.
+    pub async fn status_of(&self, name: &str) -> Result<pb::MigrationProgress, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            let r = c.migration_status(pb::MigrationStatusRequest {
+                migration_id: 0,
+                name: name.to_string(),
+            });
+            r.await?
+                .into_inner()
+                .progress
+                .ok_or_else(|| CtlError::Status("empty status".into()))
+        })
+        .await
     }
 
     /// All migrations.
@@ -283,7 +353,10 @@ impl Ctl {
     pub async fn status(&self, id: u64) -> Result<pb::MigrationProgress, CtlError> {
         retry_read(|| async {
             let mut c = self.client.clone();
-            let r = c.migration_status(pb::MigrationStatusRequest { migration_id: id });
+            let r = c.migration_status(pb::MigrationStatusRequest {
+                migration_id: id,
+                name: String::new(),
+            });
             r.await?
                 .into_inner()
                 .progress
@@ -332,8 +405,13 @@ impl Ctl {
                 last_change = Instant::now();
             } else if last_change.elapsed() > stall {
                 return Err(CtlError::Status(format!(
-                    "migration {id} made no progress for {}s; last error: {}",
+                    "migration {id} made no progress for {}s{}; last error: {}",
                     stall.as_secs(),
+                    if p.blocked.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", p.blocked)
+                    },
                     if p.last_error.is_empty() {
                         "none"
                     } else {
@@ -344,6 +422,55 @@ impl Ctl {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// The name a migration gets when none is given: its source and target, e.g.
+/// `src-01-data-to-dst-01-restored` for `src-01:/data` → `dst-01:restored`. The same request
+/// gets the same name, so running a create twice is refused instead of copying twice.
+pub fn default_name(spec: &pb::MigrationSpec) -> String {
+    let mut out = String::new();
+    let raw = format!(
+        "{}-{}-to-{}-{}",
+        spec.source_agent, spec.source_path, spec.target_agent, spec.target_path
+    );
+    for c in raw.chars() {
+        let c = if c.is_ascii_alphanumeric() || matches!(c, '.' | '_') {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && (out.is_empty() || out.ends_with('-'))) {
+            out.push(c);
+        }
+    }
+    let mut name = out.trim_end_matches('-').to_string();
+    if name.is_empty() || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        name.insert(0, 'm');
+    }
+    const MAX: usize = 128;
+    if name.len() > MAX {
+        // Keep it unique per request: a prefix and a digest of the whole.
+        let digest = blake3::hash(raw.as_bytes()).to_hex();
+        name.truncate(MAX - 17);
+        name = format!("{}-{}", name.trim_end_matches('-'), &digest[..16]);
+    }
+    name
+}
+
+/// A key no other request has: 128 bits from the OS's random source, mixed with the process
+/// and the time in case it is unavailable.
+fn new_idempotency_key() -> String {
+    use std::io::Read;
+    let mut seed = [0u8; 16];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
+    let mut h = blake3::Hasher::new();
+    h.update(&seed);
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.finalize().to_hex()[..32].to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -417,8 +544,9 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
         _ => "ETA -".to_string(),
     };
     format!(
-        "migration {} {:<8} {:>10} / {:<10} ({pct:5.1}%)  files {}/{}  segments {}/{}  {}  {eta}",
+        "migration {} ({}) {:<8} {:>10} / {:<10} ({pct:5.1}%)  files {}/{}  segments {}/{}  {}  {eta}",
         p.migration_id,
+        p.name,
         p.phase,
         human_bytes(p.bytes_verified),
         human_bytes(p.bytes_total),
