@@ -45,6 +45,13 @@ impl ControlError {
 pub struct Control {
     agent: String,
     addr: String,
+    /// This process's session, sent with every call: the coordinator serves only the process
+    /// that registered last, and refuses a second process while this one's session is live.
+    session: u64,
+    /// The session of the process that ran before this one from the same state directory.
+    previous_session: u64,
+    /// The last conflict the coordinator reported (logged once each).
+    conflict: std::sync::Arc<std::sync::Mutex<String>>,
     /// One client per coordinator listed; calls start at `current` and move on when a node is
     /// unavailable.
     clients: std::sync::Arc<Vec<AgentControlClient<Channel>>>,
@@ -99,6 +106,9 @@ impl Control {
         Ok(Control {
             agent: agent.to_string(),
             addr: addr.to_string(),
+            session: new_session(),
+            previous_session: 0,
+            conflict: Default::default(),
             clients: std::sync::Arc::new(clients),
             current: Default::default(),
             reports: Default::default(),
@@ -108,6 +118,19 @@ impl Control {
     /// This agent's name.
     pub fn agent(&self) -> &str {
         &self.agent
+    }
+
+    /// This process's session id.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Registers as the successor of `previous`, the session of the process that ran from the
+    /// same state directory before (it has ended: this process holds the directory's lock), so
+    /// the coordinator accepts this one without waiting for that session to expire.
+    pub fn succeeding(mut self, previous: u64) -> Self {
+        self.previous_session = previous;
+        self
     }
 
     /// Sends `req` to the current coordinator, moving on to the next listed one while a node
@@ -159,6 +182,8 @@ impl Control {
             pb::RegisterRequest {
                 agent: self.agent.clone(),
                 data_addr: data_addr.to_string(),
+                session: self.session,
+                previous_session: self.previous_session,
             },
             |mut c, r| async move { c.register(r).await },
         )
@@ -166,16 +191,42 @@ impl Control {
         Ok(())
     }
 
-    /// Heartbeat; returns the source work assigned to this agent.
+    /// Ends this process's session (a clean shutdown): a new process may register at once.
+    pub async fn end_session(&self) -> Result<(), ControlError> {
+        self.call(
+            pb::EndSessionRequest {
+                agent: self.agent.clone(),
+                session: self.session,
+            },
+            |mut c, r| async move { c.end_session(r).await },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Heartbeat; returns the source work assigned to this agent. Logs (once each) another
+    /// process's refused attempt to run as this agent.
     pub async fn heartbeat(&self) -> Result<Vec<pb::SourceWork>, ControlError> {
         let r = self
             .call(
                 pb::HeartbeatRequest {
                     agent: self.agent.clone(),
+                    session: self.session,
                 },
                 |mut c, r| async move { c.heartbeat(r).await },
             )
             .await?;
+        if !r.conflict.is_empty() {
+            let mut last = self.conflict.lock().expect("not poisoned");
+            if *last != r.conflict {
+                tracing::error!(
+                    message = "Another process tried to run as this agent and was refused; stop one of them.",
+                    agent = %self.agent,
+                    conflict = %r.conflict
+                );
+                *last = r.conflict.clone();
+            }
+        }
         Ok(r.source_work)
     }
 
@@ -188,6 +239,7 @@ impl Control {
         self.call(
             pb::RegisterSegmentsRequest {
                 agent: self.agent.clone(),
+                session: self.session,
                 migration_id,
                 segments: segments
                     .iter()
@@ -214,6 +266,7 @@ impl Control {
         self.call(
             pb::CompleteScanRequest {
                 agent: self.agent.clone(),
+                session: self.session,
                 migration_id,
                 segments_total: summary.segments_total,
                 issues: summary
@@ -242,6 +295,7 @@ impl Control {
         self.call(
             pb::SourceProblemRequest {
                 agent: self.agent.clone(),
+                session: self.session,
                 migration_id,
                 error: error.to_string(),
                 issues: issues
@@ -264,6 +318,7 @@ impl Control {
             .call(
                 pb::LeaseSegmentsRequest {
                     agent: self.agent.clone(),
+                    session: self.session,
                     max,
                 },
                 |mut c, r| async move { c.lease_segments(r).await },
@@ -278,6 +333,7 @@ impl Control {
             .call(
                 pb::ListLeasesRequest {
                     agent: self.agent.clone(),
+                    session: self.session,
                 },
                 |mut c, r| async move { c.list_leases(r).await },
             )
@@ -291,6 +347,7 @@ impl Control {
             .call(
                 pb::RenewLeasesRequest {
                     agent: self.agent.clone(),
+                    session: self.session,
                     leases: leases
                         .iter()
                         .map(|l| pb::LeaseRef {
@@ -317,6 +374,7 @@ impl Control {
             .call(
                 pb::CheckLeaseRequest {
                     agent: self.agent.clone(),
+                    session: self.session,
                     migration_id,
                     segment_id,
                     epoch,
@@ -390,6 +448,7 @@ impl Control {
                 .call(
                     pb::ReportSegmentsRequest {
                         agent: self.agent.clone(),
+                        session: self.session,
                         reports,
                     },
                     |mut c, r| async move { c.report_segments(r).await },
@@ -428,4 +487,22 @@ impl Control {
             }
         }
     }
+}
+
+/// A session id no other process has: 64 bits from the OS's random source, mixed with the
+/// process id and the time in case it is unavailable; never 0 (0 means "no session").
+fn new_session() -> u64 {
+    use std::io::Read;
+    let mut seed = [0u8; 16];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
+    let mut h = blake3::Hasher::new();
+    h.update(&seed);
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(id).max(1)
 }

@@ -28,7 +28,9 @@ pub struct AgentConfig {
     /// QUIC listen address when this agent can be a target.
     #[serde(default)]
     pub data_listen: Option<SocketAddr>,
-    /// Address sources dial, when it differs from the bound one (NAT, 0.0.0.0).
+    /// Address sources dial (`ip:port`), when it differs from the bound one (NAT, 0.0.0.0).
+    /// Absent or empty: the bound address, or when that is a wildcard, the address this host
+    /// uses to reach the coordinator with the bound port (logged at start).
     #[serde(default)]
     pub advertise_addr: Option<String>,
     /// Root below which a target writes.
@@ -77,16 +79,142 @@ pub enum StartError {
     /// The coordinator could not be reached or refused registration.
     #[error("cannot register with the coordinator: {0}; check `coordinator` in the config and that the coordinator runs")]
     Register(#[from] crate::control::ControlError),
+    /// Another process already runs as this agent.
+    #[error("another process already runs as agent {name}: {reason}")]
+    AlreadyRunning {
+        /// The agent's name.
+        name: String,
+        /// What the coordinator or the state directory lock said.
+        reason: String,
+    },
+}
+
+/// In the state directory: held locked (flock) while a process runs from it, so two processes
+/// never share manifests, part files or a session.
+const LOCK_FILE: &str = "agent.lock";
+/// In the state directory: the session of the process that runs (or ran last) from it. A
+/// process that got the lock knows that one has ended and tells the coordinator, which then
+/// accepts it at once instead of waiting for that session to expire (a restart after SIGKILL).
+const SESSION_FILE: &str = "session";
+
+/// Locks `state_dir` for this process (released when the file is closed, also by the kernel
+/// when the process dies).
+fn lock_state_dir(name: &str, state_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = state_dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StartError::Config(format!("cannot open {}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::AlreadyRunning {
+            name: name.to_string(),
+            reason: format!(
+                "another ferry-agent process runs from state_dir {} (it holds {}); stop it, or \
+                 give this one its own state_dir and identity",
+                state_dir.display(),
+                path.display()
+            ),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(StartError::Config(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// The session recorded in `state_dir` by the previous process, if any.
+fn previous_session(state_dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(state_dir.join(SESSION_FILE))
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// Records this process's session in `state_dir` (before registering: a process killed right
+/// after registering must still be known to its successor).
+fn record_session(state_dir: &std::path::Path, session: u64) -> std::io::Result<()> {
+    let tmp = state_dir.join(format!("{SESSION_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{session:016x}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, state_dir.join(SESSION_FILE))
+}
+
+/// The address sources dial to reach a target bound to `bound`: `advertise` when set (it must be
+/// an `ip:port` a peer can dial), the bound address when it is a specific one, else the address
+/// this host uses to reach the coordinator, with the bound port.
+async fn data_address(
+    advertise: Option<&str>,
+    bound: SocketAddr,
+    coordinator: &str,
+) -> Result<SocketAddr, StartError> {
+    if let Some(a) = advertise.map(str::trim).filter(|a| !a.is_empty()) {
+        return match a.parse::<SocketAddr>() {
+            Ok(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Ok(addr),
+            _ => Err(StartError::Config(format!(
+                "advertise_addr {a:?} is not an address sources can dial: give the IP address \
+                 and port they reach this agent at, e.g. \"10.0.0.21:{}\"",
+                bound.port()
+            ))),
+        };
+    }
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    let mut why = String::from("no coordinator address");
+    for one in coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        match route_source_ip(one).await {
+            Ok(ip) => return Ok(SocketAddr::new(ip, bound.port())),
+            Err(e) => why = format!("route to the coordinator at {one}: {e}"),
+        }
+    }
+    Err(StartError::Config(format!(
+        "data_listen {bound} listens on every address and advertise_addr is empty, and no address \
+         could be derived ({why}): set advertise_addr to the IP address and port sources reach \
+         this agent at"
+    )))
+}
+
+/// The local IP address this host sends from to reach `peer` (`host:port`): connecting a UDP
+/// socket picks the route without sending anything.
+async fn route_source_ip(peer: &str) -> std::io::Result<std::net::IpAddr> {
+    let to = tokio::net::lookup_host(peer)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the name resolves to no address"))?;
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.connect(to)?;
+    let ip = sock.local_addr()?.ip();
+    if ip.is_unspecified() {
+        return Err(std::io::Error::other("no route"));
+    }
+    Ok(ip)
 }
 
 /// A running agent.
 pub struct RunningAgent {
     /// The bound QUIC data address, if a target.
     pub data_addr: Option<SocketAddr>,
+    /// The address it registered for sources to dial (empty if not a target).
+    pub advertised: String,
     /// Counters.
     pub stats: Arc<Stats>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    control: Control,
+    /// The state directory lock, held until the agent has stopped.
+    _lock: std::fs::File,
 }
 
 impl RunningAgent {
@@ -96,6 +224,17 @@ impl RunningAgent {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Last: the leases above were released under this session.
+        match tokio::time::timeout(Duration::from_secs(3), self.control.end_session()).await {
+            Ok(Ok(())) => tracing::info!(message = "Session ended."),
+            Ok(Err(e)) => {
+                tracing::warn!(message = "Could not end the session; it expires by itself.", error = %e)
+            }
+            Err(_) => tracing::warn!(
+                message =
+                    "The coordinator did not answer the end of the session; it expires by itself."
+            ),
         }
     }
 }
@@ -111,7 +250,15 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             cfg.state_dir.display()
         ))
     })?;
-    let control = Control::new(&cfg.name, &cfg.coordinator, &tls)?;
+    let lock = lock_state_dir(&cfg.name, &cfg.state_dir)?;
+    let control = Control::new(&cfg.name, &cfg.coordinator, &tls)?
+        .succeeding(previous_session(&cfg.state_dir));
+    record_session(&cfg.state_dir, control.session()).map_err(|e| {
+        StartError::Config(format!(
+            "cannot write {}: {e}",
+            cfg.state_dir.join(SESSION_FILE).display()
+        ))
+    })?;
     let stats = Arc::new(Stats::default());
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -134,10 +281,20 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             source,
         })?;
         data_addr = Some(bound);
-        advertised = cfg
+        let addr = data_address(cfg.advertise_addr.as_deref(), bound, &cfg.coordinator).await?;
+        if cfg
             .advertise_addr
-            .clone()
-            .unwrap_or_else(|| bound.to_string());
+            .as_deref()
+            .is_none_or(|a| a.trim().is_empty())
+            && bound.ip().is_unspecified()
+        {
+            tracing::info!(
+                message = "No advertise_addr: sources will dial the address this host reaches the coordinator from; set advertise_addr to override.",
+                data_listen = %bound,
+                advertised = %addr
+            );
+        }
+        advertised = addr.to_string();
         let target = Arc::new(Target {
             headers: tokio::sync::Semaphore::new(32),
             sink,
@@ -163,11 +320,24 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
                 for t in tasks {
                     let _ = t.await;
                 }
+                if let crate::control::ControlError::Call { status, .. } = &e {
+                    if status.code() == tonic::Code::AlreadyExists {
+                        return Err(StartError::AlreadyRunning {
+                            name: cfg.name.clone(),
+                            reason: status.message().to_string(),
+                        });
+                    }
+                }
                 return Err(StartError::Register(e));
             }
         }
     }
-    tracing::info!(message = "Agent registered.", name = %cfg.name, data_addr = %advertised);
+    tracing::info!(
+        message = "Agent registered.",
+        name = %cfg.name,
+        data_addr = %advertised,
+        session = %format!("{:016x}", control.session())
+    );
 
     let client_endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))
         .map_err(|source| StartError::Bind {
@@ -175,7 +345,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             source,
         })?;
     let source = Arc::new(Source::new(
-        control,
+        control.clone(),
         client_endpoint,
         tls.quic_client()?,
         cfg.state_dir.clone(),
@@ -185,8 +355,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     tasks.push(tokio::spawn(source.run(stop_rx)));
     Ok(RunningAgent {
         data_addr,
+        advertised,
         stats,
         stop,
         tasks,
+        control,
+        _lock: lock,
     })
 }

@@ -66,6 +66,10 @@ where
 #[derive(Clone)]
 pub struct Ctl {
     client: AdminClient<Channel>,
+    /// The same node without the per-call timeout, for calls that wait on purpose (a joining
+    /// node catching up) and carry their own bound.
+    long: AdminClient<Channel>,
+    tls: TlsMaterial,
 }
 
 /// Output format.
@@ -100,30 +104,108 @@ impl Ctl {
             addr: addr.to_string(),
             reason,
         };
-        let channel = Endpoint::from_shared(format!("https://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| err(e.to_string()))?
             .tls_config(tls.grpc_client())
             .map_err(|e| err(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(5));
+        let long = endpoint.connect_lazy();
+        let channel = endpoint
             .timeout(Duration::from_secs(60))
             .connect()
             .await
             .map_err(|e| err(error_chain(&e)))?;
         Ok(Ctl {
             client: AdminClient::new(channel).max_decoding_message_size(256 * 1024 * 1024),
+            long: AdminClient::new(long),
+            tls: tls.clone(),
         })
     }
 
-    /// Adds a coordinator node (it catches up as a learner, then becomes a voter).
+    /// Adds a coordinator node (it catches up as a learner, then becomes a voter), waiting up to
+    /// the default catch-up time.
     pub async fn add_node(&self, node_id: u64, addr: &str) -> Result<(), CtlError> {
-        self.client
-            .clone()
-            .add_node(pb::AddNodeRequest {
-                node_id,
-                addr: addr.to_string(),
-            })
-            .await?;
-        Ok(())
+        self.add_node_watched(node_id, addr, Duration::ZERO, |_| {})
+            .await
+    }
+
+    /// Adds a coordinator node, allowing it `catch_up` (zero: the coordinator's default) to catch
+    /// up, and calls `progress` about once a second with a line on how far it is. If it does not
+    /// catch up in time, the coordinator removes it again and this fails.
+    pub async fn add_node_watched(
+        &self,
+        node_id: u64,
+        addr: &str,
+        catch_up: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<(), CtlError> {
+        let mut long = self.long.clone();
+        let req = pb::AddNodeRequest {
+            node_id,
+            addr: addr.to_string(),
+            catch_up_timeout_secs: catch_up.as_secs().min(u32::MAX as u64) as u32,
+        };
+        let call = long.add_node(req);
+        tokio::pin!(call);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let mut leader: Option<(u64, Ctl)> = None;
+        loop {
+            tokio::select! {
+                r = &mut call => {
+                    r?;
+                    return Ok(());
+                }
+                _ = tick.tick() => {
+                    if let Some(line) = self.join_progress(node_id, &mut leader).await {
+                        progress(&line);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One line on a joining node, from the leader's view (the only node that knows how far a
+    /// learner is); `None` when no node answers right now.
+    async fn join_progress(&self, node_id: u64, leader: &mut Option<(u64, Ctl)>) -> Option<String> {
+        let mut c = self.client.clone();
+        let here = c
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        let status = if here.leader_id == here.node_id || here.leader_id == 0 {
+            here
+        } else {
+            if leader.as_ref().is_none_or(|(id, _)| *id != here.leader_id) {
+                let addr = here
+                    .members
+                    .iter()
+                    .find(|m| m.node_id == here.leader_id)?
+                    .addr
+                    .clone();
+                *leader = Some((here.leader_id, Ctl::connect(&addr, &self.tls).await.ok()?));
+            }
+            let (_, ctl) = leader.as_ref()?;
+            ctl.client
+                .clone()
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+        };
+        Some(match status.members.iter().find(|m| m.node_id == node_id) {
+            None => format!("node {node_id}: not a member yet"),
+            Some(m) if m.voter => format!("node {node_id}: voter"),
+            Some(m) if !m.matched_known || m.matched_index == 0 => format!(
+                "node {node_id} (learner at {}): nothing replicated yet (of {} log entries)",
+                m.addr, status.last_log_index
+            ),
+            Some(m) => format!(
+                "node {node_id} (learner at {}): holds the log up to {} of {}",
+                m.addr, m.matched_index, status.last_log_index
+            ),
+        })
     }
 
     /// Removes a coordinator node from the cluster.
@@ -178,11 +260,81 @@ impl Ctl {
         .await
     }
 
-    /// Creates a migration; returns its id. Not retried: an unanswered create may have happened.
+    /// Creates a migration named by [`default_name`]; returns its id. See [`Ctl::create_named`].
     pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
-        let mut c = self.client.clone();
-        let r = c.create_migration(pb::CreateMigrationRequest { spec: Some(spec) });
-        Ok(r.await?.into_inner().migration_id)
+        self.create_named(&default_name(&spec), spec).await
+    }
+
+    /// Creates a migration; returns its id. The request carries a fresh idempotency key and is
+    /// retried with it while the outcome is unknown (no leader, a timeout): a first attempt
+    /// that was committed after all is answered, never duplicated.
+    pub async fn create_named(&self, name: &str, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
+        self.create_with_key(name, spec, &new_idempotency_key())
+            .await
+    }
+
+    /// Creates a migration with the caller's idempotency key, retrying while the outcome is
+    /// unknown; the same key again answers the migration it created.
+    pub async fn create_with_key(
+        &self,
+        name: &str,
+        spec: pb::MigrationSpec,
+        key: &str,
+    ) -> Result<u64, CtlError> {
+        let req = pb::CreateMigrationRequest {
+            spec: Some(spec),
+            name: name.to_string(),
+            idempotency_key: key.to_string(),
+        };
+        let deadline = Instant::now() + READ_RETRY_FOR;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let mut c = self.client.clone();
+            match c.create_migration(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner().migration_id),
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    ) && Instant::now() + delay < deadline =>
+                {
+                    tracing::info!(
+                        message = "Create not answered; retrying with the same idempotency key.",
+                        key = %req.idempotency_key,
+                        error = %s.message()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
+    }
+
+    /// The id of the migration given as NAME or id (all digits).
+    pub async fn resolve(&self, name_or_id: &str) -> Result<u64, CtlError> {
+        if let Ok(id) = name_or_id.parse::<u64>() {
+            return Ok(id);
+        }
+        Ok(self.status_of(name_or_id).await?.migration_id)
+    }
+
+    /// One migration, by name.
+    pub async fn status_of(&self, name: &str) -> Result<pb::MigrationProgress, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            let r = c.migration_status(pb::MigrationStatusRequest {
+                migration_id: 0,
+                name: name.to_string(),
+            });
+            r.await?
+                .into_inner()
+                .progress
+                .ok_or_else(|| CtlError::Status("empty status".into()))
+        })
+        .await
     }
 
     /// All migrations.
@@ -201,7 +353,10 @@ impl Ctl {
     pub async fn status(&self, id: u64) -> Result<pb::MigrationProgress, CtlError> {
         retry_read(|| async {
             let mut c = self.client.clone();
-            let r = c.migration_status(pb::MigrationStatusRequest { migration_id: id });
+            let r = c.migration_status(pb::MigrationStatusRequest {
+                migration_id: id,
+                name: String::new(),
+            });
             r.await?
                 .into_inner()
                 .progress
@@ -250,8 +405,13 @@ impl Ctl {
                 last_change = Instant::now();
             } else if last_change.elapsed() > stall {
                 return Err(CtlError::Status(format!(
-                    "migration {id} made no progress for {}s; last error: {}",
+                    "migration {id} made no progress for {}s{}; last error: {}",
                     stall.as_secs(),
+                    if p.blocked.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", p.blocked)
+                    },
                     if p.last_error.is_empty() {
                         "none"
                     } else {
@@ -262,6 +422,55 @@ impl Ctl {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// The name a migration gets when none is given: its source and target, e.g.
+/// `src-01-data-to-dst-01-restored` for `src-01:/data` → `dst-01:restored`. The same request
+/// gets the same name, so running a create twice is refused instead of copying twice.
+pub fn default_name(spec: &pb::MigrationSpec) -> String {
+    let mut out = String::new();
+    let raw = format!(
+        "{}-{}-to-{}-{}",
+        spec.source_agent, spec.source_path, spec.target_agent, spec.target_path
+    );
+    for c in raw.chars() {
+        let c = if c.is_ascii_alphanumeric() || matches!(c, '.' | '_') {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && (out.is_empty() || out.ends_with('-'))) {
+            out.push(c);
+        }
+    }
+    let mut name = out.trim_end_matches('-').to_string();
+    if name.is_empty() || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        name.insert(0, 'm');
+    }
+    const MAX: usize = 128;
+    if name.len() > MAX {
+        // Keep it unique per request: a prefix and a digest of the whole.
+        let digest = blake3::hash(raw.as_bytes()).to_hex();
+        name.truncate(MAX - 17);
+        name = format!("{}-{}", name.trim_end_matches('-'), &digest[..16]);
+    }
+    name
+}
+
+/// A key no other request has: 128 bits from the OS's random source, mixed with the process
+/// and the time in case it is unavailable.
+fn new_idempotency_key() -> String {
+    use std::io::Read;
+    let mut seed = [0u8; 16];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
+    let mut h = blake3::Hasher::new();
+    h.update(&seed);
+    h.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.finalize().to_hex()[..32].to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -335,8 +544,9 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
         _ => "ETA -".to_string(),
     };
     format!(
-        "migration {} {:<8} {:>10} / {:<10} ({pct:5.1}%)  files {}/{}  segments {}/{}  {}  {eta}",
+        "migration {} ({}) {:<8} {:>10} / {:<10} ({pct:5.1}%)  files {}/{}  segments {}/{}  {}  {eta}",
         p.migration_id,
+        p.name,
         p.phase,
         human_bytes(p.bytes_verified),
         human_bytes(p.bytes_total),

@@ -22,3 +22,5 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type NodeId = u64;
 /// A storage error.
 pub type StorageError = openraft::StorageError<NodeId>;
+/// A node's Raft metrics.
+pub type Metrics = openraft::RaftMetrics<NodeId, openraft::BasicNode>;

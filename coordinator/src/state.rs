@@ -39,6 +39,12 @@ pub struct SegmentReg {
     pub fingerprint: Digest,
 }
 
+/// How long an agent's session stays live after its last committed heartbeat. Heartbeats are
+/// committed at least every `grpc::agent::LAST_SEEN_EVERY_MS` (10 s), so a running agent is
+/// never taken for dead; a process that died without ending its session (SIGKILL, a crash, a
+/// lost host) frees its identity for another process after this long.
+pub const SESSION_TIMEOUT_MS: u64 = 30_000;
+
 /// An agent the cluster knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Agent {
@@ -48,8 +54,73 @@ pub struct Agent {
     pub data_addr: String,
     /// When it first registered (unix ms, leader's clock).
     pub registered_ms: u64,
-    /// When it last registered or sent a heartbeat.
+    /// When its session last registered or sent a committed heartbeat.
     pub last_seen_ms: u64,
+    /// The session of the process that runs as this agent (random, chosen by the process at
+    /// start); 0 once that process ended its session (a clean shutdown). Only the current
+    /// session's calls are accepted.
+    pub session: u64,
+    /// The last registration refused because this session was live (empty: none): another
+    /// process with the same identity. Shown to the operator and to the running agent.
+    pub conflict: String,
+}
+
+impl Agent {
+    /// Whether a process runs as this agent: it has a session, heard from within
+    /// [`SESSION_TIMEOUT_MS`] of `now_ms`.
+    pub fn live(&self, now_ms: u64) -> bool {
+        self.session != 0 && now_ms.saturating_sub(self.last_seen_ms) < SESSION_TIMEOUT_MS
+    }
+
+    /// Why sources cannot send to this agent, if they cannot: no data address, one nobody can
+    /// dial, or the agent shut down.
+    pub fn undialable(&self) -> Option<String> {
+        let name = &self.name;
+        if self.data_addr.is_empty() {
+            return Some(format!(
+                "agent {name} registered without a data address, so it cannot receive: set \
+                 data_listen (and advertise_addr if sources reach it at another address) in its \
+                 config and restart it"
+            ));
+        }
+        match self.data_addr.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() || a.port() == 0 => Some(format!(
+                "agent {name} advertises {}, which no source can dial: set advertise_addr in its \
+                 config to the address sources reach it at, and restart it",
+                self.data_addr
+            )),
+            Ok(_) => {
+                if self.session == 0 {
+                    Some(format!("agent {name} was shut down; start it again"))
+                } else {
+                    None
+                }
+            }
+            Err(_) => Some(format!(
+                "agent {name} advertises {:?}, which is not an IP address and port",
+                self.data_addr
+            )),
+        }
+    }
+
+    /// Why a call of `session` is not this agent's current process's, if it is not.
+    pub fn session_error(&self, session: u64) -> Option<String> {
+        if session == self.session {
+            return None;
+        }
+        let name = &self.name;
+        Some(if self.session == 0 {
+            format!(
+                "agent {name}: session {session:016x} has ended; this process must register again"
+            )
+        } else {
+            format!(
+                "agent {name}: session {session:016x} is not current: another process registered \
+                 as this agent (session {:016x}); this process must stop",
+                self.session
+            )
+        })
+    }
 }
 
 /// What an operator asked to move.
@@ -115,6 +186,11 @@ pub struct Counters {
 pub struct Migration {
     /// Id, from 1.
     pub id: u64,
+    /// Name, unique in the cluster (operators refer to a migration by it).
+    pub name: String,
+    /// The idempotency key it was created with (empty: none): a create repeated with this key
+    /// answers this migration instead of making another.
+    pub idempotency_key: String,
     /// What to move.
     pub spec: MigrationSpec,
     /// Where it is.
@@ -187,12 +263,20 @@ pub enum Role {
 /// A state change, as proposed to Raft. Times are the leader's clock when it proposed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// An agent announces itself (or its new data address).
+    /// An agent process announces itself (or its new data address) and starts its session.
+    /// Refused while another session of the same agent is live, unless it names that session as
+    /// its `previous` one: a restarted process that holds the agent's state directory lock
+    /// knows its predecessor ended.
     RegisterAgent {
         /// Name from its certificate.
         name: String,
         /// Its QUIC endpoint.
         data_addr: String,
+        /// The process's session (non-zero).
+        session: u64,
+        /// The session of the process that ran before it from the same state directory (0:
+        /// none known).
+        previous: u64,
         /// Leader time.
         now_ms: u64,
     },
@@ -200,11 +284,27 @@ pub enum Command {
     Heartbeat {
         /// Name.
         name: String,
+        /// Its session.
+        session: u64,
         /// Leader time.
         now_ms: u64,
     },
+    /// An agent process stops (clean shutdown): its session ends, so a new process may take
+    /// the identity at once, and no segment is sent to it meanwhile.
+    EndSession {
+        /// Name.
+        name: String,
+        /// The session that ends.
+        session: u64,
+    },
     /// An operator creates a migration.
     CreateMigration {
+        /// Its name (unique).
+        name: String,
+        /// The client's key for this request (empty: none). The same key again answers the
+        /// migration it created: a retried request whose first answer was lost does not make
+        /// a duplicate.
+        idempotency_key: String,
         /// What to move.
         spec: MigrationSpec,
         /// Leader time.
@@ -238,6 +338,8 @@ pub enum Command {
     LeaseSegments {
         /// The source agent.
         agent: String,
+        /// Its session.
+        session: u64,
         /// Most segments wanted.
         max: u32,
         /// Leader time.
@@ -261,6 +363,8 @@ pub enum Command {
     ReportSegment {
         /// Reporting agent.
         agent: String,
+        /// Its session.
+        session: u64,
         /// Which end it is.
         role: Role,
         /// Migration.
@@ -279,6 +383,8 @@ pub enum Command {
     RenewLeases {
         /// The source agent.
         agent: String,
+        /// Its session.
+        session: u64,
         /// The leases.
         leases: Vec<(u64, u64, u64)>,
         /// Leader time.
@@ -349,6 +455,9 @@ pub enum Response {
     Report(ReportOutcome, String),
     /// The command was refused; nothing changed. The text says why and what to do.
     Refused(String),
+    /// A registration was refused because another process of the same agent is live; the
+    /// refusal is recorded on the agent (`Agent::conflict`), nothing else changed.
+    Conflict(String),
     /// Per lease of a [`Command::RenewLeases`]: whether it was renewed.
     Renewed(Vec<bool>),
     /// The responses of a [`Command::Batch`], in order.
@@ -386,6 +495,12 @@ pub struct State {
     /// Derived index: leased segment ids per migration.
     #[serde(skip)]
     leased: BTreeMap<u64, BTreeSet<u64>>,
+    /// Derived index: migration id by name.
+    #[serde(skip)]
+    by_name: BTreeMap<String, u64>,
+    /// Derived index: migration id by idempotency key.
+    #[serde(skip)]
+    by_key: BTreeMap<String, u64>,
     #[serde(skip)]
     dirty: Dirty,
 }
@@ -446,10 +561,18 @@ impl State {
         (self.agents, self.migrations, self.segments)
     }
 
-    /// Recomputes the pending/leased indexes from the segments.
+    /// Recomputes the derived indexes (pending and leased segments, names, keys).
     pub fn rebuild_indexes(&mut self) {
         self.pending.clear();
         self.leased.clear();
+        self.by_name.clear();
+        self.by_key.clear();
+        for m in self.migrations.values() {
+            self.by_name.insert(m.name.clone(), m.id);
+            if !m.idempotency_key.is_empty() {
+                self.by_key.insert(m.idempotency_key.clone(), m.id);
+            }
+        }
         for (&(m, id), seg) in &self.segments {
             match seg.state {
                 SegState::Pending => {
@@ -496,28 +619,40 @@ impl State {
             Command::RegisterAgent {
                 name,
                 data_addr,
+                session,
+                previous,
                 now_ms,
-            } => {
-                let a = self.agents.entry(name.clone()).or_insert_with(|| Agent {
-                    name: name.clone(),
-                    data_addr: String::new(),
-                    registered_ms: now_ms,
-                    last_seen_ms: now_ms,
-                });
-                a.data_addr = data_addr;
-                a.last_seen_ms = now_ms;
-                self.dirty.agents.insert(name);
-                Response::Ok
-            }
-            Command::Heartbeat { name, now_ms } => match self.agents.get_mut(&name) {
-                Some(a) => {
-                    a.last_seen_ms = now_ms;
+            } => self.register_agent(name, data_addr, session, previous, now_ms),
+            Command::Heartbeat {
+                name,
+                session,
+                now_ms,
+            } => match self.agents.get_mut(&name) {
+                Some(a) => match a.session_error(session) {
+                    Some(why) => refused(why),
+                    None => {
+                        a.last_seen_ms = a.last_seen_ms.max(now_ms);
+                        self.dirty.agents.insert(name);
+                        Response::Ok
+                    }
+                },
+                None => refused(format!("agent {name} is not registered; register first")),
+            },
+            Command::EndSession { name, session } => match self.agents.get_mut(&name) {
+                // Ending a session that is not current changes nothing (a repeated request).
+                Some(a) if a.session == session && session != 0 => {
+                    a.session = 0;
                     self.dirty.agents.insert(name);
                     Response::Ok
                 }
-                None => refused(format!("agent {name} is not registered; register first")),
+                _ => Response::Ok,
             },
-            Command::CreateMigration { spec, now_ms } => self.create_migration(spec, now_ms),
+            Command::CreateMigration {
+                name,
+                idempotency_key,
+                spec,
+                now_ms,
+            } => self.create_migration(name, idempotency_key, spec, now_ms),
             Command::RegisterSegments {
                 agent,
                 migration_id,
@@ -554,7 +689,7 @@ impl State {
                         if m.scan_issues.iter().any(|(p, _)| *p == issue.0) {
                             continue;
                         }
-                        m.scan_issues_total += 1;
+                        m.scan_issues_total = m.scan_issues_total.saturating_add(1);
                         if m.scan_issues.len() < MAX_SCAN_ISSUES_KEPT {
                             m.scan_issues.push(issue);
                         }
@@ -565,23 +700,32 @@ impl State {
             },
             Command::LeaseSegments {
                 agent,
+                session,
                 max,
                 now_ms,
                 ttl_ms,
-            } => Response::Leases(self.lease(token, &agent, max, now_ms, ttl_ms)),
+            } => match self.check_session(&agent, session) {
+                Err(r) => r,
+                Ok(()) => Response::Leases(self.lease(token, &agent, max, now_ms, ttl_ms)),
+            },
             Command::RenewLeases {
                 agent,
+                session,
                 leases,
                 now_ms,
                 ttl_ms,
-            } => Response::Renewed(
-                leases
-                    .into_iter()
-                    .map(|(m, s, e)| self.renew(&agent, m, s, e, now_ms, ttl_ms))
-                    .collect(),
-            ),
+            } => match self.check_session(&agent, session) {
+                Err(r) => r,
+                Ok(()) => Response::Renewed(
+                    leases
+                        .into_iter()
+                        .map(|(m, s, e)| self.renew(&agent, m, s, e, now_ms, ttl_ms))
+                        .collect(),
+                ),
+            },
             Command::ReportSegment {
                 agent,
+                session,
                 role,
                 migration_id,
                 segment_id,
@@ -589,6 +733,9 @@ impl State {
                 result,
                 now_ms,
             } => {
+                if let Err(r) = self.check_session(&agent, session) {
+                    return r;
+                }
                 let (o, why) = self.report(
                     &agent,
                     role,
@@ -603,7 +750,116 @@ impl State {
         }
     }
 
-    fn create_migration(&mut self, spec: MigrationSpec, now_ms: u64) -> Response {
+    fn register_agent(
+        &mut self,
+        name: String,
+        data_addr: String,
+        session: u64,
+        previous: u64,
+        now_ms: u64,
+    ) -> Response {
+        if session == 0 {
+            return refused(format!(
+                "agent {name} registered without a session; upgrade it to this coordinator's version"
+            ));
+        }
+        if let Some(a) = self.agents.get_mut(&name) {
+            let same = a.session == session;
+            let succeeds = previous != 0 && a.session == previous;
+            if !same && !succeeds && a.live(now_ms) {
+                let seen = now_ms.saturating_sub(a.last_seen_ms) / 1000;
+                let why = format!(
+                    "agent {name} is already running: session {:016x} (data address {}) was \
+                     heard from {seen} s ago, so a second process (session {session:016x}, data \
+                     address {}) was refused. Two processes may not share an agent's identity: \
+                     stop one of them. If the first one has died, start this one again after \
+                     {} s (its session then expires)",
+                    a.session,
+                    if a.data_addr.is_empty() {
+                        "none"
+                    } else {
+                        &a.data_addr
+                    },
+                    if data_addr.is_empty() {
+                        "none"
+                    } else {
+                        &data_addr
+                    },
+                    SESSION_TIMEOUT_MS / 1000
+                );
+                a.conflict = format!("at {now_ms} (unix ms): {why}");
+                self.dirty.agents.insert(name);
+                return Response::Conflict(why);
+            }
+            if !same {
+                // A new process: any earlier refusal is history.
+                a.conflict.clear();
+            }
+            a.session = session;
+            a.data_addr = data_addr;
+            a.last_seen_ms = a.last_seen_ms.max(now_ms);
+        } else {
+            self.agents.insert(
+                name.clone(),
+                Agent {
+                    name: name.clone(),
+                    data_addr,
+                    registered_ms: now_ms,
+                    last_seen_ms: now_ms,
+                    session,
+                    conflict: String::new(),
+                },
+            );
+        }
+        self.dirty.agents.insert(name);
+        Response::Ok
+    }
+
+    /// Whether `session` is the current session of `agent`.
+    fn check_session(&self, agent: &str, session: u64) -> Result<(), Response> {
+        match self.agents.get(agent) {
+            None => Err(refused(format!(
+                "agent {agent} is not registered; register first"
+            ))),
+            Some(a) => a
+                .session_error(session)
+                .map_or(Ok(()), |why| Err(refused(why))),
+        }
+    }
+
+    /// The id of the migration named `name`.
+    pub fn migration_named(&self, name: &str) -> Option<u64> {
+        self.by_name.get(name).copied()
+    }
+
+    fn create_migration(
+        &mut self,
+        name: String,
+        key: String,
+        spec: MigrationSpec,
+        now_ms: u64,
+    ) -> Response {
+        if let Some(&id) = self.by_key.get(&key) {
+            let m = &self.migrations[&id];
+            if m.name == name && m.spec == spec {
+                return Response::MigrationCreated(id);
+            }
+            return refused(format!(
+                "idempotency key {key} already created migration {id} ({}) from a different \
+                 request; a retry must repeat its request unchanged (a new request needs a new \
+                 key)",
+                m.name
+            ));
+        }
+        if name.is_empty() {
+            return refused("a migration needs a name");
+        }
+        if let Some(&id) = self.by_name.get(&name) {
+            return refused(format!(
+                "a migration named {name} already exists (id {id}); if it is the one you meant, \
+                 see `ferryctl migration status {name}`, else choose another --name"
+            ));
+        }
         if spec.source_agent == spec.target_agent {
             return refused("source and target agent must differ");
         }
@@ -617,15 +873,20 @@ impl State {
         if spec.segment_size == 0 {
             return refused("segment size must be at least 1 byte");
         }
-        let id = self
+        let Some(id) = self
             .migrations
             .keys()
             .next_back()
-            .map_or(1, |last| last + 1);
+            .map_or(Some(1), |last| last.checked_add(1))
+        else {
+            return refused("no migration id is left");
+        };
         self.migrations.insert(
             id,
             Migration {
                 id,
+                name: name.clone(),
+                idempotency_key: key.clone(),
                 spec,
                 phase: Phase::Planned,
                 scan_complete: false,
@@ -637,6 +898,10 @@ impl State {
                 finished_ms: 0,
             },
         );
+        self.by_name.insert(name, id);
+        if !key.is_empty() {
+            self.by_key.insert(key, id);
+        }
         self.dirty.migrations.insert(id);
         Response::MigrationCreated(id)
     }
@@ -678,16 +943,27 @@ impl State {
         if complete {
             return Response::Ok;
         }
+        // The totals after this batch, computed before anything changes: counts come from an
+        // agent, and a sum that does not fit is a refused command, never a panic (which would
+        // crash every node again on replay) nor a silent wrap.
+        let Some((bytes, files)) = self.totals_after(mid, &segments) else {
+            return refused(format!(
+                "migration {mid}: registering these {} segments would overflow the migration's \
+                 byte or file count; the source's segment sizes are not plausible (a corrupt \
+                 manifest?) — check the source agent",
+                segments.len()
+            ));
+        };
         let m = self.migrations.get_mut(&mid).expect("checked above");
         if m.phase == Phase::Planned {
             m.phase = Phase::Copying;
         }
+        m.counters.bytes = bytes;
+        m.counters.files = files;
         for r in segments {
             match self.segments.get_mut(&(mid, r.id)) {
                 Some(s) if s.fingerprint == r.fingerprint => continue,
                 Some(s) => {
-                    m.counters.bytes = m.counters.bytes - s.bytes + r.bytes;
-                    m.counters.files = m.counters.files - s.files as u64 + r.files as u64;
                     s.bytes = r.bytes;
                     s.files = r.files;
                     s.fingerprint = r.fingerprint;
@@ -708,15 +984,38 @@ impl State {
                         },
                     );
                     self.pending.entry(mid).or_default().insert(r.id);
-                    m.counters.segments += 1;
-                    m.counters.bytes += r.bytes;
-                    m.counters.files += r.files as u64;
+                    m.counters.segments = m.counters.segments.saturating_add(1);
                 }
             }
             self.dirty.segments.insert((mid, r.id));
         }
         self.dirty.migrations.insert(mid);
         Response::Ok
+    }
+
+    /// The migration's byte and file totals once `segments` are registered (new ones added,
+    /// replanned ones replacing their earlier size), or `None` if they do not fit in a `u64`.
+    /// A segment listed twice in the batch counts as its last registration, as applying does.
+    fn totals_after(&self, mid: u64, segments: &[SegmentReg]) -> Option<(u64, u64)> {
+        let c = &self.migrations.get(&mid)?.counters;
+        let (mut bytes, mut files) = (c.bytes, c.files);
+        let mut seen: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for r in segments {
+            let (old_bytes, old_files) = match seen.get(&r.id) {
+                Some(&prev) => prev,
+                None => match self.segments.get(&(mid, r.id)) {
+                    Some(s) => (s.bytes, s.files as u64),
+                    None => (0, 0),
+                },
+            };
+            // Removing what is counted cannot underflow; saturate anyway rather than trust it.
+            bytes = bytes.saturating_sub(old_bytes).checked_add(r.bytes)?;
+            files = files
+                .saturating_sub(old_files)
+                .checked_add(r.files as u64)?;
+            seen.insert(r.id, (r.bytes, r.files as u64));
+        }
+        Some((bytes, files))
     }
 
     fn complete_scan(
@@ -762,9 +1061,9 @@ impl State {
         for id in stale {
             let s = self.segments.remove(&(mid, id)).expect("listed above");
             self.pending.entry(mid).or_default().remove(&id);
-            m.counters.segments -= 1;
-            m.counters.bytes -= s.bytes;
-            m.counters.files -= s.files as u64;
+            m.counters.segments = m.counters.segments.saturating_sub(1);
+            m.counters.bytes = m.counters.bytes.saturating_sub(s.bytes);
+            m.counters.files = m.counters.files.saturating_sub(s.files as u64);
             self.dirty.segments.insert((mid, id));
         }
         m.scan_complete = true;
@@ -812,7 +1111,9 @@ impl State {
                 let Some(target) = self.agents.get(&m.spec.target_agent) else {
                     continue;
                 };
-                if target.data_addr.is_empty() {
+                // Never schedule to a target no source can reach: the segment would only fail
+                // (`blocker` tells the operator why nothing moves).
+                if target.undialable().is_some() {
                     continue;
                 }
                 let Some(id) = self.pending.get_mut(&mid).and_then(|p| p.pop_first()) else {
@@ -822,12 +1123,12 @@ impl State {
                     .segments
                     .get_mut(&(mid, id))
                     .expect("indexed segment exists");
-                let expires_ms = now_ms + ttl_ms;
+                let expires_ms = now_ms.saturating_add(ttl_ms);
                 seg.state = SegState::Leased {
                     epoch: token,
                     expires_ms,
                 };
-                seg.leases += 1;
+                seg.leases = seg.leases.saturating_add(1);
                 seg.source_hash = None;
                 seg.target_hash = None;
                 self.leased.entry(mid).or_default().insert(id);
@@ -841,7 +1142,7 @@ impl State {
                     target_addr: target.data_addr.clone(),
                 });
                 let m = self.migrations.get_mut(&mid).expect("listed above");
-                m.counters.leases_granted += 1;
+                m.counters.leases_granted = m.counters.leases_granted.saturating_add(1);
                 self.dirty.migrations.insert(mid);
                 budget -= 1;
                 progress = true;
@@ -878,7 +1179,7 @@ impl State {
             } if e == epoch && expires_ms > now_ms => {
                 seg.state = SegState::Leased {
                     epoch,
-                    expires_ms: expires_ms.max(now_ms + ttl_ms),
+                    expires_ms: expires_ms.max(now_ms.saturating_add(ttl_ms)),
                 };
                 self.dirty.segments.insert((mid, sid));
                 true
@@ -916,6 +1217,11 @@ impl State {
         self.migrations
             .values()
             .filter(|m| m.phase == Phase::Copying && m.spec.source_agent == agent)
+            .filter(|m| {
+                self.agents
+                    .get(&m.spec.target_agent)
+                    .is_some_and(|t| t.undialable().is_none())
+            })
             .any(|m| {
                 self.pending.get(&m.id).is_some_and(|p| !p.is_empty())
                     || self.leased.get(&m.id).into_iter().flatten().any(|id| {
@@ -923,6 +1229,39 @@ impl State {
                                  SegState::Leased { expires_ms, .. } if expires_ms <= now_ms)
                     })
             })
+    }
+
+    /// Why migration `mid` cannot make progress now, if something outside it stops it: its
+    /// target cannot be sent to, or an agent has not been heard from for a session's timeout.
+    pub fn blocker(&self, mid: u64, now_ms: u64) -> Option<String> {
+        let m = self.migrations.get(&mid)?;
+        if m.phase == Phase::Done {
+            return None;
+        }
+        let (src, dst) = (&m.spec.source_agent, &m.spec.target_agent);
+        let Some(target) = self.agents.get(dst) else {
+            return Some(format!("target agent {dst} is not registered; start it"));
+        };
+        if let Some(why) = target.undialable() {
+            return Some(format!("nothing is sent to the target: {why}"));
+        }
+        for (role, a) in [("source", self.agents.get(src)), ("target", Some(target))] {
+            match a {
+                None => return Some(format!("{role} agent {src} is not registered; start it")),
+                Some(a) if a.session == 0 => {
+                    return Some(format!("{role} agent {} was shut down; start it", a.name))
+                }
+                Some(a) if !a.live(now_ms) => {
+                    return Some(format!(
+                        "{role} agent {} has not been heard from for {} s; is it running?",
+                        a.name,
+                        now_ms.saturating_sub(a.last_seen_ms) / 1000
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        None
     }
 
     /// The unexpired leases `agent` holds as a source.
@@ -1062,9 +1401,11 @@ impl State {
                 seg.state = SegState::Verified;
                 seg.last_error.clear();
                 self.leased.entry(mid).or_default().remove(&sid);
-                m.counters.verified_segments += 1;
-                m.counters.verified_bytes += seg.bytes;
-                m.counters.verified_files += seg.files as u64;
+                // Never more than the registered totals, which are checked when registered.
+                let c = &mut m.counters;
+                c.verified_segments = c.verified_segments.saturating_add(1);
+                c.verified_bytes = c.verified_bytes.saturating_add(seg.bytes);
+                c.verified_files = c.verified_files.saturating_add(seg.files as u64);
                 Self::maybe_done(m, now_ms);
                 (ReportOutcome::Verified, String::new())
             }
@@ -1081,11 +1422,11 @@ impl State {
 
     fn fail(seg: &mut Segment, m: &mut Migration, why: &str) {
         seg.state = SegState::Pending;
-        seg.attempts += 1;
+        seg.attempts = seg.attempts.saturating_add(1);
         seg.source_hash = None;
         seg.target_hash = None;
         seg.last_error = why.to_string();
-        m.counters.failed_attempts += 1;
+        m.counters.failed_attempts = m.counters.failed_attempts.saturating_add(1);
         m.last_error = why.to_string();
     }
 }

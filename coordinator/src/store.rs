@@ -46,7 +46,9 @@ use crate::state::{Migration, Segment, State};
 
 /// Version of the on-disk layout; a node refuses to open a directory of another version.
 /// 1: JSON records, snapshot in sled. 2: binary records ([`crate::codec`]), snapshot in a file.
-pub const FORMAT_VERSION: u64 = 2;
+/// 3: migrations have a name and an idempotency key; agents have a session and a conflict
+/// record; lease, renewal, report and heartbeat commands carry the agent's session.
+pub const FORMAT_VERSION: u64 = 3;
 
 /// sled's page cache per node (its default is 1 GiB, which alone broke the RSS budget).
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::ctl::{human_bytes, print_json, progress_line, Ctl, Output};
+use crate::ctl::{default_name, human_bytes, print_json, progress_line, Ctl, Output};
 use crate::quickstart;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -95,7 +95,9 @@ enum Cmd {
 enum ClusterCmd {
     /// Members, leader, term, log indexes, each member's replication (on the leader).
     Status,
-    /// Add a coordinator node (started with `bootstrap = false`): it catches up, then votes.
+    /// Add a coordinator node (started with `bootstrap = false`): it joins as a learner, and
+    /// becomes a voter once it has caught up. If it does not catch up in time it is removed
+    /// again (the membership is unchanged) and this fails.
     AddNode {
         /// Its node id.
         #[arg(long)]
@@ -103,8 +105,11 @@ enum ClusterCmd {
         /// Its gRPC address (host:port).
         #[arg(long)]
         addr: String,
+        /// Seconds it may take to catch up.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
-    /// Remove a coordinator node from the cluster.
+    /// Remove a coordinator node (voter or learner) from the cluster.
     RemoveNode {
         /// Its node id.
         #[arg(long)]
@@ -128,8 +133,14 @@ enum AgentsCmd {
 
 #[derive(Subcommand)]
 enum MigrationCmd {
-    /// Create a migration: --source AGENT:/abs/path --target AGENT[:relative/dir].
+    /// Create a migration: --source AGENT:/abs/path --target AGENT[:relative/dir] [--name NAME].
+    /// Retried with the same idempotency key while the coordinator does not answer, so it
+    /// never creates two.
     Create {
+        /// Its name, unique in the cluster (default: from source and target, e.g.
+        /// src-01-data-to-dst-01-restored).
+        #[arg(long)]
+        name: Option<String>,
         /// Source agent and absolute directory, as AGENT:/path.
         #[arg(long)]
         source: String,
@@ -144,8 +155,8 @@ enum MigrationCmd {
     List,
     /// One migration's progress.
     Status {
-        /// Migration id.
-        id: u64,
+        /// Migration name or id.
+        id: String,
         /// Refresh until the migration is done.
         #[arg(long)]
         watch: bool,
@@ -153,8 +164,8 @@ enum MigrationCmd {
     /// Check that every segment is verified with equal source and target BLAKE3.
     /// Exits non-zero when not.
     Verify {
-        /// Migration id.
-        id: u64,
+        /// Migration name or id.
+        id: String,
     },
 }
 
@@ -238,12 +249,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             quickstart::generate_sample(dir, big_file_mib * 1024 * 1024, *small_files)?;
             println!("wrote a sample data set to {}", dir.display());
         }
-        Cmd::Cluster(ClusterCmd::AddNode { id, addr }) => {
-            connect(&cli).await?.add_node(*id, addr).await?;
+        Cmd::Cluster(ClusterCmd::AddNode { id, addr, timeout }) => {
+            if *timeout == 0 {
+                bail!("--timeout must be at least 1 second");
+            }
+            let ctl = connect(&cli).await?;
+            ctl.add_node_watched(*id, addr, Duration::from_secs(*timeout), |line| {
+                eprintln!("{line}")
+            })
+            .await
+            .with_context(|| format!("node {id} at {addr} was not added"))?;
             println!("node {id} added");
         }
         Cmd::Cluster(ClusterCmd::RemoveNode { id }) => {
-            connect(&cli).await?.remove_node(*id).await?;
+            connect(&cli)
+                .await?
+                .remove_node(*id)
+                .await
+                .with_context(|| format!("node {id} was not removed"))?;
             println!("node {id} removed");
         }
         Cmd::Cluster(ClusterCmd::Snapshot) => {
@@ -291,42 +314,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&agents);
             } else {
-                println!("{:<24} {:<24} LAST SEEN (unix ms)", "NAME", "DATA ADDRESS");
+                println!(
+                    "{:<24} {:<24} {:<10} LAST SEEN (unix ms)",
+                    "NAME", "DATA ADDRESS", "STATUS"
+                );
                 for a in agents {
                     println!(
-                        "{:<24} {:<24} {}",
+                        "{:<24} {:<24} {:<10} {}",
                         a.name,
                         if a.data_addr.is_empty() {
                             "-"
                         } else {
                             &a.data_addr
                         },
+                        a.status,
                         a.last_seen_ms
                     );
+                    if !a.cannot_receive.is_empty() {
+                        println!("  cannot receive: {}", a.cannot_receive);
+                    }
+                    if !a.conflict.is_empty() {
+                        println!("  refused a second process {}", a.conflict);
+                    }
                 }
             }
         }
         Cmd::Migration(MigrationCmd::Create {
+            name,
             source,
             target,
             segment_size,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
-            let id = connect(&cli)
-                .await?
-                .create(pb::MigrationSpec {
-                    source_agent,
-                    source_path,
-                    target_agent,
-                    target_path,
-                    segment_size: *segment_size,
-                })
-                .await?;
+            let spec = pb::MigrationSpec {
+                source_agent,
+                source_path,
+                target_agent,
+                target_path,
+                segment_size: *segment_size,
+            };
+            let name = name.clone().unwrap_or_else(|| default_name(&spec));
+            let id = connect(&cli).await?.create_named(&name, spec).await?;
             if json {
-                print_json(&serde_json::json!({ "migration_id": id }));
+                print_json(&serde_json::json!({ "migration_id": id, "name": name }));
             } else {
-                println!("created migration {id}");
+                println!("created migration {id} ({name})");
             }
         }
         Cmd::Migration(MigrationCmd::List) => {
@@ -335,14 +368,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&ms);
             } else {
                 println!(
-                    "{:<4} {:<9} {:<22} {:<22} {:>12} {:>10}",
-                    "ID", "PHASE", "SOURCE", "TARGET", "BYTES", "VERIFIED"
+                    "{:<4} {:<24} {:<9} {:<22} {:<22} {:>12} {:>10}",
+                    "ID", "NAME", "PHASE", "SOURCE", "TARGET", "BYTES", "VERIFIED"
                 );
                 for m in ms {
                     let spec = m.spec.clone().unwrap_or_default();
                     println!(
-                        "{:<4} {:<9} {:<22} {:<22} {:>12} {:>9.1}%",
+                        "{:<4} {:<24} {:<9} {:<22} {:<22} {:>12} {:>9.1}%",
                         m.migration_id,
+                        m.name,
                         m.phase,
                         format!("{}:{}", spec.source_agent, spec.source_path),
                         format!("{}:{}", spec.target_agent, spec.target_path),
@@ -358,6 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Migration(MigrationCmd::Status { id, watch }) => {
             let ctl = connect(&cli).await?;
+            let id = &ctl.resolve(id).await?;
             if *watch && !json {
                 ctl.watch(*id, Duration::from_secs(3600), |p, r| {
                     eprintln!("{}", progress_line(p, r))
@@ -373,6 +408,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "leases granted {}  in flight {}  failed attempts {}",
                     p.leases_granted, p.segments_leased, p.failed_attempts
                 );
+                if !p.blocked.is_empty() {
+                    println!("blocked: {}", p.blocked);
+                }
                 if !p.last_error.is_empty() {
                     println!("last error: {}", p.last_error);
                 }
@@ -385,7 +423,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Migration(MigrationCmd::Verify { id }) => {
-            let v = connect(&cli).await?.verify(*id, 0).await?;
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            let v = ctl.verify(id, 0).await?;
             if json {
                 print_json(&v);
             } else {

@@ -13,6 +13,12 @@ pub struct AdminService(pub Arc<Core>);
 
 type R<T> = Result<GrpcResponse<T>, Status>;
 
+/// How long a joining node may take to catch up when the request does not say: enough for a
+/// snapshot of a few GiB on a LAN, short enough that an operator's typo is answered soon.
+pub const DEFAULT_CATCH_UP_SECS: u32 = 60;
+/// The longest catch-up a request may ask for.
+pub const MAX_CATCH_UP_SECS: u32 = 24 * 3600;
+
 fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
     for (what, name) in [
@@ -53,6 +59,42 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
     })
 }
 
+/// Longest migration name and idempotency key.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A migration name: what `ferryctl` accepts wherever it takes NAME or an id.
+fn validate_migration_name(name: &str) -> Result<(), Status> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !ok_chars
+        || !first_ok
+        || name.chars().all(|c| c.is_ascii_digit())
+    {
+        return Err(Status::invalid_argument(format!(
+            "migration name {name:?} is not valid: use 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ -, \
+             starting with a letter or digit, not all digits"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_idempotency_key(key: &str) -> Result<(), Status> {
+    if key.len() > MAX_NAME_LEN || !key.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "idempotency key {key:?} is not valid: use up to {MAX_NAME_LEN} printable ASCII \
+             characters"
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> R<pb::AddNodeResponse> {
@@ -67,11 +109,21 @@ impl Admin for AdminService {
                 r.addr
             )));
         }
+        let secs = match r.catch_up_timeout_secs {
+            0 => DEFAULT_CATCH_UP_SECS,
+            s if s > MAX_CATCH_UP_SECS => {
+                return Err(Status::invalid_argument(format!(
+                    "catch-up timeout {s}s is over the limit of {MAX_CATCH_UP_SECS}s"
+                )))
+            }
+            s => s,
+        };
         match self
             .0
             .propose(Proposal::AddNode {
                 node_id: r.node_id,
                 addr: r.addr,
+                catch_up_ms: u64::from(secs) * 1000,
             })
             .await?
         {
@@ -190,6 +242,7 @@ impl Admin for AdminService {
 
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_admin(&req)?;
+        let now = now_ms();
         let agents = self
             .0
             .read(|s| {
@@ -200,6 +253,16 @@ impl Admin for AdminService {
                         data_addr: a.data_addr.clone(),
                         last_seen_ms: a.last_seen_ms,
                         registered_ms: a.registered_ms,
+                        status: if a.session == 0 {
+                            "shut down"
+                        } else if a.live(now) {
+                            "live"
+                        } else {
+                            "not seen"
+                        }
+                        .to_string(),
+                        cannot_receive: a.undialable().unwrap_or_default(),
+                        conflict: a.conflict.clone(),
                     })
                     .collect()
             })
@@ -212,14 +275,18 @@ impl Admin for AdminService {
         req: Request<pb::CreateMigrationRequest>,
     ) -> R<pb::CreateMigrationResponse> {
         authorize_admin(&req)?;
-        let spec = req
-            .into_inner()
+        let r = req.into_inner();
+        let spec = r
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
         let spec = validate_spec(spec)?;
+        validate_migration_name(&r.name)?;
+        validate_idempotency_key(&r.idempotency_key)?;
         match self
             .0
             .write(Command::CreateMigration {
+                name: r.name,
+                idempotency_key: r.idempotency_key,
                 spec,
                 now_ms: now_ms(),
             })
@@ -237,9 +304,18 @@ impl Admin for AdminService {
         req: Request<pb::ListMigrationsRequest>,
     ) -> R<pb::ListMigrationsResponse> {
         authorize_admin(&req)?;
+        let now = now_ms();
         let migrations = self
             .0
-            .read(|s| s.migrations.values().map(convert::progress).collect())
+            .read(|s| {
+                s.migrations
+                    .values()
+                    .map(|m| pb::MigrationProgress {
+                        blocked: s.blocker(m.id, now).unwrap_or_default(),
+                        ..convert::progress(m)
+                    })
+                    .collect()
+            })
             .await?;
         Ok(GrpcResponse::new(pb::ListMigrationsResponse { migrations }))
     }
@@ -249,12 +325,20 @@ impl Admin for AdminService {
         req: Request<pb::MigrationStatusRequest>,
     ) -> R<pb::MigrationStatusResponse> {
         authorize_admin(&req)?;
-        let id = req.into_inner().migration_id;
+        let r = req.into_inner();
+        let by_name = !r.name.is_empty();
+        let now = now_ms();
         let progress = self
             .0
             .read(|s| {
+                let id = if by_name {
+                    s.migration_named(&r.name)?
+                } else {
+                    r.migration_id
+                };
                 s.migrations.get(&id).map(|m| {
                     let mut p = convert::progress(m);
+                    p.blocked = s.blocker(id, now).unwrap_or_default();
                     p.segments_leased = s
                         .segments
                         .range((id, 0)..=(id, u64::MAX))
@@ -264,7 +348,16 @@ impl Admin for AdminService {
                 })
             })
             .await?
-            .ok_or_else(|| Status::not_found(format!("migration {id} does not exist")))?;
+            .ok_or_else(|| {
+                Status::not_found(if by_name {
+                    format!(
+                        "no migration is named {} (ferryctl migration list shows them)",
+                        r.name
+                    )
+                } else {
+                    format!("migration {} does not exist", r.migration_id)
+                })
+            })?;
         Ok(GrpcResponse::new(pb::MigrationStatusResponse {
             progress: Some(progress),
         }))

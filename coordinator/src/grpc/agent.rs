@@ -24,7 +24,11 @@ fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
 pub const MAX_ITEMS_PER_CALL: usize = 4096;
 
 /// The state machine command for one report (checked: role and digest).
-fn report_command(r: pb::ReportSegmentRequest, now_ms: u64) -> Result<Command, Status> {
+fn report_command(
+    r: pb::ReportSegmentRequest,
+    session: u64,
+    now_ms: u64,
+) -> Result<Command, Status> {
     let role = match pb::Role::try_from(r.role) {
         Ok(pb::Role::Source) => Role::Source,
         Ok(pb::Role::Target) => Role::Target,
@@ -38,6 +42,7 @@ fn report_command(r: pb::ReportSegmentRequest, now_ms: u64) -> Result<Command, S
     };
     Ok(Command::ReportSegment {
         agent: r.agent,
+        session,
         role,
         migration_id: r.migration_id,
         segment_id: r.segment_id,
@@ -47,8 +52,37 @@ fn report_command(r: pb::ReportSegmentRequest, now_ms: u64) -> Result<Command, S
     })
 }
 
-/// How stale an agent's committed `last_seen` may get before a heartbeat writes it again.
-pub const LAST_SEEN_EVERY_MS: u64 = 30_000;
+/// A registered segment, checked: a segment carries at most the migration's segment size in
+/// bytes (the planner cuts larger files) and at most a bundle's entries in files.
+fn check_segment(
+    mid: u64,
+    segment_size: Option<u64>,
+    s: pb::SegmentInfo,
+) -> Result<SegmentReg, Status> {
+    let max_files = ferry_common::segment::MAX_BUNDLE_ENTRIES as u64;
+    if segment_size.is_some_and(|max| s.bytes > max) || s.files as u64 > max_files {
+        return Err(Status::invalid_argument(format!(
+            "migration {mid}: segment {} claims {} bytes in {} files, more than a segment holds \
+             ({} bytes, {max_files} files); the source agent's manifest is corrupt or the agent \
+             is not a ferry agent of this version",
+            s.segment_id,
+            s.bytes,
+            s.files,
+            segment_size.unwrap_or(u64::MAX)
+        )));
+    }
+    Ok(SegmentReg {
+        id: s.segment_id,
+        bytes: s.bytes,
+        files: s.files,
+        fingerprint: ferry_common::hash::digest_from_slice(&s.fingerprint)
+            .ok_or_else(|| Status::invalid_argument("fingerprint must be 32 bytes"))?,
+    })
+}
+
+/// How stale an agent's committed `last_seen` may get before a heartbeat writes it again: well
+/// within [`crate::state::SESSION_TIMEOUT_MS`], so a running agent's session stays live.
+pub const LAST_SEEN_EVERY_MS: u64 = 10_000;
 
 /// Serves [`AgentControl`].
 pub struct AgentService(pub Arc<Core>);
@@ -59,6 +93,22 @@ fn expect_ok(r: Response) -> Result<(), Status> {
     match r {
         Response::Ok => Ok(()),
         other => Err(refused(other)),
+    }
+}
+
+impl AgentService {
+    /// Fails unless `session` is `agent`'s current session, as this node knows it. Calls that
+    /// change leases are checked again by the state machine; this answers the others, and a
+    /// stale process early.
+    fn check_session(&self, agent: &str, session: u64) -> Result<(), Status> {
+        self.0.read_local(|s| match s.agents.get(agent) {
+            None => Err(Status::failed_precondition(format!(
+                "agent {agent} is not registered; register first"
+            ))),
+            Some(a) => a
+                .session_error(session)
+                .map_or(Ok(()), |why| Err(Status::failed_precondition(why))),
+        })
     }
 }
 
@@ -73,27 +123,48 @@ impl AgentControl for AgentService {
                 r.data_addr
             )));
         }
+        if r.session == 0 {
+            return Err(Status::invalid_argument(
+                "registration without a session; upgrade the agent to this coordinator's version",
+            ));
+        }
         let resp = self
             .0
             .write(Command::RegisterAgent {
-                name: r.agent,
+                name: r.agent.clone(),
                 data_addr: r.data_addr,
+                session: r.session,
+                previous: r.previous_session,
                 now_ms: now_ms(),
             })
             .await?;
+        if let Response::Conflict(why) = resp {
+            tracing::warn!(
+                message = "Refused a second process registering as a running agent.",
+                agent = %r.agent,
+                session = %format!("{:016x}", r.session),
+                reason = %why
+            );
+            return Err(Status::already_exists(why));
+        }
         expect_ok(resp)?;
         Ok(GrpcResponse::new(pb::RegisterResponse {}))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> R<pb::HeartbeatResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
-        let agent = req.into_inner().agent;
+        let pb::HeartbeatRequest { agent, session } = req.into_inner();
         let now = now_ms();
         // A local read: a lagging follower tells the agent about new work a moment later, and
         // a `last_seen` it believes stale costs one extra commit. A linearizable read per
         // heartbeat (a quorum round each) was most of a loaded cluster's traffic.
-        let (stale, work) = self.0.read_local(|s| {
-            let last = s.agents.get(&agent).map(|a| a.last_seen_ms);
+        let (stale, work, conflict) = self.0.read_local(|s| {
+            let a = s.agents.get(&agent);
+            if let Some(why) = a.and_then(|a| a.session_error(session)) {
+                return Err(Status::failed_precondition(why));
+            }
+            let last = a.map(|a| a.last_seen_ms);
+            let conflict = a.map(|a| a.conflict.clone()).unwrap_or_default();
             let work: Vec<pb::SourceWork> = s
                 .migrations
                 .values()
@@ -106,11 +177,12 @@ impl AgentControl for AgentService {
                     finished: m.phase == Phase::Done,
                 })
                 .collect();
-            (
+            Ok((
                 last.is_none_or(|t| now.saturating_sub(t) >= LAST_SEEN_EVERY_MS),
                 work,
-            )
-        });
+                conflict,
+            ))
+        })?;
         // Agents call every second to learn of work; `last_seen` is committed only when stale,
         // so heartbeats cost reads, not log entries.
         if stale {
@@ -118,6 +190,7 @@ impl AgentControl for AgentService {
                 .0
                 .write(Command::Heartbeat {
                     name: agent.clone(),
+                    session,
                     now_ms: now,
                 })
                 .await?;
@@ -125,6 +198,7 @@ impl AgentControl for AgentService {
         }
         Ok(GrpcResponse::new(pb::HeartbeatResponse {
             source_work: work,
+            conflict,
         }))
     }
 
@@ -134,26 +208,32 @@ impl AgentControl for AgentService {
     ) -> R<pb::RegisterSegmentsResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
+        self.check_session(&r.agent, r.session)?;
+        if r.segments.len() > MAX_ITEMS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} segments in one call; send at most {MAX_ITEMS_PER_CALL}",
+                r.segments.len()
+            )));
+        }
+        // The state machine refuses totals that overflow whatever arrives; this refuses
+        // implausible segments early, with the segment named. A node that does not know the
+        // migration yet (a lagging follower) leaves the size check to the state machine.
+        let segment_size = self.0.read_local(|s| {
+            s.migrations
+                .get(&r.migration_id)
+                .map(|m| m.spec.segment_size)
+        });
+        let segments = r
+            .segments
+            .into_iter()
+            .map(|s| check_segment(r.migration_id, segment_size, s))
+            .collect::<Result<_, Status>>()?;
         let resp = self
             .0
             .write(Command::RegisterSegments {
                 agent: r.agent,
                 migration_id: r.migration_id,
-                segments: r
-                    .segments
-                    .into_iter()
-                    .map(|s| {
-                        Ok(SegmentReg {
-                            id: s.segment_id,
-                            bytes: s.bytes,
-                            files: s.files,
-                            fingerprint: ferry_common::hash::digest_from_slice(&s.fingerprint)
-                                .ok_or_else(|| {
-                                    Status::invalid_argument("fingerprint must be 32 bytes")
-                                })?,
-                        })
-                    })
-                    .collect::<Result<_, Status>>()?,
+                segments,
             })
             .await?;
         expect_ok(resp)?;
@@ -166,6 +246,7 @@ impl AgentControl for AgentService {
     ) -> R<pb::CompleteScanResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
+        self.check_session(&r.agent, r.session)?;
         let resp = self
             .0
             .write(Command::CompleteScan {
@@ -187,6 +268,7 @@ impl AgentControl for AgentService {
     ) -> R<pb::LeaseSegmentsResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
+        self.check_session(&r.agent, r.session)?;
         let now = now_ms();
         // Most polls find nothing to lease: answer those from a local read instead of a log
         // entry. If this node lags, the agent polls again; the lease itself is a command.
@@ -199,6 +281,7 @@ impl AgentControl for AgentService {
             .0
             .write(Command::LeaseSegments {
                 agent: r.agent,
+                session: r.session,
                 max: r.max,
                 now_ms: now,
                 ttl_ms: self.0.lease_ttl_ms,
@@ -220,9 +303,22 @@ impl AgentControl for AgentService {
         req: Request<pb::ListLeasesRequest>,
     ) -> R<pb::LeaseSegmentsResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
-        let agent = req.into_inner().agent;
+        let pb::ListLeasesRequest { agent, session } = req.into_inner();
         let now = now_ms();
-        let leases = self.0.read(|s| s.leases_of(&agent, now)).await?;
+        // Decided on the linearizable read: a process that is not the current one must never
+        // adopt (and send) the leases of the one that is.
+        let leases = self
+            .0
+            .read(
+                |s| match s.agents.get(&agent).map(|a| a.session_error(session)) {
+                    Some(None) => Ok(s.leases_of(&agent, now)),
+                    Some(Some(why)) => Err(Status::failed_precondition(why)),
+                    None => Err(Status::failed_precondition(format!(
+                        "agent {agent} is not registered; register first"
+                    ))),
+                },
+            )
+            .await??;
         Ok(GrpcResponse::new(pb::LeaseSegmentsResponse {
             leases: leases
                 .into_iter()
@@ -235,6 +331,17 @@ impl AgentControl for AgentService {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         let now = now_ms();
+        if let Some(why) = self
+            .0
+            .read(|s| {
+                s.agents
+                    .get(&r.agent)
+                    .and_then(|a| a.session_error(r.session))
+            })
+            .await?
+        {
+            return Err(Status::failed_precondition(why));
+        }
         let out = self
             .0
             .read(
@@ -262,6 +369,7 @@ impl AgentControl for AgentService {
     ) -> R<pb::SourceProblemResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
+        self.check_session(&r.agent, r.session)?;
         let resp = self
             .0
             .write(Command::SourceProblem {
@@ -292,6 +400,7 @@ impl AgentControl for AgentService {
             .0
             .write(Command::RenewLeases {
                 agent: r.agent,
+                session: r.session,
                 leases: r
                     .leases
                     .into_iter()
@@ -329,7 +438,7 @@ impl AgentControl for AgentService {
                 one.agent = r.agent.clone();
             }
             let checked = if one.agent == r.agent {
-                report_command(one, now)
+                report_command(one, r.session, now)
             } else {
                 Err(Status::permission_denied(format!(
                     "a report of agent {} inside a call of agent {}",
@@ -368,5 +477,24 @@ impl AgentControl for AgentService {
             })
             .collect();
         Ok(GrpcResponse::new(pb::ReportSegmentsResponse { results }))
+    }
+
+    async fn end_session(&self, req: Request<pb::EndSessionRequest>) -> R<pb::EndSessionResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let resp = self
+            .0
+            .write(Command::EndSession {
+                name: r.agent.clone(),
+                session: r.session,
+            })
+            .await?;
+        expect_ok(resp)?;
+        tracing::info!(
+            message = "An agent ended its session.",
+            agent = %r.agent,
+            session = %format!("{:016x}", r.session)
+        );
+        Ok(GrpcResponse::new(pb::EndSessionResponse {}))
     }
 }

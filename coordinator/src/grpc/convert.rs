@@ -30,6 +30,7 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
     let c = &m.counters;
     pb::MigrationProgress {
         migration_id: m.id,
+        name: m.name.clone(),
         spec: Some(spec(&m.spec)),
         phase: m.phase.as_str().to_string(),
         scan_complete: m.scan_complete,
@@ -54,6 +55,8 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         scan_issues_total: m.scan_issues_total,
         created_ms: m.created_ms,
         finished_ms: m.finished_ms,
+        // Filled by the status call, which knows the other agents and the time.
+        blocked: String::new(),
     }
 }
 

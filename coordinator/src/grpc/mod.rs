@@ -7,7 +7,11 @@ mod convert;
 pub mod group_commit;
 pub mod peer;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
 
 use ferry_common::names;
 use tonic::{Request, Status};
@@ -49,14 +53,17 @@ pub enum Proposal {
     /// a [`Response::Batch`] with one response per command, [`Response::NotCommitted`] for any
     /// that could not be committed).
     Commands(Vec<Command>),
-    /// Add a coordinator node (learner, then voter).
+    /// Add a coordinator node: as a learner, then, once it has caught up, as a voter. If it has
+    /// not caught up within `catch_up_ms`, it is removed again and the membership is as before.
     AddNode {
         /// Its id.
         node_id: u64,
         /// Its gRPC address.
         addr: String,
+        /// How long it may take to catch up.
+        catch_up_ms: u64,
     },
-    /// Remove a coordinator node from the membership.
+    /// Remove a coordinator node (voter or learner) from the membership.
     RemoveNode {
         /// Its id.
         node_id: u64,
@@ -64,7 +71,7 @@ pub enum Proposal {
 }
 
 /// How long a follower waits to apply up to the leader's read index.
-const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const READ_WAIT: Duration = Duration::from_secs(10);
 
 impl Core {
     /// Proposes `cmd` (through the leader, wherever it is) and returns what applying it produced.
@@ -107,7 +114,7 @@ impl Core {
     /// Reads the state at a linearizable point: on the leader after confirming leadership, on a
     /// follower after applying up to the leader's read index.
     pub async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, Status> {
-        use openraft::error::{CheckIsLeaderError, RaftError};
+        use openraft::error::CheckIsLeaderError;
         match self.raft.ensure_linearizable().await {
             Ok(_) => {}
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(fwd))) => {
@@ -154,7 +161,6 @@ impl Core {
 
     /// Executes a proposal on this node, which must be the leader.
     pub async fn execute_here(&self, p: Proposal) -> Result<Response, NotLeader> {
-        use openraft::error::{ClientWriteError, RaftError};
         let result = match p {
             Proposal::Command(cmd) => return self.commits.write(cmd).await,
             Proposal::Commands(cmds) => {
@@ -180,26 +186,15 @@ impl Core {
                         .collect(),
                 ));
             }
-            Proposal::AddNode { node_id, addr } => {
-                let node = openraft::BasicNode { addr };
-                match self.raft.add_learner(node_id, node, true).await {
-                    Ok(_) => {
-                        let add = std::collections::BTreeSet::from([node_id]);
-                        self.raft
-                            .change_membership(openraft::ChangeMembers::AddVoterIds(add), false)
-                            .await
-                            .map(|_| Response::Ok)
-                    }
-                    Err(e) => Err(e),
-                }
+            Proposal::AddNode {
+                node_id,
+                addr,
+                catch_up_ms,
+            } => {
+                self.add_node(node_id, addr, Duration::from_millis(catch_up_ms))
+                    .await?
             }
-            Proposal::RemoveNode { node_id } => {
-                let rm = std::collections::BTreeSet::from([node_id]);
-                self.raft
-                    .change_membership(openraft::ChangeMembers::RemoveVoters(rm), false)
-                    .await
-                    .map(|_| Response::Ok)
-            }
+            Proposal::RemoveNode { node_id } => self.remove_node(node_id).await?,
         };
         match result {
             Ok(r) => Ok(r),
@@ -211,6 +206,200 @@ impl Core {
             }
             Err(e) => Err(NotLeader::Failed(e.to_string())),
         }
+    }
+}
+
+/// How often the leader logs a joining node's progress.
+const CATCH_UP_LOG_EVERY: Duration = Duration::from_secs(5);
+
+type MembershipResult =
+    Result<Response, RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>>;
+
+impl Core {
+    /// This node's metrics if it leads; else where the leader is. Membership decisions are
+    /// taken on the leader's view (a follower's may lag).
+    fn leader_metrics(&self) -> Result<crate::raft_types::Metrics, NotLeader> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.node_id) {
+            return Ok(m);
+        }
+        let addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
+        Err(NotLeader::Elsewhere(addr))
+    }
+
+    /// Adds `node_id` as a learner, waits (at most `catch_up`) until it holds the log up to its
+    /// own membership entry, then makes it a voter. A node that never answers (a wrong address,
+    /// not running, another cluster's certificate) is removed again when the time is up, so a
+    /// mistake never costs a voter. Progress is logged.
+    async fn add_node(
+        &self,
+        node_id: u64,
+        addr: String,
+        catch_up: Duration,
+    ) -> Result<MembershipResult, NotLeader> {
+        let metrics = self.leader_metrics()?;
+        let membership = metrics.membership_config.membership();
+        if let Some(known) = membership.get_node(&node_id) {
+            let voter = membership.voter_ids().any(|v| v == node_id);
+            let role = if voter { "voter" } else { "learner" };
+            if known.addr != addr {
+                return Ok(Ok(Response::Refused(format!(
+                    "node {node_id} is already a {role} at {}; remove it first (ferryctl \
+                     cluster remove-node --id {node_id}) to add it at {addr}",
+                    known.addr
+                ))));
+            }
+            if voter {
+                return Ok(Ok(Response::Ok));
+            }
+            // A learner at the same address: an earlier add that was interrupted; wait again.
+        }
+        let started = tokio::time::Instant::now();
+        let deadline = started + catch_up;
+        let node = openraft::BasicNode { addr: addr.clone() };
+        let added = match self.raft.add_learner(node_id, node, false).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let target = added.log_id.index;
+        tracing::info!(
+            message = "Added a node as a learner; waiting for it to catch up.",
+            node_id,
+            %addr,
+            log_index = target,
+            timeout_secs = catch_up.as_secs()
+        );
+        let mut rx = self.raft.metrics();
+        let mut last_log = tokio::time::Instant::now();
+        loop {
+            let (member, leading, matched, last_index) = {
+                let m = rx.borrow_and_update();
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&node_id).cloned().flatten())
+                    .map(|l| l.index);
+                (
+                    m.membership_config
+                        .membership()
+                        .get_node(&node_id)
+                        .is_some(),
+                    m.current_leader == Some(self.node_id),
+                    matched,
+                    m.last_log_index.unwrap_or(0),
+                )
+            };
+            if !member {
+                return Ok(Ok(Response::Refused(format!(
+                    "node {node_id} was removed while it was catching up; it was not made a voter"
+                ))));
+            }
+            if !leading {
+                return Ok(Ok(Response::Refused(format!(
+                    "leadership moved while node {node_id} ({addr}) was catching up; it is still \
+                     a learner and not a voter: run add-node again to finish, or remove-node \
+                     --id {node_id} to drop it"
+                ))));
+            }
+            if matched.is_some_and(|i| i >= target) {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                let progress = match matched {
+                    None => "it never answered".to_string(),
+                    Some(i) => format!("it holds the log up to {i} of {last_index}"),
+                };
+                tracing::warn!(
+                    message = "A joining node did not catch up in time; removing it.",
+                    node_id,
+                    %addr,
+                    matched = ?matched,
+                    last_log_index = last_index
+                );
+                let rm = BTreeSet::from([node_id]);
+                let undo = match self
+                    .raft
+                    .change_membership(openraft::ChangeMembers::RemoveNodes(rm), false)
+                    .await
+                {
+                    Ok(_) => "it was removed again; the membership is unchanged".to_string(),
+                    Err(e) => format!(
+                        "removing it again failed ({e}): remove it with `ferryctl cluster \
+                         remove-node --id {node_id}`"
+                    ),
+                };
+                return Ok(Ok(Response::Refused(format!(
+                    "node {node_id} at {addr} did not catch up within {}s ({progress}); {undo}. \
+                     Check that ferry-coordinator runs there with node_id = {node_id} and \
+                     bootstrap = false, that {addr} is its listen address and reachable from \
+                     the leader, and that its certificate is from this cluster's CA (its log \
+                     says why it refuses)",
+                    catch_up.as_secs()
+                ))));
+            }
+            if last_log.elapsed() >= CATCH_UP_LOG_EVERY {
+                last_log = now;
+                tracing::info!(
+                    message = "A joining node is catching up.",
+                    node_id,
+                    %addr,
+                    matched = ?matched,
+                    needed = target,
+                    last_log_index = last_index,
+                    elapsed_secs = started.elapsed().as_secs()
+                );
+            }
+            let wake = deadline.min(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        tracing::info!(
+            message = "A joining node caught up; making it a voter.",
+            node_id,
+            %addr,
+            elapsed_secs = started.elapsed().as_secs()
+        );
+        let add = BTreeSet::from([node_id]);
+        Ok(self
+            .raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds(add), false)
+            .await
+            .map(|_| Response::Ok))
+    }
+
+    /// Removes `node_id`, a voter or a learner (a learner that never caught up included). A
+    /// node that is not a member is an error: nothing would be removed.
+    async fn remove_node(&self, node_id: u64) -> Result<MembershipResult, NotLeader> {
+        let metrics = self.leader_metrics()?;
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&node_id).is_none() {
+            let members: Vec<String> = membership.nodes().map(|(id, _)| id.to_string()).collect();
+            return Ok(Ok(Response::Refused(format!(
+                "node {node_id} is not a member of the cluster (members: {}); nothing was removed",
+                members.join(", ")
+            ))));
+        }
+        let rm = BTreeSet::from([node_id]);
+        let change = if membership.voter_ids().any(|v| v == node_id) {
+            openraft::ChangeMembers::RemoveVoters(rm)
+        } else {
+            // `RemoveVoters` does not touch learners: a learner is a node entry only.
+            openraft::ChangeMembers::RemoveNodes(rm)
+        };
+        tracing::info!(message = "Removing a node.", node_id);
+        Ok(self
+            .raft
+            .change_membership(change, false)
+            .await
+            .map(|_| Response::Ok))
     }
 }
 

@@ -4,6 +4,15 @@ use super::*;
 
 const TTL: u64 = 1000;
 
+/// A migration name no other test migration has.
+fn unique_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    format!(
+        "m{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 fn reg(id: u64, bytes: u64, files: u32) -> SegmentReg {
     SegmentReg {
         id,
@@ -27,6 +36,8 @@ impl World {
         for (name, addr) in [("src", ""), ("dst", "127.0.0.1:9")] {
             w.apply(Command::RegisterAgent {
                 name: name.into(),
+                session: 1,
+                previous: 0,
                 data_addr: addr.into(),
                 now_ms: 0,
             });
@@ -51,9 +62,12 @@ impl World {
             target_path: String::new(),
             segment_size: 100,
         };
-        let Response::MigrationCreated(id) =
-            self.apply(Command::CreateMigration { spec, now_ms: 1 })
-        else {
+        let Response::MigrationCreated(id) = self.apply(Command::CreateMigration {
+            name: unique_name(),
+            idempotency_key: String::new(),
+            spec,
+            now_ms: 1,
+        }) else {
             panic!("not created")
         };
         assert_eq!(
@@ -81,6 +95,7 @@ impl World {
     fn lease(&mut self, max: u32, now_ms: u64) -> Vec<Lease> {
         match self.apply(Command::LeaseSegments {
             agent: "src".into(),
+            session: 1,
             max,
             now_ms,
             ttl_ms: TTL,
@@ -94,6 +109,7 @@ impl World {
         let agent = if role == Role::Source { "src" } else { "dst" };
         match self.apply(Command::ReportSegment {
             agent: agent.into(),
+            session: 1,
             role,
             migration_id: l.migration_id,
             segment_id: l.segment_id,
@@ -235,6 +251,8 @@ fn no_leases_until_target_has_an_address() {
     let mut w = World::new();
     w.apply(Command::RegisterAgent {
         name: "dst".into(),
+        session: 1,
+        previous: 0,
         data_addr: String::new(),
         now_ms: 3,
     });
@@ -252,8 +270,12 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         target_path: String::new(),
         segment_size: 1,
     };
-    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration { spec, now_ms: 0 })
-    else {
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
+        name: unique_name(),
+        idempotency_key: String::new(),
+        spec,
+        now_ms: 0,
+    }) else {
         panic!()
     };
     let reg = Command::RegisterSegments {
@@ -299,7 +321,12 @@ fn create_refuses_unknown_agents() {
         target_path: String::new(),
         segment_size: 1,
     };
-    let r = w.apply(Command::CreateMigration { spec, now_ms: 0 });
+    let r = w.apply(Command::CreateMigration {
+        name: unique_name(),
+        idempotency_key: String::new(),
+        spec,
+        now_ms: 0,
+    });
     assert!(
         matches!(r, Response::Refused(ref m) if m.contains("nobody")),
         "{r:?}"
@@ -385,8 +412,12 @@ fn create(w: &mut World) -> u64 {
         target_path: String::new(),
         segment_size: 1,
     };
-    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration { spec, now_ms: 0 })
-    else {
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
+        name: unique_name(),
+        idempotency_key: String::new(),
+        spec,
+        now_ms: 0,
+    }) else {
         panic!()
     };
     mid
@@ -569,6 +600,7 @@ fn a_batch_applies_each_command_in_order_with_its_own_response_and_token() {
     let mid = w.migration(&[(0, 10, 1), (1, 10, 1), (2, 10, 1)]);
     let lease = |max| Command::LeaseSegments {
         agent: "src".into(),
+        session: 1,
         max,
         now_ms: 10,
         ttl_ms: TTL,
@@ -579,6 +611,7 @@ fn a_batch_applies_each_command_in_order_with_its_own_response_and_token() {
             lease(1),
             Command::Heartbeat {
                 name: "nobody".into(),
+                session: 1,
                 now_ms: 10,
             },
             lease(1),
@@ -643,6 +676,7 @@ fn a_source_renews_the_leases_it_still_holds_and_only_those() {
     let (a, b) = (&ls[0], &ls[1]);
     let renew = |agent: &str, now_ms, leases: Vec<(u64, u64, u64)>| Command::RenewLeases {
         agent: agent.into(),
+        session: 1,
         leases,
         now_ms,
         ttl_ms: TTL,
@@ -688,4 +722,301 @@ fn a_source_renews_the_leases_it_still_holds_and_only_those() {
         w.report(Role::Source, a, Ok([3; 32])),
         ReportOutcome::Verified
     );
+}
+
+/// Issue 9, item 13: counts come from agents; no value of them may panic the state machine (a
+/// panicking entry crashes every node again on replay) or wrap the totals.
+#[test]
+fn huge_segment_counts_are_refused_not_overflowed() {
+    let mut w = World::new();
+    let mid = create(&mut w);
+    let big = |id: u64| SegmentReg {
+        id,
+        bytes: u64::MAX,
+        files: u32::MAX,
+        fingerprint: [id as u8; 32],
+    };
+    // One segment of u64::MAX bytes fits; a second one in the same batch does not: the whole
+    // command is refused and nothing of it is applied.
+    let r = register(&mut w, mid, vec![big(0), big(1)]);
+    assert!(
+        matches!(&r, Response::Refused(why) if why.contains("overflow")),
+        "{r:?}"
+    );
+    assert_eq!(w.s.migrations[&mid].counters, Counters::default());
+    assert!(w.s.segments.is_empty());
+    // Alone it is accepted; then any further byte is refused.
+    assert_eq!(register(&mut w, mid, vec![big(0)]), Response::Ok);
+    assert_eq!(w.s.migrations[&mid].counters.bytes, u64::MAX);
+    let r = register(&mut w, mid, vec![reg(1, 1, 1)]);
+    assert!(matches!(r, Response::Refused(_)), "{r:?}");
+    assert_eq!(w.s.migrations[&mid].counters.segments, 1);
+    // Files: u32::MAX per segment cannot overflow u64 in any realistic batch, but saturate
+    // regardless; replacing an unsent segment by a smaller one frees its count.
+    let smaller = SegmentReg {
+        fingerprint: [9; 32],
+        ..reg(0, 5, 2)
+    };
+    assert_eq!(register(&mut w, mid, vec![smaller]), Response::Ok);
+    assert_eq!(w.s.migrations[&mid].counters.bytes, 5);
+    assert_eq!(w.s.migrations[&mid].counters.files, 2);
+    // Filling the count exactly is fine.
+    let rest = SegmentReg {
+        bytes: u64::MAX - 5,
+        ..big(1)
+    };
+    assert_eq!(register(&mut w, mid, vec![rest]), Response::Ok);
+    assert_eq!(complete(&mut w, mid, 2), Response::Ok);
+
+    // Leases and renewals at the end of time do not overflow their expiry.
+    let ls = match w.apply(Command::LeaseSegments {
+        agent: "src".into(),
+        session: 1,
+        max: 8,
+        now_ms: u64::MAX - 1,
+        ttl_ms: u64::MAX,
+    }) {
+        Response::Leases(l) => l,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(ls.len(), 2);
+    assert!(ls.iter().all(|l| l.expires_ms == u64::MAX));
+    let r = w.apply(Command::RenewLeases {
+        agent: "src".into(),
+        session: 1,
+        leases: vec![(mid, ls[0].segment_id, ls[0].epoch)],
+        now_ms: u64::MAX - 1,
+        ttl_ms: u64::MAX,
+    });
+    assert_eq!(r, Response::Renewed(vec![true]));
+    // Verifying both segments reaches the totals exactly.
+    for l in &ls {
+        for role in [Role::Target, Role::Source] {
+            w.report(role, l, Ok([7; 32]));
+        }
+    }
+    let c = &w.s.migrations[&mid].counters;
+    assert_eq!(c.verified_segments, 2);
+    assert_eq!(c.verified_bytes, u64::MAX);
+    assert_eq!(c.verified_files, 2 + u32::MAX as u64);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+}
+
+/// Issue 9, item 12: a create whose answer was lost is retried with the same key; it must
+/// answer the migration the first attempt made, not make a second. Names are unique.
+#[test]
+fn a_create_repeated_with_its_key_answers_the_same_migration_and_names_are_unique() {
+    let mut w = World::new();
+    let spec = MigrationSpec {
+        source_agent: "src".into(),
+        source_path: "/d".into(),
+        target_agent: "dst".into(),
+        target_path: String::new(),
+        segment_size: 1,
+    };
+    let create = |name: &str, key: &str, spec: &MigrationSpec| Command::CreateMigration {
+        name: name.into(),
+        idempotency_key: key.into(),
+        spec: spec.clone(),
+        now_ms: 5,
+    };
+    let first = w.apply(create("nightly", "k-1", &spec));
+    assert_eq!(first, Response::MigrationCreated(1));
+    // The retry (same key, same request) is answered with the same migration.
+    assert_eq!(w.apply(create("nightly", "k-1", &spec)), first);
+    assert_eq!(w.s.migrations.len(), 1);
+    // The same key with another request is an error, not a silent answer.
+    let other = MigrationSpec {
+        source_path: "/e".into(),
+        ..spec.clone()
+    };
+    let r = w.apply(create("nightly-2", "k-1", &other));
+    assert!(
+        matches!(&r, Response::Refused(why) if why.contains("k-1") && why.contains("different")),
+        "{r:?}"
+    );
+    // A new request (new key) with a name in use is refused, naming the existing migration.
+    let r = w.apply(create("nightly", "k-2", &spec));
+    assert!(
+        matches!(&r, Response::Refused(why) if why.contains("named nightly already exists (id 1)")),
+        "{r:?}"
+    );
+    assert_eq!(w.s.migrations.len(), 1);
+    assert_eq!(
+        w.apply(create("weekly", "k-2", &other)),
+        Response::MigrationCreated(2)
+    );
+    assert_eq!(w.s.migration_named("weekly"), Some(2));
+    // The indexes are derived: a state rebuilt from its records answers the same.
+    let (a, m, s) = w.s.clone().into_parts();
+    let mut rebuilt = State::from_parts(a, m, s);
+    assert_eq!(rebuilt.migration_named("nightly"), Some(1));
+    assert_eq!(
+        rebuilt.apply(100, create("nightly", "k-1", &spec)),
+        Response::MigrationCreated(1)
+    );
+    assert_eq!(rebuilt.migrations.len(), 2);
+}
+
+fn register_agent(
+    w: &mut World,
+    name: &str,
+    addr: &str,
+    session: u64,
+    previous: u64,
+    now_ms: u64,
+) -> Response {
+    w.apply(Command::RegisterAgent {
+        name: name.into(),
+        data_addr: addr.into(),
+        session,
+        previous,
+        now_ms,
+    })
+}
+
+/// Issue 9, item 10: a second process with the same identity used to take over the first's
+/// leases silently. It is refused while the first one's session is live, and the refusal is
+/// recorded for the operator and the running agent.
+#[test]
+fn a_second_process_is_refused_while_the_first_session_is_live() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 10, 1)]);
+    // "src" runs with session 1 (registered at 0). Another process, session 2, at 1000.
+    let r = register_agent(&mut w, "src", "", 2, 0, 1000);
+    let Response::Conflict(why) = &r else {
+        panic!("{r:?}")
+    };
+    assert!(why.contains("agent src is already running"), "{why}");
+    let a = &w.s.agents["src"];
+    assert_eq!(a.session, 1, "the running process keeps its session");
+    assert!(a.conflict.contains("second process"), "{}", a.conflict);
+    // The refused process gets nothing; the running one goes on.
+    let stale_lease = |w: &mut World, session| {
+        w.apply(Command::LeaseSegments {
+            agent: "src".into(),
+            session,
+            max: 1,
+            now_ms: 1000,
+            ttl_ms: TTL,
+        })
+    };
+    assert!(matches!(stale_lease(&mut w, 2), Response::Refused(_)));
+    let Response::Leases(ls) = stale_lease(&mut w, 1) else {
+        panic!()
+    };
+    let l = &ls[0];
+    // Reports, renewals and heartbeats of a session that is not current are refused.
+    let report = Command::ReportSegment {
+        agent: "src".into(),
+        session: 2,
+        role: Role::Source,
+        migration_id: mid,
+        segment_id: l.segment_id,
+        epoch: l.epoch,
+        result: Ok([1; 32]),
+        now_ms: 1001,
+    };
+    assert!(matches!(w.apply(report), Response::Refused(_)));
+    let renew = Command::RenewLeases {
+        agent: "src".into(),
+        session: 2,
+        leases: vec![(mid, l.segment_id, l.epoch)],
+        now_ms: 1001,
+        ttl_ms: TTL,
+    };
+    assert!(matches!(w.apply(renew), Response::Refused(_)));
+    let hb = |session, now_ms| Command::Heartbeat {
+        name: "src".into(),
+        session,
+        now_ms,
+    };
+    assert!(matches!(w.apply(hb(2, 1001)), Response::Refused(_)));
+    // The running one's heartbeats keep its session live past the timeout from its start.
+    assert_eq!(w.apply(hb(1, SESSION_TIMEOUT_MS - 1)), Response::Ok);
+    let r = register_agent(&mut w, "src", "", 2, 0, SESSION_TIMEOUT_MS + 5);
+    assert!(matches!(r, Response::Conflict(_)), "{r:?}");
+
+    // Once its heartbeats stop for the timeout (SIGKILL, a lost host), another process is
+    // accepted and the old one's calls are refused from then on.
+    let later = 2 * SESSION_TIMEOUT_MS;
+    assert_eq!(register_agent(&mut w, "src", "", 2, 0, later), Response::Ok);
+    assert!(w.s.agents["src"].conflict.is_empty());
+    assert!(matches!(w.apply(hb(1, later + 1)), Response::Refused(_)));
+}
+
+/// A restart within seconds of a SIGKILL: the new process holds the state directory's lock, so
+/// it knows its predecessor's session ended and names it; it is accepted at once. A clean
+/// shutdown ends the session, so any process is accepted at once after it.
+#[test]
+fn a_successor_or_a_process_after_a_clean_shutdown_is_accepted_at_once() {
+    let mut w = World::new();
+    // Session 1 of "src" is live at 10; process 3 names it as its predecessor.
+    assert_eq!(register_agent(&mut w, "src", "", 3, 1, 10), Response::Ok);
+    assert_eq!(w.s.agents["src"].session, 3);
+    // Naming a session that is not the current one proves nothing.
+    let r = register_agent(&mut w, "src", "", 4, 1, 11);
+    assert!(matches!(r, Response::Conflict(_)), "{r:?}");
+    // The same process registering again (a retried call) is fine.
+    assert_eq!(register_agent(&mut w, "src", "", 3, 1, 12), Response::Ok);
+    // Ending another session changes nothing; ending its own frees the name.
+    let end = |session| Command::EndSession {
+        name: "src".into(),
+        session,
+    };
+    assert_eq!(w.apply(end(4)), Response::Ok);
+    assert_eq!(w.s.agents["src"].session, 3);
+    assert_eq!(w.apply(end(3)), Response::Ok);
+    assert_eq!(w.s.agents["src"].session, 0);
+    assert!(!w.s.agents["src"].live(13));
+    assert_eq!(register_agent(&mut w, "src", "", 5, 0, 13), Response::Ok);
+    // A registration without a session is refused.
+    assert!(matches!(
+        register_agent(&mut w, "new", "", 0, 0, 14),
+        Response::Refused(_)
+    ));
+}
+
+/// Issue 9, item 9: a target that registered with no address (or one nobody can dial) is never
+/// scheduled to, and the migration says why instead of stalling silently.
+#[test]
+fn nothing_is_scheduled_to_a_target_that_cannot_be_dialed_and_status_says_why() {
+    for (addr, says) in [
+        ("", "registered without a data address"),
+        ("0.0.0.0:7401", "which no source can dial"),
+        ("127.0.0.1:0", "which no source can dial"),
+        ("dst.example:7401", "not an IP address and port"),
+    ] {
+        let mut w = World::new();
+        assert_eq!(register_agent(&mut w, "dst", addr, 1, 0, 0), Response::Ok);
+        let mid = w.migration(&[(0, 10, 1)]);
+        assert!(!w.s.has_leasable("src", 10), "{addr}");
+        assert!(w.lease(8, 10).is_empty(), "{addr}");
+        let why = w.s.blocker(mid, 10).expect("blocked");
+        assert!(why.contains(says), "{addr}: {why}");
+        assert!(w.s.agents["dst"].undialable().unwrap().contains(says));
+    }
+    // A target that shut down cleanly gets nothing until it is back.
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    assert_eq!(w.s.blocker(mid, 10), None);
+    w.apply(Command::EndSession {
+        name: "dst".into(),
+        session: 1,
+    });
+    assert!(w.lease(8, 10).is_empty());
+    assert!(w
+        .s
+        .blocker(mid, 10)
+        .unwrap()
+        .contains("agent dst was shut down"));
+    assert_eq!(
+        register_agent(&mut w, "dst", "127.0.0.1:9", 2, 0, 11),
+        Response::Ok
+    );
+    assert_eq!(w.lease(8, 12).len(), 1);
+    // An agent not heard from for the session timeout is named in the status (but is still
+    // scheduled to: it may only be slow to heartbeat).
+    let why = w.s.blocker(mid, 12 + SESSION_TIMEOUT_MS).unwrap();
+    assert!(why.contains("has not been heard from"), "{why}");
 }

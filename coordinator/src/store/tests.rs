@@ -54,15 +54,21 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
     let mut cmds = vec![
         Command::RegisterAgent {
             name: "src".into(),
+            session: 1,
+            previous: 0,
             data_addr: String::new(),
             now_ms: 1,
         },
         Command::RegisterAgent {
             name: "dst".into(),
+            session: 1,
+            previous: 0,
             data_addr: "127.0.0.1:9".into(),
             now_ms: 1,
         },
         Command::CreateMigration {
+            name: "m1".into(),
+            idempotency_key: "k1".into(),
             spec: MigrationSpec {
                 source_agent: "src".into(),
                 source_path: "/d".into(),
@@ -86,6 +92,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
         },
         Command::LeaseSegments {
             agent: "src".into(),
+            session: 1,
             max: 2,
             now_ms: 3,
             ttl_ms: 1000,
@@ -100,6 +107,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 "dst"
             }
             .into(),
+            session: 1,
             role,
             migration_id: 1,
             segment_id: 0,
@@ -160,6 +168,7 @@ async fn snapshot_of_a_busy_state_builds_installs_and_survives_reopen() {
         8,
         crate::state::Command::LeaseSegments {
             agent: "src".into(),
+            session: 1,
             max: 10,
             now_ms: 5000,
             ttl_ms: 1,
@@ -257,6 +266,8 @@ fn more_entries() -> Vec<Entry<TypeConfig>> {
             8,
             Command::RegisterAgent {
                 name: "late".into(),
+                session: 1,
+                previous: 0,
                 data_addr: String::new(),
                 now_ms: 9,
             },
@@ -265,6 +276,7 @@ fn more_entries() -> Vec<Entry<TypeConfig>> {
             9,
             Command::Heartbeat {
                 name: "src".into(),
+                session: 1,
                 now_ms: 10,
             },
         ),
@@ -317,6 +329,8 @@ async fn follower_with_a_ghost(dir: &std::path::Path) -> (LogStore, StateMachine
             1,
             crate::state::Command::RegisterAgent {
                 name: "ghost".into(),
+                session: 1,
+                previous: 0,
                 data_addr: String::new(),
                 now_ms: 1,
             },

@@ -109,6 +109,8 @@ struct Hostile {
     node: ferry_coordinator::node::RunningNode,
     target: ferry_agent::run::RunningAgent,
     lease: Lease,
+    /// The session of the test's source process (calls of any other are refused).
+    session: u64,
     /// One client endpoint for all sends: a fresh endpoint per send could reuse the port of a
     /// connection the target just closed, and be answered with a stateless reset.
     ep: quinn::Endpoint,
@@ -160,6 +162,7 @@ impl Hostile {
             node,
             target,
             lease,
+            session: me.session(),
             ep,
         }
     }
@@ -340,6 +343,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
     let r = c
         .report_segments(ReportSegmentsRequest {
             agent: "source".into(),
+            session: h.session,
             reports: vec![
                 // The target's half of the verification, forged by the source.
                 one("target", Role::Target),
@@ -371,6 +375,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
     let err = c
         .report_segments(ReportSegmentsRequest {
             agent: "target".into(),
+            session: h.session,
             reports: vec![one("target", Role::Target)],
         })
         .await

@@ -1,14 +1,17 @@
-//! A three-node coordinator cluster as real processes: formation with `add-node`, and the leader
-//! killed with SIGKILL in the middle of a migration.
+//! A three-node coordinator cluster as real processes: formation with `add-node`, the leader
+//! killed with SIGKILL in the middle of a migration, and membership mistakes through `ferryctl`.
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ferry_common::pki::Identity;
 use ferry_coordinator::ctl::Ctl;
 
 use crate::harness::{
-    assert_not_resent, assert_same_tree, migration_spec, wait_for, wait_verified, Agents,
-    CoordinatorProcess, TestEnv,
+    assert_not_resent, assert_same_tree, ferryctl_bin, free_port, migration_spec, wait_for,
+    wait_verified, Agents, CoordinatorProcess, TestEnv,
 };
+use crate::processes::ferryctl;
 
 /// Waits until some node in `addrs` answers with a leader, optionally one other than `not`.
 async fn leader(env: &TestEnv, addrs: &[String], not: Option<u64>) -> (Ctl, u64) {
@@ -194,4 +197,101 @@ async fn replaced_follower_catches_up_by_snapshot_during_a_migration() {
     source.shutdown().await;
     target.shutdown().await;
     fresh.kill9();
+}
+
+/// The members as `(id, voter)`, from the leader's view.
+async fn members(ctl: &Ctl) -> Vec<(u64, bool)> {
+    let s = ctl.cluster_status().await.unwrap();
+    s.members.iter().map(|m| (m.node_id, m.voter)).collect()
+}
+
+/// Issue 9, items 7 and 8: `add-node` with an address where no node answers used to make it a
+/// voter at once (and on a longer log, to wait forever); `remove-node` of a learner was refused
+/// and of a non-member said "removed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_mistakes_fail_cleanly_and_change_nothing() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let (nodes, addrs, ctl) = form(&env, 2).await;
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // A wrong address: the add fails within its bound, saying what to check, with progress
+    // printed meanwhile; the node is not left behind as a voter or a learner.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let out = ferryctl(
+        &env,
+        &addrs[0],
+        &[
+            "cluster",
+            "add-node",
+            "--id",
+            "3",
+            "--addr",
+            &dead,
+            "--timeout",
+            "5",
+        ],
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("node 3 at {dead} did not catch up within 5s"))
+            && err.contains("it never answered")
+            && err.contains("the membership is unchanged")
+            && err.contains("nothing replicated yet"),
+        "{err}\nleader log:\n{}",
+        nodes[0].log()
+    );
+    assert_eq!(members(&ctl).await, vec![(1, true), (2, true)]);
+
+    // The cluster still commits membership changes: a real node 3 joins.
+    let node3 = CoordinatorProcess::start_node(&env, 3, false).unwrap();
+    ctl.add_node(3, &node3.addr)
+        .await
+        .unwrap_or_else(|e| panic!("add node 3: {e}\n{}", node3.log()));
+    assert_eq!(members(&ctl).await, vec![(1, true), (2, true), (3, true)]);
+
+    // Removing a node that is not a member fails and says so.
+    let out = ferryctl(&env, &addrs[1], &["cluster", "remove-node", "--id", "9"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("node 9 is not a member of the cluster (members: 1, 2, 3)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A learner that does not catch up can be removed while its add waits (here through a
+    // follower, which forwards to the leader); the add then fails at once, not at its timeout.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut add = Command::new(ferryctl_bin())
+        .args(["--coordinator", &addrs[0], "--pki-dir"])
+        .arg(env.pki())
+        .args(["--name", "ops", "cluster", "add-node", "--id", "4"])
+        .args(["--addr", &dead, "--timeout", "3600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "node 4 to be a learner",
+        Duration::from_secs(30),
+        || async { members(&ctl).await.contains(&(4, false)).then_some(()) },
+    )
+    .await;
+    let out = ferryctl(&env, &addrs[1], &["cluster", "remove-node", "--id", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = wait_for("add-node to give up", Duration::from_secs(60), || {
+        let exited = add.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut add.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("node 4 was removed while it was catching up"),
+        "{err}"
+    );
+    assert_eq!(members(&ctl).await, vec![(1, true), (2, true), (3, true)]);
 }

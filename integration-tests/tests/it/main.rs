@@ -3,9 +3,11 @@
 #[allow(dead_code)]
 mod harness;
 
+mod admin;
 mod bad_input;
 mod cluster;
 mod deploy;
+mod identity;
 mod partition;
 mod processes;
 mod quickstart;

@@ -12,7 +12,8 @@ use crate::harness::{
     TestEnv,
 };
 
-fn ferryctl(env: &TestEnv, addr: &str, args: &[&str]) -> Output {
+/// Runs `ferryctl` as admin "ops" (issue its certificate first) against `addr`.
+pub fn ferryctl(env: &TestEnv, addr: &str, args: &[&str]) -> Output {
     Command::new(ferryctl_bin())
         .args(["--coordinator", addr, "--pki-dir"])
         .arg(env.pki())
@@ -32,7 +33,9 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("ferryctl -o json prints JSON")
 }
 
-fn spawn_agent(env: &TestEnv, name: &str, coord: &str, root: Option<&Path>) -> Child {
+/// Starts `ferry-agent` as a process (config and log in the test directory); `root` makes it a
+/// target.
+pub fn spawn_agent(env: &TestEnv, name: &str, coord: &str, root: Option<&Path>) -> Child {
     let tls = env.issue(Identity::Agent(name.into()));
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\n",
@@ -113,24 +116,34 @@ async fn operator_drives_a_migration_between_agent_processes_with_ferryctl() {
     assert_eq!(status["leader_id"], 1);
     assert_eq!(status["members"].as_array().unwrap().len(), 1);
 
-    let created = json(&ferryctl(
-        &env,
-        &addr,
-        &[
-            "migration",
-            "create",
-            "--source",
-            &format!("src-01:{}", src.display()),
-            "--target",
-            "dst-01:copy",
-            "--segment-size",
-            "262144",
-            "-o",
-            "json",
-        ],
-    ));
+    let source_arg = format!("src-01:{}", src.display());
+    let create = [
+        "migration",
+        "create",
+        "--source",
+        &source_arg,
+        "--target",
+        "dst-01:copy",
+        "--segment-size",
+        "262144",
+        "-o",
+        "json",
+    ];
+    let created = json(&ferryctl(&env, &addr, &create));
     let id = created["migration_id"].as_u64().unwrap().to_string();
-    let watched = ferryctl(&env, &addr, &["migration", "status", &id, "--watch"]);
+    let name = created["name"].as_str().unwrap().to_string();
+    // The same command run again is refused (its default name is taken), not a second copy.
+    let again = ferryctl(&env, &addr, &create);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains(&format!(
+            "a migration named {name} already exists (id {id})"
+        )),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // Watched by name.
+    let watched = ferryctl(&env, &addr, &["migration", "status", &name, "--watch"]);
     assert!(
         watched.status.success(),
         "{}",
