@@ -111,7 +111,10 @@ impl Report {
         ));
         s.push_str(&format!("segments    {}\n", self.segments));
         s.push_str(&format!("time        {:.2} s\n", self.seconds));
-        s.push_str(&format!("throughput  {:.1} MB/s (data; holes not counted)\n", self.mb_per_sec));
+        s.push_str(&format!(
+            "throughput  {:.1} MB/s (data; holes not counted)\n",
+            self.mb_per_sec
+        ));
         s.push_str(&format!(
             "bytes sent  {} (resent: {}, holes not sent: {})\n",
             self.bytes_sent,
@@ -272,8 +275,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             seconds: elapsed,
             // Data bytes only: the holes of sparse files cost nothing to "copy".
             mb_per_sec: if elapsed > 0.0 {
-                done
-                    .bytes_total
+                done.bytes_total
                     .saturating_sub(Stats::get(&src_stats.hole_bytes)) as f64
                     / elapsed
                     / 1e6
