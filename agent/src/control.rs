@@ -52,6 +52,9 @@ pub struct Control {
     previous_session: u64,
     /// The last conflict the coordinator reported (logged once each).
     conflict: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The id of the cluster this agent registered with (empty before): local state is kept
+    /// per cluster, so state of another cluster is never taken for this one's.
+    cluster: std::sync::Arc<std::sync::Mutex<String>>,
     /// One client per coordinator listed; calls start at `current` and move on when a node is
     /// unavailable.
     clients: std::sync::Arc<Vec<AgentControlClient<Channel>>>,
@@ -109,6 +112,7 @@ impl Control {
             session: new_session(),
             previous_session: 0,
             conflict: Default::default(),
+            cluster: Default::default(),
             clients: std::sync::Arc::new(clients),
             current: Default::default(),
             reports: Default::default(),
@@ -176,19 +180,45 @@ impl Control {
         }
     }
 
-    /// Registers this agent and its data address.
-    pub async fn register(&self, data_addr: &str) -> Result<(), ControlError> {
-        self.call(
-            pb::RegisterRequest {
-                agent: self.agent.clone(),
-                data_addr: data_addr.to_string(),
-                session: self.session,
-                previous_session: self.previous_session,
-            },
-            |mut c, r| async move { c.register(r).await },
-        )
-        .await?;
-        Ok(())
+    /// Registers this agent and its data address; returns the cluster's id.
+    pub async fn register(&self, data_addr: &str) -> Result<String, ControlError> {
+        let r = self
+            .call(
+                pb::RegisterRequest {
+                    agent: self.agent.clone(),
+                    data_addr: data_addr.to_string(),
+                    session: self.session,
+                    previous_session: self.previous_session,
+                },
+                |mut c, r| async move { c.register(r).await },
+            )
+            .await?;
+        self.learn_cluster(&r.cluster_id);
+        Ok(r.cluster_id)
+    }
+
+    /// The id of the cluster this agent works for (empty until it registered).
+    pub fn cluster_id(&self) -> String {
+        self.cluster.lock().expect("not poisoned").clone()
+    }
+
+    /// Records the cluster id a coordinator answered with; says so when it changed (the
+    /// coordinators' data was replaced by a new cluster while this agent ran).
+    fn learn_cluster(&self, id: &str) {
+        if id.is_empty() {
+            return;
+        }
+        let mut known = self.cluster.lock().expect("not poisoned");
+        if *known != id {
+            if !known.is_empty() {
+                tracing::warn!(
+                    message = "The coordinator now belongs to another cluster; this agent's state of the old cluster is no longer used.",
+                    old_cluster = %known,
+                    cluster = %id
+                );
+            }
+            *known = id.to_string();
+        }
     }
 
     /// Ends this process's session (a clean shutdown): a new process may register at once.
@@ -227,6 +257,7 @@ impl Control {
                 *last = r.conflict.clone();
             }
         }
+        self.learn_cluster(&r.cluster_id);
         Ok(r.source_work)
     }
 
@@ -492,17 +523,5 @@ impl Control {
 /// A session id no other process has: 64 bits from the OS's random source, mixed with the
 /// process id and the time in case it is unavailable; never 0 (0 means "no session").
 fn new_session() -> u64 {
-    use std::io::Read;
-    let mut seed = [0u8; 16];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
-    let mut h = blake3::Hasher::new();
-    h.update(&seed);
-    h.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    h.update(&now.as_nanos().to_le_bytes());
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&h.finalize().as_bytes()[..8]);
-    u64::from_le_bytes(id).max(1)
+    u64::from_le_bytes(ferry_common::ids::random_bytes::<8>()).max(1)
 }

@@ -96,6 +96,9 @@ const LOCK_FILE: &str = "agent.lock";
 /// process that got the lock knows that one has ended and tells the coordinator, which then
 /// accepts it at once instead of waiting for that session to expire (a restart after SIGKILL).
 const SESSION_FILE: &str = "session";
+/// In the state directory: the cluster it was last used for (informational: state is keyed by
+/// cluster id, so another cluster's is never used).
+const CLUSTER_FILE: &str = "cluster-id";
 
 /// Locks `state_dir` for this process (released when the file is closed, also by the kernel
 /// when the process dies).
@@ -122,6 +125,31 @@ fn lock_state_dir(name: &str, state_dir: &std::path::Path) -> Result<std::fs::Fi
             "cannot lock {}: {e}",
             path.display()
         ))),
+    }
+}
+
+/// Records in `state_dir` which cluster this agent works for, and says so when the state
+/// directory belonged to another (the coordinators' data was wiped and a new cluster made):
+/// that cluster's state stays where it is, keyed by its id, and is never used for this one.
+fn note_cluster(state_dir: &std::path::Path, cluster: &str) {
+    let path = state_dir.join(CLUSTER_FILE);
+    let before = std::fs::read_to_string(&path).unwrap_or_default();
+    let before = before.trim();
+    if before == cluster {
+        return;
+    }
+    if !before.is_empty() {
+        tracing::warn!(
+            message = "This agent's state directory holds state of another cluster; it is not used for this one (remove it to reclaim space).",
+            old_cluster = %before,
+            cluster = %cluster,
+            old_state = %crate::source::cluster_dir(state_dir, before).display()
+        );
+    }
+    let tmp = state_dir.join(format!("{CLUSTER_FILE}.tmp"));
+    let written = std::fs::write(&tmp, cluster).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(message = "Cannot record the cluster id.", path = %path.display(), error = %e);
     }
 }
 
@@ -309,7 +337,10 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let mut delay = Duration::from_millis(100);
     loop {
         match control.register(&advertised).await {
-            Ok(()) => break,
+            Ok(cluster) => {
+                note_cluster(&cfg.state_dir, &cluster);
+                break;
+            }
             Err(e) if e.is_transient() && tokio::time::Instant::now() + delay < deadline => {
                 tracing::warn!(message = "Coordinator not reachable yet; retrying.", coordinator = %cfg.coordinator, error = %e);
                 tokio::time::sleep(delay).await;

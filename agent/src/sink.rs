@@ -144,7 +144,8 @@ pub struct FsSink {
 }
 
 struct DirTimes {
-    known: HashMap<PathBuf, (i64, u32)>,
+    /// Per (migration key, directory).
+    known: HashMap<(String, PathBuf), (i64, u32)>,
     log: File,
     log_path: PathBuf,
 }
@@ -198,9 +199,11 @@ impl FsSink {
                 // A torn last line (crash while appending) is ignored: that segment was not
                 // reported, so its directories arrive again.
                 for line in bytes.split(|&b| b == b'\n') {
-                    // A path is written as its bytes (names need not be UTF-8).
-                    if let Ok((p, t)) = serde_json::from_slice::<(Vec<u8>, (i64, u32))>(line) {
-                        known.insert(PathBuf::from(OsStr::from_bytes(&p)), t);
+                    // (migration key, path as bytes — names need not be UTF-8, mtime).
+                    if let Ok((m, p, t)) =
+                        serde_json::from_slice::<(String, Vec<u8>, (i64, u32))>(line)
+                    {
+                        known.insert((m, PathBuf::from(OsStr::from_bytes(&p))), t);
                     }
                 }
             }
@@ -296,20 +299,32 @@ impl FsSink {
         Ok((dir, path))
     }
 
-    /// Starts receiving segment `segment_id` of `migration_id`, under lease `epoch`, into
+    /// Starts receiving segment `segment_id` of the migration keyed `migration` (its cluster id
+    /// and uuid, `<cluster>/<uuid>`: what the target remembers of a migration is kept under
+    /// that key, never under an id a new cluster could reuse), under lease `epoch`, into
     /// `target_path` (relative to the root).
     pub fn begin(
         &self,
         target_path: &str,
-        migration_id: u64,
+        migration: &str,
         segment_id: u64,
         epoch: u64,
     ) -> Result<SegmentWriter<'_>, SinkError> {
         let base = validate_subdir(target_path)?;
+        let key_ok = migration.split('/').count() == 2
+            && migration.split('/').all(|c| {
+                !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !key_ok {
+            return Err(SinkError::BadEntry {
+                path: String::new(),
+                reason: format!("migration key {migration:?} is not <cluster id>/<uuid>"),
+            });
+        }
         Ok(SegmentWriter {
             sink: self,
             base,
-            migration_id,
+            migration: migration.to_string(),
             segment_id,
             epoch,
             transfer: TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -331,11 +346,9 @@ impl FsSink {
             .clone()
     }
 
-    fn sidecar_path(&self, migration_id: u64, dest: &Path) -> PathBuf {
+    fn sidecar_path(&self, migration: &str, dest: &Path) -> PathBuf {
         let key = hex(blake3::hash(dest.as_os_str().as_encoded_bytes()).as_bytes());
-        self.parts_dir
-            .join(format!("m{migration_id}"))
-            .join(format!("{key}.json"))
+        self.parts_dir.join(migration).join(format!("{key}.json"))
     }
 
     fn load_sidecar(&self, path: &Path) -> Result<Option<PartState>, SinkError> {
@@ -416,7 +429,8 @@ struct Open {
 pub struct SegmentWriter<'a> {
     sink: &'a FsSink,
     base: PathBuf,
-    migration_id: u64,
+    /// `<cluster id>/<migration uuid>`.
+    migration: String,
     segment_id: u64,
     epoch: u64,
     /// This transfer's number in this process: part of its temporaries' names.
@@ -719,7 +733,7 @@ impl SegmentWriter<'_> {
     fn open_piece(&self, e: &Entry, dest: &Path) -> Result<(Mode, PathBuf, File), SinkError> {
         let lock = self.sink.part_lock(dest);
         let _guard = lock.lock().expect("not poisoned");
-        let sidecar = self.sink.sidecar_path(self.migration_id, dest);
+        let sidecar = self.sink.sidecar_path(&self.migration, dest);
         let part = part_name(dest);
         match self.sink.load_sidecar(&sidecar)? {
             Some(st) if st.complete && st.describes(e) => {
@@ -936,7 +950,8 @@ impl SegmentWriter<'_> {
         dirs.extend(self.dirs.iter().map(|(d, _)| d.clone()));
         dirs.sort();
         dirs.dedup();
-        self.sink.restore_dir_times(&self.dirs, &dirs)?;
+        self.sink
+            .restore_dir_times(&self.migration, &self.dirs, &dirs)?;
         for d in dirs {
             fsync_dir(&d)?;
         }
@@ -949,7 +964,7 @@ impl SegmentWriter<'_> {
         let sink = self.sink;
         let lock = sink.part_lock(dest);
         let _guard = lock.lock().expect("not poisoned");
-        let sidecar = sink.sidecar_path(self.migration_id, dest);
+        let sidecar = sink.sidecar_path(&self.migration, dest);
         let part = part_name(dest);
         let mut st = match sink.load_sidecar(&sidecar)? {
             Some(st) if st.describes(e) && inode(&part) == Some(st.part_ino) => st,
@@ -994,6 +1009,7 @@ impl FsSink {
     /// on every directory in `touched` that has one.
     fn restore_dir_times(
         &self,
+        migration: &str,
         received: &[(PathBuf, (i64, u32))],
         touched: &[PathBuf],
     ) -> Result<(), SinkError> {
@@ -1002,10 +1018,11 @@ impl FsSink {
             let mut lines = Vec::new();
             for (d, t) in received {
                 lines.extend(
-                    serde_json::to_vec(&(bytes(d), t)).expect("bytes and numbers serialise"),
+                    serde_json::to_vec(&(migration, bytes(d), t))
+                        .expect("strings, bytes and numbers serialise"),
                 );
                 lines.push(b'\n');
-                dt.known.insert(d.clone(), *t);
+                dt.known.insert((migration.to_string(), d.clone()), *t);
             }
             use std::io::Write;
             let DirTimes { log, log_path, .. } = &mut *dt;
@@ -1014,7 +1031,7 @@ impl FsSink {
                 .map_err(io_at("cannot append to", log_path))?;
         }
         for d in touched {
-            if let Some(&(sec, nsec)) = dt.known.get(d) {
+            if let Some(&(sec, nsec)) = dt.known.get(&(migration.to_string(), d.clone())) {
                 let t = FileTime::from_unix_time(sec, nsec);
                 filetime::set_symlink_file_times(d, t, t)
                     .map_err(io_at("cannot set mtime of", d))?;

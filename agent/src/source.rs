@@ -47,8 +47,9 @@ pub struct Source {
     stats: Arc<Stats>,
     /// Source root per migration.
     roots: Mutex<HashMap<u64, PathBuf>>,
-    /// Manifests being written or complete, per migration.
-    manifests: Mutex<HashMap<u64, Arc<Manifest>>>,
+    /// Manifests being written or complete, per migration id, with the migration's uuid (a
+    /// migration id of a new cluster may be an old one's: the uuid tells them apart).
+    manifests: Mutex<HashMap<u64, (String, Arc<Manifest>)>>,
     /// When a migration whose preparation failed may be tried again.
     retry_at: Mutex<HashMap<u64, Instant>>,
     /// Open connections per (target name, address).
@@ -139,11 +140,18 @@ impl Source {
                     .lock()
                     .expect("not poisoned")
                     .insert(w.migration_id, PathBuf::from(&w.source_path));
-                let known = self
-                    .manifests
-                    .lock()
-                    .expect("not poisoned")
-                    .contains_key(&w.migration_id);
+                let known = {
+                    let mut manifests = self.manifests.lock().expect("not poisoned");
+                    match manifests.get(&w.migration_id) {
+                        Some((uuid, _)) if *uuid == w.migration_uuid => true,
+                        Some(_) => {
+                            // Another cluster's migration of the same id: never send from it.
+                            manifests.remove(&w.migration_id);
+                            false
+                        }
+                        None => false,
+                    }
+                };
                 let waiting = self
                     .retry_at
                     .lock()
@@ -232,16 +240,31 @@ impl Source {
         self.endpoint.close(0u32.into(), b"agent shutting down");
     }
 
-    fn migration_dir(&self, mid: u64) -> PathBuf {
-        self.state_dir.join(format!("migration-{mid}"))
+    /// Where a migration's manifest lives: under the cluster's id and the migration's uuid,
+    /// which no other cluster or migration shares (ids restart at 1 in a new cluster).
+    fn migration_dir(&self, w: &SourceWork) -> Result<PathBuf, String> {
+        let cluster = self.control.cluster_id();
+        for (what, id) in [
+            ("cluster id", &cluster),
+            ("migration uuid", &w.migration_uuid),
+        ] {
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(format!(
+                    "the coordinator gave no usable {what} ({id:?}); upgrade the coordinator"
+                ));
+            }
+        }
+        Ok(cluster_dir(&self.state_dir, &cluster)
+            .join("migrations")
+            .join(&w.migration_uuid))
     }
 
     /// Makes the migration's manifest available: loads a completed scan, or scans afresh.
     fn prepare(&self, w: &SourceWork, stop: watch::Receiver<bool>) {
         let rt = tokio::runtime::Handle::current();
         let mid = w.migration_id;
-        let dir = self.migration_dir(mid);
         let result = (|| -> Result<(), String> {
+            let dir = self.migration_dir(w)?;
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let summary_path = dir.join("scan.json");
@@ -252,7 +275,7 @@ impl Source {
                 self.manifests
                     .lock()
                     .expect("not poisoned")
-                    .insert(mid, m.clone());
+                    .insert(mid, (w.migration_uuid.clone(), m.clone()));
                 if !w.scan_complete {
                     // We crashed between finishing the scan and telling the coordinator.
                     let all = m.summaries().map_err(|e| e.to_string())?;
@@ -307,7 +330,7 @@ impl Source {
         self.manifests
             .lock()
             .expect("not poisoned")
-            .insert(mid, live);
+            .insert(mid, (w.migration_uuid.clone(), live));
         let mut planner = SegmentPlanner::new(w.segment_size.max(1));
         let mut summary = ScanSummary::default();
         let mut batch: Vec<SegmentSummary> = Vec::new();
@@ -463,7 +486,7 @@ impl Source {
             .lock()
             .expect("not poisoned")
             .get(&mid)
-            .cloned()
+            .map(|(_, m)| m.clone())
             .ok_or_else(|| format!("manifest of migration {mid} is not loaded yet"))?;
         let root = self
             .roots
@@ -586,6 +609,11 @@ impl Source {
         }
         unchanged(&file)
     }
+}
+
+/// Where an agent keeps its state of one cluster (`<state_dir>/clusters/<cluster id>`).
+pub fn cluster_dir(state_dir: &Path, cluster: &str) -> PathBuf {
+    state_dir.join("clusters").join(cluster)
 }
 
 /// What a file must still look like for its bytes to be sent.

@@ -211,7 +211,16 @@ impl Target {
                 "segment announces {total} bytes, over the limit"
             )));
         }
-        let mut writer = self.sink.begin(&lease.target_path, mid, sid, epoch)?;
+        // What the target keeps of a migration is keyed by cluster id and migration uuid, so a
+        // new cluster's migration 1 never meets an old one's part files or directory times.
+        let cluster = self.control.cluster_id();
+        if cluster.is_empty() {
+            return Err(Refusal::Plain(
+                "this agent has not registered with the coordinator yet; retry".into(),
+            ));
+        }
+        let key = format!("{cluster}/{}", lease.migration_uuid);
+        let mut writer = self.sink.begin(&lease.target_path, &key, sid, epoch)?;
         let mut buf = vec![0u8; BUF];
         for e in &entries {
             block_in_place(|| writer.start_entry(e))?;

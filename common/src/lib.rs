@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod hash;
+pub mod ids;
 pub mod names;
 pub mod path;
 pub mod pki;

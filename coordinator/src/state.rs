@@ -188,6 +188,8 @@ pub struct Migration {
     pub id: u64,
     /// Name, unique in the cluster (operators refer to a migration by it).
     pub name: String,
+    /// Random id, unique across clusters: agents key their local state by it.
+    pub uuid: String,
     /// The idempotency key it was created with (empty: none): a create repeated with this key
     /// answers this migration instead of making another.
     pub idempotency_key: String,
@@ -277,6 +279,9 @@ pub enum Command {
         /// The session of the process that ran before it from the same state directory (0:
         /// none known).
         previous: u64,
+        /// A fresh random id, which becomes the cluster's id if it has none yet (the first
+        /// registration names the cluster; later ones leave the id as it is).
+        new_cluster_id: String,
         /// Leader time.
         now_ms: u64,
     },
@@ -307,6 +312,10 @@ pub enum Command {
         idempotency_key: String,
         /// What to move.
         spec: MigrationSpec,
+        /// A fresh random id for the migration: agents key their local state by cluster id and
+        /// this, which no later migration or cluster can reuse (ids restart at 1 in a new
+        /// cluster).
+        uuid: String,
         /// Leader time.
         now_ms: u64,
     },
@@ -455,6 +464,8 @@ pub enum Response {
     Report(ReportOutcome, String),
     /// The command was refused; nothing changed. The text says why and what to do.
     Refused(String),
+    /// An agent registered; the cluster's id.
+    Registered(String),
     /// A registration was refused because another process of the same agent is live; the
     /// refusal is recorded on the agent (`Agent::conflict`), nothing else changed.
     Conflict(String),
@@ -476,6 +487,8 @@ pub struct Dirty {
     pub migrations: BTreeSet<u64>,
     /// Changed segments.
     pub segments: BTreeSet<(u64, u64)>,
+    /// The cluster id was set.
+    pub cluster: bool,
 }
 
 /// The whole replicated state.
@@ -503,6 +516,9 @@ pub struct State {
     by_key: BTreeMap<String, u64>,
     #[serde(skip)]
     dirty: Dirty,
+    /// The cluster's random id, set by the first agent registration (empty before): agents
+    /// key their local state by it, so a new cluster never meets an old one's state.
+    pub cluster_id: String,
 }
 
 /// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.
@@ -621,8 +637,18 @@ impl State {
                 data_addr,
                 session,
                 previous,
+                new_cluster_id,
                 now_ms,
-            } => self.register_agent(name, data_addr, session, previous, now_ms),
+            } => {
+                if self.cluster_id.is_empty() && !new_cluster_id.is_empty() {
+                    self.cluster_id = new_cluster_id;
+                    self.dirty.cluster = true;
+                }
+                match self.register_agent(name, data_addr, session, previous, now_ms) {
+                    Response::Ok => Response::Registered(self.cluster_id.clone()),
+                    other => other,
+                }
+            }
             Command::Heartbeat {
                 name,
                 session,
@@ -651,8 +677,9 @@ impl State {
                 name,
                 idempotency_key,
                 spec,
+                uuid,
                 now_ms,
-            } => self.create_migration(name, idempotency_key, spec, now_ms),
+            } => self.create_migration(name, idempotency_key, spec, uuid, now_ms),
             Command::RegisterSegments {
                 agent,
                 migration_id,
@@ -837,6 +864,7 @@ impl State {
         name: String,
         key: String,
         spec: MigrationSpec,
+        uuid: String,
         now_ms: u64,
     ) -> Response {
         if let Some(&id) = self.by_key.get(&key) {
@@ -873,6 +901,9 @@ impl State {
         if spec.segment_size == 0 {
             return refused("segment size must be at least 1 byte");
         }
+        if uuid.is_empty() || self.migrations.values().any(|m| m.uuid == uuid) {
+            return refused("a migration needs a fresh uuid");
+        }
         let Some(id) = self
             .migrations
             .keys()
@@ -886,6 +917,7 @@ impl State {
             Migration {
                 id,
                 name: name.clone(),
+                uuid,
                 idempotency_key: key.clone(),
                 spec,
                 phase: Phase::Planned,

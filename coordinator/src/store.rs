@@ -48,7 +48,8 @@ use crate::state::{Migration, Segment, State};
 /// 1: JSON records, snapshot in sled. 2: binary records ([`crate::codec`]), snapshot in a file.
 /// 3: migrations have a name and an idempotency key; agents have a session and a conflict
 /// record; lease, renewal, report and heartbeat commands carry the agent's session.
-pub const FORMAT_VERSION: u64 = 3;
+/// 4: the state has a cluster id (record `cluster`), migrations a uuid.
+pub const FORMAT_VERSION: u64 = 4;
 
 /// sled's page cache per node (its default is 1 GiB, which alone broke the RSS budget).
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -491,6 +492,7 @@ impl StateMachine {
 
     /// The state: `base` with the tree's records laid over it.
     fn read_tree(&self, base: State, membership: Option<Membership>) -> AnyResult<Applied> {
+        let base_cluster = base.cluster_id.clone();
         let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
@@ -528,8 +530,13 @@ impl StateMachine {
             Some(v) => decode(&v)?,
             None => membership.unwrap_or_default(),
         };
+        let mut state = State::from_parts(agents, migrations, segments);
+        state.cluster_id = match self.tree.get("cluster")? {
+            Some(v) => decode(&v)?,
+            None => base_cluster,
+        };
         Ok(Applied {
-            state: State::from_parts(agents, migrations, segments),
+            state,
             last_applied,
             membership,
         })
@@ -638,6 +645,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Some(x) => batch.insert(segment_key(m, s), enc(x)?),
                 None => batch.insert(segment_key(m, s), Vec::new()),
             }
+        }
+        if dirty.cluster {
+            batch.insert("cluster", enc(&a.state.cluster_id)?);
         }
         batch.insert("applied", enc(&a.last_applied)?);
         if membership_changed {

@@ -43,7 +43,7 @@ fn file(path: &str, data: &[u8]) -> Entry {
 }
 
 fn write_segment(sink: &FsSink, id: u64, items: &[(Entry, &[u8])]) -> Result<[u8; 32], SinkError> {
-    let mut w = sink.begin("", 1, id, 10 + id)?;
+    let mut w = sink.begin("", "c/m1", id, 10 + id)?;
     for (e, data) in items {
         w.start_entry(e)?;
         for c in data.chunks(3) {
@@ -179,7 +179,7 @@ fn a_lost_part_file_is_reported_not_silently_restarted() {
 fn uncommitted_segment_leaves_nothing() {
     let f = Fixture::new();
     {
-        let mut w = f.sink.begin("", 1, 3, 1).unwrap();
+        let mut w = f.sink.begin("", "c/m1", 3, 1).unwrap();
         w.start_entry(&file("x", b"abc")).unwrap();
         w.write(b"abc").unwrap();
         w.finish().unwrap();
@@ -214,7 +214,7 @@ fn hostile_paths_write_nothing_outside_the_root() {
     let err = write_segment(&sink, 0, &[(file(".ferry-part-x", b"x"), b"x")]).unwrap_err();
     assert!(matches!(err, SinkError::Reserved(_)), "{err}");
     // The target path of a migration is checked the same way.
-    assert!(sink.begin("../up", 1, 0, 1).is_err());
+    assert!(sink.begin("../up", "c/m1", 0, 1).is_err());
     let mut left: Vec<_> = fs::read_dir(outer.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -277,11 +277,11 @@ fn owners_and_set_id_bits_are_kept_when_running_as_root() {
 #[test]
 fn lying_lengths_are_refused() {
     let f = Fixture::new();
-    let mut w = f.sink.begin("", 1, 0, 1).unwrap();
+    let mut w = f.sink.begin("", "c/m1", 0, 1).unwrap();
     w.start_entry(&file("x", b"abc")).unwrap();
     assert!(w.write(b"abcd").is_err());
     drop(w);
-    let mut w = f.sink.begin("", 1, 0, 1).unwrap();
+    let mut w = f.sink.begin("", "c/m1", 0, 1).unwrap();
     w.start_entry(&file("y", b"abc")).unwrap();
     w.write(b"ab").unwrap();
     assert!(w.finish().is_err(), "short file accepted");
@@ -362,7 +362,7 @@ fn resent_bytes_that_differ_never_reach_the_finished_file() {
     let mut other = data();
     other[150] ^= 0xff;
     let e = piece(1);
-    let mut w = f.sink.begin("", 1, 1, 99).unwrap();
+    let mut w = f.sink.begin("", "c/m1", 1, 99).unwrap();
     w.start_entry(&e).unwrap();
     let err = w.write(&other[100..200]).unwrap_err();
     assert!(
@@ -372,7 +372,7 @@ fn resent_bytes_that_differ_never_reach_the_finished_file() {
     drop(w);
     assert_eq!(fs::read(&dest).unwrap(), data(), "visible file changed");
     // And a resend whose hash check fails (dropped before commit) changes nothing either.
-    let mut w = f.sink.begin("", 1, 1, 100).unwrap();
+    let mut w = f.sink.begin("", "c/m1", 1, 100).unwrap();
     w.start_entry(&e).unwrap();
     w.write(&data()[100..200]).unwrap();
     w.finish().unwrap();
@@ -385,8 +385,8 @@ fn two_transfers_of_the_same_segment_and_epoch_never_publish_each_others_bytes()
     let f = Fixture::new();
     // Two streams of the same (segment, epoch), as two agents with one identity could send.
     let e = file("x", b"AAAA");
-    let mut a = f.sink.begin("", 1, 7, 70).unwrap();
-    let mut b = f.sink.begin("", 1, 7, 70).unwrap();
+    let mut a = f.sink.begin("", "c/m1", 7, 70).unwrap();
+    let mut b = f.sink.begin("", "c/m1", 7, 70).unwrap();
     a.start_entry(&e).unwrap();
     b.start_entry(&e).unwrap();
     a.write(b"AAAA").unwrap();
@@ -493,7 +493,7 @@ fn sparse_pieces_punch_their_holes_in_the_part() {
     let mut dense1 = p1.clone();
     dense1.data_runs = None;
     {
-        let mut w = f.sink.begin("", 1, 1, 1).unwrap();
+        let mut w = f.sink.begin("", "c/m1", 1, 1).unwrap();
         w.start_entry(&dense1).unwrap();
         w.write(&vec![7u8; 2 * MIB as usize]).unwrap();
         // never committed
@@ -517,7 +517,7 @@ fn bad_data_runs_are_refused() {
     let f = Fixture::new();
     for runs in [vec![(10, 0)], vec![(50, 10), (10, 5)], vec![(95, 10)]] {
         let e = sparse_entry("s", 100, runs.clone());
-        let mut w = f.sink.begin("", 1, 0, 1).unwrap();
+        let mut w = f.sink.begin("", "c/m1", 0, 1).unwrap();
         let err = w.start_entry(&e).unwrap_err();
         assert!(matches!(err, SinkError::BadEntry { .. }), "{runs:?}: {err}");
     }
@@ -572,4 +572,44 @@ fn hardlinks_link_to_the_first_name_in_the_same_segment_or_once_it_arrived() {
     .unwrap_err();
     assert!(matches!(err, SinkError::Path(_)), "{err}");
     assert_eq!(f.names(""), vec!["a", "b", "c"]);
+}
+
+#[test]
+fn what_a_target_remembers_of_a_migration_is_keyed_by_cluster_and_uuid() {
+    let f = Fixture::new();
+    // Migration 1 of a cluster that was wiped left pieces 0 and 2 of big.bin.
+    for i in [0u32, 2] {
+        let e = piece(i);
+        let mut w = f.sink.begin("", "old-cluster/u1", i as u64, 1).unwrap();
+        w.start_entry(&e).unwrap();
+        w.write(&data()[e.offset as usize..(e.offset + e.len) as usize])
+            .unwrap();
+        w.finish().unwrap();
+        w.commit().unwrap();
+    }
+    // Migration 1 of the new cluster sends a file of the same name, size and mtime: its one
+    // piece must not complete a file with the old migration's bytes.
+    let other: Vec<u8> = data().iter().map(|b| b ^ 0x55).collect();
+    let e = piece(1);
+    let mut w = f.sink.begin("", "new-cluster/u2", 1, 1).unwrap();
+    w.start_entry(&e).unwrap();
+    w.write(&other[100..200]).unwrap();
+    w.finish().unwrap();
+    w.commit().unwrap();
+    assert!(
+        !f.path("big.bin").exists(),
+        "a file was assembled from two clusters' pieces"
+    );
+    for i in [0u32, 2] {
+        let e = piece(i);
+        let mut w = f.sink.begin("", "new-cluster/u2", i as u64, 1).unwrap();
+        w.start_entry(&e).unwrap();
+        w.write(&other[e.offset as usize..(e.offset + e.len) as usize])
+            .unwrap();
+        w.finish().unwrap();
+        w.commit().unwrap();
+    }
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), other);
+    assert!(f.sink.begin("", "no-slash", 0, 1).is_err());
+    assert!(f.sink.begin("", "../x/y", 0, 1).is_err());
 }

@@ -288,6 +288,7 @@ impl Admin for AdminService {
                 name: r.name,
                 idempotency_key: r.idempotency_key,
                 spec,
+                uuid: ferry_common::ids::random_id(),
                 now_ms: now_ms(),
             })
             .await?

@@ -135,6 +135,7 @@ impl AgentControl for AgentService {
                 data_addr: r.data_addr,
                 session: r.session,
                 previous: r.previous_session,
+                new_cluster_id: ferry_common::ids::random_id(),
                 now_ms: now_ms(),
             })
             .await?;
@@ -147,8 +148,13 @@ impl AgentControl for AgentService {
             );
             return Err(Status::already_exists(why));
         }
-        expect_ok(resp)?;
-        Ok(GrpcResponse::new(pb::RegisterResponse {}))
+        let Response::Registered(cluster_id) = resp else {
+            expect_ok(resp)?;
+            return Err(Status::internal(
+                "registration answered without a cluster id",
+            ));
+        };
+        Ok(GrpcResponse::new(pb::RegisterResponse { cluster_id }))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> R<pb::HeartbeatResponse> {
@@ -158,7 +164,7 @@ impl AgentControl for AgentService {
         // A local read: a lagging follower tells the agent about new work a moment later, and
         // a `last_seen` it believes stale costs one extra commit. A linearizable read per
         // heartbeat (a quorum round each) was most of a loaded cluster's traffic.
-        let (stale, work, conflict) = self.0.read_local(|s| {
+        let (stale, work, conflict, cluster_id) = self.0.read_local(|s| {
             let a = s.agents.get(&agent);
             if let Some(why) = a.and_then(|a| a.session_error(session)) {
                 return Err(Status::failed_precondition(why));
@@ -175,12 +181,14 @@ impl AgentControl for AgentService {
                     segment_size: m.spec.segment_size,
                     scan_complete: m.scan_complete,
                     finished: m.phase == Phase::Done,
+                    migration_uuid: m.uuid.clone(),
                 })
                 .collect();
             Ok((
                 last.is_none_or(|t| now.saturating_sub(t) >= LAST_SEEN_EVERY_MS),
                 work,
                 conflict,
+                s.cluster_id.clone(),
             ))
         })?;
         // Agents call every second to learn of work; `last_seen` is committed only when stale,
@@ -199,6 +207,7 @@ impl AgentControl for AgentService {
         Ok(GrpcResponse::new(pb::HeartbeatResponse {
             source_work: work,
             conflict,
+            cluster_id,
         }))
     }
 
@@ -351,6 +360,7 @@ impl AgentControl for AgentService {
                         reason: String::new(),
                         target_path: m.spec.target_path.clone(),
                         source_agent: m.spec.source_agent.clone(),
+                        migration_uuid: m.uuid.clone(),
                     },
                     Err(reason) => pb::CheckLeaseResponse {
                         ok: false,

@@ -39,6 +39,7 @@ impl World {
                 session: 1,
                 previous: 0,
                 data_addr: addr.into(),
+                new_cluster_id: "cluster-1".into(),
                 now_ms: 0,
             });
         }
@@ -66,6 +67,7 @@ impl World {
             name: unique_name(),
             idempotency_key: String::new(),
             spec,
+            uuid: ferry_common::ids::random_id(),
             now_ms: 1,
         }) else {
             panic!("not created")
@@ -254,6 +256,7 @@ fn no_leases_until_target_has_an_address() {
         session: 1,
         previous: 0,
         data_addr: String::new(),
+        new_cluster_id: "cluster-1".into(),
         now_ms: 3,
     });
     w.migration(&[(0, 1, 1)]);
@@ -274,6 +277,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         name: unique_name(),
         idempotency_key: String::new(),
         spec,
+        uuid: ferry_common::ids::random_id(),
         now_ms: 0,
     }) else {
         panic!()
@@ -325,6 +329,7 @@ fn create_refuses_unknown_agents() {
         name: unique_name(),
         idempotency_key: String::new(),
         spec,
+        uuid: ferry_common::ids::random_id(),
         now_ms: 0,
     });
     assert!(
@@ -416,6 +421,7 @@ fn create(w: &mut World) -> u64 {
         name: unique_name(),
         idempotency_key: String::new(),
         spec,
+        uuid: ferry_common::ids::random_id(),
         now_ms: 0,
     }) else {
         panic!()
@@ -818,6 +824,7 @@ fn a_create_repeated_with_its_key_answers_the_same_migration_and_names_are_uniqu
         name: name.into(),
         idempotency_key: key.into(),
         spec: spec.clone(),
+        uuid: ferry_common::ids::random_id(),
         now_ms: 5,
     };
     let first = w.apply(create("nightly", "k-1", &spec));
@@ -871,6 +878,7 @@ fn register_agent(
         data_addr: addr.into(),
         session,
         previous,
+        new_cluster_id: "cluster-1".into(),
         now_ms,
     })
 }
@@ -940,7 +948,10 @@ fn a_second_process_is_refused_while_the_first_session_is_live() {
     // Once its heartbeats stop for the timeout (SIGKILL, a lost host), another process is
     // accepted and the old one's calls are refused from then on.
     let later = 2 * SESSION_TIMEOUT_MS;
-    assert_eq!(register_agent(&mut w, "src", "", 2, 0, later), Response::Ok);
+    assert_eq!(
+        register_agent(&mut w, "src", "", 2, 0, later),
+        Response::Registered("cluster-1".into())
+    );
     assert!(w.s.agents["src"].conflict.is_empty());
     assert!(matches!(w.apply(hb(1, later + 1)), Response::Refused(_)));
 }
@@ -952,13 +963,19 @@ fn a_second_process_is_refused_while_the_first_session_is_live() {
 fn a_successor_or_a_process_after_a_clean_shutdown_is_accepted_at_once() {
     let mut w = World::new();
     // Session 1 of "src" is live at 10; process 3 names it as its predecessor.
-    assert_eq!(register_agent(&mut w, "src", "", 3, 1, 10), Response::Ok);
+    assert_eq!(
+        register_agent(&mut w, "src", "", 3, 1, 10),
+        Response::Registered("cluster-1".into())
+    );
     assert_eq!(w.s.agents["src"].session, 3);
     // Naming a session that is not the current one proves nothing.
     let r = register_agent(&mut w, "src", "", 4, 1, 11);
     assert!(matches!(r, Response::Conflict(_)), "{r:?}");
     // The same process registering again (a retried call) is fine.
-    assert_eq!(register_agent(&mut w, "src", "", 3, 1, 12), Response::Ok);
+    assert_eq!(
+        register_agent(&mut w, "src", "", 3, 1, 12),
+        Response::Registered("cluster-1".into())
+    );
     // Ending another session changes nothing; ending its own frees the name.
     let end = |session| Command::EndSession {
         name: "src".into(),
@@ -969,7 +986,10 @@ fn a_successor_or_a_process_after_a_clean_shutdown_is_accepted_at_once() {
     assert_eq!(w.apply(end(3)), Response::Ok);
     assert_eq!(w.s.agents["src"].session, 0);
     assert!(!w.s.agents["src"].live(13));
-    assert_eq!(register_agent(&mut w, "src", "", 5, 0, 13), Response::Ok);
+    assert_eq!(
+        register_agent(&mut w, "src", "", 5, 0, 13),
+        Response::Registered("cluster-1".into())
+    );
     // A registration without a session is refused.
     assert!(matches!(
         register_agent(&mut w, "new", "", 0, 0, 14),
@@ -988,7 +1008,10 @@ fn nothing_is_scheduled_to_a_target_that_cannot_be_dialed_and_status_says_why() 
         ("dst.example:7401", "not an IP address and port"),
     ] {
         let mut w = World::new();
-        assert_eq!(register_agent(&mut w, "dst", addr, 1, 0, 0), Response::Ok);
+        assert_eq!(
+            register_agent(&mut w, "dst", addr, 1, 0, 0),
+            Response::Registered("cluster-1".into())
+        );
         let mid = w.migration(&[(0, 10, 1)]);
         assert!(!w.s.has_leasable("src", 10), "{addr}");
         assert!(w.lease(8, 10).is_empty(), "{addr}");
@@ -1012,11 +1035,40 @@ fn nothing_is_scheduled_to_a_target_that_cannot_be_dialed_and_status_says_why() 
         .contains("agent dst was shut down"));
     assert_eq!(
         register_agent(&mut w, "dst", "127.0.0.1:9", 2, 0, 11),
-        Response::Ok
+        Response::Registered("cluster-1".into())
     );
     assert_eq!(w.lease(8, 12).len(), 1);
     // An agent not heard from for the session timeout is named in the status (but is still
     // scheduled to: it may only be slow to heartbeat).
     let why = w.s.blocker(mid, 12 + SESSION_TIMEOUT_MS).unwrap();
     assert!(why.contains("has not been heard from"), "{why}");
+}
+
+/// The first registration names the cluster; later ones (with other fresh ids) leave it, and
+/// every registration answers it. A migration keeps the uuid it was created with; none is reused.
+#[test]
+fn the_first_registration_names_the_cluster_and_migrations_keep_their_uuid() {
+    let mut w = World::new();
+    assert_eq!(w.s.cluster_id, "cluster-1");
+    let r = w.apply(Command::RegisterAgent {
+        name: "late".into(),
+        data_addr: String::new(),
+        session: 9,
+        previous: 0,
+        new_cluster_id: "another".into(),
+        now_ms: 5,
+    });
+    assert_eq!(r, Response::Registered("cluster-1".into()));
+    assert_eq!(w.s.cluster_id, "cluster-1");
+    let mid = w.migration(&[(0, 10, 1)]);
+    let m = w.s.migrations[&mid].clone();
+    assert_eq!(m.uuid.len(), 32);
+    let r = w.apply(Command::CreateMigration {
+        name: "other".into(),
+        idempotency_key: String::new(),
+        spec: m.spec,
+        uuid: m.uuid,
+        now_ms: 6,
+    });
+    assert!(matches!(r, Response::Refused(_)), "{r:?}");
 }

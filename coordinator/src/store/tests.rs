@@ -57,6 +57,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             session: 1,
             previous: 0,
             data_addr: String::new(),
+            new_cluster_id: "cluster-1".into(),
             now_ms: 1,
         },
         Command::RegisterAgent {
@@ -64,6 +65,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             session: 1,
             previous: 0,
             data_addr: "127.0.0.1:9".into(),
+            new_cluster_id: "cluster-1".into(),
             now_ms: 1,
         },
         Command::CreateMigration {
@@ -76,6 +78,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 target_path: String::new(),
                 segment_size: 10,
             },
+            uuid: ferry_common::ids::random_id(),
             now_ms: 2,
         },
         Command::RegisterSegments {
@@ -135,6 +138,10 @@ async fn snapshot_of_a_busy_state_builds_installs_and_survives_reopen() {
     );
     let original = sm.shared().read().unwrap().state.clone();
     assert_eq!(original.segments.len(), 5);
+    assert_eq!(
+        original.cluster_id, "cluster-1",
+        "compared below: snapshots carry it"
+    );
     assert_eq!(original.migrations[&1].counters.verified_segments, 1);
 
     let snap = sm
@@ -192,6 +199,12 @@ async fn applied_state_is_recorded_with_the_data_so_a_restart_does_not_reapply()
     assert_eq!(applied.map(|l| l.index), Some(7));
     let m = sm.shared().read().unwrap().state.migrations[&1].clone();
     assert_eq!(m.counters.leases_granted, 2, "counters as applied once");
+    assert_eq!(
+        sm.shared().read().unwrap().state.cluster_id,
+        "cluster-1",
+        "the cluster id is a record of its own"
+    );
+    assert_eq!(m.uuid.len(), 32);
     assert_eq!(m.counters.verified_segments, 1);
 }
 
@@ -269,6 +282,7 @@ fn more_entries() -> Vec<Entry<TypeConfig>> {
                 session: 1,
                 previous: 0,
                 data_addr: String::new(),
+                new_cluster_id: "cluster-1".into(),
                 now_ms: 9,
             },
         ),
@@ -332,6 +346,7 @@ async fn follower_with_a_ghost(dir: &std::path::Path) -> (LogStore, StateMachine
                 session: 1,
                 previous: 0,
                 data_addr: String::new(),
+                new_cluster_id: "cluster-1".into(),
                 now_ms: 1,
             },
         )])

@@ -197,3 +197,61 @@ async fn source_restart_mid_migration_continues_from_its_manifest() {
     target.shutdown().await;
     node.shutdown().await;
 }
+
+/// The coordinators' data is wiped and a new cluster made, while the agents keep their state
+/// directories: the new cluster's migration 1 must copy its own tree, not the old migration 1's
+/// manifest (agent state is keyed by cluster id and migration uuid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_cluster_never_takes_an_old_clusters_agent_state_for_its_own() {
+    let env = TestEnv::new();
+    let old_src = env.path("old-src");
+    make_files(&old_src, 30, 8 * 1024);
+    let new_src = env.path("new-src");
+    for i in 0..5 {
+        let p = new_src.join(format!("new/n{i}.txt"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("new tree, file {i}")).unwrap();
+    }
+    let root = env.path("dst");
+
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let old = ctl.create(migration_spec(&old_src, "same")).await.unwrap();
+    ctl.watch(old, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap();
+    assert_same_tree(&old_src, &root.join("same"));
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+
+    // A new cluster on the wiped data directory; the agents come back with their state.
+    std::fs::remove_dir_all(env.path("coordinator-1")).unwrap();
+    std::fs::remove_dir_all(root.join("same")).unwrap();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let new = ctl.create(migration_spec(&new_src, "same")).await.unwrap();
+    assert_eq!(
+        new, old,
+        "ids restart in a new cluster: that is what could collide"
+    );
+    let done = ctl
+        .watch(new, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        done.files_total, 5,
+        "the new tree's files, not the old manifest's"
+    );
+    assert_same_tree(&new_src, &root.join("same"));
+
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}
