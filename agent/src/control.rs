@@ -181,7 +181,12 @@ impl Control {
     }
 
     /// Registers this agent and its data address; returns the cluster's id.
-    pub async fn register(&self, data_addr: &str) -> Result<String, ControlError> {
+    /// `applies_owners`: whether, as a target, it applies files' owners (it runs as root).
+    pub async fn register(
+        &self,
+        data_addr: &str,
+        applies_owners: bool,
+    ) -> Result<String, ControlError> {
         let r = self
             .call(
                 pb::RegisterRequest {
@@ -189,6 +194,7 @@ impl Control {
                     data_addr: data_addr.to_string(),
                     session: self.session,
                     previous_session: self.previous_session,
+                    applies_owners,
                 },
                 |mut c, r| async move { c.register(r).await },
             )
@@ -309,6 +315,7 @@ impl Control {
                     })
                     .collect(),
                 issues_total: summary.issues_total,
+                hardlinks: summary.hardlinks,
             },
             |mut c, r| async move { c.complete_scan(r).await },
         )

@@ -51,6 +51,9 @@ pub struct ScanSummary {
     pub issues: Vec<(String, String)>,
     /// Number of such paths.
     pub issues_total: u64,
+    /// Names that are further names of a file the scan carries (hardlinks), sent as links.
+    #[serde(default)]
+    pub hardlinks: u64,
 }
 
 /// What the coordinator is told about a segment.
@@ -351,6 +354,7 @@ mod tests {
             segments_total: 3,
             issues: vec![("a".into(), "b".into())],
             issues_total: 1,
+            hardlinks: 2,
         };
         write_summary(&p, &s).unwrap();
         assert_eq!(read_summary(&p).unwrap(), Some(s));

@@ -293,11 +293,18 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
 
     let mut data_addr = None;
     let mut advertised = String::new();
+    let mut applies_owners = false;
     if let Some(listen) = cfg.data_listen {
         let root = cfg.root.as_ref().ok_or_else(|| {
             StartError::Config("data_listen is set but root is not: a target needs a root".into())
         })?;
         let sink = Arc::new(FsSink::new(root, &cfg.state_dir)?);
+        applies_owners = sink.applies_owner();
+        if !applies_owners {
+            tracing::warn!(
+                message = "Not running as root: files received keep this agent's user as owner (uid/gid not applied) and lose set-id bits."
+            );
+        }
         let endpoint = quinn::Endpoint::server(tls.quic_server()?, listen).map_err(|source| {
             StartError::Bind {
                 addr: listen,
@@ -336,7 +343,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.register_timeout_secs);
     let mut delay = Duration::from_millis(100);
     loop {
-        match control.register(&advertised).await {
+        match control.register(&advertised, applies_owners).await {
             Ok(cluster) => {
                 note_cluster(&cfg.state_dir, &cluster);
                 break;

@@ -349,6 +349,9 @@ impl Source {
             }
             match item {
                 Walked::Entry(e) => {
+                    if e.kind == EntryKind::Hardlink {
+                        summary.hardlinks += 1;
+                    }
                     for seg in planner.push(e) {
                         batch.push(writer.append(&seg).map_err(|e| e.to_string())?);
                         summary.segments_total += 1;

@@ -90,6 +90,10 @@ pub struct Report {
     pub issues: Vec<(String, String)>,
     /// Number of such paths.
     pub issues_total: u64,
+    /// Names kept as hardlinks (linked at the target, content sent once).
+    pub hardlinks: u64,
+    /// How the copy differs from the source though nothing is lost (owners not applied, ...).
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -129,6 +133,15 @@ impl Report {
                 "NO"
             }
         ));
+        if self.hardlinks > 0 {
+            s.push_str(&format!(
+                "hardlinks   {} kept (linked at the target, content sent once)\n",
+                self.hardlinks
+            ));
+        }
+        for n in &self.notes {
+            s.push_str(&format!("note        {n}\n"));
+        }
         if self.issues_total > 0 {
             s.push_str(&format!("NOT COPIED  {} path(s):\n", self.issues_total));
             for (p, r) in &self.issues {
@@ -292,6 +305,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 .map(|i| (i.path.clone(), i.reason.clone()))
                 .collect(),
             issues_total: done.scan_issues_total,
+            hardlinks: done.hardlinks,
+            notes: done.notes.clone(),
         })
     }
     .await;

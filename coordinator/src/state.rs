@@ -63,6 +63,8 @@ pub struct Agent {
     /// The last registration refused because this session was live (empty: none): another
     /// process with the same identity. Shown to the operator and to the running agent.
     pub conflict: String,
+    /// Whether, as a target, it applies files' owners (it runs as root).
+    pub applies_owners: bool,
 }
 
 impl Agent {
@@ -205,6 +207,9 @@ pub struct Migration {
     pub scan_issues: Vec<(String, String)>,
     /// All scan issues, including those not kept.
     pub scan_issues_total: u64,
+    /// Names the scan found to be hardlinks to a file it carries: linked at the target, not
+    /// copied.
+    pub hardlinks: u64,
     /// The last transfer error seen.
     pub last_error: String,
     /// Creation time (unix ms).
@@ -282,6 +287,8 @@ pub enum Command {
         /// A fresh random id, which becomes the cluster's id if it has none yet (the first
         /// registration names the cluster; later ones leave the id as it is).
         new_cluster_id: String,
+        /// Whether, as a target, it applies files' owners (it runs as root).
+        applies_owners: bool,
         /// Leader time.
         now_ms: u64,
     },
@@ -340,6 +347,8 @@ pub enum Command {
         issues: Vec<(String, String)>,
         /// All issues, including those not listed.
         issues_total: u64,
+        /// Names the scan found to be further names of a file it carries (hardlinks).
+        hardlinks: u64,
         /// Leader time.
         now_ms: u64,
     },
@@ -638,14 +647,20 @@ impl State {
                 session,
                 previous,
                 new_cluster_id,
+                applies_owners,
                 now_ms,
             } => {
                 if self.cluster_id.is_empty() && !new_cluster_id.is_empty() {
                     self.cluster_id = new_cluster_id;
                     self.dirty.cluster = true;
                 }
-                match self.register_agent(name, data_addr, session, previous, now_ms) {
-                    Response::Ok => Response::Registered(self.cluster_id.clone()),
+                match self.register_agent(name.clone(), data_addr, session, previous, now_ms) {
+                    Response::Ok => {
+                        if let Some(a) = self.agents.get_mut(&name) {
+                            a.applies_owners = applies_owners;
+                        }
+                        Response::Registered(self.cluster_id.clone())
+                    }
                     other => other,
                 }
             }
@@ -691,13 +706,14 @@ impl State {
                 segments_total,
                 issues,
                 issues_total,
+                hardlinks,
                 now_ms,
             } => self.complete_scan(
                 &agent,
                 migration_id,
                 segments_total,
-                issues,
-                issues_total,
+                (issues, issues_total),
+                hardlinks,
                 now_ms,
             ),
             Command::SourceProblem {
@@ -835,6 +851,7 @@ impl State {
                     last_seen_ms: now_ms,
                     session,
                     conflict: String::new(),
+                    applies_owners: false,
                 },
             );
         }
@@ -925,6 +942,7 @@ impl State {
                 counters: Counters::default(),
                 scan_issues: Vec::new(),
                 scan_issues_total: 0,
+                hardlinks: 0,
                 last_error: String::new(),
                 created_ms: now_ms,
                 finished_ms: 0,
@@ -1055,8 +1073,8 @@ impl State {
         agent: &str,
         mid: u64,
         total: u64,
-        issues: Vec<(String, String)>,
-        issues_total: u64,
+        (issues, issues_total): (Vec<(String, String)>, u64),
+        hardlinks: u64,
         now_ms: u64,
     ) -> Response {
         let m = match self.source_migration(agent, mid) {
@@ -1101,6 +1119,7 @@ impl State {
         m.scan_complete = true;
         m.scan_issues = issues.into_iter().take(MAX_SCAN_ISSUES_KEPT).collect();
         m.scan_issues_total = issues_total;
+        m.hardlinks = hardlinks;
         if m.phase == Phase::Planned {
             m.phase = Phase::Copying;
         }
@@ -1265,6 +1284,24 @@ impl State {
 
     /// Why migration `mid` cannot make progress now, if something outside it stops it: its
     /// target cannot be sent to, or an agent has not been heard from for a session's timeout.
+    /// What the operator should know about how the copy differs from the source, though nothing
+    /// was lost (owners not applied by a target that does not run as root).
+    pub fn notes(&self, mid: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        let Some(m) = self.migrations.get(&mid) else {
+            return out;
+        };
+        if let Some(t) = self.agents.get(&m.spec.target_agent) {
+            if !t.applies_owners {
+                out.push(format!(
+                    "owners not kept: target agent {} does not run as root, so files belong to                      its user and set-id bits are dropped (run it as root to keep uid/gid)",
+                    t.name
+                ));
+            }
+        }
+        out
+    }
+
     pub fn blocker(&self, mid: u64, now_ms: u64) -> Option<String> {
         let m = self.migrations.get(&mid)?;
         if m.phase == Phase::Done {

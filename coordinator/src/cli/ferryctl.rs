@@ -411,6 +411,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if !p.blocked.is_empty() {
                     println!("blocked: {}", p.blocked);
                 }
+                if p.hardlinks > 0 {
+                    println!(
+                        "hardlinks {} (names linked at the target, content sent once)",
+                        p.hardlinks
+                    );
+                }
+                for n in &p.notes {
+                    println!("note: {n}");
+                }
                 if !p.last_error.is_empty() {
                     println!("last error: {}", p.last_error);
                 }

@@ -340,6 +340,7 @@ impl Admin for AdminService {
                 s.migrations.get(&id).map(|m| {
                     let mut p = convert::progress(m);
                     p.blocked = s.blocker(id, now).unwrap_or_default();
+                    p.notes = s.notes(id);
                     p.segments_leased = s
                         .segments
                         .range((id, 0)..=(id, u64::MAX))

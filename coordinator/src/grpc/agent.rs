@@ -136,6 +136,7 @@ impl AgentControl for AgentService {
                 session: r.session,
                 previous: r.previous_session,
                 new_cluster_id: ferry_common::ids::random_id(),
+                applies_owners: r.applies_owners,
                 now_ms: now_ms(),
             })
             .await?;
@@ -264,6 +265,7 @@ impl AgentControl for AgentService {
                 segments_total: r.segments_total,
                 issues: r.issues.into_iter().map(|i| (i.path, i.reason)).collect(),
                 issues_total: r.issues_total,
+                hardlinks: r.hardlinks,
                 now_ms: now_ms(),
             })
             .await?;

@@ -55,8 +55,10 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         scan_issues_total: m.scan_issues_total,
         created_ms: m.created_ms,
         finished_ms: m.finished_ms,
+        hardlinks: m.hardlinks,
         // Filled by the status call, which knows the other agents and the time.
         blocked: String::new(),
+        notes: Vec::new(),
     }
 }
 

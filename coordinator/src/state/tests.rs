@@ -40,6 +40,7 @@ impl World {
                 previous: 0,
                 data_addr: addr.into(),
                 new_cluster_id: "cluster-1".into(),
+                applies_owners: true,
                 now_ms: 0,
             });
         }
@@ -87,6 +88,7 @@ impl World {
                 segments_total: segs.len() as u64,
                 issues: vec![],
                 issues_total: 0,
+                hardlinks: 0,
                 now_ms: 1,
             }),
             Response::Ok
@@ -257,6 +259,7 @@ fn no_leases_until_target_has_an_address() {
         previous: 0,
         data_addr: String::new(),
         new_cluster_id: "cluster-1".into(),
+        applies_owners: true,
         now_ms: 3,
     });
     w.migration(&[(0, 1, 1)]);
@@ -296,6 +299,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         segments_total: 2,
         issues: vec![],
         issues_total: 0,
+        hardlinks: 0,
         now_ms: 0,
     });
     assert!(matches!(r, Response::Refused(_)));
@@ -444,6 +448,7 @@ fn complete(w: &mut World, mid: u64, total: u64) -> Response {
         segments_total: total,
         issues: vec![],
         issues_total: 0,
+        hardlinks: 0,
         now_ms: 0,
     })
 }
@@ -879,6 +884,7 @@ fn register_agent(
         session,
         previous,
         new_cluster_id: "cluster-1".into(),
+        applies_owners: true,
         now_ms,
     })
 }
@@ -1056,6 +1062,7 @@ fn the_first_registration_names_the_cluster_and_migrations_keep_their_uuid() {
         session: 9,
         previous: 0,
         new_cluster_id: "another".into(),
+        applies_owners: true,
         now_ms: 5,
     });
     assert_eq!(r, Response::Registered("cluster-1".into()));
@@ -1071,4 +1078,54 @@ fn the_first_registration_names_the_cluster_and_migrations_keep_their_uuid() {
         now_ms: 6,
     });
     assert!(matches!(r, Response::Refused(_)), "{r:?}");
+}
+
+/// Issue 9, items 2 and 4: the scan's count of hardlinks is kept for the report, and a target
+/// that cannot apply owners (not root) is named in the migration's notes.
+#[test]
+fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 3)]);
+    assert!(w.s.notes(mid).is_empty(), "World's target applies owners");
+    w.apply(Command::RegisterAgent {
+        name: "dst".into(),
+        data_addr: "127.0.0.1:9".into(),
+        session: 1,
+        previous: 0,
+        new_cluster_id: String::new(),
+        applies_owners: false,
+        now_ms: 2,
+    });
+    let notes = w.s.notes(mid);
+    assert_eq!(notes.len(), 1);
+    assert!(notes[0].contains("owners not kept"), "{notes:?}");
+
+    let mut w = World::new();
+    let spec = MigrationSpec {
+        source_agent: "src".into(),
+        source_path: "/data".into(),
+        target_agent: "dst".into(),
+        target_path: String::new(),
+        segment_size: 100,
+    };
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
+        name: "links".into(),
+        idempotency_key: String::new(),
+        spec,
+        uuid: ferry_common::ids::random_id(),
+        now_ms: 1,
+    }) else {
+        panic!()
+    };
+    let r = w.apply(Command::CompleteScan {
+        agent: "src".into(),
+        migration_id: mid,
+        segments_total: 0,
+        issues: vec![],
+        issues_total: 0,
+        hardlinks: 7,
+        now_ms: 2,
+    });
+    assert_eq!(r, Response::Ok);
+    assert_eq!(w.s.migrations[&mid].hardlinks, 7);
 }

@@ -58,6 +58,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             previous: 0,
             data_addr: String::new(),
             new_cluster_id: "cluster-1".into(),
+            applies_owners: true,
             now_ms: 1,
         },
         Command::RegisterAgent {
@@ -66,6 +67,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             previous: 0,
             data_addr: "127.0.0.1:9".into(),
             new_cluster_id: "cluster-1".into(),
+            applies_owners: true,
             now_ms: 1,
         },
         Command::CreateMigration {
@@ -283,6 +285,7 @@ fn more_entries() -> Vec<Entry<TypeConfig>> {
                 previous: 0,
                 data_addr: String::new(),
                 new_cluster_id: "cluster-1".into(),
+                applies_owners: true,
                 now_ms: 9,
             },
         ),
@@ -347,6 +350,7 @@ async fn follower_with_a_ghost(dir: &std::path::Path) -> (LogStore, StateMachine
                 previous: 0,
                 data_addr: String::new(),
                 new_cluster_id: "cluster-1".into(),
+                applies_owners: true,
                 now_ms: 1,
             },
         )])

@@ -264,7 +264,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             ""
         };
-        async move { c.register(addr).await }
+        async move { c.register(addr, false).await }
     }))
     .buffer_unordered(64)
     .collect::<Vec<_>>()

@@ -126,7 +126,7 @@ impl Hostile {
             .await;
         let tls = TlsMaterial::load(&env.issue(Identity::Agent("source".into()))).unwrap();
         let me = Control::new("source", &coord, &tls).unwrap();
-        me.register("").await.unwrap();
+        me.register("", false).await.unwrap();
         let id = env
             .ctl(&coord)
             .await

@@ -85,6 +85,10 @@ fn quickstart_command_migrates_the_sample_exactly() {
     assert!(allocated <= 1024 * 1024, "{allocated} bytes allocated");
     // and owners (given away only when the test runs as root).
     if ferry_agent::holes::running_as_root() {
+        assert!(
+            stdout.contains("\"notes\": []"),
+            "a root target keeps owners:\n{stdout}"
+        );
         assert!(matches!(
             tree[Path::new("datasets/README.txt")],
             Node::File {
@@ -106,6 +110,8 @@ fn quickstart_command_migrates_the_sample_exactly() {
         "\"all_verified\": true",
         "\"hash_mismatches\": 0",
         "\"issues_total\": 0",
+        // Two of the three names of the labels file were linked, not copied.
+        "\"hardlinks\": 2",
     ] {
         assert!(stdout.contains(key), "{key} not in report:\n{stdout}");
     }
