@@ -13,3 +13,4 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod target;
+pub mod xattr;

@@ -482,7 +482,12 @@ fn create_private(path: &Path) -> Result<File, SinkError> {
 /// Sets a directory's owner (if given) and mode through a handle opened with
 /// `O_NOFOLLOW|O_DIRECTORY`: if something swapped the directory for a symlink after it was
 /// checked, the open fails instead of changing whatever the link points to.
-fn set_dir_meta(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), SinkError> {
+fn set_dir_meta(
+    path: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    xattrs: &crate::xattr::Xattrs,
+) -> Result<(), SinkError> {
     let dir = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
@@ -492,6 +497,7 @@ fn set_dir_meta(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(),
         std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))
             .map_err(io_at("cannot set owner of", path))?;
     }
+    crate::xattr::apply_to(&dir, xattrs).map_err(io_at("cannot set attributes of", path))?;
     dir.set_permissions(Permissions::from_mode(mode))
         .map_err(io_at("cannot set mode of", path))
 }
@@ -615,7 +621,12 @@ impl SegmentWriter<'_> {
                         Err(e) => return Err(io_at("cannot create directory", &dest)(e)),
                     },
                 }
-                set_dir_meta(&dest, self.sink.mode(entry), self.sink.owner(entry))?;
+                set_dir_meta(
+                    &dest,
+                    self.sink.mode(entry),
+                    self.sink.owner(entry),
+                    &entry.xattrs,
+                )?;
                 self.dirs.push((dest, (entry.mtime_sec, entry.mtime_nsec)));
             }
             EntryKind::Symlink => {
@@ -630,6 +641,8 @@ impl SegmentWriter<'_> {
                     std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))
                         .map_err(io_at("cannot set owner of", &tmp))?;
                 }
+                crate::xattr::apply_nofollow(&tmp, &entry.xattrs)
+                    .map_err(io_at("cannot set attributes of", &tmp))?;
                 let t = mtime_of(entry);
                 filetime::set_symlink_file_times(&tmp, t, t)
                     .map_err(io_at("cannot set mtime of", &tmp))?;
@@ -853,6 +866,8 @@ impl SegmentWriter<'_> {
                     std::os::unix::fs::fchown(&open.file, Some(uid), Some(gid))
                         .map_err(io_at("cannot set owner of", &open.path))?;
                 }
+                crate::xattr::apply_to(&open.file, &e.xattrs)
+                    .map_err(io_at("cannot set attributes of", &open.path))?;
                 open.file
                     .set_permissions(Permissions::from_mode(self.sink.mode(e)))
                     .map_err(io_at("cannot set mode of", &open.path))?;
@@ -990,6 +1005,8 @@ impl SegmentWriter<'_> {
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
                 .map_err(io_at("cannot set owner of", &part))?;
         }
+        // The piece that completes the file brings the attributes (read when it was sent).
+        crate::xattr::apply_to(&f, &e.xattrs).map_err(io_at("cannot set attributes of", &part))?;
         f.set_permissions(Permissions::from_mode(sink.mode(e)))
             .map_err(io_at("cannot set mode of", &part))?;
         let t = mtime_of(e);

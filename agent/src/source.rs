@@ -47,6 +47,8 @@ pub struct Source {
     stats: Arc<Stats>,
     /// Source root per migration.
     roots: Mutex<HashMap<u64, PathBuf>>,
+    /// Migrations that carry extended attributes.
+    with_xattrs: Mutex<std::collections::HashSet<u64>>,
     /// Manifests being written or complete, per migration id, with the migration's uuid (a
     /// migration id of a new cluster may be an old one's: the uuid tells them apart).
     manifests: Mutex<HashMap<u64, (String, Arc<Manifest>)>>,
@@ -74,6 +76,7 @@ impl Source {
             max_in_flight: max_in_flight.max(1),
             stats,
             roots: Mutex::default(),
+            with_xattrs: Mutex::default(),
             manifests: Mutex::default(),
             retry_at: Mutex::default(),
             conns: Mutex::default(),
@@ -140,6 +143,12 @@ impl Source {
                     .lock()
                     .expect("not poisoned")
                     .insert(w.migration_id, PathBuf::from(&w.source_path));
+                if w.xattrs {
+                    self.with_xattrs
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(w.migration_id);
+                }
                 let known = {
                     let mut manifests = self.manifests.lock().expect("not poisoned");
                     match manifests.get(&w.migration_id) {
@@ -501,6 +510,14 @@ impl Source {
         let scanned = block_in_place(|| manifest.read(sid)).map_err(|e| e.to_string())?;
         let (mut entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
         block_in_place(|| find_holes(&root, &mut entries, &expect))?;
+        if self
+            .with_xattrs
+            .lock()
+            .expect("not poisoned")
+            .contains(&mid)
+        {
+            block_in_place(|| read_xattrs(&root, &mut entries))?;
+        }
         let conn = self
             .connect(&lease.target_agent, &lease.target_addr)
             .await?;
@@ -714,6 +731,35 @@ fn find_holes(root: &Path, entries: &mut [Entry], expect: &[Option<FileId>]) -> 
             File::open(&path).map_err(|err| format!("cannot open {}: {err}", path.display()))?;
         e.data_runs = crate::holes::data_runs(&file, e.offset, e.len)
             .map_err(|err| format!("cannot find the holes of {}: {err}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Reads the extended attributes of every entry but hardlinks (which share their file's), within
+/// a budget per segment that keeps its header far below the receiver's frame limit.
+fn read_xattrs(root: &Path, entries: &mut [Entry]) -> Result<(), String> {
+    let mut total = 0;
+    for e in entries.iter_mut().filter(|e| e.kind != EntryKind::Hardlink) {
+        let path = root.join(&e.path);
+        e.xattrs = crate::xattr::read(&path).map_err(|err| {
+            format!(
+                "cannot read the extended attributes of {}: {err}",
+                display(&path)
+            )
+        })?;
+        total += e
+            .xattrs
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>();
+        if total > crate::xattr::MAX_PER_SEGMENT {
+            return Err(format!(
+                "extended attributes of the files of this segment exceed {} bytes (the last \
+                 read: {}); ferry cannot carry them",
+                crate::xattr::MAX_PER_SEGMENT,
+                display(&path)
+            ));
+        }
     }
     Ok(())
 }

@@ -57,6 +57,9 @@ pub struct Entry {
     /// in increasing order, when the file is sparse; `None` for a dense piece. Only the runs'
     /// bytes cross the wire and are hashed; the rest are holes at both ends.
     pub data_runs: Option<Vec<(u64, u64)>>,
+    /// Extended attributes `(name, value)`, when the migration carries them (read at send
+    /// time, never kept in the manifest).
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Entry {
@@ -135,6 +138,7 @@ impl Entry {
             uid: 0,
             gid: 0,
             data_runs: None,
+            xattrs: Vec::new(),
         }
     }
 }
@@ -171,6 +175,8 @@ pub const MAX_BUNDLE_ENTRIES: usize = 16 * 1024;
 pub const MAX_BUNDLE_HEADER_BYTES: usize = 2 * 1024 * 1024;
 
 fn header_cost(e: &Entry) -> usize {
+    // Extended attributes are added at send time, within their own budget (the agent's
+    // `xattr::MAX_PER_SEGMENT`), so they are not counted here.
     e.path.as_os_str().len() + e.link_target.as_os_str().len() + 64
 }
 

@@ -39,6 +39,14 @@ impl From<&Entry> for pb::Entry {
                 .flatten()
                 .flat_map(|&(o, l)| [o, l])
                 .collect(),
+            xattrs: e
+                .xattrs
+                .iter()
+                .map(|(name, value)| pb::Xattr {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -94,6 +102,7 @@ impl TryFrom<pb::Entry> for Entry {
             uid: e.uid,
             gid: e.gid,
             data_runs,
+            xattrs: e.xattrs.into_iter().map(|x| (x.name, x.value)).collect(),
         })
     }
 }
@@ -119,6 +128,7 @@ mod tests {
         let back = Entry::try_from(pb::Entry::from(&latin1)).unwrap();
         assert_eq!(back, latin1);
         let mut sparse = Entry::file("s", 100, 0o600, (1, 2), 0).owned_by(7, 8);
+        sparse.xattrs = vec![(b"user.a".to_vec(), vec![0, 1, 255])];
         sparse.data_runs = Some(vec![(10, 5), (90, 10)]);
         let back = Entry::try_from(pb::Entry::from(&sparse)).unwrap();
         assert_eq!(back, sparse);

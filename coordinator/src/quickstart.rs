@@ -34,6 +34,8 @@ pub struct Options {
     pub workdir: Option<PathBuf>,
     /// Segment size in bytes.
     pub segment_size: u64,
+    /// Carry extended attributes.
+    pub xattrs: bool,
     /// Sample: size of each large file.
     pub sample_big_file_bytes: u64,
     /// Sample: number of small files.
@@ -49,6 +51,7 @@ impl Default for Options {
             target: None,
             workdir: None,
             segment_size: ferry_common::DEFAULT_SEGMENT_SIZE,
+            xattrs: false,
             sample_big_file_bytes: 128 * 1024 * 1024,
             sample_small_files: 3000,
             progress: true,
@@ -248,6 +251,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 target_agent: "target".into(),
                 target_path: String::new(),
                 segment_size: opts.segment_size,
+                xattrs: opts.xattrs,
             })
             .await?;
         let started = Instant::now();
@@ -409,6 +413,14 @@ pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> any
         f.write_all_at(&run, i * (size / 4) + 4096)?;
     }
     drop(f);
+    // Extended attributes (carried with --xattrs), where the file system keeps user ones.
+    let label = vec![(b"user.ferry.dataset".to_vec(), b"images-v3".to_vec())];
+    for p in ["datasets/README.txt", "datasets/images"] {
+        if let Err(e) = ferry_agent::xattr::apply_nofollow(&dir.join(p), &label) {
+            tracing::debug!(message = "No extended attributes in the sample.", error = %e);
+            break;
+        }
+    }
     // Owners other than the one running the quick start (only root can give files away).
     if ferry_agent::holes::running_as_root() {
         use std::os::unix::fs::{chown, lchown};

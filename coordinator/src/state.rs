@@ -138,6 +138,8 @@ pub struct MigrationSpec {
     pub target_path: String,
     /// Segment size in bytes.
     pub segment_size: u64,
+    /// Carry extended attributes.
+    pub xattrs: bool,
 }
 
 /// Where a migration is in its life.

@@ -48,7 +48,8 @@ use crate::state::{Migration, Segment, State};
 /// 1: JSON records, snapshot in sled. 2: binary records ([`crate::codec`]), snapshot in a file.
 /// 3: migrations have a name and an idempotency key; agents have a session and a conflict
 /// record; lease, renewal, report and heartbeat commands carry the agent's session.
-/// 4: the state has a cluster id (record `cluster`), migrations a uuid.
+/// 4: the state has a cluster id (record `cluster`); migrations a uuid, a hardlink count and
+/// an xattrs option; agents whether they apply owners.
 pub const FORMAT_VERSION: u64 = 4;
 
 /// sled's page cache per node (its default is 1 GiB, which alone broke the RSS budget).

@@ -346,9 +346,9 @@ fn directory_modes_are_never_set_through_a_symlink() {
     let link = outer.path().join("d");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
     // What a directory entry meets if a symlink replaced the directory after it was checked.
-    assert!(set_dir_meta(&link, 0o1777, None).is_err());
+    assert!(set_dir_meta(&link, 0o1777, None, &Vec::new()).is_err());
     assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o700);
-    set_dir_meta(&victim, 0o750, None).unwrap();
+    set_dir_meta(&victim, 0o750, None, &Vec::new()).unwrap();
     assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o750);
 }
 
@@ -612,4 +612,45 @@ fn what_a_target_remembers_of_a_migration_is_keyed_by_cluster_and_uuid() {
     assert_eq!(fs::read(f.path("big.bin")).unwrap(), other);
     assert!(f.sink.begin("", "no-slash", 0, 1).is_err());
     assert!(f.sink.begin("", "../x/y", 0, 1).is_err());
+}
+
+#[test]
+fn extended_attributes_land_on_files_directories_and_split_files() {
+    let f = Fixture::new();
+    let attrs = vec![(b"user.ferry.label".to_vec(), b"train".to_vec())];
+    let with = |mut e: Entry| {
+        e.xattrs = attrs.clone();
+        e
+    };
+    let probe = f.path("probe");
+    fs::write(&probe, b"").unwrap();
+    if crate::xattr::apply_nofollow(&probe, &attrs).is_err() {
+        eprintln!("SKIPPED: this file system keeps no user extended attributes");
+        return;
+    }
+    fs::remove_file(&probe).unwrap();
+    write_segment(
+        &f.sink,
+        0,
+        &[
+            (with(Entry::dir("d", 0o755, (5, 0))), b""),
+            (with(file("d/a", b"abc")), b"abc"),
+        ],
+    )
+    .unwrap();
+    for i in 0..3 {
+        let e = with(piece(i));
+        write_segment(
+            &f.sink,
+            10 + i as u64,
+            &[(
+                e.clone(),
+                &data()[e.offset as usize..(e.offset + e.len) as usize],
+            )],
+        )
+        .unwrap();
+    }
+    for p in ["d", "d/a", "big.bin"] {
+        assert_eq!(crate::xattr::read(&f.path(p)).unwrap(), attrs, "{p}");
+    }
 }

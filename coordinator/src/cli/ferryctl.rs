@@ -82,6 +82,9 @@ enum Cmd {
         /// Segment size in bytes.
         #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE)]
         segment_size: u64,
+        /// Carry extended attributes (xattrs; ACLs and security labels are xattrs too).
+        #[arg(long)]
+        xattrs: bool,
         /// Size of each large file of the generated sample, in MiB.
         #[arg(long, default_value_t = 128)]
         sample_big_file_mib: u64,
@@ -150,6 +153,10 @@ enum MigrationCmd {
         /// Segment size in bytes.
         #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE)]
         segment_size: u64,
+        /// Carry extended attributes (xattrs; ACLs and security labels are xattrs too). The
+        /// target's file system must keep them, or the files carrying them fail.
+        #[arg(long)]
+        xattrs: bool,
     },
     /// All migrations.
     List,
@@ -211,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             workdir,
             segment_size,
+            xattrs,
             sample_big_file_mib,
             sample_small_files,
         } => {
@@ -219,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 target: target.clone(),
                 workdir: workdir.clone(),
                 segment_size: *segment_size,
+                xattrs: *xattrs,
                 sample_big_file_bytes: sample_big_file_mib * 1024 * 1024,
                 sample_small_files: *sample_small_files,
                 progress: !json,
@@ -344,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source,
             target,
             segment_size,
+            xattrs,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -353,6 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 target_agent,
                 target_path,
                 segment_size: *segment_size,
+                xattrs: *xattrs,
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
             let id = connect(&cli).await?.create_named(&name, spec).await?;

@@ -56,6 +56,7 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
         } else {
             s.segment_size
         },
+        xattrs: s.xattrs,
     })
 }
 

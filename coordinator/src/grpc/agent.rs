@@ -183,6 +183,7 @@ impl AgentControl for AgentService {
                     scan_complete: m.scan_complete,
                     finished: m.phase == Phase::Done,
                     migration_uuid: m.uuid.clone(),
+                    xattrs: m.spec.xattrs,
                 })
                 .collect();
             Ok((

@@ -22,6 +22,7 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
         target_agent: s.target_agent.clone(),
         target_path: s.target_path.clone(),
         segment_size: s.segment_size,
+        xattrs: s.xattrs,
     }
 }
 

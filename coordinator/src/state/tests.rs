@@ -63,6 +63,7 @@ impl World {
             target_agent: "dst".into(),
             target_path: String::new(),
             segment_size: 100,
+            xattrs: false,
         };
         let Response::MigrationCreated(id) = self.apply(Command::CreateMigration {
             name: unique_name(),
@@ -275,6 +276,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         target_agent: "dst".into(),
         target_path: String::new(),
         segment_size: 1,
+        xattrs: false,
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -328,6 +330,7 @@ fn create_refuses_unknown_agents() {
         target_agent: "dst".into(),
         target_path: String::new(),
         segment_size: 1,
+        xattrs: false,
     };
     let r = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -420,6 +423,7 @@ fn create(w: &mut World) -> u64 {
         target_agent: "dst".into(),
         target_path: String::new(),
         segment_size: 1,
+        xattrs: false,
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -824,6 +828,7 @@ fn a_create_repeated_with_its_key_answers_the_same_migration_and_names_are_uniqu
         target_agent: "dst".into(),
         target_path: String::new(),
         segment_size: 1,
+        xattrs: false,
     };
     let create = |name: &str, key: &str, spec: &MigrationSpec| Command::CreateMigration {
         name: name.into(),
@@ -1107,6 +1112,7 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         target_agent: "dst".into(),
         target_path: String::new(),
         segment_size: 100,
+        xattrs: false,
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: "links".into(),

@@ -79,6 +79,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 target_agent: "dst".into(),
                 target_path: String::new(),
                 segment_size: 10,
+                xattrs: false,
             },
             uuid: ferry_common::ids::random_id(),
             now_ms: 2,

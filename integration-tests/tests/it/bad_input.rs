@@ -32,6 +32,7 @@ async fn missing_source_path_is_reported_not_ignored() {
             target_agent: "target".into(),
             target_path: String::new(),
             segment_size: 0,
+            xattrs: false,
         })
         .await
         .unwrap();
@@ -136,6 +137,7 @@ impl Hostile {
                 target_agent: "target".into(),
                 target_path: String::new(),
                 segment_size: 0,
+                xattrs: false,
             })
             .await
             .unwrap();

@@ -271,6 +271,8 @@ pub enum Node {
         /// Bytes allocated on disk (`st_blocks * 512`): compared within a tolerance, as file
         /// systems allocate at their own granularity.
         allocated: u64,
+        /// Extended attributes.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     },
     /// A directory.
     Dir {
@@ -280,6 +282,8 @@ pub enum Node {
         mtime: (i64, i64),
         /// Numeric owner and group.
         owner: (u32, u32),
+        /// Extended attributes.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     },
     /// A symlink.
     Symlink {
@@ -319,6 +323,7 @@ pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
                     mode: m.mode() & 0o7777,
                     mtime: (m.mtime(), m.mtime_nsec()),
                     owner,
+                    xattrs: ferry_agent::xattr::read(&p)?,
                 }
             } else if m.is_file() {
                 inodes
@@ -343,6 +348,7 @@ pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
                     owner,
                     names: Vec::new(),
                     allocated: m.blocks() * 512,
+                    xattrs: ferry_agent::xattr::read(&p)?,
                 }
             } else {
                 bail!("{} is neither file, directory nor symlink", p.display());
@@ -436,6 +442,7 @@ pub fn migration_spec(src: &Path, target_path: &str) -> ferry_proto::admin::Migr
         target_agent: "target".into(),
         target_path: target_path.into(),
         segment_size: 256 * 1024,
+        xattrs: false,
     }
 }
 

@@ -20,6 +20,7 @@ fn quickstart_command_migrates_the_sample_exactly() {
             "400",
             "--segment-size",
             "1048576",
+            "--xattrs",
             "-o",
             "json",
             "--workdir",
@@ -83,6 +84,20 @@ fn quickstart_command_migrates_the_sample_exactly() {
     };
     assert_eq!(size, 6 * 1024 * 1024);
     assert!(allocated <= 1024 * 1024, "{allocated} bytes allocated");
+    // extended attributes (asked for with --xattrs; where the file system keeps user ones),
+    let Node::File { xattrs, .. } = &tree[Path::new("datasets/README.txt")] else {
+        panic!()
+    };
+    let probe = work.path().join("xattr-probe");
+    std::fs::write(&probe, b"").unwrap();
+    if ferry_agent::xattr::apply_nofollow(&probe, &vec![(b"user.p".to_vec(), b"1".to_vec())])
+        .is_ok()
+    {
+        assert_eq!(
+            xattrs,
+            &vec![(b"user.ferry.dataset".to_vec(), b"images-v3".to_vec())]
+        );
+    }
     // and owners (given away only when the test runs as root).
     if ferry_agent::holes::running_as_root() {
         assert!(
