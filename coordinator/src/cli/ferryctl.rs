@@ -467,6 +467,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         s.segment_id, s.state, s.attempts, s.last_error
                     );
                 }
+                if v.scan_issues_total > 0 {
+                    println!("{} path(s) not copied:", v.scan_issues_total);
+                    for i in &v.scan_issues {
+                        println!("  {}: {}", i.path, i.reason);
+                    }
+                }
             }
             return Ok(if v.all_verified {
                 ExitCode::SUCCESS

@@ -400,9 +400,14 @@ impl Admin for AdminService {
                         out.segments.push(convert::segment(sid, seg));
                     }
                 }
+                // Nothing skipped either: a tree whose only entry was a FIFO, or a source root
+                // that does not exist, is not a verified copy of anything.
+                out.scan_issues_total = m.scan_issues_total;
+                out.scan_issues = convert::progress(m).scan_issues;
                 out.all_verified = m.scan_complete
                     && out.hash_mismatches == 0
-                    && out.segments_verified == out.segments_total;
+                    && out.segments_verified == out.segments_total
+                    && m.scan_issues_total == 0;
                 Some(out)
             })
             .await?
