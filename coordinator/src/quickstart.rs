@@ -90,12 +90,19 @@ pub struct Report {
     pub issues: Vec<(String, String)>,
     /// Number of such paths.
     pub issues_total: u64,
+    /// Files in segments given up on after their last allowed attempt.
+    pub failed_files: u64,
+    /// The first failed segments' last errors (each names its file and the cause).
+    pub failed: Vec<String>,
 }
 
 impl Report {
     /// The quick start succeeded: everything verified and nothing left behind.
     pub fn ok(&self) -> bool {
-        self.all_verified && self.hash_mismatches == 0 && self.issues_total == 0
+        self.all_verified
+            && self.hash_mismatches == 0
+            && self.issues_total == 0
+            && self.failed_files == 0
     }
 
     /// Human-readable report.
@@ -129,6 +136,15 @@ impl Report {
                 "NO"
             }
         ));
+        if self.failed_files > 0 {
+            s.push_str(&format!(
+                "FAILED      {} file(s), given up on after the last allowed attempt:\n",
+                self.failed_files
+            ));
+            for e in &self.failed {
+                s.push_str(&format!("  {e}\n"));
+            }
+        }
         if self.issues_total > 0 {
             s.push_str(&format!("NOT COPIED  {} path(s):\n", self.issues_total));
             for (p, r) in &self.issues {
@@ -235,6 +251,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 target_agent: "target".into(),
                 target_path: String::new(),
                 segment_size: opts.segment_size,
+                max_attempts: 0,
             })
             .await?;
         let started = Instant::now();
@@ -248,7 +265,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 let line = progress_line(p, rate);
                 if tty {
                     eprint!("\r{line}\x1b[K");
-                } else if last_print.elapsed() >= Duration::from_secs(2) || p.phase == "done" {
+                } else if last_print.elapsed() >= Duration::from_secs(2)
+                    || p.phase == "done"
+                    || p.phase == "failed"
+                {
                     eprintln!("{line}");
                     last_print = Instant::now();
                 }
@@ -292,6 +312,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 .map(|i| (i.path.clone(), i.reason.clone()))
                 .collect(),
             issues_total: done.scan_issues_total,
+            failed_files: done.files_failed,
+            failed: done.failed.iter().map(|s| s.last_error.clone()).collect(),
         })
     }
     .await;

@@ -48,7 +48,10 @@ use crate::state::{Migration, Segment, State};
 /// 1: JSON records, snapshot in sled. 2: binary records ([`crate::codec`]), snapshot in a file.
 /// 3: migrations have a name and an idempotency key; agents have a session and a conflict
 /// record; lease, renewal, report and heartbeat commands carry the agent's session.
-pub const FORMAT_VERSION: u64 = 3;
+/// 4: retries are bounded: specs carry `max_attempts`, segments a backoff time
+/// (`not_before_ms`) and a terminal `Failed` state, migrations a `Failed` phase and failed
+/// counts; reports say whether a failure counts (`retry_later`).
+pub const FORMAT_VERSION: u64 = 4;
 
 /// sled's page cache per node (its default is 1 GiB, which alone broke the RSS budget).
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;

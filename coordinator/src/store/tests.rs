@@ -75,6 +75,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 target_agent: "dst".into(),
                 target_path: String::new(),
                 segment_size: 10,
+                max_attempts: crate::state::DEFAULT_MAX_ATTEMPTS,
             },
             now_ms: 2,
         },
@@ -113,6 +114,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             segment_id: 0,
             epoch: crate::state::fencing_token(5, 0),
             result: Ok([9; 32]),
+            retry_later: false,
             now_ms: 4,
         });
     }

@@ -287,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
                 target_agent: targets[i].agent().to_string(),
                 target_path: String::new(),
                 segment_size: 0,
+                max_attempts: 0,
             })
             .await?,
         );

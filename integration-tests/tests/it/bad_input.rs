@@ -32,6 +32,7 @@ async fn missing_source_path_is_reported_not_ignored() {
             target_agent: "target".into(),
             target_path: String::new(),
             segment_size: 0,
+            max_attempts: 0,
         })
         .await
         .unwrap();
@@ -136,6 +137,7 @@ impl Hostile {
                 target_agent: "target".into(),
                 target_path: String::new(),
                 segment_size: 0,
+                max_attempts: 0,
             })
             .await
             .unwrap();
@@ -339,6 +341,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         ok: true,
         blake3: vec![7; 32],
         error: String::new(),
+        retry_later: false,
     };
     let r = c
         .report_segments(ReportSegmentsRequest {

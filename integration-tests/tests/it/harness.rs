@@ -436,6 +436,7 @@ pub fn migration_spec(src: &Path, target_path: &str) -> ferry_proto::admin::Migr
         target_agent: "target".into(),
         target_path: target_path.into(),
         segment_size: 256 * 1024,
+        max_attempts: 0,
     }
 }
 
