@@ -591,6 +591,13 @@ impl Source {
             let m = f
                 .metadata()
                 .map_err(|err| format!("cannot stat {}: {err}", path.display()))?;
+            if !m.is_file() {
+                return Err(format!(
+                    "{} is no longer a regular file (it was when scanned); restore it, or copy \
+                     it in a later sync round",
+                    path.display()
+                ));
+            }
             if !expect.matches(&m) {
                 return Err(if e.chunk_count > 1 {
                     format!(

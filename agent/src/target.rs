@@ -79,6 +79,19 @@ impl Refusal {
         }
     }
 
+    /// Whether the target reports this failure itself: writing failed in the target's own
+    /// environment (a full disk, a permission, an I/O error). What the peer sent (a bad path,
+    /// a bad entry) is refused in the ack only, and the source reports it.
+    fn target_reports(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Sink {
+                error: SinkError::Io { .. } | SinkError::Root { .. },
+                ..
+            }
+        )
+    }
+
     /// Whether the failure is not the segment's: a hardlink waits for its first name.
     fn retry_later(&self) -> bool {
         matches!(
@@ -105,19 +118,26 @@ fn describe_sink_error(e: &SinkError, entry: Option<&str>) -> String {
     let path = path.display();
     match source.raw_os_error() {
         Some(libc::ENOSPC) => format!(
-            "no space left on the target's device ({path}{writing}): free space on it or move              the target root to a larger file system; ferry retries the segment until the              migration's max attempts are used up"
+            "no space left on the target's device ({path}{writing}): free space on it or move \
+             the target root to a larger file system; ferry retries the segment, with backoff, \
+             up to the migration's max attempts"
         ),
         Some(libc::EDQUOT) => format!(
-            "the target agent's disk quota is exhausted ({path}{writing}): raise the quota or              free space; ferry retries the segment until the migration's max attempts are used              up"
+            "the target agent's disk quota is exhausted ({path}{writing}): raise the quota or \
+             free space; ferry retries the segment, with backoff, up to the migration's max \
+             attempts"
         ),
         Some(libc::EACCES) | Some(libc::EPERM) => format!(
-            "permission denied at the target ({op} {path}{writing}): let the target agent's              user write there, or choose another target directory"
+            "permission denied at the target ({op} {path}{writing}): let the target agent's \
+             user write there, or choose another target directory"
         ),
         Some(libc::EROFS) => format!(
-            "the target's file system is read-only ({op} {path}{writing}): remount it read-write              or move the target root"
+            "the target's file system is read-only ({op} {path}{writing}): remount it read-write \
+             or move the target root"
         ),
         Some(libc::EIO) => format!(
-            "I/O error on the target's device ({op} {path}{writing}): check the disk (dmesg)              before trusting it with data"
+            "I/O error on the target's device ({op} {path}{writing}): check the disk (dmesg) \
+             before trusting it with data"
         ),
         _ => format!("{op} {path}{writing}: {source}"),
     }
@@ -230,7 +250,7 @@ impl Target {
                 } else {
                     tracing::warn!(message = "Segment refused.", migration = mid, segment = sid, epoch, error = %why);
                 }
-                if let Refusal::Sink { .. } = e {
+                if e.target_reports() {
                     // The write failed here: record the cause at the coordinator first, so the
                     // operator sees the target's reason (a full disk) rather than the source's
                     // view of it (a stopped stream), whatever the source reports after.
@@ -396,5 +416,58 @@ impl Target {
             )));
         }
         Ok(hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(errno: i32) -> SinkError {
+        SinkError::Io {
+            op: "write",
+            path: "/srv/dst/.ferry-part-1".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[test]
+    fn write_failures_name_the_cause_the_place_and_what_to_do() {
+        let e = describe_sink_error(&io(libc::ENOSPC), Some("data/model.bin"));
+        assert!(
+            e.starts_with(
+                "no space left on the target's device (/srv/dst/.ferry-part-1 while writing \
+                 data/model.bin): free space on it or move the target root"
+            ),
+            "{e}"
+        );
+        let e = describe_sink_error(&io(libc::EACCES), Some("a"));
+        assert!(
+            e.starts_with("permission denied at the target (write /srv/dst/"),
+            "{e}"
+        );
+        assert!(describe_sink_error(&io(libc::EROFS), None).contains("read-only"));
+        assert!(describe_sink_error(&io(libc::EIO), None).contains("I/O error"));
+        let e = describe_sink_error(&io(libc::EMFILE), None);
+        assert!(e.starts_with("write /srv/dst/.ferry-part-1: "), "{e}");
+    }
+
+    #[test]
+    fn only_a_waiting_hardlink_is_retried_without_counting() {
+        let link = Refusal::from(SinkError::LinkPending {
+            path: "b".into(),
+            first: "a".into(),
+            reason: "a has not arrived".into(),
+        });
+        assert!(link.retry_later());
+        assert!(!Refusal::from(io(libc::ENOSPC)).retry_later());
+        assert!(!Refusal::Plain("lease refused".into()).retry_later());
+    }
+
+    #[test]
+    fn the_target_reports_its_own_write_failures_not_what_a_peer_sent() {
+        assert!(Refusal::from(io(libc::ENOSPC)).target_reports());
+        assert!(!Refusal::from(SinkError::Reserved(".ferry-x".into())).target_reports());
+        assert!(!Refusal::Plain("lease refused".into()).target_reports());
     }
 }

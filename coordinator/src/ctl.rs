@@ -568,20 +568,14 @@ pub fn failed_lines(p: &pb::MigrationProgress) -> Vec<String> {
         return Vec::new();
     }
     let mut out = vec![format!(
-        "FAILED      {} segment(s), {} file(s), {}: given up on after {} attempts each",
+        "FAILED      {} segment(s) ({}) given up on after {} attempts each; each error names \
+         its file:",
         p.segments_failed,
-        p.files_failed,
         human_bytes(p.bytes_failed),
         p.spec.as_ref().map_or(0, |s| s.max_attempts)
     )];
     for s in &p.failed {
-        out.push(format!(
-            "  segment {} ({} file(s), {}): {}",
-            s.segment_id,
-            s.files,
-            human_bytes(s.bytes),
-            s.last_error
-        ));
+        out.push(format!("  segment {}: {}", s.segment_id, s.last_error));
     }
     if (p.failed.len() as u64) < p.segments_failed {
         out.push(format!(

@@ -90,8 +90,8 @@ pub struct Report {
     pub issues: Vec<(String, String)>,
     /// Number of such paths.
     pub issues_total: u64,
-    /// Files in segments given up on after their last allowed attempt.
-    pub failed_files: u64,
+    /// Segments given up on after their last allowed attempt.
+    pub failed_segments: u64,
     /// The first failed segments' last errors (each names its file and the cause).
     pub failed: Vec<String>,
 }
@@ -102,7 +102,7 @@ impl Report {
         self.all_verified
             && self.hash_mismatches == 0
             && self.issues_total == 0
-            && self.failed_files == 0
+            && self.failed_segments == 0
     }
 
     /// Human-readable report.
@@ -136,10 +136,10 @@ impl Report {
                 "NO"
             }
         ));
-        if self.failed_files > 0 {
+        if self.failed_segments > 0 {
             s.push_str(&format!(
-                "FAILED      {} file(s), given up on after the last allowed attempt:\n",
-                self.failed_files
+                "FAILED      {} segment(s), given up on after the last allowed attempt:\n",
+                self.failed_segments
             ));
             for e in &self.failed {
                 s.push_str(&format!("  {e}\n"));
@@ -312,7 +312,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 .map(|i| (i.path.clone(), i.reason.clone()))
                 .collect(),
             issues_total: done.scan_issues_total,
-            failed_files: done.files_failed,
+            failed_segments: done.segments_failed,
             failed: done.failed.iter().map(|s| s.last_error.clone()).collect(),
         })
     }
