@@ -97,6 +97,9 @@ impl Source {
         let mut reconcile = true;
         let mut last_renewal = Instant::now();
         let mut renewal: Option<tokio::task::JoinHandle<()>> = None;
+        // While the coordinator refuses or cannot answer lease requests, ask less and less often
+        // (from one tick up to 10 s) instead of every tick.
+        let mut lease_backoff = Backoff::new(TICK, Duration::from_secs(10));
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -193,11 +196,15 @@ impl Source {
             if free == 0 || work.iter().all(|w| w.finished) {
                 continue;
             }
+            if lease_backoff.waiting() {
+                continue;
+            }
             // Not interrupted by `stop`: leases the coordinator granted must be known here, to be
             // sent or released, or they would sit until they expire.
             let leased = self.control.lease(free).await;
             match leased {
                 Ok(leases) => {
+                    lease_backoff.succeeded();
                     for l in leases {
                         let me = self.clone();
                         let lease = l.clone();
@@ -208,7 +215,12 @@ impl Source {
                 Err(e) => {
                     // The coordinator may have granted leases whose answer was lost.
                     reconcile = true;
-                    tracing::warn!(message = "Lease request failed.", error = %e);
+                    let (first, delay) = lease_backoff.failed();
+                    if first {
+                        tracing::warn!(message = "Lease request failed; retrying with backoff.", error = %e);
+                    } else {
+                        tracing::debug!(message = "Lease request failed again.", retry_in_ms = delay.as_millis() as u64, error = %e);
+                    }
                 }
             }
         }
@@ -638,6 +650,53 @@ impl Source {
     }
 }
 
+/// When to try a failing call again: exponential backoff with jitter (backon), reset by a
+/// success. For loops that must not block on the wait (the source's main loop ticks on).
+struct Backoff {
+    builder: backon::ExponentialBuilder,
+    delays: Option<backon::ExponentialBackoff>,
+    next_at: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            builder: backon::ExponentialBuilder::default()
+                .with_min_delay(min)
+                .with_max_delay(max)
+                .with_jitter()
+                .without_max_times(),
+            delays: None,
+            next_at: None,
+        }
+    }
+
+    /// Whether the last failure's delay has not passed yet.
+    fn waiting(&self) -> bool {
+        self.next_at.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Records a failure; returns whether it is the first since the last success, and how long
+    /// to wait before the next try.
+    fn failed(&mut self) -> (bool, Duration) {
+        use backon::BackoffBuilder;
+        let first = self.delays.is_none();
+        let delay = self
+            .delays
+            .get_or_insert_with(|| self.builder.build())
+            .next()
+            .unwrap_or(Duration::from_secs(10));
+        self.next_at = Some(Instant::now() + delay);
+        (first, delay)
+    }
+
+    /// Records a success: the next failure starts from the shortest delay again.
+    fn succeeded(&mut self) {
+        self.delays = None;
+        self.next_at = None;
+    }
+}
+
 /// How writing a segment to its stream failed.
 enum SendFail {
     /// Reading the source failed, or a file changed: the segment's own failure.
@@ -782,11 +841,16 @@ where
     Fut: std::future::Future<Output = Result<T, crate::control::ControlError>>,
 {
     let mut delay = Duration::from_millis(100);
+    let mut first = true;
     loop {
         match rt.block_on(f()) {
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && !*stop.borrow() => {
-                tracing::warn!(message = "Coordinator call failed; retrying.", error = %e);
+                if std::mem::take(&mut first) {
+                    tracing::warn!(message = "Coordinator call failed; retrying.", error = %e);
+                } else {
+                    tracing::debug!(message = "Coordinator call failed again; retrying.", error = %e);
+                }
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -848,6 +912,27 @@ mod tests {
             !id.matches(&after),
             "rewrite with restored mtime not detected"
         );
+    }
+
+    #[test]
+    fn the_lease_backoff_grows_to_its_cap_and_a_success_resets_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        assert!(!b.waiting());
+        let (first, d1) = b.failed();
+        assert!(first && d1 <= Duration::from_millis(200), "{d1:?}");
+        assert!(b.waiting());
+        let mut last = d1;
+        for _ in 0..10 {
+            let (first, d) = b.failed();
+            assert!(!first);
+            // Jitter adds up to one delay: never more than twice the cap.
+            assert!(d <= Duration::from_secs(4), "{d:?}");
+            last = d;
+        }
+        assert!(last >= Duration::from_secs(2), "grew to the cap: {last:?}");
+        b.succeeded();
+        assert!(!b.waiting());
+        assert!(b.failed().0, "a success starts over");
     }
 
     #[test]
