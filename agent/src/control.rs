@@ -40,6 +40,41 @@ impl ControlError {
     }
 }
 
+/// Why a transfer failed, as one end reports it to the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What failed, where, and what to do.
+    pub error: String,
+    /// The failure is not the segment's (this agent shuts down, the peer cannot be reached, a
+    /// hardlink waits for its first name): the coordinator retries it after a backoff without
+    /// counting one of its attempts.
+    pub retry_later: bool,
+}
+
+impl Failure {
+    /// A failure of the segment itself: it counts toward the migration's `max_attempts`.
+    pub fn counted(error: impl Into<String>) -> Self {
+        Failure {
+            error: error.into(),
+            retry_later: false,
+        }
+    }
+
+    /// A failure that is not the segment's: retried later, not counted.
+    pub fn later(error: impl Into<String>) -> Self {
+        Failure {
+            error: error.into(),
+            retry_later: true,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)
+    }
+}
+
 /// A cheap-to-clone handle on the control API, acting as one agent.
 #[derive(Clone)]
 pub struct Control {
@@ -432,11 +467,11 @@ impl Control {
         migration_id: u64,
         segment_id: u64,
         epoch: u64,
-        result: Result<[u8; 32], String>,
+        result: Result<[u8; 32], Failure>,
     ) -> Result<pb::ReportSegmentResponse, ControlError> {
-        let (ok, blake3, error) = match result {
-            Ok(h) => (true, h.to_vec(), String::new()),
-            Err(e) => (false, Vec::new(), e),
+        let (ok, blake3, error, retry_later) = match result {
+            Ok(h) => (true, h.to_vec(), String::new(), false),
+            Err(f) => (false, Vec::new(), f.error, f.retry_later),
         };
         let req = pb::ReportSegmentRequest {
             agent: self.agent.clone(),
@@ -447,6 +482,7 @@ impl Control {
             ok,
             blake3,
             error,
+            retry_later,
         };
         let queue = self.reports.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::Retryable;
 use ferry_common::names::agent_dns;
 use ferry_common::path::display;
 use ferry_common::segment::{Entry, EntryKind, SegmentPlanner};
@@ -16,7 +17,7 @@ use ferry_proto::data as pb;
 use tokio::sync::watch;
 use tokio::task::{block_in_place, JoinSet};
 
-use crate::control::Control;
+use crate::control::{Control, Failure};
 use crate::frame::{self, MAX_SMALL_FRAME};
 use crate::manifest::{
     self, Manifest, ManifestWriter, ScanSummary, SegmentSummary, MAX_ISSUES_KEPT,
@@ -30,6 +31,9 @@ const REGISTER_BATCH: usize = 1000;
 const BUF: usize = 1024 * 1024;
 /// How long a source keeps retrying a segment report the coordinator did not answer.
 const REPORT_RETRY_FOR: Duration = Duration::from_secs(60);
+/// How long a source waits for the target's ack after its stream to the target failed: the
+/// target sends why (a full disk) before it stops reading.
+const ACK_AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// How long to wait before preparing a migration again after a failure.
 const PREPARE_RETRY: Duration = Duration::from_secs(5);
 /// How often to ask for work and leases when idle.
@@ -97,6 +101,9 @@ impl Source {
         let mut reconcile = true;
         let mut last_renewal = Instant::now();
         let mut renewal: Option<tokio::task::JoinHandle<()>> = None;
+        // While the coordinator refuses or cannot answer lease requests, ask less and less often
+        // (from one tick up to 10 s) instead of every tick.
+        let mut lease_backoff = Backoff::new(TICK, Duration::from_secs(10));
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -206,11 +213,15 @@ impl Source {
             if free == 0 || work.iter().all(|w| w.finished) {
                 continue;
             }
+            if lease_backoff.waiting() {
+                continue;
+            }
             // Not interrupted by `stop`: leases the coordinator granted must be known here, to be
             // sent or released, or they would sit until they expire.
             let leased = self.control.lease(free).await;
             match leased {
                 Ok(leases) => {
+                    lease_backoff.succeeded();
                     for l in leases {
                         let me = self.clone();
                         let lease = l.clone();
@@ -221,7 +232,12 @@ impl Source {
                 Err(e) => {
                     // The coordinator may have granted leases whose answer was lost.
                     reconcile = true;
-                    tracing::warn!(message = "Lease request failed.", error = %e);
+                    let (first, delay) = lease_backoff.failed();
+                    if first {
+                        tracing::warn!(message = "Lease request failed; retrying with backoff.", error = %e);
+                    } else {
+                        tracing::debug!(message = "Lease request failed again.", retry_in_ms = delay.as_millis() as u64, error = %e);
+                    }
                 }
             }
         }
@@ -236,7 +252,7 @@ impl Source {
                 l.migration_id,
                 l.segment_id,
                 l.epoch,
-                Err("source agent shut down".into()),
+                Err(Failure::later("source agent shut down")),
             )
         });
         let released =
@@ -427,44 +443,50 @@ impl Source {
         })
     }
 
-    /// Sends one leased segment and reports the outcome.
+    /// Sends one leased segment and reports the outcome. How soon a failed segment is tried
+    /// again, and when it is given up on, is the coordinator's decision (its backoff and the
+    /// migration's max attempts); this end only logs the first failure loudly.
     async fn transfer(self: Arc<Self>, lease: Lease) {
         let (mid, sid, epoch) = (lease.migration_id, lease.segment_id, lease.epoch);
         let result = self.send(&lease).await;
-        if let Err(e) = &result {
+        if let Err(f) = &result {
             Stats::add(&self.stats.segments_failed, 1);
-            tracing::warn!(message = "Segment transfer failed.", migration = mid, segment = sid, error = %e);
-        }
-        // A report lost to a coordinator restart or leader change is retried: the segment would
-        // otherwise sit leased until its lease expires. Reports are idempotent per epoch.
-        let mut delay = Duration::from_millis(100);
-        let give_up = Instant::now() + REPORT_RETRY_FOR;
-        let outcome = loop {
-            let r = self
-                .control
-                .report(Role::Source, mid, sid, epoch, result.clone())
-                .await;
-            match r {
-                Err(e) if e.is_transient() && Instant::now() + delay < give_up => {
-                    tracing::debug!(message = "Report failed; retrying.", segment = sid, error = %e);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                r => break r,
+            if f.retry_later || lease.attempts > 0 {
+                tracing::debug!(message = "Segment transfer failed.", migration = mid, segment = sid, attempts = lease.attempts, retry_later = f.retry_later, error = %f);
+            } else {
+                tracing::warn!(message = "Segment transfer failed.", migration = mid, segment = sid, error = %f);
             }
-        };
+        }
+        // A report lost to a coordinator restart or leader change is retried (with exponential
+        // backoff and jitter, for up to REPORT_RETRY_FOR): the segment would otherwise sit
+        // leased until its lease expires. Reports are idempotent per epoch.
+        let backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(REPORT_RETRY_FOR));
+        let outcome = (|| {
+            self.control
+                .report(Role::Source, mid, sid, epoch, result.clone())
+        })
+        .retry(backoff)
+        .when(|e| e.is_transient())
+        .notify(|e, delay| {
+            tracing::debug!(message = "Report failed; retrying.", segment = sid, delay_ms = delay.as_millis() as u64, error = %e)
+        })
+        .await;
         match outcome {
             Ok(r) if r.outcome == "verified" => Stats::add(&self.stats.segments_verified, 1),
+            Ok(r) if r.outcome == "gave up" => {
+                tracing::warn!(message = "Segment given up on after its last allowed attempt.", migration = mid, segment = sid, attempts = lease.attempts + 1, error = %r.reason)
+            }
             Ok(r) => {
                 tracing::debug!(message = "Segment not verified.", segment = sid, outcome = %r.outcome, reason = %r.reason)
             }
             Err(e) => {
                 tracing::warn!(message = "Could not report segment; its lease will expire.", segment = sid, error = %e)
             }
-        }
-        if result.is_err() {
-            // Back off a little so that an unreachable target is not hammered.
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -491,7 +513,10 @@ impl Source {
         Ok(conn)
     }
 
-    async fn send(&self, lease: &Lease) -> Result<[u8; 32], String> {
+    /// Sends one leased segment; returns its hash once the target acknowledged it. A failure
+    /// says whether it is the segment's (its files cannot be read, the target cannot write
+    /// them) or not (the manifest is not loaded yet, the target cannot be reached).
+    async fn send(&self, lease: &Lease) -> Result<[u8; 32], Failure> {
         let (mid, sid) = (lease.migration_id, lease.segment_id);
         let manifest = self
             .manifests
@@ -499,70 +524,100 @@ impl Source {
             .expect("not poisoned")
             .get(&mid)
             .map(|(_, m)| m.clone())
-            .ok_or_else(|| format!("manifest of migration {mid} is not loaded yet"))?;
+            .ok_or_else(|| {
+                Failure::later(format!("manifest of migration {mid} is not loaded yet"))
+            })?;
         let root = self
             .roots
             .lock()
             .expect("not poisoned")
             .get(&mid)
             .cloned()
-            .ok_or_else(|| format!("source root of migration {mid} unknown"))?;
-        let scanned = block_in_place(|| manifest.read(sid)).map_err(|e| e.to_string())?;
+            .ok_or_else(|| Failure::later(format!("source root of migration {mid} unknown")))?;
+        let scanned =
+            block_in_place(|| manifest.read(sid)).map_err(|e| Failure::counted(e.to_string()))?;
         let (mut entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
-        block_in_place(|| find_holes(&root, &mut entries, &expect))?;
+        block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::counted)?;
         if self
             .with_xattrs
             .lock()
             .expect("not poisoned")
             .contains(&mid)
         {
-            block_in_place(|| read_xattrs(&root, &mut entries))?;
+            block_in_place(|| read_xattrs(&root, &mut entries)).map_err(Failure::counted)?;
         }
         let conn = self
             .connect(&lease.target_agent, &lease.target_addr)
-            .await?;
-        let (mut send, mut recv) = conn
-            .open_bi()
             .await
-            .map_err(|e| format!("cannot open stream: {e}"))?;
+            .map_err(Failure::later)?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+            Failure::later(format!(
+                "cannot open a stream to {}: {e}",
+                lease.target_agent
+            ))
+        })?;
         let header = pb::SegmentHeader {
             migration_id: mid,
             segment_id: sid,
             epoch: lease.epoch,
             entries: entries.iter().map(pb::Entry::from).collect(),
         };
-        frame::write(&mut send, &header)
-            .await
-            .map_err(|e| e.to_string())?;
         let holes = entries.iter().map(|e| e.len - e.wire_len()).sum();
         Stats::add(&self.stats.hole_bytes, holes);
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; BUF];
-        for (e, expect) in entries.iter().zip(&expect) {
-            let Some(expect) = expect else { continue };
-            if let Err(why) = self
-                .stream_piece(&root, e, expect, &mut hasher, &mut buf, &mut send)
+        let written = async {
+            frame::write(&mut send, &header)
                 .await
-            {
-                let _ = send.reset(1u32.into());
-                return Err(why);
+                .map_err(|e| SendFail::Stream(e.to_string()))?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; BUF];
+            for (e, expect) in entries.iter().zip(&expect) {
+                let Some(expect) = expect else { continue };
+                self.stream_piece(&root, e, expect, &mut hasher, &mut buf, &mut send)
+                    .await?;
             }
-        }
-        let hash = *hasher.finalize().as_bytes();
-        frame::write(
-            &mut send,
-            &pb::SegmentTrailer {
-                blake3: hash.to_vec(),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
-        let ack: pb::SegmentAck = frame::read(&mut recv, MAX_SMALL_FRAME)
+            let hash = *hasher.finalize().as_bytes();
+            frame::write(
+                &mut send,
+                &pb::SegmentTrailer {
+                    blake3: hash.to_vec(),
+                },
+            )
             .await
-            .map_err(|e| format!("no ack from target: {e}"))?;
+            .map_err(|e| SendFail::Stream(e.to_string()))?;
+            send.finish().map_err(|e| SendFail::Stream(e.to_string()))?;
+            Ok(hash)
+        }
+        .await;
+        let hash = match written {
+            Ok(h) => h,
+            Err(SendFail::Segment(why)) => {
+                let _ = send.reset(1u32.into());
+                return Err(Failure::counted(why));
+            }
+            Err(SendFail::Stream(why)) => {
+                // The target stopped reading, or the connection went: the target's ack says
+                // why if it had a reason (a full disk); otherwise a lost connection is not the
+                // segment's failure, and anything else is.
+                let ack = tokio::time::timeout(
+                    ACK_AFTER_FAILURE,
+                    frame::read::<pb::SegmentAck>(&mut recv, MAX_SMALL_FRAME),
+                )
+                .await;
+                return Err(match ack {
+                    Ok(Ok(ack)) if !ack.ok => refused(&lease.target_agent, ack),
+                    _ => stream_failure(&conn, &lease.target_agent, why),
+                });
+            }
+        };
+        let ack: pb::SegmentAck = frame::read(&mut recv, MAX_SMALL_FRAME).await.map_err(|e| {
+            stream_failure(
+                &conn,
+                &lease.target_agent,
+                format!("no ack from target: {e}"),
+            )
+        })?;
         if !ack.ok {
-            return Err(format!("target refused segment: {}", ack.error));
+            return Err(refused(&lease.target_agent, ack));
         }
         if !vanished.is_empty() {
             // Files deleted since the scan are not at the target: the operator must see them.
@@ -583,7 +638,7 @@ impl Source {
         hasher: &mut blake3::Hasher,
         buf: &mut [u8],
         send: &mut quinn::SendStream,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendFail> {
         let path = root.join(&e.path);
         let file = block_in_place(|| File::open(&path))
             .map_err(|err| format!("cannot open {}: {err}", path.display()))?;
@@ -591,6 +646,13 @@ impl Source {
             let m = f
                 .metadata()
                 .map_err(|err| format!("cannot stat {}: {err}", path.display()))?;
+            if !m.is_file() {
+                return Err(format!(
+                    "{} is no longer a regular file (it was when scanned); restore it, or copy \
+                     it in a later sync round",
+                    path.display()
+                ));
+            }
             if !expect.matches(&m) {
                 return Err(if e.chunk_count > 1 {
                     format!(
@@ -622,12 +684,92 @@ impl Source {
                 hasher.update(&buf[..n]);
                 send.write_all(&buf[..n])
                     .await
-                    .map_err(|err| format!("stream write failed: {err}"))?;
+                    .map_err(|err| SendFail::Stream(format!("stream write failed: {err}")))?;
                 Stats::add(&self.stats.bytes_sent, n as u64);
                 off += n as u64;
             }
         }
-        unchanged(&file)
+        Ok(unchanged(&file)?)
+    }
+}
+
+/// When to try a failing call again: exponential backoff with jitter (backon), reset by a
+/// success. For loops that must not block on the wait (the source's main loop ticks on).
+struct Backoff {
+    builder: backon::ExponentialBuilder,
+    delays: Option<backon::ExponentialBackoff>,
+    next_at: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            builder: backon::ExponentialBuilder::default()
+                .with_min_delay(min)
+                .with_max_delay(max)
+                .with_jitter()
+                .without_max_times(),
+            delays: None,
+            next_at: None,
+        }
+    }
+
+    /// Whether the last failure's delay has not passed yet.
+    fn waiting(&self) -> bool {
+        self.next_at.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Records a failure; returns whether it is the first since the last success, and how long
+    /// to wait before the next try.
+    fn failed(&mut self) -> (bool, Duration) {
+        use backon::BackoffBuilder;
+        let first = self.delays.is_none();
+        let delay = self
+            .delays
+            .get_or_insert_with(|| self.builder.build())
+            .next()
+            .unwrap_or(Duration::from_secs(10));
+        self.next_at = Some(Instant::now() + delay);
+        (first, delay)
+    }
+
+    /// Records a success: the next failure starts from the shortest delay again.
+    fn succeeded(&mut self) {
+        self.delays = None;
+        self.next_at = None;
+    }
+}
+
+/// How writing a segment to its stream failed.
+enum SendFail {
+    /// Reading the source failed, or a file changed: the segment's own failure.
+    Segment(String),
+    /// The stream to the target failed: the target may say why in its ack.
+    Stream(String),
+}
+
+impl From<String> for SendFail {
+    fn from(why: String) -> Self {
+        SendFail::Segment(why)
+    }
+}
+
+/// The failure a target's refusal stands for: the target's own words, and whether it counts.
+fn refused(target: &str, ack: pb::SegmentAck) -> Failure {
+    Failure {
+        error: format!("target {target} refused the segment: {}", ack.error),
+        retry_later: ack.retry_later,
+    }
+}
+
+/// A stream to `target` failed without a reason from the target: not the segment's failure if
+/// the connection is gone (the target restarted, the network failed), the segment's otherwise.
+fn stream_failure(conn: &quinn::Connection, target: &str, why: String) -> Failure {
+    match conn.close_reason() {
+        Some(reason) => Failure::later(format!(
+            "connection to target {target} lost ({reason}): {why}"
+        )),
+        None => Failure::counted(why),
     }
 }
 
@@ -776,11 +918,16 @@ where
     Fut: std::future::Future<Output = Result<T, crate::control::ControlError>>,
 {
     let mut delay = Duration::from_millis(100);
+    let mut first = true;
     loop {
         match rt.block_on(f()) {
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && !*stop.borrow() => {
-                tracing::warn!(message = "Coordinator call failed; retrying.", error = %e);
+                if std::mem::take(&mut first) {
+                    tracing::warn!(message = "Coordinator call failed; retrying.", error = %e);
+                } else {
+                    tracing::debug!(message = "Coordinator call failed again; retrying.", error = %e);
+                }
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -842,6 +989,27 @@ mod tests {
             !id.matches(&after),
             "rewrite with restored mtime not detected"
         );
+    }
+
+    #[test]
+    fn the_lease_backoff_grows_to_its_cap_and_a_success_resets_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        assert!(!b.waiting());
+        let (first, d1) = b.failed();
+        assert!(first && d1 <= Duration::from_millis(200), "{d1:?}");
+        assert!(b.waiting());
+        let mut last = d1;
+        for _ in 0..10 {
+            let (first, d) = b.failed();
+            assert!(!first);
+            // Jitter adds up to one delay: never more than twice the cap.
+            assert!(d <= Duration::from_secs(4), "{d:?}");
+            last = d;
+        }
+        assert!(last >= Duration::from_secs(2), "grew to the cap: {last:?}");
+        b.succeeded();
+        assert!(!b.waiting());
+        assert!(b.failed().0, "a success starts over");
     }
 
     #[test]

@@ -382,8 +382,8 @@ impl Ctl {
         .await
     }
 
-    /// Polls a migration until it is done, calling `show` on each sample. Fails if verified
-    /// bytes do not move for `stall` (the last error is in the message).
+    /// Polls a migration until it has ended (done or failed), calling `show` on each sample.
+    /// Fails if verified bytes do not move for `stall` (the last error is in the message).
     pub async fn watch(
         &self,
         id: u64,
@@ -397,11 +397,14 @@ impl Ctl {
             let p = self.status(id).await?;
             rate.sample(p.bytes_verified);
             show(&p, &rate);
-            if p.phase == "done" {
+            if p.phase == "done" || p.phase == "failed" {
                 return Ok(p);
             }
-            if p.bytes_verified != last_bytes || p.segments_verified == 0 && !p.scan_complete {
-                last_bytes = p.bytes_verified;
+            // Progress is verified bytes and failed attempts: a segment that is still being
+            // retried toward its limit is not a stall.
+            let moved = p.bytes_verified.saturating_add(p.failed_attempts);
+            if moved != last_bytes || p.segments_verified == 0 && !p.scan_complete {
+                last_bytes = moved;
                 last_change = Instant::now();
             } else if last_change.elapsed() > stall {
                 return Err(CtlError::Status(format!(
@@ -556,6 +559,31 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
         p.segments_total,
         speed.map_or("- MB/s".to_string(), |s| format!("{:.1} MB/s", s / 1e6)),
     )
+}
+
+/// The lines that tell an operator about failed segments: how many, and each listed one with
+/// its files and its last error (which names the file and the cause).
+pub fn failed_lines(p: &pb::MigrationProgress) -> Vec<String> {
+    if p.segments_failed == 0 {
+        return Vec::new();
+    }
+    let mut out = vec![format!(
+        "FAILED      {} segment(s) ({}) given up on after {} attempts each; each error names \
+         its file:",
+        p.segments_failed,
+        human_bytes(p.bytes_failed),
+        p.spec.as_ref().map_or(0, |s| s.max_attempts)
+    )];
+    for s in &p.failed {
+        out.push(format!("  segment {}: {}", s.segment_id, s.last_error));
+    }
+    if (p.failed.len() as u64) < p.segments_failed {
+        out.push(format!(
+            "  ... and {} more (ferryctl migration verify lists them)",
+            p.segments_failed - p.failed.len() as u64
+        ));
+    }
+    out
 }
 
 /// Prints `v` as pretty JSON.

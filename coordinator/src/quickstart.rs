@@ -97,12 +97,19 @@ pub struct Report {
     pub hardlinks: u64,
     /// How the copy differs from the source though nothing is lost (owners not applied, ...).
     pub notes: Vec<String>,
+    /// Segments given up on after their last allowed attempt.
+    pub failed_segments: u64,
+    /// The first failed segments' last errors (each names its file and the cause).
+    pub failed: Vec<String>,
 }
 
 impl Report {
     /// The quick start succeeded: everything verified and nothing left behind.
     pub fn ok(&self) -> bool {
-        self.all_verified && self.hash_mismatches == 0 && self.issues_total == 0
+        self.all_verified
+            && self.hash_mismatches == 0
+            && self.issues_total == 0
+            && self.failed_segments == 0
     }
 
     /// Human-readable report.
@@ -144,6 +151,15 @@ impl Report {
         }
         for n in &self.notes {
             s.push_str(&format!("note        {n}\n"));
+        }
+        if self.failed_segments > 0 {
+            s.push_str(&format!(
+                "FAILED      {} segment(s), given up on after the last allowed attempt:\n",
+                self.failed_segments
+            ));
+            for e in &self.failed {
+                s.push_str(&format!("  {e}\n"));
+            }
         }
         if self.issues_total > 0 {
             s.push_str(&format!("NOT COPIED  {} path(s):\n", self.issues_total));
@@ -252,6 +268,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 target_path: String::new(),
                 segment_size: opts.segment_size,
                 xattrs: opts.xattrs,
+                max_attempts: 0,
             })
             .await?;
         let started = Instant::now();
@@ -265,7 +282,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 let line = progress_line(p, rate);
                 if tty {
                     eprint!("\r{line}\x1b[K");
-                } else if last_print.elapsed() >= Duration::from_secs(2) || p.phase == "done" {
+                } else if last_print.elapsed() >= Duration::from_secs(2)
+                    || p.phase == "done"
+                    || p.phase == "failed"
+                {
                     eprintln!("{line}");
                     last_print = Instant::now();
                 }
@@ -311,6 +331,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             issues_total: done.scan_issues_total,
             hardlinks: done.hardlinks,
             notes: done.notes.clone(),
+            failed_segments: done.segments_failed,
+            failed: done.failed.iter().map(|s| s.last_error.clone()).collect(),
         })
     }
     .await;

@@ -10,6 +10,42 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_LEASE_TTL_MS: u64 = 120_000;
 /// Most segments one source agent may hold at once, whatever it asks for.
 pub const MAX_LEASES_PER_AGENT: usize = 64;
+/// Failed attempts after which a segment fails for good when the spec does not say.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Most attempts a spec may allow (the backoff is capped, so more only delays the verdict).
+pub const MAX_MAX_ATTEMPTS: u32 = 1000;
+/// Delay before the first retry of a failed segment; it doubles with each further failure.
+pub const RETRY_BASE_MS: u64 = 1_000;
+/// Longest delay between two tries of a segment: with the default of 10 attempts a segment that
+/// always fails is given up on after about 2 to 4 minutes, long enough to ride out a target
+/// restart, short enough that an operator hears of a broken file the same hour.
+pub const RETRY_CAP_MS: u64 = 60_000;
+
+/// How long a segment waits before its next try after its `n`-th failure (`n` from 1):
+/// `RETRY_BASE_MS · 2^(n-1)`, capped at [`RETRY_CAP_MS`], with "equal jitter" — half of it
+/// fixed, the other half drawn from a hash of `(migration, segment, n)`. The jitter spreads
+/// segments that failed together (a full disk fails them all at once) so they do not come back
+/// together; it is derived, not random, because every replica must apply the same state.
+pub fn retry_delay_ms(mid: u64, sid: u64, n: u32) -> u64 {
+    let full = RETRY_BASE_MS
+        .saturating_mul(1u64 << n.saturating_sub(1).min(32))
+        .min(RETRY_CAP_MS);
+    let half = full / 2;
+    half + mix(mid, sid, n as u64) % (full - half + 1)
+}
+
+/// splitmix64 of the three values: a well-spread deterministic hash.
+fn mix(a: u64, b: u64, c: u64) -> u64 {
+    let mut z = a
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(b.rotate_left(21))
+        .wrapping_add(c.rotate_left(42))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Scan issues kept per migration (the total is always counted).
 pub const MAX_SCAN_ISSUES_KEPT: usize = 1000;
 /// Most commands in one [`Command::Batch`]: the position in the batch is the low 16 bits of the
@@ -140,6 +176,8 @@ pub struct MigrationSpec {
     pub segment_size: u64,
     /// Carry extended attributes.
     pub xattrs: bool,
+    /// Failed attempts after which a segment is given up on ([`SegState::Failed`]).
+    pub max_attempts: u32,
 }
 
 /// Where a migration is in its life.
@@ -151,6 +189,9 @@ pub enum Phase {
     Copying,
     /// Every segment is verified and the scan is complete.
     Done,
+    /// The scan is complete and every segment is verified or failed, at least one failed
+    /// (the failed ones name their files and errors).
+    Failed,
 }
 
 impl Phase {
@@ -160,7 +201,13 @@ impl Phase {
             Phase::Planned => "planned",
             Phase::Copying => "copying",
             Phase::Done => "done",
+            Phase::Failed => "failed",
         }
+    }
+
+    /// Whether the migration has ended (done or failed): nothing more is sent.
+    pub fn finished(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed)
     }
 }
 
@@ -183,6 +230,12 @@ pub struct Counters {
     pub leases_granted: u64,
     /// Failed transfer attempts (errors and hash mismatches).
     pub failed_attempts: u64,
+    /// Segments given up on after their last allowed attempt.
+    pub failed_segments: u64,
+    /// Bytes in failed segments.
+    pub failed_bytes: u64,
+    /// Files in failed segments.
+    pub failed_files: u64,
 }
 
 /// A migration.
@@ -216,7 +269,7 @@ pub struct Migration {
     pub last_error: String,
     /// Creation time (unix ms).
     pub created_ms: u64,
-    /// When it reached `Done` (0 before).
+    /// When it reached `Done` or `Failed` (0 before).
     pub finished_ms: u64,
 }
 
@@ -235,6 +288,8 @@ pub enum SegState {
     },
     /// Target holds the bytes durably and both ends computed the same hash.
     Verified,
+    /// Given up on: it failed `spec.max_attempts` times (`last_error` says why). Terminal.
+    Failed,
 }
 
 /// A segment, as the coordinator tracks it (its contents are described by the source's manifest).
@@ -252,6 +307,9 @@ pub struct Segment {
     pub leases: u32,
     /// Failed attempts.
     pub attempts: u32,
+    /// While `Pending` after a failure: not leased again before this time (unix ms; 0: at
+    /// once). Set by the backoff ([`retry_delay_ms`]), cleared when leased.
+    pub not_before_ms: u64,
     /// Hash the source reported under the current lease (or the verified one).
     pub source_hash: Option<Digest>,
     /// Hash the target reported under the current lease (or the verified one).
@@ -395,6 +453,10 @@ pub enum Command {
         epoch: u64,
         /// The hash, or the error.
         result: Result<Digest, String>,
+        /// With an error: the failure is not the segment's (the source shut down, the target
+        /// could not be reached, a hardlink waits for its first name). The segment is retried
+        /// after a backoff without counting an attempt.
+        retry_later: bool,
         /// Leader time.
         now_ms: u64,
     },
@@ -443,6 +505,9 @@ pub struct Lease {
     pub epoch: u64,
     /// Expiry (unix ms).
     pub expires_ms: u64,
+    /// Failed attempts of the segment before this lease (0: its first try, or none failed):
+    /// agents log the first failure loudly and repeats quietly.
+    pub attempts: u32,
     /// The target agent.
     pub target_agent: String,
     /// Its data address.
@@ -458,8 +523,11 @@ pub enum ReportOutcome {
     Waiting,
     /// The lease is not current (expired and re-leased, or never granted): nothing recorded.
     Rejected,
-    /// The transfer failed or the hashes differ: the segment is pending again.
+    /// The transfer failed or the hashes differ: the segment is pending again (after a
+    /// backoff).
     Failed,
+    /// The transfer failed for the last allowed time: the segment is given up on.
+    GaveUp,
 }
 
 /// The result of applying a command.
@@ -516,6 +584,10 @@ pub struct State {
     /// Derived index: pending segment ids per migration (rebuilt on load, never persisted).
     #[serde(skip)]
     pending: BTreeMap<u64, BTreeSet<u64>>,
+    /// Derived index: pending segments waiting out a backoff, per migration, as
+    /// `(not_before_ms, segment id)`.
+    #[serde(skip)]
+    waiting: BTreeMap<u64, BTreeSet<(u64, u64)>>,
     /// Derived index: leased segment ids per migration.
     #[serde(skip)]
     leased: BTreeMap<u64, BTreeSet<u64>>,
@@ -591,6 +663,7 @@ impl State {
     /// Recomputes the derived indexes (pending and leased segments, names, keys).
     pub fn rebuild_indexes(&mut self) {
         self.pending.clear();
+        self.waiting.clear();
         self.leased.clear();
         self.by_name.clear();
         self.by_key.clear();
@@ -602,13 +675,19 @@ impl State {
         }
         for (&(m, id), seg) in &self.segments {
             match seg.state {
+                SegState::Pending if seg.not_before_ms > 0 => {
+                    self.waiting
+                        .entry(m)
+                        .or_default()
+                        .insert((seg.not_before_ms, id));
+                }
                 SegState::Pending => {
                     self.pending.entry(m).or_default().insert(id);
                 }
                 SegState::Leased { .. } => {
                     self.leased.entry(m).or_default().insert(id);
                 }
-                SegState::Verified => {}
+                SegState::Verified | SegState::Failed => {}
             }
         }
     }
@@ -776,6 +855,7 @@ impl State {
                 segment_id,
                 epoch,
                 result,
+                retry_later,
                 now_ms,
             } => {
                 if let Err(r) = self.check_session(&agent, session) {
@@ -788,6 +868,7 @@ impl State {
                     segment_id,
                     epoch,
                     result,
+                    retry_later,
                     now_ms,
                 );
                 Response::Report(o, why)
@@ -1030,6 +1111,7 @@ impl State {
                             state: SegState::Pending,
                             leases: 0,
                             attempts: 0,
+                            not_before_ms: 0,
                             source_hash: None,
                             target_hash: None,
                             last_error: String::new(),
@@ -1130,9 +1212,19 @@ impl State {
         Response::Ok
     }
 
+    /// Ends the migration once its scan is complete and every segment is verified (`Done`) or
+    /// verified or given up on, with at least one given up on (`Failed`).
     fn maybe_done(m: &mut Migration, now_ms: u64) {
-        if m.scan_complete && m.counters.verified_segments == m.counters.segments {
-            m.phase = Phase::Done;
+        let c = &m.counters;
+        if m.scan_complete
+            && !m.phase.finished()
+            && c.verified_segments.saturating_add(c.failed_segments) == c.segments
+        {
+            m.phase = if c.failed_segments > 0 {
+                Phase::Failed
+            } else {
+                Phase::Done
+            };
             m.finished_ms = now_ms;
         }
     }
@@ -1169,7 +1261,8 @@ impl State {
                 if target.undialable().is_some() {
                     continue;
                 }
-                let Some(id) = self.pending.get_mut(&mid).and_then(|p| p.pop_first()) else {
+                let Some(id) = Self::next_ready(&mut self.pending, &mut self.waiting, mid, now_ms)
+                else {
                     continue;
                 };
                 let seg = self
@@ -1182,6 +1275,7 @@ impl State {
                     expires_ms,
                 };
                 seg.leases = seg.leases.saturating_add(1);
+                seg.not_before_ms = 0;
                 seg.source_hash = None;
                 seg.target_hash = None;
                 self.leased.entry(mid).or_default().insert(id);
@@ -1191,6 +1285,7 @@ impl State {
                     segment_id: id,
                     epoch: token,
                     expires_ms,
+                    attempts: seg.attempts,
                     target_agent: target.name.clone(),
                     target_addr: target.data_addr.clone(),
                 });
@@ -1202,6 +1297,24 @@ impl State {
             }
         }
         out
+    }
+
+    /// The next segment of migration `mid` to lease at `now_ms`, taken out of its index: the
+    /// lowest pending id, else the segment whose backoff ended first if it has ended.
+    fn next_ready(
+        pending: &mut BTreeMap<u64, BTreeSet<u64>>,
+        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
+        mid: u64,
+        now_ms: u64,
+    ) -> Option<u64> {
+        if let Some(id) = pending.get_mut(&mid).and_then(|p| p.pop_first()) {
+            return Some(id);
+        }
+        let waiting = waiting.get_mut(&mid)?;
+        match waiting.first() {
+            Some(&(not_before, _)) if not_before <= now_ms => waiting.pop_first().map(|(_, id)| id),
+            _ => None,
+        }
     }
 
     /// Extends lease `epoch` on segment `sid` of migration `mid` if `agent` is its source and
@@ -1277,6 +1390,11 @@ impl State {
             })
             .any(|m| {
                 self.pending.get(&m.id).is_some_and(|p| !p.is_empty())
+                    || self
+                        .waiting
+                        .get(&m.id)
+                        .and_then(|w| w.first())
+                        .is_some_and(|&(not_before, _)| not_before <= now_ms)
                     || self.leased.get(&m.id).into_iter().flatten().any(|id| {
                         matches!(self.segments[&(m.id, *id)].state,
                                  SegState::Leased { expires_ms, .. } if expires_ms <= now_ms)
@@ -1306,7 +1424,7 @@ impl State {
 
     pub fn blocker(&self, mid: u64, now_ms: u64) -> Option<String> {
         let m = self.migrations.get(&mid)?;
-        if m.phase == Phase::Done {
+        if m.phase.finished() {
             return None;
         }
         let (src, dst) = (&m.spec.source_agent, &m.spec.target_agent);
@@ -1347,13 +1465,15 @@ impl State {
                 continue;
             };
             for &id in self.leased.get(&m.id).into_iter().flatten() {
-                if let SegState::Leased { epoch, expires_ms } = self.segments[&(m.id, id)].state {
+                let seg = &self.segments[&(m.id, id)];
+                if let SegState::Leased { epoch, expires_ms } = seg.state {
                     if expires_ms > now_ms {
                         out.push(Lease {
                             migration_id: m.id,
                             segment_id: id,
                             epoch,
                             expires_ms,
+                            attempts: seg.attempts,
                             target_agent: target.name.clone(),
                             target_addr: target.data_addr.clone(),
                         });
@@ -1394,6 +1514,10 @@ impl State {
             } if e == epoch && expires_ms > now_ms => Ok(m),
             SegState::Leased { epoch: e, .. } if e == epoch => Err("lease expired".into()),
             SegState::Verified => Err("segment already verified".into()),
+            SegState::Failed => Err(format!(
+                "segment was given up on after {} failed attempts: {}",
+                seg.attempts, seg.last_error
+            )),
             _ => Err(format!("lease {epoch} is not current")),
         }
     }
@@ -1407,6 +1531,7 @@ impl State {
         sid: u64,
         epoch: u64,
         result: Result<Digest, String>,
+        retry_later: bool,
         now_ms: u64,
     ) -> (ReportOutcome, String) {
         let Some(m) = self.migrations.get_mut(&mid) else {
@@ -1457,10 +1582,13 @@ impl State {
             Ok(h) => h,
             Err(e) => {
                 let why = format!("{role:?}: {e}");
-                Self::fail(seg, m, &why);
                 self.leased.entry(mid).or_default().remove(&sid);
-                self.pending.entry(mid).or_default().insert(sid);
-                return (ReportOutcome::Failed, why);
+                let o = if retry_later {
+                    Self::defer(seg, m, sid, &why, now_ms, &mut self.waiting)
+                } else {
+                    Self::fail(seg, m, sid, &why, now_ms, &mut self.waiting)
+                };
+                return (o, why);
             }
         };
         match role {
@@ -1482,23 +1610,77 @@ impl State {
             }
             (Some(_), Some(_)) => {
                 let why = "source and target BLAKE3 differ".to_string();
-                Self::fail(seg, m, &why);
                 self.leased.entry(mid).or_default().remove(&sid);
-                self.pending.entry(mid).or_default().insert(sid);
-                (ReportOutcome::Failed, why)
+                let o = Self::fail(seg, m, sid, &why, now_ms, &mut self.waiting);
+                (o, why)
             }
             _ => (ReportOutcome::Waiting, String::new()),
         }
     }
 
-    fn fail(seg: &mut Segment, m: &mut Migration, why: &str) {
-        seg.state = SegState::Pending;
+    /// Counts a failed attempt of leased segment `sid` (already out of the leased index): it
+    /// waits out its backoff in `waiting`, or, at its migration's `max_attempts`, is given up on.
+    fn fail(
+        seg: &mut Segment,
+        m: &mut Migration,
+        sid: u64,
+        why: &str,
+        now_ms: u64,
+        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
+    ) -> ReportOutcome {
         seg.attempts = seg.attempts.saturating_add(1);
         seg.source_hash = None;
         seg.target_hash = None;
         seg.last_error = why.to_string();
         m.counters.failed_attempts = m.counters.failed_attempts.saturating_add(1);
         m.last_error = why.to_string();
+        if seg.attempts >= m.spec.max_attempts.max(1) {
+            seg.state = SegState::Failed;
+            seg.not_before_ms = 0;
+            let c = &mut m.counters;
+            c.failed_segments = c.failed_segments.saturating_add(1);
+            c.failed_bytes = c.failed_bytes.saturating_add(seg.bytes);
+            c.failed_files = c.failed_files.saturating_add(seg.files as u64);
+            Self::maybe_done(m, now_ms);
+            return ReportOutcome::GaveUp;
+        }
+        let delay = retry_delay_ms(m.id, sid, seg.attempts);
+        Self::wait(seg, m.id, sid, now_ms.saturating_add(delay), waiting);
+        ReportOutcome::Failed
+    }
+
+    /// Puts leased segment `sid` back after a failure that is not its own, without counting an
+    /// attempt; it still backs off (by how often it was leased), so a target that stays
+    /// unreachable is not retried in a tight loop.
+    fn defer(
+        seg: &mut Segment,
+        m: &mut Migration,
+        sid: u64,
+        why: &str,
+        now_ms: u64,
+        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
+    ) -> ReportOutcome {
+        seg.source_hash = None;
+        seg.target_hash = None;
+        seg.last_error = why.to_string();
+        m.last_error = why.to_string();
+        let delay = retry_delay_ms(m.id, sid, seg.leases.max(1));
+        Self::wait(seg, m.id, sid, now_ms.saturating_add(delay), waiting);
+        ReportOutcome::Failed
+    }
+
+    fn wait(
+        seg: &mut Segment,
+        mid: u64,
+        sid: u64,
+        not_before_ms: u64,
+        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
+    ) {
+        // Never 0: 0 means "no backoff" in the stored record.
+        let not_before_ms = not_before_ms.max(1);
+        seg.state = SegState::Pending;
+        seg.not_before_ms = not_before_ms;
+        waiting.entry(mid).or_default().insert((not_before_ms, sid));
     }
 }
 

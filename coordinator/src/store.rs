@@ -48,9 +48,12 @@ use crate::state::{Migration, Segment, State};
 /// 1: JSON records, snapshot in sled. 2: binary records ([`crate::codec`]), snapshot in a file.
 /// 3: migrations have a name and an idempotency key; agents have a session and a conflict
 /// record; lease, renewal, report and heartbeat commands carry the agent's session.
-/// 4: the state has a cluster id (record `cluster`); migrations a uuid, a hardlink count and
+/// 4: retries are bounded: specs carry `max_attempts`, segments a backoff time
+/// (`not_before_ms`) and a terminal `Failed` state, migrations a `Failed` phase and failed
+/// counts; reports say whether a failure counts (`retry_later`).
+/// 5: the state has a cluster id (record `cluster`); migrations a uuid, a hardlink count and
 /// an xattrs option; agents whether they apply owners.
-pub const FORMAT_VERSION: u64 = 4;
+pub const FORMAT_VERSION: u64 = 5;
 
 /// sled's page cache per node (its default is 1 GiB, which alone broke the RSS budget).
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;

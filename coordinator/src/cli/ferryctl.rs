@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::ctl::{default_name, human_bytes, print_json, progress_line, Ctl, Output};
+use crate::ctl::{default_name, failed_lines, human_bytes, print_json, progress_line, Ctl, Output};
 use crate::quickstart;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -157,19 +157,24 @@ enum MigrationCmd {
         /// target's file system must keep them, or the files carrying them fail.
         #[arg(long)]
         xattrs: bool,
+        /// Failed attempts after which a segment (and the files in it) is given up on and
+        /// marked failed with its last error; the migration goes on with the rest and ends
+        /// failed. Retries back off from 1 s, doubling to at most 60 s.
+        #[arg(long, default_value_t = crate::state::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=crate::state::MAX_MAX_ATTEMPTS as i64))]
+        max_attempts: u32,
     },
     /// All migrations.
     List,
-    /// One migration's progress.
+    /// One migration's progress, and its failed segments with their errors.
     Status {
         /// Migration name or id.
         id: String,
-        /// Refresh until the migration is done.
+        /// Refresh until the migration has ended; then exit non-zero if it failed.
         #[arg(long)]
         watch: bool,
     },
     /// Check that every segment is verified with equal source and target BLAKE3.
-    /// Exits non-zero when not.
+    /// Exits non-zero when not (failed segments are listed first, with their errors).
     Verify {
         /// Migration name or id.
         id: String,
@@ -354,6 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             segment_size,
             xattrs,
+            max_attempts,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -364,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 target_path,
                 segment_size: *segment_size,
                 xattrs: *xattrs,
+                max_attempts: *max_attempts,
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
             let id = connect(&cli).await?.create_named(&name, spec).await?;
@@ -434,12 +441,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if !p.last_error.is_empty() {
                     println!("last error: {}", p.last_error);
                 }
+                for line in failed_lines(&p) {
+                    println!("{line}");
+                }
                 if p.scan_issues_total > 0 {
                     println!("{} path(s) cannot be copied:", p.scan_issues_total);
                     for i in &p.scan_issues {
                         println!("  {}: {}", i.path, i.reason);
                     }
                 }
+            }
+            if *watch && p.phase == "failed" {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Cmd::Migration(MigrationCmd::Verify { id }) => {
@@ -450,10 +463,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&v);
             } else {
                 println!(
-                    "migration {}: {} of {} segments verified, {} hash mismatches — {}",
+                    "migration {}: {} of {} segments verified, {} failed, {} hash mismatches — {}",
                     v.migration_id,
                     v.segments_verified,
                     v.segments_total,
+                    v.segments_failed,
                     v.hash_mismatches,
                     if v.all_verified {
                         "VERIFIED"
@@ -463,8 +477,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for s in &v.unverified {
                     println!(
-                        "  segment {} {} attempts {} {}",
-                        s.segment_id, s.state, s.attempts, s.last_error
+                        "  segment {} {} ({} file(s)) attempts {} {}",
+                        s.segment_id, s.state, s.files, s.attempts, s.last_error
                     );
                 }
                 if v.scan_issues_total > 0 {

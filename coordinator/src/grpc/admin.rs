@@ -6,7 +6,9 @@ use ferry_proto::admin::{self as pb, admin_server::Admin};
 use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_admin, convert, now_ms, refused, Core, Proposal};
-use crate::state::{Command, MigrationSpec, Response, SegState};
+use crate::state::{
+    Command, MigrationSpec, Response, SegState, DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS,
+};
 
 /// Serves [`Admin`].
 pub struct AdminService(pub Arc<Core>);
@@ -46,6 +48,12 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
             s.segment_size
         ));
     }
+    if s.max_attempts > MAX_MAX_ATTEMPTS {
+        return bad(format!(
+            "max attempts {} is over the limit of {MAX_MAX_ATTEMPTS} (0 = {DEFAULT_MAX_ATTEMPTS})",
+            s.max_attempts
+        ));
+    }
     Ok(MigrationSpec {
         source_agent: s.source_agent,
         source_path: s.source_path,
@@ -57,8 +65,16 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
             s.segment_size
         },
         xattrs: s.xattrs,
+        max_attempts: if s.max_attempts == 0 {
+            DEFAULT_MAX_ATTEMPTS
+        } else {
+            s.max_attempts
+        },
     })
 }
+
+/// Failed segments `MigrationStatus` lists with their errors (the counts are always complete).
+pub const FAILED_LISTED: usize = 20;
 
 /// Longest migration name and idempotency key.
 pub const MAX_NAME_LEN: usize = 128;
@@ -342,11 +358,15 @@ impl Admin for AdminService {
                     let mut p = convert::progress(m);
                     p.blocked = s.blocker(id, now).unwrap_or_default();
                     p.notes = s.notes(id);
-                    p.segments_leased = s
-                        .segments
-                        .range((id, 0)..=(id, u64::MAX))
-                        .filter(|(_, seg)| matches!(seg.state, SegState::Leased { .. }))
-                        .count() as u64;
+                    for (&(_, sid), seg) in s.segments.range((id, 0)..=(id, u64::MAX)) {
+                        match seg.state {
+                            SegState::Leased { .. } => p.segments_leased += 1,
+                            SegState::Failed if p.failed.len() < FAILED_LISTED => {
+                                p.failed.push(convert::segment(sid, seg))
+                            }
+                            _ => {}
+                        }
+                    }
                     p
                 })
             })
@@ -387,14 +407,29 @@ impl Admin for AdminService {
                     segments_total: m.counters.segments,
                     ..Default::default()
                 };
-                for (&(_, sid), seg) in s.segments.range((id, 0)..=(id, u64::MAX)) {
-                    if seg.state == SegState::Verified {
-                        out.segments_verified += 1;
-                        if seg.source_hash.is_none() || seg.source_hash != seg.target_hash {
-                            out.hash_mismatches += 1;
+                // Failed segments first: they are what the operator must act on.
+                let segs = || s.segments.range((id, 0)..=(id, u64::MAX));
+                for (&(_, sid), seg) in segs() {
+                    if seg.state == SegState::Failed {
+                        out.segments_failed += 1;
+                        if out.unverified.len() < max {
+                            out.unverified.push(convert::segment(sid, seg));
                         }
-                    } else if out.unverified.len() < max {
-                        out.unverified.push(convert::segment(sid, seg));
+                    }
+                }
+                for (&(_, sid), seg) in segs() {
+                    match seg.state {
+                        SegState::Verified => {
+                            out.segments_verified += 1;
+                            if seg.source_hash.is_none() || seg.source_hash != seg.target_hash {
+                                out.hash_mismatches += 1;
+                            }
+                        }
+                        SegState::Failed => {}
+                        _ if out.unverified.len() < max => {
+                            out.unverified.push(convert::segment(sid, seg));
+                        }
+                        _ => {}
                     }
                     if r.max_listed == u32::MAX {
                         out.segments.push(convert::segment(sid, seg));
@@ -406,6 +441,7 @@ impl Admin for AdminService {
                 out.scan_issues = convert::progress(m).scan_issues;
                 out.all_verified = m.scan_complete
                     && out.hash_mismatches == 0
+                    && out.segments_failed == 0
                     && out.segments_verified == out.segments_total
                     && m.scan_issues_total == 0;
                 Some(out)

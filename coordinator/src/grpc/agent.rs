@@ -6,7 +6,7 @@ use ferry_proto::control::{self as pb, agent_control_server::AgentControl};
 use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_agent, now_ms, refused, Core};
-use crate::state::{Command, Phase, Response, Role, SegmentReg};
+use crate::state::{Command, Response, Role, SegmentReg};
 
 fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
     pb::Lease {
@@ -15,6 +15,7 @@ fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
         segment_id: l.segment_id,
         epoch: l.epoch,
         expires_ms: l.expires_ms,
+        attempts: l.attempts,
         target_agent: l.target_agent,
         target_addr: l.target_addr,
     }
@@ -48,6 +49,7 @@ fn report_command(
         segment_id: r.segment_id,
         epoch: r.epoch,
         result,
+        retry_later: r.retry_later,
         now_ms,
     })
 }
@@ -181,7 +183,7 @@ impl AgentControl for AgentService {
                     source_path: m.spec.source_path.clone(),
                     segment_size: m.spec.segment_size,
                     scan_complete: m.scan_complete,
-                    finished: m.phase == Phase::Done,
+                    finished: m.phase.finished(),
                     migration_uuid: m.uuid.clone(),
                     xattrs: m.spec.xattrs,
                 })
@@ -364,6 +366,10 @@ impl AgentControl for AgentService {
                         target_path: m.spec.target_path.clone(),
                         source_agent: m.spec.source_agent.clone(),
                         migration_uuid: m.uuid.clone(),
+                        attempts: s
+                            .segments
+                            .get(&(r.migration_id, r.segment_id))
+                            .map_or(0, |seg| seg.attempts),
                     },
                     Err(reason) => pb::CheckLeaseResponse {
                         ok: false,

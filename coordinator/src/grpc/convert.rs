@@ -11,6 +11,7 @@ pub fn outcome_str(o: ReportOutcome) -> &'static str {
         ReportOutcome::Waiting => "waiting",
         ReportOutcome::Rejected => "rejected",
         ReportOutcome::Failed => "failed",
+        ReportOutcome::GaveUp => "gave up",
     }
 }
 
@@ -23,6 +24,7 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
         target_path: s.target_path.clone(),
         segment_size: s.segment_size,
         xattrs: s.xattrs,
+        max_attempts: s.max_attempts,
     }
 }
 
@@ -57,9 +59,14 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         created_ms: m.created_ms,
         finished_ms: m.finished_ms,
         hardlinks: m.hardlinks,
-        // Filled by the status call, which knows the other agents and the time.
-        blocked: String::new(),
         notes: Vec::new(),
+        segments_failed: c.failed_segments,
+        files_failed: c.failed_files,
+        bytes_failed: c.failed_bytes,
+        // Filled by the status call, which knows the other agents and the time, and reads the
+        // segments.
+        blocked: String::new(),
+        failed: Vec::new(),
     }
 }
 
@@ -72,6 +79,7 @@ pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
             SegState::Pending => "pending",
             SegState::Leased { .. } => "leased",
             SegState::Verified => "verified",
+            SegState::Failed => "failed",
         }
         .to_string(),
         bytes: s.bytes,
@@ -80,5 +88,10 @@ pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
         source_blake3: hex(&s.source_hash),
         target_blake3: hex(&s.target_hash),
         last_error: s.last_error.clone(),
+        files: s.files,
+        retry_at_ms: match s.state {
+            SegState::Pending => s.not_before_ms,
+            _ => 0,
+        },
     }
 }

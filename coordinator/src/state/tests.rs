@@ -53,6 +53,12 @@ impl World {
     }
 
     fn migration(&mut self, segs: &[(u64, u64, u32)]) -> u64 {
+        self.migration_with(segs, DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// A migration of `segs` (id, bytes, files) whose segments are given up on after
+    /// `max_attempts` failures.
+    fn migration_with(&mut self, segs: &[(u64, u64, u32)], max_attempts: u32) -> u64 {
         let segs: Vec<SegmentReg> = segs
             .iter()
             .map(|&(id, bytes, files)| reg(id, bytes, files))
@@ -64,6 +70,7 @@ impl World {
             target_path: String::new(),
             segment_size: 100,
             xattrs: false,
+            max_attempts,
         };
         let Response::MigrationCreated(id) = self.apply(Command::CreateMigration {
             name: unique_name(),
@@ -111,6 +118,18 @@ impl World {
     }
 
     fn report(&mut self, role: Role, l: &Lease, result: Result<Digest, String>) -> ReportOutcome {
+        self.report_at(role, l, result, false, 2)
+    }
+
+    /// A report at `now_ms`; `retry_later` marks a failure that is not the segment's.
+    fn report_at(
+        &mut self,
+        role: Role,
+        l: &Lease,
+        result: Result<Digest, String>,
+        retry_later: bool,
+        now_ms: u64,
+    ) -> ReportOutcome {
         let agent = if role == Role::Source { "src" } else { "dst" };
         match self.apply(Command::ReportSegment {
             agent: agent.into(),
@@ -120,7 +139,8 @@ impl World {
             segment_id: l.segment_id,
             epoch: l.epoch,
             result,
-            now_ms: 2,
+            retry_later,
+            now_ms,
         }) {
             Response::Report(o, _) => o,
             r => panic!("{r:?}"),
@@ -166,9 +186,10 @@ fn hash_mismatch_requeues_with_an_attempt() {
     assert_eq!(seg.attempts, 1);
     assert!(seg.last_error.contains("differ"));
     assert_eq!(w.s.migrations[&mid].phase, Phase::Copying);
-    // It is leased again, with a new epoch.
-    let l2 = w.lease(8, 20).pop().unwrap();
+    // It is leased again after its backoff, with a new epoch.
+    let l2 = w.lease(8, 2 + RETRY_BASE_MS).pop().unwrap();
     assert!(l2.epoch > l.epoch);
+    assert_eq!(l2.attempts, 1);
 }
 
 #[test]
@@ -277,6 +298,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         target_path: String::new(),
         segment_size: 1,
         xattrs: false,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -331,6 +353,7 @@ fn create_refuses_unknown_agents() {
         target_path: String::new(),
         segment_size: 1,
         xattrs: false,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
     };
     let r = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -345,10 +368,14 @@ fn create_refuses_unknown_agents() {
     );
 }
 
+/// Attempts allowed in the random walk: low, so that some segments are given up on.
+const MAX_WALK_ATTEMPTS: u32 = 3;
+
 /// A seeded random walk over the lifecycle: after every step the counters equal a recount and the
 /// derived indexes equal a rebuild. Reproduce a failure with its printed seed.
 #[test]
 fn random_walk_keeps_counters_and_indexes_consistent() {
+    let mut gave_up = 0;
     for seed in 0..20u64 {
         let mut rng = seed
             .wrapping_mul(6364136223846793005)
@@ -361,7 +388,7 @@ fn random_walk_keeps_counters_and_indexes_consistent() {
         };
         let mut w = World::new();
         let segs: Vec<_> = (0..30).map(|i| (i, i + 1, 1)).collect();
-        let mid = w.migration(&segs);
+        let mid = w.migration_with(&segs, MAX_WALK_ATTEMPTS);
         let mut now = 10;
         let mut held: Vec<Lease> = Vec::new();
         for _ in 0..400 {
@@ -373,9 +400,10 @@ fn random_walk_keeps_counters_and_indexes_consistent() {
                     let h = if next() % 10 == 0 { [9; 32] } else { [1; 32] };
                     let ok = next() % 8 != 0;
                     let r = if ok { Ok(h) } else { Err("x".to_string()) };
-                    let o = w.report(Role::Target, &l, r.clone());
+                    let later = next() % 2 == 0;
+                    let o = w.report_at(Role::Target, &l, r.clone(), later, now);
                     if o == ReportOutcome::Waiting {
-                        w.report(Role::Source, &l, Ok([1; 32]));
+                        w.report_at(Role::Source, &l, Ok([1; 32]), false, now);
                     }
                 }
                 _ => {}
@@ -411,9 +439,55 @@ fn random_walk_keeps_counters_and_indexes_consistent() {
             };
             assert_eq!(flat(&rebuilt.pending), flat(&w.s.pending), "seed {seed}");
             assert_eq!(flat(&rebuilt.leased), flat(&w.s.leased), "seed {seed}");
+            let flat_waiting = |m: &BTreeMap<u64, BTreeSet<(u64, u64)>>| -> Vec<(u64, u64, u64)> {
+                m.iter()
+                    .flat_map(|(k, v)| v.iter().map(move |(t, x)| (*k, *t, *x)))
+                    .collect()
+            };
+            assert_eq!(
+                flat_waiting(&rebuilt.waiting),
+                flat_waiting(&w.s.waiting),
+                "seed {seed}"
+            );
+            let failed: Vec<_> =
+                w.s.segments
+                    .values()
+                    .filter(|s| s.state == SegState::Failed)
+                    .collect();
+            assert_eq!(
+                m.counters.failed_segments,
+                failed.len() as u64,
+                "seed {seed}"
+            );
+            assert_eq!(
+                m.counters.failed_bytes,
+                failed.iter().map(|s| s.bytes).sum::<u64>(),
+                "seed {seed}"
+            );
+            assert!(
+                failed.iter().all(|s| s.attempts == MAX_WALK_ATTEMPTS),
+                "seed {seed}"
+            );
             assert_eq!(m.phase == Phase::Done, verified.len() == 30, "seed {seed}");
+            assert_eq!(
+                m.phase == Phase::Failed,
+                !failed.is_empty() && verified.len() + failed.len() == 30,
+                "seed {seed}"
+            );
+            // Nothing waits out a backoff unless it is pending, and nothing pending is in two
+            // indexes.
+            for (&mid, set) in &w.s.waiting {
+                for &(nb, id) in set {
+                    let seg = &w.s.segments[&(mid, id)];
+                    assert_eq!(seg.state, SegState::Pending, "seed {seed}");
+                    assert_eq!(seg.not_before_ms, nb, "seed {seed}");
+                    assert!(!w.s.pending.get(&mid).is_some_and(|p| p.contains(&id)));
+                }
+            }
         }
+        gave_up += w.s.migrations[&mid].counters.failed_segments;
     }
+    assert!(gave_up > 0, "the walk never reached a given-up segment");
 }
 
 fn create(w: &mut World) -> u64 {
@@ -424,6 +498,7 @@ fn create(w: &mut World) -> u64 {
         target_path: String::new(),
         segment_size: 1,
         xattrs: false,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -829,6 +904,7 @@ fn a_create_repeated_with_its_key_answers_the_same_migration_and_names_are_uniqu
         target_path: String::new(),
         segment_size: 1,
         xattrs: false,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
     };
     let create = |name: &str, key: &str, spec: &MigrationSpec| Command::CreateMigration {
         name: name.into(),
@@ -934,6 +1010,7 @@ fn a_second_process_is_refused_while_the_first_session_is_live() {
         segment_id: l.segment_id,
         epoch: l.epoch,
         result: Ok([1; 32]),
+        retry_later: false,
         now_ms: 1001,
     };
     assert!(matches!(w.apply(report), Response::Refused(_)));
@@ -1113,6 +1190,7 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         target_path: String::new(),
         segment_size: 100,
         xattrs: false,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: "links".into(),
@@ -1134,4 +1212,199 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
     });
     assert_eq!(r, Response::Ok);
     assert_eq!(w.s.migrations[&mid].hardlinks, 7);
+}
+
+/// Fails the lease `l` from the source at `now_ms` (an error that counts).
+fn fail_at(w: &mut World, l: &Lease, now_ms: u64) -> ReportOutcome {
+    w.report_at(
+        Role::Source,
+        l,
+        Err("cannot read /data/f".into()),
+        false,
+        now_ms,
+    )
+}
+
+#[test]
+fn the_retry_delay_doubles_up_to_a_cap_with_a_jitter_every_replica_computes_alike() {
+    let mut spread = BTreeSet::new();
+    for n in 1..40u32 {
+        let full = (RETRY_BASE_MS << (n - 1).min(20)).min(RETRY_CAP_MS);
+        for sid in 0..50 {
+            let d = retry_delay_ms(7, sid, n);
+            assert!(
+                (full / 2..=full).contains(&d),
+                "attempt {n} segment {sid}: {d} ms is outside [{}, {full}]",
+                full / 2
+            );
+            assert_eq!(
+                d,
+                retry_delay_ms(7, sid, n),
+                "the same inputs, the same delay"
+            );
+            if n == 1 {
+                spread.insert(d);
+            }
+        }
+    }
+    // Segments that failed together come back spread out, not all at once.
+    assert!(spread.len() > 25, "only {} distinct delays", spread.len());
+    assert!(retry_delay_ms(1, 1, u32::MAX) <= RETRY_CAP_MS);
+}
+
+#[test]
+fn a_failed_segment_is_not_leased_again_before_its_backoff_ends() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    let l = w.lease(1, 10).pop().unwrap();
+    assert_eq!(fail_at(&mut w, &l, 100), ReportOutcome::Failed);
+    let seg = &w.s.segments[&(mid, 0)];
+    assert_eq!(seg.state, SegState::Pending);
+    let retry_at = seg.not_before_ms;
+    assert_eq!(retry_at, 100 + retry_delay_ms(mid, 0, 1));
+    // Polls before then find nothing (and so write no log entry), leases grant nothing.
+    assert!(!w.s.has_leasable("src", retry_at - 1));
+    assert!(w.lease(8, retry_at - 1).is_empty());
+    assert!(w.s.has_leasable("src", retry_at));
+    let again = w
+        .lease(8, retry_at)
+        .pop()
+        .expect("leased once the backoff ended");
+    assert_eq!((again.segment_id, again.attempts), (0, 1));
+    assert_eq!(
+        w.s.segments[&(mid, 0)].not_before_ms,
+        0,
+        "cleared when leased"
+    );
+    // The second failure waits longer (doubling, whatever the jitter).
+    assert_eq!(fail_at(&mut w, &again, retry_at), ReportOutcome::Failed);
+    let second = w.s.segments[&(mid, 0)].not_before_ms - retry_at;
+    assert_eq!(second, retry_delay_ms(mid, 0, 2));
+    assert!(second >= RETRY_BASE_MS);
+}
+
+#[test]
+fn segments_in_backoff_do_not_hold_back_the_others() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 1, 1), (1, 1, 1), (2, 1, 1)]);
+    let first = w.lease(1, 10).pop().unwrap();
+    assert_eq!(first.segment_id, 0);
+    fail_at(&mut w, &first, 10);
+    let rest: Vec<u64> = w.lease(8, 11).iter().map(|l| l.segment_id).collect();
+    assert_eq!(rest, vec![1, 2]);
+    assert_eq!(w.s.segments[&(mid, 0)].state, SegState::Pending);
+}
+
+#[test]
+fn a_segment_is_given_up_on_after_max_attempts_and_the_migration_ends_failed() {
+    let mut w = World::new();
+    let mid = w.migration_with(&[(0, 10, 1), (1, 20, 3)], 3);
+    let mut now = 10;
+    let leases = w.lease(8, now);
+    let (good, bad) = (&leases[0], &leases[1]);
+    w.report(Role::Target, good, Ok([1; 32]));
+    assert_eq!(
+        w.report(Role::Source, good, Ok([1; 32])),
+        ReportOutcome::Verified
+    );
+    let mut l = bad.clone();
+    for attempt in 1..=3u32 {
+        assert_eq!(l.attempts, attempt - 1);
+        let o = w.report_at(
+            Role::Target,
+            &l,
+            Err(format!(
+                "no space left on the target's device (try {attempt})"
+            )),
+            false,
+            now,
+        );
+        if attempt < 3 {
+            assert_eq!(o, ReportOutcome::Failed);
+            assert_eq!(w.s.migrations[&mid].phase, Phase::Copying);
+            now = w.s.segments[&(mid, 1)].not_before_ms;
+            l = w.lease(8, now).pop().expect("retried after the backoff");
+        } else {
+            assert_eq!(o, ReportOutcome::GaveUp);
+        }
+    }
+    let seg = &w.s.segments[&(mid, 1)];
+    assert_eq!(seg.state, SegState::Failed);
+    assert_eq!(seg.attempts, 3);
+    assert_eq!(
+        seg.last_error,
+        "Target: no space left on the target's device (try 3)"
+    );
+    let m = &w.s.migrations[&mid];
+    assert_eq!(m.phase, Phase::Failed);
+    assert_eq!(m.finished_ms, now);
+    let c = &m.counters;
+    assert_eq!(
+        (
+            c.failed_segments,
+            c.failed_bytes,
+            c.failed_files,
+            c.failed_attempts
+        ),
+        (1, 20, 3, 3)
+    );
+    assert_eq!((c.verified_segments, c.verified_files), (1, 1));
+    // Terminal: nothing is leased or leasable any more, late reports are rejected, and the
+    // migration is not "blocked" — it has ended.
+    assert!(!w.s.has_leasable("src", u64::MAX / 2));
+    assert!(w.lease(8, u64::MAX / 2).is_empty());
+    assert_eq!(
+        w.report(Role::Source, &l, Ok([1; 32])),
+        ReportOutcome::Rejected
+    );
+    let err = w.s.check_lease("dst", mid, 1, l.epoch, now).unwrap_err();
+    assert!(err.contains("given up on after 3 failed attempts"), "{err}");
+    assert_eq!(w.s.blocker(mid, now), None);
+    // It survives a reload: the state and its indexes come back the same.
+    let (a, m, s) = w.s.clone().into_parts();
+    let reloaded = State::from_parts(a, m, s);
+    assert_eq!(reloaded.segments, w.s.segments);
+    assert!(!reloaded.has_leasable("src", u64::MAX / 2));
+}
+
+#[test]
+fn a_migration_ends_failed_only_once_its_scan_is_complete() {
+    let mut w = World::new();
+    let mid = create(&mut w);
+    assert_eq!(register(&mut w, mid, vec![reg(0, 5, 1)]), Response::Ok);
+    w.s.migrations.get_mut(&mid).unwrap().spec.max_attempts = 1;
+    let l = w.lease(1, 10).pop().unwrap();
+    assert_eq!(fail_at(&mut w, &l, 10), ReportOutcome::GaveUp);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Copying, "more may come");
+    assert_eq!(complete(&mut w, mid, 1), Response::Ok);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Failed);
+}
+
+#[test]
+fn failures_that_are_not_the_segments_back_off_without_counting() {
+    let mut w = World::new();
+    let mid = w.migration_with(&[(0, 10, 1)], 2);
+    let mut now = 10;
+    for round in 1..=20u32 {
+        let l = w.lease(1, now).pop().expect("never given up on");
+        assert_eq!(l.attempts, 0);
+        let o = w.report_at(
+            Role::Source,
+            &l,
+            Err("cannot connect to dst at 127.0.0.1:9: timed out".into()),
+            true,
+            now,
+        );
+        assert_eq!(o, ReportOutcome::Failed);
+        let seg = &w.s.segments[&(mid, 0)];
+        assert_eq!((seg.state, seg.attempts), (SegState::Pending, 0));
+        // Backed off by how often it was leased: growing, and capped.
+        let retry_at = seg.not_before_ms;
+        assert_eq!(retry_at - now, retry_delay_ms(mid, 0, round));
+        assert!(w.lease(1, retry_at - 1).is_empty());
+        now = retry_at;
+    }
+    let m = &w.s.migrations[&mid];
+    assert_eq!((m.phase, m.counters.failed_attempts), (Phase::Copying, 0));
+    assert!(m.last_error.contains("cannot connect"));
 }

@@ -80,6 +80,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 target_path: String::new(),
                 segment_size: 10,
                 xattrs: false,
+                max_attempts: crate::state::DEFAULT_MAX_ATTEMPTS,
             },
             uuid: ferry_common::ids::random_id(),
             now_ms: 2,
@@ -119,6 +120,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             segment_id: 0,
             epoch: crate::state::fencing_token(5, 0),
             result: Ok([9; 32]),
+            retry_later: false,
             now_ms: 4,
         });
     }

@@ -288,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
                 target_path: String::new(),
                 segment_size: 0,
                 xattrs: false,
+                max_attempts: 0,
             })
             .await?,
         );

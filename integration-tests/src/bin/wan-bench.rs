@@ -462,6 +462,7 @@ fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u6
                     target_path: tp,
                     segment_size: 0,
                     xattrs: false,
+                    max_attempts: 0,
                 })
                 .await
                 .map_err(|e| e.to_string())?;

@@ -33,6 +33,7 @@ async fn missing_source_path_is_reported_not_ignored() {
             target_path: String::new(),
             segment_size: 0,
             xattrs: false,
+            max_attempts: 0,
         })
         .await
         .unwrap();
@@ -138,6 +139,7 @@ impl Hostile {
                 target_path: String::new(),
                 segment_size: 0,
                 xattrs: false,
+                max_attempts: 0,
             })
             .await
             .unwrap();
@@ -341,6 +343,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         ok: true,
         blake3: vec![7; 32],
         error: String::new(),
+        retry_later: false,
     };
     let r = c
         .report_segments(ReportSegmentsRequest {

@@ -443,6 +443,7 @@ pub fn migration_spec(src: &Path, target_path: &str) -> ferry_proto::admin::Migr
         target_path: target_path.into(),
         segment_size: 256 * 1024,
         xattrs: false,
+        max_attempts: 0,
     }
 }
 

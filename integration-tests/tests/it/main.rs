@@ -12,4 +12,5 @@ mod partition;
 mod processes;
 mod quickstart;
 mod resume;
+mod retries;
 mod wan;
