@@ -55,6 +55,43 @@ use crate::state::{Migration, Segment, State};
 /// an xattrs option; agents whether they apply owners.
 pub const FORMAT_VERSION: u64 = 5;
 
+/// How long `open` waits for sled's file lock. sled finishes writing its buffers on background
+/// threads after the last handle is dropped, so a node reopened at once in the same process
+/// (a restart in a test, or an in-process restart) can find the lock still held for a moment.
+/// Another process holding the directory keeps it longer, and `open` then fails.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut delay = std::time::Duration::from_millis(10);
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+        {
+            // sled reports a held lock only in its message.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() + delay < deadline =>
+            {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_millis(500));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(sled::Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}; another ferry-coordinator (or another program) holds this data \
+                         directory: stop it, or give this node its own data_dir"
+                    ),
+                )))
+            }
+            other => return other,
+        }
+    }
+}
+
 /// sled's page cache per node (its default is 1 GiB, which alone broke the RSS budget).
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -108,14 +145,10 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 
 /// Opens (or creates) the node's sled database and returns its log store and state machine.
 pub fn open(path: &Path) -> Result<(LogStore, StateMachine), OpenError> {
-    let db = sled::Config::new()
-        .path(path)
-        .cache_capacity(SLED_CACHE_BYTES)
-        .open()
-        .map_err(|source| OpenError::Sled {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let db = open_db(path).map_err(|source| OpenError::Sled {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let sled_err = |source| OpenError::Sled {
         path: path.to_path_buf(),
         source,
