@@ -351,6 +351,8 @@ impl Control {
                     .collect(),
                 issues_total: summary.issues_total,
                 hardlinks: summary.hardlinks,
+                excluded: summary.excluded,
+                root_error: summary.root_error.clone(),
             },
             |mut c, r| async move { c.complete_scan(r).await },
         )

@@ -54,6 +54,12 @@ pub struct ScanSummary {
     /// Names that are further names of a file the scan carries (hardlinks), sent as links.
     #[serde(default)]
     pub hardlinks: u64,
+    /// Paths skipped because they match the migration's excludes.
+    #[serde(default)]
+    pub excluded: u64,
+    /// Why the source root itself could not be scanned (empty: it was).
+    #[serde(default)]
+    pub root_error: String,
 }
 
 /// What the coordinator is told about a segment.
@@ -355,6 +361,8 @@ mod tests {
             issues: vec![("a".into(), "b".into())],
             issues_total: 1,
             hardlinks: 2,
+            excluded: 1,
+            root_error: String::new(),
         };
         write_summary(&p, &s).unwrap();
         assert_eq!(read_summary(&p).unwrap(), Some(s));

@@ -7,6 +7,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use ferry_common::exclude::Excludes;
 use ferry_common::path::{display, to_wire};
 use ferry_common::segment::Entry;
 
@@ -15,6 +16,8 @@ use ferry_common::segment::Entry;
 pub enum Walked {
     /// Something to copy.
     Entry(Entry),
+    /// A path the migration's excludes name: not copied, and nothing below it visited.
+    Excluded,
     /// Something that cannot be copied, and why. It is reported, never skipped silently.
     Issue {
         /// Path relative to the root, escaped for display ([`ferry_common::path::escape`]).
@@ -56,6 +59,7 @@ fn mtime(m: &fs::Metadata) -> (i64, u32) {
 /// remembered, so memory grows with the hardlinks in the tree, not with its size.
 pub fn walk<E>(
     root: &Path,
+    excludes: &Excludes,
     mut f: impl FnMut(Walked) -> Result<(), E>,
 ) -> Result<Result<(), E>, RootError> {
     let root_err = |reason: String| RootError {
@@ -81,6 +85,12 @@ pub fn walk<E>(
             continue;
         };
         let rel = dir.join(&name);
+        if excludes.matches(&rel) {
+            if let Err(e) = f(Walked::Excluded) {
+                return Ok(Err(e));
+            }
+            continue;
+        }
         let abs = root.join(&rel);
         let shown = display(&rel);
         let issue = |reason: String| Walked::Issue {
@@ -162,6 +172,10 @@ mod tests {
     use super::*;
     use ferry_common::segment::EntryKind;
 
+    fn none() -> Excludes {
+        Excludes::new(&[]).unwrap()
+    }
+
     #[test]
     fn walks_in_name_order_and_reports_what_it_cannot_copy() {
         let d = tempfile::tempdir().unwrap();
@@ -173,7 +187,7 @@ mod tests {
         std::os::unix::fs::symlink("c", r.join("d-link")).unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(r.join("e.sock")).unwrap();
         let mut seen = Vec::new();
-        walk::<()>(r, |w| {
+        walk::<()>(r, &none(), |w| {
             seen.push(w);
             Ok(())
         })
@@ -184,6 +198,7 @@ mod tests {
             .map(|w| match w {
                 Walked::Entry(e) => display(&e.path),
                 Walked::Issue { path, .. } => format!("!{path}"),
+                Walked::Excluded => panic!("nothing is excluded"),
             })
             .collect();
         assert_eq!(
@@ -208,7 +223,7 @@ mod tests {
 
     fn collect(root: &Path) -> Vec<Walked> {
         let mut seen = Vec::new();
-        walk::<()>(root, |w| {
+        walk::<()>(root, &none(), |w| {
             seen.push(w);
             Ok(())
         })
@@ -231,6 +246,7 @@ mod tests {
             .map(|w| match w {
                 Walked::Entry(e) => e,
                 Walked::Issue { path, reason } => panic!("{path}: {reason}"),
+                Walked::Excluded => panic!("nothing is excluded"),
             })
             .collect();
         assert_eq!(entries.len(), 3);
@@ -260,6 +276,7 @@ mod tests {
             .map(|w| match w {
                 Walked::Entry(e) => (display(&e.path), e.kind, display(&e.link_target)),
                 Walked::Issue { path, reason } => panic!("{path}: {reason}"),
+                Walked::Excluded => panic!("nothing is excluded"),
             })
             .collect();
         assert_eq!(
@@ -283,9 +300,33 @@ mod tests {
     }
 
     #[test]
+    fn excluded_paths_are_skipped_whole_and_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("keep/cache/deep")).unwrap();
+        fs::write(r.join("keep/cache/deep/x"), b"x").unwrap();
+        fs::write(r.join("keep/a.tmp"), b"x").unwrap();
+        fs::write(r.join("keep/b"), b"x").unwrap();
+        let ex = Excludes::new(&["*.tmp".into(), "keep/cache".into()]).unwrap();
+        let mut seen = Vec::new();
+        walk::<()>(r, &ex, |w| {
+            seen.push(match w {
+                Walked::Entry(e) => display(&e.path),
+                Walked::Excluded => "-".into(),
+                Walked::Issue { path, .. } => panic!("{path}"),
+            });
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        // keep/a.tmp and keep/cache (with all below it) are excluded.
+        assert_eq!(seen, vec!["keep", "-", "keep/b", "-"]);
+    }
+
+    #[test]
     fn missing_root_is_an_error() {
         let d = tempfile::tempdir().unwrap();
-        let err = walk::<()>(&d.path().join("nope"), |_| Ok(())).unwrap_err();
+        let err = walk::<()>(&d.path().join("nope"), &none(), |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
     }
 }

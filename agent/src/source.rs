@@ -368,7 +368,9 @@ impl Source {
                 }
                 Ok(())
             };
-        let walked = walk(&root, |item| -> Result<(), String> {
+        let excludes = ferry_common::exclude::Excludes::new(&w.excludes)
+            .map_err(|e| format!("cannot use the migration's excludes: {e}"))?;
+        let walked = walk(&root, &excludes, |item| -> Result<(), String> {
             if *stop.borrow() {
                 return Err("agent shutting down".into());
             }
@@ -385,6 +387,7 @@ impl Source {
                         flush(&mut writer, &mut batch)?;
                     }
                 }
+                Walked::Excluded => summary.excluded += 1,
                 Walked::Issue { path, reason } => {
                     tracing::warn!(message = "Cannot copy path.", migration = mid, path = %path, reason = %reason);
                     summary.issues_total += 1;
@@ -402,6 +405,7 @@ impl Source {
                 summary
                     .issues
                     .push((w.source_path.clone(), root_err.reason.clone()));
+                summary.root_error = root_err.reason.clone();
                 tracing::error!(message = "Source path cannot be scanned.", migration = mid, error = %root_err);
             }
         }

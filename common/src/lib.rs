@@ -3,6 +3,7 @@
 //! decides nothing from the clock.
 
 pub mod config;
+pub mod exclude;
 pub mod hash;
 pub mod ids;
 pub mod names;

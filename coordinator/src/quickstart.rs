@@ -269,6 +269,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 segment_size: opts.segment_size,
                 xattrs: opts.xattrs,
                 max_attempts: 0,
+                excludes: Vec::new(),
             })
             .await?;
         let started = Instant::now();

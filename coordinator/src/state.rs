@@ -176,6 +176,8 @@ pub struct MigrationSpec {
     pub segment_size: u64,
     /// Carry extended attributes.
     pub xattrs: bool,
+    /// Glob patterns of paths not to copy ([`ferry_common::exclude`]).
+    pub excludes: Vec<String>,
     /// Failed attempts after which a segment is given up on ([`SegState::Failed`]).
     pub max_attempts: u32,
 }
@@ -265,6 +267,9 @@ pub struct Migration {
     /// Names the scan found to be hardlinks to a file it carries: linked at the target, not
     /// copied.
     pub hardlinks: u64,
+    /// Paths the scan skipped because they match the spec's excludes (the operator's choice:
+    /// they do not fail the migration).
+    pub excluded: u64,
     /// The last transfer error seen.
     pub last_error: String,
     /// Creation time (unix ms).
@@ -409,6 +414,11 @@ pub enum Command {
         issues_total: u64,
         /// Names the scan found to be further names of a file it carries (hardlinks).
         hardlinks: u64,
+        /// Paths the scan skipped because they match the spec's excludes.
+        excluded: u64,
+        /// Why the source root itself cannot be scanned (empty: it was scanned). The
+        /// migration then fails with it.
+        root_error: String,
         /// Leader time.
         now_ms: u64,
     },
@@ -788,13 +798,15 @@ impl State {
                 issues,
                 issues_total,
                 hardlinks,
+                excluded,
+                root_error,
                 now_ms,
             } => self.complete_scan(
                 &agent,
                 migration_id,
                 segments_total,
                 (issues, issues_total),
-                hardlinks,
+                (hardlinks, excluded, root_error),
                 now_ms,
             ),
             Command::SourceProblem {
@@ -817,6 +829,11 @@ impl State {
                         if m.scan_issues.len() < MAX_SCAN_ISSUES_KEPT {
                             m.scan_issues.push(issue);
                         }
+                    }
+                    // Left behind after it finished (a file vanished from its last segment):
+                    // not done after all.
+                    if m.phase == Phase::Done && m.scan_issues_total > 0 {
+                        m.phase = Phase::Failed;
                     }
                     self.dirty.migrations.insert(migration_id);
                     Response::Ok
@@ -1026,6 +1043,7 @@ impl State {
                 scan_issues: Vec::new(),
                 scan_issues_total: 0,
                 hardlinks: 0,
+                excluded: 0,
                 last_error: String::new(),
                 created_ms: now_ms,
                 finished_ms: 0,
@@ -1158,7 +1176,7 @@ impl State {
         mid: u64,
         total: u64,
         (issues, issues_total): (Vec<(String, String)>, u64),
-        hardlinks: u64,
+        (hardlinks, excluded, root_error): (u64, u64, String),
         now_ms: u64,
     ) -> Response {
         let m = match self.source_migration(agent, mid) {
@@ -1204,6 +1222,20 @@ impl State {
         m.scan_issues = issues.into_iter().take(MAX_SCAN_ISSUES_KEPT).collect();
         m.scan_issues_total = issues_total;
         m.hardlinks = hardlinks;
+        m.excluded = excluded;
+        if !root_error.is_empty() {
+            // Nothing was scanned: an empty copy of a tree that is not there must not end
+            // "done" (0 of 0 segments verified).
+            m.last_error = format!(
+                "the source root {} on {} cannot be scanned: {root_error}; fix it (or the \
+                 path) and create the migration again",
+                m.spec.source_path, m.spec.source_agent
+            );
+            m.phase = Phase::Failed;
+            m.finished_ms = now_ms;
+            self.dirty.migrations.insert(mid);
+            return Response::Ok;
+        }
         if m.phase == Phase::Planned {
             m.phase = Phase::Copying;
         }
@@ -1220,7 +1252,9 @@ impl State {
             && !m.phase.finished()
             && c.verified_segments.saturating_add(c.failed_segments) == c.segments
         {
-            m.phase = if c.failed_segments > 0 {
+            // Anything the scan could not copy (a FIFO, an unreadable file) fails the migration
+            // too: a copy that left something behind is not done.
+            m.phase = if c.failed_segments > 0 || m.scan_issues_total > 0 {
                 Phase::Failed
             } else {
                 Phase::Done

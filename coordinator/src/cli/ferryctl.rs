@@ -162,6 +162,11 @@ enum MigrationCmd {
         /// failed. Retries back off from 1 s, doubling to at most 60 s.
         #[arg(long, default_value_t = crate::state::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=crate::state::MAX_MAX_ATTEMPTS as i64))]
         max_attempts: u32,
+        /// A glob pattern of paths (relative to the source root) not to copy; repeat it for
+        /// several. `*` crosses '/', a matching directory is skipped whole. Excluded paths are
+        /// counted, not failures.
+        #[arg(long = "exclude", value_name = "PATTERN")]
+        excludes: Vec<String>,
     },
     /// All migrations.
     List,
@@ -360,6 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             segment_size,
             xattrs,
             max_attempts,
+            excludes,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -371,6 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 segment_size: *segment_size,
                 xattrs: *xattrs,
                 max_attempts: *max_attempts,
+                excludes: excludes.clone(),
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
             let id = connect(&cli).await?.create_named(&name, spec).await?;
@@ -428,6 +435,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 if !p.blocked.is_empty() {
                     println!("blocked: {}", p.blocked);
+                }
+                if p.excluded > 0 {
+                    println!("excluded {} path(s) (--exclude)", p.excluded);
                 }
                 if p.hardlinks > 0 {
                     println!(

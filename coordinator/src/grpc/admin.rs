@@ -40,6 +40,9 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
     if let Err(e) = ferry_common::path::validate_subdir(&s.target_path) {
         return bad(format!("target path: {e}"));
     }
+    if let Err(e) = ferry_common::exclude::Excludes::new(&s.excludes) {
+        return bad(e.to_string());
+    }
     const MIN_SEGMENT: u64 = 64 * 1024;
     const MAX_SEGMENT: u64 = 4 * 1024 * 1024 * 1024;
     if s.segment_size != 0 && !(MIN_SEGMENT..=MAX_SEGMENT).contains(&s.segment_size) {
@@ -65,6 +68,7 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
             s.segment_size
         },
         xattrs: s.xattrs,
+        excludes: s.excludes,
         max_attempts: if s.max_attempts == 0 {
             DEFAULT_MAX_ATTEMPTS
         } else {

@@ -186,6 +186,7 @@ impl AgentControl for AgentService {
                     finished: m.phase.finished(),
                     migration_uuid: m.uuid.clone(),
                     xattrs: m.spec.xattrs,
+                    excludes: m.spec.excludes.clone(),
                 })
                 .collect();
             Ok((
@@ -269,6 +270,8 @@ impl AgentControl for AgentService {
                 issues: r.issues.into_iter().map(|i| (i.path, i.reason)).collect(),
                 issues_total: r.issues_total,
                 hardlinks: r.hardlinks,
+                excluded: r.excluded,
+                root_error: r.root_error,
                 now_ms: now_ms(),
             })
             .await?;

@@ -24,6 +24,7 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
         target_path: s.target_path.clone(),
         segment_size: s.segment_size,
         xattrs: s.xattrs,
+        excludes: s.excludes.clone(),
         max_attempts: s.max_attempts,
     }
 }
@@ -59,6 +60,7 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         created_ms: m.created_ms,
         finished_ms: m.finished_ms,
         hardlinks: m.hardlinks,
+        excluded: m.excluded,
         notes: Vec::new(),
         segments_failed: c.failed_segments,
         files_failed: c.failed_files,

@@ -71,6 +71,7 @@ impl World {
             segment_size: 100,
             xattrs: false,
             max_attempts,
+            excludes: Vec::new(),
         };
         let Response::MigrationCreated(id) = self.apply(Command::CreateMigration {
             name: unique_name(),
@@ -97,6 +98,8 @@ impl World {
                 issues: vec![],
                 issues_total: 0,
                 hardlinks: 0,
+                excluded: 0,
+                root_error: String::new(),
                 now_ms: 1,
             }),
             Response::Ok
@@ -299,6 +302,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         segment_size: 1,
         xattrs: false,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
+        excludes: Vec::new(),
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -324,6 +328,8 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         issues: vec![],
         issues_total: 0,
         hardlinks: 0,
+        excluded: 0,
+        root_error: String::new(),
         now_ms: 0,
     });
     assert!(matches!(r, Response::Refused(_)));
@@ -354,6 +360,7 @@ fn create_refuses_unknown_agents() {
         segment_size: 1,
         xattrs: false,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
+        excludes: Vec::new(),
     };
     let r = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -499,6 +506,7 @@ fn create(w: &mut World) -> u64 {
         segment_size: 1,
         xattrs: false,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
+        excludes: Vec::new(),
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -528,6 +536,8 @@ fn complete(w: &mut World, mid: u64, total: u64) -> Response {
         issues: vec![],
         issues_total: 0,
         hardlinks: 0,
+        excluded: 0,
+        root_error: String::new(),
         now_ms: 0,
     })
 }
@@ -905,6 +915,7 @@ fn a_create_repeated_with_its_key_answers_the_same_migration_and_names_are_uniqu
         segment_size: 1,
         xattrs: false,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
+        excludes: Vec::new(),
     };
     let create = |name: &str, key: &str, spec: &MigrationSpec| Command::CreateMigration {
         name: name.into(),
@@ -1191,6 +1202,7 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         segment_size: 100,
         xattrs: false,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
+        excludes: Vec::new(),
     };
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: "links".into(),
@@ -1208,6 +1220,8 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         issues: vec![],
         issues_total: 0,
         hardlinks: 7,
+        excluded: 0,
+        root_error: String::new(),
         now_ms: 2,
     });
     assert_eq!(r, Response::Ok);
@@ -1407,4 +1421,75 @@ fn failures_that_are_not_the_segments_back_off_without_counting() {
     let m = &w.s.migrations[&mid];
     assert_eq!((m.phase, m.counters.failed_attempts), (Phase::Copying, 0));
     assert!(m.last_error.contains("cannot connect"));
+}
+
+/// Issue 9, item 5: a source root that cannot be scanned fails the migration with the reason
+/// (it ended "done" with 0 of 0 segments), and so does anything the scan had to leave behind.
+#[test]
+fn a_missing_source_root_or_a_skipped_path_fails_the_migration() {
+    let mut w = World::new();
+    let complete = |mid, segments_total, issues: Vec<(String, String)>, root_error: &str| {
+        Command::CompleteScan {
+            agent: "src".into(),
+            migration_id: mid,
+            segments_total,
+            issues_total: issues.len() as u64,
+            issues,
+            hardlinks: 0,
+            excluded: 0,
+            root_error: root_error.into(),
+            now_ms: 5,
+        }
+    };
+    let create = |w: &mut World, name: &str| {
+        let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
+            name: name.into(),
+            idempotency_key: String::new(),
+            spec: MigrationSpec {
+                source_agent: "src".into(),
+                source_path: "/data".into(),
+                target_agent: "dst".into(),
+                target_path: String::new(),
+                segment_size: 100,
+                xattrs: false,
+                max_attempts: DEFAULT_MAX_ATTEMPTS,
+                excludes: Vec::new(),
+            },
+            uuid: ferry_common::ids::random_id(),
+            now_ms: 1,
+        }) else {
+            panic!()
+        };
+        mid
+    };
+    let missing = create(&mut w, "missing");
+    let issue = vec![("/data".to_string(), "it does not exist".to_string())];
+    assert_eq!(
+        w.apply(complete(missing, 0, issue, "it does not exist")),
+        Response::Ok
+    );
+    let m = &w.s.migrations[&missing];
+    assert_eq!(m.phase, Phase::Failed);
+    assert!(m.last_error.contains("/data") && m.last_error.contains("does not exist"));
+
+    let fifo = create(&mut w, "fifo");
+    let issue = vec![(
+        "pipe".to_string(),
+        "unsupported file type: named pipe".to_string(),
+    )];
+    w.apply(complete(fifo, 0, issue, ""));
+    assert_eq!(w.s.migrations[&fifo].phase, Phase::Failed);
+
+    // An empty tree that exists is a complete, verified copy of nothing.
+    let empty = create(&mut w, "empty");
+    w.apply(complete(empty, 0, vec![], ""));
+    assert_eq!(w.s.migrations[&empty].phase, Phase::Done);
+    // ... until a path it left behind is reported after all.
+    w.apply(Command::SourceProblem {
+        agent: "src".into(),
+        migration_id: empty,
+        error: String::new(),
+        issues: vec![("gone".into(), "gone at copy time".into())],
+    });
+    assert_eq!(w.s.migrations[&empty].phase, Phase::Failed);
 }

@@ -81,6 +81,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 segment_size: 10,
                 xattrs: false,
                 max_attempts: crate::state::DEFAULT_MAX_ATTEMPTS,
+                excludes: Vec::new(),
             },
             uuid: ferry_common::ids::random_id(),
             now_ms: 2,

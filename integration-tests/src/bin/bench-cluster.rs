@@ -289,6 +289,7 @@ async fn main() -> anyhow::Result<()> {
                 segment_size: 0,
                 xattrs: false,
                 max_attempts: 0,
+                excludes: Vec::new(),
             })
             .await?,
         );

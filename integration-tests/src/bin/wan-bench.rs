@@ -463,6 +463,7 @@ fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u6
                     segment_size: 0,
                     xattrs: false,
                     max_attempts: 0,
+                    excludes: Vec::new(),
                 })
                 .await
                 .map_err(|e| e.to_string())?;

@@ -34,6 +34,7 @@ async fn missing_source_path_is_reported_not_ignored() {
             segment_size: 0,
             xattrs: false,
             max_attempts: 0,
+            excludes: Vec::new(),
         })
         .await
         .unwrap();
@@ -48,6 +49,116 @@ async fn missing_source_path_is_reported_not_ignored() {
         "{:?}",
         p.scan_issues
     );
+    // It fails, with a clear error, and neither status nor verify calls it verified (they
+    // printed VERIFIED and exited 0 for its 0 of 0 segments).
+    assert_eq!(p.phase, "failed");
+    assert!(
+        p.last_error.contains("/nonexistent/ferry-test") && p.last_error.contains("does not exist"),
+        "{}",
+        p.last_error
+    );
+    assert_cli_says_not_verified(&env, &coord, id);
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}
+
+/// `ferryctl migration verify` exits non-zero without claiming VERIFIED, and `status` shows
+/// the migration failed.
+fn assert_cli_says_not_verified(env: &TestEnv, coord: &str, id: u64) {
+    env.issue(ferry_common::pki::Identity::Admin("ops".into()));
+    let id = id.to_string();
+    let out = crate::processes::ferryctl(env, coord, &["migration", "verify", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "verify exited 0:\n{text}");
+    assert!(
+        text.contains("NOT VERIFIED"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("not copied"), "{text}");
+    let out = crate::processes::ferryctl(env, coord, &["migration", "status", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("failed"), "{text}");
+}
+
+/// A tree whose only entry cannot be copied (a FIFO) is not a verified migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tree_whose_only_entry_was_skipped_is_not_verified() {
+    let env = TestEnv::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let fifo = src.join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo failed");
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(env.path("dst"))).await;
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let id = ctl
+        .create(crate::harness::migration_spec(&src, ""))
+        .await
+        .unwrap();
+    let p = ctl
+        .watch(id, Duration::from_secs(30), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(p.phase, "failed");
+    assert_eq!(p.scan_issues_total, 1);
+    assert!(
+        p.scan_issues[0].reason.contains("named pipe"),
+        "{:?}",
+        p.scan_issues
+    );
+    let v = ctl.verify(id, 0).await.unwrap();
+    assert!(!v.all_verified);
+    assert_eq!(v.scan_issues_total, 1);
+    assert_cli_says_not_verified(&env, &coord, id);
+
+    // Excluded by the operator, the same FIFO is no failure: counted, and the copy verifies.
+    let out = crate::processes::ferryctl(
+        &env,
+        &coord,
+        &[
+            "migration",
+            "create",
+            "--source",
+            &format!("source:{}", src.display()),
+            "--target",
+            "target:excluding",
+            "--exclude",
+            "pip[e]",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = id + 1;
+    let p = ctl
+        .watch(id, Duration::from_secs(30), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (p.phase.as_str(), p.excluded, p.scan_issues_total),
+        ("done", 1, 0)
+    );
+    let out = crate::processes::ferryctl(&env, &coord, &["migration", "verify", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A pattern that is not a glob is refused when the migration is created.
+    let mut spec = crate::harness::migration_spec(&src, "bad");
+    spec.excludes = vec!["a[".into()];
+    let err = ctl.create(spec).await.unwrap_err().to_string();
+    assert!(err.contains("exclude pattern"), "{err}");
     source.shutdown().await;
     target.shutdown().await;
     node.shutdown().await;
@@ -140,6 +251,7 @@ impl Hostile {
                 segment_size: 0,
                 xattrs: false,
                 max_attempts: 0,
+                excludes: Vec::new(),
             })
             .await
             .unwrap();

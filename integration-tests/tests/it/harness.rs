@@ -444,6 +444,7 @@ pub fn migration_spec(src: &Path, target_path: &str) -> ferry_proto::admin::Migr
         segment_size: 256 * 1024,
         xattrs: false,
         max_attempts: 0,
+        excludes: Vec::new(),
     }
 }
 

@@ -221,6 +221,7 @@ async fn a_file_the_source_cannot_read_fails_alone_and_everything_else_is_verifi
     let id = ctl
         .create(pb::MigrationSpec {
             max_attempts: 2,
+            excludes: Vec::new(),
             ..migration_spec(&src, "copy")
         })
         .await
