@@ -460,20 +460,9 @@ pub fn default_name(spec: &pb::MigrationSpec) -> String {
     name
 }
 
-/// A key no other request has: 128 bits from the OS's random source, mixed with the process
-/// and the time in case it is unavailable.
+/// A key no other request has (128 random bits).
 fn new_idempotency_key() -> String {
-    use std::io::Read;
-    let mut seed = [0u8; 16];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
-    let mut h = blake3::Hasher::new();
-    h.update(&seed);
-    h.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    h.update(&now.as_nanos().to_le_bytes());
-    h.finalize().to_hex()[..32].to_string()
+    ferry_common::ids::random_id()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -22,6 +22,20 @@ fn reg(id: u64, bytes: u64, files: u32) -> SegmentReg {
     }
 }
 
+/// A spec from "src" to "dst" with the defaults.
+fn spec(source_path: &str, segment_size: u64) -> MigrationSpec {
+    MigrationSpec {
+        source_agent: "src".into(),
+        source_path: source_path.into(),
+        target_agent: "dst".into(),
+        target_path: String::new(),
+        segment_size,
+        xattrs: false,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
+        excludes: Vec::new(),
+    }
+}
+
 struct World {
     s: State,
     index: u64,
@@ -64,14 +78,8 @@ impl World {
             .map(|&(id, bytes, files)| reg(id, bytes, files))
             .collect();
         let spec = MigrationSpec {
-            source_agent: "src".into(),
-            source_path: "/data".into(),
-            target_agent: "dst".into(),
-            target_path: String::new(),
-            segment_size: 100,
-            xattrs: false,
             max_attempts,
-            excludes: Vec::new(),
+            ..spec("/data", 100)
         };
         let Response::MigrationCreated(id) = self.apply(Command::CreateMigration {
             name: unique_name(),
@@ -294,16 +302,7 @@ fn no_leases_until_target_has_an_address() {
 #[test]
 fn register_is_idempotent_and_complete_scan_checks_count() {
     let mut w = World::new();
-    let spec = MigrationSpec {
-        source_agent: "src".into(),
-        source_path: "/d".into(),
-        target_agent: "dst".into(),
-        target_path: String::new(),
-        segment_size: 1,
-        xattrs: false,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
-        excludes: Vec::new(),
-    };
+    let spec = spec("/d", 1);
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
         idempotency_key: String::new(),
@@ -354,13 +353,7 @@ fn create_refuses_unknown_agents() {
     let mut w = World::new();
     let spec = MigrationSpec {
         source_agent: "nobody".into(),
-        source_path: "/d".into(),
-        target_agent: "dst".into(),
-        target_path: String::new(),
-        segment_size: 1,
-        xattrs: false,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
-        excludes: Vec::new(),
+        ..spec("/d", 1)
     };
     let r = w.apply(Command::CreateMigration {
         name: unique_name(),
@@ -498,16 +491,7 @@ fn random_walk_keeps_counters_and_indexes_consistent() {
 }
 
 fn create(w: &mut World) -> u64 {
-    let spec = MigrationSpec {
-        source_agent: "src".into(),
-        source_path: "/d".into(),
-        target_agent: "dst".into(),
-        target_path: String::new(),
-        segment_size: 1,
-        xattrs: false,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
-        excludes: Vec::new(),
-    };
+    let spec = spec("/d", 1);
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: unique_name(),
         idempotency_key: String::new(),
@@ -907,16 +891,7 @@ fn huge_segment_counts_are_refused_not_overflowed() {
 #[test]
 fn a_create_repeated_with_its_key_answers_the_same_migration_and_names_are_unique() {
     let mut w = World::new();
-    let spec = MigrationSpec {
-        source_agent: "src".into(),
-        source_path: "/d".into(),
-        target_agent: "dst".into(),
-        target_path: String::new(),
-        segment_size: 1,
-        xattrs: false,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
-        excludes: Vec::new(),
-    };
+    let spec = spec("/d", 1);
     let create = |name: &str, key: &str, spec: &MigrationSpec| Command::CreateMigration {
         name: name.into(),
         idempotency_key: key.into(),
@@ -1194,16 +1169,7 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
     assert!(notes[0].contains("owners not kept"), "{notes:?}");
 
     let mut w = World::new();
-    let spec = MigrationSpec {
-        source_agent: "src".into(),
-        source_path: "/data".into(),
-        target_agent: "dst".into(),
-        target_path: String::new(),
-        segment_size: 100,
-        xattrs: false,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
-        excludes: Vec::new(),
-    };
+    let spec = spec("/data", 100);
     let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
         name: "links".into(),
         idempotency_key: String::new(),
@@ -1445,16 +1411,7 @@ fn a_missing_source_root_or_a_skipped_path_fails_the_migration() {
         let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
             name: name.into(),
             idempotency_key: String::new(),
-            spec: MigrationSpec {
-                source_agent: "src".into(),
-                source_path: "/data".into(),
-                target_agent: "dst".into(),
-                target_path: String::new(),
-                segment_size: 100,
-                xattrs: false,
-                max_attempts: DEFAULT_MAX_ATTEMPTS,
-                excludes: Vec::new(),
-            },
+            spec: spec("/data", 100),
             uuid: ferry_common::ids::random_id(),
             now_ms: 1,
         }) else {
