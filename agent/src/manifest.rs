@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use ferry_common::segment::{Entry, PlannedSegment};
+use crate::segment::{Entry, PlannedSegment};
 use ferry_proto::data as pb;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -309,7 +309,7 @@ pub fn read_summary(path: &Path) -> Result<Option<ScanSummary>, ManifestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_common::segment::SegmentPlanner;
+    use crate::segment::SegmentPlanner;
 
     #[test]
     fn write_then_read_back() {

@@ -7,9 +7,9 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use crate::segment::Entry;
 use ferry_common::exclude::Excludes;
 use ferry_common::path::{display, to_wire};
-use ferry_common::segment::Entry;
 
 /// What the walk found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +54,7 @@ fn mtime(m: &fs::Metadata) -> (i64, u32) {
 ///
 /// A regular file with several names inside the tree (hardlinks: the same device and inode) is
 /// reported once as a file, under the first name the walk meets, and then as a
-/// [`EntryKind::Hardlink`](ferry_common::segment::EntryKind::Hardlink) to that name for every
+/// [`EntryKind::Hardlink`](crate::segment::EntryKind::Hardlink) to that name for every
 /// further one, so its bytes travel once. Only files with a link count above one are
 /// remembered, so memory grows with the hardlinks in the tree, not with its size.
 pub fn walk<E>(
@@ -170,7 +170,7 @@ pub fn walk<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_common::segment::EntryKind;
+    use crate::segment::EntryKind;
 
     fn none() -> Excludes {
         Excludes::new(&[]).unwrap()

@@ -32,9 +32,9 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, Per
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::segment::{Entry, EntryKind};
 use ferry_common::hash::hex;
 use ferry_common::path::{bytes, display, validate_relative, validate_subdir, PathError};
-use ferry_common::segment::{Entry, EntryKind};
 use filetime::FileTime;
 use serde::{Deserialize, Serialize};
 

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::segment::{Entry, EntryKind, SegmentPlanner};
 use backon::Retryable;
 use ferry_common::names::agent_dns;
 use ferry_common::path::display;
-use ferry_common::segment::{Entry, EntryKind, SegmentPlanner};
 use ferry_proto::control::{Lease, Role, SourceWork};
 use ferry_proto::data as pb;
 use tokio::sync::watch;

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::segment::Entry;
 use ferry_common::names::agent_dns;
 use ferry_common::path::display;
-use ferry_common::segment::Entry;
 use ferry_common::tls::cert_is_for;
 use ferry_proto::control::Role;
 use ferry_proto::data as pb;
@@ -337,7 +337,7 @@ impl Target {
             .map(Entry::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Refusal::Plain(e.to_string()))?;
-        if entries.len() > ferry_common::segment::MAX_BUNDLE_ENTRIES {
+        if entries.len() > crate::segment::MAX_BUNDLE_ENTRIES {
             return Err(Refusal::Plain(format!(
                 "segment has {} entries, over the limit",
                 entries.len()

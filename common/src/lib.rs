@@ -1,6 +1,6 @@
-//! Pieces shared by every ferry binary: names, paths, the segment planner, config and PKI files,
-//! TLS configurations, logging and systemd notifications. It opens no network connection and
-//! decides nothing from the clock.
+//! Pieces shared by every ferry binary: names, paths, excludes, ids, config and PKI files, TLS
+//! configurations, logging and systemd notifications. It depends on no other ferry crate, opens no
+//! network connection and decides nothing from the clock.
 
 pub mod config;
 pub mod exclude;
@@ -9,11 +9,13 @@ pub mod ids;
 pub mod names;
 pub mod path;
 pub mod pki;
-pub mod segment;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
-pub mod wire;
+
+/// Most entries in one bundle segment: bounds the header a target must hold in memory, and the
+/// file count the coordinator accepts for one segment.
+pub const MAX_BUNDLE_ENTRIES: usize = 16 * 1024;
 
 /// Default segment size: large enough to amortise per-segment round trips on a WAN, small enough that
 /// a lost lease resends little.

@@ -10,6 +10,10 @@ use thiserror::Error;
 
 use crate::config::TlsPaths;
 
+/// ALPN of the agent-to-agent data plane (QUIC). Bump it when the frames change incompatibly:
+/// 2 carries names as bytes, hardlinks, sparse data runs, owners and extended attributes.
+pub const DATA_ALPN: &[u8] = b"ferry/2";
+
 /// TLS material could not be loaded or used.
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -160,7 +164,7 @@ impl TlsMaterial {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)?;
-        cfg.alpn_protocols = vec![ferry_proto::DATA_ALPN.to_vec()];
+        cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -177,7 +181,7 @@ impl TlsMaterial {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)?;
-        cfg.alpn_protocols = vec![ferry_proto::DATA_ALPN.to_vec()];
+        cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));

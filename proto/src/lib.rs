@@ -17,6 +17,3 @@ pub mod data {
 pub mod raft {
     tonic::include_proto!("ferry.raft.v1");
 }
-
-/// ALPN protocol id of the agent-to-agent data plane. Bump it when the frames change incompatibly.
-pub const DATA_ALPN: &[u8] = b"ferry/1";

@@ -1,4 +1,3 @@
 //! The binaries' command lines, in the library so that tests can build thin wrappers around them.
 
 pub mod coordinator;
-pub mod ferryctl;

@@ -61,7 +61,7 @@ fn check_segment(
     segment_size: Option<u64>,
     s: pb::SegmentInfo,
 ) -> Result<SegmentReg, Status> {
-    let max_files = ferry_common::segment::MAX_BUNDLE_ENTRIES as u64;
+    let max_files = ferry_common::MAX_BUNDLE_ENTRIES as u64;
     if segment_size.is_some_and(|max| s.bytes > max) || s.files as u64 > max_files {
         return Err(Status::invalid_argument(format!(
             "migration {mid}: segment {} claims {} bytes in {} files, more than a segment holds \

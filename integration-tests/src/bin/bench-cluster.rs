@@ -23,9 +23,9 @@ use ferry_agent::manifest::{ScanSummary, SegmentSummary};
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
-use ferry_coordinator::ctl::Ctl;
 use ferry_proto::admin as pb;
 use ferry_proto::control::Role;
+use ferryctl::ctl::Ctl;
 use futures::StreamExt;
 
 #[derive(Parser)]

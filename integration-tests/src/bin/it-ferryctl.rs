@@ -1,5 +1,5 @@
 //! The `ferryctl` binary, built inside this package so its tests can spawn it.
 
 fn main() -> std::process::ExitCode {
-    ferry_coordinator::cli::ferryctl::main()
+    ferryctl::cli::main()
 }

@@ -418,7 +418,7 @@ fn start_ferry(
         rt.block_on(async {
             let t = Instant::now();
             loop {
-                if let Ok(ctl) = ferry_coordinator::ctl::Ctl::connect(&addr, &a2).await {
+                if let Ok(ctl) = ferryctl::ctl::Ctl::connect(&addr, &a2).await {
                     if let Ok(agents) = ctl.agents().await {
                         if agents.len() >= 2 {
                             return Ok(());
@@ -451,7 +451,7 @@ fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u6
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async {
-            let ctl = ferry_coordinator::ctl::Ctl::connect(&addr, &admin)
+            let ctl = ferryctl::ctl::Ctl::connect(&addr, &admin)
                 .await
                 .map_err(|e| e.to_string())?;
             let id = ctl

@@ -71,7 +71,7 @@ async fn a_retried_create_answers_the_same_migration_and_names_are_unique() {
     // Status by name or id.
     assert_eq!(ctl.resolve("nightly").await.unwrap(), first);
     let by_name = ctl
-        .status_of(&ferry_coordinator::ctl::default_name(&migration_spec(
+        .status_of(&ferryctl::ctl::default_name(&migration_spec(
             &env.path("other"),
             "x",
         )))

@@ -422,7 +422,7 @@ async fn certificates_from_another_ca_are_rejected() {
     assert!(rejected, "foreign CA accepted on gRPC");
     // An agent certificate of the right CA cannot use the admin API either.
     let agent_as_admin = TlsMaterial::load(&h.env.issue(Identity::Agent("target".into()))).unwrap();
-    let ctl = ferry_coordinator::ctl::Ctl::connect(&coord, &agent_as_admin)
+    let ctl = ferryctl::ctl::Ctl::connect(&coord, &agent_as_admin)
         .await
         .unwrap();
     let err = ctl.agents().await.unwrap_err().to_string();

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ferry_common::pki::Identity;
-use ferry_coordinator::ctl::Ctl;
+use ferryctl::ctl::Ctl;
 
 use crate::harness::{
     assert_not_resent, assert_same_tree, ferryctl_bin, free_port, migration_spec, wait_for,

@@ -13,8 +13,8 @@ use ferry_agent::run::{AgentConfig, RunningAgent};
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
-use ferry_coordinator::ctl::Ctl;
 use ferry_coordinator::node::{CoordinatorConfig, RunningNode};
+use ferryctl::ctl::Ctl;
 
 /// A test cluster's PKI and working directory.
 pub struct TestEnv {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_agent::control::Control;
 use ferry_common::pki::Identity;
 use ferry_common::tls::TlsMaterial;
-use ferry_coordinator::ctl::Ctl;
+use ferryctl::ctl::Ctl;
 
 use crate::harness::{migration_spec, wait_for, TestEnv};
 use crate::processes::spawn_agent;

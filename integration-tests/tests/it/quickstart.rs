@@ -147,7 +147,7 @@ async fn quickstart_lists_what_it_cannot_copy_and_fails() {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("ok.txt"), b"fine").unwrap();
     let _sock = std::os::unix::net::UnixListener::bind(src.join("app.sock")).unwrap();
-    let report = ferry_coordinator::quickstart::run(ferry_coordinator::quickstart::Options {
+    let report = ferryctl::quickstart::run(ferryctl::quickstart::Options {
         source: Some(src.clone()),
         workdir: Some(work.path().join("qs")),
         progress: false,
@@ -172,7 +172,7 @@ async fn quickstart_lists_what_it_cannot_copy_and_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_refuses_a_missing_source() {
     let work = tempfile::tempdir().unwrap();
-    let err = ferry_coordinator::quickstart::run(ferry_coordinator::quickstart::Options {
+    let err = ferryctl::quickstart::run(ferryctl::quickstart::Options {
         source: Some(work.path().join("nope")),
         workdir: Some(work.path().join("qs")),
         progress: false,

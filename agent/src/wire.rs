@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use ferry_proto::data as pb;
 
-use crate::path::{bytes, escape};
+use ferry_common::path::{bytes, escape};
 
 use crate::segment::{Entry, EntryKind};
 

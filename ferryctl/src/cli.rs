@@ -160,7 +160,7 @@ enum MigrationCmd {
         /// Failed attempts after which a segment (and the files in it) is given up on and
         /// marked failed with its last error; the migration goes on with the rest and ends
         /// failed. Retries back off from 1 s, doubling to at most 60 s.
-        #[arg(long, default_value_t = crate::state::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=crate::state::MAX_MAX_ATTEMPTS as i64))]
+        #[arg(long, default_value_t = ferry_coordinator::state::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=ferry_coordinator::state::MAX_MAX_ATTEMPTS as i64))]
         max_attempts: u32,
         /// A glob pattern of paths (relative to the source root) not to copy; repeat it for
         /// several. `*` crosses '/', a matching directory is skipped whole. Excluded paths are

@@ -20,7 +20,7 @@ use ferry_proto::admin as pb;
 use serde::Serialize;
 
 use crate::ctl::{human_bytes, progress_line, Ctl};
-use crate::node::CoordinatorConfig;
+use ferry_coordinator::node::CoordinatorConfig;
 
 /// What to migrate and how.
 #[derive(Debug, Clone)]
@@ -226,7 +226,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let src_tls = ca.issue(&Identity::Agent("source".into()), &pki)?;
     let dst_tls = ca.issue(&Identity::Agent("target".into()), &pki)?;
 
-    let node = crate::node::start(CoordinatorConfig {
+    let node = ferry_coordinator::node::start(CoordinatorConfig {
         node_id: 1,
         listen: "127.0.0.1:0".parse()?,
         data_dir: workdir.join("coordinator"),

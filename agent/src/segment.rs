@@ -27,7 +27,7 @@ pub enum EntryKind {
 pub struct Entry {
     /// Kind of item.
     pub kind: EntryKind,
-    /// Relative path (validated with [`crate::path::validate_relative`]).
+    /// Relative path (validated with [`ferry_common::path::validate_relative`]).
     pub path: PathBuf,
     /// Permission bits (`st_mode & 0o7777`).
     pub mode: u32,
@@ -168,8 +168,7 @@ impl PlannedSegment {
     }
 }
 
-/// Most entries in one bundle: bounds the header a target must hold in memory.
-pub const MAX_BUNDLE_ENTRIES: usize = 16 * 1024;
+pub use ferry_common::MAX_BUNDLE_ENTRIES;
 /// Most header bytes in one bundle (estimated per entry as its path and link lengths plus 64),
 /// so that long paths cannot push a header past the receiver's frame limit (4 MiB).
 pub const MAX_BUNDLE_HEADER_BYTES: usize = 2 * 1024 * 1024;

@@ -1,0 +1,5 @@
+//! `ferryctl`: see [`ferryctl::cli`].
+
+fn main() -> std::process::ExitCode {
+    ferryctl::cli::main()
+}
