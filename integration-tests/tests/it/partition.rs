@@ -129,7 +129,9 @@ async fn partitioned_leader_commits_nothing_and_the_majority_carries_on() {
     let net = match Net::create(3) {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("SKIPPED: cannot create network namespaces here ({e}); run as root");
+            crate::harness::skip(&format!(
+                "cannot create network namespaces here ({e}); run as root"
+            ));
             return;
         }
     };

@@ -75,7 +75,9 @@ async fn a_full_target_disk_fails_the_file_with_its_cause_after_bounded_attempts
     let _fs = match SmallFs::mount(&root, "1m") {
         Ok(fs) => fs,
         Err(e) => {
-            eprintln!("SKIPPED: cannot mount a 1 MiB tmpfs here ({e}); run as root");
+            crate::harness::skip(&format!(
+                "cannot mount a 1 MiB tmpfs here ({e}); run as root"
+            ));
             return;
         }
     };

@@ -1,7 +1,7 @@
 //! The WAN emulator measured from outside: real UDP sockets in the two namespaces, across the
 //! emulated path, check that the round-trip time, the loss rate and the rate cap are within 10 %
 //! of what was asked. Needs root (namespaces, TUN); where they cannot be created the test says
-//! SKIPPED and checks nothing else.
+//! SKIPPED and checks nothing else (or fails, under `FERRY_TESTS_REQUIRE_ALL=1`).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +27,7 @@ fn sock(ns: &str, addr: SocketAddr) -> UdpSocket {
 #[test]
 fn emulated_path_has_the_asked_rtt_loss_and_rate() {
     if let Some(why) = path::unavailable() {
-        eprintln!("SKIPPED: the WAN emulator cannot run here: {why}");
+        crate::harness::skip(&format!("the WAN emulator cannot run here: {why}"));
         return;
     }
     let profile = Profile {
@@ -186,7 +186,7 @@ fn emulated_path_has_the_asked_rtt_loss_and_rate() {
 #[test]
 fn ferry_finishes_a_transfer_slower_than_its_lease_time() {
     if let Some(why) = path::unavailable() {
-        eprintln!("SKIPPED: the WAN emulator cannot run here: {why}");
+        crate::harness::skip(&format!("the WAN emulator cannot run here: {why}"));
         return;
     }
     let work = tempfile::tempdir().unwrap();
