@@ -791,6 +791,10 @@ struct FileId {
     /// Checked for whole files (stat'ed at send time); `None` for pieces, whose identity is the
     /// scan's (the manifest has no ctime).
     ctime: Option<(i64, i64)>,
+    /// The file may have holes (fewer blocks allocated than its size; always assumed for
+    /// pieces, which are not stat'ed here): only then are its data runs looked for, which
+    /// saves an open per small file.
+    may_be_sparse: bool,
 }
 
 impl FileId {
@@ -800,6 +804,7 @@ impl FileId {
             size: m.len(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: Some((m.ctime(), m.ctime_nsec())),
+            may_be_sparse: m.blocks().saturating_mul(512) < m.len(),
         }
     }
 
@@ -837,6 +842,7 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
                 size: e.file_size,
                 mtime: (e.mtime_sec, e.mtime_nsec as i64),
                 ctime: None,
+                may_be_sparse: true,
             }));
             entries.push(e);
             continue;
@@ -869,7 +875,7 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
 /// after this.
 fn find_holes(root: &Path, entries: &mut [Entry], expect: &[Option<FileId>]) -> Result<(), String> {
     for (e, expect) in entries.iter_mut().zip(expect) {
-        if expect.is_none() {
+        if !expect.is_some_and(|x| x.may_be_sparse) {
             continue;
         }
         let path = root.join(&e.path);
