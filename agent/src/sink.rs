@@ -522,6 +522,56 @@ fn part_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!("{RESERVED_PREFIX}part-{id}"))
 }
 
+/// Puts a staged temporary in place of `dest`, which it replaces atomically (rename), except
+/// where that would split a hardlink group:
+/// - `dest` is already the same file (a resent hardlink entry): rename(2) would do nothing and
+///   leave the temporary behind, so the temporary is removed;
+/// - `dest` is a regular file with several names holding the same bytes (a resent first name of
+///   a group linked meanwhile): it is kept, with the temporary's mode, owner and mtime, so its
+///   other names still name the same file.
+fn publish(tmp: &Path, dest: &Path) -> Result<(), SinkError> {
+    if let (Ok(t), Ok(d)) = (fs::symlink_metadata(tmp), fs::symlink_metadata(dest)) {
+        let linked = t.is_file() && d.is_file() && d.nlink() > 1;
+        if (t.dev(), t.ino()) == (d.dev(), d.ino()) {
+            return fs::remove_file(tmp).map_err(io_at("cannot remove", tmp));
+        }
+        if linked && t.len() == d.len() && same_bytes(tmp, dest)? {
+            let f = open_nofollow(dest).map_err(io_at("cannot open", dest))?;
+            if (t.uid(), t.gid()) != (d.uid(), d.gid()) {
+                std::os::unix::fs::fchown(&f, Some(t.uid()), Some(t.gid()))
+                    .map_err(io_at("cannot set owner of", dest))?;
+            }
+            f.set_permissions(t.permissions())
+                .map_err(io_at("cannot set mode of", dest))?;
+            let mtime = FileTime::from_last_modification_time(&t);
+            filetime::set_file_handle_times(&f, Some(mtime), Some(mtime))
+                .map_err(io_at("cannot set mtime of", dest))?;
+            f.sync_all().map_err(io_at("cannot fsync", dest))?;
+            return fs::remove_file(tmp).map_err(io_at("cannot remove", tmp));
+        }
+    }
+    fs::rename(tmp, dest).map_err(io_at("cannot rename into place", dest))
+}
+
+/// Whether two files hold the same bytes.
+fn same_bytes(a: &Path, b: &Path) -> Result<bool, SinkError> {
+    let fa = open_read_nofollow(a).map_err(io_at("cannot open", a))?;
+    let fb = open_read_nofollow(b).map_err(io_at("cannot open", b))?;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0u64;
+    loop {
+        let na = read_up_to(&fa, &mut ba, at).map_err(io_at("cannot read", a))?;
+        let nb = read_up_to(&fb, &mut bb, at).map_err(io_at("cannot read", b))?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+        at += na as u64;
+    }
+}
+
 /// The parts of a piece that none of its runs cover: its holes.
 fn gaps(e: &Entry, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -938,9 +988,7 @@ impl SegmentWriter<'_> {
         let mut staged = std::mem::take(&mut self.staged).into_iter();
         while let Some(s) = staged.next() {
             let done = match &s {
-                Staged::Rename { tmp, dest, dir } => fs::rename(tmp, dest)
-                    .map_err(io_at("cannot rename into place", dest))
-                    .map(|()| Some(dir.clone())),
+                Staged::Rename { tmp, dest, dir } => publish(tmp, dest).map(|()| Some(dir.clone())),
                 Staged::Piece {
                     entry,
                     dest,

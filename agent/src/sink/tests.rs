@@ -654,3 +654,28 @@ fn extended_attributes_land_on_files_directories_and_split_files() {
         assert_eq!(crate::xattr::read(&f.path(p)).unwrap(), attrs, "{p}");
     }
 }
+
+#[test]
+fn resent_segments_never_split_a_hardlink_group_or_leave_temporaries() {
+    let f = Fixture::new();
+    let a = file("a", b"shared");
+    let link = Entry::hardlink("b", "a", 6, (1_600_000_000, 123));
+    write_segment(&f.sink, 0, &[(a.clone(), b"shared")]).unwrap();
+    write_segment(&f.sink, 1, &[(link.clone(), b"")]).unwrap();
+    // Both segments again (their first reports were lost), the link first: no temporary is
+    // left behind, and the group stays one file.
+    write_segment(&f.sink, 1, &[(link, b"")]).unwrap();
+    assert_eq!(f.names(""), vec!["a", "b"], "a temporary was left behind");
+    write_segment(&f.sink, 0, &[(a, b"shared")]).unwrap();
+    let (ma, mb) = (
+        fs::metadata(f.path("a")).unwrap(),
+        fs::metadata(f.path("b")).unwrap(),
+    );
+    assert_eq!(ma.ino(), mb.ino(), "the resend split the group");
+    assert_eq!(ma.nlink(), 2);
+    assert_eq!((ma.mtime(), ma.mode() & 0o7777), (1_600_000_000, 0o640));
+    assert_eq!(f.names(""), vec!["a", "b"], "a temporary was left behind");
+    // A new version of the first name (other bytes) replaces it as a whole, as any file.
+    write_segment(&f.sink, 0, &[(file("a", b"SHARED"), b"SHARED")]).unwrap();
+    assert_eq!(fs::read(f.path("a")).unwrap(), b"SHARED");
+}
