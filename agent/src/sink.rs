@@ -530,12 +530,16 @@ fn part_name(dest: &Path) -> PathBuf {
 ///   a group linked meanwhile): it is kept, with the temporary's mode, owner and mtime, so its
 ///   other names still name the same file.
 fn publish(tmp: &Path, dest: &Path) -> Result<(), SinkError> {
-    if let (Ok(t), Ok(d)) = (fs::symlink_metadata(tmp), fs::symlink_metadata(dest)) {
-        let linked = t.is_file() && d.is_file() && d.nlink() > 1;
+    // Both cases need a destination with several names; the usual one (nothing there yet, or a
+    // file with one name) costs one lstat.
+    let linked = fs::symlink_metadata(dest)
+        .ok()
+        .filter(|d| d.is_file() && d.nlink() > 1);
+    if let (Some(d), Ok(t)) = (linked, fs::symlink_metadata(tmp)) {
         if (t.dev(), t.ino()) == (d.dev(), d.ino()) {
             return fs::remove_file(tmp).map_err(io_at("cannot remove", tmp));
         }
-        if linked && t.len() == d.len() && same_bytes(tmp, dest)? {
+        if t.is_file() && t.len() == d.len() && same_bytes(tmp, dest)? {
             let f = open_nofollow(dest).map_err(io_at("cannot open", dest))?;
             if (t.uid(), t.gid()) != (d.uid(), d.gid()) {
                 std::os::unix::fs::fchown(&f, Some(t.uid()), Some(t.gid()))

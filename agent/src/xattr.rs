@@ -25,19 +25,26 @@ pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 /// Reads the extended attributes of `path` itself (never of what a symlink points to).
 /// A file system without them gives none.
 pub fn read(path: &Path) -> io::Result<Xattrs> {
-    let mut names = vec![0u8; MAX_VALUE];
-    let n = match llistxattr(path, &mut names[..]) {
-        Ok(n) => n,
-        Err(e) if e == Errno::NOTSUP => return Ok(Vec::new()),
-        Err(e) if e == Errno::RANGE => {
-            return Err(io::Error::other(format!(
-                "{}: the list of extended attribute names is over {MAX_VALUE} bytes",
-                path.display()
-            )))
+    // Most files have no attributes or a few short ones: start small, grow on ERANGE.
+    let mut names = vec![0u8; 1024];
+    let n = loop {
+        match llistxattr(path, &mut names[..]) {
+            Ok(n) => break n,
+            Err(e) if e == Errno::NOTSUP => return Ok(Vec::new()),
+            Err(e) if e == Errno::RANGE && names.len() < MAX_VALUE => names.resize(MAX_VALUE, 0),
+            Err(e) if e == Errno::RANGE => {
+                return Err(io::Error::other(format!(
+                    "{}: the list of extended attribute names is over {MAX_VALUE} bytes",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
     };
     let mut out = Vec::new();
+    if n == 0 {
+        return Ok(out);
+    }
     let mut value = vec![0u8; MAX_VALUE];
     let mut total = 0;
     for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {

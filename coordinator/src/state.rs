@@ -504,6 +504,16 @@ impl Command {
     }
 }
 
+/// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
+struct ScanEnd {
+    total: u64,
+    issues: Vec<(String, String)>,
+    issues_total: u64,
+    hardlinks: u64,
+    excluded: u64,
+    root_error: String,
+}
+
 /// A granted lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -804,9 +814,14 @@ impl State {
             } => self.complete_scan(
                 &agent,
                 migration_id,
-                segments_total,
-                (issues, issues_total),
-                (hardlinks, excluded, root_error),
+                ScanEnd {
+                    total: segments_total,
+                    issues,
+                    issues_total,
+                    hardlinks,
+                    excluded,
+                    root_error,
+                },
                 now_ms,
             ),
             Command::SourceProblem {
@@ -1170,15 +1185,15 @@ impl State {
         Some((bytes, files))
     }
 
-    fn complete_scan(
-        &mut self,
-        agent: &str,
-        mid: u64,
-        total: u64,
-        (issues, issues_total): (Vec<(String, String)>, u64),
-        (hardlinks, excluded, root_error): (u64, u64, String),
-        now_ms: u64,
-    ) -> Response {
+    fn complete_scan(&mut self, agent: &str, mid: u64, end: ScanEnd, now_ms: u64) -> Response {
+        let ScanEnd {
+            total,
+            issues,
+            issues_total,
+            hardlinks,
+            excluded,
+            root_error,
+        } = end;
         let m = match self.source_migration(agent, mid) {
             Ok(m) => m,
             Err(r) => return r,
@@ -1652,6 +1667,15 @@ impl State {
         }
     }
 
+    /// What every failed attempt leaves: no hashes of it, and its error on the segment and the
+    /// migration.
+    fn forget_attempt(seg: &mut Segment, m: &mut Migration, why: &str) {
+        seg.source_hash = None;
+        seg.target_hash = None;
+        seg.last_error = why.to_string();
+        m.last_error = why.to_string();
+    }
+
     /// Counts a failed attempt of leased segment `sid` (already out of the leased index): it
     /// waits out its backoff in `waiting`, or, at its migration's `max_attempts`, is given up on.
     fn fail(
@@ -1662,12 +1686,9 @@ impl State {
         now_ms: u64,
         waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
     ) -> ReportOutcome {
+        Self::forget_attempt(seg, m, why);
         seg.attempts = seg.attempts.saturating_add(1);
-        seg.source_hash = None;
-        seg.target_hash = None;
-        seg.last_error = why.to_string();
         m.counters.failed_attempts = m.counters.failed_attempts.saturating_add(1);
-        m.last_error = why.to_string();
         if seg.attempts >= m.spec.max_attempts.max(1) {
             seg.state = SegState::Failed;
             seg.not_before_ms = 0;
@@ -1694,10 +1715,7 @@ impl State {
         now_ms: u64,
         waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
     ) -> ReportOutcome {
-        seg.source_hash = None;
-        seg.target_hash = None;
-        seg.last_error = why.to_string();
-        m.last_error = why.to_string();
+        Self::forget_attempt(seg, m, why);
         let delay = retry_delay_ms(m.id, sid, seg.leases.max(1));
         Self::wait(seg, m.id, sid, now_ms.saturating_add(delay), waiting);
         ReportOutcome::Failed
