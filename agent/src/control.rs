@@ -1,5 +1,6 @@
 //! The agent's client of the coordinator's control API.
 
+use std::future::Future;
 use std::time::Duration;
 
 use ferry_common::tls::TlsMaterial;
@@ -94,8 +95,20 @@ pub struct Control {
     /// unavailable.
     clients: std::sync::Arc<Vec<AgentControlClient<Channel>>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    /// Queue of the report coalescer, started on the first report.
-    reports: std::sync::Arc<std::sync::OnceLock<ReportQueue>>,
+    /// The report coalescer: started on the first report, ended by [`Control::close_reports`].
+    reports: std::sync::Arc<std::sync::Mutex<Reports>>,
+}
+
+/// Where the report coalescer stands.
+#[derive(Default)]
+enum Reports {
+    /// Not started.
+    #[default]
+    Idle,
+    /// Running: its queue, and the task, owned here so a stopping agent waits for it.
+    Running(ReportQueue, tokio::task::JoinHandle<()>),
+    /// Closed: the agent stops; reports are refused.
+    Closed,
 }
 
 type ReportReply = tokio::sync::oneshot::Sender<Result<pb::ReportSegmentResponse, ControlError>>;
@@ -417,7 +430,10 @@ impl Control {
     }
 
     /// Extends leases this agent is still sending; one answer per lease (false: no longer ours).
-    pub async fn renew_leases(&self, leases: &[pb::Lease]) -> Result<Vec<bool>, ControlError> {
+    pub async fn renew_leases(
+        &self,
+        leases: &[crate::schedule::LeaseKey],
+    ) -> Result<Vec<bool>, ControlError> {
         let r = self
             .call(
                 pb::RenewLeasesRequest {
@@ -486,23 +502,44 @@ impl Control {
             error,
             retry_later,
         };
-        let queue = self.reports.get_or_init(|| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            // The task's own handle has no queue, so it ends once every caller's handle is gone.
-            let sender = Control {
-                reports: Default::default(),
-                ..self.clone()
-            };
-            tokio::spawn(sender.send_reports(rx));
-            tx
-        });
         let (reply, answer) = tokio::sync::oneshot::channel();
-        if queue.send((req, reply)).is_err() {
+        let queued = {
+            let mut reports = self.reports.lock().expect("not poisoned");
+            if matches!(*reports, Reports::Idle) {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                // The task's own handle has no queue: it ends once the queue is closed.
+                let sender = Control {
+                    reports: Default::default(),
+                    ..self.clone()
+                };
+                *reports = Reports::Running(tx, tokio::spawn(sender.send_reports(rx)));
+            }
+            match &*reports {
+                Reports::Running(queue, _) => queue.send((req, reply)).is_ok(),
+                _ => false,
+            }
+        };
+        if !queued {
             return Err(self.err(tonic::Status::unavailable("report queue closed")));
         }
         answer
             .await
             .unwrap_or_else(|_| Err(self.err(tonic::Status::unavailable("report abandoned"))))
+    }
+
+    /// Stops the report coalescer once the reports queued are sent; later reports are refused.
+    /// Called by a stopping agent after its source and target have ended.
+    pub async fn close_reports(&self) {
+        let was = std::mem::replace(
+            &mut *self.reports.lock().expect("not poisoned"),
+            Reports::Closed,
+        );
+        if let Reports::Running(queue, task) = was {
+            drop(queue);
+            if let Err(e) = task.await {
+                tracing::warn!(message = "The report sender failed.", error = %e);
+            }
+        }
     }
 
     /// The report coalescer: one call at a time, carrying every report queued meanwhile.
@@ -569,4 +606,325 @@ impl Control {
 /// process id and the time in case it is unavailable; never 0 (0 means "no session").
 fn new_session() -> u64 {
     u64::from_le_bytes(ferry_common::ids::random_bytes::<8>()).max(1)
+}
+
+/// What the source and target ask of the coordinator. Trait modelling the control API, so the
+/// agent's logic tests without a coordinator: [`Control`] is the real one (gRPC), and
+/// [`testing::FakeCoordinator`] an in-memory one that records what it is told.
+pub trait Coordinator: Clone + Send + Sync + 'static {
+    /// This agent's name.
+    fn agent(&self) -> &str;
+    /// The cluster's id (empty until this agent registered).
+    fn cluster_id(&self) -> String;
+    /// Heartbeat; returns the source work assigned to this agent.
+    fn heartbeat(&self) -> impl Future<Output = Result<Vec<pb::SourceWork>, ControlError>> + Send;
+    /// Registers planned segments.
+    fn register_segments(
+        &self,
+        migration_id: u64,
+        segments: &[crate::manifest::SegmentSummary],
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// Marks the scan complete.
+    fn complete_scan(
+        &self,
+        migration_id: u64,
+        summary: &crate::manifest::ScanSummary,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// Tells the operator about a problem at this source.
+    fn report_problem(
+        &self,
+        migration_id: u64,
+        error: &str,
+        issues: &[(String, String)],
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// Asks for up to `max` segments to send.
+    fn lease(&self, max: u32) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
+    /// The leases this agent holds, as committed.
+    fn list_leases(&self) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
+    /// Extends leases; one answer per lease (false: no longer ours).
+    fn renew_leases(
+        &self,
+        leases: &[crate::schedule::LeaseKey],
+    ) -> impl Future<Output = Result<Vec<bool>, ControlError>> + Send;
+    /// Whether a lease is current (as a target).
+    fn check_lease(
+        &self,
+        migration_id: u64,
+        segment_id: u64,
+        epoch: u64,
+    ) -> impl Future<Output = Result<pb::CheckLeaseResponse, ControlError>> + Send;
+    /// Reports a transfer's outcome from this end.
+    fn report(
+        &self,
+        role: pb::Role,
+        migration_id: u64,
+        segment_id: u64,
+        epoch: u64,
+        result: Result<[u8; 32], Failure>,
+    ) -> impl Future<Output = Result<pb::ReportSegmentResponse, ControlError>> + Send;
+}
+
+impl Coordinator for Control {
+    fn agent(&self) -> &str {
+        Control::agent(self)
+    }
+    fn cluster_id(&self) -> String {
+        Control::cluster_id(self)
+    }
+    fn heartbeat(&self) -> impl Future<Output = Result<Vec<pb::SourceWork>, ControlError>> + Send {
+        Control::heartbeat(self)
+    }
+    fn register_segments(
+        &self,
+        migration_id: u64,
+        segments: &[crate::manifest::SegmentSummary],
+    ) -> impl Future<Output = Result<(), ControlError>> + Send {
+        Control::register_segments(self, migration_id, segments)
+    }
+    fn complete_scan(
+        &self,
+        migration_id: u64,
+        summary: &crate::manifest::ScanSummary,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send {
+        Control::complete_scan(self, migration_id, summary)
+    }
+    fn report_problem(
+        &self,
+        migration_id: u64,
+        error: &str,
+        issues: &[(String, String)],
+    ) -> impl Future<Output = Result<(), ControlError>> + Send {
+        Control::report_problem(self, migration_id, error, issues)
+    }
+    fn lease(&self, max: u32) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send {
+        Control::lease(self, max)
+    }
+    fn list_leases(&self) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send {
+        Control::list_leases(self)
+    }
+    fn renew_leases(
+        &self,
+        leases: &[crate::schedule::LeaseKey],
+    ) -> impl Future<Output = Result<Vec<bool>, ControlError>> + Send {
+        Control::renew_leases(self, leases)
+    }
+    fn check_lease(
+        &self,
+        migration_id: u64,
+        segment_id: u64,
+        epoch: u64,
+    ) -> impl Future<Output = Result<pb::CheckLeaseResponse, ControlError>> + Send {
+        Control::check_lease(self, migration_id, segment_id, epoch)
+    }
+    fn report(
+        &self,
+        role: pb::Role,
+        migration_id: u64,
+        segment_id: u64,
+        epoch: u64,
+        result: Result<[u8; 32], Failure>,
+    ) -> impl Future<Output = Result<pb::ReportSegmentResponse, ControlError>> + Send {
+        Control::report(self, role, migration_id, segment_id, epoch, result)
+    }
+}
+
+/// An in-memory coordinator for tests of the agent's logic.
+pub mod testing {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::schedule::LeaseKey;
+
+    /// A report the fake received.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Report {
+        /// Which end.
+        pub role: pb::Role,
+        /// The lease.
+        pub lease: LeaseKey,
+        /// The outcome.
+        pub result: Result<[u8; 32], Failure>,
+    }
+
+    /// What the fake holds and was told.
+    #[derive(Debug, Default)]
+    pub struct FakeState {
+        /// What heartbeats answer.
+        pub work: Vec<pb::SourceWork>,
+        /// Leases handed out by the next lease requests (at most the number asked for each).
+        pub grant: Vec<pb::Lease>,
+        /// Leases `list_leases` answers with.
+        pub held: Vec<pb::Lease>,
+        /// Lease requests fail while this is set (the coordinator is unavailable).
+        pub unavailable: bool,
+        /// When `grant` is empty, lease requests hand out registered segments not granted yet
+        /// (epoch 1, to target `dst` at `mem`, with this lease time in ms); 0: they do not.
+        pub auto_grant_ttl_ms: u64,
+        /// Segments granted by `auto_grant_ttl_ms`.
+        pub granted: std::collections::BTreeSet<(u64, u64)>,
+        /// Segments registered, per migration, in order.
+        pub registered: BTreeMap<u64, Vec<u64>>,
+        /// Scans completed, per migration: (segments, issues).
+        pub scans: BTreeMap<u64, (u64, u64)>,
+        /// Lease requests made, with the number asked for.
+        pub lease_requests: Vec<u32>,
+        /// Renewal calls made.
+        pub renewals: Vec<Vec<LeaseKey>>,
+        /// Reports received.
+        pub reports: Vec<Report>,
+        /// Problems reported.
+        pub problems: Vec<String>,
+    }
+
+    /// A fake coordinator (cheap to clone: clones share the state).
+    #[derive(Clone, Default)]
+    pub struct FakeCoordinator {
+        /// Its state, for the test to set and read.
+        pub state: Arc<Mutex<FakeState>>,
+    }
+
+    impl FakeCoordinator {
+        /// Runs `f` on the state.
+        pub fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+            f(&mut self.state.lock().expect("not poisoned"))
+        }
+
+        fn unavailable() -> ControlError {
+            ControlError::Call {
+                addr: "fake".into(),
+                status: tonic::Status::unavailable("fake coordinator unavailable"),
+            }
+        }
+    }
+
+    impl Coordinator for FakeCoordinator {
+        fn agent(&self) -> &str {
+            "src"
+        }
+        fn cluster_id(&self) -> String {
+            "fake-cluster".into()
+        }
+        async fn heartbeat(&self) -> Result<Vec<pb::SourceWork>, ControlError> {
+            Ok(self.with(|s| s.work.clone()))
+        }
+        async fn register_segments(
+            &self,
+            migration_id: u64,
+            segments: &[crate::manifest::SegmentSummary],
+        ) -> Result<(), ControlError> {
+            self.with(|s| {
+                s.registered
+                    .entry(migration_id)
+                    .or_default()
+                    .extend(segments.iter().map(|g| g.id))
+            });
+            Ok(())
+        }
+        async fn complete_scan(
+            &self,
+            migration_id: u64,
+            summary: &crate::manifest::ScanSummary,
+        ) -> Result<(), ControlError> {
+            self.with(|s| {
+                s.scans
+                    .insert(migration_id, (summary.segments_total, summary.issues_total))
+            });
+            Ok(())
+        }
+        async fn report_problem(
+            &self,
+            _migration_id: u64,
+            error: &str,
+            _issues: &[(String, String)],
+        ) -> Result<(), ControlError> {
+            self.with(|s| s.problems.push(error.to_string()));
+            Ok(())
+        }
+        async fn lease(&self, max: u32) -> Result<Vec<pb::Lease>, ControlError> {
+            self.with(|s| {
+                s.lease_requests.push(max);
+                if s.unavailable {
+                    return Err(Self::unavailable());
+                }
+                if s.grant.is_empty() && s.auto_grant_ttl_ms > 0 {
+                    let ttl_ms = s.auto_grant_ttl_ms;
+                    let fresh: Vec<(u64, u64)> = s
+                        .registered
+                        .iter()
+                        .flat_map(|(m, ids)| ids.iter().map(move |i| (*m, *i)))
+                        .filter(|k| !s.granted.contains(k))
+                        .collect();
+                    for (migration_id, segment_id) in fresh {
+                        s.granted.insert((migration_id, segment_id));
+                        s.grant.push(pb::Lease {
+                            migration_id,
+                            segment_id,
+                            epoch: 1,
+                            target_agent: "dst".into(),
+                            target_addr: "mem".into(),
+                            ttl_ms,
+                            ..Default::default()
+                        });
+                    }
+                }
+                let n = (max as usize).min(s.grant.len());
+                let granted: Vec<_> = s.grant.drain(..n).collect();
+                s.held.extend(granted.iter().cloned());
+                Ok(granted)
+            })
+        }
+        async fn list_leases(&self) -> Result<Vec<pb::Lease>, ControlError> {
+            self.with(|s| {
+                if s.unavailable {
+                    return Err(Self::unavailable());
+                }
+                Ok(s.held.clone())
+            })
+        }
+        async fn renew_leases(&self, leases: &[LeaseKey]) -> Result<Vec<bool>, ControlError> {
+            self.with(|s| s.renewals.push(leases.to_vec()));
+            Ok(vec![true; leases.len()])
+        }
+        async fn check_lease(
+            &self,
+            _migration_id: u64,
+            _segment_id: u64,
+            _epoch: u64,
+        ) -> Result<pb::CheckLeaseResponse, ControlError> {
+            Ok(pb::CheckLeaseResponse {
+                ok: true,
+                source_agent: "src".into(),
+                migration_uuid: "fake-migration".into(),
+                ..Default::default()
+            })
+        }
+        async fn report(
+            &self,
+            role: pb::Role,
+            migration_id: u64,
+            segment_id: u64,
+            epoch: u64,
+            result: Result<[u8; 32], Failure>,
+        ) -> Result<pb::ReportSegmentResponse, ControlError> {
+            let lease = LeaseKey {
+                migration_id,
+                segment_id,
+                epoch,
+            };
+            let verified = result.is_ok();
+            self.with(|s| {
+                s.held.retain(|l| LeaseKey::from(l) != lease);
+                s.reports.push(Report {
+                    role,
+                    lease,
+                    result,
+                })
+            });
+            Ok(pb::ReportSegmentResponse {
+                outcome: if verified { "verified" } else { "failed" }.into(),
+                reason: String::new(),
+            })
+        }
+    }
 }

@@ -4,11 +4,13 @@
 
 pub mod cli;
 pub mod control;
+pub mod dial;
 pub mod frame;
 pub mod holes;
 pub mod manifest;
 pub mod run;
 pub mod scan;
+pub mod schedule;
 pub mod segment;
 pub mod sink;
 pub mod source;

@@ -11,7 +11,10 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use backon::Retryable;
+
 use crate::control::Control;
+use crate::dial::QuicDialer;
 use crate::sink::FsSink;
 use crate::source::Source;
 use crate::stats::Stats;
@@ -253,6 +256,7 @@ impl RunningAgent {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.control.close_reports().await;
         // Last: the leases above were released under this session.
         match tokio::time::timeout(Duration::from_secs(3), self.control.end_session()).await {
             Ok(Ok(())) => tracing::info!(message = "Session ended."),
@@ -341,33 +345,32 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
 
     // Register, retrying while the coordinator is unreachable, up to the configured time.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.register_timeout_secs);
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match control.register(&advertised, applies_owners).await {
-            Ok(cluster) => {
-                note_cluster(&cfg.state_dir, &cluster);
-                break;
+    let registered = (|| control.register(&advertised, applies_owners))
+        .retry(ferry_common::retry::policy(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        ))
+        .when(|e| e.is_transient() && tokio::time::Instant::now() < deadline)
+        .notify(|e, _| {
+            tracing::warn!(message = "Coordinator not reachable yet; retrying.", coordinator = %cfg.coordinator, error = %e)
+        })
+        .await;
+    match registered {
+        Ok(cluster) => note_cluster(&cfg.state_dir, &cluster),
+        Err(e) => {
+            let _ = stop.send(true);
+            for t in tasks {
+                let _ = t.await;
             }
-            Err(e) if e.is_transient() && tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(message = "Coordinator not reachable yet; retrying.", coordinator = %cfg.coordinator, error = %e);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                let _ = stop.send(true);
-                for t in tasks {
-                    let _ = t.await;
+            if let crate::control::ControlError::Call { status, .. } = &e {
+                if status.code() == tonic::Code::AlreadyExists {
+                    return Err(StartError::AlreadyRunning {
+                        name: cfg.name.clone(),
+                        reason: status.message().to_string(),
+                    });
                 }
-                if let crate::control::ControlError::Call { status, .. } = &e {
-                    if status.code() == tonic::Code::AlreadyExists {
-                        return Err(StartError::AlreadyRunning {
-                            name: cfg.name.clone(),
-                            reason: status.message().to_string(),
-                        });
-                    }
-                }
-                return Err(StartError::Register(e));
             }
+            return Err(StartError::Register(e));
         }
     }
     tracing::info!(
@@ -384,8 +387,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         })?;
     let source = Arc::new(Source::new(
         control.clone(),
-        client_endpoint,
-        tls.quic_client()?,
+        QuicDialer::new(client_endpoint, tls.quic_client()?),
         cfg.state_dir.clone(),
         cfg.max_in_flight,
         stats.clone(),

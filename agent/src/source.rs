@@ -1,28 +1,35 @@
 //! The source side: scans assigned migrations into a local manifest, registers segments, leases
-//! them and streams each to its target over QUIC, hashing while it reads.
+//! them and streams each to its target, hashing while it reads.
+//!
+//! What to do when is decided by [`SourceSchedule`] (pure); [`Source::run`] performs it through
+//! two seams, the coordinator ([`Coordinator`]) and the dialer of targets ([`Dialer`]), so the
+//! whole source runs in tests against in-memory fakes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::segment::{Entry, EntryKind, SegmentPlanner};
 use backon::Retryable;
-use ferry_common::names::agent_dns;
 use ferry_common::path::display;
+use ferry_common::retry;
 use ferry_proto::control::{Lease, Role, SourceWork};
 use ferry_proto::data as pb;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::{block_in_place, JoinSet};
 
-use crate::control::{Control, Failure};
-use crate::frame::{self, MAX_SMALL_FRAME};
+use crate::control::{ControlError, Coordinator, Failure};
+use crate::dial::{Connection, DialError, Dialer, SendHalf};
+use crate::frame::{self, FrameError, MAX_SMALL_FRAME};
 use crate::manifest::{
-    self, Manifest, ManifestWriter, ScanSummary, SegmentSummary, MAX_ISSUES_KEPT,
+    self, Manifest, ManifestError, ManifestWriter, ScanSummary, SegmentSummary, MAX_ISSUES_KEPT,
 };
 use crate::scan::{walk, Walked};
+use crate::schedule::{Action, LeaseKey, SourceSchedule, TICK};
 use crate::stats::Stats;
 
 /// Segments registered with the coordinator per call.
@@ -34,219 +41,282 @@ const REPORT_RETRY_FOR: Duration = Duration::from_secs(60);
 /// How long a source waits for the target's ack after its stream to the target failed: the
 /// target sends why (a full disk) before it stops reading.
 const ACK_AFTER_FAILURE: Duration = Duration::from_secs(5);
-/// How long to wait before preparing a migration again after a failure.
-const PREPARE_RETRY: Duration = Duration::from_secs(5);
-/// How often to ask for work and leases when idle.
-const TICK: Duration = Duration::from_millis(250);
-/// How often to send a heartbeat (and learn of new migrations).
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long a stopping source waits for its leases to be released and its scans to notice the
+/// stop: within systemd's stop timeout.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
 
-/// A source agent.
-pub struct Source {
-    control: Control,
-    endpoint: quinn::Endpoint,
-    client_cfg: quinn::ClientConfig,
+/// Why a migration's manifest could not be prepared (loaded, or scanned and registered). The
+/// source tries again after [`crate::schedule::PREPARE_RETRY`], and shows the error in the
+/// migration's status.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The coordinator sent an id that cannot name a directory: upgrade the coordinator.
+    #[error("the coordinator gave no usable {what} ({id:?}); upgrade the coordinator")]
+    BadId {
+        /// Which id.
+        what: &'static str,
+        /// What it was.
+        id: String,
+    },
+    /// The state directory cannot be written.
+    #[error("cannot create {}: {source}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The manifest or the scan summary cannot be read or written.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The coordinator holds a complete scan that this agent has lost: start a new migration.
+    #[error(
+        "the coordinator has a complete scan of migration {mid} but {} holds none; this agent's \
+         state directory was lost — start a new migration",
+        dir.display()
+    )]
+    Lost {
+        /// The migration.
+        mid: u64,
+        /// Where its manifest should be.
+        dir: PathBuf,
+    },
+    /// The migration's excludes are not valid patterns.
+    #[error("cannot use the migration's excludes: {0}")]
+    Excludes(#[from] ferry_common::exclude::ExcludeError),
+    /// A coordinator call failed for good (or while the agent stops).
+    #[error(transparent)]
+    Coordinator(#[from] ControlError),
+    /// The agent stops.
+    #[error("agent shutting down")]
+    Stopping,
+}
+
+/// Reading a segment's files failed: the segment's own failure, counted toward its attempts.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// A file cannot be opened.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file cannot be stat'ed.
+    #[error("cannot stat {}: {source}", path.display())]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file became something else since the scan.
+    #[error(
+        "{} is no longer a regular file (it was when scanned); restore it, or copy it in a later \
+         sync round",
+        path.display()
+    )]
+    NotAFile { path: PathBuf },
+    /// A file split over several segments changed: its pieces would not fit together.
+    #[error(
+        "{} changed since it was scanned; a file split over several segments must not change \
+         during the bulk copy (stop its writer, or copy it in a later sync round)",
+        path.display()
+    )]
+    SplitChanged { path: PathBuf },
+    /// A whole file changed while being read: sent again in its new version.
+    #[error("{} changed while being read; it will be resent", path.display())]
+    Changed { path: PathBuf },
+    /// The data runs of a sparse file cannot be found.
+    #[error("cannot find the holes of {}: {source}", path.display())]
+    Holes {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Extended attributes cannot be read.
+    #[error("cannot read the extended attributes of {}: {source}", display(path))]
+    Xattrs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The extended attributes of a segment's files are too large to carry.
+    #[error(
+        "extended attributes of the files of this segment exceed {limit} bytes (the last read: \
+         {}); ferry cannot carry them",
+        display(path)
+    )]
+    XattrsTooLarge { limit: usize, path: PathBuf },
+}
+
+/// How writing a segment to its stream failed.
+#[derive(Debug, thiserror::Error)]
+enum SendFail {
+    /// Reading the source failed, or a file changed: the segment's own failure.
+    #[error(transparent)]
+    Segment(#[from] ReadError),
+    /// The stream to the target failed: the target may say why in its ack.
+    #[error(transparent)]
+    Stream(#[from] FrameError),
+}
+
+/// A source agent: `C` is its coordinator, `D` its dialer of targets.
+pub struct Source<C: Coordinator, D: Dialer> {
+    control: C,
+    dialer: D,
     state_dir: PathBuf,
     max_in_flight: u32,
     stats: Arc<Stats>,
     /// Source root per migration.
     roots: Mutex<HashMap<u64, PathBuf>>,
     /// Migrations that carry extended attributes.
-    with_xattrs: Mutex<std::collections::HashSet<u64>>,
-    /// Manifests being written or complete, per migration id, with the migration's uuid (a
-    /// migration id of a new cluster may be an old one's: the uuid tells them apart).
-    manifests: Mutex<HashMap<u64, (String, Arc<Manifest>)>>,
-    /// When a migration whose preparation failed may be tried again.
-    retry_at: Mutex<HashMap<u64, Instant>>,
-    /// Open connections per (target name, address).
-    conns: Mutex<HashMap<(String, String), quinn::Connection>>,
+    with_xattrs: Mutex<HashSet<u64>>,
+    /// Manifests being written or complete, per migration id.
+    manifests: Mutex<HashMap<u64, Arc<Manifest>>>,
 }
 
-impl Source {
-    /// A source using `endpoint` to dial targets.
+/// What the driver's background tasks end with.
+enum Done {
+    /// A preparation ended.
+    Prepared(u64, Result<(), PrepareError>),
+    /// A renewal call ended.
+    Renewed,
+}
+
+impl<C: Coordinator, D: Dialer> Source<C, D> {
+    /// A source using `dialer` to reach targets.
     pub fn new(
-        control: Control,
-        endpoint: quinn::Endpoint,
-        client_cfg: quinn::ClientConfig,
+        control: C,
+        dialer: D,
         state_dir: PathBuf,
         max_in_flight: u32,
         stats: Arc<Stats>,
     ) -> Self {
         Source {
             control,
-            endpoint,
-            client_cfg,
+            dialer,
             state_dir,
             max_in_flight: max_in_flight.max(1),
             stats,
             roots: Mutex::default(),
             with_xattrs: Mutex::default(),
             manifests: Mutex::default(),
-            retry_at: Mutex::default(),
-            conns: Mutex::default(),
         }
     }
 
-    /// Heartbeats, scans and sends until `stop` turns true. In-flight segments are abandoned and
-    /// reported as failed, so that their leases return at once instead of at expiry.
+    /// Heartbeats, scans and sends until `stop` turns true, as [`SourceSchedule`] decides.
+    /// In-flight segments are then abandoned and reported as failed (not counted), so their
+    /// leases return at once instead of at expiry; every task it started has ended when it
+    /// returns (a scan that does not notice the stop within [`STOP_WITHIN`] is left to end).
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut sends: JoinSet<()> = JoinSet::new();
-        let mut in_flight: HashMap<tokio::task::Id, Lease> = HashMap::new();
-        let mut scans: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
+        let now = || tokio::time::Instant::now().into_std();
+        let mut schedule = SourceSchedule::new(now(), self.max_in_flight);
+        // Transfers, by task, so one that panics still frees its place.
+        let mut sends: JoinSet<LeaseKey> = JoinSet::new();
+        let mut sending: HashMap<tokio::task::Id, LeaseKey> = HashMap::new();
+        // Scans (blocking threads) and renewal calls.
+        let mut background: JoinSet<Done> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
-        let mut last_heartbeat: Option<std::time::Instant> = None;
-        let mut work: Vec<SourceWork> = Vec::new();
-        // Leases granted to this agent that it may not know of: from its previous run, or from a
-        // lease request whose answer was lost. Resolved by reading the committed state.
-        let mut reconcile = true;
-        let mut last_renewal = Instant::now();
-        let mut renewal: Option<tokio::task::JoinHandle<()>> = None;
-        // While the coordinator refuses or cannot answer lease requests, ask less and less often
-        // (from one tick up to 10 s) instead of every tick.
-        let mut lease_backoff = Backoff::new(TICK, Duration::from_secs(10));
-        loop {
+        'run: loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                done = sends.join_next_with_id(), if !sends.is_empty() => {
-                    match done {
-                        Some(Ok((id, ()))) => { in_flight.remove(&id); }
-                        Some(Err(e)) => { in_flight.remove(&e.id()); }
-                        None => {}
+                Some(done) = sends.join_next_with_id() => {
+                    let id = match &done { Ok((id, _)) => *id, Err(e) => e.id() };
+                    if let Some(key) = sending.remove(&id) {
+                        schedule.finished(&key);
                     }
+                    continue;
+                }
+                Some(done) = background.join_next() => {
+                    match done {
+                        Ok(Done::Renewed) => schedule.renewal_ended(),
+                        Ok(Done::Prepared(mid, Ok(()))) => schedule.prepared(mid),
+                        Ok(Done::Prepared(mid, Err(e))) => {
+                            self.manifests.lock().expect("not poisoned").remove(&mid);
+                            schedule.prepare_failed(now(), mid);
+                            self.prepare_failed(mid, &e).await;
+                        }
+                        Err(e) => tracing::error!(message = "A source task failed.", error = %e),
+                    }
+                    continue;
                 }
                 _ = tick.tick() => {}
             }
-            if last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY) {
-                last_heartbeat = Some(Instant::now());
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    r = self.control.heartbeat() => match r {
-                        Ok(w) => work = w,
-                        Err(e) => tracing::warn!(message = "Heartbeat failed.", error = %e),
+            schedule.start_round();
+            while let Some(action) = schedule.next(now()) {
+                match action {
+                    Action::Heartbeat => tokio::select! {
+                        _ = stop.changed() => break 'run,
+                        r = self.control.heartbeat() => match r {
+                            Ok(w) => {
+                                self.learn(&w);
+                                schedule.heartbeat_answered(w);
+                            }
+                            Err(e) => tracing::warn!(message = "Heartbeat failed.", error = %e),
+                        },
                     },
-                }
-            }
-            // Renew what is being sent at a third of the lease time, so a transfer slower than
-            // the lease time is not taken away and restarted (one call at a time).
-            let ttl = in_flight
-                .values()
-                .map(|l| l.ttl_ms)
-                .filter(|t| *t > 0)
-                .min();
-            if let Some(ttl) = ttl {
-                let every = Duration::from_millis(ttl / 3).max(Duration::from_secs(1));
-                if last_renewal.elapsed() >= every
-                    && renewal.as_ref().is_none_or(|h| h.is_finished())
-                {
-                    last_renewal = Instant::now();
-                    renewal = Some(self.renew(in_flight.values().cloned().collect()));
-                }
-            } else {
-                last_renewal = Instant::now();
-            }
-            scans.retain(|_, h| !h.is_finished());
-            for w in work.iter().filter(|w| !w.finished) {
-                self.roots
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(w.migration_id, PathBuf::from(&w.source_path));
-                if w.xattrs {
-                    self.with_xattrs
-                        .lock()
-                        .expect("not poisoned")
-                        .insert(w.migration_id);
-                }
-                let known = {
-                    let mut manifests = self.manifests.lock().expect("not poisoned");
-                    match manifests.get(&w.migration_id) {
-                        Some((uuid, _)) if *uuid == w.migration_uuid => true,
-                        Some(_) => {
-                            // Another cluster's migration of the same id: never send from it.
-                            manifests.remove(&w.migration_id);
-                            false
-                        }
-                        None => false,
+                    Action::Renew(keys) => {
+                        let control = self.control.clone();
+                        background.spawn(async move {
+                            renew(&control, &keys).await;
+                            Done::Renewed
+                        });
                     }
-                };
-                let waiting = self
-                    .retry_at
-                    .lock()
-                    .expect("not poisoned")
-                    .get(&w.migration_id)
-                    .is_some_and(|t| Instant::now() < *t);
-                if !known && !waiting && !scans.contains_key(&w.migration_id) {
-                    let me = self.clone();
-                    let w = w.clone();
-                    let stop = stop.clone();
-                    scans.insert(
-                        w.migration_id,
-                        tokio::task::spawn_blocking(move || me.prepare(&w, stop)),
-                    );
-                }
-            }
-            if reconcile && !work.is_empty() {
-                match self.control.list_leases().await {
-                    Ok(held) => {
-                        reconcile = false;
-                        for l in held {
-                            let known = in_flight.values().any(|k| {
-                                (k.migration_id, k.segment_id, k.epoch)
-                                    == (l.migration_id, l.segment_id, l.epoch)
-                            });
-                            if !known {
+                    Action::Forget(mid) => {
+                        self.manifests.lock().expect("not poisoned").remove(&mid);
+                    }
+                    Action::Prepare(w) => {
+                        let me = self.clone();
+                        let stop = stop.clone();
+                        background.spawn_blocking(move || {
+                            let mid = w.migration_id;
+                            Done::Prepared(mid, me.prepare(&w, &stop))
+                        });
+                    }
+                    Action::ListLeases => match self.control.list_leases().await {
+                        Ok(held) => {
+                            schedule.listed();
+                            for l in held {
+                                let key = LeaseKey::from(&l);
+                                if schedule.holds(&key) {
+                                    continue;
+                                }
                                 tracing::info!(
                                     message = "Adopting a lease granted earlier.",
                                     migration = l.migration_id,
                                     segment = l.segment_id
                                 );
-                                let me = self.clone();
-                                let lease = l.clone();
-                                let h = sends.spawn(async move { me.transfer(lease).await });
-                                in_flight.insert(h.id(), l);
+                                self.start(&mut schedule, &mut sends, &mut sending, l);
                             }
                         }
-                    }
-                    Err(e) => tracing::warn!(message = "Cannot list held leases.", error = %e),
-                }
-            }
-            let free = self.max_in_flight.saturating_sub(sends.len() as u32);
-            if free == 0 || work.iter().all(|w| w.finished) {
-                continue;
-            }
-            if lease_backoff.waiting() {
-                continue;
-            }
-            // Not interrupted by `stop`: leases the coordinator granted must be known here, to be
-            // sent or released, or they would sit until they expire.
-            let leased = self.control.lease(free).await;
-            match leased {
-                Ok(leases) => {
-                    lease_backoff.succeeded();
-                    for l in leases {
-                        let me = self.clone();
-                        let lease = l.clone();
-                        let h = sends.spawn(async move { me.transfer(lease).await });
-                        in_flight.insert(h.id(), l);
-                    }
-                }
-                Err(e) => {
-                    // The coordinator may have granted leases whose answer was lost.
-                    reconcile = true;
-                    let (first, delay) = lease_backoff.failed();
-                    if first {
-                        tracing::warn!(message = "Lease request failed; retrying with backoff.", error = %e);
-                    } else {
-                        tracing::debug!(message = "Lease request failed again.", retry_in_ms = delay.as_millis() as u64, error = %e);
-                    }
+                        Err(e) => tracing::warn!(message = "Cannot list held leases.", error = %e),
+                    },
+                    // Not interrupted by `stop`: leases the coordinator granted must be known
+                    // here, to be sent or released, or they would sit until they expire.
+                    Action::Lease(n) => match self.control.lease(n).await {
+                        Ok(leases) => {
+                            schedule.leased();
+                            for l in leases {
+                                self.start(&mut schedule, &mut sends, &mut sending, l);
+                            }
+                        }
+                        Err(e) => {
+                            let (first, delay) = schedule.lease_failed(now());
+                            if first {
+                                tracing::warn!(message = "Lease request failed; retrying with backoff.", error = %e);
+                            } else {
+                                tracing::debug!(message = "Lease request failed again.", retry_in_ms = delay.as_millis() as u64, error = %e);
+                            }
+                        }
+                    },
                 }
             }
         }
         sends.shutdown().await;
-        for h in scans.values() {
-            h.abort();
-        }
         // Release the abandoned leases together, within a bound that fits systemd's stop timeout.
-        let releases = in_flight.values().map(|l| {
+        let releases = schedule.in_flight().map(|l| {
             self.control.report(
                 Role::Source,
                 l.migration_id,
@@ -255,28 +325,80 @@ impl Source {
                 Err(Failure::later("source agent shut down")),
             )
         });
-        let released =
-            tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(releases)).await;
+        let released = tokio::time::timeout(STOP_WITHIN, futures::future::join_all(releases)).await;
         if !matches!(&released, Ok(r) if r.iter().all(|r| r.is_ok())) {
             tracing::info!(
                 message = "Some leases could not be released at shutdown; they will expire."
             );
         }
-        self.endpoint.close(0u32.into(), b"agent shutting down");
+        // Scans check `stop` before each entry; renewals are short calls.
+        let joined = tokio::time::timeout(STOP_WITHIN, async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!(message = "A scan did not stop in time; it ends on its own.");
+            background.detach_all();
+        }
+        self.dialer.close();
+    }
+
+    /// Records where each assigned migration reads from and whether it carries xattrs.
+    fn learn(&self, work: &[SourceWork]) {
+        for w in work.iter().filter(|w| !w.finished) {
+            self.roots
+                .lock()
+                .expect("not poisoned")
+                .insert(w.migration_id, PathBuf::from(&w.source_path));
+            if w.xattrs {
+                self.with_xattrs
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(w.migration_id);
+            }
+        }
+    }
+
+    /// Starts sending a lease.
+    fn start(
+        self: &Arc<Self>,
+        schedule: &mut SourceSchedule,
+        sends: &mut JoinSet<LeaseKey>,
+        sending: &mut HashMap<tokio::task::Id, LeaseKey>,
+        lease: Lease,
+    ) {
+        let key = LeaseKey::from(&lease);
+        schedule.started(key, lease.ttl_ms);
+        let me = self.clone();
+        let h = sends.spawn(async move {
+            me.transfer(lease).await;
+            key
+        });
+        sending.insert(h.id(), key);
+    }
+
+    /// Says why a migration cannot be prepared, in the log and in the migration's status.
+    async fn prepare_failed(&self, mid: u64, e: &PrepareError) {
+        tracing::error!(message = "Cannot prepare migration; will retry.", migration = mid, error = %e);
+        let msg = format!("source {}: {e}", self.control.agent());
+        if let Err(e) = self.control.report_problem(mid, &msg, &[]).await {
+            tracing::warn!(message = "Could not report the problem to the coordinator.", error = %e);
+        }
     }
 
     /// Where a migration's manifest lives: under the cluster's id and the migration's uuid,
     /// which no other cluster or migration shares (ids restart at 1 in a new cluster).
-    fn migration_dir(&self, w: &SourceWork) -> Result<PathBuf, String> {
+    fn migration_dir(&self, w: &SourceWork) -> Result<PathBuf, PrepareError> {
         let cluster = self.control.cluster_id();
         for (what, id) in [
             ("cluster id", &cluster),
             ("migration uuid", &w.migration_uuid),
         ] {
             if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(format!(
-                    "the coordinator gave no usable {what} ({id:?}); upgrade the coordinator"
-                ));
+                return Err(PrepareError::BadId {
+                    what,
+                    id: id.clone(),
+                });
             }
         }
         Ok(cluster_dir(&self.state_dir, &cluster)
@@ -285,59 +407,39 @@ impl Source {
     }
 
     /// Makes the migration's manifest available: loads a completed scan, or scans afresh.
-    fn prepare(&self, w: &SourceWork, stop: watch::Receiver<bool>) {
+    /// Runs on a blocking thread.
+    fn prepare(&self, w: &SourceWork, stop: &watch::Receiver<bool>) -> Result<(), PrepareError> {
         let rt = tokio::runtime::Handle::current();
         let mid = w.migration_id;
-        let result = (|| -> Result<(), String> {
-            let dir = self.migration_dir(w)?;
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let summary_path = dir.join("scan.json");
-            if let Some(summary) =
-                manifest::read_summary(&summary_path).map_err(|e| e.to_string())?
-            {
-                let m = Arc::new(Manifest::open(&dir.join("manifest")).map_err(|e| e.to_string())?);
-                self.manifests
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(mid, (w.migration_uuid.clone(), m.clone()));
-                if !w.scan_complete {
-                    // We crashed between finishing the scan and telling the coordinator.
-                    let all = m.summaries().map_err(|e| e.to_string())?;
-
-                    for batch in all.chunks(REGISTER_BATCH) {
-                        retry(&rt, &stop, || self.control.register_segments(mid, batch))?;
-                    }
-                    retry(&rt, &stop, || self.control.complete_scan(mid, &summary))?;
-                }
-                tracing::info!(
-                    message = "Loaded manifest.",
-                    migration = mid,
-                    segments = m.len()
-                );
-                return Ok(());
-            }
+        let dir = self.migration_dir(w)?;
+        std::fs::create_dir_all(&dir).map_err(|source| PrepareError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let Some(summary) = manifest::read_summary(&dir.join("scan.json"))? else {
             if w.scan_complete {
-                return Err(format!(
-                    "the coordinator has a complete scan of migration {mid} but {} holds none; \
-                     this agent's state directory was lost — start a new migration",
-                    dir.display()
-                ));
+                return Err(PrepareError::Lost { mid, dir });
             }
-            self.scan(&rt, &stop, w, &dir)
-        })();
-        if let Err(e) = result {
-            tracing::error!(message = "Cannot prepare migration; will retry.", migration = mid, error = %e);
-            self.manifests.lock().expect("not poisoned").remove(&mid);
-            self.retry_at
-                .lock()
-                .expect("not poisoned")
-                .insert(mid, Instant::now() + PREPARE_RETRY);
-            let msg = format!("source {}: {e}", self.control.agent());
-            if let Err(e) = rt.block_on(self.control.report_problem(mid, &msg, &[])) {
-                tracing::warn!(message = "Could not report the problem to the coordinator.", error = %e);
+            return self.scan(&rt, stop, w, &dir);
+        };
+        let m = Arc::new(Manifest::open(&dir.join("manifest"))?);
+        self.manifests
+            .lock()
+            .expect("not poisoned")
+            .insert(mid, m.clone());
+        if !w.scan_complete {
+            // We crashed between finishing the scan and telling the coordinator.
+            for batch in m.summaries()?.chunks(REGISTER_BATCH) {
+                call_blocking(&rt, stop, || self.control.register_segments(mid, batch))?;
             }
+            call_blocking(&rt, stop, || self.control.complete_scan(mid, &summary))?;
         }
+        tracing::info!(
+            message = "Loaded manifest.",
+            migration = mid,
+            segments = m.len()
+        );
+        Ok(())
     }
 
     fn scan(
@@ -346,33 +448,32 @@ impl Source {
         stop: &watch::Receiver<bool>,
         w: &SourceWork,
         dir: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), PrepareError> {
         let mid = w.migration_id;
         let root = PathBuf::from(&w.source_path);
         tracing::info!(message = "Scanning.", migration = mid, root = %root.display());
-        let (mut writer, live) =
-            ManifestWriter::create(&dir.join("manifest")).map_err(|e| e.to_string())?;
+        let (mut writer, live) = ManifestWriter::create(&dir.join("manifest"))?;
         self.manifests
             .lock()
             .expect("not poisoned")
-            .insert(mid, (w.migration_uuid.clone(), live));
+            .insert(mid, live);
         let mut planner = SegmentPlanner::new(w.segment_size.max(1));
         let mut summary = ScanSummary::default();
         let mut batch: Vec<SegmentSummary> = Vec::new();
-        let flush =
-            |writer: &mut ManifestWriter, batch: &mut Vec<SegmentSummary>| -> Result<(), String> {
-                writer.sync().map_err(|e| e.to_string())?;
-                if !batch.is_empty() {
-                    retry(rt, stop, || self.control.register_segments(mid, batch))?;
-                    batch.clear();
-                }
-                Ok(())
-            };
-        let excludes = ferry_common::exclude::Excludes::new(&w.excludes)
-            .map_err(|e| format!("cannot use the migration's excludes: {e}"))?;
-        let walked = walk(&root, &excludes, |item| -> Result<(), String> {
+        let flush = |writer: &mut ManifestWriter,
+                     batch: &mut Vec<SegmentSummary>|
+         -> Result<(), PrepareError> {
+            writer.sync()?;
+            if !batch.is_empty() {
+                call_blocking(rt, stop, || self.control.register_segments(mid, batch))?;
+                batch.clear();
+            }
+            Ok(())
+        };
+        let excludes = ferry_common::exclude::Excludes::new(&w.excludes)?;
+        let walked = walk(&root, &excludes, |item| -> Result<(), PrepareError> {
             if *stop.borrow() {
-                return Err("agent shutting down".into());
+                return Err(PrepareError::Stopping);
             }
             match item {
                 Walked::Entry(e) => {
@@ -380,7 +481,7 @@ impl Source {
                         summary.hardlinks += 1;
                     }
                     for seg in planner.push(e) {
-                        batch.push(writer.append(&seg).map_err(|e| e.to_string())?);
+                        batch.push(writer.append(&seg)?);
                         summary.segments_total += 1;
                     }
                     if batch.len() >= REGISTER_BATCH {
@@ -410,12 +511,12 @@ impl Source {
             }
         }
         if let Some(seg) = planner.finish() {
-            batch.push(writer.append(&seg).map_err(|e| e.to_string())?);
+            batch.push(writer.append(&seg)?);
             summary.segments_total += 1;
         }
         flush(&mut writer, &mut batch)?;
-        manifest::write_summary(&dir.join("scan.json"), &summary).map_err(|e| e.to_string())?;
-        retry(rt, stop, || self.control.complete_scan(mid, &summary))?;
+        manifest::write_summary(&dir.join("scan.json"), &summary)?;
+        call_blocking(rt, stop, || self.control.complete_scan(mid, &summary))?;
         tracing::info!(
             message = "Scan complete.",
             migration = mid,
@@ -423,28 +524,6 @@ impl Source {
             issues = summary.issues_total
         );
         Ok(())
-    }
-
-    /// Renews `leases` in the background (one `RenewLeases` call); a lease that is no longer
-    /// ours is only logged: its transfer will be refused by the target.
-    fn renew(&self, leases: Vec<Lease>) -> tokio::task::JoinHandle<()> {
-        let control = self.control.clone();
-        tokio::spawn(async move {
-            match control.renew_leases(&leases).await {
-                Ok(renewed) => {
-                    for (l, ok) in leases.iter().zip(renewed) {
-                        if !ok {
-                            tracing::debug!(
-                                message = "Lease no longer ours; its transfer will be refused.",
-                                migration = l.migration_id,
-                                segment = l.segment_id
-                            );
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(message = "Lease renewal failed.", error = %e),
-            }
-        })
     }
 
     /// Sends one leased segment and reports the outcome. How soon a failed segment is tried
@@ -461,20 +540,18 @@ impl Source {
                 tracing::warn!(message = "Segment transfer failed.", migration = mid, segment = sid, error = %f);
             }
         }
-        // A report lost to a coordinator restart or leader change is retried (with exponential
-        // backoff and jitter, for up to REPORT_RETRY_FOR): the segment would otherwise sit
-        // leased until its lease expires. Reports are idempotent per epoch.
-        let backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times()
-            .with_total_delay(Some(REPORT_RETRY_FOR));
+        // A report lost to a coordinator restart or leader change is retried for up to
+        // REPORT_RETRY_FOR: the segment would otherwise sit leased until its lease expires.
+        // Reports are idempotent per epoch.
         let outcome = (|| {
             self.control
                 .report(Role::Source, mid, sid, epoch, result.clone())
         })
-        .retry(backoff)
+        .retry(retry::policy_for(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+            REPORT_RETRY_FOR,
+        ))
         .when(|e| e.is_transient())
         .notify(|e, delay| {
             tracing::debug!(message = "Report failed; retrying.", segment = sid, delay_ms = delay.as_millis() as u64, error = %e)
@@ -494,29 +571,6 @@ impl Source {
         }
     }
 
-    async fn connect(&self, target: &str, addr: &str) -> Result<quinn::Connection, String> {
-        let key = (target.to_string(), addr.to_string());
-        if let Some(c) = self.conns.lock().expect("not poisoned").get(&key) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        let sock: std::net::SocketAddr = addr
-            .parse()
-            .map_err(|e| format!("target address {addr:?}: {e}"))?;
-        let conn = self
-            .endpoint
-            .connect_with(self.client_cfg.clone(), sock, &agent_dns(target))
-            .map_err(|e| format!("cannot dial {target} at {addr}: {e}"))?
-            .await
-            .map_err(|e| format!("cannot connect to {target} at {addr}: {e}"))?;
-        self.conns
-            .lock()
-            .expect("not poisoned")
-            .insert(key, conn.clone());
-        Ok(conn)
-    }
-
     /// Sends one leased segment; returns its hash once the target acknowledged it. A failure
     /// says whether it is the segment's (its files cannot be read, the target cannot write
     /// them) or not (the manifest is not loaded yet, the target cannot be reached).
@@ -527,7 +581,7 @@ impl Source {
             .lock()
             .expect("not poisoned")
             .get(&mid)
-            .map(|(_, m)| m.clone())
+            .cloned()
             .ok_or_else(|| {
                 Failure::later(format!("manifest of migration {mid} is not loaded yet"))
             })?;
@@ -541,25 +595,23 @@ impl Source {
         let scanned =
             block_in_place(|| manifest.read(sid)).map_err(|e| Failure::counted(e.to_string()))?;
         let (mut entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
-        block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::counted)?;
+        let counted = |e: ReadError| Failure::counted(e.to_string());
+        block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(counted)?;
         if self
             .with_xattrs
             .lock()
             .expect("not poisoned")
             .contains(&mid)
         {
-            block_in_place(|| read_xattrs(&root, &mut entries)).map_err(Failure::counted)?;
+            block_in_place(|| read_xattrs(&root, &mut entries)).map_err(counted)?;
         }
+        let later = |e: DialError| Failure::later(e.to_string());
         let conn = self
+            .dialer
             .connect(&lease.target_agent, &lease.target_addr)
             .await
-            .map_err(Failure::later)?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-            Failure::later(format!(
-                "cannot open a stream to {}: {e}",
-                lease.target_agent
-            ))
-        })?;
+            .map_err(later)?;
+        let (mut send, mut recv) = conn.open().await.map_err(later)?;
         let header = pb::SegmentHeader {
             migration_id: mid,
             segment_id: sid,
@@ -569,9 +621,7 @@ impl Source {
         let holes = entries.iter().map(|e| e.len - e.wire_len()).sum();
         Stats::add(&self.stats.hole_bytes, holes);
         let written = async {
-            frame::write(&mut send, &header)
-                .await
-                .map_err(|e| SendFail::Stream(e.to_string()))?;
+            frame::write(&mut send, &header).await?;
             let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; BUF];
             for (e, expect) in entries.iter().zip(&expect) {
@@ -586,17 +636,17 @@ impl Source {
                     blake3: hash.to_vec(),
                 },
             )
-            .await
-            .map_err(|e| SendFail::Stream(e.to_string()))?;
-            send.finish().map_err(|e| SendFail::Stream(e.to_string()))?;
-            Ok(hash)
+            .await?;
+            send.finish()
+                .map_err(|e| SendFail::Stream(FrameError::Write(e)))?;
+            Ok::<_, SendFail>(hash)
         }
         .await;
         let hash = match written {
             Ok(h) => h,
             Err(SendFail::Segment(why)) => {
-                let _ = send.reset(1u32.into());
-                return Err(Failure::counted(why));
+                send.reset(1);
+                return Err(Failure::counted(why.to_string()));
             }
             Err(SendFail::Stream(why)) => {
                 // The target stopped reading, or the connection went: the target's ack says
@@ -604,12 +654,12 @@ impl Source {
                 // segment's failure, and anything else is.
                 let ack = tokio::time::timeout(
                     ACK_AFTER_FAILURE,
-                    frame::read::<pb::SegmentAck>(&mut recv, MAX_SMALL_FRAME),
+                    frame::read::<pb::SegmentAck, _>(&mut recv, MAX_SMALL_FRAME),
                 )
                 .await;
                 return Err(match ack {
                     Ok(Ok(ack)) if !ack.ok => refused(&lease.target_agent, ack),
-                    _ => stream_failure(&conn, &lease.target_agent, why),
+                    _ => stream_failure(&conn, &lease.target_agent, why.to_string()),
                 });
             }
         };
@@ -641,35 +691,26 @@ impl Source {
         expect: &FileId,
         hasher: &mut blake3::Hasher,
         buf: &mut [u8],
-        send: &mut quinn::SendStream,
+        send: &mut <D::Conn as Connection>::Send,
     ) -> Result<(), SendFail> {
         let path = root.join(&e.path);
-        let file = block_in_place(|| File::open(&path))
-            .map_err(|err| format!("cannot open {}: {err}", path.display()))?;
-        let unchanged = |f: &File| -> Result<(), String> {
-            let m = f
-                .metadata()
-                .map_err(|err| format!("cannot stat {}: {err}", path.display()))?;
+        let file = block_in_place(|| File::open(&path)).map_err(|source| ReadError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let unchanged = |f: &File| -> Result<(), ReadError> {
+            let m = f.metadata().map_err(|source| ReadError::Stat {
+                path: path.clone(),
+                source,
+            })?;
             if !m.is_file() {
-                return Err(format!(
-                    "{} is no longer a regular file (it was when scanned); restore it, or copy \
-                     it in a later sync round",
-                    path.display()
-                ));
+                return Err(ReadError::NotAFile { path: path.clone() });
             }
             if !expect.matches(&m) {
                 return Err(if e.chunk_count > 1 {
-                    format!(
-                        "{} changed since it was scanned; a file split over several segments must \
-                         not change during the bulk copy (stop its writer, or copy it in a later \
-                         sync round)",
-                        path.display()
-                    )
+                    ReadError::SplitChanged { path: path.clone() }
                 } else {
-                    format!(
-                        "{} changed while being read; it will be resent",
-                        path.display()
-                    )
+                    ReadError::Changed { path: path.clone() }
                 });
             }
             Ok(())
@@ -683,12 +724,16 @@ impl Source {
             let end = start + len;
             while off < end {
                 let n = ((end - off) as usize).min(buf.len());
-                block_in_place(|| file.read_exact_at(&mut buf[..n], off))
-                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+                block_in_place(|| file.read_exact_at(&mut buf[..n], off)).map_err(|source| {
+                    ReadError::Read {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 hasher.update(&buf[..n]);
                 send.write_all(&buf[..n])
                     .await
-                    .map_err(|err| SendFail::Stream(format!("stream write failed: {err}")))?;
+                    .map_err(|e| SendFail::Stream(FrameError::Write(e)))?;
                 Stats::add(&self.stats.bytes_sent, n as u64);
                 off += n as u64;
             }
@@ -697,65 +742,51 @@ impl Source {
     }
 }
 
-/// When to try a failing call again: exponential backoff with jitter (backon), reset by a
-/// success. For loops that must not block on the wait (the source's main loop ticks on).
-struct Backoff {
-    builder: backon::ExponentialBuilder,
-    delays: Option<backon::ExponentialBackoff>,
-    next_at: Option<Instant>,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            builder: backon::ExponentialBuilder::default()
-                .with_min_delay(min)
-                .with_max_delay(max)
-                .with_jitter()
-                .without_max_times(),
-            delays: None,
-            next_at: None,
+/// Renews `leases` (one `RenewLeases` call); a lease that is no longer ours is only logged: its
+/// transfer will be refused by the target.
+async fn renew<C: Coordinator>(control: &C, leases: &[LeaseKey]) {
+    match control.renew_leases(leases).await {
+        Ok(renewed) => {
+            for (l, ok) in leases.iter().zip(renewed) {
+                if !ok {
+                    tracing::debug!(
+                        message = "Lease no longer ours; its transfer will be refused.",
+                        migration = l.migration_id,
+                        segment = l.segment_id
+                    );
+                }
+            }
         }
-    }
-
-    /// Whether the last failure's delay has not passed yet.
-    fn waiting(&self) -> bool {
-        self.next_at.is_some_and(|t| Instant::now() < t)
-    }
-
-    /// Records a failure; returns whether it is the first since the last success, and how long
-    /// to wait before the next try.
-    fn failed(&mut self) -> (bool, Duration) {
-        use backon::BackoffBuilder;
-        let first = self.delays.is_none();
-        let delay = self
-            .delays
-            .get_or_insert_with(|| self.builder.build())
-            .next()
-            .unwrap_or(Duration::from_secs(10));
-        self.next_at = Some(Instant::now() + delay);
-        (first, delay)
-    }
-
-    /// Records a success: the next failure starts from the shortest delay again.
-    fn succeeded(&mut self) {
-        self.delays = None;
-        self.next_at = None;
+        Err(e) => tracing::warn!(message = "Lease renewal failed.", error = %e),
     }
 }
 
-/// How writing a segment to its stream failed.
-enum SendFail {
-    /// Reading the source failed, or a file changed: the segment's own failure.
-    Segment(String),
-    /// The stream to the target failed: the target may say why in its ack.
-    Stream(String),
-}
-
-impl From<String> for SendFail {
-    fn from(why: String) -> Self {
-        SendFail::Segment(why)
-    }
+/// Runs a coordinator call from a blocking thread, retrying transient failures (the one retry
+/// policy) until it succeeds or the agent stops.
+fn call_blocking<T, F, Fut>(
+    rt: &tokio::runtime::Handle,
+    stop: &watch::Receiver<bool>,
+    f: F,
+) -> Result<T, PrepareError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ControlError>>,
+{
+    let mut first = true;
+    let call = f
+        .retry(retry::policy(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        ))
+        .when(|e: &ControlError| e.is_transient() && !*stop.borrow())
+        .notify(|e, _| {
+            if std::mem::take(&mut first) {
+                tracing::warn!(message = "Coordinator call failed; retrying.", error = %e);
+            } else {
+                tracing::debug!(message = "Coordinator call failed again; retrying.", error = %e);
+            }
+        });
+    Ok(rt.block_on(call)?)
 }
 
 /// The failure a target's refusal stands for: the target's own words, and whether it counts.
@@ -768,7 +799,7 @@ fn refused(target: &str, ack: pb::SegmentAck) -> Failure {
 
 /// A stream to `target` failed without a reason from the target: not the segment's failure if
 /// the connection is gone (the target restarted, the network failed), the segment's otherwise.
-fn stream_failure(conn: &quinn::Connection, target: &str, why: String) -> Failure {
+fn stream_failure(conn: &impl Connection, target: &str, why: String) -> Failure {
     match conn.close_reason() {
         Some(reason) => Failure::later(format!(
             "connection to target {target} lost ({reason}): {why}"
@@ -873,31 +904,35 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
 /// Finds the data runs of every sparse file piece about to be sent (`expect` is `Some` for the
 /// entries whose bytes are read). The identity checks around the read catch a file that changes
 /// after this.
-fn find_holes(root: &Path, entries: &mut [Entry], expect: &[Option<FileId>]) -> Result<(), String> {
+fn find_holes(
+    root: &Path,
+    entries: &mut [Entry],
+    expect: &[Option<FileId>],
+) -> Result<(), ReadError> {
     for (e, expect) in entries.iter_mut().zip(expect) {
         if !expect.is_some_and(|x| x.may_be_sparse) {
             continue;
         }
         let path = root.join(&e.path);
-        let file =
-            File::open(&path).map_err(|err| format!("cannot open {}: {err}", path.display()))?;
+        let file = File::open(&path).map_err(|source| ReadError::Open {
+            path: path.clone(),
+            source,
+        })?;
         e.data_runs = crate::holes::data_runs(&file, e.offset, e.len)
-            .map_err(|err| format!("cannot find the holes of {}: {err}", path.display()))?;
+            .map_err(|source| ReadError::Holes { path, source })?;
     }
     Ok(())
 }
 
 /// Reads the extended attributes of every entry but hardlinks (which share their file's), within
 /// a budget per segment that keeps its header far below the receiver's frame limit.
-fn read_xattrs(root: &Path, entries: &mut [Entry]) -> Result<(), String> {
+fn read_xattrs(root: &Path, entries: &mut [Entry]) -> Result<(), ReadError> {
     let mut total = 0;
     for e in entries.iter_mut().filter(|e| e.kind != EntryKind::Hardlink) {
         let path = root.join(&e.path);
-        e.xattrs = crate::xattr::read(&path).map_err(|err| {
-            format!(
-                "cannot read the extended attributes of {}: {err}",
-                display(&path)
-            )
+        e.xattrs = crate::xattr::read(&path).map_err(|source| ReadError::Xattrs {
+            path: path.clone(),
+            source,
         })?;
         total += e
             .xattrs
@@ -905,45 +940,13 @@ fn read_xattrs(root: &Path, entries: &mut [Entry]) -> Result<(), String> {
             .map(|(n, v)| n.len() + v.len())
             .sum::<usize>();
         if total > crate::xattr::MAX_PER_SEGMENT {
-            return Err(format!(
-                "extended attributes of the files of this segment exceed {} bytes (the last \
-                 read: {}); ferry cannot carry them",
-                crate::xattr::MAX_PER_SEGMENT,
-                display(&path)
-            ));
+            return Err(ReadError::XattrsTooLarge {
+                limit: crate::xattr::MAX_PER_SEGMENT,
+                path,
+            });
         }
     }
     Ok(())
-}
-
-/// Runs a coordinator call from a blocking thread, retrying transient failures until it succeeds
-/// or the agent stops.
-fn retry<T, F, Fut>(
-    rt: &tokio::runtime::Handle,
-    stop: &watch::Receiver<bool>,
-    f: F,
-) -> Result<T, String>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::control::ControlError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut first = true;
-    loop {
-        match rt.block_on(f()) {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() && !*stop.borrow() => {
-                if std::mem::take(&mut first) {
-                    tracing::warn!(message = "Coordinator call failed; retrying.", error = %e);
-                } else {
-                    tracing::debug!(message = "Coordinator call failed again; retrying.", error = %e);
-                }
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1002,27 +1005,6 @@ mod tests {
     }
 
     #[test]
-    fn the_lease_backoff_grows_to_its_cap_and_a_success_resets_it() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        assert!(!b.waiting());
-        let (first, d1) = b.failed();
-        assert!(first && d1 <= Duration::from_millis(200), "{d1:?}");
-        assert!(b.waiting());
-        let mut last = d1;
-        for _ in 0..10 {
-            let (first, d) = b.failed();
-            assert!(!first);
-            // Jitter adds up to one delay: never more than twice the cap.
-            assert!(d <= Duration::from_secs(4), "{d:?}");
-            last = d;
-        }
-        assert!(last >= Duration::from_secs(2), "grew to the cap: {last:?}");
-        b.succeeded();
-        assert!(!b.waiting());
-        assert!(b.failed().0, "a success starts over");
-    }
-
-    #[test]
     fn pieces_of_split_files_must_be_the_scanned_file() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("big"), vec![1u8; 300]).unwrap();
@@ -1034,5 +1016,216 @@ mod tests {
         assert_eq!(id.ctime, None);
         std::fs::write(d.path().join("big"), vec![1u8; 301]).unwrap();
         assert!(!id.matches(&std::fs::metadata(d.path().join("big")).unwrap()));
+    }
+}
+
+/// The source driven end to end through its seams: a fake coordinator and an in-memory dialer,
+/// real files and a real scan, no sockets.
+#[cfg(test)]
+mod driven {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::control::testing::{FakeCoordinator, Report};
+    use crate::dial::testing::{Accepted, MemDialer};
+
+    /// A target that reads each segment, hashes its bytes and acknowledges it: what it received
+    /// is sent on the returned channel as (segment id, hash, bytes).
+    fn acking_target(
+        mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(u64, [u8; 32], Vec<u8>)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(mut a) = accepted.recv().await {
+                let header: pb::SegmentHeader =
+                    frame::read(&mut a.recv, frame::MAX_HEADER).await.unwrap();
+                let mut bytes = Vec::new();
+                for e in header.entries {
+                    let e = Entry::try_from(e).unwrap();
+                    let mut piece = vec![0u8; e.wire_len() as usize];
+                    tokio::io::AsyncReadExt::read_exact(&mut a.recv, &mut piece)
+                        .await
+                        .unwrap();
+                    bytes.extend(piece);
+                }
+                let trailer: pb::SegmentTrailer =
+                    frame::read(&mut a.recv, MAX_SMALL_FRAME).await.unwrap();
+                let hash = *blake3::hash(&bytes).as_bytes();
+                assert_eq!(
+                    trailer.blake3,
+                    hash.to_vec(),
+                    "the source hashed what it sent"
+                );
+                let ack = pb::SegmentAck {
+                    ok: true,
+                    blake3: hash.to_vec(),
+                    ..Default::default()
+                };
+                frame::write(&mut a.send, &ack).await.unwrap();
+                a.send.flush().await.unwrap();
+                let _ = tx.send((header.segment_id, hash, bytes));
+            }
+        });
+        rx
+    }
+
+    struct Rig {
+        coordinator: FakeCoordinator,
+        source: Arc<Source<FakeCoordinator, MemDialer>>,
+        stop: watch::Sender<bool>,
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+    }
+
+    /// A source of migration 1 over a tree of `files` (name, bytes), granted its segments
+    /// automatically with lease time `ttl_ms`.
+    fn rig(
+        files: &[(&str, Vec<u8>)],
+        ttl_ms: u64,
+    ) -> (Rig, tokio::sync::mpsc::UnboundedReceiver<Accepted>) {
+        let src = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        for (name, bytes) in files {
+            std::fs::write(src.path().join(name), bytes).unwrap();
+        }
+        let coordinator = FakeCoordinator::default();
+        coordinator.with(|s| {
+            s.work = vec![SourceWork {
+                migration_id: 1,
+                migration_uuid: "m-1".into(),
+                source_path: src.path().to_str().unwrap().into(),
+                segment_size: 64 * 1024,
+                ..Default::default()
+            }];
+            s.auto_grant_ttl_ms = ttl_ms;
+        });
+        let (dialer, accepted) = MemDialer::new();
+        let source = Arc::new(Source::new(
+            coordinator.clone(),
+            dialer,
+            state.path().to_path_buf(),
+            4,
+            Arc::default(),
+        ));
+        let (stop, _) = watch::channel(false);
+        let rig = Rig {
+            coordinator,
+            source,
+            stop,
+            _dirs: (src, state),
+        };
+        (rig, accepted)
+    }
+
+    /// Waits (in steps of 10 ms, at most 10 s) until `f` holds of the fake's state.
+    async fn until(
+        c: &FakeCoordinator,
+        what: &str,
+        f: impl Fn(&crate::control::testing::FakeState) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !c.with(|s| f(s)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scanned_segments_are_leased_streamed_and_reported_with_the_targets_hash() {
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            ("a", vec![1u8; 100_000]),
+            ("b", b"hello".to_vec()),
+            ("c", vec![7u8; 30_000]),
+        ];
+        let (rig, accepted) = rig(&files, 120_000);
+        let mut received = acking_target(accepted);
+        let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
+        until(
+            &rig.coordinator,
+            "the scan is complete and every segment verified",
+            |s| s.scans.contains_key(&1) && s.reports.len() as u64 == s.scans[&1].0,
+        )
+        .await;
+        rig.stop.send(true).unwrap();
+        run.await.unwrap();
+        let (segments, issues) = rig.coordinator.with(|s| s.scans[&1]);
+        assert_eq!(issues, 0);
+        assert!(segments >= 2, "a is split: {segments} segments");
+        let mut got = Vec::new();
+        while let Ok(r) = received.try_recv() {
+            got.push(r);
+        }
+        assert_eq!(got.len() as u64, segments);
+        let reports = rig.coordinator.with(|s| s.reports.clone());
+        for (sid, hash, _) in &got {
+            let r = reports
+                .iter()
+                .find(|r| r.lease.segment_id == *sid)
+                .expect("every segment sent is reported");
+            assert_eq!(r.role, Role::Source);
+            assert_eq!(
+                r.result,
+                Ok(*hash),
+                "the source reports the hash of what it sent"
+            );
+        }
+        let sent: usize = got.iter().map(|(_, _, b)| b.len()).sum();
+        assert_eq!(sent, 100_000 + 5 + 30_000, "every byte once");
+        assert!(
+            rig.coordinator.with(|s| s.held.is_empty()),
+            "no lease left when the source stops"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_abandons_transfers_releases_their_leases_and_joins_every_task() {
+        let (rig, mut accepted) = rig(&[("a", vec![3u8; 10_000])], 120_000);
+        let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
+        // The target takes the stream and never answers.
+        let held = accepted.recv().await.expect("the source dials");
+        until(&rig.coordinator, "the lease is granted", |s| {
+            !s.held.is_empty()
+        })
+        .await;
+        let lease = rig.coordinator.with(|s| LeaseKey::from(&s.held[0]));
+        rig.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("run returns once stopped")
+            .unwrap();
+        let reports = rig.coordinator.with(|s| s.reports.clone());
+        assert_eq!(
+            reports,
+            vec![Report {
+                role: Role::Source,
+                lease,
+                result: Err(Failure::later("source agent shut down")),
+            }],
+            "the abandoned lease is released, not counted as an attempt"
+        );
+        assert!(rig.source.dialer.closed(), "connections are closed");
+        drop(held);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_requests_the_coordinator_cannot_answer_back_off() {
+        let (rig, _accepted) = rig(&[("a", b"x".to_vec())], 120_000);
+        rig.coordinator.with(|s| s.unavailable = true);
+        let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
+        until(&rig.coordinator, "the first lease request", |s| {
+            !s.lease_requests.is_empty()
+        })
+        .await;
+        // Every tick (250 ms) would make 8 requests in 2 s; the backoff (250 ms, 500 ms, 1 s,
+        // 2 s, each with up to as much again of jitter) allows at most 4 after the first.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let asked = rig.coordinator.with(|s| s.lease_requests.len());
+        assert!((2..=5).contains(&asked), "{asked} lease requests in 2 s");
+        rig.stop.send(true).unwrap();
+        run.await.unwrap();
     }
 }

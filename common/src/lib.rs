@@ -9,6 +9,7 @@ pub mod ids;
 pub mod names;
 pub mod path;
 pub mod pki;
+pub mod retry;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;

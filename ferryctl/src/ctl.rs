@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use backon::Retryable;
 use ferry_common::tls::TlsMaterial;
 use ferry_proto::admin::{self as pb, admin_client::AdminClient};
 use tonic::transport::{Channel, Endpoint};
@@ -43,23 +44,21 @@ impl From<tonic::Status> for CtlError {
 /// takes a few seconds).
 const READ_RETRY_FOR: Duration = Duration::from_secs(20);
 
-/// Retries a read while the coordinator answers `Unavailable`.
+/// The retry policy of admin calls: from 100 ms up to 2 s between tries.
+fn policy() -> backon::ExponentialBuilder {
+    ferry_common::retry::policy(Duration::from_millis(100), Duration::from_secs(2))
+}
+
+/// Retries a read while the coordinator answers `Unavailable`, for up to [`READ_RETRY_FOR`].
 async fn retry_read<T, F, Fut>(f: F) -> Result<T, CtlError>
 where
-    F: Fn() -> Fut,
+    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, CtlError>>,
 {
     let deadline = Instant::now() + READ_RETRY_FOR;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match f().await {
-            Err(CtlError::Unavailable(_)) if Instant::now() + delay < deadline => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            r => return r,
-        }
-    }
+    f.retry(policy())
+        .when(|e| matches!(e, CtlError::Unavailable(_)) && Instant::now() < deadline)
+        .await
 }
 
 /// An admin connection.
@@ -287,30 +286,30 @@ impl Ctl {
             idempotency_key: key.to_string(),
         };
         let deadline = Instant::now() + READ_RETRY_FOR;
-        let mut delay = Duration::from_millis(100);
-        loop {
+        let create = || {
             let mut c = self.client.clone();
-            match c.create_migration(req.clone()).await {
-                Ok(r) => return Ok(r.into_inner().migration_id),
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Cancelled
-                    ) && Instant::now() + delay < deadline =>
-                {
-                    tracing::info!(
-                        message = "Create not answered; retrying with the same idempotency key.",
-                        key = %req.idempotency_key,
-                        error = %s.message()
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(s) => return Err(s.into()),
-            }
-        }
+            let req = req.clone();
+            async move { c.create_migration(req).await }
+        };
+        let r = create
+            .retry(policy())
+            .when(|s| {
+                matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                ) && Instant::now() < deadline
+            })
+            .notify(|s, _| {
+                tracing::info!(
+                    message = "Create not answered; retrying with the same idempotency key.",
+                    key = %req.idempotency_key,
+                    error = %s.message()
+                )
+            })
+            .await?;
+        Ok(r.into_inner().migration_id)
     }
 
     /// The id of the migration given as NAME or id (all digits).

@@ -1,0 +1,547 @@
+//! When a source agent does what: heartbeats, scans, adopting leases it may hold unknowingly,
+//! asking for leases and renewing them. Pure, like the coordinator's state machine: the time
+//! arrives as an argument and the outcome of every call as an event, so each rule tests in
+//! microseconds. [`crate::source::Source::run`] drives it and performs the [`Action`]s.
+//!
+//! A round starts at every tick of the driver ([`SourceSchedule::start_round`]); within it,
+//! [`SourceSchedule::next`] hands out each kind of action at most once, in this order:
+//! heartbeat, renewal, preparations (one per migration that needs one), reconciliation, lease
+//! request. The driver awaits heartbeats, reconciliations and lease requests before asking for
+//! the next action (their answers change what comes next); renewals and preparations run in the
+//! background and are answered when they end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use ferry_common::retry::Backoff;
+use ferry_proto::control::{Lease, SourceWork};
+
+/// How often the driver starts a round when nothing happens: how soon an idle source asks for
+/// work and leases again.
+pub const TICK: Duration = Duration::from_millis(250);
+/// How often to send a heartbeat (and learn of new migrations).
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long to wait before preparing a migration again after its preparation failed.
+pub const PREPARE_RETRY: Duration = Duration::from_secs(5);
+/// The shortest time between two renewals, whatever the lease time: a renewal is one Raft
+/// entry, and leases are minutes long.
+pub const MIN_RENEW_EVERY: Duration = Duration::from_secs(1);
+/// The longest wait between lease requests the coordinator refused or did not answer.
+pub const LEASE_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// A lease as the schedule knows it: which segment, under which fencing token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LeaseKey {
+    /// The migration.
+    pub migration_id: u64,
+    /// The segment.
+    pub segment_id: u64,
+    /// The lease's fencing token.
+    pub epoch: u64,
+}
+
+impl From<&Lease> for LeaseKey {
+    fn from(l: &Lease) -> Self {
+        LeaseKey {
+            migration_id: l.migration_id,
+            segment_id: l.segment_id,
+            epoch: l.epoch,
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a heartbeat; answer with [`SourceSchedule::heartbeat_answered`] when it succeeds.
+    Heartbeat,
+    /// Extend these leases in one call, in the background; answer with
+    /// [`SourceSchedule::renewal_ended`].
+    Renew(Vec<LeaseKey>),
+    /// Drop what is loaded of this migration: the coordinator's migration of that id is another
+    /// one (a new cluster restarts ids at 1). A [`Action::Prepare`] of it follows.
+    Forget(u64),
+    /// Load or scan the migration's manifest in the background; answer with
+    /// [`SourceSchedule::prepared`] or [`SourceSchedule::prepare_failed`].
+    Prepare(SourceWork),
+    /// Ask the coordinator which leases this agent holds and send those not known here
+    /// ([`SourceSchedule::holds`], [`SourceSchedule::started`]); answer with
+    /// [`SourceSchedule::listed`].
+    ListLeases,
+    /// Ask for up to this many leases; answer with [`SourceSchedule::leased`] or
+    /// [`SourceSchedule::lease_failed`].
+    Lease(u32),
+}
+
+/// Where a migration's manifest stands at this agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Prep {
+    /// Loading or scanning (segments may already be sent: the scan is pipelined).
+    Running { uuid: String },
+    /// Loaded, or scanned completely.
+    Ready { uuid: String },
+    /// Failed; not tried again before this time.
+    RetryAt(Instant),
+}
+
+/// The stages of a round, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Heartbeat,
+    Renew,
+    Prepare,
+    Reconcile,
+    Lease,
+    Done,
+}
+
+/// The source's decisions (see the module's documentation).
+#[derive(Debug)]
+pub struct SourceSchedule {
+    /// Most segments sent at once.
+    max_in_flight: u32,
+    /// When the next heartbeat is due (`None`: at once).
+    next_heartbeat: Option<Instant>,
+    /// The work of the last heartbeat answered.
+    work: Vec<SourceWork>,
+    /// Leases being sent, with their lease time (ms).
+    in_flight: BTreeMap<LeaseKey, u64>,
+    /// When the leases in flight were last renewed, or when none needed it.
+    last_renewal: Instant,
+    /// A renewal call is running.
+    renewing: bool,
+    /// Leases may have been granted to this agent that it does not know of (from its previous
+    /// run, or a lease request whose answer was lost): list them before asking for more.
+    reconcile: bool,
+    /// Lease requests the coordinator refused or did not answer are repeated less and less often
+    /// (from one tick up to [`LEASE_BACKOFF_MAX`]) instead of every tick.
+    lease_backoff: Backoff,
+    /// Manifest preparation per migration id.
+    migrations: HashMap<u64, Prep>,
+    /// Where the current round stands.
+    stage: Stage,
+}
+
+impl SourceSchedule {
+    /// A schedule sending at most `max_in_flight` segments at once (at least 1), started at `now`.
+    pub fn new(now: Instant, max_in_flight: u32) -> Self {
+        SourceSchedule {
+            max_in_flight: max_in_flight.max(1),
+            next_heartbeat: None,
+            work: Vec::new(),
+            in_flight: BTreeMap::new(),
+            last_renewal: now,
+            renewing: false,
+            reconcile: true,
+            lease_backoff: Backoff::new(TICK, LEASE_BACKOFF_MAX),
+            migrations: HashMap::new(),
+            stage: Stage::Done,
+        }
+    }
+
+    /// Starts a round: [`Self::next`] considers every kind of action again.
+    pub fn start_round(&mut self) {
+        self.stage = Stage::Heartbeat;
+    }
+
+    /// The next action of this round at `now`, or `None` when the round is over.
+    pub fn next(&mut self, now: Instant) -> Option<Action> {
+        loop {
+            match self.stage {
+                Stage::Heartbeat => {
+                    self.stage = Stage::Renew;
+                    if self.next_heartbeat.is_none_or(|t| now >= t) {
+                        self.next_heartbeat = Some(now + HEARTBEAT_EVERY);
+                        return Some(Action::Heartbeat);
+                    }
+                }
+                Stage::Renew => {
+                    self.stage = Stage::Prepare;
+                    if let Some(a) = self.renewal(now) {
+                        return Some(a);
+                    }
+                }
+                Stage::Prepare => match self.preparation(now) {
+                    Some(a) => return Some(a),
+                    None => self.stage = Stage::Reconcile,
+                },
+                Stage::Reconcile => {
+                    self.stage = Stage::Lease;
+                    if self.reconcile && !self.work.is_empty() {
+                        return Some(Action::ListLeases);
+                    }
+                }
+                Stage::Lease => {
+                    self.stage = Stage::Done;
+                    if let Some(n) = self.lease_budget(now) {
+                        return Some(Action::Lease(n));
+                    }
+                }
+                Stage::Done => return None,
+            }
+        }
+    }
+
+    /// Renew what is being sent at a third of the shortest lease time (at most one call at a
+    /// time), so a transfer slower than the lease time keeps its lease.
+    fn renewal(&mut self, now: Instant) -> Option<Action> {
+        let ttl = self.in_flight.values().copied().filter(|t| *t > 0).min();
+        let Some(ttl) = ttl else {
+            // Nothing to renew: the first renewal of what starts later is a third of its lease
+            // time away, not overdue.
+            self.last_renewal = now;
+            return None;
+        };
+        let every = Duration::from_millis(ttl / 3).max(MIN_RENEW_EVERY);
+        if self.renewing || now.saturating_duration_since(self.last_renewal) < every {
+            return None;
+        }
+        self.last_renewal = now;
+        self.renewing = true;
+        Some(Action::Renew(self.in_flight.keys().copied().collect()))
+    }
+
+    /// A migration of the current work whose manifest must be prepared (or forgotten first).
+    fn preparation(&mut self, now: Instant) -> Option<Action> {
+        for w in self.work.iter().filter(|w| !w.finished) {
+            let mid = w.migration_id;
+            match self.migrations.get(&mid) {
+                Some(Prep::Running { .. }) => continue,
+                Some(Prep::Ready { uuid }) if *uuid == w.migration_uuid => continue,
+                Some(Prep::Ready { .. }) => {
+                    // Another cluster's migration of the same id: never send from it.
+                    self.migrations.remove(&mid);
+                    return Some(Action::Forget(mid));
+                }
+                Some(Prep::RetryAt(t)) if now < *t => continue,
+                Some(Prep::RetryAt(_)) | None => {
+                    self.migrations.insert(
+                        mid,
+                        Prep::Running {
+                            uuid: w.migration_uuid.clone(),
+                        },
+                    );
+                    return Some(Action::Prepare(w.clone()));
+                }
+            }
+        }
+        None
+    }
+
+    /// How many leases to ask for now, if any: the room left under `max_in_flight`, while some
+    /// migration is unfinished and no backoff is running.
+    fn lease_budget(&self, now: Instant) -> Option<u32> {
+        let free = self
+            .max_in_flight
+            .saturating_sub(u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX));
+        if free == 0 || self.work.iter().all(|w| w.finished) || self.lease_backoff.waiting(now) {
+            return None;
+        }
+        Some(free)
+    }
+
+    /// A heartbeat succeeded with this work.
+    pub fn heartbeat_answered(&mut self, work: Vec<SourceWork>) {
+        self.work = work;
+    }
+
+    /// The work of the last heartbeat answered.
+    pub fn work(&self) -> &[SourceWork] {
+        &self.work
+    }
+
+    /// A renewal call ended (whatever its outcome: a lease no longer ours is refused by its
+    /// target, and a failed call is tried again at the next due time).
+    pub fn renewal_ended(&mut self) {
+        self.renewing = false;
+    }
+
+    /// A migration's manifest is loaded or completely scanned.
+    pub fn prepared(&mut self, mid: u64) {
+        if let Some(Prep::Running { uuid }) = self.migrations.remove(&mid) {
+            self.migrations.insert(mid, Prep::Ready { uuid });
+        }
+    }
+
+    /// Preparing a migration failed at `now`: try again after [`PREPARE_RETRY`].
+    pub fn prepare_failed(&mut self, now: Instant, mid: u64) {
+        self.migrations
+            .insert(mid, Prep::RetryAt(now + PREPARE_RETRY));
+    }
+
+    /// The coordinator answered which leases this agent holds.
+    pub fn listed(&mut self) {
+        self.reconcile = false;
+    }
+
+    /// Whether this lease is being sent.
+    pub fn holds(&self, key: &LeaseKey) -> bool {
+        self.in_flight.contains_key(key)
+    }
+
+    /// Sending a lease started (a lease granted, or one adopted by a reconciliation).
+    pub fn started(&mut self, key: LeaseKey, ttl_ms: u64) {
+        self.in_flight.insert(key, ttl_ms);
+    }
+
+    /// Sending a lease ended (reported, or abandoned).
+    pub fn finished(&mut self, key: &LeaseKey) {
+        self.in_flight.remove(key);
+    }
+
+    /// A lease request succeeded: the backoff starts over. Record each lease with
+    /// [`Self::started`].
+    pub fn leased(&mut self) {
+        self.lease_backoff.succeeded();
+    }
+
+    /// A lease request failed at `now`: the coordinator may have granted leases whose answer was
+    /// lost, so list them next round; ask again after a backoff. Returns whether this is the
+    /// first failure since a success, and the delay.
+    pub fn lease_failed(&mut self, now: Instant) -> (bool, Duration) {
+        self.reconcile = true;
+        self.lease_backoff.failed(now)
+    }
+
+    /// The leases being sent: what a stopping agent releases.
+    pub fn in_flight(&self) -> impl Iterator<Item = LeaseKey> + '_ {
+        self.in_flight.keys().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work(mid: u64, uuid: &str) -> SourceWork {
+        SourceWork {
+            migration_id: mid,
+            migration_uuid: uuid.into(),
+            source_path: "/src".into(),
+            ..Default::default()
+        }
+    }
+
+    fn key(sid: u64) -> LeaseKey {
+        LeaseKey {
+            migration_id: 1,
+            segment_id: sid,
+            epoch: 7,
+        }
+    }
+
+    /// All actions of one round at `now`, answering heartbeats with `w` and reconciliations
+    /// successfully; leases granted as asked, with lease time `ttl_ms`, starting at `next_sid`.
+    fn round(s: &mut SourceSchedule, now: Instant, w: &[SourceWork]) -> Vec<Action> {
+        s.start_round();
+        let mut out = Vec::new();
+        while let Some(a) = s.next(now) {
+            match &a {
+                Action::Heartbeat => s.heartbeat_answered(w.to_vec()),
+                Action::ListLeases => s.listed(),
+                _ => {}
+            }
+            out.push(a);
+        }
+        out
+    }
+
+    #[test]
+    fn a_round_heartbeats_prepares_reconciles_then_asks_for_the_room_left() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 4);
+        let w = [work(1, "u1")];
+        assert_eq!(
+            round(&mut s, t0, &w),
+            vec![
+                Action::Heartbeat,
+                Action::Prepare(w[0].clone()),
+                Action::ListLeases,
+                Action::Lease(4)
+            ]
+        );
+        // Two leases granted: the next round asks for the other two, and no heartbeat is due
+        // yet, no preparation runs twice, and the reconciliation is done.
+        s.leased();
+        s.started(key(1), 120_000);
+        s.started(key(2), 120_000);
+        assert_eq!(round(&mut s, t0 + TICK, &w), vec![Action::Lease(2)]);
+        s.leased();
+        s.started(key(3), 120_000);
+        s.started(key(4), 120_000);
+        assert_eq!(round(&mut s, t0 + 2 * TICK, &w), vec![], "no room left");
+        s.finished(&key(2));
+        assert_eq!(round(&mut s, t0 + 3 * TICK, &w), vec![Action::Lease(1)]);
+        assert_eq!(
+            round(&mut s, t0 + HEARTBEAT_EVERY, &w),
+            vec![Action::Heartbeat, Action::Lease(1)]
+        );
+    }
+
+    #[test]
+    fn nothing_is_leased_without_unfinished_work() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 4);
+        assert_eq!(round(&mut s, t0, &[]), vec![Action::Heartbeat]);
+        let mut done = work(1, "u1");
+        done.finished = true;
+        assert_eq!(
+            round(&mut s, t0 + HEARTBEAT_EVERY, &[done]),
+            vec![Action::Heartbeat, Action::ListLeases]
+        );
+    }
+
+    #[test]
+    fn leases_are_renewed_at_a_third_of_their_time_one_call_at_a_time() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 8);
+        let w = [work(1, "u1")];
+        round(&mut s, t0, &w);
+        s.prepared(1);
+        s.started(key(1), 30_000);
+        s.started(key(2), 60_000);
+        let renewals = |acts: Vec<Action>| -> Vec<Action> {
+            acts.into_iter()
+                .filter(|a| matches!(a, Action::Renew(_)))
+                .collect()
+        };
+        // The shortest lease time rules: 30 s / 3 = 10 s after the last renewal (the start).
+        assert_eq!(
+            renewals(round(&mut s, t0 + Duration::from_millis(9_999), &w)),
+            vec![]
+        );
+        assert_eq!(
+            renewals(round(&mut s, t0 + Duration::from_secs(10), &w)),
+            vec![Action::Renew(vec![key(1), key(2)])]
+        );
+        // The call has not ended: no second one, however late.
+        assert_eq!(
+            renewals(round(&mut s, t0 + Duration::from_secs(25), &w)),
+            vec![]
+        );
+        s.renewal_ended();
+        assert_eq!(
+            renewals(round(&mut s, t0 + Duration::from_secs(25), &w)),
+            vec![Action::Renew(vec![key(1), key(2)])]
+        );
+        s.renewal_ended();
+        // Very short leases are not renewed more than once a second.
+        s.finished(&key(1));
+        s.finished(&key(2));
+        s.started(key(3), 900);
+        assert_eq!(
+            renewals(round(&mut s, t0 + Duration::from_millis(25_999), &w)),
+            vec![]
+        );
+        assert_eq!(
+            renewals(round(&mut s, t0 + Duration::from_secs(26), &w)),
+            vec![Action::Renew(vec![key(3)])]
+        );
+    }
+
+    #[test]
+    fn the_first_renewal_is_a_third_of_the_lease_time_after_the_transfer_starts() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 8);
+        let w = [work(1, "u1")];
+        round(&mut s, t0, &w);
+        // Idle for a minute: the clock of renewals follows.
+        round(&mut s, t0 + Duration::from_secs(60), &w);
+        s.started(key(1), 30_000);
+        let acts = round(&mut s, t0 + Duration::from_secs(61), &w);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::Renew(_))),
+            "{acts:?}"
+        );
+        let acts = round(&mut s, t0 + Duration::from_secs(70), &w);
+        assert!(acts.contains(&Action::Renew(vec![key(1)])), "{acts:?}");
+    }
+
+    #[test]
+    fn failed_lease_requests_back_off_and_reconcile_before_asking_again() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 2);
+        let w = [work(1, "u1")];
+        round(&mut s, t0, &w);
+        s.prepared(1);
+        let mut now = t0;
+        let mut last = Duration::ZERO;
+        for i in 0..8 {
+            let (first, delay) = s.lease_failed(now);
+            assert_eq!(first, i == 0);
+            assert!(delay <= 2 * LEASE_BACKOFF_MAX, "{delay:?}");
+            // While the delay runs, the round lists the leases (the lost answer may have granted
+            // some) but does not ask for more.
+            let acts = round(&mut s, now + delay / 2, &w);
+            assert!(
+                !acts.iter().any(|a| matches!(a, Action::Lease(_))),
+                "{acts:?}"
+            );
+            now += delay;
+            let acts = round(&mut s, now, &w);
+            assert!(acts.contains(&Action::Lease(2)), "{acts:?}");
+            last = delay;
+        }
+        assert!(last >= LEASE_BACKOFF_MAX, "grew to the cap: {last:?}");
+        s.leased();
+        assert!(round(&mut s, now, &w).contains(&Action::Lease(2)));
+        let (first, delay) = s.lease_failed(now);
+        assert!(
+            first && delay <= 2 * TICK,
+            "a success starts over: {delay:?}"
+        );
+    }
+
+    #[test]
+    fn a_reconciliation_is_repeated_until_it_succeeds() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 2);
+        s.start_round();
+        assert_eq!(s.next(t0), Some(Action::Heartbeat));
+        s.heartbeat_answered(vec![work(1, "u1")]);
+        assert!(matches!(s.next(t0), Some(Action::Prepare(_))));
+        assert_eq!(s.next(t0), Some(Action::ListLeases));
+        // Failed (no `listed`): the round goes on to ask for leases, and the next round lists
+        // again, once.
+        assert_eq!(s.next(t0), Some(Action::Lease(2)));
+        assert_eq!(s.next(t0), None);
+        s.start_round();
+        assert_eq!(s.next(t0 + TICK), Some(Action::ListLeases));
+        s.listed();
+        assert_eq!(s.next(t0 + TICK), Some(Action::Lease(2)));
+        s.start_round();
+        assert_eq!(s.next(t0 + 2 * TICK), Some(Action::Lease(2)));
+    }
+
+    #[test]
+    fn a_failed_preparation_is_retried_later_and_another_clusters_manifest_is_forgotten() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 2);
+        let w = [work(1, "u1")];
+        assert!(round(&mut s, t0, &w).contains(&Action::Prepare(w[0].clone())));
+        // Running: not started twice.
+        let acts = round(&mut s, t0 + TICK, &w);
+        assert!(!acts.iter().any(|a| matches!(a, Action::Prepare(_))));
+        s.prepare_failed(t0 + TICK, 1);
+        let acts = round(&mut s, t0 + TICK + PREPARE_RETRY / 2, &w);
+        assert!(!acts.iter().any(|a| matches!(a, Action::Prepare(_))));
+        let acts = round(&mut s, t0 + TICK + PREPARE_RETRY, &w);
+        assert!(acts.contains(&Action::Prepare(w[0].clone())), "{acts:?}");
+        s.prepared(1);
+        let later = t0 + 2 * PREPARE_RETRY;
+        assert!(!round(&mut s, later, &w)
+            .iter()
+            .any(|a| matches!(a, Action::Prepare(_) | Action::Forget(_))));
+        // The coordinator's data was replaced: migration 1 is now another migration.
+        let other = [work(1, "u2")];
+        let acts = round(&mut s, later + HEARTBEAT_EVERY, &other);
+        assert_eq!(
+            acts[..3],
+            [
+                Action::Heartbeat,
+                Action::Forget(1),
+                Action::Prepare(other[0].clone())
+            ]
+        );
+    }
+}
