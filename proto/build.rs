@@ -16,6 +16,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Admin responses are printed by `ferryctl -o json`.
         .type_attribute(".ferry.admin.v1", "#[derive(serde::Serialize)]")
+        // Enums are numbers in protobuf; in JSON they are their lower-case names.
+        .field_attribute(
+            ".ferry.admin.v1.MigrationProgress.phase",
+            "#[serde(serialize_with = \"crate::json::phase\")]",
+        )
+        .field_attribute(
+            ".ferry.admin.v1.SegmentState.state",
+            "#[serde(serialize_with = \"crate::json::segment_status\")]",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

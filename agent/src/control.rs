@@ -570,11 +570,13 @@ impl Control {
             match res {
                 Ok(r) if r.results.len() == n => {
                     for (reply, one) in replies.into_iter().zip(r.results) {
-                        let out = match one.outcome.as_str() {
-                            "refused" => {
+                        let out = match one.outcome() {
+                            pb::ReportOutcome::Refused => {
                                 Err(self.err(tonic::Status::failed_precondition(one.reason)))
                             }
-                            "unavailable" => Err(self.err(tonic::Status::unavailable(one.reason))),
+                            pb::ReportOutcome::Unavailable => {
+                                Err(self.err(tonic::Status::unavailable(one.reason)))
+                            }
                             _ => Ok(one),
                         };
                         let _ = reply.send(out);
@@ -921,8 +923,13 @@ pub mod testing {
                     result,
                 })
             });
+            let outcome = if verified {
+                pb::ReportOutcome::Verified
+            } else {
+                pb::ReportOutcome::Failed
+            };
             Ok(pb::ReportSegmentResponse {
-                outcome: if verified { "verified" } else { "failed" }.into(),
+                outcome: outcome.into(),
                 reason: String::new(),
             })
         }

@@ -16,7 +16,7 @@ use crate::segment::{Entry, EntryKind, SegmentPlanner};
 use backon::Retryable;
 use ferry_common::path::display;
 use ferry_common::retry;
-use ferry_proto::control::{Lease, Role, SourceWork};
+use ferry_proto::control::{Lease, ReportOutcome, Role, SourceWork};
 use ferry_proto::data as pb;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
@@ -558,12 +558,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         })
         .await;
         match outcome {
-            Ok(r) if r.outcome == "verified" => Stats::add(&self.stats.segments_verified, 1),
-            Ok(r) if r.outcome == "gave up" => {
+            Ok(r) if r.outcome() == ReportOutcome::Verified => {
+                Stats::add(&self.stats.segments_verified, 1)
+            }
+            Ok(r) if r.outcome() == ReportOutcome::GaveUp => {
                 tracing::warn!(message = "Segment given up on after its last allowed attempt.", migration = mid, segment = sid, attempts = lease.attempts + 1, error = %r.reason)
             }
             Ok(r) => {
-                tracing::debug!(message = "Segment not verified.", segment = sid, outcome = %r.outcome, reason = %r.reason)
+                tracing::debug!(message = "Segment not verified.", segment = sid, outcome = r.outcome().as_str_name(), reason = %r.reason)
             }
             Err(e) => {
                 tracing::warn!(message = "Could not report segment; its lease will expire.", segment = sid, error = %e)

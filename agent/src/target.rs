@@ -9,7 +9,7 @@ use crate::segment::Entry;
 use ferry_common::names::agent_dns;
 use ferry_common::path::display;
 use ferry_common::tls::cert_is_for;
-use ferry_proto::control::Role;
+use ferry_proto::control::{ReportOutcome, Role};
 use ferry_proto::data as pb;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
@@ -143,6 +143,20 @@ fn describe_sink_error(e: &SinkError, entry: Option<&str>) -> String {
     }
 }
 
+/// How a report's outcome reads in a refusal: as the coordinator's words once were.
+fn outcome_text(o: ReportOutcome) -> &'static str {
+    match o {
+        ReportOutcome::Unspecified => "answered nothing known",
+        ReportOutcome::Verified => "verified",
+        ReportOutcome::Waiting => "waiting",
+        ReportOutcome::Rejected => "rejected",
+        ReportOutcome::Failed => "failed",
+        ReportOutcome::GaveUp => "gave up",
+        ReportOutcome::Refused => "refused",
+        ReportOutcome::Unavailable => "unavailable",
+    }
+}
+
 impl Target {
     /// Accepts connections until `stop` turns true.
     pub async fn serve(
@@ -262,7 +276,7 @@ impl Target {
                         .control
                         .report(Role::Target, mid, sid, epoch, Err(failure));
                     match tokio::time::timeout(FAILURE_REPORT_TIMEOUT, report).await {
-                        Ok(Ok(r)) if r.outcome == "gave up" => {
+                        Ok(Ok(r)) if r.outcome() == ReportOutcome::GaveUp => {
                             tracing::warn!(message = "Segment given up on after its last allowed attempt.", migration = mid, segment = sid, attempts = attempts + 1, error = %why)
                         }
                         Ok(Ok(_)) => {}
@@ -418,10 +432,14 @@ impl Target {
             .map_err(|e| {
                 Refusal::Plain(format!("segment is durable but could not be recorded: {e}"))
             })?;
-        if r.outcome != "verified" && r.outcome != "waiting" {
+        if !matches!(
+            r.outcome(),
+            ReportOutcome::Verified | ReportOutcome::Waiting
+        ) {
             return Err(Refusal::Plain(format!(
                 "coordinator {}: {}",
-                r.outcome, r.reason
+                outcome_text(r.outcome()),
+                r.reason
             )));
         }
         Ok(hash)

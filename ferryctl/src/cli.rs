@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use ferry_common::config::TlsPaths;
 use ferry_common::tls::TlsMaterial;
 use ferry_proto::admin as pb;
+use ferry_proto::json::{phase_name, segment_status_name};
 
 #[derive(Parser)]
 #[command(
@@ -402,7 +403,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "{:<4} {:<24} {:<9} {:<22} {:<22} {:>12} {:>9.1}%",
                         m.migration_id,
                         m.name,
-                        m.phase,
+                        phase_name(m.phase()),
                         format!("{}:{}", spec.source_agent, spec.source_path),
                         format!("{}:{}", spec.target_agent, spec.target_path),
                         human_bytes(m.bytes_total),
@@ -461,7 +462,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            if *watch && p.phase == "failed" {
+            if *watch && p.phase() == pb::Phase::Failed {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -488,7 +489,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for s in &v.unverified {
                     println!(
                         "  segment {} {} ({} file(s)) attempts {} {}",
-                        s.segment_id, s.state, s.files, s.attempts, s.last_error
+                        s.segment_id,
+                        segment_status_name(s.state()),
+                        s.files,
+                        s.attempts,
+                        s.last_error
                     );
                 }
                 if v.scan_issues_total > 0 {

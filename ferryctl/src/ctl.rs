@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use backon::Retryable;
 use ferry_common::tls::TlsMaterial;
 use ferry_proto::admin::{self as pb, admin_client::AdminClient};
+use ferry_proto::json::phase_name;
 use tonic::transport::{Channel, Endpoint};
 
 /// A call failed.
@@ -396,7 +397,7 @@ impl Ctl {
             let p = self.status(id).await?;
             rate.sample(p.bytes_verified);
             show(&p, &rate);
-            if p.phase == "done" || p.phase == "failed" {
+            if matches!(p.phase(), pb::Phase::Done | pb::Phase::Failed) {
                 return Ok(p);
             }
             // Progress is verified bytes and failed attempts: a segment that is still being
@@ -520,7 +521,7 @@ pub fn human_bytes(b: u64) -> String {
 pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
     let pct = if p.bytes_total > 0 {
         100.0 * p.bytes_verified as f64 / p.bytes_total as f64
-    } else if p.phase == "done" {
+    } else if p.phase() == pb::Phase::Done {
         100.0
     } else {
         0.0
@@ -530,7 +531,7 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
         Some(s) if p.scan_complete && p.bytes_total > p.bytes_verified => {
             format!("ETA {:.0}s", (p.bytes_total - p.bytes_verified) as f64 / s)
         }
-        _ if p.phase == "done" => "done".to_string(),
+        _ if p.phase() == pb::Phase::Done => "done".to_string(),
         _ if !p.scan_complete => "scanning".to_string(),
         _ => "ETA -".to_string(),
     };
@@ -538,7 +539,7 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
         "migration {} ({}) {:<8} {:>10} / {:<10} ({pct:5.1}%)  files {}/{}  segments {}/{}  {}  {eta}",
         p.migration_id,
         p.name,
-        p.phase,
+        phase_name(p.phase()),
         human_bytes(p.bytes_verified),
         human_bytes(p.bytes_total),
         p.files_verified,

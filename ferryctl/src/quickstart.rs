@@ -284,8 +284,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 if tty {
                     eprint!("\r{line}\x1b[K");
                 } else if last_print.elapsed() >= Duration::from_secs(2)
-                    || p.phase == "done"
-                    || p.phase == "failed"
+                    || p.phase() == pb::Phase::Done
+                    || p.phase() == pb::Phase::Failed
                 {
                     eprintln!("{line}");
                     last_print = Instant::now();

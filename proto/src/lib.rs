@@ -1,5 +1,6 @@
-//! Generated protobuf and gRPC types. Nothing but generated code lives here: each crate converts
-//! these to its own domain types in one module at its edge.
+//! Generated protobuf and gRPC types. Nothing but generated code lives here, and how its enums
+//! are named to people (`json`): each crate converts these to its own domain types in one module
+//! at its edge.
 #![allow(clippy::all, missing_docs)]
 
 pub mod admin {
@@ -16,4 +17,44 @@ pub mod data {
 
 pub mod raft {
     tonic::include_proto!("ferry.raft.v1");
+}
+
+/// The names of enums as people read them (JSON output, tables): lower case, without the type's
+/// prefix (`PHASE_DONE` is `done`).
+pub mod json {
+    use super::admin::{Phase, SegmentStatus};
+
+    /// A migration phase's name.
+    pub fn phase_name(p: Phase) -> &'static str {
+        match p {
+            Phase::Unspecified => "unspecified",
+            Phase::Planned => "planned",
+            Phase::Copying => "copying",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// A segment status's name.
+    pub fn segment_status_name(s: SegmentStatus) -> &'static str {
+        match s {
+            SegmentStatus::Unspecified => "unspecified",
+            SegmentStatus::Pending => "pending",
+            SegmentStatus::Leased => "leased",
+            SegmentStatus::Verified => "verified",
+            SegmentStatus::Failed => "failed",
+        }
+    }
+
+    /// Serialises a `Phase` field by name.
+    pub fn phase<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(phase_name(Phase::try_from(*v).unwrap_or_default()))
+    }
+
+    /// Serialises a `SegmentStatus` field by name.
+    pub fn segment_status<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(segment_status_name(
+            SegmentStatus::try_from(*v).unwrap_or_default(),
+        ))
+    }
 }

@@ -473,7 +473,7 @@ impl AgentControl for AgentService {
                     results.push(None);
                 }
                 Err(s) => results.push(Some(pb::ReportSegmentResponse {
-                    outcome: "refused".into(),
+                    outcome: pb::ReportOutcome::Refused.into(),
                     reason: s.message().to_string(),
                 })),
             }
@@ -483,18 +483,17 @@ impl AgentControl for AgentService {
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {
+                    use pb::ReportOutcome as O;
                     let (outcome, reason) = match answers.next() {
-                        Some(Response::Report(o, why)) => {
-                            (super::convert::outcome_str(o).to_string(), why)
-                        }
-                        Some(Response::NotCommitted(why)) => ("unavailable".to_string(), why),
-                        Some(Response::Refused(why)) => ("refused".to_string(), why),
-                        other => (
-                            "refused".to_string(),
-                            format!("unexpected answer {other:?}"),
-                        ),
+                        Some(Response::Report(o, why)) => (super::convert::outcome(o), why),
+                        Some(Response::NotCommitted(why)) => (O::Unavailable, why),
+                        Some(Response::Refused(why)) => (O::Refused, why),
+                        other => (O::Refused, format!("unexpected answer {other:?}")),
                     };
-                    pb::ReportSegmentResponse { outcome, reason }
+                    pb::ReportSegmentResponse {
+                        outcome: outcome.into(),
+                        reason,
+                    }
                 })
             })
             .collect();

@@ -2,16 +2,27 @@
 
 use ferry_proto::admin as pb;
 
-use crate::state::{Migration, MigrationSpec, ReportOutcome, SegState, Segment};
+use crate::state::{Migration, MigrationSpec, Phase, ReportOutcome, SegState, Segment};
 
-/// Wire name of a report outcome.
-pub fn outcome_str(o: ReportOutcome) -> &'static str {
+/// A report outcome on the wire.
+pub fn outcome(o: ReportOutcome) -> ferry_proto::control::ReportOutcome {
+    use ferry_proto::control::ReportOutcome as W;
     match o {
-        ReportOutcome::Verified => "verified",
-        ReportOutcome::Waiting => "waiting",
-        ReportOutcome::Rejected => "rejected",
-        ReportOutcome::Failed => "failed",
-        ReportOutcome::GaveUp => "gave up",
+        ReportOutcome::Verified => W::Verified,
+        ReportOutcome::Waiting => W::Waiting,
+        ReportOutcome::Rejected => W::Rejected,
+        ReportOutcome::Failed => W::Failed,
+        ReportOutcome::GaveUp => W::GaveUp,
+    }
+}
+
+/// A migration phase on the wire.
+pub fn phase(p: Phase) -> pb::Phase {
+    match p {
+        Phase::Planned => pb::Phase::Planned,
+        Phase::Copying => pb::Phase::Copying,
+        Phase::Done => pb::Phase::Done,
+        Phase::Failed => pb::Phase::Failed,
     }
 }
 
@@ -36,7 +47,7 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         migration_id: m.id,
         name: m.name.clone(),
         spec: Some(spec(&m.spec)),
-        phase: m.phase.as_str().to_string(),
+        phase: phase(m.phase).into(),
         scan_complete: m.scan_complete,
         segments_total: c.segments,
         segments_verified: c.verified_segments,
@@ -78,12 +89,12 @@ pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
     pb::SegmentState {
         segment_id: id,
         state: match s.state {
-            SegState::Pending => "pending",
-            SegState::Leased { .. } => "leased",
-            SegState::Verified => "verified",
-            SegState::Failed => "failed",
+            SegState::Pending => pb::SegmentStatus::Pending,
+            SegState::Leased { .. } => pb::SegmentStatus::Leased,
+            SegState::Verified => pb::SegmentStatus::Verified,
+            SegState::Failed => pb::SegmentStatus::Failed,
         }
-        .to_string(),
+        .into(),
         bytes: s.bytes,
         leases: s.leases,
         attempts: s.attempts,

@@ -13,6 +13,7 @@
 //! independently (a copy that differs is reported as failed, not timed). Runs are interleaved
 //! (tool A, tool B, …, then again) and each figure is the median of the successful runs.
 
+use ferry_proto::admin::Phase;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -470,7 +471,7 @@ fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u6
             let t = Instant::now();
             loop {
                 let p = ctl.status(id).await.map_err(|e| e.to_string())?;
-                if p.phase == "done" {
+                if p.phase() == Phase::Done {
                     return Ok(p.leases_granted.saturating_sub(p.segments_total));
                 }
                 if !p.last_error.is_empty() && p.failed_attempts > 50 {

@@ -2,6 +2,7 @@
 //! root, unreachable coordinator, hostile peers (paths with `..`, absolute paths, the wrong agent,
 //! another CA).
 
+use ferry_proto::admin::Phase;
 use std::process::Command;
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ async fn missing_source_path_is_reported_not_ignored() {
     );
     // It fails, with a clear error, and neither status nor verify calls it verified (they
     // printed VERIFIED and exited 0 for its 0 of 0 segments).
-    assert_eq!(p.phase, "failed");
+    assert_eq!(p.phase(), Phase::Failed);
     assert!(
         p.last_error.contains("/nonexistent/ferry-test") && p.last_error.contains("does not exist"),
         "{}",
@@ -107,7 +108,7 @@ async fn a_tree_whose_only_entry_was_skipped_is_not_verified() {
         .watch(id, Duration::from_secs(30), |_, _| {})
         .await
         .unwrap();
-    assert_eq!(p.phase, "failed");
+    assert_eq!(p.phase(), Phase::Failed);
     assert_eq!(p.scan_issues_total, 1);
     assert!(
         p.scan_issues[0].reason.contains("named pipe"),
@@ -145,8 +146,8 @@ async fn a_tree_whose_only_entry_was_skipped_is_not_verified() {
         .await
         .unwrap();
     assert_eq!(
-        (p.phase.as_str(), p.excluded, p.scan_issues_total),
-        ("done", 1, 0)
+        (p.phase(), p.excluded, p.scan_issues_total),
+        (Phase::Done, 1, 0)
     );
     let out = crate::processes::ferryctl(&env, &coord, &["migration", "verify", &id.to_string()]);
     assert!(
@@ -434,7 +435,8 @@ async fn certificates_from_another_ca_are_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_of_reports_cannot_speak_for_another_agent() {
     use ferry_proto::control::{
-        agent_control_client::AgentControlClient, ReportSegmentRequest, ReportSegmentsRequest, Role,
+        agent_control_client::AgentControlClient, ReportOutcome, ReportSegmentRequest,
+        ReportSegmentsRequest, Role,
     };
     let h = Hostile::new().await;
     let tls = TlsMaterial::load(&h.env.issue(Identity::Agent("source".into()))).unwrap();
@@ -474,8 +476,16 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         .await
         .unwrap()
         .into_inner();
-    let outcomes: Vec<&str> = r.results.iter().map(|x| x.outcome.as_str()).collect();
-    assert_eq!(outcomes, ["refused", "waiting", "refused"], "{r:?}");
+    let outcomes: Vec<ReportOutcome> = r.results.iter().map(|x| x.outcome()).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ReportOutcome::Refused,
+            ReportOutcome::Waiting,
+            ReportOutcome::Refused
+        ],
+        "{r:?}"
+    );
     assert!(r.results[0]
         .reason
         .contains("inside a call of agent source"));

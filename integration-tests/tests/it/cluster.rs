@@ -1,6 +1,7 @@
 //! A three-node coordinator cluster as real processes: formation with `add-node`, the leader
 //! killed with SIGKILL in the middle of a migration, and membership mistakes through `ferryctl`.
 
+use ferry_proto::admin::Phase;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -82,7 +83,7 @@ async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
         .watch(id, Duration::from_secs(90), |_, _| {})
         .await
         .unwrap_or_else(|e| panic!("migration did not finish: {e}\nnode 2:\n{}", nodes[1].log()));
-    assert_eq!(done.phase, "done");
+    assert_eq!(done.phase(), Phase::Done);
     let after = ctl.verify(id, u32::MAX).await.unwrap();
     assert!(after.all_verified && after.hash_mismatches == 0);
     assert_not_resent(&before, &after);
@@ -126,7 +127,7 @@ async fn whole_cluster_restarted_from_disk_mid_migration_resumes() {
         .watch(id, Duration::from_secs(90), |_, _| {})
         .await
         .unwrap();
-    assert_eq!(done.phase, "done");
+    assert_eq!(done.phase(), Phase::Done);
     let after = ctl.verify(id, u32::MAX).await.unwrap();
     assert!(after.all_verified);
     assert_not_resent(&before, &after);
@@ -180,10 +181,10 @@ async fn replaced_follower_catches_up_by_snapshot_during_a_migration() {
         .watch(id, Duration::from_secs(90), |_, _| {})
         .await
         .unwrap();
-    assert_eq!(done.phase, "done");
+    assert_eq!(done.phase(), Phase::Done);
     // The new node answers from its own state: it has the finished migration.
     let on_fresh = env.ctl_try(&fresh.addr).await.expect("node 4 answers");
-    assert_eq!(on_fresh.status(id).await.unwrap().phase, "done");
+    assert_eq!(on_fresh.status(id).await.unwrap().phase(), Phase::Done);
     assert!(
         fresh.log().contains("Installed snapshot"),
         "node 4 did not install a snapshot:\n{}",

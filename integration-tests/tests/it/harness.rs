@@ -1,6 +1,7 @@
 //! Helpers: a test PKI, coordinators in-process or as real processes, agents, independent tree
 //! comparison, and polling with deadlines.
 
+use ferry_proto::admin::SegmentStatus;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -467,7 +468,11 @@ pub fn assert_not_resent(
     let after: std::collections::HashMap<u64, _> =
         after.segments.iter().map(|s| (s.segment_id, s)).collect();
     let mut checked = 0;
-    for s in before.segments.iter().filter(|s| s.state == "verified") {
+    for s in before
+        .segments
+        .iter()
+        .filter(|s| s.state() == SegmentStatus::Verified)
+    {
         let a = after[&s.segment_id];
         assert_eq!(
             a.leases, s.leases,

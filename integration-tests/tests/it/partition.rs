@@ -2,6 +2,7 @@
 //! a bridge, and the leader's link cut mid-migration. Needs root (to create namespaces); where
 //! they cannot be created the test says so and checks nothing else.
 
+use ferry_proto::admin::Phase;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -204,7 +205,7 @@ async fn partitioned_leader_commits_nothing_and_the_majority_carries_on() {
         .watch(id, Duration::from_secs(90), |_, _| {})
         .await
         .unwrap();
-    assert_eq!(done.phase, "done");
+    assert_eq!(done.phase(), Phase::Done);
     assert_same_tree(&src, &root);
 
     // Heal: node 1 rejoins as a follower and converges on the majority's state.
@@ -216,7 +217,7 @@ async fn partitioned_leader_commits_nothing_and_the_majority_carries_on() {
             return None;
         }
         let p = c.status(id).await.ok()?;
-        (p.phase == "done").then_some(c)
+        (p.phase() == Phase::Done).then_some(c)
     })
     .await;
     let migrations = back.migrations().await.unwrap();

@@ -1,6 +1,7 @@
 //! Restarts mid-migration: the migration completes with identical data, and no segment that was
 //! verified before the restart is sent again (asserted on lease counts and bytes-sent counters).
 
+use ferry_proto::admin::SegmentStatus;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,7 +21,7 @@ fn resend_bound(before: &pb::VerifyMigrationResponse, after: &pb::VerifyMigratio
     before
         .segments
         .iter()
-        .filter(|s| s.state != "verified")
+        .filter(|s| s.state() != SegmentStatus::Verified)
         .map(|s| s.bytes * (after[&s.segment_id].leases - s.leases + 1) as u64)
         .sum()
 }
@@ -170,7 +171,10 @@ async fn source_restart_mid_migration_continues_from_its_manifest() {
     );
     // The shut-down source released its in-flight lease instead of letting it expire.
     assert!(
-        before.segments.iter().all(|s| s.state != "leased"),
+        before
+            .segments
+            .iter()
+            .all(|s| s.state() != SegmentStatus::Leased),
         "a lease was left behind"
     );
 
@@ -184,7 +188,7 @@ async fn source_restart_mid_migration_continues_from_its_manifest() {
     let unverified: u64 = before
         .segments
         .iter()
-        .filter(|s| s.state != "verified")
+        .filter(|s| s.state() != SegmentStatus::Verified)
         .map(|s| s.bytes)
         .sum();
     assert_eq!(

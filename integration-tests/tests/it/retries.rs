@@ -1,6 +1,7 @@
 //! Segments that fail every time: they are retried with backoff a bounded number of times, then
 //! given up on with their real cause, and the migration ends failed with the rest verified.
 
+use ferry_proto::admin::{Phase, SegmentStatus};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -244,7 +245,7 @@ async fn a_file_the_source_cannot_read_fails_alone_and_everything_else_is_verifi
         .watch(id, Duration::from_secs(120), |_, _| {})
         .await
         .unwrap();
-    assert_eq!(done.phase, "failed");
+    assert_eq!(done.phase(), Phase::Failed);
     // The file's 4 pieces failed; every other segment (the small files) is verified.
     assert_eq!(done.segments_failed, 4, "{done:#?}");
     assert_eq!(
@@ -266,7 +267,8 @@ async fn a_file_the_source_cannot_read_fails_alone_and_everything_else_is_verifi
     assert!(!v.all_verified);
     assert_eq!(v.segments_failed, 4);
     assert_eq!(
-        v.unverified[0].state, "failed",
+        v.unverified[0].state(),
+        SegmentStatus::Failed,
         "failed segments are listed first"
     );
     // The small files arrived intact.
