@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use ferry_common::config::TlsPaths;
 use ferry_common::tls::TlsMaterial;
@@ -94,6 +95,8 @@ pub struct RunningNode {
     pub applied: Arc<RwLock<Applied>>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The group commit task (see `GroupCommit::start`).
+    committer: JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -104,6 +107,14 @@ impl RunningNode {
             let _ = s.send(());
         }
         let _ = self.server.await;
+        // The services are gone, and with them the group commit's queue: its last entries are
+        // answered before Raft stops.
+        if tokio::time::timeout(Duration::from_secs(5), self.committer)
+            .await
+            .is_err()
+        {
+            tracing::warn!(message = "Group commit did not end in time.");
+        }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(message = "Raft shutdown failed.", error = %e);
         }
@@ -192,13 +203,14 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         );
     }
 
+    let (commits, committer) = crate::grpc::group_commit::GroupCommit::start(raft.clone());
     let core = Arc::new(Core {
         raft: raft.clone(),
         peers,
         applied: applied.clone(),
         node_id: cfg.node_id,
         lease_ttl_ms: cfg.lease_ttl_secs.max(1) * 1000,
-        commits: crate::grpc::group_commit::GroupCommit::start(raft.clone()),
+        commits,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limit = 64 * 1024 * 1024;
@@ -232,5 +244,6 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         applied,
         stop: Some(stop_tx),
         server,
+        committer,
     })
 }

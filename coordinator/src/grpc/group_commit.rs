@@ -30,11 +30,12 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the batching task for `raft`; it ends when every handle is dropped.
-    pub fn start(raft: Raft) -> Self {
+    /// Starts the batching task for `raft`. It ends when every handle is dropped, once the
+    /// entries it proposed are answered: await the task it returns before shutting Raft down.
+    pub fn start(raft: Raft) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, rx));
-        GroupCommit { tx }
+        let task = tokio::spawn(run(raft, rx));
+        (GroupCommit { tx }, task)
     }
 
     /// Commits `cmd` (in a batch with whatever else is waiting) and returns its response.
@@ -51,16 +52,19 @@ impl GroupCommit {
 async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carry: Option<(Command, Reply)> = None;
+    // The entries being committed, owned here: the task ends after them.
+    let mut commits = tokio::task::JoinSet::new();
     loop {
+        while commits.try_join_next().is_some() {}
         let first = match carry.take() {
             Some(c) => c,
             None => match rx.recv().await {
                 Some(c) => c,
-                None => return,
+                None => break,
             },
         };
         let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+            break;
         };
         let mut weight = first.0.weight();
         let mut batch = vec![first];
@@ -78,11 +82,12 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
             }
         }
         let raft = raft.clone();
-        tokio::spawn(async move {
+        commits.spawn(async move {
             commit(&raft, batch).await;
             drop(slot);
         });
     }
+    while commits.join_next().await.is_some() {}
 }
 
 async fn commit(raft: &Raft, mut batch: Vec<(Command, Reply)>) {
