@@ -288,245 +288,6 @@ impl Control {
         Ok(())
     }
 
-    /// Heartbeat; returns the source work assigned to this agent. Logs (once each) another
-    /// process's refused attempt to run as this agent.
-    pub async fn heartbeat(&self) -> Result<Vec<pb::SourceWork>, ControlError> {
-        let r = self
-            .call(
-                pb::HeartbeatRequest {
-                    agent: self.agent.clone(),
-                    session: self.session,
-                },
-                |mut c, r| async move { c.heartbeat(r).await },
-            )
-            .await?;
-        if !r.conflict.is_empty() {
-            let mut last = self.conflict.lock().expect("not poisoned");
-            if *last != r.conflict {
-                tracing::error!(
-                    message = "Another process tried to run as this agent and was refused; stop one of them.",
-                    agent = %self.agent,
-                    conflict = %r.conflict
-                );
-                *last = r.conflict.clone();
-            }
-        }
-        self.learn_cluster(&r.cluster_id);
-        Ok(r.source_work)
-    }
-
-    /// Registers planned segments.
-    pub async fn register_segments(
-        &self,
-        migration_id: u64,
-        segments: &[crate::manifest::SegmentSummary],
-    ) -> Result<(), ControlError> {
-        self.call(
-            pb::RegisterSegmentsRequest {
-                agent: self.agent.clone(),
-                session: self.session,
-                migration_id,
-                segments: segments
-                    .iter()
-                    .map(|s| pb::SegmentInfo {
-                        segment_id: s.id,
-                        bytes: s.bytes,
-                        files: s.files,
-                        fingerprint: s.fingerprint.to_vec(),
-                    })
-                    .collect(),
-            },
-            |mut c, r| async move { c.register_segments(r).await },
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Marks the scan complete.
-    pub async fn complete_scan(
-        &self,
-        migration_id: u64,
-        summary: &crate::manifest::ScanSummary,
-    ) -> Result<(), ControlError> {
-        self.call(
-            pb::CompleteScanRequest {
-                agent: self.agent.clone(),
-                session: self.session,
-                migration_id,
-                segments_total: summary.segments_total,
-                issues: summary
-                    .issues
-                    .iter()
-                    .map(|(path, reason)| pb::ScanIssue {
-                        path: path.clone(),
-                        reason: reason.clone(),
-                    })
-                    .collect(),
-                issues_total: summary.issues_total,
-                hardlinks: summary.hardlinks,
-                excluded: summary.excluded,
-                root_error: summary.root_error.clone(),
-            },
-            |mut c, r| async move { c.complete_scan(r).await },
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Tells the operator, through the migration's status, about a problem at this source.
-    pub async fn report_problem(
-        &self,
-        migration_id: u64,
-        error: &str,
-        issues: &[(String, String)],
-    ) -> Result<(), ControlError> {
-        self.call(
-            pb::SourceProblemRequest {
-                agent: self.agent.clone(),
-                session: self.session,
-                migration_id,
-                error: error.to_string(),
-                issues: issues
-                    .iter()
-                    .map(|(path, reason)| pb::ScanIssue {
-                        path: path.clone(),
-                        reason: reason.clone(),
-                    })
-                    .collect(),
-            },
-            |mut c, r| async move { c.report_source_problem(r).await },
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Asks for up to `max` segments to send.
-    pub async fn lease(&self, max: u32) -> Result<Vec<pb::Lease>, ControlError> {
-        let r = self
-            .call(
-                pb::LeaseSegmentsRequest {
-                    agent: self.agent.clone(),
-                    session: self.session,
-                    max,
-                },
-                |mut c, r| async move { c.lease_segments(r).await },
-            )
-            .await?;
-        Ok(r.leases)
-    }
-
-    /// The leases this agent holds, as committed.
-    pub async fn list_leases(&self) -> Result<Vec<pb::Lease>, ControlError> {
-        let r = self
-            .call(
-                pb::ListLeasesRequest {
-                    agent: self.agent.clone(),
-                    session: self.session,
-                },
-                |mut c, r| async move { c.list_leases(r).await },
-            )
-            .await?;
-        Ok(r.leases)
-    }
-
-    /// Extends leases this agent is still sending; one answer per lease (false: no longer ours).
-    pub async fn renew_leases(
-        &self,
-        leases: &[crate::schedule::LeaseKey],
-    ) -> Result<Vec<bool>, ControlError> {
-        let r = self
-            .call(
-                pb::RenewLeasesRequest {
-                    agent: self.agent.clone(),
-                    session: self.session,
-                    leases: leases
-                        .iter()
-                        .map(|l| pb::LeaseRef {
-                            migration_id: l.migration_id,
-                            segment_id: l.segment_id,
-                            epoch: l.epoch,
-                        })
-                        .collect(),
-                },
-                |mut c, r| async move { c.renew_leases(r).await },
-            )
-            .await?;
-        Ok(r.renewed)
-    }
-
-    /// Asks whether a lease is current (as a target).
-    pub async fn check_lease(
-        &self,
-        migration_id: u64,
-        segment_id: u64,
-        epoch: u64,
-    ) -> Result<pb::CheckLeaseResponse, ControlError> {
-        let r = self
-            .call(
-                pb::CheckLeaseRequest {
-                    agent: self.agent.clone(),
-                    session: self.session,
-                    migration_id,
-                    segment_id,
-                    epoch,
-                },
-                |mut c, r| async move { c.check_lease(r).await },
-            )
-            .await?;
-        Ok(r)
-    }
-
-    /// Reports a transfer's outcome from this end. Reports made while another is on its way are
-    /// sent together in one `ReportSegments` call (a target committing 32 segments at once makes
-    /// one call, not 32); each caller still gets its own answer.
-    pub async fn report(
-        &self,
-        role: pb::Role,
-        migration_id: u64,
-        segment_id: u64,
-        epoch: u64,
-        result: Result<[u8; 32], Failure>,
-    ) -> Result<pb::ReportSegmentResponse, ControlError> {
-        let (ok, blake3, error, retry_later) = match result {
-            Ok(h) => (true, h.to_vec(), String::new(), false),
-            Err(f) => (false, Vec::new(), f.error, f.retry_later),
-        };
-        let req = pb::ReportSegmentRequest {
-            agent: self.agent.clone(),
-            role: role as i32,
-            migration_id,
-            segment_id,
-            epoch,
-            ok,
-            blake3,
-            error,
-            retry_later,
-        };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let queued = {
-            let mut reports = self.reports.lock().expect("not poisoned");
-            if matches!(*reports, Reports::Idle) {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                // The task's own handle has no queue: it ends once the queue is closed.
-                let sender = Control {
-                    reports: Default::default(),
-                    ..self.clone()
-                };
-                *reports = Reports::Running(tx, tokio::spawn(sender.send_reports(rx)));
-            }
-            match &*reports {
-                Reports::Running(queue, _) => queue.send((req, reply)).is_ok(),
-                _ => false,
-            }
-        };
-        if !queued {
-            return Err(self.err(tonic::Status::unavailable("report queue closed")));
-        }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(self.err(tonic::Status::unavailable("report abandoned"))))
-    }
-
     /// Stops the report coalescer once the reports queued are sent; later reports are refused.
     /// Called by a stopping agent after its source and target have ended.
     pub async fn close_reports(&self) {
@@ -673,60 +434,232 @@ impl Coordinator for Control {
     fn cluster_id(&self) -> String {
         Control::cluster_id(self)
     }
-    fn heartbeat(&self) -> impl Future<Output = Result<Vec<pb::SourceWork>, ControlError>> + Send {
-        Control::heartbeat(self)
+
+    async fn heartbeat(&self) -> Result<Vec<pb::SourceWork>, ControlError> {
+        let r = self
+            .call(
+                pb::HeartbeatRequest {
+                    agent: self.agent.clone(),
+                    session: self.session,
+                },
+                |mut c, r| async move { c.heartbeat(r).await },
+            )
+            .await?;
+        if !r.conflict.is_empty() {
+            let mut last = self.conflict.lock().expect("not poisoned");
+            if *last != r.conflict {
+                tracing::error!(
+                    message = "Another process tried to run as this agent and was refused; stop one of them.",
+                    agent = %self.agent,
+                    conflict = %r.conflict
+                );
+                *last = r.conflict.clone();
+            }
+        }
+        self.learn_cluster(&r.cluster_id);
+        Ok(r.source_work)
     }
-    fn register_segments(
+
+    async fn register_segments(
         &self,
         migration_id: u64,
         segments: &[crate::manifest::SegmentSummary],
-    ) -> impl Future<Output = Result<(), ControlError>> + Send {
-        Control::register_segments(self, migration_id, segments)
+    ) -> Result<(), ControlError> {
+        self.call(
+            pb::RegisterSegmentsRequest {
+                agent: self.agent.clone(),
+                session: self.session,
+                migration_id,
+                segments: segments
+                    .iter()
+                    .map(|s| pb::SegmentInfo {
+                        segment_id: s.id,
+                        bytes: s.bytes,
+                        files: s.files,
+                        fingerprint: s.fingerprint.to_vec(),
+                    })
+                    .collect(),
+            },
+            |mut c, r| async move { c.register_segments(r).await },
+        )
+        .await?;
+        Ok(())
     }
-    fn complete_scan(
+
+    async fn complete_scan(
         &self,
         migration_id: u64,
         summary: &crate::manifest::ScanSummary,
-    ) -> impl Future<Output = Result<(), ControlError>> + Send {
-        Control::complete_scan(self, migration_id, summary)
+    ) -> Result<(), ControlError> {
+        self.call(
+            pb::CompleteScanRequest {
+                agent: self.agent.clone(),
+                session: self.session,
+                migration_id,
+                segments_total: summary.segments_total,
+                issues: summary
+                    .issues
+                    .iter()
+                    .map(|(path, reason)| pb::ScanIssue {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+                issues_total: summary.issues_total,
+                hardlinks: summary.hardlinks,
+                excluded: summary.excluded,
+                root_error: summary.root_error.clone(),
+            },
+            |mut c, r| async move { c.complete_scan(r).await },
+        )
+        .await?;
+        Ok(())
     }
-    fn report_problem(
+
+    async fn report_problem(
         &self,
         migration_id: u64,
         error: &str,
         issues: &[(String, String)],
-    ) -> impl Future<Output = Result<(), ControlError>> + Send {
-        Control::report_problem(self, migration_id, error, issues)
+    ) -> Result<(), ControlError> {
+        self.call(
+            pb::SourceProblemRequest {
+                agent: self.agent.clone(),
+                session: self.session,
+                migration_id,
+                error: error.to_string(),
+                issues: issues
+                    .iter()
+                    .map(|(path, reason)| pb::ScanIssue {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+            },
+            |mut c, r| async move { c.report_source_problem(r).await },
+        )
+        .await?;
+        Ok(())
     }
-    fn lease(&self, max: u32) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send {
-        Control::lease(self, max)
+
+    async fn lease(&self, max: u32) -> Result<Vec<pb::Lease>, ControlError> {
+        let r = self
+            .call(
+                pb::LeaseSegmentsRequest {
+                    agent: self.agent.clone(),
+                    session: self.session,
+                    max,
+                },
+                |mut c, r| async move { c.lease_segments(r).await },
+            )
+            .await?;
+        Ok(r.leases)
     }
-    fn list_leases(&self) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send {
-        Control::list_leases(self)
+
+    async fn list_leases(&self) -> Result<Vec<pb::Lease>, ControlError> {
+        let r = self
+            .call(
+                pb::ListLeasesRequest {
+                    agent: self.agent.clone(),
+                    session: self.session,
+                },
+                |mut c, r| async move { c.list_leases(r).await },
+            )
+            .await?;
+        Ok(r.leases)
     }
-    fn renew_leases(
+
+    async fn renew_leases(
         &self,
         leases: &[crate::schedule::LeaseKey],
-    ) -> impl Future<Output = Result<Vec<bool>, ControlError>> + Send {
-        Control::renew_leases(self, leases)
+    ) -> Result<Vec<bool>, ControlError> {
+        let r = self
+            .call(
+                pb::RenewLeasesRequest {
+                    agent: self.agent.clone(),
+                    session: self.session,
+                    leases: leases
+                        .iter()
+                        .map(|l| pb::LeaseRef {
+                            migration_id: l.migration_id,
+                            segment_id: l.segment_id,
+                            epoch: l.epoch,
+                        })
+                        .collect(),
+                },
+                |mut c, r| async move { c.renew_leases(r).await },
+            )
+            .await?;
+        Ok(r.renewed)
     }
-    fn check_lease(
+
+    async fn check_lease(
         &self,
         migration_id: u64,
         segment_id: u64,
         epoch: u64,
-    ) -> impl Future<Output = Result<pb::CheckLeaseResponse, ControlError>> + Send {
-        Control::check_lease(self, migration_id, segment_id, epoch)
+    ) -> Result<pb::CheckLeaseResponse, ControlError> {
+        let r = self
+            .call(
+                pb::CheckLeaseRequest {
+                    agent: self.agent.clone(),
+                    session: self.session,
+                    migration_id,
+                    segment_id,
+                    epoch,
+                },
+                |mut c, r| async move { c.check_lease(r).await },
+            )
+            .await?;
+        Ok(r)
     }
-    fn report(
+
+    async fn report(
         &self,
         role: pb::Role,
         migration_id: u64,
         segment_id: u64,
         epoch: u64,
         result: Result<[u8; 32], Failure>,
-    ) -> impl Future<Output = Result<pb::ReportSegmentResponse, ControlError>> + Send {
-        Control::report(self, role, migration_id, segment_id, epoch, result)
+    ) -> Result<pb::ReportSegmentResponse, ControlError> {
+        let (ok, blake3, error, retry_later) = match result {
+            Ok(h) => (true, h.to_vec(), String::new(), false),
+            Err(f) => (false, Vec::new(), f.error, f.retry_later),
+        };
+        let req = pb::ReportSegmentRequest {
+            agent: self.agent.clone(),
+            role: role as i32,
+            migration_id,
+            segment_id,
+            epoch,
+            ok,
+            blake3,
+            error,
+            retry_later,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queued = {
+            let mut reports = self.reports.lock().expect("not poisoned");
+            if matches!(*reports, Reports::Idle) {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                // The task's own handle has no queue: it ends once the queue is closed.
+                let sender = Control {
+                    reports: Default::default(),
+                    ..self.clone()
+                };
+                *reports = Reports::Running(tx, tokio::spawn(sender.send_reports(rx)));
+            }
+            match &*reports {
+                Reports::Running(queue, _) => queue.send((req, reply)).is_ok(),
+                _ => false,
+            }
+        };
+        if !queued {
+            return Err(self.err(tonic::Status::unavailable("report queue closed")));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(self.err(tonic::Status::unavailable("report abandoned"))))
     }
 }
 

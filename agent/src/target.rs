@@ -15,7 +15,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::{block_in_place, JoinSet};
 
-use crate::control::{Control, Failure};
+use crate::control::{Control, Coordinator, Failure};
 use crate::frame::{self, MAX_HEADER, MAX_SMALL_FRAME};
 use crate::sink::{FsSink, SinkError};
 use crate::stats::Stats;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use ferry_agent::control::Control;
+use ferry_agent::control::{Control, Coordinator};
 use ferry_agent::manifest::{ScanSummary, SegmentSummary};
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};

@@ -6,7 +6,7 @@ use ferry_proto::admin::Phase;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_agent::control::Control;
+use ferry_agent::control::{Control, Coordinator};
 use ferry_agent::frame;
 use ferry_agent::manifest::{ScanSummary, SegmentSummary};
 use ferry_common::names::agent_dns;
