@@ -764,7 +764,7 @@ async fn renew<C: Coordinator>(control: &C, leases: &[LeaseKey]) {
 }
 
 /// Runs a coordinator call from a blocking thread, retrying transient failures (the one retry
-/// policy) until it succeeds or the agent stops.
+/// policy) until it succeeds or the agent stops; a stop also ends the wait between tries.
 fn call_blocking<T, F, Fut>(
     rt: &tokio::runtime::Handle,
     stop: &watch::Receiver<bool>,
@@ -780,7 +780,7 @@ where
             Duration::from_millis(100),
             Duration::from_secs(5),
         ))
-        .when(|e: &ControlError| e.is_transient() && !*stop.borrow())
+        .when(|e: &ControlError| e.is_transient())
         .notify(|e, _| {
             if std::mem::take(&mut first) {
                 tracing::warn!(message = "Coordinator call failed; retrying.", error = %e);
@@ -788,7 +788,13 @@ where
                 tracing::debug!(message = "Coordinator call failed again; retrying.", error = %e);
             }
         });
-    Ok(rt.block_on(call)?)
+    let mut stop = stop.clone();
+    rt.block_on(async {
+        tokio::select! {
+            r = call => Ok(r?),
+            _ = stop.wait_for(|stopping| *stopping) => Err(PrepareError::Stopping),
+        }
+    })
 }
 
 /// The failure a target's refusal stands for: the target's own words, and whether it counts.
