@@ -3,4 +3,6 @@
 //! real processes (`CARGO_BIN_EXE_*`).
 
 pub mod bench;
+pub mod process;
+pub mod tree;
 pub mod wan;

@@ -195,8 +195,7 @@ pub fn generate(kind: Kind, size: Size, seed: u64, dir: &Path) -> std::io::Resul
 pub fn mutate(kind: Kind, dir: &Path, seed: u64) -> std::io::Result<u64> {
     let mut changed = 0u64;
     let mut rng = SplitMix64(seed ^ 0x1c4e);
-    let mut files = Vec::new();
-    crate::bench::tree::walk_files(dir, &mut files)?;
+    let mut files = crate::tree::files(dir)?;
     files.sort();
     let (big, small): (Vec<_>, Vec<_>) = files
         .into_iter()

@@ -1,7 +1,6 @@
-//! The side-by-side benchmark harness (`wan-bench`): data sets, the independent check of each
-//! copy, and the measurement of CPU and memory of whatever runs in the emulated path's
-//! namespaces.
+//! The side-by-side benchmark harness (`wan-bench`): data sets and the measurement of CPU and
+//! memory of whatever runs in the emulated path's namespaces; copies are checked by
+//! [`crate::tree`].
 
 pub mod dataset;
 pub mod measure;
-pub mod tree;

@@ -23,6 +23,7 @@ use ferry_agent::manifest::{ScanSummary, SegmentSummary};
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
+use ferry_integration_tests::process::{logged_addr, strip_ansi};
 use ferry_proto::admin as pb;
 use ferry_proto::control::Role;
 use ferryctl::ctl::Ctl;
@@ -80,23 +81,14 @@ fn coordinator_bin() -> anyhow::Result<PathBuf> {
     bail!("ferry-coordinator is not built next to this binary in {}: run `cargo build --release -p ferry-integration-tests --bins`", dir.display())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn_node(work: &Path, ca: &Ca, id: u64, bootstrap: bool) -> anyhow::Result<Node> {
     let tls = ca.issue(&Identity::Coordinator(id), &work.join("pki"))?;
-    let port = free_port();
     let dir = work.join(format!("node{id}"));
     let config = work.join(format!("node{id}.toml"));
     std::fs::write(
         &config,
         format!(
-            "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nbootstrap = {bootstrap}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            "node_id = {id}\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbootstrap = {bootstrap}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             dir.display(),
             tls.ca.display(),
             tls.cert.display(),
@@ -105,38 +97,27 @@ fn spawn_node(work: &Path, ca: &Ca, id: u64, bootstrap: bool) -> anyhow::Result<
     )?;
     let log = work.join(format!("node{id}.log"));
     let out = std::fs::File::create(&log)?;
-    let child = Command::new(coordinator_bin()?)
+    let mut child = Command::new(coordinator_bin()?)
         .args(["run", "--config"])
         .arg(&config)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()?;
+    // It binds port 0 and says where it listens: no port picked, released and raced for.
+    let addr = logged_addr(
+        &log,
+        "Coordinator serving.",
+        Duration::from_secs(60),
+        || !matches!(child.try_wait(), Ok(None)),
+    )?;
     Ok(Node {
         id,
-        addr: format!("127.0.0.1:{port}"),
+        addr: addr.to_string(),
         dir,
         log,
         child,
     })
-}
-
-/// Removes terminal colour codes (`ESC [ ... m`) from a log.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn rss_mib(pid: u32, field: &str) -> f64 {

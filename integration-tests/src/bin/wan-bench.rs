@@ -25,7 +25,7 @@ use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
 use ferry_integration_tests::bench::dataset::{self, Kind, Size};
 use ferry_integration_tests::bench::measure::{machine_cpu_secs, own_cpu_secs, RssSampler};
-use ferry_integration_tests::bench::tree::{self, Fidelity};
+use ferry_integration_tests::tree::{self, Fidelity};
 use ferry_integration_tests::wan::{self, path, Profile, WanPath};
 
 #[derive(Parser)]

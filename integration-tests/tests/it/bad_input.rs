@@ -16,7 +16,7 @@ use ferry_proto::admin as pb;
 use ferry_proto::control::Lease;
 use ferry_proto::data as dpb;
 
-use crate::harness::{ferryctl_bin, free_port, TestEnv};
+use crate::harness::{ferryctl_bin, DeadAddr, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn missing_source_path_is_reported_not_ignored() {
@@ -187,7 +187,8 @@ async fn unusable_target_root_fails_agent_start_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_coordinator_is_a_clear_error() {
     let env = TestEnv::new();
-    let addr = format!("127.0.0.1:{}", free_port());
+    let dead = DeadAddr::new().unwrap();
+    let addr = dead.addr.to_string();
     // ferryctl, as an operator would run it.
     env.issue(Identity::Admin("admin".into()));
     let out = Command::new(ferryctl_bin())

@@ -9,8 +9,8 @@ use ferry_common::pki::Identity;
 use ferryctl::ctl::Ctl;
 
 use crate::harness::{
-    assert_not_resent, assert_same_tree, ferryctl_bin, free_port, migration_spec, wait_for,
-    wait_verified, Agents, CoordinatorProcess, TestEnv,
+    assert_not_resent, assert_same_tree, ferryctl_bin, finished, migration_spec, wait_for,
+    wait_verified, Agents, CoordinatorProcess, DeadAddr, TestEnv,
 };
 use crate::processes::ferryctl;
 
@@ -79,13 +79,10 @@ async fn leader_killed_mid_migration_a_new_leader_finishes_it() {
 
     let (ctl, new_leader) = leader(&env, &addrs[1..], Some(1)).await;
     assert!(new_leader == 2 || new_leader == 3);
-    let done = ctl
-        .watch(id, Duration::from_secs(90), |_, _| {})
+    let log = || format!("node 2:\n{}", nodes[1].log());
+    let after = finished(&ctl, id, Duration::from_secs(90), &log)
         .await
-        .unwrap_or_else(|e| panic!("migration did not finish: {e}\nnode 2:\n{}", nodes[1].log()));
-    assert_eq!(done.phase(), Phase::Done);
-    let after = ctl.verify(id, u32::MAX).await.unwrap();
-    assert!(after.all_verified && after.hash_mismatches == 0);
+        .verify;
     assert_not_resent(&before, &after);
     assert_same_tree(&src, &root);
 
@@ -123,13 +120,9 @@ async fn whole_cluster_restarted_from_disk_mid_migration_resumes() {
         n.restart().unwrap();
     }
     let (ctl, _) = leader(&env, &addrs, None).await;
-    let done = ctl
-        .watch(id, Duration::from_secs(90), |_, _| {})
+    let after = finished(&ctl, id, Duration::from_secs(90), &String::new)
         .await
-        .unwrap();
-    assert_eq!(done.phase(), Phase::Done);
-    let after = ctl.verify(id, u32::MAX).await.unwrap();
-    assert!(after.all_verified);
+        .verify;
     assert_not_resent(&before, &after);
     assert_same_tree(&src, &root);
     source.shutdown().await;
@@ -177,11 +170,7 @@ async fn replaced_follower_catches_up_by_snapshot_during_a_migration() {
         .collect();
     assert_eq!(voters, vec![1, 2, 4]);
 
-    let done = ctl
-        .watch(id, Duration::from_secs(90), |_, _| {})
-        .await
-        .unwrap();
-    assert_eq!(done.phase(), Phase::Done);
+    finished(&ctl, id, Duration::from_secs(90), &String::new).await;
     // The new node answers from its own state: it has the finished migration.
     let on_fresh = env.ctl_try(&fresh.addr).await.expect("node 4 answers");
     assert_eq!(on_fresh.status(id).await.unwrap().phase(), Phase::Done);
@@ -218,7 +207,8 @@ async fn membership_mistakes_fail_cleanly_and_change_nothing() {
 
     // A wrong address: the add fails within its bound, saying what to check, with progress
     // printed meanwhile; the node is not left behind as a voter or a learner.
-    let dead = format!("127.0.0.1:{}", free_port());
+    let dead = DeadAddr::new().unwrap();
+    let dead = dead.addr.to_string();
     let out = ferryctl(
         &env,
         &addrs[0],
@@ -263,7 +253,8 @@ async fn membership_mistakes_fail_cleanly_and_change_nothing() {
 
     // A learner that does not catch up can be removed while its add waits (here through a
     // follower, which forwards to the leader); the add then fails at once, not at its timeout.
-    let dead = format!("127.0.0.1:{}", free_port());
+    let dead = DeadAddr::new().unwrap();
+    let dead = dead.addr.to_string();
     let mut add = Command::new(ferryctl_bin())
         .args(["--coordinator", &addrs[0], "--pki-dir"])
         .arg(env.pki())

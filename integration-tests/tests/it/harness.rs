@@ -1,20 +1,19 @@
 //! Helpers: a test PKI, coordinators in-process or as real processes, agents, independent tree
 //! comparison, and polling with deadlines.
 
-use ferry_proto::admin::SegmentStatus;
-use std::collections::BTreeMap;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use ferry_proto::admin::{Phase, SegmentStatus};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use ferry_agent::run::{AgentConfig, RunningAgent};
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
 use ferry_coordinator::node::{CoordinatorConfig, RunningNode};
+use ferry_integration_tests::process::logged_addr;
+pub use ferry_integration_tests::process::DeadAddr;
 use ferryctl::ctl::Ctl;
 
 /// A test cluster's PKI and working directory.
@@ -144,15 +143,6 @@ where
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A coordinator running as a real `ferry-coordinator` process.
 pub struct CoordinatorProcess {
     child: Child,
@@ -163,37 +153,47 @@ pub struct CoordinatorProcess {
 }
 
 impl CoordinatorProcess {
-    /// Writes a config for node 1 of `env` on a free port and starts the process.
+    /// Starts node 1 of `env`, bootstrapping a single-node cluster.
     pub fn start(env: &TestEnv) -> anyhow::Result<Self> {
         Self::start_node(env, 1, true)
     }
 
-    /// Writes a config for node `id` on a free port and starts the process.
+    /// Writes a config for node `id` on port 0, starts the process and reads back where it
+    /// listens; the config is then pinned to that port, so a restart comes back at the address
+    /// the cluster knows.
     pub fn start_node(env: &TestEnv, id: u64, bootstrap: bool) -> anyhow::Result<Self> {
-        let port = free_port();
-        let cfg = env.node_config(id, format!("127.0.0.1:{port}").parse()?, bootstrap);
+        let cfg = env.node_config(id, "127.0.0.1:0".parse()?, bootstrap);
         let config = env.path(&format!("coordinator-{id}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "node_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\nsnapshot_every = {}\nkeep_logs_after_snapshot = {}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                cfg.listen,
-                cfg.data_dir.display(),
-                cfg.lease_ttl_secs,
-                cfg.snapshot_every,
-                cfg.keep_logs_after_snapshot,
-                cfg.tls.ca.display(),
-                cfg.tls.cert.display(),
-                cfg.tls.key.display()
-            ),
-        )?;
+        let write = |listen: std::net::SocketAddr| {
+            std::fs::write(
+                &config,
+                format!(
+                    "node_id = {id}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\nsnapshot_every = {}\nkeep_logs_after_snapshot = {}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    cfg.data_dir.display(),
+                    cfg.lease_ttl_secs,
+                    cfg.snapshot_every,
+                    cfg.keep_logs_after_snapshot,
+                    cfg.tls.ca.display(),
+                    cfg.tls.cert.display(),
+                    cfg.tls.key.display()
+                ),
+            )
+        };
+        write(cfg.listen)?;
         let log = env.path(&format!("coordinator-{id}.log"));
-        let child = spawn_coordinator(&config, &log)?;
+        let mut child = spawn_coordinator(&config, &log)?;
+        let addr = logged_addr(
+            &log,
+            "Coordinator serving.",
+            Duration::from_secs(60),
+            || !matches!(child.try_wait(), Ok(None)),
+        )?;
+        write(addr)?;
         Ok(CoordinatorProcess {
             child,
             config,
             log,
-            addr: format!("127.0.0.1:{port}"),
+            addr: addr.to_string(),
         })
     }
 
@@ -252,167 +252,9 @@ pub fn agent_bin() -> &'static str {
     env!("CARGO_BIN_EXE_it-agent")
 }
 
-/// One node of a tree, as seen by `stat` and an independent BLAKE3 of the contents.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Node {
-    /// A regular file.
-    File {
-        /// BLAKE3 of the contents.
-        hash: String,
-        /// Size.
-        size: u64,
-        /// Permission bits.
-        mode: u32,
-        /// mtime (s, ns).
-        mtime: (i64, i64),
-        /// Numeric owner and group.
-        owner: (u32, u32),
-        /// Every name of this file inside the tree (more than one for hardlinks), sorted.
-        names: Vec<PathBuf>,
-        /// Bytes allocated on disk (`st_blocks * 512`): compared within a tolerance, as file
-        /// systems allocate at their own granularity.
-        allocated: u64,
-        /// Extended attributes.
-        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    },
-    /// A directory.
-    Dir {
-        /// Permission bits.
-        mode: u32,
-        /// mtime (s, ns).
-        mtime: (i64, i64),
-        /// Numeric owner and group.
-        owner: (u32, u32),
-        /// Extended attributes.
-        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    },
-    /// A symlink.
-    Symlink {
-        /// Where it points.
-        target: PathBuf,
-        /// mtime (s, ns).
-        mtime: (i64, i64),
-        /// Numeric owner and group.
-        owner: (u32, u32),
-    },
-}
-
-/// How far the allocated sizes of a file and its copy may differ: a few file system blocks.
-pub const ALLOCATION_SLACK: u64 = 16 * 4096;
-
-/// Describes every node below `root` (not `root` itself), keyed by relative path.
-pub fn describe_tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
-    let mut out = BTreeMap::new();
-    let mut inodes: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            let p = e.path();
-            let m = std::fs::symlink_metadata(&p)?;
-            let rel = p.strip_prefix(root)?.to_path_buf();
-            let owner = (m.uid(), m.gid());
-            let node = if m.file_type().is_symlink() {
-                Node::Symlink {
-                    target: std::fs::read_link(&p)?,
-                    mtime: (m.mtime(), m.mtime_nsec()),
-                    owner,
-                }
-            } else if m.is_dir() {
-                stack.push(p.clone());
-                Node::Dir {
-                    mode: m.mode() & 0o7777,
-                    mtime: (m.mtime(), m.mtime_nsec()),
-                    owner,
-                    xattrs: ferry_agent::xattr::read(&p)?,
-                }
-            } else if m.is_file() {
-                inodes
-                    .entry((m.dev(), m.ino()))
-                    .or_default()
-                    .push(rel.clone());
-                let mut h = blake3::Hasher::new();
-                let mut f = std::fs::File::open(&p)?;
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                }
-                Node::File {
-                    hash: h.finalize().to_hex().to_string(),
-                    size: m.len(),
-                    mode: m.mode() & 0o7777,
-                    mtime: (m.mtime(), m.mtime_nsec()),
-                    owner,
-                    names: Vec::new(),
-                    allocated: m.blocks() * 512,
-                    xattrs: ferry_agent::xattr::read(&p)?,
-                }
-            } else {
-                bail!("{} is neither file, directory nor symlink", p.display());
-            };
-            out.insert(rel, node);
-        }
-    }
-    for mut group in inodes.into_values() {
-        group.sort();
-        for p in &group {
-            if let Some(Node::File { names, .. }) = out.get_mut(p) {
-                *names = group.clone();
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The node with its allocated size left out, for an exact comparison of the rest.
-fn exact(n: &Node) -> Node {
-    match n {
-        Node::File { .. } => {
-            let mut n = n.clone();
-            if let Node::File { allocated, .. } = &mut n {
-                *allocated = 0;
-            }
-            n
-        }
-        other => other.clone(),
-    }
-}
-
-/// Asserts that two trees are equal node by node, naming the first difference.
-pub fn assert_same_tree(source: &Path, target: &Path) {
-    let a = describe_tree(source).expect("describe source");
-    let b = describe_tree(target).expect("describe target");
-    for (p, n) in &a {
-        match b.get(p) {
-            None => panic!("{} missing at the target", p.display()),
-            Some(m) if exact(m) != exact(n) => {
-                panic!("{} differs:\n source {n:?}\n target {m:?}", p.display())
-            }
-            Some(Node::File { allocated: t, .. }) => {
-                let Node::File { allocated: s, .. } = n else {
-                    unreachable!("same kind")
-                };
-                assert!(
-                    t.abs_diff(*s) <= ALLOCATION_SLACK,
-                    "{}: {s} bytes allocated at the source, {t} at the target",
-                    p.display()
-                );
-            }
-            _ => {}
-        }
-    }
-    for p in b.keys() {
-        assert!(
-            a.contains_key(p),
-            "{} exists only at the target",
-            p.display()
-        );
-    }
-}
+pub use ferry_integration_tests::tree::{
+    assert_same as assert_same_tree, describe as describe_tree, Node,
+};
 
 /// Writes `count` files of `size` bytes (deterministic contents) under `dir`, spread over
 /// subdirectories.
@@ -457,6 +299,36 @@ pub async fn wait_verified(ctl: &Ctl, id: u64, n: u64) {
         || async { (ctl.status(id).await.ok()?.segments_verified >= n).then_some(()) },
     )
     .await;
+}
+
+/// How a migration ended.
+pub struct Finished {
+    /// Its progress when it ended.
+    pub progress: ferry_proto::admin::MigrationProgress,
+    /// Its verification, every segment listed.
+    pub verify: ferry_proto::admin::VerifyMigrationResponse,
+}
+
+/// Waits up to `timeout` for migration `id` to end, and checks what every finished migration
+/// must show: phase done, every segment verified, no hash mismatch. `log` says what to print
+/// beside a failure (a process's log, say).
+pub async fn finished(ctl: &Ctl, id: u64, timeout: Duration, log: &dyn Fn() -> String) -> Finished {
+    let progress = ctl
+        .watch(id, timeout, |_, _| {})
+        .await
+        .unwrap_or_else(|e| panic!("migration {id} did not finish: {e}\n{}", log()));
+    assert_eq!(
+        progress.phase(),
+        Phase::Done,
+        "migration {id} ended {progress:?}\n{}",
+        log()
+    );
+    let verify = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(
+        verify.all_verified && verify.hash_mismatches == 0,
+        "migration {id} is done but not all verified: {verify:?}"
+    );
+    Finished { progress, verify }
 }
 
 /// Every segment verified in `before` has the same lease count and hash in `after`: it was

@@ -10,7 +10,8 @@ use ferry_common::pki::Identity;
 use ferry_integration_tests::wan::path::ip;
 
 use crate::harness::{
-    assert_not_resent, assert_same_tree, migration_spec, wait_for, wait_verified, Agents, TestEnv,
+    assert_not_resent, assert_same_tree, finished, migration_spec, wait_for, wait_verified, Agents,
+    TestEnv,
 };
 
 /// Namespaces, veths and a bridge, removed on drop.
@@ -201,11 +202,7 @@ async fn partitioned_leader_commits_nothing_and_the_majority_carries_on() {
         (l == 2 || l == 3).then_some(c)
     })
     .await;
-    let done = ctl2
-        .watch(id, Duration::from_secs(90), |_, _| {})
-        .await
-        .unwrap();
-    assert_eq!(done.phase(), Phase::Done);
+    finished(&ctl2, id, Duration::from_secs(90), &String::new).await;
     assert_same_tree(&src, &root);
 
     // Heal: node 1 rejoins as a follower and converges on the majority's state.

@@ -8,8 +8,7 @@ use std::time::Duration;
 use ferry_common::pki::Identity;
 
 use crate::harness::{
-    agent_bin, assert_same_tree, ferryctl_bin, free_port, make_files, wait_for, CoordinatorProcess,
-    TestEnv,
+    agent_bin, assert_same_tree, ferryctl_bin, make_files, wait_for, CoordinatorProcess, TestEnv,
 };
 
 /// Runs `ferryctl` as admin "ops" (issue its certificate first) against `addr`.
@@ -43,8 +42,7 @@ pub fn spawn_agent(env: &TestEnv, name: &str, coord: &str, root: Option<&Path>) 
     );
     if let Some(root) = root {
         cfg.push_str(&format!(
-            "data_listen = \"127.0.0.1:{}\"\nroot = \"{}\"\n",
-            free_port(),
+            "data_listen = \"127.0.0.1:0\"\nroot = \"{}\"\n",
             root.display()
         ));
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use ferry_proto::admin as pb;
 
 use crate::harness::{
-    assert_not_resent, assert_same_tree, make_files, migration_spec, wait_for, wait_verified,
-    CoordinatorProcess, TestEnv,
+    assert_not_resent, assert_same_tree, finished, make_files, migration_spec, wait_for,
+    wait_verified, CoordinatorProcess, Finished, TestEnv,
 };
 
 /// Upper bound on bytes a source may send after `before`: only segments not yet verified then,
@@ -51,12 +51,10 @@ async fn target_restart_mid_migration_resumes_without_resending_verified_segment
     );
 
     let target = env.agent("target", &coord, Some(root.clone())).await;
-    let done = ctl
-        .watch(id, Duration::from_secs(60), |_, _| {})
-        .await
-        .unwrap();
-    let after = ctl.verify(id, u32::MAX).await.unwrap();
-    assert!(after.all_verified && after.hash_mismatches == 0);
+    let Finished {
+        progress: done,
+        verify: after,
+    } = finished(&ctl, id, Duration::from_secs(60), &String::new).await;
     assert_not_resent(&before, &after);
     let sent_after = source.stats.bytes_sent.load(Ordering::Relaxed) - sent_before;
     assert!(
@@ -117,16 +115,10 @@ async fn coordinator_kill9_mid_migration_resumes_from_its_sled_directory() {
         },
     )
     .await;
-    ctl.watch(id, Duration::from_secs(60), |_, _| {})
+    let log = || format!("coordinator log:\n{}", coord.log());
+    let after = finished(&ctl, id, Duration::from_secs(60), &log)
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "migration did not finish after the restart: {e}\ncoordinator log:\n{}",
-                coord.log()
-            )
-        });
-    let after = ctl.verify(id, u32::MAX).await.unwrap();
-    assert!(after.all_verified && after.hash_mismatches == 0);
+        .verify;
     assert_not_resent(&before, &after);
     assert_same_tree(&src, &root.join("restored"));
     assert!(
@@ -179,11 +171,9 @@ async fn source_restart_mid_migration_continues_from_its_manifest() {
     );
 
     let source = ferry_agent::run::start(cfg).await.unwrap();
-    ctl.watch(id, Duration::from_secs(60), |_, _| {})
+    let after = finished(&ctl, id, Duration::from_secs(60), &String::new)
         .await
-        .unwrap();
-    let after = ctl.verify(id, u32::MAX).await.unwrap();
-    assert!(after.all_verified);
+        .verify;
     assert_not_resent(&before, &after);
     let unverified: u64 = before
         .segments
@@ -224,9 +214,7 @@ async fn a_new_cluster_never_takes_an_old_clusters_agent_state_for_its_own() {
     let source = env.agent("source", &coord, None).await;
     let ctl = env.ctl(&coord).await;
     let old = ctl.create(migration_spec(&old_src, "same")).await.unwrap();
-    ctl.watch(old, Duration::from_secs(60), |_, _| {})
-        .await
-        .unwrap();
+    finished(&ctl, old, Duration::from_secs(60), &String::new).await;
     assert_same_tree(&old_src, &root.join("same"));
     source.shutdown().await;
     target.shutdown().await;
@@ -245,10 +233,9 @@ async fn a_new_cluster_never_takes_an_old_clusters_agent_state_for_its_own() {
         new, old,
         "ids restart in a new cluster: that is what could collide"
     );
-    let done = ctl
-        .watch(new, Duration::from_secs(60), |_, _| {})
+    let done = finished(&ctl, new, Duration::from_secs(60), &String::new)
         .await
-        .unwrap();
+        .progress;
     assert_eq!(
         done.files_total, 5,
         "the new tree's files, not the old manifest's"
