@@ -1,0 +1,160 @@
+//! ferry as one of the tools: its coordinator and target agent in side B, its source agent in
+//! side A, and one migration per copy.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use ferry_common::pki::{Ca, Identity};
+use ferry_common::tls::TlsMaterial;
+use ferry_proto::admin::Phase;
+
+use super::peers::{sibling, Ctx, Daemons, COORD_PORT, DATA_PORT};
+use crate::wan::{self, WanPath};
+
+/// ferry's daemons: coordinator and target agent in B, source agent in A.
+pub fn start_ferry(
+    ctx: &Ctx,
+    daemons: &mut Daemons,
+    lease_ttl_secs: u64,
+) -> anyhow::Result<TlsMaterial> {
+    let ca = Ca::load(&ctx.pki)?;
+    let dir = ctx.work.join("ferry");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("root"))?;
+    let b = ctx.wan.addr_b;
+    let tls = |who: Identity| -> anyhow::Result<String> {
+        let p = ca.issue(&who, &ctx.pki)?;
+        Ok(format!(
+            "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            p.ca.display(),
+            p.cert.display(),
+            p.key.display()
+        ))
+    };
+    std::fs::write(
+        dir.join("coordinator.toml"),
+        format!(
+            "node_id = 1\nlisten = \"{b}:{COORD_PORT}\"\ndata_dir = \"{}\"\nbootstrap = true\nlease_ttl_secs = {lease_ttl_secs}\n{}",
+            dir.join("coordinator").display(),
+            tls(Identity::Coordinator(1))?
+        ),
+    )?;
+    std::fs::write(
+        dir.join("dst.toml"),
+        format!(
+            "name = \"dst\"\ncoordinator = \"{b}:{COORD_PORT}\"\ndata_listen = \"{b}:{DATA_PORT}\"\nroot = \"{}\"\nstate_dir = \"{}\"\n{}",
+            dir.join("root").display(),
+            dir.join("dst-state").display(),
+            tls(Identity::Agent("dst".into()))?
+        ),
+    )?;
+    std::fs::write(
+        dir.join("src.toml"),
+        format!(
+            "name = \"src\"\ncoordinator = \"{b}:{COORD_PORT}\"\nstate_dir = \"{}\"\n{}",
+            dir.join("src-state").display(),
+            tls(Identity::Agent("src".into()))?
+        ),
+    )?;
+    let admin = TlsMaterial::load(&ca.issue(&Identity::Admin("bench".into()), &ctx.pki)?)?;
+    let coord = sibling("it-coordinator")?;
+    let agent = sibling("it-agent")?;
+    for (ns, bin, cfg, name) in [
+        (&ctx.wan.ns_b, &coord, "coordinator.toml", "coordinator"),
+        (&ctx.wan.ns_b, &agent, "dst.toml", "dst"),
+        (&ctx.wan.ns_a, &agent, "src.toml", "src"),
+    ] {
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        daemons.0.push((
+            &["ferry"],
+            WanPath::command(ns, &bin.display().to_string())
+                .args(["run", "--config"])
+                .arg(dir.join(cfg))
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?,
+        ));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Ready when both agents are registered.
+    let addr = format!("{b}:{COORD_PORT}");
+    let (ns, a2) = (ctx.wan.ns_b.clone(), admin.clone());
+    wan::sys::in_netns(&ns, move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let t = Instant::now();
+            loop {
+                if let Ok(ctl) = ferryctl::ctl::Ctl::connect(&addr, &a2).await {
+                    if let Ok(agents) = ctl.agents().await {
+                        if agents.len() >= 2 {
+                            return Ok(());
+                        }
+                    }
+                }
+                if t.elapsed() > Duration::from_secs(30) {
+                    bail!("ferry agents did not register within 30 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    })??;
+    Ok(admin)
+}
+
+/// One ferry migration of the source into `root/<name>`; returns once it is done, with the
+/// number of segments that were leased more than once.
+pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u64), String> {
+    let addr = format!("{}:{COORD_PORT}", ctx.wan.addr_b);
+    let (admin, src, tp, timeout) = (
+        admin.clone(),
+        ctx.src.display().to_string(),
+        name.to_string(),
+        ctx.timeout,
+    );
+    let resent = wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<u64, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let ctl = ferryctl::ctl::Ctl::connect(&addr, &admin)
+                .await
+                .map_err(|e| e.to_string())?;
+            let id = ctl
+                .create(ferry_proto::admin::MigrationSpec {
+                    source_agent: "src".into(),
+                    source_path: src,
+                    target_agent: "dst".into(),
+                    target_path: tp,
+                    segment_size: 0,
+                    xattrs: false,
+                    max_attempts: 0,
+                    excludes: Vec::new(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            loop {
+                let p = ctl.status(id).await.map_err(|e| e.to_string())?;
+                if p.phase() == Phase::Done {
+                    return Ok(p.leases_granted.saturating_sub(p.segments_total));
+                }
+                if !p.last_error.is_empty() && p.failed_attempts > 50 {
+                    return Err(format!("migration {id} keeps failing: {}", p.last_error));
+                }
+                if t.elapsed() > timeout {
+                    return Err(format!("migration {id} not done after {timeout:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    })
+    .map_err(|e| e.to_string())??;
+    Ok((ctx.work.join("ferry/root").join(name), resent))
+}

@@ -1,0 +1,218 @@
+//! One timed, checked copy by one tool, and the incremental scenario.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::bail;
+use ferry_common::tls::TlsMaterial;
+
+use super::dataset::{self, Kind};
+use super::ferry::ferry_copy;
+use super::measure::{machine_cpu_secs, own_cpu_secs, RssSampler};
+use super::peers::{run_logged, Ctx, Daemons, QUIC_SINK_PORT, SSH_PORT};
+use crate::tree::{self, Fidelity};
+
+/// One timed copy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Run {
+    /// The tool.
+    pub tool: String,
+    /// Which run of it.
+    pub run: usize,
+    /// Whether it finished and its copy equals the source.
+    pub ok: bool,
+    /// Why not.
+    pub error: String,
+    /// Wall-clock seconds.
+    pub wall_secs: f64,
+    /// CPU seconds of the whole machine, less this harness's own.
+    pub cpu_secs: f64,
+    /// Peak resident memory of the tool's processes.
+    pub peak_rss_mib: f64,
+    /// ferry only: leases granted beyond one per segment (segments sent again).
+    pub resent_segments: u64,
+}
+
+/// Times one copy by `tool` into a fresh destination and checks it.
+pub fn one_run(
+    ctx: &Ctx,
+    tool: &str,
+    run: usize,
+    admin: Option<&TlsMaterial>,
+    daemons: &Daemons,
+) -> Run {
+    let name = format!("{tool}-{run}");
+    let dst_root = ctx.work.join("dst");
+    let dst = dst_root.join(&name);
+    let _ = std::fs::remove_dir_all(&dst);
+    let _ = std::fs::create_dir_all(&dst_root);
+    let log = ctx.work.join(format!("{name}.log"));
+    let remote = |p: &Path| format!("root@{}:{}", ctx.wan.addr_b, p.display());
+    let sampler = RssSampler::start(&[&ctx.wan.ns_a, &ctx.wan.ns_b], daemons.others(tool));
+    let (cpu0, own0) = (machine_cpu_secs(), own_cpu_secs());
+    let t = Instant::now();
+    let mut resent_segments = 0;
+    let result: Result<(PathBuf, Fidelity), String> = match tool {
+        "rsync" | "rsync-fsync" => run_logged(
+            ctx.rsync(&ctx.src, &dst, tool == "rsync-fsync"),
+            &log,
+            ctx.timeout,
+        )
+        .map(|_| (dst.clone(), Fidelity::Full)),
+        "scp" => {
+            // scp -r follows symlinks and keeps no empty-file distinctions: contents only.
+            let mut c = ctx.in_a("scp");
+            c.args(["-r", "-p", "-q", "-P", &SSH_PORT.to_string()])
+                .args(ctx.ssh_opts())
+                .arg(&ctx.src)
+                .arg(remote(&dst));
+            run_logged(c, &log, ctx.timeout).map(|_| (dst.clone(), Fidelity::Contents))
+        }
+        "rclone" => run_logged(ctx.rclone(&ctx.src, &dst), &log, ctx.timeout)
+            .map(|_| (dst.clone(), Fidelity::Contents)),
+        "ferry" => match admin {
+            Some(a) => ferry_copy(ctx, a, &name).map(|(p, resent)| {
+                resent_segments = resent;
+                (p, Fidelity::Full)
+            }),
+            None => Err("ferry daemons did not start".into()),
+        },
+        "quic-raw" | "quic-raw-bbr" => {
+            let mut c = ctx.in_a(&std::env::current_exe().unwrap().display().to_string());
+            if tool == "quic-raw-bbr" {
+                c.args(["quic-blast", "--cc", "bbr"]);
+            } else {
+                c.arg("quic-blast");
+            }
+            c.arg("--connect")
+                .arg(format!("{}:{QUIC_SINK_PORT}", ctx.wan.addr_b))
+                .arg("--pki")
+                .arg(&ctx.pki)
+                .args(["--bytes", &ctx.bytes.to_string()]);
+            // Bytes only: nothing to check on disk.
+            run_logged(c, &log, ctx.timeout).map(|_| (PathBuf::new(), Fidelity::Contents))
+        }
+        other => Err(format!("unknown tool {other}")),
+    };
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = (machine_cpu_secs() - cpu0) - (own_cpu_secs() - own0);
+    let peak = sampler.finish();
+    let checked = result.and_then(|(copy, fidelity)| {
+        if tool.starts_with("quic-raw") {
+            return Ok(copy);
+        }
+        tree::compare(&ctx.src, &copy, fidelity)
+            .map(|_| copy)
+            .map_err(|e| format!("copy differs from the source: {e}"))
+    });
+    let (ok, error) = match &checked {
+        Ok(copy) => {
+            let _ = std::fs::remove_dir_all(copy);
+            (true, String::new())
+        }
+        Err(e) => (false, e.clone()),
+    };
+    let _ = std::fs::remove_dir_all(&dst);
+    Run {
+        tool: tool.into(),
+        run,
+        ok,
+        error,
+        wall_secs: wall,
+        cpu_secs: cpu.max(0.0),
+        peak_rss_mib: peak,
+        resent_segments,
+    }
+}
+
+/// The incremental scenario: a full copy per tool into a kept destination, then 1 % of the data
+/// changed, a timed re-sync, and a timed re-run with nothing changed. Returns (tool, change,
+/// no-change) as printable cells.
+pub fn run_incremental(
+    ctx: &Ctx,
+    tools: &[String],
+    kind: Kind,
+    seed: u64,
+    admin: Option<&TlsMaterial>,
+) -> anyhow::Result<Vec<(String, String, String)>> {
+    let _ = admin;
+    // The source is changed in a copy, so the cached data set stays as generated.
+    let src = ctx.work.join("incremental-src");
+    let _ = std::fs::remove_dir_all(&src);
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&ctx.src)
+        .arg(&src)
+        .status()?;
+    if !st.success() {
+        bail!("cp -a of the data set failed");
+    }
+    let mut out = Vec::new();
+    for tool in tools {
+        if tool == "ferry" {
+            out.push((
+                tool.clone(),
+                "n/a — sync rounds are not built yet".into(),
+                "n/a".into(),
+            ));
+            continue;
+        }
+        if tool != "rsync" && tool != "rclone" {
+            continue;
+        }
+        let dst = ctx.work.join(format!("dst/incremental-{tool}"));
+        let _ = std::fs::remove_dir_all(&dst);
+        std::fs::create_dir_all(dst.parent().unwrap_or(Path::new("/")))?;
+        let sync = |log: &str| -> Result<f64, String> {
+            let c = if tool == "rsync" {
+                ctx.rsync(&src, &dst, false)
+            } else {
+                ctx.rclone(&src, &dst)
+            };
+            let t = Instant::now();
+            run_logged(c, &ctx.work.join(log), ctx.timeout)?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let cell = |r: Result<f64, String>| match r {
+            Ok(s) => format!("{s:.2}"),
+            Err(e) => format!("FAILED: {e}"),
+        };
+        // Full copy, then change, then re-sync, then re-run.
+        if let Err(e) = sync(&format!("incremental-{tool}-full.log")) {
+            out.push((tool.clone(), format!("FAILED: {e}"), String::new()));
+            continue;
+        }
+        // Same bytes changed for every tool: mutate a fresh copy each time.
+        let _ = std::fs::remove_dir_all(&src);
+        Command::new("cp")
+            .arg("-a")
+            .arg(&ctx.src)
+            .arg(&src)
+            .status()?;
+        let changed = dataset::mutate(kind, &src, seed)?;
+        eprintln!("{tool}: {changed} bytes changed");
+        let change = sync(&format!("incremental-{tool}-change.log"));
+        let fidelity = if tool == "rsync" {
+            Fidelity::Full
+        } else {
+            Fidelity::Contents
+        };
+        let change = change.and_then(|s| {
+            tree::compare(&src, &dst, fidelity)
+                .map(|_| s)
+                .map_err(|e| format!("copy differs after re-sync: {e}"))
+        });
+        let none = sync(&format!("incremental-{tool}-nochange.log"));
+        out.push((tool.clone(), cell(change), cell(none)));
+        let _ = std::fs::remove_dir_all(&dst);
+        let _ = std::fs::remove_dir_all(&src);
+        Command::new("cp")
+            .arg("-a")
+            .arg(&ctx.src)
+            .arg(&src)
+            .status()?;
+    }
+    let _ = std::fs::remove_dir_all(&src);
+    Ok(out)
+}
