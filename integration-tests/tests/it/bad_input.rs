@@ -3,6 +3,7 @@
 //! another CA).
 
 use ferry_proto::admin::Phase;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use ferry_proto::admin as pb;
 use ferry_proto::control::Lease;
 use ferry_proto::data as dpb;
 
-use crate::harness::{ferryctl_bin, DeadAddr, TestEnv};
+use crate::harness::{ferryctl_bin, migration_spec, DeadAddr, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn missing_source_path_is_reported_not_ignored() {
@@ -28,14 +29,9 @@ async fn missing_source_path_is_reported_not_ignored() {
     let ctl = env.ctl(&coord).await;
     let id = ctl
         .create(pb::MigrationSpec {
-            source_agent: "source".into(),
             source_path: "/nonexistent/ferry-test".into(),
-            target_agent: "target".into(),
-            target_path: String::new(),
             segment_size: 0,
-            xattrs: false,
-            max_attempts: 0,
-            excludes: Vec::new(),
+            ..migration_spec(Path::new(""), "")
         })
         .await
         .unwrap();
@@ -246,14 +242,9 @@ impl Hostile {
             .ctl(&coord)
             .await
             .create(pb::MigrationSpec {
-                source_agent: "source".into(),
                 source_path: "/src".into(),
-                target_agent: "target".into(),
-                target_path: String::new(),
                 segment_size: 0,
-                xattrs: false,
-                max_attempts: 0,
-                excludes: Vec::new(),
+                ..migration_spec(Path::new(""), "")
             })
             .await
             .unwrap();
