@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::config::TlsPaths;
+use ferry_common::rate::Rate;
 use ferry_common::tls::TlsMaterial;
+use ferry_common::transport::{Congestion, Transport};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -47,8 +49,49 @@ pub struct AgentConfig {
     /// How long to keep trying to register at start-up before giving up.
     #[serde(default = "default_register_timeout")]
     pub register_timeout_secs: u64,
+    /// How data connections are tuned (`[transport]`).
+    #[serde(default)]
+    pub transport: TransportSettings,
     /// TLS files.
     pub tls: TlsPaths,
+}
+
+/// The `[transport]` section: the congestion controller this agent's data connections run
+/// (it decides at the sending end, so a source's choice is the one that counts) and, when the
+/// path is known, its bandwidth and round-trip time, from which the windows are sized.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSettings {
+    /// `bbr` (default), `cubic` or `newreno`.
+    #[serde(default)]
+    pub congestion: Congestion,
+    /// The path's bottleneck bandwidth, e.g. `1gbit`.
+    #[serde(default)]
+    pub path_bandwidth: Option<Rate>,
+    /// The path's round-trip time in milliseconds.
+    #[serde(default)]
+    pub path_rtt_ms: Option<u64>,
+}
+
+impl TransportSettings {
+    /// The transport: windows from the bandwidth-delay product when both are given, else the
+    /// defaults.
+    pub fn transport(&self) -> Result<Transport, StartError> {
+        match (self.path_bandwidth, self.path_rtt_ms) {
+            (Some(bw), Some(rtt)) => Ok(Transport::for_path(
+                self.congestion,
+                bw.0,
+                Duration::from_millis(rtt),
+            )),
+            (None, None) => Ok(Transport {
+                congestion: self.congestion,
+                ..Transport::default()
+            }),
+            _ => Err(StartError::Config(
+                "[transport] path_bandwidth and path_rtt_ms size the windows together: give both or neither".into(),
+            )),
+        }
+    }
 }
 
 fn default_in_flight() -> u32 {
@@ -276,6 +319,8 @@ impl RunningAgent {
 pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     ferry_common::names::validate_name(&cfg.name).map_err(|e| StartError::Config(e.to_string()))?;
     let tls = TlsMaterial::load(&cfg.tls)?;
+    let transport = cfg.transport.transport()?;
+    tracing::info!(message = "Data transport.", congestion = %transport.congestion, window_bytes = transport.window);
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
         StartError::Config(format!(
             "cannot create state_dir {}: {e}",
@@ -309,12 +354,12 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
                 message = "Not running as root: files received keep this agent's user as owner (uid/gid not applied) and lose set-id bits."
             );
         }
-        let endpoint = quinn::Endpoint::server(tls.quic_server()?, listen).map_err(|source| {
-            StartError::Bind {
+        let endpoint = quinn::Endpoint::server(tls.quic_server_with(&transport)?, listen).map_err(
+            |source| StartError::Bind {
                 addr: listen,
                 source,
-            }
-        })?;
+            },
+        )?;
         let bound = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: listen,
             source,
@@ -387,7 +432,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         })?;
     let source = Arc::new(Source::new(
         control.clone(),
-        QuicDialer::new(client_endpoint, tls.quic_client()?),
+        QuicDialer::new(client_endpoint, tls.quic_client_with(&transport)?),
         cfg.state_dir.clone(),
         cfg.max_in_flight,
         stats.clone(),
@@ -402,4 +447,33 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         control,
         _lock: lock,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml_text: &str) -> Result<TransportSettings, toml::de::Error> {
+        toml::from_str(toml_text)
+    }
+
+    #[test]
+    fn the_transport_section_chooses_the_controller_and_sizes_the_windows() {
+        let t = settings("").unwrap().transport().unwrap();
+        assert_eq!(t, Transport::default());
+        assert_eq!(t.congestion, Congestion::Bbr);
+        let t = settings("congestion = \"cubic\"\npath_bandwidth = \"1gbit\"\npath_rtt_ms = 250")
+            .unwrap()
+            .transport()
+            .unwrap();
+        assert_eq!((t.congestion, t.window), (Congestion::Cubic, 62_500_000));
+        let half = settings("path_rtt_ms = 250").unwrap().transport();
+        assert!(matches!(half, Err(StartError::Config(m)) if m.contains("give both or neither")));
+        let e = settings("congestion = \"vegas\"").unwrap_err().to_string();
+        assert!(e.contains("vegas"), "{e}");
+        let e = settings("path_bandwidth = \"fast\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad rate"), "{e}");
+    }
 }

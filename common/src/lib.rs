@@ -9,10 +9,12 @@ pub mod ids;
 pub mod names;
 pub mod path;
 pub mod pki;
+pub mod rate;
 pub mod retry;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 
 /// Most entries in one bundle segment: bounds the header a target must hold in memory, and the
 /// file count the coordinator accepts for one segment.

@@ -2,13 +2,13 @@
 //! (quinn) between agents. All of them are mutual TLS 1.3 against the cluster CA (invariant 5).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use thiserror::Error;
 
 use crate::config::TlsPaths;
+use crate::transport::Transport;
 
 /// ALPN of the agent-to-agent data plane (QUIC). Bump it when the frames change incompatibly:
 /// 2 carries names as bytes, hardlinks, sparse data runs, owners and extended attributes.
@@ -153,8 +153,13 @@ impl TlsMaterial {
             ))
     }
 
-    /// QUIC server (target agent): TLS 1.3, client certificate from the CA required.
+    /// QUIC server (target agent) with the default [`Transport`].
     pub fn quic_server(&self) -> Result<quinn::ServerConfig, TlsError> {
+        self.quic_server_with(&Transport::default())
+    }
+
+    /// QUIC server (target agent): TLS 1.3, client certificate from the CA required.
+    pub fn quic_server_with(&self, transport: &Transport) -> Result<quinn::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, certs, key) = self.parts()?;
         let verifier =
@@ -168,13 +173,18 @@ impl TlsMaterial {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport_config()));
+        server.transport_config(Arc::new(transport.config()));
         Ok(server)
+    }
+
+    /// QUIC client (source agent) with the default [`Transport`].
+    pub fn quic_client(&self) -> Result<quinn::ClientConfig, TlsError> {
+        self.quic_client_with(&Transport::default())
     }
 
     /// QUIC client (source agent): TLS 1.3, verifies the server against the CA and presents this
     /// identity. The caller names the expected server (`names::agent_dns(target)`) when connecting.
-    pub fn quic_client(&self) -> Result<quinn::ClientConfig, TlsError> {
+    pub fn quic_client_with(&self, transport: &Transport) -> Result<quinn::ClientConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, certs, key) = self.parts()?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -185,28 +195,9 @@ impl TlsMaterial {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(Arc::new(transport_config()));
+        client.transport_config(Arc::new(transport.config()));
         Ok(client)
     }
-}
-
-/// QUIC transport settings. The windows are sized for a 1 Gbit/s path at 250 ms RTT (≈ 32 MB in
-/// flight); they cap memory per connection too, so they are not unbounded. Congestion control is
-/// quinn's default (CUBIC).
-pub fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(64u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((16u32 * 1024 * 1024).into());
-    t.receive_window((64u32 * 1024 * 1024).into());
-    t.send_window(64 * 1024 * 1024);
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(
-        Duration::from_secs(30)
-            .try_into()
-            .expect("30 s is a valid QUIC idle timeout"),
-    ));
-    t
 }
 
 /// Whether the (already CA-verified) end-entity certificate `cert` is valid for `dns_name`. Used

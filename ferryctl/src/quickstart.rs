@@ -248,6 +248,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         state_dir: workdir.join(format!("agent-{name}")),
         max_in_flight: 16,
         register_timeout_secs: 10,
+        transport: Default::default(),
         tls,
     };
     let target_agent = ferry_agent::run::start(agent_cfg("target", dst_tls, Some(target.clone())))

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
 use ferry_common::names;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
@@ -71,16 +70,12 @@ pub fn run(h: Helper) -> anyhow::Result<()> {
                 let ca = Ca::load(&pki)?;
                 let tls = TlsMaterial::load(&ca.issue(&Identity::Agent("blast".into()), &pki)?)?;
                 let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
-                let mut client = tls.quic_client()?;
-                if cc == "bbr" {
-                    let mut t = ferry_common::tls::transport_config();
-                    t.congestion_controller_factory(std::sync::Arc::new(
-                        quinn::congestion::BbrConfig::default(),
-                    ));
-                    client.transport_config(std::sync::Arc::new(t));
-                } else if cc != "cubic" {
-                    bail!("unknown congestion controller {cc}: cubic or bbr");
-                }
+                let congestion: ferry_common::transport::Congestion = cc.parse()?;
+                let transport = ferry_common::transport::Transport {
+                    congestion,
+                    ..Default::default()
+                };
+                let client = tls.quic_client_with(&transport)?;
                 ep.set_default_client_config(client);
                 let conn = ep.connect(connect, &names::agent_dns("sink"))?.await?;
                 let per = bytes.div_ceil(streams.max(1));

@@ -119,24 +119,9 @@ impl Profile {
 
 /// Parses a rate such as `1gbit`, `200mbit`, `500kbit` or a number of bits per second.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let l = s.trim().to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = l.strip_suffix("gbit") {
-        (n, 1_000_000_000.0)
-    } else if let Some(n) = l.strip_suffix("mbit") {
-        (n, 1_000_000.0)
-    } else if let Some(n) = l.strip_suffix("kbit") {
-        (n, 1_000.0)
-    } else {
-        (l.as_str(), 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad rate {s:?}; say e.g. 1gbit, 200mbit"))?;
-    if v <= 0.0 {
-        return Err(format!("rate {s:?} must be positive"));
-    }
-    Ok((v * mult) as u64)
+    s.parse::<ferry_common::rate::Rate>()
+        .map(|r| r.0)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ impl TestEnv {
             state_dir: self.path(&format!("agent-{name}")),
             max_in_flight: 4,
             register_timeout_secs: 20,
+            transport: Default::default(),
             tls: self.issue(Identity::Agent(name.to_string())),
         }
     }
