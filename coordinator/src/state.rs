@@ -323,6 +323,72 @@ pub struct Segment {
     pub last_error: String,
 }
 
+/// A segment's transitions: every change of its lifecycle state goes through one of these.
+impl Segment {
+    /// Leased to the holder of fencing token `epoch` until `expires_ms`: a fresh attempt, with
+    /// no hashes yet and no backoff left.
+    fn grant(&mut self, epoch: u64, expires_ms: u64) {
+        self.state = SegState::Leased { epoch, expires_ms };
+        self.leases = self.leases.saturating_add(1);
+        self.not_before_ms = 0;
+        self.source_hash = None;
+        self.target_hash = None;
+    }
+
+    /// Extends lease `epoch` to at least `expires_ms` if it is current at `now_ms`; whether
+    /// it was.
+    fn extend(&mut self, epoch: u64, now_ms: u64, expires_ms: u64) -> bool {
+        match self.state {
+            SegState::Leased {
+                epoch: e,
+                expires_ms: old,
+            } if e == epoch && old > now_ms => {
+                self.state = SegState::Leased {
+                    epoch,
+                    expires_ms: old.max(expires_ms),
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Its lease ran out: pending again at once (the holder may simply be slow; no attempt is
+    /// counted).
+    fn expire(&mut self) {
+        self.state = SegState::Pending;
+        self.last_error = "lease expired".into();
+    }
+
+    /// Both ends reported the same hash.
+    fn verify(&mut self) {
+        self.state = SegState::Verified;
+        self.last_error.clear();
+    }
+
+    /// What every failed attempt leaves: no hashes of it, and why it failed.
+    fn forget_attempt(&mut self, why: &str) {
+        self.source_hash = None;
+        self.target_hash = None;
+        self.last_error = why.to_string();
+    }
+
+    /// Given up on. Terminal.
+    fn give_up(&mut self) {
+        self.state = SegState::Failed;
+        self.not_before_ms = 0;
+    }
+
+    /// Pending again, not to be leased before `not_before_ms`; returns that time, never 0 (0
+    /// means "no backoff" in the stored record).
+    fn wait_until(&mut self, not_before_ms: u64) -> u64 {
+        let not_before_ms = not_before_ms.max(1);
+        self.state = SegState::Pending;
+        self.not_before_ms = not_before_ms;
+        not_before_ms
+    }
+}
+
 /// Which end reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -548,6 +614,48 @@ pub enum ReportOutcome {
     Failed,
     /// The transfer failed for the last allowed time: the segment is given up on.
     GaveUp,
+}
+
+/// Why a target may not take a transfer under a lease ([`State::check_lease`]). Every variant
+/// means the same to the target: refuse the stream, write nothing; the text tells its log why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseRefusal {
+    /// The migration does not exist (deleted, or another cluster's).
+    #[error("migration {0} does not exist")]
+    NoMigration(u64),
+    /// The asking agent is not the migration's target.
+    #[error("agent {target} is not the target of migration {mid}")]
+    NotTheTarget {
+        /// The asking agent.
+        target: String,
+        /// The migration.
+        mid: u64,
+    },
+    /// The segment does not exist.
+    #[error("segment {sid} of migration {mid} does not exist")]
+    NoSegment {
+        /// The migration.
+        mid: u64,
+        /// The segment.
+        sid: u64,
+    },
+    /// The lease ran out; the segment will be leased again.
+    #[error("lease expired")]
+    Expired,
+    /// The segment is verified already: nothing more to write.
+    #[error("segment already verified")]
+    AlreadyVerified,
+    /// The segment was given up on.
+    #[error("segment was given up on after {attempts} failed attempts: {last_error}")]
+    GivenUp {
+        /// Failed attempts.
+        attempts: u32,
+        /// The last failure.
+        last_error: String,
+    },
+    /// Another lease replaced this one, or it was never granted.
+    #[error("lease {0} is not current")]
+    NotCurrent(u64),
 }
 
 /// The result of applying a command.
@@ -1319,14 +1427,7 @@ impl State {
                     .get_mut(&(mid, id))
                     .expect("indexed segment exists");
                 let expires_ms = now_ms.saturating_add(ttl_ms);
-                seg.state = SegState::Leased {
-                    epoch: token,
-                    expires_ms,
-                };
-                seg.leases = seg.leases.saturating_add(1);
-                seg.not_before_ms = 0;
-                seg.source_hash = None;
-                seg.target_hash = None;
+                seg.grant(token, expires_ms);
                 self.leased.entry(mid).or_default().insert(id);
                 self.dirty.segments.insert((mid, id));
                 out.push(Lease {
@@ -1387,20 +1488,11 @@ impl State {
         let Some(seg) = self.segments.get_mut(&(mid, sid)) else {
             return false;
         };
-        match seg.state {
-            SegState::Leased {
-                epoch: e,
-                expires_ms,
-            } if e == epoch && expires_ms > now_ms => {
-                seg.state = SegState::Leased {
-                    epoch,
-                    expires_ms: expires_ms.max(now_ms.saturating_add(ttl_ms)),
-                };
-                self.dirty.segments.insert((mid, sid));
-                true
-            }
-            _ => false,
+        let renewed = seg.extend(epoch, now_ms, now_ms.saturating_add(ttl_ms));
+        if renewed {
+            self.dirty.segments.insert((mid, sid));
         }
+        renewed
     }
 
     fn expire_leases(&mut self, mid: u64, now_ms: u64) {
@@ -1418,8 +1510,7 @@ impl State {
         for id in expired {
             leased.remove(&id);
             let seg = self.segments.get_mut(&(mid, id)).expect("indexed");
-            seg.state = SegState::Pending;
-            seg.last_error = "lease expired".into();
+            seg.expire();
             self.pending.entry(mid).or_default().insert(id);
             self.dirty.segments.insert((mid, id));
         }
@@ -1542,32 +1633,33 @@ impl State {
         sid: u64,
         epoch: u64,
         now_ms: u64,
-    ) -> Result<&Migration, String> {
+    ) -> Result<&Migration, LeaseRefusal> {
         let m = self
             .migrations
             .get(&mid)
-            .ok_or_else(|| format!("migration {mid} does not exist"))?;
+            .ok_or(LeaseRefusal::NoMigration(mid))?;
         if m.spec.target_agent != target {
-            return Err(format!(
-                "agent {target} is not the target of migration {mid}"
-            ));
+            return Err(LeaseRefusal::NotTheTarget {
+                target: target.to_string(),
+                mid,
+            });
         }
         let seg = self
             .segments
             .get(&(mid, sid))
-            .ok_or_else(|| format!("segment {sid} of migration {mid} does not exist"))?;
+            .ok_or(LeaseRefusal::NoSegment { mid, sid })?;
         match seg.state {
             SegState::Leased {
                 epoch: e,
                 expires_ms,
             } if e == epoch && expires_ms > now_ms => Ok(m),
-            SegState::Leased { epoch: e, .. } if e == epoch => Err("lease expired".into()),
-            SegState::Verified => Err("segment already verified".into()),
-            SegState::Failed => Err(format!(
-                "segment was given up on after {} failed attempts: {}",
-                seg.attempts, seg.last_error
-            )),
-            _ => Err(format!("lease {epoch} is not current")),
+            SegState::Leased { epoch: e, .. } if e == epoch => Err(LeaseRefusal::Expired),
+            SegState::Verified => Err(LeaseRefusal::AlreadyVerified),
+            SegState::Failed => Err(LeaseRefusal::GivenUp {
+                attempts: seg.attempts,
+                last_error: seg.last_error.clone(),
+            }),
+            _ => Err(LeaseRefusal::NotCurrent(epoch)),
         }
     }
 
@@ -1632,11 +1724,12 @@ impl State {
             Err(e) => {
                 let why = format!("{role:?}: {e}");
                 self.leased.entry(mid).or_default().remove(&sid);
-                let o = if retry_later {
-                    Self::defer(seg, m, sid, &why, now_ms, &mut self.waiting)
+                let cost = if retry_later {
+                    Cost::Nothing
                 } else {
-                    Self::fail(seg, m, sid, &why, now_ms, &mut self.waiting)
+                    Cost::Attempt
                 };
+                let o = Self::failed(seg, m, sid, &why, cost, now_ms, &mut self.waiting);
                 return (o, why);
             }
         };
@@ -1646,8 +1739,7 @@ impl State {
         }
         match (seg.source_hash, seg.target_hash) {
             (Some(s), Some(t)) if s == t => {
-                seg.state = SegState::Verified;
-                seg.last_error.clear();
+                seg.verify();
                 self.leased.entry(mid).or_default().remove(&sid);
                 // Never more than the registered totals, which are checked when registered.
                 let c = &mut m.counters;
@@ -1660,80 +1752,61 @@ impl State {
             (Some(_), Some(_)) => {
                 let why = "source and target BLAKE3 differ".to_string();
                 self.leased.entry(mid).or_default().remove(&sid);
-                let o = Self::fail(seg, m, sid, &why, now_ms, &mut self.waiting);
+                let o = Self::failed(seg, m, sid, &why, Cost::Attempt, now_ms, &mut self.waiting);
                 (o, why)
             }
             _ => (ReportOutcome::Waiting, String::new()),
         }
     }
 
-    /// What every failed attempt leaves: no hashes of it, and its error on the segment and the
-    /// migration.
-    fn forget_attempt(seg: &mut Segment, m: &mut Migration, why: &str) {
-        seg.source_hash = None;
-        seg.target_hash = None;
-        seg.last_error = why.to_string();
+    /// Puts leased segment `sid` (already out of the leased index) back after a failed
+    /// attempt, recording `why`. A counted failure ([`Cost::Attempt`]) backs off by the attempts
+    /// so far, and at the migration's `max_attempts` the segment is given up on; one that is
+    /// not the segment's own ([`Cost::Nothing`]) backs off by how often it was leased, so a
+    /// target that stays unreachable is not retried in a tight loop.
+    fn failed(
+        seg: &mut Segment,
+        m: &mut Migration,
+        sid: u64,
+        why: &str,
+        cost: Cost,
+        now_ms: u64,
+        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
+    ) -> ReportOutcome {
+        seg.forget_attempt(why);
         m.last_error = why.to_string();
-    }
-
-    /// Counts a failed attempt of leased segment `sid` (already out of the leased index): it
-    /// waits out its backoff in `waiting`, or, at its migration's `max_attempts`, is given up on.
-    fn fail(
-        seg: &mut Segment,
-        m: &mut Migration,
-        sid: u64,
-        why: &str,
-        now_ms: u64,
-        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
-    ) -> ReportOutcome {
-        Self::forget_attempt(seg, m, why);
-        seg.attempts = seg.attempts.saturating_add(1);
-        m.counters.failed_attempts = m.counters.failed_attempts.saturating_add(1);
-        if seg.attempts >= m.spec.max_attempts.max(1) {
-            seg.state = SegState::Failed;
-            seg.not_before_ms = 0;
-            let c = &mut m.counters;
-            c.failed_segments = c.failed_segments.saturating_add(1);
-            c.failed_bytes = c.failed_bytes.saturating_add(seg.bytes);
-            c.failed_files = c.failed_files.saturating_add(seg.files as u64);
-            Self::maybe_done(m, now_ms);
-            return ReportOutcome::GaveUp;
-        }
-        let delay = retry_delay_ms(m.id, sid, seg.attempts);
-        Self::wait(seg, m.id, sid, now_ms.saturating_add(delay), waiting);
+        let n = match cost {
+            Cost::Nothing => seg.leases.max(1),
+            Cost::Attempt => {
+                seg.attempts = seg.attempts.saturating_add(1);
+                m.counters.failed_attempts = m.counters.failed_attempts.saturating_add(1);
+                if seg.attempts >= m.spec.max_attempts.max(1) {
+                    seg.give_up();
+                    let c = &mut m.counters;
+                    c.failed_segments = c.failed_segments.saturating_add(1);
+                    c.failed_bytes = c.failed_bytes.saturating_add(seg.bytes);
+                    c.failed_files = c.failed_files.saturating_add(seg.files as u64);
+                    Self::maybe_done(m, now_ms);
+                    return ReportOutcome::GaveUp;
+                }
+                seg.attempts
+            }
+        };
+        let not_before = seg.wait_until(now_ms.saturating_add(retry_delay_ms(m.id, sid, n)));
+        waiting.entry(m.id).or_default().insert((not_before, sid));
         ReportOutcome::Failed
     }
+}
 
-    /// Puts leased segment `sid` back after a failure that is not its own, without counting an
-    /// attempt; it still backs off (by how often it was leased), so a target that stays
-    /// unreachable is not retried in a tight loop.
-    fn defer(
-        seg: &mut Segment,
-        m: &mut Migration,
-        sid: u64,
-        why: &str,
-        now_ms: u64,
-        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
-    ) -> ReportOutcome {
-        Self::forget_attempt(seg, m, why);
-        let delay = retry_delay_ms(m.id, sid, seg.leases.max(1));
-        Self::wait(seg, m.id, sid, now_ms.saturating_add(delay), waiting);
-        ReportOutcome::Failed
-    }
-
-    fn wait(
-        seg: &mut Segment,
-        mid: u64,
-        sid: u64,
-        not_before_ms: u64,
-        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
-    ) {
-        // Never 0: 0 means "no backoff" in the stored record.
-        let not_before_ms = not_before_ms.max(1);
-        seg.state = SegState::Pending;
-        seg.not_before_ms = not_before_ms;
-        waiting.entry(mid).or_default().insert((not_before_ms, sid));
-    }
+/// What a failed transfer costs its segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    /// One of its `max_attempts`: the failure is the segment's (unreadable file, full disk,
+    /// hashes that differ).
+    Attempt,
+    /// Nothing: the failure is not the segment's (the source shut down, the target could not be
+    /// reached, a hardlink waits for its first name).
+    Nothing,
 }
 
 #[cfg(test)]

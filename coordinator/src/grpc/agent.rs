@@ -374,9 +374,9 @@ impl AgentControl for AgentService {
                             .get(&(r.migration_id, r.segment_id))
                             .map_or(0, |seg| seg.attempts),
                     },
-                    Err(reason) => pb::CheckLeaseResponse {
+                    Err(refusal) => pb::CheckLeaseResponse {
                         ok: false,
-                        reason,
+                        reason: refusal.to_string(),
                         ..Default::default()
                     },
                 },

@@ -236,11 +236,15 @@ fn check_lease_refuses_other_targets_and_expired_leases() {
             .source_agent,
         "src"
     );
-    let err = w.s.check_lease("src", mid, 0, l.epoch, 11).unwrap_err();
+    let err =
+        w.s.check_lease("src", mid, 0, l.epoch, 11)
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("not the target"), "{err}");
     let err =
         w.s.check_lease("dst", mid, 0, l.epoch, 10 + TTL)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("expired"), "{err}");
 }
 
@@ -1337,7 +1341,10 @@ fn a_segment_is_given_up_on_after_max_attempts_and_the_migration_ends_failed() {
         w.report(Role::Source, &l, Ok([1; 32])),
         ReportOutcome::Rejected
     );
-    let err = w.s.check_lease("dst", mid, 1, l.epoch, now).unwrap_err();
+    let err =
+        w.s.check_lease("dst", mid, 1, l.epoch, now)
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("given up on after 3 failed attempts"), "{err}");
     assert_eq!(w.s.blocker(mid, now), None);
     // It survives a reload: the state and its indexes come back the same.
