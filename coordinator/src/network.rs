@@ -39,15 +39,21 @@ impl Peers {
     }
 
     /// A client for the peer at `addr` (`host:port`).
-    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, String> {
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {
         let mut map = self.channels.lock().expect("not poisoned");
         let ch = match map.get(addr) {
             Some(c) => c.clone(),
             None => {
                 let c = Endpoint::from_shared(format!("https://{addr}"))
-                    .map_err(|e| format!("bad peer address {addr}: {e}"))?
+                    .map_err(|source| PeerError::BadAddress {
+                        addr: addr.to_string(),
+                        source,
+                    })?
                     .tls_config(self.tls.clone())
-                    .map_err(|e| format!("TLS for peer {addr}: {e}"))?
+                    .map_err(|source| PeerError::Tls {
+                        addr: addr.to_string(),
+                        source,
+                    })?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(2))
@@ -87,9 +93,37 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
     }
 }
 
+/// A peer could not be called.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Msg(String);
+pub enum PeerError {
+    /// Its address is not a valid endpoint: fix the member's address (`cluster add-node`).
+    #[error("bad peer address {addr}: {source}")]
+    BadAddress {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// This node's TLS identity could not be applied to the channel.
+    #[error("TLS for peer {addr}: {source}")]
+    Tls {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The call failed (Unavailable or DeadlineExceeded: the peer is unreachable; anything
+    /// else: the call itself failed).
+    #[error("node {node} at {addr}: {message}")]
+    Call {
+        /// The peer's node id.
+        node: NodeId,
+        /// Its address.
+        addr: String,
+        /// gRPC's message.
+        message: String,
+    },
+}
 
 type Rpc =
     fn(
@@ -116,33 +150,23 @@ impl PeerNetwork {
         let client = self
             .peers
             .client(&self.addr)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Msg(e))))?;
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { payload, data });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc(client, request).await {
             Ok(r) => r.into_inner().payload,
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                ) =>
-            {
-                let e = Msg(format!(
-                    "node {} at {}: {}",
-                    self.target,
-                    self.addr,
-                    s.message()
-                ));
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
-            }
             Err(s) => {
-                let e = Msg(format!(
-                    "node {} at {}: {}",
-                    self.target,
-                    self.addr,
-                    s.message()
-                ));
-                return Err(RPCError::Network(NetworkError::new(&e)));
+                let e = PeerError::Call {
+                    node: self.target,
+                    addr: self.addr.clone(),
+                    message: s.message().to_string(),
+                };
+                return Err(match s.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                        RPCError::Unreachable(Unreachable::new(&e))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&e)),
+                });
             }
         };
         let result: Result<Resp, RaftError<NodeId, E>> =

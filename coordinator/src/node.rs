@@ -126,9 +126,9 @@ impl RunningNode {
 pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     let tls = TlsMaterial::load(&cfg.tls)?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        StartError::Store(crate::store::OpenError::Corrupt {
+        StartError::Store(crate::store::OpenError::Create {
             path: cfg.data_dir.clone(),
-            message: format!("cannot create directory: {e}"),
+            source: e,
         })
     })?;
     let (log, sm) = crate::store::open(&cfg.data_dir)?;

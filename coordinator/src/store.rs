@@ -100,7 +100,52 @@ const SNAPSHOT_DIR: &str = "ferry-snapshot";
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Reading or writing the node's stored state (records tree, snapshot file) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    /// A file could not be read or written.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A stored record could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
+    /// A key of the records tree is not of the shape its prefix promises.
+    #[error("malformed record key {0:?}")]
+    BadKey(Vec<u8>),
+    /// The snapshot file is shorter than its header says.
+    #[error("snapshot file of {0} bytes is truncated")]
+    Truncated(u64),
+    /// The snapshot file this node's state is built on is damaged.
+    #[error(
+        "{source}; the snapshot file in {dir} is the base of this node's state: remove the node's \
+         data directory and add it to the cluster again"
+    )]
+    BaseSnapshot {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        source: SnapshotError,
+    },
+    /// The task writing the snapshot file did not finish.
+    #[error("the snapshot write did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A test's injected crash.
+    #[cfg(test)]
+    #[error("injected crash")]
+    Injected,
+}
+
+/// A key's bytes `range` as a `u64`, or [`StoreError::BadKey`].
+fn key_u64(k: &[u8], range: std::ops::Range<usize>) -> Result<u64, StoreError> {
+    k.get(range)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::BadKey(k.to_vec()))
+}
 
 /// Opening the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -122,12 +167,20 @@ pub enum OpenError {
         found: u64,
     },
     /// Stored state could not be read back.
-    #[error("cannot load state from {path}: {message}")]
+    #[error("cannot load state from {path}: {source}")]
     Corrupt {
         /// The directory.
         path: std::path::PathBuf,
         /// What failed.
-        message: String,
+        source: StoreError,
+    },
+    /// A directory could not be created.
+    #[error("cannot create directory {path}: {source}")]
+    Create {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why not.
+        source: std::io::Error,
     },
 }
 
@@ -176,14 +229,14 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), OpenError> {
         meta,
     };
     let snap_dir = path.join(SNAPSHOT_DIR);
-    std::fs::create_dir_all(&snap_dir).map_err(|e| OpenError::Corrupt {
+    std::fs::create_dir_all(&snap_dir).map_err(|source| OpenError::Create {
         path: snap_dir.clone(),
-        message: format!("cannot create the snapshot directory: {e}"),
+        source,
     })?;
     let sm =
-        StateMachine::load(db, meta_for_sm, snap_dir).map_err(|message| OpenError::Corrupt {
+        StateMachine::load(db, meta_for_sm, snap_dir).map_err(|source| OpenError::Corrupt {
             path: path.to_path_buf(),
-            message,
+            source,
         })?;
     Ok((log, sm))
 }
@@ -375,9 +428,11 @@ fn seal_snapshot(a: &Applied) -> Result<Vec<u8>, crate::codec::CodecError> {
 
 /// A snapshot could not be opened.
 #[derive(Debug, thiserror::Error)]
-enum SnapshotError {
+pub enum SnapshotError {
+    /// Its checksum does not match its bytes.
     #[error("snapshot checksum mismatch ({0} bytes): refusing a damaged snapshot")]
     Checksum(usize),
+    /// Its body does not decode.
     #[error("snapshot body is not valid: {0}")]
     Body(#[from] crate::codec::CodecError),
 }
@@ -421,18 +476,18 @@ fn segment_key(m: u64, s: u64) -> Vec<u8> {
 const SNAPSHOT_FILE: &str = "current";
 
 /// Reads the snapshot file: `u64` (big-endian) length of the encoded meta, the meta, the data.
-fn read_snapshot_file(dir: &Path) -> AnyResult<Option<(Meta, Vec<u8>)>> {
+fn read_snapshot_file(dir: &Path) -> Result<Option<(Meta, Vec<u8>)>, StoreError> {
     let mut bytes = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    if bytes.len() < 8 {
-        return Err(format!("snapshot file of {} bytes is truncated", bytes.len()).into());
-    }
-    let meta_len = u64::from_be_bytes(bytes[..8].try_into()?) as usize;
+    let truncated = StoreError::Truncated(bytes.len() as u64);
+    let Ok(meta_len) = key_u64(&bytes, 0..8).map(|l| l as usize) else {
+        return Err(truncated);
+    };
     if bytes.len() < 8 + meta_len {
-        return Err(format!("snapshot file of {} bytes is truncated", bytes.len()).into());
+        return Err(truncated);
     }
     let meta = decode(&bytes[8..8 + meta_len])?;
     bytes.drain(..8 + meta_len);
@@ -440,7 +495,7 @@ fn read_snapshot_file(dir: &Path) -> AnyResult<Option<(Meta, Vec<u8>)>> {
 }
 
 /// Reads only the meta of the snapshot file.
-fn read_snapshot_meta(dir: &Path) -> AnyResult<Option<Meta>> {
+fn read_snapshot_meta(dir: &Path) -> Result<Option<Meta>, StoreError> {
     use std::io::Read;
     let mut f = match std::fs::File::open(dir.join(SNAPSHOT_FILE)) {
         Ok(f) => f,
@@ -450,8 +505,9 @@ fn read_snapshot_meta(dir: &Path) -> AnyResult<Option<Meta>> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len)?;
     let len = u64::from_be_bytes(len);
-    if len > f.metadata()?.len() {
-        return Err(format!("snapshot file meta length {len} is past its end").into());
+    let file_len = f.metadata()?.len();
+    if len > file_len {
+        return Err(StoreError::Truncated(file_len));
     }
     let mut meta = vec![0u8; len as usize];
     f.read_exact(&mut meta)?;
@@ -459,7 +515,7 @@ fn read_snapshot_meta(dir: &Path) -> AnyResult<Option<Meta>> {
 }
 
 /// Writes the snapshot file atomically: a temporary file, fsync, rename, fsync of the directory.
-fn write_snapshot_file(dir: &Path, meta: &Meta, data: &[u8]) -> AnyResult<()> {
+fn write_snapshot_file(dir: &Path, meta: &Meta, data: &[u8]) -> Result<(), StoreError> {
     let meta = encode(meta)?;
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
@@ -474,13 +530,12 @@ fn write_snapshot_file(dir: &Path, meta: &Meta, data: &[u8]) -> AnyResult<()> {
 }
 
 impl StateMachine {
-    fn load(db: sled::Db, meta: sled::Tree, snap_dir: PathBuf) -> Result<Self, String> {
-        let e = |e: &dyn std::fmt::Display| e.to_string();
-        let generation = match meta.get("sm_generation").map_err(|x| e(&x))? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|x| e(&x))?),
+    fn load(db: sled::Db, meta: sled::Tree, snap_dir: PathBuf) -> Result<Self, StoreError> {
+        let generation = match meta.get("sm_generation")? {
+            Some(v) => key_u64(&v, 0..8)?,
             None => 0,
         };
-        let tree = db.open_tree(sm_tree_name(generation)).map_err(|x| e(&x))?;
+        let tree = db.open_tree(sm_tree_name(generation))?;
         let mut sm = StateMachine {
             db,
             meta,
@@ -492,24 +547,21 @@ impl StateMachine {
             dropper: None,
         };
         sm.drop_old_generations();
-        let snapshot = read_snapshot_file(&sm.snap_dir).map_err(|x| e(&*x))?;
-        let tree_applied: Option<LogId<NodeId>> = match sm.tree.get("applied").map_err(|x| e(&x))? {
-            Some(v) => decode(&v).map_err(|x| e(&x))?,
+        let snapshot = read_snapshot_file(&sm.snap_dir)?;
+        let tree_applied: Option<LogId<NodeId>> = match sm.tree.get("applied")? {
+            Some(v) => decode(&v)?,
             None => None,
         };
         let applied = match snapshot {
-            None => sm.read_tree(State::default(), None).map_err(|x| e(&*x))?,
+            None => sm.read_tree(State::default(), None)?,
             Some((smeta, data)) => {
-                let d = open_snapshot(&data).map_err(|x| {
-                    format!(
-                        "{x}; the snapshot file in {} is the base of this node's state: remove \
-                         the node's data directory and add it to the cluster again",
-                        sm.snap_dir.display()
-                    )
+                let d = open_snapshot(&data).map_err(|source| StoreError::BaseSnapshot {
+                    dir: sm.snap_dir.clone(),
+                    source,
                 })?;
                 if smeta.last_log_id > tree_applied {
                     // An install was interrupted before the switch to a new generation.
-                    sm.switch_generation(&d).map_err(|x| e(&*x))?;
+                    sm.switch_generation(&d)?;
                     let mut state = d.state;
                     state.rebuild_indexes();
                     Applied {
@@ -518,8 +570,7 @@ impl StateMachine {
                         membership: d.membership,
                     }
                 } else {
-                    sm.read_tree(d.state, Some(d.membership))
-                        .map_err(|x| e(&*x))?
+                    sm.read_tree(d.state, Some(d.membership))?
                 }
             }
         };
@@ -528,12 +579,17 @@ impl StateMachine {
     }
 
     /// The state: `base` with the tree's records laid over it.
-    fn read_tree(&self, base: State, membership: Option<Membership>) -> AnyResult<Applied> {
+    fn read_tree(
+        &self,
+        base: State,
+        membership: Option<Membership>,
+    ) -> Result<Applied, StoreError> {
         let base_cluster = base.cluster_id.clone();
         let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
-            let name = String::from_utf8(k[2..].to_vec())?;
+            let name =
+                String::from_utf8(k[2..].to_vec()).map_err(|_| StoreError::BadKey(k.to_vec()))?;
             if v.is_empty() {
                 agents.remove(&name);
             } else {
@@ -542,7 +598,7 @@ impl StateMachine {
         }
         for kv in self.tree.scan_prefix(b"m/") {
             let (k, v) = kv?;
-            let id = u64::from_be_bytes(k[2..10].try_into()?);
+            let id = key_u64(&k, 2..10)?;
             if v.is_empty() {
                 migrations.remove(&id);
             } else {
@@ -551,8 +607,7 @@ impl StateMachine {
         }
         for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
-            let m = u64::from_be_bytes(k[2..10].try_into()?);
-            let s = u64::from_be_bytes(k[10..18].try_into()?);
+            let (m, s) = (key_u64(&k, 2..10)?, key_u64(&k, 10..18)?);
             if v.is_empty() {
                 segments.remove(&(m, s));
             } else {
@@ -582,7 +637,7 @@ impl StateMachine {
     /// Makes `d` (just saved as the snapshot file) the whole state: a new, empty generation of
     /// the records tree holding only `applied` and `membership` becomes current; the old one is
     /// dropped in the background.
-    fn switch_generation(&mut self, d: &SnapshotData) -> AnyResult<()> {
+    fn switch_generation(&mut self, d: &SnapshotData) -> Result<(), StoreError> {
         let next = self.generation + 1;
         let tree = self.db.open_tree(sm_tree_name(next))?;
         tree.clear()?;
@@ -694,9 +749,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // entries are applied again, once, after a restart (store::tests::crash_between_apply_and_record_never_applies_twice).
         #[cfg(test)]
         if tests::CRASH_BEFORE_RECORD.with(|c| c.get()) {
-            return Err(
-                StorageIOError::write_state_machine(&AnyErr("injected crash".into())).into(),
-            );
+            return Err(StorageIOError::write_state_machine(&StoreError::Injected).into());
         }
         self.tree
             .apply_batch(batch)
@@ -727,9 +780,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let len = data.len();
         save_snapshot(&self.snap_dir, &self.snap_lock, meta, data).await?;
-        self.switch_generation(&d).map_err(|e| {
-            StorageIOError::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
-        })?;
+        self.switch_generation(&d)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let mut state = d.state;
         state.rebuild_indexes();
         *self.shared.write().expect("not poisoned") = Applied {
@@ -748,7 +800,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let s = read_snapshot_file(&self.snap_dir)
-            .map_err(|e| StorageIOError::read_snapshot(None, &AnyErr(e.to_string())))?;
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         Ok(s.map(|(meta, data)| Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -813,31 +865,13 @@ async fn save_snapshot(
                 return Ok(());
             }
         }
-        write_snapshot_file(&dir, &m, &data).map_err(|e| e.to_string())
+        write_snapshot_file(&dir, &m, &data)
     })
     .await
-    .map_err(|e| e.to_string())
+    .map_err(StoreError::from)
     .and_then(|r| r)
-    .map_err(|e| {
-        StorageIOError::write_snapshot(
-            Some(meta.signature()),
-            &AnyErr(format!("cannot write the snapshot file: {e}")),
-        )
-        .into()
-    })
+    .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
 }
-
-/// A plain error carrying a message (for errors that are not `'static` types).
-#[derive(Debug)]
-struct AnyErr(String);
-
-impl std::fmt::Display for AnyErr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for AnyErr {}
 
 mod erased {
     /// Object-safe encoding, so one closure encodes every record type.

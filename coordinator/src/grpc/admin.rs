@@ -204,7 +204,11 @@ impl Admin for AdminService {
                 .get_node(&to)
                 .map(|n| n.addr.clone())
                 .ok_or_else(|| Status::not_found(format!("node {to} has no address")))?;
-            let mut client = self.0.peers.client(&addr).map_err(Status::unavailable)?;
+            let mut client = self
+                .0
+                .peers
+                .client(&addr)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
             client
                 .elect(ferry_proto::raft::ElectRequest {})
                 .await

@@ -99,7 +99,10 @@ impl Core {
 
     async fn forward(&self, leader: &str, p: &Proposal) -> Result<Response, Status> {
         let payload = crate::codec::encode(p).map_err(|e| Status::internal(e.to_string()))?;
-        let mut client = self.peers.client(leader).map_err(Status::unavailable)?;
+        let mut client = self
+            .peers
+            .client(leader)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let reply = client
             .propose(ferry_proto::raft::RaftPayload {
                 payload,
@@ -123,7 +126,10 @@ impl Core {
                         "no coordinator leader is elected right now; retry in a moment",
                     ));
                 };
-                let mut client = self.peers.client(&node.addr).map_err(Status::unavailable)?;
+                let mut client = self
+                    .peers
+                    .client(&node.addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
                 let idx = client
                     .read_index(ferry_proto::raft::ReadIndexRequest {})
                     .await
