@@ -1,0 +1,368 @@
+//! The commands Raft commits, and how each is applied.
+
+use super::*;
+
+/// A state change, as proposed to Raft. Times are the leader's clock when it proposed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An agent process announces itself (or its new data address) and starts its session.
+    /// Refused while another session of the same agent is live, unless it names that session as
+    /// its `previous` one: a restarted process that holds the agent's state directory lock
+    /// knows its predecessor ended.
+    RegisterAgent {
+        /// Name from its certificate.
+        name: String,
+        /// Its QUIC endpoint.
+        data_addr: String,
+        /// The process's session (non-zero).
+        session: u64,
+        /// The session of the process that ran before it from the same state directory (0:
+        /// none known).
+        previous: u64,
+        /// A fresh random id, which becomes the cluster's id if it has none yet (the first
+        /// registration names the cluster; later ones leave the id as it is).
+        new_cluster_id: String,
+        /// Whether, as a target, it applies files' owners (it runs as root).
+        applies_owners: bool,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An agent is alive.
+    Heartbeat {
+        /// Name.
+        name: String,
+        /// Its session.
+        session: u64,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An agent process stops (clean shutdown): its session ends, so a new process may take
+    /// the identity at once, and no segment is sent to it meanwhile.
+    EndSession {
+        /// Name.
+        name: String,
+        /// The session that ends.
+        session: u64,
+    },
+    /// An operator creates a migration.
+    CreateMigration {
+        /// Its name (unique).
+        name: String,
+        /// The client's key for this request (empty: none). The same key again answers the
+        /// migration it created: a retried request whose first answer was lost does not make
+        /// a duplicate.
+        idempotency_key: String,
+        /// What to move.
+        spec: MigrationSpec,
+        /// A fresh random id for the migration: agents key their local state by cluster id and
+        /// this, which no later migration or cluster can reuse (ids restart at 1 in a new
+        /// cluster).
+        uuid: String,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A source registers segments it planned (idempotent per segment id).
+    RegisterSegments {
+        /// The source agent.
+        agent: String,
+        /// Migration.
+        migration_id: u64,
+        /// The segments.
+        segments: Vec<SegmentReg>,
+    },
+    /// A source finished scanning.
+    CompleteScan {
+        /// The source agent.
+        agent: String,
+        /// Migration.
+        migration_id: u64,
+        /// How many segments the scan produced.
+        segments_total: u64,
+        /// Paths it could not copy.
+        issues: Vec<(String, String)>,
+        /// All issues, including those not listed.
+        issues_total: u64,
+        /// Names the scan found to be further names of a file it carries (hardlinks).
+        hardlinks: u64,
+        /// Paths the scan skipped because they match the spec's excludes.
+        excluded: u64,
+        /// Why the source root itself cannot be scanned (empty: it was scanned). The
+        /// migration then fails with it.
+        root_error: String,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A source asks for up to `max` segments to send.
+    LeaseSegments {
+        /// The source agent.
+        agent: String,
+        /// Its session.
+        session: u64,
+        /// Most segments wanted.
+        max: u32,
+        /// Leader time.
+        now_ms: u64,
+        /// Lease duration.
+        ttl_ms: u64,
+    },
+    /// A source reports a problem the operator must see: an error that stops it from working on
+    /// the migration, and/or paths it could not copy after the scan (e.g. deleted meanwhile).
+    SourceProblem {
+        /// The source agent.
+        agent: String,
+        /// Migration.
+        migration_id: u64,
+        /// The error (empty if only issues are reported).
+        error: String,
+        /// Paths not copied, with the reason.
+        issues: Vec<(String, String)>,
+    },
+    /// One end reports the outcome of a transfer.
+    ReportSegment {
+        /// Reporting agent.
+        agent: String,
+        /// Its session.
+        session: u64,
+        /// Which end it is.
+        role: Role,
+        /// Migration.
+        migration_id: u64,
+        /// Segment.
+        segment_id: u64,
+        /// The lease's fencing token.
+        epoch: u64,
+        /// The hash, or the error.
+        result: Result<Digest, String>,
+        /// With an error: the failure is not the segment's (the source shut down, the target
+        /// could not be reached, a hardlink waits for its first name). The segment is retried
+        /// after a backoff without counting an attempt.
+        retry_later: bool,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A source extends leases it is still sending (each `(migration, segment, epoch)`), to
+    /// `now_ms + ttl_ms`. A lease that is no longer current is left alone.
+    RenewLeases {
+        /// The source agent.
+        agent: String,
+        /// Its session.
+        session: u64,
+        /// The leases.
+        leases: Vec<(u64, u64, u64)>,
+        /// Leader time.
+        now_ms: u64,
+        /// Lease duration.
+        ttl_ms: u64,
+    },
+    /// Several commands committed as one entry (group commit), applied in order. Each gets its
+    /// own response; one refused command does not affect the others.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Roughly how much work and log space the command takes (for sizing batches).
+    pub fn weight(&self) -> usize {
+        match self {
+            Command::RegisterSegments { segments, .. } => 1 + segments.len(),
+            Command::RenewLeases { leases, .. } => 1 + leases.len(),
+            Command::CompleteScan { issues, .. } | Command::SourceProblem { issues, .. } => {
+                1 + issues.len()
+            }
+            Command::Batch(cmds) => cmds.iter().map(Command::weight).sum(),
+            _ => 1,
+        }
+    }
+}
+
+impl State {
+    /// Applies the command committed at log index `index` (a batch: each of its commands, in
+    /// order).
+    pub fn apply(&mut self, index: u64, cmd: Command) -> Response {
+        match cmd {
+            Command::Batch(cmds) if cmds.len() > MAX_BATCH_COMMANDS => refused(format!(
+                "a batch of {} commands is over the limit of {MAX_BATCH_COMMANDS}",
+                cmds.len()
+            )),
+            Command::Batch(cmds) => Response::Batch(
+                cmds.into_iter()
+                    .enumerate()
+                    .map(|(pos, c)| match c {
+                        Command::Batch(_) => refused("batches do not nest"),
+                        c => self.apply_one(fencing_token(index, pos), c),
+                    })
+                    .collect(),
+            ),
+            c => self.apply_one(fencing_token(index, 0), c),
+        }
+    }
+
+    /// Applies one command; `token` is the fencing token of any lease it grants.
+    pub(super) fn apply_one(&mut self, token: u64, cmd: Command) -> Response {
+        match cmd {
+            Command::Batch(_) => refused("batches do not nest"),
+            Command::RegisterAgent {
+                name,
+                data_addr,
+                session,
+                previous,
+                new_cluster_id,
+                applies_owners,
+                now_ms,
+            } => {
+                if self.cluster_id.is_empty() && !new_cluster_id.is_empty() {
+                    self.cluster_id = new_cluster_id;
+                    self.dirty.cluster = true;
+                }
+                match self.register_agent(name.clone(), data_addr, session, previous, now_ms) {
+                    Response::Ok => {
+                        if let Some(a) = self.agents.get_mut(&name) {
+                            a.applies_owners = applies_owners;
+                        }
+                        Response::Registered(self.cluster_id.clone())
+                    }
+                    other => other,
+                }
+            }
+            Command::Heartbeat {
+                name,
+                session,
+                now_ms,
+            } => match self.agents.get_mut(&name) {
+                Some(a) => match a.session_error(session) {
+                    Some(why) => refused(why),
+                    None => {
+                        a.last_seen_ms = a.last_seen_ms.max(now_ms);
+                        self.dirty.agents.insert(name);
+                        Response::Ok
+                    }
+                },
+                None => refused(format!("agent {name} is not registered; register first")),
+            },
+            Command::EndSession { name, session } => match self.agents.get_mut(&name) {
+                // Ending a session that is not current changes nothing (a repeated request).
+                Some(a) if a.session == session && session != 0 => {
+                    a.session = 0;
+                    self.dirty.agents.insert(name);
+                    Response::Ok
+                }
+                _ => Response::Ok,
+            },
+            Command::CreateMigration {
+                name,
+                idempotency_key,
+                spec,
+                uuid,
+                now_ms,
+            } => self.create_migration(name, idempotency_key, spec, uuid, now_ms),
+            Command::RegisterSegments {
+                agent,
+                migration_id,
+                segments,
+            } => self.register_segments(&agent, migration_id, segments),
+            Command::CompleteScan {
+                agent,
+                migration_id,
+                segments_total,
+                issues,
+                issues_total,
+                hardlinks,
+                excluded,
+                root_error,
+                now_ms,
+            } => self.complete_scan(
+                &agent,
+                migration_id,
+                ScanEnd {
+                    total: segments_total,
+                    issues,
+                    issues_total,
+                    hardlinks,
+                    excluded,
+                    root_error,
+                },
+                now_ms,
+            ),
+            Command::SourceProblem {
+                agent,
+                migration_id,
+                error,
+                issues,
+            } => match self.source_migration(&agent, migration_id) {
+                Err(r) => r,
+                Ok(m) => {
+                    if !error.is_empty() {
+                        m.last_error = error;
+                    }
+                    // A resent segment may report the same path again: count each path once.
+                    for issue in issues {
+                        if m.scan_issues.iter().any(|(p, _)| *p == issue.0) {
+                            continue;
+                        }
+                        m.scan_issues_total = m.scan_issues_total.saturating_add(1);
+                        if m.scan_issues.len() < MAX_SCAN_ISSUES_KEPT {
+                            m.scan_issues.push(issue);
+                        }
+                    }
+                    // Left behind after it finished (a file vanished from its last segment):
+                    // not done after all.
+                    if m.phase == Phase::Done && m.scan_issues_total > 0 {
+                        m.phase = Phase::Failed;
+                    }
+                    self.dirty.migrations.insert(migration_id);
+                    Response::Ok
+                }
+            },
+            Command::LeaseSegments {
+                agent,
+                session,
+                max,
+                now_ms,
+                ttl_ms,
+            } => match self.check_session(&agent, session) {
+                Err(r) => r,
+                Ok(()) => Response::Leases(self.lease(token, &agent, max, now_ms, ttl_ms)),
+            },
+            Command::RenewLeases {
+                agent,
+                session,
+                leases,
+                now_ms,
+                ttl_ms,
+            } => match self.check_session(&agent, session) {
+                Err(r) => r,
+                Ok(()) => Response::Renewed(
+                    leases
+                        .into_iter()
+                        .map(|(m, s, e)| self.renew(&agent, m, s, e, now_ms, ttl_ms))
+                        .collect(),
+                ),
+            },
+            Command::ReportSegment {
+                agent,
+                session,
+                role,
+                migration_id,
+                segment_id,
+                epoch,
+                result,
+                retry_later,
+                now_ms,
+            } => {
+                if let Err(r) = self.check_session(&agent, session) {
+                    return r;
+                }
+                let (o, why) = self.report(
+                    &agent,
+                    role,
+                    migration_id,
+                    segment_id,
+                    epoch,
+                    result,
+                    retry_later,
+                    now_ms,
+                );
+                Response::Report(o, why)
+            }
+        }
+    }
+}

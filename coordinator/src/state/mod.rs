@@ -1,0 +1,240 @@
+//! The replicated state and the rules that change it. Pure: no I/O and no clock — every time value
+//! arrives inside a [`Command`] (the leader stamps it when proposing), and the log index of the entry
+//! is passed in by the store. Given the same entries, every node computes the same state.
+//!
+//! `commands` dispatches each committed [`Command`]; the rules live by subject: `segment` (a
+//! segment's states and transitions, the retry backoff), `agents` (registration, sessions),
+//! `phases` (a migration from creation through scanning to done or failed), `scheduler`
+//! (leases: granting, renewing, expiring), `reports` (verification, failed attempts) and
+//! `reads` (what operators and targets ask without changing anything).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+mod agents;
+mod commands;
+mod phases;
+mod reads;
+mod reports;
+mod scheduler;
+mod segment;
+
+pub use agents::{Agent, SESSION_TIMEOUT_MS};
+pub use commands::Command;
+use phases::ScanEnd;
+pub use phases::{Counters, Migration, MigrationSpec, Phase};
+pub use reads::LeaseRefusal;
+pub use reports::ReportOutcome;
+pub use scheduler::Lease;
+pub use segment::{retry_delay_ms, SegState, Segment, SegmentReg};
+
+/// Default lease time: how long a source may hold a segment before it returns to `Pending`.
+pub const DEFAULT_LEASE_TTL_MS: u64 = 120_000;
+/// Most segments one source agent may hold at once, whatever it asks for.
+pub const MAX_LEASES_PER_AGENT: usize = 64;
+/// Failed attempts after which a segment fails for good when the spec does not say.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Most attempts a spec may allow (the backoff is capped, so more only delays the verdict).
+pub const MAX_MAX_ATTEMPTS: u32 = 1000;
+/// Delay before the first retry of a failed segment; it doubles with each further failure.
+pub const RETRY_BASE_MS: u64 = 1_000;
+/// Longest delay between two tries of a segment: with the default of 10 attempts a segment that
+/// always fails is given up on after about 2 to 4 minutes, long enough to ride out a target
+/// restart, short enough that an operator hears of a broken file the same hour.
+pub const RETRY_CAP_MS: u64 = 60_000;
+
+/// Scan issues kept per migration (the total is always counted).
+pub const MAX_SCAN_ISSUES_KEPT: usize = 1000;
+/// Most commands in one [`Command::Batch`]: the position in the batch is the low 16 bits of the
+/// fencing token.
+pub const MAX_BATCH_COMMANDS: usize = 1 << 16;
+
+/// The fencing token of a lease granted by the command at `position` of the entry at log
+/// `index`: unique per grant and increasing in log order.
+pub fn fencing_token(index: u64, position: usize) -> u64 {
+    (index << 16) | position as u64
+}
+
+/// A 32-byte BLAKE3 digest.
+pub type Digest = [u8; 32];
+
+/// Which end reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The reading end.
+    Source,
+    /// The writing end.
+    Target,
+}
+
+/// The result of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Applied.
+    Ok,
+    /// A migration was created with this id.
+    MigrationCreated(u64),
+    /// Leases granted (maybe none).
+    Leases(Vec<Lease>),
+    /// A report was processed.
+    Report(ReportOutcome, String),
+    /// The command was refused; nothing changed. The text says why and what to do.
+    Refused(String),
+    /// An agent registered; the cluster's id.
+    Registered(String),
+    /// A registration was refused because another process of the same agent is live; the
+    /// refusal is recorded on the agent (`Agent::conflict`), nothing else changed.
+    Conflict(String),
+    /// Per lease of a [`Command::RenewLeases`]: whether it was renewed.
+    Renewed(Vec<bool>),
+    /// The responses of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
+    /// Never produced by the state machine: in the answer to a multi-command proposal, a command
+    /// that could not be committed (no leader, leadership moved). Nothing changed; retry it.
+    NotCommitted(String),
+}
+
+/// Keys changed since the last [`State::take_dirty`], so the store writes only those.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dirty {
+    /// Changed agents.
+    pub agents: BTreeSet<String>,
+    /// Changed migrations.
+    pub migrations: BTreeSet<u64>,
+    /// Changed segments.
+    pub segments: BTreeSet<(u64, u64)>,
+    /// The cluster id was set.
+    pub cluster: bool,
+}
+
+/// The whole replicated state.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Agents by name.
+    pub agents: BTreeMap<String, Agent>,
+    /// Migrations by id.
+    pub migrations: BTreeMap<u64, Migration>,
+    /// Segments by `(migration id, segment id)`. Serialised as a list of pairs: JSON maps need
+    /// string keys.
+    #[serde(with = "pairs")]
+    pub segments: BTreeMap<(u64, u64), Segment>,
+    /// Derived index: pending segment ids per migration (rebuilt on load, never persisted).
+    #[serde(skip)]
+    pending: BTreeMap<u64, BTreeSet<u64>>,
+    /// Derived index: pending segments waiting out a backoff, per migration, as
+    /// `(not_before_ms, segment id)`.
+    #[serde(skip)]
+    waiting: BTreeMap<u64, BTreeSet<(u64, u64)>>,
+    /// Derived index: leased segment ids per migration.
+    #[serde(skip)]
+    leased: BTreeMap<u64, BTreeSet<u64>>,
+    /// Derived index: migration id by name.
+    #[serde(skip)]
+    by_name: BTreeMap<String, u64>,
+    /// Derived index: migration id by idempotency key.
+    #[serde(skip)]
+    by_key: BTreeMap<String, u64>,
+    #[serde(skip)]
+    dirty: Dirty,
+    /// The cluster's random id, set by the first agent registration (empty before): agents
+    /// key their local state by it, so a new cluster never meets an old one's state.
+    pub cluster_id: String,
+}
+
+/// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(
+        m: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+fn refused(msg: impl Into<String>) -> Response {
+    Response::Refused(msg.into())
+}
+
+impl State {
+    /// Builds a state from stored records and rebuilds the derived indexes.
+    pub fn from_parts(
+        agents: BTreeMap<String, Agent>,
+        migrations: BTreeMap<u64, Migration>,
+        segments: BTreeMap<(u64, u64), Segment>,
+    ) -> Self {
+        let mut s = State {
+            agents,
+            migrations,
+            segments,
+            ..State::default()
+        };
+        s.rebuild_indexes();
+        s
+    }
+
+    /// The stored parts (agents, migrations, segments), without the derived indexes.
+    #[allow(clippy::type_complexity)]
+    pub fn into_parts(
+        self,
+    ) -> (
+        BTreeMap<String, Agent>,
+        BTreeMap<u64, Migration>,
+        BTreeMap<(u64, u64), Segment>,
+    ) {
+        (self.agents, self.migrations, self.segments)
+    }
+
+    /// Recomputes the derived indexes (pending and leased segments, names, keys).
+    pub fn rebuild_indexes(&mut self) {
+        self.pending.clear();
+        self.waiting.clear();
+        self.leased.clear();
+        self.by_name.clear();
+        self.by_key.clear();
+        for m in self.migrations.values() {
+            self.by_name.insert(m.name.clone(), m.id);
+            if !m.idempotency_key.is_empty() {
+                self.by_key.insert(m.idempotency_key.clone(), m.id);
+            }
+        }
+        for (&(m, id), seg) in &self.segments {
+            match seg.state {
+                SegState::Pending if seg.not_before_ms > 0 => {
+                    self.waiting
+                        .entry(m)
+                        .or_default()
+                        .insert((seg.not_before_ms, id));
+                }
+                SegState::Pending => {
+                    self.pending.entry(m).or_default().insert(id);
+                }
+                SegState::Leased { .. } => {
+                    self.leased.entry(m).or_default().insert(id);
+                }
+                SegState::Verified | SegState::Failed => {}
+            }
+        }
+    }
+
+    /// Returns and clears the set of keys changed since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,435 @@
+//! A migration's life: created, its segments registered while the source scans, the scan
+//! completed, and done (or failed) once every segment is verified or given up on.
+
+use super::*;
+
+/// What an operator asked to move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSpec {
+    /// The agent that reads.
+    pub source_agent: String,
+    /// Absolute directory on the source agent.
+    pub source_path: String,
+    /// The agent that writes.
+    pub target_agent: String,
+    /// Directory under the target's root (relative; empty = the root).
+    pub target_path: String,
+    /// Segment size in bytes.
+    pub segment_size: u64,
+    /// Carry extended attributes.
+    pub xattrs: bool,
+    /// Glob patterns of paths not to copy ([`ferry_common::exclude`]).
+    pub excludes: Vec<String>,
+    /// Failed attempts after which a segment is given up on ([`SegState::Failed`]).
+    pub max_attempts: u32,
+}
+
+/// Where a migration is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Created; the source has not registered segments yet.
+    Planned,
+    /// Bulk copy (round 0) in progress.
+    Copying,
+    /// Every segment is verified and the scan is complete.
+    Done,
+    /// The scan is complete and every segment is verified or failed, at least one failed
+    /// (the failed ones name their files and errors).
+    Failed,
+}
+
+impl Phase {
+    /// Lower-case name for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Planned => "planned",
+            Phase::Copying => "copying",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// Whether the migration has ended (done or failed): nothing more is sent.
+    pub fn finished(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed)
+    }
+}
+
+/// Running totals of a migration, kept up to date on every change so status reads are O(1).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Segments registered.
+    pub segments: u64,
+    /// Bytes in registered segments.
+    pub bytes: u64,
+    /// Files in registered segments.
+    pub files: u64,
+    /// Segments verified.
+    pub verified_segments: u64,
+    /// Bytes verified.
+    pub verified_bytes: u64,
+    /// Files verified.
+    pub verified_files: u64,
+    /// Leases granted over all segments (equals `segments` when nothing was ever resent).
+    pub leases_granted: u64,
+    /// Failed transfer attempts (errors and hash mismatches).
+    pub failed_attempts: u64,
+    /// Segments given up on after their last allowed attempt.
+    pub failed_segments: u64,
+    /// Bytes in failed segments.
+    pub failed_bytes: u64,
+    /// Files in failed segments.
+    pub failed_files: u64,
+}
+
+/// A migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Id, from 1.
+    pub id: u64,
+    /// Name, unique in the cluster (operators refer to a migration by it).
+    pub name: String,
+    /// Random id, unique across clusters: agents key their local state by it.
+    pub uuid: String,
+    /// The idempotency key it was created with (empty: none): a create repeated with this key
+    /// answers this migration instead of making another.
+    pub idempotency_key: String,
+    /// What to move.
+    pub spec: MigrationSpec,
+    /// Where it is.
+    pub phase: Phase,
+    /// The source has registered all segments.
+    pub scan_complete: bool,
+    /// Totals.
+    pub counters: Counters,
+    /// Paths the source could not copy, with the reason (at most [`MAX_SCAN_ISSUES_KEPT`]).
+    pub scan_issues: Vec<(String, String)>,
+    /// All scan issues, including those not kept.
+    pub scan_issues_total: u64,
+    /// Names the scan found to be hardlinks to a file it carries: linked at the target, not
+    /// copied.
+    pub hardlinks: u64,
+    /// Paths the scan skipped because they match the spec's excludes (the operator's choice:
+    /// they do not fail the migration).
+    pub excluded: u64,
+    /// The last transfer error seen.
+    pub last_error: String,
+    /// Creation time (unix ms).
+    pub created_ms: u64,
+    /// When it reached `Done` or `Failed` (0 before).
+    pub finished_ms: u64,
+}
+
+/// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
+pub(super) struct ScanEnd {
+    pub(super) total: u64,
+    pub(super) issues: Vec<(String, String)>,
+    pub(super) issues_total: u64,
+    pub(super) hardlinks: u64,
+    pub(super) excluded: u64,
+    pub(super) root_error: String,
+}
+
+impl State {
+    pub(super) fn create_migration(
+        &mut self,
+        name: String,
+        key: String,
+        spec: MigrationSpec,
+        uuid: String,
+        now_ms: u64,
+    ) -> Response {
+        if let Some(&id) = self.by_key.get(&key) {
+            let m = &self.migrations[&id];
+            if m.name == name && m.spec == spec {
+                return Response::MigrationCreated(id);
+            }
+            return refused(format!(
+                "idempotency key {key} already created migration {id} ({}) from a different \
+                 request; a retry must repeat its request unchanged (a new request needs a new \
+                 key)",
+                m.name
+            ));
+        }
+        if name.is_empty() {
+            return refused("a migration needs a name");
+        }
+        if let Some(&id) = self.by_name.get(&name) {
+            return refused(format!(
+                "a migration named {name} already exists (id {id}); if it is the one you meant, \
+                 see `ferryctl migration status {name}`, else choose another --name"
+            ));
+        }
+        if spec.source_agent == spec.target_agent {
+            return refused("source and target agent must differ");
+        }
+        for a in [&spec.source_agent, &spec.target_agent] {
+            if !self.agents.contains_key(a) {
+                return refused(format!(
+                    "agent {a} is not registered; start it and check `ferryctl agents list`"
+                ));
+            }
+        }
+        if spec.segment_size == 0 {
+            return refused("segment size must be at least 1 byte");
+        }
+        if uuid.is_empty() || self.migrations.values().any(|m| m.uuid == uuid) {
+            return refused("a migration needs a fresh uuid");
+        }
+        let Some(id) = self
+            .migrations
+            .keys()
+            .next_back()
+            .map_or(Some(1), |last| last.checked_add(1))
+        else {
+            return refused("no migration id is left");
+        };
+        self.migrations.insert(
+            id,
+            Migration {
+                id,
+                name: name.clone(),
+                uuid,
+                idempotency_key: key.clone(),
+                spec,
+                phase: Phase::Planned,
+                scan_complete: false,
+                counters: Counters::default(),
+                scan_issues: Vec::new(),
+                scan_issues_total: 0,
+                hardlinks: 0,
+                excluded: 0,
+                last_error: String::new(),
+                created_ms: now_ms,
+                finished_ms: 0,
+            },
+        );
+        self.by_name.insert(name, id);
+        if !key.is_empty() {
+            self.by_key.insert(key, id);
+        }
+        self.dirty.migrations.insert(id);
+        Response::MigrationCreated(id)
+    }
+
+    pub(super) fn source_migration(
+        &mut self,
+        agent: &str,
+        id: u64,
+    ) -> Result<&mut Migration, Response> {
+        match self.migrations.get_mut(&id) {
+            None => Err(refused(format!("migration {id} does not exist"))),
+            Some(m) if m.spec.source_agent != agent => Err(refused(format!(
+                "agent {agent} is not the source of migration {id}"
+            ))),
+            Some(m) => Ok(m),
+        }
+    }
+
+    pub(super) fn register_segments(
+        &mut self,
+        agent: &str,
+        mid: u64,
+        segments: Vec<SegmentReg>,
+    ) -> Response {
+        let m = match self.source_migration(agent, mid) {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let complete = m.scan_complete;
+        // Check the whole batch first: a refused command changes nothing.
+        for r in &segments {
+            match self.segments.get(&(mid, r.id)) {
+                Some(s) if s.fingerprint == r.fingerprint => {}
+                None if !complete => {}
+                // A rescan after a source restart planned this segment differently; it may be
+                // replaced only if no byte of it was ever sent.
+                Some(s) if !complete && s.state == SegState::Pending && s.leases == 0 => {}
+                _ => {
+                    return refused(format!(
+                        "migration {mid}: segment {} differs from the one already registered \
+                         (the source tree changed between scans after a source restart); \
+                         start a new migration",
+                        r.id
+                    ))
+                }
+            }
+        }
+        if complete {
+            return Response::Ok;
+        }
+        // The totals after this batch, computed before anything changes: counts come from an
+        // agent, and a sum that does not fit is a refused command, never a panic (which would
+        // crash every node again on replay) nor a silent wrap.
+        let Some((bytes, files)) = self.totals_after(mid, &segments) else {
+            return refused(format!(
+                "migration {mid}: registering these {} segments would overflow the migration's \
+                 byte or file count; the source's segment sizes are not plausible (a corrupt \
+                 manifest?) — check the source agent",
+                segments.len()
+            ));
+        };
+        let m = self.migrations.get_mut(&mid).expect("checked above");
+        if m.phase == Phase::Planned {
+            m.phase = Phase::Copying;
+        }
+        m.counters.bytes = bytes;
+        m.counters.files = files;
+        for r in segments {
+            match self.segments.get_mut(&(mid, r.id)) {
+                Some(s) if s.fingerprint == r.fingerprint => continue,
+                Some(s) => {
+                    s.bytes = r.bytes;
+                    s.files = r.files;
+                    s.fingerprint = r.fingerprint;
+                }
+                None => {
+                    self.segments.insert(
+                        (mid, r.id),
+                        Segment {
+                            bytes: r.bytes,
+                            files: r.files,
+                            fingerprint: r.fingerprint,
+                            state: SegState::Pending,
+                            leases: 0,
+                            attempts: 0,
+                            not_before_ms: 0,
+                            source_hash: None,
+                            target_hash: None,
+                            last_error: String::new(),
+                        },
+                    );
+                    self.pending.entry(mid).or_default().insert(r.id);
+                    m.counters.segments = m.counters.segments.saturating_add(1);
+                }
+            }
+            self.dirty.segments.insert((mid, r.id));
+        }
+        self.dirty.migrations.insert(mid);
+        Response::Ok
+    }
+
+    /// The migration's byte and file totals once `segments` are registered (new ones added,
+    /// replanned ones replacing their earlier size), or `None` if they do not fit in a `u64`.
+    /// A segment listed twice in the batch counts as its last registration, as applying does.
+    pub(super) fn totals_after(&self, mid: u64, segments: &[SegmentReg]) -> Option<(u64, u64)> {
+        let c = &self.migrations.get(&mid)?.counters;
+        let (mut bytes, mut files) = (c.bytes, c.files);
+        let mut seen: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for r in segments {
+            let (old_bytes, old_files) = match seen.get(&r.id) {
+                Some(&prev) => prev,
+                None => match self.segments.get(&(mid, r.id)) {
+                    Some(s) => (s.bytes, s.files as u64),
+                    None => (0, 0),
+                },
+            };
+            // Removing what is counted cannot underflow; saturate anyway rather than trust it.
+            bytes = bytes.saturating_sub(old_bytes).checked_add(r.bytes)?;
+            files = files
+                .saturating_sub(old_files)
+                .checked_add(r.files as u64)?;
+            seen.insert(r.id, (r.bytes, r.files as u64));
+        }
+        Some((bytes, files))
+    }
+
+    pub(super) fn complete_scan(
+        &mut self,
+        agent: &str,
+        mid: u64,
+        end: ScanEnd,
+        now_ms: u64,
+    ) -> Response {
+        let ScanEnd {
+            total,
+            issues,
+            issues_total,
+            hardlinks,
+            excluded,
+            root_error,
+        } = end;
+        let m = match self.source_migration(agent, mid) {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        if m.scan_complete {
+            return Response::Ok;
+        }
+        // Segments past the end were planned by an earlier scan that a restarted source redid
+        // with fewer segments: drop them if nothing of them was sent, else refuse.
+        let stale: Vec<u64> = self
+            .segments
+            .range((mid, total)..=(mid, u64::MAX))
+            .map(|(&(_, id), _)| id)
+            .collect();
+        if let Some(id) = stale.iter().find(|id| {
+            let s = &self.segments[&(mid, **id)];
+            s.state != SegState::Pending || s.leases > 0
+        }) {
+            return refused(format!(
+                "migration {mid}: the rescan has {total} segments but segment {id} of an earlier \
+                 scan was already sent; the source tree changed — start a new migration"
+            ));
+        }
+        let registered = self.segments.range((mid, 0)..(mid, total)).count() as u64;
+        if registered != total {
+            return refused(format!(
+                "migration {mid}: scan reports {total} segments but {registered} are registered; \
+                 the source retries registration"
+            ));
+        }
+        let m = self.migrations.get_mut(&mid).expect("checked above");
+        for id in stale {
+            let s = self.segments.remove(&(mid, id)).expect("listed above");
+            self.pending.entry(mid).or_default().remove(&id);
+            m.counters.segments = m.counters.segments.saturating_sub(1);
+            m.counters.bytes = m.counters.bytes.saturating_sub(s.bytes);
+            m.counters.files = m.counters.files.saturating_sub(s.files as u64);
+            self.dirty.segments.insert((mid, id));
+        }
+        m.scan_complete = true;
+        m.scan_issues = issues.into_iter().take(MAX_SCAN_ISSUES_KEPT).collect();
+        m.scan_issues_total = issues_total;
+        m.hardlinks = hardlinks;
+        m.excluded = excluded;
+        if !root_error.is_empty() {
+            // Nothing was scanned: an empty copy of a tree that is not there must not end
+            // "done" (0 of 0 segments verified).
+            m.last_error = format!(
+                "the source root {} on {} cannot be scanned: {root_error}; fix it (or the \
+                 path) and create the migration again",
+                m.spec.source_path, m.spec.source_agent
+            );
+            m.phase = Phase::Failed;
+            m.finished_ms = now_ms;
+            self.dirty.migrations.insert(mid);
+            return Response::Ok;
+        }
+        if m.phase == Phase::Planned {
+            m.phase = Phase::Copying;
+        }
+        Self::maybe_done(m, now_ms);
+        self.dirty.migrations.insert(mid);
+        Response::Ok
+    }
+
+    /// Ends the migration once its scan is complete and every segment is verified (`Done`) or
+    /// verified or given up on, with at least one given up on (`Failed`).
+    pub(super) fn maybe_done(m: &mut Migration, now_ms: u64) {
+        let c = &m.counters;
+        if m.scan_complete
+            && !m.phase.finished()
+            && c.verified_segments.saturating_add(c.failed_segments) == c.segments
+        {
+            // Anything the scan could not copy (a FIFO, an unreadable file) fails the migration
+            // too: a copy that left something behind is not done.
+            m.phase = if c.failed_segments > 0 || m.scan_issues_total > 0 {
+                Phase::Failed
+            } else {
+                Phase::Done
+            };
+            m.finished_ms = now_ms;
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Which segment goes where: leases granted within each source's budget, renewed while
+//! a transfer runs, taken back when they expire; segments backing off wait their turn.
+
+use super::*;
+
+/// A granted lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Migration.
+    pub migration_id: u64,
+    /// Segment.
+    pub segment_id: u64,
+    /// Fencing token.
+    pub epoch: u64,
+    /// Expiry (unix ms).
+    pub expires_ms: u64,
+    /// Failed attempts of the segment before this lease (0: its first try, or none failed):
+    /// agents log the first failure loudly and repeats quietly.
+    pub attempts: u32,
+    /// The target agent.
+    pub target_agent: String,
+    /// Its data address.
+    pub target_addr: String,
+}
+
+impl State {
+    /// The scheduler: grants `agent` up to `max` pending segments of migrations it is the source
+    /// of, lowest ids first, round-robin across migrations, after returning expired leases.
+    pub(super) fn lease(
+        &mut self,
+        token: u64,
+        agent: &str,
+        max: u32,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Vec<Lease> {
+        let mids: Vec<u64> = self
+            .migrations
+            .values()
+            .filter(|m| m.phase == Phase::Copying && m.spec.source_agent == agent)
+            .map(|m| m.id)
+            .collect();
+        let mut held = 0usize;
+        for &mid in &mids {
+            self.expire_leases(mid, now_ms);
+            held += self.leased.get(&mid).map_or(0, |s| s.len());
+        }
+        let mut budget = (max as usize).min(MAX_LEASES_PER_AGENT.saturating_sub(held));
+        let mut out = Vec::new();
+        let mut progress = true;
+        while budget > 0 && progress {
+            progress = false;
+            for &mid in &mids {
+                if budget == 0 {
+                    break;
+                }
+                let m = &self.migrations[&mid];
+                let Some(target) = self.agents.get(&m.spec.target_agent) else {
+                    continue;
+                };
+                // Never schedule to a target no source can reach: the segment would only fail
+                // (`blocker` tells the operator why nothing moves).
+                if target.undialable().is_some() {
+                    continue;
+                }
+                let Some(id) = Self::next_ready(&mut self.pending, &mut self.waiting, mid, now_ms)
+                else {
+                    continue;
+                };
+                let seg = self
+                    .segments
+                    .get_mut(&(mid, id))
+                    .expect("indexed segment exists");
+                let expires_ms = now_ms.saturating_add(ttl_ms);
+                seg.grant(token, expires_ms);
+                self.leased.entry(mid).or_default().insert(id);
+                self.dirty.segments.insert((mid, id));
+                out.push(Lease {
+                    migration_id: mid,
+                    segment_id: id,
+                    epoch: token,
+                    expires_ms,
+                    attempts: seg.attempts,
+                    target_agent: target.name.clone(),
+                    target_addr: target.data_addr.clone(),
+                });
+                let m = self.migrations.get_mut(&mid).expect("listed above");
+                m.counters.leases_granted = m.counters.leases_granted.saturating_add(1);
+                self.dirty.migrations.insert(mid);
+                budget -= 1;
+                progress = true;
+            }
+        }
+        out
+    }
+
+    /// The next segment of migration `mid` to lease at `now_ms`, taken out of its index: the
+    /// lowest pending id, else the segment whose backoff ended first if it has ended.
+    pub(super) fn next_ready(
+        pending: &mut BTreeMap<u64, BTreeSet<u64>>,
+        waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
+        mid: u64,
+        now_ms: u64,
+    ) -> Option<u64> {
+        if let Some(id) = pending.get_mut(&mid).and_then(|p| p.pop_first()) {
+            return Some(id);
+        }
+        let waiting = waiting.get_mut(&mid)?;
+        match waiting.first() {
+            Some(&(not_before, _)) if not_before <= now_ms => waiting.pop_first().map(|(_, id)| id),
+            _ => None,
+        }
+    }
+
+    /// Extends lease `epoch` on segment `sid` of migration `mid` if `agent` is its source and
+    /// the lease is still current (not expired, not replaced).
+    pub(super) fn renew(
+        &mut self,
+        agent: &str,
+        mid: u64,
+        sid: u64,
+        epoch: u64,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> bool {
+        if self
+            .migrations
+            .get(&mid)
+            .is_none_or(|m| m.spec.source_agent != agent)
+        {
+            return false;
+        }
+        let Some(seg) = self.segments.get_mut(&(mid, sid)) else {
+            return false;
+        };
+        let renewed = seg.extend(epoch, now_ms, now_ms.saturating_add(ttl_ms));
+        if renewed {
+            self.dirty.segments.insert((mid, sid));
+        }
+        renewed
+    }
+
+    pub(super) fn expire_leases(&mut self, mid: u64, now_ms: u64) {
+        let Some(leased) = self.leased.get_mut(&mid) else {
+            return;
+        };
+        let expired: Vec<u64> = leased
+            .iter()
+            .copied()
+            .filter(|id| {
+                matches!(self.segments[&(mid, *id)].state,
+                         SegState::Leased { expires_ms, .. } if expires_ms <= now_ms)
+            })
+            .collect();
+        for id in expired {
+            leased.remove(&id);
+            let seg = self.segments.get_mut(&(mid, id)).expect("indexed");
+            seg.expire();
+            self.pending.entry(mid).or_default().insert(id);
+            self.dirty.segments.insert((mid, id));
+        }
+    }
+
+    /// Whether a lease request from `agent` at `now_ms` could grant anything: a pending segment, or
+    /// an expired lease to take back, in a migration it is the source of. Lets the service answer
+    /// "nothing" without writing a log entry.
+    pub fn has_leasable(&self, agent: &str, now_ms: u64) -> bool {
+        self.migrations
+            .values()
+            .filter(|m| m.phase == Phase::Copying && m.spec.source_agent == agent)
+            .filter(|m| {
+                self.agents
+                    .get(&m.spec.target_agent)
+                    .is_some_and(|t| t.undialable().is_none())
+            })
+            .any(|m| {
+                self.pending.get(&m.id).is_some_and(|p| !p.is_empty())
+                    || self
+                        .waiting
+                        .get(&m.id)
+                        .and_then(|w| w.first())
+                        .is_some_and(|&(not_before, _)| not_before <= now_ms)
+                    || self.leased.get(&m.id).into_iter().flatten().any(|id| {
+                        matches!(self.segments[&(m.id, *id)].state,
+                                 SegState::Leased { expires_ms, .. } if expires_ms <= now_ms)
+                    })
+            })
+    }
+}

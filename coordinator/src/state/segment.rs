@@ -1,0 +1,154 @@
+//! A segment's lifecycle: its states, the transitions between them, and how long it waits
+//! after a failure.
+
+use super::*;
+
+/// A segment as the source registers it. The fingerprint (BLAKE3 of the source's manifest record:
+/// paths, offsets, sizes, mtimes, inodes) tells a replanned segment from the one already known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentReg {
+    /// Segment id.
+    pub id: u64,
+    /// File bytes it carries.
+    pub bytes: u64,
+    /// Files it accounts for.
+    pub files: u32,
+    /// Fingerprint of its description.
+    pub fingerprint: Digest,
+}
+
+/// How long a segment waits before its next try after its `n`-th failure (`n` from 1):
+/// `RETRY_BASE_MS · 2^(n-1)`, capped at [`RETRY_CAP_MS`], with "equal jitter" — half of it
+/// fixed, the other half drawn from a hash of `(migration, segment, n)`. The jitter spreads
+/// segments that failed together (a full disk fails them all at once) so they do not come back
+/// together; it is derived, not random, because every replica must apply the same state.
+pub fn retry_delay_ms(mid: u64, sid: u64, n: u32) -> u64 {
+    let full = RETRY_BASE_MS
+        .saturating_mul(1u64 << n.saturating_sub(1).min(32))
+        .min(RETRY_CAP_MS);
+    let half = full / 2;
+    half + mix(mid, sid, n as u64) % (full - half + 1)
+}
+
+/// splitmix64 of the three values: a well-spread deterministic hash.
+pub(super) fn mix(a: u64, b: u64, c: u64) -> u64 {
+    let mut z = a
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(b.rotate_left(21))
+        .wrapping_add(c.rotate_left(42))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Where a segment is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegState {
+    /// Waiting for a lease.
+    Pending,
+    /// Held by the source until `expires_ms`; `epoch` is the fencing token ([`fencing_token`] of
+    /// the granting command).
+    Leased {
+        /// Fencing token.
+        epoch: u64,
+        /// Expiry (unix ms).
+        expires_ms: u64,
+    },
+    /// Target holds the bytes durably and both ends computed the same hash.
+    Verified,
+    /// Given up on: it failed `spec.max_attempts` times (`last_error` says why). Terminal.
+    Failed,
+}
+
+/// A segment, as the coordinator tracks it (its contents are described by the source's manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Bytes of file data.
+    pub bytes: u64,
+    /// Files it accounts for.
+    pub files: u32,
+    /// Fingerprint of the source's description of it.
+    pub fingerprint: Digest,
+    /// Lifecycle state.
+    pub state: SegState,
+    /// Leases granted for it.
+    pub leases: u32,
+    /// Failed attempts.
+    pub attempts: u32,
+    /// While `Pending` after a failure: not leased again before this time (unix ms; 0: at
+    /// once). Set by the backoff ([`retry_delay_ms`]), cleared when leased.
+    pub not_before_ms: u64,
+    /// Hash the source reported under the current lease (or the verified one).
+    pub source_hash: Option<Digest>,
+    /// Hash the target reported under the current lease (or the verified one).
+    pub target_hash: Option<Digest>,
+    /// Last failure.
+    pub last_error: String,
+}
+
+/// A segment's transitions: every change of its lifecycle state goes through one of these.
+impl Segment {
+    /// Leased to the holder of fencing token `epoch` until `expires_ms`: a fresh attempt, with
+    /// no hashes yet and no backoff left.
+    pub(super) fn grant(&mut self, epoch: u64, expires_ms: u64) {
+        self.state = SegState::Leased { epoch, expires_ms };
+        self.leases = self.leases.saturating_add(1);
+        self.not_before_ms = 0;
+        self.source_hash = None;
+        self.target_hash = None;
+    }
+
+    /// Extends lease `epoch` to at least `expires_ms` if it is current at `now_ms`; whether
+    /// it was.
+    pub(super) fn extend(&mut self, epoch: u64, now_ms: u64, expires_ms: u64) -> bool {
+        match self.state {
+            SegState::Leased {
+                epoch: e,
+                expires_ms: old,
+            } if e == epoch && old > now_ms => {
+                self.state = SegState::Leased {
+                    epoch,
+                    expires_ms: old.max(expires_ms),
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Its lease ran out: pending again at once (the holder may simply be slow; no attempt is
+    /// counted).
+    pub(super) fn expire(&mut self) {
+        self.state = SegState::Pending;
+        self.last_error = "lease expired".into();
+    }
+
+    /// Both ends reported the same hash.
+    pub(super) fn verify(&mut self) {
+        self.state = SegState::Verified;
+        self.last_error.clear();
+    }
+
+    /// What every failed attempt leaves: no hashes of it, and why it failed.
+    pub(super) fn forget_attempt(&mut self, why: &str) {
+        self.source_hash = None;
+        self.target_hash = None;
+        self.last_error = why.to_string();
+    }
+
+    /// Given up on. Terminal.
+    pub(super) fn give_up(&mut self) {
+        self.state = SegState::Failed;
+        self.not_before_ms = 0;
+    }
+
+    /// Pending again, not to be leased before `not_before_ms`; returns that time, never 0 (0
+    /// means "no backoff" in the stored record).
+    pub(super) fn wait_until(&mut self, not_before_ms: u64) -> u64 {
+        let not_before_ms = not_before_ms.max(1);
+        self.state = SegState::Pending;
+        self.not_before_ms = not_before_ms;
+        not_before_ms
+    }
+}
