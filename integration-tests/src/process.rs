@@ -57,6 +57,14 @@ pub fn logged_addr(
     }
 }
 
+/// Where a `ferry-coordinator` started on port 0 serves, read from its `log` (up to a minute;
+/// sooner an error if `child` exits first).
+pub fn coordinator_addr(child: &mut std::process::Child, log: &Path) -> anyhow::Result<SocketAddr> {
+    logged_addr(log, "Coordinator serving.", Duration::from_secs(60), || {
+        !matches!(child.try_wait(), Ok(None))
+    })
+}
+
 /// An address on 127.0.0.1 where nothing listens, held for as long as the value lives: its port
 /// is bound but never listened on, so a connection is refused and no other socket can take it.
 pub struct DeadAddr {

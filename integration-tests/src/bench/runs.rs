@@ -139,15 +139,7 @@ pub fn run_incremental(
     let _ = admin;
     // The source is changed in a copy, so the cached data set stays as generated.
     let src = ctx.work.join("incremental-src");
-    let _ = std::fs::remove_dir_all(&src);
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(&ctx.src)
-        .arg(&src)
-        .status()?;
-    if !st.success() {
-        bail!("cp -a of the data set failed");
-    }
+    fresh_copy(&ctx.src, &src)?;
     let mut out = Vec::new();
     for tool in tools {
         if tool == "ferry" {
@@ -184,12 +176,7 @@ pub fn run_incremental(
             continue;
         }
         // Same bytes changed for every tool: mutate a fresh copy each time.
-        let _ = std::fs::remove_dir_all(&src);
-        Command::new("cp")
-            .arg("-a")
-            .arg(&ctx.src)
-            .arg(&src)
-            .status()?;
+        fresh_copy(&ctx.src, &src)?;
         let changed = dataset::mutate(kind, &src, seed)?;
         eprintln!("{tool}: {changed} bytes changed");
         let change = sync(&format!("incremental-{tool}-change.log"));
@@ -206,13 +193,23 @@ pub fn run_incremental(
         let none = sync(&format!("incremental-{tool}-nochange.log"));
         out.push((tool.clone(), cell(change), cell(none)));
         let _ = std::fs::remove_dir_all(&dst);
-        let _ = std::fs::remove_dir_all(&src);
-        Command::new("cp")
-            .arg("-a")
-            .arg(&ctx.src)
-            .arg(&src)
-            .status()?;
+        fresh_copy(&ctx.src, &src)?;
     }
     let _ = std::fs::remove_dir_all(&src);
     Ok(out)
+}
+
+/// Replaces `to` with a `cp -a` of `from`.
+fn fresh_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(to);
+    if !Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()?
+        .success()
+    {
+        bail!("cp -a {} {} failed", from.display(), to.display());
+    }
+    Ok(())
 }

@@ -23,7 +23,7 @@ use ferry_agent::manifest::{ScanSummary, SegmentSummary};
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
-use ferry_integration_tests::process::{logged_addr, strip_ansi};
+use ferry_integration_tests::process::{coordinator_addr, strip_ansi};
 use ferry_proto::admin as pb;
 use ferry_proto::control::Role;
 use ferryctl::ctl::Ctl;
@@ -105,12 +105,7 @@ fn spawn_node(work: &Path, ca: &Ca, id: u64, bootstrap: bool) -> anyhow::Result<
         .stderr(out)
         .spawn()?;
     // It binds port 0 and says where it listens: no port picked, released and raced for.
-    let addr = logged_addr(
-        &log,
-        "Coordinator serving.",
-        Duration::from_secs(60),
-        || !matches!(child.try_wait(), Ok(None)),
-    )?;
+    let addr = coordinator_addr(&mut child, &log)?;
     Ok(Node {
         id,
         addr: addr.to_string(),

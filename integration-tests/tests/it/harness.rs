@@ -12,7 +12,7 @@ use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
 use ferry_coordinator::node::{CoordinatorConfig, RunningNode};
-use ferry_integration_tests::process::logged_addr;
+use ferry_integration_tests::process::coordinator_addr;
 pub use ferry_integration_tests::process::DeadAddr;
 use ferryctl::ctl::Ctl;
 
@@ -183,12 +183,7 @@ impl CoordinatorProcess {
         write(cfg.listen)?;
         let log = env.path(&format!("coordinator-{id}.log"));
         let mut child = spawn_coordinator(&config, &log)?;
-        let addr = logged_addr(
-            &log,
-            "Coordinator serving.",
-            Duration::from_secs(60),
-            || !matches!(child.try_wait(), Ok(None)),
-        )?;
+        let addr = coordinator_addr(&mut child, &log)?;
         write(addr)?;
         Ok(CoordinatorProcess {
             child,
