@@ -1,0 +1,229 @@
+//! Files split over several segments: assembled in `.ferry-part-<id>` beside the destination,
+//! with a sidecar in the state directory recording which pieces are durable; published when
+//! complete, compared (never rewritten) when a piece comes again after that.
+
+use super::*;
+
+/// What a sidecar records about a split file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct PartState {
+    pub(super) file_size: u64,
+    pub(super) chunk_count: u32,
+    pub(super) mtime: (i64, u32),
+    /// Inode of the part file the pieces were written into.
+    pub(super) part_ino: u64,
+    /// Pieces durable in the part file.
+    pub(super) done: Vec<u32>,
+    /// The part was (or is being) renamed into place.
+    pub(super) complete: bool,
+}
+
+impl PartState {
+    pub(super) fn describes(&self, e: &Entry) -> bool {
+        self.file_size == e.file_size
+            && self.chunk_count == e.chunk_count
+            && self.mtime == (e.mtime_sec, e.mtime_nsec)
+    }
+}
+
+impl FsSink {
+    pub(super) fn part_lock(&self, dest: &Path) -> Arc<Mutex<()>> {
+        self.part_locks
+            .lock()
+            .expect("not poisoned")
+            .entry(dest.to_path_buf())
+            .or_default()
+            .clone()
+    }
+
+    pub(super) fn sidecar_path(&self, migration: &str, dest: &Path) -> PathBuf {
+        let key = hex(blake3::hash(dest.as_os_str().as_encoded_bytes()).as_bytes());
+        self.parts_dir.join(migration).join(format!("{key}.json"))
+    }
+
+    pub(super) fn load_sidecar(&self, path: &Path) -> Result<Option<PartState>, SinkError> {
+        match fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| SinkError::Io {
+                    op: "corrupt sidecar",
+                    path: path.to_path_buf(),
+                    source: io::Error::other(e),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_at("cannot read", path)(e)),
+        }
+    }
+
+    pub(super) fn save_sidecar(&self, path: &Path, st: &PartState) -> Result<(), SinkError> {
+        let dir = path.parent().expect("sidecars live in a directory");
+        fs::create_dir_all(dir).map_err(io_at("cannot create", dir))?;
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(st).expect("plain struct serialises");
+        let f = File::create(&tmp).map_err(io_at("cannot create", &tmp))?;
+        f.write_all_at(&bytes, 0)
+            .map_err(io_at("cannot write", &tmp))?;
+        f.sync_all().map_err(io_at("cannot fsync", &tmp))?;
+        fs::rename(&tmp, path).map_err(io_at("cannot rename", path))?;
+        fsync_dir(dir)
+    }
+}
+
+impl SegmentWriter<'_> {
+    /// Records a durable piece; when all pieces are there, finalises the file. Returns whether the
+    /// file was renamed into place.
+    pub(super) fn record_piece(&self, e: &Entry, dest: &Path) -> Result<bool, SinkError> {
+        let sink = self.sink;
+        let lock = sink.part_lock(dest);
+        let _guard = lock.lock().expect("not poisoned");
+        let sidecar = sink.sidecar_path(&self.migration, dest);
+        let part = part_name(dest);
+        let mut st = match sink.load_sidecar(&sidecar)? {
+            Some(st) if st.describes(e) && inode(&part) == Some(st.part_ino) => st,
+            _ => {
+                return Err(SinkError::PartLost {
+                    path: display(&e.path),
+                    part,
+                })
+            }
+        };
+        if !st.done.contains(&e.chunk_index) {
+            st.done.push(e.chunk_index);
+            st.done.sort_unstable();
+        }
+        if st.done.len() as u32 != st.chunk_count {
+            sink.save_sidecar(&sidecar, &st)?;
+            return Ok(false);
+        }
+        let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
+        f.set_len(e.file_size)
+            .map_err(io_at("cannot size", &part))?;
+        if let Some((uid, gid)) = sink.owner(e) {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                .map_err(io_at("cannot set owner of", &part))?;
+        }
+        // The piece that completes the file brings the attributes (read when it was sent).
+        crate::xattr::apply_to(&f, &e.xattrs).map_err(io_at("cannot set attributes of", &part))?;
+        f.set_permissions(Permissions::from_mode(sink.mode(e)))
+            .map_err(io_at("cannot set mode of", &part))?;
+        let t = mtime_of(e);
+        filetime::set_file_handle_times(&f, Some(t), Some(t))
+            .map_err(io_at("cannot set mtime of", &part))?;
+        f.sync_all().map_err(io_at("cannot fsync", &part))?;
+        // Complete before the rename: a restart in between finishes the rename (open_piece).
+        st.complete = true;
+        sink.save_sidecar(&sidecar, &st)?;
+        fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
+        Ok(true)
+    }
+}
+
+pub(super) fn part_name(dest: &Path) -> PathBuf {
+    let name = dest.file_name().unwrap_or_default();
+    let id = hex(&blake3::hash(name.as_encoded_bytes()).as_bytes()[..16]);
+    dest.with_file_name(format!("{RESERVED_PREFIX}part-{id}"))
+}
+
+/// Puts a staged temporary in place of `dest`, which it replaces atomically (rename), except
+/// where that would split a hardlink group:
+/// - `dest` is already the same file (a resent hardlink entry): rename(2) would do nothing and
+///   leave the temporary behind, so the temporary is removed;
+/// - `dest` is a regular file with several names holding the same bytes (a resent first name of
+///   a group linked meanwhile): it is kept, with the temporary's mode, owner and mtime, so its
+///   other names still name the same file.
+pub(super) fn publish(tmp: &Path, dest: &Path) -> Result<(), SinkError> {
+    // Both cases need a destination with several names; the usual one (nothing there yet, or a
+    // file with one name) costs one lstat.
+    let linked = fs::symlink_metadata(dest)
+        .ok()
+        .filter(|d| d.is_file() && d.nlink() > 1);
+    if let (Some(d), Ok(t)) = (linked, fs::symlink_metadata(tmp)) {
+        if (t.dev(), t.ino()) == (d.dev(), d.ino()) {
+            return fs::remove_file(tmp).map_err(io_at("cannot remove", tmp));
+        }
+        if t.is_file() && t.len() == d.len() && same_bytes(tmp, dest)? {
+            let f = open_nofollow(dest).map_err(io_at("cannot open", dest))?;
+            if (t.uid(), t.gid()) != (d.uid(), d.gid()) {
+                std::os::unix::fs::fchown(&f, Some(t.uid()), Some(t.gid()))
+                    .map_err(io_at("cannot set owner of", dest))?;
+            }
+            f.set_permissions(t.permissions())
+                .map_err(io_at("cannot set mode of", dest))?;
+            let mtime = FileTime::from_last_modification_time(&t);
+            filetime::set_file_handle_times(&f, Some(mtime), Some(mtime))
+                .map_err(io_at("cannot set mtime of", dest))?;
+            f.sync_all().map_err(io_at("cannot fsync", dest))?;
+            return fs::remove_file(tmp).map_err(io_at("cannot remove", tmp));
+        }
+    }
+    fs::rename(tmp, dest).map_err(io_at("cannot rename into place", dest))
+}
+
+/// Whether two files hold the same bytes.
+pub(super) fn same_bytes(a: &Path, b: &Path) -> Result<bool, SinkError> {
+    let fa = open_read_nofollow(a).map_err(io_at("cannot open", a))?;
+    let fb = open_read_nofollow(b).map_err(io_at("cannot open", b))?;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0u64;
+    loop {
+        let na = read_up_to(&fa, &mut ba, at).map_err(io_at("cannot read", a))?;
+        let nb = read_up_to(&fb, &mut bb, at).map_err(io_at("cannot read", b))?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+        at += na as u64;
+    }
+}
+
+/// The parts of a piece that none of its runs cover: its holes.
+pub(super) fn gaps(e: &Entry, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = e.offset;
+    for &(start, len) in runs {
+        if start > at {
+            out.push((at, start - at));
+        }
+        at = start + len;
+    }
+    if e.offset + e.len > at {
+        out.push((at, e.offset + e.len - at));
+    }
+    out
+}
+
+/// Checks that `file` holds `data` at `at` (a resent piece against its finished file).
+pub(super) fn compare_at(file: &File, data: &[u8], at: u64, e: &Entry) -> Result<(), SinkError> {
+    let mut have = vec![0u8; data.len()];
+    let n = read_up_to(file, &mut have, at).map_err(|source| SinkError::Io {
+        op: "cannot read finished file",
+        path: e.path.clone(),
+        source,
+    })?;
+    match have[..n].iter().zip(data).position(|(a, b)| a != b) {
+        None if n == data.len() => Ok(()),
+        None => Err(SinkError::ResentDiffers {
+            path: display(&e.path),
+            offset: at + n as u64,
+        }),
+        Some(i) => Err(SinkError::ResentDiffers {
+            path: display(&e.path),
+            offset: at + i as u64,
+        }),
+    }
+}
+
+pub(super) fn read_up_to(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], at + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

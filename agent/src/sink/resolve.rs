@@ -1,0 +1,72 @@
+//! Where a peer's path lands: checked, below the root, through no symlink; ferry's own files
+//! opened without following one.
+
+use super::*;
+
+impl FsSink {
+    /// Resolves `base/rel` below the root, creating missing directories (recorded in `created`),
+    /// refusing symlinks. Returns the parent directory and the final path.
+    pub(super) fn resolve(
+        &self,
+        base: &Path,
+        rel: &Path,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<(PathBuf, PathBuf), SinkError> {
+        let rel_path = validate_relative(bytes(rel))?;
+        let full_rel = base.join(&rel_path);
+        let comps: Vec<_> = full_rel.components().collect();
+        let (last, parents) = comps.split_last().ok_or(PathError::Empty)?;
+        if last
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(RESERVED_PREFIX.as_bytes())
+        {
+            return Err(SinkError::Reserved(display(rel)));
+        }
+        let mut dir = self.root.clone();
+        for c in parents {
+            dir.push(c);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => {
+                    return Err(SinkError::Escape {
+                        path: display(rel),
+                        component: dir,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    match fs::DirBuilder::new().mode(0o755).create(&dir) {
+                        Ok(()) => created.push(dir.clone()),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            // Created concurrently by another segment; re-check what it is.
+                            if !fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir()) {
+                                return Err(SinkError::Escape {
+                                    path: display(rel),
+                                    component: dir,
+                                });
+                            }
+                        }
+                        Err(e) => return Err(io_at("cannot create directory", &dir)(e)),
+                    }
+                }
+                Err(e) => return Err(io_at("cannot inspect", &dir)(e)),
+            }
+        }
+        let path = dir.join(last);
+        Ok((dir, path))
+    }
+}
+
+pub(super) fn open_read_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+pub(super) fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}

@@ -1,0 +1,484 @@
+//! One segment's writer: each entry staged in a temporary (or a part), fsynced, checked
+//! against the segment's hash, then published; nothing is left behind if it is dropped.
+
+use super::*;
+
+/// How the current file entry is being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// A whole file into its own temporary.
+    Temp,
+    /// A piece into the shared part file.
+    Part,
+    /// A piece of an already finished file (a resend after completion): compared with the file,
+    /// never written into it.
+    Compare,
+}
+
+/// What a segment has written but not yet made visible.
+pub(super) enum Staged {
+    /// A whole file or symlink written to `tmp`, to be renamed to `dest`.
+    Rename {
+        tmp: PathBuf,
+        dest: PathBuf,
+        dir: PathBuf,
+    },
+    /// A piece of a split file, to be recorded in its sidecar (unless it was compared with the
+    /// finished file).
+    Piece {
+        entry: Entry,
+        dest: PathBuf,
+        dir: PathBuf,
+        compared: bool,
+    },
+}
+
+pub(super) struct Open {
+    pub(super) file: File,
+    pub(super) path: PathBuf,
+    pub(super) dest: PathBuf,
+    pub(super) dir: PathBuf,
+    pub(super) entry: Entry,
+    /// Where the entry's bytes go: its data runs, or the whole piece.
+    pub(super) runs: Vec<(u64, u64)>,
+    /// Run being filled, and bytes of it done.
+    pub(super) run: usize,
+    pub(super) run_done: u64,
+    /// Bytes received for this entry.
+    pub(super) written: u64,
+    pub(super) mode: Mode,
+}
+
+/// Receives one segment's entries and bytes.
+pub struct SegmentWriter<'a> {
+    pub(super) sink: &'a FsSink,
+    pub(super) base: PathBuf,
+    /// `<cluster id>/<migration uuid>`.
+    pub(super) migration: String,
+    pub(super) segment_id: u64,
+    pub(super) epoch: u64,
+    /// This transfer's number in this process: part of its temporaries' names.
+    pub(super) transfer: u64,
+    pub(super) next: usize,
+    pub(super) hasher: blake3::Hasher,
+    pub(super) current: Option<Open>,
+    pub(super) staged: Vec<Staged>,
+    /// Directories this segment created; their parents are fsynced at commit.
+    pub(super) created: Vec<PathBuf>,
+    /// Directory entries this segment carries, with their source mtimes.
+    pub(super) dirs: Vec<(PathBuf, (i64, u32))>,
+}
+
+impl SegmentWriter<'_> {
+    pub(super) fn tmp_name(&mut self, dir: &Path) -> PathBuf {
+        self.next += 1;
+        dir.join(format!(
+            "{RESERVED_PREFIX}s{}-e{}-{}.{}.{}.tmp",
+            self.segment_id,
+            self.epoch,
+            std::process::id(),
+            self.transfer,
+            self.next
+        ))
+    }
+
+    /// Prepares for `entry`'s bytes (`entry.wire_len()` of them follow through [`Self::write`]).
+    pub fn start_entry(&mut self, entry: &Entry) -> Result<(), SinkError> {
+        self.finish_entry()?;
+        let (dir, dest) = self
+            .sink
+            .resolve(&self.base, &entry.path, &mut self.created)?;
+        let bad = |reason: &str| SinkError::BadEntry {
+            path: display(&entry.path),
+            reason: reason.to_string(),
+        };
+        if entry.kind != EntryKind::File && (entry.len != 0 || entry.data_runs.is_some()) {
+            return Err(bad("only files carry bytes"));
+        }
+        match entry.kind {
+            EntryKind::Dir => {
+                match fs::symlink_metadata(&dest) {
+                    Ok(m) if m.file_type().is_dir() => {}
+                    Ok(_) => {
+                        return Err(SinkError::Escape {
+                            path: display(&entry.path),
+                            component: dest,
+                        })
+                    }
+                    Err(_) => match fs::DirBuilder::new().mode(0o700).create(&dest) {
+                        Ok(()) => self.created.push(dest.clone()),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(io_at("cannot create directory", &dest)(e)),
+                    },
+                }
+                set_dir_meta(
+                    &dest,
+                    self.sink.mode(entry),
+                    self.sink.owner(entry),
+                    &entry.xattrs,
+                )?;
+                self.dirs.push((dest, (entry.mtime_sec, entry.mtime_nsec)));
+            }
+            EntryKind::Symlink => {
+                if entry.link_target.as_os_str().is_empty() {
+                    return Err(bad("a symlink needs a target"));
+                }
+                let tmp = self.tmp_name(&dir);
+                clear(&tmp)?;
+                std::os::unix::fs::symlink(&entry.link_target, &tmp)
+                    .map_err(io_at("cannot create symlink", &tmp))?;
+                if let Some((uid, gid)) = self.sink.owner(entry) {
+                    std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))
+                        .map_err(io_at("cannot set owner of", &tmp))?;
+                }
+                crate::xattr::apply_nofollow(&tmp, &entry.xattrs)
+                    .map_err(io_at("cannot set attributes of", &tmp))?;
+                let t = mtime_of(entry);
+                filetime::set_symlink_file_times(&tmp, t, t)
+                    .map_err(io_at("cannot set mtime of", &tmp))?;
+                self.staged.push(Staged::Rename { tmp, dest, dir });
+            }
+            EntryKind::Hardlink => {
+                let tmp = self.link(entry, &dir)?;
+                self.staged.push(Staged::Rename { tmp, dest, dir });
+            }
+            EntryKind::File => {
+                let whole = entry.chunk_count <= 1;
+                if whole && (entry.offset != 0 || entry.len != entry.file_size) {
+                    return Err(bad("a whole file must start at 0 and carry all its bytes"));
+                }
+                let Some(end) = entry.offset.checked_add(entry.len) else {
+                    return Err(bad("piece lies outside the file"));
+                };
+                if !whole && (entry.chunk_index >= entry.chunk_count || end > entry.file_size) {
+                    return Err(bad("piece lies outside the file"));
+                }
+                let runs = match &entry.data_runs {
+                    None => vec![(entry.offset, entry.len)],
+                    Some(runs) => {
+                        let mut at = entry.offset;
+                        for &(o, l) in runs {
+                            if o < at || l == 0 || o.checked_add(l).is_none_or(|e| e > end) {
+                                return Err(bad(
+                                    "data runs must be non-empty, in order, inside the piece",
+                                ));
+                            }
+                            at = o + l;
+                        }
+                        runs.clone()
+                    }
+                };
+                let (mode, path, file) = if whole {
+                    let tmp = self.tmp_name(&dir);
+                    let f = create_private(&tmp)?;
+                    (Mode::Temp, tmp, f)
+                } else {
+                    self.open_piece(entry, &dest)?
+                };
+                self.current = Some(Open {
+                    file,
+                    path,
+                    dest,
+                    dir,
+                    entry: entry.clone(),
+                    runs,
+                    run: 0,
+                    run_done: 0,
+                    written: 0,
+                    mode,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Links a new temporary in `dir` to the file a hardlink entry names as its first name: the
+    /// temporary a whole file of this same segment is staged in, or the file in place. Checks
+    /// that it is the file the source linked (a regular file of the entry's size and mtime).
+    pub(super) fn link(&mut self, entry: &Entry, dir: &Path) -> Result<PathBuf, SinkError> {
+        let (_, first) = self
+            .sink
+            .resolve(&self.base, &entry.link_target, &mut self.created)?;
+        let pending = |reason: &str| SinkError::LinkPending {
+            path: display(&entry.path),
+            first: display(&entry.link_target),
+            reason: reason.to_string(),
+        };
+        // Staged by this segment (bundles keep scan order, so the first name comes first)?
+        let staged = self.staged.iter().find_map(|s| match s {
+            Staged::Rename { tmp, dest, .. } if *dest == first => Some(tmp.clone()),
+            _ => None,
+        });
+        let source = staged.unwrap_or(first);
+        let m = fs::symlink_metadata(&source).map_err(|_| pending("it has not arrived yet"))?;
+        if !m.is_file() {
+            return Err(pending("it is not a regular file"));
+        }
+        if m.len() != entry.file_size
+            || (m.mtime(), m.mtime_nsec() as u32) != (entry.mtime_sec, entry.mtime_nsec)
+        {
+            return Err(pending(
+                "it is not yet the linked file (size or mtime differ)",
+            ));
+        }
+        let tmp = self.tmp_name(dir);
+        clear(&tmp)?;
+        // link(2) never follows a symlink at `source`, and `source` was checked to be a file.
+        fs::hard_link(&source, &tmp).map_err(io_at("cannot create hardlink", &tmp))?;
+        if inode(&tmp) != Some(m.ino()) {
+            let _ = fs::remove_file(&tmp);
+            return Err(pending("it was replaced while being linked"));
+        }
+        Ok(tmp)
+    }
+
+    /// Opens the file a piece of a split file goes into, after consulting its sidecar.
+    pub(super) fn open_piece(
+        &self,
+        e: &Entry,
+        dest: &Path,
+    ) -> Result<(Mode, PathBuf, File), SinkError> {
+        let lock = self.sink.part_lock(dest);
+        let _guard = lock.lock().expect("not poisoned");
+        let sidecar = self.sink.sidecar_path(&self.migration, dest);
+        let part = part_name(dest);
+        match self.sink.load_sidecar(&sidecar)? {
+            Some(st) if st.complete && st.describes(e) => {
+                if inode(dest).is_none() && inode(&part) == Some(st.part_ino) {
+                    // We stopped between marking it complete and renaming it: finish that.
+                    fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
+                    fsync_dir(dest.parent().expect("has a parent"))?;
+                }
+                let f =
+                    open_read_nofollow(dest).map_err(io_at("cannot open finished file", dest))?;
+                Ok((Mode::Compare, dest.to_path_buf(), f))
+            }
+            Some(mut st) if st.describes(e) && inode(&part) == Some(st.part_ino) => {
+                if let Some(i) = st.done.iter().position(|&d| d == e.chunk_index) {
+                    // Rewriting a recorded range: un-record it first, so that a failed rewrite
+                    // can never leave a range marked durable that is not.
+                    st.done.remove(i);
+                    self.sink.save_sidecar(&sidecar, &st)?;
+                }
+                let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
+                Ok((Mode::Part, part, f))
+            }
+            Some(st) if st.describes(e) && !st.done.is_empty() => Err(SinkError::PartLost {
+                path: display(&e.path),
+                part,
+            }),
+            _ => {
+                // First piece of this version of the file: start a fresh part.
+                let f = create_private(&part)?;
+                let ino = f.metadata().map_err(io_at("cannot stat", &part))?.ino();
+                let st = PartState {
+                    file_size: e.file_size,
+                    chunk_count: e.chunk_count,
+                    mtime: (e.mtime_sec, e.mtime_nsec),
+                    part_ino: ino,
+                    done: Vec::new(),
+                    complete: false,
+                };
+                self.sink.save_sidecar(&sidecar, &st)?;
+                fsync_dir(dest.parent().expect("has a parent"))?;
+                Ok((Mode::Part, part, f))
+            }
+        }
+    }
+
+    /// Writes the next bytes of the current entry (the next bytes of its data runs) and hashes
+    /// them. A resent piece of a finished file is compared with it instead.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), SinkError> {
+        let Some(open) = self.current.as_mut() else {
+            return Err(SinkError::BadEntry {
+                path: String::new(),
+                reason: "bytes arrived for no file".into(),
+            });
+        };
+        if open.written + data.len() as u64 > open.entry.wire_len() {
+            return Err(SinkError::BadEntry {
+                path: display(&open.entry.path),
+                reason: "more bytes than announced".into(),
+            });
+        }
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (start, len) = open.runs[open.run];
+            let n = (len - open.run_done).min(rest.len() as u64) as usize;
+            let at = start + open.run_done;
+            match open.mode {
+                Mode::Temp | Mode::Part => open
+                    .file
+                    .write_all_at(&rest[..n], at)
+                    .map_err(io_at("cannot write", &open.path))?,
+                Mode::Compare => compare_at(&open.file, &rest[..n], at, &open.entry)?,
+            }
+            open.run_done += n as u64;
+            if open.run_done == len {
+                open.run += 1;
+                open.run_done = 0;
+            }
+            rest = &rest[n..];
+        }
+        open.written += data.len() as u64;
+        self.hasher.update(data);
+        Ok(())
+    }
+
+    /// Completes the current file entry: checks its length, fsyncs it, and stages it.
+    pub(super) fn finish_entry(&mut self) -> Result<(), SinkError> {
+        let Some(open) = self.current.take() else {
+            return Ok(());
+        };
+        let e = &open.entry;
+        if open.written != e.wire_len() {
+            if open.mode == Mode::Temp {
+                let _ = fs::remove_file(&open.path);
+            }
+            return Err(SinkError::BadEntry {
+                path: display(&e.path),
+                reason: format!("{} of {} bytes arrived", open.written, e.wire_len()),
+            });
+        }
+        let t = mtime_of(e);
+        match open.mode {
+            Mode::Temp => {
+                let staged = Staged::Rename {
+                    tmp: open.path.clone(),
+                    dest: open.dest,
+                    dir: open.dir,
+                };
+                // Staged first, so that Drop removes the temporary if the calls below fail.
+                self.staged.push(staged);
+                // A fresh file: what no run wrote stays a hole once the file is sized.
+                if e.data_runs.is_some() {
+                    open.file
+                        .set_len(e.file_size)
+                        .map_err(io_at("cannot size", &open.path))?;
+                }
+                if let Some((uid, gid)) = self.sink.owner(e) {
+                    std::os::unix::fs::fchown(&open.file, Some(uid), Some(gid))
+                        .map_err(io_at("cannot set owner of", &open.path))?;
+                }
+                crate::xattr::apply_to(&open.file, &e.xattrs)
+                    .map_err(io_at("cannot set attributes of", &open.path))?;
+                open.file
+                    .set_permissions(Permissions::from_mode(self.sink.mode(e)))
+                    .map_err(io_at("cannot set mode of", &open.path))?;
+                filetime::set_file_handle_times(&open.file, Some(t), Some(t))
+                    .map_err(io_at("cannot set mtime of", &open.path))?;
+                open.file
+                    .sync_all()
+                    .map_err(io_at("cannot fsync", &open.path))?;
+            }
+            Mode::Part => {
+                // The part may hold bytes of an earlier attempt where this piece has holes.
+                for (start, len) in gaps(e, &open.runs) {
+                    crate::holes::make_hole(&open.file, start, len)
+                        .map_err(io_at("cannot punch a hole in", &open.path))?;
+                }
+                open.file
+                    .sync_data()
+                    .map_err(io_at("cannot fsync", &open.path))?;
+                self.staged.push(Staged::Piece {
+                    entry: open.entry,
+                    dest: open.dest,
+                    dir: open.dir,
+                    compared: false,
+                });
+            }
+            Mode::Compare => {
+                // The finished file must read as zeros where the resent piece has holes.
+                let zeros = vec![0u8; 1 << 16];
+                for (start, len) in gaps(e, &open.runs) {
+                    let mut at = start;
+                    while at < start + len {
+                        let n = (start + len - at).min(zeros.len() as u64) as usize;
+                        compare_at(&open.file, &zeros[..n], at, e)?;
+                        at += n as u64;
+                    }
+                }
+                // Make sure what was compared is durable (an earlier run may have crashed
+                // before its fsync reached the disk).
+                open.file
+                    .sync_all()
+                    .map_err(io_at("cannot fsync", &open.path))?;
+                self.staged.push(Staged::Piece {
+                    entry: open.entry,
+                    dest: open.dest,
+                    dir: open.dir,
+                    compared: true,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the byte stream; returns the BLAKE3 of all bytes written.
+    pub fn finish(&mut self) -> Result<[u8; 32], SinkError> {
+        self.finish_entry()?;
+        Ok(*self.hasher.finalize().as_bytes())
+    }
+
+    /// Makes the segment visible and durable: renames whole files into place, records pieces of
+    /// split files (assembling a file when its last piece lands) and fsyncs every directory
+    /// touched or created. Call only after [`Self::finish`] and the hash check.
+    pub fn commit(mut self) -> Result<(), SinkError> {
+        let mut dirs: Vec<PathBuf> = self
+            .created
+            .iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect();
+        let mut staged = std::mem::take(&mut self.staged).into_iter();
+        while let Some(s) = staged.next() {
+            let done = match &s {
+                Staged::Rename { tmp, dest, dir } => publish(tmp, dest).map(|()| Some(dir.clone())),
+                Staged::Piece {
+                    entry,
+                    dest,
+                    dir,
+                    compared,
+                } => match *compared {
+                    true => Ok(None),
+                    false => self
+                        .record_piece(entry, dest)
+                        .map(|renamed| renamed.then(|| dir.clone())),
+                },
+            };
+            match done {
+                Ok(dir) => dirs.extend(dir),
+                Err(e) => {
+                    // Hand what is left back to Drop, which removes the temporaries.
+                    self.staged = std::iter::once(s).chain(staged).collect();
+                    return Err(e);
+                }
+            }
+        }
+        dirs.extend(self.dirs.iter().map(|(d, _)| d.clone()));
+        dirs.sort();
+        dirs.dedup();
+        self.sink
+            .restore_dir_times(&self.migration, &self.dirs, &dirs)?;
+        for d in dirs {
+            fsync_dir(&d)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SegmentWriter<'_> {
+    /// An uncommitted segment leaves nothing visible: its temporary whole files are removed.
+    /// Pieces of split files stay in the part file, unrecorded, to be overwritten by the resend.
+    fn drop(&mut self) {
+        if let Some(open) = self.current.take() {
+            if open.mode == Mode::Temp {
+                let _ = fs::remove_file(&open.path);
+            }
+        }
+        for s in self.staged.drain(..) {
+            if let Staged::Rename { tmp, .. } = s {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+    }
+}
