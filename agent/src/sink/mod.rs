@@ -43,6 +43,8 @@ use filetime::FileTime;
 use serde::{Deserialize, Serialize};
 
 mod dirmeta;
+#[cfg(test)]
+pub mod mem;
 mod part;
 mod resolve;
 mod writer;
@@ -315,5 +317,71 @@ pub(super) fn inode(path: &Path) -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// Where a target writes what it receives. A trait so that the target's logic (lease checks,
+/// hashes, refusals, reports) is tested without a disk: [`mem::MemSink`] is the in-memory
+/// fake, [`FsSink`] the real sink, and both pass the same contract tests (`contract`).
+pub trait Sink: Send + Sync + 'static {
+    /// One segment being written.
+    type Writer<'a>: SegmentWrite + Send
+    where
+        Self: 'a;
+
+    /// Starts segment `segment_id` of the migration keyed `migration` (`<cluster>/<uuid>`)
+    /// under lease `epoch`, into `target_path` below the root.
+    fn begin(
+        &self,
+        target_path: &str,
+        migration: &str,
+        segment_id: u64,
+        epoch: u64,
+    ) -> Result<Self::Writer<'_>, SinkError>;
+}
+
+/// One segment being written: its entries in order, each followed by its bytes; then
+/// [`SegmentWrite::finish`] (the bytes durable, their BLAKE3 returned) and, once the hashes
+/// agree and the lease still holds, [`SegmentWrite::commit`] (the files visible). A writer
+/// dropped before its commit publishes nothing.
+pub trait SegmentWrite {
+    /// Starts the next entry.
+    fn start_entry(&mut self, entry: &Entry) -> Result<(), SinkError>;
+    /// The next bytes of the current entry.
+    fn write(&mut self, data: &[u8]) -> Result<(), SinkError>;
+    /// Ends the byte stream; the BLAKE3 of every byte written.
+    fn finish(&mut self) -> Result<[u8; 32], SinkError>;
+    /// Makes the segment visible and durable.
+    fn commit(self) -> Result<(), SinkError>;
+}
+
+impl Sink for FsSink {
+    type Writer<'a> = SegmentWriter<'a>;
+
+    fn begin(
+        &self,
+        target_path: &str,
+        migration: &str,
+        segment_id: u64,
+        epoch: u64,
+    ) -> Result<SegmentWriter<'_>, SinkError> {
+        FsSink::begin(self, target_path, migration, segment_id, epoch)
+    }
+}
+
+impl SegmentWrite for SegmentWriter<'_> {
+    fn start_entry(&mut self, entry: &Entry) -> Result<(), SinkError> {
+        SegmentWriter::start_entry(self, entry)
+    }
+    fn write(&mut self, data: &[u8]) -> Result<(), SinkError> {
+        SegmentWriter::write(self, data)
+    }
+    fn finish(&mut self) -> Result<[u8; 32], SinkError> {
+        SegmentWriter::finish(self)
+    }
+    fn commit(self) -> Result<(), SinkError> {
+        SegmentWriter::commit(self)
+    }
+}
+
+#[cfg(test)]
+mod contract;
 #[cfg(test)]
 mod tests;
