@@ -710,6 +710,12 @@ pub mod testing {
         pub reports: Vec<Report>,
         /// Problems reported.
         pub problems: Vec<String>,
+        /// Lease checks asked (as a target).
+        pub lease_checks: u32,
+        /// Lease checks after this many are refused with `lease_refusal` (`Some(0)`: all).
+        pub refuse_leases_after: Option<u32>,
+        /// The reason a refused lease check gives.
+        pub lease_refusal: String,
     }
 
     /// A fake coordinator (cheap to clone: clones share the state).
@@ -827,11 +833,28 @@ pub mod testing {
             _segment_id: u64,
             _epoch: u64,
         ) -> Result<pb::CheckLeaseResponse, ControlError> {
-            Ok(pb::CheckLeaseResponse {
-                ok: true,
-                source_agent: "src".into(),
-                migration_uuid: "fake-migration".into(),
-                ..Default::default()
+            self.with(|s| {
+                s.lease_checks += 1;
+                if s.unavailable {
+                    return Err(Self::unavailable());
+                }
+                let refusal = s
+                    .refuse_leases_after
+                    .filter(|n| s.lease_checks > *n)
+                    .map(|_| s.lease_refusal.clone());
+                Ok(match refusal {
+                    Some(reason) => pb::CheckLeaseResponse {
+                        ok: false,
+                        reason,
+                        ..Default::default()
+                    },
+                    None => pb::CheckLeaseResponse {
+                        ok: true,
+                        source_agent: "src".into(),
+                        migration_uuid: "fake-migration".into(),
+                        ..Default::default()
+                    },
+                })
             })
         }
         async fn report(

@@ -2,6 +2,7 @@
 //! segments they stream, but only segments whose lease the coordinator confirms, and only from the
 //! peer the coordinator named (invariant 5).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,29 +13,33 @@ use ferry_common::tls::cert_is_for;
 use ferry_proto::control::{ReportOutcome, Role};
 use ferry_proto::data as pb;
 use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::{block_in_place, JoinSet};
 
-use crate::control::{Control, Coordinator, Failure};
+use crate::control::{Control, ControlError, Coordinator, Failure};
 use crate::frame::{self, MAX_HEADER, MAX_SMALL_FRAME};
-use crate::sink::{FsSink, SinkError};
+use crate::sink::{FsSink, SegmentWrite, Sink, SinkError};
 use crate::stats::Stats;
+use crate::wire::MalformedEntry;
 
 /// Most bytes one segment may announce (a bundle of small files or one chunk is far below).
 const MAX_SEGMENT_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 /// Read buffer per stream: bounds memory per segment in flight.
 const BUF: usize = 1024 * 1024;
 
-/// Everything a target needs to receive segments.
-pub struct Target {
+/// Everything a target needs to receive segments: generic over the coordinator and the sink,
+/// so its logic is tested through [`crate::control::testing::FakeCoordinator`] and
+/// [`crate::sink::mem::MemSink`].
+pub struct Target<C: Coordinator = Control, S: Sink = FsSink> {
     /// Bounds the segments received at once (across all peers), and so the memory headers and
     /// buffers take, including what a peer can make the target spend before its lease and
     /// identity are checked.
     pub headers: tokio::sync::Semaphore,
     /// Where segments land.
-    pub sink: Arc<FsSink>,
+    pub sink: Arc<S>,
     /// The coordinator.
-    pub control: Control,
+    pub control: C,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -46,10 +51,52 @@ const FAILURE_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why a segment was refused; sent back in the ack and logged.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
-    /// Refused before a byte was written (the lease, the peer, the header) or after (the lease
-    /// was lost): not this target's failure to report.
-    #[error("{0}")]
-    Plain(String),
+    /// The coordinator could not be asked whether the lease holds: the source retries later.
+    #[error("cannot confirm the lease: {0}")]
+    LeaseUnconfirmed(ControlError),
+    /// The coordinator says the lease is not current (expired, replaced, given up on): nothing
+    /// was written.
+    #[error("lease refused: {0}")]
+    LeaseRefused(String),
+    /// The peer is not the source the coordinator assigned: the connection is cut off.
+    #[error("peer is not {0}, the assigned source")]
+    WrongPeer(String),
+    /// An entry of the header is malformed.
+    #[error(transparent)]
+    BadHeader(#[from] MalformedEntry),
+    /// The header lists more entries than a segment may hold.
+    #[error("segment has {0} entries, over the limit")]
+    TooManyEntries(usize),
+    /// The header announces more bytes than a segment may carry.
+    #[error("segment announces {0} bytes, over the limit")]
+    TooLarge(u64),
+    /// This agent has no cluster id yet, so it cannot key the migration's local state: the
+    /// source retries.
+    #[error("this agent has not registered with the coordinator yet; retry")]
+    NotRegisteredYet,
+    /// The bytes received do not hash to what the source sent: nothing is published, and the
+    /// failure counts.
+    #[error("BLAKE3 mismatch: target computed {computed}, source sent {sent}")]
+    HashMismatch {
+        /// The target's hash (hex).
+        computed: String,
+        /// The source's (hex).
+        sent: String,
+    },
+    /// The lease expired or was replaced while the bytes streamed: nothing is published.
+    #[error("lease lost while receiving: {0}")]
+    LeaseLost(String),
+    /// The segment is durable here but the coordinator could not be told.
+    #[error("segment is durable but could not be recorded: {0}")]
+    NotRecorded(ControlError),
+    /// The coordinator refused the target's report.
+    #[error("coordinator {}: {reason}", outcome_text(*.outcome))]
+    RecordRefused {
+        /// Its answer.
+        outcome: ReportOutcome,
+        /// Its reason.
+        reason: String,
+    },
     /// Writing at the target failed (a full disk, a permission, an I/O error), for a lease the
     /// coordinator confirmed from the assigned source: the target reports it itself.
     #[error("{}", describe_sink_error(.error, .entry.as_deref()))]
@@ -59,10 +106,12 @@ enum Refusal {
         /// What failed.
         error: SinkError,
     },
+    /// A frame could not be read.
     #[error(transparent)]
     Frame(#[from] frame::FrameError),
+    /// The stream failed while the bytes were read.
     #[error("stream failed: {0}")]
-    Read(#[from] quinn::ReadExactError),
+    Read(#[from] std::io::Error),
 }
 
 impl From<SinkError> for Refusal {
@@ -157,7 +206,17 @@ fn outcome_text(o: ReportOutcome) -> &'static str {
     }
 }
 
-impl Target {
+/// What became of one stream, for the QUIC driver.
+struct Handled {
+    /// The segment was taken (ack ok).
+    ok: bool,
+    /// The ack went out.
+    acked: bool,
+    /// Cut the whole connection off, with this code and reason.
+    close: Option<(u32, &'static [u8])>,
+}
+
+impl<C: Coordinator, S: Sink> Target<C, S> {
     /// Accepts connections until `stop` turns true.
     pub async fn serve(
         self: Arc<Self>,
@@ -225,13 +284,45 @@ impl Target {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        let h = self
+            .handle(peer, conn.remote_address(), &mut send, &mut recv)
+            .await;
+        if let Some((code, why)) = h.close {
+            conn.close(code.into(), why);
+        }
+        if !h.ok {
+            let _ = recv.stop(3u32.into());
+        }
+        if h.acked {
+            let _ = send.finish();
+            let _ = send.stopped().await;
+        }
+    }
+
+    /// One stream: the segment's header, its bytes and trailer, then the ack (written before
+    /// the driver stops the stream, so a source still sending sees its write fail and then
+    /// reads why). Generic over the stream, so tests drive it over an in-memory pipe.
+    async fn handle<R, W>(
+        &self,
+        peer: &CertificateDer<'static>,
+        remote: SocketAddr,
+        send: &mut W,
+        recv: &mut R,
+    ) -> Handled
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
+    {
         let _permit = self.headers.acquire().await.expect("never closed");
-        let header: pb::SegmentHeader = match frame::read(&mut recv, MAX_HEADER).await {
+        let header: pb::SegmentHeader = match frame::read(recv, MAX_HEADER).await {
             Ok(h) => h,
             Err(e) => {
-                tracing::warn!(message = "Bad segment header; closing connection.", remote = %conn.remote_address(), error = %e);
-                conn.close(2u32.into(), b"bad segment header");
-                return;
+                tracing::warn!(message = "Bad segment header; closing connection.", %remote, error = %e);
+                return Handled {
+                    ok: false,
+                    acked: false,
+                    close: Some((2, b"bad segment header")),
+                };
             }
         };
         let (mid, sid, epoch) = (header.migration_id, header.segment_id, header.epoch);
@@ -243,9 +334,18 @@ impl Target {
         );
         // Failed attempts of the segment before this one, as the coordinator counts them.
         let mut attempts = 0;
-        let outcome = self
-            .receive(conn, peer, header, &mut recv, &mut attempts)
-            .await;
+        let outcome = self.receive(peer, header, recv, &mut attempts).await;
+        let mut close = None;
+        if let Err(Refusal::WrongPeer(expected)) = &outcome {
+            tracing::warn!(
+                message = "Peer is not the source the coordinator assigned; cutting it off.",
+                %remote,
+                %expected,
+                migration = mid,
+                segment = sid
+            );
+            close = Some((4, &b"peer is not the assigned source"[..]));
+        }
         let ack = match outcome {
             Ok(hash) => pb::SegmentAck {
                 ok: true,
@@ -300,25 +400,20 @@ impl Target {
                 }
             }
         };
-        // The ack goes out before the stream is stopped: a source still sending sees its write
-        // fail and then reads why.
-        let sent = frame::write(&mut send, &ack).await.is_ok();
-        if !ack.ok {
-            let _ = recv.stop(3u32.into());
-        }
-        if sent {
-            let _ = send.finish();
-            let _ = send.stopped().await;
+        let acked = frame::write(send, &ack).await.is_ok();
+        Handled {
+            ok: ack.ok,
+            acked,
+            close,
         }
     }
 
     /// Receives one segment; returns its hash once it is durable and recorded at the coordinator.
-    async fn receive(
+    async fn receive<R: AsyncRead + Unpin + Send>(
         &self,
-        conn: &quinn::Connection,
         peer: &CertificateDer<'static>,
         header: pb::SegmentHeader,
-        recv: &mut quinn::RecvStream,
+        recv: &mut R,
         attempts: &mut u32,
     ) -> Result<[u8; 32], Refusal> {
         let (mid, sid, epoch) = (header.migration_id, header.segment_id, header.epoch);
@@ -326,36 +421,21 @@ impl Target {
             .control
             .check_lease(mid, sid, epoch)
             .await
-            .map_err(|e| Refusal::Plain(format!("cannot confirm the lease: {e}")))?;
+            .map_err(Refusal::LeaseUnconfirmed)?;
         if !lease.ok {
-            return Err(Refusal::Plain(format!("lease refused: {}", lease.reason)));
+            return Err(Refusal::LeaseRefused(lease.reason));
         }
         *attempts = lease.attempts;
         if !cert_is_for(peer, &agent_dns(&lease.source_agent)) {
-            tracing::warn!(
-                message = "Peer is not the source the coordinator assigned; cutting it off.",
-                remote = %conn.remote_address(),
-                expected = %lease.source_agent,
-                migration = mid,
-                segment = sid
-            );
-            conn.close(4u32.into(), b"peer is not the assigned source");
-            return Err(Refusal::Plain(format!(
-                "peer is not {}, the assigned source",
-                lease.source_agent
-            )));
+            return Err(Refusal::WrongPeer(lease.source_agent));
         }
         let entries = header
             .entries
             .into_iter()
             .map(Entry::try_from)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Refusal::Plain(e.to_string()))?;
+            .collect::<Result<Vec<_>, _>>()?;
         if entries.len() > crate::segment::MAX_BUNDLE_ENTRIES {
-            return Err(Refusal::Plain(format!(
-                "segment has {} entries, over the limit",
-                entries.len()
-            )));
+            return Err(Refusal::TooManyEntries(entries.len()));
         }
         // Bytes on the wire (a sparse piece sends its data runs only).
         let total: u64 = entries
@@ -363,17 +443,13 @@ impl Target {
             .map(Entry::wire_len)
             .fold(0, u64::saturating_add);
         if total > MAX_SEGMENT_BYTES {
-            return Err(Refusal::Plain(format!(
-                "segment announces {total} bytes, over the limit"
-            )));
+            return Err(Refusal::TooLarge(total));
         }
         // What the target keeps of a migration is keyed by cluster id and migration uuid, so a
         // new cluster's migration 1 never meets an old one's part files or directory times.
         let cluster = self.control.cluster_id();
         if cluster.is_empty() {
-            return Err(Refusal::Plain(
-                "this agent has not registered with the coordinator yet; retry".into(),
-            ));
+            return Err(Refusal::NotRegisteredYet);
         }
         let key = format!("{cluster}/{}", lease.migration_uuid);
         let mut writer = self.sink.begin(&lease.target_path, &key, sid, epoch)?;
@@ -392,22 +468,16 @@ impl Target {
         let trailer: pb::SegmentTrailer = frame::read(recv, MAX_SMALL_FRAME).await?;
         if trailer.blake3.as_slice() != hash.as_slice() {
             drop(writer);
-            let why = format!(
-                "BLAKE3 mismatch: target computed {}, source sent {}",
-                ferry_common::hash::hex(&hash),
-                ferry_common::hash::hex(&trailer.blake3)
-            );
+            let mismatch = Refusal::HashMismatch {
+                computed: ferry_common::hash::hex(&hash),
+                sent: ferry_common::hash::hex(&trailer.blake3),
+            };
+            let why = mismatch.to_string();
             let _ = self
                 .control
-                .report(
-                    Role::Target,
-                    mid,
-                    sid,
-                    epoch,
-                    Err(Failure::counted(why.clone())),
-                )
+                .report(Role::Target, mid, sid, epoch, Err(Failure::counted(why)))
                 .await;
-            return Err(Refusal::Plain(why));
+            return Err(mismatch);
         }
         // The lease may have expired and been granted again while the bytes streamed: only the
         // current holder may make its bytes visible.
@@ -415,12 +485,9 @@ impl Target {
             .control
             .check_lease(mid, sid, epoch)
             .await
-            .map_err(|e| Refusal::Plain(format!("cannot confirm the lease: {e}")))?;
+            .map_err(Refusal::LeaseUnconfirmed)?;
         if !still.ok {
-            return Err(Refusal::Plain(format!(
-                "lease lost while receiving: {}",
-                still.reason
-            )));
+            return Err(Refusal::LeaseLost(still.reason));
         }
         block_in_place(|| writer.commit())?;
         Stats::add(&self.stats.bytes_received, total);
@@ -429,18 +496,15 @@ impl Target {
             .control
             .report(Role::Target, mid, sid, epoch, Ok(hash))
             .await
-            .map_err(|e| {
-                Refusal::Plain(format!("segment is durable but could not be recorded: {e}"))
-            })?;
+            .map_err(Refusal::NotRecorded)?;
         if !matches!(
             r.outcome(),
             ReportOutcome::Verified | ReportOutcome::Waiting
         ) {
-            return Err(Refusal::Plain(format!(
-                "coordinator {}: {}",
-                outcome_text(r.outcome()),
-                r.reason
-            )));
+            return Err(Refusal::RecordRefused {
+                outcome: r.outcome(),
+                reason: r.reason,
+            });
         }
         Ok(hash)
     }
@@ -488,13 +552,217 @@ mod tests {
         });
         assert!(link.retry_later());
         assert!(!Refusal::from(io(libc::ENOSPC)).retry_later());
-        assert!(!Refusal::Plain("lease refused".into()).retry_later());
+        assert!(!Refusal::LeaseRefused("not current".into()).retry_later());
     }
 
     #[test]
     fn the_target_reports_its_own_write_failures_not_what_a_peer_sent() {
         assert!(Refusal::from(io(libc::ENOSPC)).target_reports());
         assert!(!Refusal::from(SinkError::Reserved(".ferry-x".into())).target_reports());
-        assert!(!Refusal::Plain("lease refused".into()).target_reports());
+        assert!(!Refusal::LeaseRefused("not current".into()).target_reports());
+    }
+}
+
+/// The target driven whole through its seams: a [`FakeCoordinator`], a [`MemSink`] and an
+/// in-memory pipe instead of a QUIC stream; no disk, no sockets.
+#[cfg(test)]
+mod driven {
+    use super::*;
+    use crate::control::testing::FakeCoordinator;
+    use crate::sink::mem::MemSink;
+
+    struct Rig {
+        target: Target<FakeCoordinator, MemSink>,
+        control: FakeCoordinator,
+        sink: Arc<MemSink>,
+        /// The certificate of agent "src", the source the fake coordinator assigns.
+        src: CertificateDer<'static>,
+        /// The certificate of another agent.
+        other: CertificateDer<'static>,
+        _pki: tempfile::TempDir,
+    }
+
+    fn rig() -> Rig {
+        let pki = tempfile::tempdir().unwrap();
+        let ca = ferry_common::pki::Ca::init(pki.path()).unwrap();
+        let cert = |name: &str| {
+            let paths = ca
+                .issue(&ferry_common::pki::Identity::Agent(name.into()), pki.path())
+                .unwrap();
+            ferry_common::tls::TlsMaterial::load(&paths)
+                .unwrap()
+                .cert_der()
+                .unwrap()
+        };
+        let (control, sink) = (FakeCoordinator::default(), Arc::new(MemSink::default()));
+        Rig {
+            target: Target {
+                headers: tokio::sync::Semaphore::new(4),
+                sink: sink.clone(),
+                control: control.clone(),
+                stats: Arc::default(),
+            },
+            control,
+            sink,
+            src: cert("src"),
+            other: cert("intruder"),
+            _pki: pki,
+        }
+    }
+
+    const DATA: &[u8] = b"the bytes of a small file";
+
+    /// Sends one segment holding `model.bin` (= [`DATA`]) from `peer`, with `trailer` as the
+    /// source's hash (its true hash if `None`); returns what the target did and its ack.
+    async fn send(
+        rig: &Rig,
+        peer: &CertificateDer<'static>,
+        trailer: Option<[u8; 32]>,
+    ) -> (Handled, Option<pb::SegmentAck>) {
+        let entry = Entry::file("model.bin", DATA.len() as u64, 0o644, (1_700_000_000, 0), 0);
+        let (mut to_target, mut target_in) = tokio::io::duplex(1 << 20);
+        let (mut target_out, mut from_target) = tokio::io::duplex(1 << 20);
+        let header = pb::SegmentHeader {
+            migration_id: 1,
+            segment_id: 7,
+            epoch: 3,
+            entries: vec![pb::Entry::from(&entry)],
+        };
+        frame::write(&mut to_target, &header).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut to_target, DATA)
+            .await
+            .unwrap();
+        let hash = trailer.unwrap_or(*blake3::hash(DATA).as_bytes());
+        let t = pb::SegmentTrailer {
+            blake3: hash.to_vec(),
+        };
+        frame::write(&mut to_target, &t).await.unwrap();
+        let remote = "127.0.0.1:9".parse().unwrap();
+        let handled = rig
+            .target
+            .handle(peer, remote, &mut target_out, &mut target_in)
+            .await;
+        drop(target_out);
+        let ack = frame::read::<pb::SegmentAck, _>(&mut from_target, MAX_SMALL_FRAME)
+            .await
+            .ok();
+        (handled, ack)
+    }
+
+    fn target_reports(control: &FakeCoordinator) -> Vec<Result<[u8; 32], Failure>> {
+        control.with(|s| {
+            s.reports
+                .iter()
+                .filter(|r| r.role == Role::Target)
+                .map(|r| r.result.clone())
+                .collect()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_good_segment_is_written_committed_and_reported_with_its_hash() {
+        let rig = rig();
+        let (h, ack) = send(&rig, &rig.src, None).await;
+        let ack = ack.expect("an ack");
+        let hash = *blake3::hash(DATA).as_bytes();
+        assert!(h.ok && h.acked && h.close.is_none());
+        assert!(ack.ok, "{}", ack.error);
+        assert_eq!(ack.blake3, hash.to_vec());
+        assert_eq!(rig.sink.file("model.bin").as_deref(), Some(DATA));
+        assert_eq!(target_reports(&rig.control), vec![Ok(hash)]);
+        // The lease is checked before writing and again before publishing.
+        assert_eq!(rig.control.with(|s| s.lease_checks), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_the_coordinator_refuses_is_refused_before_a_byte_is_written() {
+        let rig = rig();
+        rig.control.with(|s| {
+            s.refuse_leases_after = Some(0);
+            s.lease_refusal = "lease expired".into();
+        });
+        let (h, ack) = send(&rig, &rig.src, None).await;
+        let ack = ack.expect("an ack");
+        assert!(!h.ok && !ack.ok);
+        assert_eq!(ack.error, "lease refused: lease expired");
+        assert!(rig.sink.files.lock().unwrap().is_empty());
+        assert!(target_reports(&rig.control).is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_lost_while_streaming_publishes_nothing() {
+        let rig = rig();
+        rig.control.with(|s| {
+            s.refuse_leases_after = Some(1);
+            s.lease_refusal = "lease 3 is not current".into();
+        });
+        let (_, ack) = send(&rig, &rig.src, None).await;
+        let ack = ack.expect("an ack");
+        assert_eq!(
+            ack.error,
+            "lease lost while receiving: lease 3 is not current"
+        );
+        assert!(rig.sink.files.lock().unwrap().is_empty());
+        assert!(target_reports(&rig.control).is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_hash_is_refused_counted_and_nothing_is_published() {
+        let rig = rig();
+        let (h, ack) = send(&rig, &rig.src, Some([9; 32])).await;
+        let ack = ack.expect("an ack");
+        assert!(!h.ok);
+        assert!(ack.error.starts_with("BLAKE3 mismatch"), "{}", ack.error);
+        assert!(!ack.retry_later);
+        assert!(rig.sink.files.lock().unwrap().is_empty());
+        let reports = target_reports(&rig.control);
+        assert_eq!(reports.len(), 1);
+        assert!(
+            matches!(&reports[0], Err(f) if !f.retry_later && f.error.starts_with("BLAKE3 mismatch"))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_is_reported_by_the_target_itself_as_a_counted_failure() {
+        let rig = rig();
+        *rig.sink.fail_after_writes.lock().unwrap() = Some(0);
+        let (_, ack) = send(&rig, &rig.src, None).await;
+        let ack = ack.expect("an ack");
+        assert!(
+            ack.error
+                .starts_with("no space left on the target's device"),
+            "{}",
+            ack.error
+        );
+        let reports = target_reports(&rig.control);
+        assert_eq!(reports.len(), 1, "the target reports its own write failure");
+        assert!(matches!(&reports[0], Err(f) if !f.retry_later && f.error == ack.error));
+        assert!(rig.sink.files.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_is_not_the_assigned_source_is_cut_off() {
+        let rig = rig();
+        let (h, ack) = send(&rig, &rig.other, None).await;
+        assert_eq!(h.close, Some((4, &b"peer is not the assigned source"[..])));
+        assert_eq!(
+            ack.expect("an ack").error,
+            "peer is not src, the assigned source"
+        );
+        assert!(rig.sink.files.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_coordinator_refuses_the_segment_without_writing() {
+        let rig = rig();
+        rig.control.with(|s| s.unavailable = true);
+        let (_, ack) = send(&rig, &rig.src, None).await;
+        let ack = ack.expect("an ack");
+        assert!(
+            ack.error.starts_with("cannot confirm the lease"),
+            "{}",
+            ack.error
+        );
+        assert!(rig.sink.files.lock().unwrap().is_empty());
     }
 }

@@ -131,6 +131,16 @@ impl TlsMaterial {
         ))
     }
 
+    /// This identity's own certificate (the first of its chain), as a peer sees it.
+    pub fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
+        let p = std::path::Path::new("<memory>");
+        let certs = self.certs(p, &self.cert_pem, "certificate")?;
+        certs.into_iter().next().ok_or_else(|| TlsError::Empty {
+            path: p.to_path_buf(),
+            what: "certificate",
+        })
+    }
+
     /// tonic server TLS: presents this identity and requires a client certificate from the CA.
     pub fn grpc_server(&self) -> tonic::transport::ServerTlsConfig {
         tonic::transport::ServerTlsConfig::new()
