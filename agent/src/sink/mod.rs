@@ -236,44 +236,6 @@ impl FsSink {
             e.mode & MODE_MASK_UNOWNED
         }
     }
-
-    /// Starts receiving segment `segment_id` of the migration keyed `migration` (its cluster id
-    /// and uuid, `<cluster>/<uuid>`: what the target remembers of a migration is kept under
-    /// that key, never under an id a new cluster could reuse), under lease `epoch`, into
-    /// `target_path` (relative to the root).
-    pub fn begin(
-        &self,
-        target_path: &str,
-        migration: &str,
-        segment_id: u64,
-        epoch: u64,
-    ) -> Result<SegmentWriter<'_>, SinkError> {
-        let base = validate_subdir(target_path)?;
-        let key_ok = migration.split('/').count() == 2
-            && migration.split('/').all(|c| {
-                !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !key_ok {
-            return Err(SinkError::BadEntry {
-                path: String::new(),
-                reason: format!("migration key {migration:?} is not <cluster id>/<uuid>"),
-            });
-        }
-        Ok(SegmentWriter {
-            sink: self,
-            base,
-            migration: migration.to_string(),
-            segment_id,
-            epoch,
-            transfer: TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            next: 0,
-            hasher: blake3::Hasher::new(),
-            current: None,
-            staged: Vec::new(),
-            created: Vec::new(),
-            dirs: Vec::new(),
-        })
-    }
 }
 
 pub(super) fn mtime_of(e: &Entry) -> FileTime {
@@ -355,6 +317,10 @@ pub trait SegmentWrite {
 impl Sink for FsSink {
     type Writer<'a> = SegmentWriter<'a>;
 
+    /// Starts receiving segment `segment_id` of the migration keyed `migration` (its cluster id
+    /// and uuid, `<cluster>/<uuid>`: what the target remembers of a migration is kept under
+    /// that key, never under an id a new cluster could reuse), under lease `epoch`, into
+    /// `target_path` (relative to the root).
     fn begin(
         &self,
         target_path: &str,
@@ -362,7 +328,31 @@ impl Sink for FsSink {
         segment_id: u64,
         epoch: u64,
     ) -> Result<SegmentWriter<'_>, SinkError> {
-        FsSink::begin(self, target_path, migration, segment_id, epoch)
+        let base = validate_subdir(target_path)?;
+        let key_ok = migration.split('/').count() == 2
+            && migration.split('/').all(|c| {
+                !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !key_ok {
+            return Err(SinkError::BadEntry {
+                path: String::new(),
+                reason: format!("migration key {migration:?} is not <cluster id>/<uuid>"),
+            });
+        }
+        Ok(SegmentWriter {
+            sink: self,
+            base,
+            migration: migration.to_string(),
+            segment_id,
+            epoch,
+            transfer: TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            next: 0,
+            hasher: blake3::Hasher::new(),
+            current: None,
+            staged: Vec::new(),
+            created: Vec::new(),
+            dirs: Vec::new(),
+        })
     }
 }
 
