@@ -7,11 +7,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-/// A congestion controller quinn implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// A congestion controller quinn implements. Read from configs and command lines alike by
+/// its [`FromStr`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
     /// BBR: paces at the measured bottleneck rate and does not read loss as congestion, so a
     /// long path with random loss (1 % on an intercontinental link) stays full. The default.
@@ -55,6 +53,14 @@ impl FromStr for Congestion {
             "newreno" | "new-reno" | "reno" => Ok(Congestion::NewReno),
             _ => Err(UnknownCongestion(s.to_string())),
         }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Congestion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -103,7 +109,7 @@ impl Transport {
     /// The quinn transport settings.
     pub fn config(&self) -> quinn::TransportConfig {
         let mut t = quinn::TransportConfig::default();
-        t.max_concurrent_bidi_streams(256u32.into());
+        t.max_concurrent_bidi_streams(64u32.into());
         t.max_concurrent_uni_streams(0u32.into());
         let window = self.window.clamp(MIN_WINDOW, MAX_WINDOW);
         let var = |v: u64| quinn::VarInt::from_u64(v).expect("windows are far below 2^62");

@@ -125,9 +125,9 @@ pub enum StoreError {
     /// A stored record could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] crate::codec::CodecError),
-    /// A key of the records tree is not of the shape its prefix promises.
-    #[error("malformed record key {0:?}")]
-    BadKey(Vec<u8>),
+    /// A stored key or number is not of the shape its place promises.
+    #[error("malformed stored bytes {0:?}")]
+    Malformed(Vec<u8>),
     /// The snapshot file is shorter than its header says.
     #[error("snapshot file of {0} bytes is truncated")]
     Truncated(u64),
@@ -151,12 +151,13 @@ pub enum StoreError {
     Injected,
 }
 
-/// A key's bytes `range` as a `u64`, or [`StoreError::BadKey`].
-fn key_u64(k: &[u8], range: std::ops::Range<usize>) -> Result<u64, StoreError> {
+/// The big-endian `u64` at `range` of stored bytes (a key, a counter), or
+/// [`StoreError::Malformed`].
+fn be_u64(k: &[u8], range: std::ops::Range<usize>) -> Result<u64, StoreError> {
     k.get(range)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
-        .ok_or_else(|| StoreError::BadKey(k.to_vec()))
+        .ok_or_else(|| StoreError::Malformed(k.to_vec()))
 }
 
 /// Opening the store failed.

@@ -66,13 +66,14 @@ pub(super) fn read_snapshot_file(dir: &Path) -> Result<Option<(Meta, Vec<u8>)>, 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let truncated = StoreError::Truncated(bytes.len() as u64);
-    let Ok(meta_len) = key_u64(&bytes, 0..8).map(|l| l as usize) else {
-        return Err(truncated);
+    let meta_len = match bytes.first_chunk::<8>() {
+        Some(b) => u64::from_be_bytes(*b),
+        None => return Err(StoreError::Truncated(bytes.len() as u64)),
     };
-    if bytes.len() < 8 + meta_len {
-        return Err(truncated);
-    }
+    let meta_len = match usize::try_from(meta_len) {
+        Ok(l) if l <= bytes.len() - 8 => l,
+        _ => return Err(StoreError::Truncated(bytes.len() as u64)),
+    };
     let meta = decode(&bytes[8..8 + meta_len])?;
     bytes.drain(..8 + meta_len);
     Ok(Some((meta, bytes)))

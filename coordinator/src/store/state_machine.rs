@@ -64,7 +64,7 @@ impl StateMachine {
         snap_dir: PathBuf,
     ) -> Result<Self, StoreError> {
         let generation = match meta.get("sm_generation")? {
-            Some(v) => key_u64(&v, 0..8)?,
+            Some(v) => be_u64(&v, 0..8)?,
             None => 0,
         };
         let tree = db.open_tree(sm_tree_name(generation))?;
@@ -120,8 +120,8 @@ impl StateMachine {
         let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
-            let name =
-                String::from_utf8(k[2..].to_vec()).map_err(|_| StoreError::BadKey(k.to_vec()))?;
+            let name = String::from_utf8(k[2..].to_vec())
+                .map_err(|_| StoreError::Malformed(k.to_vec()))?;
             if v.is_empty() {
                 agents.remove(&name);
             } else {
@@ -130,7 +130,7 @@ impl StateMachine {
         }
         for kv in self.tree.scan_prefix(b"m/") {
             let (k, v) = kv?;
-            let id = key_u64(&k, 2..10)?;
+            let id = be_u64(&k, 2..10)?;
             if v.is_empty() {
                 migrations.remove(&id);
             } else {
@@ -139,7 +139,7 @@ impl StateMachine {
         }
         for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
-            let (m, s) = (key_u64(&k, 2..10)?, key_u64(&k, 10..18)?);
+            let (m, s) = (be_u64(&k, 2..10)?, be_u64(&k, 10..18)?);
             if v.is_empty() {
                 segments.remove(&(m, s));
             } else {

@@ -27,7 +27,7 @@ pub enum Helper {
         bytes: u64,
         #[arg(long, default_value_t = 8)]
         streams: u64,
-        /// Congestion controller: cubic (ferry's, quinn's default) or bbr.
+        /// Congestion controller: cubic (quinn's default) or bbr (ferry's default).
         #[arg(long, default_value = "cubic")]
         cc: String,
     },

@@ -37,8 +37,8 @@ struct Args {
     #[arg(long, default_value = "quick")]
     size: String,
     /// Tools, comma-separated: ferry, rsync, rsync-fsync (rsync --fsync: durable like ferry),
-    /// scp, rclone, quic-raw (quinn with ferry's TLS and transport settings, bytes only: the
-    /// transport ceiling), quic-raw-bbr (the same with BBR).
+    /// scp, rclone, quic-raw (quinn with ferry's TLS and windows and CUBIC, bytes only),
+    /// quic-raw-bbr (the same with BBR, ferry's default controller: its transport ceiling).
     #[arg(long, default_value = "ferry,rsync,scp,rclone,quic-raw")]
     tools: String,
     /// Runs of each tool (interleaved); figures are medians.
@@ -64,9 +64,8 @@ struct Args {
     /// Give up on one copy after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
-    /// ferry's lease time (coordinator `lease_ttl_secs`). Leases are not renewed yet, so a
-    /// segment whose transfer takes longer than this is re-leased and starts over: on slow paths
-    /// raise it (the default is the coordinator's, 120 s).
+    /// ferry's lease time (coordinator `lease_ttl_secs`; sources renew the leases they are
+    /// sending at a third of it). The default is the coordinator's, 120 s.
     #[arg(long, default_value_t = 120)]
     lease_ttl_secs: u64,
     #[command(subcommand)]
