@@ -229,11 +229,13 @@ impl Control {
     }
 
     /// Registers this agent and its data address; returns the cluster's id.
-    /// `applies_owners`: whether, as a target, it applies files' owners (it runs as root).
+    /// `applies_owners`: whether, as a target, it applies files' owners (it runs as root);
+    /// `transport`: how its data connections are tuned (shown to operators).
     pub async fn register(
         &self,
         data_addr: &str,
         applies_owners: bool,
+        transport: &ferry_common::transport::Transport,
     ) -> Result<String, ControlError> {
         let r = self
             .call(
@@ -243,6 +245,8 @@ impl Control {
                     session: self.session,
                     previous_session: self.previous_session,
                     applies_owners,
+                    congestion: transport.congestion.name().to_string(),
+                    window_bytes: transport.window,
                 },
                 |mut c, r| async move { c.register(r).await },
             )
@@ -371,6 +375,15 @@ fn new_session() -> u64 {
     u64::from_le_bytes(ferry_common::ids::random_bytes::<8>()).max(1)
 }
 
+/// What a heartbeat answers: the source work assigned to this agent, and its own throttle.
+#[derive(Debug, Clone, Default)]
+pub struct Assigned {
+    /// Migrations this agent is the source of.
+    pub work: Vec<pb::SourceWork>,
+    /// The agent's throttle (`ferry_common::throttle` text; empty: none).
+    pub throttle: String,
+}
+
 /// What the source and target ask of the coordinator. Trait modelling the control API, so the
 /// agent's logic tests without a coordinator: [`Control`] is the real one (gRPC), and
 /// [`testing::FakeCoordinator`] an in-memory one that records what it is told.
@@ -379,8 +392,8 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
     fn agent(&self) -> &str;
     /// The cluster's id (empty until this agent registered).
     fn cluster_id(&self) -> String;
-    /// Heartbeat; returns the source work assigned to this agent.
-    fn heartbeat(&self) -> impl Future<Output = Result<Vec<pb::SourceWork>, ControlError>> + Send;
+    /// Heartbeat; returns the source work assigned to this agent and its own throttle.
+    fn heartbeat(&self) -> impl Future<Output = Result<Assigned, ControlError>> + Send;
     /// Registers planned segments.
     fn register_segments(
         &self,
@@ -435,7 +448,7 @@ impl Coordinator for Control {
         Control::cluster_id(self)
     }
 
-    async fn heartbeat(&self) -> Result<Vec<pb::SourceWork>, ControlError> {
+    async fn heartbeat(&self) -> Result<Assigned, ControlError> {
         let r = self
             .call(
                 pb::HeartbeatRequest {
@@ -457,7 +470,10 @@ impl Coordinator for Control {
             }
         }
         self.learn_cluster(&r.cluster_id);
-        Ok(r.source_work)
+        Ok(Assigned {
+            work: r.source_work,
+            throttle: r.agent_throttle,
+        })
     }
 
     async fn register_segments(
@@ -687,6 +703,8 @@ pub mod testing {
     pub struct FakeState {
         /// What heartbeats answer.
         pub work: Vec<pb::SourceWork>,
+        /// The agent's throttle heartbeats answer.
+        pub agent_throttle: String,
         /// Leases handed out by the next lease requests (at most the number asked for each).
         pub grant: Vec<pb::Lease>,
         /// Leases `list_leases` answers with.
@@ -746,8 +764,11 @@ pub mod testing {
         fn cluster_id(&self) -> String {
             "fake-cluster".into()
         }
-        async fn heartbeat(&self) -> Result<Vec<pb::SourceWork>, ControlError> {
-            Ok(self.with(|s| s.work.clone()))
+        async fn heartbeat(&self) -> Result<Assigned, ControlError> {
+            Ok(self.with(|s| Assigned {
+                work: s.work.clone(),
+                throttle: s.agent_throttle.clone(),
+            }))
         }
         async fn register_segments(
             &self,

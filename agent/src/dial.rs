@@ -73,6 +73,10 @@ pub trait Connection: Clone + Send + Sync + 'static {
     /// Why the connection is closed, if it is: a stream failure on a closed connection is not
     /// the segment's failure.
     fn close_reason(&self) -> Option<String>;
+    /// The bytes the congestion controller lets be in flight now (0 when it has none).
+    fn congestion_window(&self) -> u64 {
+        0
+    }
 }
 
 /// Trait modelling a dialer of target agents. This allows for IO-less testing.
@@ -167,6 +171,10 @@ impl Connection for QuicConn {
 
     fn close_reason(&self) -> Option<String> {
         self.0.close_reason().map(|r| r.to_string())
+    }
+
+    fn congestion_window(&self) -> u64 {
+        self.0.stats().path.cwnd
     }
 }
 

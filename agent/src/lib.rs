@@ -16,6 +16,7 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod target;
+pub mod throttle;
 pub mod wire;
 pub mod xattr;
 

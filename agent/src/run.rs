@@ -21,6 +21,7 @@ use crate::sink::FsSink;
 use crate::source::Source;
 use crate::stats::Stats;
 use crate::target::Target;
+use crate::throttle::Throttles;
 
 /// An agent's configuration (`/etc/ferry/agent.toml`).
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +285,8 @@ pub struct RunningAgent {
     pub advertised: String,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// The throttles in force as a source (learnt from the coordinator).
+    pub throttles: Arc<Throttles>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     control: Control,
@@ -390,7 +393,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
 
     // Register, retrying while the coordinator is unreachable, up to the configured time.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.register_timeout_secs);
-    let registered = (|| control.register(&advertised, applies_owners))
+    let registered = (|| control.register(&advertised, applies_owners, &transport))
         .retry(ferry_common::retry::policy(
             Duration::from_millis(100),
             Duration::from_secs(5),
@@ -430,18 +433,21 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             addr: "0.0.0.0:0".parse().expect("valid address"),
             source,
         })?;
+    let throttles = Arc::new(Throttles::default());
     let source = Arc::new(Source::new(
         control.clone(),
         QuicDialer::new(client_endpoint, tls.quic_client_with(&transport)?),
         cfg.state_dir.clone(),
         cfg.max_in_flight,
         stats.clone(),
+        throttles.clone(),
     ));
     tasks.push(tokio::spawn(source.run(stop_rx)));
     Ok(RunningAgent {
         data_addr,
         advertised,
         stats,
+        throttles,
         stop,
         tasks,
         control,

@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::{block_in_place, JoinSet};
 
-use crate::control::{ControlError, Coordinator, Failure};
+use crate::control::{Assigned, ControlError, Coordinator, Failure};
 use crate::dial::{Connection, DialError, Dialer, SendHalf};
 use crate::frame::{self, FrameError, MAX_SMALL_FRAME};
 use crate::manifest::{
@@ -31,6 +31,7 @@ use crate::manifest::{
 use crate::scan::{walk, Walked};
 use crate::schedule::{Action, LeaseKey, SourceSchedule, TICK};
 use crate::stats::Stats;
+use crate::throttle::{Scope, Throttles};
 
 /// Segments registered with the coordinator per call.
 const REGISTER_BATCH: usize = 1000;
@@ -175,6 +176,8 @@ pub struct Source<C: Coordinator, D: Dialer> {
     with_xattrs: Mutex<HashSet<u64>>,
     /// Manifests being written or complete, per migration id.
     manifests: Mutex<HashMap<u64, Arc<Manifest>>>,
+    /// The agent's and each migration's limits on what is sent.
+    throttles: Arc<Throttles>,
 }
 
 /// What the driver's background tasks end with.
@@ -193,6 +196,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         state_dir: PathBuf,
         max_in_flight: u32,
         stats: Arc<Stats>,
+        throttles: Arc<Throttles>,
     ) -> Self {
         Source {
             control,
@@ -203,6 +207,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             roots: Mutex::default(),
             with_xattrs: Mutex::default(),
             manifests: Mutex::default(),
+            throttles,
         }
     }
 
@@ -250,9 +255,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     Action::Heartbeat => tokio::select! {
                         _ = stop.changed() => break 'run,
                         r = self.control.heartbeat() => match r {
-                            Ok(w) => {
-                                self.learn(&w);
-                                schedule.heartbeat_answered(w);
+                            Ok(a) => {
+                                self.learn(&a);
+                                schedule.heartbeat_answered(a.work);
                             }
                             Err(e) => tracing::warn!(message = "Heartbeat failed.", error = %e),
                         },
@@ -343,9 +348,21 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         self.dialer.close();
     }
 
-    /// Records where each assigned migration reads from and whether it carries xattrs.
-    fn learn(&self, work: &[SourceWork]) {
-        for w in work.iter().filter(|w| !w.finished) {
+    /// Records where each assigned migration reads from, whether it carries xattrs, and the
+    /// throttles in force.
+    fn learn(&self, assigned: &Assigned) {
+        let throttle = |scope: Scope, text: &str| {
+            if let Err(e) = self.throttles.set(scope, text) {
+                tracing::warn!(message = "Throttle not understood; the previous one stays in force.", scope = ?scope, throttle = text, error = %e);
+            }
+        };
+        throttle(Scope::Agent, &assigned.throttle);
+        for w in &assigned.work {
+            if w.finished {
+                self.throttles.forget(w.migration_id);
+                continue;
+            }
+            throttle(Scope::Migration(w.migration_id), &w.throttle);
             self.roots
                 .lock()
                 .expect("not poisoned")
@@ -628,7 +645,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             let mut buf = vec![0u8; BUF];
             for (e, expect) in entries.iter().zip(&expect) {
                 let Some(expect) = expect else { continue };
-                self.stream_piece(&root, e, expect, &mut hasher, &mut buf, &mut send)
+                self.stream_piece(mid, &root, e, expect, &mut hasher, &mut buf, &mut send)
                     .await?;
             }
             let hash = *hasher.finalize().as_bytes();
@@ -641,6 +658,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             .await?;
             send.finish()
                 .map_err(|e| SendFail::Stream(FrameError::Write(e)))?;
+            Stats::peak(&self.stats.peak_window, conn.congestion_window());
             Ok::<_, SendFail>(hash)
         }
         .await;
@@ -686,8 +704,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
 
     /// Streams one file piece, checking that the file is the one expected and did not change while
     /// being read (invariant 3: a torn read is never reported as a good hash).
+    #[allow(clippy::too_many_arguments)]
     async fn stream_piece(
         &self,
+        mid: u64,
         root: &Path,
         e: &Entry,
         expect: &FileId,
@@ -733,6 +753,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     }
                 })?;
                 hasher.update(&buf[..n]);
+                self.throttles.take(mid, n as u64).await;
                 send.write_all(&buf[..n])
                     .await
                     .map_err(|e| SendFail::Stream(FrameError::Write(e)))?;
@@ -1114,6 +1135,7 @@ mod driven {
             dialer,
             state.path().to_path_buf(),
             4,
+            Arc::default(),
             Arc::default(),
         ));
         let (stop, _) = watch::channel(false);

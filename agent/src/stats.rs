@@ -20,12 +20,20 @@ pub struct Stats {
     pub segments_committed: AtomicU64,
     /// Segments this agent refused as a target (stale lease, wrong peer, bad path, hash mismatch).
     pub segments_refused: AtomicU64,
+    /// The largest congestion window (bytes allowed in flight) seen on a data connection as a
+    /// source, sampled as each segment's last byte is handed to QUIC.
+    pub peak_window: AtomicU64,
 }
 
 impl Stats {
     /// Adds `n` to a counter.
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raises a peak to `n` if it is higher.
+    pub fn peak(c: &AtomicU64, n: u64) {
+        c.fetch_max(n, Ordering::Relaxed);
     }
 
     /// Reads a counter.

@@ -38,6 +38,31 @@ impl FromStr for Rate {
     }
 }
 
+impl std::fmt::Display for Rate {
+    /// The largest unit the rate is a whole number of: `1gbit`, `200mbit`, `1500kbit`, `9600`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        match [
+            (1_000_000_000, "gbit"),
+            (1_000_000, "mbit"),
+            (1_000, "kbit"),
+        ]
+        .iter()
+        .find(|(m, _)| n >= *m && n.is_multiple_of(*m))
+        {
+            Some((m, unit)) => write!(f, "{}{unit}", n / m),
+            None => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Rate {
+    /// Bytes per second (at least 1).
+    pub fn bytes_per_sec(self) -> u64 {
+        (self.0 / 8).max(1)
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Rate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -55,6 +80,9 @@ mod tests {
         assert_eq!("2.5mbit".parse::<Rate>().unwrap(), Rate(2_500_000));
         assert_eq!(" 200 Mbit ".parse::<Rate>().unwrap(), Rate(200_000_000));
         assert_eq!("9600".parse::<Rate>().unwrap(), Rate(9600));
+        assert_eq!(Rate(200_000_000).to_string(), "200mbit");
+        assert_eq!(Rate(2_500_000).to_string(), "2500kbit");
+        assert_eq!(Rate(9600).to_string(), "9600");
         assert!(matches!(
             "fast".parse::<Rate>(),
             Err(RateError::Unreadable(_))

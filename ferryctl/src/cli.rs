@@ -131,8 +131,17 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum AgentsCmd {
-    /// Registered agents.
+    /// Registered agents, with their data connections' congestion controller, window and
+    /// throttle.
     List,
+    /// Limit what an agent sends as a source, over all its migrations; changed live.
+    Throttle {
+        /// The agent's name.
+        name: String,
+        /// A rate (200mbit, 1gbit, 500kbit, bits per second), off, or a schedule with times
+        /// in UTC: "09:00-18:00 100mbit, else off" (windows may cross midnight).
+        throttle: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,6 +187,14 @@ enum MigrationCmd {
         /// Refresh until the migration has ended; then exit non-zero if it failed.
         #[arg(long)]
         watch: bool,
+    },
+    /// Limit what a migration's source sends; changed live (sources apply it within a second).
+    Throttle {
+        /// Migration name or id.
+        id: String,
+        /// A rate (200mbit, 1gbit, 500kbit, bits per second), off, or a schedule with times
+        /// in UTC: "09:00-18:00 100mbit, else off" (windows may cross midnight).
+        throttle: String,
     },
     /// Check that every segment is verified with equal source and target BLAKE3.
     /// Exits non-zero when not (failed segments are listed first, with their errors).
@@ -335,12 +352,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&agents);
             } else {
                 println!(
-                    "{:<24} {:<24} {:<10} LAST SEEN (unix ms)",
-                    "NAME", "DATA ADDRESS", "STATUS"
+                    "{:<24} {:<24} {:<10} {:<16} {:<12} LAST SEEN (unix ms)",
+                    "NAME", "DATA ADDRESS", "STATUS", "CONGESTION", "THROTTLE"
                 );
                 for a in agents {
+                    let congestion = if a.congestion.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{} {}", a.congestion, human_bytes(a.window_bytes))
+                    };
                     println!(
-                        "{:<24} {:<24} {:<10} {}",
+                        "{:<24} {:<24} {:<10} {:<16} {:<12} {}",
                         a.name,
                         if a.data_addr.is_empty() {
                             "-"
@@ -348,6 +370,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             &a.data_addr
                         },
                         a.status,
+                        congestion,
+                        a.throttle,
                         a.last_seen_ms
                     );
                     if !a.cannot_receive.is_empty() {
@@ -386,6 +410,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::json!({ "migration_id": id, "name": name }));
             } else {
                 println!("created migration {id} ({name})");
+            }
+        }
+        Cmd::Agents(AgentsCmd::Throttle { name, throttle }) => {
+            let now = connect(&cli)
+                .await?
+                .set_throttle("", name, throttle)
+                .await?;
+            if json {
+                print_json(&serde_json::json!({ "agent": name, "throttle": now }));
+            } else {
+                println!("agent {name} throttled: {now}");
+            }
+        }
+        Cmd::Migration(MigrationCmd::Throttle { id, throttle }) => {
+            let now = connect(&cli).await?.set_throttle(id, "", throttle).await?;
+            if json {
+                print_json(&serde_json::json!({ "migration": id, "throttle": now }));
+            } else {
+                println!("migration {id} throttled: {now}");
             }
         }
         Cmd::Migration(MigrationCmd::List) => {
@@ -434,6 +477,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "leases granted {}  in flight {}  failed attempts {}",
                     p.leases_granted, p.segments_leased, p.failed_attempts
                 );
+                if p.throttle != "off" && !p.throttle.is_empty() {
+                    let utc = if p.throttle.contains(':') {
+                        " (times UTC)"
+                    } else {
+                        ""
+                    };
+                    println!("throttle {}{utc}", p.throttle);
+                }
                 if !p.blocked.is_empty() {
                     println!("blocked: {}", p.blocked);
                 }

@@ -260,6 +260,29 @@ impl Ctl {
         .await
     }
 
+    /// Sets the throttle of a migration (`migration`: its name or id) or an agent; returns the
+    /// throttle now in force, in canonical form. Setting a throttle is idempotent, so it is
+    /// retried like a read.
+    pub async fn set_throttle(
+        &self,
+        migration: &str,
+        agent: &str,
+        throttle: &str,
+    ) -> Result<String, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.set_throttle(pb::SetThrottleRequest {
+                migration: migration.to_string(),
+                agent: agent.to_string(),
+                throttle: throttle.to_string(),
+            })
+            .await?
+            .into_inner()
+            .throttle)
+        })
+        .await
+    }
+
     /// Creates a migration named by [`default_name`]; returns its id. See [`Ctl::create_named`].
     pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
         self.create_named(&default_name(&spec), spec).await

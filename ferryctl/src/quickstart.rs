@@ -86,6 +86,13 @@ pub struct Report {
     pub hash_mismatches: u64,
     /// Bytes the source sent, including resends.
     pub bytes_sent: u64,
+    /// The source's congestion controller, as it registered it with the coordinator.
+    pub congestion: String,
+    /// The bytes one of its connections may have in flight (its window), as registered.
+    pub window_bytes: u64,
+    /// The largest congestion window seen on its data connection: the most bytes its
+    /// congestion controller let be in flight (sampled as each segment's last byte was sent).
+    pub peak_in_flight: u64,
     /// Bytes in holes of sparse files, which were not sent (counted per attempt, like
     /// `bytes_sent`).
     pub hole_bytes: u64,
@@ -134,6 +141,12 @@ impl Report {
             self.bytes_sent,
             (self.bytes_sent + self.hole_bytes).saturating_sub(self.bytes),
             self.hole_bytes
+        ));
+        s.push_str(&format!(
+            "transport   QUIC, {} congestion control, window {}, peak in flight {} (congestion window)\n",
+            self.congestion,
+            human_bytes(self.window_bytes),
+            human_bytes(self.peak_in_flight)
         ));
         s.push_str(&format!(
             "verified    {} (BLAKE3 of every segment equal at source and target, target fsynced)\n",
@@ -304,6 +317,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             started.elapsed().as_secs_f64()
         };
         let v = ctl.verify(id, 0).await?;
+        let src_agent = ctl
+            .agents()
+            .await?
+            .into_iter()
+            .find(|a| a.name == "source")
+            .unwrap_or_default();
         anyhow::Ok(Report {
             source: source.clone(),
             target: target.clone(),
@@ -324,6 +343,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             all_verified: v.all_verified,
             hash_mismatches: v.hash_mismatches,
             bytes_sent: Stats::get(&src_stats.bytes_sent),
+            congestion: src_agent.congestion,
+            window_bytes: src_agent.window_bytes,
+            peak_in_flight: Stats::get(&src_stats.peak_window),
             hole_bytes: Stats::get(&src_stats.hole_bytes),
             issues: done
                 .scan_issues

@@ -7,8 +7,10 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_admin, convert, now_ms, refused, Core, Proposal};
 use crate::state::{
-    Command, MigrationSpec, Response, SegState, DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS,
+    Command, MigrationSpec, Response, SegState, ThrottleScope, DEFAULT_MAX_ATTEMPTS,
+    MAX_MAX_ATTEMPTS,
 };
+use ferry_common::throttle::{Throttle, ThrottleError};
 
 /// Serves [`Admin`].
 pub struct AdminService(pub Arc<Core>);
@@ -114,6 +116,24 @@ fn validate_idempotency_key(key: &str) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+impl AdminService {
+    /// The id of the migration `name_or_id` names (names are never all digits).
+    async fn migration_id(&self, name_or_id: &str) -> Result<u64, Status> {
+        if let Ok(id) = name_or_id.parse::<u64>() {
+            return Ok(id);
+        }
+        let name = name_or_id.to_string();
+        self.0
+            .read(move |s| s.migration_named(&name))
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no migration is named {name_or_id} (ferryctl migration list shows them)"
+                ))
+            })
+    }
 }
 
 #[tonic::async_trait]
@@ -265,6 +285,50 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn set_throttle(
+        &self,
+        req: Request<pb::SetThrottleRequest>,
+    ) -> R<pb::SetThrottleResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        if r.throttle.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "a throttle is at most 1024 characters",
+            ));
+        }
+        let throttle: Throttle = match r.throttle.trim() {
+            "" => Throttle::default(),
+            t => t
+                .parse()
+                .map_err(|e: ThrottleError| Status::invalid_argument(e.to_string()))?,
+        };
+        let scope = match (r.migration.is_empty(), r.agent.is_empty()) {
+            (false, true) => {
+                let id = self.migration_id(&r.migration).await?;
+                ThrottleScope::Migration(id)
+            }
+            (true, false) => ThrottleScope::Agent(r.agent),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name either a migration or an agent to throttle",
+                ))
+            }
+        };
+        match self
+            .0
+            .write(Command::SetThrottle {
+                scope,
+                throttle: throttle.to_string(),
+            })
+            .await?
+        {
+            Response::Ok => Ok(GrpcResponse::new(pb::SetThrottleResponse {
+                throttle: throttle.to_string(),
+            })),
+            other => Err(refused(other)),
+        }
+    }
+
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_admin(&req)?;
         let now = now_ms();
@@ -288,6 +352,9 @@ impl Admin for AdminService {
                         .to_string(),
                         cannot_receive: a.undialable().unwrap_or_default(),
                         conflict: a.conflict.clone(),
+                        congestion: a.congestion.clone(),
+                        window_bytes: a.window_bytes,
+                        throttle: convert::off_if_empty(&a.throttle),
                     })
                     .collect()
             })

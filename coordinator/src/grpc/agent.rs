@@ -130,6 +130,11 @@ impl AgentControl for AgentService {
                 "registration without a session; upgrade the agent to this coordinator's version",
             ));
         }
+        if !r.congestion.is_empty() {
+            if let Err(e) = r.congestion.parse::<ferry_common::transport::Congestion>() {
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+        }
         let resp = self
             .0
             .write(Command::RegisterAgent {
@@ -139,6 +144,8 @@ impl AgentControl for AgentService {
                 previous: r.previous_session,
                 new_cluster_id: ferry_common::ids::random_id(),
                 applies_owners: r.applies_owners,
+                congestion: r.congestion,
+                window_bytes: r.window_bytes,
                 now_ms: now_ms(),
             })
             .await?;
@@ -167,7 +174,7 @@ impl AgentControl for AgentService {
         // A local read: a lagging follower tells the agent about new work a moment later, and
         // a `last_seen` it believes stale costs one extra commit. A linearizable read per
         // heartbeat (a quorum round each) was most of a loaded cluster's traffic.
-        let (stale, work, conflict, cluster_id) = self.0.read_local(|s| {
+        let (stale, work, conflict, cluster_id, agent_throttle) = self.0.read_local(|s| {
             let a = s.agents.get(&agent);
             if let Some(why) = a.and_then(|a| a.session_error(session)) {
                 return Err(Status::failed_precondition(why));
@@ -187,6 +194,7 @@ impl AgentControl for AgentService {
                     migration_uuid: m.uuid.clone(),
                     xattrs: m.spec.xattrs,
                     excludes: m.spec.excludes.clone(),
+                    throttle: m.throttle.clone(),
                 })
                 .collect();
             Ok((
@@ -194,6 +202,7 @@ impl AgentControl for AgentService {
                 work,
                 conflict,
                 s.cluster_id.clone(),
+                a.map(|a| a.throttle.clone()).unwrap_or_default(),
             ))
         })?;
         // Agents call every second to learn of work; `last_seen` is committed only when stale,
@@ -213,6 +222,7 @@ impl AgentControl for AgentService {
             source_work: work,
             conflict,
             cluster_id,
+            agent_throttle,
         }))
     }
 

@@ -41,6 +41,16 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
 }
 
 /// Progress of a migration.
+/// A throttle as operators see it: "off" for none.
+pub fn off_if_empty(throttle: &str) -> String {
+    if throttle.is_empty() {
+        "off".into()
+    } else {
+        throttle.into()
+    }
+}
+
+/// A migration's progress, as far as the migration alone says.
 pub fn progress(m: &Migration) -> pb::MigrationProgress {
     let c = &m.counters;
     pb::MigrationProgress {
@@ -80,6 +90,7 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         // segments.
         blocked: String::new(),
         failed: Vec::new(),
+        throttle: off_if_empty(&m.throttle),
     }
 }
 

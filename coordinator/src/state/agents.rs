@@ -28,6 +28,12 @@ pub struct Agent {
     pub conflict: String,
     /// Whether, as a target, it applies files' owners (it runs as root).
     pub applies_owners: bool,
+    /// Its data connections' congestion controller, as it registered it.
+    pub congestion: String,
+    /// The bytes one of its data connections may have in flight, as it registered it.
+    pub window_bytes: u64,
+    /// Its throttle as a source ([`ferry_common::throttle`] canonical text; empty: none).
+    pub throttle: String,
 }
 
 impl Agent {
@@ -148,6 +154,9 @@ impl State {
                     session,
                     conflict: String::new(),
                     applies_owners: false,
+                    congestion: String::new(),
+                    window_bytes: 0,
+                    throttle: String::new(),
                 },
             );
         }

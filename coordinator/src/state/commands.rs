@@ -24,8 +24,20 @@ pub enum Command {
         new_cluster_id: String,
         /// Whether, as a target, it applies files' owners (it runs as root).
         applies_owners: bool,
+        /// Its data connections' congestion controller.
+        congestion: String,
+        /// The bytes one of its data connections may have in flight.
+        window_bytes: u64,
         /// Leader time.
         now_ms: u64,
+    },
+    /// An operator sets what a migration's source, or an agent as a source, may send per
+    /// second ([`ferry_common::throttle`] text; empty or `off`: no limit).
+    SetThrottle {
+        /// What it limits.
+        scope: ThrottleScope,
+        /// The throttle.
+        throttle: String,
     },
     /// An agent is alive.
     Heartbeat {
@@ -159,6 +171,15 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+/// What a [`Command::SetThrottle`] limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ThrottleScope {
+    /// One migration (by id).
+    Migration(u64),
+    /// Everything an agent sends as a source.
+    Agent(String),
+}
+
 impl Command {
     /// Roughly how much work and log space the command takes (for sizing batches).
     pub fn weight(&self) -> usize {
@@ -207,6 +228,8 @@ impl State {
                 previous,
                 new_cluster_id,
                 applies_owners,
+                congestion,
+                window_bytes,
                 now_ms,
             } => {
                 if self.cluster_id.is_empty() && !new_cluster_id.is_empty() {
@@ -217,6 +240,8 @@ impl State {
                     Response::Ok => {
                         if let Some(a) = self.agents.get_mut(&name) {
                             a.applies_owners = applies_owners;
+                            a.congestion = congestion;
+                            a.window_bytes = window_bytes;
                         }
                         Response::Registered(self.cluster_id.clone())
                     }
@@ -238,6 +263,7 @@ impl State {
                 },
                 None => refused(format!("agent {name} is not registered; register first")),
             },
+            Command::SetThrottle { scope, throttle } => self.set_throttle(scope, &throttle),
             Command::EndSession { name, session } => match self.agents.get_mut(&name) {
                 // Ending a session that is not current changes nothing (a repeated request).
                 Some(a) if a.session == session && session != 0 => {

@@ -19,9 +19,10 @@ mod reads;
 mod reports;
 mod scheduler;
 mod segment;
+mod throttles;
 
 pub use agents::{Agent, SESSION_TIMEOUT_MS};
-pub use commands::Command;
+pub use commands::{Command, ThrottleScope};
 use phases::ScanEnd;
 pub use phases::{Counters, Migration, MigrationSpec, Phase};
 pub use reads::LeaseRefusal;

@@ -118,6 +118,9 @@ pub struct Migration {
     pub created_ms: u64,
     /// When it reached `Done` or `Failed` (0 before).
     pub finished_ms: u64,
+    /// What its source may send per second ([`ferry_common::throttle`] canonical text; empty:
+    /// no limit).
+    pub throttle: String,
 }
 
 /// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
@@ -202,6 +205,7 @@ impl State {
                 last_error: String::new(),
                 created_ms: now_ms,
                 finished_ms: 0,
+                throttle: String::new(),
             },
         );
         self.by_name.insert(name, id);

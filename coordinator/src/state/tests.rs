@@ -55,6 +55,8 @@ impl World {
                 data_addr: addr.into(),
                 new_cluster_id: "cluster-1".into(),
                 applies_owners: true,
+                congestion: "bbr".into(),
+                window_bytes: 64 << 20,
                 now_ms: 0,
             });
         }
@@ -297,6 +299,8 @@ fn no_leases_until_target_has_an_address() {
         data_addr: String::new(),
         new_cluster_id: "cluster-1".into(),
         applies_owners: true,
+        congestion: "bbr".into(),
+        window_bytes: 64 << 20,
         now_ms: 3,
     });
     w.migration(&[(0, 1, 1)]);
@@ -956,6 +960,8 @@ fn register_agent(
         previous,
         new_cluster_id: "cluster-1".into(),
         applies_owners: true,
+        congestion: "bbr".into(),
+        window_bytes: 64 << 20,
         now_ms,
     })
 }
@@ -1135,6 +1141,8 @@ fn the_first_registration_names_the_cluster_and_migrations_keep_their_uuid() {
         previous: 0,
         new_cluster_id: "another".into(),
         applies_owners: true,
+        congestion: "bbr".into(),
+        window_bytes: 64 << 20,
         now_ms: 5,
     });
     assert_eq!(r, Response::Registered("cluster-1".into()));
@@ -1166,6 +1174,8 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         previous: 0,
         new_cluster_id: String::new(),
         applies_owners: false,
+        congestion: "bbr".into(),
+        window_bytes: 64 << 20,
         now_ms: 2,
     });
     let notes = w.s.notes(mid);
@@ -1456,4 +1466,52 @@ fn a_missing_source_root_or_a_skipped_path_fails_the_migration() {
         issues: vec![("gone".into(), "gone at copy time".into())],
     });
     assert_eq!(w.s.migrations[&empty].phase, Phase::Failed);
+}
+
+#[test]
+fn throttles_are_kept_canonical_and_refused_when_unreadable_or_pointless() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 1, 1)]);
+    let set = |w: &mut World, scope: ThrottleScope, t: &str| {
+        w.apply(Command::SetThrottle {
+            scope,
+            throttle: t.into(),
+        })
+    };
+    let m = ThrottleScope::Migration(mid);
+    assert_eq!(set(&mut w, m.clone(), " 200 Mbit "), Response::Ok);
+    assert_eq!(w.s.migrations[&mid].throttle, "200mbit");
+    assert_eq!(
+        set(&mut w, m.clone(), "else off, 09:00-18:00 100mbit"),
+        Response::Ok
+    );
+    assert_eq!(
+        w.s.migrations[&mid].throttle,
+        "09:00-18:00 100mbit, else off"
+    );
+    assert_eq!(set(&mut w, m.clone(), "off"), Response::Ok);
+    assert_eq!(w.s.migrations[&mid].throttle, "");
+    assert!(matches!(set(&mut w, m, "fast"), Response::Refused(_)));
+    assert!(matches!(
+        set(&mut w, ThrottleScope::Migration(999), "1mbit"),
+        Response::Refused(_)
+    ));
+
+    assert_eq!(
+        set(&mut w, ThrottleScope::Agent("src".into()), "1gbit"),
+        Response::Ok
+    );
+    assert_eq!(w.s.agents["src"].throttle, "1gbit");
+    assert!(matches!(
+        set(&mut w, ThrottleScope::Agent("nobody".into()), "1gbit"),
+        Response::Refused(_)
+    ));
+
+    // A finished migration has nothing left to throttle.
+    let done = w.migration(&[]);
+    assert!(w.s.migrations[&done].phase.finished());
+    assert!(matches!(
+        set(&mut w, ThrottleScope::Migration(done), "1mbit"),
+        Response::Refused(_)
+    ));
 }

@@ -59,6 +59,8 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             data_addr: String::new(),
             new_cluster_id: "cluster-1".into(),
             applies_owners: true,
+            congestion: "bbr".into(),
+            window_bytes: 64 << 20,
             now_ms: 1,
         },
         Command::RegisterAgent {
@@ -68,6 +70,8 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             data_addr: "127.0.0.1:9".into(),
             new_cluster_id: "cluster-1".into(),
             applies_owners: true,
+            congestion: "bbr".into(),
+            window_bytes: 64 << 20,
             now_ms: 1,
         },
         Command::CreateMigration {
@@ -125,6 +129,15 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             now_ms: 4,
         });
     }
+    // Throttles on the migration and an agent (entries 8 and 9).
+    cmds.push(Command::SetThrottle {
+        scope: crate::state::ThrottleScope::Migration(1),
+        throttle: "09:00-18:00 100mbit, else off".into(),
+    });
+    cmds.push(Command::SetThrottle {
+        scope: crate::state::ThrottleScope::Agent("src".into()),
+        throttle: "1gbit".into(),
+    });
     cmds.into_iter()
         .enumerate()
         .map(|(i, c)| entry(i as u64 + 1, c))
@@ -173,7 +186,7 @@ async fn snapshot_of_a_busy_state_builds_installs_and_survives_reopen() {
     // Reopened from disk, the installed state is all there, derived indexes included.
     let (_log, mut reopened) = open(b.path()).unwrap();
     let (applied, _) = reopened.applied_state().await.unwrap();
-    assert_eq!(applied.map(|l| l.index), Some(7));
+    assert_eq!(applied.map(|l| l.index), Some(9));
     let mut state = reopened.shared().read().unwrap().state.clone();
     assert_eq!(state, original);
     // The two leased-and-pending segments are leasable exactly as before.
@@ -202,7 +215,7 @@ async fn applied_state_is_recorded_with_the_data_so_a_restart_does_not_reapply()
     }
     let (_log, mut sm) = open(dir.path()).unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
-    assert_eq!(applied.map(|l| l.index), Some(7));
+    assert_eq!(applied.map(|l| l.index), Some(9));
     let m = sm.shared().read().unwrap().state.migrations[&1].clone();
     assert_eq!(m.counters.leases_granted, 2, "counters as applied once");
     assert_eq!(
@@ -290,6 +303,8 @@ fn more_entries() -> Vec<Entry<TypeConfig>> {
                 data_addr: String::new(),
                 new_cluster_id: "cluster-1".into(),
                 applies_owners: true,
+                congestion: "bbr".into(),
+                window_bytes: 64 << 20,
                 now_ms: 9,
             },
         ),
@@ -355,6 +370,8 @@ async fn follower_with_a_ghost(dir: &std::path::Path) -> (LogStore, StateMachine
                 data_addr: String::new(),
                 new_cluster_id: "cluster-1".into(),
                 applies_owners: true,
+                congestion: "bbr".into(),
+                window_bytes: 64 << 20,
                 now_ms: 1,
             },
         )])
@@ -402,7 +419,7 @@ async fn an_install_interrupted_before_the_switch_is_finished_at_start_up() {
     {
         let (_log, mut reopened) = open(b.path()).unwrap();
         let (applied, _) = reopened.applied_state().await.unwrap();
-        assert_eq!(applied.map(|l| l.index), Some(7));
+        assert_eq!(applied.map(|l| l.index), Some(9));
         assert_eq!(reopened.shared().read().unwrap().state, want);
     }
     // And it stays switched.

@@ -240,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             ""
         };
-        async move { c.register(addr, false).await }
+        async move { c.register(addr, false, &Default::default()).await }
     }))
     .buffer_unordered(64)
     .collect::<Vec<_>>()

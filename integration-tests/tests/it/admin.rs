@@ -21,7 +21,7 @@ async fn a_retried_create_answers_the_same_migration_and_names_are_unique() {
         let addr = if name == "target" { "127.0.0.1:9" } else { "" };
         Control::new(name, &coord, &tls)
             .unwrap()
-            .register(addr, false)
+            .register(addr, false, &Default::default())
             .await
             .unwrap();
     }

@@ -13,4 +13,5 @@ mod processes;
 mod quickstart;
 mod resume;
 mod retries;
+mod throttle;
 mod wan;

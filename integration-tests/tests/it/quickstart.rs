@@ -127,9 +127,14 @@ fn quickstart_command_migrates_the_sample_exactly() {
         "\"issues_total\": 0",
         // Two of the three names of the labels file were linked, not copied.
         "\"hardlinks\": 2",
+        // The congestion controller, as the source registered it (BBR by default).
+        "\"congestion\": \"bbr\"",
     ] {
         assert!(stdout.contains(key), "{key} not in report:\n{stdout}");
     }
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(report["window_bytes"].as_u64().unwrap() >= 16 << 20, "{stdout}");
+    assert!(report["peak_in_flight"].as_u64().unwrap() > 0, "{stdout}");
     let files = tree
         .values()
         .filter(|n| !matches!(n, Node::Dir { .. }))

@@ -1,0 +1,51 @@
+//! Throttles: what a migration's source, or an agent as a source, may send per second. The
+//! state keeps each as its canonical text; sources parse and apply it.
+
+use ferry_common::throttle::Throttle;
+
+use super::*;
+use commands::ThrottleScope;
+
+impl State {
+    /// Sets a throttle. Its text must parse ([`Throttle`]); it is kept in canonical form, and
+    /// "off" is kept as no throttle (empty).
+    pub(super) fn set_throttle(&mut self, scope: ThrottleScope, text: &str) -> Response {
+        let throttle: Throttle = match text.trim() {
+            "" => Throttle::default(),
+            t => match t.parse() {
+                Ok(t) => t,
+                Err(e) => return refused(e.to_string()),
+            },
+        };
+        let canonical = if throttle.is_off() {
+            String::new()
+        } else {
+            throttle.to_string()
+        };
+        match scope {
+            ThrottleScope::Migration(id) => match self.migrations.get_mut(&id) {
+                None => refused(format!("migration {id} does not exist")),
+                Some(m) if m.phase.finished() => refused(format!(
+                    "migration {} has ended ({}): there is nothing left to throttle",
+                    m.name,
+                    m.phase.as_str()
+                )),
+                Some(m) => {
+                    m.throttle = canonical;
+                    self.dirty.migrations.insert(id);
+                    Response::Ok
+                }
+            },
+            ThrottleScope::Agent(name) => match self.agents.get_mut(&name) {
+                None => refused(format!(
+                    "agent {name} is not registered; see `ferryctl agents list`"
+                )),
+                Some(a) => {
+                    a.throttle = canonical;
+                    self.dirty.agents.insert(name);
+                    Response::Ok
+                }
+            },
+        }
+    }
+}
