@@ -351,6 +351,18 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             StartError::Config("data_listen is set but root is not: a target needs a root".into())
         })?;
         let sink = Arc::new(FsSink::new(root, &cfg.state_dir)?);
+        {
+            let sink = sink.clone();
+            tokio::task::spawn_blocking(move || {
+                let removed = sink.sweep_stale_temporaries();
+                if removed > 0 {
+                    tracing::info!(
+                        message = "Removed temporaries an earlier process left (their segments are sent again).",
+                        removed
+                    );
+                }
+            });
+        }
         applies_owners = sink.applies_owner();
         if !applies_owners {
             tracing::warn!(

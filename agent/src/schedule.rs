@@ -20,7 +20,7 @@ use ferry_proto::control::{Lease, SourceWork};
 /// work and leases again.
 pub const TICK: Duration = Duration::from_millis(250);
 /// How often to send a heartbeat (and learn of new migrations).
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 /// How long to wait before preparing a migration again after its preparation failed.
 pub const PREPARE_RETRY: Duration = Duration::from_secs(5);
 /// The shortest time between two renewals, whatever the lease time: a renewal is one Raft
@@ -332,6 +332,9 @@ mod tests {
 
     /// All actions of one round at `now`, answering heartbeats with `w` and reconciliations
     /// successfully; leases granted as asked, with lease time `ttl_ms`, starting at `next_sid`.
+    /// Rounds within one heartbeat interval.
+    const STEP: Duration = Duration::from_millis(HEARTBEAT_EVERY.as_millis() as u64 / 4);
+
     fn round(s: &mut SourceSchedule, now: Instant, w: &[SourceWork]) -> Vec<Action> {
         s.start_round();
         let mut out = Vec::new();
@@ -365,13 +368,13 @@ mod tests {
         s.leased();
         s.started(key(1), 120_000);
         s.started(key(2), 120_000);
-        assert_eq!(round(&mut s, t0 + TICK, &w), vec![Action::Lease(2)]);
+        assert_eq!(round(&mut s, t0 + STEP, &w), vec![Action::Lease(2)]);
         s.leased();
         s.started(key(3), 120_000);
         s.started(key(4), 120_000);
-        assert_eq!(round(&mut s, t0 + 2 * TICK, &w), vec![], "no room left");
+        assert_eq!(round(&mut s, t0 + 2 * STEP, &w), vec![], "no room left");
         s.finished(&key(2));
-        assert_eq!(round(&mut s, t0 + 3 * TICK, &w), vec![Action::Lease(1)]);
+        assert_eq!(round(&mut s, t0 + 3 * STEP, &w), vec![Action::Lease(1)]);
         assert_eq!(
             round(&mut s, t0 + HEARTBEAT_EVERY, &w),
             vec![Action::Heartbeat, Action::Lease(1)]
@@ -506,11 +509,11 @@ mod tests {
         assert_eq!(s.next(t0), Some(Action::Lease(2)));
         assert_eq!(s.next(t0), None);
         s.start_round();
-        assert_eq!(s.next(t0 + TICK), Some(Action::ListLeases));
+        assert_eq!(s.next(t0 + STEP), Some(Action::ListLeases));
         s.listed();
-        assert_eq!(s.next(t0 + TICK), Some(Action::Lease(2)));
+        assert_eq!(s.next(t0 + STEP), Some(Action::Lease(2)));
         s.start_round();
-        assert_eq!(s.next(t0 + 2 * TICK), Some(Action::Lease(2)));
+        assert_eq!(s.next(t0 + 2 * STEP), Some(Action::Lease(2)));
     }
 
     #[test]

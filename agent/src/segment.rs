@@ -3,7 +3,11 @@
 //!
 //! A file of at least `segment_size` bytes is split into `ceil(size / segment_size)` chunk segments
 //! of its own. Smaller files, empty files, directories and symlinks are packed in scan order into
-//! bundle segments of at most `segment_size` bytes and [`MAX_BUNDLE_ENTRIES`] entries.
+//! bundle segments of at most [`BUNDLE_BYTES`] (or `segment_size`, if smaller) and
+//! [`BUNDLE_ENTRIES`] entries: a tree of small files becomes enough segments to keep every
+//! transfer slot of a source busy (a 555 MB tree of 50,000 files is ~70 bundles, not 9), while
+//! each bundle still amortises its round trips and its one durability barrier over many files.
+//! A file between [`BUNDLE_BYTES`] and `segment_size` travels alone in its bundle.
 
 use std::path::{Path, PathBuf};
 
@@ -169,6 +173,11 @@ impl PlannedSegment {
 }
 
 pub use ferry_common::MAX_BUNDLE_ENTRIES;
+/// Bytes at which a bundle is closed (when the segment size is larger).
+pub const BUNDLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Entries at which a bundle is closed (at most [`MAX_BUNDLE_ENTRIES`], what a target accepts).
+pub const BUNDLE_ENTRIES: usize = 1024;
+const _: () = assert!(BUNDLE_ENTRIES <= MAX_BUNDLE_ENTRIES);
 /// Most header bytes in one bundle (estimated per entry as its path and link lengths plus 64),
 /// so that long paths cannot push a header past the receiver's frame limit (4 MiB).
 pub const MAX_BUNDLE_HEADER_BYTES: usize = 2 * 1024 * 1024;
@@ -220,8 +229,8 @@ impl SegmentPlanner {
             }
             return out;
         }
-        if self.bundle_bytes + entry.len > self.segment_size
-            || self.bundle.len() >= MAX_BUNDLE_ENTRIES
+        if self.bundle_bytes + entry.len > self.segment_size.min(BUNDLE_BYTES)
+            || self.bundle.len() >= BUNDLE_ENTRIES
             || self.bundle_header + header_cost(&entry) > MAX_BUNDLE_HEADER_BYTES
         {
             if let Some(s) = self.flush() {
@@ -313,12 +322,31 @@ mod tests {
 
     #[test]
     fn bundles_are_capped_by_entry_count() {
-        let entries: Vec<_> = (0..MAX_BUNDLE_ENTRIES + 1)
+        let entries: Vec<_> = (0..BUNDLE_ENTRIES + 1)
             .map(|i| file(&format!("f{i}"), 0))
             .collect();
         let segs = plan(100, entries);
         assert_eq!(segs.len(), 2);
-        assert_eq!(segs[0].entries.len(), MAX_BUNDLE_ENTRIES);
+        assert_eq!(segs[0].entries.len(), BUNDLE_ENTRIES);
+    }
+
+    #[test]
+    fn a_tree_of_small_files_is_cut_into_enough_bundles_to_send_in_parallel() {
+        // /usr/share here: 50,000 files, 555 MB, at the default segment size.
+        let tree: Vec<_> = (0..50_000)
+            .map(|i| file(&format!("f{i}"), 11_100))
+            .collect();
+        let segs = plan(ferry_common::DEFAULT_SEGMENT_SIZE, tree);
+        assert!(segs.len() >= 66, "{} bundles", segs.len());
+        assert!(segs.iter().all(|s| s.bytes() <= BUNDLE_BYTES));
+        // A file between the bundle size and the segment size travels whole, alone.
+        let segs = plan(
+            ferry_common::DEFAULT_SEGMENT_SIZE,
+            vec![file("a", 10), file("mid", 20 << 20), file("b", 10)],
+        );
+        assert_eq!(segs.len(), 3);
+        assert_eq!(segs[1].entries.len(), 1);
+        assert_eq!(segs[1].bytes(), 20 << 20);
     }
 
     #[test]

@@ -232,7 +232,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     if let Some(key) = sending.remove(&id) {
                         schedule.finished(&key);
                     }
-                    continue;
+                    // A slot is free: the round below asks for a lease at once, not a tick
+                    // later.
                 }
                 Some(done) = background.join_next() => {
                     match done {
@@ -245,7 +246,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         }
                         Err(e) => tracing::error!(message = "A source task failed.", error = %e),
                     }
-                    continue;
+                    // A migration just prepared is leased from at once.
                 }
                 _ = tick.tick() => {}
             }

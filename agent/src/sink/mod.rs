@@ -34,6 +34,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use crate::segment::{Entry, EntryKind};
@@ -56,6 +57,28 @@ pub use writer::SegmentWriter;
 
 /// Prefix of every name ferry creates in a target tree; peers may not use it.
 pub const RESERVED_PREFIX: &str = ".ferry-";
+/// How the temporaries of whole files, symlinks and hardlinks end.
+const TMP_SUFFIX: &str = ".tmp";
+
+/// A random token naming this process's temporaries (`.ferry-s<segment>-e<epoch>-<token>.…`):
+/// temporaries with any other token were left by a process that died, and are swept at start.
+/// Not the pid, which a later process may have again.
+pub fn process_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| ferry_common::hash::hex(&ferry_common::ids::random_bytes::<8>()))
+}
+
+/// Whether `name` is a temporary of a segment transfer made by another process than this one.
+fn stale_temporary(name: &[u8]) -> bool {
+    let Some(rest) = name.strip_prefix(RESERVED_PREFIX.as_bytes()) else {
+        return false;
+    };
+    if !rest.starts_with(b"s") || !rest.ends_with(TMP_SUFFIX.as_bytes()) {
+        return false;
+    }
+    let ours = format!("-{}.", process_token());
+    !rest.windows(ours.len()).any(|w| w == ours.as_bytes())
+}
 
 /// Mode bits applied when ownership is not: setuid and setgid are dropped, because a set-id file
 /// must not end up owned by whoever runs the agent.
@@ -160,6 +183,23 @@ pub struct FsSink {
     dir_times: Mutex<DirTimes>,
     /// Whether owners are applied (the agent runs as root).
     apply_owner: bool,
+    /// Durability calls made for files.
+    pub(super) syncs: SyncCounts,
+}
+
+/// How many durability calls a sink made for file data (not counting directories).
+#[derive(Debug, Default)]
+pub struct SyncCounts {
+    /// `fsync`/`fdatasync` of one file (a lone whole file, a piece of a split file).
+    pub file_syncs: AtomicU64,
+    /// `syncfs` of a file system (the barrier of a segment of several whole files).
+    pub fs_syncs: AtomicU64,
+}
+
+impl SyncCounts {
+    fn add(&self, c: &AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl FsSink {
@@ -215,7 +255,36 @@ impl FsSink {
                 log_path,
             }),
             apply_owner: crate::holes::running_as_root(),
+            syncs: SyncCounts::default(),
         })
+    }
+
+    /// Removes the temporaries that transfers of earlier processes left below the root (a
+    /// target killed mid-segment leaves its staged files unpublished; their segment is sent
+    /// again). Never follows symlinks; part files of split files (durable state) are kept.
+    /// Walks the whole root: run it in the background. Returns how many it removed.
+    pub fn sweep_stale_temporaries(&self) -> u64 {
+        let mut removed = 0;
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(t) = e.file_type() else { continue };
+                if t.is_dir() {
+                    dirs.push(e.path());
+                } else if stale_temporary(e.file_name().as_bytes()) {
+                    match fs::remove_file(e.path()) {
+                        Ok(()) => removed += 1,
+                        Err(err) => {
+                            tracing::warn!(message = "Cannot remove a stale temporary.", path = %e.path().display(), error = %err)
+                        }
+                    }
+                }
+            }
+        }
+        removed
     }
 
     /// Whether this sink applies owners (uid and gid) to what it writes.
@@ -352,6 +421,7 @@ impl Sink for FsSink {
             staged: Vec::new(),
             created: Vec::new(),
             dirs: Vec::new(),
+            pending: Default::default(),
         })
     }
 }

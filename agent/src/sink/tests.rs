@@ -679,3 +679,70 @@ fn resent_segments_never_split_a_hardlink_group_or_leave_temporaries() {
     write_segment(&f.sink, 0, &[(file("a", b"SHARED"), b"SHARED")]).unwrap();
     assert_eq!(fs::read(f.path("a")).unwrap(), b"SHARED");
 }
+
+#[test]
+fn a_bundle_is_made_durable_by_one_barrier_before_anything_is_visible() {
+    let f = Fixture::new();
+    let data: Vec<Vec<u8>> = (0..50).map(|i| vec![i as u8; 100 + i]).collect();
+    let mut w = f.sink.begin("", "c/m1", 1, 11).unwrap();
+    for (i, d) in data.iter().enumerate() {
+        w.start_entry(&file(&format!("f{i:02}"), d)).unwrap();
+        w.write(d).unwrap();
+    }
+    let count = |c: &AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    // Written, not durable yet: no file was synced one by one, and none is visible.
+    assert_eq!(count(&f.sink.syncs.file_syncs), 0);
+    assert_eq!(count(&f.sink.syncs.fs_syncs), 0);
+    assert!(f.names("").iter().all(|n| n.starts_with(RESERVED_PREFIX)));
+    w.finish().unwrap();
+    // One barrier for the 50 files (one file system), before the commit makes them visible.
+    assert_eq!(count(&f.sink.syncs.fs_syncs), 1);
+    assert_eq!(count(&f.sink.syncs.file_syncs), 0);
+    assert!(f.names("").iter().all(|n| n.starts_with(RESERVED_PREFIX)));
+    w.commit().unwrap();
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(&fs::read(f.path(&format!("f{i:02}"))).unwrap(), d);
+    }
+
+    // A lone file is fsynced on its own.
+    write_segment(&f.sink, 2, &[(file("lone", b"x"), b"x")]).unwrap();
+    assert_eq!(count(&f.sink.syncs.file_syncs), 1);
+    assert_eq!(count(&f.sink.syncs.fs_syncs), 1);
+}
+
+#[test]
+fn temporaries_of_dead_processes_are_swept_and_nothing_else() {
+    let f = Fixture::new();
+    fs::create_dir_all(f.path("d/e")).unwrap();
+    let dead = [
+        ".ferry-s3-e7-0123456789abcdef.4.1.tmp",
+        "d/.ferry-s0-e1-fedcba9876543210.0.12.tmp",
+        "d/e/.ferry-s9-e9-00000000000000ff.2.3.tmp",
+    ];
+    let kept = [
+        "user-file.tmp".to_string(),
+        "d/.ferry-part-abc".to_string(),
+        format!("d/.ferry-s1-e2-{}.0.1.tmp", process_token()),
+    ];
+    for p in dead
+        .iter()
+        .map(|s| s.to_string())
+        .chain(kept.iter().cloned())
+    {
+        fs::write(f.path(&p), b"x").unwrap();
+    }
+    // A symlink to a directory is not followed.
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join(".ferry-s1-e1-0000000000000000.0.1.tmp");
+    fs::write(&victim, b"x").unwrap();
+    std::os::unix::fs::symlink(outside.path(), f.path("d/link")).unwrap();
+
+    assert_eq!(f.sink.sweep_stale_temporaries(), 3);
+    for p in dead {
+        assert!(!f.path(p).exists(), "{p} was left");
+    }
+    for p in &kept {
+        assert!(f.path(p).exists(), "{p} was removed");
+    }
+    assert!(victim.exists());
+}

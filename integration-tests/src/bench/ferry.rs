@@ -22,7 +22,9 @@ pub fn start_ferry(
     let ca = Ca::load(&ctx.pki)?;
     let dir = ctx.work.join("ferry");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("root"))?;
+    std::fs::create_dir_all(&dir)?;
+    // The target's root is where every tool writes its copy (one file system for all).
+    std::fs::create_dir_all(ctx.work.join("dst"))?;
     let b = ctx.wan.addr_b;
     let tls = |who: Identity| -> anyhow::Result<String> {
         let p = ca.issue(&who, &ctx.pki)?;
@@ -45,7 +47,7 @@ pub fn start_ferry(
         dir.join("dst.toml"),
         format!(
             "name = \"dst\"\ncoordinator = \"{b}:{COORD_PORT}\"\ndata_listen = \"{b}:{DATA_PORT}\"\nroot = \"{}\"\nstate_dir = \"{}\"\n{}",
-            dir.join("root").display(),
+            ctx.work.join("dst").display(),
             dir.join("dst-state").display(),
             tls(Identity::Agent("dst".into()))?
         ),
@@ -107,7 +109,7 @@ pub fn start_ferry(
     Ok(admin)
 }
 
-/// One ferry migration of the source into `root/<name>`; returns once it is done, with the
+/// One ferry migration of the source into `<work>/dst/<name>` (where the other tools write); returns once it is done, with the
 /// number of segments that were leased more than once.
 pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u64), String> {
     let addr = format!("{}:{COORD_PORT}", ctx.wan.addr_b);
@@ -156,5 +158,5 @@ pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf
         })
     })
     .map_err(|e| e.to_string())??;
-    Ok((ctx.work.join("ferry/root").join(name), resent))
+    Ok((ctx.work.join("dst").join(name), resent))
 }

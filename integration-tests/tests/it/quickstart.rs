@@ -133,7 +133,10 @@ fn quickstart_command_migrates_the_sample_exactly() {
         assert!(stdout.contains(key), "{key} not in report:\n{stdout}");
     }
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert!(report["window_bytes"].as_u64().unwrap() >= 16 << 20, "{stdout}");
+    assert!(
+        report["window_bytes"].as_u64().unwrap() >= 16 << 20,
+        "{stdout}"
+    );
     assert!(report["peak_in_flight"].as_u64().unwrap() > 0, "{stdout}");
     let files = tree
         .values()

@@ -246,3 +246,103 @@ async fn a_new_cluster_never_takes_an_old_clusters_agent_state_for_its_own() {
     target.shutdown().await;
     node.shutdown().await;
 }
+
+/// Files below `root` by kind: (published names, temporaries of transfers).
+fn published_and_staged(root: &std::path::Path) -> (Vec<String>, usize) {
+    let (mut published, mut staged) = (Vec::new(), 0);
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else if name.starts_with(ferry_agent::sink::RESERVED_PREFIX) {
+                staged += 1;
+            } else {
+                published.push(e.path().display().to_string());
+            }
+        }
+    }
+    (published, staged)
+}
+
+/// Issue 11: a bundle's files are made durable together, by one barrier before the target
+/// reports. A target killed (SIGKILL) mid-bundle must have published none of the bundle's
+/// files and the coordinator verified none; the restarted target sweeps what the dead process
+/// staged, the bundle is sent again, and the tree arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_killed_mid_bundle_publishes_nothing_and_the_resent_bundle_completes() {
+    let env = TestEnv::new();
+    let src = env.path("src");
+    make_files(&src, 300, 8 * 1024);
+    let root = env.path("dst");
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let source = env.agent("source", &coord, None).await;
+    // Slow the source down (2.4 MB at 0.5 MB/s) so that the target can be killed mid-bundle.
+    ctl.set_throttle("", "source", "4mbit").await.unwrap();
+    wait_for(
+        "the source to learn its throttle",
+        Duration::from_secs(20),
+        || async {
+            source
+                .throttles
+                .rate_at(ferry_agent::throttle::Scope::Agent, 0)
+                .is_some()
+                .then_some(())
+        },
+    )
+    .await;
+    let mut target = crate::processes::spawn_agent(&env, "target", &coord, Some(&root));
+    wait_for(
+        "the target to register",
+        Duration::from_secs(30),
+        || async {
+            let agents = ctl.agents().await.ok()?;
+            agents
+                .iter()
+                .any(|a| a.name == "target" && a.status == "live" && !a.data_addr.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    let spec = pb::MigrationSpec {
+        segment_size: 4 << 20, // one bundle of all 300 files
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    wait_for(
+        "the bundle to be half staged",
+        Duration::from_secs(60),
+        || async { (published_and_staged(&root).1 >= 100).then_some(()) },
+    )
+    .await;
+    target.kill().unwrap();
+    target.wait().unwrap();
+
+    let (published, staged) = published_and_staged(&root);
+    assert!(staged > 0);
+    assert!(
+        published.is_empty(),
+        "files published before their bundle was durable: {published:?}"
+    );
+    let status = ctl.status(id).await.unwrap();
+    assert_eq!(status.segments_total, 1, "{status:?}");
+    assert_eq!(status.segments_verified, 0, "{status:?}");
+
+    ctl.set_throttle("", "source", "off").await.unwrap();
+    let mut target = crate::processes::spawn_agent(&env, "target", &coord, Some(&root));
+    let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
+    finished(&ctl, id, Duration::from_secs(120), &log).await;
+    wait_for(
+        "the dead process's temporaries to be swept",
+        Duration::from_secs(30),
+        || async { (published_and_staged(&root).1 == 0).then_some(()) },
+    )
+    .await;
+    assert_same_tree(&src, &root);
+    crate::processes::terminate(&mut target, "target");
+    source.shutdown().await;
+    node.shutdown().await;
+}
