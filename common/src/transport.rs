@@ -64,9 +64,12 @@ impl<'de> serde::Deserialize<'de> for Congestion {
     }
 }
 
-/// The connection window when nothing is known of the path: a 1 Gbit/s path at 250 ms RTT
-/// holds about 32 MB in flight, and BBR wants some room above the bandwidth-delay product.
-pub const DEFAULT_WINDOW: u64 = 64 * 1024 * 1024;
+/// The connection window when nothing is known of the path: 16 MiB fills 1 Gbit/s up to
+/// about 130 ms RTT, and keeps an agent within its memory budget (128 MiB at defaults: quinn
+/// holds what is sent until it is acknowledged, and measured agent RSS grows by about 3 MiB
+/// per MiB of window; `wan-bench` prints it). A longer or fatter path is configured
+/// (`for_path`).
+pub const DEFAULT_WINDOW: u64 = MIN_WINDOW;
 /// The smallest connection window: below it a metro path cannot be filled.
 pub const MIN_WINDOW: u64 = 16 * 1024 * 1024;
 /// The largest connection window: the target may buffer this much per source it serves, so it is

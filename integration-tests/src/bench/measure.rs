@@ -47,7 +47,17 @@ pub fn own_cpu_secs() -> f64 {
 pub struct RssSampler {
     stop: Arc<AtomicBool>,
     peak_kib: Arc<AtomicU64>,
+    peak_agent_kib: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Peak resident memory seen while sampling, in MiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peaks {
+    /// Of all the tool's processes together.
+    pub all_mib: f64,
+    /// Of the largest single ferry agent process (0 for other tools).
+    pub agent_mib: f64,
 }
 
 fn ns_inode(ns: &str) -> Option<u64> {
@@ -56,11 +66,13 @@ fn ns_inode(ns: &str) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-fn rss_in(inodes: &[u64], exclude: &[u32]) -> u64 {
+/// The summed RSS (KiB) of the processes in the namespaces `inodes`, and the largest of a ferry
+/// agent among them.
+fn rss_in(inodes: &[u64], exclude: &[u32]) -> (u64, u64) {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
+        return (0, 0);
     };
-    let mut sum = 0;
+    let (mut sum, mut agent) = (0, 0);
     for e in dir.flatten() {
         let name = e.file_name();
         let Some(pid) = name
@@ -79,13 +91,21 @@ fn rss_in(inodes: &[u64], exclude: &[u32]) -> u64 {
             continue;
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        sum += status
+        let rss = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             .unwrap_or(0);
+        sum += rss;
+        let is_agent = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .is_some_and(|n| matches!(n.trim(), "it-agent" | "ferry-agent"));
+        if is_agent {
+            agent = agent.max(rss);
+        }
     }
-    sum
+    (sum, agent)
 }
 
 impl RssSampler {
@@ -94,26 +114,33 @@ impl RssSampler {
         let inodes: Vec<u64> = ns.iter().filter_map(|n| ns_inode(n)).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let peak_kib = Arc::new(AtomicU64::new(0));
-        let (s, p) = (stop.clone(), peak_kib.clone());
+        let peak_agent_kib = Arc::new(AtomicU64::new(0));
+        let (s, p, pa) = (stop.clone(), peak_kib.clone(), peak_agent_kib.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_in(&inodes, &exclude), Ordering::Relaxed);
+                let (all, agent) = rss_in(&inodes, &exclude);
+                p.fetch_max(all, Ordering::Relaxed);
+                pa.fetch_max(agent, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
         RssSampler {
             stop,
             peak_kib,
+            peak_agent_kib,
             thread: Some(thread),
         }
     }
 
-    /// Stops and returns the peak, in MiB.
-    pub fn finish(mut self) -> f64 {
+    /// Stops and returns the peaks.
+    pub fn finish(mut self) -> Peaks {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0
+        Peaks {
+            all_mib: self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0,
+            agent_mib: self.peak_agent_kib.load(Ordering::Relaxed) as f64 / 1024.0,
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod dataset;
 pub mod ferry;
+pub mod freshfs;
 pub mod measure;
 pub mod peers;
 pub mod quic;
@@ -51,6 +52,9 @@ pub struct Options {
     pub timeout: Duration,
     /// ferry's coordinator `lease_ttl_secs`.
     pub lease_ttl_secs: u64,
+    /// Write the copies to a fresh ext4 made for this invocation ([`freshfs`]), not to the
+    /// working directory's file system.
+    pub fresh_fs: bool,
 }
 
 /// The data set for `kind`, `size` and `seed` under `work`, generated on first use and reused
@@ -154,6 +158,23 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
             " (through the user-space emulator)"
         }
     );
+    // Every tool writes into <work>/dst.
+    let dst = work.join("dst");
+    let fresh = if opts.fresh_fs {
+        let size = (bytes.saturating_mul(3) + (4 << 30)).max(8 << 30);
+        Some(freshfs::FreshFs::create(&work, &dst, size).map_err(anyhow::Error::msg)?)
+    } else {
+        std::fs::create_dir_all(&dst)?;
+        None
+    };
+    let path_text = format!(
+        "{path_text}; copies written to {}",
+        if fresh.is_some() {
+            "a fresh ext4 (loop device, direct I/O)"
+        } else {
+            "the working directory's file system"
+        }
+    );
     eprintln!("path: {path_text}");
     let ctx = Ctx {
         wan,
@@ -182,11 +203,16 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         for tool in &tools {
             let one = runs::one_run(&ctx, tool, r, admin.as_ref(), &daemons);
             eprintln!(
-                "run {r} {tool:>8}: {} {:.2} s, {:.1} CPU s, {:.0} MiB{} {}",
+                "run {r} {tool:>8}: {} {:.2} s, {:.1} CPU s, {:.0} MiB{}{} {}",
                 if one.ok { "ok    " } else { "FAILED" },
                 one.wall_secs,
                 one.cpu_secs,
                 one.peak_rss_mib,
+                if one.peak_agent_rss_mib > 0.0 {
+                    format!(" (largest agent {:.0} MiB)", one.peak_agent_rss_mib)
+                } else {
+                    String::new()
+                },
                 if one.resent_segments > 0 {
                     format!(", {} segments resent", one.resent_segments)
                 } else {
@@ -214,7 +240,7 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         runs: all,
         missing,
         incremental,
-        machine: Machine::measure(&work)?,
+        machine: Machine::measure(&dst)?,
     };
     print!("{}", report.markdown());
     let out = opts.json.clone().unwrap_or_else(|| {
@@ -227,5 +253,6 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
     std::fs::write(&out, serde_json::to_vec_pretty(&report.json())?)?;
     eprintln!("results written to {}", out.display());
     drop(daemons);
+    drop(fresh);
     Ok(report)
 }

@@ -87,6 +87,8 @@ struct Row {
     wall: f64,
     cpu: f64,
     rss: f64,
+    /// ferry: its largest agent's peak RSS (the others: 0).
+    agent_rss: f64,
     error: String,
 }
 
@@ -131,6 +133,10 @@ impl Report {
                     wall: median(good.iter().map(|r| r.wall_secs).collect()),
                     cpu: median(good.iter().map(|r| r.cpu_secs).collect()),
                     rss: median(good.iter().map(|r| r.peak_rss_mib).collect()),
+                    agent_rss: good
+                        .iter()
+                        .map(|r| r.peak_agent_rss_mib)
+                        .fold(0.0, f64::max),
                     error: mine
                         .iter()
                         .find(|r| !r.ok)
@@ -173,14 +179,14 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "| tool | wall s | MB/s | files/s | CPU s | peak RSS MiB | time ÷ ferry's | runs ok |"
+            "| tool | wall s | MB/s | files/s | CPU s | peak RSS MiB | agent RSS MiB | time ÷ ferry's | runs ok |"
         );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
         for r in &rows {
             if r.ok == 0 {
                 let _ = writeln!(
                     o,
-                    "| {} | FAILED | | | | | | 0/{} — {} |",
+                    "| {} | FAILED | | | | | | | 0/{} — {} |",
                     r.tool, self.runs_per_tool, r.error
                 );
                 continue;
@@ -197,14 +203,19 @@ impl Report {
             } else {
                 format!("{mb_s:.1}")
             };
+            let agent = if r.agent_rss > 0.0 {
+                format!("{:.0}", r.agent_rss)
+            } else {
+                "—".to_string()
+            };
             let _ = writeln!(
                 o,
-                "| {} | {:.2} | {mb_s} | {files_s} | {:.1} | {:.0} | {ratio} | {}/{} |",
+                "| {} | {:.2} | {mb_s} | {files_s} | {:.1} | {:.0} | {agent} | {ratio} | {}/{} |",
                 r.tool, r.wall, r.cpu, r.rss, r.ok, self.runs_per_tool
             );
         }
         for m in &self.missing {
-            let _ = writeln!(o, "| {m} | | | | | | | |");
+            let _ = writeln!(o, "| {m} | | | | | | | | |");
         }
         if !self.incremental.is_empty() {
             let _ = writeln!(
@@ -243,6 +254,7 @@ impl Report {
             "median": rows.iter().map(|r| serde_json::json!({
                 "tool": r.tool, "ok_runs": r.ok, "wall_secs": r.wall, "mb_s": bytes / r.wall / 1e6,
                 "files_s": files / r.wall, "cpu_secs": r.cpu, "peak_rss_mib": r.rss,
+                "peak_agent_rss_mib": r.agent_rss,
                 "time_over_ferry": ferry_wall.map(|f| r.wall / f),
             })).collect::<Vec<_>>(),
             "incremental": self.incremental.iter().map(|(t, a, b)| serde_json::json!({"tool": t, "change": a, "no_change": b})).collect::<Vec<_>>(),

@@ -30,6 +30,8 @@ pub struct Run {
     pub cpu_secs: f64,
     /// Peak resident memory of the tool's processes.
     pub peak_rss_mib: f64,
+    /// ferry only: peak resident memory of its largest agent process.
+    pub peak_agent_rss_mib: f64,
     /// ferry only: leases granted beyond one per segment (segments sent again).
     pub resent_segments: u64,
 }
@@ -121,7 +123,8 @@ pub fn one_run(
         error,
         wall_secs: wall,
         cpu_secs: cpu.max(0.0),
-        peak_rss_mib: peak,
+        peak_rss_mib: peak.all_mib,
+        peak_agent_rss_mib: peak.agent_mib,
         resent_segments,
     }
 }

@@ -68,6 +68,11 @@ struct Args {
     /// sending at a third of it). The default is the coordinator's, 120 s.
     #[arg(long, default_value_t = 120)]
     lease_ttl_secs: u64,
+    /// Write the copies to the working directory's file system instead of a fresh ext4 made
+    /// for this invocation (on a long-lived file system, file creation slows down run after
+    /// run as earlier copies are deleted, which skews small-file results).
+    #[arg(long)]
+    no_fresh_fs: bool,
     #[command(subcommand)]
     helper: Option<quic::Helper>,
 }
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         json: args.json,
         timeout: Duration::from_secs(args.timeout_secs),
         lease_ttl_secs: args.lease_ttl_secs,
+        fresh_fs: !args.no_fresh_fs,
     })?;
     Ok(())
 }

@@ -51,14 +51,19 @@ async fn paced(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_and_migration_throttles_pace_the_source_live_and_off_lifts_them() {
+async fn agents_list_their_congestion_control_and_throttles_pace_the_source_live() {
     let env = TestEnv::new();
     let node = env.coordinator().await;
     let coord = node.addr.to_string();
     let src = env.path("src");
     make_files(&src, 64, 256 * 1024); // 16 MiB
     let root = env.path("dst");
-    let target = env.agent("target", &coord, Some(root.clone())).await;
+    // The target runs CUBIC, configured; the source BBR, by default. Each registers its own.
+    let mut cfg = env.agent_config("target", &coord, Some(root.clone()));
+    cfg.transport.congestion = ferry_common::transport::Congestion::Cubic;
+    cfg.transport.path_bandwidth = Some(Rate(1_000_000_000));
+    cfg.transport.path_rtt_ms = Some(250);
+    let target = ferry_agent::run::start(cfg).await.unwrap();
     let source = env.agent("source", &coord, None).await;
     let sent = || source.stats.bytes_sent.load(Ordering::Relaxed);
     let ctl = env.ctl(&coord).await;
@@ -80,7 +85,18 @@ async fn agent_and_migration_throttles_pace_the_source_live_and_off_lifts_them()
         (a.throttle.as_str(), a.congestion.as_str()),
         ("16mbit", "bbr")
     );
-    assert!(a.window_bytes >= 16 << 20, "{a:?}");
+    assert_eq!(
+        a.window_bytes,
+        ferry_common::transport::DEFAULT_WINDOW,
+        "{a:?}"
+    );
+    let t = agents.iter().find(|a| a.name == "target").unwrap();
+    assert_eq!(
+        (t.throttle.as_str(), t.congestion.as_str()),
+        ("off", "cubic")
+    );
+    // Twice the bandwidth-delay product of 1 Gbit/s at 250 ms.
+    assert_eq!(t.window_bytes, 62_500_000, "{t:?}");
 
     let id = ctl.create(migration_spec(&src, "")).await.unwrap();
     // The source scans, registers and leases first: pace from its first bytes on (a token

@@ -1,0 +1,66 @@
+//! The destination file system: a fresh ext4 made for one `wan-bench` invocation.
+//!
+//! Every tool writes its copies into `<work>/dst`. On a long-lived file system, creating files
+//! costs more and more as earlier runs' copies are deleted (ext4 passes over recently freed
+//! inodes when it allocates new ones), so the same tool is slower in a later run than in an
+//! earlier one. A fresh ext4 (on a sparse image, through a loop device with direct I/O so its
+//! pages are not cached twice) makes the runs comparable, and looks like the new cloud volume a
+//! migration writes to. Unmounted and removed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A mounted fresh ext4, removed on drop.
+pub struct FreshFs {
+    image: PathBuf,
+    device: String,
+    mount: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl FreshFs {
+    /// Makes a fresh ext4 of `size` bytes (sparse) and mounts it at `mount` (emptied first).
+    pub fn create(work: &Path, mount: &Path, size: u64) -> Result<FreshFs, String> {
+        let image = work.join("dst.img");
+        let _ = Command::new("umount").arg(mount).output();
+        let _ = std::fs::remove_file(&image);
+        let f = std::fs::File::create(&image).map_err(|e| format!("{}: {e}", image.display()))?;
+        f.set_len(size)
+            .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
+        drop(f);
+        // Inode tables and journal initialised now, not by a kernel thread during the runs.
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&image))?;
+        let device = run(Command::new("losetup")
+            .args(["--direct-io=on", "--find", "--show"])
+            .arg(&image))?;
+        let _ = std::fs::remove_dir_all(mount);
+        std::fs::create_dir_all(mount).map_err(|e| format!("{}: {e}", mount.display()))?;
+        let fs = FreshFs {
+            image,
+            device,
+            mount: mount.to_path_buf(),
+        };
+        run(Command::new("mount").arg(&fs.device).arg(mount))?;
+        Ok(fs)
+    }
+}
+
+impl Drop for FreshFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).output();
+        let _ = Command::new("losetup").args(["-d", &self.device]).output();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
