@@ -97,6 +97,9 @@ pub struct Control {
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// The report coalescer: started on the first report, ended by [`Control::close_reports`].
     reports: std::sync::Arc<std::sync::Mutex<Reports>>,
+    /// The digest of the last heartbeat answer: the next heartbeat waits at the coordinator
+    /// while the answer is still this one (a long poll).
+    known: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 /// Where the report coalescer stands.
@@ -164,6 +167,7 @@ impl Control {
             clients: std::sync::Arc::new(clients),
             current: Default::default(),
             reports: Default::default(),
+            known: Default::default(),
         })
     }
 
@@ -449,11 +453,14 @@ impl Coordinator for Control {
     }
 
     async fn heartbeat(&self) -> Result<Assigned, ControlError> {
+        let known = self.known.lock().expect("not poisoned").clone();
         let r = self
             .call(
                 pb::HeartbeatRequest {
                     agent: self.agent.clone(),
                     session: self.session,
+                    wait_ms: crate::schedule::HEARTBEAT_WAIT.as_millis() as u32,
+                    known,
                 },
                 |mut c, r| async move { c.heartbeat(r).await },
             )
@@ -470,6 +477,7 @@ impl Coordinator for Control {
             }
         }
         self.learn_cluster(&r.cluster_id);
+        *self.known.lock().expect("not poisoned") = r.digest.clone();
         Ok(Assigned {
             work: r.source_work,
             throttle: r.agent_throttle,

@@ -6,9 +6,11 @@
 //! A round starts at every tick of the driver ([`SourceSchedule::start_round`]); within it,
 //! [`SourceSchedule::next`] hands out each kind of action at most once, in this order:
 //! heartbeat, renewal, preparations (one per migration that needs one), reconciliation, lease
-//! request. The driver awaits heartbeats, reconciliations and lease requests before asking for
-//! the next action (their answers change what comes next); renewals and preparations run in the
-//! background and are answered when they end.
+//! request. The driver awaits reconciliations and lease requests before asking for the next
+//! action (their answers change what comes next); heartbeats, renewals and preparations run in
+//! the background and are answered when they end. A heartbeat is a long poll: the coordinator
+//! holds it while the answer would be the one the agent has, so a new migration or throttle
+//! reaches the source at once, and at most one runs at a time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -19,8 +21,11 @@ use ferry_proto::control::{Lease, SourceWork};
 /// How often the driver starts a round when nothing happens: how soon an idle source asks for
 /// work and leases again.
 pub const TICK: Duration = Duration::from_millis(250);
-/// How often to send a heartbeat (and learn of new migrations).
+/// The least time between the starts of two heartbeats (each may wait at the coordinator for
+/// up to [`HEARTBEAT_WAIT`] first).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// How long the coordinator may hold a heartbeat whose answer has not changed.
+pub const HEARTBEAT_WAIT: Duration = Duration::from_secs(2);
 /// How long to wait before preparing a migration again after its preparation failed.
 pub const PREPARE_RETRY: Duration = Duration::from_secs(5);
 /// The shortest time between two renewals, whatever the lease time: a renewal is one Raft
@@ -53,7 +58,8 @@ impl From<&Lease> for LeaseKey {
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Send a heartbeat; answer with [`SourceSchedule::heartbeat_answered`] when it succeeds.
+    /// Send a heartbeat in the background; answer with [`SourceSchedule::heartbeat_answered`]
+    /// when it succeeds, [`SourceSchedule::heartbeat_failed`] when not.
     Heartbeat,
     /// Extend these leases in one call, in the background; answer with
     /// [`SourceSchedule::renewal_ended`].
@@ -102,6 +108,8 @@ pub struct SourceSchedule {
     max_in_flight: u32,
     /// When the next heartbeat is due (`None`: at once).
     next_heartbeat: Option<Instant>,
+    /// A heartbeat is running.
+    heartbeating: bool,
     /// The work of the last heartbeat answered.
     work: Vec<SourceWork>,
     /// Leases being sent, with their lease time (ms).
@@ -128,6 +136,7 @@ impl SourceSchedule {
         SourceSchedule {
             max_in_flight: max_in_flight.max(1),
             next_heartbeat: None,
+            heartbeating: false,
             work: Vec::new(),
             in_flight: BTreeMap::new(),
             last_renewal: now,
@@ -150,8 +159,9 @@ impl SourceSchedule {
             match self.stage {
                 Stage::Heartbeat => {
                     self.stage = Stage::Renew;
-                    if self.next_heartbeat.is_none_or(|t| now >= t) {
+                    if !self.heartbeating && self.next_heartbeat.is_none_or(|t| now >= t) {
                         self.next_heartbeat = Some(now + HEARTBEAT_EVERY);
+                        self.heartbeating = true;
                         return Some(Action::Heartbeat);
                     }
                 }
@@ -242,7 +252,13 @@ impl SourceSchedule {
 
     /// A heartbeat succeeded with this work.
     pub fn heartbeat_answered(&mut self, work: Vec<SourceWork>) {
+        self.heartbeating = false;
         self.work = work;
+    }
+
+    /// A heartbeat failed: the next one goes when due.
+    pub fn heartbeat_failed(&mut self) {
+        self.heartbeating = false;
     }
 
     /// The work of the last heartbeat answered.
@@ -493,6 +509,25 @@ mod tests {
             first && delay <= 2 * TICK,
             "a success starts over: {delay:?}"
         );
+    }
+
+    #[test]
+    fn one_heartbeat_runs_at_a_time_and_the_next_goes_when_it_ends() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 2);
+        s.start_round();
+        assert_eq!(s.next(t0), Some(Action::Heartbeat));
+        // Still held by the coordinator (a long poll) when the next is due: not sent again.
+        s.start_round();
+        assert_eq!(s.next(t0 + HEARTBEAT_EVERY), None);
+        s.heartbeat_answered(Vec::new());
+        s.start_round();
+        assert_eq!(s.next(t0 + HEARTBEAT_EVERY), Some(Action::Heartbeat));
+        s.heartbeat_failed();
+        s.start_round();
+        assert_eq!(s.next(t0 + HEARTBEAT_EVERY + STEP), None, "not due yet");
+        s.start_round();
+        assert_eq!(s.next(t0 + 2 * HEARTBEAT_EVERY), Some(Action::Heartbeat));
     }
 
     #[test]

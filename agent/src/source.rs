@@ -186,6 +186,8 @@ enum Done {
     Prepared(u64, Result<(), PrepareError>),
     /// A renewal call ended.
     Renewed,
+    /// A heartbeat ended.
+    Heartbeat(Result<Assigned, ControlError>),
 }
 
 impl<C: Coordinator, D: Dialer> Source<C, D> {
@@ -224,7 +226,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         // Scans (blocking threads) and renewal calls.
         let mut background: JoinSet<Done> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
-        'run: loop {
+        loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 Some(done) = sends.join_next_with_id() => {
@@ -238,6 +240,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 Some(done) = background.join_next() => {
                     match done {
                         Ok(Done::Renewed) => schedule.renewal_ended(),
+                        Ok(Done::Heartbeat(Ok(a))) => {
+                            self.learn(&a);
+                            schedule.heartbeat_answered(a.work);
+                        }
+                        Ok(Done::Heartbeat(Err(e))) => {
+                            schedule.heartbeat_failed();
+                            tracing::warn!(message = "Heartbeat failed.", error = %e);
+                        }
                         Ok(Done::Prepared(mid, Ok(()))) => schedule.prepared(mid),
                         Ok(Done::Prepared(mid, Err(e))) => {
                             self.manifests.lock().expect("not poisoned").remove(&mid);
@@ -253,16 +263,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             schedule.start_round();
             while let Some(action) = schedule.next(now()) {
                 match action {
-                    Action::Heartbeat => tokio::select! {
-                        _ = stop.changed() => break 'run,
-                        r = self.control.heartbeat() => match r {
-                            Ok(a) => {
-                                self.learn(&a);
-                                schedule.heartbeat_answered(a.work);
-                            }
-                            Err(e) => tracing::warn!(message = "Heartbeat failed.", error = %e),
-                        },
-                    },
+                    Action::Heartbeat => {
+                        let control = self.control.clone();
+                        background.spawn(async move { Done::Heartbeat(control.heartbeat().await) });
+                    }
                     Action::Renew(keys) => {
                         let control = self.control.clone();
                         background.spawn(async move {

@@ -1,6 +1,7 @@
 //! The agent control service.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_proto::control::{self as pb, agent_control_server::AgentControl};
 use tonic::{Request, Response as GrpcResponse, Status};
@@ -114,6 +115,57 @@ impl AgentService {
     }
 }
 
+/// The longest a heartbeat is held while its answer does not change.
+const MAX_HEARTBEAT_WAIT_MS: u64 = 5000;
+
+impl AgentService {
+    /// What a heartbeat of `agent`'s `session` answers now (with its digest), and whether the
+    /// agent's `last_seen` is stale. A local read: a lagging follower tells the agent about new
+    /// work a moment later, and a `last_seen` it believes stale costs one extra commit (a
+    /// linearizable read per heartbeat, a quorum round each, was most of a loaded cluster's
+    /// traffic).
+    fn heartbeat_answer(
+        &self,
+        agent: &str,
+        session: u64,
+    ) -> Result<(pb::HeartbeatResponse, bool), Status> {
+        let now = now_ms();
+        self.0.read_local(|s| {
+            let a = s.agents.get(agent);
+            if let Some(why) = a.and_then(|a| a.session_error(session)) {
+                return Err(Status::failed_precondition(why));
+            }
+            let stale = a.is_none_or(|a| now.saturating_sub(a.last_seen_ms) >= LAST_SEEN_EVERY_MS);
+            let mut answer = pb::HeartbeatResponse {
+                source_work: s
+                    .migrations
+                    .values()
+                    .filter(|m| m.spec.source_agent == agent)
+                    .map(|m| pb::SourceWork {
+                        migration_id: m.id,
+                        source_path: m.spec.source_path.clone(),
+                        segment_size: m.spec.segment_size,
+                        scan_complete: m.scan_complete,
+                        finished: m.phase.finished(),
+                        migration_uuid: m.uuid.clone(),
+                        xattrs: m.spec.xattrs,
+                        excludes: m.spec.excludes.clone(),
+                        throttle: m.throttle.clone(),
+                    })
+                    .collect(),
+                conflict: a.map(|a| a.conflict.clone()).unwrap_or_default(),
+                cluster_id: s.cluster_id.clone(),
+                agent_throttle: a.map(|a| a.throttle.clone()).unwrap_or_default(),
+                digest: Vec::new(),
+            };
+            answer.digest = blake3::hash(&prost::Message::encode_to_vec(&answer))
+                .as_bytes()
+                .to_vec();
+            Ok((answer, stale))
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl AgentControl for AgentService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> R<pb::RegisterResponse> {
@@ -169,61 +221,43 @@ impl AgentControl for AgentService {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> R<pb::HeartbeatResponse> {
         authorize_agent(&req, &req.get_ref().agent)?;
-        let pb::HeartbeatRequest { agent, session } = req.into_inner();
-        let now = now_ms();
-        // A local read: a lagging follower tells the agent about new work a moment later, and
-        // a `last_seen` it believes stale costs one extra commit. A linearizable read per
-        // heartbeat (a quorum round each) was most of a loaded cluster's traffic.
-        let (stale, work, conflict, cluster_id, agent_throttle) = self.0.read_local(|s| {
-            let a = s.agents.get(&agent);
-            if let Some(why) = a.and_then(|a| a.session_error(session)) {
-                return Err(Status::failed_precondition(why));
+        let pb::HeartbeatRequest {
+            agent,
+            session,
+            wait_ms,
+            known,
+        } = req.into_inner();
+        let wait = Duration::from_millis(u64::from(wait_ms).min(MAX_HEARTBEAT_WAIT_MS));
+        let deadline = tokio::time::Instant::now() + wait;
+        // Any applied entry may change the answer: wait for one, then look again.
+        let mut applied = self.0.raft.metrics();
+        let mut committed_last_seen = false;
+        loop {
+            let (answer, stale) = self.heartbeat_answer(&agent, session)?;
+            // Agents call every second or so; `last_seen` is committed only when stale, so
+            // heartbeats cost reads, not log entries.
+            if stale && !committed_last_seen {
+                let resp = self
+                    .0
+                    .write(Command::Heartbeat {
+                        name: agent.clone(),
+                        session,
+                        now_ms: now_ms(),
+                    })
+                    .await?;
+                expect_ok(resp)?;
+                committed_last_seen = true;
             }
-            let last = a.map(|a| a.last_seen_ms);
-            let conflict = a.map(|a| a.conflict.clone()).unwrap_or_default();
-            let work: Vec<pb::SourceWork> = s
-                .migrations
-                .values()
-                .filter(|m| m.spec.source_agent == agent)
-                .map(|m| pb::SourceWork {
-                    migration_id: m.id,
-                    source_path: m.spec.source_path.clone(),
-                    segment_size: m.spec.segment_size,
-                    scan_complete: m.scan_complete,
-                    finished: m.phase.finished(),
-                    migration_uuid: m.uuid.clone(),
-                    xattrs: m.spec.xattrs,
-                    excludes: m.spec.excludes.clone(),
-                    throttle: m.throttle.clone(),
-                })
-                .collect();
-            Ok((
-                last.is_none_or(|t| now.saturating_sub(t) >= LAST_SEEN_EVERY_MS),
-                work,
-                conflict,
-                s.cluster_id.clone(),
-                a.map(|a| a.throttle.clone()).unwrap_or_default(),
-            ))
-        })?;
-        // Agents call every second to learn of work; `last_seen` is committed only when stale,
-        // so heartbeats cost reads, not log entries.
-        if stale {
-            let resp = self
-                .0
-                .write(Command::Heartbeat {
-                    name: agent.clone(),
-                    session,
-                    now_ms: now,
-                })
-                .await?;
-            expect_ok(resp)?;
+            if answer.digest != known || tokio::time::Instant::now() >= deadline {
+                return Ok(GrpcResponse::new(answer));
+            }
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() {
+                    return Ok(GrpcResponse::new(answer));
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
         }
-        Ok(GrpcResponse::new(pb::HeartbeatResponse {
-            source_work: work,
-            conflict,
-            cluster_id,
-            agent_throttle,
-        }))
     }
 
     async fn register_segments(

@@ -82,3 +82,45 @@ async fn a_retried_create_answers_the_same_migration_and_names_are_unique() {
     assert!(err.contains("no migration is named no-such"), "{err}");
     node.shutdown().await;
 }
+
+/// A source learns of a new migration from a heartbeat the coordinator held (a long poll),
+/// as soon as the migration is committed, not at its next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_heartbeat_is_answered_by_the_new_migration() {
+    use ferry_agent::control::Coordinator;
+    use ferry_agent::schedule::HEARTBEAT_WAIT;
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let mut controls = Vec::new();
+    for name in ["source", "target"] {
+        let tls = TlsMaterial::load(&env.issue(Identity::Agent(name.into()))).unwrap();
+        let addr = if name == "target" { "127.0.0.1:9" } else { "" };
+        let c = Control::new(name, &coord, &tls).unwrap();
+        c.register(addr, false, &Default::default()).await.unwrap();
+        controls.push(c);
+    }
+    let source = controls.remove(0);
+    // The first heartbeat is answered at once (the agent holds no answer yet).
+    assert!(source.heartbeat().await.unwrap().work.is_empty());
+    let held = {
+        let source = source.clone();
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            (source.heartbeat().await.unwrap(), t.elapsed())
+        })
+    };
+    let ctl = env.ctl(&coord).await;
+    let id = ctl
+        .create(migration_spec(&env.path("src"), ""))
+        .await
+        .unwrap();
+    let (answer, took) = held.await.unwrap();
+    assert_eq!(answer.work.len(), 1);
+    assert_eq!(answer.work[0].migration_id, id);
+    assert!(
+        took < HEARTBEAT_WAIT,
+        "the held heartbeat was answered by its deadline ({took:?}), not by the change"
+    );
+    node.shutdown().await;
+}
