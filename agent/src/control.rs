@@ -100,6 +100,9 @@ pub struct Control {
     /// The digest of the last heartbeat answer: the next heartbeat waits at the coordinator
     /// while the answer is still this one (a long poll).
     known: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// How long a heartbeat may be held ([`crate::schedule::HEARTBEAT_WAIT`]; zero: answered at
+    /// once).
+    heartbeat_wait: Duration,
 }
 
 /// Where the report coalescer stands.
@@ -168,6 +171,7 @@ impl Control {
             current: Default::default(),
             reports: Default::default(),
             known: Default::default(),
+            heartbeat_wait: crate::schedule::HEARTBEAT_WAIT,
         })
     }
 
@@ -230,6 +234,13 @@ impl Control {
             addr: self.addr.clone(),
             status,
         }
+    }
+
+    /// Heartbeats answered at once instead of held while nothing changes (a load generator's
+    /// fixed-rate polls).
+    pub fn without_long_poll(mut self) -> Self {
+        self.heartbeat_wait = Duration::ZERO;
+        self
     }
 
     /// Registers this agent and its data address; returns the cluster's id.
@@ -459,7 +470,7 @@ impl Coordinator for Control {
                 pb::HeartbeatRequest {
                     agent: self.agent.clone(),
                     session: self.session,
-                    wait_ms: crate::schedule::HEARTBEAT_WAIT.as_millis() as u32,
+                    wait_ms: self.heartbeat_wait.as_millis() as u32,
                     known,
                 },
                 |mut c, r| async move { c.heartbeat(r).await },
