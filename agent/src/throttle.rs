@@ -169,15 +169,11 @@ impl Throttles {
         if rejected.get(&scope).is_some_and(|r| r == text) {
             return Ok(());
         }
-        let throttle: Throttle = if text.is_empty() {
-            Throttle::default()
-        } else {
-            match text.parse() {
-                Ok(t) => t,
-                Err(e) => {
-                    rejected.insert(scope, text.to_string());
-                    return Err(e);
-                }
+        let throttle: Throttle = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                rejected.insert(scope, text.to_string());
+                return Err(e);
             }
         };
         rejected.remove(&scope);

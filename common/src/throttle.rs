@@ -89,7 +89,11 @@ fn minute(s: &str) -> Result<u32, ThrottleError> {
 impl FromStr for Throttle {
     type Err = ThrottleError;
 
+    /// Reads a throttle; empty text is no throttle, like `off`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Ok(Throttle::default());
+        }
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
         if parts.len() == 1 && !parts[0].contains('-') && !starts_with_else(parts[0]) {
             return Ok(Throttle {
@@ -146,6 +150,15 @@ fn starts_with_else(p: &str) -> bool {
 }
 
 impl Throttle {
+    /// How the coordinator keeps it: the canonical text, empty for no throttle.
+    pub fn stored(&self) -> String {
+        if self.is_off() {
+            String::new()
+        } else {
+            self.to_string()
+        }
+    }
+
     /// No limit at any time.
     pub fn is_off(&self) -> bool {
         self.otherwise.is_none() && self.windows.iter().all(|w| w.rate.is_none())
@@ -217,6 +230,11 @@ mod tests {
         assert!(t("off").is_off());
         assert_eq!(t("OFF").rate_at(12_345), None);
         assert_eq!(Throttle::default().to_string(), "off");
+        assert_eq!(t(" "), Throttle::default());
+        assert_eq!(
+            (t("off").stored(), t("5mbit").stored()),
+            (String::new(), "5mbit".into())
+        );
     }
 
     #[test]

@@ -296,12 +296,10 @@ impl Admin for AdminService {
                 "a throttle is at most 1024 characters",
             ));
         }
-        let throttle: Throttle = match r.throttle.trim() {
-            "" => Throttle::default(),
-            t => t
-                .parse()
-                .map_err(|e: ThrottleError| Status::invalid_argument(e.to_string()))?,
-        };
+        let throttle: Throttle = r
+            .throttle
+            .parse()
+            .map_err(|e: ThrottleError| Status::invalid_argument(e.to_string()))?;
         let scope = match (r.migration.is_empty(), r.agent.is_empty()) {
             (false, true) => {
                 let id = self.migration_id(&r.migration).await?;

@@ -10,17 +10,9 @@ impl State {
     /// Sets a throttle. Its text must parse ([`Throttle`]); it is kept in canonical form, and
     /// "off" is kept as no throttle (empty).
     pub(super) fn set_throttle(&mut self, scope: ThrottleScope, text: &str) -> Response {
-        let throttle: Throttle = match text.trim() {
-            "" => Throttle::default(),
-            t => match t.parse() {
-                Ok(t) => t,
-                Err(e) => return refused(e.to_string()),
-            },
-        };
-        let canonical = if throttle.is_off() {
-            String::new()
-        } else {
-            throttle.to_string()
+        let canonical = match text.parse::<Throttle>() {
+            Ok(t) => t.stored(),
+            Err(e) => return refused(e.to_string()),
         };
         match scope {
             ThrottleScope::Migration(id) => match self.migrations.get_mut(&id) {
