@@ -229,8 +229,12 @@ impl AgentControl for AgentService {
         } = req.into_inner();
         let wait = Duration::from_millis(u64::from(wait_ms).min(MAX_HEARTBEAT_WAIT_MS));
         let deadline = tokio::time::Instant::now() + wait;
-        // Any applied entry may change the answer: wait for one, then look again.
-        let mut applied = self.0.raft.metrics();
+        // Any applied entry may change the answer: wait for one, then look again. (The metrics
+        // change for other reasons too, many times a second: only a new applied index counts.)
+        let mut metrics = self.0.raft.metrics();
+        let applied_index = |m: &tokio::sync::watch::Receiver<crate::raft_types::Metrics>| {
+            m.borrow().last_applied.map(|l| l.index)
+        };
         let mut committed_last_seen = false;
         loop {
             let (answer, stale) = self.heartbeat_answer(&agent, session)?;
@@ -251,8 +255,17 @@ impl AgentControl for AgentService {
             if answer.digest != known || tokio::time::Instant::now() >= deadline {
                 return Ok(GrpcResponse::new(answer));
             }
+            let seen = applied_index(&metrics);
+            let next_entry = async {
+                while applied_index(&metrics) == seen {
+                    if metrics.changed().await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
             tokio::select! {
-                changed = applied.changed() => if changed.is_err() {
+                alive = next_entry => if !alive {
                     return Ok(GrpcResponse::new(answer));
                 },
                 _ = tokio::time::sleep_until(deadline) => {}
