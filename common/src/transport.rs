@@ -75,6 +75,10 @@ pub const MIN_WINDOW: u64 = 16 * 1024 * 1024;
 /// The largest connection window: the target may buffer this much per source it serves, so it is
 /// bounded by what an agent may hold in memory.
 pub const MAX_WINDOW: u64 = 256 * 1024 * 1024;
+/// How often an idle data connection sends a keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// How long a data connection lives without hearing from its peer.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams that must fit in a connection's window at once: one stream may use a quarter of it,
 /// so one slow segment cannot take the whole window from the others in flight.
 const STREAMS_PER_WINDOW: u64 = 4;
@@ -119,11 +123,13 @@ impl Transport {
         t.stream_receive_window(var(window / STREAMS_PER_WINDOW));
         t.receive_window(var(window));
         t.send_window(window);
-        t.keep_alive_interval(Some(Duration::from_secs(5)));
+        // A peer silent for 10 s (through keep-alives every 2 s) is gone: a source's segments
+        // to a dead target are retried elsewhere or later after 10 s, not 30.
+        t.keep_alive_interval(Some(KEEP_ALIVE));
         t.max_idle_timeout(Some(
-            Duration::from_secs(30)
+            IDLE_TIMEOUT
                 .try_into()
-                .expect("30 s is a valid QUIC idle timeout"),
+                .expect("10 s is a valid QUIC idle timeout"),
         ));
         match self.congestion {
             Congestion::Bbr => {
