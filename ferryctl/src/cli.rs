@@ -177,6 +177,10 @@ enum MigrationCmd {
         /// counted, not failures.
         #[arg(long = "exclude", value_name = "PATTERN")]
         excludes: Vec<String>,
+        /// Its throttle from the start (change it later with `migration throttle`): a rate
+        /// (200mbit), or a schedule with times in UTC: "09:00-18:00 100mbit, else off".
+        #[arg(long)]
+        throttle: Option<String>,
     },
     /// All migrations.
     List,
@@ -391,6 +395,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             xattrs,
             max_attempts,
             excludes,
+            throttle,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -405,7 +410,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 excludes: excludes.clone(),
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
-            let id = connect(&cli).await?.create_named(&name, spec).await?;
+            let id = connect(&cli)
+                .await?
+                .create_throttled(
+                    &name,
+                    spec,
+                    &crate::ctl::new_idempotency_key(),
+                    throttle.as_deref().unwrap_or(""),
+                )
+                .await?;
             if json {
                 print_json(&serde_json::json!({ "migration_id": id, "name": name }));
             } else {

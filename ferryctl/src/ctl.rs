@@ -304,10 +304,22 @@ impl Ctl {
         spec: pb::MigrationSpec,
         key: &str,
     ) -> Result<u64, CtlError> {
+        self.create_throttled(name, spec, key, "").await
+    }
+
+    /// [`Ctl::create_with_key`], with a throttle in force from the start (empty: none).
+    pub async fn create_throttled(
+        &self,
+        name: &str,
+        spec: pb::MigrationSpec,
+        key: &str,
+        throttle: &str,
+    ) -> Result<u64, CtlError> {
         let req = pb::CreateMigrationRequest {
             spec: Some(spec),
             name: name.to_string(),
             idempotency_key: key.to_string(),
+            throttle: throttle.to_string(),
         };
         let deadline = Instant::now() + READ_RETRY_FOR;
         let create = || {
@@ -484,7 +496,7 @@ pub fn default_name(spec: &pb::MigrationSpec) -> String {
 }
 
 /// A key no other request has (128 random bits).
-fn new_idempotency_key() -> String {
+pub fn new_idempotency_key() -> String {
     ferry_common::ids::random_id()
 }
 

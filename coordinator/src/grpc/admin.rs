@@ -372,6 +372,10 @@ impl Admin for AdminService {
         let spec = validate_spec(spec)?;
         validate_migration_name(&r.name)?;
         validate_idempotency_key(&r.idempotency_key)?;
+        let throttle: Throttle = r
+            .throttle
+            .parse()
+            .map_err(|e: ThrottleError| Status::invalid_argument(e.to_string()))?;
         match self
             .0
             .write(Command::CreateMigration {
@@ -379,6 +383,7 @@ impl Admin for AdminService {
                 idempotency_key: r.idempotency_key,
                 spec,
                 uuid: ferry_common::ids::random_id(),
+                throttle: throttle.stored(),
                 now_ms: now_ms(),
             })
             .await?

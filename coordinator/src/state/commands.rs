@@ -70,6 +70,9 @@ pub enum Command {
         /// this, which no later migration or cluster can reuse (ids restart at 1 in a new
         /// cluster).
         uuid: String,
+        /// Its throttle from the start ([`ferry_common::throttle`] text; empty: none), in force
+        /// before its source sends a byte.
+        throttle: String,
         /// Leader time.
         now_ms: u64,
     },
@@ -278,8 +281,27 @@ impl State {
                 idempotency_key,
                 spec,
                 uuid,
+                throttle,
                 now_ms,
-            } => self.create_migration(name, idempotency_key, spec, uuid, now_ms),
+            } => match throttle.parse::<ferry_common::throttle::Throttle>() {
+                Err(e) => refused(e.to_string()),
+                Ok(t) => {
+                    match self.create_migration(name, idempotency_key, spec, uuid.clone(), now_ms) {
+                        Response::MigrationCreated(id) => {
+                            // Only a migration this command made (a repeated create answers the
+                            // earlier one, whose throttle may have been changed since).
+                            if let Some(m) = self.migrations.get_mut(&id) {
+                                if m.uuid == uuid {
+                                    m.throttle = t.stored();
+                                    self.dirty.migrations.insert(id);
+                                }
+                            }
+                            Response::MigrationCreated(id)
+                        }
+                        other => other,
+                    }
+                }
+            },
             Command::RegisterSegments {
                 agent,
                 migration_id,

@@ -88,6 +88,7 @@ impl World {
             idempotency_key: String::new(),
             spec,
             uuid: ferry_common::ids::random_id(),
+            throttle: String::new(),
             now_ms: 1,
         }) else {
             panic!("not created")
@@ -316,6 +317,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         idempotency_key: String::new(),
         spec,
         uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
         now_ms: 0,
     }) else {
         panic!()
@@ -368,6 +370,7 @@ fn create_refuses_unknown_agents() {
         idempotency_key: String::new(),
         spec,
         uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
         now_ms: 0,
     });
     assert!(
@@ -505,6 +508,7 @@ fn create(w: &mut World) -> u64 {
         idempotency_key: String::new(),
         spec,
         uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
         now_ms: 0,
     }) else {
         panic!()
@@ -905,6 +909,7 @@ fn a_create_repeated_with_its_key_answers_the_same_migration_and_names_are_uniqu
         idempotency_key: key.into(),
         spec: spec.clone(),
         uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
         now_ms: 5,
     };
     let first = w.apply(create("nightly", "k-1", &spec));
@@ -1155,6 +1160,7 @@ fn the_first_registration_names_the_cluster_and_migrations_keep_their_uuid() {
         idempotency_key: String::new(),
         spec: m.spec,
         uuid: m.uuid,
+        throttle: String::new(),
         now_ms: 6,
     });
     assert!(matches!(r, Response::Refused(_)), "{r:?}");
@@ -1189,6 +1195,7 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         idempotency_key: String::new(),
         spec,
         uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
         now_ms: 1,
     }) else {
         panic!()
@@ -1430,6 +1437,7 @@ fn a_missing_source_root_or_a_skipped_path_fails_the_migration() {
             idempotency_key: String::new(),
             spec: spec("/data", 100),
             uuid: ferry_common::ids::random_id(),
+            throttle: String::new(),
             now_ms: 1,
         }) else {
             panic!()
@@ -1514,4 +1522,37 @@ fn throttles_are_kept_canonical_and_refused_when_unreadable_or_pointless() {
         set(&mut w, ThrottleScope::Migration(done), "1mbit"),
         Response::Refused(_)
     ));
+}
+
+#[test]
+fn a_migration_created_with_a_throttle_has_it_from_its_first_entry() {
+    let mut w = World::new();
+    let create = |w: &mut World, key: &str, throttle: &str| {
+        w.apply(Command::CreateMigration {
+            name: format!("m-{key}"),
+            idempotency_key: key.into(),
+            spec: spec("/d", 100),
+            uuid: ferry_common::ids::random_id(),
+            throttle: throttle.into(),
+            now_ms: 1,
+        })
+    };
+    let Response::MigrationCreated(id) = create(&mut w, "k1", "200 Mbit") else {
+        panic!("not created")
+    };
+    assert_eq!(w.s.migrations[&id].throttle, "200mbit");
+    // A repeated create answers the migration and leaves its throttle as it is now.
+    w.apply(Command::SetThrottle {
+        scope: ThrottleScope::Migration(id),
+        throttle: "off".into(),
+    });
+    assert_eq!(
+        create(&mut w, "k1", "200mbit"),
+        Response::MigrationCreated(id)
+    );
+    assert_eq!(w.s.migrations[&id].throttle, "");
+    // A throttle that does not parse creates nothing.
+    let before = w.s.migrations.len();
+    assert!(matches!(create(&mut w, "k2", "fast"), Response::Refused(_)));
+    assert_eq!(w.s.migrations.len(), before);
 }

@@ -88,6 +88,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 excludes: Vec::new(),
             },
             uuid: ferry_common::ids::random_id(),
+            throttle: String::new(),
             now_ms: 2,
         },
         Command::RegisterSegments {

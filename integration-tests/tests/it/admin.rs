@@ -80,6 +80,27 @@ async fn a_retried_create_answers_the_same_migration_and_names_are_unique() {
     assert_eq!(by_name.migration_id, id);
     let err = ctl.resolve("no-such").await.unwrap_err().to_string();
     assert!(err.contains("no migration is named no-such"), "{err}");
+    // A throttle given at create is in force from the migration's first entry, canonical.
+    let spec = migration_spec(&env.path("third"), "y");
+    let id = ctl
+        .create_throttled(
+            "paced",
+            spec.clone(),
+            "key-3",
+            "else off, 09:00-18:00 100 Mbit",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ctl.status(id).await.unwrap().throttle,
+        "09:00-18:00 100mbit, else off"
+    );
+    let err = ctl
+        .create_throttled("paced-2", spec, "key-4", "fast")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bad rate"), "{err}");
     node.shutdown().await;
 }
 
