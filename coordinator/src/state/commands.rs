@@ -283,25 +283,7 @@ impl State {
                 uuid,
                 throttle,
                 now_ms,
-            } => match throttle.parse::<ferry_common::throttle::Throttle>() {
-                Err(e) => refused(e.to_string()),
-                Ok(t) => {
-                    match self.create_migration(name, idempotency_key, spec, uuid.clone(), now_ms) {
-                        Response::MigrationCreated(id) => {
-                            // Only a migration this command made (a repeated create answers the
-                            // earlier one, whose throttle may have been changed since).
-                            if let Some(m) = self.migrations.get_mut(&id) {
-                                if m.uuid == uuid {
-                                    m.throttle = t.stored();
-                                    self.dirty.migrations.insert(id);
-                                }
-                            }
-                            Response::MigrationCreated(id)
-                        }
-                        other => other,
-                    }
-                }
-            },
+            } => self.create_migration(name, idempotency_key, spec, uuid, &throttle, now_ms),
             Command::RegisterSegments {
                 agent,
                 migration_id,

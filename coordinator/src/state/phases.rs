@@ -140,8 +140,15 @@ impl State {
         key: String,
         spec: MigrationSpec,
         uuid: String,
+        throttle: &str,
         now_ms: u64,
     ) -> Response {
+        // Checked first: a throttle that does not parse creates nothing. A repeated create
+        // answers the earlier migration and leaves its throttle as it is now.
+        let throttle = match throttle.parse::<ferry_common::throttle::Throttle>() {
+            Ok(t) => t.stored(),
+            Err(e) => return refused(e.to_string()),
+        };
         if let Some(&id) = self.by_key.get(&key) {
             let m = &self.migrations[&id];
             if m.name == name && m.spec == spec {
@@ -205,7 +212,7 @@ impl State {
                 last_error: String::new(),
                 created_ms: now_ms,
                 finished_ms: 0,
-                throttle: String::new(),
+                throttle,
             },
         );
         self.by_name.insert(name, id);
