@@ -12,6 +12,9 @@ use std::str::FromStr;
 use crate::rate::{Rate, RateError};
 
 const DAY_MINUTES: u32 = 24 * 60;
+/// The longest throttle text accepted: every coordinator parses it when it applies the entry,
+/// so its cost is bounded here, not by each caller.
+pub const MAX_TEXT: usize = 1024;
 
 /// A limit on bits per second, constant or by time of day (UTC). `Default` is no limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,6 +65,9 @@ pub enum ThrottleError {
     /// Two windows covering the same minute.
     #[error("windows {0:?} and {1:?} overlap: each time of day may have one limit")]
     Overlap(String, String),
+    /// Longer than [`MAX_TEXT`].
+    #[error("a throttle is at most {MAX_TEXT} characters")]
+    TooLong,
     /// `else` given twice, or a lone rate beside windows.
     #[error("{0:?}: a schedule has at most one \"else RATE\" (a lone rate stands alone)")]
     Otherwise(String),
@@ -91,6 +97,9 @@ impl FromStr for Throttle {
 
     /// Reads a throttle; empty text is no throttle, like `off`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > MAX_TEXT {
+            return Err(ThrottleError::TooLong);
+        }
         if s.trim().is_empty() {
             return Ok(Throttle::default());
         }
@@ -103,7 +112,8 @@ impl FromStr for Throttle {
         }
         let mut t = Throttle::default();
         let mut seen_else = false;
-        let mut texts: Vec<&str> = Vec::new();
+        // Which window (by its text) covers each minute of the day.
+        let mut owner: Vec<Option<&str>> = vec![None; DAY_MINUTES as usize];
         for p in parts {
             if let Some(rest) = strip_else(p) {
                 if seen_else {
@@ -127,13 +137,12 @@ impl FromStr for Throttle {
             if w.start == w.end {
                 return Err(ThrottleError::Empty(p.to_string()));
             }
-            for (other, text) in t.windows.iter().zip(&texts) {
-                if (0..DAY_MINUTES).any(|m| w.contains(m) && other.contains(m)) {
-                    return Err(ThrottleError::Overlap(text.to_string(), p.to_string()));
+            for m in (0..DAY_MINUTES).filter(|&m| w.contains(m)) {
+                if let Some(other) = owner[m as usize].replace(p) {
+                    return Err(ThrottleError::Overlap(other.to_string(), p.to_string()));
                 }
             }
             t.windows.push(w);
-            texts.push(p);
         }
         t.windows.sort_by_key(|w| w.start);
         Ok(t)
@@ -290,6 +299,11 @@ mod tests {
         assert!(matches!(
             "fast".parse::<Throttle>(),
             Err(ThrottleError::Rate(_))
+        ));
+        let long = vec!["01:00-02:00 1mbit"; 100].join(", ");
+        assert!(matches!(
+            long.parse::<Throttle>(),
+            Err(ThrottleError::TooLong)
         ));
         assert!(matches!(
             "else off, else 1mbit".parse::<Throttle>(),

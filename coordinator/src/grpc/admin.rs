@@ -291,11 +291,6 @@ impl Admin for AdminService {
     ) -> R<pb::SetThrottleResponse> {
         authorize_admin(&req)?;
         let r = req.into_inner();
-        if r.throttle.len() > 1024 {
-            return Err(Status::invalid_argument(
-                "a throttle is at most 1024 characters",
-            ));
-        }
         let throttle: Throttle = r
             .throttle
             .parse()
