@@ -117,6 +117,10 @@ impl AgentService {
 
 /// The longest a heartbeat is held while its answer does not change.
 const MAX_HEARTBEAT_WAIT_MS: u64 = 5000;
+/// The least time between two looks at a held heartbeat's answer: a busy cluster applies
+/// entries all the time (leases, reports), and each look walks the migrations, so a held
+/// heartbeat costs at most as much as polling at this interval would.
+const HEARTBEAT_RECHECK: Duration = Duration::from_millis(250);
 
 impl AgentService {
     /// What a heartbeat of `agent`'s `session` answers now (with its digest), and whether the
@@ -236,6 +240,8 @@ impl AgentControl for AgentService {
             m.borrow().last_applied.map(|l| l.index)
         };
         let mut committed_last_seen = false;
+        // When the last look after a wake-up was.
+        let mut woken: Option<tokio::time::Instant> = None;
         loop {
             let (answer, stale) = self.heartbeat_answer(&agent, session)?;
             // Agents call every second or so; `last_seen` is committed only when stale, so
@@ -270,6 +276,12 @@ impl AgentControl for AgentService {
                 },
                 _ = tokio::time::sleep_until(deadline) => {}
             }
+            // The first change is looked at at once (a new migration starts without delay);
+            // later ones at most every HEARTBEAT_RECHECK.
+            if let Some(at) = woken {
+                tokio::time::sleep_until((at + HEARTBEAT_RECHECK).min(deadline)).await;
+            }
+            woken = Some(tokio::time::Instant::now());
         }
     }
 
