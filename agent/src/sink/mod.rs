@@ -68,16 +68,15 @@ pub fn process_token() -> &'static str {
     TOKEN.get_or_init(|| ferry_common::hash::hex(&ferry_common::ids::random_bytes::<8>()))
 }
 
-/// Whether `name` is a temporary of a segment transfer made by another process than this one.
-fn stale_temporary(name: &[u8]) -> bool {
+/// Whether `name` is a temporary of a segment transfer made by another process than the one
+/// whose temporaries contain `ours` (`-<its token>.`).
+fn stale_temporary(name: &[u8], ours: &[u8]) -> bool {
     let Some(rest) = name.strip_prefix(RESERVED_PREFIX.as_bytes()) else {
         return false;
     };
-    if !rest.starts_with(b"s") || !rest.ends_with(TMP_SUFFIX.as_bytes()) {
-        return false;
-    }
-    let ours = format!("-{}.", process_token());
-    !rest.windows(ours.len()).any(|w| w == ours.as_bytes())
+    rest.starts_with(b"s")
+        && rest.ends_with(TMP_SUFFIX.as_bytes())
+        && !rest.windows(ours.len()).any(|w| w == ours)
 }
 
 /// Mode bits applied when ownership is not: setuid and setgid are dropped, because a set-id file
@@ -264,6 +263,7 @@ impl FsSink {
     /// again). Never follows symlinks; part files of split files (durable state) are kept.
     /// Walks the whole root: run it in the background. Returns how many it removed.
     pub fn sweep_stale_temporaries(&self) -> u64 {
+        let ours = format!("-{}.", process_token());
         let mut removed = 0;
         let mut dirs = vec![self.root.clone()];
         while let Some(dir) = dirs.pop() {
@@ -274,7 +274,7 @@ impl FsSink {
                 let Ok(t) = e.file_type() else { continue };
                 if t.is_dir() {
                     dirs.push(e.path());
-                } else if stale_temporary(e.file_name().as_bytes()) {
+                } else if stale_temporary(e.file_name().as_bytes(), ours.as_bytes()) {
                     match fs::remove_file(e.path()) {
                         Ok(()) => removed += 1,
                         Err(err) => {

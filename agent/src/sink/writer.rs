@@ -82,7 +82,7 @@ impl Pending {
     }
 
     /// Makes every temporary added so far durable: one `fsync` for a lone file, else one
-    /// `syncfs` per file system. Returns how many calls it took.
+    /// `syncfs` per file system (each call counted in `counts`).
     fn barrier(&mut self, counts: &SyncCounts) -> Result<(), SinkError> {
         match self.count {
             0 => {}
