@@ -50,6 +50,9 @@ pub struct Failure {
     /// hardlink waits for its first name): the coordinator retries it after a backoff without
     /// counting one of its attempts.
     pub retry_later: bool,
+    /// A file of the segment changed after the scan so that the segment can never be sent as
+    /// planned (a piece of a split file): the next round sends the file as it is then.
+    pub stale: bool,
 }
 
 impl Failure {
@@ -58,6 +61,7 @@ impl Failure {
         Failure {
             error: error.into(),
             retry_later: false,
+            stale: false,
         }
     }
 
@@ -66,6 +70,16 @@ impl Failure {
         Failure {
             error: error.into(),
             retry_later: true,
+            stale: false,
+        }
+    }
+
+    /// The segment's file changed after the scan: left to the next round.
+    pub fn stale(error: impl Into<String>) -> Self {
+        Failure {
+            error: error.into(),
+            retry_later: false,
+            stale: true,
         }
     }
 }
@@ -432,6 +446,14 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
     fn lease(&self, max: u32) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
     /// The leases this agent holds, as committed.
     fn list_leases(&self) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
+    /// The segments of a migration (this agent's as a source) in `from..to` that are not
+    /// verified.
+    fn list_unverified(
+        &self,
+        migration_id: u64,
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<u64>, ControlError>> + Send;
     /// Extends leases; one answer per lease (false: no longer ours).
     fn renew_leases(
         &self,
@@ -544,6 +566,7 @@ impl Coordinator for Control {
                 hardlinks: summary.hardlinks,
                 excluded: summary.excluded,
                 root_error: summary.root_error.clone(),
+                deleted: summary.deleted,
             },
             |mut c, r| async move { c.complete_scan(r).await },
         )
@@ -604,6 +627,27 @@ impl Coordinator for Control {
         Ok(r.leases)
     }
 
+    async fn list_unverified(
+        &self,
+        migration_id: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<u64>, ControlError> {
+        let r = self
+            .call(
+                pb::ListUnverifiedRequest {
+                    agent: self.agent.clone(),
+                    session: self.session,
+                    migration_id,
+                    from,
+                    to,
+                },
+                |mut c, r| async move { c.list_unverified(r).await },
+            )
+            .await?;
+        Ok(r.segment_ids)
+    }
+
     async fn renew_leases(
         &self,
         leases: &[crate::schedule::LeaseKey],
@@ -657,9 +701,9 @@ impl Coordinator for Control {
         epoch: u64,
         result: Result<[u8; 32], Failure>,
     ) -> Result<pb::ReportSegmentResponse, ControlError> {
-        let (ok, blake3, error, retry_later) = match result {
-            Ok(h) => (true, h.to_vec(), String::new(), false),
-            Err(f) => (false, Vec::new(), f.error, f.retry_later),
+        let (ok, blake3, error, retry_later, stale) = match result {
+            Ok(h) => (true, h.to_vec(), String::new(), false, false),
+            Err(f) => (false, Vec::new(), f.error, f.retry_later, f.stale),
         };
         let req = pb::ReportSegmentRequest {
             agent: self.agent.clone(),
@@ -671,6 +715,7 @@ impl Coordinator for Control {
             blake3,
             error,
             retry_later,
+            stale,
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let queued = {
@@ -741,6 +786,8 @@ pub mod testing {
         pub scans: BTreeMap<u64, (u64, u64)>,
         /// Lease requests made, with the number asked for.
         pub lease_requests: Vec<u32>,
+        /// Segments not verified, per migration (what `list_unverified` answers from).
+        pub unverified: BTreeMap<u64, Vec<u64>>,
         /// Renewal calls made.
         pub renewals: Vec<Vec<LeaseKey>>,
         /// Reports received.
@@ -861,6 +908,22 @@ pub mod testing {
                     return Err(Self::unavailable());
                 }
                 Ok(s.held.clone())
+            })
+        }
+        async fn list_unverified(
+            &self,
+            migration_id: u64,
+            from: u64,
+            to: u64,
+        ) -> Result<Vec<u64>, ControlError> {
+            self.with(|s| {
+                Ok(s.unverified
+                    .get(&migration_id)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|id| (from..to).contains(id))
+                    .collect())
             })
         }
         async fn renew_leases(&self, leases: &[LeaseKey]) -> Result<Vec<bool>, ControlError> {

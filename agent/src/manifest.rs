@@ -60,6 +60,12 @@ pub struct ScanSummary {
     /// Why the source root itself could not be scanned (empty: it was).
     #[serde(default)]
     pub root_error: String,
+    /// The round's first segment id.
+    #[serde(default)]
+    pub first_segment: u64,
+    /// Names the round deletes at the target.
+    #[serde(default)]
+    pub deleted: u64,
 }
 
 /// What the coordinator is told about a segment.
@@ -91,6 +97,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ManifestError + '_ {
 pub struct ManifestWriter {
     path: PathBuf,
     out: BufWriter<File>,
+    /// The id the next appended segment must have.
     next_id: u64,
     pos: u64,
     unsynced: Vec<u64>,
@@ -98,19 +105,21 @@ pub struct ManifestWriter {
 }
 
 impl ManifestWriter {
-    /// Creates (or truncates) the manifest at `path`; returns the writer and the reader it feeds.
-    pub fn create(path: &Path) -> Result<(Self, Arc<Manifest>), ManifestError> {
+    /// Creates (or truncates) the manifest at `path` of segments with ids from `first_id` (a
+    /// round's first segment); returns the writer and the reader it feeds.
+    pub fn create(path: &Path, first_id: u64) -> Result<(Self, Arc<Manifest>), ManifestError> {
         let f = File::create(path).map_err(io(path))?;
         let reader = OpenOptions::new().read(true).open(path).map_err(io(path))?;
         let shared = Arc::new(Manifest {
             path: path.to_path_buf(),
             file: reader,
+            first_id,
             offsets: RwLock::new(Vec::new()),
         });
         let w = ManifestWriter {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(1 << 20, f),
-            next_id: 0,
+            next_id: first_id,
             pos: 0,
             unsynced: Vec::new(),
             shared: shared.clone(),
@@ -118,7 +127,7 @@ impl ManifestWriter {
         Ok((w, shared))
     }
 
-    /// Appends one segment; ids must arrive dense from 0.
+    /// Appends one segment; ids must arrive dense from the first.
     pub fn append(&mut self, seg: &PlannedSegment) -> Result<SegmentSummary, ManifestError> {
         if seg.id != self.next_id {
             return Err(ManifestError::Damaged {
@@ -167,13 +176,15 @@ impl ManifestWriter {
 pub struct Manifest {
     path: PathBuf,
     file: File,
-    /// Offset of each segment's record; index = segment id. 8 bytes per segment.
+    /// The id of its first segment (its round's first).
+    first_id: u64,
+    /// Offset of each segment's record; index = segment id - `first_id`. 8 bytes per segment.
     offsets: RwLock<Vec<u64>>,
 }
 
 impl Manifest {
-    /// Opens a manifest and indexes its records.
-    pub fn open(path: &Path) -> Result<Self, ManifestError> {
+    /// Opens a manifest of segments with ids from `first_id` and indexes its records.
+    pub fn open(path: &Path, first_id: u64) -> Result<Self, ManifestError> {
         let file = OpenOptions::new().read(true).open(path).map_err(io(path))?;
         let mut r = std::io::BufReader::with_capacity(1 << 20, &file);
         let mut offsets = Vec::new();
@@ -199,6 +210,7 @@ impl Manifest {
         Ok(Manifest {
             path: path.to_path_buf(),
             file,
+            first_id,
             offsets: RwLock::new(offsets),
         })
     }
@@ -214,11 +226,14 @@ impl Manifest {
     }
 
     fn read_raw(&self, id: u64) -> Result<Vec<u8>, ManifestError> {
+        let index = id
+            .checked_sub(self.first_id)
+            .ok_or(ManifestError::Unknown(id))?;
         let off = *self
             .offsets
             .read()
             .expect("not poisoned")
-            .get(id as usize)
+            .get(usize::try_from(index).unwrap_or(usize::MAX))
             .ok_or(ManifestError::Unknown(id))?;
         let mut len = [0u8; 4];
         self.file
@@ -258,7 +273,7 @@ impl Manifest {
 
     /// Each segment's summary, for (re-)registration with the coordinator.
     pub fn summaries(&self) -> Result<Vec<SegmentSummary>, ManifestError> {
-        (0..self.len())
+        (self.first_id..self.first_id + self.len())
             .map(|id| {
                 let body = self.read_raw(id)?;
                 let seg = PlannedSegment {
@@ -316,7 +331,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("manifest");
         let mut planner = SegmentPlanner::new(10);
-        let (mut w, live) = ManifestWriter::create(&p).unwrap();
+        let (mut w, live) = ManifestWriter::create(&p, 0).unwrap();
         let mut segs = Vec::new();
         for i in 0..5 {
             segs.extend(planner.push(Entry::file(format!("f{i}"), 6, 0o644, (1, 2), 100 + i)));
@@ -326,7 +341,7 @@ mod tests {
         assert!(live.is_empty(), "readable before it is durable");
         w.sync().unwrap();
         assert_eq!(live.read(1).unwrap(), segs[1].entries);
-        let m = Manifest::open(&p).unwrap();
+        let m = Manifest::open(&p, 0).unwrap();
         assert_eq!(m.len(), segs.len() as u64);
         for s in &segs {
             assert_eq!(m.read(s.id).unwrap(), s.entries);
@@ -346,7 +361,7 @@ mod tests {
             .set_len(len - 1)
             .unwrap();
         assert!(matches!(
-            Manifest::open(&p),
+            Manifest::open(&p, 0),
             Err(ManifestError::Damaged { .. })
         ));
     }
@@ -363,6 +378,8 @@ mod tests {
             hardlinks: 2,
             excluded: 1,
             root_error: String::new(),
+            first_segment: 7,
+            deleted: 2,
         };
         write_summary(&p, &s).unwrap();
         assert_eq!(read_summary(&p).unwrap(), Some(s));

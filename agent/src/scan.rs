@@ -22,6 +22,8 @@ pub enum Walked {
     Issue {
         /// Path relative to the root, escaped for display ([`ferry_common::path::escape`]).
         path: String,
+        /// The same path as it is (a sync round leaves what the target has there alone).
+        at: PathBuf,
         /// Why.
         reason: String,
     },
@@ -95,6 +97,7 @@ pub fn walk<E>(
         let shown = display(&rel);
         let issue = |reason: String| Walked::Issue {
             path: shown.clone(),
+            at: rel.clone(),
             reason,
         };
         let Some(wire) = to_wire(&rel) else {
@@ -111,11 +114,16 @@ pub fn walk<E>(
                 let ft = m.file_type();
                 let mode = m.mode() & 0o7777;
                 let (uid, gid) = (m.uid(), m.gid());
+                let ctime = (m.ctime(), m.ctime_nsec() as u32);
                 if ft.is_dir() {
                     match sorted_children(&abs) {
                         Ok(children) => {
                             stack.push((rel.clone(), children.into_iter()));
-                            Walked::Entry(Entry::dir(&wire, mode, mtime(&m)).owned_by(uid, gid))
+                            Walked::Entry(
+                                Entry::dir(&wire, mode, mtime(&m))
+                                    .owned_by(uid, gid)
+                                    .changed_at(ctime),
+                            )
                         }
                         Err(e) => issue(format!("cannot read directory: {e}")),
                     }
@@ -124,7 +132,8 @@ pub fn walk<E>(
                     match fs::File::open(&abs) {
                         Err(e) => issue(format!("cannot read: {e}")),
                         Ok(_) if m.nlink() > 1 && first_names.contains_key(&key) => Walked::Entry(
-                            Entry::hardlink(&wire, &first_names[&key], m.len(), mtime(&m)),
+                            Entry::hardlink(&wire, &first_names[&key], m.len(), mtime(&m))
+                                .changed_at(ctime),
                         ),
                         Ok(_) => {
                             if m.nlink() > 1 {
@@ -132,15 +141,18 @@ pub fn walk<E>(
                             }
                             Walked::Entry(
                                 Entry::file(&wire, m.len(), mode, mtime(&m), m.ino())
-                                    .owned_by(uid, gid),
+                                    .owned_by(uid, gid)
+                                    .changed_at(ctime),
                             )
                         }
                     }
                 } else if ft.is_symlink() {
                     match fs::read_link(&abs) {
-                        Ok(t) if !t.as_os_str().is_empty() => {
-                            Walked::Entry(Entry::symlink(&wire, t, mtime(&m)).owned_by(uid, gid))
-                        }
+                        Ok(t) if !t.as_os_str().is_empty() => Walked::Entry(
+                            Entry::symlink(&wire, t, mtime(&m))
+                                .owned_by(uid, gid)
+                                .changed_at(ctime),
+                        ),
                         Ok(_) => issue("symlink has an empty target".into()),
                         Err(e) => issue(format!("cannot read symlink: {e}")),
                     }
@@ -245,7 +257,7 @@ mod tests {
             .iter()
             .map(|w| match w {
                 Walked::Entry(e) => e,
-                Walked::Issue { path, reason } => panic!("{path}: {reason}"),
+                Walked::Issue { path, reason, .. } => panic!("{path}: {reason}"),
                 Walked::Excluded => panic!("nothing is excluded"),
             })
             .collect();
@@ -275,7 +287,7 @@ mod tests {
             .iter()
             .map(|w| match w {
                 Walked::Entry(e) => (display(&e.path), e.kind, display(&e.link_target)),
-                Walked::Issue { path, reason } => panic!("{path}: {reason}"),
+                Walked::Issue { path, reason, .. } => panic!("{path}: {reason}"),
                 Walked::Excluded => panic!("nothing is excluded"),
             })
             .collect();

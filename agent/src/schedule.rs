@@ -79,13 +79,13 @@ pub enum Action {
     Lease(u32),
 }
 
-/// Where a migration's manifest stands at this agent.
+/// Where a migration's manifest of its current round stands at this agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Prep {
     /// Loading or scanning (segments may already be sent: the scan is pipelined).
-    Running { uuid: String },
+    Running { uuid: String, round: u32 },
     /// Loaded, or scanned completely.
-    Ready { uuid: String },
+    Ready { uuid: String, round: u32 },
     /// Failed; not tried again before this time.
     RetryAt(Instant),
 }
@@ -217,7 +217,22 @@ impl SourceSchedule {
             let mid = w.migration_id;
             match self.migrations.get(&mid) {
                 Some(Prep::Running { .. }) => continue,
-                Some(Prep::Ready { uuid }) if *uuid == w.migration_uuid => continue,
+                Some(Prep::Ready { uuid, round })
+                    if *uuid == w.migration_uuid && *round == w.round =>
+                {
+                    continue
+                }
+                // The next round: scan again (the manifest of the last one is replaced).
+                Some(Prep::Ready { uuid, .. }) if *uuid == w.migration_uuid => {
+                    self.migrations.insert(
+                        mid,
+                        Prep::Running {
+                            uuid: w.migration_uuid.clone(),
+                            round: w.round,
+                        },
+                    );
+                    return Some(Action::Prepare(w.clone()));
+                }
                 Some(Prep::Ready { .. }) => {
                     // Another cluster's migration of the same id: never send from it.
                     self.migrations.remove(&mid);
@@ -229,6 +244,7 @@ impl SourceSchedule {
                         mid,
                         Prep::Running {
                             uuid: w.migration_uuid.clone(),
+                            round: w.round,
                         },
                     );
                     return Some(Action::Prepare(w.clone()));
@@ -274,8 +290,8 @@ impl SourceSchedule {
 
     /// A migration's manifest is loaded or completely scanned.
     pub fn prepared(&mut self, mid: u64) {
-        if let Some(Prep::Running { uuid }) = self.migrations.remove(&mid) {
-            self.migrations.insert(mid, Prep::Ready { uuid });
+        if let Some(Prep::Running { uuid, round }) = self.migrations.remove(&mid) {
+            self.migrations.insert(mid, Prep::Ready { uuid, round });
         }
     }
 

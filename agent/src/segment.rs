@@ -23,6 +23,9 @@ pub enum EntryKind {
     /// A further name of a regular file whose content travels under another name (a hardlink):
     /// `link_target` is that other name, relative to the root. Carries no bytes.
     Hardlink,
+    /// A name removed at the source since the previous round (sync rounds): the target removes
+    /// what is there, a directory with everything in it. Carries no bytes.
+    Delete,
 }
 
 /// One item of a segment, as the source scanned it. `path` is relative, '/'-separated, and may be
@@ -53,6 +56,10 @@ pub struct Entry {
     pub link_target: PathBuf,
     /// Inode at scan time (0 for non-files); the source uses it to notice replaced files.
     pub inode: u64,
+    /// Status change time at scan time (`(0, 0)` where not known): with the inode, size and
+    /// mtime, how a sync round tells a changed file (also one whose mtime was set back, or
+    /// whose attributes changed). Never sent.
+    pub ctime: (i64, u32),
     /// Numeric owner, applied when the target agent runs as root.
     pub uid: u32,
     /// Numeric group, applied when the target agent runs as root.
@@ -93,6 +100,16 @@ impl Entry {
             file_size,
             ..Entry::base(EntryKind::Hardlink, path, 0, mtime)
         }
+    }
+
+    /// A deletion of `path` at the target.
+    pub fn delete(path: impl AsRef<Path>) -> Self {
+        Entry::base(EntryKind::Delete, path, 0, (0, 0))
+    }
+
+    /// The same entry with status change time `ctime`.
+    pub fn changed_at(self, ctime: (i64, u32)) -> Self {
+        Entry { ctime, ..self }
     }
 
     /// The same entry owned by `uid`:`gid`.
@@ -139,6 +156,7 @@ impl Entry {
             chunk_count: 0,
             link_target: PathBuf::new(),
             inode: 0,
+            ctime: (0, 0),
             uid: 0,
             gid: 0,
             data_runs: None,
@@ -167,7 +185,7 @@ impl PlannedSegment {
     pub fn files(&self) -> u32 {
         self.entries
             .iter()
-            .filter(|e| e.kind != EntryKind::Dir && e.chunk_index == 0)
+            .filter(|e| !matches!(e.kind, EntryKind::Dir | EntryKind::Delete) && e.chunk_index == 0)
             .count() as u32
     }
 }
@@ -199,11 +217,17 @@ pub struct SegmentPlanner {
 }
 
 impl SegmentPlanner {
-    /// A planner cutting segments of `segment_size` bytes (at least 1).
+    /// A planner cutting segments of `segment_size` bytes (at least 1), with ids from 0.
     pub fn new(segment_size: u64) -> Self {
+        Self::starting_at(segment_size, 0)
+    }
+
+    /// A planner whose first segment is `first_id` (a sync round's segments follow the previous
+    /// round's).
+    pub fn starting_at(segment_size: u64, first_id: u64) -> Self {
         SegmentPlanner {
             segment_size: segment_size.max(1),
-            next_id: 0,
+            next_id: first_id,
             bundle: Vec::new(),
             bundle_bytes: 0,
             bundle_header: 0,

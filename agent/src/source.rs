@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::{block_in_place, JoinSet};
 
+use crate::catalog::{CatalogReader, CatalogWriter, Change, Differ};
 use crate::control::{Assigned, ControlError, Coordinator, Failure};
 use crate::dial::{Connection, DialError, Dialer, SendHalf};
 use crate::frame::{self, FrameError, MAX_SMALL_FRAME};
@@ -82,6 +83,21 @@ pub enum PrepareError {
         /// Where its manifest should be.
         dir: PathBuf,
     },
+    /// A sync round needs the previous round's catalog, and this agent has none.
+    #[error(
+        "round {round} of migration {mid} compares with the previous round's catalog {}, which \
+         is missing (this agent's state directory was lost or is older than sync rounds); start \
+         a new migration",
+        path.display()
+    )]
+    NoCatalog {
+        /// The migration.
+        mid: u64,
+        /// The round that needs it.
+        round: u32,
+        /// Where it should be.
+        path: PathBuf,
+    },
     /// The migration's excludes are not valid patterns.
     #[error("cannot use the migration's excludes: {0}")]
     Excludes(#[from] ferry_common::exclude::ExcludeError),
@@ -123,8 +139,8 @@ enum ReadError {
     NotAFile { path: PathBuf },
     /// A file split over several segments changed: its pieces would not fit together.
     #[error(
-        "{} changed since it was scanned; a file split over several segments must not change \
-         during the bulk copy (stop its writer, or copy it in a later sync round)",
+        "{} changed since it was scanned; its pieces would not fit together, so the next round \
+         sends it again as it is then",
         path.display()
     )]
     SplitChanged { path: PathBuf },
@@ -150,6 +166,28 @@ enum ReadError {
         display(path)
     )]
     XattrsTooLarge { limit: usize, path: PathBuf },
+}
+
+impl ReadError {
+    /// Whether the segment can never be sent as planned (its file changed or went since the
+    /// scan): the next round sends what is there then, so retrying this one is pointless.
+    fn is_stale(&self) -> bool {
+        match self {
+            ReadError::SplitChanged { .. } | ReadError::NotAFile { .. } => true,
+            ReadError::Open { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
+impl From<ReadError> for Failure {
+    fn from(e: ReadError) -> Self {
+        if e.is_stale() {
+            Failure::stale(e.to_string())
+        } else {
+            Failure::counted(e.to_string())
+        }
+    }
 }
 
 /// How writing a segment to its stream failed.
@@ -428,23 +466,27 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             .join(&w.migration_uuid))
     }
 
-    /// Makes the migration's manifest available: loads a completed scan, or scans afresh.
+    /// Makes the current round's manifest available: loads a completed scan, or scans afresh.
     /// Runs on a blocking thread.
     fn prepare(&self, w: &SourceWork, stop: &watch::Receiver<bool>) -> Result<(), PrepareError> {
         let rt = tokio::runtime::Handle::current();
         let mid = w.migration_id;
         let dir = self.migration_dir(w)?;
-        std::fs::create_dir_all(&dir).map_err(|source| PrepareError::StateDir {
-            path: dir.clone(),
+        let rdir = round_dir(&dir, w.round);
+        std::fs::create_dir_all(&rdir).map_err(|source| PrepareError::StateDir {
+            path: rdir.clone(),
             source,
         })?;
-        let Some(summary) = manifest::read_summary(&dir.join("scan.json"))? else {
+        let Some(summary) = manifest::read_summary(&rdir.join("scan.json"))? else {
             if w.scan_complete {
-                return Err(PrepareError::Lost { mid, dir });
+                return Err(PrepareError::Lost { mid, dir: rdir });
             }
             return self.scan(&rt, stop, w, &dir);
         };
-        let m = Arc::new(Manifest::open(&dir.join("manifest"))?);
+        let m = Arc::new(Manifest::open(
+            &rdir.join("manifest"),
+            w.round_first_segment,
+        )?);
         self.manifests
             .lock()
             .expect("not poisoned")
@@ -459,11 +501,62 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         tracing::info!(
             message = "Loaded manifest.",
             migration = mid,
+            round = w.round,
             segments = m.len()
         );
         Ok(())
     }
 
+    /// What a sync round compares its scan with: the previous round's catalog, and the names
+    /// that round carried in segments that were not verified (sent again whatever their state).
+    fn previous_round(
+        &self,
+        rt: &tokio::runtime::Handle,
+        stop: &watch::Receiver<bool>,
+        w: &SourceWork,
+        dir: &Path,
+    ) -> Result<Differ<CatalogReader>, PrepareError> {
+        let mid = w.migration_id;
+        let prev = round_dir(dir, w.round.saturating_sub(1));
+        let path = prev.join("catalog");
+        if !path.exists() {
+            return Err(PrepareError::NoCatalog {
+                mid,
+                round: w.round,
+                path,
+            });
+        }
+        let (from, to) = (w.previous_round_first_segment, w.round_first_segment);
+        let ids = call_blocking(rt, stop, || self.control.list_unverified(mid, from, to))?;
+        let (mut dirty, mut dirty_deletes) = (HashSet::new(), HashSet::new());
+        if !ids.is_empty() {
+            let m = Manifest::open(&prev.join("manifest"), from)?;
+            for id in &ids {
+                for e in m.read(*id)? {
+                    match e.kind {
+                        EntryKind::Delete => dirty_deletes.insert(e.path),
+                        _ => dirty.insert(e.path),
+                    };
+                }
+            }
+            tracing::info!(
+                message = "Sending again what the previous round did not verify.",
+                migration = mid,
+                segments = ids.len(),
+                names = dirty.len() + dirty_deletes.len()
+            );
+        }
+        Ok(Differ::new(
+            CatalogReader::open(&path)?,
+            dirty,
+            dirty_deletes,
+        ))
+    }
+
+    /// Scans the tree for the current round: everything in round 0, what changed since the
+    /// previous round's scan after it. Writes the round's manifest and catalog, registers the
+    /// segments as they are planned (sending starts while the scan goes on) and completes
+    /// the scan.
     fn scan(
         &self,
         rt: &tokio::runtime::Handle,
@@ -473,14 +566,24 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     ) -> Result<(), PrepareError> {
         let mid = w.migration_id;
         let root = PathBuf::from(&w.source_path);
-        tracing::info!(message = "Scanning.", migration = mid, root = %root.display());
-        let (mut writer, live) = ManifestWriter::create(&dir.join("manifest"))?;
+        let rdir = round_dir(dir, w.round);
+        tracing::info!(message = "Scanning.", migration = mid, round = w.round, root = %root.display());
+        let mut differ = match w.round {
+            0 => None,
+            _ => Some(self.previous_round(rt, stop, w, dir)?),
+        };
+        let first = w.round_first_segment;
+        let (mut writer, live) = ManifestWriter::create(&rdir.join("manifest"), first)?;
+        let mut catalog = CatalogWriter::create(&rdir.join("catalog"))?;
         self.manifests
             .lock()
             .expect("not poisoned")
             .insert(mid, live);
-        let mut planner = SegmentPlanner::new(w.segment_size.max(1));
-        let mut summary = ScanSummary::default();
+        let mut planner = SegmentPlanner::starting_at(w.segment_size.max(1), first);
+        let mut summary = ScanSummary {
+            first_segment: first,
+            ..ScanSummary::default()
+        };
         let mut batch: Vec<SegmentSummary> = Vec::new();
         let flush = |writer: &mut ManifestWriter,
                      batch: &mut Vec<SegmentSummary>|
@@ -489,6 +592,20 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             if !batch.is_empty() {
                 call_blocking(rt, stop, || self.control.register_segments(mid, batch))?;
                 batch.clear();
+            }
+            Ok(())
+        };
+        let mut plan = |e: Entry,
+                        writer: &mut ManifestWriter,
+                        batch: &mut Vec<SegmentSummary>,
+                        summary: &mut ScanSummary|
+         -> Result<(), PrepareError> {
+            for seg in planner.push(e) {
+                batch.push(writer.append(&seg)?);
+                summary.segments_total += 1;
+            }
+            if batch.len() >= REGISTER_BATCH {
+                flush(writer, batch)?;
             }
             Ok(())
         };
@@ -502,17 +619,29 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     if e.kind == EntryKind::Hardlink {
                         summary.hardlinks += 1;
                     }
-                    for seg in planner.push(e) {
-                        batch.push(writer.append(&seg)?);
-                        summary.segments_total += 1;
-                    }
-                    if batch.len() >= REGISTER_BATCH {
-                        flush(&mut writer, &mut batch)?;
+                    catalog.append(&e)?;
+                    let change = match &mut differ {
+                        None => Change::Send(e),
+                        Some(d) => d.entry(&e)?,
+                    };
+                    match change {
+                        Change::Same => {}
+                        Change::Send(e) => plan(e, &mut writer, &mut batch, &mut summary)?,
+                        Change::Replace(e) => {
+                            // In one bundle, in this order: the target removes what it has
+                            // there before it writes the new kind.
+                            let gone = Entry::delete(&e.path);
+                            plan(gone, &mut writer, &mut batch, &mut summary)?;
+                            plan(e, &mut writer, &mut batch, &mut summary)?;
+                        }
                     }
                 }
                 Walked::Excluded => summary.excluded += 1,
-                Walked::Issue { path, reason } => {
+                Walked::Issue { path, at, reason } => {
                     tracing::warn!(message = "Cannot copy path.", migration = mid, path = %path, reason = %reason);
+                    if let Some(d) = &mut differ {
+                        d.unreadable(&at)?;
+                    }
                     summary.issues_total += 1;
                     if summary.issues.len() < MAX_ISSUES_KEPT {
                         summary.issues.push((path, reason));
@@ -522,8 +651,17 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             Ok(())
         });
         match walked {
-            Ok(r) => r?,
+            Ok(r) => {
+                r?;
+                if let Some(d) = differ {
+                    self.plan_deletions(w, d, &mut summary, |e, summary| {
+                        plan(e, &mut writer, &mut batch, summary)
+                    })?;
+                }
+            }
             Err(root_err) => {
+                // Nothing is deleted: a source root that cannot be read says nothing about
+                // what was removed from it.
                 summary.issues_total += 1;
                 summary
                     .issues
@@ -537,14 +675,58 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             summary.segments_total += 1;
         }
         flush(&mut writer, &mut batch)?;
-        manifest::write_summary(&dir.join("scan.json"), &summary)?;
+        catalog.finish()?;
+        manifest::write_summary(&rdir.join("scan.json"), &summary)?;
         call_blocking(rt, stop, || self.control.complete_scan(mid, &summary))?;
         tracing::info!(
             message = "Scan complete.",
             migration = mid,
+            round = w.round,
             segments = summary.segments_total,
+            deleted = summary.deleted,
             issues = summary.issues_total
         );
+        Ok(())
+    }
+
+    /// Plans the deletions a sync round found, unless the migration keeps deleted files or
+    /// they are more than its cap allows (then none is made, and the round fails saying so).
+    fn plan_deletions(
+        &self,
+        w: &SourceWork,
+        differ: Differ<CatalogReader>,
+        summary: &mut ScanSummary,
+        mut plan: impl FnMut(Entry, &mut ScanSummary) -> Result<(), PrepareError>,
+    ) -> Result<(), PrepareError> {
+        let (deleted, names) = differ.finish()?;
+        if names == 0 {
+            return Ok(());
+        }
+        if w.keep_deleted {
+            tracing::info!(message = "Names removed at the source are kept at the target (the migration keeps deleted files).", migration = w.migration_id, names);
+            return Ok(());
+        }
+        if let Some(cap) = w.max_delete.filter(|&cap| names > cap) {
+            let why = format!(
+                "round {} would delete {names} names at the target, more than the migration's \
+                 --max-delete {cap}; nothing was deleted. Check the source (a missing mount?); \
+                 if the deletions are meant, create the migration with a higher cap",
+                w.round
+            );
+            tracing::error!(
+                message = "Deletions refused by the cap.",
+                migration = w.migration_id,
+                names,
+                cap
+            );
+            summary.issues_total += 1;
+            summary.issues.push((w.source_path.clone(), why));
+            return Ok(());
+        }
+        summary.deleted = names;
+        for path in deleted {
+            plan(Entry::delete(path), summary)?;
+        }
         Ok(())
     }
 
@@ -619,15 +801,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         let scanned =
             block_in_place(|| manifest.read(sid)).map_err(|e| Failure::counted(e.to_string()))?;
         let (mut entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
-        let counted = |e: ReadError| Failure::counted(e.to_string());
-        block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(counted)?;
+        block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::from)?;
         if self
             .with_xattrs
             .lock()
             .expect("not poisoned")
             .contains(&mid)
         {
-            block_in_place(|| read_xattrs(&root, &mut entries)).map_err(counted)?;
+            block_in_place(|| read_xattrs(&root, &mut entries)).map_err(Failure::from)?;
         }
         let later = |e: DialError| Failure::later(e.to_string());
         let conn = self
@@ -671,7 +852,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             Ok(h) => h,
             Err(SendFail::Segment(why)) => {
                 send.reset(1);
-                return Err(Failure::counted(why.to_string()));
+                return Err(Failure::from(why));
             }
             Err(SendFail::Stream(why)) => {
                 // The target stopped reading, or the connection went: the target's ack says
@@ -828,6 +1009,7 @@ fn refused(target: &str, ack: pb::SegmentAck) -> Failure {
     Failure {
         error: format!("target {target} refused the segment: {}", ack.error),
         retry_later: ack.retry_later,
+        stale: false,
     }
 }
 
@@ -839,6 +1021,15 @@ fn stream_failure(conn: &impl Connection, target: &str, why: String) -> Failure 
             "connection to target {target} lost ({reason}): {why}"
         )),
         None => Failure::counted(why),
+    }
+}
+
+/// Where a round's manifest, catalog and scan summary are kept: the migration's directory for
+/// round 0 (the bulk copy), `round-<n>` inside it for sync rounds.
+pub fn round_dir(migration_dir: &Path, round: u32) -> PathBuf {
+    match round {
+        0 => migration_dir.to_path_buf(),
+        n => migration_dir.join(format!("round-{n}")),
     }
 }
 

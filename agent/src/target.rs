@@ -201,6 +201,7 @@ fn outcome_text(o: ReportOutcome) -> &'static str {
         ReportOutcome::Rejected => "rejected",
         ReportOutcome::Failed => "failed",
         ReportOutcome::GaveUp => "gave up",
+        ReportOutcome::Stale => "left to the next round",
         ReportOutcome::Refused => "refused",
         ReportOutcome::Unavailable => "unavailable",
     }
@@ -371,6 +372,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                     let failure = Failure {
                         error: why.clone(),
                         retry_later,
+                        stale: false,
                     };
                     let report = self
                         .control

@@ -19,6 +19,7 @@ impl From<&Entry> for pb::Entry {
                 EntryKind::Dir => pb::EntryKind::Dir,
                 EntryKind::Symlink => pb::EntryKind::Symlink,
                 EntryKind::Hardlink => pb::EntryKind::Hardlink,
+                EntryKind::Delete => pb::EntryKind::Delete,
             } as i32,
             path: bytes(&e.path).to_vec(),
             mode: e.mode,
@@ -70,6 +71,7 @@ impl TryFrom<pb::Entry> for Entry {
             Ok(pb::EntryKind::Dir) => EntryKind::Dir,
             Ok(pb::EntryKind::Symlink) => EntryKind::Symlink,
             Ok(pb::EntryKind::Hardlink) => EntryKind::Hardlink,
+            Ok(pb::EntryKind::Delete) => EntryKind::Delete,
             _ => {
                 return Err(MalformedEntry {
                     path: escape(&e.path),
@@ -99,6 +101,7 @@ impl TryFrom<pb::Entry> for Entry {
             chunk_count: e.chunk_count,
             link_target: path_of(e.link_target),
             inode: 0,
+            ctime: (0, 0),
             uid: e.uid,
             gid: e.gid,
             data_runs,

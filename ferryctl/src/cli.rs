@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::ctl::{default_name, failed_lines, human_bytes, print_json, progress_line, Ctl, Output};
+use crate::ctl::{
+    default_name, failed_lines, human_bytes, print_json, progress_line, round_lines, Ctl, Output,
+};
 use crate::quickstart;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -181,6 +183,23 @@ enum MigrationCmd {
         /// (200mbit), or a schedule with times in UTC: "09:00-18:00 100mbit, else off".
         #[arg(long)]
         throttle: Option<String>,
+        /// Sync rounds leave files deleted at the source in place at the target.
+        #[arg(long)]
+        keep_deleted: bool,
+        /// Most names one sync round may delete at the target: a round whose scan finds more
+        /// (a source file system that was not mounted?) deletes none and fails, saying so.
+        #[arg(long, value_name = "N")]
+        max_delete: Option<u64>,
+    },
+    /// Start a sync round: the source rescans and sends what changed since the last round
+    /// (new, changed and deleted names, and what the last round did not copy). The current
+    /// round must have ended.
+    Sync {
+        /// Migration name or id.
+        id: String,
+        /// Wait until the round has ended; then exit non-zero if it failed.
+        #[arg(long)]
+        watch: bool,
     },
     /// All migrations.
     List,
@@ -232,6 +251,12 @@ async fn connect(cli: &Cli) -> anyhow::Result<Ctl> {
         )
     })?;
     Ok(Ctl::connect(&cli.coordinator, &tls).await?)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn split_agent(s: &str, what: &str) -> anyhow::Result<(String, String)> {
@@ -396,6 +421,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_attempts,
             excludes,
             throttle,
+            keep_deleted,
+            max_delete,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -408,6 +435,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 xattrs: *xattrs,
                 max_attempts: *max_attempts,
                 excludes: excludes.clone(),
+                keep_deleted: *keep_deleted,
+                max_delete: *max_delete,
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
             let id = connect(&cli)
@@ -490,6 +519,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "leases granted {}  in flight {}  failed attempts {}",
                     p.leases_granted, p.segments_leased, p.failed_attempts
                 );
+                for line in round_lines(&p, now_ms()) {
+                    println!("{line}");
+                }
                 if p.throttle != "off" && !p.throttle.is_empty() {
                     let utc = if p.throttle.contains(':') {
                         " (times UTC)"
@@ -529,6 +561,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if *watch && p.phase() == pb::Phase::Failed {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Cmd::Migration(MigrationCmd::Sync { id, watch }) => {
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            let round = ctl.sync(id).await?;
+            if !json {
+                println!("migration {id}: round {round} started");
+            }
+            let mut code = ExitCode::SUCCESS;
+            if *watch {
+                let p = ctl
+                    .watch(id, Duration::from_secs(3600), |p, r| {
+                        if !json {
+                            eprintln!("{}", progress_line(p, r))
+                        }
+                    })
+                    .await?;
+                if json {
+                    print_json(&p);
+                } else {
+                    for line in round_lines(&p, now_ms()) {
+                        println!("{line}");
+                    }
+                }
+                if p.phase() == pb::Phase::Failed {
+                    code = ExitCode::FAILURE;
+                }
+            } else if json {
+                print_json(&serde_json::json!({ "migration_id": id, "round": round }));
+            }
+            return Ok(code);
         }
         Cmd::Migration(MigrationCmd::Verify { id }) => {
             let ctl = connect(&cli).await?;

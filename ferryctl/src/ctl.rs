@@ -283,6 +283,20 @@ impl Ctl {
         .await
     }
 
+    /// Starts a sync round of a migration whose current round has ended; returns its number.
+    /// Sent once, not retried: a repeated request would start yet another round (if the answer
+    /// is lost, `migration status` shows whether the round started).
+    pub async fn sync(&self, id: u64) -> Result<u32, CtlError> {
+        let mut c = self.client.clone();
+        Ok(c.sync_migration(pb::SyncMigrationRequest {
+            migration_id: id,
+            name: String::new(),
+        })
+        .await?
+        .into_inner()
+        .round)
+    }
+
     /// Creates a migration named by [`default_name`]; returns its id. See [`Ctl::create_named`].
     pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
         self.create_named(&default_name(&spec), spec).await
@@ -583,6 +597,50 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
         p.segments_total,
         speed.map_or("- MB/s".to_string(), |s| format!("{:.1} MB/s", s / 1e6)),
     )
+}
+
+/// The lines that show a migration's rounds (none while it has only its bulk copy): what each
+/// sent and deleted, how long it took, and how it ended.
+pub fn round_lines(p: &pb::MigrationProgress, now_ms: u64) -> Vec<String> {
+    if p.rounds.len() < 2 {
+        return Vec::new();
+    }
+    let mut out = vec![format!(
+        "{:>6}  {:<8} {:>9} {:>10} {:>8} {:>9}  {}",
+        "ROUND", "OUTCOME", "FILES", "BYTES", "DELETED", "TOOK", "NOTE"
+    )];
+    for r in &p.rounds {
+        let end = if r.finished_ms == 0 {
+            now_ms
+        } else {
+            r.finished_ms
+        };
+        let took = end.saturating_sub(r.started_ms) as f64 / 1000.0;
+        let mut note = Vec::new();
+        if r.segments_failed > 0 {
+            note.push(format!("{} segment(s) failed", r.segments_failed));
+        }
+        if r.segments_stale > 0 {
+            note.push(format!(
+                "{} segment(s) changed during the round, sent again in the next",
+                r.segments_stale
+            ));
+        }
+        if r.finished_ms == 0 {
+            note.push("running".into());
+        }
+        out.push(format!(
+            "{:>6}  {:<8} {:>9} {:>10} {:>8} {:>8.1}s  {}",
+            r.number,
+            phase_name(r.outcome()),
+            r.files,
+            human_bytes(r.bytes),
+            r.deleted,
+            took,
+            note.join("; ")
+        ));
+    }
+    out
 }
 
 /// The lines that tell an operator about failed segments: how many, and each listed one with

@@ -284,6 +284,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 xattrs: opts.xattrs,
                 max_attempts: 0,
                 excludes: Vec::new(),
+                ..Default::default()
             })
             .await?;
         let started = Instant::now();

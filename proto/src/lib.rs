@@ -30,6 +30,7 @@ pub mod json {
             Phase::Unspecified => "unspecified",
             Phase::Planned => "planned",
             Phase::Copying => "copying",
+            Phase::Syncing => "syncing",
             Phase::Done => "done",
             Phase::Failed => "failed",
         }
@@ -43,6 +44,7 @@ pub mod json {
             SegmentStatus::Leased => "leased",
             SegmentStatus::Verified => "verified",
             SegmentStatus::Failed => "failed",
+            SegmentStatus::Stale => "stale",
         }
     }
 

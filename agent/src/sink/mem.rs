@@ -33,6 +33,8 @@ pub struct MemWriter<'a> {
     sink: &'a MemSink,
     base: PathBuf,
     staged: Vec<(PathBuf, Vec<u8>)>,
+    /// Names deleted (with everything below them), before the staged files land.
+    deleted: Vec<PathBuf>,
     left: u64,
     hasher: blake3::Hasher,
 }
@@ -51,6 +53,7 @@ impl Sink for MemSink {
             sink: self,
             base: ferry_common::path::validate_subdir(target_path)?,
             staged: Vec::new(),
+            deleted: Vec::new(),
             left: 0,
             hasher: blake3::Hasher::new(),
         })
@@ -63,9 +66,13 @@ impl SegmentWrite for MemWriter<'_> {
         if self.left > 0 {
             return Err(bad("the previous file is not complete"));
         }
-        if entry.kind == EntryKind::File {
-            self.staged.push((self.base.join(rel), Vec::new()));
-            self.left = entry.wire_len();
+        match entry.kind {
+            EntryKind::File => {
+                self.staged.push((self.base.join(rel), Vec::new()));
+                self.left = entry.wire_len();
+            }
+            EntryKind::Delete => self.deleted.push(self.base.join(rel)),
+            _ => {}
         }
         Ok(())
     }
@@ -104,6 +111,9 @@ impl SegmentWrite for MemWriter<'_> {
 
     fn commit(self) -> Result<(), SinkError> {
         let mut files = self.sink.files.lock().expect("not poisoned");
+        for gone in &self.deleted {
+            files.retain(|p, _| !p.starts_with(gone));
+        }
         files.extend(self.staged);
         Ok(())
     }

@@ -420,6 +420,7 @@ impl Sink for FsSink {
             current: None,
             staged: Vec::new(),
             created: Vec::new(),
+            touched: Vec::new(),
             dirs: Vec::new(),
             pending: Default::default(),
         })

@@ -57,6 +57,46 @@ impl FsSink {
     }
 }
 
+impl FsSink {
+    /// Where `rel` (below `base`) is, if every directory above it exists: the same checks as
+    /// [`FsSink::resolve`], but nothing is created (a deletion has nothing to do where a
+    /// parent is missing). Returns the parent directory and the path.
+    pub(super) fn locate(
+        &self,
+        base: &Path,
+        rel: &Path,
+    ) -> Result<Option<(PathBuf, PathBuf)>, SinkError> {
+        let rel_path = validate_relative(bytes(rel))?;
+        let full_rel = base.join(&rel_path);
+        let comps: Vec<_> = full_rel.components().collect();
+        let (last, parents) = comps.split_last().ok_or(PathError::Empty)?;
+        if last
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(RESERVED_PREFIX.as_bytes())
+        {
+            return Err(SinkError::Reserved(display(rel)));
+        }
+        let mut dir = self.root.clone();
+        for c in parents {
+            dir.push(c);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => {
+                    return Err(SinkError::Escape {
+                        path: display(rel),
+                        component: dir,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_at("cannot inspect", &dir)(e)),
+            }
+        }
+        let path = dir.join(last);
+        Ok(Some((dir, path)))
+    }
+}
+
 pub(super) fn open_read_nofollow(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)

@@ -746,3 +746,73 @@ fn temporaries_of_dead_processes_are_swept_and_nothing_else() {
     }
     assert!(victim.exists());
 }
+
+#[test]
+fn deletions_remove_names_trees_and_links_never_what_a_link_points_to() {
+    let f = Fixture::new();
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("precious"), b"keep").unwrap();
+    write_segment(
+        &f.sink,
+        0,
+        &[
+            (Entry::dir("d", 0o755, (5, 0)), b""),
+            (Entry::dir("d/sub", 0o755, (5, 0)), b""),
+            (file("d/sub/x", b"x"), b"x"),
+            (file("d/gone", b"g"), b"g"),
+            (file("d/kept", b"k"), b"k"),
+            (Entry::symlink("d/out", outside.path(), (7, 0)), b""),
+            (file("was-file", b"f"), b"f"),
+        ],
+    )
+    .unwrap();
+    // A later round: names removed at the source, one replaced by a directory in the same
+    // segment, and deletions sent again (of names already gone, and below a missing parent).
+    write_segment(
+        &f.sink,
+        1,
+        &[
+            (Entry::delete("d/gone"), b""),
+            (Entry::delete("d/sub"), b""),
+            (Entry::delete("d/out"), b""),
+            (Entry::delete("d/gone"), b""),
+            (Entry::delete("nowhere/deep/name"), b""),
+            (Entry::delete("was-file"), b""),
+            (Entry::dir("was-file", 0o700, (9, 0)), b""),
+            (file("was-file/in", b"new"), b"new"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(f.names("d"), vec!["kept"]);
+    assert_eq!(fs::read(f.path("was-file/in")).unwrap(), b"new");
+    assert!(!f.path("nowhere").exists(), "a deletion creates nothing");
+    assert_eq!(
+        fs::read(outside.path().join("precious")).unwrap(),
+        b"keep",
+        "the symlink went, not what it points to"
+    );
+    let d = fs::metadata(f.path("d")).unwrap();
+    assert_eq!(
+        (d.mtime(), d.mtime_nsec()),
+        (5, 0),
+        "the directory's source mtime is set back after the deletions"
+    );
+    // Deletions are checked like every path a peer names.
+    for bad in ["../x", ".ferry-part-1", "/abs"] {
+        let err = write_segment(&f.sink, 2, &[(Entry::delete(bad), b"")]).unwrap_err();
+        assert!(
+            matches!(err, SinkError::Path(_) | SinkError::Reserved(_)),
+            "{bad}: {err}"
+        );
+    }
+    // Not through a symlink in the path either.
+    write_segment(
+        &f.sink,
+        3,
+        &[(Entry::symlink("d/link", outside.path(), (7, 0)), b"")],
+    )
+    .unwrap();
+    let err = write_segment(&f.sink, 4, &[(Entry::delete("d/link/precious"), b"")]);
+    assert!(matches!(err, Err(SinkError::Escape { .. })), "{err:?}");
+    assert!(outside.path().join("precious").exists());
+}

@@ -121,6 +121,8 @@ pub struct SegmentWriter<'a> {
     pub(super) staged: Vec<Staged>,
     /// Directories this segment created; their parents are fsynced at commit.
     pub(super) created: Vec<PathBuf>,
+    /// Directories a deletion removed something from; fsynced at commit.
+    pub(super) touched: Vec<PathBuf>,
     /// Directory entries this segment carries, with their source mtimes.
     pub(super) dirs: Vec<(PathBuf, (i64, u32))>,
     /// Whole files written, not yet durable.
@@ -143,6 +145,9 @@ impl SegmentWriter<'_> {
     /// Prepares for `entry`'s bytes (`entry.wire_len()` of them follow through [`Self::write`]).
     pub fn start_entry(&mut self, entry: &Entry) -> Result<(), SinkError> {
         self.finish_entry()?;
+        if entry.kind == EntryKind::Delete {
+            return self.delete(entry);
+        }
         let (dir, dest) = self
             .sink
             .resolve(&self.base, &entry.path, &mut self.created)?;
@@ -200,6 +205,7 @@ impl SegmentWriter<'_> {
                 let tmp = self.link(entry, &dir)?;
                 self.staged.push(Staged::Rename { tmp, dest, dir });
             }
+            EntryKind::Delete => unreachable!("handled above"),
             EntryKind::File => {
                 let whole = entry.chunk_count <= 1;
                 if whole && (entry.offset != 0 || entry.len != entry.file_size) {
@@ -247,6 +253,37 @@ impl SegmentWriter<'_> {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Removes what is at a deleted name (a directory with all it holds), at once: the entries
+    /// after it in the segment may put something of another kind there. Removing nothing is
+    /// fine (a deletion sent again). Never follows a symlink: the name's parents are checked
+    /// like every path, a symlink at the name is removed itself, and a directory's contents are
+    /// removed without following the symlinks in it.
+    fn delete(&mut self, entry: &Entry) -> Result<(), SinkError> {
+        if entry.len != 0 || entry.data_runs.is_some() {
+            return Err(SinkError::BadEntry {
+                path: display(&entry.path),
+                reason: "only files carry bytes".into(),
+            });
+        }
+        let Some((dir, dest)) = self.sink.locate(&self.base, &entry.path)? else {
+            return Ok(());
+        };
+        let removed = match fs::symlink_metadata(&dest) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_at("cannot inspect", &dest)(e)),
+            Ok(m) if m.file_type().is_dir() => fs::remove_dir_all(&dest),
+            Ok(_) => fs::remove_file(&dest),
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at("cannot delete", &dest)(e)),
+        }
+        // The parent is fsynced at commit, and its source mtime set back.
+        self.touched.push(dir);
         Ok(())
     }
 
@@ -515,6 +552,7 @@ impl SegmentWriter<'_> {
             }
         }
         dirs.extend(self.dirs.iter().map(|(d, _)| d.clone()));
+        dirs.extend(self.touched.iter().cloned());
         dirs.sort();
         dirs.dedup();
         self.sink

@@ -76,6 +76,8 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
         } else {
             s.max_attempts
         },
+        keep_deleted: s.keep_deleted,
+        max_delete: s.max_delete,
     })
 }
 
@@ -322,6 +324,38 @@ impl Admin for AdminService {
         }
     }
 
+    async fn sync_migration(
+        &self,
+        req: Request<pb::SyncMigrationRequest>,
+    ) -> R<pb::SyncMigrationResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        let id = if r.name.is_empty() {
+            r.migration_id
+        } else {
+            self.migration_id(&r.name).await?
+        };
+        match self
+            .0
+            .write(Command::StartRound {
+                migration_id: id,
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Response::Ok => {
+                let round = self
+                    .0
+                    .read(|s| s.migrations.get(&id).map(|m| m.round().number))
+                    .await?
+                    .unwrap_or_default();
+                tracing::info!(message = "Sync round started.", migration = id, round);
+                Ok(GrpcResponse::new(pb::SyncMigrationResponse { round }))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_admin(&req)?;
         let now = now_ms();
@@ -431,7 +465,9 @@ impl Admin for AdminService {
                     let mut p = convert::progress(m);
                     p.blocked = s.blocker(id, now).unwrap_or_default();
                     p.notes = s.notes(id);
-                    for (&(_, sid), seg) in s.segments.range((id, 0)..=(id, u64::MAX)) {
+                    // Earlier rounds' failures were sent again by the rounds after them.
+                    let first = m.round().first_segment;
+                    for (&(_, sid), seg) in s.segments.range((id, first)..=(id, u64::MAX)) {
                         match seg.state {
                             SegState::Leased { .. } => p.segments_leased += 1,
                             SegState::Failed if p.failed.len() < FAILED_LISTED => {
@@ -480,8 +516,23 @@ impl Admin for AdminService {
                     segments_total: m.counters.segments,
                     ..Default::default()
                 };
+                // A segment of an earlier round that was not verified (failed, or stale because
+                // its file changed) was superseded: the round after it sent its files again.
+                let first = m.round().first_segment;
+                let superseded = |sid: u64, seg: &crate::state::Segment| {
+                    sid < first && seg.state != SegState::Verified
+                };
                 // Failed segments first: they are what the operator must act on.
-                let segs = || s.segments.range((id, 0)..=(id, u64::MAX));
+                let segs = || {
+                    s.segments
+                        .range((id, 0)..=(id, u64::MAX))
+                        .filter(|(&(_, sid), seg)| !superseded(sid, seg))
+                };
+                out.segments_total -= s
+                    .segments
+                    .range((id, 0)..(id, first))
+                    .filter(|(&(_, sid), seg)| superseded(sid, seg))
+                    .count() as u64;
                 for (&(_, sid), seg) in segs() {
                     if seg.state == SegState::Failed {
                         out.segments_failed += 1;

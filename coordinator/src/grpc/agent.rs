@@ -51,6 +51,7 @@ fn report_command(
         epoch: r.epoch,
         result,
         retry_later: r.retry_later,
+        stale: r.stale,
         now_ms,
     })
 }
@@ -155,6 +156,14 @@ impl AgentService {
                         xattrs: m.spec.xattrs,
                         excludes: m.spec.excludes.clone(),
                         throttle: m.throttle.clone(),
+                        round: m.round().number,
+                        round_first_segment: m.round().first_segment,
+                        previous_round_first_segment: m
+                            .previous_round()
+                            .unwrap_or(m.round())
+                            .first_segment,
+                        keep_deleted: m.spec.keep_deleted,
+                        max_delete: m.spec.max_delete,
                     })
                     .collect(),
                 conflict: a.map(|a| a.conflict.clone()).unwrap_or_default(),
@@ -341,6 +350,7 @@ impl AgentControl for AgentService {
                 hardlinks: r.hardlinks,
                 excluded: r.excluded,
                 root_error: r.root_error,
+                deleted: r.deleted,
                 now_ms: now_ms(),
             })
             .await?;
@@ -567,6 +577,30 @@ impl AgentControl for AgentService {
             })
             .collect();
         Ok(GrpcResponse::new(pb::ReportSegmentsResponse { results }))
+    }
+
+    async fn list_unverified(
+        &self,
+        req: Request<pb::ListUnverifiedRequest>,
+    ) -> R<pb::ListUnverifiedResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        self.check_session(&r.agent, r.session)?;
+        let ids = self
+            .0
+            .read(|s| match s.migrations.get(&r.migration_id) {
+                Some(m) if m.spec.source_agent == r.agent => {
+                    Ok(s.unverified(r.migration_id, r.from, r.to))
+                }
+                _ => Err(Status::not_found(format!(
+                    "agent {} is the source of no migration {}",
+                    r.agent, r.migration_id
+                ))),
+            })
+            .await??;
+        Ok(GrpcResponse::new(pb::ListUnverifiedResponse {
+            segment_ids: ids,
+        }))
     }
 
     async fn end_session(&self, req: Request<pb::EndSessionRequest>) -> R<pb::EndSessionResponse> {

@@ -13,6 +13,7 @@ pub fn outcome(o: ReportOutcome) -> ferry_proto::control::ReportOutcome {
         ReportOutcome::Rejected => W::Rejected,
         ReportOutcome::Failed => W::Failed,
         ReportOutcome::GaveUp => W::GaveUp,
+        ReportOutcome::Stale => W::Stale,
     }
 }
 
@@ -21,6 +22,7 @@ pub fn phase(p: Phase) -> pb::Phase {
     match p {
         Phase::Planned => pb::Phase::Planned,
         Phase::Copying => pb::Phase::Copying,
+        Phase::Syncing => pb::Phase::Syncing,
         Phase::Done => pb::Phase::Done,
         Phase::Failed => pb::Phase::Failed,
     }
@@ -37,6 +39,27 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
         xattrs: s.xattrs,
         excludes: s.excludes.clone(),
         max_attempts: s.max_attempts,
+        keep_deleted: s.keep_deleted,
+        max_delete: s.max_delete,
+    }
+}
+
+/// A round, as operators see it; `now` is the migration's counters (for a round that runs).
+pub fn round(r: &crate::state::Round, now: &crate::state::Counters) -> pb::RoundInfo {
+    let d = r.delta(now);
+    pb::RoundInfo {
+        number: r.number,
+        outcome: phase(r.outcome).into(),
+        started_ms: r.started_ms,
+        finished_ms: r.finished_ms,
+        segments: d.segments,
+        files: d.files,
+        bytes: d.bytes,
+        files_verified: d.verified_files,
+        bytes_verified: d.verified_bytes,
+        deleted: r.deleted,
+        segments_failed: d.failed_segments,
+        segments_stale: d.stale_segments,
     }
 }
 
@@ -53,6 +76,8 @@ pub fn off_if_empty(throttle: &str) -> String {
 /// A migration's progress, as far as the migration alone says.
 pub fn progress(m: &Migration) -> pb::MigrationProgress {
     let c = &m.counters;
+    // Failures are the current round's: an earlier round's were sent again by the next one.
+    let this_round = m.round().delta(c);
     pb::MigrationProgress {
         migration_id: m.id,
         name: m.name.clone(),
@@ -83,14 +108,17 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         hardlinks: m.hardlinks,
         excluded: m.excluded,
         notes: Vec::new(),
-        segments_failed: c.failed_segments,
-        files_failed: c.failed_files,
-        bytes_failed: c.failed_bytes,
+        segments_failed: this_round.failed_segments,
+        files_failed: this_round.failed_files,
+        bytes_failed: this_round.failed_bytes,
         // Filled by the status call, which knows the other agents and the time, and reads the
         // segments.
         blocked: String::new(),
         failed: Vec::new(),
         throttle: off_if_empty(&m.throttle),
+        round: m.round().number,
+        rounds: m.rounds.iter().map(|r| round(r, c)).collect(),
+        segments_stale: c.stale_segments,
     }
 }
 
@@ -104,6 +132,7 @@ pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
             SegState::Leased { .. } => pb::SegmentStatus::Leased,
             SegState::Verified => pb::SegmentStatus::Verified,
             SegState::Failed => pb::SegmentStatus::Failed,
+            SegState::Stale => pb::SegmentStatus::Stale,
         }
         .into(),
         bytes: s.bytes,

@@ -47,8 +47,8 @@ pub fn now_ms() -> u64 {
 /// A change only the leader can make. Followers forward it to the leader (`RaftPeer.Propose`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Proposal {
-    /// A state machine command.
-    Command(Command),
+    /// A state machine command (boxed: some commands carry a whole migration spec).
+    Command(Box<Command>),
     /// Several independent state machine commands (committed with group commit; the answer is
     /// a [`Response::Batch`] with one response per command, [`Response::NotCommitted`] for any
     /// that could not be committed).
@@ -76,7 +76,7 @@ const READ_WAIT: Duration = Duration::from_secs(10);
 impl Core {
     /// Proposes `cmd` (through the leader, wherever it is) and returns what applying it produced.
     pub async fn write(&self, cmd: Command) -> Result<Response, Status> {
-        self.propose(Proposal::Command(cmd)).await
+        self.propose(Proposal::Command(Box::new(cmd))).await
     }
 
     /// Proposes independent commands together; one answer per command, in order.
@@ -168,7 +168,7 @@ impl Core {
     /// Executes a proposal on this node, which must be the leader.
     pub async fn execute_here(&self, p: Proposal) -> Result<Response, NotLeader> {
         let result = match p {
-            Proposal::Command(cmd) => return self.commits.write(cmd).await,
+            Proposal::Command(cmd) => return self.commits.write(*cmd).await,
             Proposal::Commands(cmds) => {
                 let results =
                     futures::future::join_all(cmds.into_iter().map(|c| self.commits.write(c)))

@@ -104,6 +104,8 @@ pub enum Command {
         /// Why the source root itself cannot be scanned (empty: it was scanned). The
         /// migration then fails with it.
         root_error: String,
+        /// Names the round deletes at the target.
+        deleted: u64,
         /// Leader time.
         now_ms: u64,
     },
@@ -119,6 +121,13 @@ pub enum Command {
         now_ms: u64,
         /// Lease duration.
         ttl_ms: u64,
+    },
+    /// An operator asks for a sync round of a migration whose current round has ended.
+    StartRound {
+        /// Migration.
+        migration_id: u64,
+        /// Leader time.
+        now_ms: u64,
     },
     /// A source reports a problem the operator must see: an error that stops it from working on
     /// the migration, and/or paths it could not copy after the scan (e.g. deleted meanwhile).
@@ -152,6 +161,9 @@ pub enum Command {
         /// could not be reached, a hardlink waits for its first name). The segment is retried
         /// after a backoff without counting an attempt.
         retry_later: bool,
+        /// With an error from the source: a file of the segment changed after the scan so that
+        /// the segment can never be sent as planned; the next round sends the file.
+        stale: bool,
         /// Leader time.
         now_ms: u64,
     },
@@ -267,6 +279,10 @@ impl State {
                 None => refused(format!("agent {name} is not registered; register first")),
             },
             Command::SetThrottle { scope, throttle } => self.set_throttle(scope, &throttle),
+            Command::StartRound {
+                migration_id,
+                now_ms,
+            } => self.start_round(migration_id, now_ms),
             Command::EndSession { name, session } => match self.agents.get_mut(&name) {
                 // Ending a session that is not current changes nothing (a repeated request).
                 Some(a) if a.session == session && session != 0 => {
@@ -298,6 +314,7 @@ impl State {
                 hardlinks,
                 excluded,
                 root_error,
+                deleted,
                 now_ms,
             } => self.complete_scan(
                 &agent,
@@ -309,6 +326,7 @@ impl State {
                     hardlinks,
                     excluded,
                     root_error,
+                    deleted,
                 },
                 now_ms,
             ),
@@ -337,6 +355,7 @@ impl State {
                     // not done after all.
                     if m.phase == Phase::Done && m.scan_issues_total > 0 {
                         m.phase = Phase::Failed;
+                        m.round_mut().outcome = Phase::Failed;
                     }
                     self.dirty.migrations.insert(migration_id);
                     Response::Ok
@@ -376,11 +395,17 @@ impl State {
                 epoch,
                 result,
                 retry_later,
+                stale,
                 now_ms,
             } => {
                 if let Err(r) = self.check_session(&agent, session) {
                     return r;
                 }
+                let failure = match (retry_later, stale && role == Role::Source) {
+                    (_, true) => Cost::Stale,
+                    (true, false) => Cost::Nothing,
+                    (false, false) => Cost::Attempt,
+                };
                 let (o, why) = self.report(
                     &agent,
                     role,
@@ -388,7 +413,7 @@ impl State {
                     segment_id,
                     epoch,
                     result,
-                    retry_later,
+                    failure,
                     now_ms,
                 );
                 Response::Report(o, why)

@@ -17,6 +17,7 @@ mod commands;
 mod phases;
 mod reads;
 mod reports;
+mod rounds;
 mod scheduler;
 mod segment;
 mod throttles;
@@ -26,7 +27,9 @@ pub use commands::{Command, ThrottleScope};
 use phases::ScanEnd;
 pub use phases::{Counters, Migration, MigrationSpec, Phase};
 pub use reads::LeaseRefusal;
+use reports::Cost;
 pub use reports::ReportOutcome;
+pub use rounds::{Round, MAX_ROUNDS_KEPT};
 pub use scheduler::Lease;
 pub use segment::{retry_delay_ms, SegState, Segment, SegmentReg};
 
@@ -226,7 +229,7 @@ impl State {
                 SegState::Leased { .. } => {
                     self.leased.entry(m).or_default().insert(id);
                 }
-                SegState::Verified | SegState::Failed => {}
+                SegState::Verified | SegState::Failed | SegState::Stale => {}
             }
         }
     }

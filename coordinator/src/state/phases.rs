@@ -22,6 +22,11 @@ pub struct MigrationSpec {
     pub excludes: Vec<String>,
     /// Failed attempts after which a segment is given up on ([`SegState::Failed`]).
     pub max_attempts: u32,
+    /// Sync rounds leave files deleted at the source in place at the target.
+    pub keep_deleted: bool,
+    /// Most names a sync round may delete at the target (`None`: no cap). A round whose scan
+    /// finds more deletes none of them and ends `Failed`, saying so.
+    pub max_delete: Option<u64>,
 }
 
 /// Where a migration is in its life.
@@ -31,10 +36,14 @@ pub enum Phase {
     Planned,
     /// Bulk copy (round 0) in progress.
     Copying,
-    /// Every segment is verified and the scan is complete.
+    /// A sync round (1 and up) in progress: the source rescans and sends what changed.
+    Syncing,
+    /// The last round is complete: its scan is complete and every segment is verified. A sync
+    /// round may follow.
     Done,
-    /// The scan is complete and every segment is verified or failed, at least one failed
-    /// (the failed ones name their files and errors).
+    /// The last round is complete and some of it was not copied: a segment failed (the failed
+    /// ones name their files and errors) or the scan left paths behind. A sync round may
+    /// follow, and sends again what was not copied.
     Failed,
 }
 
@@ -44,12 +53,19 @@ impl Phase {
         match self {
             Phase::Planned => "planned",
             Phase::Copying => "copying",
+            Phase::Syncing => "syncing",
             Phase::Done => "done",
             Phase::Failed => "failed",
         }
     }
 
-    /// Whether the migration has ended (done or failed): nothing more is sent.
+    /// Whether segments of the current round are being sent (bulk copy or a sync round).
+    pub fn sending(self) -> bool {
+        matches!(self, Phase::Copying | Phase::Syncing)
+    }
+
+    /// Whether the migration's last round has ended (done or failed): nothing is sent until
+    /// another round starts.
     pub fn finished(self) -> bool {
         matches!(self, Phase::Done | Phase::Failed)
     }
@@ -76,6 +92,9 @@ pub struct Counters {
     pub failed_attempts: u64,
     /// Segments given up on after their last allowed attempt.
     pub failed_segments: u64,
+    /// Segments left to the next round because their file changed after the scan (a piece of
+    /// a split file that no longer is the scanned file).
+    pub stale_segments: u64,
     /// Bytes in failed segments.
     pub failed_bytes: u64,
     /// Files in failed segments.
@@ -121,6 +140,8 @@ pub struct Migration {
     /// What its source may send per second ([`ferry_common::throttle`] canonical text; empty:
     /// no limit).
     pub throttle: String,
+    /// The rounds, oldest first, the current one last (the most recent [`MAX_ROUNDS_KEPT`]).
+    pub rounds: Vec<Round>,
 }
 
 /// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
@@ -131,6 +152,7 @@ pub(super) struct ScanEnd {
     pub(super) hardlinks: u64,
     pub(super) excluded: u64,
     pub(super) root_error: String,
+    pub(super) deleted: u64,
 }
 
 impl State {
@@ -213,6 +235,7 @@ impl State {
                 created_ms: now_ms,
                 finished_ms: 0,
                 throttle,
+                rounds: vec![Round::new(0, 0, now_ms, Counters::default())],
             },
         );
         self.by_name.insert(name, id);
@@ -359,6 +382,7 @@ impl State {
             hardlinks,
             excluded,
             root_error,
+            deleted,
         } = end;
         let m = match self.source_migration(agent, mid) {
             Ok(m) => m,
@@ -367,11 +391,17 @@ impl State {
         if m.scan_complete {
             return Response::Ok;
         }
+        let base = m.round().first_segment;
+        let Some(end) = base.checked_add(total) else {
+            return refused(format!(
+                "migration {mid}: a scan of {total} segments is not plausible"
+            ));
+        };
         // Segments past the end were planned by an earlier scan that a restarted source redid
         // with fewer segments: drop them if nothing of them was sent, else refuse.
         let stale: Vec<u64> = self
             .segments
-            .range((mid, total)..=(mid, u64::MAX))
+            .range((mid, end)..=(mid, u64::MAX))
             .map(|(&(_, id), _)| id)
             .collect();
         if let Some(id) = stale.iter().find(|id| {
@@ -383,7 +413,7 @@ impl State {
                  scan was already sent; the source tree changed — start a new migration"
             ));
         }
-        let registered = self.segments.range((mid, 0)..(mid, total)).count() as u64;
+        let registered = self.segments.range((mid, base)..(mid, end)).count() as u64;
         if registered != total {
             return refused(format!(
                 "migration {mid}: scan reports {total} segments but {registered} are registered; \
@@ -400,6 +430,9 @@ impl State {
             self.dirty.segments.insert((mid, id));
         }
         m.scan_complete = true;
+        let round = m.round_mut();
+        round.segments = total;
+        round.deleted = deleted;
         m.scan_issues = issues.into_iter().take(MAX_SCAN_ISSUES_KEPT).collect();
         m.scan_issues_total = issues_total;
         m.hardlinks = hardlinks;
@@ -414,6 +447,7 @@ impl State {
             );
             m.phase = Phase::Failed;
             m.finished_ms = now_ms;
+            m.round_mut().end(Phase::Failed, now_ms);
             self.dirty.migrations.insert(mid);
             return Response::Ok;
         }
@@ -425,21 +459,38 @@ impl State {
         Response::Ok
     }
 
-    /// Ends the migration once its scan is complete and every segment is verified (`Done`) or
-    /// verified or given up on, with at least one given up on (`Failed`).
+    /// Ends the current round once its scan is complete and every segment is verified, failed
+    /// or stale: `Done` when all verified, `Failed` when a segment of this round failed or its
+    /// scan left paths behind, and otherwise (files changed after the scan) the next round
+    /// starts at once, so a file written during the copy is sent again once it is stable.
     pub(super) fn maybe_done(m: &mut Migration, now_ms: u64) {
         let c = &m.counters;
-        if m.scan_complete
-            && !m.phase.finished()
-            && c.verified_segments.saturating_add(c.failed_segments) == c.segments
+        if !m.scan_complete
+            || m.phase.finished()
+            || c.verified_segments
+                .saturating_add(c.failed_segments)
+                .saturating_add(c.stale_segments)
+                != c.segments
         {
-            // Anything the scan could not copy (a FIFO, an unreadable file) fails the migration
-            // too: a copy that left something behind is not done.
-            m.phase = if c.failed_segments > 0 || m.scan_issues_total > 0 {
-                Phase::Failed
-            } else {
-                Phase::Done
-            };
+            return;
+        }
+        let at_start = &m.round().at_start;
+        let failed = c.failed_segments > at_start.failed_segments;
+        let stale = c.stale_segments > at_start.stale_segments;
+        // Anything the scan could not copy (a FIFO, an unreadable file) fails the round too: a
+        // copy that left something behind is not done.
+        let phase = if failed || m.scan_issues_total > 0 {
+            Phase::Failed
+        } else if stale {
+            Phase::Syncing
+        } else {
+            Phase::Done
+        };
+        m.round_mut().end(phase, now_ms);
+        if phase == Phase::Syncing {
+            m.next_round(now_ms);
+        } else {
+            m.phase = phase;
             m.finished_ms = now_ms;
         }
     }

@@ -17,6 +17,8 @@ pub enum ReportOutcome {
     Failed,
     /// The transfer failed for the last allowed time: the segment is given up on.
     GaveUp,
+    /// A file of the segment changed after the scan: the segment is left to the next round.
+    Stale,
 }
 
 /// What a failed transfer costs its segment.
@@ -28,6 +30,9 @@ pub(super) enum Cost {
     /// Nothing: the failure is not the segment's (the source shut down, the target could not be
     /// reached, a hardlink waits for its first name).
     Nothing,
+    /// The segment: its file changed after the scan, so it can never be sent as planned; it is
+    /// left to the next round ([`SegState::Stale`]), which sends the file as it is then.
+    Stale,
 }
 
 impl State {
@@ -40,7 +45,7 @@ impl State {
         sid: u64,
         epoch: u64,
         result: Result<Digest, String>,
-        retry_later: bool,
+        cost: Cost,
         now_ms: u64,
     ) -> (ReportOutcome, String) {
         let Some(m) = self.migrations.get_mut(&mid) else {
@@ -92,11 +97,6 @@ impl State {
             Err(e) => {
                 let why = format!("{role:?}: {e}");
                 self.leased.entry(mid).or_default().remove(&sid);
-                let cost = if retry_later {
-                    Cost::Nothing
-                } else {
-                    Cost::Attempt
-                };
                 let o = Self::failed(seg, m, sid, &why, cost, now_ms, &mut self.waiting);
                 return (o, why);
             }
@@ -144,6 +144,13 @@ impl State {
         seg.forget_attempt(why);
         m.last_error = why.to_string();
         let n = match cost {
+            Cost::Stale => {
+                seg.go_stale();
+                let c = &mut m.counters;
+                c.stale_segments = c.stale_segments.saturating_add(1);
+                Self::maybe_done(m, now_ms);
+                return ReportOutcome::Stale;
+            }
             Cost::Nothing => seg.leases.max(1),
             Cost::Attempt => {
                 seg.attempts = seg.attempts.saturating_add(1);

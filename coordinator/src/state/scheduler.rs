@@ -37,7 +37,7 @@ impl State {
         let mids: Vec<u64> = self
             .migrations
             .values()
-            .filter(|m| m.phase == Phase::Copying && m.spec.source_agent == agent)
+            .filter(|m| m.phase.sending() && m.spec.source_agent == agent)
             .map(|m| m.id)
             .collect();
         let mut held = 0usize;
@@ -167,7 +167,7 @@ impl State {
     pub fn has_leasable(&self, agent: &str, now_ms: u64) -> bool {
         self.migrations
             .values()
-            .filter(|m| m.phase == Phase::Copying && m.spec.source_agent == agent)
+            .filter(|m| m.phase.sending() && m.spec.source_agent == agent)
             .filter(|m| {
                 self.agents
                     .get(&m.spec.target_agent)

@@ -59,6 +59,9 @@ pub enum SegState {
     Verified,
     /// Given up on: it failed `spec.max_attempts` times (`last_error` says why). Terminal.
     Failed,
+    /// Its file changed after the scan (a piece of a split file that is no longer the scanned
+    /// file): the next round sends the file as it is then. Terminal.
+    Stale,
 }
 
 /// A segment, as the coordinator tracks it (its contents are described by the source's manifest).
@@ -135,6 +138,12 @@ impl Segment {
         self.source_hash = None;
         self.target_hash = None;
         self.last_error = why.to_string();
+    }
+
+    /// Left to the next round. Terminal.
+    pub(super) fn go_stale(&mut self) {
+        self.state = SegState::Stale;
+        self.not_before_ms = 0;
     }
 
     /// Given up on. Terminal.

@@ -33,6 +33,8 @@ fn spec(source_path: &str, segment_size: u64) -> MigrationSpec {
         xattrs: false,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
         excludes: Vec::new(),
+        keep_deleted: false,
+        max_delete: None,
     }
 }
 
@@ -111,6 +113,7 @@ impl World {
                 hardlinks: 0,
                 excluded: 0,
                 root_error: String::new(),
+                deleted: 0,
                 now_ms: 1,
             }),
             Response::Ok
@@ -154,6 +157,7 @@ impl World {
             epoch: l.epoch,
             result,
             retry_later,
+            stale: false,
             now_ms,
         }) {
             Response::Report(o, _) => o,
@@ -339,6 +343,7 @@ fn register_is_idempotent_and_complete_scan_checks_count() {
         hardlinks: 0,
         excluded: 0,
         root_error: String::new(),
+        deleted: 0,
         now_ms: 0,
     });
     assert!(matches!(r, Response::Refused(_)));
@@ -534,6 +539,7 @@ fn complete(w: &mut World, mid: u64, total: u64) -> Response {
         hardlinks: 0,
         excluded: 0,
         root_error: String::new(),
+        deleted: 0,
         now_ms: 0,
     })
 }
@@ -1012,6 +1018,7 @@ fn a_second_process_is_refused_while_the_first_session_is_live() {
         epoch: l.epoch,
         result: Ok([1; 32]),
         retry_later: false,
+        stale: false,
         now_ms: 1001,
     };
     assert!(matches!(w.apply(report), Response::Refused(_)));
@@ -1209,6 +1216,7 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         hardlinks: 7,
         excluded: 0,
         root_error: String::new(),
+        deleted: 0,
         now_ms: 2,
     });
     assert_eq!(r, Response::Ok);
@@ -1428,6 +1436,7 @@ fn a_missing_source_root_or_a_skipped_path_fails_the_migration() {
             hardlinks: 0,
             excluded: 0,
             root_error: root_error.into(),
+            deleted: 0,
             now_ms: 5,
         }
     };
@@ -1555,4 +1564,171 @@ fn a_migration_created_with_a_throttle_has_it_from_its_first_entry() {
     let before = w.s.migrations.len();
     assert!(matches!(create(&mut w, "k2", "fast"), Response::Refused(_)));
     assert_eq!(w.s.migrations.len(), before);
+}
+
+impl World {
+    /// The source's scan of the current round: `segs` (id, bytes, files), `deleted` names.
+    fn round_scan(&mut self, mid: u64, segs: &[(u64, u64, u32)], deleted: u64, now_ms: u64) {
+        let regs: Vec<SegmentReg> = segs.iter().map(|&(i, b, f)| reg(i, b, f)).collect();
+        if !regs.is_empty() {
+            assert_eq!(
+                self.apply(Command::RegisterSegments {
+                    agent: "src".into(),
+                    migration_id: mid,
+                    segments: regs,
+                }),
+                Response::Ok
+            );
+        }
+        assert_eq!(
+            self.apply(Command::CompleteScan {
+                agent: "src".into(),
+                migration_id: mid,
+                segments_total: segs.len() as u64,
+                issues: vec![],
+                issues_total: 0,
+                hardlinks: 0,
+                excluded: 0,
+                root_error: String::new(),
+                deleted,
+                now_ms,
+            }),
+            Response::Ok
+        );
+    }
+
+    /// Leases and verifies everything leasable.
+    fn verify_all(&mut self, now_ms: u64) {
+        for l in self.lease(64, now_ms) {
+            self.report_at(Role::Source, &l, Ok([3; 32]), false, now_ms);
+            self.report_at(Role::Target, &l, Ok([3; 32]), false, now_ms);
+        }
+    }
+
+    fn sync(&mut self, mid: u64, now_ms: u64) -> Response {
+        self.apply(Command::StartRound {
+            migration_id: mid,
+            now_ms,
+        })
+    }
+}
+
+#[test]
+fn sync_rounds_follow_an_ended_round_with_segment_ids_after_the_previous_rounds() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 20, 2)]);
+    assert!(
+        matches!(w.sync(mid, 2), Response::Refused(why) if why.contains("round 0")),
+        "not while round 0 runs"
+    );
+    w.verify_all(3);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+
+    assert_eq!(w.sync(mid, 10), Response::Ok);
+    let m = &w.s.migrations[&mid];
+    assert_eq!((m.phase, m.scan_complete), (Phase::Syncing, false));
+    assert_eq!((m.round().number, m.round().first_segment), (1, 2));
+    assert!(
+        matches!(w.sync(mid, 11), Response::Refused(_)),
+        "one round at a time"
+    );
+    // Round 1 found one changed file and two deletions.
+    w.round_scan(mid, &[(2, 5, 1)], 2, 12);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Syncing);
+    w.verify_all(13);
+    let m = &w.s.migrations[&mid];
+    assert_eq!(m.phase, Phase::Done);
+    let r = m.round();
+    assert_eq!(
+        (r.outcome, r.started_ms, r.finished_ms, r.deleted),
+        (Phase::Done, 10, 13, 2)
+    );
+    let d = r.delta(&m.counters);
+    assert_eq!(
+        (d.segments, d.bytes, d.files, d.verified_bytes),
+        (1, 5, 1, 5)
+    );
+    assert_eq!(m.counters.verified_segments, 3, "totals count every round");
+
+    // A round that finds nothing changed ends with its scan.
+    assert_eq!(w.sync(mid, 20), Response::Ok);
+    w.round_scan(mid, &[], 0, 21);
+    let m = &w.s.migrations[&mid];
+    assert_eq!(
+        (m.phase, m.round().number, m.round().first_segment),
+        (Phase::Done, 2, 3)
+    );
+    assert!(matches!(w.sync(4242, 22), Response::Refused(why) if why.contains("does not exist")));
+}
+
+#[test]
+fn a_segment_whose_file_changed_is_left_to_the_next_round_which_starts_at_once() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 10, 1)]);
+    let leases = w.lease(64, 2);
+    let (a, b) = (&leases[0], &leases[1]);
+    w.report_at(Role::Source, a, Ok([1; 32]), false, 3);
+    w.report_at(Role::Target, a, Ok([1; 32]), false, 3);
+    let stale = w.apply(Command::ReportSegment {
+        agent: "src".into(),
+        session: 1,
+        role: Role::Source,
+        migration_id: mid,
+        segment_id: b.segment_id,
+        epoch: b.epoch,
+        result: Err("big changed since it was scanned".into()),
+        retry_later: false,
+        stale: true,
+        now_ms: 4,
+    });
+    assert!(matches!(stale, Response::Report(ReportOutcome::Stale, _)));
+    let m = &w.s.migrations[&mid];
+    assert_eq!(w.s.segments[&(mid, 1)].state, SegState::Stale);
+    assert_eq!(m.counters.failed_attempts, 0, "not the segment's failure");
+    assert_eq!(m.phase, Phase::Syncing, "the next round started by itself");
+    assert_eq!(m.rounds[0].outcome, Phase::Syncing);
+    assert_eq!((m.round().number, m.round().first_segment), (1, 2));
+    // The source learns which segments of round 0 to send again.
+    assert_eq!(w.s.unverified(mid, 0, 2), vec![1]);
+    w.round_scan(mid, &[(2, 12, 1)], 0, 5);
+    w.verify_all(6);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+}
+
+#[test]
+fn a_failed_round_is_followed_by_one_that_can_end_done() {
+    let mut w = World::new();
+    let mid = w.migration_with(&[(0, 10, 1)], 1);
+    let l = w.lease(64, 2).pop().unwrap();
+    assert_eq!(
+        w.report_at(Role::Target, &l, Err("ENOSPC".into()), false, 3),
+        ReportOutcome::GaveUp
+    );
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Failed);
+    assert_eq!(w.sync(mid, 10), Response::Ok);
+    assert_eq!(w.s.unverified(mid, 0, 1), vec![0], "sent again by round 1");
+    w.round_scan(mid, &[(1, 10, 1)], 0, 11);
+    w.verify_all(12);
+    let m = &w.s.migrations[&mid];
+    assert_eq!(
+        m.phase,
+        Phase::Done,
+        "round 0's failure is round 1's to send"
+    );
+    assert_eq!(m.round().delta(&m.counters).failed_segments, 0);
+}
+
+#[test]
+fn only_the_most_recent_rounds_are_kept() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 1, 1)]);
+    w.verify_all(2);
+    for i in 0..(MAX_ROUNDS_KEPT as u64 + 5) {
+        assert_eq!(w.sync(mid, 10 + i), Response::Ok);
+        w.round_scan(mid, &[], 0, 10 + i);
+    }
+    let m = &w.s.migrations[&mid];
+    assert_eq!(m.rounds.len(), MAX_ROUNDS_KEPT);
+    assert_eq!(m.round().number as usize, MAX_ROUNDS_KEPT + 5);
+    assert_eq!(m.phase, Phase::Done);
 }

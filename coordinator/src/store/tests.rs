@@ -86,6 +86,8 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 xattrs: false,
                 max_attempts: crate::state::DEFAULT_MAX_ATTEMPTS,
                 excludes: Vec::new(),
+                keep_deleted: false,
+                max_delete: None,
             },
             uuid: ferry_common::ids::random_id(),
             throttle: String::new(),
@@ -127,6 +129,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             epoch: crate::state::fencing_token(5, 0),
             result: Ok([9; 32]),
             retry_later: false,
+            stale: false,
             now_ms: 4,
         });
     }

@@ -138,6 +138,7 @@ pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf
                     xattrs: false,
                     max_attempts: 0,
                     excludes: Vec::new(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|e| e.to_string())?;

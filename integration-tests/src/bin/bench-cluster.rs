@@ -268,6 +268,7 @@ async fn main() -> anyhow::Result<()> {
                 xattrs: false,
                 max_attempts: 0,
                 excludes: Vec::new(),
+                ..Default::default()
             })
             .await?,
         );

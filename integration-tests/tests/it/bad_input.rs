@@ -450,6 +450,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         blake3: vec![7; 32],
         error: String::new(),
         retry_later: false,
+        stale: false,
     };
     let r = c
         .report_segments(ReportSegmentsRequest {

@@ -284,6 +284,7 @@ pub fn migration_spec(src: &Path, target_path: &str) -> ferry_proto::admin::Migr
         xattrs: false,
         max_attempts: 0,
         excludes: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -13,5 +13,6 @@ mod processes;
 mod quickstart;
 mod resume;
 mod retries;
+mod sync;
 mod throttle;
 mod wan;
