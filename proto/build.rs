@@ -26,6 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "#[serde(serialize_with = \"crate::json::phase\")]",
         )
         .field_attribute(
+            ".ferry.admin.v1.CutoverInfo.phase",
+            "#[serde(serialize_with = \"crate::json::cutover_phase\")]",
+        )
+        .field_attribute(
             ".ferry.admin.v1.SegmentState.state",
             "#[serde(serialize_with = \"crate::json::segment_status\")]",
         )

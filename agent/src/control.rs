@@ -411,6 +411,8 @@ pub struct Assigned {
     pub work: Vec<pb::SourceWork>,
     /// The agent's throttle (`ferry_common::throttle` text; empty: none).
     pub throttle: String,
+    /// Cutover steps this agent must do now (as a source or as a target).
+    pub cutover: Vec<pb::CutoverWork>,
 }
 
 /// What the source and target ask of the coordinator. Trait modelling the control API, so the
@@ -446,6 +448,11 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
     fn lease(&self, max: u32) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
     /// The leases this agent holds, as committed.
     fn list_leases(&self) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
+    /// Reports a cutover step (`agent` and `session` are filled in).
+    fn report_cutover_step(
+        &self,
+        step: pb::CutoverStepRequest,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
     /// The segments of a migration (this agent's as a source) in `from..to` that are not
     /// verified.
     fn list_unverified(
@@ -514,6 +521,7 @@ impl Coordinator for Control {
         Ok(Assigned {
             work: r.source_work,
             throttle: r.agent_throttle,
+            cutover: r.cutover_work,
         })
     }
 
@@ -625,6 +633,19 @@ impl Coordinator for Control {
             )
             .await?;
         Ok(r.leases)
+    }
+
+    async fn report_cutover_step(&self, step: pb::CutoverStepRequest) -> Result<(), ControlError> {
+        self.call(
+            pb::CutoverStepRequest {
+                agent: self.agent.clone(),
+                session: self.session,
+                ..step
+            },
+            |mut c, r| async move { c.report_cutover_step(r).await },
+        )
+        .await?;
+        Ok(())
     }
 
     async fn list_unverified(
@@ -788,6 +809,10 @@ pub mod testing {
         pub lease_requests: Vec<u32>,
         /// Segments not verified, per migration (what `list_unverified` answers from).
         pub unverified: BTreeMap<u64, Vec<u64>>,
+        /// Cutover steps heartbeats hand out.
+        pub cutover_work: Vec<pb::CutoverWork>,
+        /// Cutover steps reported.
+        pub cutover_steps: Vec<pb::CutoverStepRequest>,
         /// Renewal calls made.
         pub renewals: Vec<Vec<LeaseKey>>,
         /// Reports received.
@@ -834,6 +859,7 @@ pub mod testing {
             Ok(self.with(|s| Assigned {
                 work: s.work.clone(),
                 throttle: s.agent_throttle.clone(),
+                cutover: s.cutover_work.clone(),
             }))
         }
         async fn register_segments(
@@ -909,6 +935,13 @@ pub mod testing {
                 }
                 Ok(s.held.clone())
             })
+        }
+        async fn report_cutover_step(
+            &self,
+            step: pb::CutoverStepRequest,
+        ) -> Result<(), ControlError> {
+            self.with(|s| s.cutover_steps.push(step));
+            Ok(())
         }
         async fn list_unverified(
             &self,

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod control;
+pub mod cutover;
 pub mod dial;
 pub mod frame;
 pub mod holes;

@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub transport: TransportSettings,
     /// TLS files.
     pub tls: TlsPaths,
+    /// Commands this agent runs for cutovers (`[hooks]`: `pre_freeze` and `rollback` on a
+    /// source, `switch` on a target, `timeout_secs`).
+    #[serde(default)]
+    pub hooks: crate::cutover::Hooks,
 }
 
 /// The `[transport]` section: the congestion controller this agent's data connections run
@@ -446,14 +450,23 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             source,
         })?;
     let throttles = Arc::new(Throttles::default());
-    let source = Arc::new(Source::new(
+    let cutover = Arc::new(crate::cutover::CutoverRunner::new(
         control.clone(),
-        QuicDialer::new(client_endpoint, tls.quic_client_with(&transport)?),
+        cfg.hooks.clone(),
         cfg.state_dir.clone(),
-        cfg.max_in_flight,
-        stats.clone(),
-        throttles.clone(),
+        cfg.root.clone(),
     ));
+    let source = Arc::new(
+        Source::new(
+            control.clone(),
+            QuicDialer::new(client_endpoint, tls.quic_client_with(&transport)?),
+            cfg.state_dir.clone(),
+            cfg.max_in_flight,
+            stats.clone(),
+            throttles.clone(),
+        )
+        .with_cutover(cutover),
+    );
     tasks.push(tokio::spawn(source.run(stop_rx)));
     Ok(RunningAgent {
         data_addr,

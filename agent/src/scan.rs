@@ -109,6 +109,9 @@ pub fn walk<E>(
             continue;
         };
         let item = match fs::symlink_metadata(&abs) {
+            // Removed between the listing of its directory and now: a live tree changes while
+            // it is scanned, and a name that is gone is not there to copy.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => issue(format!("cannot stat: {e}")),
             Ok(m) => {
                 let ft = m.file_type();
@@ -125,11 +128,13 @@ pub fn walk<E>(
                                     .changed_at(ctime),
                             )
                         }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => issue(format!("cannot read directory: {e}")),
                     }
                 } else if ft.is_file() {
                     let key = (m.dev(), m.ino());
                     match fs::File::open(&abs) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => issue(format!("cannot read: {e}")),
                         Ok(_) if m.nlink() > 1 && first_names.contains_key(&key) => Walked::Entry(
                             Entry::hardlink(&wire, &first_names[&key], m.len(), mtime(&m))

@@ -24,6 +24,7 @@ use tokio::task::{block_in_place, JoinSet};
 
 use crate::catalog::{CatalogReader, CatalogWriter, Change, Differ};
 use crate::control::{Assigned, ControlError, Coordinator, Failure};
+use crate::cutover::CutoverRunner;
 use crate::dial::{Connection, DialError, Dialer, SendHalf};
 use crate::frame::{self, FrameError, MAX_SMALL_FRAME};
 use crate::manifest::{
@@ -216,6 +217,8 @@ pub struct Source<C: Coordinator, D: Dialer> {
     manifests: Mutex<HashMap<u64, Arc<Manifest>>>,
     /// The agent's and each migration's limits on what is sent.
     throttles: Arc<Throttles>,
+    /// Does the cutover steps heartbeats hand out (as a source or a target).
+    cutover: Option<Arc<CutoverRunner<C>>>,
 }
 
 /// What the driver's background tasks end with.
@@ -248,6 +251,15 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             with_xattrs: Mutex::default(),
             manifests: Mutex::default(),
             throttles,
+            cutover: None,
+        }
+    }
+
+    /// The same source, doing the cutover steps heartbeats hand this agent with `runner`.
+    pub fn with_cutover(self, runner: Arc<CutoverRunner<C>>) -> Self {
+        Source {
+            cutover: Some(runner),
+            ..self
         }
     }
 
@@ -280,6 +292,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         Ok(Done::Renewed) => schedule.renewal_ended(),
                         Ok(Done::Heartbeat(Ok(a))) => {
                             self.learn(&a);
+                            if let Some(runner) = &self.cutover {
+                                runner.handle(&a.cutover);
+                            }
                             schedule.heartbeat_answered(a.work);
                         }
                         Ok(Done::Heartbeat(Err(e))) => {
@@ -879,11 +894,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         if !ack.ok {
             return Err(refused(&lease.target_agent, ack));
         }
-        if !vanished.is_empty() {
-            // Files deleted since the scan are not at the target: the operator must see them.
-            if let Err(e) = self.control.report_problem(mid, "", &vanished).await {
-                tracing::warn!(message = "Could not report vanished files.", migration = mid, error = %e);
-            }
+        for (path, why) in &vanished {
+            // Removed (or re-typed) since the scan: a live source changes, and the next round
+            // deletes the name at the target or sends what stands there now.
+            tracing::debug!(message = "Not sent: changed since the scan.", migration = mid, path = %path, reason = %why);
         }
         Ok(hash)
     }
@@ -1074,14 +1088,15 @@ impl FileId {
 }
 
 /// What to send for a segment: entries, what each file must look like (`None`: no bytes), and
-/// paths left out because they vanished since the scan.
+/// paths left out because they vanished (or are no longer files) since the scan: the next
+/// round deals with them.
 type SendPlan = (Vec<Entry>, Vec<Option<FileId>>, Vec<(String, String)>);
 
 /// The entries to send for a scanned segment, with what each file must look like.
 ///
 /// Whole files are described as they are now, not as scanned: a small file modified since the
-/// scan is sent in its current version, and one deleted since is left out and returned as an
-/// issue. Pieces of split files must still be the scanned file.
+/// scan is sent in its current version, and one deleted since is left out (and returned, to be
+/// logged). Pieces of split files must still be the scanned file.
 fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
     let mut entries = Vec::with_capacity(scanned.len());
     let mut expect = Vec::with_capacity(scanned.len());

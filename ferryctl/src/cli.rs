@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::ctl::{
-    default_name, failed_lines, human_bytes, print_json, progress_line, round_lines, Ctl, Output,
+    cutover_lines, default_name, failed_lines, human_bytes, print_json, progress_line, round_lines,
+    Ctl, Output,
 };
 use crate::quickstart;
 use anyhow::{bail, Context};
@@ -190,6 +191,25 @@ enum MigrationCmd {
         /// (a source file system that was not mounted?) deletes none and fails, saying so.
         #[arg(long, value_name = "N")]
         max_delete: Option<u64>,
+    },
+    /// Cut over: freeze the source (its agent's pre_freeze hook), sync the last changes,
+    /// verify both trees in full, and switch (the target agent's switch hook) — or, on any
+    /// failure, roll back (the source agent's rollback hook). The last round must be done.
+    Cutover {
+        /// Migration name or id.
+        id: String,
+        /// Abort the running cutover: the source rolls back.
+        #[arg(long)]
+        abort: bool,
+        /// Wait until the cutover has ended; then exit non-zero if it did not switch.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// A migration's report: its rounds, its cutover with each step and the freeze window,
+    /// and what was verified.
+    Report {
+        /// Migration name or id.
+        id: String,
     },
     /// Start a sync round: the source rescans and sends what changed since the last round
     /// (new, changed and deleted names, and what the last round did not copy). The current
@@ -522,6 +542,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for line in round_lines(&p, now_ms()) {
                     println!("{line}");
                 }
+                if let Some(c) = &p.cutover {
+                    for line in cutover_lines(c) {
+                        println!("{line}");
+                    }
+                }
                 if p.throttle != "off" && !p.throttle.is_empty() {
                     let utc = if p.throttle.contains(':') {
                         " (times UTC)"
@@ -592,6 +617,89 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::json!({ "migration_id": id, "round": round }));
             }
             return Ok(code);
+        }
+        Cmd::Migration(MigrationCmd::Cutover { id, abort, watch }) => {
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            let attempt = ctl.cutover(id, *abort).await?;
+            if !json {
+                if *abort {
+                    println!("migration {id}: cutover attempt {attempt} is rolling back");
+                } else {
+                    println!("migration {id}: cutover attempt {attempt} started");
+                }
+            }
+            if !*watch {
+                if json {
+                    print_json(&serde_json::json!({ "migration_id": id, "attempt": attempt }));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let p = ctl
+                .watch_cutover(id, Duration::from_secs(24 * 3600), |p| {
+                    if let (false, Some(c)) = (json, &p.cutover) {
+                        eprintln!(
+                            "cutover {}",
+                            ferry_proto::json::cutover_phase_name(c.phase())
+                        );
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&p);
+            } else if let Some(c) = &p.cutover {
+                for line in cutover_lines(c) {
+                    println!("{line}");
+                }
+            }
+            let switched = p
+                .cutover
+                .as_ref()
+                .is_some_and(|c| c.phase() == pb::CutoverPhase::Done);
+            return Ok(if switched {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Cmd::Migration(MigrationCmd::Report { id }) => {
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            let p = ctl.status(id).await?;
+            let v = ctl.verify(id, 0).await?;
+            if json {
+                print_json(&serde_json::json!({ "progress": p, "verification": v }));
+            } else {
+                println!("{}", progress_line(&p, &Default::default()));
+                println!(
+                    "verified   {} of {} segments with equal source and target BLAKE3, {} failed, \
+                     {} hash mismatches — {}",
+                    v.segments_verified,
+                    v.segments_total,
+                    v.segments_failed,
+                    v.hash_mismatches,
+                    if v.all_verified {
+                        "VERIFIED"
+                    } else {
+                        "NOT VERIFIED"
+                    }
+                );
+                let rounds = round_lines(&p, now_ms());
+                if rounds.is_empty() {
+                    println!("rounds     the bulk copy only");
+                }
+                for line in rounds {
+                    println!("{line}");
+                }
+                match &p.cutover {
+                    Some(c) => {
+                        for line in cutover_lines(c) {
+                            println!("{line}");
+                        }
+                    }
+                    None => println!("cutover    not started"),
+                }
+            }
         }
         Cmd::Migration(MigrationCmd::Verify { id }) => {
             let ctl = connect(&cli).await?;

@@ -297,6 +297,55 @@ impl Ctl {
         .round)
     }
 
+    /// Starts a cutover (or, with `abort`, aborts the running one); returns its attempt. Sent
+    /// once, like [`Ctl::sync`].
+    pub async fn cutover(&self, id: u64, abort: bool) -> Result<u32, CtlError> {
+        let mut c = self.client.clone();
+        Ok(c.cutover(pb::CutoverRequest {
+            migration_id: id,
+            name: String::new(),
+            abort,
+        })
+        .await?
+        .into_inner()
+        .attempt)
+    }
+
+    /// Polls migration `id` until its cutover has ended (done or aborted), showing each
+    /// change of phase; fails after `timeout`.
+    pub async fn watch_cutover(
+        &self,
+        id: u64,
+        timeout: Duration,
+        mut show: impl FnMut(&pb::MigrationProgress),
+    ) -> Result<pb::MigrationProgress, CtlError> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            let p = self.status(id).await?;
+            let phase = p.cutover.as_ref().map(|c| (c.phase, c.runs.len(), p.phase));
+            if phase != last {
+                show(&p);
+                last = phase;
+            }
+            if p.cutover.as_ref().is_some_and(|c| {
+                matches!(
+                    c.phase(),
+                    pb::CutoverPhase::Done | pb::CutoverPhase::Aborted
+                )
+            }) {
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                return Err(CtlError::Status(format!(
+                    "the cutover of migration {id} has not ended within {}s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Creates a migration named by [`default_name`]; returns its id. See [`Ctl::create_named`].
     pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
         self.create_named(&default_name(&spec), spec).await
@@ -639,6 +688,65 @@ pub fn round_lines(p: &pb::MigrationProgress, now_ms: u64) -> Vec<String> {
             took,
             note.join("; ")
         ));
+    }
+    out
+}
+
+/// The lines of a cutover: its phase, the freeze window, each step an agent did, and why it
+/// rolled back.
+pub fn cutover_lines(c: &pb::CutoverInfo) -> Vec<String> {
+    let mut out = vec![format!(
+        "cutover attempt {}: {}{}",
+        c.attempt,
+        ferry_proto::json::cutover_phase_name(c.phase()),
+        if c.frozen_ms > 0 {
+            format!(
+                ", writes frozen {:.1}s{}",
+                c.freeze_window_ms as f64 / 1000.0,
+                match c.phase() {
+                    pb::CutoverPhase::Done => " (end of pre_freeze to end of switch)",
+                    pb::CutoverPhase::Aborted => " (until the rollback)",
+                    _ => " so far",
+                }
+            )
+        } else {
+            String::new()
+        }
+    )];
+    if c.final_round > 0 {
+        out.push(format!("  final sync: round {}", c.final_round));
+    }
+    for r in &c.runs {
+        let what = match &r.tree {
+            Some(t) if t.error.is_empty() => format!(
+                "{} files, {} in bytes, {} directories, {} symlinks, digest {}",
+                t.files,
+                human_bytes(t.bytes),
+                t.dirs,
+                t.symlinks,
+                &t.digest[..16.min(t.digest.len())]
+            ),
+            Some(t) => format!("FAILED: {}", t.error),
+            None if r.command.is_empty() => r.output.trim().to_string(),
+            None => format!(
+                "`{}` exited {}{}",
+                r.command,
+                r.exit_code,
+                match r.output.trim().lines().last() {
+                    Some(l) => format!(": {l}"),
+                    None => String::new(),
+                }
+            ),
+        };
+        out.push(format!(
+            "  {:<14} {:<10} {:>7.1}s  {what}",
+            r.step,
+            r.agent,
+            r.duration_ms as f64 / 1000.0
+        ));
+    }
+    if !c.error.is_empty() {
+        out.push(format!("  rolled back: {}", c.error));
     }
     out
 }

@@ -263,6 +263,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         register_timeout_secs: 10,
         transport: Default::default(),
         tls,
+        hooks: Default::default(),
     };
     let target_agent = ferry_agent::run::start(agent_cfg("target", dst_tls, Some(target.clone())))
         .await

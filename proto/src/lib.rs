@@ -22,7 +22,28 @@ pub mod raft {
 /// The names of enums as people read them (JSON output, tables): lower case, without the type's
 /// prefix (`PHASE_DONE` is `done`).
 pub mod json {
-    use super::admin::{Phase, SegmentStatus};
+    use super::admin::{CutoverPhase, Phase, SegmentStatus};
+
+    /// A cutover phase's name.
+    pub fn cutover_phase_name(p: CutoverPhase) -> &'static str {
+        match p {
+            CutoverPhase::Unspecified => "none",
+            CutoverPhase::Freezing => "freezing",
+            CutoverPhase::FinalSync => "final-sync",
+            CutoverPhase::Verifying => "verifying",
+            CutoverPhase::Switching => "switching",
+            CutoverPhase::Done => "done",
+            CutoverPhase::RollingBack => "rolling-back",
+            CutoverPhase::Aborted => "aborted",
+        }
+    }
+
+    /// Serialises a `CutoverPhase` field by name.
+    pub fn cutover_phase<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(cutover_phase_name(
+            CutoverPhase::try_from(*v).unwrap_or_default(),
+        ))
+    }
 
     /// A migration phase's name.
     pub fn phase_name(p: Phase) -> &'static str {

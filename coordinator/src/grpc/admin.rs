@@ -356,6 +356,49 @@ impl Admin for AdminService {
         }
     }
 
+    async fn cutover(&self, req: Request<pb::CutoverRequest>) -> R<pb::CutoverResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        let id = if r.name.is_empty() {
+            r.migration_id
+        } else {
+            self.migration_id(&r.name).await?
+        };
+        let cmd = if r.abort {
+            Command::AbortCutover { migration_id: id }
+        } else {
+            Command::StartCutover {
+                migration_id: id,
+                now_ms: now_ms(),
+            }
+        };
+        match self.0.write(cmd).await? {
+            Response::Ok => {
+                let attempt = self
+                    .0
+                    .read(|s| {
+                        s.migrations
+                            .get(&id)
+                            .and_then(|m| m.cutover.as_ref())
+                            .map(|c| c.attempt)
+                    })
+                    .await?
+                    .unwrap_or_default();
+                tracing::info!(
+                    message = if r.abort {
+                        "Cutover aborted."
+                    } else {
+                        "Cutover started."
+                    },
+                    migration = id,
+                    attempt
+                );
+                Ok(GrpcResponse::new(pb::CutoverResponse { attempt }))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_admin(&req)?;
         let now = now_ms();

@@ -7,7 +7,9 @@ use ferry_proto::control::{self as pb, agent_control_server::AgentControl};
 use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_agent, now_ms, refused, Core};
-use crate::state::{Command, Response, Role, SegmentReg};
+use crate::state::{
+    Command, Response, Role, SegmentReg, Step, StepRun, TreeDigest, MAX_STEP_OUTPUT,
+};
 
 fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
     pb::Lease {
@@ -20,6 +22,98 @@ fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
         target_agent: l.target_agent,
         target_addr: l.target_addr,
     }
+}
+
+/// The cutover steps `agent` must do now, in the migrations it is the source or target of.
+fn cutover_work(s: &crate::state::State, agent: &str) -> Vec<pb::CutoverWork> {
+    let mut out = Vec::new();
+    for m in s.migrations.values() {
+        let Some(c) = &m.cutover else { continue };
+        for step in c.pending_steps() {
+            let who = if step.on_target() {
+                &m.spec.target_agent
+            } else {
+                &m.spec.source_agent
+            };
+            if who != agent {
+                continue;
+            }
+            out.push(pb::CutoverWork {
+                migration_id: m.id,
+                migration_uuid: m.uuid.clone(),
+                migration_name: m.name.clone(),
+                attempt: c.attempt,
+                step: step_pb(step).into(),
+                source_path: m.spec.source_path.clone(),
+                target_path: m.spec.target_path.clone(),
+                excludes: m.spec.excludes.clone(),
+                final_round: c.final_round,
+            });
+        }
+    }
+    out
+}
+
+fn step_pb(s: Step) -> pb::CutoverStep {
+    match s {
+        Step::PreFreeze => pb::CutoverStep::PreFreeze,
+        Step::VerifySource => pb::CutoverStep::VerifySource,
+        Step::VerifyTarget => pb::CutoverStep::VerifyTarget,
+        Step::Switch => pb::CutoverStep::Switch,
+        Step::Rollback => pb::CutoverStep::Rollback,
+    }
+}
+
+/// The state machine's step run from an agent's report (checked: step, digest, output size).
+fn step_run(r: &pb::CutoverStepRequest) -> Result<StepRun, Status> {
+    let step = match pb::CutoverStep::try_from(r.step) {
+        Ok(pb::CutoverStep::PreFreeze) => Step::PreFreeze,
+        Ok(pb::CutoverStep::VerifySource) => Step::VerifySource,
+        Ok(pb::CutoverStep::VerifyTarget) => Step::VerifyTarget,
+        Ok(pb::CutoverStep::Switch) => Step::Switch,
+        Ok(pb::CutoverStep::Rollback) => Step::Rollback,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "unknown cutover step {}",
+                r.step
+            )))
+        }
+    };
+    let tree = match (&r.tree, step) {
+        (Some(t), Step::VerifySource | Step::VerifyTarget) => Some(TreeDigest {
+            digest: ferry_common::hash::digest_from_slice(&t.digest)
+                .ok_or_else(|| Status::invalid_argument("a tree digest must be 32 bytes"))?,
+            files: t.files,
+            bytes: t.bytes,
+            dirs: t.dirs,
+            symlinks: t.symlinks,
+            error: truncate(&t.error, MAX_STEP_OUTPUT),
+        }),
+        (None, Step::VerifySource | Step::VerifyTarget) => {
+            return Err(Status::invalid_argument("a verification reports its tree"))
+        }
+        _ => None,
+    };
+    Ok(StepRun {
+        step,
+        agent: r.agent.clone(),
+        command: truncate(&r.command, MAX_STEP_OUTPUT),
+        exit_code: r.exit_code,
+        output: r.output.clone(),
+        started_ms: r.started_ms,
+        duration_ms: r.duration_ms,
+        recorded_ms: 0,
+        tree,
+    })
+}
+
+/// At most `max` bytes of `s` (its start, on a character boundary).
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// Most reports (or leases) one `ReportSegments` (or `RenewLeases`) call may carry.
@@ -166,6 +260,7 @@ impl AgentService {
                         max_delete: m.spec.max_delete,
                     })
                     .collect(),
+                cutover_work: cutover_work(s, agent),
                 conflict: a.map(|a| a.conflict.clone()).unwrap_or_default(),
                 cluster_id: s.cluster_id.clone(),
                 agent_throttle: a.map(|a| a.throttle.clone()).unwrap_or_default(),
@@ -601,6 +696,36 @@ impl AgentControl for AgentService {
         Ok(GrpcResponse::new(pb::ListUnverifiedResponse {
             segment_ids: ids,
         }))
+    }
+
+    async fn report_cutover_step(
+        &self,
+        req: Request<pb::CutoverStepRequest>,
+    ) -> R<pb::CutoverStepResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let run = step_run(&r)?;
+        let resp = self
+            .0
+            .write(Command::CutoverStep {
+                agent: r.agent.clone(),
+                session: r.session,
+                migration_id: r.migration_id,
+                attempt: r.attempt,
+                run,
+                now_ms: now_ms(),
+            })
+            .await?;
+        expect_ok(resp)?;
+        tracing::info!(
+            message = "Cutover step reported.",
+            agent = %r.agent,
+            migration = r.migration_id,
+            attempt = r.attempt,
+            step = r.step,
+            exit_code = r.exit_code
+        );
+        Ok(GrpcResponse::new(pb::CutoverStepResponse {}))
     }
 
     async fn end_session(&self, req: Request<pb::EndSessionRequest>) -> R<pb::EndSessionResponse> {

@@ -2,7 +2,9 @@
 
 use ferry_proto::admin as pb;
 
-use crate::state::{Migration, MigrationSpec, Phase, ReportOutcome, SegState, Segment};
+use crate::state::{
+    Cutover, CutoverPhase, Migration, MigrationSpec, Phase, ReportOutcome, SegState, Segment,
+};
 
 /// A report outcome on the wire.
 pub fn outcome(o: ReportOutcome) -> ferry_proto::control::ReportOutcome {
@@ -41,6 +43,62 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
         max_attempts: s.max_attempts,
         keep_deleted: s.keep_deleted,
         max_delete: s.max_delete,
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A cutover phase on the wire.
+pub fn cutover_phase(p: CutoverPhase) -> pb::CutoverPhase {
+    match p {
+        CutoverPhase::Freezing => pb::CutoverPhase::Freezing,
+        CutoverPhase::FinalSync => pb::CutoverPhase::FinalSync,
+        CutoverPhase::Verifying => pb::CutoverPhase::Verifying,
+        CutoverPhase::Switching => pb::CutoverPhase::Switching,
+        CutoverPhase::Done => pb::CutoverPhase::Done,
+        CutoverPhase::RollingBack => pb::CutoverPhase::RollingBack,
+        CutoverPhase::Aborted => pb::CutoverPhase::Aborted,
+    }
+}
+
+/// A cutover, as operators see it; `now_ms` for the freeze window of one that runs.
+pub fn cutover(c: &Cutover, now_ms: u64) -> pb::CutoverInfo {
+    pb::CutoverInfo {
+        attempt: c.attempt,
+        phase: cutover_phase(c.phase).into(),
+        started_ms: c.started_ms,
+        frozen_ms: c.frozen_ms,
+        switched_ms: c.switched_ms,
+        ended_ms: c.ended_ms,
+        freeze_window_ms: c.freeze_window_ms(now_ms),
+        final_round: c.final_round,
+        runs: c
+            .runs
+            .iter()
+            .map(|r| pb::StepRunInfo {
+                step: r.step.as_str().into(),
+                agent: r.agent.clone(),
+                command: r.command.clone(),
+                exit_code: r.exit_code,
+                output: r.output.clone(),
+                started_ms: r.started_ms,
+                duration_ms: r.duration_ms,
+                recorded_ms: r.recorded_ms,
+                tree: r.tree.as_ref().map(|t| pb::TreeDigestInfo {
+                    digest: ferry_common::hash::hex(&t.digest),
+                    files: t.files,
+                    bytes: t.bytes,
+                    dirs: t.dirs,
+                    symlinks: t.symlinks,
+                    error: t.error.clone(),
+                }),
+            })
+            .collect(),
+        error: c.error.clone(),
     }
 }
 
@@ -119,6 +177,7 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         round: m.round().number,
         rounds: m.rounds.iter().map(|r| round(r, c)).collect(),
         segments_stale: c.stale_segments,
+        cutover: m.cutover.as_ref().map(|c| cutover(c, now_ms())),
     }
 }
 

@@ -122,6 +122,33 @@ pub enum Command {
         /// Lease duration.
         ttl_ms: u64,
     },
+    /// An operator starts a cutover of a migration whose last round is done.
+    StartCutover {
+        /// Migration.
+        migration_id: u64,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An operator aborts a running cutover: the source rolls back.
+    AbortCutover {
+        /// Migration.
+        migration_id: u64,
+    },
+    /// An agent reports a step of a cutover (a hook it ran, or its tree's digest).
+    CutoverStep {
+        /// The reporting agent.
+        agent: String,
+        /// Its session.
+        session: u64,
+        /// Migration.
+        migration_id: u64,
+        /// The cutover attempt.
+        attempt: u32,
+        /// What it did.
+        run: StepRun,
+        /// Leader time.
+        now_ms: u64,
+    },
     /// An operator asks for a sync round of a migration whose current round has ended.
     StartRound {
         /// Migration.
@@ -283,6 +310,22 @@ impl State {
                 migration_id,
                 now_ms,
             } => self.start_round(migration_id, now_ms),
+            Command::StartCutover {
+                migration_id,
+                now_ms,
+            } => self.start_cutover(migration_id, now_ms),
+            Command::AbortCutover { migration_id } => self.abort_cutover(migration_id),
+            Command::CutoverStep {
+                agent,
+                session,
+                migration_id,
+                attempt,
+                run,
+                now_ms,
+            } => match self.check_session(&agent, session) {
+                Err(r) => r,
+                Ok(()) => self.cutover_step(&agent, migration_id, attempt, run, now_ms),
+            },
             Command::EndSession { name, session } => match self.agents.get_mut(&name) {
                 // Ending a session that is not current changes nothing (a repeated request).
                 Some(a) if a.session == session && session != 0 => {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 mod agents;
 mod commands;
+mod cutover;
 mod phases;
 mod reads;
 mod reports;
@@ -24,6 +25,7 @@ mod throttles;
 
 pub use agents::{Agent, SESSION_TIMEOUT_MS};
 pub use commands::{Command, ThrottleScope};
+pub use cutover::{Cutover, CutoverPhase, Step, StepRun, TreeDigest, MAX_STEP_OUTPUT};
 use phases::ScanEnd;
 pub use phases::{Counters, Migration, MigrationSpec, Phase};
 pub use reads::LeaseRefusal;

@@ -142,6 +142,8 @@ pub struct Migration {
     pub throttle: String,
     /// The rounds, oldest first, the current one last (the most recent [`MAX_ROUNDS_KEPT`]).
     pub rounds: Vec<Round>,
+    /// Its cutover (the latest attempt), once one was started.
+    pub cutover: Option<Cutover>,
 }
 
 /// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
@@ -236,6 +238,7 @@ impl State {
                 finished_ms: 0,
                 throttle,
                 rounds: vec![Round::new(0, 0, now_ms, Counters::default())],
+                cutover: None,
             },
         );
         self.by_name.insert(name, id);
@@ -487,7 +490,16 @@ impl State {
             Phase::Done
         };
         m.round_mut().end(phase, now_ms);
-        if phase == Phase::Syncing {
+        if m.cutover_round_ended(phase) {
+            // The final round of a cutover is followed by no other: the cutover verifies or
+            // rolls back.
+            m.phase = if phase == Phase::Syncing {
+                Phase::Failed
+            } else {
+                phase
+            };
+            m.finished_ms = now_ms;
+        } else if phase == Phase::Syncing {
             m.next_round(now_ms);
         } else {
             m.phase = phase;

@@ -132,6 +132,22 @@ impl State {
         let Some(m) = self.migrations.get_mut(&mid) else {
             return refused(format!("migration {mid} does not exist"));
         };
+        if let Some(c) = &m.cutover {
+            if c.phase == CutoverPhase::Done {
+                return refused(format!(
+                    "migration {} was cut over: its target is live, and nothing is synced to it \
+                     any more",
+                    m.name
+                ));
+            }
+            if !c.phase.ended() {
+                return refused(format!(
+                    "a cutover of migration {} is running ({}); its final round is its own",
+                    m.name,
+                    c.phase.as_str()
+                ));
+            }
+        }
         if !m.phase.finished() {
             return refused(format!(
                 "migration {} is in round {} ({}); a sync round starts once it has ended — \

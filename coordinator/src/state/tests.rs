@@ -1732,3 +1732,254 @@ fn only_the_most_recent_rounds_are_kept() {
     assert_eq!(m.round().number as usize, MAX_ROUNDS_KEPT + 5);
     assert_eq!(m.phase, Phase::Done);
 }
+
+fn step_run(step: Step, exit_code: i32, tree: Option<TreeDigest>) -> StepRun {
+    StepRun {
+        step,
+        agent: String::new(),
+        command: format!("{} hook", step.as_str()),
+        exit_code,
+        output: "ok".into(),
+        started_ms: 1,
+        duration_ms: 2,
+        recorded_ms: 0,
+        tree,
+    }
+}
+
+fn tree(digest: u8) -> Option<TreeDigest> {
+    Some(TreeDigest {
+        digest: [digest; 32],
+        files: 3,
+        bytes: 30,
+        dirs: 1,
+        symlinks: 0,
+        error: String::new(),
+    })
+}
+
+impl World {
+    fn step(&mut self, mid: u64, attempt: u32, run: StepRun, now_ms: u64) -> Response {
+        let agent = if run.step.on_target() { "dst" } else { "src" };
+        self.apply(Command::CutoverStep {
+            agent: agent.into(),
+            session: 1,
+            migration_id: mid,
+            attempt,
+            run,
+            now_ms,
+        })
+    }
+
+    fn cutover(&self, mid: u64) -> &Cutover {
+        self.s.migrations[&mid].cutover.as_ref().unwrap()
+    }
+
+    /// A migration whose bulk copy is done.
+    fn done_migration(&mut self) -> u64 {
+        let mid = self.migration(&[(0, 10, 1)]);
+        self.verify_all(2);
+        assert_eq!(self.s.migrations[&mid].phase, Phase::Done);
+        mid
+    }
+}
+
+#[test]
+fn a_cutover_freezes_syncs_verifies_and_switches_each_step_once() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    let start = |now_ms| Command::StartCutover {
+        migration_id: mid,
+        now_ms,
+    };
+    assert!(
+        matches!(w.apply(start(2)), Response::Refused(why) if why.contains("sync")),
+        "not before a round is done"
+    );
+    w.verify_all(3);
+    assert_eq!(w.apply(start(10)), Response::Ok);
+    assert!(
+        matches!(w.apply(start(10)), Response::Refused(_)),
+        "one at a time"
+    );
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::Freezing);
+    assert_eq!(w.cutover(mid).pending_steps(), vec![Step::PreFreeze]);
+    assert!(
+        matches!(w.sync(mid, 11), Response::Refused(_)),
+        "no round of its own"
+    );
+    // Only the source freezes, and only once.
+    let wrong = w.apply(Command::CutoverStep {
+        agent: "dst".into(),
+        session: 1,
+        migration_id: mid,
+        attempt: 1,
+        run: step_run(Step::PreFreeze, 0, None),
+        now_ms: 12,
+    });
+    assert!(matches!(wrong, Response::Refused(_)));
+    assert_eq!(
+        w.step(mid, 1, step_run(Step::PreFreeze, 0, None), 20),
+        Response::Ok
+    );
+    assert_eq!(
+        w.step(mid, 1, step_run(Step::PreFreeze, 0, None), 21),
+        Response::Ok
+    );
+    let c = w.cutover(mid);
+    assert_eq!(
+        (c.phase, c.frozen_ms, c.final_round, c.runs.len()),
+        (CutoverPhase::FinalSync, 20, 1, 1)
+    );
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Syncing);
+    // The final round: one changed file.
+    w.round_scan(mid, &[(1, 5, 1)], 0, 22);
+    w.verify_all(23);
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::Verifying);
+    assert!(
+        matches!(
+            w.step(mid, 1, step_run(Step::Switch, 0, None), 24),
+            Response::Refused(_)
+        ),
+        "no switch before the verification"
+    );
+    w.step(mid, 1, step_run(Step::VerifyTarget, 0, tree(7)), 25);
+    assert_eq!(w.cutover(mid).pending_steps(), vec![Step::VerifySource]);
+    w.step(mid, 1, step_run(Step::VerifySource, 0, tree(7)), 26);
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::Switching);
+    w.step(mid, 1, step_run(Step::Switch, 0, None), 40);
+    let c = w.cutover(mid);
+    assert_eq!((c.phase, c.switched_ms), (CutoverPhase::Done, 40));
+    assert_eq!(
+        c.freeze_window_ms(99),
+        20,
+        "from the end of pre_freeze to the end of switch"
+    );
+    assert_eq!(c.runs.len(), 4);
+    assert!(matches!(w.apply(start(50)), Response::Refused(why) if why.contains("cut over")));
+    assert!(matches!(w.sync(mid, 50), Response::Refused(why) if why.contains("cut over")));
+}
+
+#[test]
+fn a_failed_hook_a_changed_file_or_differing_trees_roll_back_and_a_new_attempt_may_follow() {
+    // pre_freeze fails.
+    let mut w = World::new();
+    let mid = w.done_migration();
+    w.apply(Command::StartCutover {
+        migration_id: mid,
+        now_ms: 5,
+    });
+    w.step(mid, 1, step_run(Step::PreFreeze, 3, None), 6);
+    let c = w.cutover(mid);
+    assert_eq!(c.phase, CutoverPhase::RollingBack);
+    assert!(
+        c.error.contains("pre_freeze on src exited 3"),
+        "{}",
+        c.error
+    );
+    assert_eq!(c.pending_steps(), vec![Step::Rollback]);
+    w.step(mid, 1, step_run(Step::Rollback, 0, None), 7);
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::Aborted);
+    assert_eq!(
+        w.s.migrations[&mid].phase,
+        Phase::Done,
+        "the copy is as it was"
+    );
+
+    // Attempt 2: a file changes after the freeze; the final round leaves it stale.
+    assert_eq!(
+        w.apply(Command::StartCutover {
+            migration_id: mid,
+            now_ms: 8
+        }),
+        Response::Ok
+    );
+    assert_eq!(w.cutover(mid).attempt, 2);
+    assert!(
+        matches!(
+            w.step(mid, 1, step_run(Step::PreFreeze, 0, None), 9),
+            Response::Refused(_)
+        ),
+        "a report of the old attempt"
+    );
+    w.step(mid, 2, step_run(Step::PreFreeze, 0, None), 9);
+    w.round_scan(mid, &[(1, 5, 1)], 0, 10);
+    let l = w.lease(8, 11).pop().unwrap();
+    w.apply(Command::ReportSegment {
+        agent: "src".into(),
+        session: 1,
+        role: Role::Source,
+        migration_id: mid,
+        segment_id: l.segment_id,
+        epoch: l.epoch,
+        result: Err("changed".into()),
+        retry_later: false,
+        stale: true,
+        now_ms: 12,
+    });
+    let m = &w.s.migrations[&mid];
+    assert_eq!(m.round().number, 1, "no round follows the final one");
+    let c = w.cutover(mid);
+    assert_eq!(c.phase, CutoverPhase::RollingBack);
+    assert!(c.error.contains("changed after the freeze"), "{}", c.error);
+    w.step(mid, 2, step_run(Step::Rollback, 1, None), 13);
+    let c = w.cutover(mid);
+    assert_eq!(c.phase, CutoverPhase::Aborted);
+    assert!(c.error.contains("may still be frozen"), "{}", c.error);
+
+    // Attempt 3 after a sync: the trees differ.
+    assert_eq!(w.sync(mid, 20), Response::Ok);
+    w.round_scan(mid, &[], 0, 21);
+    w.apply(Command::StartCutover {
+        migration_id: mid,
+        now_ms: 22,
+    });
+    w.step(mid, 3, step_run(Step::PreFreeze, 0, None), 23);
+    w.round_scan(mid, &[], 0, 24);
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::Verifying);
+    w.step(mid, 3, step_run(Step::VerifySource, 0, tree(1)), 25);
+    w.step(mid, 3, step_run(Step::VerifyTarget, 0, tree(2)), 26);
+    let c = w.cutover(mid);
+    assert_eq!(c.phase, CutoverPhase::RollingBack);
+    assert!(
+        c.error.contains("differs from the frozen source"),
+        "{}",
+        c.error
+    );
+
+    // An operator's abort, then a failing switch on attempt 4.
+    w.step(mid, 3, step_run(Step::Rollback, 0, None), 27);
+    w.apply(Command::StartCutover {
+        migration_id: mid,
+        now_ms: 30,
+    });
+    assert_eq!(
+        w.apply(Command::AbortCutover { migration_id: mid }),
+        Response::Ok
+    );
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::RollingBack);
+    assert_eq!(w.cutover(mid).error, "aborted by the operator");
+    w.step(mid, 4, step_run(Step::Rollback, 0, None), 31);
+    assert!(matches!(
+        w.apply(Command::AbortCutover { migration_id: mid }),
+        Response::Refused(_)
+    ));
+    w.apply(Command::StartCutover {
+        migration_id: mid,
+        now_ms: 40,
+    });
+    w.step(mid, 5, step_run(Step::PreFreeze, 0, None), 41);
+    w.round_scan(mid, &[], 0, 42);
+    w.step(mid, 5, step_run(Step::VerifySource, 0, tree(1)), 43);
+    w.step(mid, 5, step_run(Step::VerifyTarget, 0, tree(1)), 44);
+    w.step(mid, 5, step_run(Step::Switch, 9, None), 45);
+    let c = w.cutover(mid);
+    assert_eq!(c.phase, CutoverPhase::RollingBack);
+    assert!(c.error.contains("switch on dst exited 9"), "{}", c.error);
+    w.step(mid, 5, step_run(Step::Rollback, 0, None), 46);
+    let c = w.cutover(mid);
+    assert_eq!(
+        (c.phase, c.ended_ms, c.freeze_window_ms(99)),
+        (CutoverPhase::Aborted, 46, 5)
+    );
+}

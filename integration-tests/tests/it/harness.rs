@@ -96,6 +96,7 @@ impl TestEnv {
             register_timeout_secs: 20,
             transport: Default::default(),
             tls: self.issue(Identity::Agent(name.to_string())),
+            hooks: Default::default(),
         }
     }
 

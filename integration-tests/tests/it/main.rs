@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod bad_input;
 mod cluster;
+mod cutover;
 mod deploy;
 mod identity;
 mod partition;

@@ -1,0 +1,256 @@
+//! Cutovers through the whole system: a live writer changes the source during the bulk copy
+//! and a sync round, the source agent's `pre_freeze` hook stops it, the final round and the
+//! full verification run over real QUIC and the agents' real trees, and the target agent's
+//! `switch` hook runs — or the source agent's `rollback` hook when anything fails. Hooks count
+//! their runs in a file, so "exactly once" is checked, not assumed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_agent::cutover::Hooks;
+use ferry_proto::admin::{CutoverPhase, MigrationProgress, Phase};
+
+use crate::harness::{assert_same_tree, finished, make_files, migration_spec, TestEnv};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A writer that keeps changing the tree under `src` — rewriting, appending, truncating,
+/// creating, renaming and deleting files — until `stop` appears (then it writes `stopped`
+/// and ends), or until the flag is set.
+struct Writer {
+    done: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(src: &Path, stop: PathBuf, every: Duration) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let (src, d, w) = (src.to_path_buf(), done.clone(), writes.clone());
+        let thread = std::thread::spawn(move || {
+            let live = src.join("live");
+            std::fs::create_dir_all(&live).unwrap();
+            let mut i = 0u64;
+            while !d.load(Ordering::Relaxed) {
+                if stop.exists() {
+                    std::fs::write(stop.with_extension("stopped"), b"").unwrap();
+                    break;
+                }
+                let n = i % 7;
+                let f = live.join(format!("f{n}"));
+                let _ = match i % 5 {
+                    0 => std::fs::write(&f, format!("version {i}").repeat(1 + (i % 13) as usize)),
+                    1 => std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(&f)
+                        .and_then(|mut h| std::io::Write::write_all(&mut h, b" appended")),
+                    2 => std::fs::File::options()
+                        .write(true)
+                        .open(&f)
+                        .and_then(|h| h.set_len(3)),
+                    3 => std::fs::rename(&f, live.join(format!("moved{}", i % 3))),
+                    _ => std::fs::remove_file(live.join(format!("moved{}", i % 3))),
+                };
+                w.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                std::thread::sleep(every);
+            }
+        });
+        Writer {
+            done,
+            writes,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Hooks that append their name to `log` (and do `extra` first).
+fn counting(log: &Path, pre_freeze_extra: &str, switch_exit: i32) -> (Hooks, Hooks) {
+    let log = log.display();
+    let source = Hooks {
+        pre_freeze: Some(format!(
+            "{pre_freeze_extra} echo pre_freeze $FERRY_CUTOVER_ATTEMPT >> {log}"
+        )),
+        rollback: Some(format!(
+            "echo rollback $FERRY_CUTOVER_ATTEMPT >> {log}; echo source live again"
+        )),
+        ..Hooks::default()
+    };
+    let target = Hooks {
+        switch: Some(format!(
+            "echo switch $FERRY_CUTOVER_ATTEMPT >> {log}; echo 'app started'; exit {switch_exit}"
+        )),
+        ..Hooks::default()
+    };
+    (source, target)
+}
+
+struct Rig {
+    env: TestEnv,
+    _node: ferry_coordinator::node::RunningNode,
+    ctl: ferryctl::ctl::Ctl,
+    src: PathBuf,
+    root: PathBuf,
+    log: PathBuf,
+    _agents: Vec<ferry_agent::run::RunningAgent>,
+}
+
+async fn rig(pre_freeze_extra: impl Fn(&Path) -> String, switch_exit: i32) -> Rig {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let src = env.path("src");
+    make_files(&src, 60, 4096);
+    let root = env.path("dst");
+    let log = env.path("hooks.log");
+    let (source_hooks, target_hooks) =
+        counting(&log, &pre_freeze_extra(&env.path("")), switch_exit);
+    let mut t = env.agent_config("target", &coord, Some(root.clone()));
+    t.hooks = target_hooks;
+    let mut s = env.agent_config("source", &coord, None);
+    s.hooks = source_hooks;
+    let agents = vec![
+        ferry_agent::run::start(t).await.unwrap(),
+        ferry_agent::run::start(s).await.unwrap(),
+    ];
+    let ctl = env.ctl(&coord).await;
+    Rig {
+        env,
+        _node: node,
+        ctl,
+        src,
+        root,
+        log,
+        _agents: agents,
+    }
+}
+
+fn hook_runs(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn cutover(p: &MigrationProgress) -> &ferry_proto::admin::CutoverInfo {
+    p.cutover.as_ref().expect("a cutover")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_source_is_synced_frozen_verified_and_switched_each_hook_once() {
+    // pre_freeze stops the writer and waits until it has.
+    let r = rig(
+        |dir| {
+            let stop = dir.join("stop");
+            format!(
+                "touch {s}; while [ ! -e {s}.stopped ]; do sleep 0.02; done;",
+                s = stop.display()
+            )
+        },
+        0,
+    )
+    .await;
+    let writer = Writer::start(&r.src, r.env.path("stop"), Duration::from_millis(5));
+    let id = r.ctl.create(migration_spec(&r.src, "")).await.unwrap();
+    let p = r.ctl.watch(id, LIMIT, |_, _| {}).await.unwrap();
+    assert_eq!(p.phase(), Phase::Done, "{p:?}");
+    // A sync round while the writer goes on.
+    r.ctl.sync(id).await.unwrap();
+    let p = r.ctl.watch(id, LIMIT, |_, _| {}).await.unwrap();
+    assert_eq!(p.phase(), Phase::Done, "{p:?}");
+    assert!(writer.writes.load(Ordering::Relaxed) > 0);
+
+    assert_eq!(r.ctl.cutover(id, false).await.unwrap(), 1);
+    let p = r.ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Done, "{c:#?}");
+    assert!(
+        r.env.path("stop.stopped").exists(),
+        "the writer was stopped by the hook"
+    );
+    drop(writer);
+    // The target equals the source as it was frozen (the writer stopped before the final
+    // round), checked independently of ferry's own verification.
+    assert_same_tree(&r.src, &r.root);
+    assert_eq!(hook_runs(&r.log), vec!["pre_freeze 1", "switch 1"]);
+    let steps: Vec<&str> = c.runs.iter().map(|s| s.step.as_str()).collect();
+    assert_eq!(steps.len(), 4);
+    assert_eq!((steps[0], steps[3]), ("pre_freeze", "switch"), "{steps:?}");
+    let source_tree = c.runs.iter().find(|s| s.step == "verify_source").unwrap();
+    let target_tree = c.runs.iter().find(|s| s.step == "verify_target").unwrap();
+    assert_eq!(
+        source_tree.tree.as_ref().unwrap().digest,
+        target_tree.tree.as_ref().unwrap().digest
+    );
+    assert!(source_tree.tree.as_ref().unwrap().files >= 60);
+    assert!(c.freeze_window_ms > 0 && c.frozen_ms > 0 && c.switched_ms >= c.frozen_ms);
+    assert_eq!(c.freeze_window_ms, c.switched_ms - c.frozen_ms);
+    assert_eq!(p.round, c.final_round);
+    // Cut over: no more rounds, no second cutover.
+    assert!(r.ctl.sync(id).await.is_err());
+    assert!(r.ctl.cutover(id, false).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_switch_hook_rolls_back_and_the_report_says_why() {
+    let r = rig(|_| String::new(), 7).await;
+    let id = r.ctl.create(migration_spec(&r.src, "")).await.unwrap();
+    finished(&r.ctl, id, LIMIT, &String::new).await;
+    r.ctl.cutover(id, false).await.unwrap();
+    let p = r.ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Aborted, "{c:#?}");
+    assert!(c.error.contains("switch on target exited 7"), "{}", c.error);
+    assert!(
+        c.error.contains("app started"),
+        "the hook's output: {}",
+        c.error
+    );
+    assert_eq!(
+        hook_runs(&r.log),
+        vec!["pre_freeze 1", "switch 1", "rollback 1"]
+    );
+    let rollback = c.runs.iter().find(|s| s.step == "rollback").unwrap();
+    assert_eq!(rollback.exit_code, 0);
+    assert!(rollback.output.contains("source live again"));
+    // The source is writable and a new attempt may follow after a sync.
+    std::fs::write(r.src.join("after-rollback"), b"written").unwrap();
+    r.ctl.sync(id).await.unwrap();
+    finished(&r.ctl, id, LIMIT, &String::new).await;
+    assert_eq!(r.ctl.cutover(id, false).await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_after_the_freeze_refuses_the_switch_and_rolls_back() {
+    // pre_freeze succeeds but stops nothing.
+    let r = rig(|_| String::new(), 0).await;
+    let id = r.ctl.create(migration_spec(&r.src, "")).await.unwrap();
+    finished(&r.ctl, id, LIMIT, &String::new).await;
+    let writer = Writer::start(&r.src, r.env.path("never"), Duration::from_millis(2));
+    r.ctl.cutover(id, false).await.unwrap();
+    let p = r.ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    drop(writer);
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Aborted, "{c:#?}");
+    assert!(c.error.contains("after the freeze"), "{}", c.error);
+    assert!(
+        c.runs.iter().all(|s| s.step != "switch"),
+        "the switch never ran: {:?}",
+        c.runs
+    );
+    assert_eq!(hook_runs(&r.log), vec!["pre_freeze 1", "rollback 1"]);
+}
