@@ -228,6 +228,15 @@ impl<C: Coordinator> CutoverRunner<C> {
         }
     }
 
+    /// The directory a migration writes to on this target.
+    fn target_dir(&self, w: &pb::CutoverWork) -> Option<PathBuf> {
+        let root = self.target_root.as_ref()?;
+        Some(match w.target_path.as_str() {
+            "" => root.clone(),
+            dir => root.join(dir),
+        })
+    }
+
     /// Where this step's record is kept.
     fn record_path(&self, w: &pb::CutoverWork, step: CutoverStep) -> Result<PathBuf, String> {
         let cluster = self.control.cluster_id();
@@ -267,11 +276,7 @@ impl<C: Coordinator> CutoverRunner<C> {
             _ => "rollback",
         };
         let root = match step {
-            CutoverStep::Switch => self
-                .target_root
-                .as_ref()
-                .map(|r| r.join(&w.target_path))
-                .unwrap_or_default(),
+            CutoverStep::Switch => self.target_dir(w).unwrap_or_default(),
             _ => PathBuf::from(&w.source_path),
         };
         let started = Instant::now();
@@ -334,11 +339,7 @@ impl<C: Coordinator> CutoverRunner<C> {
     fn verify(&self, w: &pb::CutoverWork) -> Result<Tree, String> {
         match w.step() {
             CutoverStep::VerifyTarget => {
-                let root = self
-                    .target_root
-                    .as_ref()
-                    .ok_or("this agent has no target root")?
-                    .join(&w.target_path);
+                let root = self.target_dir(w).ok_or("this agent has no target root")?;
                 tree_digest(&root, &Excludes::new(&[]).expect("no patterns"), None)
             }
             _ => {

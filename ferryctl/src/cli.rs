@@ -39,9 +39,15 @@ struct Cli {
         default_value = "/etc/ferry/pki"
     )]
     pki_dir: PathBuf,
-    /// Admin identity (certificate admin-<name>.pem).
-    #[arg(long, global = true, env = "FERRY_ADMIN", default_value = "admin")]
-    name: String,
+    /// Admin identity (certificate admin-<NAME>.pem). Not `--name`, which names migrations.
+    #[arg(
+        long = "admin",
+        value_name = "NAME",
+        global = true,
+        env = "FERRY_ADMIN",
+        default_value = "admin"
+    )]
+    admin: String,
     /// Output format of read commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -262,12 +268,12 @@ pub async fn main() -> ExitCode {
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Ctl> {
-    let paths = TlsPaths::in_dir(&cli.pki_dir, &format!("admin-{}", cli.name));
+    let paths = TlsPaths::in_dir(&cli.pki_dir, &format!("admin-{}", cli.admin));
     let tls = TlsMaterial::load(&paths).with_context(|| {
         format!(
             "cannot load admin certificate; issue one with `ferry-coordinator pki issue --dir {} --admin {}`",
             cli.pki_dir.display(),
-            cli.name
+            cli.admin
         )
     })?;
     Ok(Ctl::connect(&cli.coordinator, &tls).await?)
@@ -746,4 +752,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migrations_name_is_not_the_admin_identity() {
+        // `--name` of `migration create` once set the global admin identity too, so the
+        // create looked for the certificate admin-<migration name>.pem.
+        let cli = Cli::try_parse_from([
+            "ferryctl",
+            "migration",
+            "create",
+            "--name",
+            "app",
+            "--source",
+            "src:/data",
+            "--target",
+            "dst",
+        ])
+        .unwrap();
+        assert_eq!(cli.admin, "admin");
+        match cli.cmd {
+            Cmd::Migration(MigrationCmd::Create { name, .. }) => {
+                assert_eq!(name.as_deref(), Some("app"))
+            }
+            _ => panic!("not a create"),
+        }
+        let cli = Cli::try_parse_from(["ferryctl", "--admin", "ops", "cluster", "status"]).unwrap();
+        assert_eq!(cli.admin, "ops");
+    }
 }

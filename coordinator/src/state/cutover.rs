@@ -202,8 +202,10 @@ impl Cutover {
 }
 
 impl State {
-    /// An operator starts a cutover: allowed once the last round is done (everything
-    /// verified), and not while another runs or after one switched.
+    /// An operator starts a cutover: allowed once the source was scanned, not while another
+    /// cutover runs or after one switched. A round that runs meanwhile (a hot file keeps a
+    /// live source from converging) goes on, and the final round follows it once the source is
+    /// frozen.
     pub(super) fn start_cutover(&mut self, mid: u64, now_ms: u64) -> Response {
         let Some(m) = self.migrations.get_mut(&mid) else {
             return refused(format!("migration {mid} does not exist"));
@@ -227,13 +229,9 @@ impl State {
             Some(c) => c.attempt.saturating_add(1),
             None => 1,
         };
-        if m.phase != Phase::Done {
+        if m.phase == Phase::Planned {
             return refused(format!(
-                "migration {} is {} in round {}: a cutover starts from a round that ended with \
-                 everything verified — run `ferryctl migration sync {}` until it does",
-                m.name,
-                m.phase.as_str(),
-                m.round().number,
+                "migration {} has not been scanned yet: there is nothing to cut over to",
                 m.name
             ));
         }
@@ -330,9 +328,13 @@ impl State {
                 c.frozen_ms = now_ms;
                 c.phase = CutoverPhase::FinalSync;
                 c.runs.push(run);
-                m.next_round(now_ms);
-                let final_round = m.round().number;
-                m.cutover.as_mut().expect("checked above").final_round = final_round;
+                // The final round starts now, or when the round that runs ends (its scan may
+                // predate the freeze).
+                if m.phase.finished() {
+                    m.next_round(now_ms);
+                    let final_round = m.round().number;
+                    m.cutover.as_mut().expect("checked above").final_round = final_round;
+                }
             }
             Step::Switch if run.exit_code == 0 => {
                 c.switched_ms = now_ms;
@@ -424,6 +426,13 @@ impl Migration {
             }
         }
         true
+    }
+
+    /// Whether the source was frozen while a round ran: the final round waits for it to end.
+    pub(super) fn frozen_awaiting_final_round(&self) -> bool {
+        self.cutover
+            .as_ref()
+            .is_some_and(|c| c.phase == CutoverPhase::FinalSync && c.final_round == 0)
     }
 
     /// Whether a cutover runs (started, not ended): no sync round may start meanwhile.

@@ -490,7 +490,15 @@ impl State {
             Phase::Done
         };
         m.round_mut().end(phase, now_ms);
-        if m.cutover_round_ended(phase) {
+        if m.frozen_awaiting_final_round() {
+            // Frozen while this round ran: the final round follows it, whatever its outcome
+            // (it sends again what this one did not copy).
+            m.next_round(now_ms);
+            let number = m.round().number;
+            if let Some(c) = m.cutover.as_mut() {
+                c.final_round = number;
+            }
+        } else if m.cutover_round_ended(phase) {
             // The final round of a cutover is followed by no other: the cutover verifies or
             // rolls back.
             m.phase = if phase == Phase::Syncing {

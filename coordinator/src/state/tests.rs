@@ -1787,16 +1787,26 @@ impl World {
 #[test]
 fn a_cutover_freezes_syncs_verifies_and_switches_each_step_once() {
     let mut w = World::new();
+    let Response::MigrationCreated(planned) = w.apply(Command::CreateMigration {
+        name: unique_name(),
+        idempotency_key: String::new(),
+        spec: spec("/data", 100),
+        uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
+        now_ms: 1,
+    }) else {
+        panic!("not created")
+    };
+    assert!(
+        matches!(w.apply(Command::StartCutover { migration_id: planned, now_ms: 2 }), Response::Refused(why) if why.contains("not been scanned")),
+        "nothing to cut over to before a scan"
+    );
     let mid = w.migration(&[(0, 10, 1)]);
     let start = |now_ms| Command::StartCutover {
         migration_id: mid,
         now_ms,
     };
-    assert!(
-        matches!(w.apply(start(2)), Response::Refused(why) if why.contains("sync")),
-        "not before a round is done"
-    );
-    w.verify_all(3);
+    // Started while round 0 still runs: the freeze comes first, the final round after round 0.
     assert_eq!(w.apply(start(10)), Response::Ok);
     assert!(
         matches!(w.apply(start(10)), Response::Refused(_)),
@@ -1804,10 +1814,6 @@ fn a_cutover_freezes_syncs_verifies_and_switches_each_step_once() {
     );
     assert_eq!(w.cutover(mid).phase, CutoverPhase::Freezing);
     assert_eq!(w.cutover(mid).pending_steps(), vec![Step::PreFreeze]);
-    assert!(
-        matches!(w.sync(mid, 11), Response::Refused(_)),
-        "no round of its own"
-    );
     // Only the source freezes, and only once.
     let wrong = w.apply(Command::CutoverStep {
         agent: "dst".into(),
@@ -1829,9 +1835,18 @@ fn a_cutover_freezes_syncs_verifies_and_switches_each_step_once() {
     let c = w.cutover(mid);
     assert_eq!(
         (c.phase, c.frozen_ms, c.final_round, c.runs.len()),
-        (CutoverPhase::FinalSync, 20, 1, 1)
+        (CutoverPhase::FinalSync, 20, 0, 1)
     );
-    assert_eq!(w.s.migrations[&mid].phase, Phase::Syncing);
+    assert!(
+        matches!(w.sync(mid, 21), Response::Refused(_)),
+        "no round of its own"
+    );
+    w.verify_all(22);
+    let m = &w.s.migrations[&mid];
+    assert_eq!(
+        (m.phase, m.round().number, w.cutover(mid).final_round),
+        (Phase::Syncing, 1, 1)
+    );
     // The final round: one changed file.
     w.round_scan(mid, &[(1, 5, 1)], 0, 22);
     w.verify_all(23);

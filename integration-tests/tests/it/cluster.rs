@@ -258,7 +258,7 @@ async fn membership_mistakes_fail_cleanly_and_change_nothing() {
     let mut add = Command::new(ferryctl_bin())
         .args(["--coordinator", &addrs[0], "--pki-dir"])
         .arg(env.pki())
-        .args(["--name", "ops", "cluster", "add-node", "--id", "4"])
+        .args(["--admin", "ops", "cluster", "add-node", "--id", "4"])
         .args(["--addr", &dead, "--timeout", "3600"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

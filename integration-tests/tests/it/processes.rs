@@ -16,7 +16,7 @@ pub fn ferryctl(env: &TestEnv, addr: &str, args: &[&str]) -> Output {
     Command::new(ferryctl_bin())
         .args(["--coordinator", addr, "--pki-dir"])
         .arg(env.pki())
-        .args(["--name", "ops"])
+        .args(["--admin", "ops"])
         .args(args)
         .output()
         .expect("run ferryctl")
