@@ -815,8 +815,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             .ok_or_else(|| Failure::later(format!("source root of migration {mid} unknown")))?;
         let scanned =
             block_in_place(|| manifest.read(sid)).map_err(|e| Failure::counted(e.to_string()))?;
-        let (mut entries, expect, vanished) = block_in_place(|| current_entries(&root, scanned));
+        let (mut entries, mut expect, vanished) =
+            block_in_place(|| current_entries(&root, scanned));
         block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::from)?;
+        let prefetched = block_in_place(|| prefetch(&root, &mut entries, &mut expect));
         if self
             .with_xattrs
             .lock()
@@ -844,10 +846,24 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             frame::write(&mut send, &header).await?;
             let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; BUF];
-            for (e, expect) in entries.iter().zip(&expect) {
+            for ((e, expect), data) in entries.iter().zip(&expect).zip(prefetched) {
                 let Some(expect) = expect else { continue };
-                self.stream_piece(mid, &root, e, expect, &mut hasher, &mut buf, &mut send)
-                    .await?;
+                match data {
+                    Some(data) => {
+                        for chunk in data.chunks(BUF) {
+                            hasher.update(chunk);
+                            self.throttles.take(mid, chunk.len() as u64).await;
+                            send.write_all(chunk)
+                                .await
+                                .map_err(|e| SendFail::Stream(FrameError::Write(e)))?;
+                            Stats::add(&self.stats.bytes_sent, chunk.len() as u64);
+                        }
+                    }
+                    None => {
+                        self.stream_piece(mid, &root, e, expect, &mut hasher, &mut buf, &mut send)
+                            .await?
+                    }
+                }
             }
             let hash = *hasher.finalize().as_bytes();
             frame::write(
@@ -1141,6 +1157,72 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
     (entries, expect, vanished)
 }
 
+/// Whole files at most this large are read into memory when their segment starts, each between
+/// two `fstat`s: a small file a live application keeps writing (a log, a counter) is caught in
+/// a consistent state, instead of changing between the segment's header and its turn in the
+/// stream (which fails the whole segment).
+const PREFETCH_MAX: u64 = 1024 * 1024;
+/// Most bytes prefetched for one segment (a bundle holds at most `BUNDLE_BYTES` as scanned;
+/// files may have grown since).
+const PREFETCH_PER_SEGMENT: u64 = 2 * crate::segment::BUNDLE_BYTES;
+/// Reads of one file that changes while it is read before it is left to be streamed (and
+/// probably fail the segment, to be retried).
+const PREFETCH_TRIES: u32 = 3;
+
+/// Reads the small whole files of a segment into memory (see [`PREFETCH_MAX`]); each entry
+/// and its expected identity are updated to the version read. `None` for an entry streamed from
+/// the file as before (pieces, sparse or large files, files that cannot be read or keep
+/// changing: streaming reports their error).
+fn prefetch(
+    root: &Path,
+    entries: &mut [Entry],
+    expect: &mut [Option<FileId>],
+) -> Vec<Option<Vec<u8>>> {
+    let mut budget = PREFETCH_PER_SEGMENT;
+    let mut out = Vec::with_capacity(entries.len());
+    for (e, x) in entries.iter_mut().zip(expect.iter_mut()) {
+        let small = x.is_some_and(|x| !x.may_be_sparse && x.size <= PREFETCH_MAX.min(budget));
+        if e.chunk_count > 1 || e.data_runs.is_some() || !small {
+            out.push(None);
+            continue;
+        }
+        let path = root.join(&e.path);
+        let read = (0..PREFETCH_TRIES).find_map(|_| {
+            let mut f = File::open(&path).ok()?;
+            let before = f.metadata().ok()?;
+            if !before.is_file() || before.len() > PREFETCH_MAX.min(budget) {
+                return None;
+            }
+            let mut data = Vec::with_capacity(before.len() as usize);
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(&mut f, PREFETCH_MAX + 1),
+                &mut data,
+            )
+            .ok()?;
+            let after = f.metadata().ok()?;
+            let id = FileId::of(&before);
+            (id.matches(&after) && data.len() as u64 == before.len()).then_some((data, after))
+        });
+        match read {
+            Some((data, m)) => {
+                budget -= data.len() as u64;
+                e.file_size = m.len();
+                e.len = m.len();
+                e.mode = m.mode() & 0o7777;
+                e.mtime_sec = m.mtime();
+                e.mtime_nsec = m.mtime_nsec() as u32;
+                e.inode = m.ino();
+                e.uid = m.uid();
+                e.gid = m.gid();
+                *x = Some(FileId::of(&m));
+                out.push(Some(data));
+            }
+            None => out.push(None),
+        }
+    }
+    out
+}
+
 /// Finds the data runs of every sparse file piece about to be sent (`expect` is `Some` for the
 /// entries whose bytes are read). The identity checks around the read catch a file that changes
 /// after this.
@@ -1222,6 +1304,27 @@ mod tests {
         assert!(expect[0].is_some() && expect[1].is_none());
         assert_eq!(vanished.len(), 1);
         assert_eq!(vanished[0].0, "gone");
+    }
+
+    #[test]
+    fn small_files_are_read_whole_as_they_are_when_their_segment_starts() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("log"), b"line 1\n").unwrap();
+        std::fs::write(d.path().join("big"), vec![1u8; PREFETCH_MAX as usize + 1]).unwrap();
+        let entries = vec![scanned(d.path(), "log"), scanned(d.path(), "big")];
+        let (mut sent, mut expect, _) = current_entries(d.path(), entries);
+        // The application writes after the segment was described.
+        std::fs::write(d.path().join("log"), b"line 1\nline 2\n").unwrap();
+        let data = prefetch(d.path(), &mut sent, &mut expect);
+        assert_eq!(data[0].as_deref(), Some(&b"line 1\nline 2\n"[..]));
+        assert_eq!(
+            (sent[0].len, sent[0].file_size),
+            (14, 14),
+            "described as read"
+        );
+        let now = std::fs::metadata(d.path().join("log")).unwrap();
+        assert!(expect[0].unwrap().matches(&now));
+        assert!(data[1].is_none(), "a large file is streamed");
     }
 
     #[test]
