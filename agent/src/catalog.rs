@@ -124,8 +124,11 @@ pub enum Change {
     /// Nothing: the target has it as it is (it was verified in an earlier round and has not
     /// changed since).
     Same,
-    /// Send it: new, changed, or not verified in the previous round.
+    /// Send it: new, or changed since the previous round.
     Send(Entry),
+    /// Send it whole: the previous round carried it in a segment that was not verified, so
+    /// what the target holds of it is not known.
+    Resend(Entry),
     /// Its kind changed (a file became a directory, ...): remove what the target has at that
     /// name, then send it — in this order, in one segment.
     Replace(Entry),
@@ -215,7 +218,8 @@ impl<I: Iterator<Item = Result<Entry, ManifestError>>> Differ<I> {
                 }
                 Change::Replace(new.clone())
             }
-            Some(old) if old == *new && !dirty => Change::Same,
+            Some(_) if dirty => Change::Resend(new.clone()),
+            Some(old) if old == *new => Change::Same,
             Some(_) => Change::Send(new.clone()),
         })
     }
@@ -349,7 +353,7 @@ mod tests {
         );
         assert_eq!(
             d.entry(&file("a", 1, 1)).unwrap(),
-            Change::Send(file("a", 1, 1))
+            Change::Resend(file("a", 1, 1))
         );
         assert_eq!(d.entry(&file("b", 1, 1)).unwrap(), Change::Same);
         let back = file("back", 1, 1);

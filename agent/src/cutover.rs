@@ -390,7 +390,7 @@ fn tail(s: &str, max: usize) -> String {
 fn check(differ: &mut Differ<CatalogReader>, e: &Entry) -> Result<(), String> {
     match differ.entry(e).map_err(|e| e.to_string())? {
         Change::Same => Ok(()),
-        Change::Send(_) | Change::Replace(_) => Err(format!(
+        Change::Send(_) | Change::Resend(_) | Change::Replace(_) => Err(format!(
             "{} changed after the freeze (it is not as the final round scanned it)",
             display(&e.path)
         )),

@@ -71,6 +71,10 @@ pub struct Entry {
     /// Extended attributes `(name, value)`, when the migration carries them (read at send
     /// time, never kept in the manifest).
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Pieces of a file a sync round sends as a delta: the version the target holds (size,
+    /// mtime), which the new one is built on. `data_runs` are then the changed bytes, and the
+    /// rest of the piece is the old version's.
+    pub delta_base: Option<(u64, i64, u32)>,
 }
 
 impl Entry {
@@ -161,6 +165,7 @@ impl Entry {
             gid: 0,
             data_runs: None,
             xattrs: Vec::new(),
+            delta_base: None,
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::{block_in_place, JoinSet};
 
+use crate::blocks::{self, BlockStore};
 use crate::catalog::{CatalogReader, CatalogWriter, Change, Differ};
 use crate::control::{Assigned, ControlError, Coordinator, Failure};
 use crate::cutover::CutoverRunner;
@@ -213,6 +214,8 @@ pub struct Source<C: Coordinator, D: Dialer> {
     roots: Mutex<HashMap<u64, PathBuf>>,
     /// Migrations that carry extended attributes.
     with_xattrs: Mutex<HashSet<u64>>,
+    /// Block hashes of each migration's large files, and their block size.
+    blocks: Mutex<HashMap<u64, (BlockStore, u64)>>,
     /// Manifests being written or complete, per migration id.
     manifests: Mutex<HashMap<u64, Arc<Manifest>>>,
     /// The agent's and each migration's limits on what is sent.
@@ -249,6 +252,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             stats,
             roots: Mutex::default(),
             with_xattrs: Mutex::default(),
+            blocks: Mutex::default(),
             manifests: Mutex::default(),
             throttles,
             cutover: None,
@@ -425,6 +429,15 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 .lock()
                 .expect("not poisoned")
                 .insert(w.migration_id, PathBuf::from(&w.source_path));
+            if let Ok(dir) = self.migration_dir(w) {
+                self.blocks.lock().expect("not poisoned").insert(
+                    w.migration_id,
+                    (
+                        BlockStore::new(&dir),
+                        blocks::block_size(w.segment_size.max(1)),
+                    ),
+                );
+            }
             if w.xattrs {
                 self.with_xattrs
                     .lock()
@@ -588,6 +601,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             _ => Some(self.previous_round(rt, stop, w, dir)?),
         };
         let first = w.round_first_segment;
+        let store = BlockStore::new(dir);
+        let block_size = blocks::block_size(w.segment_size.max(1));
         let (mut writer, live) = ManifestWriter::create(&rdir.join("manifest"), first)?;
         let mut catalog = CatalogWriter::create(&rdir.join("catalog"))?;
         self.manifests
@@ -641,7 +656,18 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     };
                     match change {
                         Change::Same => {}
-                        Change::Send(e) => plan(e, &mut writer, &mut batch, &mut summary)?,
+                        Change::Resend(e) => plan(e, &mut writer, &mut batch, &mut summary)?,
+                        Change::Send(mut e) => {
+                            // A large file whose blocks were recorded when its version at the
+                            // target was sent: only its changed blocks travel.
+                            if e.kind == EntryKind::File && e.file_size >= w.segment_size.max(1) {
+                                e.delta_base = store
+                                    .version(&e.path)
+                                    .filter(|(_, bs)| *bs == block_size)
+                                    .map(|(v, _)| v);
+                            }
+                            plan(e, &mut writer, &mut batch, &mut summary)?
+                        }
                         Change::Replace(e) => {
                             // In one bundle, in this order: the target removes what it has
                             // there before it writes the new kind.
@@ -819,6 +845,16 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             block_in_place(|| current_entries(&root, scanned));
         block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::from)?;
         let prefetched = block_in_place(|| prefetch(&root, &mut entries, &mut expect));
+        let store = self.blocks.lock().expect("not poisoned").get(&mid).cloned();
+        let block_size = store.as_ref().map_or(0, |(_, bs)| *bs);
+        // Pieces sent as a delta: their blocks are hashed now, and only the changed ones sent.
+        let mut piece_blocks: Vec<Vec<[u8; 32]>> = vec![Vec::new(); entries.len()];
+        if let Some((store, bs)) = &store {
+            block_in_place(|| {
+                plan_deltas(&root, store, *bs, &mut entries, &expect, &mut piece_blocks)
+            })
+            .map_err(Failure::from)?;
+        }
         if self
             .with_xattrs
             .lock()
@@ -846,7 +882,12 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             frame::write(&mut send, &header).await?;
             let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; BUF];
-            for ((e, expect), data) in entries.iter().zip(&expect).zip(prefetched) {
+            for (((e, expect), data), blocks) in entries
+                .iter()
+                .zip(&expect)
+                .zip(prefetched)
+                .zip(piece_blocks.iter_mut())
+            {
                 let Some(expect) = expect else { continue };
                 match data {
                     Some(data) => {
@@ -860,8 +901,21 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         }
                     }
                     None => {
-                        self.stream_piece(mid, &root, e, expect, &mut hasher, &mut buf, &mut send)
-                            .await?
+                        let streamed = self
+                            .stream_piece(
+                                mid,
+                                &root,
+                                e,
+                                expect,
+                                &mut hasher,
+                                &mut buf,
+                                &mut send,
+                                block_size,
+                            )
+                            .await?;
+                        if !streamed.is_empty() {
+                            *blocks = streamed;
+                        }
                     }
                 }
             }
@@ -910,6 +964,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         if !ack.ok {
             return Err(refused(&lease.target_agent, ack));
         }
+        if let Some((store, bs)) = &store {
+            record_blocks(store, *bs, &entries, &piece_blocks);
+        }
         for (path, why) in &vanished {
             // Removed (or re-typed) since the scan: a live source changes, and the next round
             // deletes the name at the target or sends what stands there now.
@@ -930,7 +987,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         hasher: &mut blake3::Hasher,
         buf: &mut [u8],
         send: &mut <D::Conn as Connection>::Send,
-    ) -> Result<(), SendFail> {
+        block_size: u64,
+    ) -> Result<Vec<[u8; 32]>, SendFail> {
         let path = root.join(&e.path);
         let file = block_in_place(|| File::open(&path)).map_err(|source| ReadError::Open {
             path: path.clone(),
@@ -957,6 +1015,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         // A sparse piece sends its data runs only; the holes between them never cross the wire.
         let dense = [(e.offset, e.len)];
         let runs = e.data_runs.as_deref().unwrap_or(&dense);
+        // The block hashes of a dense piece of a split file, for a later round's delta (reads
+        // are at most one block and never straddle two: pieces start at multiples of it).
+        let mut blocks = (e.chunk_count > 1 && e.data_runs.is_none() && block_size > 0)
+            .then(|| (blake3::Hasher::new(), 0u64, Vec::new()));
         for &(start, len) in runs {
             let mut off = start;
             let end = start + len;
@@ -969,6 +1031,15 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     }
                 })?;
                 hasher.update(&buf[..n]);
+                if let Some((h, filled, out)) = &mut blocks {
+                    h.update(&buf[..n]);
+                    *filled += n as u64;
+                    if *filled == block_size || off + n as u64 == end {
+                        out.push(*h.finalize().as_bytes());
+                        *h = blake3::Hasher::new();
+                        *filled = 0;
+                    }
+                }
                 self.throttles.take(mid, n as u64).await;
                 send.write_all(&buf[..n])
                     .await
@@ -977,7 +1048,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 off += n as u64;
             }
         }
-        Ok(unchanged(&file)?)
+        unchanged(&file)?;
+        Ok(blocks.map(|(_, _, out)| out).unwrap_or_default())
     }
 }
 
@@ -1155,6 +1227,95 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
         }
     }
     (entries, expect, vanished)
+}
+
+/// Hashes the blocks of every piece to be sent as a delta and keeps only the changed ones as
+/// its data runs (`hashes` gets all of its blocks' hashes, to be recorded once the target has
+/// the piece). A piece whose record is of another version, or that is sparse, is sent whole.
+fn plan_deltas(
+    root: &Path,
+    store: &BlockStore,
+    block_size: u64,
+    entries: &mut [Entry],
+    expect: &[Option<FileId>],
+    hashes: &mut [Vec<[u8; 32]>],
+) -> Result<(), ReadError> {
+    for ((e, x), out) in entries.iter_mut().zip(expect).zip(hashes.iter_mut()) {
+        let (Some(base), Some(x)) = (e.delta_base, x) else {
+            continue;
+        };
+        // The record is of the base, or already of this new version where other pieces of
+        // this delta were acknowledged (each piece records its own blocks only, so the
+        // blocks of the pieces still to send are still the base's).
+        let new = (e.file_size, e.mtime_sec, e.mtime_nsec);
+        let recorded = store.version(&e.path);
+        if e.chunk_count <= 1
+            || e.data_runs.is_some()
+            || (recorded != Some((base, block_size)) && recorded != Some((new, block_size)))
+        {
+            e.delta_base = None;
+            continue;
+        }
+        let path = root.join(&e.path);
+        let f = File::open(&path).map_err(|source| ReadError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let same = |f: &File| -> Result<(), ReadError> {
+            let m = f.metadata().map_err(|source| ReadError::Stat {
+                path: path.clone(),
+                source,
+            })?;
+            if x.matches(&m) {
+                Ok(())
+            } else {
+                Err(ReadError::SplitChanged { path: path.clone() })
+            }
+        };
+        same(&f)?;
+        let mut buf = vec![0u8; block_size.min(BUF as u64) as usize];
+        let mut now = Vec::new();
+        let end = e.offset + e.len;
+        let mut at = e.offset;
+        while at < end {
+            let block_end = (at + block_size).min(end);
+            let mut h = blake3::Hasher::new();
+            while at < block_end {
+                let n = ((block_end - at) as usize).min(buf.len());
+                f.read_exact_at(&mut buf[..n], at)
+                    .map_err(|source| ReadError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+                h.update(&buf[..n]);
+                at += n as u64;
+            }
+            now.push(*h.finalize().as_bytes());
+        }
+        same(&f)?;
+        let recorded = store.hashes(&e.path, e.offset / block_size, now.len());
+        e.data_runs = Some(blocks::changed_runs(
+            e.offset, e.len, block_size, &now, &recorded,
+        ));
+        *out = now;
+    }
+    Ok(())
+}
+
+/// Records the block hashes of the pieces the target acknowledged. A record that cannot be
+/// written is removed, so that the next round sends the file whole rather than trust it.
+fn record_blocks(store: &BlockStore, block_size: u64, entries: &[Entry], hashes: &[Vec<[u8; 32]>]) {
+    for (e, h) in entries.iter().zip(hashes) {
+        if h.is_empty() || e.chunk_count <= 1 {
+            continue;
+        }
+        let v = (e.file_size, e.mtime_sec, e.mtime_nsec);
+        if let Err(err) = store.record(&e.path, v, block_size, e.offset / block_size, h) {
+            let shown = display(&e.path);
+            tracing::warn!(message = "Cannot record block hashes; the file is sent whole next time.", path = %shown, error = %err);
+            store.forget(&e.path);
+        }
+    }
 }
 
 /// Whole files at most this large are read into memory when their segment starts, each between

@@ -48,6 +48,10 @@ impl From<&Entry> for pb::Entry {
                     value: value.clone(),
                 })
                 .collect(),
+            delta: e.delta_base.is_some(),
+            base_size: e.delta_base.map_or(0, |b| b.0),
+            base_mtime_sec: e.delta_base.map_or(0, |b| b.1),
+            base_mtime_nsec: e.delta_base.map_or(0, |b| b.2),
         }
     }
 }
@@ -106,6 +110,9 @@ impl TryFrom<pb::Entry> for Entry {
             gid: e.gid,
             data_runs,
             xattrs: e.xattrs.into_iter().map(|x| (x.name, x.value)).collect(),
+            delta_base: e
+                .delta
+                .then_some((e.base_size, e.base_mtime_sec, e.base_mtime_nsec)),
         })
     }
 }

@@ -816,3 +816,53 @@ fn deletions_remove_names_trees_and_links_never_what_a_link_points_to() {
     assert!(matches!(err, Err(SinkError::Escape { .. })), "{err:?}");
     assert!(outside.path().join("precious").exists());
 }
+
+#[test]
+fn a_delta_is_built_on_a_copy_of_the_version_in_place_and_refused_on_another() {
+    let f = Fixture::new();
+    let old = data();
+    for i in 0..3 {
+        send_piece(&f.sink, i, &old).unwrap();
+    }
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), old);
+    // The new version: 10 bytes changed in piece 1, and 50 more bytes at the end.
+    let mut new = old.clone();
+    new[120..130].copy_from_slice(&[0xEE; 10]);
+    new.extend_from_slice(&[0xAB; 50]);
+    let delta = |i: u32, runs: Vec<(u64, u64)>, base: (u64, i64, u32)| {
+        let mut e = Entry::file("big.bin", 300, 0o600, (20, 0), 0);
+        e.offset = i as u64 * 100;
+        e.len = 100;
+        e.chunk_index = i;
+        e.chunk_count = 3;
+        e.data_runs = Some(runs);
+        e.delta_base = Some(base);
+        e
+    };
+    let base = (250, 9, 9);
+    let segs = [
+        (delta(0, vec![], base), Vec::new()),
+        (delta(1, vec![(120, 10)], base), new[120..130].to_vec()),
+        (delta(2, vec![(250, 50)], base), new[250..300].to_vec()),
+    ];
+    // Against another version than the one in place: refused, nothing changes.
+    let (wrong, bytes) = &segs[1];
+    let wrong = Entry {
+        delta_base: Some((250, 8, 0)),
+        ..wrong.clone()
+    };
+    let err = write_segment(&f.sink, 20, &[(wrong, bytes)]).unwrap_err();
+    assert!(err.to_string().contains("changed at the target"), "{err}");
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), old);
+    for (i, (e, bytes)) in segs.iter().enumerate() {
+        assert_eq!(
+            fs::read(f.path("big.bin")).unwrap(),
+            old,
+            "not before the last piece"
+        );
+        write_segment(&f.sink, 30 + i as u64, &[(e.clone(), bytes)]).unwrap();
+    }
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), new);
+    let m = fs::metadata(f.path("big.bin")).unwrap();
+    assert_eq!((m.mtime(), m.len()), (20, 300));
+}

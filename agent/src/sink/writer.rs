@@ -363,8 +363,15 @@ impl SegmentWriter<'_> {
                 part,
             }),
             _ => {
-                // First piece of this version of the file: start a fresh part.
+                // First piece of this version of the file: start a fresh part — for a delta,
+                // a copy of the version in place, which must be the one the delta is against.
                 let f = create_private(&part)?;
+                if let Some(base) = e.delta_base {
+                    if let Err(err) = copy_base(dest, base, &f, e.file_size) {
+                        let _ = fs::remove_file(&part);
+                        return Err(err);
+                    }
+                }
                 let ino = f.metadata().map_err(io_at("cannot stat", &part))?.ino();
                 let st = PartState {
                     file_size: e.file_size,
@@ -466,8 +473,14 @@ impl SegmentWriter<'_> {
                 self.pending.add(open.file, &open.path)?;
             }
             Mode::Part => {
-                // The part may hold bytes of an earlier attempt where this piece has holes.
-                for (start, len) in gaps(e, &open.runs) {
+                // The part may hold bytes of an earlier attempt where this piece has holes (a
+                // delta's gaps are the old version's bytes, and stay).
+                let holes = if e.delta_base.is_some() {
+                    Vec::new()
+                } else {
+                    gaps(e, &open.runs)
+                };
+                for (start, len) in holes {
                     crate::holes::make_hole(&open.file, start, len)
                         .map_err(io_at("cannot punch a hole in", &open.path))?;
                 }
@@ -483,9 +496,15 @@ impl SegmentWriter<'_> {
                 });
             }
             Mode::Compare => {
-                // The finished file must read as zeros where the resent piece has holes.
+                // The finished file must read as zeros where the resent piece has holes (a
+                // delta's gaps are the old version's bytes, which its hash does not cover).
                 let zeros = vec![0u8; 1 << 16];
-                for (start, len) in gaps(e, &open.runs) {
+                let holes = if e.delta_base.is_some() {
+                    Vec::new()
+                } else {
+                    gaps(e, &open.runs)
+                };
+                for (start, len) in holes {
                     let mut at = start;
                     while at < start + len {
                         let n = (start + len - at).min(zeros.len() as u64) as usize;
@@ -579,4 +598,42 @@ impl Drop for SegmentWriter<'_> {
             }
         }
     }
+}
+
+/// Fills a new part with the version of `dest` a delta is against (`base`: size and mtime),
+/// sized to the new version: the kernel copies it (`copy_file_range`, a reflink where the file
+/// system shares blocks). Refused when the file in place is not that version: someone changed
+/// the target's copy, and the next round sends the file whole.
+fn copy_base(
+    dest: &Path,
+    base: (u64, i64, u32),
+    part: &File,
+    new_size: u64,
+) -> Result<(), SinkError> {
+    let mut from =
+        open_read_nofollow(dest).map_err(io_at("cannot open the version in place", dest))?;
+    let m = from
+        .metadata()
+        .map_err(io_at("cannot stat the version in place", dest))?;
+    if !m.is_file() || (m.len(), m.mtime(), m.mtime_nsec() as u32) != base {
+        return Err(SinkError::BadEntry {
+            path: dest.display().to_string(),
+            reason: format!(
+                "a delta against the version of {} bytes, mtime {}.{:09}, but the file here is \
+                 another ({} bytes, mtime {}.{:09}); was it changed at the target? The segment \
+                 fails and the next round sends the file whole",
+                base.0,
+                base.1,
+                base.2,
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec()
+            ),
+        });
+    }
+    let mut to = part;
+    std::io::copy(&mut from, &mut to)
+        .map_err(io_at("cannot copy the version in place of", dest))?;
+    part.set_len(new_size)
+        .map_err(io_at("cannot size the new version of", dest))
 }

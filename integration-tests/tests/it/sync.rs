@@ -198,3 +198,76 @@ async fn a_round_that_would_delete_more_than_the_cap_deletes_nothing() {
         "nothing was deleted at the target"
     );
 }
+
+/// A large file changed in a few places: the next round sends the changed blocks only (hashes
+/// recorded when the file was sent), and the target builds the new version on a copy of the
+/// old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scattered_change_in_a_large_file_sends_only_the_changed_blocks() {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let src = env.path("src");
+    const MIB: u64 = 1 << 20;
+    let size = 128 * MIB;
+    let mut data = vec![0u8; size as usize];
+    let mut rng = blake3::Hasher::new_derive_key("ferry delta test").finalize_xof();
+    rng.fill(&mut data);
+    write(&src.join("model.ckpt"), &data);
+    write(&src.join("small"), b"small file");
+    let root = env.path("dst");
+    let _target = env.agent("target", &coord, Some(root.clone())).await;
+    let source = env.agent("source", &coord, None).await;
+    let sent = || {
+        source
+            .stats
+            .bytes_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let ctl = env.ctl(&coord).await;
+    let spec = ferry_proto::admin::MigrationSpec {
+        segment_size: 8 * MIB,
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    finished(&ctl, id, FINISH, &String::new).await;
+    assert_same_tree(&src, &root);
+
+    // 1 % of the file: one block rewritten, one changed by a few bytes, in two pieces.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("model.ckpt"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&vec![7u8; MIB as usize], 37 * MIB).unwrap();
+    f.write_all_at(b"tweak", 100 * MIB + 12_345).unwrap();
+    drop(f);
+    let before = sent();
+    ctl.sync(id).await.unwrap();
+    finished(&ctl, id, FINISH, &String::new).await;
+    assert_same_tree(&src, &root);
+    let delta = sent() - before;
+    assert!(
+        delta <= size / 50,
+        "round 1 sent {delta} bytes of a {size}-byte file with 2 changed blocks"
+    );
+    assert!(
+        delta >= 2 * MIB,
+        "the two changed blocks were sent: {delta}"
+    );
+
+    // It grows by 3 MiB and one more block changes: the new tail and that block.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(src.join("model.ckpt"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &vec![9u8; 3 * MIB as usize]).unwrap();
+    f.write_all_at(&[1, 2, 3], 5 * MIB).unwrap();
+    drop(f);
+    let before = sent();
+    ctl.sync(id).await.unwrap();
+    finished(&ctl, id, FINISH, &String::new).await;
+    assert_same_tree(&src, &root);
+    let delta = sent() - before;
+    assert!(delta <= 5 * MIB, "round 2 sent {delta} bytes");
+}
