@@ -689,7 +689,29 @@ pub fn round_lines(p: &pb::MigrationProgress, now_ms: u64) -> Vec<String> {
             note.join("; ")
         ));
     }
+    if let Some(est) = freeze_estimate(p) {
+        out.push(est);
+    }
     out
+}
+
+/// What the last finished sync round says about a cutover's freeze: its final round would take
+/// about as long, if the source changes at the same pace; the full verification then reads
+/// both trees on top of it.
+fn freeze_estimate(p: &pb::MigrationProgress) -> Option<String> {
+    let last = p
+        .rounds
+        .iter()
+        .rev()
+        .find(|r| r.number > 0 && r.finished_ms > 0)?;
+    let took = last.finished_ms.saturating_sub(last.started_ms) as f64 / 1000.0;
+    Some(format!(
+        "lag: round {} sent {} files, {} in {took:.1}s — a cutover now would freeze writes for \
+         about that long, plus a full read of both trees",
+        last.number,
+        last.files,
+        human_bytes(last.bytes),
+    ))
 }
 
 /// The lines of a cutover: its phase, the freeze window, each step an agent did, and why it

@@ -112,14 +112,58 @@ pub fn start_ferry(
 /// One ferry migration of the source into `<work>/dst/<name>` (where the other tools write); returns once it is done, with the
 /// number of segments that were leased more than once.
 pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u64), String> {
+    ferry_copy_from(ctx, admin, &ctx.src, name).map(|(p, resent, _)| (p, resent))
+}
+
+/// Starts a sync round of migration `id` and waits until it is done; returns its seconds (from
+/// the request to the round's end, as the operator waits for it).
+pub fn ferry_sync(ctx: &Ctx, admin: &TlsMaterial, id: u64) -> Result<f64, String> {
+    let addr = format!("{}:{COORD_PORT}", ctx.wan.addr_b);
+    let (admin, timeout) = (admin.clone(), ctx.timeout);
+    wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<f64, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let ctl = ferryctl::ctl::Ctl::connect(&addr, &admin)
+                .await
+                .map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            let round = ctl.sync(id).await.map_err(|e| e.to_string())?;
+            loop {
+                let p = ctl.status(id).await.map_err(|e| e.to_string())?;
+                if p.round == round && p.phase() == Phase::Done {
+                    return Ok(t.elapsed().as_secs_f64());
+                }
+                if p.phase() == Phase::Failed {
+                    return Err(format!("round {round} failed: {}", p.last_error));
+                }
+                if t.elapsed() > timeout {
+                    return Err(format!("round {round} not done after {timeout:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// [`ferry_copy`] of `src`; also returns the migration's id.
+pub fn ferry_copy_from(
+    ctx: &Ctx,
+    admin: &TlsMaterial,
+    src: &std::path::Path,
+    name: &str,
+) -> Result<(PathBuf, u64, u64), String> {
     let addr = format!("{}:{COORD_PORT}", ctx.wan.addr_b);
     let (admin, src, tp, timeout) = (
         admin.clone(),
-        ctx.src.display().to_string(),
+        src.display().to_string(),
         name.to_string(),
         ctx.timeout,
     );
-    let resent = wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<u64, String> {
+    let (resent, id) = wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<(u64, u64), String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -146,7 +190,7 @@ pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf
             loop {
                 let p = ctl.status(id).await.map_err(|e| e.to_string())?;
                 if p.phase() == Phase::Done {
-                    return Ok(p.leases_granted.saturating_sub(p.segments_total));
+                    return Ok((p.leases_granted.saturating_sub(p.segments_total), id));
                 }
                 if !p.last_error.is_empty() && p.failed_attempts > 50 {
                     return Err(format!("migration {id} keeps failing: {}", p.last_error));
@@ -159,5 +203,5 @@ pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf
         })
     })
     .map_err(|e| e.to_string())??;
-    Ok((ctx.work.join("dst").join(name), resent))
+    Ok((ctx.work.join("dst").join(name), resent, id))
 }

@@ -51,8 +51,8 @@ struct Args {
     /// Seed of the data set and of the emulator's random draws.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Also time a re-sync after changing 1 % of the data (rsync, rclone; ferry has no sync
-    /// rounds yet and is reported as such).
+    /// Also time a re-sync after changing 1 % of the data, and a re-run with nothing changed
+    /// (ferry: a sync round of the same migration; rsync, rclone: the same command again).
     #[arg(long)]
     incremental: bool,
     /// Working directory (data sets are kept there and reused); default /var/tmp/ferry-wan-bench.

@@ -15,7 +15,7 @@ use crate::harness::{
 use crate::processes::ferryctl;
 
 /// Waits until some node in `addrs` answers with a leader, optionally one other than `not`.
-async fn leader(env: &TestEnv, addrs: &[String], not: Option<u64>) -> (Ctl, u64) {
+pub(crate) async fn leader(env: &TestEnv, addrs: &[String], not: Option<u64>) -> (Ctl, u64) {
     wait_for("a leader", Duration::from_secs(60), || async {
         for a in addrs {
             let Some(ctl) = env.ctl_try(a).await else {
@@ -33,7 +33,7 @@ async fn leader(env: &TestEnv, addrs: &[String], not: Option<u64>) -> (Ctl, u64)
 }
 
 /// Starts node 1 (bootstrap) and nodes 2..=n, and adds them with `add-node`.
-async fn form(env: &TestEnv, n: u64) -> (Vec<CoordinatorProcess>, Vec<String>, Ctl) {
+pub(crate) async fn form(env: &TestEnv, n: u64) -> (Vec<CoordinatorProcess>, Vec<String>, Ctl) {
     let nodes: Vec<CoordinatorProcess> = (1..=n)
         .map(|id| CoordinatorProcess::start_node(env, id, id == 1).unwrap())
         .collect();

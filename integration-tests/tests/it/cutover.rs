@@ -254,3 +254,62 @@ async fn a_file_written_after_the_freeze_refuses_the_switch_and_rolls_back() {
     );
     assert_eq!(hook_runs(&r.log), vec!["pre_freeze 1", "rollback 1"]);
 }
+
+/// The coordinator leader dies (SIGKILL) while both agents read their trees for the full
+/// verification: a new leader takes the agents' reports, and the cutover switches, each hook
+/// having run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_during_the_verification_the_cutover_still_switches_each_hook_once() {
+    let env = TestEnv::new();
+    let (mut nodes, addrs, ctl) = crate::cluster::form(&env, 3).await;
+    let all = addrs.join(",");
+    let src = env.path("src");
+    make_files(&src, 40, 4096);
+    // Enough bytes that reading both trees takes a while to catch.
+    let mut big = vec![0u8; 384 << 20];
+    blake3::Hasher::new_derive_key("ferry cutover test")
+        .finalize_xof()
+        .fill(&mut big);
+    std::fs::write(src.join("model.bin"), &big).unwrap();
+    drop(big);
+    let root = env.path("dst");
+    let log = env.path("hooks.log");
+    let (source_hooks, target_hooks) = counting(&log, "", 0);
+    let mut t = env.agent_config("target", &all, Some(root.clone()));
+    t.hooks = target_hooks;
+    let mut s = env.agent_config("source", &all, None);
+    s.hooks = source_hooks;
+    let _target = ferry_agent::run::start(t).await.unwrap();
+    let _source = ferry_agent::run::start(s).await.unwrap();
+    let id = ctl.create(migration_spec(&src, "")).await.unwrap();
+    finished(&ctl, id, LIMIT, &String::new).await;
+
+    ctl.cutover(id, false).await.unwrap();
+    let mut seen = CutoverPhase::Freezing;
+    for _ in 0..12_000 {
+        let p = ctl.status(id).await.unwrap();
+        seen = cutover(&p).phase();
+        if !matches!(seen, CutoverPhase::Freezing | CutoverPhase::FinalSync) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen, CutoverPhase::Verifying, "caught it verifying");
+    let leader_id = ctl.cluster_status().await.unwrap().leader_id;
+    nodes[leader_id as usize - 1].kill9();
+
+    let others: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u64 + 1 != leader_id)
+        .map(|(_, a)| a.clone())
+        .collect();
+    let (ctl, new_leader) = crate::cluster::leader(&env, &others, Some(leader_id)).await;
+    assert_ne!(new_leader, leader_id);
+    let p = ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Done, "{c:#?}");
+    assert_same_tree(&src, &root);
+    assert_eq!(hook_runs(&log), vec!["pre_freeze 1", "switch 1"]);
+    assert_eq!(c.runs.len(), 4, "each step recorded once: {:?}", c.runs);
+}
