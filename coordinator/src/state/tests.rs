@@ -1524,12 +1524,27 @@ fn throttles_are_kept_canonical_and_refused_when_unreadable_or_pointless() {
         Response::Refused(_)
     ));
 
-    // A finished migration has nothing left to throttle.
+    // Between rounds the throttle is kept for the next round; once cut over, there is
+    // nothing left to throttle.
     let done = w.migration(&[]);
     assert!(w.s.migrations[&done].phase.finished());
+    assert_eq!(
+        set(&mut w, ThrottleScope::Migration(done), "1mbit"),
+        Response::Ok
+    );
+    w.apply(Command::StartCutover {
+        migration_id: done,
+        now_ms: 5,
+    });
+    w.step(done, 1, step_run(Step::PreFreeze, 0, None), 6);
+    w.round_scan(done, &[], 0, 7);
+    w.step(done, 1, step_run(Step::VerifySource, 0, tree(1)), 8);
+    w.step(done, 1, step_run(Step::VerifyTarget, 0, tree(1)), 9);
+    w.step(done, 1, step_run(Step::Switch, 0, None), 10);
+    assert_eq!(w.cutover(done).phase, CutoverPhase::Done);
     assert!(matches!(
         set(&mut w, ThrottleScope::Migration(done), "1mbit"),
-        Response::Refused(_)
+        Response::Refused(why) if why.contains("cut over")
     ));
 }
 

@@ -17,11 +17,18 @@ impl State {
         match scope {
             ThrottleScope::Migration(id) => match self.migrations.get_mut(&id) {
                 None => refused(format!("migration {id} does not exist")),
-                Some(m) if m.phase.finished() => refused(format!(
-                    "migration {} has ended ({}): there is nothing left to throttle",
-                    m.name,
-                    m.phase.as_str()
-                )),
+                // Between rounds the throttle is kept for the next one; once cut over, nothing
+                // is sent again.
+                Some(m)
+                    if m.cutover
+                        .as_ref()
+                        .is_some_and(|c| c.phase == CutoverPhase::Done) =>
+                {
+                    refused(format!(
+                        "migration {} was cut over: there is nothing left to throttle",
+                        m.name
+                    ))
+                }
                 Some(m) => {
                     m.throttle = canonical;
                     self.dirty.migrations.insert(id);

@@ -313,3 +313,75 @@ async fn the_leader_killed_during_the_verification_the_cutover_still_switches_ea
     assert_eq!(hook_runs(&log), vec!["pre_freeze 1", "switch 1"]);
     assert_eq!(c.runs.len(), 4, "each step recorded once: {:?}", c.runs);
 }
+
+/// The target agent's process is killed (SIGKILL) in the middle of the final round, and
+/// started again: the round resumes, the cutover verifies and switches, each hook once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_killed_during_the_final_round_the_cutover_still_switches_each_hook_once() {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let src = env.path("src");
+    make_files(&src, 40, 4096);
+    let mut data = vec![0u8; 24 << 20];
+    blake3::Hasher::new_derive_key("ferry final round")
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(src.join("state.db"), &data).unwrap();
+    let root = env.path("dst");
+    let log = env.path("hooks.log");
+    let (source_hooks, _) = counting(&log, "", 0);
+    let target_hooks = format!(
+        "[hooks]\nswitch = \"echo switch $FERRY_CUTOVER_ATTEMPT >> {}\"\n",
+        log.display()
+    );
+    let spawn_target =
+        || crate::processes::spawn_agent_with(&env, "target", &coord, Some(&root), &target_hooks);
+    let mut target = spawn_target();
+    let mut s = env.agent_config("source", &coord, None);
+    s.hooks = source_hooks;
+    let _source = ferry_agent::run::start(s).await.unwrap();
+    let ctl = env.ctl(&coord).await;
+    let id = ctl
+        .create_named("db", migration_spec(&src, ""))
+        .await
+        .unwrap();
+    finished(&ctl, id, LIMIT, &String::new).await;
+
+    // The database is rewritten whole before the freeze, and the final round is slowed down
+    // so that it is still sending when the target dies.
+    for b in data.iter_mut() {
+        *b = b.wrapping_add(1);
+    }
+    std::fs::write(src.join("state.db"), &data).unwrap();
+    ctl.set_throttle("db", "", "16mbit").await.unwrap();
+    ctl.cutover(id, false).await.unwrap();
+    crate::harness::wait_for("the final round to send", LIMIT, || async {
+        let p = ctl.status(id).await.ok()?;
+        let c = p.cutover.as_ref()?;
+        let sending = c.phase() == CutoverPhase::FinalSync
+            && p.round == c.final_round
+            && p.scan_complete
+            && p.segments_leased > 0;
+        sending.then_some(())
+    })
+    .await;
+    target.kill().unwrap();
+    let _ = target.wait();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = ctl.status(id).await.unwrap();
+    assert_eq!(
+        cutover(&p).phase(),
+        CutoverPhase::FinalSync,
+        "killed in the final round"
+    );
+    let mut target = spawn_target();
+    ctl.set_throttle("db", "", "off").await.unwrap();
+    let p = ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Done, "{c:#?}");
+    assert_same_tree(&src, &root);
+    assert_eq!(hook_runs(&log), vec!["pre_freeze 1", "switch 1"]);
+    let _ = target.kill();
+    let _ = target.wait();
+}

@@ -35,6 +35,17 @@ fn json(out: &Output) -> serde_json::Value {
 /// Starts `ferry-agent` as a process (config and log in the test directory); `root` makes it a
 /// target.
 pub fn spawn_agent(env: &TestEnv, name: &str, coord: &str, root: Option<&Path>) -> Child {
+    spawn_agent_with(env, name, coord, root, "")
+}
+
+/// [`spawn_agent`] with `extra` appended to its config (a `[hooks]` section, say).
+pub fn spawn_agent_with(
+    env: &TestEnv,
+    name: &str,
+    coord: &str,
+    root: Option<&Path>,
+    extra: &str,
+) -> Child {
     let tls = env.issue(Identity::Agent(name.into()));
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\n",
@@ -52,6 +63,7 @@ pub fn spawn_agent(env: &TestEnv, name: &str, coord: &str, root: Option<&Path>) 
         tls.cert.display(),
         tls.key.display()
     ));
+    cfg.push_str(extra);
     let path = env.path(&format!("agent-{name}.toml"));
     std::fs::write(&path, cfg).unwrap();
     let log = std::fs::File::create(env.path(&format!("agent-{name}.log"))).unwrap();
