@@ -24,6 +24,7 @@ use backon::Retryable;
 use ferry_common::exclude::Excludes;
 use ferry_common::path::display;
 use ferry_common::retry;
+use ferry_common::text::tail;
 use ferry_proto::control::{self as pb, CutoverStep};
 use serde::{Deserialize, Serialize};
 
@@ -308,7 +309,10 @@ impl<C: Coordinator> CutoverRunner<C> {
                     Ok(Ok(out)) => {
                         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
                         text.push_str(&String::from_utf8_lossy(&out.stderr));
-                        (out.status.code().unwrap_or(-1), tail(&text, OUTPUT_TAIL))
+                        (
+                            out.status.code().unwrap_or(-1),
+                            tail(&text, OUTPUT_TAIL).to_string(),
+                        )
                     }
                     Ok(Err(e)) => (-1, format!("cannot run `sh -c {cmd}`: {e}")),
                     Err(_) => (
@@ -371,18 +375,6 @@ fn write_record(path: &Path, o: &Outcome) -> Result<(), String> {
         std::fs::File::open(dir)?.sync_all()
     };
     write().map_err(|e| format!("cannot record the hook's result in {}: {e}", path.display()))
-}
-
-/// The last `max` bytes of `s` (on a character boundary).
-fn tail(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    s[start..].to_string()
 }
 
 /// Why a walk of the tree does not match the final round's catalog (a name changed, appeared

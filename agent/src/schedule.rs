@@ -222,24 +222,15 @@ impl SourceSchedule {
                 {
                     continue
                 }
-                // The next round: scan again (the manifest of the last one is replaced).
-                Some(Prep::Ready { uuid, .. }) if *uuid == w.migration_uuid => {
-                    self.migrations.insert(
-                        mid,
-                        Prep::Running {
-                            uuid: w.migration_uuid.clone(),
-                            round: w.round,
-                        },
-                    );
-                    return Some(Action::Prepare(w.clone()));
-                }
-                Some(Prep::Ready { .. }) => {
+                Some(Prep::Ready { uuid, .. }) if *uuid != w.migration_uuid => {
                     // Another cluster's migration of the same id: never send from it.
                     self.migrations.remove(&mid);
                     return Some(Action::Forget(mid));
                 }
                 Some(Prep::RetryAt(t)) if now < *t => continue,
-                Some(Prep::RetryAt(_)) | None => {
+                // Never prepared, due again, or the next round (scanned again; the manifest
+                // of the last one is replaced).
+                Some(Prep::Ready { .. } | Prep::RetryAt(_)) | None => {
                     self.migrations.insert(
                         mid,
                         Prep::Running {

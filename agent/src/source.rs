@@ -994,23 +994,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             path: path.clone(),
             source,
         })?;
-        let unchanged = |f: &File| -> Result<(), ReadError> {
-            let m = f.metadata().map_err(|source| ReadError::Stat {
-                path: path.clone(),
-                source,
-            })?;
-            if !m.is_file() {
-                return Err(ReadError::NotAFile { path: path.clone() });
-            }
-            if !expect.matches(&m) {
-                return Err(if e.chunk_count > 1 {
-                    ReadError::SplitChanged { path: path.clone() }
-                } else {
-                    ReadError::Changed { path: path.clone() }
-                });
-            }
-            Ok(())
-        };
+        let unchanged = |f: &File| still(f, &path, expect, e.chunk_count > 1);
         unchanged(&file)?;
         // A sparse piece sends its data runs only; the holes between them never cross the wire.
         let dense = [(e.offset, e.len)];
@@ -1229,6 +1213,29 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
     (entries, expect, vanished)
 }
 
+/// Checks that the open file at `path` is still the one expected (a regular file of the same
+/// inode, size and mtime — and ctime for whole files): a torn read is never sent as good.
+fn still(f: &File, path: &Path, expect: &FileId, piece: bool) -> Result<(), ReadError> {
+    let m = f.metadata().map_err(|source| ReadError::Stat {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !m.is_file() {
+        return Err(ReadError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if !expect.matches(&m) {
+        let path = path.to_path_buf();
+        return Err(if piece {
+            ReadError::SplitChanged { path }
+        } else {
+            ReadError::Changed { path }
+        });
+    }
+    Ok(())
+}
+
 /// Hashes the blocks of every piece to be sent as a delta and keeps only the changed ones as
 /// its data runs (`hashes` gets all of its blocks' hashes, to be recorded once the target has
 /// the piece). A piece whose record is of another version, or that is sparse, is sent whole.
@@ -1261,17 +1268,7 @@ fn plan_deltas(
             path: path.clone(),
             source,
         })?;
-        let same = |f: &File| -> Result<(), ReadError> {
-            let m = f.metadata().map_err(|source| ReadError::Stat {
-                path: path.clone(),
-                source,
-            })?;
-            if x.matches(&m) {
-                Ok(())
-            } else {
-                Err(ReadError::SplitChanged { path: path.clone() })
-            }
-        };
+        let same = |f: &File| still(f, &path, x, true);
         same(&f)?;
         let mut buf = vec![0u8; block_size.min(BUF as u64) as usize];
         let mut now = Vec::new();

@@ -13,6 +13,7 @@ pub mod rate;
 pub mod retry;
 pub mod systemd;
 pub mod telemetry;
+pub mod text;
 pub mod throttle;
 pub mod tls;
 pub mod transport;

@@ -121,6 +121,15 @@ fn validate_idempotency_key(key: &str) -> Result<(), Status> {
 }
 
 impl AdminService {
+    /// The migration a request names: by `name` when it gives one, else by `id`.
+    async fn id_or_name(&self, id: u64, name: &str) -> Result<u64, Status> {
+        if name.is_empty() {
+            Ok(id)
+        } else {
+            self.migration_id(name).await
+        }
+    }
+
     /// The id of the migration `name_or_id` names (names are never all digits).
     async fn migration_id(&self, name_or_id: &str) -> Result<u64, Status> {
         if let Ok(id) = name_or_id.parse::<u64>() {
@@ -330,11 +339,7 @@ impl Admin for AdminService {
     ) -> R<pb::SyncMigrationResponse> {
         authorize_admin(&req)?;
         let r = req.into_inner();
-        let id = if r.name.is_empty() {
-            r.migration_id
-        } else {
-            self.migration_id(&r.name).await?
-        };
+        let id = self.id_or_name(r.migration_id, &r.name).await?;
         match self
             .0
             .write(Command::StartRound {
@@ -359,11 +364,7 @@ impl Admin for AdminService {
     async fn cutover(&self, req: Request<pb::CutoverRequest>) -> R<pb::CutoverResponse> {
         authorize_admin(&req)?;
         let r = req.into_inner();
-        let id = if r.name.is_empty() {
-            r.migration_id
-        } else {
-            self.migration_id(&r.name).await?
-        };
+        let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = if r.abort {
             Command::AbortCutover { migration_id: id }
         } else {

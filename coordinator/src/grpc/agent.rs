@@ -10,6 +10,7 @@ use super::{authorize_agent, now_ms, refused, Core};
 use crate::state::{
     Command, Response, Role, SegmentReg, Step, StepRun, TreeDigest, MAX_STEP_OUTPUT,
 };
+use ferry_common::text::head;
 
 fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
     pb::Lease {
@@ -87,7 +88,7 @@ fn step_run(r: &pb::CutoverStepRequest) -> Result<StepRun, Status> {
             bytes: t.bytes,
             dirs: t.dirs,
             symlinks: t.symlinks,
-            error: truncate(&t.error, MAX_STEP_OUTPUT),
+            error: head(&t.error, MAX_STEP_OUTPUT).to_string(),
         }),
         (None, Step::VerifySource | Step::VerifyTarget) => {
             return Err(Status::invalid_argument("a verification reports its tree"))
@@ -97,7 +98,7 @@ fn step_run(r: &pb::CutoverStepRequest) -> Result<StepRun, Status> {
     Ok(StepRun {
         step,
         agent: r.agent.clone(),
-        command: truncate(&r.command, MAX_STEP_OUTPUT),
+        command: head(&r.command, MAX_STEP_OUTPUT).to_string(),
         exit_code: r.exit_code,
         output: r.output.clone(),
         started_ms: r.started_ms,
@@ -105,15 +106,6 @@ fn step_run(r: &pb::CutoverStepRequest) -> Result<StepRun, Status> {
         recorded_ms: 0,
         tree,
     })
-}
-
-/// At most `max` bytes of `s` (its start, on a character boundary).
-fn truncate(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
 }
 
 /// Most reports (or leases) one `ReportSegments` (or `RenewLeases`) call may carry.

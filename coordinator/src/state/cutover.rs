@@ -312,7 +312,7 @@ impl State {
         }
         run.agent = agent.to_string();
         run.recorded_ms = now_ms;
-        run.output = tail(&run.output, MAX_STEP_OUTPUT);
+        run.output = ferry_common::text::tail(&run.output, MAX_STEP_OUTPUT).to_string();
         let failed = |r: &StepRun| {
             format!(
                 "{} on {} exited {}: {}",
@@ -439,16 +439,4 @@ impl Migration {
     pub fn cutover_running(&self) -> bool {
         self.cutover.as_ref().is_some_and(|c| !c.phase.ended())
     }
-}
-
-/// The last `max` bytes of `s` (on a character boundary).
-fn tail(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    s[start..].to_string()
 }

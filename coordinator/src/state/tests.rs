@@ -77,10 +77,6 @@ impl World {
     /// A migration of `segs` (id, bytes, files) whose segments are given up on after
     /// `max_attempts` failures.
     fn migration_with(&mut self, segs: &[(u64, u64, u32)], max_attempts: u32) -> u64 {
-        let segs: Vec<SegmentReg> = segs
-            .iter()
-            .map(|&(id, bytes, files)| reg(id, bytes, files))
-            .collect();
         let spec = MigrationSpec {
             max_attempts,
             ..spec("/data", 100)
@@ -95,29 +91,7 @@ impl World {
         }) else {
             panic!("not created")
         };
-        assert_eq!(
-            self.apply(Command::RegisterSegments {
-                agent: "src".into(),
-                migration_id: id,
-                segments: segs.to_vec()
-            }),
-            Response::Ok
-        );
-        assert_eq!(
-            self.apply(Command::CompleteScan {
-                agent: "src".into(),
-                migration_id: id,
-                segments_total: segs.len() as u64,
-                issues: vec![],
-                issues_total: 0,
-                hardlinks: 0,
-                excluded: 0,
-                root_error: String::new(),
-                deleted: 0,
-                now_ms: 1,
-            }),
-            Response::Ok
-        );
+        self.round_scan(id, segs, 0, 1);
         id
     }
 
