@@ -97,6 +97,8 @@ pub struct RunningNode {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     /// The group commit task (see `GroupCommit::start`).
     committer: JoinHandle<()>,
+    /// Proposes the periodic sync rounds that are due, while this node leads.
+    rounds: JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -106,6 +108,7 @@ impl RunningNode {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+        self.rounds.abort();
         let _ = self.server.await;
         // The services are gone, and with them the group commit's queue: its last entries are
         // answered before Raft stops.
@@ -228,7 +231,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         )
         .add_service(
             ferry_proto::raft::raft_peer_server::RaftPeerServer::new(
-                crate::grpc::peer::PeerService(core),
+                crate::grpc::peer::PeerService(core.clone()),
             )
             .max_decoding_message_size(1 << 30)
             .max_encoding_message_size(1 << 30),
@@ -238,6 +241,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         let _ = stop_rx.await;
     }));
     tracing::info!(message = "Coordinator serving.", %addr, node_id = cfg.node_id);
+    let rounds = tokio::spawn(periodic_rounds(core));
     Ok(RunningNode {
         addr,
         raft,
@@ -245,5 +249,43 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         stop: Some(stop_tx),
         server,
         committer,
+        rounds,
     })
+}
+
+/// How often the leader looks for periodic sync rounds that are due.
+const ROUNDS_CHECK: Duration = Duration::from_secs(1);
+
+/// Every [`ROUNDS_CHECK`], while this node leads: starts the sync rounds that are due
+/// ([`crate::state::State::rounds_due`]). A round started meanwhile by an operator or another
+/// leader only makes the command refused.
+async fn periodic_rounds(core: Arc<crate::grpc::Core>) {
+    let mut tick = tokio::time::interval(ROUNDS_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !core.leads() {
+            continue;
+        }
+        let now = crate::grpc::now_ms();
+        for id in core.read_local(|s| s.rounds_due(now)) {
+            match core
+                .write(crate::state::Command::StartRound {
+                    migration_id: id,
+                    now_ms: now,
+                })
+                .await
+            {
+                Ok(crate::state::Response::Ok) => {
+                    tracing::info!(message = "Periodic sync round started.", migration = id)
+                }
+                Ok(other) => {
+                    tracing::debug!(message = "Periodic sync round not started.", migration = id, answer = ?other)
+                }
+                Err(e) => {
+                    tracing::debug!(message = "Periodic sync round not proposed.", migration = id, error = %e)
+                }
+            }
+        }
+    }
 }

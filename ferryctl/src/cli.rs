@@ -197,6 +197,10 @@ enum MigrationCmd {
         /// (a source file system that was not mounted?) deletes none and fails, saying so.
         #[arg(long, value_name = "N")]
         max_delete: Option<u64>,
+        /// Start a sync round this long after the last one ended (30s, 10m, 2h; at most 7 days),
+        /// besides those started with `migration sync`.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        sync_every: Option<Duration>,
     },
     /// Cut over: freeze the source (its agent's pre_freeze hook), sync the last changes,
     /// verify both trees in full, and switch (the target agent's switch hook) — or, on any
@@ -277,6 +281,33 @@ async fn connect(cli: &Cli) -> anyhow::Result<Ctl> {
         )
     })?;
     Ok(Ctl::connect(&cli.coordinator, &tls).await?)
+}
+
+/// A duration as operators write it: a number of seconds, or with `s`, `m`, `h` or `d`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: a number with s, m, h or d (10m)"))?;
+    let unit = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "bad duration unit {other:?} in {s:?}: s, m, h or d"
+            ))
+        }
+    };
+    if n == 0 {
+        return Err("a duration of 0 means never; leave the option out".into());
+    }
+    Ok(Duration::from_secs(n.saturating_mul(unit)))
 }
 
 fn now_ms() -> u64 {
@@ -449,6 +480,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             throttle,
             keep_deleted,
             max_delete,
+            sync_every,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -463,6 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 excludes: excludes.clone(),
                 keep_deleted: *keep_deleted,
                 max_delete: *max_delete,
+                sync_every_secs: sync_every.map_or(0, |d| d.as_secs()),
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
             let id = connect(&cli)
@@ -560,6 +593,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         ""
                     };
                     println!("throttle {}{utc}", p.throttle);
+                }
+                let every = p.spec.as_ref().map_or(0, |s| s.sync_every_secs);
+                if every > 0 {
+                    println!("sync rounds every {every} s after the last one ended");
                 }
                 if !p.blocked.is_empty() {
                     println!("blocked: {}", p.blocked);
@@ -783,5 +820,16 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["ferryctl", "--admin", "ops", "cluster", "status"]).unwrap();
         assert_eq!(cli.admin, "ops");
+    }
+
+    #[test]
+    fn durations_read_as_operators_write_them() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        for bad in ["", "m", "10x", "0", "-5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -53,6 +53,13 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
             s.segment_size
         ));
     }
+    const MAX_SYNC_EVERY_SECS: u64 = 7 * 24 * 3600;
+    if s.sync_every_secs > MAX_SYNC_EVERY_SECS {
+        return bad(format!(
+            "sync every {} s is over the limit of {MAX_SYNC_EVERY_SECS} s (7 days)",
+            s.sync_every_secs
+        ));
+    }
     if s.max_attempts > MAX_MAX_ATTEMPTS {
         return bad(format!(
             "max attempts {} is over the limit of {MAX_MAX_ATTEMPTS} (0 = {DEFAULT_MAX_ATTEMPTS})",
@@ -78,6 +85,7 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
         },
         keep_deleted: s.keep_deleted,
         max_delete: s.max_delete,
+        sync_every_ms: s.sync_every_secs.saturating_mul(1000),
     })
 }
 

@@ -43,6 +43,7 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
         max_attempts: s.max_attempts,
         keep_deleted: s.keep_deleted,
         max_delete: s.max_delete,
+        sync_every_secs: s.sync_every_ms / 1000,
     }
 }
 

@@ -222,6 +222,11 @@ type MembershipResult =
     Result<Response, RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>>;
 
 impl Core {
+    /// Whether this node leads (as far as its own metrics say).
+    pub fn leads(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
     /// This node's metrics if it leads; else where the leader is. Membership decisions are
     /// taken on the leader's view (a follower's may lag).
     fn leader_metrics(&self) -> Result<crate::raft_types::Metrics, NotLeader> {

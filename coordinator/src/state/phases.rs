@@ -27,6 +27,8 @@ pub struct MigrationSpec {
     /// Most names a sync round may delete at the target (`None`: no cap). A round whose scan
     /// finds more deletes none of them and ends `Failed`, saying so.
     pub max_delete: Option<u64>,
+    /// Start a sync round this long after the last one ended (0: only when asked).
+    pub sync_every_ms: u64,
 }
 
 /// Where a migration is in its life.

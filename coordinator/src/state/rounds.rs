@@ -163,6 +163,26 @@ impl State {
         Response::Ok
     }
 
+    /// The migrations whose next periodic sync round is due at `now_ms` (`sync_every_ms` after
+    /// their last round ended, no cutover running or done). The leader proposes a
+    /// [`Command::StartRound`] for each.
+    pub fn rounds_due(&self, now_ms: u64) -> Vec<u64> {
+        self.migrations
+            .values()
+            .filter(|m| {
+                let r = m.round();
+                m.spec.sync_every_ms > 0
+                    && m.phase.finished()
+                    && m.cutover
+                        .as_ref()
+                        .is_none_or(|c| c.phase == CutoverPhase::Aborted)
+                    && r.finished_ms > 0
+                    && now_ms >= r.finished_ms.saturating_add(m.spec.sync_every_ms)
+            })
+            .map(|m| m.id)
+            .collect()
+    }
+
     /// The segments of migration `mid` in `from..to` that are not verified (failed, stale):
     /// the next round sends their files again.
     pub fn unverified(&self, mid: u64, from: u64, to: u64) -> Vec<u64> {

@@ -35,6 +35,7 @@ fn spec(source_path: &str, segment_size: u64) -> MigrationSpec {
         excludes: Vec::new(),
         keep_deleted: false,
         max_delete: None,
+        sync_every_ms: 0,
     }
 }
 
@@ -1986,4 +1987,50 @@ fn a_failed_hook_a_changed_file_or_differing_trees_roll_back_and_a_new_attempt_m
         (c.phase, c.ended_ms, c.freeze_window_ms(99)),
         (CutoverPhase::Aborted, 46, 5)
     );
+}
+
+#[test]
+fn periodic_rounds_are_due_their_interval_after_the_last_round_ended() {
+    let mut w = World::new();
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
+        name: unique_name(),
+        idempotency_key: String::new(),
+        spec: MigrationSpec {
+            sync_every_ms: 1000,
+            ..spec("/data", 100)
+        },
+        uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
+        now_ms: 1,
+    }) else {
+        panic!("not created")
+    };
+    let plain = w.migration(&[]);
+    assert!(
+        w.s.rounds_due(10_000).is_empty(),
+        "not before round 0 ended"
+    );
+    w.round_scan(mid, &[(0, 5, 1)], 0, 2);
+    w.verify_all(500);
+    let ended = w.s.migrations[&mid].round().finished_ms;
+    assert_eq!(ended, 500);
+    assert!(w.s.rounds_due(1499).is_empty());
+    assert_eq!(
+        w.s.rounds_due(1500),
+        vec![mid],
+        "not {plain}, which syncs when asked"
+    );
+    assert_eq!(w.sync(mid, 1500), Response::Ok);
+    assert!(w.s.rounds_due(99_999).is_empty(), "not while a round runs");
+    w.round_scan(mid, &[], 0, 1600);
+    assert_eq!(w.s.rounds_due(2600), vec![mid]);
+    // A running or finished cutover stops them.
+    w.apply(Command::StartCutover {
+        migration_id: mid,
+        now_ms: 2600,
+    });
+    assert!(w.s.rounds_due(99_999).is_empty());
+    w.apply(Command::AbortCutover { migration_id: mid });
+    w.step(mid, 1, step_run(Step::Rollback, 0, None), 2700);
+    assert_eq!(w.s.rounds_due(99_999), vec![mid], "again after a rollback");
 }

@@ -88,6 +88,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 excludes: Vec::new(),
                 keep_deleted: false,
                 max_delete: None,
+                sync_every_ms: 0,
             },
             uuid: ferry_common::ids::random_id(),
             throttle: String::new(),

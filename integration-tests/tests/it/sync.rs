@@ -271,3 +271,33 @@ async fn a_scattered_change_in_a_large_file_sends_only_the_changed_blocks() {
     let delta = sent() - before;
     assert!(delta <= 5 * MIB, "round 2 sent {delta} bytes");
 }
+
+/// A migration created with a sync interval picks up changes by itself, with no `sync`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_rounds_pick_up_changes_without_being_asked() {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let src = env.path("src");
+    make_files(&src, 10, 1024);
+    let root = env.path("dst");
+    let _target = env.agent("target", &coord, Some(root.clone())).await;
+    let _source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let spec = ferry_proto::admin::MigrationSpec {
+        sync_every_secs: 1,
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    finished(&ctl, id, FINISH, &String::new).await;
+    write(&src.join("later/news"), b"written after the bulk copy");
+    crate::harness::wait_for("a periodic round to copy the new file", FINISH, || async {
+        let p = ctl.status(id).await.ok()?;
+        (p.round >= 1 && p.phase() == Phase::Done && root.join("later/news").exists()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(root.join("later/news")).unwrap(),
+        b"written after the bulk copy"
+    );
+}
