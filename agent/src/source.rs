@@ -222,6 +222,8 @@ pub struct Source<C: Coordinator, D: Dialer> {
     throttles: Arc<Throttles>,
     /// Does the cutover steps heartbeats hand out (as a source or a target).
     cutover: Option<Arc<CutoverRunner<C>>>,
+    /// What is left of [`PREFETCH_TOTAL`], in KiB.
+    prefetch_room: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the driver's background tasks end with.
@@ -256,6 +258,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             manifests: Mutex::default(),
             throttles,
             cutover: None,
+            prefetch_room: Arc::new(tokio::sync::Semaphore::new(
+                (PREFETCH_TOTAL / 1024) as usize,
+            )),
         }
     }
 
@@ -844,7 +849,19 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         let (mut entries, mut expect, vanished) =
             block_in_place(|| current_entries(&root, scanned));
         block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::from)?;
-        let prefetched = block_in_place(|| prefetch(&root, &mut entries, &mut expect));
+        // Prefetched bytes come out of one budget shared by all transfers: a slot that finds
+        // it spent streams its files as they are read.
+        let wanted: u64 = entries
+            .iter()
+            .zip(&expect)
+            .filter(|(e, x)| e.chunk_count <= 1 && x.is_some_and(|x| x.size <= PREFETCH_MAX))
+            .map(|(e, _)| e.len)
+            .sum::<u64>()
+            .min(PREFETCH_PER_SEGMENT);
+        let kib = u32::try_from(wanted.div_ceil(1024)).unwrap_or(u32::MAX);
+        let room = self.prefetch_room.clone().try_acquire_many_owned(kib).ok();
+        let budget = if room.is_some() { wanted } else { 0 };
+        let prefetched = block_in_place(|| prefetch(&root, &mut entries, &mut expect, budget));
         let store = self.blocks.lock().expect("not poisoned").get(&mid).cloned();
         let block_size = store.as_ref().map_or(0, |(_, bs)| *bs);
         // Pieces sent as a delta: their blocks are hashed now, and only the changed ones sent.
@@ -1323,6 +1340,8 @@ const PREFETCH_MAX: u64 = 1024 * 1024;
 /// Most bytes prefetched for one segment (a bundle holds at most `BUNDLE_BYTES` as scanned;
 /// files may have grown since).
 const PREFETCH_PER_SEGMENT: u64 = 2 * crate::segment::BUNDLE_BYTES;
+/// Most bytes prefetched by all of a source's transfers at once (the agent's memory budget).
+const PREFETCH_TOTAL: u64 = 16 * 1024 * 1024;
 /// Reads of one file that changes while it is read before it is left to be streamed (and
 /// probably fail the segment, to be retried).
 const PREFETCH_TRIES: u32 = 3;
@@ -1335,8 +1354,8 @@ fn prefetch(
     root: &Path,
     entries: &mut [Entry],
     expect: &mut [Option<FileId>],
+    mut budget: u64,
 ) -> Vec<Option<Vec<u8>>> {
-    let mut budget = PREFETCH_PER_SEGMENT;
     let mut out = Vec::with_capacity(entries.len());
     for (e, x) in entries.iter_mut().zip(expect.iter_mut()) {
         let small = x.is_some_and(|x| !x.may_be_sparse && x.size <= PREFETCH_MAX.min(budget));
@@ -1473,7 +1492,7 @@ mod tests {
         let (mut sent, mut expect, _) = current_entries(d.path(), entries);
         // The application writes after the segment was described.
         std::fs::write(d.path().join("log"), b"line 1\nline 2\n").unwrap();
-        let data = prefetch(d.path(), &mut sent, &mut expect);
+        let data = prefetch(d.path(), &mut sent, &mut expect, PREFETCH_PER_SEGMENT);
         assert_eq!(data[0].as_deref(), Some(&b"line 1\nline 2\n"[..]));
         assert_eq!(
             (sent[0].len, sent[0].file_size),
