@@ -1176,6 +1176,18 @@ impl FileId {
     }
 }
 
+/// Describes whole file `e` as `m` says it is now (size, mode, mtime, inode, owner).
+fn as_it_is(e: &mut Entry, m: &std::fs::Metadata) {
+    e.file_size = m.len();
+    e.len = m.len();
+    e.mode = m.mode() & 0o7777;
+    e.mtime_sec = m.mtime();
+    e.mtime_nsec = m.mtime_nsec() as u32;
+    e.inode = m.ino();
+    e.uid = m.uid();
+    e.gid = m.gid();
+}
+
 /// What to send for a segment: entries, what each file must look like (`None`: no bytes), and
 /// paths left out because they vanished (or are no longer files) since the scan: the next
 /// round deals with them.
@@ -1209,14 +1221,7 @@ fn current_entries(root: &Path, scanned: Vec<Entry>) -> SendPlan {
         }
         match std::fs::symlink_metadata(root.join(&e.path)) {
             Ok(m) if m.is_file() => {
-                e.file_size = m.len();
-                e.len = m.len();
-                e.mode = m.mode() & 0o7777;
-                e.mtime_sec = m.mtime();
-                e.mtime_nsec = m.mtime_nsec() as u32;
-                e.inode = m.ino();
-                e.uid = m.uid();
-                e.gid = m.gid();
+                as_it_is(&mut e, &m);
                 expect.push((e.len > 0).then(|| FileId::of(&m)));
                 entries.push(e);
             }
@@ -1383,14 +1388,7 @@ fn prefetch(
         match read {
             Some((data, m)) => {
                 budget -= data.len() as u64;
-                e.file_size = m.len();
-                e.len = m.len();
-                e.mode = m.mode() & 0o7777;
-                e.mtime_sec = m.mtime();
-                e.mtime_nsec = m.mtime_nsec() as u32;
-                e.inode = m.ino();
-                e.uid = m.uid();
-                e.gid = m.gid();
+                as_it_is(e, &m);
                 *x = Some(FileId::of(&m));
                 out.push(Some(data));
             }

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ferry_common::config::TlsPaths;
 use ferry_common::tls::TlsMaterial;
+use ferry_coordinator::grpc::now_ms;
 use ferry_proto::admin as pb;
 use ferry_proto::json::{phase_name, segment_status_name};
 
@@ -308,12 +309,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("a duration of 0 means never; leave the option out".into());
     }
     Ok(Duration::from_secs(n.saturating_mul(unit)))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn split_agent(s: &str, what: &str) -> anyhow::Result<(String, String)> {

@@ -47,12 +47,6 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A cutover phase on the wire.
 pub fn cutover_phase(p: CutoverPhase) -> pb::CutoverPhase {
     match p {
@@ -178,7 +172,7 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         round: m.round().number,
         rounds: m.rounds.iter().map(|r| round(r, c)).collect(),
         segments_stale: c.stale_segments,
-        cutover: m.cutover.as_ref().map(|c| cutover(c, now_ms())),
+        cutover: m.cutover.as_ref().map(|c| cutover(c, super::now_ms())),
     }
 }
 

@@ -452,7 +452,7 @@ impl State {
             );
             m.phase = Phase::Failed;
             m.finished_ms = now_ms;
-            m.round_mut().end(Phase::Failed, now_ms);
+            m.end_round(Phase::Failed, now_ms);
             self.dirty.migrations.insert(mid);
             return Response::Ok;
         }
@@ -491,7 +491,7 @@ impl State {
         } else {
             Phase::Done
         };
-        m.round_mut().end(phase, now_ms);
+        m.end_round(phase, now_ms);
         if m.frozen_awaiting_final_round() {
             // Frozen while this round ran: the final round follows it, whatever its outcome
             // (it sends again what this one did not copy).

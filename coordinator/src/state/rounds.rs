@@ -29,7 +29,7 @@ pub struct Round {
     pub outcome: Phase,
     /// The migration's counters when it started: what it did is the difference.
     pub at_start: Counters,
-    /// The counters when it ended (equal to `at_start` while it runs).
+    /// The counters when it ended (equal to `at_start` until then).
     pub at_end: Counters,
 }
 
@@ -52,9 +52,10 @@ impl Round {
         }
     }
 
-    pub(super) fn end(&mut self, outcome: Phase, now_ms: u64) {
+    pub(super) fn end(&mut self, outcome: Phase, now_ms: u64, counters: &Counters) {
         self.outcome = outcome;
         self.finished_ms = now_ms;
+        self.at_end = counters.clone();
     }
 
     /// What the round did: the counters' growth while it ran (to now, while it runs).
@@ -91,13 +92,15 @@ impl Migration {
     }
 
     pub(super) fn round_mut(&mut self) -> &mut Round {
-        let counters = self.counters.clone();
-        let r = self
-            .rounds
+        self.rounds
             .last_mut()
-            .expect("a migration has round 0 from its creation");
-        r.at_end = counters;
-        r
+            .expect("a migration has round 0 from its creation")
+    }
+
+    /// Ends the current round with `outcome` at `now_ms`.
+    pub(super) fn end_round(&mut self, outcome: Phase, now_ms: u64) {
+        let counters = self.counters.clone();
+        self.round_mut().end(outcome, now_ms, &counters);
     }
 
     /// The round before the current one (`None` in round 0).

@@ -12,6 +12,36 @@ use crate::harness::{assert_same_tree, finished, make_files, migration_spec, wai
 
 const FINISH: Duration = Duration::from_secs(120);
 
+/// A coordinator, a target agent writing to `root` and a source agent, in this process.
+struct Rig {
+    env: TestEnv,
+    node: ferry_coordinator::node::RunningNode,
+    src: std::path::PathBuf,
+    root: std::path::PathBuf,
+    source: ferry_agent::run::RunningAgent,
+    target: ferry_agent::run::RunningAgent,
+    ctl: ferryctl::ctl::Ctl,
+}
+
+async fn rig() -> Rig {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let (src, root) = (env.path("src"), env.path("dst"));
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    Rig {
+        env,
+        node,
+        src,
+        root,
+        source,
+        target,
+        ctl,
+    }
+}
+
 fn round(p: &MigrationProgress, n: u32) -> &ferry_proto::admin::RoundInfo {
     p.rounds
         .iter()
@@ -26,10 +56,15 @@ fn write(path: &std::path::Path, data: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_rounds_send_only_what_changed_and_delete_what_went() {
-    let env = TestEnv::new();
-    let node = env.coordinator().await;
-    let coord = node.addr.to_string();
-    let src = env.path("src");
+    let Rig {
+        src,
+        root,
+        source: _source,
+        ctl,
+        env: _env,
+        node: _node,
+        target: _target,
+    } = rig().await;
     make_files(&src, 120, 4096);
     let big: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
     write(&src.join("big.bin"), &big);
@@ -42,10 +77,6 @@ async fn sync_rounds_send_only_what_changed_and_delete_what_went() {
     write(&src.join("moves"), b"moving");
     std::os::unix::fs::symlink("grows", src.join("link")).unwrap();
     std::fs::hard_link(src.join("moves"), src.join("moves-too")).unwrap();
-    let root = env.path("dst");
-    let _target = env.agent("target", &coord, Some(root.clone())).await;
-    let _source = env.agent("source", &coord, None).await;
-    let ctl = env.ctl(&coord).await;
     let spec = ferry_proto::admin::MigrationSpec {
         segment_size: 1024 * 1024,
         ..migration_spec(&src, "")
@@ -115,16 +146,17 @@ async fn sync_rounds_send_only_what_changed_and_delete_what_went() {
 /// retry ("changed since it was scanned") until the migration was given up on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_file_rewritten_during_the_copy_is_sent_again_in_the_next_round() {
-    let env = TestEnv::new();
-    let node = env.coordinator().await;
-    let coord = node.addr.to_string();
-    let src = env.path("src");
+    let Rig {
+        src,
+        root,
+        source: _source,
+        ctl,
+        env: _env,
+        node: _node,
+        target: _target,
+    } = rig().await;
     let data = vec![1u8; 8 * 1024 * 1024];
     write(&src.join("big.bin"), &data);
-    let root = env.path("dst");
-    let _target = env.agent("target", &coord, Some(root.clone())).await;
-    let _source = env.agent("source", &coord, None).await;
-    let ctl = env.ctl(&coord).await;
     let spec = ferry_proto::admin::MigrationSpec {
         segment_size: 1024 * 1024,
         ..migration_spec(&src, "")
@@ -162,15 +194,16 @@ async fn a_split_file_rewritten_during_the_copy_is_sent_again_in_the_next_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_that_would_delete_more_than_the_cap_deletes_nothing() {
-    let env = TestEnv::new();
-    let node = env.coordinator().await;
-    let coord = node.addr.to_string();
-    let src = env.path("src");
+    let Rig {
+        src,
+        root,
+        source: _source,
+        ctl,
+        env: _env,
+        node: _node,
+        target: _target,
+    } = rig().await;
     make_files(&src, 20, 1024);
-    let root = env.path("dst");
-    let _target = env.agent("target", &coord, Some(root.clone())).await;
-    let _source = env.agent("source", &coord, None).await;
-    let ctl = env.ctl(&coord).await;
     let spec = ferry_proto::admin::MigrationSpec {
         max_delete: Some(3),
         ..migration_spec(&src, "")
@@ -204,10 +237,15 @@ async fn a_round_that_would_delete_more_than_the_cap_deletes_nothing() {
 /// old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scattered_change_in_a_large_file_sends_only_the_changed_blocks() {
-    let env = TestEnv::new();
-    let node = env.coordinator().await;
-    let coord = node.addr.to_string();
-    let src = env.path("src");
+    let Rig {
+        src,
+        root,
+        source,
+        ctl,
+        env: _env,
+        node: _node,
+        target: _target,
+    } = rig().await;
     const MIB: u64 = 1 << 20;
     let size = 128 * MIB;
     let mut data = vec![0u8; size as usize];
@@ -215,16 +253,12 @@ async fn a_scattered_change_in_a_large_file_sends_only_the_changed_blocks() {
     rng.fill(&mut data);
     write(&src.join("model.ckpt"), &data);
     write(&src.join("small"), b"small file");
-    let root = env.path("dst");
-    let _target = env.agent("target", &coord, Some(root.clone())).await;
-    let source = env.agent("source", &coord, None).await;
     let sent = || {
         source
             .stats
             .bytes_sent
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    let ctl = env.ctl(&coord).await;
     let spec = ferry_proto::admin::MigrationSpec {
         segment_size: 8 * MIB,
         ..migration_spec(&src, "")
@@ -275,15 +309,16 @@ async fn a_scattered_change_in_a_large_file_sends_only_the_changed_blocks() {
 /// A migration created with a sync interval picks up changes by itself, with no `sync`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_rounds_pick_up_changes_without_being_asked() {
-    let env = TestEnv::new();
-    let node = env.coordinator().await;
-    let coord = node.addr.to_string();
-    let src = env.path("src");
+    let Rig {
+        src,
+        root,
+        source: _source,
+        ctl,
+        env: _env,
+        node: _node,
+        target: _target,
+    } = rig().await;
     make_files(&src, 10, 1024);
-    let root = env.path("dst");
-    let _target = env.agent("target", &coord, Some(root.clone())).await;
-    let _source = env.agent("source", &coord, None).await;
-    let ctl = env.ctl(&coord).await;
     let spec = ferry_proto::admin::MigrationSpec {
         sync_every_secs: 1,
         ..migration_spec(&src, "")
