@@ -12,7 +12,11 @@
 //! size, mtime, link target and content hash into one BLAKE3 digest, in walk order; the
 //! coordinator compares the source's with the target's. The source also checks that its tree
 //! is still the one the final round scanned, before and after reading it: a file that changed
-//! after the freeze fails the verification with its name.
+//! after the freeze fails the verification with its name. A file whose size, mtime, ctime and
+//! inode are as an earlier verification read them is not read again: its hash comes from the
+//! agent's cache ([`crate::hashcache`]), so a verification run before the cutover
+//! (`ferryctl migration verify NAME --mode full`, the same steps with a `verification` number)
+//! leaves only the final round's changes to read while writes are frozen.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -30,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{CatalogReader, Change, Differ};
 use crate::control::Coordinator;
+use crate::hashcache::{HashCache, HashCacheWriter, Identity, SETTLE_NS};
 use crate::scan::{walk, Walked};
 use crate::segment::{Entry, EntryKind};
 use crate::sink::RESERVED_PREFIX;
@@ -99,6 +104,11 @@ pub struct Tree {
     pub dirs: u64,
     /// Symlinks.
     pub symlinks: u64,
+    /// Files read by this pass (the others' hashes came from the cache: unchanged since an
+    /// earlier pass read them).
+    pub files_read: u64,
+    /// Their bytes.
+    pub bytes_read: u64,
 }
 
 /// Does the cutover steps the coordinator hands this agent.
@@ -108,8 +118,8 @@ pub struct CutoverRunner<C: Coordinator> {
     state_dir: PathBuf,
     /// The target root (targets only).
     target_root: Option<PathBuf>,
-    /// Steps being done: `(migration, attempt, step)`.
-    running: Mutex<HashSet<(u64, u32, i32)>>,
+    /// Steps being done: `(migration, cutover attempt, verification, step)`.
+    running: Mutex<HashSet<(u64, u32, u32, i32)>>,
 }
 
 fn now_ms() -> u64 {
@@ -133,7 +143,7 @@ impl<C: Coordinator> CutoverRunner<C> {
     /// Starts the steps of `work` not already running (each in its own task).
     pub fn handle(self: &Arc<Self>, work: &[pb::CutoverWork]) {
         for w in work {
-            let key = (w.migration_id, w.attempt, w.step);
+            let key = (w.migration_id, w.attempt, w.verification, w.step);
             if !self.running.lock().expect("not poisoned").insert(key) {
                 continue;
             }
@@ -151,7 +161,7 @@ impl<C: Coordinator> CutoverRunner<C> {
     /// heartbeat, and then reported from its record.
     async fn step(self: &Arc<Self>, w: &pb::CutoverWork) {
         let step = w.step();
-        tracing::info!(message = "Cutover step.", migration = %w.migration_name, attempt = w.attempt, step = step.as_str_name());
+        tracing::info!(message = "Cutover step.", migration = %w.migration_name, attempt = w.attempt, verification = w.verification, step = step.as_str_name());
         let (outcome, tree) = match step {
             CutoverStep::PreFreeze | CutoverStep::Switch | CutoverStep::Rollback => {
                 match self.hook(w, step).await {
@@ -180,10 +190,13 @@ impl<C: Coordinator> CutoverRunner<C> {
                             dirs: t.dirs,
                             symlinks: t.symlinks,
                             error: String::new(),
+                            files_read: t.files_read,
+                            bytes_read: t.bytes_read,
                         };
                         format!(
-                            "{} files, {} bytes, {} directories, {} symlinks",
-                            t.files, t.bytes, t.dirs, t.symlinks
+                            "{} files, {} bytes, {} directories, {} symlinks; read {} files, \
+                             {} bytes (the rest unchanged since an earlier verification)",
+                            t.files, t.bytes, t.dirs, t.symlinks, t.files_read, t.bytes_read
                         )
                     }
                     Err(e) => {
@@ -215,6 +228,7 @@ impl<C: Coordinator> CutoverRunner<C> {
             started_ms: outcome.started_ms,
             duration_ms: outcome.duration_ms,
             tree,
+            verification: w.verification,
         };
         let sent = (|| self.control.report_cutover_step(req.clone()))
             .retry(retry::policy_for(
@@ -238,8 +252,8 @@ impl<C: Coordinator> CutoverRunner<C> {
         })
     }
 
-    /// Where this step's record is kept.
-    fn record_path(&self, w: &pb::CutoverWork, step: CutoverStep) -> Result<PathBuf, String> {
+    /// This agent's directory of the migration `w` is about.
+    fn migration_dir(&self, w: &pb::CutoverWork) -> Result<PathBuf, String> {
         let cluster = self.control.cluster_id();
         for id in [&cluster, &w.migration_uuid] {
             if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
@@ -248,9 +262,16 @@ impl<C: Coordinator> CutoverRunner<C> {
         }
         Ok(cluster_dir(&self.state_dir, &cluster)
             .join("migrations")
-            .join(&w.migration_uuid)
-            .join("cutover")
-            .join(format!("a{}-{}.json", w.attempt, step.as_str_name())))
+            .join(&w.migration_uuid))
+    }
+
+    /// Where this step's record is kept.
+    fn record_path(&self, w: &pb::CutoverWork, step: CutoverStep) -> Result<PathBuf, String> {
+        Ok(self.migration_dir(w)?.join("cutover").join(format!(
+            "a{}-{}.json",
+            w.attempt,
+            step.as_str_name()
+        )))
     }
 
     /// Runs the hook of `step` once per attempt: its recorded result if there is one.
@@ -339,23 +360,42 @@ impl<C: Coordinator> CutoverRunner<C> {
         Ok(outcome)
     }
 
-    /// Reads the tree of a verification step in full. Runs on a blocking thread.
+    /// Reads the tree of a verification step in full (files unchanged since the last
+    /// verification read them are not read again). Runs on a blocking thread.
     fn verify(&self, w: &pb::CutoverWork) -> Result<Tree, String> {
+        let dir = self.migration_dir(w)?;
         match w.step() {
             CutoverStep::VerifyTarget => {
                 let root = self.target_dir(w).ok_or("this agent has no target root")?;
-                tree_digest(&root, &Excludes::new(&[]).expect("no patterns"), None)
+                let cache = dir.join("verify").join("target.hashes");
+                let pass = Pass {
+                    cache: Some(&cache),
+                    ..Pass::default()
+                };
+                tree_digest(&root, &Excludes::new(&[]).expect("no patterns"), pass)
             }
             _ => {
                 let excludes = Excludes::new(&w.excludes).map_err(|e| e.to_string())?;
                 let root = PathBuf::from(&w.source_path);
-                let dir = cluster_dir(&self.state_dir, &self.control.cluster_id())
-                    .join("migrations")
-                    .join(&w.migration_uuid);
                 let catalog = round_dir(&dir, w.final_round).join("catalog");
-                let t = tree_digest(&root, &excludes, Some(&catalog))?;
+                let cache = dir.join("verify").join("source.hashes");
+                let standalone = w.verification != 0;
+                let pass = Pass {
+                    catalog: Some(&catalog),
+                    cache: Some(&cache),
+                    // Outside a cutover the source is live: read it all (the cache then
+                    // holds the whole tree for the cutover's pass), then say what changed.
+                    keep_going: standalone,
+                    since: if standalone {
+                        "since the round scanned it (the next round sends it)"
+                    } else {
+                        "after the freeze (the final round scanned it frozen)"
+                    },
+                    ..Pass::default()
+                };
+                let t = tree_digest(&root, &excludes, pass)?;
                 // And nothing changed while it was read.
-                unchanged_since(&root, &excludes, &catalog)?;
+                unchanged_since(&root, &excludes, &catalog, pass.since)?;
                 Ok(t)
             }
         }
@@ -377,61 +417,122 @@ fn write_record(path: &Path, o: &Outcome) -> Result<(), String> {
     write().map_err(|e| format!("cannot record the hook's result in {}: {e}", path.display()))
 }
 
-/// Why a walk of the tree does not match the final round's catalog (a name changed, appeared
-/// or went since), if it does not.
-fn check(differ: &mut Differ<CatalogReader>, e: &Entry) -> Result<(), String> {
+/// Why a walk of the tree does not match a round's catalog (a name changed or appeared since
+/// the round scanned it), if it does not.
+/// `since` says when, for the message ("since the round scanned it").
+fn check(differ: &mut Differ<CatalogReader>, e: &Entry, since: &str) -> Result<(), String> {
     match differ.entry(e).map_err(|e| e.to_string())? {
         Change::Same => Ok(()),
-        Change::Send(_) | Change::Resend(_) | Change::Replace(_) => Err(format!(
-            "{} changed after the freeze (it is not as the final round scanned it)",
-            display(&e.path)
-        )),
+        Change::Send(_) | Change::Resend(_) | Change::Replace(_) => {
+            Err(format!("{} changed {since}", display(&e.path)))
+        }
     }
 }
 
-fn gone(differ: Differ<CatalogReader>) -> Result<(), String> {
+fn gone(differ: Differ<CatalogReader>, since: &str) -> Result<(), String> {
     let (deleted, _) = differ.finish().map_err(|e| e.to_string())?;
     match deleted.first() {
         None => Ok(()),
-        Some(p) => Err(format!(
-            "{} was removed after the freeze (the final round scanned it)",
-            display(p)
-        )),
+        Some(p) => Err(format!("{} was removed {since}", display(p))),
     }
 }
 
-/// Walks `root` again and checks every name against the final round's catalog.
-fn unchanged_since(root: &Path, excludes: &Excludes, catalog: &Path) -> Result<(), String> {
+/// Walks `root` again and checks every name against a round's catalog.
+fn unchanged_since(
+    root: &Path,
+    excludes: &Excludes,
+    catalog: &Path,
+    since: &str,
+) -> Result<(), String> {
     let mut differ = Differ::new(
         CatalogReader::open(catalog).map_err(|e| e.to_string())?,
         HashSet::new(),
         HashSet::new(),
     );
     let walked = walk(root, excludes, |item| match item {
-        Walked::Entry(e) => check(&mut differ, &e),
+        Walked::Entry(e) => check(&mut differ, &e, since),
         Walked::Excluded => Ok(()),
         Walked::Issue { path, reason, .. } => Err(format!("{path}: {reason}")),
     })
     .map_err(|e| e.to_string())?;
     walked?;
-    gone(differ)
+    gone(differ, since)
 }
 
-/// Reads every file below `root` and digests the tree (names starting `.ferry-` are ferry's
-/// and left out). With a `catalog`, every name must also be as it lists it.
-pub fn tree_digest(
-    root: &Path,
-    excludes: &Excludes,
-    catalog: Option<&Path>,
-) -> Result<Tree, String> {
-    let mut differ = match catalog {
+/// How a verification pass reads a tree.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass<'a> {
+    /// Every name must be as this catalog lists it (a source: the round verified against).
+    pub catalog: Option<&'a Path>,
+    /// The content hashes of an earlier pass, taken for files unchanged since, and replaced by
+    /// this pass's when it completes ([`crate::hashcache`]).
+    pub cache: Option<&'a Path>,
+    /// Read on past names that are not as the catalog lists them and report them all at the end
+    /// (the hashes of the whole tree are then cached), instead of stopping at the first.
+    pub keep_going: bool,
+    /// How much older than its read a file's ctime must be for its hash to be cached
+    /// ([`SETTLE_NS`]; tests set less).
+    pub settle_ns: i128,
+    /// When a name must not have changed since, as messages say it (the catalog's scan).
+    pub since: &'a str,
+}
+
+impl Default for Pass<'_> {
+    fn default() -> Self {
+        Pass {
+            catalog: None,
+            cache: None,
+            keep_going: false,
+            settle_ns: SETTLE_NS,
+            since: "since the round scanned it",
+        }
+    }
+}
+
+/// Names not as the catalog lists them, counted, the first few kept.
+#[derive(Default)]
+struct Changed {
+    count: u64,
+    first: Vec<String>,
+}
+
+impl Changed {
+    fn push(&mut self, why: String) {
+        self.count += 1;
+        if self.first.len() < 3 {
+            self.first.push(why);
+        }
+    }
+}
+
+fn unix_ns_now() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Digests every file below `root` (names starting `.ferry-` are ferry's and left out), reading
+/// those the cache has no hash of for their current version.
+pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<Tree, String> {
+    let mut differ = match pass.catalog {
         Some(c) => Some(Differ::new(
-            CatalogReader::open(c).map_err(|e| format!("the final round's catalog: {e}"))?,
+            CatalogReader::open(c).map_err(|e| format!("the round's catalog: {e}"))?,
             HashSet::new(),
             HashSet::new(),
         )),
         None => None,
     };
+    let mut cache = pass.cache.map(HashCache::open);
+    let mut new_cache = match pass.cache {
+        Some(p) => Some(HashCacheWriter::create(p).map_err(|e| {
+            format!(
+                "cannot write the verification hash cache {}: {e}",
+                p.display()
+            )
+        })?),
+        None => None,
+    };
+    let mut changed = Changed::default();
     let mut t = Tree::default();
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -446,11 +547,16 @@ pub fn tree_digest(
             .file_name()
             .map(|n| n.as_encoded_bytes())
             .unwrap_or(b"");
-        if catalog.is_none() && name.starts_with(RESERVED_PREFIX.as_bytes()) {
+        if pass.catalog.is_none() && name.starts_with(RESERVED_PREFIX.as_bytes()) {
             return Ok(());
         }
         if let Some(d) = &mut differ {
-            check(d, &e)?;
+            if let Err(why) = check(d, &e, pass.since) {
+                if !pass.keep_going {
+                    return Err(why);
+                }
+                changed.push(why);
+            }
         }
         let path = ferry_common::path::bytes(&e.path);
         let link = ferry_common::path::bytes(&e.link_target);
@@ -487,30 +593,28 @@ pub fn tree_digest(
         h.update(&mtime.0.to_le_bytes());
         h.update(&mtime.1.to_le_bytes());
         if e.kind == EntryKind::File {
-            let full = root.join(&e.path);
-            let mut f = std::fs::File::open(&full)
-                .map_err(|err| format!("cannot read {}: {err}", full.display()))?;
-            let mut content = blake3::Hasher::new();
-            let mut n = 0u64;
-            loop {
-                let k = f
-                    .read(&mut buf)
-                    .map_err(|err| format!("cannot read {}: {err}", full.display()))?;
-                if k == 0 {
-                    break;
+            let id = Identity {
+                size: e.file_size,
+                mtime,
+                ctime: e.ctime,
+                inode: e.inode,
+            };
+            let cached = cache.as_mut().and_then(|c| c.lookup(&e.path, &id));
+            let (content, settled) = match cached {
+                Some(hash) => (hash, true),
+                None => {
+                    let started = unix_ns_now();
+                    let hash = read_content(&root.join(&e.path), e.file_size, &mut buf)?;
+                    t.files_read += 1;
+                    t.bytes_read += e.file_size;
+                    (hash, id.settled(started, pass.settle_ns))
                 }
-                content.update(&buf[..k]);
-                n += k as u64;
+            };
+            if let (Some(w), true) = (&mut new_cache, settled) {
+                w.append(&e.path, &id, &content)
+                    .map_err(|err| format!("cannot write the verification hash cache: {err}"))?;
             }
-            if n != e.file_size {
-                return Err(format!(
-                    "{} changed while it was read for the verification ({n} bytes, {} when \
-                     listed): is something still writing to it after the freeze?",
-                    full.display(),
-                    e.file_size
-                ));
-            }
-            h.update(content.finalize().as_bytes());
+            h.update(&content);
         }
         Ok(())
     });
@@ -519,10 +623,51 @@ pub fn tree_digest(
         Ok(r) => r?,
     }
     if let Some(d) = differ {
-        gone(d)?;
+        let (deleted, _) = d.finish().map_err(|e| e.to_string())?;
+        for p in deleted {
+            changed.push(format!("{} was removed {}", display(&p), pass.since));
+        }
+    }
+    // The hashes are of the files as they are now, whatever the catalog said.
+    if let Some(w) = new_cache {
+        w.finish()
+            .map_err(|e| format!("cannot write the verification hash cache: {e}"))?;
+    }
+    if changed.count > 0 {
+        return Err(format!(
+            "{} name(s) changed since the round's scan: {}",
+            changed.count,
+            changed.first.join("; ")
+        ));
     }
     t.digest = *h.finalize().as_bytes();
     Ok(t)
+}
+
+/// BLAKE3 of the file at `full`, which must still hold `size` bytes.
+fn read_content(full: &Path, size: u64, buf: &mut [u8]) -> Result<[u8; 32], String> {
+    let mut f = std::fs::File::open(full)
+        .map_err(|err| format!("cannot read {}: {err}", full.display()))?;
+    let mut content = blake3::Hasher::new();
+    let mut n = 0u64;
+    loop {
+        let k = f
+            .read(buf)
+            .map_err(|err| format!("cannot read {}: {err}", full.display()))?;
+        if k == 0 {
+            break;
+        }
+        content.update(&buf[..k]);
+        n += k as u64;
+    }
+    if n != size {
+        return Err(format!(
+            "{} changed while it was read for the verification ({n} bytes, {size} when \
+             listed): is something still writing to it?",
+            full.display()
+        ));
+    }
+    Ok(*content.finalize().as_bytes())
 }
 
 #[cfg(test)]
@@ -549,8 +694,8 @@ mod tests {
         // ferry's own temporaries at the target are not part of the tree.
         std::fs::write(b.path().join(".ferry-s1-e2-x.1.1.tmp"), b"junk").unwrap();
         let none = Excludes::new(&[]).expect("no patterns");
-        let ta = tree_digest(a.path(), &none, None).unwrap();
-        let tb = tree_digest(b.path(), &none, None).unwrap();
+        let ta = tree_digest(a.path(), &none, Pass::default()).unwrap();
+        let tb = tree_digest(b.path(), &none, Pass::default()).unwrap();
         assert_eq!(ta, tb);
         assert_eq!((ta.files, ta.bytes, ta.dirs, ta.symlinks), (1, 5, 1, 1));
         // Same size and mtime, other bytes.
@@ -561,9 +706,107 @@ mod tests {
         )
         .unwrap();
         assert_ne!(
-            tree_digest(b.path(), &none, None).unwrap().digest,
+            tree_digest(b.path(), &none, Pass::default())
+                .unwrap()
+                .digest,
             ta.digest
         );
+    }
+
+    #[test]
+    fn a_second_pass_reads_only_the_files_changed_since_the_first() {
+        let tree = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/a"), vec![1u8; 100]).unwrap();
+        std::fs::write(root.join("d/b"), vec![2u8; 200]).unwrap();
+        std::fs::write(root.join("c"), vec![3u8; 300]).unwrap();
+        let none = Excludes::new(&[]).expect("no patterns");
+        let cache = state.path().join("verify/target.hashes");
+        // Files written just now are not settled: every pass reads them all again.
+        let racy = Pass {
+            cache: Some(&cache),
+            ..Pass::default()
+        };
+        for _ in 0..2 {
+            let t = tree_digest(root, &none, racy).unwrap();
+            assert_eq!((t.files_read, t.bytes_read), (3, 600));
+        }
+        // Settled (the test cannot wait out the clock's granularity, so it says 0).
+        let pass = Pass {
+            settle_ns: 0,
+            ..racy
+        };
+        let first = tree_digest(root, &none, pass).unwrap();
+        assert_eq!((first.files_read, first.bytes_read), (3, 600));
+        let second = tree_digest(root, &none, pass).unwrap();
+        assert_eq!((second.files_read, second.bytes_read), (0, 0));
+        assert_eq!(second.digest, first.digest);
+        // One file changes (its size too, so the test does not depend on the ctime's tick).
+        std::fs::write(root.join("d/b"), vec![9u8; 250]).unwrap();
+        let third = tree_digest(root, &none, pass).unwrap();
+        assert_eq!((third.files_read, third.bytes_read), (1, 250));
+        assert_ne!(third.digest, first.digest);
+        let uncached = tree_digest(root, &none, Pass::default()).unwrap();
+        assert_eq!(third.digest, uncached.digest);
+        assert_eq!((uncached.files_read, uncached.bytes_read), (3, 650));
+    }
+
+    #[test]
+    fn a_pass_over_a_live_source_reads_on_and_names_what_changed_since_the_round() {
+        let tree = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/a"), b"aaaa").unwrap();
+        std::fs::write(root.join("d/b"), b"bbbb").unwrap();
+        std::fs::write(root.join("gone"), b"gggg").unwrap();
+        let none = Excludes::new(&[]).expect("no patterns");
+        // The round's catalog, as a scan writes it.
+        let catalog = state.path().join("catalog");
+        let mut w = crate::catalog::CatalogWriter::create(&catalog).unwrap();
+        walk(root, &none, |item| -> Result<(), String> {
+            if let Walked::Entry(e) = item {
+                w.append(&e).unwrap();
+            }
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        w.finish().unwrap();
+        let cache = state.path().join("source.hashes");
+        let pass = Pass {
+            catalog: Some(&catalog),
+            cache: Some(&cache),
+            keep_going: true,
+            settle_ns: 0,
+            ..Pass::default()
+        };
+        assert!(tree_digest(root, &none, pass).is_ok());
+        // The live source moves on after the round.
+        std::fs::write(root.join("d/b"), b"bbbbbb").unwrap();
+        std::fs::write(root.join("new"), b"n").unwrap();
+        std::fs::remove_file(root.join("gone")).unwrap();
+        let err = tree_digest(root, &none, pass).unwrap_err();
+        assert!(err.starts_with("3 name(s) changed since"), "{err}");
+        for name in ["d/b changed", "new changed", "gone was removed"] {
+            assert!(err.contains(name), "{name}: {err}");
+        }
+        // It read on: every file's hash is cached, so nothing is read again.
+        let again = Pass {
+            catalog: None,
+            ..pass
+        };
+        let t = tree_digest(root, &none, again).unwrap();
+        assert_eq!((t.files, t.files_read), (3, 0));
+        // Without keep_going (a cutover), the first change stops the pass.
+        let strict = Pass {
+            keep_going: false,
+            ..pass
+        };
+        let err = tree_digest(root, &none, strict).unwrap_err();
+        assert!(err.contains("d/b changed since the round"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod control;
 pub mod cutover;
 pub mod dial;
 pub mod frame;
+pub mod hashcache;
 pub mod holes;
 pub mod manifest;
 pub mod run;

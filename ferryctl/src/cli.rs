@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::ctl::{
     cutover_lines, default_name, failed_lines, human_bytes, print_json, progress_line, round_lines,
-    Ctl, Output,
+    verification_lines, Ctl, Output,
 };
 use crate::quickstart;
 use anyhow::{bail, Context};
@@ -250,12 +250,30 @@ enum MigrationCmd {
         /// in UTC: "09:00-18:00 100mbit, else off" (windows may cross midnight).
         throttle: String,
     },
-    /// Check that every segment is verified with equal source and target BLAKE3.
-    /// Exits non-zero when not (failed segments are listed first, with their errors).
+    /// Verify a migration. `--mode transferred` (the default) checks what the rounds moved:
+    /// every segment verified with equal source and target BLAKE3 (failed segments are listed
+    /// first, with their errors). `--mode full` has both agents read their whole trees back and
+    /// compares them — the target against the source as the last round's scan found it (a
+    /// name changed since on a live source makes it inconclusive and is named). Each agent
+    /// keeps the hashes it read: a later full verification, such as the cutover's, reads only
+    /// files changed since, so running one before a cutover keeps the freeze short.
+    /// Exits non-zero when not verified.
     Verify {
         /// Migration name or id.
         id: String,
+        /// transferred or full.
+        #[arg(long, value_enum, default_value_t = VerifyMode::Transferred)]
+        mode: VerifyMode,
     },
+}
+
+/// What `migration verify` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerifyMode {
+    /// What the rounds transferred: every segment's BLAKE3, as both ends reported it.
+    Transferred,
+    /// Both trees, read back from disk by their agents, compared.
+    Full,
 }
 
 /// The binary's entry point.
@@ -737,9 +755,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     None => println!("cutover    not started"),
                 }
+                if let Some(v) = &p.verification {
+                    for line in verification_lines(v) {
+                        println!("{line}");
+                    }
+                }
             }
         }
-        Cmd::Migration(MigrationCmd::Verify { id }) => {
+        Cmd::Migration(MigrationCmd::Verify {
+            id,
+            mode: VerifyMode::Full,
+        }) => {
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            let (number, round) = ctl.verify_full(id).await?;
+            if !json {
+                println!(
+                    "full verification {number} of round {round} started: both agents read \
+                     their trees back"
+                );
+            }
+            // Reading tens of terabytes takes hours: no deadline but the operator's.
+            let week = Duration::from_secs(7 * 24 * 3600);
+            let v = ctl.watch_verification(id, number, week, |_| {}).await?;
+            if json {
+                print_json(&v);
+            } else {
+                for line in verification_lines(&v) {
+                    println!("{line}");
+                }
+            }
+            return Ok(if v.equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Cmd::Migration(MigrationCmd::Verify { id, .. }) => {
             let ctl = connect(&cli).await?;
             let id = ctl.resolve(id).await?;
             let v = ctl.verify(id, 0).await?;

@@ -311,6 +311,56 @@ impl Ctl {
         .attempt)
     }
 
+    /// Starts a full verification of a migration whose last round is done; returns its number
+    /// and the round it verifies. Sent once, like [`Ctl::sync`].
+    pub async fn verify_full(&self, id: u64) -> Result<(u32, u32), CtlError> {
+        let mut c = self.client.clone();
+        let r = c
+            .verify_full(pb::VerifyFullRequest {
+                migration_id: id,
+                name: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.number, r.round))
+    }
+
+    /// Polls migration `id` until its full verification `number` has ended, showing each pass
+    /// as it is reported; fails after `timeout`.
+    pub async fn watch_verification(
+        &self,
+        id: u64,
+        number: u32,
+        timeout: Duration,
+        mut show: impl FnMut(&pb::FullVerificationInfo),
+    ) -> Result<pb::FullVerificationInfo, CtlError> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            let p = self.status(id).await?;
+            let Some(v) = p.verification.filter(|v| v.number == number) else {
+                return Err(CtlError::Status(format!(
+                    "verification {number} of migration {id} is gone (a later one replaced it)"
+                )));
+            };
+            let seen = (v.source.is_some(), v.target.is_some(), v.ended_ms);
+            if last != Some(seen) {
+                show(&v);
+                last = Some(seen);
+            }
+            if v.ended_ms != 0 {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                return Err(CtlError::Status(format!(
+                    "verification {number} of migration {id} has not ended within {}s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Polls migration `id` until its cutover has ended (done or aborted), showing each
     /// change of phase; fails after `timeout`.
     pub async fn watch_cutover(
@@ -738,38 +788,64 @@ pub fn cutover_lines(c: &pb::CutoverInfo) -> Vec<String> {
     if c.final_round > 0 {
         out.push(format!("  final sync: round {}", c.final_round));
     }
-    for r in &c.runs {
-        let what = match &r.tree {
-            Some(t) if t.error.is_empty() => format!(
-                "{} files, {} in bytes, {} directories, {} symlinks, digest {}",
-                t.files,
-                human_bytes(t.bytes),
-                t.dirs,
-                t.symlinks,
-                &t.digest[..16.min(t.digest.len())]
-            ),
-            Some(t) => format!("FAILED: {}", t.error),
-            None if r.command.is_empty() => r.output.trim().to_string(),
-            None => format!(
-                "`{}` exited {}{}",
-                r.command,
-                r.exit_code,
-                match r.output.trim().lines().last() {
-                    Some(l) => format!(": {l}"),
-                    None => String::new(),
-                }
-            ),
-        };
-        out.push(format!(
-            "  {:<14} {:<10} {:>7.1}s  {what}",
-            r.step,
-            r.agent,
-            r.duration_ms as f64 / 1000.0
-        ));
-    }
+    out.extend(c.runs.iter().map(step_line));
     if !c.error.is_empty() {
         out.push(format!("  rolled back: {}", c.error));
     }
+    out
+}
+
+/// One step as an agent did it: a hook's command and exit, or a tree it read.
+pub fn step_line(r: &pb::StepRunInfo) -> String {
+    let what = match &r.tree {
+        Some(t) if t.error.is_empty() => format!(
+            "{} files, {} in bytes, {} directories, {} symlinks, digest {}; read {} files, {} \
+             (the rest unchanged since an earlier verification read them)",
+            t.files,
+            human_bytes(t.bytes),
+            t.dirs,
+            t.symlinks,
+            &t.digest[..16.min(t.digest.len())],
+            t.files_read,
+            human_bytes(t.bytes_read)
+        ),
+        Some(t) => format!("FAILED: {}", t.error),
+        None if r.command.is_empty() => r.output.trim().to_string(),
+        None => format!(
+            "`{}` exited {}{}",
+            r.command,
+            r.exit_code,
+            match r.output.trim().lines().last() {
+                Some(l) => format!(": {l}"),
+                None => String::new(),
+            }
+        ),
+    };
+    format!(
+        "  {:<14} {:<10} {:>7.1}s  {what}",
+        r.step,
+        r.agent,
+        r.duration_ms as f64 / 1000.0
+    )
+}
+
+/// The lines of a full verification: what it verifies, each tree read, the verdict.
+pub fn verification_lines(v: &pb::FullVerificationInfo) -> Vec<String> {
+    let verdict = if v.ended_ms == 0 {
+        "running".to_string()
+    } else if v.equal {
+        format!(
+            "EQUAL: the target holds the source as round {}'s scan found it",
+            v.round
+        )
+    } else {
+        format!("NOT VERIFIED: {}", v.error)
+    };
+    let mut out = vec![format!(
+        "full verification {} of round {}: {verdict}",
+        v.number, v.round
+    )];
+    out.extend(v.source.iter().chain(v.target.iter()).map(step_line));
     out
 }
 

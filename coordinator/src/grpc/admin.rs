@@ -408,6 +408,38 @@ impl Admin for AdminService {
         }
     }
 
+    async fn verify_full(&self, req: Request<pb::VerifyFullRequest>) -> R<pb::VerifyFullResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        let id = self.id_or_name(r.migration_id, &r.name).await?;
+        let cmd = Command::StartVerification {
+            migration_id: id,
+            now_ms: now_ms(),
+        };
+        match self.0.write(cmd).await? {
+            Response::Ok => {
+                let (number, round) = self
+                    .0
+                    .read(|s| {
+                        s.migrations
+                            .get(&id)
+                            .and_then(|m| m.verification.as_ref())
+                            .map(|v| (v.number, v.round))
+                    })
+                    .await?
+                    .unwrap_or_default();
+                tracing::info!(
+                    message = "Full verification started.",
+                    migration = id,
+                    number,
+                    round
+                );
+                Ok(GrpcResponse::new(pb::VerifyFullResponse { number, round }))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_admin(&req)?;
         let now = now_ms();

@@ -25,12 +25,28 @@ fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
     }
 }
 
-/// The cutover steps `agent` must do now, in the migrations it is the source or target of.
+/// The cutover steps and full verification passes `agent` must do now, in the migrations it
+/// is the source or target of.
 fn cutover_work(s: &crate::state::State, agent: &str) -> Vec<pb::CutoverWork> {
     let mut out = Vec::new();
     for m in s.migrations.values() {
-        let Some(c) = &m.cutover else { continue };
-        for step in c.pending_steps() {
+        // (step, cutover attempt, verification number, round)
+        let mut steps: Vec<(Step, u32, u32, u32)> = Vec::new();
+        if let Some(c) = &m.cutover {
+            steps.extend(
+                c.pending_steps()
+                    .into_iter()
+                    .map(|st| (st, c.attempt, 0, c.final_round)),
+            );
+        }
+        if let Some(v) = &m.verification {
+            steps.extend(
+                v.pending_steps()
+                    .into_iter()
+                    .map(|st| (st, 0, v.number, v.round)),
+            );
+        }
+        for (step, attempt, verification, round) in steps {
             let who = if step.on_target() {
                 &m.spec.target_agent
             } else {
@@ -43,12 +59,13 @@ fn cutover_work(s: &crate::state::State, agent: &str) -> Vec<pb::CutoverWork> {
                 migration_id: m.id,
                 migration_uuid: m.uuid.clone(),
                 migration_name: m.name.clone(),
-                attempt: c.attempt,
+                attempt,
                 step: step_pb(step).into(),
                 source_path: m.spec.source_path.clone(),
                 target_path: m.spec.target_path.clone(),
                 excludes: m.spec.excludes.clone(),
-                final_round: c.final_round,
+                final_round: round,
+                verification,
             });
         }
     }
@@ -89,6 +106,8 @@ fn step_run(r: &pb::CutoverStepRequest) -> Result<StepRun, Status> {
             dirs: t.dirs,
             symlinks: t.symlinks,
             error: head(&t.error, MAX_STEP_OUTPUT).to_string(),
+            files_read: t.files_read,
+            bytes_read: t.bytes_read,
         }),
         (None, Step::VerifySource | Step::VerifyTarget) => {
             return Err(Status::invalid_argument("a verification reports its tree"))
@@ -697,23 +716,33 @@ impl AgentControl for AgentService {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         let run = step_run(&r)?;
-        let resp = self
-            .0
-            .write(Command::CutoverStep {
+        let cmd = if r.verification != 0 {
+            Command::VerificationStep {
+                agent: r.agent.clone(),
+                session: r.session,
+                migration_id: r.migration_id,
+                number: r.verification,
+                run,
+                now_ms: now_ms(),
+            }
+        } else {
+            Command::CutoverStep {
                 agent: r.agent.clone(),
                 session: r.session,
                 migration_id: r.migration_id,
                 attempt: r.attempt,
                 run,
                 now_ms: now_ms(),
-            })
-            .await?;
+            }
+        };
+        let resp = self.0.write(cmd).await?;
         expect_ok(resp)?;
         tracing::info!(
             message = "Cutover step reported.",
             agent = %r.agent,
             migration = r.migration_id,
             attempt = r.attempt,
+            verification = r.verification,
             step = r.step,
             exit_code = r.exit_code
         );

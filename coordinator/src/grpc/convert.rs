@@ -3,7 +3,8 @@
 use ferry_proto::admin as pb;
 
 use crate::state::{
-    Cutover, CutoverPhase, Migration, MigrationSpec, Phase, ReportOutcome, SegState, Segment,
+    Cutover, CutoverPhase, FullVerification, Migration, MigrationSpec, Phase, ReportOutcome,
+    SegState, Segment, StepRun,
 };
 
 /// A report outcome on the wire.
@@ -71,29 +72,46 @@ pub fn cutover(c: &Cutover, now_ms: u64) -> pb::CutoverInfo {
         ended_ms: c.ended_ms,
         freeze_window_ms: c.freeze_window_ms(now_ms),
         final_round: c.final_round,
-        runs: c
-            .runs
-            .iter()
-            .map(|r| pb::StepRunInfo {
-                step: r.step.as_str().into(),
-                agent: r.agent.clone(),
-                command: r.command.clone(),
-                exit_code: r.exit_code,
-                output: r.output.clone(),
-                started_ms: r.started_ms,
-                duration_ms: r.duration_ms,
-                recorded_ms: r.recorded_ms,
-                tree: r.tree.as_ref().map(|t| pb::TreeDigestInfo {
-                    digest: ferry_common::hash::hex(&t.digest),
-                    files: t.files,
-                    bytes: t.bytes,
-                    dirs: t.dirs,
-                    symlinks: t.symlinks,
-                    error: t.error.clone(),
-                }),
-            })
-            .collect(),
+        runs: c.runs.iter().map(step_run).collect(),
         error: c.error.clone(),
+    }
+}
+
+/// A step as an agent did it, as operators see it.
+pub fn step_run(r: &StepRun) -> pb::StepRunInfo {
+    pb::StepRunInfo {
+        step: r.step.as_str().into(),
+        agent: r.agent.clone(),
+        command: r.command.clone(),
+        exit_code: r.exit_code,
+        output: r.output.clone(),
+        started_ms: r.started_ms,
+        duration_ms: r.duration_ms,
+        recorded_ms: r.recorded_ms,
+        tree: r.tree.as_ref().map(|t| pb::TreeDigestInfo {
+            digest: ferry_common::hash::hex(&t.digest),
+            files: t.files,
+            bytes: t.bytes,
+            dirs: t.dirs,
+            symlinks: t.symlinks,
+            error: t.error.clone(),
+            files_read: t.files_read,
+            bytes_read: t.bytes_read,
+        }),
+    }
+}
+
+/// A full verification, as operators see it.
+pub fn verification(v: &FullVerification) -> pb::FullVerificationInfo {
+    pb::FullVerificationInfo {
+        number: v.number,
+        round: v.round,
+        started_ms: v.started_ms,
+        ended_ms: v.ended_ms,
+        equal: v.equal(),
+        error: v.error.clone(),
+        source: v.source.as_ref().map(step_run),
+        target: v.target.as_ref().map(step_run),
     }
 }
 
@@ -173,6 +191,7 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         rounds: m.rounds.iter().map(|r| round(r, c)).collect(),
         segments_stale: c.stale_segments,
         cutover: m.cutover.as_ref().map(|c| cutover(c, super::now_ms())),
+        verification: m.verification.as_ref().map(verification),
     }
 }
 

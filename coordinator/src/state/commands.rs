@@ -149,6 +149,28 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// An operator asks for a full verification of a migration whose last round is done.
+    StartVerification {
+        /// Migration.
+        migration_id: u64,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An agent reports its pass of a full verification (its tree's digest).
+    VerificationStep {
+        /// The reporting agent.
+        agent: String,
+        /// Its session.
+        session: u64,
+        /// Migration.
+        migration_id: u64,
+        /// The verification's number.
+        number: u32,
+        /// What it did.
+        run: StepRun,
+        /// Leader time.
+        now_ms: u64,
+    },
     /// An operator asks for a sync round of a migration whose current round has ended.
     StartRound {
         /// Migration.
@@ -325,6 +347,21 @@ impl State {
             } => match self.check_session(&agent, session) {
                 Err(r) => r,
                 Ok(()) => self.cutover_step(&agent, migration_id, attempt, run, now_ms),
+            },
+            Command::StartVerification {
+                migration_id,
+                now_ms,
+            } => self.start_verification(migration_id, now_ms),
+            Command::VerificationStep {
+                agent,
+                session,
+                migration_id,
+                number,
+                run,
+                now_ms,
+            } => match self.check_session(&agent, session) {
+                Err(r) => r,
+                Ok(()) => self.verification_step(&agent, migration_id, number, run, now_ms),
             },
             Command::EndSession { name, session } => match self.agents.get_mut(&name) {
                 // Ending a session that is not current changes nothing (a repeated request).

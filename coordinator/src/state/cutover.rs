@@ -111,6 +111,32 @@ pub struct TreeDigest {
     /// Why the tree could not be verified (empty: it was); e.g. a file changed after the
     /// freeze.
     pub error: String,
+    /// Files the agent read for this digest (the others' hashes it had from an earlier
+    /// verification: unchanged since).
+    pub files_read: u64,
+    /// Their bytes.
+    pub bytes_read: u64,
+}
+
+impl TreeDigest {
+    /// Why a source's and a target's tree do not verify, if they do not.
+    pub fn mismatch(source: &TreeDigest, target: &TreeDigest) -> Option<String> {
+        let (s, t) = (source, target);
+        if !s.error.is_empty() {
+            Some(format!("source verification failed: {}", s.error))
+        } else if !t.error.is_empty() {
+            Some(format!("target verification failed: {}", t.error))
+        } else if s.digest != t.digest {
+            Some(format!(
+                "the target differs from the source: source {} files, {} bytes, {} \
+                 directories, {} symlinks; target {} files, {} bytes, {} directories, {} \
+                 symlinks (digests differ)",
+                s.files, s.bytes, s.dirs, s.symlinks, t.files, t.bytes, t.dirs, t.symlinks
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// One step as an agent did it.
@@ -235,6 +261,12 @@ impl State {
                 m.name
             ));
         }
+        m.interrupt_verification(
+            &format!(
+            "interrupted by cutover attempt {attempt}, which verifies both trees in full itself"
+        ),
+            now_ms,
+        );
         m.cutover = Some(Cutover {
             attempt,
             phase: CutoverPhase::Freezing,
@@ -369,20 +401,9 @@ impl State {
                     s.tree.clone().unwrap_or_default(),
                     t.tree.clone().unwrap_or_default(),
                 );
-                let why = if !s.error.is_empty() {
-                    Some(format!("source verification failed: {}", s.error))
-                } else if !t.error.is_empty() {
-                    Some(format!("target verification failed: {}", t.error))
-                } else if s.digest != t.digest {
-                    Some(format!(
-                        "the target differs from the frozen source: source {} files, {} bytes, \
-                         {} directories, {} symlinks; target {} files, {} bytes, {} \
-                         directories, {} symlinks (digests differ)",
-                        s.files, s.bytes, s.dirs, s.symlinks, t.files, t.bytes, t.dirs, t.symlinks
-                    ))
-                } else {
-                    None
-                };
+                let why = TreeDigest::mismatch(&s, &t).map(|w| {
+                    w.replace("differs from the source", "differs from the frozen source")
+                });
                 match why {
                     Some(why) => c.roll_back(why),
                     None => c.phase = CutoverPhase::Switching,

@@ -22,6 +22,7 @@ mod rounds;
 mod scheduler;
 mod segment;
 mod throttles;
+mod verification;
 
 pub use agents::{Agent, SESSION_TIMEOUT_MS};
 pub use commands::{Command, ThrottleScope};
@@ -34,6 +35,7 @@ pub use reports::ReportOutcome;
 pub use rounds::{Round, MAX_ROUNDS_KEPT};
 pub use scheduler::Lease;
 pub use segment::{retry_delay_ms, SegState, Segment, SegmentReg};
+pub use verification::FullVerification;
 
 /// Default lease time: how long a source may hold a segment before it returns to `Pending`.
 pub const DEFAULT_LEASE_TTL_MS: u64 = 120_000;

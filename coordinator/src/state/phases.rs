@@ -146,6 +146,8 @@ pub struct Migration {
     pub rounds: Vec<Round>,
     /// Its cutover (the latest attempt), once one was started.
     pub cutover: Option<Cutover>,
+    /// The latest full verification an operator asked for outside a cutover.
+    pub verification: Option<FullVerification>,
 }
 
 /// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
@@ -241,6 +243,7 @@ impl State {
                 throttle,
                 rounds: vec![Round::new(0, 0, now_ms, Counters::default())],
                 cutover: None,
+                verification: None,
             },
         );
         self.by_name.insert(name, id);

@@ -1745,6 +1745,8 @@ fn tree(digest: u8) -> Option<TreeDigest> {
         dirs: 1,
         symlinks: 0,
         error: String::new(),
+        files_read: 3,
+        bytes_read: 30,
     })
 }
 
@@ -2033,4 +2035,179 @@ fn periodic_rounds_are_due_their_interval_after_the_last_round_ended() {
     w.apply(Command::AbortCutover { migration_id: mid });
     w.step(mid, 1, step_run(Step::Rollback, 0, None), 2700);
     assert_eq!(w.s.rounds_due(99_999), vec![mid], "again after a rollback");
+}
+
+impl World {
+    fn verify_full(&mut self, mid: u64, now_ms: u64) -> Response {
+        self.apply(Command::StartVerification {
+            migration_id: mid,
+            now_ms,
+        })
+    }
+
+    fn verification_step(&mut self, mid: u64, number: u32, run: StepRun, now_ms: u64) -> Response {
+        let agent = if run.step.on_target() { "dst" } else { "src" };
+        self.apply(Command::VerificationStep {
+            agent: agent.into(),
+            session: 1,
+            migration_id: mid,
+            number,
+            run,
+            now_ms,
+        })
+    }
+
+    fn verification(&self, mid: u64) -> &FullVerification {
+        self.s.migrations[&mid].verification.as_ref().unwrap()
+    }
+}
+
+#[test]
+fn a_full_verification_compares_both_passes_each_reported_once() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    assert!(
+        matches!(w.verify_full(mid, 3), Response::Refused(why) if why.contains("round 0 is running")),
+        "not while the bulk copy runs"
+    );
+    w.verify_all(4);
+    assert_eq!(w.verify_full(mid, 5), Response::Ok);
+    let v = w.verification(mid);
+    assert_eq!((v.number, v.round, v.started_ms), (1, 0, 5));
+    assert!(v.running());
+    assert_eq!(
+        v.pending_steps(),
+        vec![Step::VerifySource, Step::VerifyTarget]
+    );
+    // Only the migration's own agents, only verification steps.
+    let mut wrong = step_run(Step::VerifySource, 0, tree(7));
+    wrong.step = Step::VerifyTarget;
+    assert!(matches!(
+        w.apply(Command::VerificationStep {
+            agent: "src".into(),
+            session: 1,
+            migration_id: mid,
+            number: 1,
+            run: wrong,
+            now_ms: 6,
+        }),
+        Response::Refused(why) if why.contains("does not do verify_target")
+    ));
+    assert!(matches!(
+        w.verification_step(mid, 1, step_run(Step::Switch, 0, None), 6),
+        Response::Refused(why) if why.contains("not a step of a verification")
+    ));
+    assert!(matches!(
+        w.verification_step(mid, 2, step_run(Step::VerifySource, 0, tree(7)), 6),
+        Response::Refused(_)
+    ));
+    assert_eq!(
+        w.verification_step(mid, 1, step_run(Step::VerifySource, 0, tree(7)), 6),
+        Response::Ok
+    );
+    // Repeated (a lost answer): accepted, changes nothing.
+    assert_eq!(
+        w.verification_step(mid, 1, step_run(Step::VerifySource, 0, tree(8)), 7),
+        Response::Ok
+    );
+    assert_eq!(
+        w.verification(mid).pending_steps(),
+        vec![Step::VerifyTarget]
+    );
+    assert_eq!(
+        w.verification_step(mid, 1, step_run(Step::VerifyTarget, 0, tree(7)), 8),
+        Response::Ok
+    );
+    let v = w.verification(mid);
+    assert!(v.equal(), "{v:?}");
+    assert_eq!(v.ended_ms, 8);
+    assert_eq!(
+        v.source.as_ref().unwrap().tree,
+        tree(7),
+        "the first report counts"
+    );
+
+    // A second one finds the trees differ.
+    assert_eq!(w.verify_full(mid, 10), Response::Ok);
+    w.verification_step(mid, 2, step_run(Step::VerifySource, 0, tree(7)), 11);
+    w.verification_step(mid, 2, step_run(Step::VerifyTarget, 0, tree(9)), 12);
+    let v = w.verification(mid);
+    assert!(!v.equal() && !v.running());
+    assert!(
+        v.error.contains("target differs from the source"),
+        "{}",
+        v.error
+    );
+    assert_eq!(
+        w.s.migrations[&mid].phase,
+        Phase::Done,
+        "a verification changes nothing else"
+    );
+
+    // A live source: the source's pass names what changed since the round.
+    assert_eq!(w.verify_full(mid, 20), Response::Ok);
+    let mut live = tree(7).unwrap();
+    live.error = "1 name(s) changed since the round's scan: d/b changed".into();
+    w.verification_step(mid, 3, step_run(Step::VerifySource, 1, Some(live)), 21);
+    w.verification_step(mid, 3, step_run(Step::VerifyTarget, 0, tree(7)), 22);
+    let v = w.verification(mid);
+    assert!(!v.equal());
+    assert!(
+        v.error
+            .contains("source verification failed: 1 name(s) changed"),
+        "{}",
+        v.error
+    );
+}
+
+#[test]
+fn a_round_a_cutover_or_a_new_request_ends_a_running_verification() {
+    let mut w = World::new();
+    let mid = w.done_migration();
+    assert_eq!(w.verify_full(mid, 5), Response::Ok);
+    // Asked again (an agent died): the new one replaces it.
+    assert_eq!(w.verify_full(mid, 6), Response::Ok);
+    let v = w.verification(mid);
+    assert_eq!(v.number, 2);
+    assert!(matches!(
+        w.verification_step(mid, 1, step_run(Step::VerifySource, 0, tree(7)), 7),
+        Response::Refused(why) if why.contains("no verification 1")
+    ));
+    w.verification_step(mid, 2, step_run(Step::VerifySource, 0, tree(7)), 7);
+    // A sync round changes the target under it: it ends without a verdict.
+    assert_eq!(w.sync(mid, 8), Response::Ok);
+    let v = w.verification(mid);
+    assert!(!v.running() && !v.equal());
+    assert!(v.error.contains("interrupted by round 1"), "{}", v.error);
+    assert!(v.pending_steps().is_empty());
+    assert!(matches!(
+        w.verification_step(mid, 2, step_run(Step::VerifyTarget, 0, tree(7)), 9),
+        Response::Refused(why) if why.contains("has ended")
+    ));
+    assert!(
+        matches!(w.verify_full(mid, 9), Response::Refused(why) if why.contains("round 1 is running")),
+    );
+    w.round_scan(mid, &[(1, 5, 1)], 0, 10);
+    w.verify_all(11);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+    assert_eq!(w.verify_full(mid, 12), Response::Ok);
+    assert_eq!(w.verification(mid).round, 1);
+    // A cutover verifies in full itself.
+    assert_eq!(
+        w.apply(Command::StartCutover {
+            migration_id: mid,
+            now_ms: 13
+        }),
+        Response::Ok
+    );
+    let v = w.verification(mid);
+    assert!(
+        v.error.contains("interrupted by cutover attempt 1"),
+        "{}",
+        v.error
+    );
+    assert!(
+        matches!(w.verify_full(mid, 14), Response::Refused(why) if why.contains("cutover")),
+        "not while a cutover runs"
+    );
 }

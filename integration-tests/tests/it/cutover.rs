@@ -385,3 +385,114 @@ async fn a_target_killed_during_the_final_round_the_cutover_still_switches_each_
     let _ = target.kill();
     let _ = target.wait();
 }
+
+fn tree_of<'a>(
+    v: &'a ferry_proto::admin::FullVerificationInfo,
+    side: &str,
+) -> &'a ferry_proto::admin::TreeDigestInfo {
+    let run = if side == "source" {
+        &v.source
+    } else {
+        &v.target
+    };
+    run.as_ref()
+        .and_then(|r| r.tree.as_ref())
+        .expect("a pass with its tree")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_verification_finds_a_damaged_target_and_leaves_the_freeze_only_the_changes_to_read()
+{
+    let r = rig(|_| String::new(), 0).await;
+    let id = r.ctl.create(migration_spec(&r.src, "")).await.unwrap();
+    finished(&r.ctl, id, LIMIT, &String::new).await;
+    // An agent caches the hash of a file it read only when the file's ctime is at least a
+    // second older than the read (a write in the same clock tick could hide behind it): the
+    // copy's files must be that old for the next pass to take their hashes. This is that rule,
+    // not a wait for something to happen.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (n, round) = r.ctl.verify_full(id).await.unwrap();
+    assert_eq!((n, round), (1, 0));
+    let v = r
+        .ctl
+        .watch_verification(id, n, LIMIT, |_| {})
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+    let files = tree_of(&v, "source").files;
+    assert_eq!(files, 60);
+    assert_eq!(tree_of(&v, "source").digest, tree_of(&v, "target").digest);
+    assert_eq!(
+        tree_of(&v, "source").files_read,
+        files,
+        "the first pass reads all"
+    );
+    assert_eq!(tree_of(&v, "target").files_read, files);
+
+    // A damaged copy: same size and mtime, other bytes — only ferry's reading it back shows it.
+    let victim = r.root.join("d03/f00020.bin");
+    let good = std::fs::read(&victim).unwrap();
+    let mtime =
+        filetime::FileTime::from_last_modification_time(&std::fs::metadata(&victim).unwrap());
+    let mut bad = good.clone();
+    bad[100] ^= 0xff;
+    std::fs::write(&victim, &bad).unwrap();
+    filetime::set_file_mtime(&victim, mtime).unwrap();
+    let (n, _) = r.ctl.verify_full(id).await.unwrap();
+    let v = r
+        .ctl
+        .watch_verification(id, n, LIMIT, |_| {})
+        .await
+        .unwrap();
+    assert!(!v.equal);
+    assert!(
+        v.error.contains("target differs from the source"),
+        "{}",
+        v.error
+    );
+    assert_eq!(
+        tree_of(&v, "source").files_read,
+        0,
+        "nothing changed at the source"
+    );
+    assert_eq!(
+        tree_of(&v, "target").files_read,
+        1,
+        "only the damaged file is read again"
+    );
+    std::fs::write(&victim, &good).unwrap();
+    filetime::set_file_mtime(&victim, mtime).unwrap();
+    // Settled before it is read, as above, so the cutover need not read it again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (n, _) = r.ctl.verify_full(id).await.unwrap();
+    let v = r
+        .ctl
+        .watch_verification(id, n, LIMIT, |_| {})
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+
+    // One source file changes; the cutover's final round sends it, and its full verification
+    // reads only that file at each end (the rest were read before the freeze).
+    std::fs::write(r.src.join("d05/f00022.bin"), b"changed before the cutover").unwrap();
+    r.ctl.cutover(id, false).await.unwrap();
+    let p = r.ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Done, "{c:#?}");
+    for step in ["verify_source", "verify_target"] {
+        let t = c
+            .runs
+            .iter()
+            .find(|s| s.step == step)
+            .unwrap()
+            .tree
+            .clone()
+            .unwrap();
+        assert_eq!((t.files, t.files_read), (60, 1), "{step}: {t:?}");
+        assert_eq!(t.bytes_read, 26, "{step}");
+    }
+    assert_same_tree(&r.src, &r.root);
+    // Cut over: the target is live, and a verification against the source is refused.
+    let refused = r.ctl.verify_full(id).await.unwrap_err().to_string();
+    assert!(refused.contains("cut over"), "{refused}");
+}
