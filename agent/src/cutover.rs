@@ -387,7 +387,7 @@ impl<C: Coordinator> CutoverRunner<C> {
                     // holds the whole tree for the cutover's pass), then say what changed.
                     keep_going: standalone,
                     since: if standalone {
-                        "since the round scanned it (the next round sends it)"
+                        "since the round scanned them (the next round sends them)"
                     } else {
                         "after the freeze (the final round scanned it frozen)"
                     },
@@ -489,7 +489,7 @@ impl Default for Pass<'_> {
     }
 }
 
-/// Names not as the catalog lists them, counted, the first few kept.
+/// Names not as the catalog lists them, counted, the first few kept (as shown to people).
 #[derive(Default)]
 struct Changed {
     count: u64,
@@ -497,10 +497,10 @@ struct Changed {
 }
 
 impl Changed {
-    fn push(&mut self, why: String) {
+    fn push(&mut self, name: String) {
         self.count += 1;
-        if self.first.len() < 3 {
-            self.first.push(why);
+        if self.first.len() < 5 {
+            self.first.push(name);
         }
     }
 }
@@ -555,7 +555,7 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
                 if !pass.keep_going {
                     return Err(why);
                 }
-                changed.push(why);
+                changed.push(display(&e.path));
             }
         }
         let path = ferry_common::path::bytes(&e.path);
@@ -625,7 +625,7 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
     if let Some(d) = differ {
         let (deleted, _) = d.finish().map_err(|e| e.to_string())?;
         for p in deleted {
-            changed.push(format!("{} was removed {}", display(&p), pass.since));
+            changed.push(format!("{} (removed)", display(&p)));
         }
     }
     // The hashes are of the files as they are now, whatever the catalog said.
@@ -635,9 +635,15 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
     }
     if changed.count > 0 {
         return Err(format!(
-            "{} name(s) changed since the round's scan: {}",
+            "{} name(s) changed {}: {}{}",
             changed.count,
-            changed.first.join("; ")
+            pass.since,
+            changed.first.join(", "),
+            if changed.count > changed.first.len() as u64 {
+                ", ..."
+            } else {
+                ""
+            }
         ));
     }
     t.digest = *h.finalize().as_bytes();
@@ -789,10 +795,10 @@ mod tests {
         std::fs::write(root.join("new"), b"n").unwrap();
         std::fs::remove_file(root.join("gone")).unwrap();
         let err = tree_digest(root, &none, pass).unwrap_err();
-        assert!(err.starts_with("3 name(s) changed since"), "{err}");
-        for name in ["d/b changed", "new changed", "gone was removed"] {
-            assert!(err.contains(name), "{name}: {err}");
-        }
+        assert_eq!(
+            err,
+            "3 name(s) changed since the round scanned it: d/b, new, gone (removed)"
+        );
         // It read on: every file's hash is cached, so nothing is read again.
         let again = Pass {
             catalog: None,

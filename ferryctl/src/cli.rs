@@ -755,10 +755,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     None => println!("cutover    not started"),
                 }
-                if let Some(v) = &p.verification {
-                    for line in verification_lines(v) {
-                        println!("{line}");
+                match (&p.verification, &p.cutover) {
+                    // The cutover's own full verification came after it.
+                    (Some(v), Some(c)) if v.ended_ms != 0 && v.ended_ms <= c.started_ms => {
+                        println!(
+                            "full verification {} of round {} ran before cutover attempt {}, \
+                             whose own full verification is above",
+                            v.number, v.round, c.attempt
+                        )
                     }
+                    (Some(v), _) => {
+                        for line in verification_lines(v) {
+                            println!("{line}");
+                        }
+                    }
+                    (None, _) => {}
                 }
             }
         }

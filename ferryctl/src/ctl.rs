@@ -747,8 +747,14 @@ pub fn round_lines(p: &pb::MigrationProgress, now_ms: u64) -> Vec<String> {
 
 /// What the last finished sync round says about a cutover's freeze: its final round would take
 /// about as long, if the source changes at the same pace; the full verification then reads
-/// both trees on top of it.
+/// what changed since the last one on top of it. Nothing once cut over.
 fn freeze_estimate(p: &pb::MigrationProgress) -> Option<String> {
+    if p.cutover
+        .as_ref()
+        .is_some_and(|c| c.phase() == pb::CutoverPhase::Done)
+    {
+        return None;
+    }
     let last = p
         .rounds
         .iter()
@@ -757,7 +763,7 @@ fn freeze_estimate(p: &pb::MigrationProgress) -> Option<String> {
     let took = last.finished_ms.saturating_sub(last.started_ms) as f64 / 1000.0;
     Some(format!(
         "lag: round {} sent {} files, {} in {took:.1}s — a cutover now would freeze writes for \
-         about that long, plus a full read of both trees",
+         about that long, plus reading what changed since the last full verification",
         last.number,
         last.files,
         human_bytes(last.bytes),

@@ -115,12 +115,15 @@ pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf
     ferry_copy_from(ctx, admin, &ctx.src, name).map(|(p, resent, _)| (p, resent))
 }
 
-/// Starts a sync round of migration `id` and waits until it is done; returns its seconds (from
-/// the request to the round's end, as the operator waits for it).
-pub fn ferry_sync(ctx: &Ctx, admin: &TlsMaterial, id: u64) -> Result<f64, String> {
+/// Runs `f` with an admin client of the coordinator, from side B's network namespace.
+fn with_ctl<T, F>(ctx: &Ctx, admin: &TlsMaterial, f: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: AsyncFnOnce(ferryctl::ctl::Ctl) -> Result<T, String> + Send + 'static,
+{
     let addr = format!("{}:{COORD_PORT}", ctx.wan.addr_b);
-    let (admin, timeout) = (admin.clone(), ctx.timeout);
-    wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<f64, String> {
+    let admin = admin.clone();
+    wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<T, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -129,24 +132,102 @@ pub fn ferry_sync(ctx: &Ctx, admin: &TlsMaterial, id: u64) -> Result<f64, String
             let ctl = ferryctl::ctl::Ctl::connect(&addr, &admin)
                 .await
                 .map_err(|e| e.to_string())?;
-            let t = Instant::now();
-            let round = ctl.sync(id).await.map_err(|e| e.to_string())?;
-            loop {
-                let p = ctl.status(id).await.map_err(|e| e.to_string())?;
-                if p.round == round && p.phase() == Phase::Done {
-                    return Ok(t.elapsed().as_secs_f64());
-                }
-                if p.phase() == Phase::Failed {
-                    return Err(format!("round {round} failed: {}", p.last_error));
-                }
-                if t.elapsed() > timeout {
-                    return Err(format!("round {round} not done after {timeout:?}"));
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
+            f(ctl).await
         })
     })
     .map_err(|e| e.to_string())?
+}
+
+/// Starts a sync round of migration `id` and waits until it is done; returns its seconds (from
+/// the request to the round's end, as the operator waits for it).
+pub fn ferry_sync(ctx: &Ctx, admin: &TlsMaterial, id: u64) -> Result<f64, String> {
+    let timeout = ctx.timeout;
+    with_ctl(ctx, admin, async move |ctl| {
+        let t = Instant::now();
+        let round = ctl.sync(id).await.map_err(|e| e.to_string())?;
+        loop {
+            let p = ctl.status(id).await.map_err(|e| e.to_string())?;
+            if p.round == round && p.phase() == Phase::Done {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+            if p.phase() == Phase::Failed {
+                return Err(format!("round {round} failed: {}", p.last_error));
+            }
+            if t.elapsed() > timeout {
+                return Err(format!("round {round} not done after {timeout:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+}
+
+/// Runs a full verification of migration `id` (`ferryctl migration verify --mode full`);
+/// returns its seconds, or why the trees did not verify.
+pub fn ferry_verify_full(ctx: &Ctx, admin: &TlsMaterial, id: u64) -> Result<f64, String> {
+    let timeout = ctx.timeout;
+    with_ctl(ctx, admin, async move |ctl| {
+        let t = Instant::now();
+        let (n, _) = ctl.verify_full(id).await.map_err(|e| e.to_string())?;
+        let v = ctl
+            .watch_verification(id, n, timeout, |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        if !v.equal {
+            return Err(format!("full verification {n}: {}", v.error));
+        }
+        Ok(t.elapsed().as_secs_f64())
+    })
+}
+
+/// A cutover as the benchmark reports it.
+pub struct CutoverFigures {
+    /// From the request to `done`, seconds.
+    pub total_s: f64,
+    /// How long writes were frozen (end of pre_freeze to end of switch), seconds.
+    pub freeze_s: f64,
+    /// The final round's seconds.
+    pub final_round_s: f64,
+    /// Files and bytes each end read for the verification while frozen: (source, target).
+    pub read: ((u64, u64), (u64, u64)),
+}
+
+/// Cuts migration `id` over (no hooks are configured on the benchmark's agents) and waits for
+/// the switch.
+pub fn ferry_cutover(ctx: &Ctx, admin: &TlsMaterial, id: u64) -> Result<CutoverFigures, String> {
+    let timeout = ctx.timeout;
+    with_ctl(ctx, admin, async move |ctl| {
+        let t = Instant::now();
+        ctl.cutover(id, false).await.map_err(|e| e.to_string())?;
+        let p = ctl
+            .watch_cutover(id, timeout, |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        let total_s = t.elapsed().as_secs_f64();
+        let c = p.cutover.as_ref().ok_or("no cutover")?;
+        if c.phase() != ferry_proto::admin::CutoverPhase::Done {
+            return Err(format!("the cutover rolled back: {}", c.error));
+        }
+        let read = |step: &str| {
+            c.runs
+                .iter()
+                .find(|r| r.step == step)
+                .and_then(|r| r.tree.as_ref())
+                .map_or((0, 0), |t| (t.files_read, t.bytes_read))
+        };
+        let final_round_s = p
+            .rounds
+            .iter()
+            .find(|r| r.number == c.final_round)
+            .map_or(0.0, |r| {
+                r.finished_ms.saturating_sub(r.started_ms) as f64 / 1000.0
+            });
+        Ok(CutoverFigures {
+            total_s,
+            freeze_s: c.freeze_window_ms as f64 / 1000.0,
+            final_round_s,
+            read: (read("verify_source"), read("verify_target")),
+        })
+    })
 }
 
 /// [`ferry_copy`] of `src`; also returns the migration's id.
@@ -156,52 +237,32 @@ pub fn ferry_copy_from(
     src: &std::path::Path,
     name: &str,
 ) -> Result<(PathBuf, u64, u64), String> {
-    let addr = format!("{}:{COORD_PORT}", ctx.wan.addr_b);
-    let (admin, src, tp, timeout) = (
-        admin.clone(),
-        src.display().to_string(),
-        name.to_string(),
-        ctx.timeout,
-    );
-    let (resent, id) = wan::sys::in_netns(&ctx.wan.ns_b, move || -> Result<(u64, u64), String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    let (src, tp, timeout) = (src.display().to_string(), name.to_string(), ctx.timeout);
+    let (resent, id) = with_ctl(ctx, admin, async move |ctl| {
+        let id = ctl
+            .create(ferry_proto::admin::MigrationSpec {
+                source_agent: "src".into(),
+                source_path: src,
+                target_agent: "dst".into(),
+                target_path: tp,
+                ..Default::default()
+            })
+            .await
             .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let ctl = ferryctl::ctl::Ctl::connect(&addr, &admin)
-                .await
-                .map_err(|e| e.to_string())?;
-            let id = ctl
-                .create(ferry_proto::admin::MigrationSpec {
-                    source_agent: "src".into(),
-                    source_path: src,
-                    target_agent: "dst".into(),
-                    target_path: tp,
-                    segment_size: 0,
-                    xattrs: false,
-                    max_attempts: 0,
-                    excludes: Vec::new(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            let t = Instant::now();
-            loop {
-                let p = ctl.status(id).await.map_err(|e| e.to_string())?;
-                if p.phase() == Phase::Done {
-                    return Ok((p.leases_granted.saturating_sub(p.segments_total), id));
-                }
-                if !p.last_error.is_empty() && p.failed_attempts > 50 {
-                    return Err(format!("migration {id} keeps failing: {}", p.last_error));
-                }
-                if t.elapsed() > timeout {
-                    return Err(format!("migration {id} not done after {timeout:?}"));
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+        let t = Instant::now();
+        loop {
+            let p = ctl.status(id).await.map_err(|e| e.to_string())?;
+            if p.phase() == Phase::Done {
+                return Ok((p.leases_granted.saturating_sub(p.segments_total), id));
             }
-        })
-    })
-    .map_err(|e| e.to_string())??;
+            if !p.last_error.is_empty() && p.failed_attempts > 50 {
+                return Err(format!("migration {id} keeps failing: {}", p.last_error));
+            }
+            if t.elapsed() > timeout {
+                return Err(format!("migration {id} not done after {timeout:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })?;
     Ok((ctx.work.join("dst").join(name), resent, id))
 }

@@ -223,10 +223,10 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
             all.push(one);
         }
     }
-    let incremental = if opts.incremental {
+    let (incremental, cutover) = if opts.incremental {
         runs::run_incremental(&ctx, &tools, opts.kind, opts.seed, admin.as_ref())?
     } else {
-        Vec::new()
+        Default::default()
     };
     let report = Report {
         profile,
@@ -240,6 +240,7 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         runs: all,
         missing,
         incremental,
+        cutover,
         machine: Machine::measure(&dst)?,
     };
     print!("{}", report.markdown());

@@ -8,6 +8,11 @@ use super::dataset::Kind;
 use super::runs::Run;
 use crate::wan::Profile;
 
+/// Bytes as MiB with one decimal.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 /// The median, or NaN for no values.
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -116,6 +121,8 @@ pub struct Report {
     pub missing: Vec<String>,
     /// The incremental scenario: (tool, change re-sync, no-change re-run) as printable cells.
     pub incremental: Vec<(String, String, String)>,
+    /// ferry's cutover after the incremental scenario: (what, figure).
+    pub cutover: Vec<(String, String)>,
     /// The machine.
     pub machine: Machine,
 }
@@ -228,6 +235,17 @@ impl Report {
                 let _ = writeln!(o, "| {t} | {a} | {b} |");
             }
         }
+        if !self.cutover.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nferry's cutover (a full verification while the source is live, 1 % more changed, then the cutover; no hooks):\n"
+            );
+            let _ = writeln!(o, "| | |");
+            let _ = writeln!(o, "|---|---|");
+            for (what, v) in &self.cutover {
+                let _ = writeln!(o, "| {what} | {v} |");
+            }
+        }
         out
     }
 
@@ -258,6 +276,7 @@ impl Report {
                 "time_over_ferry": ferry_wall.map(|f| r.wall / f),
             })).collect::<Vec<_>>(),
             "incremental": self.incremental.iter().map(|(t, a, b)| serde_json::json!({"tool": t, "change": a, "no_change": b})).collect::<Vec<_>>(),
+            "cutover": self.cutover.iter().map(|(w, v)| serde_json::json!({"what": w, "figure": v})).collect::<Vec<_>>(),
         })
     }
 }

@@ -129,20 +129,25 @@ pub fn one_run(
     }
 }
 
+/// What the incremental scenario measured: (tool, change, no-change) as printable cells, and
+/// ferry's cutover as (what, figure) rows.
+pub type Incremental = (Vec<(String, String, String)>, Vec<(String, String)>);
+
 /// The incremental scenario: a full copy per tool into a kept destination, then 1 % of the data
-/// changed, a timed re-sync, and a timed re-run with nothing changed. Returns (tool, change,
-/// no-change) as printable cells.
+/// changed, a timed re-sync, and a timed re-run with nothing changed; for ferry, then a full
+/// verification, another 1 % changed, and a cutover.
 pub fn run_incremental(
     ctx: &Ctx,
     tools: &[String],
     kind: Kind,
     seed: u64,
     admin: Option<&TlsMaterial>,
-) -> anyhow::Result<Vec<(String, String, String)>> {
+) -> anyhow::Result<Incremental> {
     // The source is changed in a copy, so the cached data set stays as generated.
     let src = ctx.work.join("incremental-src");
     fresh_copy(&ctx.src, &src)?;
     let mut out = Vec::new();
+    let mut cutover = Vec::new();
     for tool in tools {
         if tool == "ferry" {
             let Some(admin) = admin else {
@@ -153,7 +158,9 @@ pub fn run_incremental(
                 ));
                 continue;
             };
-            out.push(ferry_incremental(ctx, admin, &src, kind, seed));
+            let (row, c) = ferry_incremental(ctx, admin, &src, kind, seed);
+            out.push(row);
+            cutover = c;
             fresh_copy(&ctx.src, &src)?;
             continue;
         }
@@ -203,21 +210,29 @@ pub fn run_incremental(
         fresh_copy(&ctx.src, &src)?;
     }
     let _ = std::fs::remove_dir_all(&src);
-    Ok(out)
+    Ok((out, cutover))
 }
 
 /// ferry's incremental scenario: a migration (round 0) of `src`, the 1 % change made in place
 /// (a fresh copy would give every file a new inode and ctime, which ferry rightly takes for a
-/// change), a timed sync round, the copy checked, then a timed round with nothing changed.
+/// change), a timed sync round, the copy checked, then a timed round with nothing changed. Then
+/// the cutover as an operator runs it: a full verification while the source is live, another
+/// 1 % changed, and a cutover (final round, full verification, switch) whose freeze window is
+/// measured; the copy checked again.
 fn ferry_incremental(
     ctx: &Ctx,
     admin: &TlsMaterial,
     src: &Path,
     kind: Kind,
     seed: u64,
-) -> (String, String, String) {
+) -> ((String, String, String), Vec<(String, String)>) {
     let tool = "ferry".to_string();
-    let failed = |e: String| (tool.clone(), format!("FAILED: {e}"), String::new());
+    let failed = |e: String| {
+        (
+            (tool.clone(), format!("FAILED: {e}"), String::new()),
+            Vec::new(),
+        )
+    };
     let name = "incremental-ferry";
     let _ = std::fs::remove_dir_all(ctx.work.join("dst").join(name));
     let (dst, _, id) = match super::ferry::ferry_copy_from(ctx, admin, src, name) {
@@ -238,8 +253,79 @@ fn ferry_incremental(
         Ok(s) => format!("{s:.2}"),
         Err(e) => format!("FAILED: {e}"),
     };
+    let row = (tool, cell(change), cell(none));
+    let cutover = ferry_cutover_rows(ctx, admin, src, &dst, id, kind, seed);
     let _ = std::fs::remove_dir_all(&dst);
-    (tool, cell(change), cell(none))
+    (row, cutover)
+}
+
+/// The cutover part of [`ferry_incremental`], as (what, figure) rows.
+fn ferry_cutover_rows(
+    ctx: &Ctx,
+    admin: &TlsMaterial,
+    src: &Path,
+    dst: &Path,
+    id: u64,
+    kind: Kind,
+    seed: u64,
+) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let mut row = |what: &str, v: String| rows.push((what.to_string(), v));
+    match super::ferry::ferry_verify_full(ctx, admin, id) {
+        Ok(s) => row(
+            "full verification before the cutover (source live), s",
+            format!("{s:.2}"),
+        ),
+        Err(e) => {
+            row(
+                "full verification before the cutover",
+                format!("FAILED: {e}"),
+            );
+            return rows;
+        }
+    }
+    match dataset::mutate(kind, src, seed ^ 0x5eed) {
+        Ok(changed) => {
+            eprintln!("ferry: {changed} bytes changed before the cutover");
+            row("changed before the cutover", super::report::mib(changed));
+        }
+        Err(e) => {
+            row("changed before the cutover", format!("FAILED: {e}"));
+            return rows;
+        }
+    }
+    match super::ferry::ferry_cutover(ctx, admin, id) {
+        Ok(c) => {
+            let checked = tree::compare(src, dst, Fidelity::Full);
+            row("cutover, request to switch, s", format!("{:.2}", c.total_s));
+            row(
+                "writes frozen (end of pre_freeze to end of switch), s",
+                format!("{:.2}", c.freeze_s),
+            );
+            row(
+                "of which the final round, s",
+                format!("{:.2}", c.final_round_s),
+            );
+            let ((sf, sb), (tf, tb)) = c.read;
+            row(
+                "read for the verification while frozen: source / target",
+                format!(
+                    "{sf} files, {} / {tf} files, {}",
+                    super::report::mib(sb),
+                    super::report::mib(tb)
+                ),
+            );
+            row(
+                "copy equal to the frozen source (independent check)",
+                match checked {
+                    Ok(()) => "yes".into(),
+                    Err(e) => format!("NO: {e}"),
+                },
+            );
+        }
+        Err(e) => row("cutover", format!("FAILED: {e}")),
+    }
+    rows
 }
 
 /// Replaces `to` with a `cp -a` of `from`.
