@@ -202,6 +202,11 @@ enum MigrationCmd {
         /// besides those started with `migration sync`.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         sync_every: Option<Duration>,
+        /// Cut over by itself once a sync round ends done in less than this (60s, 5m): the
+        /// freeze its final round would take at that pace. Once: after a rolled-back attempt
+        /// you decide. Pairs with --sync-every for a hands-off migration.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        auto_cutover_below: Option<Duration>,
     },
     /// Cut over: freeze the source (its agent's pre_freeze hook), sync the last changes,
     /// verify both trees in full, and switch (the target agent's switch hook) — or, on any
@@ -494,6 +499,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_deleted,
             max_delete,
             sync_every,
+            auto_cutover_below,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -509,6 +515,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 keep_deleted: *keep_deleted,
                 max_delete: *max_delete,
                 sync_every_secs: sync_every.map_or(0, |d| d.as_secs()),
+                auto_cutover_below_ms: auto_cutover_below.map_or(0, |d| d.as_millis() as u64),
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
             let id = connect(&cli)
@@ -610,6 +617,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let every = p.spec.as_ref().map_or(0, |s| s.sync_every_secs);
                 if every > 0 {
                     println!("sync rounds every {every} s after the last one ended");
+                }
+                let auto = p.spec.as_ref().map_or(0, |s| s.auto_cutover_below_ms);
+                if auto > 0 && p.cutover.is_none() {
+                    println!(
+                        "cutover starts by itself once a sync round ends done in under {:.1} s",
+                        auto as f64 / 1000.0
+                    );
                 }
                 if !p.blocked.is_empty() {
                     println!("blocked: {}", p.blocked);

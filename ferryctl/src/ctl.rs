@@ -791,6 +791,9 @@ pub fn cutover_lines(c: &pb::CutoverInfo) -> Vec<String> {
             String::new()
         }
     )];
+    if !c.trigger.is_empty() {
+        out.push(format!("  started by itself: {}", c.trigger));
+    }
     if c.final_round > 0 {
         out.push(format!("  final sync: round {}", c.final_round));
     }

@@ -60,6 +60,12 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
             s.sync_every_secs
         ));
     }
+    if s.auto_cutover_below_ms > MAX_SYNC_EVERY_SECS * 1000 {
+        return bad(format!(
+            "auto cutover below {} ms is over the limit of 7 days",
+            s.auto_cutover_below_ms
+        ));
+    }
     if s.max_attempts > MAX_MAX_ATTEMPTS {
         return bad(format!(
             "max attempts {} is over the limit of {MAX_MAX_ATTEMPTS} (0 = {DEFAULT_MAX_ATTEMPTS})",
@@ -86,6 +92,7 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
         keep_deleted: s.keep_deleted,
         max_delete: s.max_delete,
         sync_every_ms: s.sync_every_secs.saturating_mul(1000),
+        auto_cutover_below_ms: s.auto_cutover_below_ms,
     })
 }
 

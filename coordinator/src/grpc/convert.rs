@@ -45,6 +45,7 @@ pub fn spec(s: &MigrationSpec) -> pb::MigrationSpec {
         keep_deleted: s.keep_deleted,
         max_delete: s.max_delete,
         sync_every_secs: s.sync_every_ms / 1000,
+        auto_cutover_below_ms: s.auto_cutover_below_ms,
     }
 }
 
@@ -74,6 +75,7 @@ pub fn cutover(c: &Cutover, now_ms: u64) -> pb::CutoverInfo {
         final_round: c.final_round,
         runs: c.runs.iter().map(step_run).collect(),
         error: c.error.clone(),
+        trigger: c.trigger.clone(),
     }
 }
 

@@ -183,6 +183,8 @@ pub struct Cutover {
     pub runs: Vec<StepRun>,
     /// Why it rolled back (empty: it did not).
     pub error: String,
+    /// Why it started by itself (empty: an operator started it).
+    pub trigger: String,
 }
 
 impl Cutover {
@@ -261,23 +263,7 @@ impl State {
                 m.name
             ));
         }
-        m.interrupt_verification(
-            &format!(
-            "interrupted by cutover attempt {attempt}, which verifies both trees in full itself"
-        ),
-            now_ms,
-        );
-        m.cutover = Some(Cutover {
-            attempt,
-            phase: CutoverPhase::Freezing,
-            started_ms: now_ms,
-            frozen_ms: 0,
-            switched_ms: 0,
-            ended_ms: 0,
-            final_round: 0,
-            runs: Vec::new(),
-            error: String::new(),
-        });
+        m.start_cutover_attempt(attempt, now_ms, String::new());
         self.dirty.migrations.insert(mid);
         Response::Ok
     }
@@ -415,6 +401,49 @@ impl State {
 }
 
 impl Migration {
+    /// Starts cutover `attempt` (checked by the caller): the source freezes first.
+    fn start_cutover_attempt(&mut self, attempt: u32, now_ms: u64, trigger: String) {
+        self.interrupt_verification(
+            &format!("interrupted by cutover attempt {attempt}, which verifies in full itself"),
+            now_ms,
+        );
+        self.cutover = Some(Cutover {
+            attempt,
+            phase: CutoverPhase::Freezing,
+            started_ms: now_ms,
+            frozen_ms: 0,
+            switched_ms: 0,
+            ended_ms: 0,
+            final_round: 0,
+            runs: Vec::new(),
+            error: String::new(),
+            trigger,
+        });
+    }
+
+    /// A sync round just ended done: if the spec asks for it and no cutover was tried yet, and
+    /// the round took less than `auto_cutover_below_ms` (the freeze a final round would take at
+    /// that pace), the cutover starts. Returns whether it did.
+    pub(super) fn maybe_auto_cutover(&mut self, now_ms: u64) -> bool {
+        let limit = self.spec.auto_cutover_below_ms;
+        let r = self.round();
+        if limit == 0 || self.cutover.is_some() || r.number == 0 || r.outcome != Phase::Done {
+            return false;
+        }
+        let took = r.finished_ms.saturating_sub(r.started_ms);
+        if took >= limit {
+            return false;
+        }
+        let trigger = format!(
+            "round {} took {:.1}s, below the auto-cutover limit of {:.1}s",
+            r.number,
+            took as f64 / 1000.0,
+            limit as f64 / 1000.0
+        );
+        self.start_cutover_attempt(1, now_ms, trigger);
+        true
+    }
+
     /// A round ended with `outcome` (`Syncing`: files changed during it). Returns whether the
     /// round belongs to a cutover (its final sync), which then moves on: verification when the
     /// round is done, rollback otherwise — a file that changed after the freeze means the

@@ -29,6 +29,8 @@ pub struct MigrationSpec {
     pub max_delete: Option<u64>,
     /// Start a sync round this long after the last one ended (0: only when asked).
     pub sync_every_ms: u64,
+    /// Start the cutover by itself when a sync round ends done in less than this (0: off).
+    pub auto_cutover_below_ms: u64,
 }
 
 /// Where a migration is in its life.
@@ -517,6 +519,7 @@ impl State {
         } else {
             m.phase = phase;
             m.finished_ms = now_ms;
+            m.maybe_auto_cutover(now_ms);
         }
     }
 }

@@ -36,6 +36,7 @@ fn spec(source_path: &str, segment_size: u64) -> MigrationSpec {
         keep_deleted: false,
         max_delete: None,
         sync_every_ms: 0,
+        auto_cutover_below_ms: 0,
     }
 }
 
@@ -2210,4 +2211,51 @@ fn a_round_a_cutover_or_a_new_request_ends_a_running_verification() {
         matches!(w.verify_full(mid, 14), Response::Refused(why) if why.contains("cutover")),
         "not while a cutover runs"
     );
+}
+
+#[test]
+fn a_fast_enough_sync_round_starts_the_cutover_by_itself_once() {
+    let mut w = World::new();
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
+        name: unique_name(),
+        idempotency_key: String::new(),
+        spec: MigrationSpec {
+            auto_cutover_below_ms: 1000,
+            ..spec("/data", 100)
+        },
+        uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
+        now_ms: 1,
+    }) else {
+        panic!("not created")
+    };
+    // Round 0 is the bulk copy, however quick: no cutover.
+    w.round_scan(mid, &[(0, 5, 1)], 0, 2);
+    w.verify_all(3);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+    assert!(w.s.migrations[&mid].cutover.is_none());
+    // Round 1 takes 2 s: too slow.
+    assert_eq!(w.sync(mid, 10), Response::Ok);
+    w.round_scan(mid, &[(1, 5, 1)], 0, 11);
+    w.verify_all(2010);
+    assert!(w.s.migrations[&mid].cutover.is_none());
+    // Round 2 finds nothing changed and ends at once: the cutover starts when it ends.
+    assert_eq!(w.sync(mid, 4000), Response::Ok);
+    w.round_scan(mid, &[], 0, 4500);
+    let c = w.cutover(mid);
+    assert_eq!(
+        (c.attempt, c.phase, c.started_ms),
+        (1, CutoverPhase::Freezing, 4500)
+    );
+    assert!(c.trigger.contains("round 2 took 0.5s"), "{}", c.trigger);
+    // It rolls back; the next fast round does not try again: the operator decides.
+    w.step(mid, 1, step_run(Step::PreFreeze, 1, None), 4600);
+    w.step(mid, 1, step_run(Step::Rollback, 0, None), 4700);
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::Aborted);
+    assert_eq!(w.sync(mid, 5000), Response::Ok);
+    w.round_scan(mid, &[(2, 5, 1)], 0, 5001);
+    w.verify_all(5002);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+    assert_eq!(w.cutover(mid).attempt, 1);
+    assert_eq!(w.cutover(mid).phase, CutoverPhase::Aborted);
 }

@@ -89,6 +89,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 keep_deleted: false,
                 max_delete: None,
                 sync_every_ms: 0,
+                auto_cutover_below_ms: 0,
             },
             uuid: ferry_common::ids::random_id(),
             throttle: String::new(),

@@ -496,3 +496,23 @@ async fn a_full_verification_finds_a_damaged_target_and_leaves_the_freeze_only_t
     let refused = r.ctl.verify_full(id).await.unwrap_err().to_string();
     assert!(refused.contains("cut over"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_rounds_and_an_auto_cutover_threshold_cut_over_with_no_operator() {
+    let r = rig(|_| String::new(), 0).await;
+    let spec = ferry_proto::admin::MigrationSpec {
+        sync_every_secs: 1,
+        auto_cutover_below_ms: 60_000,
+        ..migration_spec(&r.src, "")
+    };
+    let id = r.ctl.create(spec).await.unwrap();
+    // Round 0, then a periodic round 1 a second later; it finds nothing to send, so it ends
+    // well under the threshold and the cutover starts by itself.
+    let p = r.ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Done, "{c:#?}");
+    assert!(c.trigger.contains("round 1 took"), "{}", c.trigger);
+    assert_eq!(c.final_round, 2);
+    assert_eq!(hook_runs(&r.log), vec!["pre_freeze 1", "switch 1"]);
+    assert_same_tree(&r.src, &r.root);
+}
