@@ -109,7 +109,12 @@ pub struct Tree {
     pub files_read: u64,
     /// Their bytes.
     pub bytes_read: u64,
+    /// A digest per class of name, in [`CLASSES`] order.
+    pub classes: [[u8; 32]; 4],
 }
+
+/// The classes of names a tree's digest is also made per, to say which differs.
+pub const CLASSES: [&str; 4] = ["regular files", "directories", "symlinks", "hardlinks"];
 
 /// Does the cutover steps the coordinator hands this agent.
 pub struct CutoverRunner<C: Coordinator> {
@@ -192,6 +197,7 @@ impl<C: Coordinator> CutoverRunner<C> {
                             error: String::new(),
                             files_read: t.files_read,
                             bytes_read: t.bytes_read,
+                            class_digests: t.classes.iter().map(|d| d.to_vec()).collect(),
                         };
                         format!(
                             "{} files, {} bytes, {} directories, {} symlinks; read {} files, \
@@ -535,6 +541,9 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
     let mut changed = Changed::default();
     let mut t = Tree::default();
     let mut h = blake3::Hasher::new();
+    // One digest per class of name, for saying which class differs.
+    let mut classes: [blake3::Hasher; 4] = Default::default();
+    let mut rec: Vec<u8> = Vec::with_capacity(512);
     let mut buf = vec![0u8; 1 << 20];
     let walked = walk(root, excludes, |item| -> Result<(), String> {
         let e = match item {
@@ -583,15 +592,16 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
             }
             EntryKind::Delete => return Ok(()),
         };
-        h.update(&[kind]);
-        h.update(&(path.len() as u64).to_le_bytes());
-        h.update(path);
-        h.update(&(link.len() as u64).to_le_bytes());
-        h.update(link);
-        h.update(&e.mode.to_le_bytes());
-        h.update(&e.file_size.to_le_bytes());
-        h.update(&mtime.0.to_le_bytes());
-        h.update(&mtime.1.to_le_bytes());
+        rec.clear();
+        rec.push(kind);
+        rec.extend_from_slice(&(path.len() as u64).to_le_bytes());
+        rec.extend_from_slice(path);
+        rec.extend_from_slice(&(link.len() as u64).to_le_bytes());
+        rec.extend_from_slice(link);
+        rec.extend_from_slice(&e.mode.to_le_bytes());
+        rec.extend_from_slice(&e.file_size.to_le_bytes());
+        rec.extend_from_slice(&mtime.0.to_le_bytes());
+        rec.extend_from_slice(&mtime.1.to_le_bytes());
         if e.kind == EntryKind::File {
             let id = Identity {
                 size: e.file_size,
@@ -614,8 +624,10 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
                 w.append(&e.path, &id, &content)
                     .map_err(|err| format!("cannot write the verification hash cache: {err}"))?;
             }
-            h.update(&content);
+            rec.extend_from_slice(&content);
         }
+        h.update(&rec);
+        classes[usize::from(kind) - 1].update(&rec);
         Ok(())
     });
     match walked {
@@ -647,6 +659,7 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
         ));
     }
     t.digest = *h.finalize().as_bytes();
+    t.classes = classes.map(|c| *c.finalize().as_bytes());
     Ok(t)
 }
 
@@ -711,12 +724,16 @@ mod tests {
             filetime::FileTime::from_unix_time(5, 0),
         )
         .unwrap();
-        assert_ne!(
-            tree_digest(b.path(), &none, Pass::default())
-                .unwrap()
-                .digest,
-            ta.digest
-        );
+        let changed = tree_digest(b.path(), &none, Pass::default()).unwrap();
+        assert_ne!(changed.digest, ta.digest);
+        // Only the class of regular files differs.
+        let differ: Vec<&str> = CLASSES
+            .iter()
+            .zip(changed.classes.iter().zip(&ta.classes))
+            .filter(|(_, (x, y))| x != y)
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(differ, vec!["regular files"]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_agent, now_ms, refused, Core};
 use crate::state::{
-    Command, Response, Role, SegmentReg, Step, StepRun, TreeDigest, MAX_STEP_OUTPUT,
+    Command, Response, Role, SegmentReg, Step, StepRun, TreeDigest, CLASSES, MAX_STEP_OUTPUT,
 };
 use ferry_common::text::head;
 
@@ -108,6 +108,15 @@ fn step_run(r: &pb::CutoverStepRequest) -> Result<StepRun, Status> {
             error: head(&t.error, MAX_STEP_OUTPUT).to_string(),
             files_read: t.files_read,
             bytes_read: t.bytes_read,
+            classes: t
+                .class_digests
+                .iter()
+                .take(CLASSES.len())
+                .map(|d| {
+                    ferry_common::hash::digest_from_slice(d)
+                        .ok_or_else(|| Status::invalid_argument("a class digest must be 32 bytes"))
+                })
+                .collect::<Result<_, _>>()?,
         }),
         (None, Step::VerifySource | Step::VerifyTarget) => {
             return Err(Status::invalid_argument("a verification reports its tree"))

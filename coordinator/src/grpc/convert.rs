@@ -99,6 +99,11 @@ pub fn step_run(r: &StepRun) -> pb::StepRunInfo {
             error: t.error.clone(),
             files_read: t.files_read,
             bytes_read: t.bytes_read,
+            class_digests: t
+                .classes
+                .iter()
+                .map(|d| ferry_common::hash::hex(d))
+                .collect(),
         }),
     }
 }

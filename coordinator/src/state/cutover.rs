@@ -116,7 +116,12 @@ pub struct TreeDigest {
     pub files_read: u64,
     /// Their bytes.
     pub bytes_read: u64,
+    /// The digest per class of name ([`CLASSES`] order; empty from an agent that sent none).
+    pub classes: Vec<Digest>,
 }
+
+/// The classes of names an agent's tree digest is also made per.
+pub const CLASSES: [&str; 4] = ["regular files", "directories", "symlinks", "hardlinks"];
 
 impl TreeDigest {
     /// Why a source's and a target's tree do not verify, if they do not.
@@ -127,10 +132,21 @@ impl TreeDigest {
         } else if !t.error.is_empty() {
             Some(format!("target verification failed: {}", t.error))
         } else if s.digest != t.digest {
+            let placed = if s.classes.len() == CLASSES.len() && t.classes.len() == CLASSES.len() {
+                let (differ, equal): (Vec<_>, Vec<_>) = CLASSES
+                    .iter()
+                    .zip(s.classes.iter().zip(&t.classes))
+                    .partition(|(_, (a, b))| a != b);
+                let names =
+                    |v: Vec<(&&str, _)>| v.iter().map(|(n, _)| **n).collect::<Vec<_>>().join(", ");
+                format!("; differ: {}; equal: {}", names(differ), names(equal))
+            } else {
+                String::new()
+            };
             Some(format!(
                 "the target differs from the source: source {} files, {} bytes, {} \
                  directories, {} symlinks; target {} files, {} bytes, {} directories, {} \
-                 symlinks (digests differ)",
+                 symlinks{placed}",
                 s.files, s.bytes, s.dirs, s.symlinks, t.files, t.bytes, t.dirs, t.symlinks
             ))
         } else {

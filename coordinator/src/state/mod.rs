@@ -26,7 +26,7 @@ mod verification;
 
 pub use agents::{Agent, SESSION_TIMEOUT_MS};
 pub use commands::{Command, ThrottleScope};
-pub use cutover::{Cutover, CutoverPhase, Step, StepRun, TreeDigest, MAX_STEP_OUTPUT};
+pub use cutover::{Cutover, CutoverPhase, Step, StepRun, TreeDigest, CLASSES, MAX_STEP_OUTPUT};
 use phases::ScanEnd;
 pub use phases::{Counters, Migration, MigrationSpec, Phase};
 pub use reads::LeaseRefusal;

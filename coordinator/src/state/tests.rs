@@ -1748,6 +1748,7 @@ fn tree(digest: u8) -> Option<TreeDigest> {
         error: String::new(),
         files_read: 3,
         bytes_read: 30,
+        classes: vec![[digest; 32]; 4],
     })
 }
 
@@ -2139,6 +2140,12 @@ fn a_full_verification_compares_both_passes_each_reported_once() {
         "{}",
         v.error
     );
+    assert!(
+        v.error
+            .ends_with("; differ: regular files, directories, symlinks, hardlinks; equal: "),
+        "{}",
+        v.error
+    );
     assert_eq!(
         w.s.migrations[&mid].phase,
         Phase::Done,
@@ -2258,4 +2265,25 @@ fn a_fast_enough_sync_round_starts_the_cutover_by_itself_once() {
     assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
     assert_eq!(w.cutover(mid).attempt, 1);
     assert_eq!(w.cutover(mid).phase, CutoverPhase::Aborted);
+}
+
+#[test]
+fn a_mismatch_says_which_class_of_names_differs() {
+    let source = tree(1).unwrap();
+    let mut target = source.clone();
+    target.digest = [2; 32];
+    target.classes[2] = [2; 32];
+    let why = TreeDigest::mismatch(&source, &target).unwrap();
+    assert!(
+        why.ends_with("; differ: symlinks; equal: regular files, directories, hardlinks"),
+        "{why}"
+    );
+    // An agent that sent no class digests: the difference is not placed.
+    target.classes.clear();
+    let why = TreeDigest::mismatch(&source, &target).unwrap();
+    assert!(
+        why.ends_with("3 files, 30 bytes, 1 directories, 0 symlinks"),
+        "{why}"
+    );
+    assert_eq!(TreeDigest::mismatch(&source, &source.clone()), None);
 }

@@ -446,8 +446,10 @@ async fn a_full_verification_finds_a_damaged_target_and_leaves_the_freeze_only_t
         .unwrap();
     assert!(!v.equal);
     assert!(
-        v.error.contains("target differs from the source"),
-        "{}",
+        v.error.contains("target differs from the source")
+            && v.error
+                .ends_with("differ: regular files; equal: directories, symlinks, hardlinks"),
+        "the difference is placed: {}",
         v.error
     );
     assert_eq!(
