@@ -259,12 +259,14 @@ impl Control {
 
     /// Registers this agent and its data address; returns the cluster's id.
     /// `applies_owners`: whether, as a target, it applies files' owners (it runs as root);
-    /// `transport`: how its data connections are tuned (shown to operators).
+    /// `transport`: how its data connections are tuned (shown to operators); `target_root`: the
+    /// directory it writes below as a target (empty: none).
     pub async fn register(
         &self,
         data_addr: &str,
         applies_owners: bool,
         transport: &ferry_common::transport::Transport,
+        target_root: &str,
     ) -> Result<String, ControlError> {
         let r = self
             .call(
@@ -276,6 +278,7 @@ impl Control {
                     applies_owners,
                     congestion: transport.congestion.name().to_string(),
                     window_bytes: transport.window,
+                    target_root: target_root.to_string(),
                 },
                 |mut c, r| async move { c.register(r).await },
             )

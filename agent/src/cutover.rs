@@ -32,7 +32,7 @@ use ferry_common::text::tail;
 use ferry_proto::control::{self as pb, CutoverStep};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{CatalogReader, Change, Differ};
+use crate::catalog::{CatalogReader, CatalogWriter, Change, Differ};
 use crate::control::Coordinator;
 use crate::hashcache::{HashCache, HashCacheWriter, Identity, SETTLE_NS};
 use crate::scan::{walk, Walked};
@@ -374,8 +374,11 @@ impl<C: Coordinator> CutoverRunner<C> {
             CutoverStep::VerifyTarget => {
                 let root = self.target_dir(w).ok_or("this agent has no target root")?;
                 let cache = dir.join("verify").join("target.hashes");
+                // A cutover's pass records the tree it verified: a fallback starts from it.
+                let record = switch_catalog(&dir);
                 let pass = Pass {
                     cache: Some(&cache),
+                    record: (w.verification == 0).then_some(record.as_path()),
                     ..Pass::default()
                 };
                 tree_digest(&root, &Excludes::new(&[]).expect("no patterns"), pass)
@@ -481,6 +484,15 @@ pub struct Pass<'a> {
     pub settle_ns: i128,
     /// When a name must not have changed since, as messages say it (the catalog's scan).
     pub since: &'a str,
+    /// Also write a catalog of the tree as read here (a target at its switch: a fallback's
+    /// first round compares with it); replaced only when the pass completes.
+    pub record: Option<&'a Path>,
+}
+
+/// Where a target keeps the catalog of its tree as its cutover verified it (in the migration's
+/// directory).
+pub fn switch_catalog(migration_dir: &Path) -> PathBuf {
+    migration_dir.join("switch-catalog")
 }
 
 impl Default for Pass<'_> {
@@ -491,6 +503,7 @@ impl Default for Pass<'_> {
             keep_going: false,
             settle_ns: SETTLE_NS,
             since: "since the round scanned it",
+            record: None,
         }
     }
 }
@@ -538,6 +551,13 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
         })?),
         None => None,
     };
+    let mut record = match pass.record {
+        Some(p) => Some(
+            CatalogWriter::create(&p.with_extension("tmp"))
+                .map_err(|e| format!("cannot record the tree: {e}"))?,
+        ),
+        None => None,
+    };
     let mut changed = Changed::default();
     let mut t = Tree::default();
     let mut h = blake3::Hasher::new();
@@ -558,6 +578,10 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
             .unwrap_or(b"");
         if pass.catalog.is_none() && name.starts_with(RESERVED_PREFIX.as_bytes()) {
             return Ok(());
+        }
+        if let Some(r) = &mut record {
+            r.append(&e)
+                .map_err(|err| format!("cannot record the tree: {err}"))?;
         }
         if let Some(d) = &mut differ {
             if let Err(why) = check(d, &e, pass.since) {
@@ -639,6 +663,18 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
         for p in deleted {
             changed.push(format!("{} (removed)", display(&p)));
         }
+    }
+    if let (Some(r), Some(p)) = (record, pass.record) {
+        r.finish()
+            .and_then(|()| {
+                std::fs::rename(p.with_extension("tmp"), p).map_err(|source| {
+                    crate::manifest::ManifestError::Io {
+                        path: p.to_path_buf(),
+                        source,
+                    }
+                })
+            })
+            .map_err(|e| format!("cannot record the tree: {e}"))?;
     }
     // The hashes are of the files as they are now, whatever the catalog said.
     if let Some(w) = new_cache {

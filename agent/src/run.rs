@@ -350,11 +350,18 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let mut data_addr = None;
     let mut advertised = String::new();
     let mut applies_owners = false;
+    // The target root as the sink resolved it (absolute, symlinks resolved), registered so a
+    // fallback can tell where a migration's copy lies on this agent.
+    let mut target_root = String::new();
     if let Some(listen) = cfg.data_listen {
         let root = cfg.root.as_ref().ok_or_else(|| {
             StartError::Config("data_listen is set but root is not: a target needs a root".into())
         })?;
         let sink = Arc::new(FsSink::new(root, &cfg.state_dir)?);
+        target_root = std::fs::canonicalize(root)
+            .unwrap_or_else(|_| root.clone())
+            .to_string_lossy()
+            .into_owned();
         {
             let sink = sink.clone();
             tokio::task::spawn_blocking(move || {
@@ -409,7 +416,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
 
     // Register, retrying while the coordinator is unreachable, up to the configured time.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.register_timeout_secs);
-    let registered = (|| control.register(&advertised, applies_owners, &transport))
+    let registered = (|| control.register(&advertised, applies_owners, &transport, &target_root))
         .retry(ferry_common::retry::policy(
             Duration::from_millis(100),
             Duration::from_secs(5),

@@ -100,6 +100,21 @@ pub enum PrepareError {
         /// Where it should be.
         path: PathBuf,
     },
+    /// A fallback's first round needs the tree the target held at the switch, and this agent
+    /// has not recorded it.
+    #[error(
+        "migration {mid} is a fallback: its first round compares with the tree this agent held \
+         when the migration it falls back from switched ({}), which is missing (its state \
+         directory was lost, or the switch predates this version); create a plain migration \
+         in reverse instead, which copies everything",
+        path.display()
+    )]
+    NoBaseline {
+        /// The migration.
+        mid: u64,
+        /// Where the catalog should be.
+        path: PathBuf,
+    },
     /// The migration's excludes are not valid patterns.
     #[error("cannot use the migration's excludes: {0}")]
     Excludes(#[from] ferry_common::exclude::ExcludeError),
@@ -540,6 +555,28 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         Ok(())
     }
 
+    /// What a fallback's round 0 compares its scan with: the tree this agent held as the target
+    /// of migration `baseline_uuid` when that migration switched (its cutover's verification
+    /// wrote it), which the old source holds too.
+    fn baseline(&self, w: &SourceWork) -> Result<Differ<CatalogReader>, PrepareError> {
+        let base = SourceWork {
+            migration_uuid: w.baseline_uuid.clone(),
+            ..SourceWork::default()
+        };
+        let path = crate::cutover::switch_catalog(&self.migration_dir(&base)?);
+        if !path.exists() {
+            return Err(PrepareError::NoBaseline {
+                mid: w.migration_id,
+                path,
+            });
+        }
+        Ok(Differ::new(
+            CatalogReader::open(&path)?,
+            HashSet::new(),
+            HashSet::new(),
+        ))
+    }
+
     /// What a sync round compares its scan with: the previous round's catalog, and the names
     /// that round carried in segments that were not verified (sent again whatever their state).
     fn previous_round(
@@ -602,7 +639,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         let rdir = round_dir(dir, w.round);
         tracing::info!(message = "Scanning.", migration = mid, round = w.round, root = %root.display());
         let mut differ = match w.round {
-            0 => None,
+            0 if w.baseline_uuid.is_empty() => None,
+            0 => Some(self.baseline(w)?),
             _ => Some(self.previous_round(rt, stop, w, dir)?),
         };
         let first = w.round_first_segment;

@@ -237,6 +237,24 @@ enum MigrationCmd {
         #[arg(long)]
         watch: bool,
     },
+    /// After a cutover switched, keep the old source in sync from the new target: starts a
+    /// migration in reverse (NAME-fallback; its agent must be able to receive: data_listen and
+    /// a root holding the old source path) whose first round sends only what changed at the
+    /// target since the switch. Sync it like any migration; its own cutover brings the old
+    /// site back; `migration finalize NAME` ends the window.
+    Fallback {
+        /// Migration name or id (the one that was cut over).
+        id: String,
+        /// Wait until the reverse migration's first round has ended.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Close the fallback window of a migration that was cut over: its reverse migration syncs
+    /// no more and no fallback may start after (the old site may be retired).
+    Finalize {
+        /// Migration name or id (the one that was cut over).
+        id: String,
+    },
     /// All migrations.
     List,
     /// One migration's progress, and its failed segments with their errors.
@@ -618,6 +636,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if every > 0 {
                     println!("sync rounds every {every} s after the last one ended");
                 }
+                if p.fallback != 0 {
+                    println!(
+                        "fallback window {}: migration {} syncs the old source from the target",
+                        if p.finalized_ms > 0 { "closed" } else { "open" },
+                        p.fallback
+                    );
+                } else if p.finalized_ms > 0 {
+                    println!("finalized: no fallback window");
+                }
+                if p.fallback_of != 0 {
+                    println!(
+                        "the fallback of migration {}: from its target back to its old source{}",
+                        p.fallback_of,
+                        if p.finalized_ms > 0 {
+                            " (finalized: syncs no more)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
                 let auto = p.spec.as_ref().map_or(0, |s| s.auto_cutover_below_ms);
                 if auto > 0 && p.cutover.is_none() {
                     println!(
@@ -687,6 +725,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::json!({ "migration_id": id, "round": round }));
             }
             return Ok(code);
+        }
+        Cmd::Migration(MigrationCmd::Fallback { id, watch }) => {
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            let (rid, name) = ctl.fallback(id).await?;
+            if !json {
+                println!(
+                    "migration {id}: fallback window open — migration {rid} ({name}) syncs the \
+                     old source from the target; its round 0 sends what changed since the switch"
+                );
+            }
+            let mut code = ExitCode::SUCCESS;
+            if *watch {
+                let p = ctl
+                    .watch(rid, Duration::from_secs(3600), |p, r| {
+                        if !json {
+                            eprintln!("{}", progress_line(p, r))
+                        }
+                    })
+                    .await?;
+                if json {
+                    print_json(&p);
+                }
+                if p.phase() == pb::Phase::Failed {
+                    code = ExitCode::FAILURE;
+                }
+            } else if json {
+                print_json(&serde_json::json!({ "migration_id": rid, "name": name }));
+            }
+            return Ok(code);
+        }
+        Cmd::Migration(MigrationCmd::Finalize { id }) => {
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            ctl.finalize(id).await?;
+            if !json {
+                println!("migration {id}: finalized — the fallback window is closed");
+            }
         }
         Cmd::Migration(MigrationCmd::Cutover { id, abort, watch }) => {
             let ctl = connect(&cli).await?;

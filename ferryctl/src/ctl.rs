@@ -311,6 +311,31 @@ impl Ctl {
         .attempt)
     }
 
+    /// Opens the fallback window of a migration that was cut over; returns the id and name of
+    /// its reverse migration. Sent once, like [`Ctl::sync`].
+    pub async fn fallback(&self, id: u64) -> Result<(u64, String), CtlError> {
+        let mut c = self.client.clone();
+        let r = c
+            .fallback(pb::FallbackRequest {
+                migration_id: id,
+                name: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.migration_id, r.name))
+    }
+
+    /// Closes the fallback window of a migration that was cut over (idempotent).
+    pub async fn finalize(&self, id: u64) -> Result<(), CtlError> {
+        let mut c = self.client.clone();
+        c.finalize(pb::FinalizeRequest {
+            migration_id: id,
+            name: String::new(),
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Starts a full verification of a migration whose last round is done; returns its number
     /// and the round it verifies. Sent once, like [`Ctl::sync`].
     pub async fn verify_full(&self, id: u64) -> Result<(u32, u32), CtlError> {

@@ -35,12 +35,14 @@ pub(super) fn set_dir_meta(
 
 impl FsSink {
     /// Records the directory mtimes a segment carries (durably), then sets the source mtime back
-    /// on every directory in `touched` that has one.
+    /// on every directory in `touched` that has one, and on the others the mtime they had before
+    /// the segment wrote into them (`before`; a directory this sink never received).
     pub(super) fn restore_dir_times(
         &self,
         migration: &str,
         received: &[(PathBuf, (i64, u32))],
         touched: &[PathBuf],
+        before: &HashMap<PathBuf, (i64, u32)>,
     ) -> Result<(), SinkError> {
         let mut dt = self.dir_times.lock().expect("not poisoned");
         if !received.is_empty() {
@@ -60,7 +62,8 @@ impl FsSink {
                 .map_err(io_at("cannot append to", log_path))?;
         }
         for d in touched {
-            if let Some(&(sec, nsec)) = dt.known.get(&(migration.to_string(), d.clone())) {
+            let known = dt.known.get(&(migration.to_string(), d.clone()));
+            if let Some(&(sec, nsec)) = known.or_else(|| before.get(d)) {
                 let t = FileTime::from_unix_time(sec, nsec);
                 filetime::set_symlink_file_times(d, t, t)
                     .map_err(io_at("cannot set mtime of", d))?;

@@ -421,6 +421,7 @@ impl Sink for FsSink {
             staged: Vec::new(),
             created: Vec::new(),
             touched: Vec::new(),
+            before: HashMap::new(),
             dirs: Vec::new(),
             pending: Default::default(),
         })

@@ -319,6 +319,33 @@ fn directory_mtimes_survive_later_children_and_restarts() {
 }
 
 #[test]
+fn a_directory_never_received_keeps_the_mtime_it_had_when_files_land_in_it() {
+    // A fallback writes into the old source's own tree: its directories were never sent to
+    // this sink, and writing a file or deleting one must not move their mtimes.
+    let f = Fixture::new();
+    fs::create_dir_all(f.path("old/sub")).unwrap();
+    fs::write(f.path("old/gone"), b"x").unwrap();
+    let t = filetime::FileTime::from_unix_time(1_400_000_000, 9);
+    for d in ["old", "old/sub"] {
+        filetime::set_file_mtime(f.path(d), t).unwrap();
+    }
+    write_segment(
+        &f.sink,
+        0,
+        &[
+            (file("old/sub/new", b"new"), b"new"),
+            (Entry::delete("old/gone"), b""),
+        ],
+    )
+    .unwrap();
+    for d in ["old", "old/sub"] {
+        let m = fs::metadata(f.path(d)).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_400_000_000, 9), "{d}");
+    }
+    assert!(!f.path("old/gone").exists());
+}
+
+#[test]
 fn the_start_up_probe_never_follows_a_planted_symlink() {
     let outer = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();

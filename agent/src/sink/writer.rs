@@ -125,12 +125,29 @@ pub struct SegmentWriter<'a> {
     pub(super) touched: Vec<PathBuf>,
     /// Directory entries this segment carries, with their source mtimes.
     pub(super) dirs: Vec<(PathBuf, (i64, u32))>,
+    /// The mtime each existing directory had before this segment first wrote into it: set back
+    /// at commit when the sink knows no source mtime for it (a directory it never received —
+    /// a fallback writes into the old source's own tree).
+    pub(super) before: HashMap<PathBuf, (i64, u32)>,
     /// Whole files written, not yet durable.
     pub(super) pending: Pending,
 }
 
 impl SegmentWriter<'_> {
+    /// Notes `dir`'s mtime before this segment first changes it.
+    fn remember(&mut self, dir: &Path) {
+        if !self.before.contains_key(dir) {
+            if let Ok(m) = fs::symlink_metadata(dir) {
+                if m.is_dir() {
+                    self.before
+                        .insert(dir.to_path_buf(), (m.mtime(), m.mtime_nsec() as u32));
+                }
+            }
+        }
+    }
+
     pub(super) fn tmp_name(&mut self, dir: &Path) -> PathBuf {
+        self.remember(dir);
         self.next += 1;
         dir.join(format!(
             "{RESERVED_PREFIX}s{}-e{}-{}.{}.{}{TMP_SUFFIX}",
@@ -237,6 +254,7 @@ impl SegmentWriter<'_> {
                     let f = create_private(&tmp)?;
                     (Mode::Temp, tmp, f)
                 } else {
+                    self.remember(&dir);
                     self.open_piece(entry, &dest)?
                 };
                 self.current = Some(Open {
@@ -271,6 +289,7 @@ impl SegmentWriter<'_> {
         let Some((dir, dest)) = self.sink.locate(&self.base, &entry.path)? else {
             return Ok(());
         };
+        self.remember(&dir);
         let removed = match fs::symlink_metadata(&dest) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_at("cannot inspect", &dest)(e)),
@@ -575,7 +594,7 @@ impl SegmentWriter<'_> {
         dirs.sort();
         dirs.dedup();
         self.sink
-            .restore_dir_times(&self.migration, &self.dirs, &dirs)?;
+            .restore_dir_times(&self.migration, &self.dirs, &dirs, &self.before)?;
         for d in dirs {
             fsync_dir(&d)?;
         }

@@ -93,6 +93,9 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
         max_delete: s.max_delete,
         sync_every_ms: s.sync_every_secs.saturating_mul(1000),
         auto_cutover_below_ms: s.auto_cutover_below_ms,
+        // Set only by a fallback, never by a client.
+        baseline: String::new(),
+        fallback_of: 0,
     })
 }
 
@@ -447,6 +450,53 @@ impl Admin for AdminService {
         }
     }
 
+    async fn fallback(&self, req: Request<pb::FallbackRequest>) -> R<pb::FallbackResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        let id = self.id_or_name(r.migration_id, &r.name).await?;
+        let cmd = Command::StartFallback {
+            migration_id: id,
+            uuid: ferry_common::ids::random_id(),
+            now_ms: now_ms(),
+        };
+        match self.0.write(cmd).await? {
+            Response::MigrationCreated(rid) => {
+                let name = self
+                    .0
+                    .read(|s| s.migrations.get(&rid).map(|m| m.name.clone()))
+                    .await?
+                    .unwrap_or_default();
+                tracing::info!(
+                    message = "Fallback window opened.",
+                    migration = id,
+                    fallback = rid
+                );
+                Ok(GrpcResponse::new(pb::FallbackResponse {
+                    migration_id: rid,
+                    name,
+                }))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn finalize(&self, req: Request<pb::FinalizeRequest>) -> R<pb::FinalizeResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        let id = self.id_or_name(r.migration_id, &r.name).await?;
+        let cmd = Command::Finalize {
+            migration_id: id,
+            now_ms: now_ms(),
+        };
+        match self.0.write(cmd).await? {
+            Response::Ok => {
+                tracing::info!(message = "Fallback window closed.", migration = id);
+                Ok(GrpcResponse::new(pb::FinalizeResponse {}))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_admin(&req)?;
         let now = now_ms();
@@ -473,6 +523,7 @@ impl Admin for AdminService {
                         congestion: a.congestion.clone(),
                         window_bytes: a.window_bytes,
                         throttle: convert::off_if_empty(&a.throttle),
+                        target_root: a.target_root.clone(),
                     })
                     .collect()
             })

@@ -278,6 +278,11 @@ impl AgentService {
                             .first_segment,
                         keep_deleted: m.spec.keep_deleted,
                         max_delete: m.spec.max_delete,
+                        baseline_uuid: if m.round().number == 0 {
+                            m.spec.baseline.clone()
+                        } else {
+                            String::new()
+                        },
                     })
                     .collect(),
                 cutover_work: cutover_work(s, agent),
@@ -318,6 +323,7 @@ impl AgentControl for AgentService {
         let resp = self
             .0
             .write(Command::RegisterAgent {
+                target_root: r.target_root.clone(),
                 name: r.agent.clone(),
                 data_addr: r.data_addr,
                 session: r.session,

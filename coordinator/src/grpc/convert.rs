@@ -199,6 +199,9 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         segments_stale: c.stale_segments,
         cutover: m.cutover.as_ref().map(|c| cutover(c, super::now_ms())),
         verification: m.verification.as_ref().map(verification),
+        fallback: m.fallback,
+        fallback_of: m.spec.fallback_of,
+        finalized_ms: m.finalized_ms,
     }
 }
 

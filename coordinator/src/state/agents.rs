@@ -34,6 +34,8 @@ pub struct Agent {
     pub window_bytes: u64,
     /// Its throttle as a source ([`ferry_common::throttle`] canonical text; empty: none).
     pub throttle: String,
+    /// The directory it writes below as a target (empty: it is not one).
+    pub target_root: String,
 }
 
 impl Agent {
@@ -157,6 +159,7 @@ impl State {
                     congestion: String::new(),
                     window_bytes: 0,
                     throttle: String::new(),
+                    target_root: String::new(),
                 },
             );
         }

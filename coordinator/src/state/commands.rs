@@ -28,6 +28,8 @@ pub enum Command {
         congestion: String,
         /// The bytes one of its data connections may have in flight.
         window_bytes: u64,
+        /// The directory it writes below as a target (empty: none).
+        target_root: String,
         /// Leader time.
         now_ms: u64,
     },
@@ -146,6 +148,23 @@ pub enum Command {
         attempt: u32,
         /// What it did.
         run: StepRun,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An operator opens the fallback window of a migration that was cut over: a migration in
+    /// reverse, from the target's copy to the old source.
+    StartFallback {
+        /// The migration that was cut over.
+        migration_id: u64,
+        /// A fresh uuid for the reverse migration.
+        uuid: String,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An operator closes the fallback window of a migration that was cut over.
+    Finalize {
+        /// The migration that was cut over.
+        migration_id: u64,
         /// Leader time.
         now_ms: u64,
     },
@@ -294,6 +313,7 @@ impl State {
                 applies_owners,
                 congestion,
                 window_bytes,
+                target_root,
                 now_ms,
             } => {
                 if self.cluster_id.is_empty() && !new_cluster_id.is_empty() {
@@ -306,6 +326,7 @@ impl State {
                             a.applies_owners = applies_owners;
                             a.congestion = congestion;
                             a.window_bytes = window_bytes;
+                            a.target_root = target_root;
                         }
                         Response::Registered(self.cluster_id.clone())
                     }
@@ -352,6 +373,15 @@ impl State {
                 migration_id,
                 now_ms,
             } => self.start_verification(migration_id, now_ms),
+            Command::StartFallback {
+                migration_id,
+                uuid,
+                now_ms,
+            } => self.start_fallback(migration_id, uuid, now_ms),
+            Command::Finalize {
+                migration_id,
+                now_ms,
+            } => self.finalize(migration_id, now_ms),
             Command::VerificationStep {
                 agent,
                 session,

@@ -273,6 +273,12 @@ impl State {
             Some(c) => c.attempt.saturating_add(1),
             None => 1,
         };
+        if m.finalized_ms > 0 {
+            return refused(format!(
+                "migration {} was finalized: its fallback window is closed",
+                m.name
+            ));
+        }
         if m.phase == Phase::Planned {
             return refused(format!(
                 "migration {} has not been scanned yet: there is nothing to cut over to",

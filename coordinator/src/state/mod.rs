@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 mod agents;
 mod commands;
 mod cutover;
+mod fallback;
 mod phases;
 mod reads;
 mod reports;

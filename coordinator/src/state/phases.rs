@@ -31,6 +31,11 @@ pub struct MigrationSpec {
     pub sync_every_ms: u64,
     /// Start the cutover by itself when a sync round ends done in less than this (0: off).
     pub auto_cutover_below_ms: u64,
+    /// Round 0 compares its scan with the tree the target of the migration with this uuid
+    /// held at its switch, instead of copying everything (a fallback; empty: none).
+    pub baseline: String,
+    /// The migration this one is the fallback of (0: none).
+    pub fallback_of: u64,
 }
 
 /// Where a migration is in its life.
@@ -150,6 +155,10 @@ pub struct Migration {
     pub cutover: Option<Cutover>,
     /// The latest full verification an operator asked for outside a cutover.
     pub verification: Option<FullVerification>,
+    /// The reverse migration of this one's fallback window (0: none).
+    pub fallback: u64,
+    /// When the fallback window was closed (0: open, or never opened).
+    pub finalized_ms: u64,
 }
 
 /// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
@@ -246,6 +255,8 @@ impl State {
                 rounds: vec![Round::new(0, 0, now_ms, Counters::default())],
                 cutover: None,
                 verification: None,
+                fallback: 0,
+                finalized_ms: 0,
             },
         );
         self.by_name.insert(name, id);

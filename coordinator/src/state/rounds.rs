@@ -157,6 +157,13 @@ impl State {
                 ));
             }
         }
+        if m.finalized_ms > 0 {
+            return refused(format!(
+                "migration {} was finalized: its fallback window is closed and nothing is \
+                 synced any more",
+                m.name
+            ));
+        }
         if !m.phase.finished() {
             return refused(format!(
                 "migration {} is in round {} ({}); a sync round starts once it has ended — \
@@ -173,7 +180,7 @@ impl State {
     }
 
     /// The migrations whose next periodic sync round is due at `now_ms` (`sync_every_ms` after
-    /// their last round ended, no cutover running or done). The leader proposes a
+    /// their last round ended, no cutover running or done, not finalized). The leader proposes a
     /// [`Command::StartRound`] for each.
     pub fn rounds_due(&self, now_ms: u64) -> Vec<u64> {
         self.migrations
@@ -181,6 +188,7 @@ impl State {
             .filter(|m| {
                 let r = m.round();
                 m.spec.sync_every_ms > 0
+                    && m.finalized_ms == 0
                     && m.phase.finished()
                     && m.cutover
                         .as_ref()

@@ -37,6 +37,8 @@ fn spec(source_path: &str, segment_size: u64) -> MigrationSpec {
         max_delete: None,
         sync_every_ms: 0,
         auto_cutover_below_ms: 0,
+        baseline: String::new(),
+        fallback_of: 0,
     }
 }
 
@@ -61,6 +63,7 @@ impl World {
                 applies_owners: true,
                 congestion: "bbr".into(),
                 window_bytes: 64 << 20,
+                target_root: if addr.is_empty() { "" } else { "/cloud" }.into(),
                 now_ms: 0,
             });
         }
@@ -282,6 +285,7 @@ fn no_leases_until_target_has_an_address() {
         applies_owners: true,
         congestion: "bbr".into(),
         window_bytes: 64 << 20,
+        target_root: String::new(),
         now_ms: 3,
     });
     w.migration(&[(0, 1, 1)]);
@@ -949,6 +953,7 @@ fn register_agent(
         applies_owners: true,
         congestion: "bbr".into(),
         window_bytes: 64 << 20,
+        target_root: String::new(),
         now_ms,
     })
 }
@@ -1131,6 +1136,7 @@ fn the_first_registration_names_the_cluster_and_migrations_keep_their_uuid() {
         applies_owners: true,
         congestion: "bbr".into(),
         window_bytes: 64 << 20,
+        target_root: String::new(),
         now_ms: 5,
     });
     assert_eq!(r, Response::Registered("cluster-1".into()));
@@ -1165,6 +1171,7 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
         applies_owners: false,
         congestion: "bbr".into(),
         window_bytes: 64 << 20,
+        target_root: String::new(),
         now_ms: 2,
     });
     let notes = w.s.notes(mid);
@@ -2286,4 +2293,248 @@ fn a_mismatch_says_which_class_of_names_differs() {
         "{why}"
     );
     assert_eq!(TreeDigest::mismatch(&source, &source.clone()), None);
+}
+
+impl World {
+    /// Cuts migration `mid` (whose last round is done) over: every step succeeds.
+    fn cut_over(&mut self, mid: u64, now_ms: u64) {
+        let attempt = self.s.migrations[&mid]
+            .cutover
+            .as_ref()
+            .map_or(1, |c| c.attempt + 1);
+        assert_eq!(
+            self.apply(Command::StartCutover {
+                migration_id: mid,
+                now_ms
+            }),
+            Response::Ok
+        );
+        self.step(mid, attempt, step_run(Step::PreFreeze, 0, None), now_ms + 1);
+        self.round_scan(mid, &[], 0, now_ms + 2);
+        self.step(
+            mid,
+            attempt,
+            step_run(Step::VerifySource, 0, tree(7)),
+            now_ms + 3,
+        );
+        self.step(
+            mid,
+            attempt,
+            step_run(Step::VerifyTarget, 0, tree(7)),
+            now_ms + 4,
+        );
+        self.step(mid, attempt, step_run(Step::Switch, 0, None), now_ms + 5);
+        assert_eq!(self.cutover(mid).phase, CutoverPhase::Done);
+    }
+
+    fn register_src(&mut self, data_addr: &str, target_root: &str) {
+        self.apply(Command::RegisterAgent {
+            name: "src".into(),
+            session: 1,
+            previous: 0,
+            data_addr: data_addr.into(),
+            new_cluster_id: String::new(),
+            applies_owners: true,
+            congestion: "bbr".into(),
+            window_bytes: 64 << 20,
+            target_root: target_root.into(),
+            now_ms: 0,
+        });
+    }
+}
+
+#[test]
+fn a_fallback_is_the_migration_in_reverse_from_the_switch_and_finalize_closes_it() {
+    let mut w = World::new();
+    let mid = w.done_migration();
+    let fallback = |w: &mut World, now_ms| {
+        w.apply(Command::StartFallback {
+            migration_id: mid,
+            uuid: ferry_common::ids::random_id(),
+            now_ms,
+        })
+    };
+    assert!(
+        matches!(fallback(&mut w, 10), Response::Refused(why) if why.contains("has not been cut over"))
+    );
+    assert!(
+        matches!(w.apply(Command::Finalize { migration_id: mid, now_ms: 10 }), Response::Refused(why) if why.contains("no fallback window"))
+    );
+    w.cut_over(mid, 20);
+    // The old source's agent must be able to receive, below a root that holds the old source.
+    assert!(
+        matches!(fallback(&mut w, 30), Response::Refused(why) if why.contains("agent src cannot receive"))
+    );
+    w.register_src("127.0.0.1:8", "/srv");
+    assert!(
+        matches!(fallback(&mut w, 31), Response::Refused(why) if why.contains("/data is not below agent src's root /srv"))
+    );
+    w.register_src("127.0.0.1:8", "/");
+    let Response::MigrationCreated(rid) = fallback(&mut w, 32) else {
+        panic!("no fallback")
+    };
+    let (m, r) = (&w.s.migrations[&mid], &w.s.migrations[&rid]);
+    assert_eq!(m.fallback, rid);
+    assert_eq!(r.name, format!("{}-fallback", m.name));
+    let s = &r.spec;
+    assert_eq!(
+        (
+            s.source_agent.as_str(),
+            s.source_path.as_str(),
+            s.target_agent.as_str(),
+            s.target_path.as_str()
+        ),
+        ("dst", "/cloud", "src", "data")
+    );
+    assert_eq!((s.baseline.as_str(), s.fallback_of), (m.uuid.as_str(), mid));
+    assert_eq!(r.phase, Phase::Planned);
+    assert!(
+        matches!(fallback(&mut w, 33), Response::Refused(why) if why.contains("already has its fallback"))
+    );
+    // Not while the reverse migration's round runs.
+    assert!(
+        matches!(w.apply(Command::Finalize { migration_id: mid, now_ms: 34 }), Response::Refused(why) if why.contains("round 0 of its fallback"))
+    );
+    assert_eq!(
+        w.apply(Command::CompleteScan {
+            agent: "dst".into(),
+            migration_id: rid,
+            segments_total: 0,
+            issues: vec![],
+            issues_total: 0,
+            hardlinks: 0,
+            excluded: 0,
+            root_error: String::new(),
+            deleted: 0,
+            now_ms: 35,
+        }),
+        Response::Ok
+    );
+    assert_eq!(w.s.migrations[&rid].phase, Phase::Done);
+    assert_eq!(
+        w.apply(Command::Finalize {
+            migration_id: mid,
+            now_ms: 40
+        }),
+        Response::Ok
+    );
+    assert_eq!(
+        w.apply(Command::Finalize {
+            migration_id: mid,
+            now_ms: 41
+        }),
+        Response::Ok,
+        "again: the same"
+    );
+    assert_eq!(
+        (
+            w.s.migrations[&mid].finalized_ms,
+            w.s.migrations[&rid].finalized_ms
+        ),
+        (40, 40)
+    );
+    // Closed: the reverse migration syncs no more, cuts nothing over, and no fallback follows.
+    assert!(matches!(w.sync(rid, 50), Response::Refused(why) if why.contains("finalized")));
+    assert!(
+        matches!(w.apply(Command::StartCutover { migration_id: rid, now_ms: 50 }), Response::Refused(why) if why.contains("finalized"))
+    );
+    assert!(matches!(fallback(&mut w, 50), Response::Refused(why) if why.contains("finalized")));
+}
+
+#[test]
+fn a_reverse_cutover_brings_the_old_site_back_and_there_is_then_no_window_to_close() {
+    let mut w = World::new();
+    let mid = w.done_migration();
+    w.cut_over(mid, 20);
+    w.register_src("127.0.0.1:8", "/");
+    let Response::MigrationCreated(rid) = w.apply(Command::StartFallback {
+        migration_id: mid,
+        uuid: ferry_common::ids::random_id(),
+        now_ms: 30,
+    }) else {
+        panic!("no fallback")
+    };
+    w.apply(Command::CompleteScan {
+        agent: "dst".into(),
+        migration_id: rid,
+        segments_total: 0,
+        issues: vec![],
+        issues_total: 0,
+        hardlinks: 0,
+        excluded: 0,
+        root_error: String::new(),
+        deleted: 0,
+        now_ms: 31,
+    });
+    // The reverse migration's cutover: its source is the new site's agent.
+    assert_eq!(
+        w.apply(Command::StartCutover {
+            migration_id: rid,
+            now_ms: 40
+        }),
+        Response::Ok
+    );
+    let pre_freeze = StepRun {
+        ..step_run(Step::PreFreeze, 0, None)
+    };
+    assert_eq!(
+        w.apply(Command::CutoverStep {
+            agent: "dst".into(),
+            session: 1,
+            migration_id: rid,
+            attempt: 1,
+            run: pre_freeze,
+            now_ms: 41,
+        }),
+        Response::Ok,
+        "the new site freezes"
+    );
+    assert_eq!(
+        w.s.migrations[&rid].cutover.as_ref().unwrap().phase,
+        CutoverPhase::FinalSync
+    );
+    assert!(
+        matches!(w.apply(Command::Finalize { migration_id: mid, now_ms: 42 }), Response::Refused(why) if why.contains("cutover of its fallback"))
+    );
+    // Its final round (nothing changed), both trees, and the old site's switch.
+    w.apply(Command::CompleteScan {
+        agent: "dst".into(),
+        migration_id: rid,
+        segments_total: 0,
+        issues: vec![],
+        issues_total: 0,
+        hardlinks: 0,
+        excluded: 0,
+        root_error: String::new(),
+        deleted: 0,
+        now_ms: 43,
+    });
+    for (agent, step) in [
+        ("dst", Step::VerifySource),
+        ("src", Step::VerifyTarget),
+        ("src", Step::Switch),
+    ] {
+        let run = step_run(step, 0, if step == Step::Switch { None } else { tree(7) });
+        assert_eq!(
+            w.apply(Command::CutoverStep {
+                agent: agent.into(),
+                session: 1,
+                migration_id: rid,
+                attempt: 1,
+                run,
+                now_ms: 44,
+            }),
+            Response::Ok,
+            "{agent} {}",
+            step.as_str()
+        );
+    }
+    assert_eq!(
+        w.s.migrations[&rid].cutover.as_ref().unwrap().phase,
+        CutoverPhase::Done,
+        "the old site is live again"
+    );
+    assert!(
+        matches!(w.apply(Command::Finalize { migration_id: mid, now_ms: 45 }), Response::Refused(why) if why.contains("switched back to the old site"))
+    );
 }

@@ -61,6 +61,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             applies_owners: true,
             congestion: "bbr".into(),
             window_bytes: 64 << 20,
+            target_root: String::new(),
             now_ms: 1,
         },
         Command::RegisterAgent {
@@ -72,6 +73,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             applies_owners: true,
             congestion: "bbr".into(),
             window_bytes: 64 << 20,
+            target_root: String::new(),
             now_ms: 1,
         },
         Command::CreateMigration {
@@ -90,6 +92,8 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                 max_delete: None,
                 sync_every_ms: 0,
                 auto_cutover_below_ms: 0,
+                baseline: String::new(),
+                fallback_of: 0,
             },
             uuid: ferry_common::ids::random_id(),
             throttle: String::new(),
@@ -311,6 +315,7 @@ fn more_entries() -> Vec<Entry<TypeConfig>> {
                 applies_owners: true,
                 congestion: "bbr".into(),
                 window_bytes: 64 << 20,
+                target_root: String::new(),
                 now_ms: 9,
             },
         ),
@@ -378,6 +383,7 @@ async fn follower_with_a_ghost(dir: &std::path::Path) -> (LogStore, StateMachine
                 applies_owners: true,
                 congestion: "bbr".into(),
                 window_bytes: 64 << 20,
+                target_root: String::new(),
                 now_ms: 1,
             },
         )])

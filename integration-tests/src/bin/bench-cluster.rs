@@ -242,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             ""
         };
-        async move { c.register(addr, false, &Default::default()).await }
+        async move { c.register(addr, false, &Default::default(), "").await }
     }))
     .buffer_unordered(64)
     .collect::<Vec<_>>()

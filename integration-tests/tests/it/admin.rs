@@ -21,7 +21,7 @@ async fn a_retried_create_answers_the_same_migration_and_names_are_unique() {
         let addr = if name == "target" { "127.0.0.1:9" } else { "" };
         Control::new(name, &coord, &tls)
             .unwrap()
-            .register(addr, false, &Default::default())
+            .register(addr, false, &Default::default(), "")
             .await
             .unwrap();
     }
@@ -118,7 +118,9 @@ async fn a_held_heartbeat_is_answered_by_the_new_migration() {
         let tls = TlsMaterial::load(&env.issue(Identity::Agent(name.into()))).unwrap();
         let addr = if name == "target" { "127.0.0.1:9" } else { "" };
         let c = Control::new(name, &coord, &tls).unwrap();
-        c.register(addr, false, &Default::default()).await.unwrap();
+        c.register(addr, false, &Default::default(), "")
+            .await
+            .unwrap();
         controls.push(c);
     }
     let source = controls.remove(0);

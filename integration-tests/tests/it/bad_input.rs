@@ -237,7 +237,9 @@ impl Hostile {
             .await;
         let tls = TlsMaterial::load(&env.issue(Identity::Agent("source".into()))).unwrap();
         let me = Control::new("source", &coord, &tls).unwrap();
-        me.register("", false, &Default::default()).await.unwrap();
+        me.register("", false, &Default::default(), "")
+            .await
+            .unwrap();
         let id = env
             .ctl(&coord)
             .await

@@ -109,10 +109,20 @@ struct Rig {
 }
 
 async fn rig(pre_freeze_extra: impl Fn(&Path) -> String, switch_exit: i32) -> Rig {
+    rig_with(pre_freeze_extra, switch_exit, false).await
+}
+
+/// With `source_receives`, the source agent can also be a target: its root is the directory
+/// that holds the source tree (a fallback sends the copy back there).
+async fn rig_with(
+    pre_freeze_extra: impl Fn(&Path) -> String,
+    switch_exit: i32,
+    source_receives: bool,
+) -> Rig {
     let env = TestEnv::new();
     let node = env.coordinator().await;
     let coord = node.addr.to_string();
-    let src = env.path("src");
+    let src = env.path("site/src");
     make_files(&src, 60, 4096);
     let root = env.path("dst");
     let log = env.path("hooks.log");
@@ -120,7 +130,7 @@ async fn rig(pre_freeze_extra: impl Fn(&Path) -> String, switch_exit: i32) -> Ri
         counting(&log, &pre_freeze_extra(&env.path("")), switch_exit);
     let mut t = env.agent_config("target", &coord, Some(root.clone()));
     t.hooks = target_hooks;
-    let mut s = env.agent_config("source", &coord, None);
+    let mut s = env.agent_config("source", &coord, source_receives.then(|| env.path("site")));
     s.hooks = source_hooks;
     let agents = vec![
         ferry_agent::run::start(t).await.unwrap(),
@@ -517,4 +527,50 @@ async fn periodic_rounds_and_an_auto_cutover_threshold_cut_over_with_no_operator
     assert_eq!(c.final_round, 2);
     assert_eq!(hook_runs(&r.log), vec!["pre_freeze 1", "switch 1"]);
     assert_same_tree(&r.src, &r.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_syncs_the_old_source_from_the_switched_target_and_a_reverse_cutover_brings_it_back(
+) {
+    let r = rig_with(|_| String::new(), 0, true).await;
+    let id = r.ctl.create(migration_spec(&r.src, "")).await.unwrap();
+    finished(&r.ctl, id, LIMIT, &String::new).await;
+    r.ctl.cutover(id, false).await.unwrap();
+    let p = r.ctl.watch_cutover(id, LIMIT, |_| {}).await.unwrap();
+    assert_eq!(cutover(&p).phase(), CutoverPhase::Done);
+
+    // The application now runs on the target and changes it.
+    std::fs::write(
+        r.root.join("d01/f00001.bin"),
+        b"written by the app after the switch",
+    )
+    .unwrap();
+    std::fs::write(r.root.join("new.txt"), b"new").unwrap();
+    std::fs::remove_file(r.root.join("d02/f00002.bin")).unwrap();
+
+    let (rid, name) = r.ctl.fallback(id).await.unwrap();
+    assert!(name.ends_with("-fallback"), "{name}");
+    let p = r.ctl.watch(rid, LIMIT, |_, _| {}).await.unwrap();
+    assert_eq!(p.phase(), Phase::Done, "{p:#?}");
+    assert_eq!(p.fallback_of, id);
+    // Round 0 sent what changed since the switch, not the tree (60 files of 4 KiB).
+    let round0 = &p.rounds[0];
+    assert_eq!(round0.deleted, 1, "{round0:?}");
+    assert!(round0.bytes < 100, "{round0:?}");
+    assert_same_tree(&r.root, &r.src);
+    assert_eq!(r.ctl.status(id).await.unwrap().fallback, rid);
+
+    // More changes at the new site, then the cutover in reverse: the old site is live again.
+    std::fs::write(r.root.join("later.txt"), b"later").unwrap();
+    r.ctl.cutover(rid, false).await.unwrap();
+    let p = r.ctl.watch_cutover(rid, LIMIT, |_| {}).await.unwrap();
+    let c = cutover(&p);
+    assert_eq!(c.phase(), CutoverPhase::Done, "{c:#?}");
+    assert_same_tree(&r.root, &r.src);
+    assert!(r.src.join("later.txt").exists());
+    let refused = r.ctl.finalize(id).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("switched back to the old site"),
+        "{refused}"
+    );
 }

@@ -165,7 +165,7 @@ async fn a_target_registers_a_dialable_address_or_the_migration_says_why_not() {
         let tls = TlsMaterial::load(&env.issue(Identity::Agent(name.into()))).unwrap();
         Control::new(name, &coord, &tls)
             .unwrap()
-            .register("", false, &Default::default())
+            .register("", false, &Default::default(), "")
             .await
             .unwrap();
     }
