@@ -747,6 +747,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await?;
                 if json {
                     print_json(&p);
+                } else {
+                    println!("{}", progress_line(&p, &Default::default()));
+                    for line in round_lines(&p, now_ms()) {
+                        println!("{line}");
+                    }
                 }
                 if p.phase() == pb::Phase::Failed {
                     code = ExitCode::FAILURE;
