@@ -24,6 +24,12 @@ pub fn block_size(segment_size: u64) -> u64 {
     }
 }
 
+/// Whether a file of `file_size` bytes is sent as a delta when it changed (and its blocks are
+/// recorded when it is sent): at least two blocks, whether it travels whole or in pieces.
+pub fn worth_a_delta(file_size: u64, block_size: u64) -> bool {
+    block_size > 0 && file_size >= 2 * block_size
+}
+
 const HEADER: u64 = 32;
 
 /// A version of a file: size and mtime.

@@ -701,9 +701,11 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         Change::Same => {}
                         Change::Resend(e) => plan(e, &mut writer, &mut batch, &mut summary)?,
                         Change::Send(mut e) => {
-                            // A large file whose blocks were recorded when its version at the
-                            // target was sent: only its changed blocks travel.
-                            if e.kind == EntryKind::File && e.file_size >= w.segment_size.max(1) {
+                            // A file of several blocks whose blocks were recorded when its
+                            // version at the target was sent: only its changed blocks travel.
+                            if e.kind == EntryKind::File
+                                && blocks::worth_a_delta(e.file_size, block_size)
+                            {
                                 e.delta_base = store
                                     .version(&e.path)
                                     .filter(|(_, bs)| *bs == block_size)
@@ -819,7 +821,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     /// migration's max attempts); this end only logs the first failure loudly.
     async fn transfer(self: Arc<Self>, lease: Lease) {
         let (mid, sid, epoch) = (lease.migration_id, lease.segment_id, lease.epoch);
+        let started = std::time::Instant::now();
         let result = self.send(&lease).await;
+        let sent_ms = started.elapsed().as_millis() as u64;
         if let Err(f) = &result {
             Stats::add(&self.stats.segments_failed, 1);
             if f.retry_later || lease.attempts > 0 {
@@ -845,6 +849,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             tracing::debug!(message = "Report failed; retrying.", segment = sid, delay_ms = delay.as_millis() as u64, error = %e)
         })
         .await;
+        tracing::debug!(
+            message = "Segment done.",
+            migration = mid,
+            segment = sid,
+            sent_ms,
+            reported_ms = started.elapsed().as_millis() as u64 - sent_ms,
+            ok = result.is_ok()
+        );
         match outcome {
             Ok(r) if r.outcome() == ReportOutcome::Verified => {
                 Stats::add(&self.stats.segments_verified, 1)
@@ -1054,9 +1066,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         // A sparse piece sends its data runs only; the holes between them never cross the wire.
         let dense = [(e.offset, e.len)];
         let runs = e.data_runs.as_deref().unwrap_or(&dense);
-        // The block hashes of a dense piece of a split file, for a later round's delta (reads
-        // are at most one block and never straddle two: pieces start at multiples of it).
-        let mut blocks = (e.chunk_count > 1 && e.data_runs.is_none() && block_size > 0)
+        // The block hashes of a dense file of several blocks (or piece of one), for a later
+        // round's delta (reads are at most one block and never straddle two: pieces start at
+        // multiples of it).
+        let mut blocks = (blocks::worth_a_delta(e.file_size, block_size) && e.data_runs.is_none())
             .then(|| (blake3::Hasher::new(), 0u64, Vec::new()));
         for &(start, len) in runs {
             let mut off = start;
@@ -1150,7 +1163,7 @@ fn refused(target: &str, ack: pb::SegmentAck) -> Failure {
     Failure {
         error: format!("target {target} refused the segment: {}", ack.error),
         retry_later: ack.retry_later,
-        stale: false,
+        stale: ack.stale,
     }
 }
 
@@ -1316,8 +1329,7 @@ fn plan_deltas(
         // blocks of the pieces still to send are still the base's).
         let new = (e.file_size, e.mtime_sec, e.mtime_nsec);
         let recorded = store.version(&e.path);
-        if e.chunk_count <= 1
-            || e.data_runs.is_some()
+        if e.data_runs.is_some()
             || (recorded != Some((base, block_size)) && recorded != Some((new, block_size)))
         {
             e.delta_base = None;
@@ -1328,7 +1340,7 @@ fn plan_deltas(
             path: path.clone(),
             source,
         })?;
-        let same = |f: &File| still(f, &path, x, true);
+        let same = |f: &File| still(f, &path, x, e.chunk_count > 1);
         same(&f)?;
         let mut buf = vec![0u8; block_size.min(BUF as u64) as usize];
         let mut now = Vec::new();
@@ -1363,7 +1375,7 @@ fn plan_deltas(
 /// written is removed, so that the next round sends the file whole rather than trust it.
 fn record_blocks(store: &BlockStore, block_size: u64, entries: &[Entry], hashes: &[Vec<[u8; 32]>]) {
     for (e, h) in entries.iter().zip(hashes) {
-        if h.is_empty() || e.chunk_count <= 1 {
+        if h.is_empty() {
             continue;
         }
         let v = (e.file_size, e.mtime_sec, e.mtime_nsec);

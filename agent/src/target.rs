@@ -141,6 +141,17 @@ impl Refusal {
         )
     }
 
+    /// Whether the segment can never be written as planned: a delta whose base is gone.
+    fn stale(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Sink {
+                error: SinkError::BaseGone { .. },
+                ..
+            }
+        )
+    }
+
     /// Whether the failure is not the segment's: a hardlink waits for its first name.
     fn retry_later(&self) -> bool {
         matches!(
@@ -353,6 +364,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                 blake3: hash.to_vec(),
                 error: String::new(),
                 retry_later: false,
+                stale: false,
             },
             Err(e) => {
                 Stats::add(&self.stats.segments_refused, 1);
@@ -399,6 +411,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                     blake3: Vec::new(),
                     error: why,
                     retry_later,
+                    stale: e.stale(),
                 }
             }
         };

@@ -128,6 +128,15 @@ pub enum SinkError {
         /// Why.
         reason: String,
     },
+    /// A delta is against a version of the file the target no longer holds (changed or removed
+    /// at the target): it can never be applied; the next round sends the file whole.
+    #[error("{path}: {reason}")]
+    BaseGone {
+        /// The file.
+        path: String,
+        /// What the target holds instead.
+        reason: String,
+    },
     /// A hardlink's first name has not arrived yet (or is not the expected file).
     #[error("hardlink \"{path}\" waits for \"{first}\": {reason}; the segment will be sent again")]
     LinkPending {

@@ -252,6 +252,15 @@ impl SegmentWriter<'_> {
                 let (mode, path, file) = if whole {
                     let tmp = self.tmp_name(&dir);
                     let f = create_private(&tmp)?;
+                    // A delta of a whole file: its new version is built on a copy of the one
+                    // in place, which must be the version the delta is against.
+                    if let Some(base) = entry.delta_base {
+                        if let Err(err) = copy_base(&dest, base, &f, entry.file_size) {
+                            drop(f);
+                            let _ = fs::remove_file(&tmp);
+                            return Err(err);
+                        }
+                    }
                     (Mode::Temp, tmp, f)
                 } else {
                     self.remember(&dir);
@@ -629,26 +638,31 @@ fn copy_base(
     part: &File,
     new_size: u64,
 ) -> Result<(), SinkError> {
-    let mut from =
-        open_read_nofollow(dest).map_err(io_at("cannot open the version in place", dest))?;
+    let gone = |reason: String| SinkError::BaseGone {
+        path: dest.display().to_string(),
+        reason: format!(
+            "a delta against the version of {} bytes, mtime {}.{:09}, but {reason}; was it \
+             changed at the target? The next round sends the file whole",
+            base.0, base.1, base.2
+        ),
+    };
+    let mut from = match open_read_nofollow(dest) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(gone("the file is not here".into()))
+        }
+        Err(e) => return Err(io_at("cannot open the version in place", dest)(e)),
+    };
     let m = from
         .metadata()
         .map_err(io_at("cannot stat the version in place", dest))?;
     if !m.is_file() || (m.len(), m.mtime(), m.mtime_nsec() as u32) != base {
-        return Err(SinkError::BadEntry {
-            path: dest.display().to_string(),
-            reason: format!(
-                "a delta against the version of {} bytes, mtime {}.{:09}, but the file here is \
-                 another ({} bytes, mtime {}.{:09}); was it changed at the target? The segment \
-                 fails and the next round sends the file whole",
-                base.0,
-                base.1,
-                base.2,
-                m.len(),
-                m.mtime(),
-                m.mtime_nsec()
-            ),
-        });
+        return Err(gone(format!(
+            "the file here is another ({} bytes, mtime {}.{:09})",
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec()
+        )));
     }
     let mut to = part;
     std::io::copy(&mut from, &mut to)

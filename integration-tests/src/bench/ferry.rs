@@ -74,7 +74,11 @@ pub fn start_ferry(
             WanPath::command(ns, &bin.display().to_string())
                 .args(["run", "--config"])
                 .arg(dir.join(cfg))
-                .env("RUST_LOG", "warn")
+                // FERRY_BENCH_LOG=info (or a RUST_LOG filter) to see what the daemons did.
+                .env(
+                    "RUST_LOG",
+                    std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

@@ -232,6 +232,75 @@ async fn a_round_that_would_delete_more_than_the_cap_deletes_nothing() {
     );
 }
 
+/// A file smaller than a segment (sent whole) but of several blocks changed in one place: the
+/// next round sends the changed block only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_a_file_sent_whole_sends_only_the_changed_block() {
+    let Rig {
+        src,
+        root,
+        source,
+        ctl,
+        env: _env,
+        node: _node,
+        target: _target,
+    } = rig().await;
+    const MIB: u64 = 1 << 20;
+    let size = 6 * MIB + 4321;
+    let mut data = vec![0u8; size as usize];
+    let mut rng = blake3::Hasher::new_derive_key("ferry whole delta test").finalize_xof();
+    rng.fill(&mut data);
+    write(&src.join("shard.bin"), &data);
+    let sent = || {
+        source
+            .stats
+            .bytes_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let spec = ferry_proto::admin::MigrationSpec {
+        segment_size: 64 * MIB,
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    finished(&ctl, id, FINISH, &String::new).await;
+    assert_same_tree(&src, &root);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("shard.bin"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"changed", 3 * MIB + 5).unwrap();
+    drop(f);
+    let before = sent();
+    ctl.sync(id).await.unwrap();
+    finished(&ctl, id, FINISH, &String::new).await;
+    assert_same_tree(&src, &root);
+    let delta = sent() - before;
+    assert_eq!(delta, MIB, "one block of a {size}-byte file");
+    // The file in place is not the version a delta is against (someone changed the target's
+    // copy): the delta is refused at once, no attempt counted, and the round after sends the
+    // file whole.
+    std::fs::write(root.join("shard.bin"), b"tampered").unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("shard.bin"))
+        .unwrap();
+    f.write_all_at(b"again", 5).unwrap();
+    drop(f);
+    let before = sent();
+    let round = ctl.sync(id).await.unwrap();
+    finished(&ctl, id, FINISH, &String::new).await;
+    assert_same_tree(&src, &root);
+    let p = ctl.status(id).await.unwrap();
+    assert_eq!(
+        p.round,
+        round + 1,
+        "the stale delta's round, then the whole file's"
+    );
+    assert_eq!(p.failed_attempts, 0);
+    assert_eq!(sent() - before, MIB + size);
+}
+
 /// A large file changed in a few places: the next round sends the changed blocks only (hashes
 /// recorded when the file was sent), and the target builds the new version on a copy of the
 /// old one.
