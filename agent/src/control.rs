@@ -421,6 +421,16 @@ pub struct Assigned {
 /// What the source and target ask of the coordinator. Trait modelling the control API, so the
 /// agent's logic tests without a coordinator: [`Control`] is the real one (gRPC), and
 /// [`testing::FakeCoordinator`] an in-memory one that records what it is told.
+/// A planned segment as the coordinator registers it.
+fn segment_info(s: &crate::manifest::SegmentSummary) -> pb::SegmentInfo {
+    pb::SegmentInfo {
+        segment_id: s.id,
+        bytes: s.bytes,
+        files: s.files,
+        fingerprint: s.fingerprint.to_vec(),
+    }
+}
+
 pub trait Coordinator: Clone + Send + Sync + 'static {
     /// This agent's name.
     fn agent(&self) -> &str;
@@ -435,10 +445,12 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
         segments: &[crate::manifest::SegmentSummary],
     ) -> impl Future<Output = Result<(), ControlError>> + Send;
     /// Marks the scan complete.
+    /// Completes a scan, registering its `last` segments with it (in one entry).
     fn complete_scan(
         &self,
         migration_id: u64,
         summary: &crate::manifest::ScanSummary,
+        last: &[crate::manifest::SegmentSummary],
     ) -> impl Future<Output = Result<(), ControlError>> + Send;
     /// Tells the operator about a problem at this source.
     fn report_problem(
@@ -538,15 +550,7 @@ impl Coordinator for Control {
                 agent: self.agent.clone(),
                 session: self.session,
                 migration_id,
-                segments: segments
-                    .iter()
-                    .map(|s| pb::SegmentInfo {
-                        segment_id: s.id,
-                        bytes: s.bytes,
-                        files: s.files,
-                        fingerprint: s.fingerprint.to_vec(),
-                    })
-                    .collect(),
+                segments: segments.iter().map(segment_info).collect(),
             },
             |mut c, r| async move { c.register_segments(r).await },
         )
@@ -558,9 +562,11 @@ impl Coordinator for Control {
         &self,
         migration_id: u64,
         summary: &crate::manifest::ScanSummary,
+        last: &[crate::manifest::SegmentSummary],
     ) -> Result<(), ControlError> {
         self.call(
             pb::CompleteScanRequest {
+                segments: last.iter().map(segment_info).collect(),
                 agent: self.agent.clone(),
                 session: self.session,
                 migration_id,
@@ -882,7 +888,9 @@ pub mod testing {
             &self,
             migration_id: u64,
             summary: &crate::manifest::ScanSummary,
+            last: &[crate::manifest::SegmentSummary],
         ) -> Result<(), ControlError> {
+            self.register_segments(migration_id, last).await?;
             self.with(|s| {
                 s.scans
                     .insert(migration_id, (summary.segments_total, summary.issues_total))

@@ -315,6 +315,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     match done {
                         Ok(Done::Renewed) => schedule.renewal_ended(),
                         Ok(Done::Heartbeat(Ok(a))) => {
+                            tracing::debug!(message = "Heartbeat answered.", rounds = ?a.work.iter().map(|w| (w.migration_id, w.round, w.finished)).collect::<Vec<_>>());
                             self.learn(&a);
                             if let Some(runner) = &self.cutover {
                                 runner.handle(&a.cutover);
@@ -341,6 +342,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             while let Some(action) = schedule.next(now()) {
                 match action {
                     Action::Heartbeat => {
+                        tracing::debug!(message = "Heartbeat sent.");
                         let control = self.control.clone();
                         background.spawn(async move { Done::Heartbeat(control.heartbeat().await) });
                     }
@@ -544,7 +546,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             for batch in m.summaries()?.chunks(REGISTER_BATCH) {
                 call_blocking(&rt, stop, || self.control.register_segments(mid, batch))?;
             }
-            call_blocking(&rt, stop, || self.control.complete_scan(mid, &summary))?;
+            call_blocking(&rt, stop, || self.control.complete_scan(mid, &summary, &[]))?;
         }
         tracing::info!(
             message = "Loaded manifest.",
@@ -597,7 +599,11 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             });
         }
         let (from, to) = (w.previous_round_first_segment, w.round_first_segment);
-        let ids = call_blocking(rt, stop, || self.control.list_unverified(mid, from, to))?;
+        // A round that ended done verified all its segments: one round trip saved.
+        let ids = match w.previous_round_done {
+            true => Vec::new(),
+            false => call_blocking(rt, stop, || self.control.list_unverified(mid, from, to))?,
+        };
         let (mut dirty, mut dirty_deletes) = (HashSet::new(), HashSet::new());
         if !ids.is_empty() {
             let m = Manifest::open(&prev.join("manifest"), from)?;
@@ -760,10 +766,13 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             batch.push(writer.append(&seg)?);
             summary.segments_total += 1;
         }
-        flush(&mut writer, &mut batch)?;
+        // The last segments are registered with the completion: one round trip, not two.
+        writer.sync()?;
         catalog.finish()?;
         manifest::write_summary(&rdir.join("scan.json"), &summary)?;
-        call_blocking(rt, stop, || self.control.complete_scan(mid, &summary))?;
+        call_blocking(rt, stop, || {
+            self.control.complete_scan(mid, &summary, &batch)
+        })?;
         tracing::info!(
             message = "Scan complete.",
             migration = mid,

@@ -278,6 +278,9 @@ impl AgentService {
                             .first_segment,
                         keep_deleted: m.spec.keep_deleted,
                         max_delete: m.spec.max_delete,
+                        previous_round_done: m
+                            .previous_round()
+                            .is_some_and(|r| r.outcome == crate::state::Phase::Done),
                         baseline_uuid: if m.round().number == 0 {
                             m.spec.baseline.clone()
                         } else {
@@ -460,22 +463,49 @@ impl AgentControl for AgentService {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
-        let resp = self
-            .0
-            .write(Command::CompleteScan {
-                agent: r.agent,
-                migration_id: r.migration_id,
-                segments_total: r.segments_total,
-                issues: r.issues.into_iter().map(|i| (i.path, i.reason)).collect(),
-                issues_total: r.issues_total,
-                hardlinks: r.hardlinks,
-                excluded: r.excluded,
-                root_error: r.root_error,
-                deleted: r.deleted,
-                now_ms: now_ms(),
-            })
-            .await?;
-        expect_ok(resp)?;
+        if r.segments.len() > MAX_ITEMS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} segments in one call; send at most {MAX_ITEMS_PER_CALL}",
+                r.segments.len()
+            )));
+        }
+        let segment_size = self.0.read_local(|s| {
+            s.migrations
+                .get(&r.migration_id)
+                .map(|m| m.spec.segment_size)
+        });
+        let segments: Vec<_> = r
+            .segments
+            .into_iter()
+            .map(|s| check_segment(r.migration_id, segment_size, s))
+            .collect::<Result<_, Status>>()?;
+        let complete = Command::CompleteScan {
+            agent: r.agent.clone(),
+            migration_id: r.migration_id,
+            segments_total: r.segments_total,
+            issues: r.issues.into_iter().map(|i| (i.path, i.reason)).collect(),
+            issues_total: r.issues_total,
+            hardlinks: r.hardlinks,
+            excluded: r.excluded,
+            root_error: r.root_error,
+            deleted: r.deleted,
+            now_ms: now_ms(),
+        };
+        // The last segments and the completion in one entry, in this order.
+        let cmds = match segments.is_empty() {
+            true => vec![complete],
+            false => vec![
+                Command::RegisterSegments {
+                    agent: r.agent,
+                    migration_id: r.migration_id,
+                    segments,
+                },
+                complete,
+            ],
+        };
+        for resp in self.0.write_many(cmds).await? {
+            expect_ok(resp)?;
+        }
         Ok(GrpcResponse::new(pb::CompleteScanResponse {}))
     }
 

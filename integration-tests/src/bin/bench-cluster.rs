@@ -312,6 +312,7 @@ async fn main() -> anyhow::Result<()> {
                     segments_total: per,
                     ..Default::default()
                 },
+                &[],
             )
             .await?;
     }

@@ -263,6 +263,7 @@ impl Hostile {
                 segments_total: 1,
                 ..Default::default()
             },
+            &[],
         )
         .await
         .unwrap();
