@@ -290,6 +290,31 @@ enum MigrationCmd {
     },
 }
 
+/// Follows migration `id` until its round has ended, showing progress, then its rounds (or
+/// the progress as JSON); failure when the round failed.
+async fn watch_round(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode> {
+    let p = ctl
+        .watch(id, Duration::from_secs(3600), |p, r| {
+            if !json {
+                eprintln!("{}", progress_line(p, r))
+            }
+        })
+        .await?;
+    if json {
+        print_json(&p);
+    } else {
+        println!("{}", progress_line(&p, &Default::default()));
+        for line in round_lines(&p, now_ms()) {
+            println!("{line}");
+        }
+    }
+    Ok(if p.phase() == pb::Phase::Failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// What `migration verify` checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum VerifyMode {
@@ -496,6 +521,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         a.throttle,
                         a.last_seen_ms
                     );
+                    if !a.target_root.is_empty() {
+                        println!("  writes below {}", a.target_root);
+                    }
                     if !a.cannot_receive.is_empty() {
                         println!("  cannot receive: {}", a.cannot_receive);
                     }
@@ -704,23 +732,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let mut code = ExitCode::SUCCESS;
             if *watch {
-                let p = ctl
-                    .watch(id, Duration::from_secs(3600), |p, r| {
-                        if !json {
-                            eprintln!("{}", progress_line(p, r))
-                        }
-                    })
-                    .await?;
-                if json {
-                    print_json(&p);
-                } else {
-                    for line in round_lines(&p, now_ms()) {
-                        println!("{line}");
-                    }
-                }
-                if p.phase() == pb::Phase::Failed {
-                    code = ExitCode::FAILURE;
-                }
+                code = watch_round(&ctl, id, json).await?;
             } else if json {
                 print_json(&serde_json::json!({ "migration_id": id, "round": round }));
             }
@@ -738,24 +750,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let mut code = ExitCode::SUCCESS;
             if *watch {
-                let p = ctl
-                    .watch(rid, Duration::from_secs(3600), |p, r| {
-                        if !json {
-                            eprintln!("{}", progress_line(p, r))
-                        }
-                    })
-                    .await?;
-                if json {
-                    print_json(&p);
-                } else {
-                    println!("{}", progress_line(&p, &Default::default()));
-                    for line in round_lines(&p, now_ms()) {
-                        println!("{line}");
-                    }
-                }
-                if p.phase() == pb::Phase::Failed {
-                    code = ExitCode::FAILURE;
-                }
+                code = watch_round(&ctl, rid, json).await?;
             } else if json {
                 print_json(&serde_json::json!({ "migration_id": rid, "name": name }));
             }

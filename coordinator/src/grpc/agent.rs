@@ -243,6 +243,30 @@ impl AgentService {
     /// work a moment later, and a `last_seen` it believes stale costs one extra commit (a
     /// linearizable read per heartbeat, a quorum round each, was most of a loaded cluster's
     /// traffic).
+    /// Segments a source registers, checked: at most [`MAX_ITEMS_PER_CALL`], each plausible.
+    /// The state machine refuses totals that overflow whatever arrives; this refuses implausible
+    /// segments early, with the segment named. A node that does not know the migration yet (a
+    /// lagging follower) leaves the size check to the state machine.
+    fn checked_segments(
+        &self,
+        mid: u64,
+        segments: Vec<pb::SegmentInfo>,
+    ) -> Result<Vec<SegmentReg>, Status> {
+        if segments.len() > MAX_ITEMS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} segments in one call; send at most {MAX_ITEMS_PER_CALL}",
+                segments.len()
+            )));
+        }
+        let segment_size = self
+            .0
+            .read_local(|s| s.migrations.get(&mid).map(|m| m.spec.segment_size));
+        segments
+            .into_iter()
+            .map(|s| check_segment(mid, segment_size, s))
+            .collect()
+    }
+
     fn heartbeat_answer(
         &self,
         agent: &str,
@@ -425,25 +449,7 @@ impl AgentControl for AgentService {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
-        if r.segments.len() > MAX_ITEMS_PER_CALL {
-            return Err(Status::invalid_argument(format!(
-                "{} segments in one call; send at most {MAX_ITEMS_PER_CALL}",
-                r.segments.len()
-            )));
-        }
-        // The state machine refuses totals that overflow whatever arrives; this refuses
-        // implausible segments early, with the segment named. A node that does not know the
-        // migration yet (a lagging follower) leaves the size check to the state machine.
-        let segment_size = self.0.read_local(|s| {
-            s.migrations
-                .get(&r.migration_id)
-                .map(|m| m.spec.segment_size)
-        });
-        let segments = r
-            .segments
-            .into_iter()
-            .map(|s| check_segment(r.migration_id, segment_size, s))
-            .collect::<Result<_, Status>>()?;
+        let segments = self.checked_segments(r.migration_id, r.segments)?;
         let resp = self
             .0
             .write(Command::RegisterSegments {
@@ -463,22 +469,7 @@ impl AgentControl for AgentService {
         authorize_agent(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
-        if r.segments.len() > MAX_ITEMS_PER_CALL {
-            return Err(Status::invalid_argument(format!(
-                "{} segments in one call; send at most {MAX_ITEMS_PER_CALL}",
-                r.segments.len()
-            )));
-        }
-        let segment_size = self.0.read_local(|s| {
-            s.migrations
-                .get(&r.migration_id)
-                .map(|m| m.spec.segment_size)
-        });
-        let segments: Vec<_> = r
-            .segments
-            .into_iter()
-            .map(|s| check_segment(r.migration_id, segment_size, s))
-            .collect::<Result<_, Status>>()?;
+        let segments = self.checked_segments(r.migration_id, r.segments)?;
         let complete = Command::CompleteScan {
             agent: r.agent.clone(),
             migration_id: r.migration_id,

@@ -507,6 +507,13 @@ impl Migration {
             .is_some_and(|c| c.phase == CutoverPhase::FinalSync && c.final_round == 0)
     }
 
+    /// Whether a cutover switched: the target is live.
+    pub fn switched(&self) -> bool {
+        self.cutover
+            .as_ref()
+            .is_some_and(|c| c.phase == CutoverPhase::Done)
+    }
+
     /// Whether a cutover runs (started, not ended): no sync round may start meanwhile.
     pub fn cutover_running(&self) -> bool {
         self.cutover.as_ref().is_some_and(|c| !c.phase.ended())

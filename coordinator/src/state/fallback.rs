@@ -19,11 +19,7 @@ impl State {
         let Some(m) = self.migrations.get(&mid) else {
             return refused(format!("migration {mid} does not exist"));
         };
-        if !m
-            .cutover
-            .as_ref()
-            .is_some_and(|c| c.phase == CutoverPhase::Done)
-        {
+        if !m.switched() {
             return refused(format!(
                 "migration {} has not been cut over: a fallback keeps the old source in sync \
                  after the switch (`ferryctl migration cutover {}` first)",
@@ -134,11 +130,7 @@ impl State {
         let Some(m) = self.migrations.get(&mid) else {
             return refused(format!("migration {mid} does not exist"));
         };
-        if !m
-            .cutover
-            .as_ref()
-            .is_some_and(|c| c.phase == CutoverPhase::Done)
-        {
+        if !m.switched() {
             return refused(format!(
                 "migration {} has not been cut over: there is no fallback window to close",
                 m.name
@@ -149,10 +141,7 @@ impl State {
         }
         let rid = m.fallback;
         if let Some(r) = self.migrations.get(&rid) {
-            if r.cutover
-                .as_ref()
-                .is_some_and(|c| c.phase == CutoverPhase::Done)
-            {
+            if r.switched() {
                 return refused(format!(
                     "its fallback, migration {}, switched back to the old site: that site is \
                      live again, and there is no window of {} to close",

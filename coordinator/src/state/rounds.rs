@@ -113,12 +113,8 @@ impl Migration {
         let last = self.round();
         let number = last.number.saturating_add(1);
         let first = last.first_segment.saturating_add(last.segments);
-        self.interrupt_verification(
-            &format!(
-            "interrupted by round {number}, which changes the target; verify again once it ended"
-        ),
-            now_ms,
-        );
+        let why = format!("interrupted by round {number}, which changes the target");
+        self.interrupt_verification(&why, now_ms);
         self.rounds
             .push(Round::new(number, first, now_ms, self.counters.clone()));
         if self.rounds.len() > MAX_ROUNDS_KEPT {

@@ -2327,6 +2327,22 @@ impl World {
         assert_eq!(self.cutover(mid).phase, CutoverPhase::Done);
     }
 
+    /// `agent`'s scan of `mid`'s current round found nothing to send.
+    fn empty_scan_by(&mut self, agent: &str, mid: u64, now_ms: u64) -> Response {
+        self.apply(Command::CompleteScan {
+            agent: agent.into(),
+            migration_id: mid,
+            segments_total: 0,
+            issues: vec![],
+            issues_total: 0,
+            hardlinks: 0,
+            excluded: 0,
+            root_error: String::new(),
+            deleted: 0,
+            now_ms,
+        })
+    }
+
     fn register_src(&mut self, data_addr: &str, target_root: &str) {
         self.apply(Command::RegisterAgent {
             name: "src".into(),
@@ -2395,21 +2411,7 @@ fn a_fallback_is_the_migration_in_reverse_from_the_switch_and_finalize_closes_it
     assert!(
         matches!(w.apply(Command::Finalize { migration_id: mid, now_ms: 34 }), Response::Refused(why) if why.contains("round 0 of its fallback"))
     );
-    assert_eq!(
-        w.apply(Command::CompleteScan {
-            agent: "dst".into(),
-            migration_id: rid,
-            segments_total: 0,
-            issues: vec![],
-            issues_total: 0,
-            hardlinks: 0,
-            excluded: 0,
-            root_error: String::new(),
-            deleted: 0,
-            now_ms: 35,
-        }),
-        Response::Ok
-    );
+    assert_eq!(w.empty_scan_by("dst", rid, 35), Response::Ok);
     assert_eq!(w.s.migrations[&rid].phase, Phase::Done);
     assert_eq!(
         w.apply(Command::Finalize {
@@ -2454,18 +2456,7 @@ fn a_reverse_cutover_brings_the_old_site_back_and_there_is_then_no_window_to_clo
     }) else {
         panic!("no fallback")
     };
-    w.apply(Command::CompleteScan {
-        agent: "dst".into(),
-        migration_id: rid,
-        segments_total: 0,
-        issues: vec![],
-        issues_total: 0,
-        hardlinks: 0,
-        excluded: 0,
-        root_error: String::new(),
-        deleted: 0,
-        now_ms: 31,
-    });
+    w.empty_scan_by("dst", rid, 31);
     // The reverse migration's cutover: its source is the new site's agent.
     assert_eq!(
         w.apply(Command::StartCutover {
@@ -2497,18 +2488,7 @@ fn a_reverse_cutover_brings_the_old_site_back_and_there_is_then_no_window_to_clo
         matches!(w.apply(Command::Finalize { migration_id: mid, now_ms: 42 }), Response::Refused(why) if why.contains("cutover of its fallback"))
     );
     // Its final round (nothing changed), both trees, and the old site's switch.
-    w.apply(Command::CompleteScan {
-        agent: "dst".into(),
-        migration_id: rid,
-        segments_total: 0,
-        issues: vec![],
-        issues_total: 0,
-        hardlinks: 0,
-        excluded: 0,
-        root_error: String::new(),
-        deleted: 0,
-        now_ms: 43,
-    });
+    w.empty_scan_by("dst", rid, 43);
     for (agent, step) in [
         ("dst", Step::VerifySource),
         ("src", Step::VerifyTarget),

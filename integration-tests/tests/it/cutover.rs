@@ -396,6 +396,15 @@ async fn a_target_killed_during_the_final_round_the_cutover_still_switches_each_
     let _ = target.wait();
 }
 
+/// Runs a full verification of migration `id` to its end.
+async fn verify_full(
+    ctl: &ferryctl::ctl::Ctl,
+    id: u64,
+) -> ferry_proto::admin::FullVerificationInfo {
+    let (n, _) = ctl.verify_full(id).await.unwrap();
+    ctl.watch_verification(id, n, LIMIT, |_| {}).await.unwrap()
+}
+
 fn tree_of<'a>(
     v: &'a ferry_proto::admin::FullVerificationInfo,
     side: &str,
@@ -421,13 +430,8 @@ async fn a_full_verification_finds_a_damaged_target_and_leaves_the_freeze_only_t
     // copy's files must be that old for the next pass to take their hashes. This is that rule,
     // not a wait for something to happen.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (n, round) = r.ctl.verify_full(id).await.unwrap();
-    assert_eq!((n, round), (1, 0));
-    let v = r
-        .ctl
-        .watch_verification(id, n, LIMIT, |_| {})
-        .await
-        .unwrap();
+    let v = verify_full(&r.ctl, id).await;
+    assert_eq!((v.number, v.round), (1, 0));
     assert!(v.equal, "{v:#?}");
     let files = tree_of(&v, "source").files;
     assert_eq!(files, 60);
@@ -448,12 +452,7 @@ async fn a_full_verification_finds_a_damaged_target_and_leaves_the_freeze_only_t
     bad[100] ^= 0xff;
     std::fs::write(&victim, &bad).unwrap();
     filetime::set_file_mtime(&victim, mtime).unwrap();
-    let (n, _) = r.ctl.verify_full(id).await.unwrap();
-    let v = r
-        .ctl
-        .watch_verification(id, n, LIMIT, |_| {})
-        .await
-        .unwrap();
+    let v = verify_full(&r.ctl, id).await;
     assert!(!v.equal);
     assert!(
         v.error.contains("target differs from the source")
@@ -476,12 +475,7 @@ async fn a_full_verification_finds_a_damaged_target_and_leaves_the_freeze_only_t
     filetime::set_file_mtime(&victim, mtime).unwrap();
     // Settled before it is read, as above, so the cutover need not read it again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (n, _) = r.ctl.verify_full(id).await.unwrap();
-    let v = r
-        .ctl
-        .watch_verification(id, n, LIMIT, |_| {})
-        .await
-        .unwrap();
+    let v = verify_full(&r.ctl, id).await;
     assert!(v.equal, "{v:#?}");
 
     // One source file changes; the cutover's final round sends it, and its full verification
