@@ -1,4 +1,5 @@
-//! The destination file system: a fresh ext4 made for one `wan-bench` invocation.
+//! The destination file system: a fresh ext4 (or XFS, `--fs xfs`) made for one `wan-bench`
+//! invocation.
 //!
 //! Every tool writes its copies into `<work>/dst`. On a long-lived file system, creating files
 //! costs more and more as earlier runs' copies are deleted (ext4 passes over recently freed
@@ -10,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A mounted fresh ext4, removed on drop.
+/// A mounted fresh file system, removed on drop.
 pub struct FreshFs {
     image: PathBuf,
     device: String,
@@ -29,8 +30,10 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 }
 
 impl FreshFs {
-    /// Makes a fresh ext4 of `size` bytes (sparse) and mounts it at `mount` (emptied first).
-    pub fn create(work: &Path, mount: &Path, size: u64) -> Result<FreshFs, String> {
+    /// Makes a fresh file system of `size` bytes (sparse) and mounts it at `mount` (emptied
+    /// first): `ext4`, or `xfs` (with reflinks: `copy_file_range` then shares blocks, as on
+    /// the XFS volumes many cloud images use).
+    pub fn create(work: &Path, mount: &Path, size: u64, kind: &str) -> Result<FreshFs, String> {
         let image = work.join("dst.img");
         let _ = Command::new("umount").arg(mount).output();
         let _ = std::fs::remove_file(&image);
@@ -38,10 +41,17 @@ impl FreshFs {
         f.set_len(size)
             .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
         drop(f);
-        // Inode tables and journal initialised now, not by a kernel thread during the runs.
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-            .arg(&image))?;
+        match kind {
+            // Inode tables and journal initialised now, not by a kernel thread during the runs.
+            "ext4" => run(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                .arg(&image))?,
+            "xfs" => run(Command::new("mkfs.xfs")
+                .args(["-q", "-f", "-m", "reflink=1"])
+                .arg(&image))
+            .map_err(|e| format!("{e} (Debian: apt-get install xfsprogs)"))?,
+            other => return Err(format!("file system {other:?}: use ext4 or xfs")),
+        };
         let device = run(Command::new("losetup")
             .args(["--direct-io=on", "--find", "--show"])
             .arg(&image))?;

@@ -55,6 +55,8 @@ pub struct Options {
     /// Write the copies to a fresh ext4 made for this invocation ([`freshfs`]), not to the
     /// working directory's file system.
     pub fresh_fs: bool,
+    /// The fresh file system's kind: ext4 or xfs.
+    pub fs: String,
 }
 
 /// The data set for `kind`, `size` and `seed` under `work`, generated on first use and reused
@@ -162,7 +164,7 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
     let dst = work.join("dst");
     let fresh = if opts.fresh_fs {
         let size = (bytes.saturating_mul(3) + (4 << 30)).max(8 << 30);
-        Some(freshfs::FreshFs::create(&work, &dst, size).map_err(anyhow::Error::msg)?)
+        Some(freshfs::FreshFs::create(&work, &dst, size, &opts.fs).map_err(anyhow::Error::msg)?)
     } else {
         std::fs::create_dir_all(&dst)?;
         None
@@ -170,9 +172,9 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
     let path_text = format!(
         "{path_text}; copies written to {}",
         if fresh.is_some() {
-            "a fresh ext4 (loop device, direct I/O)"
+            format!("a fresh {} (loop device, direct I/O)", opts.fs)
         } else {
-            "the working directory's file system"
+            "the working directory's file system".into()
         }
     );
     eprintln!("path: {path_text}");

@@ -73,6 +73,10 @@ struct Args {
     /// run as earlier copies are deleted, which skews small-file results).
     #[arg(long)]
     no_fresh_fs: bool,
+    /// The fresh file system: ext4, or xfs (made with reflinks, as on many cloud images:
+    /// copying a file's unchanged blocks costs nothing there).
+    #[arg(long, default_value = "ext4")]
+    fs: String,
     #[command(subcommand)]
     helper: Option<quic::Helper>,
 }
@@ -105,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.timeout_secs),
         lease_ttl_secs: args.lease_ttl_secs,
         fresh_fs: !args.no_fresh_fs,
+        fs: args.fs,
     })?;
     Ok(())
 }
