@@ -300,6 +300,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         // Scans (blocking threads) and renewal calls.
         let mut background: JoinSet<Done> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
+        // Heartbeats failed in a row: the first is a warning, the rest debug until one succeeds
+        // (a coordinator that is down for a minute is one warning, not 120).
+        let mut heartbeats_failed = 0u64;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -315,6 +318,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     match done {
                         Ok(Done::Renewed) => schedule.renewal_ended(),
                         Ok(Done::Heartbeat(Ok(a))) => {
+                            if heartbeats_failed > 0 {
+                                tracing::info!(message = "Coordinator answers again.", heartbeats_failed);
+                                heartbeats_failed = 0;
+                            }
                             tracing::debug!(message = "Heartbeat answered.", rounds = ?a.work.iter().map(|w| (w.migration_id, w.round, w.finished)).collect::<Vec<_>>());
                             self.learn(&a);
                             if let Some(runner) = &self.cutover {
@@ -324,7 +331,12 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         }
                         Ok(Done::Heartbeat(Err(e))) => {
                             schedule.heartbeat_failed();
-                            tracing::warn!(message = "Heartbeat failed.", error = %e);
+                            heartbeats_failed += 1;
+                            if heartbeats_failed == 1 {
+                                tracing::warn!(message = "Heartbeat failed; retrying (further failures are logged at debug level until one succeeds).", error = %e);
+                            } else {
+                                tracing::debug!(message = "Heartbeat failed again.", heartbeats_failed, error = %e);
+                            }
                         }
                         Ok(Done::Prepared(mid, Ok(()))) => schedule.prepared(mid),
                         Ok(Done::Prepared(mid, Err(e))) => {
