@@ -925,7 +925,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         let wanted: u64 = entries
             .iter()
             .zip(&expect)
-            .filter(|(e, x)| e.chunk_count <= 1 && x.is_some_and(|x| x.size <= PREFETCH_MAX))
+            .filter(|(e, x)| prefetchable(e, x, PREFETCH_MAX))
             .map(|(e, _)| e.len)
             .sum::<u64>()
             .min(PREFETCH_PER_SEGMENT);
@@ -1422,6 +1422,14 @@ const PREFETCH_TOTAL: u64 = 16 * 1024 * 1024;
 /// probably fail the segment, to be retried).
 const PREFETCH_TRIES: u32 = 3;
 
+/// Whether `e` is read into memory when its segment starts: a whole, dense file (as its
+/// identity `x` says) of at most `max` bytes.
+fn prefetchable(e: &Entry, x: &Option<FileId>, max: u64) -> bool {
+    e.chunk_count <= 1
+        && e.data_runs.is_none()
+        && x.is_some_and(|x| !x.may_be_sparse && x.size <= max)
+}
+
 /// Reads the small whole files of a segment into memory (see [`PREFETCH_MAX`]); each entry
 /// and its expected identity are updated to the version read. `None` for an entry streamed from
 /// the file as before (pieces, sparse or large files, files that cannot be read or keep
@@ -1434,8 +1442,7 @@ fn prefetch(
 ) -> Vec<Option<Vec<u8>>> {
     let mut out = Vec::with_capacity(entries.len());
     for (e, x) in entries.iter_mut().zip(expect.iter_mut()) {
-        let small = x.is_some_and(|x| !x.may_be_sparse && x.size <= PREFETCH_MAX.min(budget));
-        if e.chunk_count > 1 || e.data_runs.is_some() || !small {
+        if !prefetchable(e, x, PREFETCH_MAX.min(budget)) {
             out.push(None);
             continue;
         }

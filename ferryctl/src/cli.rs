@@ -878,7 +878,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             // Reading tens of terabytes takes hours: no deadline but the operator's.
             let week = Duration::from_secs(7 * 24 * 3600);
-            let v = ctl.watch_verification(id, number, week, |_| {}).await?;
+            let v = ctl.watch_verification(id, number, week).await?;
             if json {
                 print_json(&v);
             } else {

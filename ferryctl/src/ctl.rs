@@ -350,40 +350,48 @@ impl Ctl {
         Ok((r.number, r.round))
     }
 
-    /// Polls migration `id` until its full verification `number` has ended, showing each pass
-    /// as it is reported; fails after `timeout`.
-    pub async fn watch_verification(
+    /// Polls migration `id` every 250 ms until `done` makes something of its progress; fails
+    /// after `timeout`, saying `what` had not ended.
+    async fn poll_until<T>(
         &self,
         id: u64,
-        number: u32,
         timeout: Duration,
-        mut show: impl FnMut(&pb::FullVerificationInfo),
-    ) -> Result<pb::FullVerificationInfo, CtlError> {
+        what: &str,
+        mut done: impl FnMut(pb::MigrationProgress) -> Result<Option<T>, CtlError>,
+    ) -> Result<T, CtlError> {
         let deadline = Instant::now() + timeout;
-        let mut last = None;
         loop {
-            let p = self.status(id).await?;
-            let Some(v) = p.verification.filter(|v| v.number == number) else {
-                return Err(CtlError::Status(format!(
-                    "verification {number} of migration {id} is gone (a later one replaced it)"
-                )));
-            };
-            let seen = (v.source.is_some(), v.target.is_some(), v.ended_ms);
-            if last != Some(seen) {
-                show(&v);
-                last = Some(seen);
-            }
-            if v.ended_ms != 0 {
-                return Ok(v);
+            if let Some(t) = done(self.status(id).await?)? {
+                return Ok(t);
             }
             if Instant::now() > deadline {
                 return Err(CtlError::Status(format!(
-                    "verification {number} of migration {id} has not ended within {}s",
+                    "{what} of migration {id} has not ended within {}s",
                     timeout.as_secs()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Polls migration `id` until its full verification `number` has ended; fails after
+    /// `timeout`.
+    pub async fn watch_verification(
+        &self,
+        id: u64,
+        number: u32,
+        timeout: Duration,
+    ) -> Result<pb::FullVerificationInfo, CtlError> {
+        let what = format!("verification {number}");
+        self.poll_until(id, timeout, &what, |p| {
+            match p.verification.filter(|v| v.number == number) {
+                None => Err(CtlError::Status(format!(
+                    "verification {number} of migration {id} is gone (a later one replaced it)"
+                ))),
+                Some(v) => Ok((v.ended_ms != 0).then_some(v)),
+            }
+        })
+        .await
     }
 
     /// Polls migration `id` until its cutover has ended (done or aborted), showing each
@@ -394,31 +402,22 @@ impl Ctl {
         timeout: Duration,
         mut show: impl FnMut(&pb::MigrationProgress),
     ) -> Result<pb::MigrationProgress, CtlError> {
-        let deadline = Instant::now() + timeout;
         let mut last = None;
-        loop {
-            let p = self.status(id).await?;
+        self.poll_until(id, timeout, "the cutover", |p| {
             let phase = p.cutover.as_ref().map(|c| (c.phase, c.runs.len(), p.phase));
             if phase != last {
                 show(&p);
                 last = phase;
             }
-            if p.cutover.as_ref().is_some_and(|c| {
+            let ended = p.cutover.as_ref().is_some_and(|c| {
                 matches!(
                     c.phase(),
                     pb::CutoverPhase::Done | pb::CutoverPhase::Aborted
                 )
-            }) {
-                return Ok(p);
-            }
-            if Instant::now() > deadline {
-                return Err(CtlError::Status(format!(
-                    "the cutover of migration {id} has not ended within {}s",
-                    timeout.as_secs()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+            });
+            Ok(ended.then_some(p))
+        })
+        .await
     }
 
     /// Creates a migration named by [`default_name`]; returns its id. See [`Ctl::create_named`].

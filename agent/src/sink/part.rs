@@ -178,9 +178,14 @@ pub(super) fn same_bytes(a: &Path, b: &Path) -> Result<bool, SinkError> {
     }
 }
 
-/// The parts of a piece that none of its runs cover: its holes.
-pub(super) fn gaps(e: &Entry, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+/// The parts of a piece that none of its runs cover and that must read as zeros: its holes.
+/// A delta has none: its gaps are the old version's bytes, which stay (and which its hash
+/// does not cover).
+pub(super) fn holes(e: &Entry, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
+    if e.delta_base.is_some() {
+        return out;
+    }
     let mut at = e.offset;
     for &(start, len) in runs {
         if start > at {

@@ -501,14 +501,8 @@ impl SegmentWriter<'_> {
                 self.pending.add(open.file, &open.path)?;
             }
             Mode::Part => {
-                // The part may hold bytes of an earlier attempt where this piece has holes (a
-                // delta's gaps are the old version's bytes, and stay).
-                let holes = if e.delta_base.is_some() {
-                    Vec::new()
-                } else {
-                    gaps(e, &open.runs)
-                };
-                for (start, len) in holes {
+                // The part may hold bytes of an earlier attempt where this piece has holes.
+                for (start, len) in holes(e, &open.runs) {
                     crate::holes::make_hole(&open.file, start, len)
                         .map_err(io_at("cannot punch a hole in", &open.path))?;
                 }
@@ -524,15 +518,9 @@ impl SegmentWriter<'_> {
                 });
             }
             Mode::Compare => {
-                // The finished file must read as zeros where the resent piece has holes (a
-                // delta's gaps are the old version's bytes, which its hash does not cover).
+                // The finished file must read as zeros where the resent piece has holes.
                 let zeros = vec![0u8; 1 << 16];
-                let holes = if e.delta_base.is_some() {
-                    Vec::new()
-                } else {
-                    gaps(e, &open.runs)
-                };
-                for (start, len) in holes {
+                for (start, len) in holes(e, &open.runs) {
                     let mut at = start;
                     while at < start + len {
                         let n = (start + len - at).min(zeros.len() as u64) as usize;

@@ -238,11 +238,6 @@ const MAX_HEARTBEAT_WAIT_MS: u64 = 5000;
 const HEARTBEAT_RECHECK: Duration = Duration::from_millis(250);
 
 impl AgentService {
-    /// What a heartbeat of `agent`'s `session` answers now (with its digest), and whether the
-    /// agent's `last_seen` is stale. A local read: a lagging follower tells the agent about new
-    /// work a moment later, and a `last_seen` it believes stale costs one extra commit (a
-    /// linearizable read per heartbeat, a quorum round each, was most of a loaded cluster's
-    /// traffic).
     /// Segments a source registers, checked: at most [`MAX_ITEMS_PER_CALL`], each plausible.
     /// The state machine refuses totals that overflow whatever arrives; this refuses implausible
     /// segments early, with the segment named. A node that does not know the migration yet (a
@@ -267,6 +262,11 @@ impl AgentService {
             .collect()
     }
 
+    /// What a heartbeat of `agent`'s `session` answers now (with its digest), and whether the
+    /// agent's `last_seen` is stale. A local read: a lagging follower tells the agent about new
+    /// work a moment later, and a `last_seen` it believes stale costs one extra commit (a
+    /// linearizable read per heartbeat, a quorum round each, was most of a loaded cluster's
+    /// traffic).
     fn heartbeat_answer(
         &self,
         agent: &str,

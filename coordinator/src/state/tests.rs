@@ -2003,19 +2003,10 @@ fn a_failed_hook_a_changed_file_or_differing_trees_roll_back_and_a_new_attempt_m
 #[test]
 fn periodic_rounds_are_due_their_interval_after_the_last_round_ended() {
     let mut w = World::new();
-    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
-        name: unique_name(),
-        idempotency_key: String::new(),
-        spec: MigrationSpec {
-            sync_every_ms: 1000,
-            ..spec("/data", 100)
-        },
-        uuid: ferry_common::ids::random_id(),
-        throttle: String::new(),
-        now_ms: 1,
-    }) else {
-        panic!("not created")
-    };
+    let mid = w.create(MigrationSpec {
+        sync_every_ms: 1000,
+        ..spec("/data", 100)
+    });
     let plain = w.migration(&[]);
     assert!(
         w.s.rounds_due(10_000).is_empty(),
@@ -2047,6 +2038,21 @@ fn periodic_rounds_are_due_their_interval_after_the_last_round_ended() {
 }
 
 impl World {
+    /// Creates a migration of `spec` (a fresh name, at time 1); returns its id.
+    fn create(&mut self, spec: MigrationSpec) -> u64 {
+        match self.apply(Command::CreateMigration {
+            name: unique_name(),
+            idempotency_key: String::new(),
+            spec,
+            uuid: ferry_common::ids::random_id(),
+            throttle: String::new(),
+            now_ms: 1,
+        }) {
+            Response::MigrationCreated(mid) => mid,
+            other => panic!("not created: {other:?}"),
+        }
+    }
+
     fn verify_full(&mut self, mid: u64, now_ms: u64) -> Response {
         self.apply(Command::StartVerification {
             migration_id: mid,
@@ -2230,19 +2236,10 @@ fn a_round_a_cutover_or_a_new_request_ends_a_running_verification() {
 #[test]
 fn a_fast_enough_sync_round_starts_the_cutover_by_itself_once() {
     let mut w = World::new();
-    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
-        name: unique_name(),
-        idempotency_key: String::new(),
-        spec: MigrationSpec {
-            auto_cutover_below_ms: 1000,
-            ..spec("/data", 100)
-        },
-        uuid: ferry_common::ids::random_id(),
-        throttle: String::new(),
-        now_ms: 1,
-    }) else {
-        panic!("not created")
-    };
+    let mid = w.create(MigrationSpec {
+        auto_cutover_below_ms: 1000,
+        ..spec("/data", 100)
+    });
     // Round 0 is the bulk copy, however quick: no cutover.
     w.round_scan(mid, &[(0, 5, 1)], 0, 2);
     w.verify_all(3);

@@ -173,7 +173,7 @@ pub fn ferry_verify_full(ctx: &Ctx, admin: &TlsMaterial, id: u64) -> Result<f64,
         let t = Instant::now();
         let (n, _) = ctl.verify_full(id).await.map_err(|e| e.to_string())?;
         let v = ctl
-            .watch_verification(id, n, timeout, |_| {})
+            .watch_verification(id, n, timeout)
             .await
             .map_err(|e| e.to_string())?;
         if !v.equal {

@@ -402,7 +402,7 @@ async fn verify_full(
     id: u64,
 ) -> ferry_proto::admin::FullVerificationInfo {
     let (n, _) = ctl.verify_full(id).await.unwrap();
-    ctl.watch_verification(id, n, LIMIT, |_| {}).await.unwrap()
+    ctl.watch_verification(id, n, LIMIT).await.unwrap()
 }
 
 fn tree_of<'a>(

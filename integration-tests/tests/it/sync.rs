@@ -54,6 +54,31 @@ fn write(path: &std::path::Path, data: &[u8]) {
     std::fs::write(path, data).unwrap();
 }
 
+/// Writes `size` bytes drawn from `key` at `path`.
+fn random_file(path: &std::path::Path, size: u64, key: &str) {
+    let mut data = vec![0u8; size as usize];
+    blake3::Hasher::new_derive_key(key)
+        .finalize_xof()
+        .fill(&mut data);
+    write(path, &data);
+}
+
+/// Overwrites the file at `path` with `bytes` at `offset`, in place.
+fn patch(path: &std::path::Path, offset: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, bytes, offset).unwrap();
+}
+
+impl Rig {
+    /// Bytes the source agent has sent so far.
+    fn sent(&self) -> u64 {
+        self.source
+            .stats
+            .bytes_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_rounds_send_only_what_changed_and_delete_what_went() {
     let Rig {
@@ -108,12 +133,7 @@ async fn sync_rounds_send_only_what_changed_and_delete_what_went() {
     std::fs::remove_file(src.join("link")).unwrap();
     std::os::unix::fs::symlink("shrinks", src.join("link")).unwrap();
     // One block of the big file rewritten in place.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(src.join("big.bin"))
-        .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 2 * 1024 * 1024 + 5).unwrap();
-    drop(f);
+    patch(&src.join("big.bin"), 2 * 1024 * 1024 + 5, b"changed");
 
     let r = ctl.sync(id).await.unwrap();
     assert_eq!(r, 1);
@@ -236,61 +256,34 @@ async fn a_round_that_would_delete_more_than_the_cap_deletes_nothing() {
 /// next round sends the changed block only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_in_a_file_sent_whole_sends_only_the_changed_block() {
-    let Rig {
-        src,
-        root,
-        source,
-        ctl,
-        env: _env,
-        node: _node,
-        target: _target,
-    } = rig().await;
+    let r = rig().await;
+    let (src, root, ctl) = (&r.src, &r.root, &r.ctl);
     const MIB: u64 = 1 << 20;
     let size = 6 * MIB + 4321;
-    let mut data = vec![0u8; size as usize];
-    let mut rng = blake3::Hasher::new_derive_key("ferry whole delta test").finalize_xof();
-    rng.fill(&mut data);
-    write(&src.join("shard.bin"), &data);
-    let sent = || {
-        source
-            .stats
-            .bytes_sent
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    random_file(&src.join("shard.bin"), size, "ferry whole delta test");
     let spec = ferry_proto::admin::MigrationSpec {
         segment_size: 64 * MIB,
-        ..migration_spec(&src, "")
+        ..migration_spec(src, "")
     };
     let id = ctl.create(spec).await.unwrap();
-    finished(&ctl, id, FINISH, &String::new).await;
-    assert_same_tree(&src, &root);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(src.join("shard.bin"))
-        .unwrap();
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(b"changed", 3 * MIB + 5).unwrap();
-    drop(f);
-    let before = sent();
+    finished(ctl, id, FINISH, &String::new).await;
+    assert_same_tree(src, root);
+    patch(&src.join("shard.bin"), 3 * MIB + 5, b"changed");
+    let before = r.sent();
     ctl.sync(id).await.unwrap();
-    finished(&ctl, id, FINISH, &String::new).await;
-    assert_same_tree(&src, &root);
-    let delta = sent() - before;
+    finished(ctl, id, FINISH, &String::new).await;
+    assert_same_tree(src, root);
+    let delta = r.sent() - before;
     assert_eq!(delta, MIB, "one block of a {size}-byte file");
     // The file in place is not the version a delta is against (someone changed the target's
     // copy): the delta is refused at once, no attempt counted, and the round after sends the
     // file whole.
     std::fs::write(root.join("shard.bin"), b"tampered").unwrap();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(src.join("shard.bin"))
-        .unwrap();
-    f.write_all_at(b"again", 5).unwrap();
-    drop(f);
-    let before = sent();
+    patch(&src.join("shard.bin"), 5, b"again");
+    let before = r.sent();
     let round = ctl.sync(id).await.unwrap();
-    finished(&ctl, id, FINISH, &String::new).await;
-    assert_same_tree(&src, &root);
+    finished(ctl, id, FINISH, &String::new).await;
+    assert_same_tree(src, root);
     let p = ctl.status(id).await.unwrap();
     assert_eq!(
         p.round,
@@ -298,7 +291,7 @@ async fn a_change_in_a_file_sent_whole_sends_only_the_changed_block() {
         "the stale delta's round, then the whole file's"
     );
     assert_eq!(p.failed_attempts, 0);
-    assert_eq!(sent() - before, MIB + size);
+    assert_eq!(r.sent() - before, MIB + size);
 }
 
 /// A large file changed in a few places: the next round sends the changed blocks only (hashes
@@ -306,50 +299,29 @@ async fn a_change_in_a_file_sent_whole_sends_only_the_changed_block() {
 /// old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scattered_change_in_a_large_file_sends_only_the_changed_blocks() {
-    let Rig {
-        src,
-        root,
-        source,
-        ctl,
-        env: _env,
-        node: _node,
-        target: _target,
-    } = rig().await;
+    let r = rig().await;
+    let (src, root, ctl) = (&r.src, &r.root, &r.ctl);
     const MIB: u64 = 1 << 20;
     let size = 128 * MIB;
-    let mut data = vec![0u8; size as usize];
-    let mut rng = blake3::Hasher::new_derive_key("ferry delta test").finalize_xof();
-    rng.fill(&mut data);
-    write(&src.join("model.ckpt"), &data);
+    let model = src.join("model.ckpt");
+    random_file(&model, size, "ferry delta test");
     write(&src.join("small"), b"small file");
-    let sent = || {
-        source
-            .stats
-            .bytes_sent
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
     let spec = ferry_proto::admin::MigrationSpec {
         segment_size: 8 * MIB,
-        ..migration_spec(&src, "")
+        ..migration_spec(src, "")
     };
     let id = ctl.create(spec).await.unwrap();
-    finished(&ctl, id, FINISH, &String::new).await;
-    assert_same_tree(&src, &root);
+    finished(ctl, id, FINISH, &String::new).await;
+    assert_same_tree(src, root);
 
     // 1 % of the file: one block rewritten, one changed by a few bytes, in two pieces.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(src.join("model.ckpt"))
-        .unwrap();
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(&vec![7u8; MIB as usize], 37 * MIB).unwrap();
-    f.write_all_at(b"tweak", 100 * MIB + 12_345).unwrap();
-    drop(f);
-    let before = sent();
+    patch(&model, 37 * MIB, &vec![7u8; MIB as usize]);
+    patch(&model, 100 * MIB + 12_345, b"tweak");
+    let before = r.sent();
     ctl.sync(id).await.unwrap();
-    finished(&ctl, id, FINISH, &String::new).await;
-    assert_same_tree(&src, &root);
-    let delta = sent() - before;
+    finished(ctl, id, FINISH, &String::new).await;
+    assert_same_tree(src, root);
+    let delta = r.sent() - before;
     assert!(
         delta <= size / 50,
         "round 1 sent {delta} bytes of a {size}-byte file with 2 changed blocks"
@@ -362,16 +334,16 @@ async fn a_scattered_change_in_a_large_file_sends_only_the_changed_blocks() {
     // It grows by 3 MiB and one more block changes: the new tail and that block.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
-        .open(src.join("model.ckpt"))
+        .open(&model)
         .unwrap();
     std::io::Write::write_all(&mut f, &vec![9u8; 3 * MIB as usize]).unwrap();
-    f.write_all_at(&[1, 2, 3], 5 * MIB).unwrap();
     drop(f);
-    let before = sent();
+    patch(&model, 5 * MIB, &[1, 2, 3]);
+    let before = r.sent();
     ctl.sync(id).await.unwrap();
-    finished(&ctl, id, FINISH, &String::new).await;
-    assert_same_tree(&src, &root);
-    let delta = sent() - before;
+    finished(ctl, id, FINISH, &String::new).await;
+    assert_same_tree(src, root);
+    let delta = r.sent() - before;
     assert!(delta <= 5 * MIB, "round 2 sent {delta} bytes");
 }
 
