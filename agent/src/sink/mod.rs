@@ -23,8 +23,12 @@
 //! Ownership (numeric uid and gid) is applied when the agent runs as root; otherwise files keep
 //! the agent's owner, and set-id bits are dropped.
 //!
+//! A delta of a split file (a sync round's changed blocks) is not assembled in a part: its pieces
+//! are journalled and applied to the file in place once all are durable (`redo`).
+//!
 //! `resolve` checks where a peer's path lands, `writer` stages, checks and publishes one
-//! segment's entries, `part` is the protocol for files split over segments, `dirmeta` restores
+//! segment's entries, `part` is the protocol for files split over segments, `redo` patches them
+//! in place, `dirmeta` restores
 //! directories' metadata; this file holds `FsSink` and its errors.
 
 use std::collections::HashMap;
@@ -47,6 +51,7 @@ mod dirmeta;
 #[cfg(test)]
 pub mod mem;
 mod part;
+mod redo;
 mod resolve;
 mod writer;
 
@@ -193,6 +198,10 @@ pub struct FsSink {
     apply_owner: bool,
     /// Durability calls made for files.
     pub(super) syncs: SyncCounts,
+    /// Tests: stop a version patched in place right after it is marked complete, before its
+    /// journals are applied (where a crash leaves it).
+    #[cfg(test)]
+    pub(super) stop_before_patching: std::sync::atomic::AtomicBool,
 }
 
 /// How many durability calls a sink made for file data (not counting directories).
@@ -264,6 +273,8 @@ impl FsSink {
             }),
             apply_owner: crate::holes::running_as_root(),
             syncs: SyncCounts::default(),
+            #[cfg(test)]
+            stop_before_patching: Default::default(),
         })
     }
 

@@ -14,8 +14,17 @@ pub(super) struct PartState {
     pub(super) part_ino: u64,
     /// Pieces durable in the part file.
     pub(super) done: Vec<u32>,
-    /// The part was (or is being) renamed into place.
+    /// The part was (or is being) renamed into place — for a version patched in place, its
+    /// journals are being applied.
     pub(super) complete: bool,
+    /// A version patched in place (`redo`): the version of the file in place its deltas are
+    /// against. Its pieces are journalled beside the file, not written into a part.
+    #[serde(default)]
+    pub(super) base: Option<(u64, i64, u32)>,
+    /// A version patched in place: the pieces recorded with a journal and its file name beside
+    /// the file (a delta piece with no changed block has none).
+    #[serde(default)]
+    pub(super) journals: Vec<(u32, String)>,
 }
 
 impl PartState {
@@ -70,30 +79,55 @@ impl FsSink {
 }
 
 impl SegmentWriter<'_> {
-    /// Records a durable piece; when all pieces are there, finalises the file. Returns whether the
-    /// file was renamed into place.
-    pub(super) fn record_piece(&self, e: &Entry, dest: &Path) -> Result<bool, SinkError> {
+    /// Records a durable piece (`journal`: the name of the journal it was written to); when all pieces
+    /// are there, finalises the file. Returns whether its directory changed (the part renamed
+    /// into place, or the journals removed).
+    pub(super) fn record_piece(
+        &self,
+        e: &Entry,
+        dest: &Path,
+        journal: Option<&str>,
+    ) -> Result<bool, SinkError> {
         let sink = self.sink;
         let lock = sink.part_lock(dest);
         let _guard = lock.lock().expect("not poisoned");
         let sidecar = sink.sidecar_path(&self.migration, dest);
         let part = part_name(dest);
-        let mut st = match sink.load_sidecar(&sidecar)? {
-            Some(st) if st.describes(e) && inode(&part) == Some(st.part_ino) => st,
-            _ => {
-                return Err(SinkError::PartLost {
-                    path: display(&e.path),
-                    part,
-                })
+        let found = sink.load_sidecar(&sidecar).and_then(|found| match found {
+            Some(st) if st.describes(e) && st.base.is_some() => Ok(st),
+            Some(st) if st.describes(e) && inode(&part) == Some(st.part_ino) => Ok(st),
+            _ => Err(SinkError::PartLost {
+                path: display(&e.path),
+                part: part.clone(),
+            }),
+        });
+        let mut st = match found {
+            Ok(st) => st,
+            Err(err) => {
+                // Never recorded: nothing will apply it.
+                if let Some(name) = journal {
+                    let _ = fs::remove_file(redo::journal_path(dest, name));
+                }
+                return Err(err);
             }
         };
         if !st.done.contains(&e.chunk_index) {
             st.done.push(e.chunk_index);
             st.done.sort_unstable();
         }
+        if let Some(name) = journal {
+            st.journals.retain(|(i, _)| *i != e.chunk_index);
+            st.journals.push((e.chunk_index, name.to_string()));
+            st.journals.sort_unstable();
+        }
         if st.done.len() as u32 != st.chunk_count {
             sink.save_sidecar(&sidecar, &st)?;
             return Ok(false);
+        }
+        if let Some(base) = st.base {
+            return self
+                .patch_in_place(e, dest, &sidecar, st, base)
+                .map(|()| true);
         }
         let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
         f.set_len(e.file_size)
@@ -115,6 +149,68 @@ impl SegmentWriter<'_> {
         sink.save_sidecar(&sidecar, &st)?;
         fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
         Ok(true)
+    }
+}
+
+impl SegmentWriter<'_> {
+    /// The last piece of a version patched in place is durable in its journal: checks that the
+    /// file is still the version the deltas are against, gives it the new attributes, marks the
+    /// version complete, then applies the journals ([`redo::apply`]). A file changed at the
+    /// target meanwhile is refused ([`SinkError::BaseGone`]) and the journals dropped: the next
+    /// round sends it whole.
+    fn patch_in_place(
+        &self,
+        e: &Entry,
+        dest: &Path,
+        sidecar: &Path,
+        mut st: PartState,
+        base: (u64, i64, u32),
+    ) -> Result<(), SinkError> {
+        let sink = self.sink;
+        let lost = st
+            .journals
+            .iter()
+            .find(|(_, name)| fs::symlink_metadata(redo::journal_path(dest, name)).is_err());
+        let checked = match lost {
+            Some((i, name)) => Err(SinkError::BaseGone {
+                path: dest.display().to_string(),
+                reason: format!(
+                    "the journal of piece {i} ({name}) was removed before it was applied; the \
+                     next round sends the file whole"
+                ),
+            }),
+            None => redo::check_base(dest, base, true),
+        };
+        let f = match checked {
+            Ok(f) => f,
+            Err(err) => {
+                redo::remove_journals(dest)?;
+                let _ = fs::remove_file(sidecar);
+                return Err(err);
+            }
+        };
+        // Attributes first: a crash before the complete mark leaves the old bytes with the new
+        // mode, which the resend sets again; the mtime, set last, says the bytes are new.
+        if let Some((uid, gid)) = sink.owner(e) {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                .map_err(io_at("cannot set owner of", dest))?;
+        }
+        crate::xattr::apply_to(&f, &e.xattrs).map_err(io_at("cannot set attributes of", dest))?;
+        f.set_permissions(Permissions::from_mode(sink.mode(e)))
+            .map_err(io_at("cannot set mode of", dest))?;
+        st.complete = true;
+        sink.save_sidecar(sidecar, &st)?;
+        #[cfg(test)]
+        if sink
+            .stop_before_patching
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(SinkError::BadEntry {
+                path: display(&e.path),
+                reason: "stopped before patching (test)".into(),
+            });
+        }
+        redo::apply(dest, &f, &st)
     }
 }
 

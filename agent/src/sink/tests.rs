@@ -844,34 +844,72 @@ fn deletions_remove_names_trees_and_links_never_what_a_link_points_to() {
     assert!(outside.path().join("precious").exists());
 }
 
+/// The version after `data()`: 10 bytes changed in piece 1 and 50 more bytes at the end, mtime
+/// 20.
+fn new_version() -> Vec<u8> {
+    let mut new = data();
+    new[120..130].copy_from_slice(&[0xEE; 10]);
+    new.extend_from_slice(&[0xAB; 50]);
+    new
+}
+
+/// Piece `i` of [`new_version`], sent as a delta against the version `base` carrying `runs`.
+fn delta_piece(i: u32, runs: Vec<(u64, u64)>, base: (u64, i64, u32)) -> Entry {
+    let mut e = Entry::file("big.bin", 300, 0o600, (20, 0), 0);
+    e.offset = i as u64 * 100;
+    e.len = 100;
+    e.chunk_index = i;
+    e.chunk_count = 3;
+    e.data_runs = Some(runs);
+    e.delta_base = Some(base);
+    e
+}
+
+/// The three pieces of [`new_version`] as deltas against `data()`, with their bytes.
+fn delta_pieces() -> Vec<(Entry, Vec<u8>)> {
+    let new = new_version();
+    let base = (250, 9, 9);
+    vec![
+        (delta_piece(0, vec![], base), Vec::new()),
+        (
+            delta_piece(1, vec![(120, 10)], base),
+            new[120..130].to_vec(),
+        ),
+        (
+            delta_piece(2, vec![(250, 50)], base),
+            new[250..300].to_vec(),
+        ),
+    ]
+}
+
+/// Piece `i` of [`new_version`] sent whole.
+fn whole_piece(i: u32) -> (Entry, Vec<u8>) {
+    let (mut e, _) = delta_pieces().swap_remove(i as usize);
+    e.data_runs = None;
+    e.delta_base = None;
+    let at = e.offset as usize;
+    (e, new_version()[at..at + 100].to_vec())
+}
+
+fn ferry_names(f: &Fixture) -> Vec<String> {
+    f.names("")
+        .into_iter()
+        .filter(|n| n.starts_with(RESERVED_PREFIX))
+        .collect()
+}
+
 #[test]
-fn a_delta_is_built_on_a_copy_of_the_version_in_place_and_refused_on_another() {
+fn a_delta_of_a_split_file_is_patched_in_place_once_every_piece_landed_and_refused_on_another_version(
+) {
     let f = Fixture::new();
     let old = data();
     for i in 0..3 {
         send_piece(&f.sink, i, &old).unwrap();
     }
     assert_eq!(fs::read(f.path("big.bin")).unwrap(), old);
-    // The new version: 10 bytes changed in piece 1, and 50 more bytes at the end.
-    let mut new = old.clone();
-    new[120..130].copy_from_slice(&[0xEE; 10]);
-    new.extend_from_slice(&[0xAB; 50]);
-    let delta = |i: u32, runs: Vec<(u64, u64)>, base: (u64, i64, u32)| {
-        let mut e = Entry::file("big.bin", 300, 0o600, (20, 0), 0);
-        e.offset = i as u64 * 100;
-        e.len = 100;
-        e.chunk_index = i;
-        e.chunk_count = 3;
-        e.data_runs = Some(runs);
-        e.delta_base = Some(base);
-        e
-    };
-    let base = (250, 9, 9);
-    let segs = [
-        (delta(0, vec![], base), Vec::new()),
-        (delta(1, vec![(120, 10)], base), new[120..130].to_vec()),
-        (delta(2, vec![(250, 50)], base), new[250..300].to_vec()),
-    ];
+    let ino = fs::metadata(f.path("big.bin")).unwrap().ino();
+    let new = new_version();
+    let segs = delta_pieces();
     // Against another version than the one in place: refused, nothing changes.
     let (wrong, bytes) = &segs[1];
     let wrong = Entry {
@@ -881,6 +919,21 @@ fn a_delta_is_built_on_a_copy_of_the_version_in_place_and_refused_on_another() {
     let err = write_segment(&f.sink, 20, &[(wrong, bytes)]).unwrap_err();
     assert!(err.to_string().contains("changed at the target"), "{err}");
     assert_eq!(fs::read(f.path("big.bin")).unwrap(), old);
+    // A piece that never commits leaves no journal behind.
+    {
+        let mut w = f.sink.begin("", "c/m1", 21, 1).unwrap();
+        w.start_entry(&segs[2].0).unwrap();
+        w.write(&segs[2].1).unwrap();
+    }
+    assert_eq!(ferry_names(&f), Vec::<String>::new());
+    // A transfer killed mid-piece (no Drop) leaves its journal, unrecorded.
+    {
+        let mut w = f.sink.begin("", "c/m1", 22, 1).unwrap();
+        w.start_entry(&segs[2].0).unwrap();
+        w.write(&segs[2].1[..10]).unwrap();
+        std::mem::forget(w);
+    }
+    assert_eq!(ferry_names(&f).len(), 1);
     for (i, (e, bytes)) in segs.iter().enumerate() {
         assert_eq!(
             fs::read(f.path("big.bin")).unwrap(),
@@ -888,8 +941,137 @@ fn a_delta_is_built_on_a_copy_of_the_version_in_place_and_refused_on_another() {
             "not before the last piece"
         );
         write_segment(&f.sink, 30 + i as u64, &[(e.clone(), bytes)]).unwrap();
+        if i == 1 {
+            // Piece 0 changed nothing (no journal), piece 1 waits in its journal, beside the
+            // killed transfer's.
+            assert_eq!(ferry_names(&f).len(), 2, "{:?}", f.names(""));
+        }
     }
     assert_eq!(fs::read(f.path("big.bin")).unwrap(), new);
     let m = fs::metadata(f.path("big.bin")).unwrap();
     assert_eq!((m.mtime(), m.len()), (20, 300));
+    assert_eq!(m.ino(), ino, "patched in place, not replaced by a copy");
+    assert_eq!(
+        ferry_names(&f),
+        Vec::<String>::new(),
+        "journals removed, the unrecorded one too"
+    );
+    // A resend of a piece after that is compared with the file, and agrees.
+    let (e, bytes) = &segs[1];
+    write_segment(&f.sink, 40, &[(e.clone(), bytes)]).unwrap();
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), new);
+}
+
+#[test]
+fn pieces_sent_whole_and_as_deltas_make_the_same_new_version_in_either_order() {
+    // A piece sent whole first (a sparse piece is never a delta) starts a part: the delta
+    // pieces after it bring the old bytes of their ranges they do not carry.
+    let f = Fixture::new();
+    for i in 0..3 {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    let (e0, b0) = whole_piece(0);
+    write_segment(&f.sink, 50, &[(e0, &b0)]).unwrap();
+    for (e, bytes) in delta_pieces().into_iter().skip(1) {
+        write_segment(&f.sink, 51 + e.chunk_index as u64, &[(e, &bytes)]).unwrap();
+    }
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), new_version());
+
+    // A delta first: the version is patched in place, and a piece sent whole is journalled too.
+    let f = Fixture::new();
+    for i in 0..3 {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    let ino = fs::metadata(f.path("big.bin")).unwrap().ino();
+    let mut segs = delta_pieces();
+    let (e1, b1) = segs.remove(1);
+    write_segment(&f.sink, 60, &[(e1, &b1)]).unwrap();
+    let (e0, b0) = whole_piece(0);
+    write_segment(&f.sink, 61, &[(e0, &b0)]).unwrap();
+    let (e2, b2) = segs.remove(1);
+    write_segment(&f.sink, 62, &[(e2, &b2)]).unwrap();
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), new_version());
+    assert_eq!(fs::metadata(f.path("big.bin")).unwrap().ino(), ino);
+    assert_eq!(ferry_names(&f), Vec::<String>::new());
+}
+
+#[test]
+fn a_crash_while_patching_in_place_is_finished_before_anything_else_touches_the_file() {
+    let f = Fixture::new();
+    let old = data();
+    for i in 0..3 {
+        send_piece(&f.sink, i, &old).unwrap();
+    }
+    let segs = delta_pieces();
+    f.sink
+        .stop_before_patching
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for (i, (e, bytes)) in segs.iter().enumerate() {
+        let r = write_segment(&f.sink, 30 + i as u64, &[(e.clone(), bytes)]);
+        assert_eq!(r.is_ok(), i < 2, "{r:?}");
+    }
+    // Marked complete, the journals durable, then the crash: half of piece 1's bytes were
+    // written in place, the old size and mtime still on the file.
+    let dest = f.path("big.bin");
+    let torn = OpenOptions::new().write(true).open(&dest).unwrap();
+    torn.write_all_at(&[0xEE; 5], 120).unwrap();
+    drop(torn);
+    // (Writing set its mtime to now; put back the old one, the worst case.)
+    let t = FileTime::from_unix_time(9, 9);
+    filetime::set_file_times(&dest, t, t).unwrap();
+    let f = f.restart();
+    let m = fs::metadata(&dest).unwrap();
+    assert_eq!(
+        (m.len(), m.mtime()),
+        (250, 9),
+        "still looks like the old version"
+    );
+    // A delta of another version against the old one must not be applied to the torn file:
+    // the journals are applied first, and the file is no longer the old version.
+    let mut other = delta_piece(1, vec![(100, 1)], (250, 9, 9));
+    other.mtime_sec = 30;
+    let err = write_segment(&f.sink, 70, &[(other, &[1])]).unwrap_err();
+    assert!(matches!(err, SinkError::BaseGone { .. }), "{err}");
+    assert_eq!(fs::read(&dest).unwrap(), new_version());
+    let m = fs::metadata(&dest).unwrap();
+    assert_eq!((m.len(), m.mtime()), (300, 20));
+    assert_eq!(ferry_names(&f), Vec::<String>::new());
+    // The last piece's segment, never reported, comes again: it agrees with the file.
+    let (e, bytes) = &segs[2];
+    write_segment(&f.sink, 71, &[(e.clone(), bytes)]).unwrap();
+}
+
+#[test]
+fn a_lost_journal_refuses_the_delta_and_the_file_sent_whole_lands() {
+    let f = Fixture::new();
+    for i in 0..3 {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    let segs = delta_pieces();
+    let (e, bytes) = &segs[1];
+    write_segment(&f.sink, 30, &[(e.clone(), bytes)]).unwrap();
+    for n in ferry_names(&f) {
+        fs::remove_file(f.path(&n)).unwrap();
+    }
+    for (i, (e, bytes)) in segs.iter().enumerate().filter(|(i, _)| *i != 1) {
+        let r = write_segment(&f.sink, 31 + i as u64, &[(e.clone(), bytes)]);
+        if i == 2 {
+            let err = r.unwrap_err();
+            assert!(matches!(err, SinkError::BaseGone { .. }), "{err}");
+            assert!(err.to_string().contains("journal"), "{err}");
+        } else {
+            r.unwrap();
+        }
+    }
+    assert_eq!(
+        fs::read(f.path("big.bin")).unwrap(),
+        data(),
+        "left as it was"
+    );
+    for i in 0..3 {
+        let (e, bytes) = whole_piece(i);
+        write_segment(&f.sink, 40 + i as u64, &[(e, &bytes)]).unwrap();
+    }
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), new_version());
+    assert_eq!(ferry_names(&f), Vec::<String>::new());
 }

@@ -18,6 +18,9 @@ pub(super) enum Mode {
     /// A piece of an already finished file (a resend after completion): compared with the file,
     /// never written into it.
     Compare,
+    /// A piece of a version patched in place: its bytes go, in order, into its journal from
+    /// offset `body` on.
+    Journal { body: u64 },
 }
 
 /// What a segment has written but not yet made visible.
@@ -29,12 +32,13 @@ pub(super) enum Staged {
         dir: PathBuf,
     },
     /// A piece of a split file, to be recorded in its sidecar (unless it was compared with the
-    /// finished file).
+    /// finished file), with the journal it was written to, if any.
     Piece {
-        entry: Entry,
+        entry: Box<Entry>,
         dest: PathBuf,
         dir: PathBuf,
         compared: bool,
+        journal: Option<PathBuf>,
     },
 }
 
@@ -264,7 +268,19 @@ impl SegmentWriter<'_> {
                     (Mode::Temp, tmp, f)
                 } else {
                     self.remember(&dir);
-                    self.open_piece(entry, &dest)?
+                    match self.open_piece(entry, &dest, &runs)? {
+                        Some(opened) => opened,
+                        None => {
+                            self.staged.push(Staged::Piece {
+                                entry: Box::new(entry.clone()),
+                                dest,
+                                dir,
+                                compared: false,
+                                journal: None,
+                            });
+                            return Ok(());
+                        }
+                    }
                 };
                 self.current = Some(Open {
                     file,
@@ -355,26 +371,54 @@ impl SegmentWriter<'_> {
         Ok(tmp)
     }
 
-    /// Opens the file a piece of a split file goes into, after consulting its sidecar.
+    /// Opens the file a piece of a split file goes into, after consulting its sidecar: the
+    /// version's part, its journal when the version is patched in place (`redo`), or the
+    /// finished file to compare a resent piece with. `None`: a piece of a version patched in
+    /// place that changes nothing (a delta piece with no changed block), recorded as it is.
     pub(super) fn open_piece(
-        &self,
+        &mut self,
         e: &Entry,
         dest: &Path,
-    ) -> Result<(Mode, PathBuf, File), SinkError> {
+        runs: &[(u64, u64)],
+    ) -> Result<Option<(Mode, PathBuf, File)>, SinkError> {
         let lock = self.sink.part_lock(dest);
         let _guard = lock.lock().expect("not poisoned");
         let sidecar = self.sink.sidecar_path(&self.migration, dest);
         let part = part_name(dest);
-        match self.sink.load_sidecar(&sidecar)? {
+        let found = self.sink.load_sidecar(&sidecar)?;
+        // A version patched in place that a crash stopped while its journals were applied is
+        // finished before anything else reads or replaces the file.
+        if let Some(st) = &found {
+            redo::recover(dest, st)?;
+        }
+        match found {
             Some(st) if st.complete && st.describes(e) => {
-                if inode(dest).is_none() && inode(&part) == Some(st.part_ino) {
+                if st.base.is_none() && inode(dest).is_none() && inode(&part) == Some(st.part_ino) {
                     // We stopped between marking it complete and renaming it: finish that.
                     fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
                     fsync_dir(dest.parent().expect("has a parent"))?;
                 }
                 let f =
                     open_read_nofollow(dest).map_err(io_at("cannot open finished file", dest))?;
-                Ok((Mode::Compare, dest.to_path_buf(), f))
+                Ok(Some((Mode::Compare, dest.to_path_buf(), f)))
+            }
+            Some(mut st) if st.describes(e) && st.base.is_some() && !st.complete => {
+                // A piece of a version patched in place, delta or not: journalled.
+                if let Some(i) = st.done.iter().position(|&d| d == e.chunk_index) {
+                    st.done.remove(i);
+                    let old: Vec<_> = st
+                        .journals
+                        .iter()
+                        .filter(|(c, _)| *c == e.chunk_index)
+                        .cloned()
+                        .collect();
+                    st.journals.retain(|(c, _)| *c != e.chunk_index);
+                    self.sink.save_sidecar(&sidecar, &st)?;
+                    for (_, name) in old {
+                        let _ = fs::remove_file(redo::journal_path(dest, &name));
+                    }
+                }
+                self.open_journal(e, dest, runs)
             }
             Some(mut st) if st.describes(e) && inode(&part) == Some(st.part_ino) => {
                 if let Some(i) = st.done.iter().position(|&d| d == e.chunk_index) {
@@ -384,36 +428,86 @@ impl SegmentWriter<'_> {
                     self.sink.save_sidecar(&sidecar, &st)?;
                 }
                 let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
-                Ok((Mode::Part, part, f))
-            }
-            Some(st) if st.describes(e) && !st.done.is_empty() => Err(SinkError::PartLost {
-                path: display(&e.path),
-                part,
-            }),
-            _ => {
-                // First piece of this version of the file: start a fresh part — for a delta,
-                // a copy of the version in place, which must be the one the delta is against.
-                let f = create_private(&part)?;
+                // A delta piece of a version whose part a piece sent whole started: the bytes
+                // of its range that it does not carry are the old version's.
                 if let Some(base) = e.delta_base {
-                    if let Err(err) = copy_base(dest, base, &f, e.file_size) {
-                        let _ = fs::remove_file(&part);
-                        return Err(err);
-                    }
+                    copy_base_range(dest, base, &f, e.offset, e.len)?;
                 }
-                let ino = f.metadata().map_err(io_at("cannot stat", &part))?.ino();
-                let st = PartState {
+                Ok(Some((Mode::Part, part, f)))
+            }
+            Some(st) if st.describes(e) && st.base.is_none() && !st.done.is_empty() => {
+                Err(SinkError::PartLost {
+                    path: display(&e.path),
+                    part,
+                })
+            }
+            found => {
+                // First piece of this version of the file. What an unfinished version patched
+                // in place journalled is dropped (the file itself was not touched), with what
+                // killed transfers left unrecorded.
+                if e.delta_base.is_some() || found.is_some_and(|st| st.base.is_some()) {
+                    redo::remove_journals(dest)?;
+                }
+                let mut st = PartState {
                     file_size: e.file_size,
                     chunk_count: e.chunk_count,
                     mtime: (e.mtime_sec, e.mtime_nsec),
-                    part_ino: ino,
+                    part_ino: 0,
                     done: Vec::new(),
                     complete: false,
+                    base: None,
+                    journals: Vec::new(),
                 };
+                if let Some(base) = e.delta_base {
+                    // A delta: patched in place, once every piece is journalled — if the file
+                    // in place is the version it is against.
+                    redo::check_base(dest, base, false)?;
+                    st.base = Some(base);
+                    self.sink.save_sidecar(&sidecar, &st)?;
+                    return self.open_journal(e, dest, runs);
+                }
+                let f = create_private(&part)?;
+                st.part_ino = f.metadata().map_err(io_at("cannot stat", &part))?.ino();
                 self.sink.save_sidecar(&sidecar, &st)?;
                 fsync_dir(dest.parent().expect("has a parent"))?;
-                Ok((Mode::Part, part, f))
+                Ok(Some((Mode::Part, part, f)))
             }
         }
+    }
+
+    /// Starts the journal of a piece of a version patched in place: its header says where the
+    /// bytes that follow go and which ranges must read as zeros. `None` when there is neither.
+    fn open_journal(
+        &mut self,
+        e: &Entry,
+        dest: &Path,
+        runs: &[(u64, u64)],
+    ) -> Result<Option<(Mode, PathBuf, File)>, SinkError> {
+        let zeros = holes(e, runs);
+        if runs.is_empty() && zeros.is_empty() {
+            return Ok(None);
+        }
+        self.next += 1;
+        let tag = format!("{}.{}.{}", process_token(), self.transfer, self.next);
+        let path = redo::journal_path(dest, &redo::redo_name(dest, e.chunk_index, &tag));
+        let f = create_private(&path)?;
+        let header = redo::Header {
+            file_size: e.file_size,
+            mtime: (e.mtime_sec, e.mtime_nsec),
+            chunk: e.chunk_index,
+            runs: runs.to_vec(),
+            zeros,
+        }
+        .encode();
+        f.write_all_at(&header, 0)
+            .map_err(io_at("cannot write", &path))?;
+        Ok(Some((
+            Mode::Journal {
+                body: header.len() as u64,
+            },
+            path,
+            f,
+        )))
     }
 
     /// Writes the next bytes of the current entry (the next bytes of its data runs) and hashes
@@ -442,6 +536,14 @@ impl SegmentWriter<'_> {
                     .write_all_at(&rest[..n], at)
                     .map_err(io_at("cannot write", &open.path))?,
                 Mode::Compare => compare_at(&open.file, &rest[..n], at, &open.entry)?,
+                // In order, after the header: the journal's header says where they go.
+                Mode::Journal { body } => open
+                    .file
+                    .write_all_at(
+                        &rest[..n],
+                        body + open.written + (data.len() - rest.len()) as u64,
+                    )
+                    .map_err(io_at("cannot write", &open.path))?,
             }
             open.run_done += n as u64;
             if open.run_done == len {
@@ -511,10 +613,26 @@ impl SegmentWriter<'_> {
                     .map_err(io_at("cannot fsync", &open.path))?;
                 self.sink.syncs.add(&self.sink.syncs.file_syncs);
                 self.staged.push(Staged::Piece {
-                    entry: open.entry,
+                    entry: Box::new(open.entry),
                     dest: open.dest,
                     dir: open.dir,
                     compared: false,
+                    journal: None,
+                });
+            }
+            Mode::Journal { .. } => {
+                // Durable, and its name too, before the piece is recorded.
+                open.file
+                    .sync_data()
+                    .map_err(io_at("cannot fsync", &open.path))?;
+                self.sink.syncs.add(&self.sink.syncs.file_syncs);
+                fsync_dir(&open.dir)?;
+                self.staged.push(Staged::Piece {
+                    entry: Box::new(open.entry),
+                    dest: open.dest,
+                    dir: open.dir,
+                    compared: false,
+                    journal: Some(open.path),
                 });
             }
             Mode::Compare => {
@@ -534,10 +652,11 @@ impl SegmentWriter<'_> {
                     .sync_all()
                     .map_err(io_at("cannot fsync", &open.path))?;
                 self.staged.push(Staged::Piece {
-                    entry: open.entry,
+                    entry: Box::new(open.entry),
                     dest: open.dest,
                     dir: open.dir,
                     compared: true,
+                    journal: None,
                 });
             }
         }
@@ -570,18 +689,30 @@ impl SegmentWriter<'_> {
                     dest,
                     dir,
                     compared,
+                    journal,
                 } => match *compared {
                     true => Ok(None),
-                    false => self
-                        .record_piece(entry, dest)
-                        .map(|renamed| renamed.then(|| dir.clone())),
+                    false => {
+                        let name = journal
+                            .as_ref()
+                            .and_then(|j| j.file_name())
+                            .and_then(|n| n.to_str());
+                        self.record_piece(entry, dest, name)
+                            .map(|changed| changed.then(|| dir.clone()))
+                    }
                 },
             };
             match done {
                 Ok(dir) => dirs.extend(dir),
                 Err(e) => {
-                    // Hand what is left back to Drop, which removes the temporaries.
-                    self.staged = std::iter::once(s).chain(staged).collect();
+                    // Hand what is left back to Drop, which removes the temporaries — but not
+                    // this piece's journal: record_piece has recorded it (a version marked
+                    // complete finishes from its journals) or removed it.
+                    let failed = match s {
+                        Staged::Rename { .. } => Some(s),
+                        Staged::Piece { .. } => None,
+                    };
+                    self.staged = failed.into_iter().chain(staged).collect();
                     return Err(e);
                 }
             }
@@ -600,61 +731,70 @@ impl SegmentWriter<'_> {
 }
 
 impl Drop for SegmentWriter<'_> {
-    /// An uncommitted segment leaves nothing visible: its temporary whole files are removed.
-    /// Pieces of split files stay in the part file, unrecorded, to be overwritten by the resend.
+    /// An uncommitted segment leaves nothing visible: its temporary whole files and the
+    /// journals of its pieces are removed. Pieces of split files stay in the part file,
+    /// unrecorded, to be overwritten by the resend.
     fn drop(&mut self) {
         if let Some(open) = self.current.take() {
-            if open.mode == Mode::Temp {
+            if matches!(open.mode, Mode::Temp | Mode::Journal { .. }) {
                 let _ = fs::remove_file(&open.path);
             }
         }
         for s in self.staged.drain(..) {
-            if let Staged::Rename { tmp, .. } = s {
-                let _ = fs::remove_file(tmp);
+            match s {
+                Staged::Rename { tmp, .. } => {
+                    let _ = fs::remove_file(tmp);
+                }
+                Staged::Piece {
+                    journal: Some(j), ..
+                } => {
+                    let _ = fs::remove_file(j);
+                }
+                Staged::Piece { .. } => {}
             }
         }
     }
 }
 
-/// Fills a new part with the version of `dest` a delta is against (`base`: size and mtime),
-/// sized to the new version: the kernel copies it (`copy_file_range`, a reflink where the file
-/// system shares blocks). Refused when the file in place is not that version: someone changed
-/// the target's copy, and the next round sends the file whole.
+/// Fills a new temporary with the version of `dest` a delta of a whole file is against
+/// (`base`: size and mtime), sized to the new version: the kernel copies it (`copy_file_range`,
+/// a reflink where the file system shares blocks). Refused when the file in place is not that
+/// version: someone changed the target's copy, and the next round sends the file whole.
 fn copy_base(
     dest: &Path,
     base: (u64, i64, u32),
-    part: &File,
+    tmp: &File,
     new_size: u64,
 ) -> Result<(), SinkError> {
-    let gone = |reason: String| SinkError::BaseGone {
-        path: dest.display().to_string(),
-        reason: format!(
-            "a delta against the version of {} bytes, mtime {}.{:09}, but {reason}; was it \
-             changed at the target? The next round sends the file whole",
-            base.0, base.1, base.2
-        ),
-    };
-    let mut from = match open_read_nofollow(dest) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(gone("the file is not here".into()))
-        }
-        Err(e) => return Err(io_at("cannot open the version in place", dest)(e)),
-    };
-    let m = from
-        .metadata()
-        .map_err(io_at("cannot stat the version in place", dest))?;
-    if !m.is_file() || (m.len(), m.mtime(), m.mtime_nsec() as u32) != base {
-        return Err(gone(format!(
-            "the file here is another ({} bytes, mtime {}.{:09})",
-            m.len(),
-            m.mtime(),
-            m.mtime_nsec()
-        )));
-    }
-    let mut to = part;
+    let mut from = redo::check_base(dest, base, false)?;
+    let mut to = tmp;
     std::io::copy(&mut from, &mut to)
         .map_err(io_at("cannot copy the version in place of", dest))?;
-    part.set_len(new_size)
+    tmp.set_len(new_size)
         .map_err(io_at("cannot size the new version of", dest))
+}
+
+/// Copies the bytes `offset..offset + len` of the version of `dest` a delta piece is against
+/// into the part at the same place (what of them the old version has): the piece's gaps, when
+/// the part was started by a piece sent whole.
+fn copy_base_range(
+    dest: &Path,
+    base: (u64, i64, u32),
+    part: &File,
+    offset: u64,
+    len: u64,
+) -> Result<(), SinkError> {
+    let from = redo::check_base(dest, base, false)?;
+    let end = (offset + len).min(base.0);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = offset;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        from.read_exact_at(&mut buf[..n], at)
+            .map_err(io_at("cannot read the version in place of", dest))?;
+        part.write_all_at(&buf[..n], at)
+            .map_err(io_at("cannot copy the version in place of", dest))?;
+        at += n as u64;
+    }
+    Ok(())
 }
