@@ -136,6 +136,9 @@ type ReportQueue = tokio::sync::mpsc::UnboundedSender<(pb::ReportSegmentRequest,
 
 /// Most reports in one `ReportSegments` call (the coordinator accepts up to 4096).
 pub const MAX_REPORTS_PER_CALL: usize = 512;
+/// Most `ReportSegments` calls on their way at once; reports made while all are queue for the
+/// next (so under load they still travel many to a call).
+const REPORT_CALLS_IN_FLIGHT: usize = 4;
 
 impl Control {
     /// Prepares a connection to `addr` (`host:port`); it is established on first use, so an agent
@@ -339,12 +342,26 @@ impl Control {
         }
     }
 
-    /// The report coalescer: one call at a time, carrying every report queued meanwhile.
+    /// The report coalescer: up to [`REPORT_CALLS_IN_FLIGHT`] calls at a time, each carrying
+    /// every report queued when it starts. (One call at a time made a report that found one on
+    /// its way wait for that call's round trip and then its own: 300 ms and more on an
+    /// intercontinental path, at the end of every round.)
     async fn send_reports(
         self,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(pb::ReportSegmentRequest, ReportReply)>,
     ) {
-        while let Some(first) = rx.recv().await {
+        let mut calls = tokio::task::JoinSet::new();
+        loop {
+            while calls.len() >= REPORT_CALLS_IN_FLIGHT {
+                calls.join_next().await;
+            }
+            let first = tokio::select! {
+                r = rx.recv() => match r {
+                    Some(first) => first,
+                    None => break,
+                },
+                Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_REPORTS_PER_CALL {
                 match rx.try_recv() {
@@ -352,49 +369,55 @@ impl Control {
                     Err(_) => break,
                 }
             }
-            let (reports, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let n = reports.len();
-            let res = self
-                .call(
-                    pb::ReportSegmentsRequest {
-                        agent: self.agent.clone(),
-                        session: self.session,
-                        reports,
-                    },
-                    |mut c, r| async move { c.report_segments(r).await },
-                )
-                .await;
-            match res {
-                Ok(r) if r.results.len() == n => {
-                    for (reply, one) in replies.into_iter().zip(r.results) {
-                        let out = match one.outcome() {
-                            pb::ReportOutcome::Refused => {
-                                Err(self.err(tonic::Status::failed_precondition(one.reason)))
-                            }
-                            pb::ReportOutcome::Unavailable => {
-                                Err(self.err(tonic::Status::unavailable(one.reason)))
-                            }
-                            _ => Ok(one),
-                        };
-                        let _ = reply.send(out);
-                    }
-                }
-                Ok(r) => {
-                    let why = format!("{} results for {n} reports", r.results.len());
-                    for reply in replies {
-                        let _ = reply.send(Err(self.err(tonic::Status::internal(why.clone()))));
-                    }
-                }
-                Err(e) => {
-                    let status = match &e {
-                        ControlError::Call { status, .. } => status.clone(),
-                        ControlError::Address { reason, .. } => {
-                            tonic::Status::invalid_argument(reason.clone())
+            calls.spawn(self.clone().send_report_batch(batch));
+        }
+        while calls.join_next().await.is_some() {}
+    }
+
+    /// One `ReportSegments` call; each report's answer goes to its caller.
+    async fn send_report_batch(self, batch: Vec<(pb::ReportSegmentRequest, ReportReply)>) {
+        let (reports, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let n = reports.len();
+        let res = self
+            .call(
+                pb::ReportSegmentsRequest {
+                    agent: self.agent.clone(),
+                    session: self.session,
+                    reports,
+                },
+                |mut c, r| async move { c.report_segments(r).await },
+            )
+            .await;
+        match res {
+            Ok(r) if r.results.len() == n => {
+                for (reply, one) in replies.into_iter().zip(r.results) {
+                    let out = match one.outcome() {
+                        pb::ReportOutcome::Refused => {
+                            Err(self.err(tonic::Status::failed_precondition(one.reason)))
                         }
+                        pb::ReportOutcome::Unavailable => {
+                            Err(self.err(tonic::Status::unavailable(one.reason)))
+                        }
+                        _ => Ok(one),
                     };
-                    for reply in replies {
-                        let _ = reply.send(Err(self.err(status.clone())));
+                    let _ = reply.send(out);
+                }
+            }
+            Ok(r) => {
+                let why = format!("{} results for {n} reports", r.results.len());
+                for reply in replies {
+                    let _ = reply.send(Err(self.err(tonic::Status::internal(why.clone()))));
+                }
+            }
+            Err(e) => {
+                let status = match &e {
+                    ControlError::Call { status, .. } => status.clone(),
+                    ControlError::Address { reason, .. } => {
+                        tonic::Status::invalid_argument(reason.clone())
                     }
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(self.err(status.clone())));
                 }
             }
         }
