@@ -399,7 +399,10 @@ impl AgentControl for AgentService {
         let mut committed_last_seen = false;
         // When the last look after a wake-up was.
         let mut woken: Option<tokio::time::Instant> = None;
+        let work_changes = || self.0.read_local(|s| s.work_changes.0);
         loop {
+            // Taken before the look: a change applied from here on is looked at again.
+            let looked_at = work_changes();
             let (answer, stale) = self.heartbeat_answer(&agent, session)?;
             // Agents call every second or so; `last_seen` is committed only when stale, so
             // heartbeats cost reads, not log entries.
@@ -433,10 +436,17 @@ impl AgentControl for AgentService {
                 },
                 _ = tokio::time::sleep_until(deadline) => {}
             }
-            // The first change is looked at at once (a new migration starts without delay);
-            // later ones at most every HEARTBEAT_RECHECK.
+            // The first change is looked at at once (a new migration starts without delay),
+            // and so is any that may change what agents are asked to do (a sync round, a
+            // cutover step); the data path's entries at most every HEARTBEAT_RECHECK.
             if let Some(at) = woken {
-                tokio::time::sleep_until((at + HEARTBEAT_RECHECK).min(deadline)).await;
+                let until = (at + HEARTBEAT_RECHECK).min(deadline);
+                while work_changes() == looked_at {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        changed = metrics.changed() => if changed.is_err() { break },
+                    }
+                }
             }
             woken = Some(tokio::time::Instant::now());
         }

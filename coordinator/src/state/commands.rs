@@ -302,6 +302,16 @@ impl State {
 
     /// Applies one command; `token` is the fencing token of any lease it grants.
     pub(super) fn apply_one(&mut self, token: u64, cmd: Command) -> Response {
+        if !matches!(
+            cmd,
+            Command::LeaseSegments { .. }
+                | Command::RenewLeases { .. }
+                | Command::ReportSegment { .. }
+                | Command::Heartbeat { .. }
+                | Command::RegisterSegments { .. }
+        ) {
+            self.work_changes.0 += 1;
+        }
         match cmd {
             Command::Batch(_) => refused("batches do not nest"),
             Command::RegisterAgent {

@@ -104,6 +104,19 @@ pub enum Response {
     NotCommitted(String),
 }
 
+/// A counter kept by each node for itself, not part of the replicated state: two states are
+/// equal whatever their counts.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalCount(pub u64);
+
+impl PartialEq for LocalCount {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for LocalCount {}
+
 /// Keys changed since the last [`State::take_dirty`], so the store writes only those.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Dirty {
@@ -146,6 +159,12 @@ pub struct State {
     by_key: BTreeMap<String, u64>,
     #[serde(skip)]
     dirty: Dirty,
+    /// Derived, local: how many commands applied here that may change what agents are asked to
+    /// do (all but the frequent ones of the data path: leases, renewals, reports, heartbeats,
+    /// segment registrations). A held heartbeat looks at its answer at once after one of these,
+    /// and at most every so often after the others ([`crate::grpc`]'s agent service).
+    #[serde(skip)]
+    pub work_changes: LocalCount,
     /// The cluster's random id, set by the first agent registration (empty before): agents
     /// key their local state by it, so a new cluster never meets an old one's state.
     pub cluster_id: String,

@@ -2515,3 +2515,21 @@ fn a_reverse_cutover_brings_the_old_site_back_and_there_is_then_no_window_to_clo
         matches!(w.apply(Command::Finalize { migration_id: mid, now_ms: 45 }), Response::Refused(why) if why.contains("switched back to the old site"))
     );
 }
+
+#[test]
+fn the_data_paths_commands_do_not_count_as_changes_of_what_agents_are_asked_to_do() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    let before = w.s.work_changes.0;
+    let leases = w.lease(4, 2);
+    w.report(Role::Source, &leases[0], Ok([1; 32]));
+    assert_eq!(w.s.work_changes.0, before, "leases and reports");
+    w.report(Role::Target, &leases[0], Ok([1; 32]));
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+    assert_eq!(
+        w.s.work_changes.0, before,
+        "even the report that ends the round"
+    );
+    assert_eq!(w.sync(mid, 10), Response::Ok);
+    assert_eq!(w.s.work_changes.0, before + 1, "a sync round");
+}
