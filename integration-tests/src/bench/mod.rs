@@ -44,6 +44,9 @@ pub struct Options {
     pub seed: u64,
     /// Also time a re-sync after changing 1 % of the data.
     pub incremental: bool,
+    /// The peers' starting copy for the incremental scenario is made locally (`cp -a`), not
+    /// by the tool over the path.
+    pub local_start: bool,
     /// Working directory (data sets are kept there and reused).
     pub workdir: PathBuf,
     /// Where the JSON results go (default: in `workdir`).
@@ -226,7 +229,14 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         }
     }
     let (incremental, cutover) = if opts.incremental {
-        runs::run_incremental(&ctx, &tools, opts.kind, opts.seed, admin.as_ref())?
+        runs::run_incremental(
+            &ctx,
+            &tools,
+            opts.kind,
+            opts.seed,
+            admin.as_ref(),
+            opts.local_start,
+        )?
     } else {
         Default::default()
     };

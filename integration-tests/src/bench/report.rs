@@ -171,25 +171,36 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "{} files, {:.1} MiB; {}; {} cores, {:.0} GiB RAM; median of {} interleaved runs.",
+            "{} files, {:.1} MiB; {}; {} cores, {:.0} GiB RAM; {}.",
             self.files,
             self.bytes as f64 / 1048576.0,
             self.path_text,
             m.cores,
             m.mem_gib,
-            self.runs_per_tool
+            match self.runs_per_tool {
+                0 => "one incremental scenario per tool".to_string(),
+                n => format!("median of {n} interleaved runs"),
+            }
         );
         let _ = writeln!(
             o,
             "Local ceilings: disk write+fsync {:.0} MB/s, BLAKE3 (one core) {:.0} MB/s.\n",
             m.disk_mb_s, m.blake3_mb_s
         );
-        let _ = writeln!(
-            o,
-            "| tool | wall s | MB/s | files/s | CPU s | peak RSS MiB | agent RSS MiB | time ÷ ferry's | runs ok |"
-        );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
-        for r in &rows {
+        if self.runs.is_empty() {
+            let _ = writeln!(
+                o,
+                "Full copies not timed (`--incremental-only`): ferry's starting copy is its own \
+                 round 0; rsync's and rclone's are made locally with `cp -a`."
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "| tool | wall s | MB/s | files/s | CPU s | peak RSS MiB | agent RSS MiB | time ÷ ferry's | runs ok |"
+            );
+            let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+        }
+        for r in rows.iter().filter(|_| !self.runs.is_empty()) {
             if r.ok == 0 {
                 let _ = writeln!(
                     o,

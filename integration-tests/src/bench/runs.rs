@@ -133,15 +133,17 @@ pub fn one_run(
 /// ferry's cutover as (what, figure) rows.
 pub type Incremental = (Vec<(String, String, String)>, Vec<(String, String)>);
 
-/// The incremental scenario: a full copy per tool into a kept destination, then 1 % of the data
-/// changed, a timed re-sync, and a timed re-run with nothing changed; for ferry, then a full
-/// verification, another 1 % changed, and a cutover.
+/// The incremental scenario: a full copy per tool into a kept destination (for rsync and
+/// rclone made locally with `cp -a` when `local_start`), then 1 % of the data changed, a timed
+/// re-sync, and a timed re-run with nothing changed; for ferry, then a full verification,
+/// another 1 % changed, and a cutover.
 pub fn run_incremental(
     ctx: &Ctx,
     tools: &[String],
     kind: Kind,
     seed: u64,
     admin: Option<&TlsMaterial>,
+    local_start: bool,
 ) -> anyhow::Result<Incremental> {
     // The source is changed in a copy, so the cached data set stays as generated.
     let src = ctx.work.join("incremental-src");
@@ -185,7 +187,11 @@ pub fn run_incremental(
             Err(e) => format!("FAILED: {e}"),
         };
         // Full copy, then change, then re-sync, then re-run.
-        if let Err(e) = sync(&format!("incremental-{tool}-full.log")) {
+        let start = match local_start {
+            true => fresh_copy(&src, &dst).map_err(|e| e.to_string()),
+            false => sync(&format!("incremental-{tool}-full.log")).map(|_| ()),
+        };
+        if let Err(e) = start {
             out.push((tool.clone(), format!("FAILED: {e}"), String::new()));
             continue;
         }
