@@ -249,6 +249,17 @@ enum Done {
     Renewed,
     /// A heartbeat ended.
     Heartbeat(Result<Assigned, ControlError>),
+    /// A transfer's report ended.
+    Reported,
+}
+
+/// A transfer whose bytes are done (acknowledged by the target, or failed): what its report
+/// says. The report is made after its slot is free: a slot is for moving bytes.
+struct Sent {
+    lease: Lease,
+    result: Result<[u8; 32], Failure>,
+    started: std::time::Instant,
+    sent_ms: u64,
 }
 
 impl<C: Coordinator, D: Dialer> Source<C, D> {
@@ -295,7 +306,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         let now = || tokio::time::Instant::now().into_std();
         let mut schedule = SourceSchedule::new(now(), self.max_in_flight);
         // Transfers, by task, so one that panics still frees its place.
-        let mut sends: JoinSet<LeaseKey> = JoinSet::new();
+        let mut sends: JoinSet<Sent> = JoinSet::new();
         let mut sending: HashMap<tokio::task::Id, LeaseKey> = HashMap::new();
         // Scans (blocking threads) and renewal calls.
         let mut background: JoinSet<Done> = JoinSet::new();
@@ -307,13 +318,20 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             tokio::select! {
                 _ = stop.changed() => break,
                 Some(done) = sends.join_next_with_id() => {
-                    reap(done, &mut sends, &mut sending, &mut schedule);
+                    for sent in reap(done, &mut sends, &mut sending, &mut schedule) {
+                        let me = self.clone();
+                        background.spawn(async move {
+                            me.report_sent(sent).await;
+                            Done::Reported
+                        });
+                    }
                     // Slots are free: the round below asks for leases at once, not a tick
                     // later.
                 }
                 Some(done) = background.join_next() => {
                     match done {
                         Ok(Done::Renewed) => schedule.renewal_ended(),
+                        Ok(Done::Reported) => {}
                         Ok(Done::Heartbeat(Ok(a))) => {
                             if heartbeats_failed > 0 {
                                 tracing::info!(message = "Coordinator answers again.", heartbeats_failed);
@@ -482,17 +500,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     fn start(
         self: &Arc<Self>,
         schedule: &mut SourceSchedule,
-        sends: &mut JoinSet<LeaseKey>,
+        sends: &mut JoinSet<Sent>,
         sending: &mut HashMap<tokio::task::Id, LeaseKey>,
         lease: Lease,
     ) {
         let key = LeaseKey::from(&lease);
         schedule.started(key, lease.ttl_ms);
         let me = self.clone();
-        let h = sends.spawn(async move {
-            me.transfer(lease).await;
-            key
-        });
+        let h = sends.spawn(async move { me.transfer(lease).await });
         sending.insert(h.id(), key);
     }
 
@@ -837,8 +852,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     /// Sends one leased segment and reports the outcome. How soon a failed segment is tried
     /// again, and when it is given up on, is the coordinator's decision (its backoff and the
     /// migration's max attempts); this end only logs the first failure loudly.
-    async fn transfer(self: Arc<Self>, lease: Lease) {
-        let (mid, sid, epoch) = (lease.migration_id, lease.segment_id, lease.epoch);
+    async fn transfer(self: Arc<Self>, lease: Lease) -> Sent {
+        let (mid, sid) = (lease.migration_id, lease.segment_id);
         let started = std::time::Instant::now();
         let result = self.send(&lease).await;
         let sent_ms = started.elapsed().as_millis() as u64;
@@ -850,6 +865,23 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 tracing::warn!(message = "Segment transfer failed.", migration = mid, segment = sid, error = %f);
             }
         }
+        Sent {
+            lease,
+            result,
+            started,
+            sent_ms,
+        }
+    }
+
+    /// Reports a transfer's outcome to the coordinator.
+    async fn report_sent(self: Arc<Self>, sent: Sent) {
+        let Sent {
+            lease,
+            result,
+            started,
+            sent_ms,
+        } = sent;
+        let (mid, sid, epoch) = (lease.migration_id, lease.segment_id, lease.epoch);
         // A report lost to a coordinator restart or leader change is retried for up to
         // REPORT_RETRY_FOR: the segment would otherwise sit leased until its lease expires.
         // Reports are idempotent per epoch.
@@ -1406,19 +1438,24 @@ fn record_blocks(store: &BlockStore, block_size: u64, entries: &[Entry], hashes:
 }
 
 /// Frees the slot of the transfer that ended (`done`) and of every other that has ended
-/// meanwhile, so that the next lease call asks for all of them. (Freeing one per turn of the
+/// meanwhile, so that the next lease call asks for all of them; returns what they sent, to be
+/// reported. (Freeing one per turn of the
 /// driver made each lease call, a round trip, ask for one slot: on a 150 ms path a round of 64
 /// small deltas leased one segment every 150 ms.)
 fn reap(
-    done: Result<(tokio::task::Id, LeaseKey), tokio::task::JoinError>,
-    sends: &mut JoinSet<LeaseKey>,
+    done: Result<(tokio::task::Id, Sent), tokio::task::JoinError>,
+    sends: &mut JoinSet<Sent>,
     sending: &mut HashMap<tokio::task::Id, LeaseKey>,
     schedule: &mut SourceSchedule,
-) {
+) -> Vec<Sent> {
+    let mut out = Vec::new();
     let mut next = Some(done);
     while let Some(done) = next {
-        let id = match &done {
-            Ok((id, _)) => *id,
+        let id = match done {
+            Ok((id, sent)) => {
+                out.push(sent);
+                id
+            }
             Err(e) => e.id(),
         };
         if let Some(key) = sending.remove(&id) {
@@ -1426,6 +1463,7 @@ fn reap(
         }
         next = sends.try_join_next_with_id();
     }
+    out
 }
 
 /// Whole files at most this large are read into memory when their segment starts, each between
@@ -1845,13 +1883,27 @@ mod driven {
                 epoch: 1,
             };
             schedule.started(key, 120_000);
-            let h = sends.spawn(async move { key });
+            let lease = Lease {
+                migration_id: 1,
+                segment_id,
+                epoch: 1,
+                ..Default::default()
+            };
+            let h = sends.spawn(async move {
+                Sent {
+                    lease,
+                    result: Ok([0; 32]),
+                    started: std::time::Instant::now(),
+                    sent_ms: 0,
+                }
+            });
             sending.insert(h.id(), key);
         }
         // All four end (the only thread runs them when this task yields).
         tokio::task::yield_now().await;
         let first = sends.join_next_with_id().await.expect("a transfer");
-        reap(first, &mut sends, &mut sending, &mut schedule);
+        let sent = reap(first, &mut sends, &mut sending, &mut schedule);
+        assert_eq!(sent.len(), 4, "each to be reported");
         assert!(sending.is_empty());
         schedule.start_round();
         let leases: Vec<Action> =
