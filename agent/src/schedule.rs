@@ -121,6 +121,9 @@ pub struct SourceSchedule {
     /// Leases may have been granted to this agent that it does not know of (from its previous
     /// run, or a lease request whose answer was lost): list them before asking for more.
     reconcile: bool,
+    /// A lease call is running: one at a time, in the background (the driver never waits a
+    /// round trip for it; the slots that free meanwhile go into the next call).
+    leasing: bool,
     /// Lease requests the coordinator refused or did not answer are repeated less and less often
     /// (from one tick up to [`LEASE_BACKOFF_MAX`]) instead of every tick.
     lease_backoff: Backoff,
@@ -142,6 +145,7 @@ impl SourceSchedule {
             last_renewal: now,
             renewing: false,
             reconcile: true,
+            leasing: false,
             lease_backoff: Backoff::new(TICK, LEASE_BACKOFF_MAX),
             migrations: HashMap::new(),
             stage: Stage::Done,
@@ -177,13 +181,15 @@ impl SourceSchedule {
                 },
                 Stage::Reconcile => {
                     self.stage = Stage::Lease;
-                    if self.reconcile && !self.work.is_empty() {
+                    // Not while a lease call is out: its leases would be listed as unknown.
+                    if self.reconcile && !self.leasing && !self.work.is_empty() {
                         return Some(Action::ListLeases);
                     }
                 }
                 Stage::Lease => {
                     self.stage = Stage::Done;
                     if let Some(n) = self.lease_budget(now) {
+                        self.leasing = true;
                         return Some(Action::Lease(n));
                     }
                 }
@@ -246,12 +252,16 @@ impl SourceSchedule {
     }
 
     /// How many leases to ask for now, if any: the room left under `max_in_flight`, while some
-    /// migration is unfinished and no backoff is running.
+    /// migration is unfinished, no backoff is running and no lease call is out.
     fn lease_budget(&self, now: Instant) -> Option<u32> {
         let free = self
             .max_in_flight
             .saturating_sub(u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX));
-        if free == 0 || self.work.iter().all(|w| w.finished) || self.lease_backoff.waiting(now) {
+        if self.leasing
+            || free == 0
+            || self.work.iter().all(|w| w.finished)
+            || self.lease_backoff.waiting(now)
+        {
             return None;
         }
         Some(free)
@@ -322,6 +332,7 @@ impl SourceSchedule {
     /// A lease request succeeded: the backoff starts over. Record each lease with
     /// [`Self::started`].
     pub fn leased(&mut self) {
+        self.leasing = false;
         self.lease_backoff.succeeded();
     }
 
@@ -329,6 +340,7 @@ impl SourceSchedule {
     /// lost, so list them next round; ask again after a backoff. Returns whether this is the
     /// first failure since a success, and the delay.
     pub fn lease_failed(&mut self, now: Instant) -> (bool, Duration) {
+        self.leasing = false;
         self.reconcile = true;
         self.lease_backoff.failed(now)
     }
@@ -409,15 +421,42 @@ mod tests {
         assert_eq!(round(&mut s, t0 + 2 * STEP, &w), vec![], "no room left");
         s.finished(&key(2));
         assert_eq!(round(&mut s, t0 + 3 * STEP, &w), vec![Action::Lease(1)]);
+        // One lease call at a time: none while that one is out.
+        assert_eq!(round(&mut s, t0 + 3 * STEP, &w), vec![]);
+        s.leased();
         // That answer was the same: the one after waits out the interval.
         assert_eq!(
             round(&mut s, t0 + HEARTBEAT_EVERY, &w),
             vec![Action::Lease(1)]
         );
+        s.leased();
         assert_eq!(
             round(&mut s, t0 + STEP + HEARTBEAT_EVERY, &w),
             vec![Action::Heartbeat, Action::Lease(1)]
         );
+    }
+
+    #[test]
+    fn leases_are_not_listed_while_a_lease_call_is_out() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 4);
+        let w = [work(1, "u1")];
+        s.heartbeat_answered(w.to_vec());
+        s.prepared(1);
+        s.listed();
+        s.start_round();
+        let acts: Vec<_> = std::iter::from_fn(|| s.next(t0)).collect();
+        assert!(acts.contains(&Action::Lease(4)), "{acts:?}");
+        // A heartbeat answer or a failed renewal may ask for a reconciliation meanwhile: it
+        // waits for the lease call, whose leases it would take for unknown ones.
+        s.reconcile = true;
+        s.start_round();
+        let acts: Vec<_> = std::iter::from_fn(|| s.next(t0)).collect();
+        assert!(!acts.contains(&Action::ListLeases), "{acts:?}");
+        s.leased();
+        s.start_round();
+        let acts: Vec<_> = std::iter::from_fn(|| s.next(t0)).collect();
+        assert!(acts.contains(&Action::ListLeases), "{acts:?}");
     }
 
     #[test]
@@ -611,6 +650,7 @@ mod tests {
         // again, once.
         assert_eq!(s.next(t0), Some(Action::Lease(2)));
         assert_eq!(s.next(t0), None);
+        s.leased();
         s.start_round();
         // The first answer changed the work: a heartbeat at once.
         assert_eq!(s.next(t0 + STEP), Some(Action::Heartbeat));
@@ -618,6 +658,7 @@ mod tests {
         assert_eq!(s.next(t0 + STEP), Some(Action::ListLeases));
         s.listed();
         assert_eq!(s.next(t0 + STEP), Some(Action::Lease(2)));
+        s.leased();
         s.start_round();
         assert_eq!(s.next(t0 + 2 * STEP), Some(Action::Lease(2)));
     }

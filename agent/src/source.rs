@@ -308,8 +308,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         // Transfers, by task, so one that panics still frees its place.
         let mut sends: JoinSet<Sent> = JoinSet::new();
         let mut sending: HashMap<tokio::task::Id, LeaseKey> = HashMap::new();
-        // Scans (blocking threads) and renewal calls.
+        // Scans (blocking threads), renewal calls, heartbeats and reports.
         let mut background: JoinSet<Done> = JoinSet::new();
+        // The lease call out, if any.
+        let mut lease_calls: JoinSet<Result<Vec<Lease>, ControlError>> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
         // Heartbeats failed in a row: the first is a warning, the rest debug until one succeeds
         // (a coordinator that is down for a minute is one warning, not 120).
@@ -363,6 +365,28 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     }
                     // A migration just prepared is leased from at once.
                 }
+                Some(leased) = lease_calls.join_next() => match leased {
+                    Ok(Ok(leases)) => {
+                        schedule.leased();
+                        for l in leases {
+                            if !schedule.holds(&LeaseKey::from(&l)) {
+                                self.start(&mut schedule, &mut sends, &mut sending, l);
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        let (first, delay) = schedule.lease_failed(now());
+                        if first {
+                            tracing::warn!(message = "Lease request failed; retrying with backoff.", error = %e);
+                        } else {
+                            tracing::debug!(message = "Lease request failed again.", retry_in_ms = delay.as_millis() as u64, error = %e);
+                        }
+                    }
+                    Err(e) => {
+                        schedule.lease_failed(now());
+                        tracing::error!(message = "A lease call failed.", error = %e);
+                    }
+                },
                 _ = tick.tick() => {}
             }
             schedule.start_round();
@@ -409,30 +433,26 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         }
                         Err(e) => tracing::warn!(message = "Cannot list held leases.", error = %e),
                     },
-                    // Not interrupted by `stop`: leases the coordinator granted must be known
-                    // here, to be sent or released, or they would sit until they expire.
-                    Action::Lease(n) => match self.control.lease(n).await {
-                        Ok(leases) => {
-                            schedule.leased();
-                            for l in leases {
-                                self.start(&mut schedule, &mut sends, &mut sending, l);
-                            }
-                        }
-                        Err(e) => {
-                            let (first, delay) = schedule.lease_failed(now());
-                            if first {
-                                tracing::warn!(message = "Lease request failed; retrying with backoff.", error = %e);
-                            } else {
-                                tracing::debug!(message = "Lease request failed again.", retry_in_ms = delay.as_millis() as u64, error = %e);
-                            }
-                        }
-                    },
+                    // In the background, one at a time: the driver goes on (heartbeats,
+                    // transfers ending) while it is out.
+                    Action::Lease(n) => {
+                        let control = self.control.clone();
+                        lease_calls.spawn(async move { control.lease(n).await });
+                    }
                 }
             }
         }
         sends.shutdown().await;
+        // Leases the coordinator granted must be known here, to be released, or they would sit
+        // until they expire: a lease call still out is waited for.
+        let mut granted: Vec<LeaseKey> = schedule.in_flight().collect();
+        if let Ok(Some(Ok(Ok(leases)))) =
+            tokio::time::timeout(STOP_WITHIN, lease_calls.join_next()).await
+        {
+            granted.extend(leases.iter().map(LeaseKey::from));
+        }
         // Release the abandoned leases together, within a bound that fits systemd's stop timeout.
-        let releases = schedule.in_flight().map(|l| {
+        let releases = granted.into_iter().map(|l| {
             self.control.report(
                 Role::Source,
                 l.migration_id,
