@@ -124,6 +124,9 @@ pub struct SourceSchedule {
     /// A lease call is running: one at a time, in the background (the driver never waits a
     /// round trip for it; the slots that free meanwhile go into the next call).
     leasing: bool,
+    /// The last lease call got fewer leases than it asked for: none is asked for again before
+    /// this (a tick), unless a scan completes, so an idle source does not poll in a loop.
+    lease_idle_until: Option<Instant>,
     /// Lease requests the coordinator refused or did not answer are repeated less and less often
     /// (from one tick up to [`LEASE_BACKOFF_MAX`]) instead of every tick.
     lease_backoff: Backoff,
@@ -134,7 +137,8 @@ pub struct SourceSchedule {
 }
 
 impl SourceSchedule {
-    /// A schedule sending at most `max_in_flight` segments at once (at least 1), started at `now`.
+    /// A schedule holding at most `max_in_flight` leases at once (at least 1: being sent, or
+    /// leased ahead and waiting for a transfer to end), started at `now`.
     pub fn new(now: Instant, max_in_flight: u32) -> Self {
         SourceSchedule {
             max_in_flight: max_in_flight.max(1),
@@ -146,6 +150,7 @@ impl SourceSchedule {
             renewing: false,
             reconcile: true,
             leasing: false,
+            lease_idle_until: None,
             lease_backoff: Backoff::new(TICK, LEASE_BACKOFF_MAX),
             migrations: HashMap::new(),
             stage: Stage::Done,
@@ -258,6 +263,7 @@ impl SourceSchedule {
             .max_in_flight
             .saturating_sub(u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX));
         if self.leasing
+            || self.lease_idle_until.is_some_and(|t| now < t)
             || free == 0
             || self.work.iter().all(|w| w.finished)
             || self.lease_backoff.waiting(now)
@@ -298,6 +304,8 @@ impl SourceSchedule {
 
     /// A migration's manifest is loaded or completely scanned.
     pub fn prepared(&mut self, mid: u64) {
+        // Its segments are registered: lease from it at once.
+        self.lease_idle_until = None;
         if let Some(Prep::Running { uuid, round }) = self.migrations.remove(&mid) {
             self.migrations.insert(mid, Prep::Ready { uuid, round });
         }
@@ -334,6 +342,12 @@ impl SourceSchedule {
     pub fn leased(&mut self) {
         self.leasing = false;
         self.lease_backoff.succeeded();
+    }
+
+    /// The last lease call, answered at `now`, got fewer leases than it asked for: there is
+    /// nothing more to lease for now; ask again a tick later (or when a scan completes).
+    pub fn nothing_more_to_lease(&mut self, now: Instant) {
+        self.lease_idle_until = Some(now + TICK);
     }
 
     /// A lease request failed at `now`: the coordinator may have granted leases whose answer was
@@ -433,6 +447,37 @@ mod tests {
         assert_eq!(
             round(&mut s, t0 + STEP + HEARTBEAT_EVERY, &w),
             vec![Action::Heartbeat, Action::Lease(1)]
+        );
+    }
+
+    #[test]
+    fn after_a_short_lease_answer_the_next_call_waits_a_tick_or_a_completed_scan() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 4);
+        let w = [work(1, "u1")];
+        round(&mut s, t0, &w);
+        s.prepared(1);
+        s.leased();
+        let leases = |s: &mut SourceSchedule, now| {
+            round(s, now, &w)
+                .into_iter()
+                .filter(|a| matches!(a, Action::Lease(_)))
+                .collect::<Vec<_>>()
+        };
+        s.nothing_more_to_lease(t0);
+        assert_eq!(
+            leases(&mut s, t0 + TICK / 2),
+            vec![],
+            "not polled in a loop"
+        );
+        assert_eq!(leases(&mut s, t0 + TICK), vec![Action::Lease(4)]);
+        s.leased();
+        s.nothing_more_to_lease(t0 + TICK);
+        s.prepared(1);
+        assert_eq!(
+            leases(&mut s, t0 + TICK),
+            vec![Action::Lease(4)],
+            "a completed scan has registered segments"
         );
     }
 

@@ -253,6 +253,23 @@ enum Done {
     Reported,
 }
 
+/// The leases a source holds: those being sent (one task each) and those leased ahead,
+/// waiting for a transfer to end. Leasing ahead ([`lease_ahead`]) hides the lease call's
+/// round trip: a transfer that ends hands its slot to a lease already here.
+#[derive(Default)]
+struct Slots {
+    sends: JoinSet<Sent>,
+    sending: HashMap<tokio::task::Id, LeaseKey>,
+    queued: std::collections::VecDeque<Lease>,
+}
+
+/// Leases held beyond `max_in_flight`, waiting for a slot (see [`Slots`]): half as many as
+/// the slots, at most 8. A lease names its target's address as it was when granted: one
+/// waiting while its target restarts elsewhere fails its dial and is leased again, so few wait.
+fn lease_ahead(max_in_flight: u32) -> u32 {
+    (max_in_flight / 2).min(8)
+}
+
 /// A transfer whose bytes are done (acknowledged by the target, or failed): what its report
 /// says. The report is made after its slot is free: a slot is for moving bytes.
 struct Sent {
@@ -304,14 +321,15 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     /// returns (a scan that does not notice the stop within [`STOP_WITHIN`] is left to end).
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let now = || tokio::time::Instant::now().into_std();
-        let mut schedule = SourceSchedule::new(now(), self.max_in_flight);
-        // Transfers, by task, so one that panics still frees its place.
-        let mut sends: JoinSet<Sent> = JoinSet::new();
-        let mut sending: HashMap<tokio::task::Id, LeaseKey> = HashMap::new();
+        // The schedule asks for leases up to the transfers plus those leased ahead.
+        let mut schedule =
+            SourceSchedule::new(now(), self.max_in_flight + lease_ahead(self.max_in_flight));
+        // Transfers, by task, so one that panics still frees its place; leases leased ahead.
+        let mut slots = Slots::default();
         // Scans (blocking threads), renewal calls, heartbeats and reports.
         let mut background: JoinSet<Done> = JoinSet::new();
         // The lease call out, if any.
-        let mut lease_calls: JoinSet<Result<Vec<Lease>, ControlError>> = JoinSet::new();
+        let mut lease_calls: JoinSet<Result<(u32, Vec<Lease>), ControlError>> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
         // Heartbeats failed in a row: the first is a warning, the rest debug until one succeeds
         // (a coordinator that is down for a minute is one warning, not 120).
@@ -319,8 +337,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                Some(done) = sends.join_next_with_id() => {
-                    for sent in reap(done, &mut sends, &mut sending, &mut schedule) {
+                Some(done) = slots.sends.join_next_with_id() => {
+                    let ended = reap(done, &mut slots.sends, &mut slots.sending, &mut schedule);
+                    self.fill(&mut slots);
+                    for sent in ended {
                         let me = self.clone();
                         background.spawn(async move {
                             me.report_sent(sent).await;
@@ -366,11 +386,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     // A migration just prepared is leased from at once.
                 }
                 Some(leased) = lease_calls.join_next() => match leased {
-                    Ok(Ok(leases)) => {
+                    Ok(Ok((asked, leases))) => {
                         schedule.leased();
+                        if (leases.len() as u32) < asked {
+                            schedule.nothing_more_to_lease(now());
+                        }
                         for l in leases {
                             if !schedule.holds(&LeaseKey::from(&l)) {
-                                self.start(&mut schedule, &mut sends, &mut sending, l);
+                                self.start(&mut schedule, &mut slots, l);
                             }
                         }
                     }
@@ -428,7 +451,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                                     migration = l.migration_id,
                                     segment = l.segment_id
                                 );
-                                self.start(&mut schedule, &mut sends, &mut sending, l);
+                                self.start(&mut schedule, &mut slots, l);
                             }
                         }
                         Err(e) => tracing::warn!(message = "Cannot list held leases.", error = %e),
@@ -437,16 +460,16 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     // transfers ending) while it is out.
                     Action::Lease(n) => {
                         let control = self.control.clone();
-                        lease_calls.spawn(async move { control.lease(n).await });
+                        lease_calls.spawn(async move { control.lease(n).await.map(|l| (n, l)) });
                     }
                 }
             }
         }
-        sends.shutdown().await;
+        slots.sends.shutdown().await;
         // Leases the coordinator granted must be known here, to be released, or they would sit
         // until they expire: a lease call still out is waited for.
         let mut granted: Vec<LeaseKey> = schedule.in_flight().collect();
-        if let Ok(Some(Ok(Ok(leases)))) =
+        if let Ok(Some(Ok(Ok((_, leases))))) =
             tokio::time::timeout(STOP_WITHIN, lease_calls.join_next()).await
         {
             granted.extend(leases.iter().map(LeaseKey::from));
@@ -516,19 +539,25 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         }
     }
 
-    /// Starts sending a lease.
-    fn start(
-        self: &Arc<Self>,
-        schedule: &mut SourceSchedule,
-        sends: &mut JoinSet<Sent>,
-        sending: &mut HashMap<tokio::task::Id, LeaseKey>,
-        lease: Lease,
-    ) {
-        let key = LeaseKey::from(&lease);
-        schedule.started(key, lease.ttl_ms);
-        let me = self.clone();
-        let h = sends.spawn(async move { me.transfer(lease).await });
-        sending.insert(h.id(), key);
+    /// Takes on a lease: sends it now if fewer than `max_in_flight` transfers run, else queues
+    /// it until one ends (the schedule holds and renews it either way).
+    fn start(self: &Arc<Self>, schedule: &mut SourceSchedule, slots: &mut Slots, lease: Lease) {
+        schedule.started(LeaseKey::from(&lease), lease.ttl_ms);
+        slots.queued.push_back(lease);
+        self.fill(slots);
+    }
+
+    /// Starts queued leases while fewer than `max_in_flight` transfers run.
+    fn fill(self: &Arc<Self>, slots: &mut Slots) {
+        while slots.sending.len() < self.max_in_flight as usize {
+            let Some(lease) = slots.queued.pop_front() else {
+                break;
+            };
+            let key = LeaseKey::from(&lease);
+            let me = self.clone();
+            let h = slots.sends.spawn(async move { me.transfer(lease).await });
+            slots.sending.insert(h.id(), key);
+        }
     }
 
     /// Says why a migration cannot be prepared, in the log and in the migration's status.
@@ -1935,6 +1964,43 @@ mod driven {
             vec![Action::Lease(4)],
             "one call for every free slot"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_are_taken_ahead_but_no_more_than_max_in_flight_transfers_run() {
+        // Twelve segments (64 KiB each); the rig's source sends at most 4 at once.
+        let files: Vec<(String, Vec<u8>)> = (0..12)
+            .map(|i| (format!("f{i:02}"), vec![i as u8; 64 * 1024]))
+            .collect();
+        let files: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+        let (rig, mut accepted) = rig(&files, 120_000);
+        let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
+        // The target takes the streams and never answers.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(accepted.recv().await.expect("the source dials"));
+        }
+        let handed_out = |s: &crate::control::testing::FakeState| s.granted.len() - s.grant.len();
+        until(&rig.coordinator, "leases beyond the four transfers", |s| {
+            handed_out(s) > 4
+        })
+        .await;
+        let asked = rig.coordinator.with(|s| s.lease_requests.clone());
+        assert_eq!(asked.first(), Some(&(4 + lease_ahead(4))), "{asked:?}");
+        assert!(asked.iter().all(|&n| n <= 4 + lease_ahead(4)), "{asked:?}");
+        rig.stop.send(true).unwrap();
+        run.await.unwrap();
+        assert!(
+            accepted.try_recv().is_err(),
+            "a fifth transfer ran while four were out"
+        );
+        let (released, granted) = rig.coordinator.with(|s| (s.reports.len(), handed_out(s)));
+        assert_eq!(
+            released, granted,
+            "every lease held, sent or not, is released"
+        );
+        drop(held);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
