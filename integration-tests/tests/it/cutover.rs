@@ -352,6 +352,8 @@ async fn a_target_killed_during_the_final_round_the_cutover_still_switches_each_
     s.hooks = source_hooks;
     let _source = ferry_agent::run::start(s).await.unwrap();
     let ctl = env.ctl(&coord).await;
+    // The target is a process: a migration naming it before it registered is refused.
+    crate::processes::wait_registered(&ctl, "target", true).await;
     let id = ctl
         .create_named("db", migration_spec(&src, ""))
         .await

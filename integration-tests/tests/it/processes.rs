@@ -77,6 +77,25 @@ pub fn spawn_agent_with(
         .unwrap()
 }
 
+/// Waits until the agent `name` (a process just spawned) is registered and live, with a data
+/// address when it is a target: a migration naming it is refused before.
+pub async fn wait_registered(ctl: &ferryctl::ctl::Ctl, name: &str, target: bool) {
+    wait_for(
+        &format!("agent {name} to register"),
+        Duration::from_secs(30),
+        || async {
+            let agents = ctl.agents().await.ok()?;
+            agents
+                .iter()
+                .any(|a| {
+                    a.name == name && a.status == "live" && (!target || !a.data_addr.is_empty())
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Sends SIGTERM and waits (bounded) for a clean exit.
 pub fn terminate(child: &mut Child, what: &str) {
     let status = Command::new("kill")

@@ -295,18 +295,7 @@ async fn a_target_killed_mid_bundle_publishes_nothing_and_the_resent_bundle_comp
     )
     .await;
     let mut target = crate::processes::spawn_agent(&env, "target", &coord, Some(&root));
-    wait_for(
-        "the target to register",
-        Duration::from_secs(30),
-        || async {
-            let agents = ctl.agents().await.ok()?;
-            agents
-                .iter()
-                .any(|a| a.name == "target" && a.status == "live" && !a.data_addr.is_empty())
-                .then_some(())
-        },
-    )
-    .await;
+    crate::processes::wait_registered(&ctl, "target", true).await;
     let spec = pb::MigrationSpec {
         segment_size: 4 << 20, // one bundle of all 300 files
         ..migration_spec(&src, "")
