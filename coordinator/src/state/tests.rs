@@ -86,16 +86,7 @@ impl World {
             max_attempts,
             ..spec("/data", 100)
         };
-        let Response::MigrationCreated(id) = self.apply(Command::CreateMigration {
-            name: unique_name(),
-            idempotency_key: String::new(),
-            spec,
-            uuid: ferry_common::ids::random_id(),
-            throttle: String::new(),
-            now_ms: 1,
-        }) else {
-            panic!("not created")
-        };
+        let id = self.create(spec);
         self.round_scan(id, segs, 0, 1);
         id
     }
