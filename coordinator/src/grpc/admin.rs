@@ -165,6 +165,11 @@ impl AdminService {
     }
 }
 
+/// How long a leader transfer may take, over however many campaigns.
+const TRANSFER_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long one campaign of a leader transfer is waited for before the node campaigns again.
+const TRANSFER_CAMPAIGN: std::time::Duration = std::time::Duration::from_secs(3);
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> R<pb::AddNodeResponse> {
@@ -258,18 +263,33 @@ impl Admin for AdminService {
                 .peers
                 .client(&addr)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
-            client
-                .elect(ferry_proto::raft::ElectRequest {})
-                .await
-                .map_err(|s| Status::unavailable(format!("node {to}: {}", s.message())))?;
-            self.0
-                .raft
-                .wait(Some(std::time::Duration::from_secs(10)))
-                .metrics(|m| m.current_leader == Some(to), "leader transfer")
-                .await
-                .map_err(|e| {
-                    Status::unavailable(format!("node {to} did not become leader: {e}"))
-                })?;
+            // A campaign can be lost (a voter's log a little ahead, or its leader lease still
+            // running) and another node then wins the new term: campaign again, within a bound.
+            let deadline = tokio::time::Instant::now() + TRANSFER_WITHIN;
+            loop {
+                client
+                    .elect(ferry_proto::raft::ElectRequest {})
+                    .await
+                    .map_err(|s| Status::unavailable(format!("node {to}: {}", s.message())))?;
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let won = self
+                    .0
+                    .raft
+                    .wait(Some(left.min(TRANSFER_CAMPAIGN)))
+                    .metrics(|m| m.current_leader == Some(to), "leader transfer")
+                    .await;
+                match won {
+                    Ok(_) => break,
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(Status::unavailable(format!(
+                            "node {to} did not become leader: {e}"
+                        )))
+                    }
+                    Err(e) => {
+                        tracing::info!(message = "Leader transfer: the campaign was lost; campaigning again.", node = to, error = %e)
+                    }
+                }
+            }
         }
         Ok(GrpcResponse::new(pb::TransferLeaderResponse {
             leader_id: to,
