@@ -214,6 +214,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         node_id: cfg.node_id,
         lease_ttl_ms: cfg.lease_ttl_secs.max(1) * 1000,
         commits,
+        election_hold: std::sync::Mutex::new(None),
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limit = 64 * 1024 * 1024;

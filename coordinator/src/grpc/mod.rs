@@ -34,7 +34,13 @@ pub struct Core {
     pub lease_ttl_ms: u64,
     /// Batches state machine commands into entries.
     pub commits: group_commit::GroupCommit,
+    /// Ends the current hold on this node's election timer ([`Core::hold_elections`]).
+    pub election_hold: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
+
+/// The longest a node holds its election timer for one request: a hold that outlived the
+/// transfer that asked for it would leave the cluster slower to replace a dead leader.
+pub const MAX_ELECTION_HOLD: Duration = Duration::from_secs(60);
 
 /// Wall-clock now in unix milliseconds. Only the leader reads it, when proposing a command.
 pub fn now_ms() -> u64 {
@@ -74,6 +80,36 @@ pub enum Proposal {
 const READ_WAIT: Duration = Duration::from_secs(10);
 
 impl Core {
+    /// Holds this node's election timer for `hold` (at most [`MAX_ELECTION_HOLD`]), or resumes
+    /// it at once when `hold` is zero. The node still grants votes while held; a newer call
+    /// replaces the one before it, and a hold always ends by itself.
+    pub fn hold_elections(&self, hold: Duration) {
+        let mut current = self.election_hold.lock().expect("not poisoned");
+        if let Some(end) = current.take() {
+            end.abort();
+        }
+        let hold = hold.min(MAX_ELECTION_HOLD);
+        if hold.is_zero() {
+            self.raft.runtime_config().elect(true);
+            tracing::info!("Election timer resumed.");
+            return;
+        }
+        self.raft.runtime_config().elect(false);
+        tracing::info!(
+            message = "Election timer held (a leader transfer is under way).",
+            hold_ms = hold.as_millis() as u64
+        );
+        let raft = self.raft.clone();
+        *current = Some(
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                raft.runtime_config().elect(true);
+                tracing::info!("Election timer resumed: its hold ended.");
+            })
+            .abort_handle(),
+        );
+    }
+
     /// Proposes `cmd` (through the leader, wherever it is) and returns what applying it produced.
     pub async fn write(&self, cmd: Command) -> Result<Response, Status> {
         self.propose(Proposal::Command(Box::new(cmd))).await

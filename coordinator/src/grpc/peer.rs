@@ -78,4 +78,15 @@ impl RaftPeer for PeerService {
             .map_err(|e| Status::unavailable(format!("cannot start an election: {e}")))?;
         Ok(Response::new(pb::ElectReply {}))
     }
+
+    async fn hold_elections(
+        &self,
+        req: Request<pb::HoldElectionsRequest>,
+    ) -> R<pb::HoldElectionsReply> {
+        authorize_coordinator(&req)?;
+        let millis = req.into_inner().millis;
+        self.0
+            .hold_elections(std::time::Duration::from_millis(millis));
+        Ok(Response::new(pb::HoldElectionsReply {}))
+    }
 }

@@ -189,6 +189,32 @@ async fn replaced_follower_catches_up_by_snapshot_during_a_migration() {
     fresh.kill9();
 }
 
+/// Leadership moves between every ordered pair of voters (each move asked of node 1). Each node draws its election timeout once at start: a transfer used to be
+/// a race between the target's campaign and the old leader's, which the old leader won every
+/// time when its timeout was the shorter one (CI, session 9: "node 4 did not become leader").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leadership_moves_between_every_pair_of_voters() {
+    let env = TestEnv::new();
+    let (_nodes, addrs, ctl) = form(&env, 3).await;
+    for to in [2u64, 3, 1, 3, 2, 1] {
+        let from = ctl.cluster_status().await.unwrap().leader_id;
+        assert_ne!(from, to, "each move is to a node that does not lead");
+        ctl.transfer_leader(to)
+            .await
+            .unwrap_or_else(|e| panic!("leadership from node {from} to node {to}: {e}"));
+        // Every node agrees on the new leader.
+        for a in &addrs {
+            let node = env.ctl_try(a).await.expect("node answers");
+            wait_for(
+                "the nodes to agree on the leader",
+                Duration::from_secs(10),
+                || async { (node.cluster_status().await.ok()?.leader_id == to).then_some(()) },
+            )
+            .await;
+        }
+    }
+}
+
 /// The members as `(id, voter)`, from the leader's view.
 async fn members(ctl: &Ctl) -> Vec<(u64, bool)> {
     let s = ctl.cluster_status().await.unwrap();
