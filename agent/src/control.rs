@@ -511,6 +511,16 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
         segment_id: u64,
         epoch: u64,
     ) -> impl Future<Output = Result<pb::CheckLeaseResponse, ControlError>> + Send;
+    /// Reports, as the target, a segment it holds durably whose BLAKE3 `hash` equals the one
+    /// the source sent with the bytes: the coordinator records both ends' hashes from this
+    /// one report, so the segment is verified without waiting for the source's.
+    fn report_received(
+        &self,
+        migration_id: u64,
+        segment_id: u64,
+        epoch: u64,
+        hash: [u8; 32],
+    ) -> impl Future<Output = Result<pb::ReportSegmentResponse, ControlError>> + Send;
     /// Reports a transfer's outcome from this end.
     fn report(
         &self,
@@ -746,6 +756,27 @@ impl Coordinator for Control {
         Ok(r)
     }
 
+    async fn report_received(
+        &self,
+        migration_id: u64,
+        segment_id: u64,
+        epoch: u64,
+        hash: [u8; 32],
+    ) -> Result<pb::ReportSegmentResponse, ControlError> {
+        self.queue_report(pb::ReportSegmentRequest {
+            agent: self.agent.clone(),
+            role: pb::Role::Target as i32,
+            migration_id,
+            segment_id,
+            epoch,
+            ok: true,
+            blake3: hash.to_vec(),
+            source_blake3: hash.to_vec(),
+            ..Default::default()
+        })
+        .await
+    }
+
     async fn report(
         &self,
         role: pb::Role,
@@ -758,7 +789,7 @@ impl Coordinator for Control {
             Ok(h) => (true, h.to_vec(), String::new(), false, false),
             Err(f) => (false, Vec::new(), f.error, f.retry_later, f.stale),
         };
-        let req = pb::ReportSegmentRequest {
+        self.queue_report(pb::ReportSegmentRequest {
             agent: self.agent.clone(),
             role: role as i32,
             migration_id,
@@ -769,7 +800,18 @@ impl Coordinator for Control {
             error,
             retry_later,
             stale,
-        };
+            source_blake3: Vec::new(),
+        })
+        .await
+    }
+}
+
+impl Control {
+    /// Queues one report for the coalescer ([`Control::send_reports`]) and waits for its answer.
+    async fn queue_report(
+        &self,
+        req: pb::ReportSegmentRequest,
+    ) -> Result<pb::ReportSegmentResponse, ControlError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let queued = {
             let mut reports = self.reports.lock().expect("not poisoned");
@@ -813,6 +855,8 @@ pub mod testing {
         pub lease: LeaseKey,
         /// The outcome.
         pub result: Result<[u8; 32], Failure>,
+        /// A target's report only: the hash the source sent with the bytes.
+        pub source_hash: Option<[u8; 32]>,
     }
 
     /// What the fake holds and was told.
@@ -1027,6 +1071,33 @@ pub mod testing {
                 })
             })
         }
+        async fn report_received(
+            &self,
+            migration_id: u64,
+            segment_id: u64,
+            epoch: u64,
+            hash: [u8; 32],
+        ) -> Result<pb::ReportSegmentResponse, ControlError> {
+            let lease = LeaseKey {
+                migration_id,
+                segment_id,
+                epoch,
+            };
+            self.with(|s| {
+                s.held.retain(|l| LeaseKey::from(l) != lease);
+                s.reports.push(Report {
+                    role: pb::Role::Target,
+                    lease,
+                    result: Ok(hash),
+                    source_hash: Some(hash),
+                })
+            });
+            Ok(pb::ReportSegmentResponse {
+                outcome: pb::ReportOutcome::Verified.into(),
+                reason: String::new(),
+            })
+        }
+
         async fn report(
             &self,
             role: pb::Role,
@@ -1047,6 +1118,7 @@ pub mod testing {
                     role,
                     lease,
                     result,
+                    source_hash: None,
                 })
             });
             let outcome = if verified {

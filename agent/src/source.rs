@@ -275,6 +275,9 @@ fn lease_ahead(max_in_flight: u32) -> u32 {
 struct Sent {
     lease: Lease,
     result: Result<[u8; 32], Failure>,
+    /// The target's report verified the segment (it carried this end's hash, sent with the
+    /// bytes): nothing is left to report.
+    verified: bool,
     started: std::time::Instant,
     sent_ms: u64,
 }
@@ -904,7 +907,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     async fn transfer(self: Arc<Self>, lease: Lease) -> Sent {
         let (mid, sid) = (lease.migration_id, lease.segment_id);
         let started = std::time::Instant::now();
-        let result = self.send(&lease).await;
+        let (result, verified) = match self.send(&lease).await {
+            Ok((hash, verified)) => (Ok(hash), verified),
+            Err(f) => (Err(f), false),
+        };
         let sent_ms = started.elapsed().as_millis() as u64;
         if let Err(f) = &result {
             Stats::add(&self.stats.segments_failed, 1);
@@ -917,6 +923,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         Sent {
             lease,
             result,
+            verified,
             started,
             sent_ms,
         }
@@ -927,10 +934,23 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         let Sent {
             lease,
             result,
+            verified,
             started,
             sent_ms,
         } = sent;
         let (mid, sid, epoch) = (lease.migration_id, lease.segment_id, lease.epoch);
+        if verified {
+            // The target's report carried this end's hash: the coordinator verified the
+            // segment before the target acknowledged it.
+            Stats::add(&self.stats.segments_verified, 1);
+            tracing::debug!(
+                message = "Segment done; verified on the target's report.",
+                migration = mid,
+                segment = sid,
+                sent_ms
+            );
+            return;
+        }
         // A report lost to a coordinator restart or leader change is retried for up to
         // REPORT_RETRY_FOR: the segment would otherwise sit leased until its lease expires.
         // Reports are idempotent per epoch.
@@ -972,10 +992,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         }
     }
 
-    /// Sends one leased segment; returns its hash once the target acknowledged it. A failure
+    /// Sends one leased segment; returns its hash once the target acknowledged it, and whether the target's report (carrying this hash) verified it. A failure
     /// says whether it is the segment's (its files cannot be read, the target cannot write
     /// them) or not (the manifest is not loaded yet, the target cannot be reached).
-    async fn send(&self, lease: &Lease) -> Result<[u8; 32], Failure> {
+    async fn send(&self, lease: &Lease) -> Result<([u8; 32], bool), Failure> {
         let (mid, sid) = (lease.migration_id, lease.segment_id);
         let manifest = self
             .manifests
@@ -1138,7 +1158,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             // deletes the name at the target or sends what stands there now.
             tracing::debug!(message = "Not sent: changed since the scan.", migration = mid, path = %path, reason = %why);
         }
-        Ok(hash)
+        Ok((hash, ack.verified))
     }
 
     /// Streams one file piece, checking that the file is the one expected and did not change while
@@ -1736,8 +1756,11 @@ mod driven {
 
     /// A target that reads each segment, hashes its bytes and acknowledges it: what it received
     /// is sent on the returned channel as (segment id, hash, bytes).
+    /// A target that reads each segment, checks the source's hash and acknowledges it; with
+    /// `verified`, its acks say its own report verified the segment.
     fn acking_target(
         mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+        verified: bool,
     ) -> tokio::sync::mpsc::UnboundedReceiver<(u64, [u8; 32], Vec<u8>)> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -1764,6 +1787,7 @@ mod driven {
                 let ack = pb::SegmentAck {
                     ok: true,
                     blake3: hash.to_vec(),
+                    verified,
                     ..Default::default()
                 };
                 frame::write(&mut a.send, &ack).await.unwrap();
@@ -1846,7 +1870,7 @@ mod driven {
             ("c", vec![7u8; 30_000]),
         ];
         let (rig, accepted) = rig(&files, 120_000);
-        let mut received = acking_target(accepted);
+        let mut received = acking_target(accepted, false);
         let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
         until(
             &rig.coordinator,
@@ -1885,6 +1909,49 @@ mod driven {
         );
     }
 
+    /// A target whose report verified the segment (it carried the source's hash) says so in
+    /// its ack: the source makes no report of its own, and its slots and leases are free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_the_targets_report_verified_are_not_reported_again() {
+        let files: Vec<(&str, Vec<u8>)> = vec![("a", vec![1u8; 100_000]), ("b", b"hi".to_vec())];
+        let (rig, accepted) = rig(&files, 120_000);
+        let mut received = acking_target(accepted, true);
+        let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
+        until(&rig.coordinator, "the scan is complete", |s| {
+            s.scans.contains_key(&1)
+        })
+        .await;
+        let segments = rig.coordinator.with(|s| s.scans[&1].0);
+        let mut got = 0;
+        while got < segments {
+            tokio::time::timeout(Duration::from_secs(20), received.recv())
+                .await
+                .expect("every segment reaches the target")
+                .unwrap();
+            got += 1;
+        }
+        let stats = rig.source.stats.clone();
+        let verified = || {
+            stats
+                .segments_verified
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while verified() < segments {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("each acknowledged segment counts as verified");
+        rig.stop.send(true).unwrap();
+        run.await.unwrap();
+        assert_eq!(
+            rig.coordinator.with(|s| s.reports.clone()),
+            vec![],
+            "no report from the source, not even a release at shutdown"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stopping_abandons_transfers_releases_their_leases_and_joins_every_task() {
         let (rig, mut accepted) = rig(&[("a", vec![3u8; 10_000])], 120_000);
@@ -1908,6 +1975,7 @@ mod driven {
                 role: Role::Source,
                 lease,
                 result: Err(Failure::later("source agent shut down")),
+                source_hash: None,
             }],
             "the abandoned lease is released, not counted as an attempt"
         );
@@ -1942,6 +2010,7 @@ mod driven {
                 Sent {
                     lease,
                     result: Ok([0; 32]),
+                    verified: false,
                     started: std::time::Instant::now(),
                     sent_ms: 0,
                 }

@@ -359,12 +359,13 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
             close = Some((4, &b"peer is not the assigned source"[..]));
         }
         let ack = match outcome {
-            Ok(hash) => pb::SegmentAck {
+            Ok((hash, verified)) => pb::SegmentAck {
                 ok: true,
                 blake3: hash.to_vec(),
                 error: String::new(),
                 retry_later: false,
                 stale: false,
+                verified,
             },
             Err(e) => {
                 Stats::add(&self.stats.segments_refused, 1);
@@ -412,6 +413,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                     error: why,
                     retry_later,
                     stale: e.stale(),
+                    verified: false,
                 }
             }
         };
@@ -423,14 +425,16 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
         }
     }
 
-    /// Receives one segment; returns its hash once it is durable and recorded at the coordinator.
+    /// Receives one segment; returns its hash once it is durable and recorded at the
+    /// coordinator, and whether that record verified it (it carries the source's hash, which
+    /// came with the bytes and equals the target's).
     async fn receive<R: AsyncRead + Unpin + Send>(
         &self,
         peer: &CertificateDer<'static>,
         header: pb::SegmentHeader,
         recv: &mut R,
         attempts: &mut u32,
-    ) -> Result<[u8; 32], Refusal> {
+    ) -> Result<([u8; 32], bool), Refusal> {
         let (mid, sid, epoch) = (header.migration_id, header.segment_id, header.epoch);
         let lease = self
             .control
@@ -509,7 +513,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
         Stats::add(&self.stats.segments_committed, 1);
         let r = self
             .control
-            .report(Role::Target, mid, sid, epoch, Ok(hash))
+            .report_received(mid, sid, epoch, hash)
             .await
             .map_err(Refusal::NotRecorded)?;
         if !matches!(
@@ -521,7 +525,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                 reason: r.reason,
             });
         }
-        Ok(hash)
+        Ok((hash, r.outcome() == ReportOutcome::Verified))
     }
 }
 
@@ -685,6 +689,11 @@ mod driven {
         assert_eq!(ack.blake3, hash.to_vec());
         assert_eq!(rig.sink.file("model.bin").as_deref(), Some(DATA));
         assert_eq!(target_reports(&rig.control), vec![Ok(hash)]);
+        // The report carries the source's hash (the trailer's, equal to the target's), so the
+        // coordinator verifies the segment on it and the ack tells the source so.
+        let reported = rig.control.with(|s| s.reports[0].source_hash);
+        assert_eq!(reported, Some(hash));
+        assert!(ack.verified);
         // The lease is checked before writing and again before publishing.
         assert_eq!(rig.control.with(|s| s.lease_checks), 2);
     }

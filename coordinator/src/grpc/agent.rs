@@ -156,6 +156,18 @@ fn report_command(
     } else {
         Err(r.error)
     };
+    let source_hash = match (&role, &result, r.source_blake3.is_empty()) {
+        (_, _, true) => None,
+        (Role::Target, Ok(_), false) => Some(
+            ferry_common::hash::digest_from_slice(&r.source_blake3)
+                .ok_or_else(|| Status::invalid_argument("source_blake3 must be 32 bytes"))?,
+        ),
+        _ => {
+            return Err(Status::invalid_argument(
+                "source_blake3 is given by a target reporting success only",
+            ))
+        }
+    };
     Ok(Command::ReportSegment {
         agent: r.agent,
         session,
@@ -164,6 +176,7 @@ fn report_command(
         segment_id: r.segment_id,
         epoch: r.epoch,
         result,
+        source_hash,
         retry_later: r.retry_later,
         stale: r.stale,
         now_ms,
@@ -812,5 +825,47 @@ impl AgentControl for AgentService {
             session = %format!("{:016x}", r.session)
         );
         Ok(GrpcResponse::new(pb::EndSessionResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(role: pb::Role, ok: bool, source_blake3: Vec<u8>) -> pb::ReportSegmentRequest {
+        pb::ReportSegmentRequest {
+            agent: "a".into(),
+            role: role as i32,
+            ok,
+            blake3: if ok { vec![1; 32] } else { Vec::new() },
+            source_blake3,
+            ..Default::default()
+        }
+    }
+
+    /// Only a target reporting success may carry the source's hash, and only a whole one.
+    #[test]
+    fn the_sources_hash_comes_only_with_a_targets_good_report() {
+        let cmd = report_command(request(pb::Role::Target, true, vec![1; 32]), 1, 0).unwrap();
+        let Command::ReportSegment { source_hash, .. } = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(source_hash, Some([1; 32]));
+        let plain = report_command(request(pb::Role::Target, true, Vec::new()), 1, 0).unwrap();
+        assert!(matches!(
+            plain,
+            Command::ReportSegment {
+                source_hash: None,
+                ..
+            }
+        ));
+        for bad in [
+            request(pb::Role::Source, true, vec![1; 32]),
+            request(pb::Role::Target, false, vec![1; 32]),
+            request(pb::Role::Target, true, vec![1; 31]),
+        ] {
+            let e = report_command(bad, 1, 0).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        }
     }
 }

@@ -225,6 +225,10 @@ pub enum Command {
         epoch: u64,
         /// The hash, or the error.
         result: Result<Digest, String>,
+        /// A target's successful report only: the hash the source sent with the bytes, which
+        /// the target found equal to its own. Recorded as the source's hash, so the segment
+        /// is verified without waiting for the source's report.
+        source_hash: Option<Digest>,
         /// With an error: the failure is not the segment's (the source shut down, the target
         /// could not be reached, a hardlink waits for its first name). The segment is retried
         /// after a backoff without counting an attempt.
@@ -514,6 +518,7 @@ impl State {
                 segment_id,
                 epoch,
                 result,
+                source_hash,
                 retry_later,
                 stale,
                 now_ms,
@@ -533,6 +538,7 @@ impl State {
                     segment_id,
                     epoch,
                     result,
+                    source_hash,
                     failure,
                     now_ms,
                 );

@@ -45,6 +45,7 @@ impl State {
         sid: u64,
         epoch: u64,
         result: Result<Digest, String>,
+        source_hash: Option<Digest>,
         cost: Cost,
         now_ms: u64,
     ) -> (ReportOutcome, String) {
@@ -103,7 +104,14 @@ impl State {
         };
         match role {
             Role::Source => seg.source_hash = Some(hash),
-            Role::Target => seg.target_hash = Some(hash),
+            Role::Target => {
+                seg.target_hash = Some(hash);
+                // The source's hash as it came with the bytes, unless the source reported
+                // its own already (then that one is compared).
+                if seg.source_hash.is_none() {
+                    seg.source_hash = source_hash;
+                }
+            }
         }
         match (seg.source_hash, seg.target_hash) {
             (Some(s), Some(t)) if s == t => {

@@ -108,6 +108,26 @@ impl World {
         self.report_at(role, l, result, false, 2)
     }
 
+    /// The target's report of a segment it holds, with the hash the source sent with the bytes.
+    fn received(&mut self, l: &Lease, target: Digest, source: Digest) -> ReportOutcome {
+        match self.apply(Command::ReportSegment {
+            agent: "dst".into(),
+            session: 1,
+            role: Role::Target,
+            migration_id: l.migration_id,
+            segment_id: l.segment_id,
+            epoch: l.epoch,
+            result: Ok(target),
+            source_hash: Some(source),
+            retry_later: false,
+            stale: false,
+            now_ms: 2,
+        }) {
+            Response::Report(o, _) => o,
+            r => panic!("{r:?}"),
+        }
+    }
+
     /// A report at `now_ms`; `retry_later` marks a failure that is not the segment's.
     fn report_at(
         &mut self,
@@ -126,6 +146,7 @@ impl World {
             segment_id: l.segment_id,
             epoch: l.epoch,
             result,
+            source_hash: None,
             retry_later,
             stale: false,
             now_ms,
@@ -157,6 +178,36 @@ fn segment_verifies_only_when_both_hashes_match() {
     let m = &w.s.migrations[&mid];
     assert_eq!(m.phase, Phase::Done);
     assert_eq!(m.counters.verified_bytes, 10);
+}
+
+/// A target's report that carries the hash the source sent with the bytes (and the target
+/// found equal to its own) verifies the segment on its own: the source's report is not
+/// waited for, and when it comes it is answered verified and counts nothing twice.
+#[test]
+fn a_targets_report_with_the_sources_hash_verifies_the_segment() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 10, 1)]);
+    let leases = w.lease(8, 10);
+    let (a, b) = (&leases[0], &leases[1]);
+    assert_eq!(w.received(a, [1; 32], [1; 32]), ReportOutcome::Verified);
+    assert_eq!(w.s.segments[&(mid, a.segment_id)].state, SegState::Verified);
+    assert_eq!(w.s.migrations[&mid].counters.verified_segments, 1);
+    assert_eq!(
+        w.report(Role::Source, a, Ok([1; 32])),
+        ReportOutcome::Verified
+    );
+    assert_eq!(w.s.migrations[&mid].counters.verified_segments, 1);
+    // A source that reported first keeps its own hash: the target's copy of it does not
+    // overwrite it, and the two ends' hashes still have to agree.
+    assert_eq!(
+        w.report(Role::Source, b, Ok([2; 32])),
+        ReportOutcome::Waiting
+    );
+    assert_eq!(w.received(b, [1; 32], [1; 32]), ReportOutcome::Failed);
+    assert!(w.s.segments[&(mid, b.segment_id)]
+        .last_error
+        .contains("differ"));
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Copying);
 }
 
 #[test]
@@ -989,6 +1040,7 @@ fn a_second_process_is_refused_while_the_first_session_is_live() {
         segment_id: l.segment_id,
         epoch: l.epoch,
         result: Ok([1; 32]),
+        source_hash: None,
         retry_later: false,
         stale: false,
         now_ms: 1001,
@@ -1666,6 +1718,7 @@ fn a_segment_whose_file_changed_is_left_to_the_next_round_which_starts_at_once()
         segment_id: b.segment_id,
         epoch: b.epoch,
         result: Err("big changed since it was scanned".into()),
+        source_hash: None,
         retry_later: false,
         stale: true,
         now_ms: 4,
@@ -1920,6 +1973,7 @@ fn a_failed_hook_a_changed_file_or_differing_trees_roll_back_and_a_new_attempt_m
         segment_id: l.segment_id,
         epoch: l.epoch,
         result: Err("changed".into()),
+        source_hash: None,
         retry_later: false,
         stale: true,
         now_ms: 12,

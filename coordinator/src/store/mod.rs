@@ -65,7 +65,9 @@ pub use state_machine::{Applied, StateMachine};
 /// counts; reports say whether a failure counts (`retry_later`).
 /// 5: the state has a cluster id (record `cluster`); migrations a uuid, a hardlink count and
 /// an xattrs option; agents whether they apply owners.
-pub const FORMAT_VERSION: u64 = 8;
+/// 6–8: throttles, sync rounds and cutover, the verification cache.
+/// 9: a target's report carries the hash the source sent with the bytes (`source_hash`).
+pub const FORMAT_VERSION: u64 = 9;
 
 /// How long `open` waits for sled's file lock. sled finishes writing its buffers on background
 /// threads after the last handle is dropped, so a node reopened at once in the same process

@@ -134,6 +134,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             segment_id: 0,
             epoch: crate::state::fencing_token(5, 0),
             result: Ok([9; 32]),
+            source_hash: None,
             retry_later: false,
             stale: false,
             now_ms: 4,

@@ -454,6 +454,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         error: String::new(),
         retry_later: false,
         stale: false,
+        source_blake3: Vec::new(),
     };
     let r = c
         .report_segments(ReportSegmentsRequest {
@@ -467,6 +468,11 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
                     blake3: vec![1; 3],
                     ..one("source", Role::Source)
                 },
+                // Only a target vouches for the hash the source sent with the bytes.
+                ReportSegmentRequest {
+                    source_blake3: vec![7; 32],
+                    ..one("source", Role::Source)
+                },
             ],
         })
         .await
@@ -478,6 +484,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         [
             ReportOutcome::Refused,
             ReportOutcome::Waiting,
+            ReportOutcome::Refused,
             ReportOutcome::Refused
         ],
         "{r:?}"
