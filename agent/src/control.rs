@@ -467,14 +467,15 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
         migration_id: u64,
         segments: &[crate::manifest::SegmentSummary],
     ) -> impl Future<Output = Result<(), ControlError>> + Send;
-    /// Marks the scan complete.
-    /// Completes a scan, registering its `last` segments with it (in one entry).
+    /// Completes a scan, registering its `last` segments with it and leasing up to
+    /// `lease_max` segments after it (in one entry); returns the leases granted.
     fn complete_scan(
         &self,
         migration_id: u64,
         summary: &crate::manifest::ScanSummary,
         last: &[crate::manifest::SegmentSummary],
-    ) -> impl Future<Output = Result<(), ControlError>> + Send;
+        lease_max: u32,
+    ) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
     /// Tells the operator about a problem at this source.
     fn report_problem(
         &self,
@@ -596,32 +597,35 @@ impl Coordinator for Control {
         migration_id: u64,
         summary: &crate::manifest::ScanSummary,
         last: &[crate::manifest::SegmentSummary],
-    ) -> Result<(), ControlError> {
-        self.call(
-            pb::CompleteScanRequest {
-                segments: last.iter().map(segment_info).collect(),
-                agent: self.agent.clone(),
-                session: self.session,
-                migration_id,
-                segments_total: summary.segments_total,
-                issues: summary
-                    .issues
-                    .iter()
-                    .map(|(path, reason)| pb::ScanIssue {
-                        path: path.clone(),
-                        reason: reason.clone(),
-                    })
-                    .collect(),
-                issues_total: summary.issues_total,
-                hardlinks: summary.hardlinks,
-                excluded: summary.excluded,
-                root_error: summary.root_error.clone(),
-                deleted: summary.deleted,
-            },
-            |mut c, r| async move { c.complete_scan(r).await },
-        )
-        .await?;
-        Ok(())
+        lease_max: u32,
+    ) -> Result<Vec<pb::Lease>, ControlError> {
+        let r = self
+            .call(
+                pb::CompleteScanRequest {
+                    lease_max,
+                    segments: last.iter().map(segment_info).collect(),
+                    agent: self.agent.clone(),
+                    session: self.session,
+                    migration_id,
+                    segments_total: summary.segments_total,
+                    issues: summary
+                        .issues
+                        .iter()
+                        .map(|(path, reason)| pb::ScanIssue {
+                            path: path.clone(),
+                            reason: reason.clone(),
+                        })
+                        .collect(),
+                    issues_total: summary.issues_total,
+                    hardlinks: summary.hardlinks,
+                    excluded: summary.excluded,
+                    root_error: summary.root_error.clone(),
+                    deleted: summary.deleted,
+                },
+                |mut c, r| async move { c.complete_scan(r).await },
+            )
+            .await?;
+        Ok(r.leases)
     }
 
     async fn report_problem(
@@ -883,6 +887,8 @@ pub mod testing {
         pub scans: BTreeMap<u64, (u64, u64)>,
         /// Lease requests made, with the number asked for.
         pub lease_requests: Vec<u32>,
+        /// The leases asked for with each scan's completion (0: none), and how many it got.
+        pub scan_lease_requests: Vec<(u32, usize)>,
         /// Segments not verified, per migration (what `list_unverified` answers from).
         pub unverified: BTreeMap<u64, Vec<u64>>,
         /// Cutover steps heartbeats hand out.
@@ -911,6 +917,40 @@ pub mod testing {
     }
 
     impl FakeCoordinator {
+        /// Grants up to `max` leases (what a lease call gets).
+        fn grant(&self, max: u32) -> Result<Vec<pb::Lease>, ControlError> {
+            self.with(|s| {
+                if s.unavailable {
+                    return Err(Self::unavailable());
+                }
+                if s.grant.is_empty() && s.auto_grant_ttl_ms > 0 {
+                    let ttl_ms = s.auto_grant_ttl_ms;
+                    let fresh: Vec<(u64, u64)> = s
+                        .registered
+                        .iter()
+                        .flat_map(|(m, ids)| ids.iter().map(move |i| (*m, *i)))
+                        .filter(|k| !s.granted.contains(k))
+                        .collect();
+                    for (migration_id, segment_id) in fresh {
+                        s.granted.insert((migration_id, segment_id));
+                        s.grant.push(pb::Lease {
+                            migration_id,
+                            segment_id,
+                            epoch: 1,
+                            target_agent: "dst".into(),
+                            target_addr: "mem".into(),
+                            ttl_ms,
+                            ..Default::default()
+                        });
+                    }
+                }
+                let n = (max as usize).min(s.grant.len());
+                let granted: Vec<_> = s.grant.drain(..n).collect();
+                s.held.extend(granted.iter().cloned());
+                Ok(granted)
+            })
+        }
+
         /// Runs `f` on the state.
         pub fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
             f(&mut self.state.lock().expect("not poisoned"))
@@ -956,13 +996,19 @@ pub mod testing {
             migration_id: u64,
             summary: &crate::manifest::ScanSummary,
             last: &[crate::manifest::SegmentSummary],
-        ) -> Result<(), ControlError> {
+            lease_max: u32,
+        ) -> Result<Vec<pb::Lease>, ControlError> {
             self.register_segments(migration_id, last).await?;
             self.with(|s| {
                 s.scans
                     .insert(migration_id, (summary.segments_total, summary.issues_total))
             });
-            Ok(())
+            let granted = match lease_max {
+                0 => Vec::new(),
+                n => self.grant(n)?,
+            };
+            self.with(|s| s.scan_lease_requests.push((lease_max, granted.len())));
+            Ok(granted)
         }
         async fn report_problem(
             &self,
@@ -974,37 +1020,8 @@ pub mod testing {
             Ok(())
         }
         async fn lease(&self, max: u32) -> Result<Vec<pb::Lease>, ControlError> {
-            self.with(|s| {
-                s.lease_requests.push(max);
-                if s.unavailable {
-                    return Err(Self::unavailable());
-                }
-                if s.grant.is_empty() && s.auto_grant_ttl_ms > 0 {
-                    let ttl_ms = s.auto_grant_ttl_ms;
-                    let fresh: Vec<(u64, u64)> = s
-                        .registered
-                        .iter()
-                        .flat_map(|(m, ids)| ids.iter().map(move |i| (*m, *i)))
-                        .filter(|k| !s.granted.contains(k))
-                        .collect();
-                    for (migration_id, segment_id) in fresh {
-                        s.granted.insert((migration_id, segment_id));
-                        s.grant.push(pb::Lease {
-                            migration_id,
-                            segment_id,
-                            epoch: 1,
-                            target_agent: "dst".into(),
-                            target_addr: "mem".into(),
-                            ttl_ms,
-                            ..Default::default()
-                        });
-                    }
-                }
-                let n = (max as usize).min(s.grant.len());
-                let granted: Vec<_> = s.grant.drain(..n).collect();
-                s.held.extend(granted.iter().cloned());
-                Ok(granted)
-            })
+            self.with(|s| s.lease_requests.push(max));
+            self.grant(max)
         }
         async fn list_leases(&self) -> Result<Vec<pb::Lease>, ControlError> {
             self.with(|s| {

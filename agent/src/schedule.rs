@@ -344,6 +344,27 @@ impl SourceSchedule {
         self.lease_backoff.succeeded();
     }
 
+    /// A scan is about to complete at `now`: how many leases its completion may ask for (a
+    /// lease call's budget; 0 while a lease call is out or none is due). When more than 0, the
+    /// completion is the lease call out until [`Self::leased`] or [`Self::lease_failed`] (or
+    /// [`Self::lease_not_asked`]).
+    pub fn lease_with_scan(&mut self, now: Instant) -> u32 {
+        // Its segments are about to be leasable: an idle wait does not apply.
+        self.lease_idle_until = None;
+        match self.lease_budget(now) {
+            Some(n) => {
+                self.leasing = true;
+                n
+            }
+            None => 0,
+        }
+    }
+
+    /// The completion granted room by [`Self::lease_with_scan`] did not ask after all.
+    pub fn lease_not_asked(&mut self) {
+        self.leasing = false;
+    }
+
     /// The last lease call, answered at `now`, got fewer leases than it asked for: there is
     /// nothing more to lease for now; ask again a tick later (or when a scan completes).
     pub fn nothing_more_to_lease(&mut self, now: Instant) {
@@ -738,5 +759,28 @@ mod tests {
                 Action::Prepare(other[0].clone())
             ]
         );
+    }
+
+    /// A completing scan takes a lease call's budget and counts as the lease call out: no
+    /// other lease call goes meanwhile, and a second completion gets nothing.
+    #[test]
+    fn a_completing_scan_takes_the_lease_call_budget() {
+        let t0 = Instant::now();
+        let mut s = SourceSchedule::new(t0, 4);
+        s.heartbeat_answered(vec![work(1, "u")]);
+        s.nothing_more_to_lease(t0);
+        assert_eq!(s.lease_with_scan(t0), 4, "an idle wait does not apply");
+        assert_eq!(s.lease_with_scan(t0), 0, "one lease call at a time");
+        s.start_round();
+        let acts: Vec<Action> = std::iter::from_fn(|| s.next(t0)).collect();
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::Lease(_))),
+            "{acts:?}"
+        );
+        s.lease_not_asked();
+        assert_eq!(s.lease_with_scan(t0), 4);
+        s.leased();
+        s.started(key(1), 1000);
+        assert_eq!(s.lease_with_scan(t0), 3);
     }
 }

@@ -243,14 +243,29 @@ pub struct Source<C: Coordinator, D: Dialer> {
 
 /// What the driver's background tasks end with.
 enum Done {
-    /// A preparation ended.
-    Prepared(u64, Result<(), PrepareError>),
+    /// A preparation ended, with what its scan's completion leased.
+    Prepared(u64, Completed, Result<(), PrepareError>),
     /// A renewal call ended.
     Renewed,
     /// A heartbeat ended.
     Heartbeat(Result<Assigned, ControlError>),
     /// A transfer's report ended.
     Reported,
+}
+
+/// How a completing scan asks the driver how many leases to take with its completion: the
+/// driver answers a lease call's budget and counts the completion as its lease call out.
+type LeaseRoom = tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<u32>>;
+
+/// What a scan's completion leased besides completing.
+#[derive(Debug, Default)]
+struct Completed {
+    /// How many leases it asked for (when more than 0, the driver counted it as its lease call).
+    asked: u32,
+    /// The leases granted with it.
+    leases: Vec<Lease>,
+    /// An attempt's answer was lost: the leases it may have granted are not known here.
+    lost: bool,
 }
 
 /// The leases a source holds: those being sent (one task each) and those leased ahead,
@@ -334,6 +349,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         // The lease call out, if any.
         let mut lease_calls: JoinSet<Result<(u32, Vec<Lease>), ControlError>> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
+        // Completing scans ask here how many leases to take with them.
+        let (room, mut room_asked): (LeaseRoom, _) = tokio::sync::mpsc::unbounded_channel();
         // Heartbeats failed in a row: the first is a warning, the rest debug until one succeeds
         // (a coordinator that is down for a minute is one warning, not 120).
         let mut heartbeats_failed = 0u64;
@@ -378,8 +395,12 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                                 tracing::debug!(message = "Heartbeat failed again.", heartbeats_failed, error = %e);
                             }
                         }
-                        Ok(Done::Prepared(mid, Ok(()))) => schedule.prepared(mid),
-                        Ok(Done::Prepared(mid, Err(e))) => {
+                        Ok(Done::Prepared(mid, completed, Ok(()))) => {
+                            schedule.prepared(mid);
+                            self.leased_with_scan(&mut schedule, &mut slots, completed, true);
+                        }
+                        Ok(Done::Prepared(mid, completed, Err(e))) => {
+                            self.leased_with_scan(&mut schedule, &mut slots, completed, false);
                             self.manifests.lock().expect("not poisoned").remove(&mid);
                             schedule.prepare_failed(now(), mid);
                             self.prepare_failed(mid, &e).await;
@@ -413,6 +434,12 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         tracing::error!(message = "A lease call failed.", error = %e);
                     }
                 },
+                Some(reply) = room_asked.recv() => {
+                    let n = schedule.lease_with_scan(now());
+                    if reply.send(n).is_err() && n > 0 {
+                        schedule.lease_not_asked();
+                    }
+                }
                 _ = tick.tick() => {}
             }
             schedule.start_round();
@@ -436,9 +463,12 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                     Action::Prepare(w) => {
                         let me = self.clone();
                         let stop = stop.clone();
+                        let room = room.clone();
                         background.spawn_blocking(move || {
                             let mid = w.migration_id;
-                            Done::Prepared(mid, me.prepare(&w, &stop))
+                            let mut completed = Completed::default();
+                            let r = me.prepare(&w, &stop, &room, &mut completed);
+                            Done::Prepared(mid, completed, r)
                         });
                     }
                     Action::ListLeases => match self.control.list_leases().await {
@@ -468,6 +498,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 }
             }
         }
+        // A scan asking for room from here on takes none.
+        drop(room_asked);
         slots.sends.shutdown().await;
         // Leases the coordinator granted must be known here, to be released, or they would sit
         // until they expire: a lease call still out is waited for.
@@ -476,6 +508,20 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             tokio::time::timeout(STOP_WITHIN, lease_calls.join_next()).await
         {
             granted.extend(leases.iter().map(LeaseKey::from));
+        }
+        // Scans check `stop` before each entry; renewals are short calls. A scan that completed
+        // meanwhile may have brought leases: they are released with the rest.
+        let joined = tokio::time::timeout(STOP_WITHIN, async {
+            while let Some(done) = background.join_next().await {
+                if let Ok(Done::Prepared(_, completed, _)) = done {
+                    granted.extend(completed.leases.iter().map(LeaseKey::from));
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!(message = "A scan did not stop in time; it ends on its own.");
+            background.detach_all();
         }
         // Release the abandoned leases together, within a bound that fits systemd's stop timeout.
         let releases = granted.into_iter().map(|l| {
@@ -492,15 +538,6 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             tracing::info!(
                 message = "Some leases could not be released at shutdown; they will expire."
             );
-        }
-        // Scans check `stop` before each entry; renewals are short calls.
-        let joined = tokio::time::timeout(STOP_WITHIN, async {
-            while background.join_next().await.is_some() {}
-        })
-        .await;
-        if joined.is_err() {
-            tracing::warn!(message = "A scan did not stop in time; it ends on its own.");
-            background.detach_all();
         }
         self.dialer.close();
     }
@@ -544,6 +581,34 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
 
     /// Takes on a lease: sends it now if fewer than `max_in_flight` transfers run, else queues
     /// it until one ends (the schedule holds and renews it either way).
+    /// Accounts for the lease call a scan's completion made (if it asked for leases) and starts
+    /// the leases it brought; `prepared`: the preparation succeeded.
+    fn leased_with_scan(
+        self: &Arc<Self>,
+        schedule: &mut SourceSchedule,
+        slots: &mut Slots,
+        completed: Completed,
+        prepared: bool,
+    ) {
+        if completed.asked == 0 {
+            return;
+        }
+        if completed.lost || !prepared {
+            // Leases may have been granted whose answer never came: list them first.
+            schedule.lease_failed(tokio::time::Instant::now().into_std());
+            return;
+        }
+        schedule.leased();
+        if (completed.leases.len() as u32) < completed.asked {
+            schedule.nothing_more_to_lease(tokio::time::Instant::now().into_std());
+        }
+        for l in completed.leases {
+            if !schedule.holds(&LeaseKey::from(&l)) {
+                self.start(schedule, slots, l);
+            }
+        }
+    }
+
     fn start(self: &Arc<Self>, schedule: &mut SourceSchedule, slots: &mut Slots, lease: Lease) {
         schedule.started(LeaseKey::from(&lease), lease.ttl_ms);
         slots.queued.push_back(lease);
@@ -594,7 +659,13 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
 
     /// Makes the current round's manifest available: loads a completed scan, or scans afresh.
     /// Runs on a blocking thread.
-    fn prepare(&self, w: &SourceWork, stop: &watch::Receiver<bool>) -> Result<(), PrepareError> {
+    fn prepare(
+        &self,
+        w: &SourceWork,
+        stop: &watch::Receiver<bool>,
+        room: &LeaseRoom,
+        completed: &mut Completed,
+    ) -> Result<(), PrepareError> {
         let rt = tokio::runtime::Handle::current();
         let mid = w.migration_id;
         let dir = self.migration_dir(w)?;
@@ -607,7 +678,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             if w.scan_complete {
                 return Err(PrepareError::Lost { mid, dir: rdir });
             }
-            return self.scan(&rt, stop, w, &dir);
+            return self.scan(&rt, stop, w, &dir, room, completed);
         };
         let m = Arc::new(Manifest::open(
             &rdir.join("manifest"),
@@ -622,7 +693,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             for batch in m.summaries()?.chunks(REGISTER_BATCH) {
                 call_blocking(&rt, stop, || self.control.register_segments(mid, batch))?;
             }
-            call_blocking(&rt, stop, || self.control.complete_scan(mid, &summary, &[]))?;
+            call_blocking(&rt, stop, || {
+                self.control.complete_scan(mid, &summary, &[], 0)
+            })?;
         }
         tracing::info!(
             message = "Loaded manifest.",
@@ -715,6 +788,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         stop: &watch::Receiver<bool>,
         w: &SourceWork,
         dir: &Path,
+        room: &LeaseRoom,
+        completed: &mut Completed,
     ) -> Result<(), PrepareError> {
         let mid = w.migration_id;
         let root = PathBuf::from(&w.source_path);
@@ -846,9 +921,19 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         writer.sync()?;
         catalog.finish()?;
         manifest::write_summary(&rdir.join("scan.json"), &summary)?;
-        call_blocking(rt, stop, || {
-            self.control.complete_scan(mid, &summary, &batch)
-        })?;
+        // The completion leases too (one round trip, not two, before the round's first
+        // transfers), with the driver's budget for a lease call; a retry asks for none, and
+        // says the leases of an attempt whose answer was lost must be listed.
+        completed.asked = lease_room(rt, room);
+        let attempts = std::cell::Cell::new(0u32);
+        let asked = completed.asked;
+        let leases = call_blocking(rt, stop, || {
+            attempts.set(attempts.get() + 1);
+            let max = if attempts.get() == 1 { asked } else { 0 };
+            self.control.complete_scan(mid, &summary, &batch, max)
+        });
+        completed.lost = attempts.get() > 1;
+        completed.leases = leases?;
         tracing::info!(
             message = "Scan complete.",
             migration = mid,
@@ -1245,6 +1330,15 @@ async fn renew<C: Coordinator>(control: &C, leases: &[LeaseKey]) {
 
 /// Runs a coordinator call from a blocking thread, retrying transient failures (the one retry
 /// policy) until it succeeds or the agent stops; a stop also ends the wait between tries.
+/// How many leases a completing scan may ask for (0 when the driver is gone).
+fn lease_room(rt: &tokio::runtime::Handle, room: &LeaseRoom) -> u32 {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if room.send(reply).is_err() {
+        return 0;
+    }
+    rt.block_on(answer).unwrap_or(0)
+}
+
 fn call_blocking<T, F, Fut>(
     rt: &tokio::runtime::Handle,
     stop: &watch::Receiver<bool>,
@@ -1907,6 +2001,36 @@ mod driven {
             rig.coordinator.with(|s| s.held.is_empty()),
             "no lease left when the source stops"
         );
+    }
+
+    /// A scan's completion leases too, with the driver's budget for a lease call: a small
+    /// tree's segments are granted with it and sent without a lease call of their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scans_completion_brings_the_first_leases() {
+        let files: Vec<(&str, Vec<u8>)> = vec![("a", vec![1u8; 10_000]), ("b", b"hi".to_vec())];
+        let (rig, accepted) = rig(&files, 120_000);
+        let _received = acking_target(accepted, false);
+        let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
+        until(
+            &rig.coordinator,
+            "the scan is complete and every segment reported",
+            |s| s.scans.contains_key(&1) && s.reports.len() as u64 == s.scans[&1].0,
+        )
+        .await;
+        rig.stop.send(true).unwrap();
+        run.await.unwrap();
+        let (asked, segments) = rig
+            .coordinator
+            .with(|s| (s.scan_lease_requests.clone(), s.scans[&1].0));
+        let max = rig.source.max_in_flight + lease_ahead(rig.source.max_in_flight);
+        assert_eq!(
+            asked,
+            vec![(max, segments as usize)],
+            "one completion, every segment"
+        );
+        assert!(rig
+            .coordinator
+            .with(|s| s.reports.iter().all(|r| r.result.is_ok())));
     }
 
     /// A target whose report verified the segment (it carried the source's hash) says so in

@@ -505,22 +505,37 @@ impl AgentControl for AgentService {
             deleted: r.deleted,
             now_ms: now_ms(),
         };
-        // The last segments and the completion in one entry, in this order.
-        let cmds = match segments.is_empty() {
-            true => vec![complete],
-            false => vec![
-                Command::RegisterSegments {
-                    agent: r.agent,
-                    migration_id: r.migration_id,
-                    segments,
-                },
-                complete,
-            ],
-        };
-        for resp in self.0.write_many(cmds).await? {
-            expect_ok(resp)?;
+        // The last segments, the completion and the first leases in one entry, in this order.
+        let mut cmds = Vec::with_capacity(3);
+        if !segments.is_empty() {
+            cmds.push(Command::RegisterSegments {
+                agent: r.agent.clone(),
+                migration_id: r.migration_id,
+                segments,
+            });
         }
-        Ok(GrpcResponse::new(pb::CompleteScanResponse {}))
+        cmds.push(complete);
+        if r.lease_max > 0 {
+            cmds.push(Command::LeaseSegments {
+                agent: r.agent,
+                session: r.session,
+                max: r.lease_max,
+                now_ms: now_ms(),
+                ttl_ms: self.0.lease_ttl_ms,
+            });
+        }
+        let mut leases = Vec::new();
+        for resp in self.0.write_many(cmds).await? {
+            match resp {
+                Response::Leases(granted) => leases.extend(
+                    granted
+                        .into_iter()
+                        .map(|l| lease_pb(l, self.0.lease_ttl_ms)),
+                ),
+                other => expect_ok(other)?,
+            }
+        }
+        Ok(GrpcResponse::new(pb::CompleteScanResponse { leases }))
     }
 
     async fn lease_segments(

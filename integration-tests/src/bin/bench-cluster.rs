@@ -313,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 &[],
+                0,
             )
             .await?;
     }

@@ -257,17 +257,21 @@ impl Hostile {
             fingerprint: [0; 32],
         };
         me.register_segments(id, &[seg]).await.unwrap();
-        me.complete_scan(
-            id,
-            &ScanSummary {
-                segments_total: 1,
-                ..Default::default()
-            },
-            &[],
-        )
-        .await
-        .unwrap();
-        let lease = me.lease(1).await.unwrap().pop().expect("a lease");
+        // The completion leases the segment in the same entry.
+        let lease = me
+            .complete_scan(
+                id,
+                &ScanSummary {
+                    segments_total: 1,
+                    ..Default::default()
+                },
+                &[],
+                1,
+            )
+            .await
+            .unwrap()
+            .pop()
+            .expect("a lease with the scan's completion");
         let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         Hostile {
             env,
