@@ -121,9 +121,17 @@ pub struct SourceSchedule {
     /// Leases may have been granted to this agent that it does not know of (from its previous
     /// run, or a lease request whose answer was lost): list them before asking for more.
     reconcile: bool,
-    /// A lease call is running: one at a time, in the background (the driver never waits a
-    /// round trip for it; the slots that free meanwhile go into the next call).
-    leasing: bool,
+    /// A lease call is running, with the leases it asked for: one at a time, in the background
+    /// (the driver never waits a round trip for it; the slots that free meanwhile go into the
+    /// next call).
+    leasing: Option<u32>,
+    /// Scan completions out that ask for leases ([`Self::lease_with_scan`]): how many, and the
+    /// leases they asked for together.
+    scan_leasing: (u32, u32),
+    /// The last lease call got fewer leases than it asked for: the next asks for one (a probe
+    /// for segments that became leasable with time), leaving the room to a completing scan,
+    /// which brings its own; a call that gets all it asked for ends the probing.
+    probing: bool,
     /// The last lease call got fewer leases than it asked for: none is asked for again before
     /// this (a tick), unless a scan completes, so an idle source does not poll in a loop.
     lease_idle_until: Option<Instant>,
@@ -149,7 +157,9 @@ impl SourceSchedule {
             last_renewal: now,
             renewing: false,
             reconcile: true,
-            leasing: false,
+            leasing: None,
+            scan_leasing: (0, 0),
+            probing: false,
             lease_idle_until: None,
             lease_backoff: Backoff::new(TICK, LEASE_BACKOFF_MAX),
             migrations: HashMap::new(),
@@ -187,14 +197,15 @@ impl SourceSchedule {
                 Stage::Reconcile => {
                     self.stage = Stage::Lease;
                     // Not while a lease call is out: its leases would be listed as unknown.
-                    if self.reconcile && !self.leasing && !self.work.is_empty() {
+                    if self.reconcile && !self.lease_calls_out() && !self.work.is_empty() {
                         return Some(Action::ListLeases);
                     }
                 }
                 Stage::Lease => {
                     self.stage = Stage::Done;
                     if let Some(n) = self.lease_budget(now) {
-                        self.leasing = true;
+                        let n = if self.probing { 1 } else { n };
+                        self.leasing = Some(n);
                         return Some(Action::Lease(n));
                     }
                 }
@@ -256,13 +267,27 @@ impl SourceSchedule {
         None
     }
 
+    /// Whether a lease call or a completion that leases is out.
+    fn lease_calls_out(&self) -> bool {
+        self.leasing.is_some() || self.scan_leasing.0 > 0
+    }
+
+    /// The room left under `max_in_flight`, less what the calls out asked for.
+    fn lease_room(&self) -> u32 {
+        let asked = self
+            .leasing
+            .unwrap_or(0)
+            .saturating_add(self.scan_leasing.1);
+        self.max_in_flight
+            .saturating_sub(u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX))
+            .saturating_sub(asked)
+    }
+
     /// How many leases to ask for now, if any: the room left under `max_in_flight`, while some
     /// migration is unfinished, no backoff is running and no lease call is out.
     fn lease_budget(&self, now: Instant) -> Option<u32> {
-        let free = self
-            .max_in_flight
-            .saturating_sub(u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX));
-        if self.leasing
+        let free = self.lease_room();
+        if self.lease_calls_out()
             || self.lease_idle_until.is_some_and(|t| now < t)
             || free == 0
             || self.work.iter().all(|w| w.finished)
@@ -304,8 +329,9 @@ impl SourceSchedule {
 
     /// A migration's manifest is loaded or completely scanned.
     pub fn prepared(&mut self, mid: u64) {
-        // Its segments are registered: lease from it at once.
+        // Its segments are registered: lease from it at once, with the whole room.
         self.lease_idle_until = None;
+        self.probing = false;
         if let Some(Prep::Running { uuid, round }) = self.migrations.remove(&mid) {
             self.migrations.insert(mid, Prep::Ready { uuid, round });
         }
@@ -340,42 +366,66 @@ impl SourceSchedule {
     /// A lease request succeeded: the backoff starts over. Record each lease with
     /// [`Self::started`].
     pub fn leased(&mut self) {
-        self.leasing = false;
+        self.leasing = None;
+        self.probing = false;
         self.lease_backoff.succeeded();
     }
 
-    /// A scan is about to complete at `now`: how many leases its completion may ask for (a
-    /// lease call's budget; 0 while a lease call is out or none is due). When more than 0, the
-    /// completion is the lease call out until [`Self::leased`] or [`Self::lease_failed`] (or
-    /// [`Self::lease_not_asked`]).
+    /// A scan is about to complete at `now`: how many leases its completion may ask for (the
+    /// room left by what is held and what the calls out asked for; 0 while a backoff runs).
+    /// When more than 0, the completion counts as a lease call out until
+    /// [`Self::scan_leased`] or [`Self::scan_lease_failed`] (or [`Self::lease_not_asked`]).
     pub fn lease_with_scan(&mut self, now: Instant) -> u32 {
         // Its segments are about to be leasable: an idle wait does not apply.
         self.lease_idle_until = None;
-        match self.lease_budget(now) {
-            Some(n) => {
-                self.leasing = true;
-                n
-            }
-            None => 0,
+        let n = self.lease_room();
+        if n == 0 || self.lease_backoff.waiting(now) {
+            return 0;
         }
+        self.scan_leasing.0 += 1;
+        self.scan_leasing.1 = self.scan_leasing.1.saturating_add(n);
+        n
     }
 
-    /// The completion granted room by [`Self::lease_with_scan`] did not ask after all.
-    pub fn lease_not_asked(&mut self) {
-        self.leasing = false;
+    fn scan_call_ended(&mut self, asked: u32) {
+        self.scan_leasing.0 = self.scan_leasing.0.saturating_sub(1);
+        self.scan_leasing.1 = self.scan_leasing.1.saturating_sub(asked);
+    }
+
+    /// The completion granted room (`asked`) by [`Self::lease_with_scan`] did not ask after all.
+    pub fn lease_not_asked(&mut self, asked: u32) {
+        self.scan_call_ended(asked);
+    }
+
+    /// A completion that asked for `asked` leases was answered: record each lease with
+    /// [`Self::started`].
+    pub fn scan_leased(&mut self, asked: u32) {
+        self.scan_call_ended(asked);
+        self.probing = false;
+        self.lease_backoff.succeeded();
+    }
+
+    /// A completion that asked for `asked` leases failed, or an attempt of it went unanswered,
+    /// at `now`: as [`Self::lease_failed`].
+    pub fn scan_lease_failed(&mut self, asked: u32, now: Instant) {
+        self.scan_call_ended(asked);
+        self.reconcile = true;
+        self.lease_backoff.failed(now);
     }
 
     /// The last lease call, answered at `now`, got fewer leases than it asked for: there is
-    /// nothing more to lease for now; ask again a tick later (or when a scan completes).
+    /// nothing more to lease for now; ask again (for one) a tick later, or when a scan
+    /// completes.
     pub fn nothing_more_to_lease(&mut self, now: Instant) {
         self.lease_idle_until = Some(now + TICK);
+        self.probing = true;
     }
 
     /// A lease request failed at `now`: the coordinator may have granted leases whose answer was
     /// lost, so list them next round; ask again after a backoff. Returns whether this is the
     /// first failure since a success, and the delay.
     pub fn lease_failed(&mut self, now: Instant) -> (bool, Duration) {
-        self.leasing = false;
+        self.leasing = None;
         self.reconcile = true;
         self.lease_backoff.failed(now)
     }
@@ -491,7 +541,17 @@ mod tests {
             vec![],
             "not polled in a loop"
         );
-        assert_eq!(leases(&mut s, t0 + TICK), vec![Action::Lease(4)]);
+        assert_eq!(
+            leases(&mut s, t0 + TICK),
+            vec![Action::Lease(1)],
+            "an idle source probes for one, leaving the room to a completing scan"
+        );
+        s.leased();
+        assert_eq!(
+            leases(&mut s, t0 + TICK),
+            vec![Action::Lease(4)],
+            "a probe that got what it asked for ends the probing"
+        );
         s.leased();
         s.nothing_more_to_lease(t0 + TICK);
         s.prepared(1);
@@ -761,26 +821,39 @@ mod tests {
         );
     }
 
-    /// A completing scan takes a lease call's budget and counts as the lease call out: no
-    /// other lease call goes meanwhile, and a second completion gets nothing.
+    /// A completing scan takes the room the calls out leave: an idle source's lease call asks
+    /// for one, so a scan that completes while it is out leases the rest; no other lease call
+    /// goes while a completion is out.
     #[test]
-    fn a_completing_scan_takes_the_lease_call_budget() {
+    fn a_completing_scan_takes_the_room_the_calls_out_leave() {
         let t0 = Instant::now();
         let mut s = SourceSchedule::new(t0, 4);
-        s.heartbeat_answered(vec![work(1, "u")]);
-        s.nothing_more_to_lease(t0);
-        assert_eq!(s.lease_with_scan(t0), 4, "an idle wait does not apply");
-        assert_eq!(s.lease_with_scan(t0), 0, "one lease call at a time");
-        s.start_round();
-        let acts: Vec<Action> = std::iter::from_fn(|| s.next(t0)).collect();
-        assert!(
-            !acts.iter().any(|a| matches!(a, Action::Lease(_))),
-            "{acts:?}"
-        );
-        s.lease_not_asked();
-        assert_eq!(s.lease_with_scan(t0), 4);
+        let w = [work(1, "u1")];
+        let leases = |s: &mut SourceSchedule, now| {
+            round(s, now, &w)
+                .into_iter()
+                .filter(|a| matches!(a, Action::Lease(_)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(leases(&mut s, t0), vec![Action::Lease(4)]);
         s.leased();
-        s.started(key(1), 1000);
-        assert_eq!(s.lease_with_scan(t0), 3);
+        s.nothing_more_to_lease(t0);
+        assert_eq!(leases(&mut s, t0 + TICK), vec![Action::Lease(1)]);
+        assert_eq!(s.lease_with_scan(t0 + TICK), 3, "the room the probe left");
+        assert_eq!(s.lease_with_scan(t0 + TICK), 0, "none left");
+        s.leased();
+        assert_eq!(leases(&mut s, t0 + TICK), vec![], "a completion is out");
+        s.scan_leased(3);
+        for sid in 1..=3 {
+            s.started(key(sid), 1000);
+        }
+        assert_eq!(leases(&mut s, t0 + TICK), vec![Action::Lease(1)]);
+        s.leased();
+        s.started(key(4), 1000);
+        assert_eq!(s.lease_with_scan(t0 + TICK), 0, "every slot is held");
+        s.finished(&key(1));
+        assert_eq!(s.lease_with_scan(t0 + TICK), 1);
+        s.lease_not_asked(1);
+        assert_eq!(leases(&mut s, t0 + TICK), vec![Action::Lease(1)]);
     }
 }

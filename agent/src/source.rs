@@ -437,7 +437,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 Some(reply) = room_asked.recv() => {
                     let n = schedule.lease_with_scan(now());
                     if reply.send(n).is_err() && n > 0 {
-                        schedule.lease_not_asked();
+                        schedule.lease_not_asked(n);
                     }
                 }
                 _ = tick.tick() => {}
@@ -595,10 +595,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         }
         if completed.lost || !prepared {
             // Leases may have been granted whose answer never came: list them first.
-            schedule.lease_failed(tokio::time::Instant::now().into_std());
+            schedule.scan_lease_failed(completed.asked, tokio::time::Instant::now().into_std());
             return;
         }
-        schedule.leased();
+        schedule.scan_leased(completed.asked);
         if (completed.leases.len() as u32) < completed.asked {
             schedule.nothing_more_to_lease(tokio::time::Instant::now().into_std());
         }
