@@ -34,8 +34,34 @@ enum Cmd {
 }
 
 /// The binary's entry point.
-#[tokio::main]
-pub async fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run())
+}
+
+/// glibc gives each thread that contends for the allocator an arena of its own (up to 8 per
+/// core) and keeps what those arenas freed: an agent's transfers and scans move between many
+/// threads, and its RSS grew with every migration it served (lan dataset, 5,000 files, three
+/// migrations in a row: 118, 136, 135 MiB; with two arenas 91, 95, 96 MiB, as fast). Two
+/// arenas, unless the operator set `MALLOC_ARENA_MAX`. Must run before any thread starts.
+/// (glibc reads that variable once, before `main`: setting it from here would be too late, so
+/// this is the one call the workspace's `unsafe_code = "deny"` lets through.)
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     ferry_common::telemetry::init("info", cli.json_logs);
     match cli.cmd {
