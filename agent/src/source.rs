@@ -254,13 +254,14 @@ enum Done {
 }
 
 /// How a completing scan asks the driver how many leases to take with its completion: the
-/// driver answers a lease call's budget and counts the completion as its lease call out.
+/// driver answers with the room the lease calls out leave and counts the completion as a lease
+/// call out ([`SourceSchedule::lease_with_scan`]).
 type LeaseRoom = tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<u32>>;
 
 /// What a scan's completion leased besides completing.
 #[derive(Debug, Default)]
 struct Completed {
-    /// How many leases it asked for (when more than 0, the driver counted it as its lease call).
+    /// How many leases it asked for (when more than 0, the driver counted it as a lease call).
     asked: u32,
     /// The leases granted with it.
     leases: Vec<Lease>,
@@ -579,8 +580,6 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         }
     }
 
-    /// Takes on a lease: sends it now if fewer than `max_in_flight` transfers run, else queues
-    /// it until one ends (the schedule holds and renews it either way).
     /// Accounts for the lease call a scan's completion made (if it asked for leases) and starts
     /// the leases it brought; `prepared`: the preparation succeeded.
     fn leased_with_scan(
@@ -609,6 +608,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         }
     }
 
+    /// Takes on a lease: sends it now if fewer than `max_in_flight` transfers run, else queues
+    /// it until one ends (the schedule holds and renews it either way).
     fn start(self: &Arc<Self>, schedule: &mut SourceSchedule, slots: &mut Slots, lease: Lease) {
         schedule.started(LeaseKey::from(&lease), lease.ttl_ms);
         slots.queued.push_back(lease);
@@ -922,7 +923,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         catalog.finish()?;
         manifest::write_summary(&rdir.join("scan.json"), &summary)?;
         // The completion leases too (one round trip, not two, before the round's first
-        // transfers), with the driver's budget for a lease call; a retry asks for none, and
+        // transfers), with the room the driver gives it; a retry asks for none, and
         // says the leases of an attempt whose answer was lost must be listed.
         completed.asked = lease_room(rt, room);
         let attempts = std::cell::Cell::new(0u32);
@@ -2003,7 +2004,7 @@ mod driven {
         );
     }
 
-    /// A scan's completion leases too, with the driver's budget for a lease call: a small
+    /// A scan's completion leases too, with the room the driver gives it: a small
     /// tree's segments are granted with it and sent without a lease call of their own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_scans_completion_brings_the_first_leases() {
