@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Log one JSON object per line.
-    #[arg(long, global = true, env = "FERRY_JSON_LOGS")]
+    #[arg(long, global = true, env = "FERRY_JSON_LOGS", value_parser = clap::builder::BoolishValueParser::new())]
     json_logs: bool,
     #[command(subcommand)]
     cmd: Cmd,
@@ -63,15 +63,24 @@ fn limit_malloc_arenas() {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    ferry_common::telemetry::init("info", cli.json_logs);
+    let logging = ferry_common::telemetry::init("info", cli.json_logs);
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg: crate::run::AgentConfig = ferry_common::config::load_toml(&config)?;
+            let started: ferry_common::config::Table = ferry_common::config::load_toml(&config)?;
+            logging
+                .apply(cfg.log_level.as_deref())
+                .with_context(|| format!("config {}", config.display()))?;
             let agent = crate::run::start(cfg)
                 .await
                 .with_context(|| format!("agent failed to start (config {})", config.display()))?;
             ferry_common::systemd::notify("READY=1");
-            ferry_common::systemd::wait_for_signal().await?;
+            ferry_common::systemd::wait_for_signal(|| {
+                logging.reload(&config, &started, |c: &crate::run::AgentConfig| {
+                    c.log_level.clone()
+                })
+            })
+            .await?;
             tracing::info!(message = "Stopping.");
             ferry_common::systemd::notify("STOPPING=1");
             agent.shutdown().await;

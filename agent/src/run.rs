@@ -29,6 +29,11 @@ use crate::throttle::Throttles;
 pub struct AgentConfig {
     /// Name; must match its certificate.
     pub name: String,
+    /// What is logged: a level (`info`, `debug`) or `RUST_LOG`-style directives
+    /// (`info,ferry_agent=debug`); default `info`. `RUST_LOG` overrides it. Changed by SIGHUP
+    /// (`systemctl reload ferry-agent`) without a restart.
+    #[serde(default)]
+    pub log_level: Option<String>,
     /// Coordinator gRPC address (`host:port`).
     pub coordinator: String,
     /// QUIC listen address when this agent can be a target.

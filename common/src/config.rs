@@ -28,6 +28,9 @@ pub enum ConfigError {
     },
 }
 
+/// A config file as a table (what SIGHUP compares: `telemetry::Logging::reload`).
+pub use toml::Table;
+
 /// Reads and parses a TOML config file.
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

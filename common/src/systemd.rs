@@ -30,17 +30,25 @@ pub fn watchdog_interval() -> Option<Duration> {
     Some(Duration::from_micros(usec / 2))
 }
 
-/// Waits for SIGTERM or SIGINT, feeding the systemd watchdog meanwhile.
-pub async fn wait_for_signal() -> std::io::Result<()> {
+/// Waits for SIGTERM or SIGINT, feeding the systemd watchdog meanwhile; on SIGHUP calls
+/// `on_hangup` (the daemon reloads what it can) and goes on waiting.
+pub async fn wait_for_signal(mut on_hangup: impl FnMut()) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let period = watchdog_interval();
     let mut tick = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config.");
+                notify("RELOADING=1");
+                on_hangup();
+                notify("READY=1");
+            }
             _ = tick.tick() => if period.is_some() { notify("WATCHDOG=1") },
         }
     }

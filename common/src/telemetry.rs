@@ -1,18 +1,180 @@
-//! Logging setup shared by the binaries.
+//! Logging setup shared by the binaries, and the log level a running daemon changes on SIGHUP.
 
+use std::io::IsTerminal;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
 use tracing_subscriber::EnvFilter;
 
-/// Installs a global `tracing` subscriber writing to stderr. `RUST_LOG` overrides `default_filter`.
-/// With `json`, one JSON object per line. Calling it twice is harmless (the second call is ignored).
-pub fn init(default_filter: &str, json: bool) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+/// A log filter that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "log_level {value:?} is not a log filter ({reason}); use a level such as \"info\" or \
+     directives such as \"info,ferry_agent=debug\""
+)]
+pub struct LogLevelError {
+    /// What was given.
+    pub value: String,
+    /// Why it does not parse.
+    pub reason: String,
+}
+
+type Setter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// The installed subscriber's filter, changeable while the daemon runs.
+pub struct Logging {
+    set: Setter,
+    /// `RUST_LOG` chose the filter: it wins over the config's `log_level`.
+    from_env: bool,
+    default: String,
+}
+
+/// Whether log lines carry terminal colours: only on a terminal (never into a file, a pipe or
+/// the journal) and never with `NO_COLOR` set.
+pub fn colours(stderr_is_terminal: bool, no_color: bool) -> bool {
+    stderr_is_terminal && !no_color
+}
+
+/// Installs a global `tracing` subscriber writing to stderr, filtered by `RUST_LOG` if set, else
+/// by `default_filter` (until [`Logging::apply`] sets the config's level). With `json`, one JSON
+/// object per line. Calling it twice is harmless (the second subscriber is not installed).
+pub fn init(default_filter: &str, json: bool) -> Logging {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_set = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(default_filter));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
+        .with_writer(std::io::stderr)
+        .with_ansi(colours(std::io::stderr().is_terminal(), no_color));
+    let set: Setter = if json {
+        let b = builder.json().with_filter_reloading();
+        let handle = b.reload_handle();
+        let _ = b.try_init();
+        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
     } else {
-        builder.try_init()
+        let b = builder.with_filter_reloading();
+        let handle = b.reload_handle();
+        let _ = b.try_init();
+        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
     };
+    Logging {
+        set,
+        from_env: env_set,
+        default: default_filter.to_string(),
+    }
+}
+
+impl Logging {
+    /// Filters by `level` (the config's `log_level`; `None`: the default), unless `RUST_LOG`
+    /// chose the filter. Returns whether the filter was set.
+    pub fn apply(&self, level: Option<&str>) -> Result<bool, LogLevelError> {
+        let value = level.unwrap_or(&self.default);
+        let filter = EnvFilter::try_new(value).map_err(|e| LogLevelError {
+            value: value.to_string(),
+            reason: e.to_string(),
+        })?;
+        if self.from_env {
+            return Ok(false);
+        }
+        (self.set)(filter).map_err(|reason| LogLevelError {
+            value: value.to_string(),
+            reason,
+        })?;
+        Ok(true)
+    }
+
+    /// SIGHUP: reads the config at `path` again and applies its log level (what `level` takes
+    /// from it). The other top-level keys and sections that differ from `started` (the file as
+    /// the daemon started with it) are named: they take effect at the next start. A file that
+    /// does not read or parse changes nothing, and says so.
+    pub fn reload<T: DeserializeOwned>(
+        &self,
+        path: &Path,
+        started: &toml::Table,
+        level: impl Fn(&T) -> Option<String>,
+    ) {
+        let reread = crate::config::load_toml::<T>(path).and_then(|cfg| {
+            let table = crate::config::load_toml::<toml::Table>(path)?;
+            Ok((cfg, table))
+        });
+        let (cfg, table) = match reread {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(message = "Config not reloaded; the running settings stay.", error = %e);
+                return;
+            }
+        };
+        let wanted = level(&cfg);
+        match self.apply(wanted.as_deref()) {
+            Ok(true) => {
+                tracing::info!(
+                    message = "Log level set from the config.",
+                    log_level = wanted.as_deref().unwrap_or(&self.default)
+                )
+            }
+            Ok(false) => {
+                tracing::info!("Log level not changed: RUST_LOG sets it (unset it to use the config's log_level).")
+            }
+            Err(e) => tracing::error!(message = "Log level not changed.", error = %e),
+        }
+        let restart = changed_keys(started, &table);
+        if !restart.is_empty() {
+            tracing::warn!(message = "Config changes that take effect only when the daemon restarts.", keys = %restart.join(", "));
+        }
+    }
+}
+
+/// Top-level keys and sections that differ between two configs, `log_level` left out.
+pub fn changed_keys(before: &toml::Table, after: &toml::Table) -> Vec<String> {
+    let mut keys: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| k.as_str() != "log_level" && before.get(*k) != after.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, false));
+        assert!(!colours(false, false), "a file, a pipe or the journal");
+        assert!(!colours(true, true));
+    }
+
+    #[test]
+    fn changed_keys_name_what_needs_a_restart_but_not_the_log_level() {
+        let a: toml::Table =
+            toml::from_str("name = \"a\"\nlog_level = \"info\"\n[tls]\nca = \"x\"").unwrap();
+        let b: toml::Table = toml::from_str(
+            "name = \"a\"\nlog_level = \"debug\"\nmax_in_flight = 4\n[tls]\nca = \"y\"",
+        )
+        .unwrap();
+        assert_eq!(changed_keys(&a, &b), vec!["max_in_flight", "tls"]);
+        assert!(changed_keys(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn a_log_level_that_does_not_parse_is_refused_with_what_to_write() {
+        let l = Logging {
+            set: Box::new(|_| Ok(())),
+            from_env: false,
+            default: "info".into(),
+        };
+        let e = l.apply(Some("info,=[")).unwrap_err();
+        assert!(e.to_string().contains("info,ferry_agent=debug"), "{e}");
+        assert!(l.apply(Some("debug")).unwrap());
+        let env = Logging {
+            from_env: true,
+            ..l
+        };
+        assert!(!env.apply(Some("debug")).unwrap(), "RUST_LOG wins");
+    }
 }

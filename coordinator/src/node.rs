@@ -22,6 +22,11 @@ use crate::store::Applied;
 pub struct CoordinatorConfig {
     /// Unique node id (≥ 1).
     pub node_id: u64,
+    /// What is logged: a level (`info`, `debug`) or `RUST_LOG`-style directives
+    /// (`info,openraft=warn`); default `info,openraft=warn`. `RUST_LOG` overrides it. Changed by
+    /// SIGHUP (`systemctl reload ferry-coordinator`) without a restart.
+    #[serde(default)]
+    pub log_level: Option<String>,
     /// gRPC listen address for agents and ferryctl.
     pub listen: SocketAddr,
     /// sled database directory.

@@ -240,6 +240,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let dst_tls = ca.issue(&Identity::Agent("target".into()), &pki)?;
 
     let node = ferry_coordinator::node::start(CoordinatorConfig {
+        log_level: None,
         node_id: 1,
         listen: "127.0.0.1:0".parse()?,
         data_dir: workdir.join("coordinator"),
@@ -253,6 +254,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     .context("coordinator failed to start")?;
     let coord = node.addr.to_string();
     let agent_cfg = |name: &str, tls: TlsPaths, root: Option<PathBuf>| AgentConfig {
+        log_level: None,
         name: name.to_string(),
         coordinator: coord.clone(),
         data_listen: root.as_ref().map(|_| "127.0.0.1:0".parse().expect("valid")),

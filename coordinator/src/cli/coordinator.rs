@@ -15,7 +15,7 @@ use ferry_common::pki::{Ca, Identity};
 )]
 struct Cli {
     /// Log one JSON object per line.
-    #[arg(long, global = true, env = "FERRY_JSON_LOGS")]
+    #[arg(long, global = true, env = "FERRY_JSON_LOGS", value_parser = clap::builder::BoolishValueParser::new())]
     json_logs: bool,
     #[command(subcommand)]
     cmd: Cmd,
@@ -77,7 +77,7 @@ struct Issue {
 #[tokio::main]
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    ferry_common::telemetry::init("info,openraft=warn", cli.json_logs);
+    let logging = ferry_common::telemetry::init("info,openraft=warn", cli.json_logs);
     match cli.cmd {
         Cmd::Pki(Pki::Init { dir }) => {
             Ca::init(&dir)?;
@@ -99,13 +99,21 @@ pub async fn main() -> anyhow::Result<()> {
         }
         Cmd::Run { config } => {
             let cfg: crate::node::CoordinatorConfig = ferry_common::config::load_toml(&config)?;
+            let started: ferry_common::config::Table = ferry_common::config::load_toml(&config)?;
+            logging
+                .apply(cfg.log_level.as_deref())
+                .with_context(|| format!("config {}", config.display()))?;
             let node = crate::node::start(cfg).await.with_context(|| {
                 format!("coordinator failed to start (config {})", config.display())
             })?;
             ferry_common::systemd::notify("READY=1");
-            ferry_common::systemd::wait_for_signal()
-                .await
-                .context("cannot install signal handlers")?;
+            ferry_common::systemd::wait_for_signal(|| {
+                logging.reload(&config, &started, |c: &crate::node::CoordinatorConfig| {
+                    c.log_level.clone()
+                })
+            })
+            .await
+            .context("cannot install signal handlers")?;
             tracing::info!(message = "Stopping.");
             ferry_common::systemd::notify("STOPPING=1");
             node.shutdown().await;

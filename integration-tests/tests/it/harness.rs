@@ -59,6 +59,7 @@ impl TestEnv {
         bootstrap: bool,
     ) -> CoordinatorConfig {
         CoordinatorConfig {
+            log_level: None,
             node_id: id,
             listen,
             data_dir: self.path(&format!("coordinator-{id}")),
@@ -86,6 +87,7 @@ impl TestEnv {
         root: Option<PathBuf>,
     ) -> AgentConfig {
         AgentConfig {
+            log_level: None,
             name: name.to_string(),
             coordinator: coordinator.to_string(),
             data_listen: root.as_ref().map(|_| "127.0.0.1:0".parse().unwrap()),

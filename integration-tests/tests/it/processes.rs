@@ -212,3 +212,91 @@ async fn operator_drives_a_migration_between_agent_processes_with_ferryctl() {
     .await;
     assert_eq!(again[0]["phase"], "done", "state survived the restart");
 }
+
+/// Sends SIGHUP to `child`.
+fn hang_up(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Issue 15 (daemon behaviour): SIGHUP used to kill a daemon. Now a running agent reads its
+/// config again: the log level changes without a restart, keys that need one are named, and a
+/// config that does not parse changes nothing. Logs written to a file carry no terminal
+/// colours, and `FERRY_JSON_LOGS=1` (not only `true`) gives one JSON object per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_log_level_and_logs_are_plain_or_json_as_asked() {
+    let env = TestEnv::new();
+    let coord = CoordinatorProcess::start(&env).unwrap();
+    let ctl = env.ctl(&coord.addr).await;
+    let mut agent = spawn_agent(&env, "hup", &coord.addr, None);
+    wait_registered(&ctl, "hup", false).await;
+    let log = env.path("agent-hup.log");
+    let config = env.path("agent-hup.toml");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        !read(&log).contains('\u{1b}'),
+        "colour codes in a file:\n{}",
+        read(&log)
+    );
+    assert!(
+        !read(&log).contains("DEBUG"),
+        "info by default:\n{}",
+        read(&log)
+    );
+
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("log_level = \"info,ferry_agent=debug\"\nmax_in_flight = 3\n{original}"),
+    )
+    .unwrap();
+    hang_up(&agent);
+    wait_for(
+        "debug lines after SIGHUP",
+        Duration::from_secs(30),
+        || async { read(&log).contains("DEBUG").then_some(()) },
+    )
+    .await;
+    let text = read(&log);
+    assert!(text.contains("Log level set from the config."), "{text}");
+    assert!(
+        text.contains("take effect only when the daemon restarts")
+            && text.contains("max_in_flight"),
+        "{text}"
+    );
+
+    std::fs::write(&config, "name = [").unwrap();
+    hang_up(&agent);
+    wait_for("the refused reload", Duration::from_secs(30), || async {
+        read(&log).contains("Config not reloaded").then_some(())
+    })
+    .await;
+    assert!(agent.try_wait().unwrap().is_none(), "the agent still runs");
+    wait_registered(&ctl, "hup", false).await;
+    terminate(&mut agent, "agent");
+
+    std::fs::write(&config, &original).unwrap();
+    let json_log = env.path("agent-hup-json.log");
+    let out = std::fs::File::create(&json_log).unwrap();
+    let mut json_agent = Command::new(agent_bin())
+        .env("FERRY_JSON_LOGS", "1")
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    wait_for("the JSON agent to log", Duration::from_secs(30), || async {
+        read(&json_log).contains("Agent registered").then_some(())
+    })
+    .await;
+    terminate(&mut json_agent, "agent with JSON logs");
+    for line in read(&json_log).lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+    }
+}
