@@ -33,6 +33,12 @@ enum Cmd {
     },
 }
 
+/// Config keys may be set from the environment: `FERRY_AGENT_<KEY>`, `FERRY_AGENT_<SECTION>_<KEY>`
+/// (for `EnvironmentFile=`; see `ferry_common::config::load_with_env`).
+const ENV_PREFIX: &str = "FERRY_AGENT_";
+/// The config's sections whose keys the environment may set.
+const ENV_SECTIONS: &[&str] = &["tls", "transport", "hooks"];
+
 /// The binary's entry point.
 pub fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
@@ -66,8 +72,14 @@ async fn run() -> anyhow::Result<()> {
     let logging = ferry_common::telemetry::init("info", cli.json_logs);
     match cli.cmd {
         Cmd::Run { config } => {
-            let cfg: crate::run::AgentConfig = ferry_common::config::load_toml(&config)?;
-            let started: ferry_common::config::Table = ferry_common::config::load_toml(&config)?;
+            let load = || {
+                ferry_common::config::load_with_env::<crate::run::AgentConfig>(
+                    &config,
+                    ENV_PREFIX,
+                    ENV_SECTIONS,
+                )
+            };
+            let (cfg, started) = load()?;
             logging
                 .apply(cfg.log_level.as_deref())
                 .with_context(|| format!("config {}", config.display()))?;
@@ -76,7 +88,7 @@ async fn run() -> anyhow::Result<()> {
                 .with_context(|| format!("agent failed to start (config {})", config.display()))?;
             ferry_common::systemd::notify("READY=1");
             ferry_common::systemd::wait_for_signal(|| {
-                logging.reload(&config, &started, |c: &crate::run::AgentConfig| {
+                logging.reload(load, &started, |c: &crate::run::AgentConfig| {
                     c.log_level.clone()
                 })
             })

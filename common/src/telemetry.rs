@@ -1,9 +1,7 @@
 //! Logging setup shared by the binaries, and the log level a running daemon changes on SIGHUP.
 
 use std::io::IsTerminal;
-use std::path::Path;
 
-use serde::de::DeserializeOwned;
 use tracing_subscriber::EnvFilter;
 
 /// A log filter that does not parse.
@@ -84,21 +82,18 @@ impl Logging {
         Ok(true)
     }
 
-    /// SIGHUP: reads the config at `path` again and applies its log level (what `level` takes
-    /// from it). The other top-level keys and sections that differ from `started` (the file as
-    /// the daemon started with it) are named: they take effect at the next start. A file that
-    /// does not read or parse changes nothing, and says so.
-    pub fn reload<T: DeserializeOwned>(
+    /// SIGHUP: reads the config again (`reread`: the config and the table it came from) and
+    /// applies its log level (what `level` takes from it). The other top-level keys and
+    /// sections that differ from `started` (the table the daemon started with) are named: they
+    /// take effect at the next start. A config that does not read or parse changes nothing, and
+    /// says so.
+    pub fn reload<T>(
         &self,
-        path: &Path,
+        reread: impl FnOnce() -> Result<(T, toml::Table), crate::config::ConfigError>,
         started: &toml::Table,
         level: impl Fn(&T) -> Option<String>,
     ) {
-        let reread = crate::config::load_toml::<T>(path).and_then(|cfg| {
-            let table = crate::config::load_toml::<toml::Table>(path)?;
-            Ok((cfg, table))
-        });
-        let (cfg, table) = match reread {
+        let (cfg, table) = match reread() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(message = "Config not reloaded; the running settings stay.", error = %e);

@@ -225,7 +225,8 @@ fn hang_up(child: &Child) {
 /// Issue 15 (daemon behaviour): SIGHUP used to kill a daemon. Now a running agent reads its
 /// config again: the log level changes without a restart, keys that need one are named, and a
 /// config that does not parse changes nothing. Logs written to a file carry no terminal
-/// colours, and `FERRY_JSON_LOGS=1` (not only `true`) gives one JSON object per line.
+/// colours, `FERRY_JSON_LOGS=1` (not only `true`) gives one JSON object per line, and a
+/// config key can come from the environment (`FERRY_AGENT_LOG_LEVEL`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_log_level_and_logs_are_plain_or_json_as_asked() {
     let env = TestEnv::new();
@@ -283,6 +284,8 @@ async fn sighup_reloads_the_log_level_and_logs_are_plain_or_json_as_asked() {
     let out = std::fs::File::create(&json_log).unwrap();
     let mut json_agent = Command::new(agent_bin())
         .env("FERRY_JSON_LOGS", "1")
+        // Any config key from the environment (EnvironmentFile=).
+        .env("FERRY_AGENT_LOG_LEVEL", "info,ferry_agent=debug")
         .args(["run", "--config"])
         .arg(&config)
         .stdin(Stdio::null())
@@ -290,13 +293,21 @@ async fn sighup_reloads_the_log_level_and_logs_are_plain_or_json_as_asked() {
         .stderr(out)
         .spawn()
         .unwrap();
-    wait_for("the JSON agent to log", Duration::from_secs(30), || async {
-        read(&json_log).contains("Agent registered").then_some(())
-    })
+    wait_for(
+        "the JSON agent's debug lines",
+        Duration::from_secs(30),
+        || async { read(&json_log).contains("\"DEBUG\"").then_some(()) },
+    )
     .await;
     terminate(&mut json_agent, "agent with JSON logs");
+    let mut levels = Vec::new();
     for line in read(&json_log).lines().filter(|l| !l.trim().is_empty()) {
-        serde_json::from_str::<serde_json::Value>(line)
+        let v = serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        levels.push(v["level"].as_str().unwrap_or_default().to_string());
     }
+    assert!(
+        levels.iter().any(|l| l == "DEBUG"),
+        "FERRY_AGENT_LOG_LEVEL set the level: {levels:?}"
+    );
 }
