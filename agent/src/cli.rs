@@ -87,11 +87,25 @@ async fn run() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("agent failed to start (config {})", config.display()))?;
             ferry_common::systemd::notify("READY=1");
-            ferry_common::systemd::wait_for_signal(|| {
-                logging.reload(load, &started, |c: &crate::run::AgentConfig| {
-                    c.log_level.clone()
-                })
-            })
+            let stats = agent.stats.clone();
+            let mut last = (stats.snapshot(), std::time::Instant::now());
+            ferry_common::systemd::wait_for_signal(
+                || {
+                    logging.reload(load, &started, |c: &crate::run::AgentConfig| {
+                        c.log_level.clone()
+                    })
+                },
+                || {
+                    let now = (stats.snapshot(), std::time::Instant::now());
+                    let line = crate::stats::status_line(
+                        now.0,
+                        last.0,
+                        now.1.duration_since(last.1).as_secs_f64(),
+                    );
+                    last = now;
+                    line
+                },
+            )
             .await?;
             tracing::info!(message = "Stopping.");
             ferry_common::systemd::notify("STOPPING=1");

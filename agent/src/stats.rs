@@ -41,3 +41,98 @@ impl Stats {
         c.load(Ordering::Relaxed)
     }
 }
+
+/// What a status line reads from the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// [`Stats::bytes_sent`].
+    pub sent: u64,
+    /// [`Stats::segments_verified`].
+    pub verified: u64,
+    /// [`Stats::segments_failed`].
+    pub failed: u64,
+    /// [`Stats::bytes_received`].
+    pub received: u64,
+    /// [`Stats::segments_committed`].
+    pub committed: u64,
+    /// [`Stats::segments_refused`].
+    pub refused: u64,
+}
+
+impl Stats {
+    /// The counters a status line shows, now.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            sent: Self::get(&self.bytes_sent),
+            verified: Self::get(&self.segments_verified),
+            failed: Self::get(&self.segments_failed),
+            received: Self::get(&self.bytes_received),
+            committed: Self::get(&self.segments_committed),
+            refused: Self::get(&self.segments_refused),
+        }
+    }
+}
+
+/// The agent's line for `systemctl status` (`STATUS=`): totals, and rates since `before`,
+/// `secs` ago.
+pub fn status_line(now: Snapshot, before: Snapshot, secs: f64) -> String {
+    let rate = |a: u64, b: u64| {
+        if secs > 0.0 {
+            a.saturating_sub(b) as f64 / secs
+        } else {
+            0.0
+        }
+    };
+    format!(
+        "sent {} ({}/s), {} segments verified, {} failed; received {} ({}/s), {} segments committed, {} refused",
+        bytes(now.sent as f64),
+        bytes(rate(now.sent, before.sent)),
+        now.verified,
+        now.failed,
+        bytes(now.received as f64),
+        bytes(rate(now.received, before.received)),
+        now.committed,
+        now.refused
+    )
+}
+
+/// `n` bytes in decimal units, three significant figures.
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_shows_totals_and_rates() {
+        let before = Snapshot {
+            sent: 1_000_000_000,
+            ..Snapshot::default()
+        };
+        let now = Snapshot {
+            sent: 1_200_000_000,
+            verified: 12,
+            received: 512,
+            committed: 1,
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            status_line(now, before, 5.0),
+            "sent 1.20 GB (40.00 MB/s), 12 segments verified, 0 failed; received 512 B (102 B/s), 1 segments committed, 0 refused"
+        );
+        assert!(status_line(now, now, 0.0).contains("(0 B/s)"));
+    }
+}

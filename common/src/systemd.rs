@@ -30,17 +30,26 @@ pub fn watchdog_interval() -> Option<Duration> {
     Some(Duration::from_micros(usec / 2))
 }
 
-/// Waits for SIGTERM or SIGINT, feeding the systemd watchdog meanwhile; on SIGHUP calls
-/// `on_hangup` (the daemon reloads what it can) and goes on waiting.
-pub async fn wait_for_signal(mut on_hangup: impl FnMut()) -> std::io::Result<()> {
+/// How often a daemon tells systemd its status line (`systemctl status` shows the last).
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Waits for SIGTERM or SIGINT, feeding the systemd watchdog meanwhile and sending `status()`
+/// as `STATUS=` at once and every [`STATUS_EVERY`]; on SIGHUP calls `on_hangup` (the daemon
+/// reloads what it can) and goes on waiting.
+pub async fn wait_for_signal(
+    mut on_hangup: impl FnMut(),
+    mut status: impl FnMut() -> String,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let period = watchdog_interval();
     let mut tick = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+    let mut status_tick = tokio::time::interval(STATUS_EVERY);
     loop {
         tokio::select! {
+            _ = status_tick.tick() => notify(&format!("STATUS={}", status())),
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {

@@ -119,11 +119,27 @@ pub async fn main() -> anyhow::Result<()> {
                 format!("coordinator failed to start (config {})", config.display())
             })?;
             ferry_common::systemd::notify("READY=1");
-            ferry_common::systemd::wait_for_signal(|| {
-                logging.reload(load, &started, |c: &crate::node::CoordinatorConfig| {
-                    c.log_level.clone()
-                })
-            })
+            let raft = node.raft.clone();
+            ferry_common::systemd::wait_for_signal(
+                || {
+                    logging.reload(load, &started, |c: &crate::node::CoordinatorConfig| {
+                        c.log_level.clone()
+                    })
+                },
+                || {
+                    let m = raft.metrics().borrow().clone();
+                    let leader = m
+                        .current_leader
+                        .map_or("no leader known".to_string(), |l| format!("leader {l}"));
+                    format!(
+                        "node {} {:?}, {leader}, term {}, applied {}",
+                        m.id,
+                        m.state,
+                        m.current_term,
+                        m.last_applied.map_or(0, |l| l.index)
+                    )
+                },
+            )
             .await
             .context("cannot install signal handlers")?;
             tracing::info!(message = "Stopping.");

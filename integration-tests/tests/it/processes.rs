@@ -311,3 +311,77 @@ async fn sighup_reloads_the_log_level_and_logs_are_plain_or_json_as_asked() {
         "FERRY_AGENT_LOG_LEVEL set the level: {levels:?}"
     );
 }
+
+/// Reads what the daemon told systemd on `sock` until `done` holds for what arrived (or 30 s).
+fn notifications(
+    sock: &std::os::unix::net::UnixDatagram,
+    got: &mut Vec<String>,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while !done(got) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} within 30 s; got {got:?}"
+        );
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
+/// Issue 15: what `systemctl status` and `systemctl reload` see of a running agent, through
+/// its `$NOTIFY_SOCKET`: READY=1 once it serves, STATUS= lines with its counters, RELOADING=1
+/// then READY=1 around a SIGHUP, STOPPING=1 at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_tells_systemd_its_readiness_status_and_reloads() {
+    let env = TestEnv::new();
+    let coord = CoordinatorProcess::start(&env).unwrap();
+    let ctl = env.ctl(&coord.addr).await;
+    // The config and identity spawn_agent writes, then the same agent with a notify socket.
+    let mut first = spawn_agent(&env, "notified", &coord.addr, None);
+    wait_registered(&ctl, "notified", false).await;
+    terminate(&mut first, "agent");
+    let socket_path = env.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let out = std::fs::File::create(env.path("agent-notified-2.log")).unwrap();
+    let mut agent = Command::new(agent_bin())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .args(["run", "--config"])
+        .arg(env.path("agent-notified.toml"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let mut got = Vec::new();
+    notifications(&sock, &mut got, "READY=1 and a status line", |g| {
+        g.iter().any(|m| m == "READY=1") && g.iter().any(|m| m.starts_with("STATUS=sent "))
+    });
+    let status = got.iter().find(|m| m.starts_with("STATUS=")).unwrap();
+    assert!(
+        status.contains("segments verified") && status.contains("received"),
+        "{status}"
+    );
+    got.clear();
+    hang_up(&agent);
+    notifications(&sock, &mut got, "RELOADING=1 then READY=1", |g| {
+        let reloading = g.iter().position(|m| m == "RELOADING=1");
+        let ready = g.iter().rposition(|m| m == "READY=1");
+        matches!((reloading, ready), (Some(a), Some(b)) if a < b)
+    });
+    got.clear();
+    let status = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    notifications(&sock, &mut got, "STOPPING=1", |g| {
+        g.iter().any(|m| m == "STOPPING=1")
+    });
+    assert!(agent.wait().unwrap().success());
+}
