@@ -104,6 +104,8 @@ pub struct RunningNode {
     committer: JoinHandle<()>,
     /// Proposes the periodic sync rounds that are due, while this node leads.
     rounds: JoinHandle<()>,
+    /// Keeps the gRPC health service's answer current.
+    health: JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -114,6 +116,7 @@ impl RunningNode {
             let _ = s.send(());
         }
         self.rounds.abort();
+        self.health.abort();
         let _ = self.server.await;
         // The services are gone, and with them the group commit's queue: its last entries are
         // answered before Raft stops.
@@ -222,6 +225,8 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         election_hold: std::sync::Mutex::new(None),
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tokio::spawn(report_health(raft.clone(), health));
     let limit = 64 * 1024 * 1024;
     let router = tonic::transport::Server::builder()
         .tls_config(tls.grpc_server())?
@@ -241,7 +246,8 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             )
             .max_decoding_message_size(1 << 30)
             .max_encoding_message_size(1 << 30),
-        );
+        )
+        .add_service(health_service);
     let incoming = incoming(listener);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_rx.await;
@@ -256,7 +262,40 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         server,
         committer,
         rounds,
+        health,
     })
+}
+
+/// The gRPC health service's answer (`grpc.health.v1.Health`, for load balancers, probes and
+/// `grpcurl`): the node (service "") and its Admin and AgentControl services serve while it
+/// knows a leader, and not while an election runs or it is not a member.
+async fn report_health(raft: Raft, reporter: tonic_health::server::HealthReporter) {
+    use ferry_proto::admin::admin_server::AdminServer;
+    use ferry_proto::control::agent_control_server::AgentControlServer;
+    use tonic::server::NamedService;
+    let mut metrics = raft.metrics();
+    let mut serving = None;
+    loop {
+        let now = metrics.borrow_and_update().current_leader.is_some();
+        if serving != Some(now) {
+            let status = if now {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in [
+                "",
+                <AdminServer<AdminService> as NamedService>::NAME,
+                <AgentControlServer<AgentService> as NamedService>::NAME,
+            ] {
+                reporter.set_service_status(name, status).await;
+            }
+            serving = Some(now);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The connections the gRPC server accepts, with `TCP_NODELAY`: tonic applies its own

@@ -215,6 +215,57 @@ async fn leadership_moves_between_every_pair_of_voters() {
     }
 }
 
+/// The gRPC health status (service "") of the node at `addr`, asked as an admin.
+async fn health(env: &TestEnv, addr: &str) -> Option<i32> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let tls =
+        ferry_common::tls::TlsMaterial::load(&env.issue(Identity::Admin("probe".into()))).ok()?;
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .ok()?
+        .tls_config(tls.grpc_client())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let r = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status)
+}
+
+/// Issue 15: the coordinator answers gRPC health checks (`grpc.health.v1.Health`): serving
+/// while it knows a leader, not serving once the cluster has lost its quorum around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_checks_say_serving_while_a_leader_is_known() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let env = TestEnv::new();
+    let (mut nodes, addrs, ctl) = form(&env, 3).await;
+    for a in &addrs {
+        wait_for("the node to serve", Duration::from_secs(30), || async {
+            (health(&env, a).await? == ServingStatus::Serving as i32).then_some(())
+        })
+        .await;
+    }
+    // Kill the leader and one follower: the last node cannot elect one.
+    let leader = ctl.cluster_status().await.unwrap().leader_id;
+    let last = (1..=3u64).find(|id| *id != leader).unwrap();
+    for id in 1..=3u64 {
+        if id != last {
+            nodes[id as usize - 1].kill9();
+        }
+    }
+    let addr = &addrs[last as usize - 1];
+    wait_for(
+        "the last node to stop serving",
+        Duration::from_secs(30),
+        || async { (health(&env, addr).await? == ServingStatus::NotServing as i32).then_some(()) },
+    )
+    .await;
+}
+
 /// The members as `(id, voter)`, from the leader's view.
 async fn members(ctl: &Ctl) -> Vec<(u64, bool)> {
     let s = ctl.cluster_status().await.unwrap();
