@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use ferry_common::pki::Identity;
 
+use ferry_proto::admin::Phase;
+
 use crate::harness::{
-    agent_bin, assert_same_tree, ferryctl_bin, make_files, wait_for, CoordinatorProcess, TestEnv,
+    agent_bin, assert_same_tree, ferryctl_bin, finished, make_files, wait_for, CoordinatorProcess,
+    TestEnv,
 };
 
 /// Runs `ferryctl` as admin "ops" (issue its certificate first) against `addr`.
@@ -384,4 +387,78 @@ async fn the_agent_tells_systemd_its_readiness_status_and_reloads() {
         g.iter().any(|m| m == "STOPPING=1")
     });
     assert!(agent.wait().unwrap().success());
+}
+
+/// Issue 15's done-when: SIGHUP changes the log level of a running agent without dropping its
+/// transfer. A throttled migration is mid-transfer when both agents get SIGHUP with a new log
+/// level: the migration finishes with each segment leased once and nothing failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_mid_transfer_changes_the_log_level_and_drops_nothing() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let bytes: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(src.join("model.bin"), &bytes).unwrap();
+    let root = env.path("dst");
+    let coord = CoordinatorProcess::start(&env).unwrap();
+    let ctl = env.ctl(&coord.addr).await;
+    let mut target = spawn_agent(&env, "dst-h", &coord.addr, Some(&root));
+    let mut source = spawn_agent(&env, "src-h", &coord.addr, None);
+    wait_registered(&ctl, "dst-h", true).await;
+    wait_registered(&ctl, "src-h", false).await;
+    let source_arg = format!("src-h:{}", src.display());
+    let created = json(&ferryctl(
+        &env,
+        &coord.addr,
+        &[
+            "migration",
+            "create",
+            "--source",
+            &source_arg,
+            "--target",
+            "dst-h:copy",
+            "--throttle",
+            "4mbit",
+            "-o",
+            "json",
+        ],
+    ));
+    let id = created["migration_id"].as_u64().unwrap();
+    // 3 MiB at 4 Mbit/s: about 6 s of transfer once leased.
+    wait_for(
+        "the segment to be leased",
+        Duration::from_secs(30),
+        || async { (ctl.status(id).await.ok()?.leases_granted >= 1).then_some(()) },
+    )
+    .await;
+    for name in ["src-h", "dst-h"] {
+        let config = env.path(&format!("agent-{name}.toml"));
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("log_level = \"debug\"\n{text}")).unwrap();
+    }
+    hang_up(&source);
+    hang_up(&target);
+    let p = ctl.status(id).await.unwrap();
+    assert_ne!(p.phase(), Phase::Done, "the SIGHUPs came mid-transfer");
+    let log = |name: &str| {
+        std::fs::read_to_string(env.path(&format!("agent-{name}.log"))).unwrap_or_default()
+    };
+    finished(&ctl, id, Duration::from_secs(60), &|| log("src-h")).await;
+    let p = ctl.status(id).await.unwrap();
+    assert_eq!(
+        p.leases_granted, p.segments_total,
+        "no segment leased twice: {p:?}"
+    );
+    assert_eq!(p.failed_attempts, 0, "{p:?}");
+    for name in ["src-h", "dst-h"] {
+        assert!(
+            log(name).contains("Log level set from the config."),
+            "{}",
+            log(name)
+        );
+    }
+    assert_same_tree(&src, &root.join("copy"));
+    terminate(&mut source, "source agent");
+    terminate(&mut target, "target agent");
 }
