@@ -33,12 +33,6 @@ enum Cmd {
     },
 }
 
-/// Config keys may be set from the environment: `FERRY_AGENT_<KEY>`, `FERRY_AGENT_<SECTION>_<KEY>`
-/// (for `EnvironmentFile=`; see `ferry_common::config::load_with_env`).
-const ENV_PREFIX: &str = "FERRY_AGENT_";
-/// The config's sections whose keys the environment may set.
-const ENV_SECTIONS: &[&str] = &["tls", "transport", "hooks"];
-
 /// The binary's entry point.
 pub fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
@@ -72,14 +66,8 @@ async fn run() -> anyhow::Result<()> {
     let logging = ferry_common::telemetry::init("info", cli.json_logs);
     match cli.cmd {
         Cmd::Run { config } => {
-            let load = || {
-                ferry_common::config::load_with_env::<crate::run::AgentConfig>(
-                    &config,
-                    ENV_PREFIX,
-                    ENV_SECTIONS,
-                )
-            };
-            let (cfg, started) = load()?;
+            let (cfg, started) =
+                ferry_common::config::load_daemon::<crate::run::AgentConfig>(&config)?;
             logging
                 .apply(cfg.log_level.as_deref())
                 .with_context(|| format!("config {}", config.display()))?;
@@ -90,11 +78,7 @@ async fn run() -> anyhow::Result<()> {
             let stats = agent.stats.clone();
             let mut last = (stats.snapshot(), std::time::Instant::now());
             ferry_common::systemd::wait_for_signal(
-                || {
-                    logging.reload(load, &started, |c: &crate::run::AgentConfig| {
-                        c.log_level.clone()
-                    })
-                },
+                || logging.reload::<crate::run::AgentConfig>(&config, &started),
                 || {
                     let now = (stats.snapshot(), std::time::Instant::now());
                     let line = crate::stats::status_line(

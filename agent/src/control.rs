@@ -767,18 +767,10 @@ impl Coordinator for Control {
         epoch: u64,
         hash: [u8; 32],
     ) -> Result<pb::ReportSegmentResponse, ControlError> {
-        self.queue_report(pb::ReportSegmentRequest {
-            agent: self.agent.clone(),
-            role: pb::Role::Target as i32,
-            migration_id,
-            segment_id,
-            epoch,
-            ok: true,
-            blake3: hash.to_vec(),
-            source_blake3: hash.to_vec(),
-            ..Default::default()
-        })
-        .await
+        let mut req =
+            self.report_request(pb::Role::Target, migration_id, segment_id, epoch, Ok(hash));
+        req.source_blake3 = hash.to_vec();
+        self.queue_report(req).await
     }
 
     async fn report(
@@ -789,11 +781,26 @@ impl Coordinator for Control {
         epoch: u64,
         result: Result<[u8; 32], Failure>,
     ) -> Result<pb::ReportSegmentResponse, ControlError> {
+        let req = self.report_request(role, migration_id, segment_id, epoch, result);
+        self.queue_report(req).await
+    }
+}
+
+impl Control {
+    /// A report from this end (no source hash: see [`Coordinator::report_received`]).
+    fn report_request(
+        &self,
+        role: pb::Role,
+        migration_id: u64,
+        segment_id: u64,
+        epoch: u64,
+        result: Result<[u8; 32], Failure>,
+    ) -> pb::ReportSegmentRequest {
         let (ok, blake3, error, retry_later, stale) = match result {
             Ok(h) => (true, h.to_vec(), String::new(), false, false),
             Err(f) => (false, Vec::new(), f.error, f.retry_later, f.stale),
         };
-        self.queue_report(pb::ReportSegmentRequest {
+        pb::ReportSegmentRequest {
             agent: self.agent.clone(),
             role: role as i32,
             migration_id,
@@ -805,12 +812,9 @@ impl Coordinator for Control {
             retry_later,
             stale,
             source_blake3: Vec::new(),
-        })
-        .await
+        }
     }
-}
 
-impl Control {
     /// Queues one report for the coalescer ([`Control::send_reports`]) and waits for its answer.
     async fn queue_report(
         &self,

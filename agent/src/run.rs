@@ -66,6 +66,14 @@ pub struct AgentConfig {
     pub hooks: crate::cutover::Hooks,
 }
 
+impl ferry_common::config::DaemonConfig for AgentConfig {
+    const ENV_PREFIX: &'static str = "FERRY_AGENT_";
+    const ENV_SECTIONS: &'static [&'static str] = &["tls", "transport", "hooks"];
+    fn log_level(&self) -> Option<&str> {
+        self.log_level.as_deref()
+    }
+}
+
 /// The `[transport]` section: the congestion controller this agent's data connections run
 /// (it decides at the sending end, so a source's choice is the one that counts) and, when the
 /// path is known, its bandwidth and round-trip time, from which the windows are sized.

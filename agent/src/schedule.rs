@@ -387,30 +387,39 @@ impl SourceSchedule {
         n
     }
 
-    fn scan_call_ended(&mut self, asked: u32) {
+    /// The completion granted room (`asked`) by [`Self::lease_with_scan`] did not ask after
+    /// all, or its call ended.
+    pub fn lease_not_asked(&mut self, asked: u32) {
         self.scan_leasing.0 = self.scan_leasing.0.saturating_sub(1);
         self.scan_leasing.1 = self.scan_leasing.1.saturating_sub(asked);
     }
 
-    /// The completion granted room (`asked`) by [`Self::lease_with_scan`] did not ask after all.
-    pub fn lease_not_asked(&mut self, asked: u32) {
-        self.scan_call_ended(asked);
-    }
-
-    /// A completion that asked for `asked` leases was answered: record each lease with
-    /// [`Self::started`].
-    pub fn scan_leased(&mut self, asked: u32) {
-        self.scan_call_ended(asked);
+    /// A completion that asked for `asked` leases was answered at `now` with `got`: record
+    /// each with [`Self::started`]. Fewer than asked: as [`Self::lease_answered`].
+    pub fn scan_leased(&mut self, asked: u32, got: usize, now: Instant) {
+        self.lease_not_asked(asked);
         self.probing = false;
         self.lease_backoff.succeeded();
+        if got < asked as usize {
+            self.nothing_more_to_lease(now);
+        }
     }
 
     /// A completion that asked for `asked` leases failed, or an attempt of it went unanswered,
     /// at `now`: as [`Self::lease_failed`].
     pub fn scan_lease_failed(&mut self, asked: u32, now: Instant) {
-        self.scan_call_ended(asked);
+        self.lease_not_asked(asked);
         self.reconcile = true;
         self.lease_backoff.failed(now);
+    }
+
+    /// The lease call out, which asked for `asked`, was answered at `now` with `got` leases:
+    /// record each with [`Self::started`]. Fewer than asked: nothing more to lease for now.
+    pub fn lease_answered(&mut self, asked: u32, got: usize, now: Instant) {
+        self.leased();
+        if got < asked as usize {
+            self.nothing_more_to_lease(now);
+        }
     }
 
     /// The last lease call, answered at `now`, got fewer leases than it asked for: there is
@@ -843,7 +852,7 @@ mod tests {
         assert_eq!(s.lease_with_scan(t0 + TICK), 0, "none left");
         s.leased();
         assert_eq!(leases(&mut s, t0 + TICK), vec![], "a completion is out");
-        s.scan_leased(3);
+        s.scan_leased(3, 3, t0 + TICK);
         for sid in 1..=3 {
             s.started(key(sid), 1000);
         }

@@ -398,10 +398,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         }
                         Ok(Done::Prepared(mid, completed, Ok(()))) => {
                             schedule.prepared(mid);
-                            self.leased_with_scan(&mut schedule, &mut slots, completed, true);
+                            self.leased_with_scan(&mut schedule, &mut slots, completed, true, now());
                         }
                         Ok(Done::Prepared(mid, completed, Err(e))) => {
-                            self.leased_with_scan(&mut schedule, &mut slots, completed, false);
+                            self.leased_with_scan(&mut schedule, &mut slots, completed, false, now());
                             self.manifests.lock().expect("not poisoned").remove(&mid);
                             schedule.prepare_failed(now(), mid);
                             self.prepare_failed(mid, &e).await;
@@ -412,15 +412,8 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 }
                 Some(leased) = lease_calls.join_next() => match leased {
                     Ok(Ok((asked, leases))) => {
-                        schedule.leased();
-                        if (leases.len() as u32) < asked {
-                            schedule.nothing_more_to_lease(now());
-                        }
-                        for l in leases {
-                            if !schedule.holds(&LeaseKey::from(&l)) {
-                                self.start(&mut schedule, &mut slots, l);
-                            }
-                        }
+                        schedule.lease_answered(asked, leases.len(), now());
+                        self.start_new(&mut schedule, &mut slots, leases);
                     }
                     Ok(Err(e)) => {
                         let (first, delay) = schedule.lease_failed(now());
@@ -580,28 +573,36 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         }
     }
 
-    /// Accounts for the lease call a scan's completion made (if it asked for leases) and starts
-    /// the leases it brought; `prepared`: the preparation succeeded.
+    /// Accounts, at `now`, for the lease call a scan's completion made (if it asked for
+    /// leases) and starts the leases it brought; `prepared`: the preparation succeeded.
     fn leased_with_scan(
         self: &Arc<Self>,
         schedule: &mut SourceSchedule,
         slots: &mut Slots,
         completed: Completed,
         prepared: bool,
+        now: std::time::Instant,
     ) {
         if completed.asked == 0 {
             return;
         }
         if completed.lost || !prepared {
             // Leases may have been granted whose answer never came: list them first.
-            schedule.scan_lease_failed(completed.asked, tokio::time::Instant::now().into_std());
+            schedule.scan_lease_failed(completed.asked, now);
             return;
         }
-        schedule.scan_leased(completed.asked);
-        if (completed.leases.len() as u32) < completed.asked {
-            schedule.nothing_more_to_lease(tokio::time::Instant::now().into_std());
-        }
-        for l in completed.leases {
+        schedule.scan_leased(completed.asked, completed.leases.len(), now);
+        self.start_new(schedule, slots, completed.leases);
+    }
+
+    /// Takes on the leases of a call's answer that are not held already.
+    fn start_new(
+        self: &Arc<Self>,
+        schedule: &mut SourceSchedule,
+        slots: &mut Slots,
+        leases: Vec<Lease>,
+    ) {
+        for l in leases {
             if !schedule.holds(&LeaseKey::from(&l)) {
                 self.start(schedule, slots, l);
             }
@@ -1078,9 +1079,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         }
     }
 
-    /// Sends one leased segment; returns its hash once the target acknowledged it, and whether the target's report (carrying this hash) verified it. A failure
-    /// says whether it is the segment's (its files cannot be read, the target cannot write
-    /// them) or not (the manifest is not loaded yet, the target cannot be reached).
+    /// Sends one leased segment; returns its hash once the target acknowledged it, and whether
+    /// the target's report (carrying this hash) verified it. A failure says whether it is the
+    /// segment's (its files cannot be read, the target cannot write them) or not (the manifest
+    /// is not loaded yet, the target cannot be reached).
     async fn send(&self, lease: &Lease) -> Result<([u8; 32], bool), Failure> {
         let (mid, sid) = (lease.migration_id, lease.segment_id);
         let manifest = self
@@ -1329,8 +1331,6 @@ async fn renew<C: Coordinator>(control: &C, leases: &[LeaseKey]) {
     }
 }
 
-/// Runs a coordinator call from a blocking thread, retrying transient failures (the one retry
-/// policy) until it succeeds or the agent stops; a stop also ends the wait between tries.
 /// How many leases a completing scan may ask for (0 when the driver is gone).
 fn lease_room(rt: &tokio::runtime::Handle, room: &LeaseRoom) -> u32 {
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -1340,6 +1340,8 @@ fn lease_room(rt: &tokio::runtime::Handle, room: &LeaseRoom) -> u32 {
     rt.block_on(answer).unwrap_or(0)
 }
 
+/// Runs a coordinator call from a blocking thread, retrying transient failures (the one retry
+/// policy) until it succeeds or the agent stops; a stop also ends the wait between tries.
 fn call_blocking<T, F, Fut>(
     rt: &tokio::runtime::Handle,
     stop: &watch::Receiver<bool>,
@@ -1849,10 +1851,9 @@ mod driven {
     use crate::control::testing::{FakeCoordinator, Report};
     use crate::dial::testing::{Accepted, MemDialer};
 
-    /// A target that reads each segment, hashes its bytes and acknowledges it: what it received
-    /// is sent on the returned channel as (segment id, hash, bytes).
-    /// A target that reads each segment, checks the source's hash and acknowledges it; with
-    /// `verified`, its acks say its own report verified the segment.
+    /// A target that reads each segment, checks the source's hash and acknowledges it (with
+    /// `verified`, its acks say its own report verified the segment): what it received is sent
+    /// on the returned channel as (segment id, hash, bytes).
     fn acking_target(
         mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
         verified: bool,

@@ -31,6 +31,21 @@ pub enum ConfigError {
 /// A config file as a table (what SIGHUP compares: `telemetry::Logging::reload`).
 pub use toml::Table;
 
+/// A daemon's config file: which environment variables may set its keys, and its log level.
+pub trait DaemonConfig: DeserializeOwned {
+    /// Environment variables `<ENV_PREFIX><KEY>` set keys ([`load_with_env`]).
+    const ENV_PREFIX: &'static str;
+    /// The sections whose keys the environment may set (`<ENV_PREFIX><SECTION>_<KEY>`).
+    const ENV_SECTIONS: &'static [&'static str];
+    /// The `log_level` key, if given.
+    fn log_level(&self) -> Option<&str>;
+}
+
+/// A daemon's config from `path` with the environment over it ([`load_with_env`]).
+pub fn load_daemon<T: DaemonConfig>(path: &Path) -> Result<(T, Table), ConfigError> {
+    load_with_env(path, T::ENV_PREFIX, T::ENV_SECTIONS)
+}
+
 /// Reads the daemon config at `path` and lays the environment's `<prefix><KEY>` variables over
 /// it, for systemd's `EnvironmentFile=`: `FERRY_AGENT_MAX_IN_FLIGHT=8` sets `max_in_flight`, and
 /// `FERRY_AGENT_TLS_CA=...` sets `ca` in `[tls]` (for each section named in `sections`). A value

@@ -1,8 +1,11 @@
 //! Logging setup shared by the binaries, and the log level a running daemon changes on SIGHUP.
 
 use std::io::IsTerminal;
+use std::path::Path;
 
 use tracing_subscriber::EnvFilter;
+
+use crate::config::DaemonConfig;
 
 /// A log filter that does not parse.
 #[derive(Debug, thiserror::Error)]
@@ -82,30 +85,24 @@ impl Logging {
         Ok(true)
     }
 
-    /// SIGHUP: reads the config again (`reread`: the config and the table it came from) and
-    /// applies its log level (what `level` takes from it). The other top-level keys and
-    /// sections that differ from `started` (the table the daemon started with) are named: they
-    /// take effect at the next start. A config that does not read or parse changes nothing, and
-    /// says so.
-    pub fn reload<T>(
-        &self,
-        reread: impl FnOnce() -> Result<(T, toml::Table), crate::config::ConfigError>,
-        started: &toml::Table,
-        level: impl Fn(&T) -> Option<String>,
-    ) {
-        let (cfg, table) = match reread() {
+    /// SIGHUP: reads the daemon's config at `path` again and applies its log level. The other
+    /// top-level keys and sections that differ from `started` (the table the daemon started
+    /// with) are named: they take effect at the next start. A config that does not read or
+    /// parse changes nothing, and says so.
+    pub fn reload<T: DaemonConfig>(&self, path: &Path, started: &toml::Table) {
+        let (cfg, table) = match crate::config::load_daemon::<T>(path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(message = "Config not reloaded; the running settings stay.", error = %e);
                 return;
             }
         };
-        let wanted = level(&cfg);
-        match self.apply(wanted.as_deref()) {
+        let wanted = cfg.log_level();
+        match self.apply(wanted) {
             Ok(true) => {
                 tracing::info!(
                     message = "Log level set from the config.",
-                    log_level = wanted.as_deref().unwrap_or(&self.default)
+                    log_level = wanted.unwrap_or(&self.default)
                 )
             }
             Ok(false) => {

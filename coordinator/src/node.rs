@@ -49,6 +49,14 @@ pub struct CoordinatorConfig {
     pub tls: TlsPaths,
 }
 
+impl ferry_common::config::DaemonConfig for CoordinatorConfig {
+    const ENV_PREFIX: &'static str = "FERRY_COORDINATOR_";
+    const ENV_SECTIONS: &'static [&'static str] = &["tls"];
+    fn log_level(&self) -> Option<&str> {
+        self.log_level.as_deref()
+    }
+}
+
 fn default_snapshot_every() -> u64 {
     20_000
 }

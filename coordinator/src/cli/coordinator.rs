@@ -73,12 +73,6 @@ struct Issue {
     who: Who,
 }
 
-/// Config keys may be set from the environment: `FERRY_COORDINATOR_<KEY>`, `FERRY_COORDINATOR_<SECTION>_<KEY>`
-/// (for `EnvironmentFile=`; see `ferry_common::config::load_with_env`).
-const ENV_PREFIX: &str = "FERRY_COORDINATOR_";
-/// The config's sections whose keys the environment may set.
-const ENV_SECTIONS: &[&str] = &["tls"];
-
 /// The binary's entry point.
 #[tokio::main]
 pub async fn main() -> anyhow::Result<()> {
@@ -104,14 +98,8 @@ pub async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config } => {
-            let load = || {
-                ferry_common::config::load_with_env::<crate::node::CoordinatorConfig>(
-                    &config,
-                    ENV_PREFIX,
-                    ENV_SECTIONS,
-                )
-            };
-            let (cfg, started) = load()?;
+            let (cfg, started) =
+                ferry_common::config::load_daemon::<crate::node::CoordinatorConfig>(&config)?;
             logging
                 .apply(cfg.log_level.as_deref())
                 .with_context(|| format!("config {}", config.display()))?;
@@ -121,11 +109,7 @@ pub async fn main() -> anyhow::Result<()> {
             ferry_common::systemd::notify("READY=1");
             let raft = node.raft.clone();
             ferry_common::systemd::wait_for_signal(
-                || {
-                    logging.reload(load, &started, |c: &crate::node::CoordinatorConfig| {
-                        c.log_level.clone()
-                    })
-                },
+                || logging.reload::<crate::node::CoordinatorConfig>(&config, &started),
                 || {
                     let m = raft.metrics().borrow().clone();
                     let leader = m

@@ -330,9 +330,9 @@ impl Admin for AdminService {
             // `to` starts would be a race it loses every time against an old leader whose
             // timeout is the shorter: hold every other voter's election timer meanwhile.
             let others: Vec<(u64, String)> = membership
-                .nodes()
-                .filter(|(id, _)| **id != to && membership.voter_ids().any(|v| v == **id))
-                .map(|(id, n)| (*id, n.addr.clone()))
+                .voter_ids()
+                .filter(|id| *id != to)
+                .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
                 .collect();
             // `to` campaigns again by its own timer, if a transfer before this one left it held.
             self.hold_elections(&[(to, addr.clone())], std::time::Duration::ZERO)
