@@ -372,7 +372,10 @@ impl<C: Coordinator> CutoverRunner<C> {
         let dir = self.migration_dir(w)?;
         match w.step() {
             CutoverStep::VerifyTarget => {
-                let root = self.target_dir(w).ok_or("this agent has no target root")?;
+                let root = self.target_dir(w).ok_or(
+                    "this agent has no target directory: a target writing to an object store \
+                     cannot be verified in full yet (its segments are verified as they land)",
+                )?;
                 let cache = dir.join("verify").join("target.hashes");
                 // A cutover's pass records the tree it verified: a fallback starts from it.
                 let record = switch_catalog(&dir);

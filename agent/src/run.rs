@@ -17,6 +17,7 @@ use backon::Retryable;
 
 use crate::control::Control;
 use crate::dial::QuicDialer;
+use crate::sink::object::ObjectSink;
 use crate::sink::FsSink;
 use crate::source::Source;
 use crate::stats::Stats;
@@ -47,6 +48,10 @@ pub struct AgentConfig {
     /// Root below which a target writes.
     #[serde(default)]
     pub root: Option<PathBuf>,
+    /// A target that writes into an object store instead of below `root` (`[target_store]`:
+    /// `url`, `options`).
+    #[serde(default)]
+    pub target_store: Option<crate::sink::object::StoreConfig>,
     /// Local state (source manifests).
     pub state_dir: PathBuf,
     /// Segments sent concurrently.
@@ -68,7 +73,8 @@ pub struct AgentConfig {
 
 impl ferry_common::config::DaemonConfig for AgentConfig {
     const ENV_PREFIX: &'static str = "FERRY_AGENT_";
-    const ENV_SECTIONS: &'static [&'static str] = &["tls", "transport", "hooks"];
+    const ENV_SECTIONS: &'static [&'static str] =
+        &["tls", "transport", "hooks", "target_store"];
     fn log_level(&self) -> Option<&str> {
         self.log_level.as_deref()
     }
@@ -118,6 +124,12 @@ fn default_in_flight() -> u32 {
 
 fn default_register_timeout() -> u64 {
     60
+}
+
+/// Where a target writes.
+enum TargetSink {
+    Fs(Arc<FsSink>),
+    Object(Arc<ObjectSink>),
 }
 
 /// Starting the agent failed.
@@ -367,32 +379,50 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     // fallback can tell where a migration's copy lies on this agent.
     let mut target_root = String::new();
     if let Some(listen) = cfg.data_listen {
-        let root = cfg.root.as_ref().ok_or_else(|| {
-            StartError::Config("data_listen is set but root is not: a target needs a root".into())
-        })?;
-        let sink = Arc::new(FsSink::new(root, &cfg.state_dir)?);
-        target_root = std::fs::canonicalize(root)
-            .unwrap_or_else(|_| root.clone())
-            .to_string_lossy()
-            .into_owned();
-        {
-            let sink = sink.clone();
-            tokio::task::spawn_blocking(move || {
-                let removed = sink.sweep_stale_temporaries();
-                if removed > 0 {
-                    tracing::info!(
-                        message = "Removed temporaries an earlier process left (their segments are sent again).",
-                        removed
+        let sink = match (&cfg.root, &cfg.target_store) {
+            (Some(root), None) => {
+                let sink = Arc::new(FsSink::new(root, &cfg.state_dir)?);
+                target_root = std::fs::canonicalize(root)
+                    .unwrap_or_else(|_| root.clone())
+                    .to_string_lossy()
+                    .into_owned();
+                {
+                    let sink = sink.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let removed = sink.sweep_stale_temporaries();
+                        if removed > 0 {
+                            tracing::info!(
+                                message = "Removed temporaries an earlier process left (their segments are sent again).",
+                                removed
+                            );
+                        }
+                    });
+                }
+                applies_owners = sink.applies_owner();
+                if !applies_owners {
+                    tracing::warn!(
+                        message = "Not running as root: files received keep this agent's user as owner (uid/gid not applied) and lose set-id bits."
                     );
                 }
-            });
-        }
-        applies_owners = sink.applies_owner();
-        if !applies_owners {
-            tracing::warn!(
-                message = "Not running as root: files received keep this agent's user as owner (uid/gid not applied) and lose set-id bits."
-            );
-        }
+                TargetSink::Fs(sink)
+            }
+            (None, Some(store)) => {
+                let sink = ObjectSink::open(store, &cfg.state_dir).await?;
+                target_root = store.url.clone();
+                tracing::info!(message = "Target writes to an object store.", url = %store.url);
+                TargetSink::Object(Arc::new(sink))
+            }
+            (Some(_), Some(_)) => {
+                return Err(StartError::Config(
+                    "root and [target_store] are both set: a target writes either below a directory or into an object store".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(StartError::Config(
+                    "data_listen is set but neither root nor [target_store] is: a target needs somewhere to write".into(),
+                ))
+            }
+        };
         let endpoint = quinn::Endpoint::server(tls.quic_server_with(&transport)?, listen).map_err(
             |source| StartError::Bind {
                 addr: listen,
@@ -418,13 +448,27 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             );
         }
         advertised = addr.to_string();
-        let target = Arc::new(Target {
-            headers: tokio::sync::Semaphore::new(32),
-            sink,
-            control: control.clone(),
-            stats: stats.clone(),
+        let headers = || tokio::sync::Semaphore::new(32);
+        tasks.push(match sink {
+            TargetSink::Fs(sink) => tokio::spawn(
+                Arc::new(Target {
+                    headers: headers(),
+                    sink,
+                    control: control.clone(),
+                    stats: stats.clone(),
+                })
+                .serve(endpoint, stop_rx.clone()),
+            ),
+            TargetSink::Object(sink) => tokio::spawn(
+                Arc::new(Target {
+                    headers: headers(),
+                    sink,
+                    control: control.clone(),
+                    stats: stats.clone(),
+                })
+                .serve(endpoint, stop_rx.clone()),
+            ),
         });
-        tasks.push(tokio::spawn(target.serve(endpoint, stop_rx.clone())));
     }
 
     // Register, retrying while the coordinator is unreachable, up to the configured time.

@@ -135,7 +135,10 @@ impl Refusal {
         matches!(
             self,
             Refusal::Sink {
-                error: SinkError::Io { .. } | SinkError::Root { .. },
+                error: SinkError::Io { .. }
+                    | SinkError::Root { .. }
+                    | SinkError::Store { .. }
+                    | SinkError::UploadLost { .. },
                 ..
             }
         )

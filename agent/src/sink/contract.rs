@@ -76,3 +76,23 @@ fn the_memory_sink_fails_on_demand_as_a_full_disk_does() {
         "{e}"
     );
 }
+
+#[test]
+fn the_object_sink_keeps_the_contract() {
+    use object_store::ObjectStoreExt;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store = Arc::new(object_store::memory::InMemory::new());
+    let sink = super::object::ObjectSink::new(
+        store.clone(),
+        object_store::path::Path::from("pre"),
+        state.path(),
+        rt.handle().clone(),
+    )
+    .unwrap();
+    contract(&sink, |p| {
+        let key = object_store::path::Path::parse(format!("pre/{p}")).unwrap();
+        rt.block_on(async { store.get(&key).await.ok()?.bytes().await.ok() })
+            .map(|b| b.to_vec())
+    });
+}

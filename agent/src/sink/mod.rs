@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
 mod dirmeta;
 #[cfg(test)]
 pub mod mem;
+pub mod object;
 mod part;
 mod redo;
 mod resolve;
@@ -159,6 +160,25 @@ pub enum SinkError {
         path: String,
         /// First differing byte.
         offset: u64,
+    },
+    /// The object store refused or failed a call (after its own retries).
+    #[error("object store: {op} {key}: {source}")]
+    Store {
+        /// What was being done.
+        op: &'static str,
+        /// On which key.
+        key: String,
+        /// The store's error.
+        source: object_store::Error,
+    },
+    /// The multipart upload that verified pieces of a split file live in is gone from the store
+    /// (aborted by a lifecycle rule or by hand).
+    #[error("the multipart upload of {path} ({upload}) is gone from the store; pieces already verified are lost — start a new migration")]
+    UploadLost {
+        /// The file.
+        path: String,
+        /// The upload's id.
+        upload: String,
     },
     /// A partial copy that verified pieces live in was removed or replaced behind ferry's back.
     #[error("the partial copy of {path} ({part}) was removed or replaced; pieces already verified are lost — start a new migration")]
@@ -329,6 +349,21 @@ impl FsSink {
 
 pub(super) fn mtime_of(e: &Entry) -> FileTime {
     FileTime::from_unix_time(e.mtime_sec, e.mtime_nsec)
+}
+
+/// Writes `value` as JSON to `path` durably: a temporary beside it, fsynced, renamed over it,
+/// the directory fsynced (created if missing).
+pub(super) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SinkError> {
+    let dir = path.parent().expect("sidecars live in a directory");
+    fs::create_dir_all(dir).map_err(io_at("cannot create", dir))?;
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(value).expect("plain struct serialises");
+    let f = File::create(&tmp).map_err(io_at("cannot create", &tmp))?;
+    f.write_all_at(&bytes, 0)
+        .map_err(io_at("cannot write", &tmp))?;
+    f.sync_all().map_err(io_at("cannot fsync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_at("cannot rename", path))?;
+    fsync_dir(dir)
 }
 
 pub(super) fn fsync_dir(dir: &Path) -> Result<(), SinkError> {

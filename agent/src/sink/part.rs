@@ -65,16 +65,7 @@ impl FsSink {
     }
 
     pub(super) fn save_sidecar(&self, path: &Path, st: &PartState) -> Result<(), SinkError> {
-        let dir = path.parent().expect("sidecars live in a directory");
-        fs::create_dir_all(dir).map_err(io_at("cannot create", dir))?;
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec(st).expect("plain struct serialises");
-        let f = File::create(&tmp).map_err(io_at("cannot create", &tmp))?;
-        f.write_all_at(&bytes, 0)
-            .map_err(io_at("cannot write", &tmp))?;
-        f.sync_all().map_err(io_at("cannot fsync", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_at("cannot rename", path))?;
-        fsync_dir(dir)
+        save_json(path, st)
     }
 }
 
