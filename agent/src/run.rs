@@ -73,8 +73,7 @@ pub struct AgentConfig {
 
 impl ferry_common::config::DaemonConfig for AgentConfig {
     const ENV_PREFIX: &'static str = "FERRY_AGENT_";
-    const ENV_SECTIONS: &'static [&'static str] =
-        &["tls", "transport", "hooks", "target_store"];
+    const ENV_SECTIONS: &'static [&'static str] = &["tls", "transport", "hooks", "target_store"];
     fn log_level(&self) -> Option<&str> {
         self.log_level.as_deref()
     }

@@ -266,6 +266,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         transport: Default::default(),
         tls,
         hooks: Default::default(),
+        target_store: None,
     };
     let target_agent = ferry_agent::run::start(agent_cfg("target", dst_tls, Some(target.clone())))
         .await

@@ -4,5 +4,6 @@
 
 pub mod bench;
 pub mod process;
+pub mod s3;
 pub mod tree;
 pub mod wan;

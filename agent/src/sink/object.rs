@@ -7,10 +7,12 @@
 //! and the target reports only after the commit returned: a segment is verified only when the
 //! store holds its bytes.
 //!
+//! - Every object carries its file's mtime, mode and owner as user metadata (`ferry-mtime`,
+//!   `ferry-mode`, `ferry-owner`).
 //! - A whole file of at most [`PART_BYTES`] is buffered and stored with one PUT at commit (a
-//!   bundle's PUTs run [`PUTS_AT_ONCE`] at a time), carrying its content BLAKE3, mtime, mode and
-//!   owner as user metadata (`ferry-blake3`, `ferry-mtime`, `ferry-mode`, `ferry-owner`). A
-//!   larger whole file streams into a multipart upload as it arrives, completed at commit,
+//!   bundle's PUTs run [`PUTS_AT_ONCE`] at a time), with its content BLAKE3 as `ferry-blake3`.
+//!   A larger whole file streams into a multipart upload as it arrives (its metadata is set when
+//!   the upload starts, before its hash is known: no `ferry-blake3`), completed at commit,
 //!   aborted if the segment is dropped.
 //! - A file split over several segments is one multipart upload: each piece uploads its own
 //!   parts (numbered from the piece's index, so pieces arrive in any order, on any stream); the
@@ -114,6 +116,9 @@ where
 impl StoreConfig {
     /// The store and the prefix below which this agent writes. Nothing is contacted yet.
     pub fn open(&self) -> Result<(Arc<dyn Store>, Key), SinkError> {
+        // The stores' HTTPS client (reqwest, rustls without a provider of its own) takes the
+        // process's: ring, as everywhere else in ferry. Already installed is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let url = url::Url::parse(&self.url)
             .map_err(|e| config_error(&self.url, format!("not a URL: {e}")))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&url)
@@ -151,12 +156,14 @@ impl StoreConfig {
                 })?;
                 Arc::new(b.build().map_err(|e| config_error(&self.url, e))?)
             }
-            other => return Err(config_error(
-                &self.url,
-                format!(
+            other => {
+                return Err(config_error(
+                    &self.url,
+                    format!(
                     "{other:?} is not an object store a target can write to (s3://, gs://, az://)"
                 ),
-            )),
+                ))
+            }
         };
         Ok((store, prefix))
     }
@@ -720,8 +727,12 @@ impl ObjectWriter<'_> {
                 }
             }
         }
+        let opts = PutMultipartOptions {
+            attributes: attributes(e, None),
+            ..Default::default()
+        };
         let id = sink
-            .block(sink.store.create_multipart(key))
+            .block(sink.store.create_multipart_opts(key, opts))
             .map_err(store_error("cannot start a multipart upload of", key))?;
         bump(&sink.counters.uploads_created);
         let up = Upload {

@@ -99,6 +99,7 @@ impl TestEnv {
             transport: Default::default(),
             tls: self.issue(Identity::Agent(name.to_string())),
             hooks: Default::default(),
+            target_store: None,
         }
     }
 

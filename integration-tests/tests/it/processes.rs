@@ -49,17 +49,25 @@ pub fn spawn_agent_with(
     root: Option<&Path>,
     extra: &str,
 ) -> Child {
+    let top = match root {
+        Some(root) => format!(
+            "data_listen = \"127.0.0.1:0\"\nroot = \"{}\"\n",
+            root.display()
+        ),
+        None => String::new(),
+    };
+    spawn_agent_toml(env, name, coord, &top, extra)
+}
+
+/// An agent process whose config has `top` among its top-level keys and `extra` (sections)
+/// after its `[tls]` section.
+pub fn spawn_agent_toml(env: &TestEnv, name: &str, coord: &str, top: &str, extra: &str) -> Child {
     let tls = env.issue(Identity::Agent(name.into()));
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\n",
         env.path(&format!("agent-{name}")).display()
     );
-    if let Some(root) = root {
-        cfg.push_str(&format!(
-            "data_listen = \"127.0.0.1:0\"\nroot = \"{}\"\n",
-            root.display()
-        ));
-    }
+    cfg.push_str(top);
     cfg.push_str(&format!(
         "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         tls.ca.display(),

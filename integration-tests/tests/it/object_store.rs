@@ -1,0 +1,234 @@
+//! Object-store targets against a real S3 server (moto): what lands in the bucket is checked by
+//! an independent client (boto3) reading every object back and hashing it.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferry_agent::sink::object::StoreConfig;
+use ferry_integration_tests::s3::{Moto, Object};
+use ferry_proto::admin as pb;
+
+use crate::harness::{
+    assert_not_resent, finished, make_files, migration_spec, skip, wait_for, wait_verified, TestEnv,
+};
+
+const MIB: usize = 1024 * 1024;
+
+fn moto() -> Option<Moto> {
+    match Moto::start().expect("moto_server starts") {
+        Some(m) => Some(m),
+        None => {
+            skip("moto_server is not installed (pip install 'moto[server]'; .ci/run does)");
+            None
+        }
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    ferry_common::hash::hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+/// Every regular file below `src` (following no symlink), by relative path: (size, SHA-256).
+fn files(src: &Path) -> BTreeMap<String, (u64, String)> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![src.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                dirs.push(e.path());
+            } else if t.is_file() {
+                let data = std::fs::read(e.path()).unwrap();
+                let rel = e
+                    .path()
+                    .strip_prefix(src)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                out.insert(rel, (data.len() as u64, sha256(&data)));
+            }
+        }
+    }
+    out
+}
+
+fn store_config(moto: &Moto, bucket: &str, prefix: &str) -> StoreConfig {
+    let options = [
+        ("endpoint", moto.endpoint.as_str()),
+        ("allow_http", "true"),
+        ("region", "us-east-1"),
+        ("access_key_id", "test"),
+        ("secret_access_key", "test"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    StoreConfig {
+        url: format!("s3://{bucket}/{prefix}"),
+        options,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tree_migrates_into_s3_and_the_store_holds_every_file_with_its_metadata() {
+    let Some(moto) = moto() else { return };
+    moto.create_bucket("ferry-it").unwrap();
+    let env = TestEnv::new();
+    let src = env.path("src");
+    make_files(&src, 120, 20 * 1024);
+    // A file split in three pieces (8 MiB segments), an empty file, a sparse file, a symlink
+    // and a second name of a file.
+    let mut big = vec![0u8; 20 * MIB + 12345];
+    blake3::Hasher::new_derive_key("ferry s3 test")
+        .finalize_xof()
+        .fill(&mut big);
+    std::fs::write(src.join("model.bin"), &big).unwrap();
+    std::fs::write(src.join("empty"), b"").unwrap();
+    let sparse = std::fs::File::create(src.join("sparse")).unwrap();
+    sparse.set_len(3 * MIB as u64).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"in the middle", MIB as u64).unwrap();
+    symlink("d00/f00000.bin", src.join("link")).unwrap();
+    std::fs::hard_link(src.join("d01/f00001.bin"), src.join("second-name")).unwrap();
+
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let mut tcfg = env.agent_config("target", &coord, None);
+    tcfg.data_listen = Some("127.0.0.1:0".parse().unwrap());
+    tcfg.target_store = Some(store_config(&moto, "ferry-it", "landing"));
+    let target = ferry_agent::run::start(tcfg).await.expect("target starts");
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let spec = pb::MigrationSpec {
+        segment_size: 8 * MIB as u64,
+        ..migration_spec(&src, "run1")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    finished(&ctl, id, Duration::from_secs(120), &String::new).await;
+
+    let held = moto.list("ferry-it", "landing/").unwrap();
+    let want = files(&src);
+    for (rel, (size, sha)) in &want {
+        let key = format!("landing/run1/{rel}");
+        let got = held
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key} is not in the bucket"));
+        assert_eq!((got.size, &got.sha256), (*size, sha), "{key}");
+        assert!(
+            got.metadata.contains_key("ferry-mtime"),
+            "{key}: {:?}",
+            got.metadata
+        );
+    }
+    // Small files carry their BLAKE3; the symlink is a marker object.
+    let small = &held["landing/run1/d02/f00002.bin"];
+    let data = std::fs::read(src.join("d02/f00002.bin")).unwrap();
+    assert_eq!(
+        small.metadata["ferry-blake3"],
+        ferry_common::hash::hex(blake3::hash(&data).as_bytes())
+    );
+    let link: &Object = &held["landing/run1/link"];
+    assert_eq!(link.size, 0);
+    assert_eq!(link.metadata["ferry-symlink"], "d00/f00000.bin");
+    assert_eq!(
+        held.len(),
+        want.len() + 1,
+        "only the files and the symlink's marker"
+    );
+    assert!(
+        moto.uploads("ferry-it").unwrap().is_empty(),
+        "no multipart upload left open"
+    );
+
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_killed_mid_multipart_resumes_the_upload_without_resending_verified_pieces() {
+    let Some(moto) = moto() else { return };
+    moto.create_bucket("ferry-kill").unwrap();
+    let env = TestEnv::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut big = vec![0u8; 64 * MIB + 100];
+    blake3::Hasher::new_derive_key("ferry s3 kill test")
+        .finalize_xof()
+        .fill(&mut big);
+    std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
+
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let mut scfg = env.agent_config("source", &coord, None);
+    scfg.max_in_flight = 1;
+    let source = ferry_agent::run::start(scfg).await.unwrap();
+    // 64 MiB at 64 Mbit/s: about 8 s, time enough to kill the target between pieces.
+    ctl.set_throttle("", "source", "64mbit").await.unwrap();
+    wait_for(
+        "the source to learn its throttle",
+        Duration::from_secs(20),
+        || async {
+            source
+                .throttles
+                .rate_at(ferry_agent::throttle::Scope::Agent, 0)
+                .is_some()
+                .then_some(())
+        },
+    )
+    .await;
+    let top = "data_listen = \"127.0.0.1:0\"\n";
+    let store = moto.target_store_toml("ferry-kill", "ckpt");
+    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
+    crate::processes::wait_registered(&ctl, "target", true).await;
+    let spec = pb::MigrationSpec {
+        segment_size: 8 * MIB as u64,
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    wait_verified(&ctl, id, 2).await;
+    target.kill().unwrap();
+    target.wait().unwrap();
+    let before = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(
+        before.segments_verified < before.segments_total,
+        "the migration finished before the target was killed; the test would prove nothing"
+    );
+    assert!(
+        moto.list("ferry-kill", "").unwrap().is_empty(),
+        "the object is visible before its last piece"
+    );
+    let sent_before = source.stats.bytes_sent.load(Ordering::Relaxed);
+    ctl.set_throttle("", "source", "off").await.unwrap();
+
+    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
+    let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
+    let done = finished(&ctl, id, Duration::from_secs(120), &log).await;
+    // Verified pieces were not leased again, and the source sent at most the pieces that were
+    // not verified at the kill (one possibly in flight then).
+    assert_not_resent(&before, &done.verify);
+    let unverified = before.segments_total - before.segments_verified;
+    let sent_after = source.stats.bytes_sent.load(Ordering::Relaxed) - sent_before;
+    assert!(
+        sent_after <= (unverified + 1) * 8 * MIB as u64,
+        "sent {sent_after} bytes after the restart for {unverified} unverified pieces"
+    );
+    let held = moto.list("ferry-kill", "").unwrap();
+    let got = &held["ckpt/checkpoint.bin"];
+    assert_eq!(
+        (got.size, got.sha256.as_str()),
+        (big.len() as u64, sha256(&big).as_str())
+    );
+    assert!(
+        moto.uploads("ferry-kill").unwrap().is_empty(),
+        "the upload was completed, not restarted: none is left open"
+    );
+    crate::processes::terminate(&mut target, "target");
+    source.shutdown().await;
+    node.shutdown().await;
+}
