@@ -162,7 +162,11 @@ pub enum SinkError {
         offset: u64,
     },
     /// The object store refused or failed a call (after its own retries).
-    #[error("object store: {op} {key}: {source}")]
+    #[error(
+        "object store: {op} {key}: {source} (the call was retried for the target's \
+             retry_timeout_secs; ferry retries the segment with backoff up to the migration's \
+             max attempts: check the store's endpoint, bucket and credentials)"
+    )]
     Store {
         /// What was being done.
         op: &'static str,

@@ -83,6 +83,29 @@ pub struct StoreConfig {
     /// `AZURE_STORAGE_ACCOUNT_KEY`, ...) or from instance metadata; they may be given here too.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// How long one call to the store keeps retrying (exponential backoff from 100 ms, at most
+    /// 15 s apart) before the segment fails and the coordinator's own backoff and
+    /// `max_attempts` take over; default 60.
+    #[serde(default = "default_retry_secs")]
+    pub retry_timeout_secs: u64,
+}
+
+fn default_retry_secs() -> u64 {
+    60
+}
+
+impl StoreConfig {
+    fn retry(&self) -> object_store::RetryConfig {
+        object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: std::time::Duration::from_millis(100),
+                max_backoff: std::time::Duration::from_secs(15),
+                base: 2.0,
+            },
+            max_retries: 10,
+            retry_timeout: std::time::Duration::from_secs(self.retry_timeout_secs),
+        }
+    }
 }
 
 fn config_error(url: &str, reason: impl std::fmt::Display) -> SinkError {
@@ -126,7 +149,9 @@ impl StoreConfig {
         let store: Arc<dyn Store> = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, Checksum};
-                let mut b = AmazonS3Builder::from_env().with_url(self.url.clone());
+                let mut b = AmazonS3Builder::from_env()
+                    .with_url(self.url.clone())
+                    .with_retry(self.retry());
                 if !self
                     .options
                     .keys()
@@ -142,7 +167,9 @@ impl StoreConfig {
             }
             ObjectStoreScheme::GoogleCloudStorage => {
                 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
-                let b = GoogleCloudStorageBuilder::from_env().with_url(self.url.clone());
+                let b = GoogleCloudStorageBuilder::from_env()
+                    .with_url(self.url.clone())
+                    .with_retry(self.retry());
                 let b = apply_options(&self.url, b, &self.options, |b, k: GoogleConfigKey, v| {
                     b.with_config(k, v)
                 })?;
@@ -150,7 +177,9 @@ impl StoreConfig {
             }
             ObjectStoreScheme::MicrosoftAzure => {
                 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-                let b = MicrosoftAzureBuilder::from_env().with_url(self.url.clone());
+                let b = MicrosoftAzureBuilder::from_env()
+                    .with_url(self.url.clone())
+                    .with_retry(self.retry());
                 let b = apply_options(&self.url, b, &self.options, |b, k: AzureConfigKey, v| {
                     b.with_config(k, v)
                 })?;

@@ -71,6 +71,7 @@ fn store_config(moto: &Moto, bucket: &str, prefix: &str) -> StoreConfig {
     StoreConfig {
         url: format!("s3://{bucket}/{prefix}"),
         options,
+        retry_timeout_secs: 60,
     }
 }
 
@@ -230,5 +231,83 @@ async fn a_target_killed_mid_multipart_resumes_the_upload_without_resending_veri
     );
     crate::processes::terminate(&mut target, "target");
     source.shutdown().await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_stops_answering_fails_the_migration_clearly_and_only_stored_files_verified() {
+    let Some(moto) = moto() else { return };
+    moto.create_bucket("ferry-down").unwrap();
+    let env = TestEnv::new();
+    let src = env.path("src");
+    // One file per segment (6 MiB files, 8 MiB segments), so verified segments count files.
+    for i in 0..8 {
+        let mut data = vec![0u8; 6 * MIB];
+        blake3::Hasher::new_derive_key("ferry s3 down test")
+            .update(&[i])
+            .finalize_xof()
+            .fill(&mut data);
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join(format!("f{i}.bin")), data).unwrap();
+    }
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let mut tcfg = env.agent_config("target", &coord, None);
+    tcfg.data_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut store = store_config(&moto, "ferry-down", "x");
+    store.retry_timeout_secs = 1;
+    tcfg.target_store = Some(store);
+    let target = ferry_agent::run::start(tcfg).await.expect("target starts");
+    let mut scfg = env.agent_config("source", &coord, None);
+    scfg.max_in_flight = 1;
+    let source = ferry_agent::run::start(scfg).await.unwrap();
+    // 48 MiB at 32 Mbit/s: about 12 s.
+    ctl.set_throttle("", "source", "32mbit").await.unwrap();
+    let spec = pb::MigrationSpec {
+        segment_size: 8 * MIB as u64,
+        max_attempts: 2,
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    wait_verified(&ctl, id, 2).await;
+    // What the coordinator calls verified, read before the bucket: each of those files must be
+    // in the store, whole.
+    let verified = ctl.status(id).await.unwrap().segments_verified;
+    let held = moto.list("ferry-down", "").unwrap();
+    let want = files(&src);
+    assert!(
+        held.len() as u64 >= verified,
+        "{verified} verified, {} stored",
+        held.len()
+    );
+    for (key, got) in &held {
+        let (size, sha) = &want[key.strip_prefix("x/").unwrap()];
+        assert_eq!((got.size, &got.sha256), (*size, sha), "{key}");
+    }
+    assert!(
+        verified < 8,
+        "the migration finished before the store stopped"
+    );
+    drop(moto);
+    ctl.set_throttle("", "source", "off").await.unwrap();
+
+    let done = ctl
+        .watch(id, Duration::from_secs(120), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(done.phase(), pb::Phase::Failed, "{done:#?}");
+    assert!(done.segments_verified >= verified);
+    assert!(!done.failed.is_empty());
+    for s in &done.failed {
+        assert_eq!(s.attempts, 2, "{s:?}");
+        assert!(
+            s.last_error.contains("object store") && s.last_error.contains("x/f"),
+            "{}",
+            s.last_error
+        );
+    }
+    source.shutdown().await;
+    target.shutdown().await;
     node.shutdown().await;
 }
