@@ -846,6 +846,26 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             if *stop.borrow() {
                 return Err(PrepareError::Stopping);
             }
+            // A name an object store cannot hold is an issue, reported, not a segment failed
+            // again and again with everything bundled with it.
+            let item = match item {
+                Walked::Entry(e) if w.target_is_store => {
+                    let refused = crate::sink::object::key_refusal(&e.path).or_else(|| {
+                        (e.kind == EntryKind::Hardlink)
+                            .then(|| crate::sink::object::key_refusal(&e.link_target))
+                            .flatten()
+                    });
+                    match refused {
+                        Some(why) => Walked::Issue {
+                            path: display(&e.path),
+                            at: e.path,
+                            reason: why.to_string(),
+                        },
+                        None => Walked::Entry(e),
+                    }
+                }
+                other => other,
+            };
             match item {
                 Walked::Entry(e) => {
                     if e.kind == EntryKind::Hardlink {
@@ -861,8 +881,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         Change::Resend(e) => plan(e, &mut writer, &mut batch, &mut summary)?,
                         Change::Send(mut e) => {
                             // A file of several blocks whose blocks were recorded when its
-                            // version at the target was sent: only its changed blocks travel.
+                            // version at the target was sent: only its changed blocks travel
+                            // (objects in a store are written whole).
                             if e.kind == EntryKind::File
+                                && !w.target_is_store
                                 && blocks::worth_a_delta(e.file_size, block_size)
                             {
                                 e.delta_base = store
@@ -2003,6 +2025,39 @@ mod driven {
             rig.coordinator.with(|s| s.held.is_empty()),
             "no lease left when the source stops"
         );
+    }
+
+    /// For a target writing to an object store, a name a store cannot hold is an issue of
+    /// the scan, not sent (it would fail its whole bundle at every attempt).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn names_an_object_store_cannot_hold_are_issues_when_the_target_is_a_store() {
+        use std::os::unix::ffi::OsStrExt;
+        let files: Vec<(&str, Vec<u8>)> = vec![("ok", b"fine".to_vec())];
+        let (rig, accepted) = rig(&files, 120_000);
+        let src = rig._dirs.0.path();
+        std::fs::write(
+            src.join(std::ffi::OsStr::from_bytes(b"caf\xe9")),
+            b"latin-1",
+        )
+        .unwrap();
+        rig.coordinator.with(|s| s.work[0].target_is_store = true);
+        let mut received = acking_target(accepted, false);
+        let run = tokio::spawn(rig.source.clone().run(rig.stop.subscribe()));
+        until(
+            &rig.coordinator,
+            "the scan is complete and every segment reported",
+            |s| s.scans.contains_key(&1) && s.reports.len() as u64 == s.scans[&1].0,
+        )
+        .await;
+        rig.stop.send(true).unwrap();
+        run.await.unwrap();
+        let (_, issues) = rig.coordinator.with(|s| s.scans[&1]);
+        assert_eq!(issues, 1, "the Latin-1 name is an issue");
+        let mut sent = Vec::new();
+        while let Ok((_, _, b)) = received.try_recv() {
+            sent.extend(b);
+        }
+        assert_eq!(sent, b"fine", "only the UTF-8 name was sent");
     }
 
     /// A scan's completion leases too, with the room the driver gives it: a small

@@ -102,6 +102,19 @@ enum Cmd {
         /// Number of small files in the generated sample.
         #[arg(long, default_value_t = 3000)]
         sample_small_files: u32,
+        /// Write into an object store instead of a directory: `s3://bucket/prefix`,
+        /// `gs://bucket/prefix`, `az://container/prefix`. Credentials from the environment
+        /// (`AWS_ACCESS_KEY_ID`, ...) or --store-option.
+        #[arg(long, conflicts_with = "target")]
+        target_store: Option<String>,
+        /// A setting of the target store, `KEY=VALUE` (`endpoint=http://127.0.0.1:5000`,
+        /// `allow_http=true`, `region=us-east-1`, ...); repeatable.
+        #[arg(
+            long = "store-option",
+            value_name = "KEY=VALUE",
+            requires = "target_store"
+        )]
+        store_options: Vec<String>,
     },
 }
 
@@ -396,8 +409,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             xattrs,
             sample_big_file_mib,
             sample_small_files,
+            target_store,
+            store_options,
         } => {
+            let target_store = match target_store {
+                None => None,
+                Some(url) => {
+                    let mut options = std::collections::BTreeMap::new();
+                    for o in store_options {
+                        let Some((k, v)) = o.split_once('=') else {
+                            bail!("--store-option {o:?} is not KEY=VALUE");
+                        };
+                        options.insert(k.trim().to_string(), v.trim().to_string());
+                    }
+                    Some(ferry_agent::sink::object::StoreConfig::new(url, options))
+                }
+            };
             let report = quickstart::run(quickstart::Options {
+                target_store,
                 source: source.clone(),
                 target: target.clone(),
                 workdir: workdir.clone(),
@@ -430,7 +459,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir.display()
                 );
             }
-            quickstart::generate_sample(dir, big_file_mib * 1024 * 1024, *small_files)?;
+            quickstart::generate_sample(dir, big_file_mib * 1024 * 1024, *small_files, true)?;
             println!("wrote a sample data set to {}", dir.display());
         }
         Cmd::Cluster(ClusterCmd::AddNode { id, addr, timeout }) => {

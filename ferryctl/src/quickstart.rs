@@ -42,6 +42,8 @@ pub struct Options {
     pub sample_small_files: u32,
     /// Print progress lines.
     pub progress: bool,
+    /// Write into this object store instead of a directory (then `target` must be `None`).
+    pub target_store: Option<ferry_agent::sink::object::StoreConfig>,
 }
 
 impl Default for Options {
@@ -55,6 +57,7 @@ impl Default for Options {
             sample_big_file_bytes: 128 * 1024 * 1024,
             sample_small_files: 3000,
             progress: true,
+            target_store: None,
         }
     }
 }
@@ -149,11 +152,17 @@ impl Report {
             human_bytes(self.peak_in_flight)
         ));
         s.push_str(&format!(
-            "verified    {} (BLAKE3 of every segment equal at source and target, target fsynced)\n",
+            "verified    {} (BLAKE3 of every segment equal at source and target, target {})\n",
             if self.all_verified && self.hash_mismatches == 0 {
                 "yes"
             } else {
                 "NO"
+            },
+            // An object store's URL, or a directory.
+            if self.target.to_string_lossy().contains("://") {
+                "stored"
+            } else {
+                "fsynced"
             }
         ));
         if self.hardlinks > 0 {
@@ -210,18 +219,30 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             let big = opts.sample_big_file_bytes;
             let small = opts.sample_small_files;
             let s2 = s.clone();
-            tokio::task::spawn_blocking(move || generate_sample(&s2, big, small)).await??;
+            // An object store's keys are text: the sample's Latin-1 names stay out of it.
+            let any_bytes = opts.target_store.is_none();
+            tokio::task::spawn_blocking(move || generate_sample(&s2, big, small, any_bytes))
+                .await??;
             s
         }
     };
     if !source.is_dir() {
         bail!("source {} is not a directory", source.display());
     }
-    let target = opts
-        .target
-        .clone()
-        .unwrap_or_else(|| workdir.join("target"));
-    if target.exists() && std::fs::read_dir(&target)?.next().is_some() {
+    if opts.target_store.is_some() && opts.target.is_some() {
+        bail!("give either a target directory or a target store, not both");
+    }
+    let target = match &opts.target_store {
+        Some(store) => PathBuf::from(&store.url),
+        None => opts
+            .target
+            .clone()
+            .unwrap_or_else(|| workdir.join("target")),
+    };
+    if opts.target_store.is_none()
+        && target.exists()
+        && std::fs::read_dir(&target)?.next().is_some()
+    {
         bail!(
             "target {} is not empty; pick an empty or new directory",
             target.display()
@@ -253,25 +274,38 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     .await
     .context("coordinator failed to start")?;
     let coord = node.addr.to_string();
-    let agent_cfg = |name: &str, tls: TlsPaths, root: Option<PathBuf>| AgentConfig {
-        log_level: None,
-        name: name.to_string(),
-        coordinator: coord.clone(),
-        data_listen: root.as_ref().map(|_| "127.0.0.1:0".parse().expect("valid")),
-        advertise_addr: None,
-        root,
-        state_dir: workdir.join(format!("agent-{name}")),
-        max_in_flight: 16,
-        register_timeout_secs: 10,
-        transport: Default::default(),
-        tls,
-        hooks: Default::default(),
-        target_store: None,
+    let agent_cfg = |name: &str,
+                     tls: TlsPaths,
+                     root: Option<PathBuf>,
+                     store: Option<ferry_agent::sink::object::StoreConfig>|
+     -> AgentConfig {
+        AgentConfig {
+            log_level: None,
+            name: name.to_string(),
+            coordinator: coord.clone(),
+            data_listen: (root.is_some() || store.is_some())
+                .then(|| "127.0.0.1:0".parse().expect("valid")),
+            advertise_addr: None,
+            root,
+            state_dir: workdir.join(format!("agent-{name}")),
+            max_in_flight: 16,
+            register_timeout_secs: 10,
+            transport: Default::default(),
+            tls,
+            hooks: Default::default(),
+            target_store: store,
+        }
     };
-    let target_agent = ferry_agent::run::start(agent_cfg("target", dst_tls, Some(target.clone())))
-        .await
-        .context("target agent failed to start")?;
-    let source_agent = ferry_agent::run::start(agent_cfg("source", src_tls, None))
+    let target_agent = match &opts.target_store {
+        Some(store) => {
+            ferry_agent::run::start(agent_cfg("target", dst_tls, None, Some(store.clone()))).await
+        }
+        None => {
+            ferry_agent::run::start(agent_cfg("target", dst_tls, Some(target.clone()), None)).await
+        }
+    }
+    .context("target agent failed to start")?;
+    let source_agent = ferry_agent::run::start(agent_cfg("source", src_tls, None, None))
         .await
         .context("source agent failed to start")?;
     let src_stats: Arc<Stats> = source_agent.stats.clone();
@@ -376,7 +410,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 /// directories, a symlink, a few file modes, names that are not UTF-8, a group of hardlinks, a
 /// sparse file and (when run as root) files owned by other users. Deterministic: the same
 /// arguments give the same bytes.
-pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> anyhow::Result<()> {
+///
+/// `any_bytes`: include names that are not UTF-8 (leave them out for an object store).
+pub fn generate_sample(
+    dir: &Path,
+    big_file_bytes: u64,
+    small_files: u32,
+    any_bytes: bool,
+) -> anyhow::Result<()> {
     let mut rng = blake3::Hasher::new_derive_key("ferry quickstart sample v1").finalize_xof();
     let mut write = |path: &Path, len: u64| -> anyhow::Result<()> {
         if let Some(p) = path.parent() {
@@ -431,17 +472,19 @@ pub fn generate_sample(dir: &Path, big_file_bytes: u64, small_files: u32) -> any
 
     // What real trees hold and a copier must keep. Names that are not UTF-8 (Latin-1, from an
     // old Samba share), and a symlink to one:
-    let legacy = dir.join("datasets/legacy-share");
-    let latin1_dir = legacy.join(OsStr::from_bytes(b"r\xe9sum\xe9s"));
-    write(
-        &latin1_dir.join(OsStr::from_bytes(b"caf\xe9-menu.txt")),
-        500,
-    )?;
-    write(&legacy.join(OsStr::from_bytes(b"na\xefve.csv")), 2000)?;
-    std::os::unix::fs::symlink(
-        OsStr::from_bytes(b"na\xefve.csv"),
-        legacy.join("latest.csv"),
-    )?;
+    if any_bytes {
+        let legacy = dir.join("datasets/legacy-share");
+        let latin1_dir = legacy.join(OsStr::from_bytes(b"r\xe9sum\xe9s"));
+        write(
+            &latin1_dir.join(OsStr::from_bytes(b"caf\xe9-menu.txt")),
+            500,
+        )?;
+        write(&legacy.join(OsStr::from_bytes(b"na\xefve.csv")), 2000)?;
+        std::os::unix::fs::symlink(
+            OsStr::from_bytes(b"na\xefve.csv"),
+            legacy.join("latest.csv"),
+        )?;
+    }
     // A group of hardlinks (one file, three names in two directories):
     write(&dir.join("datasets/labels/labels-v3.csv"), 3000)?;
     std::fs::hard_link(

@@ -95,6 +95,15 @@ fn default_retry_secs() -> u64 {
 }
 
 impl StoreConfig {
+    /// A store at `url` with `options`, other settings at their defaults.
+    pub fn new(url: impl Into<String>, options: BTreeMap<String, String>) -> Self {
+        StoreConfig {
+            url: url.into(),
+            options,
+            retry_timeout_secs: default_retry_secs(),
+        }
+    }
+
     fn retry(&self) -> object_store::RetryConfig {
         object_store::RetryConfig {
             backoff: object_store::BackoffConfig {
@@ -637,16 +646,30 @@ impl Sink for ObjectSink {
     }
 }
 
+/// Why a name cannot be an object's key, if it cannot: keys are text (UTF-8) without control
+/// characters. Sources check it at scan time (such a name is an issue, not sent) and the sink
+/// again.
+pub fn key_refusal(path: &std::path::Path) -> Option<&'static str> {
+    match path.to_str() {
+        None => Some(
+            "its name is not UTF-8 and an object store's keys are text: rename it at the source \
+             or copy this tree to a file-system target",
+        ),
+        Some(s) if s.chars().any(|c| c.is_ascii_control()) => Some(
+            "its name holds a control character, which an object store's keys may not: rename \
+             it at the source or copy this tree to a file-system target",
+        ),
+        Some(_) => None,
+    }
+}
+
 impl ObjectWriter<'_> {
     fn key_of(&self, e: &Entry, path: &std::path::Path) -> Result<Key, SinkError> {
         validate_relative(path.as_os_str().as_encoded_bytes())?;
-        let rel = path.to_str().ok_or_else(|| {
-            bad(
-                e,
-                "the name is not UTF-8 and an object store's keys are text; rename it at the \
-                 source or copy this tree to a file-system target",
-            )
-        })?;
+        if let Some(why) = key_refusal(path) {
+            return Err(bad(e, why));
+        }
+        let rel = path.to_str().expect("checked by key_refusal");
         let full = if self.base.is_empty() {
             rel.to_string()
         } else {

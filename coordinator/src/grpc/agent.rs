@@ -323,6 +323,10 @@ impl AgentService {
                         } else {
                             String::new()
                         },
+                        target_is_store: s
+                            .agents
+                            .get(&m.spec.target_agent)
+                            .is_some_and(|a| a.writes_to_store()),
                     })
                     .collect(),
                 cutover_work: cutover_work(s, agent),

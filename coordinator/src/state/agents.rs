@@ -34,11 +34,17 @@ pub struct Agent {
     pub window_bytes: u64,
     /// Its throttle as a source ([`ferry_common::throttle`] canonical text; empty: none).
     pub throttle: String,
-    /// The directory it writes below as a target (empty: it is not one).
+    /// The directory it writes below as a target (empty: it is not one), or the URL of the
+    /// object store it writes to.
     pub target_root: String,
 }
 
 impl Agent {
+    /// Whether, as a target, it writes to an object store (its root is a URL, not a path).
+    pub fn writes_to_store(&self) -> bool {
+        self.target_root.contains("://")
+    }
+
     /// Whether a process runs as this agent: it has a session, heard from within
     /// [`SESSION_TIMEOUT_MS`] of `now_ms`.
     pub fn live(&self, now_ms: u64) -> bool {

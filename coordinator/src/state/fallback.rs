@@ -51,6 +51,12 @@ impl State {
                  restart it with this version of ferry-agent"
             ));
         };
+        if copy_root.contains("://") {
+            return refused(format!(
+                "agent {from} writes to an object store ({copy_root}): a fallback from a store \
+                 is not supported yet"
+            ));
+        }
         let back = self.agents.get(to);
         let Some(back_root) = back
             .filter(|a| !a.data_addr.is_empty())

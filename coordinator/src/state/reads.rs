@@ -61,9 +61,19 @@ impl State {
             return out;
         };
         if let Some(t) = self.agents.get(&m.spec.target_agent) {
-            if !t.applies_owners {
+            if t.writes_to_store() {
                 out.push(format!(
-                    "owners not kept: target agent {} does not run as root, so files belong to                      its user and set-id bits are dropped (run it as root to keep uid/gid)",
+                    "target agent {} writes to an object store ({}): each file's mode, owner \
+                     and mtime are kept as object metadata (ferry-mode, ferry-owner, \
+                     ferry-mtime), symlinks as empty marker objects (ferry-symlink), further \
+                     names of a file as copies; directories exist only in keys, so empty ones \
+                     and their own metadata are not kept",
+                    t.name, t.target_root
+                ));
+            } else if !t.applies_owners {
+                out.push(format!(
+                    "owners not kept: target agent {} does not run as root, so files belong to \
+                     its user and set-id bits are dropped (run it as root to keep uid/gid)",
                     t.name
                 ));
             }

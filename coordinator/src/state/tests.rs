@@ -1220,6 +1220,27 @@ fn hardlinks_are_counted_and_owners_not_applied_are_noted() {
     let notes = w.s.notes(mid);
     assert_eq!(notes.len(), 1);
     assert!(notes[0].contains("owners not kept"), "{notes:?}");
+    assert!(!notes[0].contains("  "), "{notes:?}");
+    // A target writing to an object store keeps owners as metadata, and says what it cannot
+    // keep.
+    w.apply(Command::RegisterAgent {
+        name: "dst".into(),
+        data_addr: "127.0.0.1:9".into(),
+        session: 2,
+        previous: 1,
+        new_cluster_id: String::new(),
+        applies_owners: false,
+        congestion: "bbr".into(),
+        window_bytes: 64 << 20,
+        target_root: "s3://bucket/prefix".into(),
+        now_ms: 3,
+    });
+    let notes = w.s.notes(mid);
+    assert_eq!(notes.len(), 1);
+    assert!(
+        notes[0].contains("object store (s3://bucket/prefix)") && notes[0].contains("empty ones"),
+        "{notes:?}"
+    );
 
     let mut w = World::new();
     let spec = spec("/data", 100);

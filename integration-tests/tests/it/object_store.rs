@@ -68,11 +68,7 @@ fn store_config(moto: &Moto, bucket: &str, prefix: &str) -> StoreConfig {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    StoreConfig {
-        url: format!("s3://{bucket}/{prefix}"),
-        options,
-        retry_timeout_secs: 60,
-    }
+    StoreConfig::new(format!("s3://{bucket}/{prefix}"), options)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -310,4 +306,56 @@ async fn a_store_that_stops_answering_fails_the_migration_clearly_and_only_store
     source.shutdown().await;
     target.shutdown().await;
     node.shutdown().await;
+}
+
+/// The README's commands: `ferryctl quickstart --target-store` into a local S3 server, checked
+/// file by file by the independent client.
+#[test]
+fn the_quickstart_migrates_its_sample_into_s3() {
+    let Some(moto) = moto() else { return };
+    moto.create_bucket("quickstart").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(crate::harness::ferryctl_bin())
+        .args([
+            "quickstart",
+            "--sample-big-file-mib",
+            "9",
+            "--sample-small-files",
+            "200",
+            "--segment-size",
+            "8388608",
+            "--target-store",
+            "s3://quickstart/sample",
+            "--store-option",
+            &format!("endpoint={}", moto.endpoint),
+            "--store-option",
+            "allow_http=true",
+            "--store-option",
+            "region=us-east-1",
+            "--store-option",
+            "access_key_id=test",
+            "--store-option",
+            "secret_access_key=test",
+            "--workdir",
+        ])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "quickstart failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("target stored"), "{stdout}");
+    assert!(stdout.contains("writes to an object store"), "{stdout}");
+    let held = moto.list("quickstart", "sample/").unwrap();
+    let want = files(&work.path().join("sample-source"));
+    for (rel, (size, sha)) in &want {
+        let got = &held[&format!("sample/{rel}")];
+        assert_eq!((got.size, &got.sha256), (*size, sha), "{rel}");
+    }
+    // The symlink's marker; nothing else.
+    assert_eq!(held.len(), want.len() + 1);
 }
