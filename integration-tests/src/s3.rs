@@ -17,6 +17,7 @@ pub struct Moto {
     child: Child,
     /// `http://127.0.0.1:<port>`.
     pub endpoint: String,
+    _log: tempfile::NamedTempFile,
 }
 
 /// One object as the independent client read it back.
@@ -46,27 +47,50 @@ impl Moto {
         {
             return Ok(None);
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        // Port 0: the server says in its log where it listens (no port picked and released).
+        let log = tempfile::NamedTempFile::new()?;
         let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?)
             .spawn()
             .context("cannot start moto_server")?;
         let mut moto = Moto {
             child,
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint: String::new(),
+            _log: log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        moto.endpoint = loop {
+            let text = std::fs::read_to_string(moto._log.path()).unwrap_or_default();
+            if let Some(url) = text
+                .lines()
+                .find_map(|l| l.split("Running on ").nth(1))
+                .map(|u| u.trim().to_string())
+            {
+                break url;
+            }
             if let Some(status) = moto.child.try_wait()? {
-                bail!("moto_server exited at start: {status}");
+                bail!("moto_server exited at start ({status}):\n{text}");
             }
             if Instant::now() > deadline {
-                bail!("moto_server did not listen on port {port} within 30 s");
+                bail!("moto_server did not say where it listens within 30 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let port = moto
+            .endpoint
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .parse::<u16>()?;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "moto_server does not accept connections at {}",
+                    moto.endpoint
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
