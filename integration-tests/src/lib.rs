@@ -4,6 +4,6 @@
 
 pub mod bench;
 pub mod process;
-pub mod s3;
+pub mod stores;
 pub mod tree;
 pub mod wan;

@@ -8,7 +8,8 @@
 //! store holds its bytes.
 //!
 //! - Every object carries its file's mtime, mode and owner as user metadata (`ferry-mtime`,
-//!   `ferry-mode`, `ferry-owner`).
+//!   `ferry-mode`, `ferry-owner`; `ferry_…` on Azure, whose metadata names are identifiers),
+//!   but a split file on Azure, whose uploads take no metadata through `object_store`.
 //! - A whole file of at most [`PART_BYTES`] is buffered and stored with one PUT at commit (a
 //!   bundle's PUTs run [`PUTS_AT_ONCE`] at a time), with its content BLAKE3 as `ferry-blake3`.
 //!   A larger whole file streams into a multipart upload as it arrives (its metadata is set when
@@ -102,6 +103,14 @@ impl StoreConfig {
             options,
             retry_timeout_secs: default_retry_secs(),
         }
+    }
+
+    /// Whether the URL names an Azure Blob store.
+    pub fn is_azure(&self) -> bool {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|u| ObjectStoreScheme::parse(&u).ok())
+            .is_some_and(|(s, _)| s == ObjectStoreScheme::MicrosoftAzure)
     }
 
     fn retry(&self) -> object_store::RetryConfig {
@@ -237,6 +246,8 @@ pub struct ObjectSink {
     /// One lock per split file's key, so that pieces landing at once update its sidecar in turn.
     locks: Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>,
     handle: tokio::runtime::Handle,
+    /// Between `ferry` and a metadata field's name: `-`, or `_` on Azure.
+    meta_sep: char,
     /// What it has done.
     pub counters: ObjectCounters,
 }
@@ -259,8 +270,16 @@ impl ObjectSink {
             parts_dir,
             locks: Default::default(),
             handle,
+            meta_sep: '-',
             counters: ObjectCounters::default(),
         })
+    }
+
+    /// The same sink naming its metadata `ferry_<field>` (Azure: metadata names are
+    /// identifiers, no `-`).
+    pub fn with_underscored_metadata(mut self) -> Self {
+        self.meta_sep = '_';
+        self
     }
 
     /// Opens the configured store and checks that it answers (one listing below the prefix),
@@ -272,7 +291,12 @@ impl ObjectSink {
             .list_with_delimiter(Some(&prefix))
             .await
             .map_err(|e| config_error(&cfg.url, format!("the store does not answer: {e}")))?;
-        Self::new(store, prefix, state_dir, tokio::runtime::Handle::current())
+        let sink = Self::new(store, prefix, state_dir, tokio::runtime::Handle::current())?;
+        Ok(if cfg.is_azure() {
+            sink.with_underscored_metadata()
+        } else {
+            sink
+        })
     }
 
     fn lock(&self, key: &Key) -> Arc<Mutex<()>> {
@@ -496,28 +520,34 @@ fn bad(e: &Entry, reason: &str) -> SinkError {
     }
 }
 
-/// The metadata a store keeps with an object: what a file system would keep in its inode.
-fn attributes(e: &Entry, blake3: Option<&[u8; 32]>) -> Attributes {
-    let mut a = Attributes::new();
-    let mut meta = |k: &'static str, v: String| {
-        a.insert(Attribute::Metadata(k.into()), v.into());
-    };
-    meta(
-        "ferry-mtime",
-        format!("{}.{:09}", e.mtime_sec, e.mtime_nsec),
-    );
-    meta("ferry-mode", format!("{:o}", e.mode & 0o7777));
-    meta("ferry-owner", format!("{}:{}", e.uid, e.gid));
-    if let Some(h) = blake3 {
-        meta("ferry-blake3", hex(h));
+impl ObjectSink {
+    /// The metadata a store keeps with an object: what a file system would keep in its inode,
+    /// as `ferry-mtime`, `ferry-mode`, `ferry-owner`, `ferry-blake3`, `ferry-symlink` (with `_`
+    /// on Azure, whose metadata names are identifiers; `-` elsewhere, because HTTP servers and
+    /// proxies may drop headers with underscores).
+    fn attributes(&self, e: &Entry, blake3: Option<&[u8; 32]>) -> Attributes {
+        let mut a = Attributes::new();
+        let sep = self.meta_sep;
+        let mut meta = |k: &str, v: String| {
+            a.insert(
+                Attribute::Metadata(format!("ferry{sep}{k}").into()),
+                v.into(),
+            );
+        };
+        meta("mtime", format!("{}.{:09}", e.mtime_sec, e.mtime_nsec));
+        meta("mode", format!("{:o}", e.mode & 0o7777));
+        meta("owner", format!("{}:{}", e.uid, e.gid));
+        if let Some(h) = blake3 {
+            meta("blake3", hex(h));
+        }
+        if e.kind == EntryKind::Symlink {
+            meta(
+                "symlink",
+                percent_encode(e.link_target.as_os_str().as_encoded_bytes()),
+            );
+        }
+        a
     }
-    if e.kind == EntryKind::Symlink {
-        meta(
-            "ferry-symlink",
-            percent_encode(e.link_target.as_os_str().as_encoded_bytes()),
-        );
-    }
-    a
 }
 
 /// `bytes` as header-safe text: visible ASCII but `%` as it is, every other byte `%HH` (a
@@ -706,7 +736,7 @@ impl ObjectWriter<'_> {
                     }
                     None => {
                         let h = *hasher.finalize().as_bytes();
-                        let attrs = attributes(&entry, Some(&h));
+                        let attrs = sink.attributes(&entry, Some(&h));
                         self.ops.push_back(Op::Put {
                             key,
                             data: Bytes::from(buf),
@@ -780,12 +810,18 @@ impl ObjectWriter<'_> {
             }
         }
         let opts = PutMultipartOptions {
-            attributes: attributes(e, None),
+            attributes: sink.attributes(e, None),
             ..Default::default()
         };
-        let id = sink
-            .block(sink.store.create_multipart_opts(key, opts))
-            .map_err(store_error("cannot start a multipart upload of", key))?;
+        let id = match sink.block(sink.store.create_multipart_opts(key, opts)) {
+            // Azure's uploads (blocks) take no metadata through object_store: the object is
+            // stored without it.
+            Err(object_store::Error::NotSupported { .. }) => {
+                sink.block(sink.store.create_multipart(key))
+            }
+            other => other,
+        }
+        .map_err(store_error("cannot start a multipart upload of", key))?;
         bump(&sink.counters.uploads_created);
         let up = Upload {
             key: key.to_string(),
@@ -910,7 +946,7 @@ fn write_whole(
             // Too large for one PUT: a multipart upload, completed at commit. Its content
             // hash cannot be in its metadata (that is set when the upload starts).
             let opts = PutMultipartOptions {
-                attributes: attributes(entry, None),
+                attributes: sink.attributes(entry, None),
                 ..Default::default()
             };
             let up = sink
@@ -1052,7 +1088,7 @@ impl SegmentWrite for ObjectWriter<'_> {
                 self.ops.push_back(Op::Put {
                     key,
                     data: Bytes::new(),
-                    attrs: attributes(e, None),
+                    attrs: self.sink.attributes(e, None),
                 });
                 Current::Nothing { entry: e.clone() }
             }

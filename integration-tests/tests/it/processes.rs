@@ -62,6 +62,18 @@ pub fn spawn_agent_with(
 /// An agent process whose config has `top` among its top-level keys and `extra` (sections)
 /// after its `[tls]` section.
 pub fn spawn_agent_toml(env: &TestEnv, name: &str, coord: &str, top: &str, extra: &str) -> Child {
+    spawn_agent_toml_env(env, name, coord, top, extra, &[])
+}
+
+/// [`spawn_agent_toml`] with environment variables `vars` set for the process.
+pub fn spawn_agent_toml_env(
+    env: &TestEnv,
+    name: &str,
+    coord: &str,
+    top: &str,
+    extra: &str,
+    vars: &[(String, String)],
+) -> Child {
     let tls = env.issue(Identity::Agent(name.into()));
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\n",
@@ -81,6 +93,7 @@ pub fn spawn_agent_toml(env: &TestEnv, name: &str, coord: &str, top: &str, extra
     Command::new(agent_bin())
         .args(["run", "--config"])
         .arg(&path)
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
