@@ -12,6 +12,7 @@ pub mod frame;
 pub mod hashcache;
 pub mod holes;
 pub mod manifest;
+pub mod objsource;
 pub mod run;
 pub mod scan;
 pub mod schedule;

@@ -52,6 +52,10 @@ pub struct AgentConfig {
     /// `url`, `options`).
     #[serde(default)]
     pub target_store: Option<crate::sink::object::StoreConfig>,
+    /// Settings for the object stores migrations read from (a source path that is a URL,
+    /// `s3://bucket/prefix`): `[source_store]` `options`, `retry_timeout_secs`.
+    #[serde(default)]
+    pub source_store: Option<crate::objsource::SourceStoreSettings>,
     /// Local state (source manifests).
     pub state_dir: PathBuf,
     /// Segments sent concurrently.
@@ -528,7 +532,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             stats.clone(),
             throttles.clone(),
         )
-        .with_cutover(cutover),
+        .with_cutover(cutover)
+        .with_store_sources(cfg.source_store.clone().unwrap_or_default()),
     );
     tasks.push(tokio::spawn(source.run(stop_rx)));
     Ok(RunningAgent {

@@ -31,10 +31,13 @@ use crate::frame::{self, FrameError, MAX_SMALL_FRAME};
 use crate::manifest::{
     self, Manifest, ManifestError, ManifestWriter, ScanSummary, SegmentSummary, MAX_ISSUES_KEPT,
 };
+use crate::objsource::{is_store_url, Opened, StoreSources};
 use crate::scan::{walk, Walked};
 use crate::schedule::{Action, LeaseKey, SourceSchedule, TICK};
 use crate::stats::Stats;
 use crate::throttle::{Scope, Throttles};
+use futures::TryStreamExt;
+use object_store::ObjectStore;
 
 /// Segments registered with the coordinator per call.
 const REGISTER_BATCH: usize = 1000;
@@ -183,6 +186,16 @@ enum ReadError {
         display(path)
     )]
     XattrsTooLarge { limit: usize, path: PathBuf },
+    /// An object of a store source cannot be read.
+    #[error("cannot read {key} from the object store: {source}")]
+    Store {
+        key: String,
+        source: object_store::Error,
+    },
+    /// An object of a store source is not the one scanned (size or last-modified differ), or
+    /// is gone.
+    #[error("{key} changed in the store since it was scanned ({why}); nothing of it was sent")]
+    ObjectChanged { key: String, why: String },
 }
 
 impl ReadError {
@@ -190,7 +203,9 @@ impl ReadError {
     /// scan): the next round sends what is there then, so retrying this one is pointless.
     fn is_stale(&self) -> bool {
         match self {
-            ReadError::SplitChanged { .. } | ReadError::NotAFile { .. } => true,
+            ReadError::SplitChanged { .. }
+            | ReadError::NotAFile { .. }
+            | ReadError::ObjectChanged { .. } => true,
             ReadError::Open { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
             _ => false,
         }
@@ -239,6 +254,8 @@ pub struct Source<C: Coordinator, D: Dialer> {
     cutover: Option<Arc<CutoverRunner<C>>>,
     /// What is left of [`PREFETCH_TOTAL`], in KiB.
     prefetch_room: Arc<tokio::sync::Semaphore>,
+    /// The object stores migrations read from (source paths that are URLs).
+    store_sources: StoreSources,
 }
 
 /// What the driver's background tasks end with.
@@ -323,6 +340,23 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             prefetch_room: Arc::new(tokio::sync::Semaphore::new(
                 (PREFETCH_TOTAL / 1024) as usize,
             )),
+            store_sources: StoreSources::default(),
+        }
+    }
+
+    /// The same source, reading object-store sources with `settings`.
+    pub fn with_store_sources(self, settings: crate::objsource::SourceStoreSettings) -> Self {
+        Source {
+            store_sources: StoreSources::new(settings),
+            ..self
+        }
+    }
+
+    /// The store a migration's source root names, when it names one.
+    fn store_of(&self, root: &Path) -> Result<Option<Arc<Opened>>, String> {
+        match root.to_str() {
+            Some(url) if is_store_url(url) => self.store_sources.open(url).map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -842,81 +876,92 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             Ok(())
         };
         let excludes = ferry_common::exclude::Excludes::new(&w.excludes)?;
-        let walked = walk(&root, &excludes, |item| -> Result<(), PrepareError> {
-            if *stop.borrow() {
-                return Err(PrepareError::Stopping);
-            }
-            // A name an object store cannot hold is an issue, reported, not a segment failed
-            // again and again with everything bundled with it.
-            let item = match item {
-                Walked::Entry(e) if w.target_is_store => {
-                    let refused = crate::sink::object::key_refusal(&e.path).or_else(|| {
-                        (e.kind == EntryKind::Hardlink)
-                            .then(|| crate::sink::object::key_refusal(&e.link_target))
-                            .flatten()
-                    });
-                    match refused {
-                        Some(why) => Walked::Issue {
-                            path: display(&e.path),
-                            at: e.path,
-                            reason: why.to_string(),
-                        },
-                        None => Walked::Entry(e),
-                    }
+        let opened = self.store_of(&root);
+        let walked = {
+            let on_item = |item| -> Result<(), PrepareError> {
+                if *stop.borrow() {
+                    return Err(PrepareError::Stopping);
                 }
-                other => other,
-            };
-            match item {
-                Walked::Entry(e) => {
-                    if e.kind == EntryKind::Hardlink {
-                        summary.hardlinks += 1;
+                // A name an object store cannot hold is an issue, reported, not a segment failed
+                // again and again with everything bundled with it.
+                let item = match item {
+                    Walked::Entry(e) if w.target_is_store => {
+                        let refused = crate::sink::object::key_refusal(&e.path).or_else(|| {
+                            (e.kind == EntryKind::Hardlink)
+                                .then(|| crate::sink::object::key_refusal(&e.link_target))
+                                .flatten()
+                        });
+                        match refused {
+                            Some(why) => Walked::Issue {
+                                path: display(&e.path),
+                                at: e.path,
+                                reason: why.to_string(),
+                            },
+                            None => Walked::Entry(e),
+                        }
                     }
-                    catalog.append(&e)?;
-                    let change = match &mut differ {
-                        None => Change::Send(e),
-                        Some(d) => d.entry(&e)?,
-                    };
-                    match change {
-                        Change::Same => {}
-                        Change::Resend(e) => plan(e, &mut writer, &mut batch, &mut summary)?,
-                        Change::Send(mut e) => {
-                            // A file of several blocks whose blocks were recorded when its
-                            // version at the target was sent: only its changed blocks travel
-                            // (objects in a store are written whole).
-                            if e.kind == EntryKind::File
-                                && !w.target_is_store
-                                && blocks::worth_a_delta(e.file_size, block_size)
-                            {
-                                e.delta_base = store
-                                    .version(&e.path)
-                                    .filter(|(_, bs)| *bs == block_size)
-                                    .map(|(v, _)| v);
+                    other => other,
+                };
+                match item {
+                    Walked::Entry(e) => {
+                        if e.kind == EntryKind::Hardlink {
+                            summary.hardlinks += 1;
+                        }
+                        catalog.append(&e)?;
+                        let change = match &mut differ {
+                            None => Change::Send(e),
+                            Some(d) => d.entry(&e)?,
+                        };
+                        match change {
+                            Change::Same => {}
+                            Change::Resend(e) => plan(e, &mut writer, &mut batch, &mut summary)?,
+                            Change::Send(mut e) => {
+                                // A file of several blocks whose blocks were recorded when its
+                                // version at the target was sent: only its changed blocks travel
+                                // (objects in a store are written whole).
+                                if e.kind == EntryKind::File
+                                    && !w.target_is_store
+                                    && blocks::worth_a_delta(e.file_size, block_size)
+                                {
+                                    e.delta_base = store
+                                        .version(&e.path)
+                                        .filter(|(_, bs)| *bs == block_size)
+                                        .map(|(v, _)| v);
+                                }
+                                plan(e, &mut writer, &mut batch, &mut summary)?
                             }
-                            plan(e, &mut writer, &mut batch, &mut summary)?
+                            Change::Replace(e) => {
+                                // In one bundle, in this order: the target removes what it has
+                                // there before it writes the new kind.
+                                let gone = Entry::delete(&e.path);
+                                plan(gone, &mut writer, &mut batch, &mut summary)?;
+                                plan(e, &mut writer, &mut batch, &mut summary)?;
+                            }
                         }
-                        Change::Replace(e) => {
-                            // In one bundle, in this order: the target removes what it has
-                            // there before it writes the new kind.
-                            let gone = Entry::delete(&e.path);
-                            plan(gone, &mut writer, &mut batch, &mut summary)?;
-                            plan(e, &mut writer, &mut batch, &mut summary)?;
+                    }
+                    Walked::Excluded => summary.excluded += 1,
+                    Walked::Issue { path, at, reason } => {
+                        tracing::warn!(message = "Cannot copy path.", migration = mid, path = %path, reason = %reason);
+                        if let Some(d) = &mut differ {
+                            d.unreadable(&at)?;
+                        }
+                        summary.issues_total += 1;
+                        if summary.issues.len() < MAX_ISSUES_KEPT {
+                            summary.issues.push((path, reason));
                         }
                     }
                 }
-                Walked::Excluded => summary.excluded += 1,
-                Walked::Issue { path, at, reason } => {
-                    tracing::warn!(message = "Cannot copy path.", migration = mid, path = %path, reason = %reason);
-                    if let Some(d) = &mut differ {
-                        d.unreadable(&at)?;
-                    }
-                    summary.issues_total += 1;
-                    if summary.issues.len() < MAX_ISSUES_KEPT {
-                        summary.issues.push((path, reason));
-                    }
-                }
+                Ok(())
+            };
+            match opened {
+                Ok(None) => walk(&root, &excludes, on_item),
+                Ok(Some(o)) => crate::objsource::list(rt, &w.source_path, &o, &excludes, on_item),
+                Err(reason) => Err(crate::scan::RootError {
+                    path: root.clone(),
+                    reason: format!("the object store cannot be opened: {reason}"),
+                }),
             }
-            Ok(())
-        });
+        };
         match walked {
             Ok(r) => {
                 r?;
@@ -1125,23 +1170,41 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             .ok_or_else(|| Failure::later(format!("source root of migration {mid} unknown")))?;
         let scanned =
             block_in_place(|| manifest.read(sid)).map_err(|e| Failure::counted(e.to_string()))?;
-        let (mut entries, mut expect, vanished) =
-            block_in_place(|| current_entries(&root, scanned));
-        block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::from)?;
-        // Prefetched bytes come out of one budget shared by all transfers: a slot that finds
-        // it spent streams its files as they are read.
-        let wanted: u64 = entries
-            .iter()
-            .zip(&expect)
-            .filter(|(e, x)| prefetchable(e, x, PREFETCH_MAX))
-            .map(|(e, _)| e.len)
-            .sum::<u64>()
-            .min(PREFETCH_PER_SEGMENT);
-        let kib = u32::try_from(wanted.div_ceil(1024)).unwrap_or(u32::MAX);
-        let room = self.prefetch_room.clone().try_acquire_many_owned(kib).ok();
-        let budget = if room.is_some() { wanted } else { 0 };
-        let prefetched = block_in_place(|| prefetch(&root, &mut entries, &mut expect, budget));
-        let store = self.blocks.lock().expect("not poisoned").get(&mid).cloned();
+        // A source in an object store: its objects are read as listed, by ranged GETs, with
+        // nothing to stat, prefetch, look for holes in, diff or read attributes of.
+        let opened = self.store_of(&root).map_err(|e| {
+            Failure::counted(format!(
+                "the object store {} cannot be opened: {e}",
+                root.display()
+            ))
+        })?;
+        let (mut entries, mut expect, vanished) = match &opened {
+            None => block_in_place(|| current_entries(&root, scanned)),
+            Some(_) => {
+                let n = scanned.len();
+                (scanned, vec![Some(FileId::LISTED); n], Vec::new())
+            }
+        };
+        let (prefetched, _room, store) = if opened.is_some() {
+            (vec![None; entries.len()], None, None)
+        } else {
+            block_in_place(|| find_holes(&root, &mut entries, &expect)).map_err(Failure::from)?;
+            // Prefetched bytes come out of one budget shared by all transfers: a slot that
+            // finds it spent streams its files as they are read.
+            let wanted: u64 = entries
+                .iter()
+                .zip(&expect)
+                .filter(|(e, x)| prefetchable(e, x, PREFETCH_MAX))
+                .map(|(e, _)| e.len)
+                .sum::<u64>()
+                .min(PREFETCH_PER_SEGMENT);
+            let kib = u32::try_from(wanted.div_ceil(1024)).unwrap_or(u32::MAX);
+            let room = self.prefetch_room.clone().try_acquire_many_owned(kib).ok();
+            let budget = if room.is_some() { wanted } else { 0 };
+            let prefetched = block_in_place(|| prefetch(&root, &mut entries, &mut expect, budget));
+            let store = self.blocks.lock().expect("not poisoned").get(&mid).cloned();
+            (prefetched, room, store)
+        };
         let block_size = store.as_ref().map_or(0, |(_, bs)| *bs);
         // Pieces sent as a delta: their blocks are hashed now, and only the changed ones sent.
         let mut piece_blocks: Vec<Vec<[u8; 32]>> = vec![Vec::new(); entries.len()];
@@ -1151,11 +1214,12 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             })
             .map_err(Failure::from)?;
         }
-        if self
-            .with_xattrs
-            .lock()
-            .expect("not poisoned")
-            .contains(&mid)
+        if opened.is_none()
+            && self
+                .with_xattrs
+                .lock()
+                .expect("not poisoned")
+                .contains(&mid)
         {
             block_in_place(|| read_xattrs(&root, &mut entries)).map_err(Failure::from)?;
         }
@@ -1195,6 +1259,11 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                                 .map_err(|e| SendFail::Stream(FrameError::Write(e)))?;
                             Stats::add(&self.stats.bytes_sent, chunk.len() as u64);
                         }
+                    }
+                    None if opened.is_some() => {
+                        let o = opened.as_deref().expect("a store source");
+                        self.stream_object(mid, o, e, &mut hasher, &mut send)
+                            .await?;
                     }
                     None => {
                         let streamed = self
@@ -1269,6 +1338,96 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             tracing::debug!(message = "Not sent: changed since the scan.", migration = mid, path = %path, reason = %why);
         }
         Ok((hash, ack.verified))
+    }
+
+    /// Streams one object (or a piece of one) of a store source with one ranged GET, refusing
+    /// an object that is not the one listed (size or last-modified time differ).
+    async fn stream_object(
+        &self,
+        mid: u64,
+        opened: &Opened,
+        e: &Entry,
+        hasher: &mut blake3::Hasher,
+        send: &mut <D::Conn as Connection>::Send,
+    ) -> Result<(), SendFail> {
+        if e.len == 0 {
+            return Ok(());
+        }
+        let key = opened
+            .key(&e.path)
+            .map_err(|why| ReadError::ObjectChanged {
+                key: display(&e.path),
+                why,
+            })?;
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(e.offset..e.offset + e.len)),
+            ..Default::default()
+        };
+        let got = match opened.store.get_opts(&key, opts).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ReadError::ObjectChanged {
+                    key: key.to_string(),
+                    why: "it is gone".into(),
+                }
+                .into())
+            }
+            Err(source) => {
+                return Err(ReadError::Store {
+                    key: key.to_string(),
+                    source,
+                }
+                .into())
+            }
+        };
+        let now = (
+            got.meta.size,
+            got.meta.last_modified.timestamp(),
+            got.meta.last_modified.timestamp_subsec_nanos(),
+        );
+        if now != (e.file_size, e.mtime_sec, e.mtime_nsec) {
+            return Err(ReadError::ObjectChanged {
+                key: key.to_string(),
+                why: format!(
+                    "{} bytes modified at {}.{:09} now, {} bytes modified at {}.{:09} when listed",
+                    now.0, now.1, now.2, e.file_size, e.mtime_sec, e.mtime_nsec
+                ),
+            }
+            .into());
+        }
+        let mut body = got.into_stream();
+        let mut read = 0u64;
+        loop {
+            let chunk = match body.try_next().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(source) => {
+                    return Err(ReadError::Store {
+                        key: key.to_string(),
+                        source,
+                    }
+                    .into())
+                }
+            };
+            read += chunk.len() as u64;
+            if read > e.len {
+                break;
+            }
+            hasher.update(&chunk);
+            self.throttles.take(mid, chunk.len() as u64).await;
+            send.write_all(&chunk)
+                .await
+                .map_err(|e| SendFail::Stream(FrameError::Write(e)))?;
+            Stats::add(&self.stats.bytes_sent, chunk.len() as u64);
+        }
+        if read != e.len {
+            return Err(ReadError::ObjectChanged {
+                key: key.to_string(),
+                why: format!("{read} bytes read of {}", e.len),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Streams one file piece, checking that the file is the one expected and did not change while
@@ -1446,6 +1605,15 @@ struct FileId {
 }
 
 impl FileId {
+    /// An object of a store source: checked against the listing when it is read, not here.
+    const LISTED: FileId = FileId {
+        ino: 0,
+        size: 0,
+        mtime: (0, 0),
+        ctime: None,
+        may_be_sparse: false,
+    };
+
     fn of(m: &std::fs::Metadata) -> Self {
         FileId {
             ino: m.ino(),

@@ -294,6 +294,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             tls,
             hooks: Default::default(),
             target_store: store,
+            source_store: None,
         }
     };
     let target_agent = match &opts.target_store {

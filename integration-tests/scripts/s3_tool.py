@@ -4,6 +4,7 @@
   s3_tool.py ENDPOINT create-bucket BUCKET
   s3_tool.py ENDPOINT list BUCKET [PREFIX]   -> JSON {key: {size, sha256, metadata}} on stdout
   s3_tool.py ENDPOINT uploads BUCKET         -> JSON [key of every multipart upload in progress]
+  s3_tool.py ENDPOINT put BUCKET PREFIX DIR  (every regular file below DIR, as PREFIX/<path>)
 """
 import hashlib
 import json
@@ -42,6 +43,14 @@ def main():
                     "metadata": got.get("Metadata", {}),
                 }
         json.dump(out, sys.stdout)
+    elif cmd == "put":
+        prefix, root = sys.argv[4], sys.argv[5]
+        for d, _, names in os.walk(root):
+            for n in names:
+                path = os.path.join(d, n)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    rel = os.path.relpath(path, root)
+                    s3.upload_file(path, bucket, f"{prefix}/{rel}" if prefix else rel)
     elif cmd == "uploads":
         got = s3.list_multipart_uploads(Bucket=bucket)
         json.dump([u["Key"] for u in got.get("Uploads", [])], sys.stdout)

@@ -183,6 +183,18 @@ impl Server {
         )?)
     }
 
+    /// S3: uploads every regular file below `dir` to `bucket` as `prefix/<path>`.
+    pub fn put_tree(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        assert_eq!(self.kind, Kind::S3, "only the S3 tool uploads");
+        let dir = dir.to_str().context("a UTF-8 directory")?;
+        self.run(&["put", bucket, prefix, dir]).map(|_| ())
+    }
+
     /// S3: the keys of the multipart uploads in progress in `bucket`.
     pub fn uploads(&self, bucket: &str) -> anyhow::Result<Vec<String>> {
         assert_eq!(self.kind, Kind::S3, "only S3 lists multipart uploads");

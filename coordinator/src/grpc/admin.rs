@@ -33,9 +33,20 @@ fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
             return bad(format!("{what}: {e}"));
         }
     }
-    if !s.source_path.starts_with('/') {
+    let store_source = ["s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://"]
+        .iter()
+        .any(|p| s.source_path.starts_with(p));
+    if !s.source_path.starts_with('/') && !store_source {
         return bad(format!(
-            "source path {:?} must be absolute (a directory on the source agent)",
+            "source path {:?} must be absolute (a directory on the source agent) or an object \
+             store's URL (s3://bucket/prefix, gs://…, az://…)",
+            s.source_path
+        ));
+    }
+    if store_source && s.sync_every_secs > 0 {
+        return bad(format!(
+            "source {} is an object store: sync rounds from a store are not supported yet, so \
+             --sync-every cannot be set (its bulk copy is)",
             s.source_path
         ));
     }

@@ -254,6 +254,9 @@ impl State {
         let Some(m) = self.migrations.get_mut(&mid) else {
             return refused(format!("migration {mid} does not exist"));
         };
+        if m.spec.source_is_store() {
+            return refused(super::phases::store_source_refusal(&m.name, "a cutover"));
+        }
         let attempt = match &m.cutover {
             Some(c) if c.phase == CutoverPhase::Done => {
                 return refused(format!(

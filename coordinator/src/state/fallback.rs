@@ -51,6 +51,9 @@ impl State {
                  restart it with this version of ferry-agent"
             ));
         };
+        if m.spec.source_is_store() {
+            return refused(super::phases::store_source_refusal(&m.name, "a fallback"));
+        }
         if copy_root.contains("://") {
             return refused(format!(
                 "agent {from} writes to an object store ({copy_root}): a fallback from a store \

@@ -38,6 +38,23 @@ pub struct MigrationSpec {
     pub fallback_of: u64,
 }
 
+impl MigrationSpec {
+    /// Whether the source is an object store (`s3://…`, `gs://…`, `az://…`) rather than a
+    /// directory: such a migration runs its bulk copy only (no sync rounds, cutover or full
+    /// verification yet).
+    pub fn source_is_store(&self) -> bool {
+        self.source_path.contains("://")
+    }
+}
+
+/// Why migration `name` cannot `what` when its source is an object store.
+pub(super) fn store_source_refusal(name: &str, what: &str) -> String {
+    format!(
+        "migration {name} reads from an object store: {what} is not supported for an \
+         object-store source yet (its bulk copy is)"
+    )
+}
+
 /// Where a migration is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {

@@ -2599,3 +2599,30 @@ fn the_data_paths_commands_do_not_count_as_changes_of_what_agents_are_asked_to_d
     assert_eq!(w.sync(mid, 10), Response::Ok);
     assert_eq!(w.s.work_changes.0, before + 1, "a sync round");
 }
+
+/// A migration from an object store runs its bulk copy; rounds, cutovers, full verifications
+/// and fallbacks are refused, saying why.
+#[test]
+fn a_migration_from_an_object_store_refuses_what_it_cannot_do_yet() {
+    let mut w = World::new();
+    let mid = w.create(spec("s3://bucket/prefix", 100));
+    w.round_scan(mid, &[(0, 10, 1)], 0, 1);
+    w.verify_all(3);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+    for r in [
+        w.sync(mid, 10),
+        w.apply(Command::StartCutover {
+            migration_id: mid,
+            now_ms: 11,
+        }),
+        w.apply(Command::StartVerification {
+            migration_id: mid,
+            now_ms: 12,
+        }),
+    ] {
+        assert!(
+            matches!(&r, Response::Refused(why) if why.contains("object store")),
+            "{r:?}"
+        );
+    }
+}

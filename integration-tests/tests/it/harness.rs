@@ -100,6 +100,7 @@ impl TestEnv {
             tls: self.issue(Identity::Agent(name.to_string())),
             hooks: Default::default(),
             target_store: None,
+            source_store: None,
         }
     }
 
