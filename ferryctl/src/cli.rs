@@ -177,7 +177,8 @@ enum MigrationCmd {
         /// src-01-data-to-dst-01-restored).
         #[arg(long)]
         name: Option<String>,
-        /// Source agent and absolute directory, as AGENT:/path.
+        /// Source agent and absolute directory, as AGENT:/path; or AGENT:s3://bucket/prefix
+        /// (gs://, az://) to read an object store through that agent (bulk copy only).
         #[arg(long)]
         source: String,
         /// Target agent and directory under its root, as AGENT or AGENT:dir.
