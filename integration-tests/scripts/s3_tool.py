@@ -5,6 +5,7 @@
   s3_tool.py ENDPOINT list BUCKET [PREFIX]   -> JSON {key: {size, sha256, metadata}} on stdout
   s3_tool.py ENDPOINT uploads BUCKET         -> JSON [key of every multipart upload in progress]
   s3_tool.py ENDPOINT put BUCKET PREFIX DIR  (every regular file below DIR, as PREFIX/<path>)
+  s3_tool.py ENDPOINT delete BUCKET PREFIX   (every object below PREFIX/)
 """
 import hashlib
 import json
@@ -51,6 +52,12 @@ def main():
                 if os.path.isfile(path) and not os.path.islink(path):
                     rel = os.path.relpath(path, root)
                     s3.upload_file(path, bucket, f"{prefix}/{rel}" if prefix else rel)
+    elif cmd == "delete":
+        prefix = sys.argv[4].rstrip("/") + "/"
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
     elif cmd == "uploads":
         got = s3.list_multipart_uploads(Bucket=bucket)
         json.dump([u["Key"] for u in got.get("Uploads", [])], sys.stdout)

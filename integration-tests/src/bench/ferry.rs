@@ -10,14 +10,18 @@ use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
 use ferry_proto::admin::Phase;
 
-use super::peers::{sibling, Ctx, Daemons, COORD_PORT, DATA_PORT};
+use super::peers::{sibling, Ctx, Daemons, COORD_PORT, DATA_PORT, DATA_PORT_S3, S3_BUCKET};
 use crate::wan::{self, WanPath};
 
 /// ferry's daemons: coordinator and target agent in B, source agent in A.
+///
+/// With `s3`, a second target agent, `dst-s3`, writes into the S3 server's bucket (below
+/// `ferry/`), for the `ferry-s3` tool.
 pub fn start_ferry(
     ctx: &Ctx,
     daemons: &mut Daemons,
     lease_ttl_secs: u64,
+    s3: bool,
 ) -> anyhow::Result<TlsMaterial> {
     let ca = Ca::load(&ctx.pki)?;
     let dir = ctx.work.join("ferry");
@@ -60,17 +64,37 @@ pub fn start_ferry(
             tls(Identity::Agent("src".into()))?
         ),
     )?;
+    let mut agents = vec![("dst.toml", "dst")];
+    if s3 {
+        std::fs::write(
+            dir.join("dst-s3.toml"),
+            format!(
+                "name = \"dst-s3\"\ncoordinator = \"{b}:{COORD_PORT}\"\ndata_listen = \"{b}:{DATA_PORT_S3}\"\nstate_dir = \"{}\"\n{}\
+                 [target_store]\nurl = \"s3://{S3_BUCKET}/ferry\"\n[target_store.options]\n\
+                 endpoint = \"{}\"\nallow_http = \"true\"\nregion = \"us-east-1\"\n\
+                 access_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+                dir.join("dst-s3-state").display(),
+                tls(Identity::Agent("dst-s3".into()))?,
+                ctx.s3_endpoint()
+            ),
+        )?;
+        agents.push(("dst-s3.toml", "dst-s3"));
+    }
     let admin = TlsMaterial::load(&ca.issue(&Identity::Admin("bench".into()), &ctx.pki)?)?;
     let coord = sibling("it-coordinator")?;
     let agent = sibling("it-agent")?;
-    for (ns, bin, cfg, name) in [
-        (&ctx.wan.ns_b, &coord, "coordinator.toml", "coordinator"),
-        (&ctx.wan.ns_b, &agent, "dst.toml", "dst"),
-        (&ctx.wan.ns_a, &agent, "src.toml", "src"),
-    ] {
+    let mut procs = vec![(&ctx.wan.ns_b, &coord, "coordinator.toml", "coordinator")];
+    procs.extend(
+        agents
+            .iter()
+            .map(|(cfg, name)| (&ctx.wan.ns_b, &agent, *cfg, *name)),
+    );
+    procs.push((&ctx.wan.ns_a, &agent, "src.toml", "src"));
+    let want_agents = procs.len() - 1;
+    for (ns, bin, cfg, name) in procs {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         daemons.0.push((
-            &["ferry"],
+            &["ferry", "ferry-s3"],
             WanPath::command(ns, &bin.display().to_string())
                 .args(["run", "--config"])
                 .arg(dir.join(cfg))
@@ -98,7 +122,7 @@ pub fn start_ferry(
             loop {
                 if let Ok(ctl) = ferryctl::ctl::Ctl::connect(&addr, &a2).await {
                     if let Ok(agents) = ctl.agents().await {
-                        if agents.len() >= 2 {
+                        if agents.len() >= want_agents {
                             return Ok(());
                         }
                     }
@@ -117,6 +141,12 @@ pub fn start_ferry(
 /// number of segments that were leased more than once.
 pub fn ferry_copy(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<(PathBuf, u64), String> {
     ferry_copy_from(ctx, admin, &ctx.src, name).map(|(p, resent, _)| (p, resent))
+}
+
+/// One ferry migration of the source into the S3 server's bucket, below `ferry/<name>/`;
+/// returns the number of segments that were leased more than once.
+pub fn ferry_copy_s3(ctx: &Ctx, admin: &TlsMaterial, name: &str) -> Result<u64, String> {
+    migrate(ctx, admin, &ctx.src, "dst-s3", name).map(|(resent, _)| resent)
 }
 
 /// Runs `f` with an admin client of the coordinator, from side B's network namespace.
@@ -241,13 +271,31 @@ pub fn ferry_copy_from(
     src: &std::path::Path,
     name: &str,
 ) -> Result<(PathBuf, u64, u64), String> {
-    let (src, tp, timeout) = (src.display().to_string(), name.to_string(), ctx.timeout);
-    let (resent, id) = with_ctl(ctx, admin, async move |ctl| {
+    let (resent, id) = migrate(ctx, admin, src, "dst", name)?;
+    Ok((ctx.work.join("dst").join(name), resent, id))
+}
+
+/// Migrates `src` to `target_path` of agent `target`; the number of segments leased more than
+/// once, and the migration's id.
+fn migrate(
+    ctx: &Ctx,
+    admin: &TlsMaterial,
+    src: &std::path::Path,
+    target: &str,
+    target_path: &str,
+) -> Result<(u64, u64), String> {
+    let (src, tp, timeout) = (
+        src.display().to_string(),
+        target_path.to_string(),
+        ctx.timeout,
+    );
+    let target = target.to_string();
+    with_ctl(ctx, admin, async move |ctl| {
         let id = ctl
             .create(ferry_proto::admin::MigrationSpec {
                 source_agent: "src".into(),
                 source_path: src,
-                target_agent: "dst".into(),
+                target_agent: target,
                 target_path: tp,
                 ..Default::default()
             })
@@ -267,6 +315,5 @@ pub fn ferry_copy_from(
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-    })?;
-    Ok((ctx.work.join("dst").join(name), resent, id))
+    })
 }

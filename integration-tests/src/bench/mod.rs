@@ -194,8 +194,17 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
     if tools.iter().any(|t| SSH_TOOLS.contains(&t.as_str())) {
         peers::start_sshd(&ctx, &mut daemons)?;
     }
-    let admin = if tools.iter().any(|t| t == "ferry") {
-        Some(ferry::start_ferry(&ctx, &mut daemons, opts.lease_ttl_secs)?)
+    if tools.iter().any(|t| peers::S3_TOOLS.contains(&t.as_str())) {
+        peers::start_s3(&ctx, &mut daemons)?;
+    }
+    let admin = if tools.iter().any(|t| t == "ferry" || t == "ferry-s3") {
+        let s3 = tools.iter().any(|t| t == "ferry-s3");
+        Some(ferry::start_ferry(
+            &ctx,
+            &mut daemons,
+            opts.lease_ttl_secs,
+            s3,
+        )?)
     } else {
         None
     };

@@ -115,6 +115,58 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The S3 server's endpoint, in side B.
+    pub fn s3_endpoint(&self) -> String {
+        format!("http://{}:{S3_PORT}", self.wan.addr_b)
+    }
+
+    /// `scripts/s3_tool.py` against the S3 server, run in side B; its stdout.
+    pub fn s3_tool(&self, args: &[&str]) -> Result<Vec<u8>, String> {
+        let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3_tool.py");
+        let out = WanPath::command(&self.wan.ns_b, "python3")
+            .arg(tool)
+            .arg(self.s3_endpoint())
+            .args(args)
+            .env_remove("AWS_CA_BUNDLE")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "s3_tool {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(out.stdout)
+    }
+
+    /// `rclone copy` of `src`'s contents to `bucket/prefix` of the S3 server, from side A.
+    pub fn rclone_s3(&self, src: &Path, prefix: &str) -> Command {
+        let conf = self.work.join("rclone.conf");
+        let _ = std::fs::write(&conf, "");
+        let mut c = self.in_a("rclone");
+        c.arg("copy")
+            .arg(src)
+            .arg(format!(":s3:{S3_BUCKET}/{prefix}"))
+            .arg("--config")
+            .arg(&conf)
+            .args([
+                "--s3-provider",
+                "Other",
+                "--s3-endpoint",
+                &self.s3_endpoint(),
+            ])
+            .args([
+                "--s3-access-key-id",
+                "test",
+                "--s3-secret-access-key",
+                "test",
+            ])
+            .args(["--s3-region", "us-east-1"])
+            // A plain-HTTP local server: the machine's CA bundle setting breaks rclone's S3.
+            .env_remove("AWS_CA_BUNDLE");
+        c
+    }
+
     /// ssh's options for the bench's key, no host checks.
     pub fn ssh_opts(&self) -> Vec<String> {
         [
@@ -185,6 +237,14 @@ pub const COORD_PORT: u16 = 7400;
 pub const DATA_PORT: u16 = 7401;
 /// The raw QUIC sink's port in side B.
 pub const QUIC_SINK_PORT: u16 = 7500;
+/// The S3 server's (moto's) port in side B.
+pub const S3_PORT: u16 = 7600;
+/// ferry's second target agent's data port in side B (the one writing to the S3 server).
+pub const DATA_PORT_S3: u16 = 7402;
+/// The bucket the S3 tools write to.
+pub const S3_BUCKET: &str = "bench";
+/// The tools that write to the S3 server.
+pub const S3_TOOLS: &[&str] = &["ferry-s3", "rclone-s3"];
 
 /// Starts sshd in namespace B with a fresh host key and a client key.
 pub fn start_sshd(ctx: &Ctx, daemons: &mut Daemons) -> anyhow::Result<()> {
@@ -270,6 +330,12 @@ const NEEDS: &[(&str, &[&str], &str)] = &[
         &["rclone", "/usr/sbin/sshd"],
         "rclone openssh-server",
     ),
+    (
+        "rclone-s3",
+        &["rclone", "moto_server"],
+        "rclone; pip install 'moto[server]'",
+    ),
+    ("ferry-s3", &["moto_server"], "pip install 'moto[server]'"),
 ];
 
 /// Keeps the tools whose programs are installed; says, for each one dropped, what to install.
@@ -294,6 +360,33 @@ pub fn installed(tools: &mut Vec<String>) -> Vec<String> {
         false
     });
     missing
+}
+
+/// Starts the S3 server (moto) in side B and creates the bucket.
+pub fn start_s3(ctx: &Ctx, daemons: &mut Daemons) -> anyhow::Result<()> {
+    let log = std::fs::File::create(ctx.work.join("moto.log"))?;
+    let moto = WanPath::command(&ctx.wan.ns_b, "moto_server")
+        .args([
+            "-H",
+            &ctx.wan.addr_b.to_string(),
+            "-p",
+            &S3_PORT.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    daemons.0.push((S3_TOOLS, moto));
+    let t = Instant::now();
+    loop {
+        match ctx.s3_tool(&["create-bucket", S3_BUCKET]) {
+            Ok(_) => return Ok(()),
+            Err(e) if t.elapsed() > Duration::from_secs(30) => {
+                bail!("the S3 server did not answer within 30 s: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// Starts the raw QUIC sink (this binary's `quic-sink`) in side B.

@@ -292,11 +292,14 @@ impl Report {
     }
 }
 
-/// ferry's median wall time, the yardstick of the "time ÷ ferry's" column.
+/// ferry's median wall time, the yardstick of the "time ÷ ferry's" column: `ferry`'s, or
+/// `ferry-s3`'s when only the S3 tools ran.
 fn ferry_wall(rows: &[Row]) -> Option<f64> {
-    rows.iter()
-        .find(|r| r.tool == "ferry" && r.ok > 0)
-        .map(|r| r.wall)
+    ["ferry", "ferry-s3"].iter().find_map(|name| {
+        rows.iter()
+            .find(|r| r.tool == *name && r.ok > 0)
+            .map(|r| r.wall)
+    })
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@ use anyhow::bail;
 use ferry_common::tls::TlsMaterial;
 
 use super::dataset::{self, Kind};
-use super::ferry::ferry_copy;
+use super::ferry::{ferry_copy, ferry_copy_s3};
 use super::measure::{machine_cpu_secs, own_cpu_secs, RssSampler};
-use super::peers::{run_logged, Ctx, Daemons, QUIC_SINK_PORT, SSH_PORT};
+use super::peers::{run_logged, Ctx, Daemons, QUIC_SINK_PORT, S3_BUCKET, SSH_PORT};
 use crate::tree::{self, Fidelity};
 
 /// One timed copy.
@@ -73,6 +73,20 @@ pub fn one_run(
         }
         "rclone" => run_logged(ctx.rclone(&ctx.src, &dst), &log, ctx.timeout)
             .map(|_| (dst.clone(), Fidelity::Contents)),
+        // Into the S3 server: ferry through its target agent beside the server (over QUIC
+        // across the path), rclone straight to the server (HTTP across the path).
+        "ferry-s3" => match admin {
+            Some(a) => ferry_copy_s3(ctx, a, &name).map(|resent| {
+                resent_segments = resent;
+                (PathBuf::from(format!("ferry/{name}")), Fidelity::Contents)
+            }),
+            None => Err("ferry daemons did not start".into()),
+        },
+        "rclone-s3" => {
+            let prefix = format!("rclone/{name}");
+            run_logged(ctx.rclone_s3(&ctx.src, &prefix), &log, ctx.timeout)
+                .map(|_| (PathBuf::from(prefix), Fidelity::Contents))
+        }
         "ferry" => match admin {
             Some(a) => ferry_copy(ctx, a, &name).map(|(p, resent)| {
                 resent_segments = resent;
@@ -104,6 +118,9 @@ pub fn one_run(
         if tool.starts_with("quic-raw") {
             return Ok(copy);
         }
+        if tool.ends_with("-s3") {
+            return s3_compare(ctx, &copy.display().to_string()).map(|_| copy);
+        }
         tree::compare(&ctx.src, &copy, fidelity)
             .map(|_| copy)
             .map_err(|e| format!("copy differs from the source: {e}"))
@@ -115,6 +132,15 @@ pub fn one_run(
         }
         Err(e) => (false, e.clone()),
     };
+    if tool.ends_with("-s3") {
+        // The server keeps objects in memory: each copy goes once checked.
+        let prefix = if tool == "ferry-s3" {
+            "ferry"
+        } else {
+            "rclone"
+        };
+        let _ = ctx.s3_tool(&["delete", S3_BUCKET, &format!("{prefix}/{name}")]);
+    }
     let _ = std::fs::remove_dir_all(&dst);
     Run {
         tool: tool.into(),
@@ -345,6 +371,56 @@ fn fresh_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
         .success()
     {
         bail!("cp -a {} {} failed", from.display(), to.display());
+    }
+    Ok(())
+}
+
+/// Checks, through an S3 client independent of ferry (boto3, run beside the server), that every
+/// regular file of the source is below `prefix/` of the bucket with its size and SHA-256.
+fn s3_compare(ctx: &Ctx, prefix: &str) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Object {
+        size: u64,
+        sha256: String,
+    }
+    let listed = ctx.s3_tool(&["list", S3_BUCKET, &format!("{prefix}/")])?;
+    let held: std::collections::HashMap<String, Object> =
+        serde_json::from_slice(&listed).map_err(|e| e.to_string())?;
+    let mut dirs = vec![ctx.src.clone()];
+    let mut files = 0;
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| e.to_string())? {
+            let e = e.map_err(|e| e.to_string())?;
+            let t = e.file_type().map_err(|e| e.to_string())?;
+            if t.is_dir() {
+                dirs.push(e.path());
+                continue;
+            }
+            if !t.is_file() {
+                continue;
+            }
+            let rel = e
+                .path()
+                .strip_prefix(&ctx.src)
+                .map_err(|e| e.to_string())?
+                .display()
+                .to_string();
+            let key = format!("{prefix}/{rel}");
+            let Some(o) = held.get(&key) else {
+                return Err(format!("{key} is not in the bucket"));
+            };
+            let data = std::fs::read(e.path()).map_err(|e| e.to_string())?;
+            let sha = ferry_common::hash::hex(
+                ring::digest::digest(&ring::digest::SHA256, &data).as_ref(),
+            );
+            if o.size != data.len() as u64 || o.sha256 != sha {
+                return Err(format!("{key} differs from the source"));
+            }
+            files += 1;
+        }
+    }
+    if files == 0 {
+        return Err("no file was checked".into());
     }
     Ok(())
 }

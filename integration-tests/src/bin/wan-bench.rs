@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! apt-get install -y rsync openssh-server openssh-client rclone   # the peers
+//! pip install 'moto[server]'                                       # the S3 server (-s3 tools)
 //! cargo build --release -p ferry-integration-tests --bins
 //! target/release/wan-bench --profile lan --dataset checkpoint --size quick
 //! ```
@@ -38,7 +39,9 @@ struct Args {
     size: String,
     /// Tools, comma-separated: ferry, rsync, rsync-fsync (rsync --fsync: durable like ferry),
     /// scp, rclone, quic-raw (quinn with ferry's TLS and windows and CUBIC, bytes only),
-    /// quic-raw-bbr (the same with BBR, ferry's default controller: its transport ceiling).
+    /// quic-raw-bbr (the same with BBR, ferry's default controller: its transport ceiling);
+    /// ferry-s3 and rclone-s3 copy into an S3 server (moto) beside the target, ferry through
+    /// its target agent there, rclone straight over the path.
     #[arg(long, default_value = "ferry,rsync,scp,rclone,quic-raw")]
     tools: String,
     /// Runs of each tool (interleaved); figures are medians.
