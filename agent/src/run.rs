@@ -129,6 +129,23 @@ fn default_register_timeout() -> u64 {
     60
 }
 
+/// Serves segments into `sink` on `endpoint` until `stop`.
+fn serve<S: crate::sink::Sink>(
+    sink: Arc<S>,
+    control: &Control,
+    stats: &Arc<Stats>,
+    endpoint: quinn::Endpoint,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let target = Arc::new(Target {
+        headers: tokio::sync::Semaphore::new(32),
+        sink,
+        control: control.clone(),
+        stats: stats.clone(),
+    });
+    tokio::spawn(target.serve(endpoint, stop))
+}
+
 /// Where a target writes.
 enum TargetSink {
     Fs(Arc<FsSink>),
@@ -451,26 +468,10 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             );
         }
         advertised = addr.to_string();
-        let headers = || tokio::sync::Semaphore::new(32);
+        let stop = stop_rx.clone();
         tasks.push(match sink {
-            TargetSink::Fs(sink) => tokio::spawn(
-                Arc::new(Target {
-                    headers: headers(),
-                    sink,
-                    control: control.clone(),
-                    stats: stats.clone(),
-                })
-                .serve(endpoint, stop_rx.clone()),
-            ),
-            TargetSink::Object(sink) => tokio::spawn(
-                Arc::new(Target {
-                    headers: headers(),
-                    sink,
-                    control: control.clone(),
-                    stats: stats.clone(),
-                })
-                .serve(endpoint, stop_rx.clone()),
-            ),
+            TargetSink::Fs(sink) => serve(sink, &control, &stats, endpoint, stop),
+            TargetSink::Object(sink) => serve(sink, &control, &stats, endpoint, stop),
         });
     }
 

@@ -407,6 +407,23 @@ pub(super) fn inode(path: &Path) -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// Checks a migration's key, `<cluster id>/<uuid>` (what a target keeps of a migration is
+/// kept under it).
+pub(super) fn check_migration_key(migration: &str) -> Result<(), SinkError> {
+    let key_ok = migration.split('/').count() == 2
+        && migration
+            .split('/')
+            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if key_ok {
+        Ok(())
+    } else {
+        Err(SinkError::BadEntry {
+            path: String::new(),
+            reason: format!("migration key {migration:?} is not <cluster id>/<uuid>"),
+        })
+    }
+}
+
 /// Where a target writes what it receives. A trait so that the target's logic (lease checks,
 /// hashes, refusals, reports) is tested without a disk: [`mem::MemSink`] is the in-memory
 /// fake, [`FsSink`] the real sink, and both pass the same contract tests (`contract`).
@@ -457,16 +474,7 @@ impl Sink for FsSink {
         epoch: u64,
     ) -> Result<SegmentWriter<'_>, SinkError> {
         let base = validate_subdir(target_path)?;
-        let key_ok = migration.split('/').count() == 2
-            && migration.split('/').all(|c| {
-                !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !key_ok {
-            return Err(SinkError::BadEntry {
-                path: String::new(),
-                reason: format!("migration key {migration:?} is not <cluster id>/<uuid>"),
-            });
-        }
+        check_migration_key(migration)?;
         Ok(SegmentWriter {
             sink: self,
             base,

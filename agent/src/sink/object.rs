@@ -649,16 +649,7 @@ impl Sink for ObjectSink {
             path: target_path.into(),
             reason: "an object store's keys are UTF-8".into(),
         })?;
-        let key_ok = migration.split('/').count() == 2
-            && migration.split('/').all(|c| {
-                !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !key_ok {
-            return Err(SinkError::BadEntry {
-                path: String::new(),
-                reason: format!("migration key {migration:?} is not <cluster id>/<uuid>"),
-            });
-        }
+        super::check_migration_key(migration)?;
         let base = [self.prefix.as_ref(), sub.trim_matches('/')]
             .into_iter()
             .filter(|s| !s.is_empty())

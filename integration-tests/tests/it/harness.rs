@@ -399,3 +399,26 @@ pub fn skip(why: &str) {
     }
     eprintln!("SKIPPED: {why}");
 }
+
+/// Sets the agent throttle of `agent` (running in this process as `running`) to `rate` and waits
+/// until it applies it.
+pub async fn throttle_agent(
+    ctl: &Ctl,
+    running: &ferry_agent::run::RunningAgent,
+    agent: &str,
+    rate: &str,
+) {
+    ctl.set_throttle("", agent, rate).await.unwrap();
+    wait_for(
+        "the agent to learn its throttle",
+        Duration::from_secs(20),
+        || async {
+            running
+                .throttles
+                .rate_at(ferry_agent::throttle::Scope::Agent, 0)
+                .is_some()
+                .then_some(())
+        },
+    )
+    .await;
+}

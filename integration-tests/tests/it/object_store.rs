@@ -12,7 +12,7 @@ use ferry_integration_tests::stores::{Object, Server};
 use ferry_proto::admin as pb;
 
 use crate::harness::{
-    assert_not_resent, finished, make_files, migration_spec, skip, wait_for, wait_verified, TestEnv,
+    assert_not_resent, finished, make_files, migration_spec, skip, wait_verified, TestEnv,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -191,19 +191,7 @@ async fn a_target_killed_mid_multipart_resumes_the_upload_without_resending_veri
     scfg.max_in_flight = 1;
     let source = ferry_agent::run::start(scfg).await.unwrap();
     // 64 MiB at 64 Mbit/s: about 8 s, time enough to kill the target between pieces.
-    ctl.set_throttle("", "source", "64mbit").await.unwrap();
-    wait_for(
-        "the source to learn its throttle",
-        Duration::from_secs(20),
-        || async {
-            source
-                .throttles
-                .rate_at(ferry_agent::throttle::Scope::Agent, 0)
-                .is_some()
-                .then_some(())
-        },
-    )
-    .await;
+    crate::harness::throttle_agent(&ctl, &source, "source", "64mbit").await;
     let top = "data_listen = \"127.0.0.1:0\"\n";
     let (store, _) = moto.target_store_toml("ferry-kill", "ckpt");
     let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
@@ -284,7 +272,7 @@ async fn a_store_that_stops_answering_fails_the_migration_clearly_and_only_store
     scfg.max_in_flight = 1;
     let source = ferry_agent::run::start(scfg).await.unwrap();
     // 48 MiB at 32 Mbit/s: about 12 s.
-    ctl.set_throttle("", "source", "32mbit").await.unwrap();
+    crate::harness::throttle_agent(&ctl, &source, "source", "32mbit").await;
     let spec = pb::MigrationSpec {
         segment_size: 8 * MIB as u64,
         max_attempts: 2,

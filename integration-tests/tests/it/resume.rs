@@ -281,19 +281,7 @@ async fn a_target_killed_mid_bundle_publishes_nothing_and_the_resent_bundle_comp
     let ctl = env.ctl(&coord).await;
     let source = env.agent("source", &coord, None).await;
     // Slow the source down (2.4 MB at 0.5 MB/s) so that the target can be killed mid-bundle.
-    ctl.set_throttle("", "source", "4mbit").await.unwrap();
-    wait_for(
-        "the source to learn its throttle",
-        Duration::from_secs(20),
-        || async {
-            source
-                .throttles
-                .rate_at(ferry_agent::throttle::Scope::Agent, 0)
-                .is_some()
-                .then_some(())
-        },
-    )
-    .await;
+    crate::harness::throttle_agent(&ctl, &source, "source", "4mbit").await;
     let mut target = crate::processes::spawn_agent(&env, "target", &coord, Some(&root));
     crate::processes::wait_registered(&ctl, "target", true).await;
     let spec = pb::MigrationSpec {
