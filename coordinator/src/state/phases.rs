@@ -517,7 +517,10 @@ impl State {
         let stale = c.stale_segments > at_start.stale_segments;
         // Anything the scan could not copy (a FIFO, an unreadable file) fails the round too: a
         // copy that left something behind is not done.
-        let phase = if failed || m.scan_issues_total > 0 {
+        // A store source has no sync round yet (its listing is in the store's order, not the
+        // catalog's): objects that changed during its copy leave it failed, each named by its
+        // segment's error, instead of a next round.
+        let phase = if failed || m.scan_issues_total > 0 || (stale && m.spec.source_is_store()) {
             Phase::Failed
         } else if stale {
             Phase::Syncing

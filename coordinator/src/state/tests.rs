@@ -2625,4 +2625,27 @@ fn a_migration_from_an_object_store_refuses_what_it_cannot_do_yet() {
             "{r:?}"
         );
     }
+
+    // An object that changed during the copy ends it failed, not in a next round.
+    let mut w = World::new();
+    let mid = w.create(spec("s3://bucket/prefix", 100));
+    w.round_scan(mid, &[(0, 10, 1), (1, 10, 1)], 0, 1);
+    let leases = w.lease(2, 3);
+    w.report_at(Role::Source, &leases[0], Ok([3; 32]), false, 3);
+    w.report_at(Role::Target, &leases[0], Ok([3; 32]), false, 3);
+    w.apply(Command::ReportSegment {
+        agent: "src".into(),
+        session: 1,
+        role: Role::Source,
+        migration_id: mid,
+        segment_id: leases[1].segment_id,
+        epoch: leases[1].epoch,
+        result: Err("data/b changed in the store since it was scanned".into()),
+        source_hash: None,
+        retry_later: false,
+        stale: true,
+        now_ms: 4,
+    });
+    let m = &w.s.migrations[&mid];
+    assert_eq!((m.phase, m.round().number), (Phase::Failed, 0));
 }

@@ -12,7 +12,7 @@ use ferry_integration_tests::stores::{Object, Server};
 use ferry_proto::admin as pb;
 
 use crate::harness::{
-    assert_not_resent, finished, make_files, migration_spec, skip, wait_verified, TestEnv,
+    assert_not_resent, finished, make_files, migration_spec, skip, wait_for, wait_verified, TestEnv,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -459,4 +459,73 @@ async fn a_bucket_migrates_into_another_bucket_and_into_a_directory() {
 /// `migration_spec` wants a path; a store source replaces it.
 fn src_placeholder() -> std::path::PathBuf {
     std::path::PathBuf::from("/unused")
+}
+
+/// An object overwritten between the listing and its read is not sent as the listed one: its
+/// segment is not verified, and the migration says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_object_changed_after_the_listing_is_never_passed_off_as_the_listed_one() {
+    let Some(moto) = moto() else { return };
+    let env = TestEnv::new();
+    let seed = env.path("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    for (name, fill) in [("a.bin", 1u8), ("b.bin", 2u8)] {
+        std::fs::write(seed.join(name), vec![fill; 6 * MIB]).unwrap();
+    }
+    moto.create_bucket("ferry-live").unwrap();
+    moto.put_tree("ferry-live", "data", &seed).unwrap();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let root = env.path("dst");
+    // A target that has shut down cleanly receives nothing: the scan (the listing) completes
+    // before any byte is read.
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    target.shutdown().await;
+    let mut scfg = env.agent_config("source", &coord, None);
+    scfg.source_store = Some(source_settings(&moto));
+    let source = ferry_agent::run::start(scfg).await.unwrap();
+    let id = ctl
+        .create(pb::MigrationSpec {
+            source_path: "s3://ferry-live/data".into(),
+            segment_size: 8 * MIB as u64,
+            max_attempts: 2,
+            ..migration_spec(&src_placeholder(), "")
+        })
+        .await
+        .unwrap();
+    wait_for("the listing", Duration::from_secs(60), || async {
+        let p = ctl.status(id).await.ok()?;
+        p.scan_complete.then_some(())
+    })
+    .await;
+    // The application rewrites b.bin (same size, new bytes, a new last-modified time).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let newer = env.path("newer");
+    std::fs::create_dir_all(&newer).unwrap();
+    std::fs::write(newer.join("b.bin"), vec![9u8; 6 * MIB]).unwrap();
+    moto.put_tree("ferry-live", "data", &newer).unwrap();
+    let target = env.agent("target", &coord, Some(root.clone())).await;
+    let done = ctl
+        .watch(id, Duration::from_secs(120), |_, _| {})
+        .await
+        .unwrap();
+    let v = ctl.verify(id, u32::MAX).await.unwrap();
+    assert!(!v.all_verified, "{done:#?}");
+    assert_eq!(done.segments_verified, 1, "{done:#?}");
+    // What arrived is the listed a.bin; b.bin is not there in either version.
+    assert_eq!(
+        std::fs::read(root.join("a.bin")).unwrap(),
+        vec![1u8; 6 * MIB]
+    );
+    assert!(!root.join("b.bin").exists(), "{done:#?}");
+    assert!(
+        done.last_error
+            .contains("changed in the store since it was scanned"),
+        "{}",
+        done.last_error
+    );
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
 }
