@@ -22,10 +22,7 @@ use crate::segment::Entry;
 use crate::sink::object::{Store, StoreConfig};
 use ferry_common::exclude::Excludes;
 
-/// Whether a migration's source path names an object store rather than a directory.
-pub fn is_store_url(path: &str) -> bool {
-    path.contains("://")
-}
+pub use ferry_common::path::is_store_url;
 
 /// The `[source_store]` section of an agent's config: the settings it uses for every store a
 /// migration asks it to read (credentials otherwise from the environment, as for targets).
@@ -88,7 +85,7 @@ impl StoreSources {
         if let Some(secs) = self.settings.retry_timeout_secs {
             cfg.retry_timeout_secs = secs;
         }
-        let (store, prefix) = cfg.open().map_err(|e| e.to_string())?;
+        let (store, prefix, _) = cfg.open().map_err(|e| e.to_string())?;
         let o = Arc::new(Opened { store, prefix });
         self.opened
             .lock()

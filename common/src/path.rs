@@ -120,6 +120,12 @@ pub fn display(p: &Path) -> String {
     escape(bytes(p))
 }
 
+/// Whether a migration's source path or a target's registered root names an object store
+/// (`s3://bucket/prefix`, `gs://…`, `az://…`) rather than a directory (always absolute).
+pub fn is_store_url(path: &str) -> bool {
+    path.contains("://")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

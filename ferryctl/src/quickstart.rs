@@ -159,7 +159,7 @@ impl Report {
                 "NO"
             },
             // An object store's URL, or a directory.
-            if self.target.to_string_lossy().contains("://") {
+            if ferry_common::path::is_store_url(&self.target.to_string_lossy()) {
                 "stored"
             } else {
                 "fsynced"

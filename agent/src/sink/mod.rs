@@ -355,6 +355,23 @@ pub(super) fn mtime_of(e: &Entry) -> FileTime {
     FileTime::from_unix_time(e.mtime_sec, e.mtime_nsec)
 }
 
+/// What a JSON sidecar at `path` holds, or `None` when there is none.
+pub(super) fn load_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, SinkError> {
+    match fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| SinkError::Io {
+                op: "corrupt sidecar",
+                path: path.to_path_buf(),
+                source: io::Error::other(e),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at("cannot read", path)(e)),
+    }
+}
+
 /// Writes `value` as JSON to `path` durably: a temporary beside it, fsynced, renamed over it,
 /// the directory fsynced (created if missing).
 pub(super) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SinkError> {

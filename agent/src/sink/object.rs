@@ -105,14 +105,6 @@ impl StoreConfig {
         }
     }
 
-    /// Whether the URL names an Azure Blob store.
-    pub fn is_azure(&self) -> bool {
-        url::Url::parse(&self.url)
-            .ok()
-            .and_then(|u| ObjectStoreScheme::parse(&u).ok())
-            .is_some_and(|(s, _)| s == ObjectStoreScheme::MicrosoftAzure)
-    }
-
     fn retry(&self) -> object_store::RetryConfig {
         object_store::RetryConfig {
             backoff: object_store::BackoffConfig {
@@ -155,8 +147,9 @@ where
 }
 
 impl StoreConfig {
-    /// The store and the prefix below which this agent writes. Nothing is contacted yet.
-    pub fn open(&self) -> Result<(Arc<dyn Store>, Key), SinkError> {
+    /// The store, the prefix below which this agent writes, and whether it is Azure (whose
+    /// metadata names are identifiers). Nothing is contacted yet.
+    pub fn open(&self) -> Result<(Arc<dyn Store>, Key, bool), SinkError> {
         // The stores' HTTPS client (reqwest, rustls without a provider of its own) takes the
         // process's: ring, as everywhere else in ferry. Already installed is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -164,6 +157,7 @@ impl StoreConfig {
             .map_err(|e| config_error(&self.url, format!("not a URL: {e}")))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&url)
             .map_err(|e| config_error(&self.url, format!("not an object-store URL: {e}")))?;
+        let azure = scheme == ObjectStoreScheme::MicrosoftAzure;
         let store: Arc<dyn Store> = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, Checksum};
@@ -212,7 +206,7 @@ impl StoreConfig {
                 ))
             }
         };
-        Ok((store, prefix))
+        Ok((store, prefix, azure))
     }
 }
 
@@ -286,13 +280,13 @@ impl ObjectSink {
     /// so that a wrong endpoint, bucket or credential stops the agent at start with the store's
     /// own words.
     pub async fn open(cfg: &StoreConfig, state_dir: &std::path::Path) -> Result<Self, SinkError> {
-        let (store, prefix) = cfg.open()?;
+        let (store, prefix, azure) = cfg.open()?;
         store
             .list_with_delimiter(Some(&prefix))
             .await
             .map_err(|e| config_error(&cfg.url, format!("the store does not answer: {e}")))?;
         let sink = Self::new(store, prefix, state_dir, tokio::runtime::Handle::current())?;
-        Ok(if cfg.is_azure() {
+        Ok(if azure {
             sink.with_underscored_metadata()
         } else {
             sink
@@ -311,20 +305,6 @@ impl ObjectSink {
     fn sidecar_path(&self, migration: &str, key: &Key) -> PathBuf {
         let h = hex(blake3::hash(key.as_ref().as_bytes()).as_bytes());
         self.parts_dir.join(migration).join(format!("{h}.json"))
-    }
-
-    fn load(&self, path: &std::path::Path) -> Result<Option<Upload>, SinkError> {
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| SinkError::Io {
-                    op: "corrupt sidecar",
-                    path: path.to_path_buf(),
-                    source: std::io::Error::other(e),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(super::io_at("cannot read", path)(e)),
-        }
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -477,12 +457,12 @@ impl Fill {
             return Err(bad(e, "more bytes than the entry announced"));
         }
         self.wire_left -= data.len() as u64;
-        let Some(runs) = self.runs.clone() else {
+        if self.runs.is_none() {
             self.pos += data.len() as u64;
             return out(data);
-        };
+        }
         while !data.is_empty() {
-            let Some(&(start, len)) = runs.get(self.run) else {
+            let Some(&(start, len)) = self.runs.as_deref().and_then(|r| r.get(self.run)) else {
                 return Err(bad(e, "bytes beyond its data runs"));
             };
             if start < self.pos || start.saturating_add(len) > self.end {
@@ -788,7 +768,7 @@ impl ObjectWriter<'_> {
         let lock = sink.lock(key);
         let _guard = lock.lock().expect("not poisoned");
         let path = sink.sidecar_path(&self.migration, key);
-        if let Some(up) = sink.load(&path)? {
+        if let Some(up) = super::load_json::<Upload>(&path)? {
             if up.describes(e, piece) {
                 return Ok((up.id, up.complete));
             }
@@ -838,7 +818,7 @@ impl ObjectWriter<'_> {
             path: display(&p.entry.path),
             upload: p.upload.clone(),
         };
-        let mut up = match sink.load(&path)? {
+        let mut up = match super::load_json::<Upload>(&path)? {
             Some(up) if up.id == p.upload => up,
             _ => return Err(lost()),
         };
@@ -1161,37 +1141,32 @@ impl SegmentWrite for ObjectWriter<'_> {
         let mut puts = Vec::new();
         // Ops left in `self.ops` when one fails are aborted by `drop`.
         while let Some(op) = self.ops.pop_front() {
+            // Runs of PUTs go together; anything else waits for the PUTs before it.
+            if let Op::Put { key, data, attrs } = op {
+                puts.push((key, data, attrs));
+                continue;
+            }
+            self.run_puts(&mut puts)?;
             match op {
-                Op::Put { key, data, attrs } => {
-                    puts.push((key, data, attrs));
-                    continue;
+                Op::Put { .. } => unreachable!("batched above"),
+                Op::Finish { key, upload } => {
+                    sink.block(upload.finish())
+                        .map_err(store_error("cannot complete the upload of", &key))?;
+                    bump(&sink.counters.uploads_completed);
                 }
-                other => {
-                    self.run_puts(&mut puts)?;
-                    match other {
-                        Op::Put { .. } => unreachable!("handled above"),
-                        Op::Finish { key, upload } => {
-                            sink.block(upload.finish())
-                                .map_err(store_error("cannot complete the upload of", &key))?;
-                            bump(&sink.counters.uploads_completed);
-                        }
-                        Op::Copy { from, to, entry } => {
-                            match sink.block(sink.store.copy(&from, &to)) {
-                                Ok(()) => bump(&sink.counters.copies),
-                                Err(object_store::Error::NotFound { .. }) => {
-                                    return Err(SinkError::LinkPending {
-                                        path: display(&entry.path),
-                                        first: display(&entry.link_target),
-                                        reason: "it is not in the store yet".into(),
-                                    })
-                                }
-                                Err(e) => return Err(store_error("cannot copy to", &to)(e)),
-                            }
-                        }
-                        Op::Delete { key } => delete_below(sink, &key)?,
-                        Op::Piece(p) => self.record_piece(p, &hash)?,
+                Op::Copy { from, to, entry } => match sink.block(sink.store.copy(&from, &to)) {
+                    Ok(()) => bump(&sink.counters.copies),
+                    Err(object_store::Error::NotFound { .. }) => {
+                        return Err(SinkError::LinkPending {
+                            path: display(&entry.path),
+                            first: display(&entry.link_target),
+                            reason: "it is not in the store yet".into(),
+                        })
                     }
-                }
+                    Err(e) => return Err(store_error("cannot copy to", &to)(e)),
+                },
+                Op::Delete { key } => delete_below(sink, &key)?,
+                Op::Piece(p) => self.record_piece(p, &hash)?,
             }
         }
         self.run_puts(&mut puts)

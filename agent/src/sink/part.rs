@@ -51,17 +51,7 @@ impl FsSink {
     }
 
     pub(super) fn load_sidecar(&self, path: &Path) -> Result<Option<PartState>, SinkError> {
-        match fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| SinkError::Io {
-                    op: "corrupt sidecar",
-                    path: path.to_path_buf(),
-                    source: io::Error::other(e),
-                }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_at("cannot read", path)(e)),
-        }
+        load_json(path)
     }
 
     pub(super) fn save_sidecar(&self, path: &Path, st: &PartState) -> Result<(), SinkError> {

@@ -42,7 +42,7 @@ pub struct Agent {
 impl Agent {
     /// Whether, as a target, it writes to an object store (its root is a URL, not a path).
     pub fn writes_to_store(&self) -> bool {
-        self.target_root.contains("://")
+        ferry_common::path::is_store_url(&self.target_root)
     }
 
     /// Whether a process runs as this agent: it has a session, heard from within

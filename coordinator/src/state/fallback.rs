@@ -54,7 +54,7 @@ impl State {
         if m.spec.source_is_store() {
             return refused(super::phases::store_source_refusal(&m.name, "a fallback"));
         }
-        if copy_root.contains("://") {
+        if ferry_common::path::is_store_url(copy_root) {
             return refused(format!(
                 "agent {from} writes to an object store ({copy_root}): a fallback from a store \
                  is not supported yet"

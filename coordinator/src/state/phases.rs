@@ -43,7 +43,7 @@ impl MigrationSpec {
     /// directory: such a migration runs its bulk copy only (no sync rounds, cutover or full
     /// verification yet).
     pub fn source_is_store(&self) -> bool {
-        self.source_path.contains("://")
+        ferry_common::path::is_store_url(&self.source_path)
     }
 }
 
