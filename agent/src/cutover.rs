@@ -17,6 +17,10 @@
 //! agent's cache ([`crate::hashcache`]), so a verification run before the cutover
 //! (`ferryctl migration verify NAME --mode full`, the same steps with a `verification` number)
 //! leaves only the final round's changes to read while writes are frozen.
+//!
+//! A target writing into an object store reads its objects back instead
+//! ([`crate::storeverify`]), and the source then digests its tree as a store keeps it
+//! ([`Pass::store`]).
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -35,8 +39,9 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{CatalogReader, CatalogWriter, Change, Differ};
 use crate::control::Coordinator;
 use crate::hashcache::{HashCache, HashCacheWriter, Identity, SETTLE_NS};
-use crate::scan::{walk, Walked};
+use crate::scan::{walk, walk_in, Order, Walked};
 use crate::segment::{Entry, EntryKind};
+use crate::sink::object::ObjectSink;
 use crate::sink::RESERVED_PREFIX;
 use crate::source::{cluster_dir, round_dir};
 
@@ -123,6 +128,8 @@ pub struct CutoverRunner<C: Coordinator> {
     state_dir: PathBuf,
     /// The target root (targets only).
     target_root: Option<PathBuf>,
+    /// The object store a target writes into, instead of a root.
+    target_store: Option<Arc<ObjectSink>>,
     /// Steps being done: `(migration, cutover attempt, verification, step)`.
     running: Mutex<HashSet<(u64, u32, u32, i32)>>,
 }
@@ -141,8 +148,15 @@ impl<C: Coordinator> CutoverRunner<C> {
             hooks,
             state_dir,
             target_root,
+            target_store: None,
             running: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The runner of a target writing into `sink`'s object store.
+    pub fn with_store(mut self, sink: Arc<ObjectSink>) -> Self {
+        self.target_store = Some(sink);
+        self
     }
 
     /// Starts the steps of `work` not already running (each in its own task).
@@ -180,11 +194,16 @@ impl<C: Coordinator> CutoverRunner<C> {
             CutoverStep::VerifySource | CutoverStep::VerifyTarget => {
                 let started = Instant::now();
                 let started_ms = now_ms();
-                let me = self.clone();
-                let w2 = w.clone();
-                let r = tokio::task::spawn_blocking(move || me.verify(&w2))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("verification task failed: {e}")));
+                let r = match (&self.target_store, step) {
+                    (Some(sink), CutoverStep::VerifyTarget) => self.verify_store(sink, w).await,
+                    _ => {
+                        let me = self.clone();
+                        let w2 = w.clone();
+                        tokio::task::spawn_blocking(move || me.verify(&w2))
+                            .await
+                            .unwrap_or_else(|e| Err(format!("verification task failed: {e}")))
+                    }
+                };
                 let mut tree = pb::TreeDigest::default();
                 let output = match r {
                     Ok(t) => {
@@ -201,8 +220,19 @@ impl<C: Coordinator> CutoverRunner<C> {
                         };
                         format!(
                             "{} files, {} bytes, {} directories, {} symlinks; read {} files, \
-                             {} bytes (the rest unchanged since an earlier verification)",
-                            t.files, t.bytes, t.dirs, t.symlinks, t.files_read, t.bytes_read
+                             {} bytes (the rest unchanged since an earlier verification){}",
+                            t.files,
+                            t.bytes,
+                            t.dirs,
+                            t.symlinks,
+                            t.files_read,
+                            t.bytes_read,
+                            if w.target_is_store {
+                                "; compared as an object store keeps them: keys, sizes, \
+                                 bytes and symlink targets (no directories, modes or mtimes)"
+                            } else {
+                                ""
+                            }
                         )
                     }
                     Err(e) => {
@@ -372,10 +402,9 @@ impl<C: Coordinator> CutoverRunner<C> {
         let dir = self.migration_dir(w)?;
         match w.step() {
             CutoverStep::VerifyTarget => {
-                let root = self.target_dir(w).ok_or(
-                    "this agent has no target directory: a target writing to an object store \
-                     cannot be verified in full yet (its segments are verified as they land)",
-                )?;
+                let root = self
+                    .target_dir(w)
+                    .ok_or("this agent has no target directory to verify")?;
                 let cache = dir.join("verify").join("target.hashes");
                 // A cutover's pass records the tree it verified: a fallback starts from it.
                 let record = switch_catalog(&dir);
@@ -390,10 +419,16 @@ impl<C: Coordinator> CutoverRunner<C> {
                 let excludes = Excludes::new(&w.excludes).map_err(|e| e.to_string())?;
                 let root = PathBuf::from(&w.source_path);
                 let catalog = round_dir(&dir, w.final_round).join("catalog");
-                let cache = dir.join("verify").join("source.hashes");
+                let cache = dir.join("verify").join(if w.target_is_store {
+                    "source-as-stored.hashes"
+                } else {
+                    "source.hashes"
+                });
                 let standalone = w.verification != 0;
                 let pass = Pass {
-                    catalog: Some(&catalog),
+                    // A walk in a store's order cannot be checked against the catalog as it
+                    // goes: the check after it covers it.
+                    catalog: (!w.target_is_store).then_some(catalog.as_path()),
                     cache: Some(&cache),
                     // Outside a cutover the source is live: read it all (the cache then
                     // holds the whole tree for the cutover's pass), then say what changed.
@@ -403,6 +438,7 @@ impl<C: Coordinator> CutoverRunner<C> {
                     } else {
                         "after the freeze (the final round scanned it frozen)"
                     },
+                    store: w.target_is_store,
                     ..Pass::default()
                 };
                 let t = tree_digest(&root, &excludes, pass)?;
@@ -411,6 +447,25 @@ impl<C: Coordinator> CutoverRunner<C> {
                 Ok(t)
             }
         }
+    }
+}
+
+impl<C: Coordinator> CutoverRunner<C> {
+    /// Reads a store target's objects back for a verification step
+    /// ([`crate::storeverify`]).
+    async fn verify_store(&self, sink: &ObjectSink, w: &pb::CutoverWork) -> Result<Tree, String> {
+        if !w.target_is_store {
+            return Err(
+                "this target writes into an object store but the coordinator did not say so: \
+                 upgrade the coordinator"
+                    .into(),
+            );
+        }
+        let cache = self
+            .migration_dir(w)?
+            .join("verify")
+            .join("target-store.hashes");
+        crate::storeverify::store_digest(sink, &w.target_path, &cache).await
     }
 }
 
@@ -441,14 +496,6 @@ fn check(differ: &mut Differ<CatalogReader>, e: &Entry, since: &str) -> Result<(
     }
 }
 
-fn gone(differ: Differ<CatalogReader>, since: &str) -> Result<(), String> {
-    let (deleted, _) = differ.finish().map_err(|e| e.to_string())?;
-    match deleted.first() {
-        None => Ok(()),
-        Some(p) => Err(format!("{} was removed {since}", display(p))),
-    }
-}
-
 /// Walks `root` again and checks every name against a round's catalog.
 fn unchanged_since(
     root: &Path,
@@ -461,14 +508,24 @@ fn unchanged_since(
         HashSet::new(),
         HashSet::new(),
     );
+    let mut changed = Changed::default();
     let walked = walk(root, excludes, |item| match item {
-        Walked::Entry(e) => check(&mut differ, &e, since),
+        Walked::Entry(e) => {
+            if check(&mut differ, &e, since).is_err() {
+                changed.push(display(&e.path));
+            }
+            Ok(())
+        }
         Walked::Excluded => Ok(()),
         Walked::Issue { path, reason, .. } => Err(format!("{path}: {reason}")),
     })
     .map_err(|e| e.to_string())?;
     walked?;
-    gone(differ, since)
+    let (deleted, _) = differ.finish().map_err(|e| e.to_string())?;
+    for p in deleted {
+        changed.push(format!("{} (removed)", display(&p)));
+    }
+    changed.check(since)
 }
 
 /// How a verification pass reads a tree.
@@ -490,6 +547,8 @@ pub struct Pass<'a> {
     /// Also write a catalog of the tree as read here (a target at its switch: a fallback's
     /// first round compares with it); replaced only when the pass completes.
     pub record: Option<&'a Path>,
+    /// Digest the tree as an object store keeps it (its target is one); no `catalog` then.
+    pub store: bool,
 }
 
 /// Where a target keeps the catalog of its tree as its cutover verified it (in the migration's
@@ -507,6 +566,7 @@ impl Default for Pass<'_> {
             settle_ns: SETTLE_NS,
             since: "since the round scanned it",
             record: None,
+            store: false,
         }
     }
 }
@@ -525,6 +585,23 @@ impl Changed {
             self.first.push(name);
         }
     }
+
+    /// An error naming what changed `since`, if anything did.
+    fn check(&self, since: &str) -> Result<(), String> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        Err(format!(
+            "{} name(s) changed {since}: {}{}",
+            self.count,
+            self.first.join(", "),
+            if self.count > self.first.len() as u64 {
+                ", ..."
+            } else {
+                ""
+            }
+        ))
+    }
 }
 
 fn unix_ns_now() -> i128 {
@@ -535,7 +612,16 @@ fn unix_ns_now() -> i128 {
 
 /// Digests every file below `root` (names starting `.ferry-` are ferry's and left out), reading
 /// those the cache has no hash of for their current version.
+///
+/// With [`Pass::store`], the tree is digested as an object store keeps it, in the store's
+/// listing order ([`Order::Key`]), for comparison with [`crate::storeverify::store_digest`]:
+/// files and each name of a hardlinked file as a key with its size and bytes, symlinks as
+/// markers with their targets; directories, modes and mtimes are left out.
 pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<Tree, String> {
+    let order = if pass.store { Order::Key } else { Order::Name };
+    if pass.store && pass.catalog.is_some() {
+        return Err("a catalog is in name order and cannot check a walk in a store's order".into());
+    }
     let mut differ = match pass.catalog {
         Some(c) => Some(Differ::new(
             CatalogReader::open(c).map_err(|e| format!("the round's catalog: {e}"))?,
@@ -544,7 +630,7 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
         )),
         None => None,
     };
-    let mut cache = pass.cache.map(HashCache::open);
+    let mut cache = pass.cache.map(|p| HashCache::open_in(order, p));
     let mut new_cache = match pass.cache {
         Some(p) => Some(HashCacheWriter::create(p).map_err(|e| {
             format!(
@@ -563,12 +649,9 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
     };
     let mut changed = Changed::default();
     let mut t = Tree::default();
-    let mut h = blake3::Hasher::new();
-    // One digest per class of name, for saying which class differs.
-    let mut classes: [blake3::Hasher; 4] = Default::default();
-    let mut rec: Vec<u8> = Vec::with_capacity(512);
+    let mut fold = Fold::default();
     let mut buf = vec![0u8; 1 << 20];
-    let walked = walk(root, excludes, |item| -> Result<(), String> {
+    let walked = walk_in(order, root, excludes, |item| -> Result<(), String> {
         let e = match item {
             Walked::Entry(e) => e,
             Walked::Excluded => return Ok(()),
@@ -579,7 +662,8 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
             .file_name()
             .map(|n| n.as_encoded_bytes())
             .unwrap_or(b"");
-        if pass.catalog.is_none() && name.starts_with(RESERVED_PREFIX.as_bytes()) {
+        // A target's own temporaries (a source has a catalog, or is read as a store keeps it).
+        if pass.catalog.is_none() && !pass.store && name.starts_with(RESERVED_PREFIX.as_bytes()) {
             return Ok(());
         }
         if let Some(r) = &mut record {
@@ -594,67 +678,98 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
                 changed.push(display(&e.path));
             }
         }
+        if pass.store {
+            if let Some(why) = crate::sink::object::key_refusal(&e.path) {
+                return Err(format!("{}: {why}", display(&e.path)));
+            }
+        }
         let path = ferry_common::path::bytes(&e.path);
         let link = ferry_common::path::bytes(&e.link_target);
         let (kind, mtime): (u8, (i64, u32)) = match e.kind {
+            // A store keeps no directories.
+            EntryKind::Dir if pass.store => return Ok(()),
             EntryKind::File => {
                 t.files += 1;
                 t.bytes += e.file_size;
-                (1, (e.mtime_sec, e.mtime_nsec))
+                (KIND_FILE, (e.mtime_sec, e.mtime_nsec))
             }
             EntryKind::Dir => {
                 t.dirs += 1;
                 // A directory's mtime is left out: ferry restores it, but the tree's own
                 // activity may have moved it, and it holds no data.
-                (2, (0, 0))
+                (KIND_DIR, (0, 0))
             }
             EntryKind::Symlink => {
                 t.symlinks += 1;
-                (3, (e.mtime_sec, e.mtime_nsec))
+                (KIND_SYMLINK, (e.mtime_sec, e.mtime_nsec))
             }
             EntryKind::Hardlink => {
                 t.files += 1;
                 t.bytes += e.file_size;
-                (4, (e.mtime_sec, e.mtime_nsec))
+                (KIND_HARDLINK, (e.mtime_sec, e.mtime_nsec))
             }
             EntryKind::Delete => return Ok(()),
         };
-        rec.clear();
-        rec.push(kind);
-        rec.extend_from_slice(&(path.len() as u64).to_le_bytes());
-        rec.extend_from_slice(path);
-        rec.extend_from_slice(&(link.len() as u64).to_le_bytes());
-        rec.extend_from_slice(link);
-        rec.extend_from_slice(&e.mode.to_le_bytes());
-        rec.extend_from_slice(&e.file_size.to_le_bytes());
-        rec.extend_from_slice(&mtime.0.to_le_bytes());
-        rec.extend_from_slice(&mtime.1.to_le_bytes());
-        if e.kind == EntryKind::File {
-            let id = Identity {
-                size: e.file_size,
-                mtime,
-                ctime: e.ctime,
-                inode: e.inode,
-            };
-            let cached = cache.as_mut().and_then(|c| c.lookup(&e.path, &id));
-            let (content, settled) = match cached {
-                Some(hash) => (hash, true),
-                None => {
-                    let started = unix_ns_now();
-                    let hash = read_content(&root.join(&e.path), e.file_size, &mut buf)?;
-                    t.files_read += 1;
-                    t.bytes_read += e.file_size;
-                    (hash, id.settled(started, pass.settle_ns))
+        let content = match e.kind {
+            EntryKind::File => {
+                let id = Identity {
+                    size: e.file_size,
+                    mtime,
+                    ctime: e.ctime,
+                    inode: e.inode,
+                };
+                let cached = cache.as_mut().and_then(|c| c.lookup(&e.path, &id));
+                let (content, settled) = match cached {
+                    Some(hash) => (hash, true),
+                    None => {
+                        let started = unix_ns_now();
+                        let hash = read_content(&root.join(&e.path), e.file_size, &mut buf)?;
+                        t.files_read += 1;
+                        t.bytes_read += e.file_size;
+                        (hash, id.settled(started, pass.settle_ns))
+                    }
+                };
+                if let (Some(w), true) = (&mut new_cache, settled) {
+                    w.append(&e.path, &id, &content).map_err(|err| {
+                        format!("cannot write the verification hash cache: {err}")
+                    })?;
                 }
-            };
-            if let (Some(w), true) = (&mut new_cache, settled) {
-                w.append(&e.path, &id, &content)
-                    .map_err(|err| format!("cannot write the verification hash cache: {err}"))?;
+                Some(content)
             }
-            rec.extend_from_slice(&content);
+            // A store holds a copy of the file under each of its names: read it again.
+            EntryKind::Hardlink if pass.store => {
+                t.files_read += 1;
+                t.bytes_read += e.file_size;
+                Some(read_content(&root.join(&e.path), e.file_size, &mut buf)?)
+            }
+            _ => None,
+        };
+        if pass.store {
+            // What a store keeps of a name: its key, whether it is a symlink's marker (and
+            // the link's target), its size and bytes.
+            match kind {
+                KIND_SYMLINK => fold.name(KIND_SYMLINK, path, link, 0, 0, (0, 0), None),
+                _ => fold.name(
+                    KIND_FILE,
+                    path,
+                    b"",
+                    0,
+                    e.file_size,
+                    (0, 0),
+                    content.as_ref(),
+                ),
+            }
+        } else {
+            fold.name(
+                kind,
+                path,
+                link,
+                e.mode,
+                e.file_size,
+                mtime,
+                content.as_ref(),
+            );
         }
-        h.update(&rec);
-        classes[usize::from(kind) - 1].update(&rec);
         Ok(())
     });
     match walked {
@@ -684,22 +799,65 @@ pub fn tree_digest(root: &Path, excludes: &Excludes, pass: Pass<'_>) -> Result<T
         w.finish()
             .map_err(|e| format!("cannot write the verification hash cache: {e}"))?;
     }
-    if changed.count > 0 {
-        return Err(format!(
-            "{} name(s) changed {}: {}{}",
-            changed.count,
-            pass.since,
-            changed.first.join(", "),
-            if changed.count > changed.first.len() as u64 {
-                ", ..."
-            } else {
-                ""
-            }
-        ));
-    }
-    t.digest = *h.finalize().as_bytes();
-    t.classes = classes.map(|c| *c.finalize().as_bytes());
+    changed.check(pass.since)?;
+    fold.finish(&mut t);
     Ok(t)
+}
+
+/// The kinds of names as a tree's digest records them (also the [`CLASSES`] index + 1).
+pub const KIND_FILE: u8 = 1;
+/// A directory.
+pub const KIND_DIR: u8 = 2;
+/// A symlink.
+pub const KIND_SYMLINK: u8 = 3;
+/// A further name of a hardlinked file.
+pub const KIND_HARDLINK: u8 = 4;
+
+/// Folds the names of a tree, in walk order, into its digest and the digest of each class.
+#[derive(Default)]
+pub struct Fold {
+    all: blake3::Hasher,
+    classes: [blake3::Hasher; 4],
+    rec: Vec<u8>,
+}
+
+impl Fold {
+    /// Adds one name: its kind (`KIND_…`), path and link target as bytes, mode, size, mtime
+    /// and, for a file, the BLAKE3 of its content.
+    #[allow(clippy::too_many_arguments)]
+    pub fn name(
+        &mut self,
+        kind: u8,
+        path: &[u8],
+        link: &[u8],
+        mode: u32,
+        size: u64,
+        mtime: (i64, u32),
+        content: Option<&[u8; 32]>,
+    ) {
+        let rec = &mut self.rec;
+        rec.clear();
+        rec.push(kind);
+        rec.extend_from_slice(&(path.len() as u64).to_le_bytes());
+        rec.extend_from_slice(path);
+        rec.extend_from_slice(&(link.len() as u64).to_le_bytes());
+        rec.extend_from_slice(link);
+        rec.extend_from_slice(&mode.to_le_bytes());
+        rec.extend_from_slice(&size.to_le_bytes());
+        rec.extend_from_slice(&mtime.0.to_le_bytes());
+        rec.extend_from_slice(&mtime.1.to_le_bytes());
+        if let Some(c) = content {
+            rec.extend_from_slice(c);
+        }
+        self.all.update(rec);
+        self.classes[usize::from(kind) - 1].update(rec);
+    }
+
+    /// Puts the digests into `t`.
+    pub fn finish(self, t: &mut Tree) {
+        t.digest = *self.all.finalize().as_bytes();
+        t.classes = self.classes.map(|c| *c.finalize().as_bytes());
+    }
 }
 
 /// BLAKE3 of the file at `full`, which must still hold `size` bytes.

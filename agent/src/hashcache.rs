@@ -25,6 +25,8 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::scan::Order;
+
 const MAGIC: &[u8; 8] = b"FERRYHC1";
 /// How much older than a read a file's ctime and mtime must be for its hash to be kept.
 pub const SETTLE_NS: i128 = 1_000_000_000;
@@ -68,14 +70,22 @@ struct Record {
 pub struct HashCache {
     input: Option<BufReader<File>>,
     next: Option<Record>,
+    order: Order,
 }
 
 impl HashCache {
-    /// The cache at `path`; empty when there is none or it cannot be read.
+    /// The cache at `path`, written by a walk in [`Order::Name`]; empty when there is none or
+    /// it cannot be read.
     pub fn open(path: &Path) -> Self {
+        Self::open_in(Order::Name, path)
+    }
+
+    /// The cache at `path`, written (and now looked up) in `order`.
+    pub fn open_in(order: Order, path: &Path) -> Self {
         let mut cache = HashCache {
             input: None,
             next: None,
+            order,
         };
         let Ok(f) = File::open(path) else {
             return cache;
@@ -105,10 +115,10 @@ impl HashCache {
     }
 
     /// The recorded hash of `path` if it was recorded for this very version. Calls must come in
-    /// walk order ([`Path`]'s ordering).
+    /// the cache's walk order.
     pub fn lookup(&mut self, path: &Path, id: &Identity) -> Option<[u8; 32]> {
         while let Some(r) = &self.next {
-            match r.path.as_path().cmp(path) {
+            match self.order.cmp(&r.path, path) {
                 std::cmp::Ordering::Less => self.advance(),
                 std::cmp::Ordering::Equal => {
                     let hit = (r.id == *id).then_some(r.hash);

@@ -20,6 +20,7 @@ pub mod segment;
 pub mod sink;
 pub mod source;
 pub mod stats;
+pub mod storeverify;
 pub mod target;
 pub mod throttle;
 pub mod wire;

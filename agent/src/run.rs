@@ -398,6 +398,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     // The target root as the sink resolved it (absolute, symlinks resolved), registered so a
     // fallback can tell where a migration's copy lies on this agent.
     let mut target_root = String::new();
+    // A target writing into an object store verifies by reading it back.
+    let mut store_sink: Option<Arc<ObjectSink>> = None;
     if let Some(listen) = cfg.data_listen {
         let sink = match (&cfg.root, &cfg.target_store) {
             (Some(root), None) => {
@@ -430,7 +432,9 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
                 let sink = ObjectSink::open(store, &cfg.state_dir).await?;
                 target_root = store.url.clone();
                 tracing::info!(message = "Target writes to an object store.", url = %store.url);
-                TargetSink::Object(Arc::new(sink))
+                let sink = Arc::new(sink);
+                store_sink = Some(sink.clone());
+                TargetSink::Object(sink)
             }
             (Some(_), Some(_)) => {
                 return Err(StartError::Config(
@@ -518,12 +522,16 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             source,
         })?;
     let throttles = Arc::new(Throttles::default());
-    let cutover = Arc::new(crate::cutover::CutoverRunner::new(
+    let mut cutover = crate::cutover::CutoverRunner::new(
         control.clone(),
         cfg.hooks.clone(),
         cfg.state_dir.clone(),
         cfg.root.clone(),
-    ));
+    );
+    if let Some(sink) = store_sink {
+        cutover = cutover.with_store(sink);
+    }
+    let cutover = Arc::new(cutover);
     let source = Arc::new(
         Source::new(
             control.clone(),

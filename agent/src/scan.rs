@@ -1,9 +1,12 @@
 //! Walks a source tree as a stream: one directory listing in memory per level of depth, never the
-//! whole tree. Children are visited in name order so that a rescan plans the same segments.
+//! whole tree. Children are visited in name order so that a rescan plans the same segments; a
+//! tree compared with an object store's listing is walked in the store's order instead
+//! ([`Order::Key`]).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -39,12 +42,56 @@ pub struct RootError {
     pub reason: String,
 }
 
-fn sorted_children(dir: &Path) -> std::io::Result<Vec<OsString>> {
-    let mut names = fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<Vec<_>, _>>()?;
-    names.sort();
-    Ok(names)
+/// The order a walk visits names in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// [`Path`]'s order: component by component, a directory right before its contents (what
+    /// catalogs, rounds and the hash cache use).
+    #[default]
+    Name,
+    /// An object store's listing order: the relative path's bytes, with `/` between
+    /// components, compared as one string. `a.b` comes before `a/x` here (`.` < `/`), after it
+    /// in [`Order::Name`]. Directories are still visited before their contents.
+    Key,
+}
+
+impl Order {
+    /// How `a` and `b` (paths relative to the root) compare in this order.
+    pub fn cmp(self, a: &Path, b: &Path) -> std::cmp::Ordering {
+        match self {
+            Order::Name => a.cmp(b),
+            Order::Key => a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()),
+        }
+    }
+}
+
+fn sorted_children(dir: &Path, order: Order) -> std::io::Result<Vec<OsString>> {
+    let entries = fs::read_dir(dir)?;
+    match order {
+        Order::Name => {
+            let mut names = entries
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<Vec<_>, _>>()?;
+            names.sort();
+            Ok(names)
+        }
+        Order::Key => {
+            // Every key below a directory `d` starts `d/`: sorting siblings by their name with
+            // a `/` after each directory's gives the order of the whole keys.
+            let mut named = entries
+                .map(|e| {
+                    let e = e?;
+                    let mut sort_key = e.file_name().as_bytes().to_vec();
+                    if e.file_type()?.is_dir() {
+                        sort_key.push(b'/');
+                    }
+                    Ok((sort_key, e.file_name()))
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            named.sort();
+            Ok(named.into_iter().map(|(_, n)| n).collect())
+        }
+    }
 }
 
 fn mtime(m: &fs::Metadata) -> (i64, u32) {
@@ -62,6 +109,16 @@ fn mtime(m: &fs::Metadata) -> (i64, u32) {
 pub fn walk<E>(
     root: &Path,
     excludes: &Excludes,
+    f: impl FnMut(Walked) -> Result<(), E>,
+) -> Result<Result<(), E>, RootError> {
+    walk_in(Order::Name, root, excludes, f)
+}
+
+/// [`walk`], visiting names in `order`.
+pub fn walk_in<E>(
+    order: Order,
+    root: &Path,
+    excludes: &Excludes,
     mut f: impl FnMut(Walked) -> Result<(), E>,
 ) -> Result<Result<(), E>, RootError> {
     let root_err = |reason: String| RootError {
@@ -76,7 +133,7 @@ pub fn walk<E>(
         }
         Err(e) => return Err(root_err(e.to_string())),
     }
-    let top = sorted_children(root).map_err(|e| root_err(e.to_string()))?;
+    let top = sorted_children(root, order).map_err(|e| root_err(e.to_string()))?;
     let mut stack: Vec<(PathBuf, std::vec::IntoIter<OsString>)> =
         vec![(PathBuf::new(), top.into_iter())];
     // (device, inode) of files with several names → the first name met.
@@ -119,7 +176,7 @@ pub fn walk<E>(
                 let (uid, gid) = (m.uid(), m.gid());
                 let ctime = (m.ctime(), m.ctime_nsec() as u32);
                 if ft.is_dir() {
-                    match sorted_children(&abs) {
+                    match sorted_children(&abs, order) {
                         Ok(children) => {
                             stack.push((rel.clone(), children.into_iter()));
                             Walked::Entry(
@@ -191,6 +248,44 @@ mod tests {
 
     fn none() -> Excludes {
         Excludes::new(&[]).unwrap()
+    }
+
+    #[test]
+    fn a_walk_in_key_order_visits_names_as_a_store_lists_their_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("model/x")).unwrap();
+        fs::write(r.join("model/x/w"), b"1").unwrap();
+        fs::write(r.join("model.bin"), b"2").unwrap();
+        fs::write(r.join("model-a"), b"3").unwrap();
+        fs::write(r.join("modelz"), b"4").unwrap();
+        fs::write(r.join("model/a b"), b"5").unwrap();
+        let paths = |order| {
+            let mut seen = Vec::new();
+            walk_in::<()>(order, r, &none(), |w| {
+                if let Walked::Entry(e) = w {
+                    if e.kind != EntryKind::Dir {
+                        seen.push(display(&e.path));
+                    }
+                }
+                Ok(())
+            })
+            .unwrap()
+            .unwrap();
+            seen
+        };
+        let by_key = paths(Order::Key);
+        let mut keys = by_key.clone();
+        keys.sort();
+        assert_eq!(by_key, keys, "the files' keys come in byte order");
+        assert_eq!(
+            by_key,
+            ["model-a", "model.bin", "model/a b", "model/x/w", "modelz"]
+        );
+        assert_eq!(
+            paths(Order::Name),
+            ["model/a b", "model/x/w", "model-a", "model.bin", "modelz"]
+        );
     }
 
     #[test]

@@ -501,6 +501,31 @@ fn bad(e: &Entry, reason: &str) -> SinkError {
 }
 
 impl ObjectSink {
+    /// The store written to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The key below which a migration with `target_path` writes (without a trailing `/`;
+    /// empty: the bucket's top).
+    pub fn base(&self, target_path: &str) -> Result<String, SinkError> {
+        let sub = validate_subdir(target_path)?;
+        let sub = sub.to_str().ok_or_else(|| SinkError::BadEntry {
+            path: target_path.into(),
+            reason: "an object store's keys are UTF-8".into(),
+        })?;
+        Ok([self.prefix.as_ref(), sub.trim_matches('/')]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("/"))
+    }
+
+    /// The metadata attribute ferry names `field` (`ferry-field`, `ferry_field` on Azure).
+    pub fn meta(&self, field: &str) -> Attribute {
+        Attribute::Metadata(format!("ferry{}{field}", self.meta_sep).into())
+    }
+
     /// The metadata a store keeps with an object: what a file system would keep in its inode,
     /// as `ferry-mtime`, `ferry-mode`, `ferry-owner`, `ferry-blake3`, `ferry-symlink` (with `_`
     /// on Azure, whose metadata names are identifiers; `-` elsewhere, because HTTP servers and
@@ -542,6 +567,27 @@ pub fn percent_encode(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// The bytes [`percent_encode`] encoded; `None` if `text` is not its output.
+pub fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// What a commit does, in the order of the segment's entries.
@@ -624,17 +670,8 @@ impl Sink for ObjectSink {
         _segment_id: u64,
         _epoch: u64,
     ) -> Result<ObjectWriter<'_>, SinkError> {
-        let sub = validate_subdir(target_path)?;
-        let sub = sub.to_str().ok_or_else(|| SinkError::BadEntry {
-            path: target_path.into(),
-            reason: "an object store's keys are UTF-8".into(),
-        })?;
+        let base = self.base(target_path)?;
         super::check_migration_key(migration)?;
-        let base = [self.prefix.as_ref(), sub.trim_matches('/')]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join("/");
         Ok(ObjectWriter {
             sink: self,
             base,

@@ -23,6 +23,10 @@ pub const DEFAULT_CATCH_UP_SECS: u32 = 60;
 /// The longest catch-up a request may ask for.
 pub const MAX_CATCH_UP_SECS: u32 = 24 * 3600;
 
+/// The smallest segment a migration into an object store may have (a store's smallest upload
+/// part, as the agent's object sink checks it).
+const STORE_MIN_SEGMENT: u64 = 5 * 1024 * 1024;
+
 fn validate_spec(s: pb::MigrationSpec) -> Result<MigrationSpec, Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
     for (what, name) in [
@@ -631,6 +635,25 @@ impl Admin for AdminService {
             .throttle
             .parse()
             .map_err(|e: ThrottleError| Status::invalid_argument(e.to_string()))?;
+        // A store target uploads a split file's pieces as parts of one upload, and a store
+        // takes no part under 5 MiB but the last: refused now, not after every piece failed
+        // its attempts.
+        let into_store = self
+            .0
+            .read(|s| {
+                s.agents
+                    .get(&spec.target_agent)
+                    .is_some_and(|a| a.writes_to_store())
+            })
+            .await?;
+        if into_store && spec.segment_size < STORE_MIN_SEGMENT {
+            return Err(Status::invalid_argument(format!(
+                "target agent {} writes to an object store, which takes no upload part under 5 \
+                 MiB: a segment size of {} bytes would cut large files into pieces it refuses; \
+                 use --segment-size 8MiB or more",
+                spec.target_agent, spec.segment_size
+            )));
+        }
         match self
             .0
             .write(Command::CreateMigration {

@@ -66,6 +66,10 @@ fn cutover_work(s: &crate::state::State, agent: &str) -> Vec<pb::CutoverWork> {
                 excludes: m.spec.excludes.clone(),
                 final_round: round,
                 verification,
+                target_is_store: s
+                    .agents
+                    .get(&m.spec.target_agent)
+                    .is_some_and(|a| a.writes_to_store()),
             });
         }
     }

@@ -149,6 +149,10 @@ async fn a_tree_lands_whole_in(store: &Server, bucket: &str, sep: char) {
         want.len() + 1,
         "only the files and the symlink's marker"
     );
+    // ferry's own full verification reads every object back and finds the tree equal.
+    let v = verify_full(&ctl, id).await;
+    assert!(v.equal, "{v:#?}");
+    assert_eq!(tree(&v.target).files, want.len() as u64);
 
     crate::processes::terminate(&mut target, "target");
     source.shutdown().await;
@@ -169,6 +173,131 @@ async fn a_tree_migrates_into_s3_and_the_store_holds_every_file_with_its_metadat
 async fn a_tree_migrates_into_azure_blob_and_the_store_holds_every_file_with_its_metadata() {
     let Some(azurite) = azurite() else { return };
     a_tree_lands_whole_in(&azurite, "ferry-it", '_').await;
+}
+
+/// Runs a full verification of migration `id` to its end.
+async fn verify_full(ctl: &ferryctl::ctl::Ctl, id: u64) -> pb::FullVerificationInfo {
+    let (n, _) = ctl.verify_full(id).await.unwrap();
+    ctl.watch_verification(id, n, Duration::from_secs(120))
+        .await
+        .unwrap()
+}
+
+fn tree(run: &Option<pb::StepRunInfo>) -> pb::TreeDigestInfo {
+    run.as_ref()
+        .and_then(|r| r.tree.clone())
+        .expect("a pass with its tree")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_target_is_verified_by_reading_its_objects_back_and_cuts_over() {
+    let Some(moto) = moto() else { return };
+    moto.create_bucket("ferry-verify").unwrap();
+    let env = TestEnv::new();
+    let src = env.path("src");
+    make_files(&src, 40, 8 * 1024);
+    // Names a walk and a store's listing put in different orders, a symlink, a second name of
+    // a file, an empty directory (which a store does not keep).
+    std::fs::create_dir_all(src.join("model/shard")).unwrap();
+    std::fs::write(src.join("model/shard/w"), b"weights").unwrap();
+    std::fs::write(src.join("model.bin"), vec![7u8; 3 * MIB]).unwrap();
+    std::fs::write(src.join("model-notes"), b"notes").unwrap();
+    std::fs::create_dir(src.join("empty-dir")).unwrap();
+    symlink("model.bin", src.join("latest")).unwrap();
+    std::fs::hard_link(src.join("d01/f00001.bin"), src.join("second-name")).unwrap();
+
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let (section, _) = moto.target_store_toml("ferry-verify", "landing");
+    let top = "data_listen = \"127.0.0.1:0\"\n";
+    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &section);
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    crate::processes::wait_registered(&ctl, "target", true).await;
+    // Segments smaller than a store's smallest upload part are refused when the migration is
+    // created, not after every piece of a large file failed.
+    let refused = ctl
+        .create(migration_spec(&src, "run1"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("--segment-size 8MiB"), "{refused}");
+    let spec = pb::MigrationSpec {
+        segment_size: 8 * MIB as u64,
+        ..migration_spec(&src, "run1")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
+    finished(&ctl, id, Duration::from_secs(120), &log).await;
+
+    let v = verify_full(&ctl, id).await;
+    assert!(v.equal, "{v:#?}");
+    let (s, t) = (tree(&v.source), tree(&v.target));
+    assert_eq!(s.digest, t.digest);
+    // 40 files, the three model files, the second name; the symlink's marker; no directory.
+    assert_eq!((t.files, t.symlinks, t.dirs), (44, 1, 0), "{t:?}");
+    assert_eq!((s.files, s.bytes), (t.files, t.bytes));
+    assert_eq!(t.files_read, 44, "every object was read back");
+
+    // One object's bytes replaced in the bucket by another client: found, and placed.
+    let other = env.path("other");
+    std::fs::create_dir_all(other.join("d03")).unwrap();
+    let good = std::fs::read(src.join("d03/f00003.bin")).unwrap();
+    let mut bad = good.clone();
+    bad[10] ^= 0xff;
+    std::fs::write(other.join("d03/f00003.bin"), &bad).unwrap();
+    moto.put_tree("ferry-verify", "landing/run1", &other)
+        .unwrap();
+    let v = verify_full(&ctl, id).await;
+    assert!(!v.equal);
+    assert!(
+        v.error
+            .ends_with("differ: regular files; equal: directories, symlinks, hardlinks"),
+        "{}",
+        v.error
+    );
+    assert_eq!(
+        tree(&v.target).files_read,
+        1,
+        "only the replaced object is read again"
+    );
+    std::fs::write(other.join("d03/f00003.bin"), &good).unwrap();
+    moto.put_tree("ferry-verify", "landing/run1", &other)
+        .unwrap();
+    assert!(verify_full(&ctl, id).await.equal);
+
+    // A cutover: its final round sends the changed file, and both ends verify in full.
+    std::fs::write(src.join("d05/f00005.bin"), b"changed before the cutover").unwrap();
+    ctl.cutover(id, false).await.unwrap();
+    let p = ctl
+        .watch_cutover(id, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    let c = p.cutover.as_ref().expect("a cutover");
+    assert_eq!(c.phase(), pb::CutoverPhase::Done, "{c:#?}");
+    for step in ["verify_source", "verify_target"] {
+        let run = c
+            .runs
+            .iter()
+            .find(|r| r.step == step)
+            .expect("the step ran");
+        let t = run.tree.clone().expect("its tree");
+        assert_eq!((t.files, t.dirs), (44, 0), "{step}: {t:?}");
+        assert!(
+            run.output.contains("as an object store keeps them"),
+            "{}",
+            run.output
+        );
+    }
+    let held = moto.list("ferry-verify", "landing/run1/d05/").unwrap();
+    assert_eq!(
+        held["landing/run1/d05/f00005.bin"].sha256,
+        sha256(b"changed before the cutover")
+    );
+
+    crate::processes::terminate(&mut target, "target");
+    source.shutdown().await;
+    node.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
