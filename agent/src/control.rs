@@ -439,6 +439,8 @@ pub struct Assigned {
     pub throttle: String,
     /// Cutover steps this agent must do now (as a source or as a target).
     pub cutover: Vec<pb::CutoverWork>,
+    /// Uuids of deleted migrations this agent was part of ([`crate::forget`]).
+    pub forget: Vec<String>,
 }
 
 /// What the source and target ask of the coordinator. Trait modelling the control API, so the
@@ -571,6 +573,7 @@ impl Coordinator for Control {
             work: r.source_work,
             throttle: r.agent_throttle,
             cutover: r.cutover_work,
+            forget: r.forget,
         })
     }
 
@@ -897,6 +900,8 @@ pub mod testing {
         pub unverified: BTreeMap<u64, Vec<u64>>,
         /// Cutover steps heartbeats hand out.
         pub cutover_work: Vec<pb::CutoverWork>,
+        /// Deleted migrations' uuids its heartbeats answer.
+        pub forget: Vec<String>,
         /// Cutover steps reported.
         pub cutover_steps: Vec<pb::CutoverStepRequest>,
         /// Renewal calls made.
@@ -980,6 +985,7 @@ pub mod testing {
                 work: s.work.clone(),
                 throttle: s.agent_throttle.clone(),
                 cutover: s.cutover_work.clone(),
+                forget: s.forget.clone(),
             }))
         }
         async fn register_segments(

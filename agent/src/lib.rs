@@ -8,6 +8,7 @@ pub mod cli;
 pub mod control;
 pub mod cutover;
 pub mod dial;
+pub mod forget;
 pub mod frame;
 pub mod hashcache;
 pub mod holes;

@@ -400,6 +400,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let mut target_root = String::new();
     // A target writing into an object store verifies by reading it back.
     let mut store_sink: Option<Arc<ObjectSink>> = None;
+    let mut fs_sink: Option<Arc<FsSink>> = None;
     if let Some(listen) = cfg.data_listen {
         let sink = match (&cfg.root, &cfg.target_store) {
             (Some(root), None) => {
@@ -421,6 +422,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
                     });
                 }
                 applies_owners = sink.applies_owner();
+                fs_sink = Some(sink.clone());
                 if !applies_owners {
                     tracing::warn!(
                         message = "Not running as root: files received keep this agent's user as owner (uid/gid not applied) and lose set-id bits."
@@ -528,6 +530,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         cfg.state_dir.clone(),
         cfg.root.clone(),
     );
+    let forgetter = Arc::new(crate::forget::Forgetter::new(
+        cfg.state_dir.clone(),
+        fs_sink,
+        store_sink.clone(),
+    ));
     if let Some(sink) = store_sink {
         cutover = cutover.with_store(sink);
     }
@@ -542,6 +549,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             throttles.clone(),
         )
         .with_cutover(cutover)
+        .with_forgetter(forgetter)
         .with_store_sources(cfg.source_store.clone().unwrap_or_default()),
     );
     tasks.push(tokio::spawn(source.run(stop_rx)));

@@ -252,6 +252,7 @@ pub struct Source<C: Coordinator, D: Dialer> {
     throttles: Arc<Throttles>,
     /// Does the cutover steps heartbeats hand out (as a source or a target).
     cutover: Option<Arc<CutoverRunner<C>>>,
+    forgetter: Option<Arc<crate::forget::Forgetter>>,
     /// What is left of [`PREFETCH_TOTAL`], in KiB.
     prefetch_room: Arc<tokio::sync::Semaphore>,
     /// The object stores migrations read from (source paths that are URLs).
@@ -337,6 +338,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             manifests: Mutex::default(),
             throttles,
             cutover: None,
+            forgetter: None,
             prefetch_room: Arc::new(tokio::sync::Semaphore::new(
                 (PREFETCH_TOTAL / 1024) as usize,
             )),
@@ -364,6 +366,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     pub fn with_cutover(self, runner: Arc<CutoverRunner<C>>) -> Self {
         Source {
             cutover: Some(runner),
+            ..self
+        }
+    }
+
+    /// The same source, removing what it keeps of deleted migrations with `forgetter`.
+    pub fn with_forgetter(self, forgetter: Arc<crate::forget::Forgetter>) -> Self {
+        Source {
+            forgetter: Some(forgetter),
             ..self
         }
     }
@@ -418,6 +428,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                             self.learn(&a);
                             if let Some(runner) = &self.cutover {
                                 runner.handle(&a.cutover);
+                            }
+                            if let Some(f) = &self.forgetter {
+                                f.start(self.control.cluster_id(), a.forget.clone());
                             }
                             schedule.heartbeat_answered(a.work);
                         }

@@ -269,6 +269,17 @@ enum MigrationCmd {
         /// Migration name or id (the one that was cut over).
         id: String,
     },
+    /// Delete a migration: it leaves the cluster's state with its segments (its name is free
+    /// again) and its agents remove what they keep of it — a target writing to an object store
+    /// aborts its unfinished multipart uploads. The data already at the target stays. Refused
+    /// during a cutover and while it has a fallback.
+    Delete {
+        /// Migration name or id.
+        id: String,
+        /// Also while its source still scans or sends, or a full verification runs.
+        #[arg(long)]
+        force: bool,
+    },
     /// All migrations.
     List,
     /// One migration's progress, and its failed segments with their errors.
@@ -792,6 +803,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ctl.finalize(id).await?;
             if !json {
                 println!("migration {id}: finalized — the fallback window is closed");
+            }
+        }
+        Cmd::Migration(MigrationCmd::Delete { id, force }) => {
+            let ctl = connect(&cli).await?;
+            let id = ctl.resolve(id).await?;
+            ctl.delete(id, *force).await?;
+            if json {
+                print_json(&serde_json::json!({ "migration_id": id, "deleted": true }));
+            } else {
+                println!(
+                    "migration {id}: deleted — its agents remove what they keep of it at their \
+                     next heartbeat; the data at the target stays"
+                );
             }
         }
         Cmd::Migration(MigrationCmd::Cutover { id, abort, watch }) => {

@@ -336,6 +336,18 @@ impl Ctl {
         Ok(())
     }
 
+    /// Deletes a migration (`force`: also while it runs).
+    pub async fn delete(&self, id: u64, force: bool) -> Result<(), CtlError> {
+        let mut c = self.client.clone();
+        c.delete_migration(pb::DeleteMigrationRequest {
+            migration_id: id,
+            name: String::new(),
+            force,
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Starts a full verification of a migration whose last round is done; returns its number
     /// and the round it verifies. Sent once, like [`Ctl::sync`].
     pub async fn verify_full(&self, id: u64) -> Result<(u32, u32), CtlError> {

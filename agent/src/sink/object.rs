@@ -302,6 +302,42 @@ impl ObjectSink {
             .clone()
     }
 
+    /// Forgets a deleted migration (`cluster/uuid`): aborts the multipart uploads its split
+    /// files left open (completed ones are objects, and stay) and removes their sidecars.
+    /// Returns how many uploads it aborted. A failed abort keeps its sidecar: the next call
+    /// tries again.
+    pub async fn forget(&self, migration: &str) -> Result<u64, SinkError> {
+        super::check_migration_key(migration)?;
+        let dir = self.parts_dir.join(migration);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(super::io_at("cannot list", &dir)(e)),
+        };
+        let mut aborted = 0;
+        for e in entries {
+            let path = e.map_err(super::io_at("cannot list", &dir))?.path();
+            let Some(u) = super::load_json::<Upload>(&path)? else {
+                continue;
+            };
+            if !u.complete {
+                let key = Key::parse(&u.key).map_err(|err| SinkError::BadEntry {
+                    path: u.key.clone(),
+                    reason: format!("a sidecar names no valid key: {err}"),
+                })?;
+                match self.store.abort_multipart(&key, &u.id).await {
+                    Ok(()) => aborted += 1,
+                    // Gone already (aborted, or expired by the store's lifecycle rules).
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(err) => return Err(store_error("abort the upload of", &key)(err)),
+                }
+            }
+            std::fs::remove_file(&path).map_err(super::io_at("cannot remove", &path))?;
+        }
+        let _ = std::fs::remove_dir(&dir);
+        Ok(aborted)
+    }
+
     fn sidecar_path(&self, migration: &str, key: &Key) -> PathBuf {
         let h = hex(blake3::hash(key.as_ref().as_bytes()).as_bytes());
         self.parts_dir.join(migration).join(format!("{h}.json"))

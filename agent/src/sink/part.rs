@@ -25,6 +25,10 @@ pub(super) struct PartState {
     /// the file (a delta piece with no changed block has none).
     #[serde(default)]
     pub(super) journals: Vec<(u32, String)>,
+    /// The destination's path as bytes (empty in sidecars of earlier versions): what a deleted
+    /// migration's leftovers are found by.
+    #[serde(default)]
+    pub(super) dest: Vec<u8>,
 }
 
 impl PartState {
@@ -56,6 +60,49 @@ impl FsSink {
 
     pub(super) fn save_sidecar(&self, path: &Path, st: &PartState) -> Result<(), SinkError> {
         save_json(path, st)
+    }
+
+    /// Forgets a deleted migration (`cluster/uuid`): removes the part files and journals of
+    /// its split files that were never completed, and their sidecars. Returns how many
+    /// unfinished files it removed.
+    pub fn forget(&self, migration: &str) -> Result<u64, SinkError> {
+        check_migration_key(migration)?;
+        let dir = self.parts_dir.join(migration);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_at("cannot list", &dir)(e)),
+        };
+        let mut removed = 0;
+        for e in entries {
+            let path = e.map_err(io_at("cannot list", &dir))?.path();
+            let Some(st) = self.load_sidecar(&path)? else {
+                continue;
+            };
+            let dest = PathBuf::from(OsStr::from_bytes(&st.dest));
+            // Only what lies below this sink's root is touched.
+            let ours = !st.dest.is_empty() && dest.starts_with(&self.root);
+            match (st.complete, st.base.is_some()) {
+                // Its journals are being applied to the file in place: left to finish.
+                (true, true) => continue,
+                (true, false) => {}
+                (false, _) if !ours => {}
+                (false, true) => {
+                    redo::remove_journals(&dest)?;
+                    removed += 1;
+                }
+                (false, false) => {
+                    let part = part_name(&dest);
+                    if inode(&part) == Some(st.part_ino) {
+                        fs::remove_file(&part).map_err(io_at("cannot remove", &part))?;
+                        removed += 1;
+                    }
+                }
+            }
+            fs::remove_file(&path).map_err(io_at("cannot remove", &path))?;
+        }
+        let _ = fs::remove_dir(&dir);
+        Ok(removed)
     }
 }
 

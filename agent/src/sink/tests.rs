@@ -134,6 +134,24 @@ fn split_file_is_visible_only_when_every_piece_landed() {
 }
 
 #[test]
+fn a_deleted_migration_leaves_no_unfinished_split_file_behind() {
+    let f = Fixture::new();
+    send_piece(&f.sink, 0, &data()).unwrap();
+    assert_eq!(f.names("").len(), 1, "a part file beside the destination");
+    assert!(f.names("")[0].starts_with(RESERVED_PREFIX));
+    let sidecars = f.state.path().join("parts").join("c").join("m1");
+    assert_eq!(fs::read_dir(&sidecars).unwrap().count(), 1);
+    // Another migration's key forgets nothing of this one.
+    assert_eq!(f.sink.forget("c/m2").unwrap(), 0);
+    assert_eq!(f.names("").len(), 1);
+    assert_eq!(f.sink.forget("c/m1").unwrap(), 1);
+    assert!(f.names("").is_empty(), "the part file is gone");
+    assert!(!sidecars.exists(), "and its sidecar");
+    assert_eq!(f.sink.forget("c/m1").unwrap(), 0, "once is enough");
+    assert!(f.sink.forget("../m1").is_err(), "keys are checked");
+}
+
+#[test]
 fn piece_resent_after_completion_is_checked_against_the_file_never_written_into_it() {
     let f = Fixture::new();
     for i in 0..3 {

@@ -457,6 +457,7 @@ impl SegmentWriter<'_> {
                     complete: false,
                     base: None,
                     journals: Vec::new(),
+                    dest: dest.as_os_str().as_bytes().to_vec(),
                 };
                 if let Some(base) = e.delta_base {
                     // A delta: patched in place, once every piece is journalled — if the file

@@ -585,6 +585,30 @@ impl Admin for AdminService {
         }
     }
 
+    async fn delete_migration(
+        &self,
+        req: Request<pb::DeleteMigrationRequest>,
+    ) -> R<pb::DeleteMigrationResponse> {
+        authorize_admin(&req)?;
+        let r = req.into_inner();
+        let id = self.id_or_name(r.migration_id, &r.name).await?;
+        let cmd = Command::DeleteMigration {
+            migration_id: id,
+            force: r.force,
+        };
+        match self.0.write(cmd).await? {
+            Response::Ok => {
+                tracing::info!(
+                    message = "Migration deleted.",
+                    migration = id,
+                    force = r.force
+                );
+                Ok(GrpcResponse::new(pb::DeleteMigrationResponse {}))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_admin(&req)?;
         let now = now_ms();

@@ -334,6 +334,7 @@ impl AgentService {
                     })
                     .collect(),
                 cutover_work: cutover_work(s, agent),
+                forget: a.map(|a| a.forget.clone()).unwrap_or_default(),
                 conflict: a.map(|a| a.conflict.clone()).unwrap_or_default(),
                 cluster_id: s.cluster_id.clone(),
                 agent_throttle: a.map(|a| a.throttle.clone()).unwrap_or_default(),

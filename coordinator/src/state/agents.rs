@@ -37,7 +37,16 @@ pub struct Agent {
     /// The directory it writes below as a target (empty: it is not one), or the URL of the
     /// object store it writes to.
     pub target_root: String,
+    /// Uuids of deleted migrations this agent was source or target of, newest last (at most
+    /// [`FORGET_MAX`]): its heartbeats carry them, and it removes what it keeps of them.
+    #[serde(default)]
+    pub forget: Vec<String>,
 }
+
+/// Most deleted migrations an agent is told to forget (the newest). An agent that stays away
+/// while more are deleted keeps the local state of the older ones (files under its state
+/// directory; nothing the coordinator needs).
+pub const FORGET_MAX: usize = 256;
 
 impl Agent {
     /// Whether, as a target, it writes to an object store (its root is a URL, not a path).
@@ -166,6 +175,7 @@ impl State {
                     window_bytes: 0,
                     throttle: String::new(),
                     target_root: String::new(),
+                    forget: Vec::new(),
                 },
             );
         }

@@ -190,6 +190,15 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// An operator deletes a migration: it is gone from the state with its segments, its name
+    /// is free again, and its agents are told to remove what they keep of it (a target aborts
+    /// its unfinished uploads). Refused during a cutover, and while it runs unless `force`.
+    DeleteMigration {
+        /// Migration.
+        migration_id: u64,
+        /// Also while its source is sending or a verification runs.
+        force: bool,
+    },
     /// An operator asks for a sync round of a migration whose current round has ended.
     StartRound {
         /// Migration.
@@ -396,6 +405,10 @@ impl State {
                 migration_id,
                 now_ms,
             } => self.finalize(migration_id, now_ms),
+            Command::DeleteMigration {
+                migration_id,
+                force,
+            } => self.delete_migration(migration_id, force),
             Command::VerificationStep {
                 agent,
                 session,

@@ -5,8 +5,9 @@
 //! `commands` dispatches each committed [`Command`]; the rules live by subject: `segment` (a
 //! segment's states and transitions, the retry backoff), `agents` (registration, sessions),
 //! `phases` (a migration from creation through scanning to done or failed), `scheduler`
-//! (leases: granting, renewing, expiring), `reports` (verification, failed attempts) and
-//! `reads` (what operators and targets ask without changing anything).
+//! (leases: granting, renewing, expiring), `reports` (verification, failed attempts), `delete`
+//! (a migration removed, its agents told to forget it) and `reads` (what operators and targets
+//! ask without changing anything).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 mod agents;
 mod commands;
 mod cutover;
+mod delete;
 mod fallback;
 mod phases;
 mod reads;
@@ -25,7 +27,7 @@ mod segment;
 mod throttles;
 mod verification;
 
-pub use agents::{Agent, SESSION_TIMEOUT_MS};
+pub use agents::{Agent, FORGET_MAX, SESSION_TIMEOUT_MS};
 pub use commands::{Command, ThrottleScope};
 pub use cutover::{Cutover, CutoverPhase, Step, StepRun, TreeDigest, CLASSES, MAX_STEP_OUTPUT};
 use phases::ScanEnd;
@@ -128,6 +130,8 @@ pub struct Dirty {
     pub segments: BTreeSet<(u64, u64)>,
     /// The cluster id was set.
     pub cluster: bool,
+    /// [`State::deleted_up_to`] changed.
+    pub deleted_up_to: bool,
 }
 
 /// The whole replicated state.
@@ -168,6 +172,11 @@ pub struct State {
     /// The cluster's random id, set by the first agent registration (empty before): agents
     /// key their local state by it, so a new cluster never meets an old one's state.
     pub cluster_id: String,
+    /// The highest id of a deleted migration (0: none deleted): ids are never given again,
+    /// also when the newest migrations were deleted (agents and operators know migrations by
+    /// id). Record `deleted_up_to`.
+    #[serde(default)]
+    pub deleted_up_to: u64,
 }
 
 /// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.

@@ -242,12 +242,14 @@ impl State {
         if uuid.is_empty() || self.migrations.values().any(|m| m.uuid == uuid) {
             return refused("a migration needs a fresh uuid");
         }
-        let Some(id) = self
+        let last = self
             .migrations
             .keys()
             .next_back()
-            .map_or(Some(1), |last| last.checked_add(1))
-        else {
+            .copied()
+            .unwrap_or(0)
+            .max(self.deleted_up_to);
+        let Some(id) = last.checked_add(1) else {
             return refused("no migration id is left");
         };
         self.migrations.insert(

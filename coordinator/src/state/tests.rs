@@ -2649,3 +2649,122 @@ fn a_migration_from_an_object_store_refuses_what_it_cannot_do_yet() {
     let m = &w.s.migrations[&mid];
     assert_eq!((m.phase, m.round().number), (Phase::Failed, 0));
 }
+
+#[test]
+fn a_deleted_migration_leaves_no_segment_or_index_behind_and_its_agents_forget_it() {
+    let mut w = World::new();
+    let running = w.migration(&[(0, 10, 1), (1, 10, 1), (2, 10, 1)]);
+    let name = w.s.migrations[&running].name.clone();
+    let uuid = w.s.migrations[&running].uuid.clone();
+    let leased = w.lease(1, 2);
+    assert_eq!(leased.len(), 1);
+    let delete = |migration_id, force| Command::DeleteMigration {
+        migration_id,
+        force,
+    };
+    assert!(
+        matches!(w.apply(delete(running, false)), Response::Refused(why) if why.contains("--force")),
+        "a copying migration is deleted only with --force"
+    );
+    assert!(w.s.migrations.contains_key(&running), "nothing changed");
+    assert!(w.s.agents["src"].forget.is_empty());
+
+    // A cutover is never cut short, force or not.
+    let cutting = w.done_migration();
+    assert_eq!(
+        w.apply(Command::StartCutover {
+            migration_id: cutting,
+            now_ms: 3
+        }),
+        Response::Ok
+    );
+    assert!(
+        matches!(w.apply(delete(cutting, true)), Response::Refused(why) if why.contains("--abort")),
+        "a running cutover refuses"
+    );
+
+    assert_eq!(w.apply(delete(running, true)), Response::Ok);
+    assert!(!w.s.migrations.contains_key(&running));
+    assert!(!w.s.segments.keys().any(|&(m, _)| m == running));
+    assert!(w.s.dirty.migrations.contains(&running));
+    assert_eq!(
+        w.s.dirty
+            .segments
+            .iter()
+            .filter(|&&(m, _)| m == running)
+            .count(),
+        3,
+        "each removed segment is removed from the store too"
+    );
+    // The derived indexes are as a rebuild from the stored records makes them (an empty set
+    // stands for none).
+    let mut rebuilt = w.s.clone();
+    rebuilt.rebuild_indexes();
+    fn held<T: Clone>(m: &BTreeMap<u64, BTreeSet<T>>) -> BTreeMap<u64, BTreeSet<T>> {
+        m.iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+    assert_eq!(
+        (
+            held(&rebuilt.pending),
+            held(&rebuilt.waiting),
+            held(&rebuilt.leased)
+        ),
+        (held(&w.s.pending), held(&w.s.waiting), held(&w.s.leased))
+    );
+    assert_eq!(
+        (&rebuilt.by_name, &rebuilt.by_key),
+        (&w.s.by_name, &w.s.by_key)
+    );
+    for agent in ["src", "dst"] {
+        assert_eq!(w.s.agents[agent].forget, std::slice::from_ref(&uuid), "{agent}");
+    }
+    // Its lease is gone with it; its name is free again.
+    assert!(w.lease(8, 4).is_empty());
+    assert!(matches!(
+        w.apply(Command::RenewLeases {
+            agent: "src".into(),
+            session: 1,
+            leases: vec![(leased[0].migration_id, leased[0].segment_id, leased[0].epoch)],
+            now_ms: 4,
+            ttl_ms: TTL,
+        }),
+        Response::Renewed(r) if r == [false]
+    ));
+    assert!(matches!(
+        w.apply(Command::CreateMigration {
+            name,
+            idempotency_key: String::new(),
+            spec: spec("/data", 100),
+            uuid: ferry_common::ids::random_id(),
+            throttle: String::new(),
+            now_ms: 5,
+        }),
+        Response::MigrationCreated(_)
+    ));
+    assert!(
+        matches!(w.apply(delete(running, true)), Response::Refused(why) if why.contains("does not exist"))
+    );
+
+    // A finished migration needs no force; an agent's list keeps the newest FORGET_MAX.
+    let done = w.done_migration();
+    assert_eq!(w.apply(delete(done, false)), Response::Ok);
+    assert_eq!(w.s.agents["dst"].forget.len(), 2);
+    let mut last = done;
+    for _ in 0..FORGET_MAX {
+        let m = w.done_migration();
+        assert!(
+            m > last,
+            "an id is never given twice, even after the newest was deleted"
+        );
+        last = m;
+        assert_eq!(w.apply(delete(m, false)), Response::Ok);
+    }
+    assert_eq!(w.s.agents["dst"].forget.len(), FORGET_MAX);
+    assert!(
+        !w.s.agents["dst"].forget.contains(&uuid),
+        "the oldest went first"
+    );
+}

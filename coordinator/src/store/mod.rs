@@ -67,7 +67,9 @@ pub use state_machine::{Applied, StateMachine};
 /// an xattrs option; agents whether they apply owners.
 /// 6–8: throttles, sync rounds and cutover, the verification cache.
 /// 9: a target's report carries the hash the source sent with the bytes (`source_hash`).
-pub const FORMAT_VERSION: u64 = 9;
+/// 10: migrations can be deleted (`DeleteMigration`): agents carry `forget`, the state
+/// `deleted_up_to` (record `deleted_up_to`).
+pub const FORMAT_VERSION: u64 = 10;
 
 /// How long `open` waits for sled's file lock. sled finishes writing its buffers on background
 /// threads after the last handle is dropped, so a node reopened at once in the same process

@@ -117,6 +117,7 @@ impl StateMachine {
         membership: Option<Membership>,
     ) -> Result<Applied, StoreError> {
         let base_cluster = base.cluster_id.clone();
+        let base_deleted = base.deleted_up_to;
         let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
@@ -158,6 +159,10 @@ impl StateMachine {
         state.cluster_id = match self.tree.get("cluster")? {
             Some(v) => decode(&v)?,
             None => base_cluster,
+        };
+        state.deleted_up_to = match self.tree.get("deleted_up_to")? {
+            Some(v) => decode(&v)?,
+            None => base_deleted,
         };
         Ok(Applied {
             state,
@@ -272,6 +277,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         if dirty.cluster {
             batch.insert("cluster", enc(&a.state.cluster_id)?);
+        }
+        if dirty.deleted_up_to {
+            batch.insert("deleted_up_to", enc(&a.state.deleted_up_to)?);
         }
         batch.insert("applied", enc(&a.last_applied)?);
         if membership_changed {

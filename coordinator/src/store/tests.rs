@@ -439,3 +439,80 @@ async fn an_install_interrupted_before_the_switch_is_finished_at_start_up() {
     let (_log, again) = open(b.path()).unwrap();
     assert_eq!(again.shared().read().unwrap().state, want);
 }
+
+#[tokio::test]
+async fn a_deletion_is_recorded_and_survives_reopen_and_snapshots_with_ids_never_reused() {
+    use crate::state::{Command, Response};
+    let dir = tempfile::tempdir().unwrap();
+    let want = {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(busy_entries()).await.unwrap();
+        let uuid = sm.shared().read().unwrap().state.migrations[&1]
+            .uuid
+            .clone();
+        let r = sm
+            .apply(vec![entry(
+                10,
+                Command::DeleteMigration {
+                    migration_id: 1,
+                    force: true,
+                },
+            )])
+            .await
+            .unwrap();
+        assert_eq!(r, [Response::Ok]);
+        let s = sm.shared().read().unwrap().state.clone();
+        assert!(s.migrations.is_empty() && s.segments.is_empty());
+        assert_eq!(s.deleted_up_to, 1);
+        assert_eq!(s.agents["src"].forget, [uuid]);
+        s
+    };
+    let (_log, mut sm) = open(dir.path()).unwrap();
+    assert_eq!(sm.shared().read().unwrap().state, want, "as recorded");
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_log, mut other) = open(other_dir.path()).unwrap();
+    other
+        .install_snapshot(
+            &snap.meta,
+            Box::new(Cursor::new(snap.snapshot.get_ref().clone())),
+        )
+        .await
+        .unwrap();
+    let mut state = other.shared().read().unwrap().state.clone();
+    assert_eq!(state, want, "as a snapshot carries it");
+    // The next migration does not take the deleted one's id.
+    let spec = crate::state::MigrationSpec {
+        source_agent: "src".into(),
+        source_path: "/data".into(),
+        target_agent: "dst".into(),
+        target_path: String::new(),
+        segment_size: 100,
+        xattrs: false,
+        max_attempts: 3,
+        excludes: Vec::new(),
+        keep_deleted: false,
+        max_delete: None,
+        sync_every_ms: 0,
+        auto_cutover_below_ms: 0,
+        baseline: String::new(),
+        fallback_of: 0,
+    };
+    let r = state.apply(
+        11,
+        Command::CreateMigration {
+            name: "again".into(),
+            idempotency_key: String::new(),
+            spec,
+            uuid: ferry_common::ids::random_id(),
+            throttle: String::new(),
+            now_ms: 20,
+        },
+    );
+    assert_eq!(r, Response::MigrationCreated(2));
+}

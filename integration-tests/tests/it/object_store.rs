@@ -372,6 +372,128 @@ async fn a_target_killed_mid_multipart_resumes_the_upload_without_resending_veri
     node.shutdown().await;
 }
 
+/// Every path below `dir` (empty when it does not exist).
+fn paths_below(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            }
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_migration_aborts_its_open_uploads_and_its_agents_forget_it() {
+    let Some(moto) = moto() else { return };
+    moto.create_bucket("ferry-delete").unwrap();
+    let env = TestEnv::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut big = vec![0u8; 48 * MIB + 100];
+    blake3::Hasher::new_derive_key("ferry s3 delete test")
+        .finalize_xof()
+        .fill(&mut big);
+    std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
+
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let mut scfg = env.agent_config("source", &coord, None);
+    scfg.max_in_flight = 1;
+    let source_state = scfg.state_dir.clone();
+    let source = ferry_agent::run::start(scfg).await.unwrap();
+    // Slow enough that the delete comes while the upload is open.
+    crate::harness::throttle_agent(&ctl, &source, "source", "32mbit").await;
+    let top = "data_listen = \"127.0.0.1:0\"\n";
+    let (store, _) = moto.target_store_toml("ferry-delete", "ckpt");
+    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
+    crate::processes::wait_registered(&ctl, "target", true).await;
+    let spec = pb::MigrationSpec {
+        segment_size: 8 * MIB as u64,
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    wait_verified(&ctl, id, 1).await;
+    assert_eq!(
+        moto.uploads("ferry-delete").unwrap().len(),
+        1,
+        "an upload is open"
+    );
+    let uuid_dirs = |root: &Path| {
+        paths_below(root)
+            .into_iter()
+            .filter(|p| p.parent().and_then(|d| d.file_name()) == Some("migrations".as_ref()))
+            .count()
+    };
+    assert_eq!(
+        uuid_dirs(&source_state),
+        1,
+        "the source keeps the migration's state"
+    );
+    let target_parts = env.path("agent-target").join("object-parts");
+    assert!(
+        paths_below(&target_parts)
+            .iter()
+            .any(|p| p.extension() == Some("json".as_ref())),
+        "the target records its open upload"
+    );
+
+    let refused = ctl.delete(id, false).await.unwrap_err().to_string();
+    assert!(refused.contains("--force"), "{refused}");
+    ctl.delete(id, true).await.unwrap();
+    assert!(ctl.status(id).await.is_err(), "the migration is gone");
+    wait_for(
+        "the open upload to be aborted",
+        Duration::from_secs(60),
+        || async {
+            moto.uploads("ferry-delete")
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "both agents to forget it",
+        Duration::from_secs(60),
+        || async {
+            let sidecars = paths_below(&target_parts)
+                .iter()
+                .filter(|p| p.extension() == Some("json".as_ref()))
+                .count();
+            (uuid_dirs(&source_state) == 0 && sidecars == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        moto.list("ferry-delete", "").unwrap().is_empty(),
+        "a file never completed leaves no object"
+    );
+    // The name is free again.
+    let spec = pb::MigrationSpec {
+        segment_size: 8 * MIB as u64,
+        ..migration_spec(&src, "")
+    };
+    ctl.set_throttle("", "source", "off").await.unwrap();
+    let again = ctl.create(spec).await.unwrap();
+    assert_ne!(again, id);
+    let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
+    finished(&ctl, again, Duration::from_secs(120), &log).await;
+    let held = moto.list("ferry-delete", "").unwrap();
+    assert_eq!(held["ckpt/checkpoint.bin"].sha256, sha256(&big));
+    crate::processes::terminate(&mut target, "target");
+    source.shutdown().await;
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_that_stops_answering_fails_the_migration_clearly_and_only_stored_files_verified() {
     let Some(moto) = moto() else { return };
