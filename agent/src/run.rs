@@ -142,6 +142,8 @@ fn serve<S: crate::sink::Sink>(
         sink,
         control: control.clone(),
         stats: stats.clone(),
+        header_timeout: crate::target::HEADER_TIMEOUT,
+        stall_timeout: crate::target::STALL_TIMEOUT,
     });
     tokio::spawn(target.serve(endpoint, stop))
 }

@@ -27,6 +27,12 @@ use crate::wire::MalformedEntry;
 const MAX_SEGMENT_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 /// Read buffer per stream: bounds memory per segment in flight.
 const BUF: usize = 1024 * 1024;
+/// How long a stream's segment header may take to arrive whole: a peer holding a slot (one of
+/// [`Target::headers`]) without sending its header is cut off after this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read of a segment's bytes may wait with nothing arriving: a peer that stops
+/// sending (its connection kept alive) gives its slot up after this; the source retries.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Everything a target needs to receive segments: generic over the coordinator and the sink,
 /// so its logic is tested through [`crate::control::testing::FakeCoordinator`] and
@@ -42,6 +48,62 @@ pub struct Target<C: Coordinator = Control, S: Sink = FsSink> {
     pub control: C,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// [`HEADER_TIMEOUT`] (tests set less).
+    pub header_timeout: Duration,
+    /// [`STALL_TIMEOUT`] (tests set less).
+    pub stall_timeout: Duration,
+}
+
+/// A read that fails once it has waited `limit` with nothing arriving (counted from when it
+/// started waiting, so the time the target spends writing between reads does not count).
+struct StallGuard<'a, R> {
+    inner: &'a mut R,
+    limit: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl<'a, R> StallGuard<'a, R> {
+    fn new(inner: &'a mut R, limit: Duration) -> Self {
+        StallGuard {
+            inner,
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            waiting: false,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for StallGuard<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let me = &mut *self;
+        match std::pin::Pin::new(&mut *me.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                me.waiting = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if !me.waiting {
+                    me.waiting = true;
+                    let at = tokio::time::Instant::now() + me.limit;
+                    me.sleep.as_mut().reset(at);
+                }
+                match me.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the source sent nothing for {} s", me.limit.as_secs_f32()),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
 }
 
 /// How long a target waits for the coordinator to record a failure before it answers the
@@ -329,9 +391,20 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
         W: AsyncWrite + Unpin + Send,
     {
         let _permit = self.headers.acquire().await.expect("never closed");
-        let header: pb::SegmentHeader = match frame::read(recv, MAX_HEADER).await {
-            Ok(h) => h,
-            Err(e) => {
+        let mut recv = StallGuard::new(recv, self.stall_timeout);
+        let recv = &mut recv;
+        let read = tokio::time::timeout(self.header_timeout, frame::read(recv, MAX_HEADER));
+        let header: pb::SegmentHeader = match read.await {
+            Ok(Ok(h)) => h,
+            Err(_) => {
+                tracing::warn!(message = "No segment header in time; closing connection.", %remote, timeout_secs = self.header_timeout.as_secs_f32());
+                return Handled {
+                    ok: false,
+                    acked: false,
+                    close: Some((5, b"segment header timeout")),
+                };
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(message = "Bad segment header; closing connection.", %remote, error = %e);
                 return Handled {
                     ok: false,
@@ -623,6 +696,8 @@ mod driven {
                 sink: sink.clone(),
                 control: control.clone(),
                 stats: Arc::default(),
+                header_timeout: HEADER_TIMEOUT,
+                stall_timeout: STALL_TIMEOUT,
             },
             control,
             sink,
@@ -791,5 +866,57 @@ mod driven {
             ack.error
         );
         assert!(rig.sink.files.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_that_send_nothing_give_their_slots_up_and_a_good_segment_still_lands() {
+        let mut rig = rig();
+        rig.target.header_timeout = Duration::from_millis(300);
+        rig.target.stall_timeout = Duration::from_millis(600);
+        let remote: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // Every slot taken by a stream whose peer never sends its header (its end kept open).
+        let mut silent = Vec::new();
+        for _ in 0..4 {
+            silent.push((tokio::io::duplex(64), tokio::io::duplex(64)));
+        }
+        let stalled = futures::future::join_all(silent.iter_mut().map(
+            |((_keep_open, target_in), (target_out, _))| {
+                rig.target.handle(&rig.src, remote, target_out, target_in)
+            },
+        ));
+        // A peer that sends a header and part of the bytes, then nothing.
+        let entry = Entry::file("model.bin", DATA.len() as u64, 0o644, (1_700_000_000, 0), 0);
+        let (mut to_target, mut target_in) = tokio::io::duplex(1 << 20);
+        let (mut target_out, mut from_target) = tokio::io::duplex(1 << 20);
+        let header = pb::SegmentHeader {
+            migration_id: 1,
+            segment_id: 7,
+            epoch: 3,
+            entries: vec![pb::Entry::from(&entry)],
+        };
+        frame::write(&mut to_target, &header).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut to_target, &DATA[..5])
+            .await
+            .unwrap();
+        let (stalled, good, half) = tokio::join!(
+            stalled,
+            send(&rig, &rig.src, None),
+            rig.target
+                .handle(&rig.src, remote, &mut target_out, &mut target_in)
+        );
+        for h in stalled {
+            assert_eq!(h.close, Some((5, &b"segment header timeout"[..])));
+        }
+        let (h, ack) = good;
+        assert!(h.ok, "the good segment waited for a slot and landed");
+        assert!(ack.expect("an ack").ok);
+        assert_eq!(rig.sink.file("model.bin").as_deref(), Some(DATA));
+        assert!(!half.ok && half.acked);
+        drop(target_out);
+        let ack = frame::read::<pb::SegmentAck, _>(&mut from_target, MAX_SMALL_FRAME)
+            .await
+            .unwrap();
+        assert!(ack.error.contains("sent nothing for"), "{}", ack.error);
+        drop(to_target);
     }
 }

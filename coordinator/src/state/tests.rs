@@ -2719,7 +2719,11 @@ fn a_deleted_migration_leaves_no_segment_or_index_behind_and_its_agents_forget_i
         (&w.s.by_name, &w.s.by_key)
     );
     for agent in ["src", "dst"] {
-        assert_eq!(w.s.agents[agent].forget, std::slice::from_ref(&uuid), "{agent}");
+        assert_eq!(
+            w.s.agents[agent].forget,
+            std::slice::from_ref(&uuid),
+            "{agent}"
+        );
     }
     // Its lease is gone with it; its name is free again.
     assert!(w.lease(8, 4).is_empty());
