@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 
 use ferry_common::config::TlsPaths;
 use ferry_common::tls::TlsMaterial;
@@ -244,17 +245,22 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             ))
             .max_decoding_message_size(limit),
         )
-        .add_service(
+        // The admin and Raft services check the caller's certificate before a request's body
+        // is read (an interceptor sees its head only): a Raft message may be 1 GiB, and only
+        // another coordinator may make this node read that much.
+        .add_service(InterceptedService::new(
             ferry_proto::admin::admin_server::AdminServer::new(AdminService(core.clone()))
                 .max_decoding_message_size(limit),
-        )
-        .add_service(
+            |req: tonic::Request<()>| crate::grpc::authorize_admin(&req).map(|()| req),
+        ))
+        .add_service(InterceptedService::new(
             ferry_proto::raft::raft_peer_server::RaftPeerServer::new(
                 crate::grpc::peer::PeerService(core.clone()),
             )
             .max_decoding_message_size(1 << 30)
             .max_encoding_message_size(1 << 30),
-        )
+            |req: tonic::Request<()>| crate::grpc::authorize_coordinator(&req).map(|()| req),
+        ))
         .add_service(health_service);
     let incoming = incoming(listener);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {

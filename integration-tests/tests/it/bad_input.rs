@@ -517,3 +517,104 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     h.stop().await;
 }
+
+/// A gRPC codec that puts the bytes it is given on the wire as they are (a malformed body).
+#[derive(Clone, Copy)]
+struct Raw;
+struct RawBytes;
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut v = vec![0; bytes::Buf::remaining(src)];
+        bytes::Buf::copy_to_slice(src, &mut v);
+        Ok(Some(v))
+    }
+}
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_and_admin_calls_are_refused_by_certificate_before_their_body_is_read() {
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let agent = TlsMaterial::load(&env.issue(Identity::Agent("source".into()))).unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", node.addr))
+        .unwrap()
+        .tls_config(agent.grpc_client())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Not a protobuf message at all: a server that read the body first would answer that it
+    // cannot decode it; the certificate check answers first.
+    let garbage = vec![0xff; 64];
+    for path in [
+        "/ferry.raft.v1.RaftPeer/AppendEntries",
+        "/ferry.raft.v1.RaftPeer/InstallSnapshot",
+        "/ferry.admin.v1.Admin/ListAgents",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(ch.clone());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary(
+                tonic::Request::new(garbage.clone()),
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                Raw,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{path}: {err}");
+    }
+    // A coordinator's certificate gets as far as decoding (and is told the body is not one).
+    let peer = TlsMaterial::load(&env.issue(Identity::Coordinator(2))).unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", node.addr))
+        .unwrap()
+        .tls_config(peer.grpc_client())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary(
+            tonic::Request::new(garbage),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/ferry.raft.v1.RaftPeer/AppendEntries",
+            ),
+            Raw,
+        )
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    node.shutdown().await;
+}
