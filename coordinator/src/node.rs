@@ -126,7 +126,16 @@ impl RunningNode {
         }
         self.rounds.abort();
         self.health.abort();
-        let _ = self.server.await;
+        // In-flight calls end first; a connection that never ends (a client that sent no
+        // HTTP/2 preface) does not hold the shutdown up for longer than the grace.
+        let mut server = self.server;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!(message = "Connections still open at shutdown; closing them.");
+            server.abort();
+        }
         // The services are gone, and with them the group commit's queue: its last entries are
         // answered before Raft stops.
         if tokio::time::timeout(Duration::from_secs(5), self.committer)
@@ -238,7 +247,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     let health = tokio::spawn(report_health(raft.clone(), health));
     let limit = 64 * 1024 * 1024;
     let router = tonic::transport::Server::builder()
-        .tls_config(tls.grpc_server())?
+        .timeout(REQUEST_TIMEOUT)
         .add_service(
             ferry_proto::control::agent_control_server::AgentControlServer::new(AgentService(
                 core.clone(),
@@ -262,7 +271,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             |req: tonic::Request<()>| crate::grpc::authorize_coordinator(&req).map(|()| req),
         ))
         .add_service(health_service);
-    let incoming = incoming(listener);
+    let incoming = incoming(listener, tls.grpc_server_config()?);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_rx.await;
     }));
@@ -317,8 +326,65 @@ async fn report_health(raft: Raft, reporter: tonic_health::server::HealthReporte
 /// more than one segment (TLS records of HTTP/2 headers, data, trailers) waited for the
 /// caller's ACK of the first (Nagle): a round trip more per call, 150 ms and more on an
 /// intercontinental path.
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// How long a shutdown waits for calls in flight before it closes their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a client may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most TLS handshakes in progress at once; further connections wait to be accepted.
+const HANDSHAKES_AT_ONCE: usize = 256;
+/// Longest a request may take, its body's arrival included (the longest legitimate one is a
+/// snapshot install between coordinators).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The connections `listener` accepts, each after its TLS handshake (TLS 1.3, a client
+/// certificate from the cluster's CA) completed within [`HANDSHAKE_TIMEOUT`]; a client that
+/// does not complete it is dropped without holding anything up.
+fn incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) -> impl futures::Stream<
+    Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_AT_ONCE));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                _ = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait instead of spinning.
+                    tracing::warn!(message = "Cannot accept a connection.", error = %e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(message = "TLS handshake failed.", %remote, error = %e)
+                    }
+                    Err(_) => {
+                        tracing::debug!(message = "TLS handshake timed out.", %remote)
+                    }
+                }
+            });
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }
 
 /// How often the leader looks for periodic sync rounds that are due.
@@ -364,11 +430,47 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_connections_do_not_wait_for_acks_to_send() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::Arc;
+        let pki = tempfile::tempdir().unwrap();
+        let ca = ferry_common::pki::Ca::init(pki.path()).unwrap();
+        let load = |id| {
+            let paths = ca.issue(&id, pki.path()).unwrap();
+            ferry_common::tls::TlsMaterial::load(&paths).unwrap()
+        };
+        let server = load(ferry_common::pki::Identity::Coordinator(1));
+        let client = load(ferry_common::pki::Identity::Admin("a".into()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming = super::incoming(listener);
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY not set");
+        let mut incoming = Box::pin(super::incoming(
+            listener,
+            server.grpc_server_config().unwrap(),
+        ));
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(&client.ca_pem).unwrap())
+            .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(&client.cert_pem).unwrap()],
+            PrivateKeyDer::from_pem_slice(&client.key_pem).unwrap(),
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name =
+            rustls::pki_types::ServerName::try_from(ferry_common::names::COORDINATOR_DNS).unwrap();
+        let connecting = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp);
+        let (accepted, _client) = tokio::join!(incoming.next(), connecting);
+        let accepted = accepted.unwrap().unwrap();
+        assert!(
+            accepted.get_ref().0.nodelay().unwrap(),
+            "TCP_NODELAY not set"
+        );
     }
 }

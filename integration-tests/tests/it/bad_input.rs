@@ -618,3 +618,57 @@ async fn raft_and_admin_calls_are_refused_by_certificate_before_their_body_is_re
     assert_ne!(err.code(), tonic::Code::PermissionDenied, "{err}");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_speaks_tls13_only_and_drops_a_client_that_never_completes_its_handshake() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let tls = TlsMaterial::load(&env.issue(Identity::Admin("test".into()))).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&tls.ca_pem).unwrap())
+        .unwrap();
+    let cert = CertificateDer::from_pem_slice(&tls.cert_pem).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).unwrap();
+    let connect = |version: &'static rustls::SupportedProtocolVersion| {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(vec![cert.clone()], key.clone_key())
+        .unwrap();
+        let addr = node.addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from(ferry_common::names::COORDINATOR_DNS).unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+        }
+    };
+    let refused = connect(&rustls::version::TLS12).await;
+    assert!(refused.is_err(), "a TLS 1.2 handshake completed");
+    let ok = connect(&rustls::version::TLS13).await.unwrap();
+    assert_eq!(
+        ok.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    drop(ok);
+
+    // A client that connects and says nothing holds nothing up, and is dropped.
+    let mut silent = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let ctl = env.ctl(&node.addr.to_string()).await;
+    ctl.agents().await.unwrap();
+    let limit = ferry_coordinator::node::HANDSHAKE_TIMEOUT * 3;
+    let read = tokio::time::timeout(limit, silent.read(&mut [0u8; 16]))
+        .await
+        .expect("the coordinator never dropped a client that did not complete its handshake");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    node.shutdown().await;
+}
