@@ -33,6 +33,9 @@ pub enum PkiError {
     /// The CA already exists; refusing to replace it would orphan every issued certificate.
     #[error("a CA already exists at {0}; refusing to overwrite it (every issued certificate depends on it)")]
     CaExists(PathBuf),
+    /// An identity's file already exists (or a symlink stands at its path): never replaced.
+    #[error("{0} already exists; refusing to overwrite it (a running process may use it): remove it first to issue this identity again")]
+    Exists(PathBuf),
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -62,6 +65,18 @@ impl Identity {
         }
     }
 
+    /// What its certificate may be used for: an operator only calls (client); agents and
+    /// coordinator nodes also serve (targets, the gRPC API) and call (sources, Raft peers).
+    fn key_usages(&self) -> Vec<ExtendedKeyUsagePurpose> {
+        match self {
+            Identity::Admin(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Identity::Agent(_) | Identity::Coordinator(_) => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        }
+    }
+
     fn dns_names(&self) -> Vec<String> {
         match self {
             Identity::Agent(n) => vec![names::agent_dns(n)],
@@ -88,7 +103,8 @@ const CA_CN: &str = "ferry cluster CA";
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.distinguished_name.push(DnType::CommonName, CA_CN);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Signs end-entity certificates only, never another CA.
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -97,21 +113,50 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     Ok(p)
 }
 
+/// Writes a new file at `path` with `mode`, never replacing anything there (a file, or a
+/// symlink someone planted: `link` does not follow it): written to a temporary created with
+/// `O_EXCL|O_NOFOLLOW` and that mode, synced, then linked into place.
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
-        what: "cannot write",
-        path: path.to_path_buf(),
-        source,
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PkiError::Io { what, path, source }
     };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(contents.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(PkiError::Exists(path.to_path_buf()));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io("cannot write", &tmp))?;
+        f.write_all(contents.as_bytes())
+            .map_err(io("cannot write", &tmp))?;
+        f.sync_all().map_err(io("cannot write", &tmp))?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(PkiError::Exists(path.to_path_buf()))
+            }
+            Err(e) => Err(io("cannot write", path)(e)),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    written?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<String, PkiError> {
@@ -151,7 +196,22 @@ impl Ca {
         })
     }
 
-    /// Issues a certificate for `who` and writes `<stem>.pem` and `<stem>.key` into `dir`.
+    /// The identity `who` already has in `dir` (its certificate and key both there), or a new
+    /// one ([`Ca::issue`]).
+    pub fn issue_if_missing(
+        &self,
+        who: &Identity,
+        dir: &Path,
+    ) -> Result<crate::config::TlsPaths, PkiError> {
+        let paths = crate::config::TlsPaths::in_dir(dir, &who.file_stem());
+        if paths.cert.is_file() && paths.key.is_file() {
+            return Ok(paths);
+        }
+        self.issue(who, dir)
+    }
+
+    /// Issues a certificate for `who` and writes `<stem>.pem` and `<stem>.key` into `dir`;
+    /// refuses ([`PkiError::Exists`]) when either is there already.
     /// Returns the paths in the layout [`crate::config::TlsPaths::in_dir`] expects.
     pub fn issue(&self, who: &Identity, dir: &Path) -> Result<crate::config::TlsPaths, PkiError> {
         match who {
@@ -161,17 +221,20 @@ impl Ca {
         let mut p = CertificateParams::new(who.dns_names())?;
         p.distinguished_name
             .push(DnType::CommonName, who.dns_names()[0].clone());
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = who.key_usages();
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &self.issuer)?;
         let stem = who.file_stem();
         let paths = crate::config::TlsPaths::in_dir(dir, &stem);
-        write_file(&paths.cert, &cert.pem(), 0o644)?;
+        for p in [&paths.cert, &paths.key] {
+            if fs::symlink_metadata(p).is_ok() {
+                return Err(PkiError::Exists(p.clone()));
+            }
+        }
+        // The key first: a certificate is never on disk without its key.
         write_file(&paths.key, &key.serialize_pem(), 0o600)?;
+        write_file(&paths.cert, &cert.pem(), 0o644)?;
         Ok(paths)
     }
 }
@@ -197,5 +260,102 @@ mod tests {
         let mode = fs::metadata(&paths.key).unwrap().permissions();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn an_identity_is_never_overwritten_nor_written_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let who = Identity::Agent("src".into());
+        let paths = ca.issue(&who, dir.path()).unwrap();
+        let key = fs::read(&paths.key).unwrap();
+        let again = ca.issue(&who, dir.path()).unwrap_err();
+        assert!(
+            matches!(&again, PkiError::Exists(p) if *p == paths.cert),
+            "{again}"
+        );
+        assert_eq!(fs::read(&paths.key).unwrap(), key, "the key is as it was");
+        // Taken as it is when asked for if missing.
+        assert_eq!(ca.issue_if_missing(&who, dir.path()).unwrap(), paths);
+        assert_eq!(fs::read(&paths.key).unwrap(), key);
+
+        // A symlink planted where a key goes is neither followed nor replaced.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"not yours").unwrap();
+        let other = Identity::Agent("dst".into());
+        let planted = crate::config::TlsPaths::in_dir(dir.path(), &other.file_stem());
+        std::os::unix::fs::symlink(&victim, &planted.key).unwrap();
+        let e = ca.issue(&other, dir.path()).unwrap_err();
+        assert!(matches!(&e, PkiError::Exists(_)), "{e}");
+        assert_eq!(fs::read(&victim).unwrap(), b"not yours");
+        assert!(!planted.cert.exists(), "no certificate without its key");
+        // A file someone created with a wide mode is not reused either: a new key is 0600.
+        fs::remove_file(&planted.key).unwrap();
+        let p = ca.issue(&other, dir.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&p.key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temporaries left");
+    }
+
+    #[test]
+    fn an_admin_certificate_cannot_serve_and_the_ca_signs_no_other_ca() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let ca_der = CertificateDer::from_pem_file(dir.path().join("ca.pem")).unwrap();
+        let anchor = webpki::anchor_from_trusted_cert(&ca_der).unwrap();
+        let now = UnixTime::now();
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let usable = |who: Identity, usage: webpki::KeyUsage| {
+            let p = ca.issue(&who, dir.path()).unwrap();
+            let der = CertificateDer::from_pem_file(&p.cert).unwrap();
+            let ee = webpki::EndEntityCert::try_from(&der).unwrap();
+            ee.verify_for_usage(
+                algs.all,
+                std::slice::from_ref(&anchor),
+                &[],
+                now,
+                usage,
+                None,
+                None,
+            )
+            .is_ok()
+        };
+        assert!(usable(
+            Identity::Admin("a".into()),
+            webpki::KeyUsage::client_auth()
+        ));
+        assert!(!usable(
+            Identity::Admin("b".into()),
+            webpki::KeyUsage::server_auth()
+        ));
+        assert!(usable(
+            Identity::Agent("c".into()),
+            webpki::KeyUsage::server_auth()
+        ));
+        assert!(usable(
+            Identity::Agent("d".into()),
+            webpki::KeyUsage::client_auth()
+        ));
+        assert!(usable(
+            Identity::Coordinator(1),
+            webpki::KeyUsage::server_auth()
+        ));
+        assert!(usable(
+            Identity::Coordinator(2),
+            webpki::KeyUsage::client_auth()
+        ));
+        // The CA's path length is 0: it signs end entities only.
+        let params = ca_params().unwrap();
+        assert_eq!(params.is_ca, IsCa::Ca(BasicConstraints::Constrained(0)));
     }
 }

@@ -1,6 +1,7 @@
 //! TLS configurations for every connection ferry makes: gRPC (tonic) to the coordinator and QUIC
 //! (quinn) between agents. All of them are mutual TLS 1.3 against the cluster CA (invariant 5).
 
+use rustls::pki_types::pem::PemObject;
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -82,11 +83,11 @@ impl TlsMaterial {
         pem: &[u8],
         what: &'static str,
     ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-        let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<_, _>>()
-            .map_err(|source| TlsError::Read {
+            .map_err(|e| TlsError::Read {
                 path: path.to_path_buf(),
-                source,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
             })?;
         if certs.is_empty() {
             return Err(TlsError::Empty {
@@ -98,15 +99,17 @@ impl TlsMaterial {
     }
 
     fn key(&self, path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-        rustls_pemfile::private_key(&mut &self.key_pem[..])
-            .map_err(|source| TlsError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .ok_or_else(|| TlsError::Empty {
+        match PrivateKeyDer::from_pem_slice(&self.key_pem) {
+            Ok(k) => Ok(k),
+            Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(TlsError::Empty {
                 path: path.to_path_buf(),
                 what: "private key",
-            })
+            }),
+            Err(e) => Err(TlsError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            }),
+        }
     }
 
     fn parts(

@@ -255,10 +255,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         Err(ferry_common::pki::PkiError::CaExists(_)) => Ca::load(&pki)?,
         Err(e) => return Err(e.into()),
     };
-    let coord_tls = ca.issue(&Identity::Coordinator(1), &pki)?;
-    let admin_tls = ca.issue(&Identity::Admin("quickstart".into()), &pki)?;
-    let src_tls = ca.issue(&Identity::Agent("source".into()), &pki)?;
-    let dst_tls = ca.issue(&Identity::Agent("target".into()), &pki)?;
+    let coord_tls = ca.issue_if_missing(&Identity::Coordinator(1), &pki)?;
+    let admin_tls = ca.issue_if_missing(&Identity::Admin("quickstart".into()), &pki)?;
+    let src_tls = ca.issue_if_missing(&Identity::Agent("source".into()), &pki)?;
+    let dst_tls = ca.issue_if_missing(&Identity::Agent("target".into()), &pki)?;
 
     let node = ferry_coordinator::node::start(CoordinatorConfig {
         log_level: None,

@@ -31,7 +31,7 @@ pub fn start_ferry(
     std::fs::create_dir_all(ctx.work.join("dst"))?;
     let b = ctx.wan.addr_b;
     let tls = |who: Identity| -> anyhow::Result<String> {
-        let p = ca.issue(&who, &ctx.pki)?;
+        let p = ca.issue_if_missing(&who, &ctx.pki)?;
         Ok(format!(
             "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             p.ca.display(),
@@ -80,7 +80,8 @@ pub fn start_ferry(
         )?;
         agents.push(("dst-s3.toml", "dst-s3"));
     }
-    let admin = TlsMaterial::load(&ca.issue(&Identity::Admin("bench".into()), &ctx.pki)?)?;
+    let admin =
+        TlsMaterial::load(&ca.issue_if_missing(&Identity::Admin("bench".into()), &ctx.pki)?)?;
     let coord = sibling("it-coordinator")?;
     let agent = sibling("it-agent")?;
     let mut procs = vec![(&ctx.wan.ns_b, &coord, "coordinator.toml", "coordinator")];

@@ -42,7 +42,9 @@ pub fn run(h: Helper) -> anyhow::Result<()> {
         match h {
             Helper::QuicSink { listen, pki } => {
                 let ca = Ca::load(&pki)?;
-                let tls = TlsMaterial::load(&ca.issue(&Identity::Agent("sink".into()), &pki)?)?;
+                let tls = TlsMaterial::load(
+                    &ca.issue_if_missing(&Identity::Agent("sink".into()), &pki)?,
+                )?;
                 let ep = quinn::Endpoint::server(tls.quic_server()?, listen)?;
                 while let Some(inc) = ep.accept().await {
                     tokio::spawn(async move {
@@ -68,7 +70,9 @@ pub fn run(h: Helper) -> anyhow::Result<()> {
                 cc,
             } => {
                 let ca = Ca::load(&pki)?;
-                let tls = TlsMaterial::load(&ca.issue(&Identity::Agent("blast".into()), &pki)?)?;
+                let tls = TlsMaterial::load(
+                    &ca.issue_if_missing(&Identity::Agent("blast".into()), &pki)?,
+                )?;
                 let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
                 let congestion: ferry_common::transport::Congestion = cc.parse()?;
                 let transport = ferry_common::transport::Transport {

@@ -82,7 +82,7 @@ fn coordinator_bin() -> anyhow::Result<PathBuf> {
 }
 
 fn spawn_node(work: &Path, ca: &Ca, id: u64, bootstrap: bool) -> anyhow::Result<Node> {
-    let tls = ca.issue(&Identity::Coordinator(id), &work.join("pki"))?;
+    let tls = ca.issue_if_missing(&Identity::Coordinator(id), &work.join("pki"))?;
     let dir = work.join(format!("node{id}"));
     let config = work.join(format!("node{id}.toml"));
     std::fs::write(
@@ -201,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let pki = work.join("pki");
     let ca = Ca::init(&pki).context("the work directory must be empty")?;
-    let admin = TlsMaterial::load(&ca.issue(&Identity::Admin("bench".into()), &pki)?)?;
+    let admin = TlsMaterial::load(&ca.issue_if_missing(&Identity::Admin("bench".into()), &pki)?)?;
 
     // 1. Three nodes.
     let mut nodes = vec![spawn_node(&work, &ca, 1, true)?];
@@ -229,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
             (format!("s{i:04}"), &mut sources),
             (format!("t{i:04}"), &mut targets),
         ] {
-            let paths: TlsPaths = ca.issue(&Identity::Agent(name.clone()), &pki)?;
+            let paths: TlsPaths = ca.issue_if_missing(&Identity::Agent(name.clone()), &pki)?;
             // Heartbeats as fixed-rate polls answered at once (the heavier load; real agents'
             // long polls are held while nothing changes).
             list.push(Control::new(&name, &all, &TlsMaterial::load(&paths)?)?.without_long_poll());

@@ -41,9 +41,11 @@ impl TestEnv {
         self.path("pki")
     }
 
-    /// Issues (or re-issues) a certificate.
+    /// Issues a certificate, or takes the one issued before for the same identity.
     pub fn issue(&self, who: Identity) -> TlsPaths {
-        self.ca.issue(&who, &self.pki()).expect("issue certificate")
+        self.ca
+            .issue_if_missing(&who, &self.pki())
+            .expect("issue certificate")
     }
 
     /// Coordinator config for node 1 on `listen`.
