@@ -252,14 +252,16 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             ferry_proto::control::agent_control_server::AgentControlServer::new(AgentService(
                 core.clone(),
             ))
-            .max_decoding_message_size(limit),
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
         )
         // The admin and Raft services check the caller's certificate before a request's body
         // is read (an interceptor sees its head only): a Raft message may be 1 GiB, and only
         // another coordinator may make this node read that much.
         .add_service(InterceptedService::new(
             ferry_proto::admin::admin_server::AdminServer::new(AdminService(core.clone()))
-                .max_decoding_message_size(limit),
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
             |req: tonic::Request<()>| crate::grpc::authorize_admin(&req).map(|()| req),
         ))
         .add_service(InterceptedService::new(

@@ -549,21 +549,32 @@ impl Ctl {
         .await
     }
 
-    /// Verification summary; `max_listed = u32::MAX` lists every segment.
+    /// Verification summary; `max_listed = u32::MAX` lists every segment (asked a page at a
+    /// time; the counts are the first page's).
     pub async fn verify(
         &self,
         id: u64,
         max_listed: u32,
     ) -> Result<pb::VerifyMigrationResponse, CtlError> {
-        retry_read(|| async {
-            let mut c = self.client.clone();
-            let r = c.verify_migration(pb::VerifyMigrationRequest {
-                migration_id: id,
-                max_listed,
-            });
-            Ok(r.await?.into_inner())
-        })
-        .await
+        let page = |segments_from| {
+            retry_read(move || async move {
+                let mut c = self.client.clone();
+                let r = c.verify_migration(pb::VerifyMigrationRequest {
+                    migration_id: id,
+                    max_listed,
+                    segments_from,
+                });
+                Ok(r.await?.into_inner())
+            })
+        };
+        let mut all = page(0).await?;
+        while all.segments_more {
+            let from = all.segments.last().map_or(0, |s| s.segment_id + 1);
+            let next = page(from).await?;
+            all.segments.extend(next.segments);
+            all.segments_more = next.segments_more;
+        }
+        Ok(all)
     }
 
     /// Polls a migration until it has ended (done or failed), calling `show` on each sample.

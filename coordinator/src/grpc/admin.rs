@@ -775,76 +775,200 @@ impl Admin for AdminService {
         authorize_admin(&req)?;
         let r = req.into_inner();
         let id = r.migration_id;
-        let max = if r.max_listed == 0 {
-            100
-        } else {
-            r.max_listed as usize
-        };
         let resp = self
             .0
-            .read(|s| {
-                let m = s.migrations.get(&id)?;
-                let mut out = pb::VerifyMigrationResponse {
-                    migration_id: id,
-                    segments_total: m.counters.segments,
-                    ..Default::default()
-                };
-                // A segment of an earlier round that was not verified (failed, or stale because
-                // its file changed) was superseded: the round after it sent its files again.
-                let first = m.round().first_segment;
-                let superseded = |sid: u64, seg: &crate::state::Segment| {
-                    sid < first && seg.state != SegState::Verified
-                };
-                // Failed segments first: they are what the operator must act on.
-                let segs = || {
-                    s.segments
-                        .range((id, 0)..=(id, u64::MAX))
-                        .filter(|(&(_, sid), seg)| !superseded(sid, seg))
-                };
-                out.segments_total -= s
-                    .segments
-                    .range((id, 0)..(id, first))
-                    .filter(|(&(_, sid), seg)| superseded(sid, seg))
-                    .count() as u64;
-                for (&(_, sid), seg) in segs() {
-                    if seg.state == SegState::Failed {
-                        out.segments_failed += 1;
-                        if out.unverified.len() < max {
-                            out.unverified.push(convert::segment(sid, seg));
-                        }
-                    }
-                }
-                for (&(_, sid), seg) in segs() {
-                    match seg.state {
-                        SegState::Verified => {
-                            out.segments_verified += 1;
-                            if seg.source_hash.is_none() || seg.source_hash != seg.target_hash {
-                                out.hash_mismatches += 1;
-                            }
-                        }
-                        SegState::Failed => {}
-                        _ if out.unverified.len() < max => {
-                            out.unverified.push(convert::segment(sid, seg));
-                        }
-                        _ => {}
-                    }
-                    if r.max_listed == u32::MAX {
-                        out.segments.push(convert::segment(sid, seg));
-                    }
-                }
-                // Nothing skipped either: a tree whose only entry was a FIFO, or a source root
-                // that does not exist, is not a verified copy of anything.
-                out.scan_issues_total = m.scan_issues_total;
-                out.scan_issues = convert::progress(m).scan_issues;
-                out.all_verified = m.scan_complete
-                    && out.hash_mismatches == 0
-                    && out.segments_failed == 0
-                    && out.segments_verified == out.segments_total
-                    && m.scan_issues_total == 0;
-                Some(out)
-            })
+            .read(move |s| verification(s, &r, VERIFY_PAGE))
             .await?
             .ok_or_else(|| Status::not_found(format!("migration {id} does not exist")))?;
         Ok(GrpcResponse::new(resp))
+    }
+}
+
+/// The most unverified segments, and the most segments of an audit page, one verification
+/// answer lists: it stays a few MB whatever the migration's size.
+const VERIFY_PAGE: usize = 10_000;
+
+/// The answer to `VerifyMigration` for `r`, listing at most `page` segments (None: no such
+/// migration).
+fn verification(
+    s: &crate::state::State,
+    r: &pb::VerifyMigrationRequest,
+    page: usize,
+) -> Option<pb::VerifyMigrationResponse> {
+    let id = r.migration_id;
+    let max = match r.max_listed {
+        0 => 100,
+        n => (n as usize).min(page),
+    };
+    let m = s.migrations.get(&id)?;
+    let mut out = pb::VerifyMigrationResponse {
+        migration_id: id,
+        segments_total: m.counters.segments,
+        ..Default::default()
+    };
+    // A segment of an earlier round that was not verified (failed, or stale because
+    // its file changed) was superseded: the round after it sent its files again.
+    let first = m.round().first_segment;
+    let superseded =
+        |sid: u64, seg: &crate::state::Segment| sid < first && seg.state != SegState::Verified;
+    // Failed segments first: they are what the operator must act on.
+    let segs = || {
+        s.segments
+            .range((id, 0)..=(id, u64::MAX))
+            .filter(|(&(_, sid), seg)| !superseded(sid, seg))
+    };
+    out.segments_total -= s
+        .segments
+        .range((id, 0)..(id, first))
+        .filter(|(&(_, sid), seg)| superseded(sid, seg))
+        .count() as u64;
+    for (&(_, sid), seg) in segs() {
+        if seg.state == SegState::Failed {
+            out.segments_failed += 1;
+            if out.unverified.len() < max {
+                out.unverified.push(convert::segment(sid, seg));
+            }
+        }
+    }
+    for (&(_, sid), seg) in segs() {
+        match seg.state {
+            SegState::Verified => {
+                out.segments_verified += 1;
+                if seg.source_hash.is_none() || seg.source_hash != seg.target_hash {
+                    out.hash_mismatches += 1;
+                }
+            }
+            SegState::Failed => {}
+            _ if out.unverified.len() < max => {
+                out.unverified.push(convert::segment(sid, seg));
+            }
+            _ => {}
+        }
+        if r.max_listed == u32::MAX && sid >= r.segments_from {
+            if out.segments.len() < page {
+                out.segments.push(convert::segment(sid, seg));
+            } else {
+                out.segments_more = true;
+            }
+        }
+    }
+    // Nothing skipped either: a tree whose only entry was a FIFO, or a source root
+    // that does not exist, is not a verified copy of anything.
+    out.scan_issues_total = m.scan_issues_total;
+    out.scan_issues = convert::progress(m).scan_issues;
+    out.all_verified = m.scan_complete
+        && out.hash_mismatches == 0
+        && out.segments_failed == 0
+        && out.segments_verified == out.segments_total
+        && m.scan_issues_total == 0;
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, MigrationSpec, Response, SegmentReg, State};
+
+    #[test]
+    fn a_verification_answer_lists_segments_a_page_at_a_time() {
+        let mut s = State::default();
+        let mut index = 0;
+        let mut apply = |s: &mut State, c| {
+            index += 1;
+            s.apply(index, c)
+        };
+        for name in ["src", "dst"] {
+            apply(
+                &mut s,
+                Command::RegisterAgent {
+                    name: name.into(),
+                    data_addr: "127.0.0.1:9".into(),
+                    session: 1,
+                    previous: 0,
+                    new_cluster_id: "c".into(),
+                    applies_owners: false,
+                    congestion: "bbr".into(),
+                    window_bytes: 1 << 20,
+                    target_root: "/t".into(),
+                    now_ms: 1,
+                },
+            );
+        }
+        let spec = MigrationSpec {
+            source_agent: "src".into(),
+            source_path: "/d".into(),
+            target_agent: "dst".into(),
+            target_path: String::new(),
+            segment_size: 100,
+            xattrs: false,
+            max_attempts: 3,
+            excludes: Vec::new(),
+            keep_deleted: false,
+            max_delete: None,
+            sync_every_ms: 0,
+            auto_cutover_below_ms: 0,
+            baseline: String::new(),
+            fallback_of: 0,
+        };
+        let created = apply(
+            &mut s,
+            Command::CreateMigration {
+                name: "m".into(),
+                idempotency_key: String::new(),
+                spec,
+                uuid: "u1".into(),
+                throttle: String::new(),
+                now_ms: 2,
+            },
+        );
+        assert_eq!(created, Response::MigrationCreated(1));
+        let segments = (0..25)
+            .map(|id| SegmentReg {
+                id,
+                bytes: 10,
+                files: 1,
+                fingerprint: [1; 32],
+            })
+            .collect();
+        apply(
+            &mut s,
+            Command::RegisterSegments {
+                agent: "src".into(),
+                migration_id: 1,
+                segments,
+            },
+        );
+        let ask = |max_listed, segments_from| pb::VerifyMigrationRequest {
+            migration_id: 1,
+            max_listed,
+            segments_from,
+        };
+        // Unverified segments are capped at the page, whatever is asked.
+        let v = verification(&s, &ask(u32::MAX - 1, 0), 10).unwrap();
+        assert_eq!(v.unverified.len(), 10);
+        assert!(v.segments.is_empty() && !v.segments_more);
+        // An audit lists every segment, a page at a time.
+        let mut listed = Vec::new();
+        let mut from = 0;
+        loop {
+            let v = verification(&s, &ask(u32::MAX, from), 10).unwrap();
+            assert!(v.segments.len() <= 10);
+            listed.extend(v.segments.iter().map(|x| x.segment_id));
+            if !v.segments_more {
+                break;
+            }
+            from = v.segments.last().unwrap().segment_id + 1;
+        }
+        assert_eq!(listed, (0..25).collect::<Vec<u64>>());
+        assert!(verification(&s, &ask(0, 0), 10).is_some());
+        assert!(verification(
+            &s,
+            &pb::VerifyMigrationRequest {
+                migration_id: 2,
+                ..ask(0, 0)
+            },
+            10
+        )
+        .is_none());
     }
 }
