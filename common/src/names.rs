@@ -41,6 +41,56 @@ pub fn admin_dns(name: &str) -> String {
 /// The DNS name every admin certificate carries besides its own; the admin API requires it.
 pub const ADMIN_DNS: &str = "admin.ferry";
 
+/// What an operator's (ferryctl) certificate allows, least to most: each role may do what the
+/// ones below it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Reads: cluster and agent lists, migrations' status, verification results.
+    Viewer,
+    /// Also changes migrations: create, throttle, sync, verify in full, cut over, fall back,
+    /// finalize, delete.
+    Operator,
+    /// Also changes the cluster: membership, leadership, snapshots.
+    Admin,
+}
+
+impl Role {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The DNS name a certificate of this role carries (besides [`ADMIN_DNS`]). No agent,
+    /// operator or node name can make it.
+    pub fn dns(self) -> String {
+        format!("{}.role.ferry", self.as_str())
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?}: use viewer, operator or admin"
+            )),
+        }
+    }
+}
+
 /// The DNS name every coordinator node's certificate carries; clients verify it.
 pub const COORDINATOR_DNS: &str = "coordinator.ferry";
 

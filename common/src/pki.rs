@@ -15,7 +15,7 @@ use rcgen::{
 };
 use thiserror::Error;
 
-use crate::names::{self, COORDINATOR_DNS};
+use crate::names::{self, Role, COORDINATOR_DNS};
 
 /// A PKI operation failed.
 #[derive(Debug, Error)]
@@ -51,8 +51,10 @@ pub enum Identity {
     Agent(String),
     /// A coordinator node, by node id.
     Coordinator(u64),
-    /// An operator using ferryctl, by name.
+    /// An operator using ferryctl, by name, with every right ([`Role::Admin`]).
     Admin(String),
+    /// An operator using ferryctl, by name, with the rights of a role.
+    User(String, Role),
 }
 
 impl Identity {
@@ -61,7 +63,7 @@ impl Identity {
         match self {
             Identity::Agent(n) => format!("agent-{n}"),
             Identity::Coordinator(id) => format!("coordinator-{id}"),
-            Identity::Admin(n) => format!("admin-{n}"),
+            Identity::Admin(n) | Identity::User(n, _) => format!("admin-{n}"),
         }
     }
 
@@ -69,7 +71,7 @@ impl Identity {
     /// coordinator nodes also serve (targets, the gRPC API) and call (sources, Raft peers).
     fn key_usages(&self) -> Vec<ExtendedKeyUsagePurpose> {
         match self {
-            Identity::Admin(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Identity::Admin(_) | Identity::User(..) => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Identity::Agent(_) | Identity::Coordinator(_) => vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
@@ -86,7 +88,12 @@ impl Identity {
                     format!("node-{id}.{COORDINATOR_DNS}"),
                 ]
             }
-            Identity::Admin(n) => vec![names::admin_dns(n), names::ADMIN_DNS.to_string()],
+            Identity::Admin(n) => Identity::User(n.clone(), Role::Admin).dns_names(),
+            Identity::User(n, role) => vec![
+                names::admin_dns(n),
+                names::ADMIN_DNS.to_string(),
+                role.dns(),
+            ],
         }
     }
 }
@@ -215,7 +222,9 @@ impl Ca {
     /// Returns the paths in the layout [`crate::config::TlsPaths::in_dir`] expects.
     pub fn issue(&self, who: &Identity, dir: &Path) -> Result<crate::config::TlsPaths, PkiError> {
         match who {
-            Identity::Agent(n) | Identity::Admin(n) => names::validate_name(n)?,
+            Identity::Agent(n) | Identity::Admin(n) | Identity::User(n, _) => {
+                names::validate_name(n)?
+            }
             Identity::Coordinator(_) => {}
         }
         let mut p = CertificateParams::new(who.dns_names())?;
@@ -357,5 +366,37 @@ mod tests {
         // The CA's path length is 0: it signs end entities only.
         let params = ca_params().unwrap();
         assert_eq!(params.is_ca, IsCa::Ca(BasicConstraints::Constrained(0)));
+    }
+
+    #[test]
+    fn an_operator_certificate_carries_its_role_and_one_from_before_roles_is_an_admin() {
+        use crate::tls::role_of;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let role = |who: Identity| {
+            let p = ca.issue(&who, dir.path()).unwrap();
+            role_of(&CertificateDer::from_pem_file(&p.cert).unwrap())
+        };
+        assert_eq!(
+            role(Identity::User("v".into(), Role::Viewer)),
+            Some(Role::Viewer)
+        );
+        assert_eq!(
+            role(Identity::User("o".into(), Role::Operator)),
+            Some(Role::Operator)
+        );
+        assert_eq!(role(Identity::Admin("a".into())), Some(Role::Admin));
+        assert_eq!(role(Identity::Agent("x".into())), None);
+        assert_eq!(role(Identity::Coordinator(1)), None);
+        // As ferry issued operator certificates before roles: both admin names, no role.
+        let mut p =
+            CertificateParams::new(vec![names::admin_dns("old"), names::ADMIN_DNS.to_string()])
+                .unwrap();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let old = p.signed_by(&key, &ca.issuer).unwrap();
+        assert_eq!(role_of(old.der()), Some(Role::Admin));
     }
 }

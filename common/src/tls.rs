@@ -219,6 +219,22 @@ impl TlsMaterial {
     }
 }
 
+/// The role an operator's certificate carries ([`crate::names::Role`]); `None` for a
+/// certificate that is not an operator's. An operator certificate issued before roles existed
+/// carries none, and keeps the rights it had: [`Role::Admin`](crate::names::Role::Admin).
+pub fn role_of(cert: &CertificateDer<'_>) -> Option<crate::names::Role> {
+    use crate::names::Role;
+    if !cert_is_for(cert, crate::names::ADMIN_DNS) {
+        return None;
+    }
+    Some(
+        [Role::Admin, Role::Operator, Role::Viewer]
+            .into_iter()
+            .find(|r| cert_is_for(cert, &r.dns()))
+            .unwrap_or(Role::Admin),
+    )
+}
+
 /// Whether the (already CA-verified) end-entity certificate `cert` is valid for `dns_name`. Used
 /// after a handshake to learn which agent or admin is on the other end.
 pub fn cert_is_for(cert: &CertificateDer<'_>, dns_name: &str) -> bool {

@@ -71,6 +71,10 @@ struct Issue {
     dir: PathBuf,
     #[command(flatten)]
     who: Who,
+    /// With --admin: what the certificate allows — viewer (reads), operator (also changes
+    /// migrations), admin (also cluster membership).
+    #[arg(long, default_value = "admin", requires = "admin")]
+    role: ferry_common::names::Role,
 }
 
 /// The binary's entry point.
@@ -84,10 +88,10 @@ pub async fn main() -> anyhow::Result<()> {
             println!("created cluster CA in {}", dir.display());
             Ok(())
         }
-        Cmd::Pki(Pki::Issue(Issue { dir, who })) => {
+        Cmd::Pki(Pki::Issue(Issue { dir, who, role })) => {
             let id = match (who.agent, who.admin, who.coordinator) {
                 (Some(n), _, _) => Identity::Agent(n),
-                (_, Some(n), _) => Identity::Admin(n),
+                (_, Some(n), _) => Identity::User(n, role),
                 (_, _, Some(id)) => Identity::Coordinator(id),
                 _ => unreachable!("clap requires exactly one"),
             };

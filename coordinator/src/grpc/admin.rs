@@ -5,11 +5,12 @@ use std::sync::Arc;
 use ferry_proto::admin::{self as pb, admin_server::Admin};
 use tonic::{Request, Response as GrpcResponse, Status};
 
-use super::{authorize_admin, convert, now_ms, refused, Core, Proposal};
+use super::{authorize_role, convert, now_ms, refused, Core, Proposal};
 use crate::state::{
     Command, MigrationSpec, Response, SegState, ThrottleScope, DEFAULT_MAX_ATTEMPTS,
     MAX_MAX_ATTEMPTS,
 };
+use ferry_common::names::Role;
 use ferry_common::throttle::{Throttle, ThrottleError};
 
 /// Serves [`Admin`].
@@ -251,7 +252,7 @@ impl AdminService {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> R<pb::AddNodeResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Admin)?;
         let r = req.into_inner();
         if r.node_id == 0 {
             return Err(Status::invalid_argument("node ids start at 1"));
@@ -286,7 +287,7 @@ impl Admin for AdminService {
     }
 
     async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> R<pb::RemoveNodeResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Admin)?;
         let node_id = req.into_inner().node_id;
         match self.0.propose(Proposal::RemoveNode { node_id }).await? {
             Response::Ok => Ok(GrpcResponse::new(pb::RemoveNodeResponse {})),
@@ -295,7 +296,7 @@ impl Admin for AdminService {
     }
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> R<pb::SnapshotResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Admin)?;
         let raft = &self.0.raft;
         let want = raft.metrics().borrow().last_applied.map(|l| l.index);
         let started = std::time::Instant::now();
@@ -322,7 +323,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::TransferLeaderRequest>,
     ) -> R<pb::TransferLeaderResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Admin)?;
         let to = req.into_inner().node_id;
         let metrics = self.0.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
@@ -368,7 +369,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ClusterStatusRequest>,
     ) -> R<pb::ClusterStatusResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Viewer)?;
         let m = self.0.raft.metrics().borrow().clone();
         let members = m
             .membership_config
@@ -406,7 +407,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetThrottleRequest>,
     ) -> R<pb::SetThrottleResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let throttle: Throttle = r
             .throttle
@@ -443,7 +444,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SyncMigrationRequest>,
     ) -> R<pb::SyncMigrationResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         match self
@@ -468,7 +469,7 @@ impl Admin for AdminService {
     }
 
     async fn cutover(&self, req: Request<pb::CutoverRequest>) -> R<pb::CutoverResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = if r.abort {
@@ -507,7 +508,7 @@ impl Admin for AdminService {
     }
 
     async fn verify_full(&self, req: Request<pb::VerifyFullRequest>) -> R<pb::VerifyFullResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::StartVerification {
@@ -539,7 +540,7 @@ impl Admin for AdminService {
     }
 
     async fn fallback(&self, req: Request<pb::FallbackRequest>) -> R<pb::FallbackResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::StartFallback {
@@ -569,7 +570,7 @@ impl Admin for AdminService {
     }
 
     async fn finalize(&self, req: Request<pb::FinalizeRequest>) -> R<pb::FinalizeResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::Finalize {
@@ -589,7 +590,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DeleteMigrationRequest>,
     ) -> R<pb::DeleteMigrationResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::DeleteMigration {
@@ -610,7 +611,7 @@ impl Admin for AdminService {
     }
 
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Viewer)?;
         let now = now_ms();
         let agents = self
             .0
@@ -647,7 +648,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::CreateMigrationRequest>,
     ) -> R<pb::CreateMigrationResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Operator)?;
         let r = req.into_inner();
         let spec = r
             .spec
@@ -701,7 +702,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ListMigrationsRequest>,
     ) -> R<pb::ListMigrationsResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Viewer)?;
         let now = now_ms();
         let migrations = self
             .0
@@ -722,7 +723,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::MigrationStatusRequest>,
     ) -> R<pb::MigrationStatusResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Viewer)?;
         let r = req.into_inner();
         let by_name = !r.name.is_empty();
         let now = now_ms();
@@ -772,7 +773,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::VerifyMigrationRequest>,
     ) -> R<pb::VerifyMigrationResponse> {
-        authorize_admin(&req)?;
+        authorize_role(&req, Role::Viewer)?;
         let r = req.into_inner();
         let id = r.migration_id;
         let resp = self

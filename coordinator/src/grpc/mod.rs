@@ -7,6 +7,7 @@ mod convert;
 pub mod group_commit;
 pub mod peer;
 
+use ferry_common::names::Role;
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -508,20 +509,26 @@ pub fn authorize_agent<T>(req: &Request<T>, claimed: &str) -> Result<(), Status>
     }
 }
 
-/// Checks that the caller holds an admin certificate.
+/// Checks that the caller holds an operator's (ferryctl) certificate, of any role.
 pub fn authorize_admin<T>(req: &Request<T>) -> Result<(), Status> {
+    authorize_role(req, Role::Viewer).map(|_| ())
+}
+
+/// Checks that the caller holds an operator's certificate whose role allows what `need`
+/// allows; returns the caller's role.
+pub fn authorize_role<T>(req: &Request<T>, need: Role) -> Result<Role, Status> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let ok = certs
-        .first()
-        .is_some_and(|c| ferry_common::tls::cert_is_for(c, names::ADMIN_DNS));
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(
+    match certs.first().and_then(ferry_common::tls::role_of) {
+        None => Err(Status::permission_denied(
             "this call needs an admin certificate (ferry-coordinator pki issue --admin NAME)",
-        ))
+        )),
+        Some(role) if role < need => Err(Status::permission_denied(format!(
+            "this call needs the {need} role; this certificate has the {role} role (issue one \
+             with `ferry-coordinator pki issue --admin NAME --role {need}`)"
+        ))),
+        Some(role) => Ok(role),
     }
 }
 

@@ -672,3 +672,61 @@ async fn the_coordinator_speaks_tls13_only_and_drops_a_client_that_never_complet
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_operator_role_may_do_what_it_allows_and_nothing_more() {
+    use ferry_common::names::Role;
+    let env = TestEnv::new();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let as_user = |name: &str, role: Role| {
+        let tls = TlsMaterial::load(&env.issue(Identity::User(name.into(), role))).unwrap();
+        let coord = coord.clone();
+        async move { ferryctl::ctl::Ctl::connect(&coord, &tls).await.unwrap() }
+    };
+    let viewer = as_user("vera", Role::Viewer).await;
+    let operator = as_user("otto", Role::Operator).await;
+    let admin = env.ctl(&coord).await;
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"a").unwrap();
+    let _source = env.agent("source", &coord, None).await;
+    let _target = env.agent("target", &coord, Some(env.path("dst"))).await;
+
+    // A viewer reads, and changes nothing.
+    viewer.cluster_status().await.unwrap();
+    viewer.agents().await.unwrap();
+    let denied = |e: ferryctl::ctl::CtlError, role: &str| {
+        let e = e.to_string();
+        assert!(e.contains(&format!("needs the {role} role")), "{e}");
+    };
+    denied(
+        viewer.create(migration_spec(&src, "")).await.unwrap_err(),
+        "operator",
+    );
+    assert!(
+        viewer.migrations().await.unwrap().is_empty(),
+        "nothing created"
+    );
+    denied(viewer.cutover(1, false).await.unwrap_err(), "operator");
+    denied(viewer.delete(1, true).await.unwrap_err(), "operator");
+    denied(
+        viewer.add_node(2, "127.0.0.1:1").await.unwrap_err(),
+        "admin",
+    );
+
+    // An operator changes migrations, not the cluster.
+    let id = operator.create(migration_spec(&src, "")).await.unwrap();
+    assert_eq!(viewer.migrations().await.unwrap().len(), 1);
+    denied(
+        operator.add_node(2, "127.0.0.1:1").await.unwrap_err(),
+        "admin",
+    );
+    assert_eq!(
+        admin.cluster_status().await.unwrap().members.len(),
+        1,
+        "membership unchanged"
+    );
+    operator.delete(id, true).await.unwrap();
+    node.shutdown().await;
+}
