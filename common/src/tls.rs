@@ -219,6 +219,17 @@ impl TlsMaterial {
     }
 }
 
+/// The operator's name an operator certificate carries (`<name>.admin.ferry`), for records and
+/// messages (never for authorisation: that is [`cert_is_for`] and [`role_of`]).
+pub fn operator_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    let suffix = format!(".{}", crate::names::ADMIN_DNS);
+    let name = ee
+        .valid_dns_names()
+        .find_map(|n| n.strip_suffix(suffix.as_str()).map(str::to_string));
+    name
+}
+
 /// The role an operator's certificate carries ([`crate::names::Role`]); `None` for a
 /// certificate that is not an operator's. An operator certificate issued before roles existed
 /// carries none, and keeps the rights it had: [`Role::Admin`](crate::names::Role::Admin).

@@ -67,6 +67,14 @@ enum Cmd {
     /// Migrations.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// The audit log: every call that changed or tried to change the cluster (who, from where,
+    /// what, the decision), oldest first. Checks the records' hash chain and exits non-zero
+    /// when it is broken. Needs the admin role.
+    Audit {
+        /// Only records of the last DURATION (`1h`, `2d`); the chain is checked over all.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
     /// Write the quick start's sample data set (checkpoints, small files, empties, a symlink).
     Sample {
         /// Directory to create.
@@ -458,6 +466,55 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            });
+        }
+        Cmd::Audit { since } => {
+            let ctl = connect(&cli).await?;
+            let records = ctl.audit().await?;
+            let chain = crate::ctl::check_audit_chain(&records);
+            let from_ms = since.map_or(0, |d| {
+                (std::time::SystemTime::now() - d)
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_millis() as u64)
+            });
+            let shown: Vec<_> = records.iter().filter(|r| r.at_ms >= from_ms).collect();
+            if json {
+                for r in &shown {
+                    print_json(&serde_json::json!({
+                        "seq": r.seq, "at_ms": r.at_ms, "who": r.who, "role": r.role,
+                        "from": r.from, "call": r.call, "what": r.what, "decision": r.decision,
+                        "hash": ferry_common::hash::hex(&r.hash),
+                    }));
+                }
+            } else {
+                for r in &shown {
+                    println!(
+                        "{:>6}  {}  {} ({}) from {}  {}  {}  -> {}",
+                        r.seq,
+                        crate::ctl::utc(r.at_ms),
+                        r.who,
+                        r.role,
+                        r.from,
+                        r.call,
+                        r.what,
+                        r.decision
+                    );
+                }
+            }
+            return Ok(match chain {
+                Ok(()) => {
+                    if !json {
+                        println!("{} record(s); hash chain intact", records.len());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(seq) => {
+                    eprintln!(
+                        "the audit log's hash chain is BROKEN at record {seq}: a record was \
+                         changed or removed"
+                    );
+                    ExitCode::FAILURE
+                }
             });
         }
         Cmd::Sample {

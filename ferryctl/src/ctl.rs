@@ -336,6 +336,28 @@ impl Ctl {
         Ok(())
     }
 
+    /// The whole audit log, oldest first (asked a page at a time).
+    pub async fn audit(&self) -> Result<Vec<pb::AuditRecordInfo>, CtlError> {
+        let mut all: Vec<pb::AuditRecordInfo> = Vec::new();
+        loop {
+            let after_seq = all.last().map_or(0, |r| r.seq);
+            let page = retry_read(|| async {
+                let mut c = self.client.clone();
+                Ok(c.audit(pb::AuditRequest {
+                    after_seq,
+                    limit: 0,
+                })
+                .await?
+                .into_inner())
+            })
+            .await?;
+            all.extend(page.records);
+            if !page.more {
+                return Ok(all);
+            }
+        }
+    }
+
     /// Deletes a migration (`force`: also while it runs).
     pub async fn delete(&self, id: u64, force: bool) -> Result<(), CtlError> {
         let mut c = self.client.clone();
@@ -936,4 +958,59 @@ pub fn print_json<T: serde::Serialize>(v: &T) {
         "{}",
         serde_json::to_string_pretty(v).expect("protobuf types serialise")
     );
+}
+
+/// Whether audit `records` (the whole log, from its first record) chain: each record's hash is
+/// its fields' and names the record before. Returns the first broken record's number.
+pub fn check_audit_chain(records: &[pb::AuditRecordInfo]) -> Result<(), u64> {
+    use ferry_coordinator::state::{record_hash, AuditNote};
+    let mut prev = [0u8; 32];
+    for (i, r) in records.iter().enumerate() {
+        let note = AuditNote {
+            at_ms: r.at_ms,
+            who: r.who.clone(),
+            role: r.role.clone(),
+            from: r.from.clone(),
+            call: r.call.clone(),
+            what: r.what.clone(),
+        };
+        let hash = record_hash(r.seq, &note, &r.decision, &prev);
+        if r.seq != i as u64 + 1 || r.prev.as_slice() != prev || r.hash.as_slice() != hash {
+            return Err(r.seq);
+        }
+        prev = hash;
+    }
+    Ok(())
+}
+
+/// `ms` (unix) as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_shown_in_utc_calendar_form() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(super::utc(1_796_414_612_393), "2026-12-04 20:03:32");
+    }
 }

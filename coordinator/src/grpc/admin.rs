@@ -7,7 +7,7 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_role, convert, now_ms, refused, Core, Proposal};
 use crate::state::{
-    Command, MigrationSpec, Response, SegState, ThrottleScope, DEFAULT_MAX_ATTEMPTS,
+    AuditNote, Command, MigrationSpec, Response, SegState, ThrottleScope, DEFAULT_MAX_ATTEMPTS,
     MAX_MAX_ATTEMPTS,
 };
 use ferry_common::names::Role;
@@ -249,120 +249,293 @@ impl AdminService {
     }
 }
 
+/// An operator allowed to make a call, and what its audit records say of it.
+struct Caller {
+    note: AuditNote,
+}
+
+impl Caller {
+    /// `cmd`, to be applied and recorded with its outcome in one entry.
+    fn audited(&self, cmd: Command) -> Command {
+        let note = AuditNote {
+            at_ms: now_ms(),
+            what: ferry_common::text::head(&format!("{cmd:?}"), 512).to_string(),
+            ..self.note.clone()
+        };
+        Command::Audited {
+            note,
+            cmd: Box::new(cmd),
+        }
+    }
+}
+
+impl AdminService {
+    /// Checks that the caller's role allows what `need` allows; a refusal of an operator's
+    /// certificate is recorded in the audit log.
+    async fn authorized<T>(
+        &self,
+        req: &Request<T>,
+        need: Role,
+        call: &str,
+    ) -> Result<Caller, Status> {
+        let cert = req.peer_certs().and_then(|c| c.first().cloned());
+        let note = AuditNote {
+            at_ms: now_ms(),
+            who: cert
+                .as_ref()
+                .and_then(ferry_common::tls::operator_name)
+                .unwrap_or_default(),
+            role: String::new(),
+            from: req.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
+            call: call.to_string(),
+            what: String::new(),
+        };
+        match authorize_role(req, need) {
+            Ok(role) => Ok(Caller {
+                note: AuditNote {
+                    role: role.to_string(),
+                    ..note
+                },
+            }),
+            Err(status) => {
+                if let Some(role) = cert.as_ref().and_then(ferry_common::tls::role_of) {
+                    let denied = Command::Audit {
+                        note: AuditNote {
+                            role: role.to_string(),
+                            what: format!("needs the {need} role"),
+                            ..note
+                        },
+                        decision: format!("denied: {}", status.message()),
+                    };
+                    if let Err(e) = self.0.write(denied).await {
+                        tracing::warn!(message = "Cannot record a refused call in the audit log.", error = %e);
+                    }
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// Records `what` the caller asked for and `decision` (a call whose changes are not
+    /// commands: membership, leadership, snapshots).
+    async fn record(&self, caller: &Caller, what: String, decision: &str) -> Result<(), Status> {
+        let cmd = Command::Audit {
+            note: AuditNote {
+                at_ms: now_ms(),
+                what: ferry_common::text::head(&what, 512).to_string(),
+                ..caller.note.clone()
+            },
+            decision: decision.to_string(),
+        };
+        self.0.write(cmd).await.map(|_| ())
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> R<pb::AddNodeResponse> {
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> R<pb::AuditResponse> {
         authorize_role(&req, Role::Admin)?;
         let r = req.into_inner();
-        if r.node_id == 0 {
-            return Err(Status::invalid_argument("node ids start at 1"));
-        }
-        if r.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Status::invalid_argument(format!(
-                "node address {:?} is not host:port",
-                r.addr
-            )));
-        }
-        let secs = match r.catch_up_timeout_secs {
-            0 => DEFAULT_CATCH_UP_SECS,
-            s if s > MAX_CATCH_UP_SECS => {
-                return Err(Status::invalid_argument(format!(
-                    "catch-up timeout {s}s is over the limit of {MAX_CATCH_UP_SECS}s"
-                )))
-            }
-            s => s,
+        let limit = match r.limit {
+            0 => 1000,
+            n => (n as usize).min(10_000),
         };
-        match self
+        let resp = self
             .0
-            .propose(Proposal::AddNode {
-                node_id: r.node_id,
-                addr: r.addr,
-                catch_up_ms: u64::from(secs) * 1000,
+            .read(move |s| {
+                let mut records = s
+                    .audit
+                    .range(r.after_seq.saturating_add(1)..)
+                    .map(|(_, a)| pb::AuditRecordInfo {
+                        seq: a.seq,
+                        at_ms: a.note.at_ms,
+                        who: a.note.who.clone(),
+                        role: a.note.role.clone(),
+                        from: a.note.from.clone(),
+                        call: a.note.call.clone(),
+                        what: a.note.what.clone(),
+                        decision: a.decision.clone(),
+                        prev: a.prev.to_vec(),
+                        hash: a.hash.to_vec(),
+                    });
+                let page: Vec<_> = records.by_ref().take(limit).collect();
+                pb::AuditResponse {
+                    more: records.next().is_some(),
+                    records: page,
+                }
             })
-            .await?
-        {
-            Response::Ok => Ok(GrpcResponse::new(pb::AddNodeResponse {})),
-            other => Err(refused(other)),
+            .await?;
+        Ok(GrpcResponse::new(resp))
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> R<pb::AddNodeResponse> {
+        let caller = self.authorized(&req, Role::Admin, "AddNode").await?;
+        let what = format!("{:?}", req.get_ref());
+        self.record(&caller, what.clone(), "requested").await?;
+        let result: R<_> = async move {
+            let r = req.into_inner();
+            if r.node_id == 0 {
+                return Err(Status::invalid_argument("node ids start at 1"));
+            }
+            if r.addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "node address {:?} is not host:port",
+                    r.addr
+                )));
+            }
+            let secs = match r.catch_up_timeout_secs {
+                0 => DEFAULT_CATCH_UP_SECS,
+                s if s > MAX_CATCH_UP_SECS => {
+                    return Err(Status::invalid_argument(format!(
+                        "catch-up timeout {s}s is over the limit of {MAX_CATCH_UP_SECS}s"
+                    )))
+                }
+                s => s,
+            };
+            match self
+                .0
+                .propose(Proposal::AddNode {
+                    node_id: r.node_id,
+                    addr: r.addr,
+                    catch_up_ms: u64::from(secs) * 1000,
+                })
+                .await?
+            {
+                Response::Ok => Ok(GrpcResponse::new(pb::AddNodeResponse {})),
+                other => Err(refused(other)),
+            }
         }
+        .await;
+        let decision = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {}", e.message()),
+        };
+        // Best effort: a membership change may leave no leader to take the record at once.
+        if let Err(e) = self.record(&caller, what, &decision).await {
+            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
+        }
+        result
     }
 
     async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> R<pb::RemoveNodeResponse> {
-        authorize_role(&req, Role::Admin)?;
-        let node_id = req.into_inner().node_id;
-        match self.0.propose(Proposal::RemoveNode { node_id }).await? {
-            Response::Ok => Ok(GrpcResponse::new(pb::RemoveNodeResponse {})),
-            other => Err(refused(other)),
+        let caller = self.authorized(&req, Role::Admin, "RemoveNode").await?;
+        let what = format!("{:?}", req.get_ref());
+        self.record(&caller, what.clone(), "requested").await?;
+        let result: R<_> = async move {
+            let node_id = req.into_inner().node_id;
+            match self.0.propose(Proposal::RemoveNode { node_id }).await? {
+                Response::Ok => Ok(GrpcResponse::new(pb::RemoveNodeResponse {})),
+                other => Err(refused(other)),
+            }
         }
+        .await;
+        let decision = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {}", e.message()),
+        };
+        // Best effort: a membership change may leave no leader to take the record at once.
+        if let Err(e) = self.record(&caller, what, &decision).await {
+            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
+        }
+        result
     }
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> R<pb::SnapshotResponse> {
-        authorize_role(&req, Role::Admin)?;
-        let raft = &self.0.raft;
-        let want = raft.metrics().borrow().last_applied.map(|l| l.index);
-        let started = std::time::Instant::now();
-        raft.trigger()
-            .snapshot()
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot build a snapshot: {e}")))?;
-        let m = raft
-            .wait(Some(std::time::Duration::from_secs(600)))
-            .metrics(
-                |m| m.snapshot.map(|l| l.index) >= want,
-                "snapshot covers what was applied",
-            )
-            .await
-            .map_err(|e| Status::unavailable(format!("snapshot did not complete: {e}")))?;
-        Ok(GrpcResponse::new(pb::SnapshotResponse {
-            node_id: self.0.node_id,
-            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
-            build_millis: started.elapsed().as_millis() as u64,
-        }))
+        let caller = self.authorized(&req, Role::Admin, "Snapshot").await?;
+        let what = format!("{:?}", req.get_ref());
+        self.record(&caller, what.clone(), "requested").await?;
+        let result: R<_> = async move {
+            let raft = &self.0.raft;
+            let want = raft.metrics().borrow().last_applied.map(|l| l.index);
+            let started = std::time::Instant::now();
+            raft.trigger()
+                .snapshot()
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot build a snapshot: {e}")))?;
+            let m = raft
+                .wait(Some(std::time::Duration::from_secs(600)))
+                .metrics(
+                    |m| m.snapshot.map(|l| l.index) >= want,
+                    "snapshot covers what was applied",
+                )
+                .await
+                .map_err(|e| Status::unavailable(format!("snapshot did not complete: {e}")))?;
+            Ok(GrpcResponse::new(pb::SnapshotResponse {
+                node_id: self.0.node_id,
+                snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+                build_millis: started.elapsed().as_millis() as u64,
+            }))
+        }
+        .await;
+        let decision = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {}", e.message()),
+        };
+        // Best effort: a membership change may leave no leader to take the record at once.
+        if let Err(e) = self.record(&caller, what, &decision).await {
+            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
+        }
+        result
     }
 
     async fn transfer_leader(
         &self,
         req: Request<pb::TransferLeaderRequest>,
     ) -> R<pb::TransferLeaderResponse> {
-        authorize_role(&req, Role::Admin)?;
-        let to = req.into_inner().node_id;
-        let metrics = self.0.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership().clone();
-        if !membership.voter_ids().any(|v| v == to) {
-            return Err(Status::failed_precondition(format!(
-                "node {to} is not a voter"
-            )));
+        let caller = self.authorized(&req, Role::Admin, "TransferLeader").await?;
+        let what = format!("{:?}", req.get_ref());
+        self.record(&caller, what.clone(), "requested").await?;
+        let result: R<_> = async move {
+            let to = req.into_inner().node_id;
+            let metrics = self.0.raft.metrics().borrow().clone();
+            let membership = metrics.membership_config.membership().clone();
+            if !membership.voter_ids().any(|v| v == to) {
+                return Err(Status::failed_precondition(format!(
+                    "node {to} is not a voter"
+                )));
+            }
+            if metrics.current_leader != Some(to) {
+                let addr = membership
+                    .get_node(&to)
+                    .map(|n| n.addr.clone())
+                    .ok_or_else(|| Status::not_found(format!("node {to} has no address")))?;
+                let mut client = self
+                    .0
+                    .peers
+                    .client(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                // Each node draws its election timeout once, at start. Left alone, the election
+                // `to` starts would be a race it loses every time against an old leader whose
+                // timeout is the shorter: hold every other voter's election timer meanwhile.
+                let others: Vec<(u64, String)> = membership
+                    .voter_ids()
+                    .filter(|id| *id != to)
+                    .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
+                    .collect();
+                // `to` campaigns again by its own timer, if a transfer before this one left it held.
+                self.hold_elections(&[(to, addr.clone())], std::time::Duration::ZERO)
+                    .await;
+                self.hold_elections(&others, TRANSFER_WITHIN + TRANSFER_CAMPAIGN)
+                    .await;
+                let moved = self.campaign(&mut client, to).await;
+                self.hold_elections(&others, std::time::Duration::ZERO)
+                    .await;
+                moved?;
+            }
+            Ok(GrpcResponse::new(pb::TransferLeaderResponse {
+                leader_id: to,
+            }))
         }
-        if metrics.current_leader != Some(to) {
-            let addr = membership
-                .get_node(&to)
-                .map(|n| n.addr.clone())
-                .ok_or_else(|| Status::not_found(format!("node {to} has no address")))?;
-            let mut client = self
-                .0
-                .peers
-                .client(&addr)
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            // Each node draws its election timeout once, at start. Left alone, the election
-            // `to` starts would be a race it loses every time against an old leader whose
-            // timeout is the shorter: hold every other voter's election timer meanwhile.
-            let others: Vec<(u64, String)> = membership
-                .voter_ids()
-                .filter(|id| *id != to)
-                .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
-                .collect();
-            // `to` campaigns again by its own timer, if a transfer before this one left it held.
-            self.hold_elections(&[(to, addr.clone())], std::time::Duration::ZERO)
-                .await;
-            self.hold_elections(&others, TRANSFER_WITHIN + TRANSFER_CAMPAIGN)
-                .await;
-            let moved = self.campaign(&mut client, to).await;
-            self.hold_elections(&others, std::time::Duration::ZERO)
-                .await;
-            moved?;
+        .await;
+        let decision = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {}", e.message()),
+        };
+        // Best effort: a membership change may leave no leader to take the record at once.
+        if let Err(e) = self.record(&caller, what, &decision).await {
+            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
         }
-        Ok(GrpcResponse::new(pb::TransferLeaderResponse {
-            leader_id: to,
-        }))
+        result
     }
 
     async fn cluster_status(
@@ -407,7 +580,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetThrottleRequest>,
     ) -> R<pb::SetThrottleResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self.authorized(&req, Role::Operator, "SetThrottle").await?;
         let r = req.into_inner();
         let throttle: Throttle = r
             .throttle
@@ -427,10 +600,10 @@ impl Admin for AdminService {
         };
         match self
             .0
-            .write(Command::SetThrottle {
+            .write(caller.audited(Command::SetThrottle {
                 scope,
                 throttle: throttle.to_string(),
-            })
+            }))
             .await?
         {
             Response::Ok => Ok(GrpcResponse::new(pb::SetThrottleResponse {
@@ -444,15 +617,17 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SyncMigrationRequest>,
     ) -> R<pb::SyncMigrationResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self
+            .authorized(&req, Role::Operator, "SyncMigration")
+            .await?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         match self
             .0
-            .write(Command::StartRound {
+            .write(caller.audited(Command::StartRound {
                 migration_id: id,
                 now_ms: now_ms(),
-            })
+            }))
             .await?
         {
             Response::Ok => {
@@ -469,7 +644,7 @@ impl Admin for AdminService {
     }
 
     async fn cutover(&self, req: Request<pb::CutoverRequest>) -> R<pb::CutoverResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self.authorized(&req, Role::Operator, "Cutover").await?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = if r.abort {
@@ -480,7 +655,7 @@ impl Admin for AdminService {
                 now_ms: now_ms(),
             }
         };
-        match self.0.write(cmd).await? {
+        match self.0.write(caller.audited(cmd)).await? {
             Response::Ok => {
                 let attempt = self
                     .0
@@ -508,14 +683,14 @@ impl Admin for AdminService {
     }
 
     async fn verify_full(&self, req: Request<pb::VerifyFullRequest>) -> R<pb::VerifyFullResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self.authorized(&req, Role::Operator, "VerifyFull").await?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::StartVerification {
             migration_id: id,
             now_ms: now_ms(),
         };
-        match self.0.write(cmd).await? {
+        match self.0.write(caller.audited(cmd)).await? {
             Response::Ok => {
                 let (number, round) = self
                     .0
@@ -540,7 +715,7 @@ impl Admin for AdminService {
     }
 
     async fn fallback(&self, req: Request<pb::FallbackRequest>) -> R<pb::FallbackResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self.authorized(&req, Role::Operator, "Fallback").await?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::StartFallback {
@@ -548,7 +723,7 @@ impl Admin for AdminService {
             uuid: ferry_common::ids::random_id(),
             now_ms: now_ms(),
         };
-        match self.0.write(cmd).await? {
+        match self.0.write(caller.audited(cmd)).await? {
             Response::MigrationCreated(rid) => {
                 let name = self
                     .0
@@ -570,14 +745,14 @@ impl Admin for AdminService {
     }
 
     async fn finalize(&self, req: Request<pb::FinalizeRequest>) -> R<pb::FinalizeResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self.authorized(&req, Role::Operator, "Finalize").await?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::Finalize {
             migration_id: id,
             now_ms: now_ms(),
         };
-        match self.0.write(cmd).await? {
+        match self.0.write(caller.audited(cmd)).await? {
             Response::Ok => {
                 tracing::info!(message = "Fallback window closed.", migration = id);
                 Ok(GrpcResponse::new(pb::FinalizeResponse {}))
@@ -590,14 +765,16 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DeleteMigrationRequest>,
     ) -> R<pb::DeleteMigrationResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self
+            .authorized(&req, Role::Operator, "DeleteMigration")
+            .await?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
         let cmd = Command::DeleteMigration {
             migration_id: id,
             force: r.force,
         };
-        match self.0.write(cmd).await? {
+        match self.0.write(caller.audited(cmd)).await? {
             Response::Ok => {
                 tracing::info!(
                     message = "Migration deleted.",
@@ -648,7 +825,9 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::CreateMigrationRequest>,
     ) -> R<pb::CreateMigrationResponse> {
-        authorize_role(&req, Role::Operator)?;
+        let caller = self
+            .authorized(&req, Role::Operator, "CreateMigration")
+            .await?;
         let r = req.into_inner();
         let spec = r
             .spec
@@ -681,14 +860,14 @@ impl Admin for AdminService {
         }
         match self
             .0
-            .write(Command::CreateMigration {
+            .write(caller.audited(Command::CreateMigration {
                 name: r.name,
                 idempotency_key: r.idempotency_key,
                 spec,
                 uuid: ferry_common::ids::random_id(),
                 throttle: throttle.stored(),
                 now_ms: now_ms(),
-            })
+            }))
             .await?
         {
             Response::MigrationCreated(id) => Ok(GrpcResponse::new(pb::CreateMigrationResponse {

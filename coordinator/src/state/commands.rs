@@ -190,6 +190,22 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// An operator's call, applied and recorded in the audit log with its outcome, in one
+    /// entry: no change is visible before its record.
+    Audited {
+        /// Who called what.
+        note: AuditNote,
+        /// The change.
+        cmd: Box<Command>,
+    },
+    /// A record of an operator's call that changes nothing here (refused for its role, or a
+    /// membership change whose own entries follow).
+    Audit {
+        /// Who called what.
+        note: AuditNote,
+        /// What became of it.
+        decision: String,
+    },
     /// An operator deletes a migration: it is gone from the state with its segments, its name
     /// is free again, and its agents are told to remove what they keep of it (a target aborts
     /// its unfinished uploads). Refused during a cutover, and while it runs unless `force`.
@@ -409,6 +425,11 @@ impl State {
                 migration_id,
                 force,
             } => self.delete_migration(migration_id, force),
+            Command::Audited { note, cmd } => self.audited(token, note, *cmd),
+            Command::Audit { note, decision } => {
+                self.audit(note, decision);
+                Response::Ok
+            }
             Command::VerificationStep {
                 agent,
                 session,

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 mod agents;
+mod audit;
 mod commands;
 mod cutover;
 mod delete;
@@ -28,6 +29,7 @@ mod throttles;
 mod verification;
 
 pub use agents::{Agent, FORGET_MAX, SESSION_TIMEOUT_MS};
+pub use audit::{record_hash, verify_chain, AuditNote, AuditRecord};
 pub use commands::{Command, ThrottleScope};
 pub use cutover::{Cutover, CutoverPhase, Step, StepRun, TreeDigest, CLASSES, MAX_STEP_OUTPUT};
 use phases::ScanEnd;
@@ -132,6 +134,8 @@ pub struct Dirty {
     pub cluster: bool,
     /// [`State::deleted_up_to`] changed.
     pub deleted_up_to: bool,
+    /// Audit records appended.
+    pub audit: BTreeSet<u64>,
 }
 
 /// The whole replicated state.
@@ -177,6 +181,9 @@ pub struct State {
     /// id). Record `deleted_up_to`.
     #[serde(default)]
     pub deleted_up_to: u64,
+    /// The audit log by record number (records `u/<seq>`).
+    #[serde(default)]
+    pub audit: BTreeMap<u64, AuditRecord>,
 }
 
 /// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.

@@ -2772,3 +2772,68 @@ fn a_deleted_migration_leaves_no_segment_or_index_behind_and_its_agents_forget_i
         "the oldest went first"
     );
 }
+
+#[test]
+fn operator_calls_are_recorded_with_their_outcome_in_a_hash_chain() {
+    let mut w = World::new();
+    let note = |call: &str| AuditNote {
+        at_ms: 5,
+        who: "otto".into(),
+        role: "operator".into(),
+        from: "10.0.0.1:5000".into(),
+        call: call.into(),
+        what: String::new(),
+    };
+    let created = w.apply(Command::Audited {
+        note: note("CreateMigration"),
+        cmd: Box::new(Command::CreateMigration {
+            name: "audited".into(),
+            idempotency_key: String::new(),
+            spec: spec("/data", 100),
+            uuid: ferry_common::ids::random_id(),
+            throttle: String::new(),
+            now_ms: 5,
+        }),
+    });
+    let Response::MigrationCreated(mid) = created else {
+        panic!("{created:?}")
+    };
+    assert!(w.s.migrations.contains_key(&mid), "applied as if alone");
+    let refused = w.apply(Command::Audited {
+        note: note("DeleteMigration"),
+        cmd: Box::new(Command::DeleteMigration {
+            migration_id: 99,
+            force: false,
+        }),
+    });
+    assert!(matches!(refused, Response::Refused(_)));
+    w.apply(Command::Audit {
+        note: note("AddNode"),
+        decision: "denied: this call needs the admin role".into(),
+    });
+    let nested = w.apply(Command::Audited {
+        note: note("Batch"),
+        cmd: Box::new(Command::Batch(vec![])),
+    });
+    assert!(matches!(nested, Response::Refused(_)));
+
+    let records: Vec<AuditRecord> = w.s.audit.values().cloned().collect();
+    let decisions: Vec<&str> = records.iter().map(|r| r.decision.as_str()).collect();
+    assert_eq!(decisions[0], "ok");
+    assert!(decisions[1].starts_with("refused: migration 99 does not exist"));
+    assert_eq!(decisions[2], "denied: this call needs the admin role");
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(records[0].prev, [0; 32]);
+    assert_eq!(verify_chain(&records, Some([0; 32])), Ok(()));
+    assert_eq!(w.s.dirty.audit.len(), 4, "each record is stored");
+    // A record changed, or one taken out, breaks the chain where it happened.
+    let mut changed = records.clone();
+    changed[1].decision = "ok".into();
+    assert_eq!(verify_chain(&changed, Some([0; 32])), Err(2));
+    let mut removed = records.clone();
+    removed.remove(1);
+    assert_eq!(verify_chain(&removed, Some([0; 32])), Err(3));
+}

@@ -68,7 +68,8 @@ pub use state_machine::{Applied, StateMachine};
 /// 6–8: throttles, sync rounds and cutover, the verification cache.
 /// 9: a target's report carries the hash the source sent with the bytes (`source_hash`).
 /// 10: migrations can be deleted (`DeleteMigration`): agents carry `forget`, the state
-/// `deleted_up_to` (record `deleted_up_to`).
+/// `deleted_up_to` (record `deleted_up_to`); the audit log (`Audited`, `Audit`; records
+/// `u/<seq>`).
 pub const FORMAT_VERSION: u64 = 10;
 
 /// How long `open` waits for sled's file lock. sled finishes writing its buffers on background

@@ -57,6 +57,10 @@ pub(super) fn segment_key(m: u64, s: u64) -> Vec<u8> {
     [b"s/".as_slice(), &m.to_be_bytes(), &s.to_be_bytes()].concat()
 }
 
+pub(super) fn audit_key(seq: u64) -> Vec<u8> {
+    [b"u/".as_slice(), &seq.to_be_bytes()].concat()
+}
+
 impl StateMachine {
     pub(super) fn load(
         db: sled::Db,
@@ -118,6 +122,7 @@ impl StateMachine {
     ) -> Result<Applied, StoreError> {
         let base_cluster = base.cluster_id.clone();
         let base_deleted = base.deleted_up_to;
+        let mut audit = base.audit.clone();
         let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
@@ -164,6 +169,11 @@ impl StateMachine {
             Some(v) => decode(&v)?,
             None => base_deleted,
         };
+        for kv in self.tree.scan_prefix(b"u/") {
+            let (k, v) = kv?;
+            audit.insert(be_u64(&k, 2..10)?, decode(&v)?);
+        }
+        state.audit = audit;
         Ok(Applied {
             state,
             last_applied,
@@ -277,6 +287,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         if dirty.cluster {
             batch.insert("cluster", enc(&a.state.cluster_id)?);
+        }
+        for &seq in &dirty.audit {
+            if let Some(r) = a.state.audit.get(&seq) {
+                batch.insert(audit_key(seq), enc(r)?);
+            }
         }
         if dirty.deleted_up_to {
             batch.insert("deleted_up_to", enc(&a.state.deleted_up_to)?);

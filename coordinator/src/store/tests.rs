@@ -461,7 +461,25 @@ async fn a_deletion_is_recorded_and_survives_reopen_and_snapshots_with_ids_never
             .await
             .unwrap();
         assert_eq!(r, [Response::Ok]);
+        let note = crate::state::AuditNote {
+            at_ms: 30,
+            who: "otto".into(),
+            role: "operator".into(),
+            from: "127.0.0.1:1".into(),
+            call: "Test".into(),
+            what: String::new(),
+        };
+        sm.apply(vec![entry(
+            11,
+            Command::Audit {
+                note,
+                decision: "ok".into(),
+            },
+        )])
+        .await
+        .unwrap();
         let s = sm.shared().read().unwrap().state.clone();
+        assert_eq!(s.audit.len(), 1, "an audit record, recorded too");
         assert!(s.migrations.is_empty() && s.segments.is_empty());
         assert_eq!(s.deleted_up_to, 1);
         assert_eq!(s.agents["src"].forget, [uuid]);
@@ -504,7 +522,7 @@ async fn a_deletion_is_recorded_and_survives_reopen_and_snapshots_with_ids_never
         fallback_of: 0,
     };
     let r = state.apply(
-        11,
+        12,
         Command::CreateMigration {
             name: "again".into(),
             idempotency_key: String::new(),

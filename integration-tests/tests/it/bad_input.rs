@@ -728,5 +728,38 @@ async fn each_operator_role_may_do_what_it_allows_and_nothing_more() {
         "membership unchanged"
     );
     operator.delete(id, true).await.unwrap();
+
+    // Every change and every refused attempt is in the audit log, in order, chained; only an
+    // admin reads it.
+    denied(viewer.audit().await.unwrap_err(), "admin");
+    let log = admin.audit().await.unwrap();
+    assert_eq!(ferryctl::ctl::check_audit_chain(&log), Ok(()));
+    let seen: Vec<(&str, &str, &str)> = log
+        .iter()
+        .map(|r| (r.who.as_str(), r.call.as_str(), r.decision.as_str()))
+        .collect();
+    let denied_for = |who: &str, call: &str| {
+        seen.iter()
+            .any(|(w, c, d)| *w == who && *c == call && d.starts_with("denied"))
+    };
+    assert!(denied_for("vera", "CreateMigration"), "{seen:?}");
+    assert!(denied_for("vera", "Cutover"), "{seen:?}");
+    assert!(denied_for("vera", "AddNode"), "{seen:?}");
+    assert!(denied_for("otto", "AddNode"), "{seen:?}");
+    assert!(
+        seen.contains(&("otto", "CreateMigration", "ok")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("otto", "DeleteMigration", "ok")),
+        "{seen:?}"
+    );
+    let created = log
+        .iter()
+        .find(|r| r.call == "CreateMigration" && r.decision == "ok");
+    let created = created.unwrap();
+    assert_eq!(created.role, "operator");
+    assert!(created.from.starts_with("127.0.0.1:"), "{}", created.from);
+    assert!(created.what.contains("CreateMigration"), "{}", created.what);
     node.shutdown().await;
 }
