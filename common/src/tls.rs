@@ -172,13 +172,9 @@ impl TlsMaterial {
             ))
     }
 
-    /// QUIC server (target agent) with the default [`Transport`].
-    pub fn quic_server(&self) -> Result<quinn::ServerConfig, TlsError> {
-        self.quic_server_with(&Transport::default())
-    }
-
-    /// QUIC server (target agent): TLS 1.3, client certificate from the CA required.
-    pub fn quic_server_with(&self, transport: &Transport) -> Result<quinn::ServerConfig, TlsError> {
+    /// The TLS of a target's QUIC endpoint: TLS 1.3, a client certificate from the CA
+    /// required, no 0-RTT (rustls' default: early data could be replayed).
+    fn quic_server_tls(&self) -> Result<rustls::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, certs, key) = self.parts()?;
         let verifier =
@@ -189,6 +185,29 @@ impl TlsMaterial {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)?;
         cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// The TLS of a source's QUIC connections: TLS 1.3, this identity presented, no 0-RTT.
+    fn quic_client_tls(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (roots, certs, key) = self.parts()?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)?;
+        cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// QUIC server (target agent) with the default [`Transport`].
+    pub fn quic_server(&self) -> Result<quinn::ServerConfig, TlsError> {
+        self.quic_server_with(&Transport::default())
+    }
+
+    /// QUIC server (target agent): TLS 1.3, client certificate from the CA required.
+    pub fn quic_server_with(&self, transport: &Transport) -> Result<quinn::ServerConfig, TlsError> {
+        let cfg = self.quic_server_tls()?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -204,13 +223,7 @@ impl TlsMaterial {
     /// QUIC client (source agent): TLS 1.3, verifies the server against the CA and presents this
     /// identity. The caller names the expected server (`names::agent_dns(target)`) when connecting.
     pub fn quic_client_with(&self, transport: &Transport) -> Result<quinn::ClientConfig, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let (roots, certs, key) = self.parts()?;
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)?;
-        cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        let cfg = self.quic_client_tls()?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -277,6 +290,33 @@ mod tests {
         assert!(cert_is_for(&certs[0], "src.agent.ferry"));
         assert!(!cert_is_for(&certs[0], "dst.agent.ferry"));
         assert!(!cert_is_for(&certs[0], "coordinator.ferry"));
+    }
+
+    #[test]
+    fn no_endpoint_accepts_or_sends_0rtt_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let m = TlsMaterial::load(&ca.issue(&Identity::Agent("a".into()), dir.path()).unwrap())
+            .unwrap();
+        let c =
+            TlsMaterial::load(&ca.issue(&Identity::Coordinator(1), dir.path()).unwrap()).unwrap();
+        // Early data can be replayed by anyone who saw it: neither side of QUIC uses it, and
+        // the coordinator's gRPC accepts none.
+        assert_eq!(m.quic_server_tls().unwrap().max_early_data_size, 0);
+        assert!(!m.quic_client_tls().unwrap().enable_early_data);
+        assert_eq!(c.grpc_server_config().unwrap().max_early_data_size, 0);
+    }
+
+    #[test]
+    fn a_pem_file_that_holds_no_key_or_garbage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let p = ca.issue(&Identity::Agent("a".into()), dir.path()).unwrap();
+        let mut m = TlsMaterial::load(&p).unwrap();
+        m.key_pem = m.cert_pem.clone();
+        assert!(matches!(m.key(&p.key), Err(TlsError::Empty { .. })));
+        m.key_pem = b"-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n".to_vec();
+        assert!(matches!(m.key(&p.key), Err(TlsError::Read { .. })));
     }
 
     #[test]
