@@ -147,6 +147,12 @@ impl TlsMaterial {
     /// The coordinator's gRPC server TLS: TLS 1.3 only, a client certificate from the CA
     /// required, HTTP/2. (tonic's own server TLS also accepts TLS 1.2.)
     pub fn grpc_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.server_tls(b"h2").map(Arc::new)
+    }
+
+    /// A server's TLS speaking `alpn`: TLS 1.3 only, a client certificate from the CA
+    /// required, no 0-RTT (rustls' default: early data could be replayed).
+    fn server_tls(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, certs, key) = self.parts()?;
         let verifier =
@@ -156,8 +162,8 @@ impl TlsMaterial {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(cfg))
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(cfg)
     }
 
     /// tonic client TLS towards a coordinator: verifies it as [`crate::names::COORDINATOR_DNS`]
@@ -172,20 +178,10 @@ impl TlsMaterial {
             ))
     }
 
-    /// The TLS of a target's QUIC endpoint: TLS 1.3, a client certificate from the CA
-    /// required, no 0-RTT (rustls' default: early data could be replayed).
+    /// The TLS of a target's QUIC endpoint ([`TlsMaterial::server_tls`] for ferry's data
+    /// protocol).
     fn quic_server_tls(&self) -> Result<rustls::ServerConfig, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let (roots, certs, key) = self.parts()?;
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)?;
-        cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
-        Ok(cfg)
+        self.server_tls(DATA_ALPN)
     }
 
     /// The TLS of a source's QUIC connections: TLS 1.3, this identity presented, no 0-RTT.

@@ -316,6 +316,19 @@ impl AdminService {
         }
     }
 
+    /// Records the outcome of a call recorded as `requested` before, and returns it. Best
+    /// effort: a membership change may leave no leader to take the record at once.
+    async fn outcome<T>(&self, caller: &Caller, what: String, result: R<T>) -> R<T> {
+        let decision = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {}", e.message()),
+        };
+        if let Err(e) = self.record(caller, what, &decision).await {
+            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
+        }
+        result
+    }
+
     /// Records `what` the caller asked for and `decision` (a call whose changes are not
     /// commands: membership, leadership, snapshots).
     async fn record(&self, caller: &Caller, what: String, decision: &str) -> Result<(), Status> {
@@ -406,15 +419,7 @@ impl Admin for AdminService {
             }
         }
         .await;
-        let decision = match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("failed: {}", e.message()),
-        };
-        // Best effort: a membership change may leave no leader to take the record at once.
-        if let Err(e) = self.record(&caller, what, &decision).await {
-            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
-        }
-        result
+        self.outcome(&caller, what, result).await
     }
 
     async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> R<pb::RemoveNodeResponse> {
@@ -429,15 +434,7 @@ impl Admin for AdminService {
             }
         }
         .await;
-        let decision = match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("failed: {}", e.message()),
-        };
-        // Best effort: a membership change may leave no leader to take the record at once.
-        if let Err(e) = self.record(&caller, what, &decision).await {
-            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
-        }
-        result
+        self.outcome(&caller, what, result).await
     }
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> R<pb::SnapshotResponse> {
@@ -467,15 +464,7 @@ impl Admin for AdminService {
             }))
         }
         .await;
-        let decision = match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("failed: {}", e.message()),
-        };
-        // Best effort: a membership change may leave no leader to take the record at once.
-        if let Err(e) = self.record(&caller, what, &decision).await {
-            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
-        }
-        result
+        self.outcome(&caller, what, result).await
     }
 
     async fn transfer_leader(
@@ -527,15 +516,7 @@ impl Admin for AdminService {
             }))
         }
         .await;
-        let decision = match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("failed: {}", e.message()),
-        };
-        // Best effort: a membership change may leave no leader to take the record at once.
-        if let Err(e) = self.record(&caller, what, &decision).await {
-            tracing::warn!(message = "Cannot record a call's outcome in the audit log.", error = %e);
-        }
-        result
+        self.outcome(&caller, what, result).await
     }
 
     async fn cluster_status(
@@ -1047,7 +1028,7 @@ fn verification(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, MigrationSpec, Response, SegmentReg, State};
+    use crate::state::{Command, Response, SegmentReg, State};
 
     #[test]
     fn a_verification_answer_lists_segments_a_page_at_a_time() {
@@ -1074,22 +1055,7 @@ mod tests {
                 },
             );
         }
-        let spec = MigrationSpec {
-            source_agent: "src".into(),
-            source_path: "/d".into(),
-            target_agent: "dst".into(),
-            target_path: String::new(),
-            segment_size: 100,
-            xattrs: false,
-            max_attempts: 3,
-            excludes: Vec::new(),
-            keep_deleted: false,
-            max_delete: None,
-            sync_every_ms: 0,
-            auto_cutover_below_ms: 0,
-            baseline: String::new(),
-            fallback_of: 0,
-        };
+        let spec = crate::state::MigrationSpec::for_tests("/d", 100);
         let created = apply(
             &mut s,
             Command::CreateMigration {

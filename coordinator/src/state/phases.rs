@@ -39,6 +39,28 @@ pub struct MigrationSpec {
 }
 
 impl MigrationSpec {
+    /// Tests: from agent "src" at `source_path` to agent "dst", the other settings at their
+    /// defaults.
+    #[cfg(test)]
+    pub(crate) fn for_tests(source_path: &str, segment_size: u64) -> Self {
+        MigrationSpec {
+            source_agent: "src".into(),
+            source_path: source_path.into(),
+            target_agent: "dst".into(),
+            target_path: String::new(),
+            segment_size,
+            xattrs: false,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            excludes: Vec::new(),
+            keep_deleted: false,
+            max_delete: None,
+            sync_every_ms: 0,
+            auto_cutover_below_ms: 0,
+            baseline: String::new(),
+            fallback_of: 0,
+        }
+    }
+
     /// Whether the source is an object store (`s3://…`, `gs://…`, `az://…`) rather than a
     /// directory: such a migration runs its bulk copy only (no sync rounds, cutover or full
     /// verification yet).

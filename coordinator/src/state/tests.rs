@@ -24,22 +24,7 @@ fn reg(id: u64, bytes: u64, files: u32) -> SegmentReg {
 
 /// A spec from "src" to "dst" with the defaults.
 fn spec(source_path: &str, segment_size: u64) -> MigrationSpec {
-    MigrationSpec {
-        source_agent: "src".into(),
-        source_path: source_path.into(),
-        target_agent: "dst".into(),
-        target_path: String::new(),
-        segment_size,
-        xattrs: false,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
-        excludes: Vec::new(),
-        keep_deleted: false,
-        max_delete: None,
-        sync_every_ms: 0,
-        auto_cutover_below_ms: 0,
-        baseline: String::new(),
-        fallback_of: 0,
-    }
+    MigrationSpec::for_tests(source_path, segment_size)
 }
 
 struct World {

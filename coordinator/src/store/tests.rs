@@ -505,22 +505,7 @@ async fn a_deletion_is_recorded_and_survives_reopen_and_snapshots_with_ids_never
     let mut state = other.shared().read().unwrap().state.clone();
     assert_eq!(state, want, "as a snapshot carries it");
     // The next migration does not take the deleted one's id.
-    let spec = crate::state::MigrationSpec {
-        source_agent: "src".into(),
-        source_path: "/data".into(),
-        target_agent: "dst".into(),
-        target_path: String::new(),
-        segment_size: 100,
-        xattrs: false,
-        max_attempts: 3,
-        excludes: Vec::new(),
-        keep_deleted: false,
-        max_delete: None,
-        sync_every_ms: 0,
-        auto_cutover_below_ms: 0,
-        baseline: String::new(),
-        fallback_of: 0,
-    };
+    let spec = crate::state::MigrationSpec::for_tests("/d", 100);
     let r = state.apply(
         12,
         Command::CreateMigration {
