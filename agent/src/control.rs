@@ -53,6 +53,9 @@ pub struct Failure {
     /// A file of the segment changed after the scan so that the segment can never be sent as
     /// planned (a piece of a split file): the next round sends the file as it is then.
     pub stale: bool,
+    /// Retrying cannot help: the target refuses the segment for what it holds (an entry it
+    /// cannot write as it is). The coordinator gives it up at once.
+    pub permanent: bool,
 }
 
 impl Failure {
@@ -62,6 +65,7 @@ impl Failure {
             error: error.into(),
             retry_later: false,
             stale: false,
+            permanent: false,
         }
     }
 
@@ -71,6 +75,7 @@ impl Failure {
             error: error.into(),
             retry_later: true,
             stale: false,
+            permanent: false,
         }
     }
 
@@ -80,6 +85,7 @@ impl Failure {
             error: error.into(),
             retry_later: false,
             stale: true,
+            permanent: false,
         }
     }
 }
@@ -799,9 +805,16 @@ impl Control {
         epoch: u64,
         result: Result<[u8; 32], Failure>,
     ) -> pb::ReportSegmentRequest {
-        let (ok, blake3, error, retry_later, stale) = match result {
-            Ok(h) => (true, h.to_vec(), String::new(), false, false),
-            Err(f) => (false, Vec::new(), f.error, f.retry_later, f.stale),
+        let (ok, blake3, error, retry_later, stale, permanent) = match result {
+            Ok(h) => (true, h.to_vec(), String::new(), false, false, false),
+            Err(f) => (
+                false,
+                Vec::new(),
+                f.error,
+                f.retry_later,
+                f.stale,
+                f.permanent,
+            ),
         };
         pb::ReportSegmentRequest {
             agent: self.agent.clone(),
@@ -815,6 +828,7 @@ impl Control {
             retry_later,
             stale,
             source_blake3: Vec::new(),
+            permanent,
         }
     }
 

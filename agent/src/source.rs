@@ -1574,7 +1574,14 @@ fn refused(target: &str, ack: pb::SegmentAck) -> Failure {
         error: format!("target {target} refused the segment: {}", ack.error),
         retry_later: ack.retry_later,
         stale: ack.stale,
+        permanent: ack.permanent,
     }
+}
+
+/// [`refused`], for the target's tests.
+#[cfg(test)]
+pub(crate) fn refused_for_tests(target: &str, ack: pb::SegmentAck) -> Failure {
+    refused(target, ack)
 }
 
 /// A stream to `target` failed without a reason from the target: not the segment's failure if

@@ -218,6 +218,22 @@ impl Refusal {
     }
 
     /// Whether the failure is not the segment's: a hardlink waits for its first name.
+    /// Whether retrying cannot help: the segment holds what this target refuses for what it is
+    /// (a malformed or oversized header, an entry the sink cannot write as it is, a path it
+    /// refuses). Nothing about the target's own state (space, permissions, the store) is.
+    fn permanent(&self) -> bool {
+        matches!(
+            self,
+            Refusal::BadHeader(_)
+                | Refusal::TooManyEntries(_)
+                | Refusal::TooLarge(_)
+                | Refusal::Sink {
+                    error: SinkError::BadEntry { .. } | SinkError::Path(_),
+                    ..
+                }
+        )
+    }
+
     fn retry_later(&self) -> bool {
         matches!(
             self,
@@ -438,10 +454,8 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
             Ok((hash, verified)) => pb::SegmentAck {
                 ok: true,
                 blake3: hash.to_vec(),
-                error: String::new(),
-                retry_later: false,
-                stale: false,
                 verified,
+                ..Default::default()
             },
             Err(e) => {
                 Stats::add(&self.stats.segments_refused, 1);
@@ -462,6 +476,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                         error: why.clone(),
                         retry_later,
                         stale: false,
+                        permanent: false,
                     };
                     let report = self
                         .control
@@ -490,6 +505,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                     retry_later,
                     stale: e.stale(),
                     verified: false,
+                    permanent: e.permanent(),
                 }
             }
         };
@@ -816,6 +832,7 @@ mod driven {
         assert!(!h.ok);
         assert!(ack.error.starts_with("BLAKE3 mismatch"), "{}", ack.error);
         assert!(!ack.retry_later);
+        assert!(!ack.permanent, "damage on the way may not happen again");
         assert!(rig.sink.files.lock().unwrap().is_empty());
         let reports = target_reports(&rig.control);
         assert_eq!(reports.len(), 1);
@@ -825,11 +842,42 @@ mod driven {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_segment_refused_for_what_it_holds_is_refused_for_good() {
+        let rig = rig();
+        let huge = Entry::file("huge.bin", MAX_SEGMENT_BYTES + 1, 0o644, (1, 0), 0);
+        let (mut to_target, mut target_in) = tokio::io::duplex(1 << 20);
+        let (mut target_out, mut from_target) = tokio::io::duplex(1 << 20);
+        let header = pb::SegmentHeader {
+            migration_id: 1,
+            segment_id: 7,
+            epoch: 3,
+            entries: vec![pb::Entry::from(&huge)],
+        };
+        frame::write(&mut to_target, &header).await.unwrap();
+        let remote = "127.0.0.1:9".parse().unwrap();
+        let h = rig
+            .target
+            .handle(&rig.src, remote, &mut target_out, &mut target_in)
+            .await;
+        drop(target_out);
+        let ack = frame::read::<pb::SegmentAck, _>(&mut from_target, MAX_SMALL_FRAME)
+            .await
+            .unwrap();
+        assert!(!h.ok);
+        assert!(ack.error.contains("over the limit"), "{}", ack.error);
+        assert!(ack.permanent && !ack.retry_later);
+        // The source passes it on as it is.
+        let f = crate::source::refused_for_tests("t", ack);
+        assert!(f.permanent);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_disk_is_reported_by_the_target_itself_as_a_counted_failure() {
         let rig = rig();
         *rig.sink.fail_after_writes.lock().unwrap() = Some(0);
         let (_, ack) = send(&rig, &rig.src, None).await;
         let ack = ack.expect("an ack");
+        assert!(!ack.permanent, "space may be freed");
         assert!(
             ack.error
                 .starts_with("no space left on the target's device"),

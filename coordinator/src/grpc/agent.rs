@@ -183,6 +183,7 @@ fn report_command(
         source_hash,
         retry_later: r.retry_later,
         stale: r.stale,
+        permanent: r.permanent,
         now_ms,
     })
 }

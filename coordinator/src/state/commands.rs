@@ -258,6 +258,9 @@ pub enum Command {
         /// could not be reached, a hardlink waits for its first name). The segment is retried
         /// after a backoff without counting an attempt.
         retry_later: bool,
+        /// With an error: retrying cannot help (the target refuses the segment for what it
+        /// holds): it is given up on at once.
+        permanent: bool,
         /// With an error from the source: a file of the segment changed after the scan so that
         /// the segment can never be sent as planned; the next round sends the file.
         stale: bool,
@@ -555,6 +558,7 @@ impl State {
                 source_hash,
                 retry_later,
                 stale,
+                permanent,
                 now_ms,
             } => {
                 if let Err(r) = self.check_session(&agent, session) {
@@ -563,6 +567,7 @@ impl State {
                 let failure = match (retry_later, stale && role == Role::Source) {
                     (_, true) => Cost::Stale,
                     (true, false) => Cost::Nothing,
+                    (false, false) if permanent => Cost::Final,
                     (false, false) => Cost::Attempt,
                 };
                 let (o, why) = self.report(

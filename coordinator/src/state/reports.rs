@@ -27,6 +27,9 @@ pub(super) enum Cost {
     /// One of its `max_attempts`: the failure is the segment's (unreadable file, full disk,
     /// hashes that differ).
     Attempt,
+    /// Its last: retrying cannot help (the target refuses it for what it holds), so it is
+    /// given up on now, whatever attempts are left.
+    Final,
     /// Nothing: the failure is not the segment's (the source shut down, the target could not be
     /// reached, a hardlink waits for its first name).
     Nothing,
@@ -160,10 +163,10 @@ impl State {
                 return ReportOutcome::Stale;
             }
             Cost::Nothing => seg.leases.max(1),
-            Cost::Attempt => {
+            Cost::Attempt | Cost::Final => {
                 seg.attempts = seg.attempts.saturating_add(1);
                 m.counters.failed_attempts = m.counters.failed_attempts.saturating_add(1);
-                if seg.attempts >= m.spec.max_attempts.max(1) {
+                if cost == Cost::Final || seg.attempts >= m.spec.max_attempts.max(1) {
                     seg.give_up();
                     let c = &mut m.counters;
                     c.failed_segments = c.failed_segments.saturating_add(1);

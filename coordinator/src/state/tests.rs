@@ -106,6 +106,7 @@ impl World {
             source_hash: Some(source),
             retry_later: false,
             stale: false,
+            permanent: false,
             now_ms: 2,
         }) {
             Response::Report(o, _) => o,
@@ -134,6 +135,7 @@ impl World {
             source_hash: None,
             retry_later,
             stale: false,
+            permanent: false,
             now_ms,
         }) {
             Response::Report(o, _) => o,
@@ -1028,6 +1030,7 @@ fn a_second_process_is_refused_while_the_first_session_is_live() {
         source_hash: None,
         retry_later: false,
         stale: false,
+        permanent: false,
         now_ms: 1001,
     };
     assert!(matches!(w.apply(report), Response::Refused(_)));
@@ -1727,6 +1730,7 @@ fn a_segment_whose_file_changed_is_left_to_the_next_round_which_starts_at_once()
         source_hash: None,
         retry_later: false,
         stale: true,
+        permanent: false,
         now_ms: 4,
     });
     assert!(matches!(stale, Response::Report(ReportOutcome::Stale, _)));
@@ -1982,6 +1986,7 @@ fn a_failed_hook_a_changed_file_or_differing_trees_roll_back_and_a_new_attempt_m
         source_hash: None,
         retry_later: false,
         stale: true,
+        permanent: false,
         now_ms: 12,
     });
     let m = &w.s.migrations[&mid];
@@ -2629,6 +2634,7 @@ fn a_migration_from_an_object_store_refuses_what_it_cannot_do_yet() {
         source_hash: None,
         retry_later: false,
         stale: true,
+        permanent: false,
         now_ms: 4,
     });
     let m = &w.s.migrations[&mid];
@@ -2821,4 +2827,39 @@ fn operator_calls_are_recorded_with_their_outcome_in_a_hash_chain() {
     let mut removed = records.clone();
     removed.remove(1);
     assert_eq!(verify_chain(&removed, Some([0; 32])), Err(3));
+}
+
+#[test]
+fn a_segment_refused_for_good_is_given_up_at_once() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 10, 1)]);
+    let leases = w.lease(8, 10);
+    let report = |l: &Lease, permanent| Command::ReportSegment {
+        agent: "src".into(),
+        session: 1,
+        role: Role::Source,
+        migration_id: l.migration_id,
+        segment_id: l.segment_id,
+        epoch: l.epoch,
+        result: Err("target dst refused the segment: bad entry x".into()),
+        source_hash: None,
+        retry_later: false,
+        stale: false,
+        permanent,
+        now_ms: 11,
+    };
+    let r = w.apply(report(&leases[0], true));
+    assert!(
+        matches!(r, Response::Report(ReportOutcome::GaveUp, _)),
+        "{r:?}"
+    );
+    let seg = &w.s.segments[&(mid, leases[0].segment_id)];
+    assert_eq!((seg.state, seg.attempts), (SegState::Failed, 1));
+    // An ordinary failure still waits out a backoff with attempts left.
+    let r = w.apply(report(&leases[1], false));
+    assert!(
+        matches!(r, Response::Report(ReportOutcome::Failed, _)),
+        "{r:?}"
+    );
+    assert_eq!(w.s.migrations[&mid].counters.failed_segments, 1);
 }

@@ -137,6 +137,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
             source_hash: None,
             retry_later: false,
             stale: false,
+            permanent: false,
             now_ms: 4,
         });
     }

@@ -459,6 +459,7 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         retry_later: false,
         stale: false,
         source_blake3: Vec::new(),
+        permanent: false,
     };
     let r = c
         .report_segments(ReportSegmentsRequest {
