@@ -246,8 +246,10 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let health = tokio::spawn(report_health(raft.clone(), health));
     let limit = 64 * 1024 * 1024;
+    // No time limit on requests as a whole: `cluster add-node` may wait hours for a large
+    // state to reach a new node (and must then remove it again itself), and a snapshot up to
+    // ten minutes.
     let router = tonic::transport::Server::builder()
-        .timeout(REQUEST_TIMEOUT)
         .add_service(
             ferry_proto::control::agent_control_server::AgentControlServer::new(AgentService(
                 core.clone(),
@@ -334,9 +336,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most TLS handshakes in progress at once; further connections wait to be accepted.
 const HANDSHAKES_AT_ONCE: usize = 256;
-/// Longest a request may take, its body's arrival included (the longest legitimate one is a
-/// snapshot install between coordinators).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The connections `listener` accepts, each after its TLS handshake (TLS 1.3, a client
 /// certificate from the cluster's CA) completed within [`HANDSHAKE_TIMEOUT`]; a client that
