@@ -43,7 +43,7 @@ use crate::scan::{walk, walk_in, Order, Walked};
 use crate::segment::{Entry, EntryKind};
 use crate::sink::object::ObjectSink;
 use crate::sink::RESERVED_PREFIX;
-use crate::source::{cluster_dir, round_dir};
+use crate::source::{migration_state_dir, round_dir};
 
 /// Most output of a hook kept and reported (its tail).
 pub const OUTPUT_TAIL: usize = 4096;
@@ -291,14 +291,8 @@ impl<C: Coordinator> CutoverRunner<C> {
     /// This agent's directory of the migration `w` is about.
     fn migration_dir(&self, w: &pb::CutoverWork) -> Result<PathBuf, String> {
         let cluster = self.control.cluster_id();
-        for id in [&cluster, &w.migration_uuid] {
-            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(format!("the coordinator gave no usable id ({id:?})"));
-            }
-        }
-        Ok(cluster_dir(&self.state_dir, &cluster)
-            .join("migrations")
-            .join(&w.migration_uuid))
+        migration_state_dir(&self.state_dir, &cluster, &w.migration_uuid)
+            .map_err(|(what, id)| format!("the coordinator gave no usable {what} ({id:?})"))
     }
 
     /// Where this step's record is kept.

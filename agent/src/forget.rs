@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::sink::object::ObjectSink;
 use crate::sink::FsSink;
-use crate::source::cluster_dir;
+use crate::source::migration_state_dir;
 
 /// Removes what this agent keeps of deleted migrations.
 pub struct Forgetter {
@@ -24,10 +24,6 @@ pub struct Forgetter {
     store: Option<Arc<ObjectSink>>,
     /// One pass at a time: a heartbeat during a pass starts none.
     busy: tokio::sync::Mutex<()>,
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 impl Forgetter {
@@ -62,20 +58,17 @@ impl Forgetter {
     /// Removes what this agent keeps of migrations `uuids` of `cluster`; returns how many it
     /// found something of.
     pub async fn forget(&self, cluster: &str, uuids: &[String]) -> usize {
-        if !valid_id(cluster) {
-            return 0;
-        }
         let mut found = 0;
         for uuid in uuids {
-            if !valid_id(uuid) {
-                tracing::warn!(message = "Ignoring a deleted migration's id that is not one.", uuid = %uuid);
-                continue;
-            }
+            let dir = match migration_state_dir(&self.state_dir, cluster, uuid) {
+                Ok(d) => d,
+                Err((what, id)) => {
+                    tracing::warn!(message = "Ignoring a deleted migration with an id that is not one.", what, id = %id);
+                    continue;
+                }
+            };
             let key = format!("{cluster}/{uuid}");
             let mut any = false;
-            let dir = cluster_dir(&self.state_dir, cluster)
-                .join("migrations")
-                .join(uuid);
             if tokio::fs::symlink_metadata(&dir).await.is_ok() {
                 any = true;
                 match tokio::fs::remove_dir_all(&dir).await {

@@ -689,21 +689,12 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     /// Where a migration's manifest lives: under the cluster's id and the migration's uuid,
     /// which no other cluster or migration shares (ids restart at 1 in a new cluster).
     fn migration_dir(&self, w: &SourceWork) -> Result<PathBuf, PrepareError> {
-        let cluster = self.control.cluster_id();
-        for (what, id) in [
-            ("cluster id", &cluster),
-            ("migration uuid", &w.migration_uuid),
-        ] {
-            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(PrepareError::BadId {
-                    what,
-                    id: id.clone(),
-                });
-            }
-        }
-        Ok(cluster_dir(&self.state_dir, &cluster)
-            .join("migrations")
-            .join(&w.migration_uuid))
+        migration_state_dir(
+            &self.state_dir,
+            &self.control.cluster_id(),
+            &w.migration_uuid,
+        )
+        .map_err(|(what, id)| PrepareError::BadId { what, id })
     }
 
     /// Makes the current round's manifest available: loads a completed scan, or scans afresh.
@@ -1602,6 +1593,24 @@ pub fn round_dir(migration_dir: &Path, round: u32) -> PathBuf {
         0 => migration_dir.to_path_buf(),
         n => migration_dir.join(format!("round-{n}")),
     }
+}
+
+/// Where an agent keeps what it knows of one migration, as source, target or both
+/// (`<state_dir>/clusters/<cluster id>/migrations/<uuid>`); ids that are not ids
+/// ([`ferry_common::ids::is_id`]) are refused as `(which, what it was)`.
+pub fn migration_state_dir(
+    state_dir: &Path,
+    cluster: &str,
+    uuid: &str,
+) -> Result<PathBuf, (&'static str, String)> {
+    for (what, id) in [("cluster id", cluster), ("migration uuid", uuid)] {
+        if !ferry_common::ids::is_id(id) {
+            return Err((what, id.to_string()));
+        }
+    }
+    Ok(cluster_dir(state_dir, cluster)
+        .join("migrations")
+        .join(uuid))
 }
 
 /// Where an agent keeps its state of one cluster (`<state_dir>/clusters/<cluster id>`).

@@ -61,7 +61,12 @@ fn identity(meta: &ObjectMeta) -> Option<Identity> {
 }
 
 /// Reads the object `meta` lists back from the store.
-async fn read_back(sink: &ObjectSink, meta: ObjectMeta, rel: String) -> Result<Read, String> {
+async fn read_back(
+    sink: &ObjectSink,
+    meta: ObjectMeta,
+    rel: String,
+    id: Option<Identity>,
+) -> Result<Read, String> {
     let key = &meta.location;
     let r = sink
         .store()
@@ -123,7 +128,7 @@ async fn read_back(sink: &ObjectSink, meta: ObjectMeta, rel: String) -> Result<R
     }
     Ok(Read {
         rel,
-        id: identity(&meta),
+        id,
         size: meta.size,
         what: match symlink {
             Some(link) => What::Symlink(link),
@@ -166,9 +171,10 @@ pub async fn store_digest(
             let key = meta.location.as_ref().to_string();
             let in_order = last.as_deref().is_none_or(|l| l < key.as_str());
             let rel = key.strip_prefix(&strip).map(str::to_string);
-            let cached = match (&rel, identity(&meta)) {
+            let id = identity(&meta);
+            let cached = match (&rel, &id) {
                 // An empty object may be a symlink's marker: its metadata says, so it is read.
-                (Some(rel), Some(id)) if meta.size > 0 => old.lookup(Path::new(rel), &id),
+                (Some(rel), Some(id)) if meta.size > 0 => old.lookup(Path::new(rel), id),
                 _ => None,
             };
             last = Some(key.clone());
@@ -181,19 +187,19 @@ pub async fn store_digest(
                 }
                 let rel =
                     rel.ok_or_else(|| format!("the store listed {key} below another prefix"))?;
-                Ok((meta, rel, cached))
+                Ok((meta, rel, id, cached))
             }
         })
-        .map_ok(|(meta, rel, cached)| async move {
+        .map_ok(|(meta, rel, id, cached)| async move {
             match cached {
                 Some(content) => Ok(Read {
                     rel,
-                    id: identity(&meta),
+                    id,
                     size: meta.size,
                     what: What::File(content),
                     read: false,
                 }),
-                None => read_back(sink, meta, rel).await,
+                None => read_back(sink, meta, rel, id).await,
             }
         })
         .try_buffered(READS_AT_ONCE);

@@ -725,6 +725,61 @@ mod driven {
 
     const DATA: &[u8] = b"the bytes of a small file";
 
+    /// A stream as a target sees it, in memory: what the source wrote is in `target_in`, what
+    /// the target answers comes out of `from_target`.
+    struct Pipe {
+        to_target: tokio::io::DuplexStream,
+        target_in: tokio::io::DuplexStream,
+        target_out: tokio::io::DuplexStream,
+        from_target: tokio::io::DuplexStream,
+    }
+
+    impl Pipe {
+        /// A stream on which the source offered segment 7 of migration 1 (epoch 3) holding
+        /// `entry`, and has written `bytes` of it so far.
+        async fn offering(entry: &Entry, bytes: &[u8]) -> Pipe {
+            let (mut to_target, target_in) = tokio::io::duplex(1 << 20);
+            let (target_out, from_target) = tokio::io::duplex(1 << 20);
+            let header = pb::SegmentHeader {
+                migration_id: 1,
+                segment_id: 7,
+                epoch: 3,
+                entries: vec![pb::Entry::from(entry)],
+            };
+            frame::write(&mut to_target, &header).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut to_target, bytes)
+                .await
+                .unwrap();
+            Pipe {
+                to_target,
+                target_in,
+                target_out,
+                from_target,
+            }
+        }
+
+        /// What `rig`'s target does with the stream, as if `peer` sent it.
+        async fn handled(&mut self, rig: &Rig, peer: &CertificateDer<'static>) -> Handled {
+            let remote = "127.0.0.1:9".parse().unwrap();
+            rig.target
+                .handle(peer, remote, &mut self.target_out, &mut self.target_in)
+                .await
+        }
+
+        /// The target's ack, once it has handled the stream.
+        async fn ack(mut self) -> Option<pb::SegmentAck> {
+            drop(self.target_out);
+            frame::read::<pb::SegmentAck, _>(&mut self.from_target, MAX_SMALL_FRAME)
+                .await
+                .ok()
+        }
+    }
+
+    /// `model.bin`, holding [`DATA`].
+    fn model() -> Entry {
+        Entry::file("model.bin", DATA.len() as u64, 0o644, (1_700_000_000, 0), 0)
+    }
+
     /// Sends one segment holding `model.bin` (= [`DATA`]) from `peer`, with `trailer` as the
     /// source's hash (its true hash if `None`); returns what the target did and its ack.
     async fn send(
@@ -732,34 +787,14 @@ mod driven {
         peer: &CertificateDer<'static>,
         trailer: Option<[u8; 32]>,
     ) -> (Handled, Option<pb::SegmentAck>) {
-        let entry = Entry::file("model.bin", DATA.len() as u64, 0o644, (1_700_000_000, 0), 0);
-        let (mut to_target, mut target_in) = tokio::io::duplex(1 << 20);
-        let (mut target_out, mut from_target) = tokio::io::duplex(1 << 20);
-        let header = pb::SegmentHeader {
-            migration_id: 1,
-            segment_id: 7,
-            epoch: 3,
-            entries: vec![pb::Entry::from(&entry)],
-        };
-        frame::write(&mut to_target, &header).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut to_target, DATA)
-            .await
-            .unwrap();
+        let mut pipe = Pipe::offering(&model(), DATA).await;
         let hash = trailer.unwrap_or(*blake3::hash(DATA).as_bytes());
         let t = pb::SegmentTrailer {
             blake3: hash.to_vec(),
         };
-        frame::write(&mut to_target, &t).await.unwrap();
-        let remote = "127.0.0.1:9".parse().unwrap();
-        let handled = rig
-            .target
-            .handle(peer, remote, &mut target_out, &mut target_in)
-            .await;
-        drop(target_out);
-        let ack = frame::read::<pb::SegmentAck, _>(&mut from_target, MAX_SMALL_FRAME)
-            .await
-            .ok();
-        (handled, ack)
+        frame::write(&mut pipe.to_target, &t).await.unwrap();
+        let handled = pipe.handled(rig, peer).await;
+        (handled, pipe.ack().await)
     }
 
     fn target_reports(control: &FakeCoordinator) -> Vec<Result<[u8; 32], Failure>> {
@@ -845,24 +880,9 @@ mod driven {
     async fn a_segment_refused_for_what_it_holds_is_refused_for_good() {
         let rig = rig();
         let huge = Entry::file("huge.bin", MAX_SEGMENT_BYTES + 1, 0o644, (1, 0), 0);
-        let (mut to_target, mut target_in) = tokio::io::duplex(1 << 20);
-        let (mut target_out, mut from_target) = tokio::io::duplex(1 << 20);
-        let header = pb::SegmentHeader {
-            migration_id: 1,
-            segment_id: 7,
-            epoch: 3,
-            entries: vec![pb::Entry::from(&huge)],
-        };
-        frame::write(&mut to_target, &header).await.unwrap();
-        let remote = "127.0.0.1:9".parse().unwrap();
-        let h = rig
-            .target
-            .handle(&rig.src, remote, &mut target_out, &mut target_in)
-            .await;
-        drop(target_out);
-        let ack = frame::read::<pb::SegmentAck, _>(&mut from_target, MAX_SMALL_FRAME)
-            .await
-            .unwrap();
+        let mut pipe = Pipe::offering(&huge, b"").await;
+        let h = pipe.handled(&rig, &rig.src).await;
+        let ack = pipe.ack().await.expect("an ack");
         assert!(!h.ok);
         assert!(ack.error.contains("over the limit"), "{}", ack.error);
         assert!(ack.permanent && !ack.retry_later);
@@ -932,25 +952,12 @@ mod driven {
                 rig.target.handle(&rig.src, remote, target_out, target_in)
             },
         ));
-        // A peer that sends a header and part of the bytes, then nothing.
-        let entry = Entry::file("model.bin", DATA.len() as u64, 0o644, (1_700_000_000, 0), 0);
-        let (mut to_target, mut target_in) = tokio::io::duplex(1 << 20);
-        let (mut target_out, mut from_target) = tokio::io::duplex(1 << 20);
-        let header = pb::SegmentHeader {
-            migration_id: 1,
-            segment_id: 7,
-            epoch: 3,
-            entries: vec![pb::Entry::from(&entry)],
-        };
-        frame::write(&mut to_target, &header).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut to_target, &DATA[..5])
-            .await
-            .unwrap();
+        // A peer that sends a header and part of the bytes, then nothing (its end kept open).
+        let mut half_sent = Pipe::offering(&model(), &DATA[..5]).await;
         let (stalled, good, half) = tokio::join!(
             stalled,
             send(&rig, &rig.src, None),
-            rig.target
-                .handle(&rig.src, remote, &mut target_out, &mut target_in)
+            half_sent.handled(&rig, &rig.src)
         );
         for h in stalled {
             assert_eq!(h.close, Some((5, &b"segment header timeout"[..])));
@@ -960,11 +967,7 @@ mod driven {
         assert!(ack.expect("an ack").ok);
         assert_eq!(rig.sink.file("model.bin").as_deref(), Some(DATA));
         assert!(!half.ok && half.acked);
-        drop(target_out);
-        let ack = frame::read::<pb::SegmentAck, _>(&mut from_target, MAX_SMALL_FRAME)
-            .await
-            .unwrap();
+        let ack = half_sent.ack().await.expect("an ack");
         assert!(ack.error.contains("sent nothing for"), "{}", ack.error);
-        drop(to_target);
     }
 }

@@ -7,6 +7,12 @@ pub fn random_id() -> String {
     crate::hash::hex(&random_bytes::<16>())
 }
 
+/// Whether `id` is usable as an id from a peer (a cluster id, a migration uuid) where it
+/// becomes part of a local path: not empty, ASCII letters, digits and `-` only.
+pub fn is_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// `N` random bytes (at most 32).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     use std::io::Read;
@@ -26,6 +32,15 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ids_from_peers_cannot_name_other_paths() {
+        assert!(super::is_id(&super::random_id()));
+        assert!(super::is_id("cluster-1"));
+        for bad in ["", "..", "a/b", "a b", "a\0"] {
+            assert!(!super::is_id(bad), "{bad:?}");
+        }
+    }
+
     #[test]
     fn ids_are_distinct_hex() {
         let (a, b) = (super::random_id(), super::random_id());

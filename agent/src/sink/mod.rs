@@ -427,10 +427,8 @@ pub(super) fn inode(path: &Path) -> Option<u64> {
 /// Checks a migration's key, `<cluster id>/<uuid>` (what a target keeps of a migration is
 /// kept under it).
 pub(super) fn check_migration_key(migration: &str) -> Result<(), SinkError> {
-    let key_ok = migration.split('/').count() == 2
-        && migration
-            .split('/')
-            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    let key_ok =
+        migration.split('/').count() == 2 && migration.split('/').all(ferry_common::ids::is_id);
     if key_ok {
         Ok(())
     } else {

@@ -63,6 +63,15 @@ fn files(src: &Path) -> BTreeMap<String, (u64, String)> {
     out
 }
 
+/// The migration the store tests run: [`migration_spec`] with segments of 8 MiB (a store takes
+/// no upload part under 5 MiB).
+fn store_spec(src: &Path, target_path: &str) -> pb::MigrationSpec {
+    pb::MigrationSpec {
+        segment_size: 8 * MIB as u64,
+        ..migration_spec(src, target_path)
+    }
+}
+
 fn store_config(moto: &Server, bucket: &str, prefix: &str) -> StoreConfig {
     let options = [
         ("endpoint", moto.endpoint.as_str()),
@@ -106,10 +115,7 @@ async fn a_tree_lands_whole_in(store: &Server, bucket: &str, sep: char) {
     let source = env.agent("source", &coord, None).await;
     let ctl = env.ctl(&coord).await;
     crate::processes::wait_registered(&ctl, "target", true).await;
-    let spec = pb::MigrationSpec {
-        segment_size: 8 * MIB as u64,
-        ..migration_spec(&src, "run1")
-    };
+    let spec = store_spec(&src, "run1");
     let id = ctl.create(spec).await.unwrap();
     let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
     finished(&ctl, id, Duration::from_secs(120), &log).await;
@@ -222,10 +228,7 @@ async fn a_store_target_is_verified_by_reading_its_objects_back_and_cuts_over() 
         .unwrap_err()
         .to_string();
     assert!(refused.contains("--segment-size 8MiB"), "{refused}");
-    let spec = pb::MigrationSpec {
-        segment_size: 8 * MIB as u64,
-        ..migration_spec(&src, "run1")
-    };
+    let spec = store_spec(&src, "run1");
     let id = ctl.create(spec).await.unwrap();
     let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
     finished(&ctl, id, Duration::from_secs(120), &log).await;
@@ -300,36 +303,83 @@ async fn a_store_target_is_verified_by_reading_its_objects_back_and_cuts_over() 
     node.shutdown().await;
 }
 
+/// A checkpoint sent into `<bucket>/ckpt` one segment of 8 MiB at a time, throttled, by a
+/// source agent in this process to a target agent process: time to act while its multipart
+/// upload is open.
+struct SlowUpload {
+    env: TestEnv,
+    node: ferry_coordinator::node::RunningNode,
+    ctl: ferryctl::ctl::Ctl,
+    source: ferry_agent::run::RunningAgent,
+    target: std::process::Child,
+    src: std::path::PathBuf,
+    /// The checkpoint's bytes.
+    big: Vec<u8>,
+    /// The migration, created.
+    id: u64,
+}
+
+impl SlowUpload {
+    /// A checkpoint of `mib` MiB (and 100 bytes) into a new `bucket`, sent at `rate`.
+    async fn start(moto: &Server, bucket: &str, mib: usize, rate: &str) -> SlowUpload {
+        moto.create_bucket(bucket).unwrap();
+        let env = TestEnv::new();
+        let src = env.path("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let mut big = vec![0u8; mib * MIB + 100];
+        blake3::Hasher::new_derive_key(&format!("ferry s3 test {bucket}"))
+            .finalize_xof()
+            .fill(&mut big);
+        std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
+        let node = env.coordinator().await;
+        let coord = node.addr.to_string();
+        let ctl = env.ctl(&coord).await;
+        let mut scfg = env.agent_config("source", &coord, None);
+        scfg.max_in_flight = 1;
+        let source = ferry_agent::run::start(scfg).await.unwrap();
+        crate::harness::throttle_agent(&ctl, &source, "source", rate).await;
+        let target = Self::spawn_target(&env, &node, moto, bucket);
+        crate::processes::wait_registered(&ctl, "target", true).await;
+        let id = ctl.create(store_spec(&src, "")).await.unwrap();
+        SlowUpload {
+            env,
+            node,
+            ctl,
+            source,
+            target,
+            src,
+            big,
+            id,
+        }
+    }
+
+    /// The target agent process, writing below `<bucket>/ckpt` (again, after a restart).
+    fn spawn_target(
+        env: &TestEnv,
+        node: &ferry_coordinator::node::RunningNode,
+        moto: &Server,
+        bucket: &str,
+    ) -> std::process::Child {
+        let top = "data_listen = \"127.0.0.1:0\"\n";
+        let (store, _) = moto.target_store_toml(bucket, "ckpt");
+        crate::processes::spawn_agent_toml(env, "target", &node.addr.to_string(), top, &store)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_target_killed_mid_multipart_resumes_the_upload_without_resending_verified_pieces() {
     let Some(moto) = moto() else { return };
-    moto.create_bucket("ferry-kill").unwrap();
-    let env = TestEnv::new();
-    let src = env.path("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let mut big = vec![0u8; 64 * MIB + 100];
-    blake3::Hasher::new_derive_key("ferry s3 kill test")
-        .finalize_xof()
-        .fill(&mut big);
-    std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
-
-    let node = env.coordinator().await;
-    let coord = node.addr.to_string();
-    let ctl = env.ctl(&coord).await;
-    let mut scfg = env.agent_config("source", &coord, None);
-    scfg.max_in_flight = 1;
-    let source = ferry_agent::run::start(scfg).await.unwrap();
     // 64 MiB at 64 Mbit/s: about 8 s, time enough to kill the target between pieces.
-    crate::harness::throttle_agent(&ctl, &source, "source", "64mbit").await;
-    let top = "data_listen = \"127.0.0.1:0\"\n";
-    let (store, _) = moto.target_store_toml("ferry-kill", "ckpt");
-    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
-    crate::processes::wait_registered(&ctl, "target", true).await;
-    let spec = pb::MigrationSpec {
-        segment_size: 8 * MIB as u64,
-        ..migration_spec(&src, "")
-    };
-    let id = ctl.create(spec).await.unwrap();
+    let SlowUpload {
+        env,
+        node,
+        ctl,
+        source,
+        mut target,
+        big,
+        id,
+        ..
+    } = SlowUpload::start(&moto, "ferry-kill", 64, "64mbit").await;
     wait_verified(&ctl, id, 2).await;
     target.kill().unwrap();
     target.wait().unwrap();
@@ -345,7 +395,7 @@ async fn a_target_killed_mid_multipart_resumes_the_upload_without_resending_veri
     let sent_before = source.stats.bytes_sent.load(Ordering::Relaxed);
     ctl.set_throttle("", "source", "off").await.unwrap();
 
-    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
+    let mut target = SlowUpload::spawn_target(&env, &node, &moto, "ferry-kill");
     let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
     let done = finished(&ctl, id, Duration::from_secs(120), &log).await;
     // Verified pieces were not leased again, and the source sent at most the pieces that were
@@ -393,34 +443,18 @@ fn paths_below(dir: &Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_migration_aborts_its_open_uploads_and_its_agents_forget_it() {
     let Some(moto) = moto() else { return };
-    moto.create_bucket("ferry-delete").unwrap();
-    let env = TestEnv::new();
-    let src = env.path("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let mut big = vec![0u8; 48 * MIB + 100];
-    blake3::Hasher::new_derive_key("ferry s3 delete test")
-        .finalize_xof()
-        .fill(&mut big);
-    std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
-
-    let node = env.coordinator().await;
-    let coord = node.addr.to_string();
-    let ctl = env.ctl(&coord).await;
-    let mut scfg = env.agent_config("source", &coord, None);
-    scfg.max_in_flight = 1;
-    let source_state = scfg.state_dir.clone();
-    let source = ferry_agent::run::start(scfg).await.unwrap();
     // Slow enough that the delete comes while the upload is open.
-    crate::harness::throttle_agent(&ctl, &source, "source", "32mbit").await;
-    let top = "data_listen = \"127.0.0.1:0\"\n";
-    let (store, _) = moto.target_store_toml("ferry-delete", "ckpt");
-    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
-    crate::processes::wait_registered(&ctl, "target", true).await;
-    let spec = pb::MigrationSpec {
-        segment_size: 8 * MIB as u64,
-        ..migration_spec(&src, "")
-    };
-    let id = ctl.create(spec).await.unwrap();
+    let SlowUpload {
+        env,
+        node,
+        ctl,
+        source,
+        mut target,
+        src,
+        big,
+        id,
+    } = SlowUpload::start(&moto, "ferry-delete", 48, "32mbit").await;
+    let source_state = env.path("agent-source");
     wait_verified(&ctl, id, 1).await;
     assert_eq!(
         moto.uploads("ferry-delete").unwrap().len(),
@@ -478,10 +512,7 @@ async fn a_deleted_migration_aborts_its_open_uploads_and_its_agents_forget_it() 
         "a file never completed leaves no object"
     );
     // The name is free again.
-    let spec = pb::MigrationSpec {
-        segment_size: 8 * MIB as u64,
-        ..migration_spec(&src, "")
-    };
+    let spec = store_spec(&src, "");
     ctl.set_throttle("", "source", "off").await.unwrap();
     let again = ctl.create(spec).await.unwrap();
     assert_ne!(again, id);
@@ -525,9 +556,8 @@ async fn a_store_that_stops_answering_fails_the_migration_clearly_and_only_store
     // 48 MiB at 32 Mbit/s: about 12 s.
     crate::harness::throttle_agent(&ctl, &source, "source", "32mbit").await;
     let spec = pb::MigrationSpec {
-        segment_size: 8 * MIB as u64,
         max_attempts: 2,
-        ..migration_spec(&src, "")
+        ..store_spec(&src, "")
     };
     let id = ctl.create(spec).await.unwrap();
     wait_verified(&ctl, id, 2).await;
@@ -672,8 +702,7 @@ async fn a_bucket_migrates_into_another_bucket_and_into_a_directory() {
     let to_bucket = ctl
         .create(pb::MigrationSpec {
             source_path: "s3://ferry-src/data".into(),
-            segment_size: 8 * MIB as u64,
-            ..migration_spec(&src_placeholder(), "")
+            ..store_spec(&src_placeholder(), "")
         })
         .await
         .unwrap();
@@ -681,8 +710,7 @@ async fn a_bucket_migrates_into_another_bucket_and_into_a_directory() {
         .create(pb::MigrationSpec {
             source_path: "s3://ferry-src/data".into(),
             target_agent: "fs-target".into(),
-            segment_size: 8 * MIB as u64,
-            ..migration_spec(&src_placeholder(), "restored")
+            ..store_spec(&src_placeholder(), "restored")
         })
         .await
         .unwrap();
@@ -739,9 +767,8 @@ async fn an_object_changed_after_the_listing_is_never_passed_off_as_the_listed_o
     let id = ctl
         .create(pb::MigrationSpec {
             source_path: "s3://ferry-live/data".into(),
-            segment_size: 8 * MIB as u64,
             max_attempts: 2,
-            ..migration_spec(&src_placeholder(), "")
+            ..store_spec(&src_placeholder(), "")
         })
         .await
         .unwrap();
