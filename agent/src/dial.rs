@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ferry_common::names::agent_dns;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -93,21 +93,43 @@ pub trait Dialer: Send + Sync + 'static {
     fn close(&self);
 }
 
+/// The data connections a [`QuicDialer`] keeps open, per (target name, address); shared with
+/// whoever reads their path figures (the metrics).
+#[derive(Debug, Clone, Default)]
+pub struct Connections(Arc<Mutex<HashMap<(String, String), quinn::Connection>>>);
+
+impl Connections {
+    /// Each open connection's target name and path figures (round-trip time, congestion
+    /// window, losses), by target name.
+    pub fn paths(&self) -> Vec<(String, quinn::ConnectionStats)> {
+        let mut out: Vec<_> = self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|(_, c)| c.close_reason().is_none())
+            .map(|((name, _), c)| (name.clone(), c.stats()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
 /// The real dialer: QUIC with mutual TLS, the target's certificate checked for its agent name.
 pub struct QuicDialer {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     /// Open connections per (target name, address).
-    conns: Mutex<HashMap<(String, String), quinn::Connection>>,
+    conns: Connections,
 }
 
 impl QuicDialer {
-    /// Dials from `endpoint` with `config`.
-    pub fn new(endpoint: quinn::Endpoint, config: quinn::ClientConfig) -> Self {
+    /// Dials from `endpoint` with `config`, keeping its connections in `conns`.
+    pub fn new(endpoint: quinn::Endpoint, config: quinn::ClientConfig, conns: Connections) -> Self {
         QuicDialer {
             endpoint,
             config,
-            conns: Mutex::default(),
+            conns,
         }
     }
 }
@@ -117,7 +139,7 @@ impl Dialer for QuicDialer {
 
     async fn connect(&self, target: &str, addr: &str) -> Result<QuicConn, DialError> {
         let key = (target.to_string(), addr.to_string());
-        if let Some(c) = self.conns.lock().expect("not poisoned").get(&key) {
+        if let Some(c) = self.conns.0.lock().expect("not poisoned").get(&key) {
             if c.close_reason().is_none() {
                 return Ok(QuicConn(c.clone(), target.to_string()));
             }
@@ -143,6 +165,7 @@ impl Dialer for QuicDialer {
                 source,
             })?;
         self.conns
+            .0
             .lock()
             .expect("not poisoned")
             .insert(key, conn.clone());

@@ -13,6 +13,7 @@ pub mod frame;
 pub mod hashcache;
 pub mod holes;
 pub mod manifest;
+pub mod metrics;
 pub mod objsource;
 pub mod run;
 pub mod scan;

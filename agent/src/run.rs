@@ -69,6 +69,10 @@ pub struct AgentConfig {
     pub transport: TransportSettings,
     /// TLS files.
     pub tls: TlsPaths,
+    /// HTTP address serving `/metrics` (Prometheus), `/livez` and `/readyz` (plain HTTP: bind
+    /// it to a management network or loopback). Absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Commands this agent runs for cutovers (`[hooks]`: `pre_freeze` and `rollback` on a
     /// source, `switch` on a target, `timeout_secs`).
     #[serde(default)]
@@ -330,6 +334,8 @@ async fn route_source_ip(peer: &str) -> std::io::Result<std::net::IpAddr> {
 
 /// A running agent.
 pub struct RunningAgent {
+    /// Where `/metrics`, `/livez` and `/readyz` are served, if they are.
+    pub metrics_addr: Option<SocketAddr>,
     /// The bound QUIC data address, if a target.
     pub data_addr: Option<SocketAddr>,
     /// The address it registered for sources to dial (empty if not a target).
@@ -343,6 +349,8 @@ pub struct RunningAgent {
     control: Control,
     /// The state directory lock, held until the agent has stopped.
     _lock: std::fs::File,
+    /// The metrics endpoint, if served (stops when the agent is dropped).
+    _ops: Option<ferry_common::ops::OpsServer>,
 }
 
 impl RunningAgent {
@@ -391,6 +399,32 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         ))
     })?;
     let stats = Arc::new(Stats::default());
+    let connections = crate::dial::Connections::default();
+    // Ready once registered (and, for a target, listening): until then `/readyz` says why not.
+    let is_registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ops = match cfg.metrics_listen {
+        None => None,
+        Some(listen) => {
+            let mut registry = ferry_common::ops::prometheus_client::registry::Registry::default();
+            registry.register_collector(Box::new(crate::metrics::AgentMetrics {
+                stats: stats.clone(),
+                connections: connections.clone(),
+            }));
+            let registered = is_registered.clone();
+            let ready: ferry_common::ops::Readiness = Arc::new(move || {
+                if registered.load(std::sync::atomic::Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("not registered with the coordinator yet".into())
+                }
+            });
+            Some(
+                ferry_common::ops::serve(listen, registry, ready)
+                    .await
+                    .map_err(|e| StartError::Config(e.to_string()))?,
+            )
+        }
+    };
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -513,6 +547,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             return Err(StartError::Register(e));
         }
     }
+    is_registered.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         message = "Agent registered.",
         name = %cfg.name,
@@ -544,7 +579,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let source = Arc::new(
         Source::new(
             control.clone(),
-            QuicDialer::new(client_endpoint, tls.quic_client_with(&transport)?),
+            QuicDialer::new(
+                client_endpoint,
+                tls.quic_client_with(&transport)?,
+                connections,
+            ),
             cfg.state_dir.clone(),
             cfg.max_in_flight,
             stats.clone(),
@@ -556,6 +595,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     );
     tasks.push(tokio::spawn(source.run(stop_rx)));
     Ok(RunningAgent {
+        metrics_addr: ops.as_ref().map(|o| o.addr),
+        _ops: ops,
         data_addr,
         advertised,
         stats,

@@ -1101,6 +1101,10 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             // The target's report carried this end's hash: the coordinator verified the
             // segment before the target acknowledged it.
             Stats::add(&self.stats.segments_verified, 1);
+            self.stats
+                .segment_seconds
+                .0
+                .observe(started.elapsed().as_secs_f64());
             tracing::debug!(
                 message = "Segment done; verified on the target's report.",
                 migration = mid,
@@ -1136,7 +1140,11 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
         );
         match outcome {
             Ok(r) if r.outcome() == ReportOutcome::Verified => {
-                Stats::add(&self.stats.segments_verified, 1)
+                Stats::add(&self.stats.segments_verified, 1);
+                self.stats
+                    .segment_seconds
+                    .0
+                    .observe(started.elapsed().as_secs_f64());
             }
             Ok(r) if r.outcome() == ReportOutcome::GaveUp => {
                 tracing::warn!(message = "Segment given up on after its last allowed attempt.", migration = mid, segment = sid, attempts = lease.attempts + 1, error = %r.reason)

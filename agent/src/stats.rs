@@ -23,6 +23,21 @@ pub struct Stats {
     /// The largest congestion window (bytes allowed in flight) seen on a data connection as a
     /// source, sampled as each segment's last byte is handed to QUIC.
     pub peak_window: AtomicU64,
+    /// How long the segments this agent sent took, from the start of the transfer to their
+    /// verification (the verified ones only).
+    pub segment_seconds: SegmentTimes,
+}
+
+/// A histogram of segment durations in seconds: buckets from 10 ms doubling up to ~11 min.
+#[derive(Debug)]
+pub struct SegmentTimes(pub ferry_common::ops::Histogram);
+
+impl Default for SegmentTimes {
+    fn default() -> Self {
+        SegmentTimes(ferry_common::ops::Histogram::new(
+            ferry_common::ops::exponential_buckets(0.01, 2.0, 17),
+        ))
+    }
 }
 
 impl Stats {

@@ -7,6 +7,7 @@ pub mod exclude;
 pub mod hash;
 pub mod ids;
 pub mod names;
+pub mod ops;
 pub mod path;
 pub mod pki;
 pub mod rate;

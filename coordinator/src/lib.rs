@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod codec;
 pub mod grpc;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod raft_types;

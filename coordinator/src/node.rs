@@ -46,6 +46,10 @@ pub struct CoordinatorConfig {
     /// Log entries kept behind a snapshot, so that lagging followers catch up from the log.
     #[serde(default = "default_keep_logs")]
     pub keep_logs_after_snapshot: u64,
+    /// HTTP address serving `/metrics` (Prometheus), `/livez` and `/readyz` (plain HTTP: bind
+    /// it to a management network or loopback). Absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// TLS files.
     pub tls: TlsPaths,
 }
@@ -115,6 +119,11 @@ pub struct RunningNode {
     rounds: JoinHandle<()>,
     /// Keeps the gRPC health service's answer current.
     health: JoinHandle<()>,
+    /// Counts leader changes for the metrics.
+    leader_watch: JoinHandle<()>,
+    /// Where `/metrics`, `/livez` and `/readyz` are served, if they are.
+    pub metrics_addr: Option<SocketAddr>,
+    ops: Option<ferry_common::ops::OpsServer>,
 }
 
 impl RunningNode {
@@ -126,6 +135,8 @@ impl RunningNode {
         }
         self.rounds.abort();
         self.health.abort();
+        self.leader_watch.abort();
+        drop(self.ops.take());
         // In-flight calls end first; a connection that never ends (a client that sent no
         // HTTP/2 preface) does not hold the shutdown up for longer than the grace.
         let mut server = self.server;
@@ -162,6 +173,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     })?;
     let (log, sm) = crate::store::open(&cfg.data_dir)?;
     let applied = sm.shared();
+    let committed = log.committed_index();
     let raft_cfg = openraft::Config {
         cluster_name: "ferry".into(),
         heartbeat_interval: 250,
@@ -245,6 +257,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (health, health_service) = tonic_health::server::health_reporter();
     let health = tokio::spawn(report_health(raft.clone(), health));
+    let reflection = reflection()?;
     let limit = 64 * 1024 * 1024;
     // No time limit on requests as a whole: `cluster add-node` may wait hours for a large
     // state to reach a new node (and must then remove it again itself), and a snapshot up to
@@ -274,13 +287,51 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             .max_encoding_message_size(1 << 30),
             |req: tonic::Request<()>| crate::grpc::authorize_coordinator(&req).map(|()| req),
         ))
-        .add_service(health_service);
+        .add_service(health_service)
+        .add_service(reflection.0)
+        .add_service(reflection.1);
     let incoming = incoming(listener, tls.grpc_server_config()?);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_rx.await;
     }));
     tracing::info!(message = "Coordinator serving.", %addr, node_id = cfg.node_id);
     let rounds = tokio::spawn(periodic_rounds(core));
+    let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let leader_watch = tokio::spawn(crate::metrics::count_leader_changes(
+        raft.clone(),
+        leader_changes.clone(),
+    ));
+    let ops = match cfg.metrics_listen {
+        None => None,
+        Some(listen) => {
+            let mut registry = ferry_common::ops::prometheus_client::registry::Registry::default();
+            registry.register_collector(Box::new(crate::metrics::NodeMetrics {
+                raft: raft.clone(),
+                applied: applied.clone(),
+                committed,
+                leader_changes,
+                snapshot_file: crate::store::snapshot_file(&cfg.data_dir),
+            }));
+            let watched = raft.clone();
+            // Ready: serving gRPC (it is, by now) and a leader known.
+            let ready: ferry_common::ops::Readiness =
+                Arc::new(move || match watched.metrics().borrow().current_leader {
+                    Some(_) => Ok(()),
+                    None => Err(
+                        "no Raft leader known (an election runs, or this node is not a member yet)"
+                            .into(),
+                    ),
+                });
+            Some(
+                ferry_common::ops::serve(listen, registry, ready)
+                    .await
+                    .map_err(|e| StartError::Bind {
+                        addr: e.addr,
+                        source: e.source,
+                    })?,
+            )
+        }
+    };
     Ok(RunningNode {
         addr,
         raft,
@@ -290,7 +341,38 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         committer,
         rounds,
         health,
+        leader_watch,
+        metrics_addr: ops.as_ref().map(|o| o.addr),
+        ops,
     })
+}
+
+/// gRPC server reflection, v1 and v1alpha (`grpcurl` asks either), describing ferry's services
+/// and the health service.
+#[allow(clippy::type_complexity)]
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    StartError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let bad = |e: tonic_reflection::server::Error| {
+        StartError::Raft(format!("gRPC reflection cannot describe the services: {e}"))
+    };
+    Ok((
+        builder().build_v1().map_err(bad)?,
+        builder().build_v1alpha().map_err(bad)?,
+    ))
 }
 
 /// The gRPC health service's answer (`grpc.health.v1.Health`, for load balancers, probes and

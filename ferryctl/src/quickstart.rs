@@ -269,6 +269,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         bootstrap: true,
         snapshot_every: 20_000,
         keep_logs_after_snapshot: 1_000,
+        metrics_listen: None,
         tls: coord_tls,
     })
     .await
@@ -293,6 +294,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             transport: Default::default(),
             tls,
             hooks: Default::default(),
+            metrics_listen: None,
             target_store: store,
             source_store: None,
         }

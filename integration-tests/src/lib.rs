@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod process;
+pub mod scrape;
 pub mod stores;
 pub mod tree;
 pub mod wan;

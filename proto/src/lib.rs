@@ -3,6 +3,10 @@
 //! at its edge.
 #![allow(clippy::all, missing_docs)]
 
+/// The encoded `FileDescriptorSet` of every ferry `.proto` file (for gRPC server reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
+
 pub mod admin {
     tonic::include_proto!("ferry.admin.v1");
 }

@@ -46,6 +46,14 @@ pub enum LeaseRefusal {
 }
 
 impl State {
+    /// How many segments of migration `mid` wait for a lease (backoffs included) and how many
+    /// are leased now, from the indexes (no walk over the segments).
+    pub fn queued(&self, mid: u64) -> (u64, u64) {
+        let len = |m: &BTreeMap<u64, BTreeSet<u64>>| m.get(&mid).map_or(0, |s| s.len() as u64);
+        let waiting = self.waiting.get(&mid).map_or(0, |s| s.len() as u64);
+        (len(&self.pending) + waiting, len(&self.leased))
+    }
+
     /// The id of the migration named `name`.
     pub fn migration_named(&self, name: &str) -> Option<u64> {
         self.by_name.get(name).copied()

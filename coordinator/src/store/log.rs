@@ -10,9 +10,17 @@ use super::*;
 pub struct LogStore {
     pub(super) log: sled::Tree,
     pub(super) meta: sled::Tree,
+    /// The last committed index openraft saved (0: none yet), for the metrics.
+    pub(super) committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogStore {
+    /// The last committed log index as this node knows it (openraft's metrics do not carry
+    /// it), kept current as openraft saves it.
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed.clone()
+    }
+
     pub(super) fn get_meta<T: for<'de> Deserialize<'de>>(
         &self,
         key: &str,
@@ -90,7 +98,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, c: Option<LogId<NodeId>>) -> Result<(), StorageError> {
-        self.put_meta("committed", &c).await
+        self.put_meta("committed", &c).await?;
+        self.committed.store(
+            c.map_or(0, |c| c.index),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {

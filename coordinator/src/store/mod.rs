@@ -115,6 +115,12 @@ pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Directory of the snapshot file, inside the node's data directory.
 const SNAPSHOT_DIR: &str = "ferry-snapshot";
 
+/// The file holding the node's latest snapshot in its data directory `data_dir` (its mtime is
+/// when the snapshot was built or installed).
+pub fn snapshot_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(SNAPSHOT_DIR).join(snapshot::SNAPSHOT_FILE)
+}
+
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
@@ -242,9 +248,16 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), OpenError> {
         }
     }
     let meta_for_sm = meta.clone();
+    let committed: Option<Option<LogId<NodeId>>> = meta
+        .get("committed")
+        .map_err(sled_err)?
+        .and_then(|v| decode(&v).ok());
     let log = LogStore {
         log: db.open_tree("log").map_err(sled_err)?,
         meta,
+        committed: Arc::new(std::sync::atomic::AtomicU64::new(
+            committed.flatten().map_or(0, |c| c.index),
+        )),
     };
     let snap_dir = path.join(SNAPSHOT_DIR);
     std::fs::create_dir_all(&snap_dir).map_err(|source| OpenError::Create {

@@ -70,6 +70,7 @@ impl TestEnv {
             // Snapshot and compact often, so that tests exercise both.
             snapshot_every: 100,
             keep_logs_after_snapshot: 10,
+            metrics_listen: None,
             tls: self.issue(Identity::Coordinator(id)),
         }
     }
@@ -101,6 +102,7 @@ impl TestEnv {
             transport: Default::default(),
             tls: self.issue(Identity::Agent(name.to_string())),
             hooks: Default::default(),
+            metrics_listen: None,
             target_store: None,
             source_store: None,
         }
@@ -176,7 +178,7 @@ impl CoordinatorProcess {
             std::fs::write(
                 &config,
                 format!(
-                    "node_id = {id}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\nsnapshot_every = {}\nkeep_logs_after_snapshot = {}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    "node_id = {id}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\nsnapshot_every = {}\nkeep_logs_after_snapshot = {}\nmetrics_listen = \"127.0.0.1:0\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                     cfg.data_dir.display(),
                     cfg.lease_ttl_secs,
                     cfg.snapshot_every,
@@ -198,6 +200,18 @@ impl CoordinatorProcess {
             log,
             addr: addr.to_string(),
         })
+    }
+
+    /// Where the process first started serves `/metrics`, `/livez` and `/readyz` (read from its
+    /// log; the test configs bind port 0).
+    pub fn metrics_addr(&mut self) -> anyhow::Result<std::net::SocketAddr> {
+        let child = &mut self.child;
+        ferry_integration_tests::process::logged_addr(
+            &self.log,
+            "Metrics serving.",
+            Duration::from_secs(30),
+            || !matches!(child.try_wait(), Ok(None)),
+        )
     }
 
     /// `kill -9`, then waits for the process to be gone.

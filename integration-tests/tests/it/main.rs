@@ -9,6 +9,7 @@ mod cluster;
 mod cutover;
 mod deploy;
 mod identity;
+mod metrics;
 mod object_store;
 mod partition;
 mod processes;
