@@ -18,7 +18,13 @@ UNIT_DIR=/etc/systemd/system
 SERVICE_USER=ferry
 
 role=""
-bin_dir=./target/release
+# From a release tarball (deploy/release.sh) the binaries sit in ../bin beside this script;
+# from a checkout, in ./target/release after `cargo build --release`.
+if [ -d "$SCRIPT_DIR/../bin" ]; then
+    bin_dir=$(cd "$SCRIPT_DIR/../bin" && pwd)
+else
+    bin_dir=./target/release
+fi
 dry_run=0
 
 usage() {
@@ -26,7 +32,8 @@ usage() {
 Usage: $PROG --role coordinator|agent [--bin-dir DIR] [--dry-run]
 
   --role ROLE     what to install on this host: coordinator or agent (required)
-  --bin-dir DIR   directory holding the built binaries (default: ./target/release)
+  --bin-dir DIR   directory holding the built binaries (default: ../bin beside this
+                  script in a release tarball, else ./target/release)
   --dry-run       print the commands instead of running them
   -h, --help      show this help
 
@@ -180,8 +187,14 @@ else
     run install -m 0640 -o root -g "$etc_group" "$config_src" "$config_dst"
 fi
 
-# 5. systemd unit (always replaced; put local changes in `systemctl edit $unit_name`).
-run install -m 0644 "$unit_src" "$UNIT_DIR/$unit_name"
+# 5. systemd unit (always replaced; put local changes in `systemctl edit $unit_name`). The unit
+#    names /usr/bin, where the .deb puts the binaries; this script puts them in $PREFIX_BIN.
+if [ "$dry_run" -eq 1 ]; then
+    printf '+ sed %q %q > %q\n' "s|=/usr/bin/ferry-|=$PREFIX_BIN/ferry-|" "$unit_src" "$UNIT_DIR/$unit_name"
+else
+    sed "s|=/usr/bin/ferry-|=$PREFIX_BIN/ferry-|" "$unit_src" >"$UNIT_DIR/$unit_name"
+    chmod 0644 "$UNIT_DIR/$unit_name"
+fi
 run systemctl daemon-reload
 
 # --- next steps -------------------------------------------------------------
