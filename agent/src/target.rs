@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::segment::Entry;
 use ferry_common::names::agent_dns;
 use ferry_common::path::display;
+use ferry_common::telemetry::LogLimit;
 use ferry_common::tls::cert_is_for;
 use ferry_proto::control::{ReportOutcome, Role};
 use ferry_proto::data as pb;
@@ -22,6 +23,14 @@ use crate::frame::{self, MAX_HEADER, MAX_SMALL_FRAME};
 use crate::sink::{FsSink, SegmentWrite, Sink, SinkError};
 use crate::stats::Stats;
 use crate::wire::MalformedEntry;
+
+/// Warnings a failing or hostile peer can repeat as fast as it connects: at most one line each
+/// per [`LOG_EVERY`], with the number held back.
+static HANDSHAKE_FAILED: LogLimit = LogLimit::new(LOG_EVERY);
+static NO_HEADER: LogLimit = LogLimit::new(LOG_EVERY);
+static BAD_HEADER: LogLimit = LogLimit::new(LOG_EVERY);
+/// See [`HANDSHAKE_FAILED`].
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Most bytes one segment may announce (a bundle of small files or one chunk is far below).
 const MAX_SEGMENT_BYTES: u64 = 16 * 1024 * 1024 * 1024;
@@ -328,7 +337,11 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                     conns.spawn(async move {
                         match incoming.await {
                             Ok(conn) => me.connection(conn).await,
-                            Err(e) => tracing::warn!(message = "QUIC handshake failed.", error = %e),
+                            Err(e) => {
+                                if let Some(held_back) = HANDSHAKE_FAILED.admit() {
+                                    tracing::warn!(message = "QUIC handshake failed.", error = %e, held_back);
+                                }
+                            }
                         }
                     });
                 }
@@ -413,7 +426,9 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
         let header: pb::SegmentHeader = match read.await {
             Ok(Ok(h)) => h,
             Err(_) => {
-                tracing::warn!(message = "No segment header in time; closing connection.", %remote, timeout_secs = self.header_timeout.as_secs_f32());
+                if let Some(held_back) = NO_HEADER.admit() {
+                    tracing::warn!(message = "No segment header in time; closing connection.", %remote, timeout_secs = self.header_timeout.as_secs_f32(), held_back);
+                }
                 return Handled {
                     ok: false,
                     acked: false,
@@ -421,7 +436,9 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
                 };
             }
             Ok(Err(e)) => {
-                tracing::warn!(message = "Bad segment header; closing connection.", %remote, error = %e);
+                if let Some(held_back) = BAD_HEADER.admit() {
+                    tracing::warn!(message = "Bad segment header; closing connection.", %remote, error = %e, held_back);
+                }
                 return Handled {
                     ok: false,
                     acked: false,

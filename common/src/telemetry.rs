@@ -130,6 +130,53 @@ pub fn changed_keys(before: &toml::Table, after: &toml::Table) -> Vec<String> {
     keys
 }
 
+/// Lets a warning that may repeat fast (a peer failing its handshake again and again, a listener
+/// out of file descriptors) through at most once per period, and says how many it held back:
+/// a failing or hostile peer costs a line every few seconds, not thirty a second.
+///
+/// ```ignore
+/// static FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
+/// if let Some(held_back) = FAILED.admit() {
+///     tracing::warn!(message = "Handshake failed.", error = %e, held_back);
+/// }
+/// ```
+#[derive(Debug)]
+pub struct LogLimit {
+    every: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogLimit {
+    /// At most one line per `every`.
+    pub const fn new(every: std::time::Duration) -> Self {
+        LogLimit {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Whether to log now: `Some(n)` with `n` lines held back since the last one logged.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(std::time::Instant::now())
+    }
+
+    /// [`LogLimit::admit`] at `now`.
+    pub fn admit_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.0 {
+            Some(next) if now < next => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let held = std::mem::take(&mut s.1);
+                s.0 = Some(now + self.every);
+                Some(held)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +215,21 @@ mod tests {
             ..l
         };
         assert!(!env.apply(Some("debug")).unwrap(), "RUST_LOG wins");
+    }
+
+    #[test]
+    fn a_repeated_warning_passes_once_per_period_with_the_count_it_held_back() {
+        let limit = LogLimit::new(std::time::Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        assert_eq!(limit.admit_at(at(0)), Some(0));
+        for i in 1..30 {
+            assert_eq!(limit.admit_at(at(i * 300)), None, "{i}");
+        }
+        assert_eq!(limit.admit_at(at(10_000)), Some(29));
+        assert_eq!(limit.admit_at(at(19_999)), None);
+        assert_eq!(limit.admit_at(at(20_000)), Some(1));
+        // After a quiet spell the next one passes at once, nothing held back.
+        assert_eq!(limit.admit_at(at(60_000)), Some(0));
     }
 }

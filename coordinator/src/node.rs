@@ -7,6 +7,7 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 
 use ferry_common::config::TlsPaths;
+use ferry_common::telemetry::LogLimit;
 use ferry_common::tls::TlsMaterial;
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -407,11 +408,11 @@ async fn report_health(raft: Raft, reporter: tonic_health::server::HealthReporte
     }
 }
 
-/// The connections the gRPC server accepts, with `TCP_NODELAY`: tonic applies its own
-/// `tcp_nodelay` default only to listeners it binds itself. Without it every answer written in
-/// more than one segment (TLS records of HTTP/2 headers, data, trailers) waited for the
-/// caller's ACK of the first (Nagle): a round trip more per call, 150 ms and more on an
-/// intercontinental path.
+/// Warnings a client can repeat as fast as it connects (or the kernel refuses accepts): one
+/// line each per 30 s at most, with the number held back.
+static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(30));
+static HANDSHAKE_FAILED: LogLimit = LogLimit::new(Duration::from_secs(30));
+static HANDSHAKE_TIMED_OUT: LogLimit = LogLimit::new(Duration::from_secs(30));
 /// How long a shutdown waits for calls in flight before it closes their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a client may take to complete its TLS handshake.
@@ -422,6 +423,11 @@ const HANDSHAKES_AT_ONCE: usize = 256;
 /// The connections `listener` accepts, each after its TLS handshake (TLS 1.3, a client
 /// certificate from the cluster's CA) completed within [`HANDSHAKE_TIMEOUT`]; a client that
 /// does not complete it is dropped without holding anything up.
+///
+/// Each with `TCP_NODELAY`: tonic applies its own `tcp_nodelay` default only to listeners it
+/// binds itself. Without it every answer written in more than one segment (TLS records of
+/// HTTP/2 headers, data, trailers) waited for the caller's ACK of the first (Nagle): a round
+/// trip more per call, 150 ms and more on an intercontinental path.
 fn incoming(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -444,7 +450,9 @@ fn incoming(
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors, most likely: wait instead of spinning.
-                    tracing::warn!(message = "Cannot accept a connection.", error = %e);
+                    if let Some(held_back) = ACCEPT_FAILED.admit() {
+                        tracing::warn!(message = "Cannot accept a connection.", error = %e, held_back);
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -458,10 +466,14 @@ fn incoming(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(message = "TLS handshake failed.", %remote, error = %e)
+                        if let Some(held_back) = HANDSHAKE_FAILED.admit() {
+                            tracing::warn!(message = "TLS handshake failed (a certificate of another CA, an expired one, or a client without TLS 1.3).", %remote, error = %e, held_back)
+                        }
                     }
                     Err(_) => {
-                        tracing::debug!(message = "TLS handshake timed out.", %remote)
+                        if let Some(held_back) = HANDSHAKE_TIMED_OUT.admit() {
+                            tracing::warn!(message = "TLS handshake timed out.", %remote, held_back)
+                        }
                     }
                 }
             });

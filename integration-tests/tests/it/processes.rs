@@ -483,3 +483,99 @@ async fn sighup_mid_transfer_changes_the_log_level_and_drops_nothing() {
     terminate(&mut source, "source agent");
     terminate(&mut target, "target agent");
 }
+
+/// Issue 15 (quiet logs): a peer that fails its QUIC handshake again and again (here: a
+/// certificate of another CA, as fast as it can dial) costs the target one warning per
+/// `LOG_EVERY`, the next one saying how many it held back, not a line per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_failing_its_handshake_again_and_again_is_logged_once_per_period() {
+    let env = TestEnv::new();
+    let coord = CoordinatorProcess::start(&env).unwrap();
+    let ctl = env.ctl(&coord.addr).await;
+    let root = env.path("dst");
+    let mut target = spawn_agent(&env, "dst-h", &coord.addr, Some(&root));
+    wait_registered(&ctl, "dst-h", true).await;
+    let addr: std::net::SocketAddr = ctl
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.name == "dst-h")
+        .unwrap()
+        .data_addr
+        .parse()
+        .unwrap();
+    let other = TestEnv::new();
+    let foreign =
+        ferry_common::tls::TlsMaterial::load(&other.issue(Identity::Agent("src-h".into())))
+            .unwrap()
+            .quic_client()
+            .unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let log = || std::fs::read_to_string(env.path("agent-dst-h.log")).unwrap_or_default();
+    let warned = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("QUIC handshake failed."))
+            .map(String::from)
+            .collect()
+    };
+    let mut failures = 0u64;
+    let fail_once = || {
+        let (ep, foreign) = (ep.clone(), foreign.clone());
+        async move {
+            let r = ep
+                .connect_with(foreign, addr, &ferry_common::names::agent_dns("dst-h"))
+                .unwrap()
+                .await;
+            assert!(r.is_err(), "a certificate of another CA was accepted");
+        }
+    };
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
+        fail_once().await;
+        failures += 1;
+    }
+    let elapsed = started.elapsed();
+    let first = wait_for("the first warning", Duration::from_secs(10), || async {
+        let w = warned(&log());
+        (!w.is_empty()).then_some(w)
+    })
+    .await;
+    let bound = 1 + (elapsed.as_secs() / ferry_agent::target::LOG_EVERY.as_secs()) as usize;
+    assert!(
+        first.len() <= bound,
+        "{} warnings for {failures} failed handshakes in {elapsed:?}:\n{}",
+        first.len(),
+        first.join("\n")
+    );
+    // The peer keeps failing: once the period is over, one more line tells how many were held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let lines = loop {
+        let w = warned(&log());
+        if w.len() > first.len() {
+            break w;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second warning:\n{}",
+            log()
+        );
+        fail_once().await;
+        failures += 1;
+    };
+    let held: u64 = lines
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("held_back="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(held > 0, "{lines:?}");
+    assert!(
+        (lines.len() as u64) * 10 < failures,
+        "{} lines for {failures} failures",
+        lines.len()
+    );
+    terminate(&mut target, "target agent");
+}
