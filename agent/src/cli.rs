@@ -78,7 +78,16 @@ async fn run() -> anyhow::Result<()> {
             let stats = agent.stats.clone();
             let mut last = (stats.snapshot(), std::time::Instant::now());
             ferry_common::systemd::wait_for_signal(
-                || logging.reload::<crate::run::AgentConfig>(&config, &started),
+                || {
+                    logging.reload::<crate::run::AgentConfig>(&config, &started, |cfg| {
+                        let mut hooks = agent.hooks.write().unwrap_or_else(|p| p.into_inner());
+                        if *hooks != cfg.hooks {
+                            *hooks = cfg.hooks.clone();
+                            tracing::info!(message = "Cutover hooks set from the config (steps that start from now on run them).");
+                        }
+                        &["hooks"]
+                    })
+                },
                 || {
                     let now = (stats.snapshot(), std::time::Instant::now());
                     let line = crate::stats::status_line(

@@ -53,7 +53,7 @@ fn default_hook_timeout() -> u64 {
 }
 
 /// The commands this agent runs for cutovers (`[hooks]` in its config).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hooks {
     /// On a source: stops the application's writes (`systemctl stop app`, `fsfreeze -f ...`).
@@ -69,6 +69,9 @@ pub struct Hooks {
     #[serde(default = "default_hook_timeout")]
     pub timeout_secs: u64,
 }
+
+/// The hooks in force, shared between the cutover runner and the SIGHUP handler.
+pub type LiveHooks = Arc<std::sync::RwLock<Hooks>>;
 
 impl Default for Hooks {
     fn default() -> Self {
@@ -124,7 +127,7 @@ pub const CLASSES: [&str; 4] = ["regular files", "directories", "symlinks", "har
 /// Does the cutover steps the coordinator hands this agent.
 pub struct CutoverRunner<C: Coordinator> {
     control: C,
-    hooks: Hooks,
+    hooks: LiveHooks,
     state_dir: PathBuf,
     /// The target root (targets only).
     target_root: Option<PathBuf>,
@@ -145,12 +148,18 @@ impl<C: Coordinator> CutoverRunner<C> {
     pub fn new(control: C, hooks: Hooks, state_dir: PathBuf, target_root: Option<PathBuf>) -> Self {
         CutoverRunner {
             control,
-            hooks,
+            hooks: Arc::new(std::sync::RwLock::new(hooks)),
             state_dir,
             target_root,
             target_store: None,
             running: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The hooks it runs, which SIGHUP replaces with the config's (a step reads them when it
+    /// starts: a hook running keeps the command it started with).
+    pub fn live_hooks(&self) -> LiveHooks {
+        self.hooks.clone()
     }
 
     /// The runner of a target writing into `sink`'s object store.
@@ -317,10 +326,11 @@ impl<C: Coordinator> CutoverRunner<C> {
                 return Ok(o);
             }
         }
+        let hooks = self.hooks.read().unwrap_or_else(|p| p.into_inner()).clone();
         let command = match step {
-            CutoverStep::PreFreeze => &self.hooks.pre_freeze,
-            CutoverStep::Switch => &self.hooks.switch,
-            _ => &self.hooks.rollback,
+            CutoverStep::PreFreeze => &hooks.pre_freeze,
+            CutoverStep::Switch => &hooks.switch,
+            _ => &hooks.rollback,
         };
         let name = match step {
             CutoverStep::PreFreeze => "pre_freeze",
@@ -355,7 +365,7 @@ impl<C: Coordinator> CutoverRunner<C> {
                     .env("FERRY_ROOT", &root)
                     .stdin(std::process::Stdio::null())
                     .kill_on_drop(true);
-                let timeout = Duration::from_secs(self.hooks.timeout_secs.max(1));
+                let timeout = Duration::from_secs(hooks.timeout_secs.max(1));
                 let (exit_code, output) = match tokio::time::timeout(timeout, c.output()).await {
                     Ok(Ok(out)) => {
                         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1059,6 +1069,17 @@ mod tests {
             let none = runner.hook(&w, CutoverStep::Rollback).await.unwrap();
             assert_eq!(none.exit_code, 0);
             assert!(none.output.contains("no rollback hook"), "{}", none.output);
+            // SIGHUP's new hooks are the ones the next step runs.
+            *runner.live_hooks().write().unwrap() = Hooks {
+                rollback: Some("echo \"rolled back $FERRY_MIGRATION\"".into()),
+                ..Hooks::default()
+            };
+            let w2 = pb::CutoverWork { attempt: 2, ..w };
+            let rolled = runner.hook(&w2, CutoverStep::Rollback).await.unwrap();
+            assert_eq!(
+                (rolled.exit_code, rolled.output.as_str()),
+                (0, "rolled back m\n")
+            );
         });
     }
 }

@@ -336,6 +336,8 @@ async fn route_source_ip(peer: &str) -> std::io::Result<std::net::IpAddr> {
 pub struct RunningAgent {
     /// Where `/metrics`, `/livez` and `/readyz` are served, if they are.
     pub metrics_addr: Option<SocketAddr>,
+    /// The cutover hooks in force (SIGHUP replaces them).
+    pub hooks: crate::cutover::LiveHooks,
     /// The bound QUIC data address, if a target.
     pub data_addr: Option<SocketAddr>,
     /// The address it registered for sources to dial (empty if not a target).
@@ -575,6 +577,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     if let Some(sink) = store_sink {
         cutover = cutover.with_store(sink);
     }
+    let hooks = cutover.live_hooks();
     let cutover = Arc::new(cutover);
     let source = Arc::new(
         Source::new(
@@ -595,6 +598,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     );
     tasks.push(tokio::spawn(source.run(stop_rx)));
     Ok(RunningAgent {
+        hooks,
         metrics_addr: ops.as_ref().map(|o| o.addr),
         _ops: ops,
         data_addr,

@@ -85,11 +85,17 @@ impl Logging {
         Ok(true)
     }
 
-    /// SIGHUP: reads the daemon's config at `path` again and applies its log level. The other
+    /// SIGHUP: reads the daemon's config at `path` again and applies its log level, then
+    /// `live`: what else the daemon applies at once (it returns those keys). The other
     /// top-level keys and sections that differ from `started` (the table the daemon started
     /// with) are named: they take effect at the next start. A config that does not read or
     /// parse changes nothing, and says so.
-    pub fn reload<T: DaemonConfig>(&self, path: &Path, started: &toml::Table) {
+    pub fn reload<T: DaemonConfig>(
+        &self,
+        path: &Path,
+        started: &toml::Table,
+        live: impl FnOnce(&T) -> &'static [&'static str],
+    ) {
         let (cfg, table) = match crate::config::load_daemon::<T>(path) {
             Ok(c) => c,
             Err(e) => {
@@ -110,7 +116,11 @@ impl Logging {
             }
             Err(e) => tracing::error!(message = "Log level not changed.", error = %e),
         }
-        let restart = changed_keys(started, &table);
+        let applied = live(&cfg);
+        let restart: Vec<String> = changed_keys(started, &table)
+            .into_iter()
+            .filter(|k| !applied.contains(&k.as_str()))
+            .collect();
         if !restart.is_empty() {
             tracing::warn!(message = "Config changes that take effect only when the daemon restarts.", keys = %restart.join(", "));
         }

@@ -113,7 +113,7 @@ pub async fn main() -> anyhow::Result<()> {
             ferry_common::systemd::notify("READY=1");
             let raft = node.raft.clone();
             ferry_common::systemd::wait_for_signal(
-                || logging.reload::<crate::node::CoordinatorConfig>(&config, &started),
+                || logging.reload::<crate::node::CoordinatorConfig>(&config, &started, |_| &[]),
                 || {
                     let m = raft.metrics().borrow().clone();
                     let leader = m

@@ -275,7 +275,9 @@ async fn sighup_reloads_the_log_level_and_logs_are_plain_or_json_as_asked() {
     let original = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        format!("log_level = \"info,ferry_agent=debug\"\nmax_in_flight = 3\n{original}"),
+        format!(
+            "log_level = \"info,ferry_agent=debug\"\nmax_in_flight = 3\n{original}\n[hooks]\npre_freeze = \"systemctl stop app\"\n"
+        ),
     )
     .unwrap();
     hang_up(&agent);
@@ -287,11 +289,14 @@ async fn sighup_reloads_the_log_level_and_logs_are_plain_or_json_as_asked() {
     .await;
     let text = read(&log);
     assert!(text.contains("Log level set from the config."), "{text}");
-    assert!(
-        text.contains("take effect only when the daemon restarts")
-            && text.contains("max_in_flight"),
-        "{text}"
-    );
+    let restart = text
+        .lines()
+        .find(|l| l.contains("take effect only when the daemon restarts"))
+        .unwrap_or_else(|| panic!("no restart warning:\n{text}"));
+    // The hooks are applied at once; max_in_flight waits for a restart.
+    assert!(restart.contains("max_in_flight"), "{restart}");
+    assert!(!restart.contains("hooks"), "{restart}");
+    assert!(text.contains("Cutover hooks set from the config"), "{text}");
 
     std::fs::write(&config, "name = [").unwrap();
     hang_up(&agent);
