@@ -75,6 +75,25 @@ enum Cmd {
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
     },
+    /// Plan a migration's target agents: how many of which type (from a catalog of types with
+    /// their price, throughput, quota and egress price) move DATA before DEADLINE at the least
+    /// cost, the predicted duration and cost, and which constraint binds; or, when nothing can,
+    /// what would. Solved exactly (integer program). Needs no coordinator.
+    Plan {
+        /// How much to move: `50TB`, `1.5TiB`, `800GB`.
+        #[arg(long, value_parser = parse_size)]
+        data: u64,
+        /// When the copy must be done, from now: `72h`, `3d`.
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Duration,
+        /// The catalog of target agent types (TOML `[[agent]]` entries; an example:
+        /// deploy/plan/catalog.example.toml).
+        #[arg(long)]
+        catalog: PathBuf,
+        /// What the path between the sites carries, if it limits (`10gbit`).
+        #[arg(long)]
+        path_limit: Option<ferry_common::rate::Rate>,
+    },
     /// Write the quick start's sample data set (checkpoints, small files, empties, a symlink).
     Sample {
         /// Directory to create.
@@ -410,6 +429,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(unit)))
 }
 
+/// A size as operators write it: `50TB`, `1.5TiB`, `800GB`, `4096` (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = s.trim().parse().map_err(|e| {
+        format!("bad size {s:?} ({e}): a number with B, KB, MB, GB, TB, KiB, ... (50TB)")
+    })?;
+    if size.as_u64() == 0 {
+        return Err("a size of 0 has nothing to move".into());
+    }
+    Ok(size.as_u64())
+}
+
 fn split_agent(s: &str, what: &str) -> anyhow::Result<(String, String)> {
     let (agent, path) = s.split_once(':').unwrap_or((s, ""));
     if agent.is_empty() {
@@ -516,6 +546,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::FAILURE
                 }
             });
+        }
+        Cmd::Plan {
+            data,
+            deadline,
+            catalog,
+            path_limit,
+        } => {
+            let text = std::fs::read_to_string(catalog)
+                .with_context(|| format!("cannot read the catalog {}", catalog.display()))?;
+            let parsed: crate::plan::Catalog = toml::from_str(&text)
+                .with_context(|| format!("catalog {} is not valid", catalog.display()))?;
+            let inputs = crate::plan::Inputs {
+                bytes: *data,
+                deadline_secs: deadline.as_secs(),
+                path_limit: path_limit.map(|r| r.bytes_per_sec()),
+            };
+            let p = crate::plan::plan(&parsed, &inputs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{}", crate::plan::table(&p, &inputs));
+            }
         }
         Cmd::Sample {
             dir,

@@ -4,4 +4,5 @@
 
 pub mod cli;
 pub mod ctl;
+pub mod plan;
 pub mod quickstart;

@@ -27,3 +27,22 @@ fn units_start_the_commands_the_binaries_have() {
     let agent = std::fs::read_to_string(deploy("systemd/ferry-agent.service")).unwrap();
     assert!(agent.contains("ferry-agent run --config /etc/ferry/agent.toml"));
 }
+
+#[test]
+fn the_example_catalog_plans_a_migration() {
+    let text = std::fs::read_to_string(deploy("plan/catalog.example.toml")).unwrap();
+    let catalog: ferryctl::plan::Catalog = toml::from_str(&text).unwrap();
+    assert_eq!(catalog.agents.len(), 3);
+    let inputs = ferryctl::plan::Inputs {
+        bytes: 200_000_000_000_000,
+        deadline_secs: 72 * 3600,
+        path_limit: None,
+    };
+    let p = ferryctl::plan::plan(&catalog, &inputs).unwrap();
+    assert!(p.duration_secs <= inputs.deadline_secs, "{p:?}");
+    let carried: u64 = p.agents.iter().map(|a| a.bytes).sum();
+    assert!(
+        carried.abs_diff(inputs.bytes) <= p.agents.len() as u64,
+        "{p:?}"
+    );
+}
