@@ -1,5 +1,22 @@
 //! `ferryctl`: the operator's CLI (gRPC with an admin certificate).
 
+// Output goes through `emit`: `ferryctl agents list | head -1` ends quietly with 0 when `head`
+// has read enough, where std's `println!` would panic on the closed pipe. These shadow std's
+// macros in this file.
+macro_rules! println {
+    () => {
+        $crate::cli::emit(format_args!("\n"))
+    };
+    ($($t:tt)*) => {
+        $crate::cli::emit(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+macro_rules! print {
+    ($($t:tt)*) => {
+        $crate::cli::emit(format_args!($($t)*))
+    };
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,7 +27,7 @@ use crate::ctl::{
 };
 use crate::quickstart;
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use ferry_common::config::TlsPaths;
 use ferry_common::tls::TlsMaterial;
 use ferry_coordinator::grpc::now_ms;
@@ -21,7 +38,8 @@ use ferry_proto::json::{phase_name, segment_status_name};
 #[command(
     name = "ferryctl",
     version,
-    about = "Drive ferry migrations: agents, migrations, progress, verification"
+    about = "Drive ferry migrations: agents, migrations, progress, verification",
+    after_help = crate::exit::HELP
 )]
 struct Cli {
     /// Coordinator address (host:port), or several separated by commas.
@@ -94,6 +112,15 @@ enum Cmd {
         #[arg(long)]
         path_limit: Option<ferry_common::rate::Rate>,
     },
+    /// Print a completion script for SHELL: `ferryctl completions bash >
+    /// /etc/bash_completion.d/ferryctl` (zsh: a file `_ferryctl` on `$fpath`; fish:
+    /// `~/.config/fish/completions/ferryctl.fish`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `ferryctl man > /usr/share/man/man1/ferryctl.1`.
+    Man,
     /// Write the quick start's sample data set (checkpoints, small files, empties, a symlink).
     Sample {
         /// Directory to create.
@@ -361,7 +388,7 @@ async fn watch_round(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode>
         }
     }
     Ok(if p.phase() == pb::Phase::Failed {
-        ExitCode::FAILURE
+        crate::exit::Exit::Failed.code()
     } else {
         ExitCode::SUCCESS
     })
@@ -376,6 +403,35 @@ pub enum VerifyMode {
     Full,
 }
 
+/// How long ago `then_ms` was at `now_ms`, as people say it: `3s ago`, `5m ago`, `2h ago`,
+/// `3d ago` (`never` for 0).
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    if then_ms == 0 {
+        return "never".into();
+    }
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        7200..=172_799 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// Writes to stdout; when its reader has gone (a closed pipe), ends the process with 0: the
+/// reader took what it wanted.
+pub fn emit(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(crate::exit::Exit::Error as i32);
+    }
+}
+
 /// The binary's entry point.
 #[tokio::main]
 pub async fn main() -> ExitCode {
@@ -385,7 +441,7 @@ pub async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            crate::exit::Exit::of(&e).code()
         }
     }
 }
@@ -495,7 +551,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                crate::exit::Exit::Failed.code()
             });
         }
         Cmd::Audit { since } => {
@@ -543,9 +599,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "the audit log's hash chain is BROKEN at record {seq}: a record was \
                          changed or removed"
                     );
-                    ExitCode::FAILURE
+                    crate::exit::Exit::Failed.code()
                 }
             });
+        }
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "ferryctl", &mut out);
+            print!("{}", String::from_utf8_lossy(&out));
+        }
+        Cmd::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            print!("{}", String::from_utf8_lossy(&out));
         }
         Cmd::Plan {
             data,
@@ -649,7 +715,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&agents);
             } else {
                 println!(
-                    "{:<24} {:<24} {:<10} {:<16} {:<12} LAST SEEN (unix ms)",
+                    "{:<24} {:<24} {:<10} {:<16} {:<12} LAST SEEN",
                     "NAME", "DATA ADDRESS", "STATUS", "CONGESTION", "THROTTLE"
                 );
                 for a in agents {
@@ -669,7 +735,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         a.status,
                         congestion,
                         a.throttle,
-                        a.last_seen_ms
+                        ago(now_ms(), a.last_seen_ms)
                     );
                     if !a.target_root.is_empty() {
                         println!("  writes below {}", a.target_root);
@@ -870,7 +936,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if *watch && p.phase() == pb::Phase::Failed {
-                return Ok(ExitCode::FAILURE);
+                return Ok(crate::exit::Exit::Failed.code());
             }
         }
         Cmd::Migration(MigrationCmd::Sync { id, watch }) => {
@@ -968,7 +1034,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(if switched {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                crate::exit::Exit::Failed.code()
             });
         }
         Cmd::Migration(MigrationCmd::Report { id }) => {
@@ -1052,7 +1118,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(if v.equal {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                crate::exit::Exit::Failed.code()
             });
         }
         Cmd::Migration(MigrationCmd::Verify { id, .. }) => {
@@ -1095,7 +1161,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(if v.all_verified {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                crate::exit::Exit::Failed.code()
             });
         }
     }
@@ -1104,6 +1170,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn last_seen_reads_as_how_long_ago() {
+        let now = 1_000_000_000;
+        assert_eq!(ago(now, now - 3_400), "3s ago");
+        assert_eq!(ago(now, now - 300_000), "5m ago");
+        assert_eq!(ago(now, now - 3 * 3_600_000), "3h ago");
+        assert_eq!(ago(now, now - 4 * 86_400_000), "4d ago");
+        assert_eq!(ago(now, now + 5), "0s ago");
+        assert_eq!(ago(now, 0), "never");
+    }
+
     use super::*;
 
     #[test]

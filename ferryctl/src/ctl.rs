@@ -20,9 +20,28 @@ pub enum CtlError {
         /// Why.
         reason: String,
     },
-    /// The coordinator answered with an error.
+    /// The TLS handshake failed: a certificate was refused by one end or the other.
+    #[error("the TLS handshake with the coordinator at {addr} failed: {reason}; its certificate is not from the CA in --pki-dir, or it refused this admin certificate (another cluster's CA? expired?)")]
+    Handshake {
+        /// Address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// `--coordinator` is not a list of `host:port`.
+    #[error("--coordinator {0:?}: {1}")]
+    BadAddress(String, String),
+    /// Something went wrong on this side (a watch that timed out, an answer without a body).
     #[error("{0}")]
     Status(String),
+    /// The coordinator refused the call with `code`.
+    #[error("coordinator refused: {message}")]
+    Refused {
+        /// The gRPC status code (NotFound, PermissionDenied, InvalidArgument, ...).
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
     /// TLS material.
     #[error(transparent)]
     Tls(#[from] ferry_common::tls::TlsError),
@@ -36,7 +55,10 @@ impl From<tonic::Status> for CtlError {
         if s.code() == tonic::Code::Unavailable {
             CtlError::Unavailable(s.message().to_string())
         } else {
-            CtlError::Status(format!("coordinator refused: {}", s.message()))
+            CtlError::Refused {
+                code: s.code(),
+                message: s.message().to_string(),
+            }
         }
     }
 }
@@ -100,9 +122,19 @@ impl Ctl {
     }
 
     async fn connect_one(addr: &str, tls: &TlsMaterial) -> Result<Self, CtlError> {
-        let err = |reason: String| CtlError::Connect {
-            addr: addr.to_string(),
-            reason,
+        check_address(addr)?;
+        let err = |reason: String| {
+            if crate::exit::tls_failure(&reason) {
+                CtlError::Handshake {
+                    addr: addr.to_string(),
+                    reason,
+                }
+            } else {
+                CtlError::Connect {
+                    addr: addr.to_string(),
+                    reason,
+                }
+            }
         };
         let endpoint = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| err(e.to_string()))?
@@ -682,6 +714,22 @@ pub fn new_idempotency_key() -> String {
     ferry_common::ids::random_id()
 }
 
+/// `addr` is `host:port` (a port is required: without one the address would be dialled on
+/// 443, where no coordinator listens).
+pub fn check_address(addr: &str) -> Result<(), CtlError> {
+    let bad = |why: &str| Err(CtlError::BadAddress(addr.to_string(), why.to_string()));
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("no port: give HOST:PORT (coordinators listen on 7400 in the example configs)");
+    };
+    if host.is_empty() || host.ends_with(':') && !host.starts_with('[') {
+        return bad("expected HOST:PORT, or [IPv6]:PORT");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => bad("the port is not a number from 1 to 65535"),
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -954,10 +1002,10 @@ pub fn failed_lines(p: &pb::MigrationProgress) -> Vec<String> {
 
 /// Prints `v` as pretty JSON.
 pub fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
+    crate::cli::emit(format_args!(
+        "{}\n",
         serde_json::to_string_pretty(v).expect("protobuf types serialise")
-    );
+    ));
 }
 
 /// Whether audit `records` (the whole log, from its first record) chain: each record's hash is

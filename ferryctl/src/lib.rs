@@ -4,5 +4,6 @@
 
 pub mod cli;
 pub mod ctl;
+pub mod exit;
 pub mod plan;
 pub mod quickstart;

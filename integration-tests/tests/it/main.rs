@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod bad_input;
+mod cli;
 mod cluster;
 mod cutover;
 mod deploy;

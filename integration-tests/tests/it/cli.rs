@@ -1,0 +1,222 @@
+//! Issue 16 (ferryctl as operators expect): each documented exit code produced by a real
+//! failure, a closed pipe ends it quietly with 0, completions and the man page.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use ferry_common::names::Role;
+use ferry_common::pki::Identity;
+use ferry_integration_tests::process::DeadAddr;
+
+use crate::harness::{ferryctl_bin, wait_for, TestEnv};
+
+fn catalog() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/plan/catalog.example.toml"
+    )
+    .to_string()
+}
+
+/// `ferryctl` as admin `admin` of `env` against `coord`.
+fn run(env: &TestEnv, coord: &str, admin: &str, args: &[&str]) -> Output {
+    Command::new(ferryctl_bin())
+        .args(["--coordinator", coord, "--pki-dir"])
+        .arg(env.pki())
+        .args(["--admin", admin])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferryctl")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited, not killed")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_exit_code_comes_from_a_real_failure() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    env.issue(Identity::User("vera".into(), Role::Viewer));
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let _source = env.agent("source", &coord, None).await;
+    let _target = env.agent("target", &coord, Some(env.path("dst"))).await;
+
+    // 0: done.
+    let o = run(&env, &coord, "ops", &["agents", "list"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // 1: a local problem (a catalog that is not there).
+    let o = run(
+        &env,
+        &coord,
+        "ops",
+        &[
+            "plan",
+            "--data",
+            "1TB",
+            "--deadline",
+            "1h",
+            "--catalog",
+            "/nonexistent.toml",
+        ],
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot read the catalog"),
+        "{}",
+        stderr(&o)
+    );
+    // 2: usage; a coordinator address without a port is one too (not a dial to 443).
+    let o = run(&env, &coord, "ops", &["migration", "status"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let o = run(&env, "localhost", "ops", &["agents", "list"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("no port"), "{}", stderr(&o));
+    // 3: unreachable.
+    let dead = DeadAddr::new().unwrap();
+    let o = run(&env, &dead.addr.to_string(), "ops", &["agents", "list"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot reach the coordinator"),
+        "{}",
+        stderr(&o)
+    );
+    // 4: not found.
+    let o = run(
+        &env,
+        &coord,
+        "ops",
+        &["migration", "status", "no-such-migration"],
+    );
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    // 5: refused for the certificate's role.
+    let o = run(
+        &env,
+        &coord,
+        "vera",
+        &[
+            "migration",
+            "create",
+            "--source",
+            "source:/tmp",
+            "--target",
+            "target:x",
+        ],
+    );
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    // 6: no admin certificate, and one of another cluster's CA: each named as such, not as
+    // an unreachable coordinator.
+    let o = run(&env, &coord, "nobody", &["agents", "list"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot load admin certificate"),
+        "{}",
+        stderr(&o)
+    );
+    let other = TestEnv::new();
+    other.issue(Identity::Admin("ops".into()));
+    let o = run(&other, &coord, "ops", &["agents", "list"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("TLS handshake"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("is it running"), "{}", stderr(&o));
+    // 7: what was checked failed: a migration whose source root does not exist ends failed,
+    // and its verification says so.
+    let o = run(
+        &env,
+        &coord,
+        "ops",
+        &[
+            "migration",
+            "create",
+            "--name",
+            "lost",
+            "--source",
+            "source:/nonexistent/ferry-src",
+            "--target",
+            "target:lost",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    wait_for(
+        "the migration to end failed",
+        Duration::from_secs(30),
+        || async {
+            let p = ctl.status_of("lost").await.ok()?;
+            (p.phase() == ferry_proto::admin::Phase::Failed).then_some(())
+        },
+    )
+    .await;
+    let o = run(&env, &coord, "ops", &["migration", "verify", "lost"]);
+    assert_eq!(
+        code(&o),
+        7,
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+}
+
+/// `ferryctl … | head -1`: once the reader has gone, ferryctl ends with 0 instead of
+/// panicking on the closed pipe (here the pipe is closed before it writes anything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_ferryctl_quietly() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let _target = env.agent("target", &coord, Some(env.path("dst"))).await;
+    for args in [
+        vec![
+            "plan",
+            "--data",
+            "200TB",
+            "--deadline",
+            "72h",
+            "--catalog",
+            &catalog(),
+        ],
+        vec!["agents", "list"],
+        vec!["completions", "bash"],
+    ] {
+        let mut child = Command::new(ferryctl_bin())
+            .args(["--coordinator", &coord, "--pki-dir"])
+            .arg(env.pki())
+            .args(["--admin", "ops"])
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn completions_and_the_man_page_are_generated() {
+    let env = TestEnv::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run(&env, "127.0.0.1:1", "ops", &["completions", shell]);
+        assert_eq!(code(&o), 0, "{shell}: {}", stderr(&o));
+        let text = String::from_utf8(o.stdout).unwrap();
+        for word in ["migration", "plan", "cutover", "coordinator"] {
+            assert!(text.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let o = run(&env, "127.0.0.1:1", "ops", &["man"]);
+    let page = String::from_utf8(o.stdout).unwrap();
+    assert!(page.contains(".TH ferryctl 1"), "{page}");
+    assert!(
+        page.contains("Exit codes"),
+        "the man page documents the exit codes"
+    );
+}
