@@ -21,6 +21,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Assess a tree before migrating it, without moving anything: bytes, files, directories,
+    /// a size histogram, the largest files, the small-file share, hardlinks, sparse files,
+    /// names that are not UTF-8, paths that cannot be copied, and how much changed in the last
+    /// hour, day and week. Walks it as a migration would; progress on stderr.
+    Assess {
+        /// The directory to assess.
+        path: PathBuf,
+        /// Leave out paths matching this glob (relative to PATH, as `migration create
+        /// --exclude`); repeatable.
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the agent until SIGTERM or SIGINT.
     Run {
         /// Config file.
@@ -65,6 +80,33 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let logging = ferry_common::telemetry::init("info", cli.json_logs);
     match cli.cmd {
+        Cmd::Assess {
+            path,
+            exclude,
+            json,
+        } => {
+            let excludes = ferry_common::exclude::Excludes::new(&exclude)
+                .map_err(|e| anyhow::anyhow!("--exclude: {e}"))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let a = tokio::task::spawn_blocking(move || {
+                crate::assess::assess(&path, &excludes, now, 100_000, |so_far| {
+                    eprintln!(
+                        "… {} files, {} so far",
+                        so_far.files,
+                        crate::stats::bytes_text(so_far.bytes as f64)
+                    )
+                })
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                print!("{}", crate::assess::table(&a));
+            }
+            Ok(())
+        }
         Cmd::Run { config } => {
             let (cfg, started) =
                 ferry_common::config::load_daemon::<crate::run::AgentConfig>(&config)?;

@@ -2,6 +2,7 @@
 //! QUIC; a target writes what it receives below its root. Both report to the coordinator.
 //! This crate links neither openraft nor sled.
 
+pub mod assess;
 pub mod blocks;
 pub mod catalog;
 pub mod cli;

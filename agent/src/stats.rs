@@ -100,19 +100,19 @@ pub fn status_line(now: Snapshot, before: Snapshot, secs: f64) -> String {
     };
     format!(
         "sent {} ({}/s), {} segments verified, {} failed; received {} ({}/s), {} segments committed, {} refused",
-        bytes(now.sent as f64),
-        bytes(rate(now.sent, before.sent)),
+        bytes_text(now.sent as f64),
+        bytes_text(rate(now.sent, before.sent)),
         now.verified,
         now.failed,
-        bytes(now.received as f64),
-        bytes(rate(now.received, before.received)),
+        bytes_text(now.received as f64),
+        bytes_text(rate(now.received, before.received)),
         now.committed,
         now.refused
     )
 }
 
-/// `n` bytes in decimal units, three significant figures.
-fn bytes(n: f64) -> String {
+/// `n` bytes in decimal units, two decimals.
+pub fn bytes_text(n: f64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n;
     let mut u = 0;
