@@ -247,7 +247,7 @@ pub fn assess(
 /// The assessment as `ferry-agent assess` prints it.
 pub fn table(a: &Assessment) -> String {
     use std::fmt::Write;
-    let size = |n: u64| crate::stats::bytes_text(n as f64);
+    let size = |n: u64| ferry_common::text::bytes(n as f64);
     let pct = |part: u64, whole: u64| {
         if whole == 0 {
             0.0

@@ -95,7 +95,7 @@ async fn run() -> anyhow::Result<()> {
                     eprintln!(
                         "… {} files, {} so far",
                         so_far.files,
-                        crate::stats::bytes_text(so_far.bytes as f64)
+                        ferry_common::text::bytes(so_far.bytes as f64)
                     )
                 })
             })

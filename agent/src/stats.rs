@@ -100,31 +100,15 @@ pub fn status_line(now: Snapshot, before: Snapshot, secs: f64) -> String {
     };
     format!(
         "sent {} ({}/s), {} segments verified, {} failed; received {} ({}/s), {} segments committed, {} refused",
-        bytes_text(now.sent as f64),
-        bytes_text(rate(now.sent, before.sent)),
+        ferry_common::text::bytes(now.sent as f64),
+        ferry_common::text::bytes(rate(now.sent, before.sent)),
         now.verified,
         now.failed,
-        bytes_text(now.received as f64),
-        bytes_text(rate(now.received, before.received)),
+        ferry_common::text::bytes(now.received as f64),
+        ferry_common::text::bytes(rate(now.received, before.received)),
         now.committed,
         now.refused
     )
-}
-
-/// `n` bytes in decimal units, two decimals.
-pub fn bytes_text(n: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{v:.0} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]
@@ -146,7 +130,7 @@ mod tests {
         };
         assert_eq!(
             status_line(now, before, 5.0),
-            "sent 1.20 GB (40.00 MB/s), 12 segments verified, 0 failed; received 512 B (102 B/s), 1 segments committed, 0 refused"
+            "sent 1.2 GB (40 MB/s), 12 segments verified, 0 failed; received 512 B (102 B/s), 1 segments committed, 0 refused"
         );
         assert!(status_line(now, now, 0.0).contains("(0 B/s)"));
     }

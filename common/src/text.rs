@@ -22,8 +22,35 @@ pub fn head(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// `n` bytes in decimal units with at most two decimals, as people read sizes and rates:
+/// `512 B`, `1.2 GB`, `40 MB`, `1.25 TB`.
+pub fn bytes(n: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let (mut v, mut u) = (n, 0);
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        return format!("{v:.0} B");
+    }
+    let digits = format!("{v:.2}");
+    let digits = digits.trim_end_matches('0').trim_end_matches('.');
+    format!("{digits} {}", UNITS[u])
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(bytes(512.0), "512 B");
+        assert_eq!(bytes(1.2e9), "1.2 GB");
+        assert_eq!(bytes(4e7), "40 MB");
+        assert_eq!(bytes(1.25e12), "1.25 TB");
+        assert_eq!(bytes(1.005e15), "1 PB");
+    }
+
     use super::*;
 
     #[test]

@@ -132,26 +132,6 @@ pub enum PlanError {
 const GB: f64 = 1e9;
 const HOUR: f64 = 3600.0;
 
-/// Bytes as people read them (decimal units).
-pub fn bytes_text(n: f64) -> String {
-    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
-    let (mut v, mut u) = (n, 0);
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{v:.0} B")
-    } else {
-        let digits = format!("{v:.3}");
-        format!(
-            "{} {}",
-            digits.trim_end_matches('0').trim_end_matches('.'),
-            UNITS[u]
-        )
-    }
-}
-
 /// A rate as people read it: bits per second.
 pub fn rate_text(bytes_per_s: f64) -> String {
     let bits = bytes_per_s * 8.0;
@@ -330,7 +310,7 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
                 "the path carries at most {} and {} in {} needs {}: finish by {} at the earliest \
                  (--deadline {}s), or widen the path",
                 rate_text(limit as f64),
-                bytes_text(d),
+                ferry_common::text::bytes(d),
                 duration_text(inputs.deadline_secs),
                 rate_text(needed),
                 duration_text((d / limit as f64).ceil() as u64),
@@ -362,7 +342,7 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
             "every agent the catalog allows moves {} together and {} in {} needs {}: {earliest}, \
              or allow {more} more {} (max_count)",
             rate_text(fleet),
-            bytes_text(d),
+            ferry_common::text::bytes(d),
             duration_text(inputs.deadline_secs),
             rate_text(needed),
             best.name,
@@ -551,7 +531,7 @@ pub fn table(p: &Plan, inputs: &Inputs) -> String {
             [
                 a.agent_type.clone(),
                 a.count.to_string(),
-                bytes_text(a.bytes as f64),
+                ferry_common::text::bytes(a.bytes as f64),
             ]
         })
         .collect();
@@ -567,7 +547,7 @@ pub fn table(p: &Plan, inputs: &Inputs) -> String {
     let _ = writeln!(
         out,
         "\n{} in {} by the deadline ({}): {} agents moving {}",
-        bytes_text(inputs.bytes as f64),
+        ferry_common::text::bytes(inputs.bytes as f64),
         duration_text(p.duration_secs),
         duration_text(inputs.deadline_secs),
         p.agent_count,
@@ -804,7 +784,5 @@ mod tests {
         assert_eq!(duration_text(88_889), "1d 0h 41m");
         assert_eq!(duration_text(42), "42s");
         assert_eq!(rate_text(1.25e9), "10.00 Gbit/s");
-        assert_eq!(bytes_text(1.5e12), "1.5 TB");
-        assert_eq!(bytes_text(100e12), "100 TB");
     }
 }
