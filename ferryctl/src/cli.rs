@@ -42,31 +42,26 @@ use ferry_proto::json::{phase_name, segment_status_name};
     after_help = crate::exit::HELP
 )]
 struct Cli {
-    /// Coordinator address (host:port), or several separated by commas.
-    #[arg(
-        long,
-        global = true,
-        env = "FERRY_COORDINATOR",
-        default_value = "127.0.0.1:7400"
-    )]
-    coordinator: String,
-    /// Directory with ca.pem and admin-<name>.pem/.key.
-    #[arg(
-        long,
-        global = true,
-        env = "FERRY_PKI_DIR",
-        default_value = "/etc/ferry/pki"
-    )]
-    pki_dir: PathBuf,
-    /// Admin identity (certificate admin-<NAME>.pem). Not `--name`, which names migrations.
+    /// Coordinator address (host:port), or several separated by commas [default: the
+    /// context's, else 127.0.0.1:7400].
+    #[arg(long, global = true, env = "FERRY_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Directory with ca.pem and admin-<name>.pem/.key [default: the context's, else
+    /// /etc/ferry/pki].
+    #[arg(long, global = true, env = "FERRY_PKI_DIR")]
+    pki_dir: Option<PathBuf>,
+    /// Admin identity (certificate admin-<NAME>.pem). Not `--name`, which names migrations
+    /// [default: the context's, else admin].
     #[arg(
         long = "admin",
         value_name = "NAME",
         global = true,
-        env = "FERRY_ADMIN",
-        default_value = "admin"
+        env = "FERRY_ADMIN"
     )]
-    admin: String,
+    admin: Option<String>,
+    /// The context (from ~/.config/ferry/config.toml) to use instead of the current one.
+    #[arg(long, global = true, env = "FERRY_CONTEXT")]
+    context: Option<String>,
     /// Output format of read commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -93,6 +88,10 @@ enum Cmd {
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
     },
+    /// Contexts: named coordinator addresses, PKI directory and admin identity in
+    /// ~/.config/ferry/config.toml (or $FERRY_CONFIG), as kubectl has them.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Plan a migration's target agents: how many of which type (from a catalog of types with
     /// their price, throughput, quota and egress price) move DATA before DEADLINE at the least
     /// cost, the predicted duration and cost, and which constraint binds; or, when nothing can,
@@ -144,8 +143,8 @@ enum Cmd {
         /// Keep the CA, coordinator and agent state here (default: a temporary directory).
         #[arg(long)]
         workdir: Option<PathBuf>,
-        /// Segment size in bytes.
-        #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE)]
+        /// Segment size: `64MiB`, `8MB`, or a number of bytes.
+        #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE, value_parser = parse_size)]
         segment_size: u64,
         /// Carry extended attributes (xattrs; ACLs and security labels are xattrs too).
         #[arg(long)]
@@ -169,6 +168,23 @@ enum Cmd {
             requires = "target_store"
         )]
         store_options: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Make NAME the current context.
+    UseContext {
+        /// The context.
+        name: String,
+    },
+    /// List the contexts (the current one marked *).
+    GetContexts,
+    /// Create or change context NAME from the --coordinator, --pki-dir and --admin given
+    /// (`ferryctl config set-context prod --coordinator 10.0.0.11:7400 --admin alice`).
+    SetContext {
+        /// The context.
+        name: String,
     },
 }
 
@@ -238,8 +254,8 @@ enum MigrationCmd {
         /// Target agent and directory under its root, as AGENT or AGENT:dir.
         #[arg(long)]
         target: String,
-        /// Segment size in bytes.
-        #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE)]
+        /// Segment size: `64MiB`, `8MB`, or a number of bytes.
+        #[arg(long, default_value_t = ferry_common::DEFAULT_SEGMENT_SIZE, value_parser = parse_size)]
         segment_size: u64,
         /// Carry extended attributes (xattrs; ACLs and security labels are xattrs too). The
         /// target's file system must keep them, or the files carrying them fail.
@@ -446,16 +462,35 @@ pub async fn main() -> ExitCode {
     }
 }
 
+/// What the command line gave for the connection (flags or environment).
+fn given(cli: &Cli) -> crate::contexts::Context {
+    crate::contexts::Context {
+        coordinator: cli.coordinator.clone(),
+        pki_dir: cli.pki_dir.clone(),
+        admin: cli.admin.clone(),
+    }
+}
+
+/// Where and as whom to connect: the command line over the context over the defaults.
+fn resolved(cli: &Cli) -> anyhow::Result<crate::contexts::Resolved> {
+    let config = match crate::contexts::path() {
+        Some(p) => crate::contexts::load(&p)?,
+        None => Default::default(),
+    };
+    crate::contexts::resolve(&config, cli.context.as_deref(), &given(cli))
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<Ctl> {
-    let paths = TlsPaths::in_dir(&cli.pki_dir, &format!("admin-{}", cli.admin));
+    let r = resolved(cli)?;
+    let paths = TlsPaths::in_dir(&r.pki_dir, &format!("admin-{}", r.admin));
     let tls = TlsMaterial::load(&paths).with_context(|| {
         format!(
             "cannot load admin certificate; issue one with `ferry-coordinator pki issue --dir {} --admin {}`",
-            cli.pki_dir.display(),
-            cli.admin
+            r.pki_dir.display(),
+            r.admin
         )
     })?;
-    Ok(Ctl::connect(&cli.coordinator, &tls).await?)
+    Ok(Ctl::connect(&r.coordinator, &tls).await?)
 }
 
 /// A duration as operators write it: a number of seconds, or with `s`, `m`, `h` or `d`.
@@ -602,6 +637,61 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     crate::exit::Exit::Failed.code()
                 }
             });
+        }
+        Cmd::Config(c) => {
+            let path = crate::contexts::path()
+                .context("no config file: set HOME, XDG_CONFIG_HOME or FERRY_CONFIG")?;
+            let mut config = crate::contexts::load(&path)?;
+            match c {
+                ConfigCmd::UseContext { name } => {
+                    if !config.contexts.contains_key(name) {
+                        // The same message as a command naming it would give.
+                        crate::contexts::resolve(&config, Some(name), &given(&cli))?;
+                    }
+                    config.current = Some(name.clone());
+                    crate::contexts::save(&path, &config)?;
+                    println!("current context: {name}");
+                }
+                ConfigCmd::SetContext { name } => {
+                    let g = given(&cli);
+                    if let Some(c) = &g.coordinator {
+                        for one in c.split(',').map(str::trim) {
+                            crate::ctl::check_address(one)?;
+                        }
+                    }
+                    let ctx = config.contexts.entry(name.clone()).or_default();
+                    ctx.coordinator = g.coordinator.or(ctx.coordinator.take());
+                    ctx.pki_dir = g.pki_dir.or(ctx.pki_dir.take());
+                    ctx.admin = g.admin.or(ctx.admin.take());
+                    crate::contexts::save(&path, &config)?;
+                    println!("context {name} saved in {}", path.display());
+                }
+                ConfigCmd::GetContexts => {
+                    if json {
+                        print_json(&config);
+                    } else {
+                        println!(
+                            "{:<3}{:<16} {:<40} {:<24} ADMIN",
+                            "", "NAME", "COORDINATOR", "PKI DIR"
+                        );
+                        for (name, c) in &config.contexts {
+                            let mark = if config.current.as_deref() == Some(name.as_str()) {
+                                "*"
+                            } else {
+                                ""
+                            };
+                            println!(
+                                "{mark:<3}{name:<16} {:<40} {:<24} {}",
+                                c.coordinator.as_deref().unwrap_or("-"),
+                                c.pki_dir
+                                    .as_ref()
+                                    .map_or("-".to_string(), |p| p.display().to_string()),
+                                c.admin.as_deref().unwrap_or("-")
+                            );
+                        }
+                    }
+                }
+            }
         }
         Cmd::Completions { shell } => {
             let mut out = Vec::new();
@@ -1172,6 +1262,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 mod tests {
 
     #[test]
+    fn sizes_read_as_operators_write_them() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("8MB"), Ok(8_000_000));
+        assert_eq!(parse_size("1.5TiB"), Ok(3 << 39));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").unwrap_err().contains("bad size"));
+        let cli = Cli::try_parse_from([
+            "ferryctl",
+            "migration",
+            "create",
+            "--source",
+            "a:/x",
+            "--target",
+            "b",
+            "--segment-size",
+            "16MiB",
+        ])
+        .unwrap();
+        let Cmd::Migration(MigrationCmd::Create { segment_size, .. }) = cli.cmd else {
+            panic!("not a create");
+        };
+        assert_eq!(segment_size, 16 << 20);
+    }
+
+    #[test]
     fn last_seen_reads_as_how_long_ago() {
         let now = 1_000_000_000;
         assert_eq!(ago(now, now - 3_400), "3s ago");
@@ -1200,7 +1316,7 @@ mod tests {
             "dst",
         ])
         .unwrap();
-        assert_eq!(cli.admin, "admin");
+        assert_eq!(cli.admin, None, "the context's or the default");
         match cli.cmd {
             Cmd::Migration(MigrationCmd::Create { name, .. }) => {
                 assert_eq!(name.as_deref(), Some("app"))
@@ -1208,7 +1324,7 @@ mod tests {
             _ => panic!("not a create"),
         }
         let cli = Cli::try_parse_from(["ferryctl", "--admin", "ops", "cluster", "status"]).unwrap();
-        assert_eq!(cli.admin, "ops");
+        assert_eq!(cli.admin.as_deref(), Some("ops"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! process. The only crate that depends on both daemons.
 
 pub mod cli;
+pub mod contexts;
 pub mod ctl;
 pub mod exit;
 pub mod plan;

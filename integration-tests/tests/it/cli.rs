@@ -220,3 +220,77 @@ fn completions_and_the_man_page_are_generated() {
         "the man page documents the exit codes"
     );
 }
+
+/// Contexts: `config set-context` and `use-context` write the config file; a command without
+/// `--coordinator`, `--pki-dir` or `--admin` then connects with the current context, and
+/// `--context` picks another for one command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_names_where_and_as_whom_to_connect() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let config = env.path("ferry-config.toml");
+    let ctl = |args: &[&str]| {
+        Command::new(ferryctl_bin())
+            .env("FERRY_CONFIG", &config)
+            .env_remove("FERRY_COORDINATOR")
+            .env_remove("FERRY_PKI_DIR")
+            .env_remove("FERRY_ADMIN")
+            .env_remove("FERRY_CONTEXT")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let pki = env.pki().display().to_string();
+    let o = ctl(&[
+        "config",
+        "set-context",
+        "lab",
+        "--coordinator",
+        &coord,
+        "--pki-dir",
+        &pki,
+        "--admin",
+        "ops",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let dead = DeadAddr::new().unwrap();
+    let o = ctl(&[
+        "config",
+        "set-context",
+        "gone",
+        "--coordinator",
+        &dead.addr.to_string(),
+        "--pki-dir",
+        &pki,
+        "--admin",
+        "ops",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // No current context yet: the default address, where nothing listens for this test.
+    let o = ctl(&["config", "use-context", "nope"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no context \"nope\" (known: gone, lab)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ctl(&["config", "use-context", "lab"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = ctl(&["agents", "list"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = ctl(&["--context", "gone", "agents", "list"]);
+    assert_eq!(code(&o), 3, "--context picks the other one: {}", stderr(&o));
+    let o = ctl(&["config", "get-contexts"]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("*") && l.contains("lab")),
+        "{text}"
+    );
+    assert!(std::fs::read_to_string(&config)
+        .unwrap()
+        .contains("current = \"lab\""));
+}
