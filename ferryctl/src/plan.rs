@@ -208,6 +208,38 @@ struct Solved {
     carried_gb: Vec<f64>,
 }
 
+impl Solved {
+    /// `Σ f(type) × agents of that type`.
+    fn per_agent(&self, catalog: &Catalog, f: impl Fn(&AgentType) -> f64) -> f64 {
+        catalog
+            .agents
+            .iter()
+            .zip(&self.counts)
+            .map(|(a, &n)| f(a) * n as f64)
+            .sum()
+    }
+
+    /// The fleet's price per hour.
+    fn hourly(&self, catalog: &Catalog) -> f64 {
+        self.per_agent(catalog, |a| a.price_per_hour)
+    }
+
+    /// What the fleet moves together, bytes per second.
+    fn capacity(&self, catalog: &Catalog) -> f64 {
+        self.per_agent(catalog, |a| a.throughput as f64)
+    }
+
+    /// Egress for what each type carries.
+    fn egress(&self, catalog: &Catalog) -> f64 {
+        catalog
+            .agents
+            .iter()
+            .zip(&self.carried_gb)
+            .map(|(a, gb)| a.egress_per_gb * gb)
+            .sum()
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Goal {
     /// The plan's cost.
@@ -355,18 +387,7 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
     };
     let infeasible = || PlanError::Solver("the solver found no plan although one exists".into());
     let cheapest = model.solve(Goal::Cost)?.ok_or_else(infeasible)?;
-    let cost_of = |s: &Solved| -> f64 {
-        catalog
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                model.t_h * a.price_per_hour * s.counts[i] as f64
-                    + a.egress_per_gb * s.carried_gb[i]
-            })
-            .sum()
-    };
-    let best = cost_of(&cheapest);
+    let best = model.t_h * cheapest.hourly(catalog) + cheapest.egress(catalog);
     let bound = best + best.abs() * 1e-9 + 1e-7;
     let fewest = model
         .solve(Goal::Fewest { cost: bound })?
@@ -386,20 +407,14 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
             earliest: false,
         })?
         .ok_or_else(infeasible)?;
+    // With equal egress prices the solver's split of the bytes is one of many equally cheap
+    // ones: they are shown in proportion to what each type can carry instead.
+    let egress_differs = catalog
+        .agents
+        .iter()
+        .any(|a| a.egress_per_gb != catalog.agents[0].egress_per_gb);
     let picks = |s: &Solved| -> Vec<Pick> {
-        // Bytes split in proportion to what each type can carry (the solver's split is one of
-        // many equally cheap ones when egress prices are equal).
-        let capacity: Vec<f64> = catalog
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| a.throughput as f64 * s.counts[i] as f64)
-            .collect();
-        let total: f64 = capacity.iter().sum();
-        let by_egress = catalog
-            .agents
-            .iter()
-            .any(|a| a.egress_per_gb != catalog.agents[0].egress_per_gb);
+        let total = s.capacity(catalog);
         catalog
             .agents
             .iter()
@@ -408,43 +423,27 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
             .map(|(i, a)| Pick {
                 agent_type: a.name.clone(),
                 count: s.counts[i],
-                bytes: if by_egress {
+                bytes: if egress_differs {
                     (s.carried_gb[i] * GB).round() as u64
                 } else {
-                    (d * capacity[i] / total).round() as u64
+                    (d * a.throughput as f64 * s.counts[i] as f64 / total).round() as u64
                 },
             })
             .collect()
     };
     let agents = picks(&first);
     let tie = (first.counts != last.counts).then(|| picks(&last));
-    let capacity: f64 = catalog
-        .agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| a.throughput as f64 * first.counts[i] as f64)
-        .sum();
+    let capacity = first.capacity(catalog);
     let throughput = inputs
         .path_limit
         .map_or(capacity, |l| capacity.min(l as f64));
     let duration = d / throughput;
-    let price_per_hour: f64 = catalog
-        .agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| a.price_per_hour * first.counts[i] as f64)
-        .sum();
-    let egress_cost: f64 = agents
-        .iter()
-        .map(|p| {
-            let a = catalog
-                .agents
-                .iter()
-                .find(|a| a.name == p.agent_type)
-                .expect("picked from the catalog");
-            a.egress_per_gb * p.bytes as f64 / GB
-        })
-        .sum();
+    let price_per_hour = first.hourly(catalog);
+    let egress_cost = if egress_differs {
+        first.egress(catalog)
+    } else {
+        catalog.agents[0].egress_per_gb * d / GB
+    };
     let compute_cost = price_per_hour * model.t_h;
     // What shapes the plan.
     let mut binding = Vec::new();
@@ -463,15 +462,7 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
     }
     .solve(Goal::Cost)?
     .ok_or_else(infeasible)?;
-    let hourly = |s: &Solved| -> f64 {
-        catalog
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| a.price_per_hour * s.counts[i] as f64)
-            .sum()
-    };
-    if hourly(&relaxed) < hourly(&first) - 1e-9 {
+    if relaxed.hourly(catalog) < price_per_hour - 1e-9 {
         binding.push(format!(
             "the deadline: it needs {}; with more time a fleet cheaper by the hour would do",
             rate_text(needed)
@@ -482,15 +473,6 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
             binding.push(format!("max_count of {}: all {} used", a.name, a.max_count));
         }
     }
-    let cheapest_compute = catalog
-        .agents
-        .iter()
-        .map(|a| a.price_per_hour / (a.throughput as f64 / GB * HOUR))
-        .fold(f64::INFINITY, f64::min);
-    let egress_differs = catalog
-        .agents
-        .iter()
-        .any(|a| a.egress_per_gb != catalog.agents[0].egress_per_gb);
     if egress_cost > compute_cost && egress_differs {
         binding.push(format!(
             "egress: {:.2} of {:.2} is egress, so types are chosen by their egress price",
@@ -498,23 +480,29 @@ pub fn plan(catalog: &Catalog, inputs: &Inputs) -> Result<Plan, PlanError> {
             compute_cost + egress_cost
         ));
     } else if binding.is_empty() {
+        let cheapest_compute = catalog
+            .agents
+            .iter()
+            .map(|a| a.price_per_hour / (a.throughput as f64 / GB * HOUR))
+            .fold(f64::INFINITY, f64::min);
         binding.push(format!(
             "nothing: {} agent finishes in {}, before the deadline (compute from {cheapest_compute:.4} per GB)",
             if count == 1 { "one" } else { "the cheapest" },
             duration_text(duration.ceil() as u64),
         ));
     }
-    let cents = |x: f64| (x * 1e4).round() / 1e4;
+    // Costs to four decimals: no float noise (18.432000000000002) in the JSON.
+    let round4 = |x: f64| (x * 1e4).round() / 1e4;
     Ok(Plan {
         agent_count: count,
         agents,
         throughput: throughput.round() as u64,
         duration_secs: duration.ceil() as u64,
-        price_per_hour: cents(price_per_hour),
-        compute_cost: cents(compute_cost),
-        compute_cost_at_duration: cents(price_per_hour * duration / HOUR),
-        egress_cost: cents(egress_cost),
-        total_cost: cents(compute_cost + egress_cost),
+        price_per_hour: round4(price_per_hour),
+        compute_cost: round4(compute_cost),
+        compute_cost_at_duration: round4(price_per_hour * duration / HOUR),
+        egress_cost: round4(egress_cost),
+        total_cost: round4(compute_cost + egress_cost),
         binding,
         tie,
     })
