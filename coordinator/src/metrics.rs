@@ -22,7 +22,7 @@ pub struct NodeMetrics {
     pub applied: Arc<RwLock<Applied>>,
     /// The last committed index (the log store keeps it).
     pub committed: Arc<AtomicU64>,
-    /// Leader changes this node saw (see [`count_leader_changes`]).
+    /// Leader changes this node saw (counted by `node::watch_leader`).
     pub leader_changes: Arc<AtomicU64>,
     /// The node's snapshot file (its age is its mtime's).
     pub snapshot_file: PathBuf,
@@ -31,24 +31,6 @@ pub struct NodeMetrics {
 impl std::fmt::Debug for NodeMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeMetrics").finish_non_exhaustive()
-    }
-}
-
-/// Counts the leader changes this node sees (a new leader known, or the leader lost) into
-/// `count` until Raft stops.
-pub async fn count_leader_changes(raft: Raft, count: Arc<AtomicU64>) {
-    // A node starts knowing no leader: the first one it learns of counts.
-    let mut metrics = raft.metrics();
-    let mut leader = None;
-    loop {
-        let now = metrics.borrow_and_update().current_leader;
-        if now != leader {
-            count.fetch_add(1, Ordering::Relaxed);
-            leader = now;
-        }
-        if metrics.changed().await.is_err() {
-            return;
-        }
     }
 }
 

@@ -118,10 +118,8 @@ pub struct RunningNode {
     committer: JoinHandle<()>,
     /// Proposes the periodic sync rounds that are due, while this node leads.
     rounds: JoinHandle<()>,
-    /// Keeps the gRPC health service's answer current.
+    /// Keeps the gRPC health service's answer and the leader-change count current.
     health: JoinHandle<()>,
-    /// Counts leader changes for the metrics.
-    leader_watch: JoinHandle<()>,
     /// Where `/metrics`, `/livez` and `/readyz` are served, if they are.
     pub metrics_addr: Option<SocketAddr>,
     ops: Option<ferry_common::ops::OpsServer>,
@@ -136,7 +134,6 @@ impl RunningNode {
         }
         self.rounds.abort();
         self.health.abort();
-        self.leader_watch.abort();
         drop(self.ops.take());
         // In-flight calls end first; a connection that never ends (a client that sent no
         // HTTP/2 preface) does not hold the shutdown up for longer than the grace.
@@ -257,7 +254,8 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (health, health_service) = tonic_health::server::health_reporter();
-    let health = tokio::spawn(report_health(raft.clone(), health));
+    let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let health = tokio::spawn(watch_leader(raft.clone(), health, leader_changes.clone()));
     let reflection = reflection()?;
     let limit = 64 * 1024 * 1024;
     // No time limit on requests as a whole: `cluster add-node` may wait hours for a large
@@ -297,11 +295,6 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     }));
     tracing::info!(message = "Coordinator serving.", %addr, node_id = cfg.node_id);
     let rounds = tokio::spawn(periodic_rounds(core));
-    let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let leader_watch = tokio::spawn(crate::metrics::count_leader_changes(
-        raft.clone(),
-        leader_changes.clone(),
-    ));
     let ops = match cfg.metrics_listen {
         None => None,
         Some(listen) => {
@@ -342,7 +335,6 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         committer,
         rounds,
         health,
-        leader_watch,
         metrics_addr: ops.as_ref().map(|o| o.addr),
         ops,
     })
@@ -376,19 +368,30 @@ fn reflection() -> Result<
     ))
 }
 
-/// The gRPC health service's answer (`grpc.health.v1.Health`, for load balancers, probes and
-/// `grpcurl`): the node (service "") and its Admin and AgentControl services serve while it
-/// knows a leader, and not while an election runs or it is not a member.
-async fn report_health(raft: Raft, reporter: tonic_health::server::HealthReporter) {
+/// Follows the leader this node knows, for two readers: the gRPC health service's answer
+/// (`grpc.health.v1.Health`, for load balancers, probes and `grpcurl`: the node (service "")
+/// and its Admin and AgentControl services serve while it knows a leader, not while an election
+/// runs or it is not a member), and the metrics' count of leader changes (a new leader known,
+/// or the leader lost; a node starts knowing none, so the first one it learns of counts).
+async fn watch_leader(
+    raft: Raft,
+    reporter: tonic_health::server::HealthReporter,
+    changes: Arc<std::sync::atomic::AtomicU64>,
+) {
     use ferry_proto::admin::admin_server::AdminServer;
     use ferry_proto::control::agent_control_server::AgentControlServer;
     use tonic::server::NamedService;
     let mut metrics = raft.metrics();
+    let mut leader = None;
     let mut serving = None;
     loop {
-        let now = metrics.borrow_and_update().current_leader.is_some();
-        if serving != Some(now) {
-            let status = if now {
+        let now = metrics.borrow_and_update().current_leader;
+        if now != leader {
+            changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            leader = now;
+        }
+        if serving != Some(now.is_some()) {
+            let status = if now.is_some() {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing
@@ -400,7 +403,7 @@ async fn report_health(raft: Raft, reporter: tonic_health::server::HealthReporte
             ] {
                 reporter.set_service_status(name, status).await;
             }
-            serving = Some(now);
+            serving = Some(now.is_some());
         }
         if metrics.changed().await.is_err() {
             return;
