@@ -79,22 +79,7 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
         Command::CreateMigration {
             name: "m1".into(),
             idempotency_key: "k1".into(),
-            spec: MigrationSpec {
-                source_agent: "src".into(),
-                source_path: "/d".into(),
-                target_agent: "dst".into(),
-                target_path: String::new(),
-                segment_size: 10,
-                xattrs: false,
-                max_attempts: crate::state::DEFAULT_MAX_ATTEMPTS,
-                excludes: Vec::new(),
-                keep_deleted: false,
-                max_delete: None,
-                sync_every_ms: 0,
-                auto_cutover_below_ms: 0,
-                baseline: String::new(),
-                fallback_of: 0,
-            },
+            spec: MigrationSpec::for_tests("/d", 10),
             uuid: ferry_common::ids::random_id(),
             throttle: String::new(),
             now_ms: 2,
@@ -175,22 +160,11 @@ async fn snapshot_of_a_busy_state_builds_installs_and_survives_reopen() {
     );
     assert_eq!(original.migrations[&1].counters.verified_segments, 1);
 
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("snapshot builds");
+    let snap = snapshot(&mut sm).await;
     let b = tempfile::tempdir().unwrap();
     {
         let (_log, mut other) = open(b.path()).unwrap();
-        other
-            .install_snapshot(
-                &snap.meta,
-                Box::new(Cursor::new(snap.snapshot.get_ref().clone())),
-            )
-            .await
-            .expect("snapshot installs");
+        install(&mut other, &snap).await;
         assert_eq!(other.shared().read().unwrap().state, original);
         let current = other.get_current_snapshot().await.unwrap().expect("kept");
         assert_eq!(current.meta, snap.meta);
@@ -244,12 +218,7 @@ async fn a_damaged_snapshot_is_refused() {
     let a = tempfile::tempdir().unwrap();
     let (_log, mut sm) = open(a.path()).unwrap();
     sm.apply(busy_entries()).await.unwrap();
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = snapshot(&mut sm).await;
     let mut bytes = snap.snapshot.get_ref().clone();
     let last = bytes.len() - 2;
     bytes[last] ^= 1;
@@ -338,11 +307,7 @@ async fn records_applied_after_a_built_snapshot_are_laid_over_it_on_reopen() {
     let want = {
         let (_log, mut sm) = open(dir.path()).unwrap();
         sm.apply(busy_entries()).await.unwrap();
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        snapshot(&mut sm).await;
         sm.apply(more_entries()).await.unwrap();
         let s = sm.shared().read().unwrap().state.clone();
         assert!(s.agents.contains_key("late"));
@@ -354,17 +319,31 @@ async fn records_applied_after_a_built_snapshot_are_laid_over_it_on_reopen() {
     assert_eq!(sm.shared().read().unwrap().state, want);
 }
 
+/// A snapshot `sm` builds now.
+async fn snapshot(sm: &mut StateMachine) -> Snapshot<TypeConfig> {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("snapshot builds")
+}
+
+/// Installs (a copy of) `snap` into `sm`.
+async fn install(sm: &mut StateMachine, snap: &Snapshot<TypeConfig>) {
+    sm.install_snapshot(
+        &snap.meta,
+        Box::new(Cursor::new(snap.snapshot.get_ref().clone())),
+    )
+    .await
+    .expect("snapshot installs");
+}
+
 /// The busy state snapshotted at index 7 (the snapshot and the state it holds).
 async fn leader_snapshot() -> (Snapshot<TypeConfig>, crate::state::State) {
     let a = tempfile::tempdir().unwrap();
     let (_log, mut leader) = open(a.path()).unwrap();
     leader.apply(busy_entries()).await.unwrap();
-    let snap = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = snapshot(&mut leader).await;
     let state = leader.shared().read().unwrap().state.clone();
     (snap, state)
 }
@@ -400,13 +379,7 @@ async fn an_installed_snapshot_replaces_older_records_instead_of_mixing_with_the
     let b = tempfile::tempdir().unwrap();
     {
         let (_log, mut follower) = follower_with_a_ghost(b.path()).await;
-        follower
-            .install_snapshot(
-                &snap.meta,
-                Box::new(Cursor::new(snap.snapshot.get_ref().clone())),
-            )
-            .await
-            .unwrap();
+        install(&mut follower, &snap).await;
         assert_eq!(follower.shared().read().unwrap().state, want);
     }
     let (_log, reopened) = open(b.path()).unwrap();
@@ -488,21 +461,10 @@ async fn a_deletion_is_recorded_and_survives_reopen_and_snapshots_with_ids_never
     };
     let (_log, mut sm) = open(dir.path()).unwrap();
     assert_eq!(sm.shared().read().unwrap().state, want, "as recorded");
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = snapshot(&mut sm).await;
     let other_dir = tempfile::tempdir().unwrap();
     let (_log, mut other) = open(other_dir.path()).unwrap();
-    other
-        .install_snapshot(
-            &snap.meta,
-            Box::new(Cursor::new(snap.snapshot.get_ref().clone())),
-        )
-        .await
-        .unwrap();
+    install(&mut other, &snap).await;
     let mut state = other.shared().read().unwrap().state.clone();
     assert_eq!(state, want, "as a snapshot carries it");
     // The next migration does not take the deleted one's id.
