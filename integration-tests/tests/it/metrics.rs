@@ -15,7 +15,7 @@ use ferry_proto::admin::Phase;
 use crate::harness::{
     assert_same_tree, finished, make_files, wait_for, CoordinatorProcess, TestEnv,
 };
-use crate::processes::{ferryctl, spawn_agent_toml, terminate, wait_registered};
+use crate::processes::{ferryctl, json, spawn_agent_toml, terminate, wait_registered};
 
 /// An agent process serving its metrics on a port of its own, and where.
 fn agent_with_metrics(
@@ -90,14 +90,7 @@ async fn metrics_move_during_a_migration_and_end_equal_to_its_report() {
             "json",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["migration_id"]
-        .as_u64()
-        .unwrap();
+    let id = json(&out)["migration_id"].as_u64().unwrap();
 
     // Mid-transfer: each daemon's counter is seen to grow between two scrapes while the
     // migration still runs.

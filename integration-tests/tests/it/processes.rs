@@ -25,7 +25,7 @@ pub fn ferryctl(env: &TestEnv, addr: &str, args: &[&str]) -> Output {
         .expect("run ferryctl")
 }
 
-fn json(out: &Output) -> serde_json::Value {
+pub fn json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
         "ferryctl failed: {}\n{}",
