@@ -438,12 +438,9 @@ async fn a_batch_of_reports_cannot_speak_for_another_agent() {
         ReportSegmentsRequest, Role,
     };
     let h = Hostile::new().await;
-    let tls = TlsMaterial::load(&h.env.issue(Identity::Agent("source".into()))).unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", h.node.addr))
-        .unwrap()
-        .tls_config(tls.grpc_client())
-        .unwrap()
-        .connect()
+    let ch = h
+        .env
+        .channel(&h.node.addr.to_string(), Identity::Agent("source".into()))
         .await
         .unwrap();
     let mut c = AgentControlClient::new(ch);
@@ -567,12 +564,9 @@ impl tonic::codec::Codec for Raw {
 async fn raft_and_admin_calls_are_refused_by_certificate_before_their_body_is_read() {
     let env = TestEnv::new();
     let node = env.coordinator().await;
-    let agent = TlsMaterial::load(&env.issue(Identity::Agent("source".into()))).unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", node.addr))
-        .unwrap()
-        .tls_config(agent.grpc_client())
-        .unwrap()
-        .connect()
+    let addr = node.addr.to_string();
+    let ch = env
+        .channel(&addr, Identity::Agent("source".into()))
         .await
         .unwrap();
     // Not a protobuf message at all: a server that read the body first would answer that it
@@ -596,14 +590,7 @@ async fn raft_and_admin_calls_are_refused_by_certificate_before_their_body_is_re
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{path}: {err}");
     }
     // A coordinator's certificate gets as far as decoding (and is told the body is not one).
-    let peer = TlsMaterial::load(&env.issue(Identity::Coordinator(2))).unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", node.addr))
-        .unwrap()
-        .tls_config(peer.grpc_client())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = env.channel(&addr, Identity::Coordinator(2)).await.unwrap();
     let mut grpc = tonic::client::Grpc::new(ch);
     grpc.ready().await.unwrap();
     let err = grpc

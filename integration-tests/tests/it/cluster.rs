@@ -218,13 +218,8 @@ async fn leadership_moves_between_every_pair_of_voters() {
 /// The gRPC health status (service "") of the node at `addr`, asked as an admin.
 async fn health(env: &TestEnv, addr: &str) -> Option<i32> {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let tls =
-        ferry_common::tls::TlsMaterial::load(&env.issue(Identity::Admin("probe".into()))).ok()?;
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .ok()?
-        .tls_config(tls.grpc_client())
-        .ok()?
-        .connect()
+    let ch = env
+        .channel(addr, Identity::Admin("probe".into()))
         .await
         .ok()?;
     let r = HealthClient::new(ch)

@@ -292,6 +292,22 @@ impl TestEnv {
         let tls = TlsMaterial::load(&self.issue(Identity::Admin("test".into()))).ok()?;
         Ctl::connect(coordinator, &tls).await.ok()
     }
+
+    /// A raw gRPC channel to the coordinator at `addr` as `who` (for calls ferryctl does not
+    /// make: health, reflection, hostile requests).
+    pub async fn channel(
+        &self,
+        addr: &str,
+        who: Identity,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let tls = TlsMaterial::load(&self.issue(who))?;
+        Ok(
+            tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(tls.grpc_client())?
+                .connect()
+                .await?,
+        )
+    }
 }
 
 /// The migration the tests run: agent "source" to agent "target", 256 KiB segments.

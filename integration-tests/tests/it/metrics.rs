@@ -306,13 +306,8 @@ async fn reflection_lists_the_services_and_describes_them() {
     use futures::StreamExt;
     let env = TestEnv::new();
     let coord = CoordinatorProcess::start(&env).unwrap();
-    let tls =
-        ferry_common::tls::TlsMaterial::load(&env.issue(Identity::Admin("probe".into()))).unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", coord.addr))
-        .unwrap()
-        .tls_config(tls.grpc_client())
-        .unwrap()
-        .connect()
+    let ch = env
+        .channel(&coord.addr, Identity::Admin("probe".into()))
         .await
         .unwrap();
 
