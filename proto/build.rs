@@ -39,6 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".ferry.admin.v1.SegmentState.state",
             "#[serde(serialize_with = \"crate::json::segment_status\")]",
         )
+        .field_attribute(
+            ".ferry.admin.v1.JobInfo.state",
+            "#[serde(serialize_with = \"crate::json::job_state\")]",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

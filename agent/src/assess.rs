@@ -12,9 +12,9 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scan::{RootError, Walked};
 use crate::segment::{Entry, EntryKind};
@@ -37,7 +37,7 @@ pub const ISSUES_LISTED: usize = 20;
 pub const WINDOWS: [(&str, i64); 3] = [("hour", 3600), ("day", 86_400), ("week", 604_800)];
 
 /// One bucket of the size histogram.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bucket {
     /// Files below this size (`None`: the last bucket, no bound).
     pub below: Option<u64>,
@@ -48,7 +48,7 @@ pub struct Bucket {
 }
 
 /// Files whose mtime is within a window before the assessment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Changed {
     /// `hour`, `day` or `week`.
     pub within: String,
@@ -59,7 +59,7 @@ pub struct Changed {
 }
 
 /// What a tree holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assessment {
     /// Regular files (each inode once: further names are hardlinks).
     pub files: u64,
@@ -211,18 +211,61 @@ impl Assessor {
     }
 }
 
+/// Why an assessment has no result.
+#[derive(Debug, thiserror::Error)]
+pub enum AssessError {
+    /// A path cannot be walked at all.
+    #[error(transparent)]
+    Root(#[from] RootError),
+    /// It was stopped (the agent shuts down).
+    #[error("the assessment was stopped before it ended (the agent shuts down)")]
+    Stopped,
+}
+
 /// Walks `root` (minus `excludes`) and assesses it at `now`, calling `progress` with the
-/// assessment so far every `every` items.
+/// assessment so far every `every` items. Paths in it are relative to `root`.
 pub fn assess(
     root: &Path,
     excludes: &Excludes,
     now: i64,
     every: u64,
     mut progress: impl FnMut(&Assessment),
-) -> Result<Assessment, RootError> {
+) -> Result<Assessment, AssessError> {
     let mut assessor = Assessor::new(now);
+    walk_into(&mut assessor, root, false, excludes, every, &mut |a| {
+        progress(a);
+        true
+    })?;
+    Ok(assessor.snapshot())
+}
+
+/// Assesses several `roots` as one (what a job of `ferryctl assess` asks), with the paths it
+/// names absolute. `keep_going` sees the assessment so far every `every` items and stops the
+/// walk by returning false.
+pub fn assess_roots(
+    roots: &[PathBuf],
+    excludes: &Excludes,
+    now: i64,
+    every: u64,
+    mut keep_going: impl FnMut(&Assessment) -> bool,
+) -> Result<Assessment, AssessError> {
+    let mut assessor = Assessor::new(now);
+    for root in roots {
+        walk_into(&mut assessor, root, true, excludes, every, &mut keep_going)?;
+    }
+    Ok(assessor.snapshot())
+}
+
+fn walk_into(
+    assessor: &mut Assessor,
+    root: &Path,
+    absolute: bool,
+    excludes: &Excludes,
+    every: u64,
+    keep_going: &mut dyn FnMut(&Assessment) -> bool,
+) -> Result<(), AssessError> {
     let mut seen = 0u64;
-    let walked = crate::scan::walk(root, excludes, |w| {
+    crate::scan::walk(root, excludes, |mut w| {
         let allocated = match &w {
             Walked::Entry(e) if e.kind == EntryKind::File => {
                 std::fs::symlink_metadata(root.join(&e.path))
@@ -231,17 +274,23 @@ pub fn assess(
             }
             _ => None,
         };
+        if absolute {
+            match &mut w {
+                Walked::Entry(e) => e.path = root.join(&e.path),
+                Walked::Issue { path, at, .. } => {
+                    *at = root.join(&*at);
+                    *path = ferry_common::path::display(at);
+                }
+                Walked::Excluded => {}
+            }
+        }
         assessor.add(&w, allocated);
         seen += 1;
-        if every > 0 && seen.is_multiple_of(every) {
-            progress(&assessor.snapshot());
+        if every > 0 && seen.is_multiple_of(every) && !keep_going(&assessor.snapshot()) {
+            return Err(AssessError::Stopped);
         }
-        Ok::<(), std::convert::Infallible>(())
-    })?;
-    match walked {
-        Ok(()) => Ok(assessor.snapshot()),
-        Err(never) => match never {},
-    }
+        Ok(())
+    })?
 }
 
 /// The assessment as `ferry-agent assess` prints it.

@@ -447,6 +447,8 @@ pub struct Assigned {
     pub cutover: Vec<pb::CutoverWork>,
     /// Uuids of deleted migrations this agent was part of ([`crate::forget`]).
     pub forget: Vec<String>,
+    /// Jobs to run or answer ([`crate::jobs`]).
+    pub jobs: Vec<pb::JobWork>,
 }
 
 /// What the source and target ask of the coordinator. Trait modelling the control API, so the
@@ -495,6 +497,11 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
     fn lease(&self, max: u32) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
     /// The leases this agent holds, as committed.
     fn list_leases(&self) -> impl Future<Output = Result<Vec<pb::Lease>, ControlError>> + Send;
+    /// Reports on a job (`agent` and `session` are filled in).
+    fn report_job(
+        &self,
+        report: pb::JobReport,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
     /// Reports a cutover step (`agent` and `session` are filled in).
     fn report_cutover_step(
         &self,
@@ -580,6 +587,7 @@ impl Coordinator for Control {
             throttle: r.agent_throttle,
             cutover: r.cutover_work,
             forget: r.forget,
+            jobs: r.jobs,
         })
     }
 
@@ -688,6 +696,19 @@ impl Coordinator for Control {
             )
             .await?;
         Ok(r.leases)
+    }
+
+    async fn report_job(&self, report: pb::JobReport) -> Result<(), ControlError> {
+        self.call(
+            pb::JobReport {
+                agent: self.agent.clone(),
+                session: self.session,
+                ..report
+            },
+            |mut c, r| async move { c.report_job(r).await },
+        )
+        .await?;
+        Ok(())
     }
 
     async fn report_cutover_step(&self, step: pb::CutoverStepRequest) -> Result<(), ControlError> {
@@ -916,6 +937,10 @@ pub mod testing {
         pub cutover_work: Vec<pb::CutoverWork>,
         /// Deleted migrations' uuids its heartbeats answer.
         pub forget: Vec<String>,
+        /// Jobs its heartbeats hand out.
+        pub jobs: Vec<pb::JobWork>,
+        /// Job reports received.
+        pub job_reports: Vec<pb::JobReport>,
         /// Cutover steps reported.
         pub cutover_steps: Vec<pb::CutoverStepRequest>,
         /// Renewal calls made.
@@ -1000,6 +1025,7 @@ pub mod testing {
                 throttle: s.agent_throttle.clone(),
                 cutover: s.cutover_work.clone(),
                 forget: s.forget.clone(),
+                jobs: s.jobs.clone(),
             }))
         }
         async fn register_segments(
@@ -1060,6 +1086,10 @@ pub mod testing {
             step: pb::CutoverStepRequest,
         ) -> Result<(), ControlError> {
             self.with(|s| s.cutover_steps.push(step));
+            Ok(())
+        }
+        async fn report_job(&self, report: pb::JobReport) -> Result<(), ControlError> {
+            self.with(|s| s.job_reports.push(report));
             Ok(())
         }
         async fn list_unverified(

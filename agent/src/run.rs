@@ -139,9 +139,11 @@ fn serve<S: crate::sink::Sink>(
     control: &Control,
     stats: &Arc<Stats>,
     endpoint: quinn::Endpoint,
+    probes: &Arc<crate::probe::Answerer>,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let target = Arc::new(Target {
+        probes: Some(probes.clone()),
         headers: tokio::sync::Semaphore::new(32),
         sink,
         control: control.clone(),
@@ -428,6 +430,9 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         }
     };
     let (stop, stop_rx) = watch::channel(false);
+    // Probes this agent must answer as a target: the job runner learns them from heartbeats.
+    let (expected_probes, expected_rx) = watch::channel(crate::probe::Expected::new());
+    let answerer = Arc::new(crate::probe::Answerer::new(expected_rx));
     let mut tasks = Vec::new();
 
     let mut data_addr = None;
@@ -514,8 +519,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         advertised = addr.to_string();
         let stop = stop_rx.clone();
         tasks.push(match sink {
-            TargetSink::Fs(sink) => serve(sink, &control, &stats, endpoint, stop),
-            TargetSink::Object(sink) => serve(sink, &control, &stats, endpoint, stop),
+            TargetSink::Fs(sink) => serve(sink, &control, &stats, endpoint, &answerer, stop),
+            TargetSink::Object(sink) => serve(sink, &control, &stats, endpoint, &answerer, stop),
         });
     }
 
@@ -569,6 +574,22 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         cfg.state_dir.clone(),
         cfg.root.clone(),
     );
+    let jobs = Arc::new(crate::jobs::JobRunner::new(
+        control.clone(),
+        Some(crate::jobs::Prober {
+            endpoint: client_endpoint.clone(),
+            tls: tls.clone(),
+            window: transport.window,
+        }),
+        expected_probes,
+    ));
+    {
+        let (jobs, mut stop) = (jobs.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            jobs.stop();
+        });
+    }
     let forgetter = Arc::new(crate::forget::Forgetter::new(
         cfg.state_dir.clone(),
         fs_sink,
@@ -594,6 +615,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         )
         .with_cutover(cutover)
         .with_forgetter(forgetter)
+        .with_jobs(jobs)
         .with_store_sources(cfg.source_store.clone().unwrap_or_default()),
     );
     tasks.push(tokio::spawn(source.run(stop_rx)));

@@ -253,6 +253,7 @@ pub struct Source<C: Coordinator, D: Dialer> {
     /// Does the cutover steps heartbeats hand out (as a source or a target).
     cutover: Option<Arc<CutoverRunner<C>>>,
     forgetter: Option<Arc<crate::forget::Forgetter>>,
+    jobs: Option<Arc<crate::jobs::JobRunner<C>>>,
     /// What is left of [`PREFETCH_TOTAL`], in KiB.
     prefetch_room: Arc<tokio::sync::Semaphore>,
     /// The object stores migrations read from (source paths that are URLs).
@@ -339,6 +340,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             throttles,
             cutover: None,
             forgetter: None,
+            jobs: None,
             prefetch_room: Arc::new(tokio::sync::Semaphore::new(
                 (PREFETCH_TOTAL / 1024) as usize,
             )),
@@ -366,6 +368,14 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     pub fn with_cutover(self, runner: Arc<CutoverRunner<C>>) -> Self {
         Source {
             cutover: Some(runner),
+            ..self
+        }
+    }
+
+    /// The same source, running the jobs heartbeats hand this agent with `runner`.
+    pub fn with_jobs(self, runner: Arc<crate::jobs::JobRunner<C>>) -> Self {
+        Source {
+            jobs: Some(runner),
             ..self
         }
     }
@@ -431,6 +441,9 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                             }
                             if let Some(f) = &self.forgetter {
                                 f.start(self.control.cluster_id(), a.forget.clone());
+                            }
+                            if let Some(j) = &self.jobs {
+                                j.handle(&a.jobs);
                             }
                             schedule.heartbeat_answered(a.work);
                         }

@@ -61,6 +61,8 @@ pub struct Target<C: Coordinator = Control, S: Sink = FsSink> {
     pub header_timeout: Duration,
     /// [`STALL_TIMEOUT`] (tests set less).
     pub stall_timeout: Duration,
+    /// Answers probe connections ([`ferry_common::tls::PROBE_ALPN`]); none: they are refused.
+    pub probes: Option<Arc<crate::probe::Answerer>>,
 }
 
 /// A read that fails once it has waited `limit` with nothing arriving (counted from when it
@@ -361,6 +363,17 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
             return;
         };
         tracing::debug!(message = "Connection accepted.", remote = %conn.remote_address());
+        let protocol = conn
+            .handshake_data()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol);
+        if protocol.as_deref() == Some(ferry_common::tls::PROBE_ALPN) {
+            match &self.probes {
+                Some(answerer) => answerer.answer(conn, &peer).await,
+                None => conn.close(6u32.into(), b"this agent answers no probes"),
+            }
+            return;
+        }
         let peer = Arc::new(peer);
         let mut streams = JoinSet::new();
         loop {
@@ -729,6 +742,7 @@ mod driven {
                 sink: sink.clone(),
                 control: control.clone(),
                 stats: Arc::default(),
+                probes: None,
                 header_timeout: HEADER_TIMEOUT,
                 stall_timeout: STALL_TIMEOUT,
             },

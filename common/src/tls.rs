@@ -15,6 +15,10 @@ use crate::transport::Transport;
 /// 2 carries names as bytes, hardlinks, sparse data runs, owners and extended attributes.
 pub const DATA_ALPN: &[u8] = b"ferry/2";
 
+/// ALPN of a probe connection (`ferryctl probe`): the same endpoint as the data plane, another
+/// protocol (`ProbeRequest`/`ProbeReply` frames and streams of bytes counted and dropped).
+pub const PROBE_ALPN: &[u8] = b"ferry-probe/1";
+
 /// TLS material could not be loaded or used.
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -147,12 +151,12 @@ impl TlsMaterial {
     /// The coordinator's gRPC server TLS: TLS 1.3 only, a client certificate from the CA
     /// required, HTTP/2. (tonic's own server TLS also accepts TLS 1.2.)
     pub fn grpc_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        self.server_tls(b"h2").map(Arc::new)
+        self.server_tls(&[b"h2"]).map(Arc::new)
     }
 
     /// A server's TLS speaking `alpn`: TLS 1.3 only, a client certificate from the CA
     /// required, no 0-RTT (rustls' default: early data could be replayed).
-    fn server_tls(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+    fn server_tls(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, certs, key) = self.parts()?;
         let verifier =
@@ -162,7 +166,7 @@ impl TlsMaterial {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)?;
-        cfg.alpn_protocols = vec![alpn.to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
     }
 
@@ -179,20 +183,21 @@ impl TlsMaterial {
     }
 
     /// The TLS of a target's QUIC endpoint ([`TlsMaterial::server_tls`] for ferry's data
-    /// protocol).
+    /// protocol and probes).
     fn quic_server_tls(&self) -> Result<rustls::ServerConfig, TlsError> {
-        self.server_tls(DATA_ALPN)
+        self.server_tls(&[DATA_ALPN, PROBE_ALPN])
     }
 
-    /// The TLS of a source's QUIC connections: TLS 1.3, this identity presented, no 0-RTT.
-    fn quic_client_tls(&self) -> Result<rustls::ClientConfig, TlsError> {
+    /// The TLS of a source's QUIC connections speaking `alpn`: TLS 1.3, this identity
+    /// presented, no 0-RTT.
+    fn quic_client_tls(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, certs, key) = self.parts()?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)?;
-        cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
     }
 
@@ -219,7 +224,17 @@ impl TlsMaterial {
     /// QUIC client (source agent): TLS 1.3, verifies the server against the CA and presents this
     /// identity. The caller names the expected server (`names::agent_dns(target)`) when connecting.
     pub fn quic_client_with(&self, transport: &Transport) -> Result<quinn::ClientConfig, TlsError> {
-        let cfg = self.quic_client_tls()?;
+        self.quic_client_speaking(DATA_ALPN, transport)
+    }
+
+    /// A QUIC client as [`TlsMaterial::quic_client_with`], speaking `alpn` (a probe's
+    /// connections: [`PROBE_ALPN`]).
+    pub fn quic_client_speaking(
+        &self,
+        alpn: &[u8],
+        transport: &Transport,
+    ) -> Result<quinn::ClientConfig, TlsError> {
+        let cfg = self.quic_client_tls(alpn)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -299,7 +314,8 @@ mod tests {
         // Early data can be replayed by anyone who saw it: neither side of QUIC uses it, and
         // the coordinator's gRPC accepts none.
         assert_eq!(m.quic_server_tls().unwrap().max_early_data_size, 0);
-        assert!(!m.quic_client_tls().unwrap().enable_early_data);
+        assert!(!m.quic_client_tls(DATA_ALPN).unwrap().enable_early_data);
+        assert!(!m.quic_client_tls(PROBE_ALPN).unwrap().enable_early_data);
         assert_eq!(c.grpc_server_config().unwrap().max_early_data_size, 0);
     }
 

@@ -92,14 +92,64 @@ enum Cmd {
     /// ~/.config/ferry/config.toml (or $FERRY_CONFIG), as kubectl has them.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Assess PATHs on AGENT's host without moving anything: bytes, files, directories, a size
+    /// histogram, the largest files, small files, hardlinks, sparse files, names that are not
+    /// UTF-8, what cannot be copied, and how much changed in the last hour, day and week. The
+    /// agent walks the tree as a migration would (progress shows while it runs); the result is
+    /// kept as a job (`ferryctl jobs ID`) that `plan --assessed ID` reads.
+    Assess {
+        /// The agent whose host holds the paths.
+        agent: String,
+        /// Absolute paths on that host.
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Glob of names to leave out, as a migration's --exclude (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// How long to wait for the result [default: 24h].
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        timeout: Duration,
+    },
+    /// Probe the network path from agent SRC to agent DST (which must receive data) over their
+    /// real QUIC connection: round-trip time, packet loss, and throughput with 1, 2, 4 … up to
+    /// --streams parallel streams for each congestion controller. The result is kept as a job
+    /// (`ferryctl jobs ID`) that `plan --probed ID` reads.
+    Probe {
+        /// The agent that sends.
+        src: String,
+        /// The agent that receives.
+        dst: String,
+        /// Seconds of throughput runs in all (shared among them; each gets at least 1 s).
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+        /// The most parallel streams to try.
+        #[arg(long, default_value_t = 4)]
+        streams: u32,
+        /// Congestion controllers to try (`bbr,cubic,newreno`) [default: all three].
+        #[arg(long, value_delimiter = ',')]
+        congestion: Vec<ferry_common::transport::Congestion>,
+    },
+    /// Jobs (assessments, probes), newest first; with ID, that job and its result.
+    Jobs {
+        /// A job's number.
+        id: Option<u64>,
+    },
     /// Plan a migration's target agents: how many of which type (from a catalog of types with
     /// their price, throughput, quota and egress price) move DATA before DEADLINE at the least
     /// cost, the predicted duration and cost, and which constraint binds; or, when nothing can,
-    /// what would. Solved exactly (integer program). Needs no coordinator.
+    /// what would. Solved exactly (integer program). Needs no coordinator unless it reads a
+    /// job's result (--assessed, --probed).
     Plan {
         /// How much to move: `50TB`, `1.5TiB`, `800GB`.
-        #[arg(long, value_parser = parse_size)]
-        data: u64,
+        #[arg(long, value_parser = parse_size, required_unless_present = "assessed")]
+        data: Option<u64>,
+        /// Take the data size from assessment job ID (`ferryctl assess`) instead of --data.
+        #[arg(long, value_name = "ID", conflicts_with = "data")]
+        assessed: Option<u64>,
+        /// Take the path's limit from probe job ID (`ferryctl probe`): its fastest run, a lower
+        /// bound of what the path carries between those two agents.
+        #[arg(long, value_name = "ID", conflicts_with = "path_limit")]
+        probed: Option<u64>,
         /// When the copy must be done, from now: `72h`, `3d`.
         #[arg(long, value_parser = parse_duration)]
         deadline: Duration,
@@ -419,9 +469,56 @@ pub enum VerifyMode {
     Full,
 }
 
+/// Prints a job: its result as a table (or the job as JSON), or why it failed (exit 7).
+fn show_job(job: &pb::JobInfo, json: bool) -> anyhow::Result<ExitCode> {
+    use ferry_proto::admin::JobState;
+    if json {
+        let parse = |t: &str| {
+            serde_json::from_str::<serde_json::Value>(t).unwrap_or(serde_json::Value::Null)
+        };
+        print_json(&serde_json::json!({
+            "id": job.id,
+            "agent": job.agent,
+            "kind": job.kind,
+            "state": ferry_proto::json::job_state_name(job.state()),
+            "assess": job.assess,
+            "probe": job.probe,
+            "error": job.error,
+            "created_ms": job.created_ms,
+            "finished_ms": job.finished_ms,
+            "progress": parse(&job.progress),
+            "result": parse(&job.result),
+        }));
+    } else {
+        match (job.state(), job.kind.as_str()) {
+            (JobState::Done, "assess") => {
+                let a = crate::jobs::assessment(job)?;
+                println!("Assessment (job {}) on {}:", job.id, job.agent);
+                print!("{}", ferry_agent::assess::table(&a));
+            }
+            (JobState::Done, "probe") => {
+                let p = crate::jobs::probe_result(job)?;
+                println!("Probe (job {}):", job.id);
+                print!("{}", crate::jobs::probe_table(&p));
+            }
+            (state, kind) => println!(
+                "{kind} job {} on {}: {}",
+                job.id,
+                job.agent,
+                ferry_proto::json::job_state_name(state)
+            ),
+        }
+    }
+    if job.state() == JobState::Failed {
+        eprintln!("job {} failed: {}", job.id, job.error);
+        return Ok(crate::exit::Exit::Failed.code());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// How long ago `then_ms` was at `now_ms`, as people say it: `3s ago`, `5m ago`, `2h ago`,
 /// `3d ago` (`never` for 0).
-fn ago(now_ms: u64, then_ms: u64) -> String {
+pub(crate) fn ago(now_ms: u64, then_ms: u64) -> String {
     if then_ms == 0 {
         return "never".into();
     }
@@ -703,8 +800,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_mangen::Man::new(Cli::command()).render(&mut out)?;
             print!("{}", String::from_utf8_lossy(&out));
         }
+        Cmd::Assess {
+            agent,
+            paths,
+            exclude,
+            timeout,
+        } => {
+            let ctl = connect(&cli).await?;
+            let started = ctl
+                .start_job(pb::StartJobRequest {
+                    agent: agent.clone(),
+                    assess: Some(pb::AssessSpec {
+                        paths: paths.clone(),
+                        excludes: exclude.clone(),
+                    }),
+                    probe: None,
+                })
+                .await?;
+            let job = crate::jobs::wait(&ctl, started.id, *timeout).await?;
+            return show_job(&job, json);
+        }
+        Cmd::Probe {
+            src,
+            dst,
+            seconds,
+            streams,
+            congestion,
+        } => {
+            let ctl = connect(&cli).await?;
+            let started = ctl
+                .start_job(pb::StartJobRequest {
+                    agent: src.clone(),
+                    assess: None,
+                    probe: Some(pb::ProbeSpec {
+                        peer: dst.clone(),
+                        seconds: *seconds,
+                        streams: *streams,
+                        congestions: congestion.iter().map(|c| c.to_string()).collect(),
+                    }),
+                })
+                .await?;
+            let limit = Duration::from_millis(started.deadline_ms.saturating_sub(now_ms()))
+                + Duration::from_secs(10);
+            let job = crate::jobs::wait(&ctl, started.id, limit).await?;
+            return show_job(&job, json);
+        }
+        Cmd::Jobs { id: Some(id) } => {
+            let ctl = connect(&cli).await?;
+            let job = ctl.job(*id).await?;
+            return show_job(&job, json);
+        }
+        Cmd::Jobs { id: None } => {
+            let ctl = connect(&cli).await?;
+            let jobs = ctl.jobs().await?;
+            if json {
+                print_json(&jobs);
+            } else {
+                print!("{}", crate::jobs::list_table(&jobs, now_ms()));
+            }
+        }
         Cmd::Plan {
             data,
+            assessed,
+            probed,
             deadline,
             catalog,
             path_limit,
@@ -713,10 +871,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot read the catalog {}", catalog.display()))?;
             let parsed: crate::plan::Catalog = toml::from_str(&text)
                 .with_context(|| format!("catalog {} is not valid", catalog.display()))?;
+            let (mut bytes, mut limit) = (*data, path_limit.map(|r| r.bytes_per_sec()));
+            if assessed.is_some() || probed.is_some() {
+                let ctl = connect(&cli).await?;
+                if let Some(id) = assessed {
+                    let a = crate::jobs::assessment(&ctl.job(*id).await?)?;
+                    bytes = Some(a.bytes.saturating_sub(a.hole_bytes));
+                }
+                if let Some(id) = probed {
+                    let p = crate::jobs::probe_result(&ctl.job(*id).await?)?;
+                    let best = p.best.ok_or_else(|| {
+                        anyhow::anyhow!("probe job {id} measured no throughput to plan with")
+                    })?;
+                    limit = Some(best.bytes_per_sec as u64);
+                }
+            }
             let inputs = crate::plan::Inputs {
-                bytes: *data,
+                bytes: bytes.context("give --data or --assessed")?,
                 deadline_secs: deadline.as_secs(),
-                path_limit: path_limit.map(|r| r.bytes_per_sec()),
+                path_limit: limit,
             };
             let p = crate::plan::plan(&parsed, &inputs)?;
             if json {

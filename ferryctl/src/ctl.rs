@@ -329,6 +329,31 @@ impl Ctl {
         .round)
     }
 
+    /// Starts a job on `agent` (an assessment or a probe). Sent once, like [`Ctl::sync`]: a
+    /// retry could start it twice.
+    pub async fn start_job(&self, req: pb::StartJobRequest) -> Result<pb::JobInfo, CtlError> {
+        let mut c = self.client.clone();
+        Ok(c.start_job(req).await?.into_inner())
+    }
+
+    /// Job `id` as the coordinator keeps it.
+    pub async fn job(&self, id: u64) -> Result<pb::JobInfo, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.get_job(pb::GetJobRequest { id }).await?.into_inner())
+        })
+        .await
+    }
+
+    /// The jobs kept, newest first.
+    pub async fn jobs(&self) -> Result<Vec<pb::JobInfo>, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs)
+        })
+        .await
+    }
+
     /// Starts a cutover (or, with `abort`, aborts the running one); returns its attempt. Sent
     /// once, like [`Ctl::sync`].
     pub async fn cutover(&self, id: u64, abort: bool) -> Result<u32, CtlError> {

@@ -23,8 +23,8 @@ pub enum Exit {
     /// A certificate problem: the admin certificate is missing or unreadable, or the TLS
     /// handshake failed (another cluster's CA, an expired certificate).
     Certificate = 6,
-    /// What was checked failed: a verification found differences, a migration or cutover
-    /// ended failed, the audit log's chain is broken.
+    /// What was checked failed: a verification found differences, a migration, cutover or
+    /// job ended failed, the audit log's chain is broken.
     Failed = 7,
 }
 
@@ -40,8 +40,8 @@ Exit codes:
      migration's state does not
   6  certificate problem: the admin certificate is missing, or the TLS handshake failed
      (another cluster's CA, an expired certificate)
-  7  what was checked failed: verification found differences, a migration or cutover
-     ended failed, the audit log's chain is broken";
+  7  what was checked failed: verification found differences, a migration, cutover or
+     job (assess, probe) ended failed, the audit log's chain is broken";
 
 impl Exit {
     /// As a process exit code.

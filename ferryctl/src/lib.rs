@@ -6,5 +6,6 @@ pub mod cli;
 pub mod contexts;
 pub mod ctl;
 pub mod exit;
+pub mod jobs;
 pub mod plan;
 pub mod quickstart;

@@ -26,7 +26,23 @@ pub mod raft {
 /// The names of enums as people read them (JSON output, tables): lower case, without the type's
 /// prefix (`PHASE_DONE` is `done`).
 pub mod json {
-    use super::admin::{CutoverPhase, Phase, SegmentStatus};
+    use super::admin::{CutoverPhase, JobState, Phase, SegmentStatus};
+
+    /// A job state's name.
+    pub fn job_state_name(s: JobState) -> &'static str {
+        match s {
+            JobState::Unspecified => "unspecified",
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    /// Serialises a `JobState` field by name.
+    pub fn job_state<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(job_state_name(JobState::try_from(*v).unwrap_or_default()))
+    }
 
     /// A cutover phase's name.
     pub fn cutover_phase_name(p: CutoverPhase) -> &'static str {

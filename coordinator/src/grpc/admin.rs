@@ -7,8 +7,8 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_role, convert, now_ms, refused, Core, Proposal};
 use crate::state::{
-    AuditNote, Command, MigrationSpec, Response, SegState, ThrottleScope, DEFAULT_MAX_ATTEMPTS,
-    MAX_MAX_ATTEMPTS,
+    AuditNote, Command, JobKind, MigrationSpec, Response, SegState, ThrottleScope,
+    DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS,
 };
 use ferry_common::names::Role;
 use ferry_common::throttle::{Throttle, ThrottleError};
@@ -766,6 +766,108 @@ impl Admin for AdminService {
             }
             other => Err(refused(other)),
         }
+    }
+
+    async fn start_job(&self, req: Request<pb::StartJobRequest>) -> R<pb::JobInfo> {
+        let caller = self.authorized(&req, Role::Operator, "StartJob").await?;
+        let r = req.into_inner();
+        let kind = match (r.assess, r.probe) {
+            (Some(a), None) => JobKind::Assess {
+                paths: a.paths,
+                excludes: a.excludes,
+            },
+            (None, Some(p)) => {
+                let mut congestions = Vec::new();
+                for c in &p.congestions {
+                    let c: ferry_common::transport::Congestion =
+                        c.parse()
+                            .map_err(|e: ferry_common::transport::UnknownCongestion| {
+                                Status::invalid_argument(e.to_string())
+                            })?;
+                    if !congestions.contains(&c.to_string()) {
+                        congestions.push(c.to_string());
+                    }
+                }
+                JobKind::Probe {
+                    peer: p.peer,
+                    seconds: p.seconds,
+                    streams: p.streams,
+                    congestions,
+                }
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a job is either an assessment or a probe: give one of them",
+                ))
+            }
+        };
+        // An agent nobody registered is not found (the state machine refuses the rest).
+        let unknown = {
+            let named: Vec<String> = std::iter::once(r.agent.clone())
+                .chain(match &kind {
+                    JobKind::Probe { peer, .. } => Some(peer.clone()),
+                    JobKind::Assess { .. } => None,
+                })
+                .collect();
+            self.0
+                .read(move |s| named.into_iter().find(|n| !s.agents.contains_key(n)))
+                .await?
+        };
+        if let Some(name) = unknown {
+            return Err(Status::not_found(format!(
+                "no agent {name} is registered (`ferryctl agents list` shows those that are)"
+            )));
+        }
+        let resp = self
+            .0
+            .write(caller.audited(Command::StartJob {
+                agent: r.agent,
+                kind,
+                now_ms: now_ms(),
+            }))
+            .await?;
+        let Response::JobStarted(id) = resp else {
+            return Err(refused(resp));
+        };
+        let now = now_ms();
+        let job = self
+            .0
+            .read(|s| s.jobs.get(&id).map(|j| convert::job(j, now)))
+            .await?;
+        job.map(GrpcResponse::new)
+            .ok_or_else(|| Status::not_found(format!("job {id} is gone already")))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> R<pb::JobInfo> {
+        authorize_role(&req, Role::Viewer)?;
+        let id = req.get_ref().id;
+        let now = now_ms();
+        let job = self
+            .0
+            .read(|s| s.jobs.get(&id).map(|j| convert::job(j, now)))
+            .await?;
+        job.map(GrpcResponse::new).ok_or_else(|| {
+            Status::not_found(format!(
+                "no job {id}: the newest {} are kept (`ferryctl jobs` lists them)",
+                crate::state::MAX_JOBS_KEPT
+            ))
+        })
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
+        authorize_role(&req, Role::Viewer)?;
+        let now = now_ms();
+        let jobs = self
+            .0
+            .read(|s| {
+                s.jobs
+                    .values()
+                    .rev()
+                    .map(|j| convert::job(j, now))
+                    .collect()
+            })
+            .await?;
+        Ok(GrpcResponse::new(pb::ListJobsResponse { jobs }))
     }
 
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {

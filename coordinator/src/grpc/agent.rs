@@ -8,7 +8,8 @@ use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{authorize_agent, now_ms, refused, Core};
 use crate::state::{
-    Command, Response, Role, SegmentReg, Step, StepRun, TreeDigest, CLASSES, MAX_STEP_OUTPUT,
+    Command, JobKind, JobPart, JobUpdate, Response, Role, SegmentReg, Step, StepRun, TreeDigest,
+    CLASSES, MAX_STEP_OUTPUT,
 };
 use ferry_common::text::head;
 
@@ -74,6 +75,54 @@ fn cutover_work(s: &crate::state::State, agent: &str) -> Vec<pb::CutoverWork> {
         }
     }
     out
+}
+
+/// The jobs `agent` must run or answer now.
+fn job_work(s: &crate::state::State, agent: &str, now_ms: u64) -> Vec<pb::JobWork> {
+    s.jobs_for(agent, now_ms)
+        .into_iter()
+        .map(|(j, part)| {
+            let mut w = pb::JobWork {
+                id: j.id,
+                ..Default::default()
+            };
+            match (&j.kind, part) {
+                (JobKind::Assess { paths, excludes }, _) => {
+                    w.assess = Some(pb::AssessJob {
+                        paths: paths.clone(),
+                        excludes: excludes.clone(),
+                    })
+                }
+                (JobKind::Probe { .. }, JobPart::Answer) => {
+                    w.answer = Some(pb::ProbeAnswer {
+                        peer: j.agent.clone(),
+                    })
+                }
+                (
+                    JobKind::Probe {
+                        peer,
+                        seconds,
+                        streams,
+                        congestions,
+                    },
+                    JobPart::Run,
+                ) => {
+                    w.probe = Some(pb::ProbeJob {
+                        peer: peer.clone(),
+                        peer_addr: s
+                            .agents
+                            .get(peer)
+                            .map(|a| a.data_addr.clone())
+                            .unwrap_or_default(),
+                        seconds: *seconds,
+                        streams: *streams,
+                        congestions: congestions.clone(),
+                    })
+                }
+            }
+            w
+        })
+        .collect()
 }
 
 fn step_pb(s: Step) -> pb::CutoverStep {
@@ -335,6 +384,7 @@ impl AgentService {
                     })
                     .collect(),
                 cutover_work: cutover_work(s, agent),
+                jobs: job_work(s, agent, now),
                 forget: a.map(|a| a.forget.clone()).unwrap_or_default(),
                 conflict: a.map(|a| a.conflict.clone()).unwrap_or_default(),
                 cluster_id: s.cluster_id.clone(),
@@ -831,6 +881,31 @@ impl AgentControl for AgentService {
             exit_code = r.exit_code
         );
         Ok(GrpcResponse::new(pb::CutoverStepResponse {}))
+    }
+
+    async fn report_job(&self, req: Request<pb::JobReport>) -> R<pb::JobReportResponse> {
+        authorize_agent(&req, &req.get_ref().agent)?;
+        let r = req.into_inner();
+        let update = match (r.done, r.error.is_empty()) {
+            (false, _) => JobUpdate::Progress(r.progress),
+            (true, true) => JobUpdate::Done(r.result),
+            (true, false) => JobUpdate::Failed(r.error.clone()),
+        };
+        let resp = self
+            .0
+            .write(Command::ReportJob {
+                agent: r.agent.clone(),
+                session: r.session,
+                id: r.id,
+                update,
+                now_ms: now_ms(),
+            })
+            .await?;
+        expect_ok(resp)?;
+        if r.done {
+            tracing::info!(message = "Job ended.", agent = %r.agent, job = r.id, error = %r.error);
+        }
+        Ok(GrpcResponse::new(pb::JobReportResponse {}))
     }
 
     async fn end_session(&self, req: Request<pb::EndSessionRequest>) -> R<pb::EndSessionResponse> {

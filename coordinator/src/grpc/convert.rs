@@ -3,8 +3,8 @@
 use ferry_proto::admin as pb;
 
 use crate::state::{
-    Cutover, CutoverPhase, FullVerification, Migration, MigrationSpec, Phase, ReportOutcome,
-    SegState, Segment, StepRun,
+    Cutover, CutoverPhase, FullVerification, Job, JobKind, JobState, Migration, MigrationSpec,
+    Phase, ReportOutcome, SegState, Segment, StepRun,
 };
 
 /// A report outcome on the wire.
@@ -230,4 +230,49 @@ pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
             _ => 0,
         },
     }
+}
+
+/// A job as operators read it, at `now_ms` (an open job past its deadline has failed).
+pub fn job(j: &Job, now_ms: u64) -> pb::JobInfo {
+    let mut info = pb::JobInfo {
+        id: j.id,
+        agent: j.agent.clone(),
+        kind: j.kind.name().to_string(),
+        state: match j.state_at(now_ms) {
+            JobState::Pending => pb::JobState::Pending,
+            JobState::Running => pb::JobState::Running,
+            JobState::Done => pb::JobState::Done,
+            JobState::Failed => pb::JobState::Failed,
+        }
+        .into(),
+        progress: j.progress.clone(),
+        result: j.result.clone(),
+        error: j.error_at(now_ms),
+        created_ms: j.created_ms,
+        finished_ms: j.finished_ms,
+        deadline_ms: j.deadline_ms,
+        ..Default::default()
+    };
+    match &j.kind {
+        JobKind::Assess { paths, excludes } => {
+            info.assess = Some(pb::AssessSpec {
+                paths: paths.clone(),
+                excludes: excludes.clone(),
+            })
+        }
+        JobKind::Probe {
+            peer,
+            seconds,
+            streams,
+            congestions,
+        } => {
+            info.probe = Some(pb::ProbeSpec {
+                peer: peer.clone(),
+                seconds: *seconds,
+                streams: *streams,
+                congestions: congestions.clone(),
+            })
+        }
+    }
+    info
 }

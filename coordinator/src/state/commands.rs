@@ -284,6 +284,28 @@ pub enum Command {
     /// Several commands committed as one entry (group commit), applied in order. Each gets its
     /// own response; one refused command does not affect the others.
     Batch(Vec<Command>),
+    /// An operator starts a job on an agent (an assessment, a probe).
+    StartJob {
+        /// The agent that runs it.
+        agent: String,
+        /// What it does.
+        kind: JobKind,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An agent reports on a job it runs.
+    ReportJob {
+        /// The agent.
+        agent: String,
+        /// Its session.
+        session: u64,
+        /// The job.
+        id: u64,
+        /// Progress, result or failure.
+        update: JobUpdate,
+        /// Leader time.
+        now_ms: u64,
+    },
 }
 
 /// What a [`Command::SetThrottle`] limits.
@@ -346,6 +368,21 @@ impl State {
         }
         match cmd {
             Command::Batch(_) => refused("batches do not nest"),
+            Command::StartJob {
+                agent,
+                kind,
+                now_ms,
+            } => self.start_job(&agent, kind, now_ms),
+            Command::ReportJob {
+                agent,
+                session,
+                id,
+                update,
+                now_ms,
+            } => match self.check_session(&agent, session) {
+                Err(r) => r,
+                Ok(()) => self.report_job(&agent, id, update, now_ms),
+            },
             Command::RegisterAgent {
                 name,
                 data_addr,

@@ -19,6 +19,7 @@ mod commands;
 mod cutover;
 mod delete;
 mod fallback;
+mod jobs;
 mod phases;
 mod reads;
 mod reports;
@@ -32,6 +33,10 @@ pub use agents::{Agent, FORGET_MAX, SESSION_TIMEOUT_MS};
 pub use audit::{record_hash, verify_chain, AuditNote, AuditRecord};
 pub use commands::{Command, ThrottleScope};
 pub use cutover::{Cutover, CutoverPhase, Step, StepRun, TreeDigest, CLASSES, MAX_STEP_OUTPUT};
+pub use jobs::{
+    Job, JobKind, JobPart, JobState, JobUpdate, MAX_JOBS_KEPT, MAX_JOB_TEXT, MAX_PROBE_SECONDS,
+    MAX_PROBE_STREAMS,
+};
 use phases::ScanEnd;
 pub use phases::{Counters, Migration, MigrationSpec, Phase};
 pub use reads::LeaseRefusal;
@@ -106,6 +111,8 @@ pub enum Response {
     /// Never produced by the state machine: in the answer to a multi-command proposal, a command
     /// that could not be committed (no leader, leadership moved). Nothing changed; retry it.
     NotCommitted(String),
+    /// A job was started with this id.
+    JobStarted(u64),
 }
 
 /// A counter kept by each node for itself, not part of the replicated state: two states are
@@ -136,6 +143,8 @@ pub struct Dirty {
     pub deleted_up_to: bool,
     /// Audit records appended.
     pub audit: BTreeSet<u64>,
+    /// Jobs started, changed or dropped.
+    pub jobs: BTreeSet<u64>,
 }
 
 /// The whole replicated state.
@@ -184,6 +193,9 @@ pub struct State {
     /// The audit log by record number (records `u/<seq>`).
     #[serde(default)]
     pub audit: BTreeMap<u64, AuditRecord>,
+    /// Agents' jobs by id (records `j/<id>`; the newest [`MAX_JOBS_KEPT`]).
+    #[serde(default)]
+    pub jobs: BTreeMap<u64, Job>,
 }
 
 /// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.

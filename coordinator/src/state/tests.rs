@@ -2863,3 +2863,198 @@ fn a_segment_refused_for_good_is_given_up_at_once() {
     );
     assert_eq!(w.s.migrations[&mid].counters.failed_segments, 1);
 }
+
+fn assess(paths: &[&str]) -> JobKind {
+    JobKind::Assess {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+        excludes: Vec::new(),
+    }
+}
+
+fn probe_of(peer: &str) -> JobKind {
+    JobKind::Probe {
+        peer: peer.into(),
+        seconds: 10,
+        streams: 4,
+        congestions: vec!["bbr".into()],
+    }
+}
+
+impl World {
+    fn start_job(&mut self, agent: &str, kind: JobKind, now_ms: u64) -> Response {
+        self.apply(Command::StartJob {
+            agent: agent.into(),
+            kind,
+            now_ms,
+        })
+    }
+
+    fn report_job(&mut self, agent: &str, id: u64, update: JobUpdate, now_ms: u64) -> Response {
+        self.apply(Command::ReportJob {
+            agent: agent.into(),
+            session: 1,
+            id,
+            update,
+            now_ms,
+        })
+    }
+}
+
+#[test]
+fn a_job_goes_to_its_agent_and_a_probe_to_its_peer_too_until_it_ends() {
+    let mut w = World::new();
+    assert_eq!(
+        w.start_job("src", assess(&["/data"]), 1000),
+        Response::JobStarted(1)
+    );
+    assert_eq!(
+        w.start_job("src", probe_of("dst"), 1000),
+        Response::JobStarted(2)
+    );
+    let parts = |w: &World, agent: &str| -> Vec<(u64, JobPart)> {
+        w.s.jobs_for(agent, 2000)
+            .into_iter()
+            .map(|(j, p)| (j.id, p))
+            .collect()
+    };
+    assert_eq!(parts(&w, "src"), [(1, JobPart::Run), (2, JobPart::Run)]);
+    assert_eq!(parts(&w, "dst"), [(2, JobPart::Answer)]);
+
+    let progress = JobUpdate::Progress("{\"files\":3}".into());
+    assert_eq!(w.report_job("src", 1, progress, 1500), Response::Ok);
+    assert_eq!(w.s.jobs[&1].state_at(1500), JobState::Running);
+    assert_eq!(
+        w.report_job("src", 1, JobUpdate::Done("{}".into()), 1600),
+        Response::Ok
+    );
+    assert_eq!(w.s.jobs[&1].state_at(1600), JobState::Done);
+    assert_eq!(w.s.jobs[&1].finished_ms, 1600);
+    assert_eq!(parts(&w, "src"), [(2, JobPart::Run)]);
+
+    let failed = JobUpdate::Failed("peer unreachable".into());
+    assert_eq!(w.report_job("src", 2, failed, 1700), Response::Ok);
+    assert!(
+        parts(&w, "dst").is_empty(),
+        "an ended probe is not answered"
+    );
+    // An ended job takes no more reports; only its agent reports on it.
+    assert!(matches!(
+        w.report_job("src", 2, JobUpdate::Done("{}".into()), 1800),
+        Response::Refused(_)
+    ));
+    assert_eq!(
+        w.start_job("src", assess(&["/x"]), 1900),
+        Response::JobStarted(3)
+    );
+    assert!(matches!(
+        w.report_job("dst", 3, JobUpdate::Done("{}".into()), 1900),
+        Response::Refused(_)
+    ));
+    assert_eq!(w.s.jobs[&3].state, JobState::Pending);
+}
+
+#[test]
+fn jobs_are_refused_for_agents_that_cannot_do_them_and_for_bad_specs() {
+    let mut w = World::new();
+    let refused = |r: Response| match r {
+        Response::Refused(why) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(refused(w.start_job("nobody", assess(&["/d"]), 1000)).contains("not registered"));
+    assert!(refused(w.start_job("src", assess(&["relative"]), 1000)).contains("absolute"));
+    assert!(refused(w.start_job("src", assess(&[]), 1000)).contains("1 to"));
+    let bad_glob = JobKind::Assess {
+        paths: vec!["/d".into()],
+        excludes: vec!["[".into()],
+    };
+    assert!(matches!(
+        w.start_job("src", bad_glob, 1000),
+        Response::Refused(_)
+    ));
+    // "src" has no data address: nobody can probe it.
+    assert!(refused(w.start_job("dst", probe_of("src"), 1000)).contains("cannot receive"));
+    assert!(refused(w.start_job("src", probe_of("src"), 1000)).contains("itself"));
+    let long = JobKind::Probe {
+        peer: "dst".into(),
+        seconds: MAX_PROBE_SECONDS + 1,
+        streams: 1,
+        congestions: Vec::new(),
+    };
+    assert!(refused(w.start_job("src", long, 1000)).contains("seconds"));
+    let unknown_cc = JobKind::Probe {
+        peer: "dst".into(),
+        seconds: 5,
+        streams: 1,
+        congestions: vec!["vegas".into()],
+    };
+    assert!(matches!(
+        w.start_job("src", unknown_cc, 1000),
+        Response::Refused(_)
+    ));
+    // An agent not heard from for the session timeout does not get jobs.
+    let later = SESSION_TIMEOUT_MS + 1;
+    assert!(refused(w.start_job("src", assess(&["/d"]), later)).contains("not running"));
+    assert!(w.s.jobs.is_empty(), "nothing refused was kept");
+}
+
+#[test]
+fn a_job_without_a_result_by_its_deadline_has_failed_and_is_handed_out_no_more() {
+    let mut w = World::new();
+    assert_eq!(
+        w.start_job("src", probe_of("dst"), 1000),
+        Response::JobStarted(1)
+    );
+    let deadline = w.s.jobs[&1].deadline_ms;
+    assert_eq!(deadline, 1000 + 10_000 + jobs::PROBE_GRACE_MS);
+    assert!(w.s.jobs[&1].open_at(deadline - 1));
+    assert_eq!(w.s.jobs[&1].state_at(deadline), JobState::Failed);
+    assert!(w.s.jobs[&1].error_at(deadline).contains("no result"));
+    assert!(w.s.jobs_for("src", deadline).is_empty());
+    assert!(matches!(
+        w.report_job("src", 1, JobUpdate::Done("{}".into()), deadline),
+        Response::Refused(_)
+    ));
+}
+
+#[test]
+fn the_newest_jobs_are_kept_ids_are_never_reused_and_open_ones_are_bounded() {
+    let mut w = World::new();
+    for n in 1..=jobs::MAX_OPEN_JOBS_PER_AGENT as u64 {
+        assert_eq!(
+            w.start_job("src", assess(&["/d"]), 1000),
+            Response::JobStarted(n)
+        );
+    }
+    assert!(matches!(
+        w.start_job("src", assess(&["/d"]), 1000),
+        Response::Refused(why) if why.contains("already runs")
+    ));
+    // End them and keep starting: the oldest ended jobs make room, ids go on.
+    let mut next = jobs::MAX_OPEN_JOBS_PER_AGENT as u64 + 1;
+    for id in 1..next {
+        w.report_job("src", id, JobUpdate::Done("{}".into()), 1000);
+    }
+    while next <= MAX_JOBS_KEPT as u64 + 10 {
+        assert_eq!(
+            w.start_job("src", assess(&["/d"]), 1000),
+            Response::JobStarted(next)
+        );
+        w.report_job("src", next, JobUpdate::Done("{}".into()), 1000);
+        next += 1;
+    }
+    assert_eq!(w.s.jobs.len(), MAX_JOBS_KEPT);
+    assert_eq!(
+        *w.s.jobs.keys().next().unwrap(),
+        next - MAX_JOBS_KEPT as u64
+    );
+    // A report larger than the bound is refused.
+    assert_eq!(
+        w.start_job("src", assess(&["/d"]), 1000),
+        Response::JobStarted(next)
+    );
+    let big = JobUpdate::Progress("x".repeat(MAX_JOB_TEXT + 1));
+    assert!(matches!(
+        w.report_job("src", next, big, 1000),
+        Response::Refused(_)
+    ));
+}

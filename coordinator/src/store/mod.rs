@@ -70,7 +70,8 @@ pub use state_machine::{Applied, StateMachine};
 /// 10: migrations can be deleted (`DeleteMigration`): agents carry `forget`, the state
 /// `deleted_up_to` (record `deleted_up_to`); the audit log (`Audited`, `Audit`; records
 /// `u/<seq>`).
-pub const FORMAT_VERSION: u64 = 10;
+/// 11: agents' jobs (`StartJob`, `ReportJob`; records `j/<id>`, the state's `jobs`).
+pub const FORMAT_VERSION: u64 = 11;
 
 /// How long `open` waits for sled's file lock. sled finishes writing its buffers on background
 /// threads after the last handle is dropped, so a node reopened at once in the same process

@@ -61,6 +61,10 @@ pub(super) fn audit_key(seq: u64) -> Vec<u8> {
     [b"u/".as_slice(), &seq.to_be_bytes()].concat()
 }
 
+pub(super) fn job_key(id: u64) -> Vec<u8> {
+    [b"j/".as_slice(), &id.to_be_bytes()].concat()
+}
+
 impl StateMachine {
     pub(super) fn load(
         db: sled::Db,
@@ -123,6 +127,7 @@ impl StateMachine {
         let base_cluster = base.cluster_id.clone();
         let base_deleted = base.deleted_up_to;
         let mut audit = base.audit.clone();
+        let mut jobs = base.jobs.clone();
         let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
@@ -174,6 +179,16 @@ impl StateMachine {
             audit.insert(be_u64(&k, 2..10)?, decode(&v)?);
         }
         state.audit = audit;
+        for kv in self.tree.scan_prefix(b"j/") {
+            let (k, v) = kv?;
+            let id = be_u64(&k, 2..10)?;
+            if v.is_empty() {
+                jobs.remove(&id);
+            } else {
+                jobs.insert(id, decode(&v)?);
+            }
+        }
+        state.jobs = jobs;
         Ok(Applied {
             state,
             last_applied,
@@ -291,6 +306,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for &seq in &dirty.audit {
             if let Some(r) = a.state.audit.get(&seq) {
                 batch.insert(audit_key(seq), enc(r)?);
+            }
+        }
+        for &id in &dirty.jobs {
+            match a.state.jobs.get(&id) {
+                Some(j) => batch.insert(job_key(id), enc(j)?),
+                None => batch.insert(job_key(id), Vec::new()),
             }
         }
         if dirty.deleted_up_to {

@@ -482,3 +482,54 @@ async fn a_deletion_is_recorded_and_survives_reopen_and_snapshots_with_ids_never
     );
     assert_eq!(r, Response::MigrationCreated(2));
 }
+
+#[tokio::test]
+async fn jobs_are_recorded_and_survive_reopen_and_snapshots() {
+    use crate::state::{Command, JobKind, JobState, JobUpdate, Response};
+    let dir = tempfile::tempdir().unwrap();
+    let want = {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(busy_entries()).await.unwrap();
+        let start = |index| {
+            entry(
+                index,
+                Command::StartJob {
+                    agent: "src".into(),
+                    kind: JobKind::Assess {
+                        paths: vec!["/data".into()],
+                        excludes: Vec::new(),
+                    },
+                    now_ms: 2,
+                },
+            )
+        };
+        let r = sm.apply(vec![start(10), start(11)]).await.unwrap();
+        assert_eq!(r, [Response::JobStarted(1), Response::JobStarted(2)]);
+        let done = entry(
+            12,
+            Command::ReportJob {
+                agent: "src".into(),
+                session: 1,
+                id: 2,
+                update: JobUpdate::Done("{\"files\":1}".into()),
+                now_ms: 3,
+            },
+        );
+        assert_eq!(sm.apply(vec![done]).await.unwrap(), [Response::Ok]);
+        let s = sm.shared().read().unwrap().state.clone();
+        assert_eq!(s.jobs.len(), 2);
+        assert_eq!(s.jobs[&2].state, JobState::Done);
+        s
+    };
+    let (_log, mut sm) = open(dir.path()).unwrap();
+    assert_eq!(sm.shared().read().unwrap().state, want, "as recorded");
+    let snap = snapshot(&mut sm).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_log, mut other) = open(other_dir.path()).unwrap();
+    install(&mut other, &snap).await;
+    assert_eq!(
+        other.shared().read().unwrap().state,
+        want,
+        "as a snapshot carries it"
+    );
+}

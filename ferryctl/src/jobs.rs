@@ -1,0 +1,252 @@
+//! `ferryctl assess`, `ferryctl probe` and `ferryctl jobs`: jobs the coordinator hands to an
+//! agent, waited for here, their results (JSON the agent reported) read back into the agent's
+//! own types and shown as tables.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use ferry_agent::assess::Assessment;
+use ferry_agent::probe::ProbeResult;
+use ferry_proto::admin::{self as pb, JobState};
+use ferry_proto::json::job_state_name;
+
+use crate::ctl::{Ctl, CtlError};
+
+/// How often a job is looked at while it runs.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Waits until job `id` ends (or `timeout` passes), showing its progress on stderr when that
+/// is a terminal; returns it as it ended.
+pub async fn wait(ctl: &Ctl, id: u64, timeout: Duration) -> Result<pb::JobInfo, CtlError> {
+    let started = Instant::now();
+    let show = std::io::stderr().is_terminal();
+    loop {
+        let job = ctl.job(id).await?;
+        match job.state() {
+            JobState::Done | JobState::Failed => {
+                if show {
+                    eprint!("\r\x1b[2K");
+                }
+                return Ok(job);
+            }
+            _ => {
+                if show {
+                    eprint!(
+                        "\r\x1b[2K{} job {id} on {}: {} ({})",
+                        job.kind,
+                        job.agent,
+                        progress_line(&job),
+                        elapsed(started.elapsed())
+                    );
+                }
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(CtlError::Status(format!(
+                "job {id} has not ended after {}; `ferryctl jobs {id}` shows it later",
+                elapsed(timeout)
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A duration to the second: `1m 5s`.
+fn elapsed(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// A rate in bytes per second as network people say it: `94.3 Mbit/s`.
+pub fn mbit(bytes_per_sec: f64) -> String {
+    format!("{:.1} Mbit/s", bytes_per_sec * 8.0 / 1e6)
+}
+
+/// What a running job found so far, in a few words.
+fn progress_line(job: &pb::JobInfo) -> String {
+    if job.state() == JobState::Pending {
+        return "waiting for the agent to take it".into();
+    }
+    match serde_json::from_str::<Assessment>(&job.progress) {
+        Ok(a) if job.kind == "assess" => format!(
+            "{} files, {} so far",
+            a.files,
+            ferry_common::text::bytes(a.bytes as f64)
+        ),
+        _ => "running".into(),
+    }
+}
+
+/// An assessment job's result.
+pub fn assessment(job: &pb::JobInfo) -> Result<Assessment, CtlError> {
+    result(job, "assess")
+}
+
+/// A probe job's result.
+pub fn probe_result(job: &pb::JobInfo) -> Result<ProbeResult, CtlError> {
+    result(job, "probe")
+}
+
+fn result<T: serde::de::DeserializeOwned>(job: &pb::JobInfo, kind: &str) -> Result<T, CtlError> {
+    if job.kind != kind {
+        return Err(CtlError::Status(format!(
+            "job {} is {} job, not {kind} job",
+            job.id,
+            article(&job.kind)
+        )));
+    }
+    if job.state() != JobState::Done {
+        return Err(CtlError::Status(format!(
+            "job {} has no result: it is {}{}",
+            job.id,
+            job_state_name(job.state()),
+            if job.error.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", job.error)
+            }
+        )));
+    }
+    serde_json::from_str(&job.result).map_err(|e| {
+        CtlError::Status(format!(
+            "job {}'s result is not what this ferryctl reads ({e}): are the agent and ferryctl \
+             of the same version?",
+            job.id
+        ))
+    })
+}
+
+fn article(kind: &str) -> String {
+    match kind {
+        "assess" => "an assess".into(),
+        other => format!("a {other}"),
+    }
+}
+
+/// A probe's result as a table.
+pub fn probe_table(p: &ProbeResult) -> String {
+    use std::fmt::Write;
+    let rate = mbit;
+    let mut out = String::new();
+    let _ = writeln!(out, "Path from {} to {}", p.from, p.to);
+    let _ = writeln!(
+        out,
+        "  round trip   {:.1} ms (median; {:.1}–{:.1} ms)",
+        p.rtt_ms, p.rtt_min_ms, p.rtt_max_ms
+    );
+    let _ = writeln!(
+        out,
+        "  loss         {:.2} % ({} of {} packets)",
+        p.loss * 100.0,
+        p.packets_lost,
+        p.packets_sent
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<10} {:>7} {:>9} {:>12} {:>14}",
+        "CONGESTION", "STREAMS", "SECONDS", "RECEIVED", "THROUGHPUT"
+    );
+    for r in &p.runs {
+        let _ = writeln!(
+            out,
+            "{:<10} {:>7} {:>9.1} {:>12} {:>14}",
+            r.congestion,
+            r.streams,
+            r.seconds,
+            ferry_common::text::bytes(r.bytes as f64),
+            rate(r.bytes_per_sec)
+        );
+    }
+    if let Some(b) = &p.best {
+        let _ = writeln!(
+            out,
+            "\nFastest: {} with {} stream(s), {}",
+            b.congestion,
+            b.streams,
+            rate(b.bytes_per_sec)
+        );
+    }
+    out
+}
+
+/// The jobs as a table, newest first.
+pub fn list_table(jobs: &[pb::JobInfo], now_ms: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<7} {:<16} {:<8} {:<10} WHAT",
+        "ID", "KIND", "AGENT", "STATE", "STARTED"
+    );
+    for j in jobs {
+        let what = match (&j.assess, &j.probe) {
+            (Some(a), _) => a.paths.join(" "),
+            (_, Some(p)) => format!("to {}", p.peer),
+            _ => String::new(),
+        };
+        let what = if j.error.is_empty() {
+            what
+        } else {
+            format!("{what}: {}", j.error)
+        };
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<7} {:<16} {:<8} {:<10} {}",
+            j.id,
+            j.kind,
+            j.agent,
+            job_state_name(j.state()),
+            crate::cli::ago(now_ms, j.created_ms),
+            what
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(kind: &str, state: JobState, result: &str) -> pb::JobInfo {
+        let mut j = pb::JobInfo {
+            id: 3,
+            agent: "src".into(),
+            kind: kind.into(),
+            result: result.into(),
+            ..Default::default()
+        };
+        j.set_state(state);
+        j
+    }
+
+    #[test]
+    fn a_result_is_read_only_from_a_done_job_of_its_kind() {
+        let a = Assessment {
+            files: 2,
+            bytes: 10,
+            ..Default::default()
+        };
+        let done = job(
+            "assess",
+            JobState::Done,
+            &serde_json::to_string(&a).unwrap(),
+        );
+        assert_eq!(assessment(&done).unwrap(), a);
+        let e = probe_result(&done).unwrap_err().to_string();
+        assert!(e.contains("an assess job, not probe job"), "{e}");
+        let mut failed = job("assess", JobState::Failed, "");
+        failed.error = "no such directory".into();
+        let e = assessment(&failed).unwrap_err().to_string();
+        assert!(e.contains("failed (no such directory)"), "{e}");
+        let garbled = job("assess", JobState::Done, "{\"files\": \"many\"}");
+        assert!(assessment(&garbled)
+            .unwrap_err()
+            .to_string()
+            .contains("same version"));
+    }
+}
