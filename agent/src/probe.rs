@@ -6,9 +6,11 @@
 //!   window), runs of 1, 2, 4 … up to N parallel streams, each streaming bytes for its share of
 //!   the probe's time; the target counts what arrived and says so at the end of each stream, so
 //!   a run's rate is bytes the target holds over the time until it said so;
-//! - **loss**: UDP datagrams the prober's connections sent against those the target's received
-//!   (asked for at the end of each connection): the one-way packet loss of the path, whatever
-//!   the congestion controller made of it.
+//! - **loss**: before any load, [`LOSS_DATAGRAMS`] QUIC datagrams of a packet each, paced at
+//!   [`LOSS_RATE`] (and by the congestion controller), against those the target counted: the
+//!   path's own one-way loss, not what a flood makes of a queue;
+//! - **loss under load**: UDP datagrams the throughput runs sent against those the target
+//!   received — congestion drops (a queue, a receiver's socket buffer) included.
 //!
 //! The target answers only probes the coordinator told it to expect (a job naming the prober),
 //! one at a time, and only from the prober's certificate; it reads and drops the bytes.
@@ -34,6 +36,14 @@ use crate::frame;
 
 /// Pings for the round-trip time.
 pub const PINGS: usize = 21;
+/// Datagrams that measure the loss: at 1 % loss, 300 are lost on average, and a measure off by
+/// a fifth is over three standard deviations away.
+pub const LOSS_DATAGRAMS: u64 = 30_000;
+/// Their pace, per second (about 90 Mbit/s of 1,200-byte packets; the congestion controller
+/// slows them on a thinner path).
+pub const LOSS_RATE: u64 = 10_000;
+/// The longest the loss measure takes (a thin path sends fewer datagrams).
+pub const LOSS_TIME: Duration = Duration::from_secs(8);
 /// How long a target waits for the coordinator to tell it of a probe that arrived first.
 pub const EXPECT_WAIT: Duration = Duration::from_secs(10);
 /// The longest a target answers one probe connection.
@@ -124,12 +134,17 @@ pub struct ProbeResult {
     pub rtt_min_ms: f64,
     /// Largest.
     pub rtt_max_ms: f64,
-    /// UDP datagrams the prober sent, and how many of them never arrived.
+    /// Datagrams (a packet each) the paced loss measure sent, and how many never arrived.
     pub packets_sent: u64,
     /// Lost.
     pub packets_lost: u64,
-    /// `packets_lost / packets_sent` (0 when nothing was sent).
+    /// `packets_lost / packets_sent` (0 when nothing was sent): the path's one-way loss.
     pub loss: f64,
+    /// The UDP datagrams the throughput runs sent, and the share that never arrived (line
+    /// loss, queues overflowing, a receiver not keeping up).
+    pub load_packets_sent: u64,
+    /// Their loss.
+    pub load_loss: f64,
     /// Each throughput run, in the order run.
     pub runs: Vec<ProbeRun>,
     /// The fastest run.
@@ -148,18 +163,41 @@ pub fn stream_counts(max: u32) -> Vec<u32> {
     out
 }
 
-/// Folds pings (round-trip samples), datagram counts and runs into a result.
+/// Sent and received counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Sent.
+    pub sent: u64,
+    /// Received (more than sent counts as all).
+    pub received: u64,
+}
+
+impl Counts {
+    fn lost(self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+
+    fn share_lost(self) -> f64 {
+        if self.sent == 0 {
+            0.0
+        } else {
+            self.lost() as f64 / self.sent as f64
+        }
+    }
+}
+
+/// Folds pings (round-trip samples), the paced loss measure, the throughput runs' datagram
+/// counts and the runs into a result.
 pub fn summarize(
     from: &str,
     to: &str,
     mut pings: Vec<Duration>,
-    sent: u64,
-    received: u64,
+    paced: Counts,
+    load: Counts,
     runs: Vec<ProbeRun>,
 ) -> ProbeResult {
     pings.sort();
     let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-    let lost = sent.saturating_sub(received);
     let best = runs
         .iter()
         .max_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec))
@@ -170,13 +208,11 @@ pub fn summarize(
         rtt_ms: ms(pings.get(pings.len() / 2)),
         rtt_min_ms: ms(pings.first()),
         rtt_max_ms: ms(pings.last()),
-        packets_sent: sent,
-        packets_lost: lost,
-        loss: if sent == 0 {
-            0.0
-        } else {
-            lost as f64 / sent as f64
-        },
+        packets_sent: paced.sent,
+        packets_lost: paced.lost(),
+        loss: paced.share_lost(),
+        load_packets_sent: load.sent,
+        load_loss: load.share_lost(),
         runs,
         best,
     }
@@ -194,7 +230,8 @@ pub async fn probe(
     let per_run =
         Duration::from_secs_f64((f64::from(spec.seconds) / f64::from(runs_total)).max(1.0));
     let mut pings = Vec::new();
-    let (mut sent, mut received) = (0u64, 0u64);
+    let mut paced = Counts::default();
+    let mut load = Counts::default();
     let mut runs = Vec::new();
     for (i, &cc) in spec.congestions.iter().enumerate() {
         let mut c = Connected::open(endpoint, tls, spec, cc).await?;
@@ -202,16 +239,18 @@ pub async fn probe(
             for n in 0..PINGS as u64 {
                 pings.push(c.ping(n).await?);
             }
+            paced = c.paced_loss(LOSS_DATAGRAMS, LOSS_RATE, LOSS_TIME).await?;
         }
+        let before = c.udp_counts().await?;
         for &streams in &counts {
             runs.push(c.run(cc, streams, per_run).await?);
         }
-        let (tx, rx) = c.datagrams().await?;
-        sent += tx;
-        received += rx;
+        let after = c.udp_counts().await?;
+        load.sent += after.sent - before.sent;
+        load.received += after.received.saturating_sub(before.received);
         c.conn.close(0u32.into(), b"probe done");
     }
-    Ok(summarize(me, &spec.peer, pings, sent, received, runs))
+    Ok(summarize(me, &spec.peer, pings, paced, load, runs))
 }
 
 /// A probe connection, its control stream open and the probe accepted.
@@ -352,18 +391,60 @@ impl Connected {
         })
     }
 
-    /// UDP datagrams this connection sent, and those the target's received.
-    async fn datagrams(&mut self) -> Result<(u64, u64), ProbeError> {
+    /// The target's counts.
+    async fn count(&mut self) -> Result<pb::ProbeReply, ProbeError> {
+        self.ask(&pb::ProbeRequest {
+            count: true,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// UDP datagrams this connection sent, and those the target's received, so far.
+    async fn udp_counts(&mut self) -> Result<Counts, ProbeError> {
         // Taken before the request: the request's own datagrams count at the target only, so
         // the loss is never overstated by them.
         let sent = self.conn.stats().udp_tx.datagrams;
-        let reply = self
-            .ask(&pb::ProbeRequest {
-                count: true,
-                ..Default::default()
-            })
-            .await?;
-        Ok((sent, reply.udp_datagrams.min(sent)))
+        let received = self.count().await?.udp_datagrams;
+        Ok(Counts { sent, received })
+    }
+
+    /// Sends up to `n` datagrams of a packet each at `per_sec` (for at most `limit`), waits for
+    /// stragglers, and counts what the target received.
+    async fn paced_loss(
+        &mut self,
+        n: u64,
+        per_sec: u64,
+        limit: Duration,
+    ) -> Result<Counts, ProbeError> {
+        let Some(size) = self.conn.max_datagram_size() else {
+            return Err(self.failed("the peer takes no QUIC datagrams"));
+        };
+        // Above half the smallest packet: never two in one packet, so a lost packet is one lost
+        // datagram.
+        let payload = Bytes::from(vec![0u8; size.clamp(700, 1200)]);
+        let before_sent = self.conn.stats().frame_tx.datagram;
+        let before_received = self.count().await?.datagrams;
+        let start = tokio::time::Instant::now();
+        for i in 0..n {
+            let due = start + Duration::from_secs_f64(i as f64 / per_sec as f64);
+            if due > tokio::time::Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
+            if start.elapsed() > limit {
+                break;
+            }
+            self.conn
+                .send_datagram_wait(payload.clone())
+                .await
+                .map_err(|e| self.failed(e))?;
+        }
+        // Let the last ones land (or be lost) before counting: a few round trips.
+        let rtt = self.conn.rtt();
+        tokio::time::sleep((rtt * 4).max(Duration::from_millis(200))).await;
+        let sent = self.conn.stats().frame_tx.datagram - before_sent;
+        let received = self.count().await?.datagrams - before_received;
+        Ok(Counts { sent, received })
     }
 }
 
@@ -373,6 +454,8 @@ pub struct Answerer {
     expected: watch::Receiver<Expected>,
     /// One probe at a time.
     busy: tokio::sync::Semaphore,
+    /// [`EXPECT_WAIT`] (tests set less).
+    expect_wait: Duration,
 }
 
 impl Answerer {
@@ -381,6 +464,15 @@ impl Answerer {
         Answerer {
             expected,
             busy: tokio::sync::Semaphore::new(1),
+            expect_wait: EXPECT_WAIT,
+        }
+    }
+
+    /// The same answerer, waiting `wait` for the coordinator's word on a probe.
+    pub fn with_expect_wait(self, wait: Duration) -> Self {
+        Answerer {
+            expect_wait: wait,
+            ..self
         }
     }
 
@@ -419,14 +511,19 @@ impl Answerer {
             };
             let _ = frame::write(send, &reply).await;
             let _ = send.finish();
+            // The reply must reach the prober before the connection closes.
+            let _ = tokio::time::timeout(STEP_TIMEOUT, send.stopped()).await;
             why
         };
         let job = hello.job;
         let mut expected = self.expected.clone();
-        let told = tokio::time::timeout(EXPECT_WAIT, expected.wait_for(|e| e.contains_key(&job)))
-            .await
-            .ok()
-            .and_then(|e| e.ok().map(|e| e[&job].clone()));
+        let told = tokio::time::timeout(
+            self.expect_wait,
+            expected.wait_for(|e| e.contains_key(&job)),
+        )
+        .await
+        .ok()
+        .and_then(|e| e.ok().map(|e| e[&job].clone()));
         let prober = match told {
             Some(prober) => prober,
             None => {
@@ -474,6 +571,11 @@ impl Answerer {
                     bytes: received.load(Ordering::Relaxed),
                     udp_datagrams: if req.count {
                         conn.stats().udp_rx.datagrams
+                    } else {
+                        0
+                    },
+                    datagrams: if req.count {
+                        conn.stats().frame_rx.datagram
                     } else {
                         0
                     },
@@ -536,22 +638,145 @@ mod tests {
             bytes: bytes_per_sec as u64,
             bytes_per_sec,
         };
+        let counts = |sent, received| Counts { sent, received };
         let r = summarize(
             "a",
             "b",
             vec![ms(52), ms(40), ms(41), ms(300), ms(42)],
-            10_000,
-            9_900,
+            counts(10_000, 9_900),
+            counts(1_000, 900),
             vec![run("cubic", 5e6), run("bbr", 9e6), run("newreno", 4e6)],
         );
         assert_eq!((r.rtt_ms, r.rtt_min_ms, r.rtt_max_ms), (42.0, 40.0, 300.0));
         assert_eq!((r.packets_sent, r.packets_lost), (10_000, 100));
         assert!((r.loss - 0.01).abs() < 1e-12);
+        assert_eq!(r.load_packets_sent, 1_000);
+        assert!((r.load_loss - 0.1).abs() < 1e-12);
         assert_eq!(r.best.unwrap().congestion, "bbr");
         // Nothing sent: no loss, not NaN; more received than sent (the count request's own
         // datagrams) is no loss either.
-        let r = summarize("a", "b", Vec::new(), 0, 3, Vec::new());
-        assert_eq!((r.loss, r.packets_lost, r.rtt_ms), (0.0, 0, 0.0));
+        let r = summarize("a", "b", Vec::new(), counts(0, 3), counts(5, 9), Vec::new());
+        assert_eq!(
+            (r.loss, r.packets_lost, r.rtt_ms, r.load_loss),
+            (0.0, 0, 0.0, 0.0)
+        );
         assert!(r.best.is_none());
+    }
+
+    /// Two agents' endpoints on loopback with real certificates: `dst` answers with an
+    /// [`Answerer`] told of `expected`.
+    struct Pair {
+        client: quinn::Endpoint,
+        server_addr: SocketAddr,
+        tls: BTreeMap<&'static str, TlsMaterial>,
+        expected: watch::Sender<Expected>,
+        _pki: tempfile::TempDir,
+    }
+
+    fn pair() -> Pair {
+        let pki = tempfile::tempdir().unwrap();
+        let ca = ferry_common::pki::Ca::init(pki.path()).unwrap();
+        let mut tls = BTreeMap::new();
+        for name in ["src", "dst", "other"] {
+            let paths = ca
+                .issue(&ferry_common::pki::Identity::Agent(name.into()), pki.path())
+                .unwrap();
+            tls.insert(name, TlsMaterial::load(&paths).unwrap());
+        }
+        let server = quinn::Endpoint::server(
+            tls["dst"].quic_server_with(&Transport::default()).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let (expected, rx) = watch::channel(Expected::new());
+        let answerer = Arc::new(Answerer::new(rx).with_expect_wait(Duration::from_millis(300)));
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                let answerer = answerer.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let peer = conn
+                        .peer_identity()
+                        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+                        .and_then(|c| c.first().cloned())
+                        .unwrap();
+                    answerer.answer(conn, &peer).await;
+                });
+            }
+        });
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        Pair {
+            client,
+            server_addr,
+            tls,
+            expected,
+            _pki: pki,
+        }
+    }
+
+    fn spec(pair: &Pair, job: u64) -> ProbeSpec {
+        ProbeSpec {
+            job,
+            peer: "dst".into(),
+            addr: pair.server_addr,
+            seconds: 2,
+            streams: 2,
+            congestions: vec![Congestion::Bbr, Congestion::Cubic],
+            window: 8 << 20,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_the_target_was_told_of_measures_the_path_over_real_quic() {
+        let p = pair();
+        p.expected
+            .send_replace(BTreeMap::from([(5, "src".to_string())]));
+        let r = probe(&p.client, &p.tls["src"], "src", &spec(&p, 5))
+            .await
+            .unwrap();
+        assert_eq!((r.from.as_str(), r.to.as_str()), ("src", "dst"));
+        // Two controllers × streams 1 and 2.
+        let runs: Vec<_> = r
+            .runs
+            .iter()
+            .map(|x| (x.congestion.as_str(), x.streams))
+            .collect();
+        assert_eq!(runs, [("bbr", 1), ("bbr", 2), ("cubic", 1), ("cubic", 2)]);
+        assert!(
+            r.runs.iter().all(|x| x.bytes > 0 && x.seconds >= 1.0),
+            "{r:?}"
+        );
+        assert!(r.rtt_ms > 0.0 && r.rtt_ms < 100.0, "loopback: {r:?}");
+        // Paced, loopback loses nothing; a flood may overrun a socket buffer now and then.
+        assert!(r.packets_sent > 1000 && r.loss < 0.001, "{r:?}");
+        assert!(r.load_packets_sent > 100 && r.load_loss < 0.2, "{r:?}");
+        assert_eq!(
+            r.best.as_ref().map(|b| b.bytes_per_sec),
+            r.runs.iter().map(|x| x.bytes_per_sec).reduce(f64::max)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_not_announced_or_from_another_agent_is_refused() {
+        let p = pair();
+        // Told of job 5 for "src": "other" presenting job 5 is cut off.
+        p.expected
+            .send_replace(BTreeMap::from([(5, "src".to_string())]));
+        let e = probe(&p.client, &p.tls["other"], "other", &spec(&p, 5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ProbeError::Refused { reason, .. } if reason.contains("agent src's")),
+            "{e}"
+        );
+        // Job 6 was never announced: refused once the wait for it ends.
+        let e = probe(&p.client, &p.tls["src"], "src", &spec(&p, 6))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ProbeError::Refused { reason, .. } if reason.contains("not told of probe job 6")),
+            "{e}"
+        );
     }
 }

@@ -154,6 +154,41 @@ fn serve<S: crate::sink::Sink>(
     tokio::spawn(target.serve(endpoint, stop))
 }
 
+/// The UDP receive buffer a data endpoint asks for: at a gigabit per second, a process
+/// descheduled for a few milliseconds must find its datagrams waiting, not dropped (a drop is a
+/// loss to QUIC: a retransmission, and a congestion controller backing off). Linux's default
+/// (about 200 KiB) overflows within 2 ms at 1 Gbit/s.
+pub const UDP_RECV_BUFFER: usize = 8 << 20;
+
+/// A QUIC endpoint on `addr` (a server when `server` is given), its socket's receive buffer
+/// raised to [`UDP_RECV_BUFFER`]: forced when the agent may (root), else as far as
+/// `net.core.rmem_max` allows, which is said once in the log when it is less.
+fn data_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, UDP_RECV_BUFFER).is_err() {
+        sockopt::set_socket_recv_buffer_size(&socket, UDP_RECV_BUFFER)?;
+    }
+    // Linux reports twice what was set (its own bookkeeping included).
+    let got = sockopt::socket_recv_buffer_size(&socket)? / 2;
+    if got < UDP_RECV_BUFFER {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                message = "The UDP receive buffer is smaller than asked: datagrams may be dropped on fast paths. Raise net.core.rmem_max (sysctl) to at least the asked size.",
+                bytes = got,
+                asked = UDP_RECV_BUFFER
+            )
+        });
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+}
+
 /// Where a target writes.
 enum TargetSink {
     Fs(Arc<FsSink>),
@@ -492,12 +527,13 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
                 ))
             }
         };
-        let endpoint = quinn::Endpoint::server(tls.quic_server_with(&transport)?, listen).map_err(
-            |source| StartError::Bind {
-                addr: listen,
-                source,
-            },
-        )?;
+        let endpoint =
+            data_endpoint(listen, Some(tls.quic_server_with(&transport)?)).map_err(|source| {
+                StartError::Bind {
+                    addr: listen,
+                    source,
+                }
+            })?;
         let bound = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: listen,
             source,
@@ -562,7 +598,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         session = %format!("{:016x}", control.session())
     );
 
-    let client_endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))
+    let client_endpoint = data_endpoint("0.0.0.0:0".parse().expect("valid address"), None)
         .map_err(|source| StartError::Bind {
             addr: "0.0.0.0:0".parse().expect("valid address"),
             source,

@@ -140,10 +140,16 @@ pub fn probe_table(p: &ProbeResult) -> String {
     );
     let _ = writeln!(
         out,
-        "  loss         {:.2} % ({} of {} packets)",
+        "  loss         {:.2} % ({} of {} paced packets)",
         p.loss * 100.0,
         p.packets_lost,
         p.packets_sent
+    );
+    let _ = writeln!(
+        out,
+        "  under load   {:.2} % of {} packets (queues and receivers overrun included)",
+        p.load_loss * 100.0,
+        p.load_packets_sent
     );
     let _ = writeln!(out);
     let _ = writeln!(

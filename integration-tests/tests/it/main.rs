@@ -10,6 +10,7 @@ mod cluster;
 mod cutover;
 mod deploy;
 mod identity;
+mod jobs;
 mod metrics;
 mod object_store;
 mod partition;
