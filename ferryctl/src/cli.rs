@@ -469,6 +469,19 @@ pub enum VerifyMode {
     Full,
 }
 
+/// One look of `migration status --watch -o json`: the progress as one line of JSON (or a YAML
+/// document under `-o yaml`).
+fn print_watched(p: &pb::MigrationProgress) {
+    if crate::ctl::yaml_output() {
+        print_json(p);
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string(p).expect("protobuf types serialise")
+        );
+    }
+}
+
 /// Prints a job: its result as a table (or the job as JSON), or why it failed (exit 7).
 fn show_job(job: &pb::JobInfo, json: bool) -> anyhow::Result<ExitCode> {
     use ferry_proto::admin::JobState;
@@ -637,7 +650,11 @@ fn split_agent(s: &str, what: &str) -> anyhow::Result<(String, String)> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let json = cli.output == Output::Json;
+    // `-o yaml` is `-o json` written as YAML (print_json does it).
+    let json = cli.output != Output::Table;
+    if cli.output == Output::Yaml {
+        crate::ctl::output_yaml();
+    }
     match &cli.cmd {
         Cmd::Quickstart {
             source,
@@ -893,7 +910,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let p = crate::plan::plan(&parsed, &inputs)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&p)?);
+                print_json(&p);
             } else {
                 print!("{}", crate::plan::table(&p, &inputs));
             }
@@ -1108,11 +1125,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Migration(MigrationCmd::Status { id, watch }) => {
             let ctl = connect(&cli).await?;
             let id = &ctl.resolve(id).await?;
-            if *watch && !json {
-                ctl.watch(*id, Duration::from_secs(3600), |p, r| {
-                    eprintln!("{}", progress_line(p, r))
-                })
-                .await?;
+            if *watch {
+                // A terminal sees one line redrawn in place; a log or a pipe a line per look;
+                // `-o json` one JSON object per line on stdout (`-o yaml` a document each).
+                let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let started = std::time::Instant::now();
+                let last = ctl
+                    .watch(*id, Duration::from_secs(3600), |p, r| {
+                        if json {
+                            print_watched(p);
+                            return;
+                        }
+                        let line = format!(
+                            "{}  elapsed {}",
+                            progress_line(p, r),
+                            crate::ctl::human_duration(started.elapsed())
+                        );
+                        if terminal {
+                            eprint!("\r\x1b[2K{line}");
+                        } else {
+                            eprintln!("{line}");
+                        }
+                    })
+                    .await?;
+                if terminal && !json {
+                    eprintln!();
+                }
+                if json {
+                    return Ok(if last.phase() == pb::Phase::Failed {
+                        crate::exit::Exit::Failed.code()
+                    } else {
+                        ExitCode::SUCCESS
+                    });
+                }
             }
             let p = ctl.status(*id).await?;
             if json {

@@ -101,6 +101,21 @@ pub enum Output {
     Table,
     /// One JSON document.
     Json,
+    /// The same as YAML (a document per JSON document).
+    Yaml,
+}
+
+/// Whether `print_json` writes YAML (`-o yaml`): set once, by the command line.
+static YAML: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `-o yaml` was asked for.
+pub fn yaml_output() -> bool {
+    YAML.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Makes [`print_json`] write YAML documents instead of JSON.
+pub fn output_yaml() {
+    YAML.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Ctl {
@@ -776,7 +791,10 @@ pub struct Rate {
 
 impl Rate {
     fn sample(&mut self, bytes: u64) {
-        let now = Instant::now();
+        self.sample_at(Instant::now(), bytes);
+    }
+
+    fn sample_at(&mut self, now: Instant, bytes: u64) {
         if self.first.is_none() {
             self.first = Some((now, bytes));
         }
@@ -818,26 +836,43 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
     };
     let speed = rate.bytes_per_sec();
     let eta = match speed {
-        Some(s) if p.scan_complete && p.bytes_total > p.bytes_verified => {
-            format!("ETA {:.0}s", (p.bytes_total - p.bytes_verified) as f64 / s)
+        Some(s) if p.scan_complete && p.bytes_total > p.bytes_verified && s > 0.0 => {
+            let left = (p.bytes_total - p.bytes_verified) as f64 / s;
+            format!(
+                "ETA {}",
+                human_duration(Duration::from_secs_f64(left.min(1e9)))
+            )
         }
         _ if p.phase() == pb::Phase::Done => "done".to_string(),
         _ if !p.scan_complete => "scanning".to_string(),
         _ => "ETA -".to_string(),
     };
+    // While the scan runs the totals still grow: say so.
+    let growing = if p.scan_complete { "" } else { "+" };
     format!(
-        "migration {} ({}) {:<8} {:>10} / {:<10} ({pct:5.1}%)  files {}/{}  segments {}/{}  {}  {eta}",
+        "migration {} ({}) {:<8} {:>10} / {:<11} ({pct:5.1}%)  files {}/{}{growing}  segments {}/{}{growing}  {}  {eta}",
         p.migration_id,
         p.name,
         phase_name(p.phase()),
         human_bytes(p.bytes_verified),
-        human_bytes(p.bytes_total),
+        format!("{}{growing}", human_bytes(p.bytes_total)),
         p.files_verified,
         p.files_total,
         p.segments_verified,
         p.segments_total,
         speed.map_or("- MB/s".to_string(), |s| format!("{:.1} MB/s", s / 1e6)),
     )
+}
+
+/// A duration as people say it, to the second: `45s`, `3m 20s`, `2h 5m`, `3d 4h`.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
 }
 
 /// The lines that show a migration's rounds (none while it has only its bulk copy): what each
@@ -1027,6 +1062,11 @@ pub fn failed_lines(p: &pb::MigrationProgress) -> Vec<String> {
 
 /// Prints `v` as pretty JSON.
 pub fn print_json<T: serde::Serialize>(v: &T) {
+    if yaml_output() {
+        let value = serde_json::to_value(v).expect("protobuf types serialise");
+        crate::cli::emit(format_args!("{}", crate::yaml::document(&value)));
+        return;
+    }
     crate::cli::emit(format_args!(
         "{}\n",
         serde_json::to_string_pretty(v).expect("protobuf types serialise")
@@ -1085,5 +1125,42 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");
         assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
         assert_eq!(super::utc(1_796_414_612_393), "2026-12-04 20:03:32");
+    }
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        use std::time::Duration;
+        let d = |s| super::human_duration(Duration::from_secs(s));
+        assert_eq!(
+            [d(0), d(59), d(200), d(7_500), d(277_200)],
+            ["0s", "59s", "3m 20s", "2h 5m", "3d 5h"]
+        );
+    }
+
+    #[test]
+    fn a_scanning_migration_marks_its_totals_growing_and_a_known_rate_gives_an_eta() {
+        use super::pb;
+        let mut p = pb::MigrationProgress {
+            migration_id: 1,
+            name: "m".into(),
+            bytes_total: 1000,
+            files_total: 4,
+            segments_total: 2,
+            ..Default::default()
+        };
+        p.set_phase(pb::Phase::Copying);
+        let line = super::progress_line(&p, &Default::default());
+        assert!(
+            line.contains("files 0/4+") && line.contains("scanning"),
+            "{line}"
+        );
+        p.scan_complete = true;
+        p.bytes_verified = 400;
+        let mut rate = super::Rate::default();
+        let t0 = std::time::Instant::now();
+        rate.sample_at(t0, 0);
+        rate.sample_at(t0 + std::time::Duration::from_secs(2), 400);
+        let line = super::progress_line(&p, &rate);
+        assert!(!line.contains('+') && line.contains("ETA 3s"), "{line}");
     }
 }

@@ -36,7 +36,7 @@ pub async fn wait(ctl: &Ctl, id: u64, timeout: Duration) -> Result<pb::JobInfo, 
                         job.kind,
                         job.agent,
                         progress_line(&job),
-                        elapsed(started.elapsed())
+                        crate::ctl::human_duration(started.elapsed())
                     );
                 }
             }
@@ -44,20 +44,10 @@ pub async fn wait(ctl: &Ctl, id: u64, timeout: Duration) -> Result<pb::JobInfo, 
         if started.elapsed() > timeout {
             return Err(CtlError::Status(format!(
                 "job {id} has not ended after {}; `ferryctl jobs {id}` shows it later",
-                elapsed(timeout)
+                crate::ctl::human_duration(timeout)
             )));
         }
         tokio::time::sleep(POLL).await;
-    }
-}
-
-/// A duration to the second: `1m 5s`.
-fn elapsed(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
     }
 }
 

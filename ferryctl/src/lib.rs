@@ -9,3 +9,4 @@ pub mod exit;
 pub mod jobs;
 pub mod plan;
 pub mod quickstart;
+pub mod yaml;

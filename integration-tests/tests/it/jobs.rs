@@ -159,6 +159,43 @@ async fn assess_and_probe_run_on_agent_processes_and_plan_reads_their_results() 
         "{plan}"
     );
 
+    // The same list as YAML reads back (by PyYAML) as the JSON.
+    let yaml = ferryctl(&env, &addr, &["jobs", "-o", "yaml"]);
+    assert!(yaml.status.success());
+    match yaml_to_json(&yaml.stdout) {
+        Some(v) => assert_eq!(v, jobs),
+        None => crate::harness::skip("python3 with PyYAML is not installed"),
+    }
+
+    // The migration the plan was for; `--watch -o json` prints one JSON object per look.
+    let create = [
+        "migration",
+        "create",
+        "--name",
+        "planned",
+        "--source",
+        &format!("src:{path}"),
+        "--target",
+        "dst:copy",
+    ];
+    assert!(ferryctl(&env, &addr, &create).status.success());
+    let watched = ferryctl(
+        &env,
+        &addr,
+        &["migration", "status", "planned", "--watch", "-o", "json"],
+    );
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    let looks: Vec<serde_json::Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(!looks.is_empty());
+    assert_eq!(looks.last().unwrap()["phase"], "done");
+
     // Refusals with their exit codes: an unknown agent is not found (4); an agent that cannot
     // receive cannot be probed (5); a result asked of the wrong kind of job is an error.
     let unknown = ferryctl(&env, &addr, &["assess", "nobody", "/data"]);
@@ -192,6 +229,36 @@ async fn assess_and_probe_run_on_agent_processes_and_plan_reads_their_results() 
 
     terminate(&mut source, "source agent");
     terminate(&mut target, "target agent");
+}
+
+/// YAML read by PyYAML and written back as JSON (None without python3 and PyYAML; YAML it
+/// cannot read fails the test).
+fn yaml_to_json(yaml: &[u8]) -> Option<serde_json::Value> {
+    use std::io::Write;
+    let has_pyyaml = std::process::Command::new("python3")
+        .args(["-c", "import yaml"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_pyyaml {
+        return None;
+    }
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, json, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(yaml).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "PyYAML cannot read: {}",
+        String::from_utf8_lossy(yaml)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("python prints JSON"))
 }
 
 /// Spawns `bin run --config <cfg>` in namespace `ns`, logging to `log`.
