@@ -32,6 +32,10 @@ enum Cmd {
         /// --exclude`); repeatable.
         #[arg(long)]
         exclude: Vec<String>,
+        /// A gitignore-style file of paths to leave out (as `migration create
+        /// --exclude-from`); repeatable.
+        #[arg(long, value_name = "FILE")]
+        exclude_from: Vec<PathBuf>,
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
@@ -82,11 +86,18 @@ async fn run() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Assess {
             path,
-            exclude,
+            mut exclude,
+            exclude_from,
             json,
         } => {
+            for f in &exclude_from {
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    anyhow::anyhow!("--exclude-from: cannot read {}: {e}", f.display())
+                })?;
+                exclude.extend(ferry_common::exclude::rules_from(&text));
+            }
             let excludes = ferry_common::exclude::Excludes::new(&exclude)
-                .map_err(|e| anyhow::anyhow!("--exclude: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("--exclude/--exclude-from: {e}"))?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);

@@ -140,7 +140,7 @@ pub fn list<E>(
             .collect::<Vec<_>>()
             .into_iter()
             .rev()
-            .find(|a| excludes.matches(a));
+            .find(|a| excludes.matches_kind(a, *a != rel));
         let item = if let Some(a) = excluded {
             if a != rel {
                 skipped_dir = Some(a.to_path_buf());

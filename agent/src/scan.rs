@@ -144,7 +144,10 @@ pub fn walk_in<E>(
             continue;
         };
         let rel = dir.join(&name);
-        if excludes.matches(&rel) {
+        // A rule for directories only (`build/` in an exclude file) must know what `rel` is.
+        let is_dir = excludes.needs_kind()
+            && std::fs::symlink_metadata(root.join(&rel)).is_ok_and(|m| m.is_dir());
+        if excludes.matches_kind(&rel, is_dir) {
             if let Err(e) = f(Walked::Excluded) {
                 return Ok(Err(e));
             }

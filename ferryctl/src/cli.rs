@@ -106,6 +106,9 @@ enum Cmd {
         /// Glob of names to leave out, as a migration's --exclude (repeatable).
         #[arg(long)]
         exclude: Vec<String>,
+        /// A gitignore-style file of names to leave out, as a migration's --exclude-from.
+        #[arg(long, value_name = "FILE")]
+        exclude_from: Vec<PathBuf>,
         /// How long to wait for the result [default: 24h].
         #[arg(long, value_parser = parse_duration, default_value = "24h")]
         timeout: Duration,
@@ -321,6 +324,12 @@ enum MigrationCmd {
         /// counted, not failures.
         #[arg(long = "exclude", value_name = "PATTERN")]
         excludes: Vec<String>,
+        /// A file of paths not to copy, in gitignore's syntax (`build/` only directories, a
+        /// name without '/' at any depth, `*` not crossing '/', `!name` takes back what an
+        /// earlier line of the file left out, `#` comments); repeatable. Its rules are kept
+        /// with the migration, not the file's path.
+        #[arg(long, value_name = "FILE")]
+        exclude_from: Vec<PathBuf>,
         /// Its throttle from the start (change it later with `migration throttle`): a rate
         /// (200mbit), or a schedule with times in UTC: "09:00-18:00 100mbit, else off".
         #[arg(long)]
@@ -467,6 +476,19 @@ pub enum VerifyMode {
     Transferred,
     /// Both trees, read back from disk by their agents, compared.
     Full,
+}
+
+/// The spec's excludes: the `--exclude` globs, then the rules of each `--exclude-from` file
+/// (checked here, so a bad line is named before anything is sent).
+fn excludes_with(globs: &[String], files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut all = globs.to_vec();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("--exclude-from: cannot read {}", f.display()))?;
+        all.extend(ferry_common::exclude::rules_from(&text));
+    }
+    ferry_common::exclude::Excludes::new(&all).context("--exclude/--exclude-from")?;
+    Ok(all)
 }
 
 /// One look of `migration status --watch -o json`: the progress as one line of JSON (or a YAML
@@ -821,8 +843,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             agent,
             paths,
             exclude,
+            exclude_from,
             timeout,
         } => {
+            let exclude = &excludes_with(exclude, exclude_from)?;
             let ctl = connect(&cli).await?;
             let started = ctl
                 .start_job(pb::StartJobRequest {
@@ -1037,6 +1061,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             xattrs,
             max_attempts,
             excludes,
+            exclude_from,
             throttle,
             keep_deleted,
             max_delete,
@@ -1045,6 +1070,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
+            let excludes = &excludes_with(excludes, exclude_from)?;
             let spec = pb::MigrationSpec {
                 source_agent,
                 source_path,

@@ -534,11 +534,12 @@ pub fn table(p: &Plan, inputs: &Inputs) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{} in {} by the deadline ({}): {} agents moving {}",
+        "\n{} in {} by the deadline ({}): {} agent{} moving {}",
         ferry_common::text::bytes(inputs.bytes as f64),
         duration_text(p.duration_secs),
         duration_text(inputs.deadline_secs),
         p.agent_count,
+        if p.agent_count == 1 { "" } else { "s" },
         rate_text(p.throughput as f64),
     );
     let _ = writeln!(

@@ -294,3 +294,115 @@ async fn a_context_names_where_and_as_whom_to_connect() {
         .unwrap()
         .contains("current = \"lab\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclude_file_leaves_out_what_gitignore_would() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("admin".into()));
+    let src = env.path("src");
+    for (path, body) in [
+        ("model/weights.bin", "w"),
+        ("model/run.tmp", "t"),
+        ("build/out.o", "o"),
+        ("src/build/gen.rs", "g"),
+        ("notes/build", "a file named build"),
+        ("logs/app.log", "l"),
+        ("logs/keep.log", "k"),
+        ("logs/old/app.log", "deep"),
+        ("top.log", "anchored"),
+        ("sub/top.log", "not anchored here"),
+    ] {
+        let p = src.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    let rules = env.path("exclude.txt");
+    std::fs::write(
+        &rules,
+        "# what a build leaves\nbuild/\n*.tmp\n\n/top.log\nlogs/*.log\n!logs/keep.log\n",
+    )
+    .unwrap();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(env.path("dst"))).await;
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let out = run(
+        &env,
+        &coord,
+        "admin",
+        &[
+            "migration",
+            "create",
+            "--name",
+            "filtered",
+            "--source",
+            &format!("source:{}", src.display()),
+            "--target",
+            "target:copy",
+            "--exclude-from",
+            &rules.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = ctl.resolve("filtered").await.unwrap();
+    let p = ctl
+        .watch(id, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        p.phase(),
+        ferry_proto::admin::Phase::Done,
+        "{}",
+        p.last_error
+    );
+    let mut copied: Vec<String> = Vec::new();
+    let root = env.path("dst/copy");
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                copied.push(p.strip_prefix(&root).unwrap().display().to_string());
+            }
+        }
+    }
+    copied.sort();
+    assert_eq!(
+        copied,
+        [
+            "logs/keep.log",
+            "logs/old/app.log",
+            "model/weights.bin",
+            "notes/build",
+            "sub/top.log"
+        ]
+    );
+    // Two directories named build, run.tmp, app.log and top.log.
+    assert_eq!(p.excluded, 5);
+    // A file over the bounds (the rules travel with the spec) is refused before anything is
+    // sent.
+    std::fs::write(&rules, "x\n".repeat(2000)).unwrap();
+    let bad = run(
+        &env,
+        &coord,
+        "admin",
+        &[
+            "migration",
+            "create",
+            "--source",
+            &format!("source:{}", src.display()),
+            "--target",
+            "target:bad",
+            "--exclude-from",
+            &rules.display().to_string(),
+        ],
+    );
+    assert_eq!(code(&bad), 1, "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("at most 1024"), "{}", stderr(&bad));
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}
