@@ -350,6 +350,11 @@ enum MigrationCmd {
         /// you decide. Pairs with --sync-every for a hands-off migration.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         auto_cutover_below: Option<Duration>,
+        /// Change nothing: check the request as a create would (name, agents, spec), then have
+        /// the source agent walk its path with these excludes and print what would be copied,
+        /// how much, what is excluded or cannot be copied, and what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Cut over: freeze the source (its agent's pre_freeze hook), sync the last changes,
     /// verify both trees in full, and switch (the target agent's switch hook) — or, on any
@@ -476,6 +481,95 @@ pub enum VerifyMode {
     Transferred,
     /// Both trees, read back from disk by their agents, compared.
     Full,
+}
+
+/// `migration create --dry-run` once the coordinator found the request sound: the source
+/// agent assesses the source path with the spec's excludes (a job, as `ferryctl assess`), and
+/// this says what the first copy would move. A first copy deletes nothing at the target.
+async fn dry_run_create(
+    ctl: &Ctl,
+    name: &str,
+    spec: &pb::MigrationSpec,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if ferry_common::path::is_store_url(&spec.source_path) {
+        bail!(
+            "--dry-run: the request is sound, but the source {} is an object store, which a dry \
+             run does not list yet",
+            spec.source_path
+        );
+    }
+    let started = ctl
+        .start_job(pb::StartJobRequest {
+            agent: spec.source_agent.clone(),
+            assess: Some(pb::AssessSpec {
+                paths: vec![spec.source_path.clone()],
+                excludes: spec.excludes.clone(),
+            }),
+            probe: None,
+        })
+        .await?;
+    let job = crate::jobs::wait(ctl, started.id, Duration::from_secs(24 * 3600)).await?;
+    if job.state() == pb::JobState::Failed {
+        bail!(
+            "--dry-run: the source agent could not walk {}: {}",
+            spec.source_path,
+            job.error
+        );
+    }
+    let a = crate::jobs::assessment(&job)?;
+    let on_wire = a.bytes.saturating_sub(a.hole_bytes);
+    if json {
+        print_json(&serde_json::json!({
+            "dry_run": true,
+            "name": name,
+            "job": job.id,
+            "would_copy": {
+                "files": a.files, "bytes": a.bytes, "bytes_sent": on_wire, "dirs": a.dirs,
+                "symlinks": a.symlinks, "hardlinks": a.hardlinks,
+            },
+            "excluded": a.excluded,
+            "cannot_copy": a.issues,
+            "would_delete": 0,
+            "assessment": a,
+        }));
+    } else {
+        let size = |n: u64| ferry_common::text::bytes(n as f64);
+        println!(
+            "dry run: migration {name} from {}:{} to {}:{} (nothing was created)",
+            spec.source_agent,
+            spec.source_path,
+            spec.target_agent,
+            if spec.target_path.is_empty() {
+                "."
+            } else {
+                &spec.target_path
+            }
+        );
+        println!(
+            "would copy {} files ({}, {} of it sent: holes of sparse files are not), {} \
+             directories, {} symlinks, {} further names of files (hardlinks)",
+            a.files,
+            size(a.bytes),
+            size(on_wire),
+            a.dirs,
+            a.symlinks,
+            a.hardlinks
+        );
+        println!("excluded: {} path(s)", a.excluded);
+        if a.issues > 0 {
+            println!(
+                "cannot copy {} path(s) (the migration would end failed unless they are \
+                 excluded):",
+                a.issues
+            );
+            for (path, why) in &a.issue_examples {
+                println!("  {path}: {why}");
+            }
+        }
+        println!("would delete nothing at the target (a first copy only adds)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The spec's excludes: the `--exclude` globs, then the rules of each `--exclude-from` file
@@ -1067,6 +1161,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_delete,
             sync_every,
             auto_cutover_below,
+            dry_run,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
@@ -1086,6 +1181,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 auto_cutover_below_ms: auto_cutover_below.map_or(0, |d| d.as_millis() as u64),
             };
             let name = name.clone().unwrap_or_else(|| default_name(&spec));
+            if *dry_run {
+                let ctl = connect(&cli).await?;
+                ctl.check_create(&name, spec.clone(), throttle.as_deref().unwrap_or(""))
+                    .await?;
+                return dry_run_create(&ctl, &name, &spec, json).await;
+            }
             let id = connect(&cli)
                 .await?
                 .create_throttled(

@@ -526,6 +526,29 @@ impl Ctl {
         .await
     }
 
+    /// Checks a create as the coordinator would (the name, the agents, the spec, its
+    /// throttle) without creating anything.
+    pub async fn check_create(
+        &self,
+        name: &str,
+        spec: pb::MigrationSpec,
+        throttle: &str,
+    ) -> Result<(), CtlError> {
+        let req = pb::CreateMigrationRequest {
+            spec: Some(spec),
+            name: name.to_string(),
+            idempotency_key: String::new(),
+            throttle: throttle.to_string(),
+            dry_run: true,
+        };
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            c.create_migration(req.clone()).await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Creates a migration named by [`default_name`]; returns its id. See [`Ctl::create_named`].
     pub async fn create(&self, spec: pb::MigrationSpec) -> Result<u64, CtlError> {
         self.create_named(&default_name(&spec), spec).await
@@ -563,6 +586,7 @@ impl Ctl {
             name: name.to_string(),
             idempotency_key: key.to_string(),
             throttle: throttle.to_string(),
+            dry_run: false,
         };
         let deadline = Instant::now() + READ_RETRY_FOR;
         let create = || {

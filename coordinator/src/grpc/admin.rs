@@ -941,6 +941,19 @@ impl Admin for AdminService {
                 spec.target_agent, spec.segment_size
             )));
         }
+        if r.dry_run {
+            let name = r.name.clone();
+            let checked = self
+                .0
+                .read(move |s| s.check_new_migration(&name, &spec))
+                .await?;
+            return match checked {
+                Ok(()) => Ok(GrpcResponse::new(pb::CreateMigrationResponse {
+                    migration_id: 0,
+                })),
+                Err(why) => Err(Status::failed_precondition(why)),
+            };
+        }
         match self
             .0
             .write(caller.audited(Command::CreateMigration {

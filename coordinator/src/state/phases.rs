@@ -212,6 +212,34 @@ pub(super) struct ScanEnd {
 }
 
 impl State {
+    /// Why a migration named `name` with `spec` cannot be created now, if it cannot (what
+    /// [`Command::CreateMigration`] checks of the state; a dry run asks the same).
+    pub fn check_new_migration(&self, name: &str, spec: &MigrationSpec) -> Result<(), String> {
+        if name.is_empty() {
+            return Err("a migration needs a name".into());
+        }
+        if let Some(&id) = self.by_name.get(name) {
+            return Err(format!(
+                "a migration named {name} already exists (id {id}); if it is the one you meant, \
+                 see `ferryctl migration status {name}`, else choose another --name"
+            ));
+        }
+        if spec.source_agent == spec.target_agent {
+            return Err("source and target agent must differ".into());
+        }
+        for a in [&spec.source_agent, &spec.target_agent] {
+            if !self.agents.contains_key(a) {
+                return Err(format!(
+                    "agent {a} is not registered; start it and check `ferryctl agents list`"
+                ));
+            }
+        }
+        if spec.segment_size == 0 {
+            return Err("segment size must be at least 1 byte".into());
+        }
+        Ok(())
+    }
+
     pub(super) fn create_migration(
         &mut self,
         name: String,
@@ -239,27 +267,8 @@ impl State {
                 m.name
             ));
         }
-        if name.is_empty() {
-            return refused("a migration needs a name");
-        }
-        if let Some(&id) = self.by_name.get(&name) {
-            return refused(format!(
-                "a migration named {name} already exists (id {id}); if it is the one you meant, \
-                 see `ferryctl migration status {name}`, else choose another --name"
-            ));
-        }
-        if spec.source_agent == spec.target_agent {
-            return refused("source and target agent must differ");
-        }
-        for a in [&spec.source_agent, &spec.target_agent] {
-            if !self.agents.contains_key(a) {
-                return refused(format!(
-                    "agent {a} is not registered; start it and check `ferryctl agents list`"
-                ));
-            }
-        }
-        if spec.segment_size == 0 {
-            return refused("segment size must be at least 1 byte");
+        if let Err(why) = self.check_new_migration(&name, &spec) {
+            return refused(why);
         }
         if uuid.is_empty() || self.migrations.values().any(|m| m.uuid == uuid) {
             return refused("a migration needs a fresh uuid");

@@ -327,23 +327,39 @@ async fn an_exclude_file_leaves_out_what_gitignore_would() {
     let target = env.agent("target", &coord, Some(env.path("dst"))).await;
     let source = env.agent("source", &coord, None).await;
     let ctl = env.ctl(&coord).await;
-    let out = run(
-        &env,
-        &coord,
-        "admin",
-        &[
-            "migration",
-            "create",
-            "--name",
-            "filtered",
-            "--source",
-            &format!("source:{}", src.display()),
-            "--target",
-            "target:copy",
-            "--exclude-from",
-            &rules.display().to_string(),
-        ],
+    let source_arg = format!("source:{}", src.display());
+    let rules_arg = rules.display().to_string();
+    let create = [
+        "migration",
+        "create",
+        "--name",
+        "filtered",
+        "--source",
+        &source_arg,
+        "--target",
+        "target:copy",
+        "--exclude-from",
+        &rules_arg,
+    ];
+    // A dry run says what the copy below will move, and creates nothing.
+    let mut dry = create.to_vec();
+    dry.extend(["--dry-run", "-o", "json"]);
+    let out = run(&env, &coord, "admin", &dry);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["would_copy"]["files"], 5, "{plan}");
+    assert_eq!(plan["excluded"], 5, "{plan}");
+    assert_eq!(plan["would_delete"], 0);
+    assert!(
+        ctl.migrations().await.unwrap().is_empty(),
+        "a dry run creates nothing"
     );
+    // A dry run is checked as a create is: an unknown agent is refused (exit 5).
+    let mut unknown = dry.clone();
+    unknown[7] = "nobody:copy";
+    assert_eq!(code(&run(&env, &coord, "admin", &unknown)), 5);
+
+    let out = run(&env, &coord, "admin", &create);
     assert!(out.status.success(), "{}", stderr(&out));
     let id = ctl.resolve("filtered").await.unwrap();
     let p = ctl
