@@ -1,12 +1,13 @@
 //! Jobs the coordinator hands out in heartbeats that move no migration's data: an assessment of
 //! paths on this host ([`crate::assess`]), a probe of the path to another agent
-//! ([`crate::probe`]), or a probe to answer as its target. Each job runs once per process, in
+//! ([`crate::probe`]), a probe to answer as its target, or a preview of a migration's next sync
+//! round ([`preview_sync`]: the round's scan and comparison, nothing recorded or sent). Each job runs once per process, in
 //! the background; its progress is reported every [`PROGRESS_EVERY`] and its end (a JSON result
 //! or an error) with retries. A job the agent restarts during is run again from the start (both
 //! kinds only read).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use ferry_common::exclude::Excludes;
 use ferry_common::tls::TlsMaterial;
 use ferry_common::transport::Congestion;
 use ferry_proto::control as pb;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::control::Coordinator;
@@ -41,6 +43,8 @@ pub struct Prober {
 pub struct JobRunner<C: Coordinator> {
     control: C,
     prober: Option<Prober>,
+    /// The agent's state directory (where its migrations' catalogs are).
+    state_dir: Option<PathBuf>,
     /// Probes to answer as a target (read by [`crate::probe::Answerer`]).
     expected: watch::Sender<Expected>,
     /// Jobs this process started.
@@ -56,9 +60,18 @@ impl<C: Coordinator> JobRunner<C> {
         JobRunner {
             control,
             prober,
+            state_dir: None,
             expected,
             started: Mutex::default(),
             stopping: Arc::default(),
+        }
+    }
+
+    /// The same runner, reading migrations' catalogs below `state_dir` (sync previews).
+    pub fn with_state_dir(self, state_dir: PathBuf) -> Self {
+        JobRunner {
+            state_dir: Some(state_dir),
+            ..self
         }
     }
 
@@ -95,6 +108,8 @@ impl<C: Coordinator> JobRunner<C> {
             self.assess(id, a).await
         } else if let Some(p) = job.probe {
             self.probe(id, p).await
+        } else if let Some(p) = job.sync_preview {
+            self.sync_preview(p).await
         } else {
             Err("the coordinator sent a job of a kind this agent does not know: upgrade it".into())
         };
@@ -178,6 +193,23 @@ impl<C: Coordinator> JobRunner<C> {
         serde_json::to_string(&a).map_err(|e| e.to_string())
     }
 
+    async fn sync_preview(&self, job: pb::SyncPreviewJob) -> Result<String, String> {
+        let Some(state_dir) = self.state_dir.clone() else {
+            return Err("this agent keeps no migration state".into());
+        };
+        let dir = crate::source::migration_state_dir(
+            &state_dir,
+            &self.control.cluster_id(),
+            &job.migration_uuid,
+        )
+        .map_err(|(what, v)| format!("{what} {v:?} is not an id"))?;
+        let stopping = self.stopping.clone();
+        let preview = tokio::task::spawn_blocking(move || preview_sync(&dir, &job, &stopping))
+            .await
+            .map_err(|e| format!("the preview ended abnormally: {e}"))??;
+        serde_json::to_string(&preview).map_err(|e| e.to_string())
+    }
+
     async fn probe(&self, id: u64, job: pb::ProbeJob) -> Result<String, String> {
         let Some(prober) = &self.prober else {
             return Err("this agent cannot probe (it has no client endpoint)".into());
@@ -210,6 +242,125 @@ impl<C: Coordinator> JobRunner<C> {
                 .map_err(|e| e.to_string())?;
         serde_json::to_string(&result).map_err(|e| e.to_string())
     }
+}
+
+/// Names a preview lists of each kind.
+pub const PREVIEW_EXAMPLES: usize = 20;
+
+/// What a migration's next sync round would do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPreview {
+    /// The round it would be.
+    pub round: u32,
+    /// Files new or changed since the last round (sent; a large file with recorded blocks
+    /// sends only its changed blocks, so `send_bytes` is at most what travels).
+    pub send_files: u64,
+    /// Their sizes.
+    pub send_bytes: u64,
+    /// Directories, symlinks and further names of files new or changed.
+    pub send_other: u64,
+    /// Names whose kind changed (removed at the target, then sent).
+    pub replaced: u64,
+    /// Names as the target has them.
+    pub unchanged: u64,
+    /// Names gone at the source, deleted at the target (all names, inside removed directories
+    /// too).
+    pub deleted: u64,
+    /// The topmost of them (at most [`PREVIEW_EXAMPLES`]).
+    pub deleted_examples: Vec<String>,
+    /// The migration keeps deleted names at the target: nothing would be deleted.
+    pub keep_deleted: bool,
+    /// More deletions than its `--max-delete`: the round would delete none and end failed.
+    pub over_max_delete: bool,
+    /// The first names to send (at most [`PREVIEW_EXAMPLES`]).
+    pub send_examples: Vec<String>,
+    /// Paths left out by the excludes.
+    pub excluded: u64,
+    /// Paths that cannot be copied.
+    pub issues: u64,
+    /// The first of them, with the reason.
+    pub issue_examples: Vec<(String, String)>,
+}
+
+/// Scans the migration's source as its next sync round would and compares it, name by name,
+/// with the catalog of its last round (below `dir`, the migration's state directory), recording
+/// and sending nothing. Names the last round sent but did not verify are sent again by the
+/// round too; they are not counted here unless they changed.
+pub fn preview_sync(
+    dir: &Path,
+    job: &pb::SyncPreviewJob,
+    stopping: &AtomicBool,
+) -> Result<SyncPreview, String> {
+    use crate::catalog::{CatalogReader, Change, Differ};
+    use crate::scan::Walked;
+    use crate::segment::EntryKind;
+    let catalog = crate::source::round_dir(dir, job.round).join("catalog");
+    if !catalog.exists() {
+        return Err(format!(
+            "this agent holds no catalog of round {} of the migration ({}): was it its source \
+             then, with this state directory?",
+            job.round,
+            catalog.display()
+        ));
+    }
+    let reader = CatalogReader::open(&catalog).map_err(|e| e.to_string())?;
+    let mut differ = Differ::new(reader, Default::default(), Default::default());
+    let excludes = Excludes::new(&job.excludes).map_err(|e| e.to_string())?;
+    let mut p = SyncPreview {
+        round: job.round + 1,
+        keep_deleted: job.keep_deleted,
+        ..SyncPreview::default()
+    };
+    let shown = |path: &Path| ferry_common::path::display(path);
+    let walked = crate::scan::walk(Path::new(&job.source_path), &excludes, |item| {
+        if stopping.load(Ordering::Relaxed) {
+            return Err("the preview was stopped (the agent shuts down)".to_string());
+        }
+        match item {
+            Walked::Excluded => p.excluded += 1,
+            Walked::Issue { path, at, reason } => {
+                differ.unreadable(&at).map_err(|e| e.to_string())?;
+                p.issues += 1;
+                if p.issue_examples.len() < PREVIEW_EXAMPLES {
+                    p.issue_examples.push((path, reason));
+                }
+            }
+            Walked::Entry(e) => {
+                let (sent, replaced) = match differ.entry(&e).map_err(|e| e.to_string())? {
+                    Change::Same => (None, false),
+                    Change::Send(e) | Change::Resend(e) => (Some(e), false),
+                    Change::Replace(e) => (Some(e), true),
+                };
+                let Some(e) = sent else {
+                    p.unchanged += 1;
+                    return Ok(());
+                };
+                if replaced {
+                    p.replaced += 1;
+                } else if e.kind == EntryKind::File {
+                    p.send_files += 1;
+                    p.send_bytes += e.file_size;
+                } else {
+                    p.send_other += 1;
+                }
+                if p.send_examples.len() < PREVIEW_EXAMPLES {
+                    p.send_examples.push(shown(&e.path));
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    walked?;
+    let (deleted, names) = differ.finish().map_err(|e| e.to_string())?;
+    p.deleted = names;
+    p.deleted_examples = deleted
+        .iter()
+        .take(PREVIEW_EXAMPLES)
+        .map(|d| shown(d))
+        .collect();
+    p.over_max_delete = !job.keep_deleted && job.max_delete.is_some_and(|cap| names > cap);
+    Ok(p)
 }
 
 #[cfg(test)]

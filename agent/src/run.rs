@@ -610,15 +610,18 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         cfg.state_dir.clone(),
         cfg.root.clone(),
     );
-    let jobs = Arc::new(crate::jobs::JobRunner::new(
-        control.clone(),
-        Some(crate::jobs::Prober {
-            endpoint: client_endpoint.clone(),
-            tls: tls.clone(),
-            window: transport.window,
-        }),
-        expected_probes,
-    ));
+    let jobs = Arc::new(
+        crate::jobs::JobRunner::new(
+            control.clone(),
+            Some(crate::jobs::Prober {
+                endpoint: client_endpoint.clone(),
+                tls: tls.clone(),
+                window: transport.window,
+            }),
+            expected_probes,
+        )
+        .with_state_dir(cfg.state_dir.clone()),
+    );
     {
         let (jobs, mut stop) = (jobs.clone(), stop_rx.clone());
         tokio::spawn(async move {

@@ -384,6 +384,10 @@ enum MigrationCmd {
         /// Wait until the round has ended; then exit non-zero if it failed.
         #[arg(long)]
         watch: bool,
+        /// Start nothing: the source agent scans and compares as the round would, and this
+        /// prints what it would send (new and changed names, how much) and delete.
+        #[arg(long, conflicts_with = "watch")]
+        dry_run: bool,
     },
     /// After a cutover switched, keep the old source in sync from the new target: starts a
     /// migration in reverse (NAME-fallback; its agent must be able to receive: data_listen and
@@ -506,7 +510,7 @@ async fn dry_run_create(
                 paths: vec![spec.source_path.clone()],
                 excludes: spec.excludes.clone(),
             }),
-            probe: None,
+            ..Default::default()
         })
         .await?;
     let job = crate::jobs::wait(ctl, started.id, Duration::from_secs(24 * 3600)).await?;
@@ -568,6 +572,81 @@ async fn dry_run_create(
             }
         }
         println!("would delete nothing at the target (a first copy only adds)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `migration sync --dry-run`: the source agent previews the next round (a job); nothing is
+/// started.
+async fn dry_run_sync(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode> {
+    let p = ctl.status(id).await?;
+    let source = p
+        .spec
+        .as_ref()
+        .map(|s| s.source_agent.clone())
+        .unwrap_or_default();
+    let started = ctl
+        .start_job(pb::StartJobRequest {
+            agent: source,
+            sync_preview: Some(pb::SyncPreviewSpec { migration_id: id }),
+            ..Default::default()
+        })
+        .await?;
+    let job = crate::jobs::wait(ctl, started.id, Duration::from_secs(24 * 3600)).await?;
+    if job.state() == pb::JobState::Failed {
+        bail!(
+            "--dry-run: the source agent could not preview the round: {}",
+            job.error
+        );
+    }
+    let v = crate::jobs::sync_preview(&job)?;
+    if json {
+        print_json(
+            &serde_json::json!({ "dry_run": true, "migration": id, "job": job.id, "preview": v }),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let size = |n: u64| ferry_common::text::bytes(n as f64);
+    println!(
+        "dry run: round {} of migration {} ({}) (nothing was started)",
+        v.round, id, p.name
+    );
+    println!(
+        "would send {} new or changed files ({} at most: a large file with recorded blocks sends \
+         only its changed ones), {} other names (directories, symlinks, hardlinks), replace {} \
+         of another kind; {} unchanged",
+        v.send_files,
+        size(v.send_bytes),
+        v.send_other,
+        v.replaced,
+        v.unchanged
+    );
+    for name in &v.send_examples {
+        println!("  send    {name}");
+    }
+    if v.keep_deleted {
+        println!(
+            "would delete nothing: the migration keeps deleted names ({} gone at the source)",
+            v.deleted
+        );
+    } else if v.over_max_delete {
+        println!(
+            "would delete nothing and end failed: {} names are gone at the source, more than \
+             its --max-delete",
+            v.deleted
+        );
+    } else {
+        println!("would delete {} names at the target", v.deleted);
+    }
+    for name in &v.deleted_examples {
+        println!("  delete  {name}");
+    }
+    println!("excluded: {} path(s)", v.excluded);
+    if v.issues > 0 {
+        println!("cannot copy {} path(s):", v.issues);
+        for (path, why) in &v.issue_examples {
+            println!("  {path}: {why}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -949,7 +1028,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         paths: paths.clone(),
                         excludes: exclude.clone(),
                     }),
-                    probe: None,
+                    ..Default::default()
                 })
                 .await?;
             let job = crate::jobs::wait(&ctl, started.id, *timeout).await?;
@@ -966,13 +1045,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let started = ctl
                 .start_job(pb::StartJobRequest {
                     agent: src.clone(),
-                    assess: None,
                     probe: Some(pb::ProbeSpec {
                         peer: dst.clone(),
                         seconds: *seconds,
                         streams: *streams,
                         congestions: congestion.iter().map(|c| c.to_string()).collect(),
                     }),
+                    ..Default::default()
                 })
                 .await?;
             let limit = Duration::from_millis(started.deadline_ms.saturating_sub(now_ms()))
@@ -1374,9 +1453,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(crate::exit::Exit::Failed.code());
             }
         }
-        Cmd::Migration(MigrationCmd::Sync { id, watch }) => {
+        Cmd::Migration(MigrationCmd::Sync { id, watch, dry_run }) => {
             let ctl = connect(&cli).await?;
             let id = ctl.resolve(id).await?;
+            if *dry_run {
+                return dry_run_sync(&ctl, id, json).await;
+            }
             let round = ctl.sync(id).await?;
             if !json {
                 println!("migration {id}: round {round} started");

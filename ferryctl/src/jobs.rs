@@ -76,6 +76,11 @@ pub fn assessment(job: &pb::JobInfo) -> Result<Assessment, CtlError> {
     result(job, "assess")
 }
 
+/// A sync preview job's result.
+pub fn sync_preview(job: &pb::JobInfo) -> Result<ferry_agent::jobs::SyncPreview, CtlError> {
+    result(job, "sync-preview")
+}
+
 /// A probe job's result.
 pub fn probe_result(job: &pb::JobInfo) -> Result<ProbeResult, CtlError> {
     result(job, "probe")
@@ -183,7 +188,10 @@ pub fn list_table(jobs: &[pb::JobInfo], now_ms: u64) -> String {
         let what = match (&j.assess, &j.probe) {
             (Some(a), _) => a.paths.join(" "),
             (_, Some(p)) => format!("to {}", p.peer),
-            _ => String::new(),
+            _ => j
+                .sync_preview
+                .as_ref()
+                .map_or(String::new(), |p| format!("migration {}", p.migration_id)),
         };
         let what = if j.error.is_empty() {
             what

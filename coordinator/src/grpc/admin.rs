@@ -771,12 +771,15 @@ impl Admin for AdminService {
     async fn start_job(&self, req: Request<pb::StartJobRequest>) -> R<pb::JobInfo> {
         let caller = self.authorized(&req, Role::Operator, "StartJob").await?;
         let r = req.into_inner();
-        let kind = match (r.assess, r.probe) {
-            (Some(a), None) => JobKind::Assess {
+        let kind = match (r.assess, r.probe, r.sync_preview) {
+            (None, None, Some(p)) => JobKind::SyncPreview {
+                migration_id: p.migration_id,
+            },
+            (Some(a), None, None) => JobKind::Assess {
                 paths: a.paths,
                 excludes: a.excludes,
             },
-            (None, Some(p)) => {
+            (None, Some(p), None) => {
                 let mut congestions = Vec::new();
                 for c in &p.congestions {
                     let c: ferry_common::transport::Congestion =
@@ -797,7 +800,7 @@ impl Admin for AdminService {
             }
             _ => {
                 return Err(Status::invalid_argument(
-                    "a job is either an assessment or a probe: give one of them",
+                    "a job is an assessment, a probe or a sync preview: give one of them",
                 ))
             }
         };
@@ -806,7 +809,7 @@ impl Admin for AdminService {
             let named: Vec<String> = std::iter::once(r.agent.clone())
                 .chain(match &kind {
                     JobKind::Probe { peer, .. } => Some(peer.clone()),
-                    JobKind::Assess { .. } => None,
+                    JobKind::Assess { .. } | JobKind::SyncPreview { .. } => None,
                 })
                 .collect();
             self.0

@@ -93,6 +93,19 @@ fn job_work(s: &crate::state::State, agent: &str, now_ms: u64) -> Vec<pb::JobWor
                         excludes: excludes.clone(),
                     })
                 }
+                (JobKind::SyncPreview { migration_id }, _) => {
+                    if let Some(m) = s.migrations.get(migration_id) {
+                        w.sync_preview = Some(pb::SyncPreviewJob {
+                            migration_id: *migration_id,
+                            migration_uuid: m.uuid.clone(),
+                            source_path: m.spec.source_path.clone(),
+                            excludes: m.spec.excludes.clone(),
+                            round: m.round().number,
+                            keep_deleted: m.spec.keep_deleted,
+                            max_delete: m.spec.max_delete,
+                        });
+                    }
+                }
                 (JobKind::Probe { .. }, JobPart::Answer) => {
                     w.answer = Some(pb::ProbeAnswer {
                         peer: j.agent.clone(),

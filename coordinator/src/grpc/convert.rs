@@ -273,6 +273,11 @@ pub fn job(j: &Job, now_ms: u64) -> pb::JobInfo {
                 congestions: congestions.clone(),
             })
         }
+        JobKind::SyncPreview { migration_id } => {
+            info.sync_preview = Some(pb::SyncPreviewSpec {
+                migration_id: *migration_id,
+            })
+        }
     }
     info
 }

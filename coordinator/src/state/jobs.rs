@@ -1,6 +1,7 @@
 //! Jobs: work an operator asks of an agent that moves no migration's data — an assessment of
-//! paths on the agent's host (`ferryctl assess`), or a probe of the network path from it to
-//! another agent (`ferryctl probe`). Heartbeats hand a job to its agent (and a probe to the agent
+//! paths on the agent's host (`ferryctl assess`), a probe of the network path from it to
+//! another agent (`ferryctl probe`), or a preview of a migration's next sync round (`ferryctl
+//! migration sync --dry-run`). Heartbeats hand a job to its agent (and a probe to the agent
 //! that must answer it); the agent reports its progress and its result, JSON kept here verbatim
 //! (bounded), so `ferryctl plan` can read a probe's figures after the fact. The newest
 //! [`MAX_JOBS_KEPT`] jobs are kept; a job with no result by its deadline has failed.
@@ -46,6 +47,11 @@ pub enum JobKind {
         /// Congestion controllers to try, by name.
         congestions: Vec<String>,
     },
+    /// What the next sync round of a migration would send and delete, by its source agent.
+    SyncPreview {
+        /// The migration.
+        migration_id: u64,
+    },
 }
 
 impl JobKind {
@@ -54,6 +60,7 @@ impl JobKind {
         match self {
             JobKind::Assess { .. } => "assess",
             JobKind::Probe { .. } => "probe",
+            JobKind::SyncPreview { .. } => "sync-preview",
         }
     }
 }
@@ -185,6 +192,7 @@ impl State {
         let deadline_ms = now_ms.saturating_add(match &kind {
             JobKind::Assess { .. } => ASSESS_DEADLINE_MS,
             JobKind::Probe { seconds, .. } => u64::from(*seconds) * 1000 + PROBE_GRACE_MS,
+            JobKind::SyncPreview { .. } => ASSESS_DEADLINE_MS,
         });
         self.jobs.insert(
             id,
@@ -261,6 +269,20 @@ impl State {
                 for c in congestions {
                     c.parse::<ferry_common::transport::Congestion>()
                         .map_err(|e| e.to_string())?;
+                }
+            }
+            JobKind::SyncPreview { migration_id } => {
+                let Some(m) = self.migrations.get(migration_id) else {
+                    return Err(format!("migration {migration_id} does not exist"));
+                };
+                if m.spec.source_agent != agent {
+                    return Err(format!(
+                        "migration {} is read by agent {}, not {agent}",
+                        m.name, m.spec.source_agent
+                    ));
+                }
+                if let Some(why) = super::rounds::sync_refusal(m) {
+                    return Err(why);
                 }
             }
         }

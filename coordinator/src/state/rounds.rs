@@ -137,41 +137,8 @@ impl State {
         let Some(m) = self.migrations.get_mut(&mid) else {
             return refused(format!("migration {mid} does not exist"));
         };
-        if m.spec.source_is_store() {
-            return refused(super::phases::store_source_refusal(&m.name, "a sync round"));
-        }
-        if let Some(c) = &m.cutover {
-            if c.phase == CutoverPhase::Done {
-                return refused(format!(
-                    "migration {} was cut over: its target is live, and nothing is synced to it \
-                     any more",
-                    m.name
-                ));
-            }
-            if !c.phase.ended() {
-                return refused(format!(
-                    "a cutover of migration {} is running ({}); its final round is its own",
-                    m.name,
-                    c.phase.as_str()
-                ));
-            }
-        }
-        if m.finalized_ms > 0 {
-            return refused(format!(
-                "migration {} was finalized: its fallback window is closed and nothing is \
-                 synced any more",
-                m.name
-            ));
-        }
-        if !m.phase.finished() {
-            return refused(format!(
-                "migration {} is in round {} ({}); a sync round starts once it has ended — \
-                 see `ferryctl migration status {}`",
-                m.name,
-                m.round().number,
-                m.phase.as_str(),
-                m.name
-            ));
+        if let Some(why) = sync_refusal(m) {
+            return refused(why);
         }
         m.next_round(now_ms);
         self.dirty.migrations.insert(mid);
@@ -211,4 +178,45 @@ impl State {
             .map(|(&(_, id), _)| id)
             .collect()
     }
+}
+
+/// Why a sync round of `m` cannot start now, if it cannot (a preview of one asks the same).
+pub(super) fn sync_refusal(m: &Migration) -> Option<String> {
+    if m.spec.source_is_store() {
+        return Some(super::phases::store_source_refusal(&m.name, "a sync round"));
+    }
+    if let Some(c) = &m.cutover {
+        if c.phase == CutoverPhase::Done {
+            return Some(format!(
+                "migration {} was cut over: its target is live, and nothing is synced to it any \
+                 more",
+                m.name
+            ));
+        }
+        if !c.phase.ended() {
+            return Some(format!(
+                "a cutover of migration {} is running ({}); its final round is its own",
+                m.name,
+                c.phase.as_str()
+            ));
+        }
+    }
+    if m.finalized_ms > 0 {
+        return Some(format!(
+            "migration {} was finalized: its fallback window is closed and nothing is synced any \
+             more",
+            m.name
+        ));
+    }
+    if !m.phase.finished() {
+        return Some(format!(
+            "migration {} is in round {} ({}); a sync round starts once it has ended — see \
+             `ferryctl migration status {}`",
+            m.name,
+            m.round().number,
+            m.phase.as_str(),
+            m.name
+        ));
+    }
+    None
 }

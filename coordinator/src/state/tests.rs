@@ -3058,3 +3058,28 @@ fn the_newest_jobs_are_kept_ids_are_never_reused_and_open_ones_are_bounded() {
         Response::Refused(_)
     ));
 }
+
+#[test]
+fn a_sync_preview_goes_to_the_source_of_a_migration_whose_round_has_ended() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1)]);
+    let preview = || JobKind::SyncPreview { migration_id: mid };
+    // Round 0 is still running.
+    assert!(matches!(
+        w.start_job("src", preview(), 1000),
+        Response::Refused(why) if why.contains("a sync round starts once it has ended")
+    ));
+    let l = w.lease(1, 1000);
+    w.received(&l[0], [1; 32], [1; 32]);
+    assert_eq!(w.s.migrations[&mid].phase, Phase::Done);
+    assert!(matches!(
+        w.start_job("dst", preview(), 1000),
+        Response::Refused(why) if why.contains("read by agent src")
+    ));
+    let missing = JobKind::SyncPreview { migration_id: 99 };
+    assert!(matches!(w.start_job("src", missing, 1000), Response::Refused(_)));
+    assert_eq!(w.start_job("src", preview(), 1000), Response::JobStarted(1));
+    let parts: Vec<_> = w.s.jobs_for("src", 1000).iter().map(|(j, p)| (j.id, *p)).collect();
+    assert_eq!(parts, [(1, JobPart::Run)]);
+    assert!(w.s.jobs_for("dst", 1000).is_empty());
+}

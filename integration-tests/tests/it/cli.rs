@@ -422,3 +422,91 @@ async fn an_exclude_file_leaves_out_what_gitignore_would() {
     target.shutdown().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_of_a_sync_round_says_what_the_round_then_does() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("admin".into()));
+    let src = env.path("src");
+    for (path, body) in [
+        ("a/one.txt", "1"),
+        ("a/two.txt", "2"),
+        ("b/old/x.txt", "x"),
+        ("b/old/y.txt", "y"),
+        ("keep.txt", "k"),
+    ] {
+        let p = src.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let target = env.agent("target", &coord, Some(env.path("dst"))).await;
+    let source = env.agent("source", &coord, None).await;
+    let ctl = env.ctl(&coord).await;
+    let id = ctl
+        .create_named("live", crate::harness::migration_spec(&src, "copy"))
+        .await
+        .unwrap();
+    let p = ctl
+        .watch(id, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(p.phase(), ferry_proto::admin::Phase::Done);
+
+    // The source changes: one file rewritten (another size), one new, one directory gone.
+    std::fs::write(src.join("a/one.txt"), "one, longer now").unwrap();
+    std::fs::write(src.join("a/three.txt"), "3").unwrap();
+    std::fs::remove_dir_all(src.join("b/old")).unwrap();
+
+    let out = run(
+        &env,
+        &coord,
+        "admin",
+        &["migration", "sync", "live", "--dry-run", "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let preview = &v["preview"];
+    assert_eq!(preview["round"], 1, "{v}");
+    assert_eq!(preview["send_files"], 2, "{v}");
+    assert_eq!(preview["send_bytes"], 16, "{v}");
+    assert_eq!(
+        preview["deleted"], 3,
+        "the directory and its two files: {v}"
+    );
+    assert_eq!(preview["deleted_examples"], serde_json::json!(["b/old"]));
+    // `a` changed too: its mtime moved when a file was added.
+    assert!(
+        preview["send_examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "a/three.txt"),
+        "{v}"
+    );
+    assert_eq!(
+        ctl.status(id).await.unwrap().rounds.len(),
+        1,
+        "no round was started"
+    );
+    let shown = run(
+        &env,
+        &coord,
+        "admin",
+        &["migration", "sync", "live", "--dry-run"],
+    );
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("would delete 3 names"));
+
+    // The round itself does what the preview said.
+    let round = ctl.sync(id).await.unwrap();
+    let p = ctl
+        .watch(id, Duration::from_secs(60), |_, _| {})
+        .await
+        .unwrap();
+    let r = p.rounds.iter().find(|r| r.number == round).unwrap();
+    assert_eq!((r.files, r.bytes, r.deleted), (2, 16, 3), "{r:?}");
+    source.shutdown().await;
+    target.shutdown().await;
+    node.shutdown().await;
+}
