@@ -45,6 +45,8 @@ pub struct JobRunner<C: Coordinator> {
     prober: Option<Prober>,
     /// The agent's state directory (where its migrations' catalogs are).
     state_dir: Option<PathBuf>,
+    /// Its cutover hooks as in force (a preview says which would run).
+    hooks: Option<crate::cutover::LiveHooks>,
     /// Probes to answer as a target (read by [`crate::probe::Answerer`]).
     expected: watch::Sender<Expected>,
     /// Jobs this process started.
@@ -61,6 +63,7 @@ impl<C: Coordinator> JobRunner<C> {
             control,
             prober,
             state_dir: None,
+            hooks: None,
             expected,
             started: Mutex::default(),
             stopping: Arc::default(),
@@ -71,6 +74,14 @@ impl<C: Coordinator> JobRunner<C> {
     pub fn with_state_dir(self, state_dir: PathBuf) -> Self {
         JobRunner {
             state_dir: Some(state_dir),
+            ..self
+        }
+    }
+
+    /// The same runner, telling previews of the cutover `hooks` in force.
+    pub fn with_hooks(self, hooks: crate::cutover::LiveHooks) -> Self {
+        JobRunner {
+            hooks: Some(hooks),
             ..self
         }
     }
@@ -204,9 +215,14 @@ impl<C: Coordinator> JobRunner<C> {
         )
         .map_err(|(what, v)| format!("{what} {v:?} is not an id"))?;
         let stopping = self.stopping.clone();
-        let preview = tokio::task::spawn_blocking(move || preview_sync(&dir, &job, &stopping))
+        let mut preview = tokio::task::spawn_blocking(move || preview_sync(&dir, &job, &stopping))
             .await
             .map_err(|e| format!("the preview ended abnormally: {e}"))??;
+        if let Some(h) = &self.hooks {
+            let h = h.read().expect("not poisoned");
+            preview.pre_freeze = h.pre_freeze.clone().unwrap_or_default();
+            preview.rollback = h.rollback.clone().unwrap_or_default();
+        }
         serde_json::to_string(&preview).map_err(|e| e.to_string())
     }
 
@@ -280,6 +296,13 @@ pub struct SyncPreview {
     pub issues: u64,
     /// The first of them, with the reason.
     pub issue_examples: Vec<(String, String)>,
+    /// The source agent's `pre_freeze` and `rollback` hooks in force (empty: none), which a
+    /// cutover would run.
+    #[serde(default)]
+    pub pre_freeze: String,
+    /// Its `rollback` hook.
+    #[serde(default)]
+    pub rollback: String,
 }
 
 /// Scans the migration's source as its next sync round would and compares it, name by name,

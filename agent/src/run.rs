@@ -620,7 +620,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             }),
             expected_probes,
         )
-        .with_state_dir(cfg.state_dir.clone()),
+        .with_state_dir(cfg.state_dir.clone())
+        .with_hooks(cutover.live_hooks()),
     );
     {
         let (jobs, mut stop) = (jobs.clone(), stop_rx.clone());

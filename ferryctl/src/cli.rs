@@ -368,6 +368,11 @@ enum MigrationCmd {
         /// Wait until the cutover has ended; then exit non-zero if it did not switch.
         #[arg(long)]
         watch: bool,
+        /// Start nothing: check that a cutover could start now, and print its steps — the
+        /// source's pre_freeze hook, what the final round would send and delete (the source
+        /// agent previews it), the full verification, the target's switch hook.
+        #[arg(long, conflicts_with_all = ["abort", "watch"])]
+        dry_run: bool,
     },
     /// A migration's report: its rounds, its cutover with each step and the freeze window,
     /// and what was verified.
@@ -576,9 +581,12 @@ async fn dry_run_create(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `migration sync --dry-run`: the source agent previews the next round (a job); nothing is
-/// started.
-async fn dry_run_sync(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode> {
+/// The source agent's preview of migration `id`'s next round (a job), with the migration and
+/// the job's id.
+async fn preview_round(
+    ctl: &Ctl,
+    id: u64,
+) -> anyhow::Result<(pb::MigrationProgress, u64, ferry_agent::jobs::SyncPreview)> {
     let p = ctl.status(id).await?;
     let source = p
         .spec
@@ -600,9 +608,85 @@ async fn dry_run_sync(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode
         );
     }
     let v = crate::jobs::sync_preview(&job)?;
+    Ok((p, job.id, v))
+}
+
+/// `migration cutover --dry-run`: checked by the coordinator as a cutover, then the steps it
+/// would take, with the final round previewed by the source agent; nothing is started.
+async fn dry_run_cutover(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode> {
+    let attempt = ctl.check_cutover(id).await?;
+    let (p, job, v) = preview_round(ctl, id).await?;
+    let spec = p.spec.clone().unwrap_or_default();
+    if json {
+        print_json(&serde_json::json!({
+            "dry_run": true, "migration": id, "attempt": attempt, "job": job,
+            "source_agent": spec.source_agent, "target_agent": spec.target_agent,
+            "final_round": v,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let hook = |cmd: &str| {
+        if cmd.is_empty() {
+            "(none configured)".to_string()
+        } else {
+            format!("`{cmd}`")
+        }
+    };
+    let size = |n: u64| ferry_common::text::bytes(n as f64);
+    println!(
+        "dry run: cutover attempt {attempt} of migration {id} ({}) could start now (nothing was \
+         started). It would:",
+        p.name
+    );
+    println!(
+        "  1. freeze the source: {}'s pre_freeze hook {}",
+        spec.source_agent,
+        hook(&v.pre_freeze)
+    );
+    println!(
+        "  2. run the final round {} under the freeze: send {} files ({} at most) and {} other \
+         names, replace {}, delete {}{}",
+        v.round,
+        v.send_files,
+        size(v.send_bytes),
+        v.send_other,
+        v.replaced,
+        if v.keep_deleted { 0 } else { v.deleted },
+        if v.over_max_delete {
+            " — over its --max-delete: the round would end failed and the cutover roll back"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  3. verify both trees in full (files unchanged since their last verification are not \
+         read again)"
+    );
+    println!(
+        "  4. switch: {}'s switch hook (configured on that agent)",
+        spec.target_agent
+    );
+    println!(
+        "  or, when a step fails: roll back with {}'s rollback hook {}",
+        spec.source_agent,
+        hook(&v.rollback)
+    );
+    if v.issues > 0 {
+        println!(
+            "  {} path(s) cannot be copied: the final round would end failed",
+            v.issues
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `migration sync --dry-run`: the source agent previews the next round (a job); nothing is
+/// started.
+async fn dry_run_sync(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode> {
+    let (p, job, v) = preview_round(ctl, id).await?;
     if json {
         print_json(
-            &serde_json::json!({ "dry_run": true, "migration": id, "job": job.id, "preview": v }),
+            &serde_json::json!({ "dry_run": true, "migration": id, "job": job, "preview": v }),
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -1510,9 +1594,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Cmd::Migration(MigrationCmd::Cutover { id, abort, watch }) => {
+        Cmd::Migration(MigrationCmd::Cutover {
+            id,
+            abort,
+            watch,
+            dry_run,
+        }) => {
             let ctl = connect(&cli).await?;
             let id = ctl.resolve(id).await?;
+            if *dry_run {
+                return dry_run_cutover(&ctl, id, json).await;
+            }
             let attempt = ctl.cutover(id, *abort).await?;
             if !json {
                 if *abort {

@@ -377,10 +377,29 @@ impl Ctl {
             migration_id: id,
             name: String::new(),
             abort,
+            dry_run: false,
         })
         .await?
         .into_inner()
         .attempt)
+    }
+
+    /// The attempt a cutover of migration `id` started now would be, or why none can start;
+    /// starts nothing.
+    pub async fn check_cutover(&self, id: u64) -> Result<u32, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.cutover(pb::CutoverRequest {
+                migration_id: id,
+                name: String::new(),
+                abort: false,
+                dry_run: true,
+            })
+            .await?
+            .into_inner()
+            .attempt)
+        })
+        .await
     }
 
     /// Opens the fallback window of a migration that was cut over; returns the id and name of

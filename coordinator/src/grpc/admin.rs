@@ -628,6 +628,19 @@ impl Admin for AdminService {
         let caller = self.authorized(&req, Role::Operator, "Cutover").await?;
         let r = req.into_inner();
         let id = self.id_or_name(r.migration_id, &r.name).await?;
+        if r.dry_run && !r.abort {
+            let checked = self
+                .0
+                .read(move |s| match s.migrations.get(&id) {
+                    Some(m) => crate::state::next_cutover_attempt(m),
+                    None => Err(format!("migration {id} does not exist")),
+                })
+                .await?;
+            return match checked {
+                Ok(attempt) => Ok(GrpcResponse::new(pb::CutoverResponse { attempt })),
+                Err(why) => Err(Status::failed_precondition(why)),
+            };
+        }
         let cmd = if r.abort {
             Command::AbortCutover { migration_id: id }
         } else {

@@ -254,40 +254,10 @@ impl State {
         let Some(m) = self.migrations.get_mut(&mid) else {
             return refused(format!("migration {mid} does not exist"));
         };
-        if m.spec.source_is_store() {
-            return refused(super::phases::store_source_refusal(&m.name, "a cutover"));
-        }
-        let attempt = match &m.cutover {
-            Some(c) if c.phase == CutoverPhase::Done => {
-                return refused(format!(
-                    "migration {} was cut over already (attempt {})",
-                    m.name, c.attempt
-                ))
-            }
-            Some(c) if !c.phase.ended() => {
-                return refused(format!(
-                    "a cutover of migration {} is running ({}); wait, or abort it with \
-                     `ferryctl migration cutover {} --abort`",
-                    m.name,
-                    c.phase.as_str(),
-                    m.name
-                ))
-            }
-            Some(c) => c.attempt.saturating_add(1),
-            None => 1,
+        let attempt = match next_cutover_attempt(m) {
+            Ok(a) => a,
+            Err(why) => return refused(why),
         };
-        if m.finalized_ms > 0 {
-            return refused(format!(
-                "migration {} was finalized: its fallback window is closed",
-                m.name
-            ));
-        }
-        if m.phase == Phase::Planned {
-            return refused(format!(
-                "migration {} has not been scanned yet: there is nothing to cut over to",
-                m.name
-            ));
-        }
         m.start_cutover_attempt(attempt, now_ms, String::new());
         self.dirty.migrations.insert(mid);
         Response::Ok
@@ -521,4 +491,44 @@ impl Migration {
     pub fn cutover_running(&self) -> bool {
         self.cutover.as_ref().is_some_and(|c| !c.phase.ended())
     }
+}
+
+/// The attempt a cutover of `m` started now would be, or why none can start (a dry run asks
+/// the same).
+pub fn next_cutover_attempt(m: &Migration) -> Result<u32, String> {
+    if m.spec.source_is_store() {
+        return Err(super::phases::store_source_refusal(&m.name, "a cutover"));
+    }
+    let attempt = match &m.cutover {
+        Some(c) if c.phase == CutoverPhase::Done => {
+            return Err(format!(
+                "migration {} was cut over already (attempt {})",
+                m.name, c.attempt
+            ))
+        }
+        Some(c) if !c.phase.ended() => {
+            return Err(format!(
+                "a cutover of migration {} is running ({}); wait, or abort it with `ferryctl \
+                 migration cutover {} --abort`",
+                m.name,
+                c.phase.as_str(),
+                m.name
+            ))
+        }
+        Some(c) => c.attempt.saturating_add(1),
+        None => 1,
+    };
+    if m.finalized_ms > 0 {
+        return Err(format!(
+            "migration {} was finalized: its fallback window is closed",
+            m.name
+        ));
+    }
+    if m.phase == Phase::Planned {
+        return Err(format!(
+            "migration {} has not been scanned yet: there is nothing to cut over to",
+            m.name
+        ));
+    }
+    Ok(attempt)
 }

@@ -32,7 +32,10 @@ mod verification;
 pub use agents::{Agent, FORGET_MAX, SESSION_TIMEOUT_MS};
 pub use audit::{record_hash, verify_chain, AuditNote, AuditRecord};
 pub use commands::{Command, ThrottleScope};
-pub use cutover::{Cutover, CutoverPhase, Step, StepRun, TreeDigest, CLASSES, MAX_STEP_OUTPUT};
+pub use cutover::{
+    next_cutover_attempt, Cutover, CutoverPhase, Step, StepRun, TreeDigest, CLASSES,
+    MAX_STEP_OUTPUT,
+};
 pub use jobs::{
     Job, JobKind, JobPart, JobState, JobUpdate, MAX_JOBS_KEPT, MAX_JOB_TEXT, MAX_PROBE_SECONDS,
     MAX_PROBE_STREAMS,

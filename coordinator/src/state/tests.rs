@@ -3077,9 +3077,16 @@ fn a_sync_preview_goes_to_the_source_of_a_migration_whose_round_has_ended() {
         Response::Refused(why) if why.contains("read by agent src")
     ));
     let missing = JobKind::SyncPreview { migration_id: 99 };
-    assert!(matches!(w.start_job("src", missing, 1000), Response::Refused(_)));
+    assert!(matches!(
+        w.start_job("src", missing, 1000),
+        Response::Refused(_)
+    ));
     assert_eq!(w.start_job("src", preview(), 1000), Response::JobStarted(1));
-    let parts: Vec<_> = w.s.jobs_for("src", 1000).iter().map(|(j, p)| (j.id, *p)).collect();
+    let parts: Vec<_> =
+        w.s.jobs_for("src", 1000)
+            .iter()
+            .map(|(j, p)| (j.id, *p))
+            .collect();
     assert_eq!(parts, [(1, JobPart::Run)]);
     assert!(w.s.jobs_for("dst", 1000).is_empty());
 }

@@ -424,7 +424,7 @@ async fn an_exclude_file_leaves_out_what_gitignore_would() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dry_run_of_a_sync_round_says_what_the_round_then_does() {
+async fn dry_runs_of_a_sync_round_and_a_cutover_say_what_they_would_do() {
     let env = TestEnv::new();
     env.issue(Identity::Admin("admin".into()));
     let src = env.path("src");
@@ -497,6 +497,38 @@ async fn a_dry_run_of_a_sync_round_says_what_the_round_then_does() {
         &["migration", "sync", "live", "--dry-run"],
     );
     assert!(String::from_utf8_lossy(&shown.stdout).contains("would delete 3 names"));
+
+    // A cutover's dry run: it could start (attempt 1), its final round is that preview, and
+    // nothing started.
+    let out = run(
+        &env,
+        &coord,
+        "admin",
+        &["migration", "cutover", "live", "--dry-run", "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["attempt"], 1, "{c}");
+    assert_eq!(c["final_round"]["send_files"], 2, "{c}");
+    assert_eq!(
+        c["final_round"]["pre_freeze"], "",
+        "no hook configured: {c}"
+    );
+    let shown = run(
+        &env,
+        &coord,
+        "admin",
+        &["migration", "cutover", "live", "--dry-run"],
+    );
+    let text = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(
+        text.contains("pre_freeze hook (none configured)") && text.contains("delete 3"),
+        "{text}"
+    );
+    assert!(
+        ctl.status(id).await.unwrap().cutover.is_none(),
+        "no cutover was started"
+    );
 
     // The round itself does what the preview said.
     let round = ctl.sync(id).await.unwrap();
