@@ -508,24 +508,18 @@ async fn dry_run_create(
             spec.source_path
         );
     }
-    let started = ctl
-        .start_job(pb::StartJobRequest {
+    let job = dry_run_job(
+        ctl,
+        pb::StartJobRequest {
             agent: spec.source_agent.clone(),
             assess: Some(pb::AssessSpec {
                 paths: vec![spec.source_path.clone()],
                 excludes: spec.excludes.clone(),
             }),
             ..Default::default()
-        })
-        .await?;
-    let job = crate::jobs::wait(ctl, started.id, Duration::from_secs(24 * 3600)).await?;
-    if job.state() == pb::JobState::Failed {
-        bail!(
-            "--dry-run: the source agent could not walk {}: {}",
-            spec.source_path,
-            job.error
-        );
-    }
+        },
+    )
+    .await?;
     let a = crate::jobs::assessment(&job)?;
     let on_wire = a.bytes.saturating_sub(a.hole_bytes);
     if json {
@@ -593,22 +587,33 @@ async fn preview_round(
         .as_ref()
         .map(|s| s.source_agent.clone())
         .unwrap_or_default();
-    let started = ctl
-        .start_job(pb::StartJobRequest {
+    let job = dry_run_job(
+        ctl,
+        pb::StartJobRequest {
             agent: source,
             sync_preview: Some(pb::SyncPreviewSpec { migration_id: id }),
             ..Default::default()
-        })
-        .await?;
+        },
+    )
+    .await?;
+    let v = crate::jobs::sync_preview(&job)?;
+    Ok((p, job.id, v))
+}
+
+/// Runs the job a dry run needs of an agent and waits for it (as long as an assessment may
+/// take); its failure is the dry run's.
+async fn dry_run_job(ctl: &Ctl, req: pb::StartJobRequest) -> anyhow::Result<pb::JobInfo> {
+    let agent = req.agent.clone();
+    let started = ctl.start_job(req).await?;
     let job = crate::jobs::wait(ctl, started.id, Duration::from_secs(24 * 3600)).await?;
     if job.state() == pb::JobState::Failed {
         bail!(
-            "--dry-run: the source agent could not preview the round: {}",
+            "--dry-run: agent {agent} could not walk the source (job {}): {}",
+            job.id,
             job.error
         );
     }
-    let v = crate::jobs::sync_preview(&job)?;
-    Ok((p, job.id, v))
+    Ok(job)
 }
 
 /// `migration cutover --dry-run`: checked by the coordinator as a cutover, then the steps it
@@ -690,48 +695,11 @@ async fn dry_run_sync(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitCode
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let size = |n: u64| ferry_common::text::bytes(n as f64);
     println!(
         "dry run: round {} of migration {} ({}) (nothing was started)",
         v.round, id, p.name
     );
-    println!(
-        "would send {} new or changed files ({} at most: a large file with recorded blocks sends \
-         only its changed ones), {} other names (directories, symlinks, hardlinks), replace {} \
-         of another kind; {} unchanged",
-        v.send_files,
-        size(v.send_bytes),
-        v.send_other,
-        v.replaced,
-        v.unchanged
-    );
-    for name in &v.send_examples {
-        println!("  send    {name}");
-    }
-    if v.keep_deleted {
-        println!(
-            "would delete nothing: the migration keeps deleted names ({} gone at the source)",
-            v.deleted
-        );
-    } else if v.over_max_delete {
-        println!(
-            "would delete nothing and end failed: {} names are gone at the source, more than \
-             its --max-delete",
-            v.deleted
-        );
-    } else {
-        println!("would delete {} names at the target", v.deleted);
-    }
-    for name in &v.deleted_examples {
-        println!("  delete  {name}");
-    }
-    println!("excluded: {} path(s)", v.excluded);
-    if v.issues > 0 {
-        println!("cannot copy {} path(s):", v.issues);
-        for (path, why) in &v.issue_examples {
-            println!("  {path}: {why}");
-        }
-    }
+    print!("{}", crate::jobs::preview_table(&v));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -787,6 +755,11 @@ fn show_job(job: &pb::JobInfo, json: bool) -> anyhow::Result<ExitCode> {
                 let a = crate::jobs::assessment(job)?;
                 println!("Assessment (job {}) on {}:", job.id, job.agent);
                 print!("{}", ferry_agent::assess::table(&a));
+            }
+            (JobState::Done, "sync-preview") => {
+                let v = crate::jobs::sync_preview(job)?;
+                println!("Sync preview (job {}), round {}:", job.id, v.round);
+                print!("{}", crate::jobs::preview_table(&v));
             }
             (JobState::Done, "probe") => {
                 let p = crate::jobs::probe_result(job)?;

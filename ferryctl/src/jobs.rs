@@ -175,6 +175,54 @@ pub fn probe_table(p: &ProbeResult) -> String {
     out
 }
 
+/// What a sync round would do, as lines.
+pub fn preview_table(v: &ferry_agent::jobs::SyncPreview) -> String {
+    use std::fmt::Write;
+    let size = |n: u64| ferry_common::text::bytes(n as f64);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "would send {} new or changed files ({} at most: a large file with recorded blocks sends \
+         only its changed ones), {} other names (directories, symlinks, hardlinks), replace {} \
+         of another kind; {} unchanged",
+        v.send_files,
+        size(v.send_bytes),
+        v.send_other,
+        v.replaced,
+        v.unchanged
+    );
+    for name in &v.send_examples {
+        let _ = writeln!(out, "  send    {name}");
+    }
+    let _ = if v.keep_deleted {
+        writeln!(
+            out,
+            "would delete nothing: the migration keeps deleted names ({} gone at the source)",
+            v.deleted
+        )
+    } else if v.over_max_delete {
+        writeln!(
+            out,
+            "would delete nothing and end failed: {} names are gone at the source, more than \
+             its --max-delete",
+            v.deleted
+        )
+    } else {
+        writeln!(out, "would delete {} names at the target", v.deleted)
+    };
+    for name in &v.deleted_examples {
+        let _ = writeln!(out, "  delete  {name}");
+    }
+    let _ = writeln!(out, "excluded: {} path(s)", v.excluded);
+    if v.issues > 0 {
+        let _ = writeln!(out, "cannot copy {} path(s):", v.issues);
+        for (path, why) in &v.issue_examples {
+            let _ = writeln!(out, "  {path}: {why}");
+        }
+    }
+    out
+}
+
 /// The jobs as a table, newest first.
 pub fn list_table(jobs: &[pb::JobInfo], now_ms: u64) -> String {
     use std::fmt::Write;

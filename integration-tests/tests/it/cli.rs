@@ -476,6 +476,14 @@ async fn dry_runs_of_a_sync_round_and_a_cutover_say_what_they_would_do() {
         "the directory and its two files: {v}"
     );
     assert_eq!(preview["deleted_examples"], serde_json::json!(["b/old"]));
+    // The preview is kept as a job, shown as the dry run shows it.
+    let job = v["job"].as_u64().unwrap().to_string();
+    let kept = run(&env, &coord, "admin", &["jobs", &job]);
+    let kept = String::from_utf8_lossy(&kept.stdout).to_string();
+    assert!(
+        kept.contains("Sync preview") && kept.contains("would delete 3 names"),
+        "{kept}"
+    );
     // `a` changed too: its mtime moved when a file was added.
     assert!(
         preview["send_examples"]
