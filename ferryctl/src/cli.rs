@@ -132,7 +132,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         congestion: Vec<ferry_common::transport::Congestion>,
     },
-    /// Jobs (assessments, probes), newest first; with ID, that job and its result.
+    /// Jobs (assessments, probes, sync previews), newest first, without their results; with
+    /// ID, that job and its result.
     Jobs {
         /// A job's number.
         id: Option<u64>,

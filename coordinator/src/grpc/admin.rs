@@ -876,10 +876,15 @@ impl Admin for AdminService {
         let jobs = self
             .0
             .read(|s| {
+                // Without their progress and results (up to 256 KiB each): GetJob has them.
                 s.jobs
                     .values()
                     .rev()
-                    .map(|j| convert::job(j, now))
+                    .map(|j| pb::JobInfo {
+                        progress: String::new(),
+                        result: String::new(),
+                        ..convert::job(j, now)
+                    })
                     .collect()
             })
             .await?;
