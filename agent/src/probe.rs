@@ -443,7 +443,11 @@ impl Connected {
         let rtt = self.conn.rtt();
         tokio::time::sleep((rtt * 4).max(Duration::from_millis(200))).await;
         let sent = self.conn.stats().frame_tx.datagram - before_sent;
-        let received = self.count().await?.datagrams - before_received;
+        let received = self
+            .count()
+            .await?
+            .datagrams
+            .saturating_sub(before_received);
         Ok(Counts { sent, received })
     }
 }

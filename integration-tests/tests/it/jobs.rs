@@ -131,7 +131,10 @@ async fn assess_and_probe_run_on_agent_processes_and_plan_reads_their_results() 
         .map(|j| j["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["probe", "assess"]);
-    assert_eq!(jobs[0]["result"], "", "the list leaves results to `jobs ID`");
+    assert_eq!(
+        jobs[0]["result"], "",
+        "the list leaves results to `jobs ID`"
+    );
 
     // Plan from them: the data is what the assessment found to cross the wire.
     let catalog = concat!(
