@@ -169,6 +169,9 @@ impl State {
                  for one to end (`ferryctl jobs`)"
             ));
         }
+        // Taken before a job is dropped to make room (that may be the newest, when every
+        // older one is still open): the new job's id is above every id given, never a reuse.
+        let id = self.jobs.last_key_value().map_or(1, |(&id, _)| id + 1);
         if self.jobs.len() >= MAX_JOBS_KEPT {
             let oldest_ended = self
                 .jobs
@@ -187,8 +190,6 @@ impl State {
                 }
             }
         }
-        // Only the oldest ended jobs are dropped, so the newest id stays and none is reused.
-        let id = self.jobs.last_key_value().map_or(1, |(&id, _)| id + 1);
         let deadline_ms = now_ms.saturating_add(match &kind {
             JobKind::Assess { .. } => ASSESS_DEADLINE_MS,
             JobKind::Probe { seconds, .. } => u64::from(*seconds) * 1000 + PROBE_GRACE_MS,

@@ -3090,3 +3090,39 @@ fn a_sync_preview_goes_to_the_source_of_a_migration_whose_round_has_ended() {
     assert_eq!(parts, [(1, JobPart::Run)]);
     assert!(w.s.jobs_for("dst", 1000).is_empty());
 }
+
+#[test]
+fn a_job_id_is_never_given_again_when_the_newest_job_is_the_one_dropped() {
+    let mut w = World::new();
+    // Every kept job open but the newest: it is the one dropped to make room.
+    for n in 0..MAX_JOBS_KEPT as u64 {
+        let name = format!("a{n}");
+        w.apply(Command::RegisterAgent {
+            name: name.clone(),
+            session: 1,
+            previous: 0,
+            data_addr: String::new(),
+            new_cluster_id: String::new(),
+            applies_owners: false,
+            congestion: "bbr".into(),
+            window_bytes: 1 << 20,
+            target_root: String::new(),
+            now_ms: 1000,
+        });
+        assert_eq!(
+            w.start_job(&name, assess(&["/d"]), 1000),
+            Response::JobStarted(n + 1)
+        );
+    }
+    let newest = MAX_JOBS_KEPT as u64;
+    let done = JobUpdate::Done("{}".into());
+    assert_eq!(
+        w.report_job(&format!("a{}", newest - 1), newest, done, 1000),
+        Response::Ok
+    );
+    assert_eq!(
+        w.start_job("src", assess(&["/d"]), 1000),
+        Response::JobStarted(newest + 1)
+    );
+    assert!(!w.s.jobs.contains_key(&newest), "the ended job made room");
+}
