@@ -1,10 +1,10 @@
 //! Jobs the coordinator hands out in heartbeats that move no migration's data: an assessment of
 //! paths on this host ([`crate::assess`]), a probe of the path to another agent
 //! ([`crate::probe`]), a probe to answer as its target, or a preview of a migration's next sync
-//! round ([`preview_sync`]: the round's scan and comparison, nothing recorded or sent). Each job runs once per process, in
-//! the background; its progress is reported every [`PROGRESS_EVERY`] and its end (a JSON result
-//! or an error) with retries. A job the agent restarts during is run again from the start (both
-//! kinds only read).
+//! round ([`preview_sync`]: the round's scan and comparison, nothing recorded or sent). Each job
+//! runs once per process, in the background; its progress is reported every [`PROGRESS_EVERY`]
+//! and its end (a JSON result or an error) with retries. A job the agent restarts during is run again from the start (every
+//! kind only reads).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -220,8 +220,8 @@ impl<C: Coordinator> JobRunner<C> {
             .map_err(|e| format!("the preview ended abnormally: {e}"))??;
         if let Some(h) = &self.hooks {
             let h = h.read().expect("not poisoned");
-            preview.pre_freeze = h.pre_freeze.clone().unwrap_or_default();
-            preview.rollback = h.rollback.clone().unwrap_or_default();
+            preview.pre_freeze = h.pre_freeze.is_some();
+            preview.rollback = h.rollback.is_some();
         }
         serde_json::to_string(&preview).map_err(|e| e.to_string())
     }
@@ -296,13 +296,13 @@ pub struct SyncPreview {
     pub issues: u64,
     /// The first of them, with the reason.
     pub issue_examples: Vec<(String, String)>,
-    /// The source agent's `pre_freeze` and `rollback` hooks in force (empty: none), which a
-    /// cutover would run.
+    /// Whether the source agent has a `pre_freeze` hook in force, which a cutover would run
+    /// (not its command: results are readable by viewers, and commands may hold secrets).
     #[serde(default)]
-    pub pre_freeze: String,
-    /// Its `rollback` hook.
+    pub pre_freeze: bool,
+    /// Whether it has a `rollback` hook.
     #[serde(default)]
-    pub rollback: String,
+    pub rollback: bool,
 }
 
 /// Scans the migration's source as its next sync round would and compares it, name by name,

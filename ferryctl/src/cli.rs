@@ -631,11 +631,11 @@ async fn dry_run_cutover(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitC
         }));
         return Ok(ExitCode::SUCCESS);
     }
-    let hook = |cmd: &str| {
-        if cmd.is_empty() {
-            "(none configured)".to_string()
+    let hook = |configured: bool| {
+        if configured {
+            "(configured on that agent)"
         } else {
-            format!("`{cmd}`")
+            "(none configured)"
         }
     };
     let size = |n: u64| ferry_common::text::bytes(n as f64);
@@ -647,7 +647,7 @@ async fn dry_run_cutover(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitC
     println!(
         "  1. freeze the source: {}'s pre_freeze hook {}",
         spec.source_agent,
-        hook(&v.pre_freeze)
+        hook(v.pre_freeze)
     );
     println!(
         "  2. run the final round {} under the freeze: send {} files ({} at most) and {} other \
@@ -675,7 +675,7 @@ async fn dry_run_cutover(ctl: &Ctl, id: u64, json: bool) -> anyhow::Result<ExitC
     println!(
         "  or, when a step fails: roll back with {}'s rollback hook {}",
         spec.source_agent,
-        hook(&v.rollback)
+        hook(v.rollback)
     );
     if v.issues > 0 {
         println!(
@@ -1112,8 +1112,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 })
                 .await?;
-            let limit = Duration::from_millis(started.deadline_ms.saturating_sub(now_ms()))
-                + Duration::from_secs(10);
+            // The job's own length, not the leader's deadline against this host's clock.
+            let limit =
+                Duration::from_millis(started.deadline_ms.saturating_sub(started.created_ms))
+                    + Duration::from_secs(10);
             let job = crate::jobs::wait(&ctl, started.id, limit).await?;
             return show_job(&job, json);
         }

@@ -81,7 +81,7 @@ fn cutover_work(s: &crate::state::State, agent: &str) -> Vec<pb::CutoverWork> {
 fn job_work(s: &crate::state::State, agent: &str, now_ms: u64) -> Vec<pb::JobWork> {
     s.jobs_for(agent, now_ms)
         .into_iter()
-        .map(|(j, part)| {
+        .filter_map(|(j, part)| {
             let mut w = pb::JobWork {
                 id: j.id,
                 ..Default::default()
@@ -94,17 +94,18 @@ fn job_work(s: &crate::state::State, agent: &str, now_ms: u64) -> Vec<pb::JobWor
                     })
                 }
                 (JobKind::SyncPreview { migration_id }, _) => {
-                    if let Some(m) = s.migrations.get(migration_id) {
-                        w.sync_preview = Some(pb::SyncPreviewJob {
-                            migration_id: *migration_id,
-                            migration_uuid: m.uuid.clone(),
-                            source_path: m.spec.source_path.clone(),
-                            excludes: m.spec.excludes.clone(),
-                            round: m.round().number,
-                            keep_deleted: m.spec.keep_deleted,
-                            max_delete: m.spec.max_delete,
-                        });
-                    }
+                    // A migration deleted since: nothing to preview, the job ends at its
+                    // deadline.
+                    let m = s.migrations.get(migration_id)?;
+                    w.sync_preview = Some(pb::SyncPreviewJob {
+                        migration_id: *migration_id,
+                        migration_uuid: m.uuid.clone(),
+                        source_path: m.spec.source_path.clone(),
+                        excludes: m.spec.excludes.clone(),
+                        round: m.round().number,
+                        keep_deleted: m.spec.keep_deleted,
+                        max_delete: m.spec.max_delete,
+                    });
                 }
                 (JobKind::Probe { .. }, JobPart::Answer) => {
                     w.answer = Some(pb::ProbeAnswer {
@@ -133,7 +134,7 @@ fn job_work(s: &crate::state::State, agent: &str, now_ms: u64) -> Vec<pb::JobWor
                     })
                 }
             }
-            w
+            Some(w)
         })
         .collect()
 }

@@ -519,7 +519,7 @@ async fn dry_runs_of_a_sync_round_and_a_cutover_say_what_they_would_do() {
     assert_eq!(c["attempt"], 1, "{c}");
     assert_eq!(c["final_round"]["send_files"], 2, "{c}");
     assert_eq!(
-        c["final_round"]["pre_freeze"], "",
+        c["final_round"]["pre_freeze"], false,
         "no hook configured: {c}"
     );
     let shown = run(
