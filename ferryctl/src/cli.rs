@@ -1405,7 +1405,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         let line = format!(
                             "{}  elapsed {}",
                             progress_line(p, r),
-                            crate::ctl::human_duration(started.elapsed())
+                            crate::plan::duration_text(started.elapsed().as_secs())
                         );
                         if terminal {
                             eprint!("\r\x1b[2K{line}");

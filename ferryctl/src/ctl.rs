@@ -881,10 +881,7 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
     let eta = match speed {
         Some(s) if p.scan_complete && p.bytes_total > p.bytes_verified && s > 0.0 => {
             let left = (p.bytes_total - p.bytes_verified) as f64 / s;
-            format!(
-                "ETA {}",
-                human_duration(Duration::from_secs_f64(left.min(1e9)))
-            )
+            format!("ETA {}", crate::plan::duration_text(left.min(1e9) as u64))
         }
         _ if p.phase() == pb::Phase::Done => "done".to_string(),
         _ if !p.scan_complete => "scanning".to_string(),
@@ -905,17 +902,6 @@ pub fn progress_line(p: &pb::MigrationProgress, rate: &Rate) -> String {
         p.segments_total,
         speed.map_or("- MB/s".to_string(), |s| format!("{:.1} MB/s", s / 1e6)),
     )
-}
-
-/// A duration as people say it, to the second: `45s`, `3m 20s`, `2h 5m`, `3d 4h`.
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
-    }
 }
 
 /// The lines that show a migration's rounds (none while it has only its bulk copy): what each
@@ -1168,16 +1154,6 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");
         assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
         assert_eq!(super::utc(1_796_414_612_393), "2026-12-04 20:03:32");
-    }
-
-    #[test]
-    fn durations_read_as_people_say_them() {
-        use std::time::Duration;
-        let d = |s| super::human_duration(Duration::from_secs(s));
-        assert_eq!(
-            [d(0), d(59), d(200), d(7_500), d(277_200)],
-            ["0s", "59s", "3m 20s", "2h 5m", "3d 5h"]
-        );
     }
 
     #[test]

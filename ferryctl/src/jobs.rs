@@ -36,7 +36,7 @@ pub async fn wait(ctl: &Ctl, id: u64, timeout: Duration) -> Result<pb::JobInfo, 
                         job.kind,
                         job.agent,
                         progress_line(&job),
-                        crate::ctl::human_duration(started.elapsed())
+                        crate::plan::duration_text(started.elapsed().as_secs())
                     );
                 }
             }
@@ -44,7 +44,7 @@ pub async fn wait(ctl: &Ctl, id: u64, timeout: Duration) -> Result<pb::JobInfo, 
         if started.elapsed() > timeout {
             return Err(CtlError::Status(format!(
                 "job {id} has not ended after {}; `ferryctl jobs {id}` shows it later",
-                crate::ctl::human_duration(timeout)
+                crate::plan::duration_text(timeout.as_secs())
             )));
         }
         tokio::time::sleep(POLL).await;
