@@ -51,11 +51,6 @@ pub async fn wait(ctl: &Ctl, id: u64, timeout: Duration) -> Result<pb::JobInfo, 
     }
 }
 
-/// A rate in bytes per second as network people say it: `94.3 Mbit/s`.
-pub fn mbit(bytes_per_sec: f64) -> String {
-    format!("{:.1} Mbit/s", bytes_per_sec * 8.0 / 1e6)
-}
-
 /// What a running job found so far, in a few words.
 fn progress_line(job: &pb::JobInfo) -> String {
     if job.state() == JobState::Pending {
@@ -125,7 +120,7 @@ fn article(kind: &str) -> String {
 /// A probe's result as a table.
 pub fn probe_table(p: &ProbeResult) -> String {
     use std::fmt::Write;
-    let rate = mbit;
+    let rate = crate::plan::rate_text;
     let mut out = String::new();
     let _ = writeln!(out, "Path from {} to {}", p.from, p.to);
     let _ = writeln!(
