@@ -144,16 +144,17 @@ pub fn walk_in<E>(
             continue;
         };
         let rel = dir.join(&name);
-        // A rule for directories only (`build/` in an exclude file) must know what `rel` is.
-        let is_dir = excludes.needs_kind()
-            && std::fs::symlink_metadata(root.join(&rel)).is_ok_and(|m| m.is_dir());
+        let abs = root.join(&rel);
+        // Taken before the excludes are asked: a rule for directories only (`build/` in an
+        // exclude file) must know what `rel` is, and the entry below is made from it.
+        let meta = fs::symlink_metadata(&abs);
+        let is_dir = excludes.needs_kind() && meta.as_ref().is_ok_and(|m| m.is_dir());
         if excludes.matches_kind(&rel, is_dir) {
             if let Err(e) = f(Walked::Excluded) {
                 return Ok(Err(e));
             }
             continue;
         }
-        let abs = root.join(&rel);
         let shown = display(&rel);
         let issue = |reason: String| Walked::Issue {
             path: shown.clone(),
@@ -168,7 +169,7 @@ pub fn walk_in<E>(
             }
             continue;
         };
-        let item = match fs::symlink_metadata(&abs) {
+        let item = match meta {
             // Removed between the listing of its directory and now: a live tree changes while
             // it is scanned, and a name that is gone is not there to copy.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
