@@ -40,6 +40,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Join a cluster with a one-time token (`ferryctl token create`): makes this agent's key
+    /// here, has a coordinator sign a certificate for it, and writes the CA certificate, the key
+    /// and the certificate where the config's [tls] section says. The coordinator's CA is
+    /// checked against the token's pin before anything of the token is sent.
+    Join {
+        /// The token (or set FERRY_JOIN_TOKEN, which keeps it out of the process list).
+        #[arg(long, env = "FERRY_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// A coordinator's join listener (its `join_listen`), host:port.
+        #[arg(long)]
+        coordinator: String,
+        /// Config file: the agent's name and where its TLS files go.
+        #[arg(
+            long,
+            env = "FERRY_AGENT_CONFIG",
+            default_value = "/etc/ferry/agent.toml"
+        )]
+        config: PathBuf,
+        /// Replace this agent's key and certificate if it has them (joining again after a
+        /// revocation, or after its certificate expired while it was stopped).
+        #[arg(long)]
+        replace: bool,
+    },
     /// Run the agent until SIGTERM or SIGINT.
     Run {
         /// Config file.
@@ -116,6 +139,30 @@ async fn run() -> anyhow::Result<()> {
             } else {
                 print!("{}", crate::assess::table(&a));
             }
+            Ok(())
+        }
+        Cmd::Join {
+            token,
+            coordinator,
+            config,
+            replace,
+        } => {
+            let token: ferry_common::enrol::JoinToken = token.parse()?;
+            let (cfg, _) = ferry_common::config::load_daemon::<crate::run::AgentConfig>(&config)?;
+            let info = crate::enrol::join(&token, &coordinator, &cfg.name, &cfg.tls, replace)
+                .await
+                .with_context(|| {
+                    format!("agent {} could not join through {coordinator}", cfg.name)
+                })?;
+            println!(
+                "agent {} joined: wrote {} and {} (serial {}, valid until {}); start it with \
+                 `systemctl start ferry-agent`",
+                cfg.name,
+                cfg.tls.key.display(),
+                cfg.tls.cert.display(),
+                info.serial,
+                ferry_common::text::utc(info.not_after.max(0) as u64 * 1000)
+            );
             Ok(())
         }
         Cmd::Run { config } => {

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod cutover;
 pub mod dial;
+pub mod enrol;
 pub mod forget;
 pub mod frame;
 pub mod hashcache;

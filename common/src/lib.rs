@@ -3,6 +3,7 @@
 //! network connection and decides nothing from the clock.
 
 pub mod config;
+pub mod enrol;
 pub mod exclude;
 pub mod hash;
 pub mod ids;

@@ -8,6 +8,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -42,7 +43,27 @@ pub enum PkiError {
     /// The name is not a valid identity.
     #[error(transparent)]
     Name(#[from] names::InvalidName),
+    /// A certificate request could not be read or its signature is wrong.
+    #[error("the certificate request is not valid: {0}")]
+    BadRequest(String),
+    /// A certificate could not be read.
+    #[error("cannot read the certificate: {0}")]
+    BadCertificate(String),
 }
+
+/// How long a certificate [`Ca::issue`] signs is valid, unless told otherwise: an agent's a
+/// week (a running agent renews it when a third is left, through the coordinator), an
+/// operator's 90 days, a coordinator node's a year, the CA's ten years.
+pub const AGENT_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+/// See [`AGENT_LIFETIME`].
+pub const OPERATOR_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+/// See [`AGENT_LIFETIME`].
+pub const COORDINATOR_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+/// See [`AGENT_LIFETIME`].
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// How far before its signing a certificate is valid from: a host whose clock is a little
+/// behind the signer's still accepts it at once.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// Who a certificate is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +100,33 @@ impl Identity {
         }
     }
 
+    /// How long its certificate is valid when nobody says ([`AGENT_LIFETIME`]).
+    pub fn default_lifetime(&self) -> Duration {
+        match self {
+            Identity::Agent(_) => AGENT_LIFETIME,
+            Identity::Coordinator(_) => COORDINATOR_LIFETIME,
+            Identity::Admin(_) | Identity::User(..) => OPERATOR_LIFETIME,
+        }
+    }
+
+    /// Its certificate's parameters: names, usages, a random serial, valid from
+    /// [`CLOCK_SKEW`] before `now` for `lifetime`.
+    fn params(&self, now: SystemTime, lifetime: Duration) -> Result<CertificateParams, PkiError> {
+        match self {
+            Identity::Agent(n) | Identity::Admin(n) | Identity::User(n, _) => {
+                names::validate_name(n)?
+            }
+            Identity::Coordinator(_) => {}
+        }
+        let mut p = CertificateParams::new(self.dns_names())?;
+        p.distinguished_name
+            .push(DnType::CommonName, self.dns_names()[0].clone());
+        p.extended_key_usages = self.key_usages();
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut p, now, lifetime)?;
+        Ok(p)
+    }
+
     fn dns_names(&self) -> Vec<String> {
         match self {
             Identity::Agent(n) => vec![names::agent_dns(n)],
@@ -96,6 +144,159 @@ impl Identity {
             ],
         }
     }
+}
+
+/// Sets `p`'s validity (from [`CLOCK_SKEW`] before `now`, for `lifetime`) and a random
+/// 128-bit serial.
+fn validity(
+    p: &mut CertificateParams,
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<(), PkiError> {
+    let secs = |t: SystemTime| {
+        let s = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+        time::OffsetDateTime::from_unix_timestamp(s)
+            .map_err(|e| PkiError::BadCertificate(format!("a validity time out of range: {e}")))
+    };
+    let from = now.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH);
+    p.not_before = secs(from)?;
+    p.not_after = secs(now + lifetime)?;
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| PkiError::BadCertificate("no randomness for a serial number".into()))?;
+    serial[0] &= 0x7f; // positive
+    serial[0] |= 0x01; // and of full length
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    Ok(())
+}
+
+/// What ferry reads from a certificate: its serial (hex), the names it is valid for, and its
+/// validity in unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// DNS names (subject alternative names).
+    pub names: Vec<String>,
+    /// Valid from (unix seconds).
+    pub not_before: i64,
+    /// Valid until (unix seconds).
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// Reads a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<CertInfo, PkiError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let names = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san
+                .value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(PkiError::BadCertificate(e.to_string())),
+        };
+        Ok(CertInfo {
+            serial: hex(cert.raw_serial()),
+            names,
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+
+    /// Reads the first certificate of a PEM text.
+    pub fn from_pem(pem: &[u8]) -> Result<CertInfo, PkiError> {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        CertInfo::from_der(&der)
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The pin of a CA certificate (DER): the SHA-256 of its public key (SubjectPublicKeyInfo),
+/// as kubeadm's discovery hash. A join token carries it; a joining agent trusts only a
+/// coordinator whose CA has it.
+pub fn ca_pin(ca_der: &[u8]) -> Result<[u8; 32], PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(ca_der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let d = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    let mut pin = [0u8; 32];
+    pin.copy_from_slice(d.as_ref());
+    Ok(pin)
+}
+
+/// The public key (raw bits) of the first certificate of a PEM text (to check a CA key
+/// against its certificate).
+pub fn ca_public_key(pem: &[u8]) -> Result<Vec<u8>, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// A new key for `who` and a request (CSR, DER) to have it certified: the key never leaves
+/// the host that made it. Returns the key (PEM) and the request.
+pub fn request(who: &Identity) -> Result<(String, Vec<u8>), PkiError> {
+    let key = KeyPair::generate()?;
+    let p = CertificateParams::new(who.dns_names())?;
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// Writes `contents` to `path` with `mode`, replacing what is there (a renewed certificate
+/// or key): written to a temporary next to it (`O_EXCL|O_NOFOLLOW`, that mode), synced, then
+/// renamed over it — a symlink at `path` is replaced, never followed.
+pub fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PkiError::Io { what, path, source }
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.new-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io("cannot write", &tmp))?;
+        f.write_all(contents).map_err(io("cannot write", &tmp))?;
+        f.sync_all().map_err(io("cannot write", &tmp))?;
+        fs::rename(&tmp, path).map_err(io("cannot replace", path))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Writes a new file (PEM) at `path` with `mode`, never replacing anything there.
+pub fn create_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    write_file(path, contents, mode)
 }
 
 /// The cluster CA, loaded and able to sign.
@@ -187,12 +388,27 @@ impl Ca {
             return Err(PkiError::CaExists(key_path));
         }
         let key = KeyPair::generate()?;
-        let cert = ca_params()?.self_signed(&key)?;
+        let mut params = ca_params()?;
+        validity(&mut params, SystemTime::now(), CA_LIFETIME)?;
+        let cert = params.self_signed(&key)?;
         write_file(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
         write_file(&key_path, &key.serialize_pem(), 0o600)?;
         Ok(Ca {
             issuer: Issuer::new(ca_params()?, key),
         })
+    }
+
+    /// Loads the CA's key from `path` (a coordinator's `ca_key`).
+    pub fn load_key(path: &Path) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(&read_file(path)?)?;
+        Ok(Ca {
+            issuer: Issuer::new(ca_params()?, key),
+        })
+    }
+
+    /// The CA's public key (the raw bits, as in a certificate's key field).
+    pub fn public_key_der(&self) -> Vec<u8> {
+        self.issuer.key().public_key_raw().to_vec()
     }
 
     /// Loads the CA from `dir`.
@@ -203,8 +419,9 @@ impl Ca {
         })
     }
 
-    /// The identity `who` already has in `dir` (its certificate and key both there), or a new
-    /// one ([`Ca::issue`]).
+    /// The identity `who` already has in `dir` (its certificate and key both there, and the
+    /// certificate not in the last third of its lifetime), or a new one ([`Ca::issue`]) that
+    /// replaces an old one.
     pub fn issue_if_missing(
         &self,
         who: &Identity,
@@ -212,26 +429,44 @@ impl Ca {
     ) -> Result<crate::config::TlsPaths, PkiError> {
         let paths = crate::config::TlsPaths::in_dir(dir, &who.file_stem());
         if paths.cert.is_file() && paths.key.is_file() {
+            let fresh = fs::read(&paths.cert)
+                .ok()
+                .and_then(|pem| CertInfo::from_pem(&pem).ok())
+                .is_some_and(|i| {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    i.not_after - now > (who.default_lifetime().as_secs() / 3) as i64
+                });
+            if fresh {
+                return Ok(paths);
+            }
+            let p = who.params(SystemTime::now(), who.default_lifetime())?;
+            let key = KeyPair::generate()?;
+            let cert = p.signed_by(&key, &self.issuer)?;
+            replace_file(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
+            replace_file(&paths.cert, cert.pem().as_bytes(), 0o644)?;
             return Ok(paths);
         }
         self.issue(who, dir)
     }
 
-    /// Issues a certificate for `who` and writes `<stem>.pem` and `<stem>.key` into `dir`;
-    /// refuses ([`PkiError::Exists`]) when either is there already.
-    /// Returns the paths in the layout [`crate::config::TlsPaths::in_dir`] expects.
+    /// Issues a certificate for `who` (valid for its [`Identity::default_lifetime`]) and writes
+    /// `<stem>.pem` and `<stem>.key` into `dir`; refuses ([`PkiError::Exists`]) when either is
+    /// there already. Returns the paths in the layout [`crate::config::TlsPaths::in_dir`]
+    /// expects.
     pub fn issue(&self, who: &Identity, dir: &Path) -> Result<crate::config::TlsPaths, PkiError> {
-        match who {
-            Identity::Agent(n) | Identity::Admin(n) | Identity::User(n, _) => {
-                names::validate_name(n)?
-            }
-            Identity::Coordinator(_) => {}
-        }
-        let mut p = CertificateParams::new(who.dns_names())?;
-        p.distinguished_name
-            .push(DnType::CommonName, who.dns_names()[0].clone());
-        p.extended_key_usages = who.key_usages();
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue_for(who, dir, who.default_lifetime())
+    }
+
+    /// [`Ca::issue`], valid for `lifetime`.
+    pub fn issue_for(
+        &self,
+        who: &Identity,
+        dir: &Path,
+        lifetime: Duration,
+    ) -> Result<crate::config::TlsPaths, PkiError> {
+        let p = who.params(SystemTime::now(), lifetime)?;
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &self.issuer)?;
         let stem = who.file_stem();
@@ -245,6 +480,29 @@ impl Ca {
         write_file(&paths.key, &key.serialize_pem(), 0o600)?;
         write_file(&paths.cert, &cert.pem(), 0o644)?;
         Ok(paths)
+    }
+
+    /// Certifies the key of a request (CSR, DER) as `who`, valid for `lifetime` from `now`.
+    /// Only the request's key is taken: its names, usages and any other extension are not
+    /// (the signer says who the holder is). The request's signature must be right (the holder
+    /// has the key). Returns the certificate (PEM) and what it says.
+    pub fn sign_request(
+        &self,
+        csr_der: &[u8],
+        who: &Identity,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<(String, CertInfo), PkiError> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+        let req = rcgen::CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| PkiError::BadRequest(e.to_string()))?;
+        let signed = rcgen::CertificateSigningRequestParams {
+            params: who.params(now, lifetime)?,
+            public_key: req.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        let info = CertInfo::from_der(signed.der())?;
+        Ok((signed.pem(), info))
     }
 }
 
@@ -398,5 +656,57 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let old = p.signed_by(&key, &ca.issuer).unwrap();
         assert_eq!(role_of(old.der()), Some(Role::Admin));
+    }
+
+    #[test]
+    fn a_request_is_signed_for_whom_the_signer_says_for_the_time_it_says() {
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        // The request asks to be a coordinator; the signer certifies an agent.
+        let (_key, csr) = request(&Identity::Coordinator(1)).unwrap();
+        let now = SystemTime::now();
+        let (pem, info) = ca
+            .sign_request(
+                &csr,
+                &Identity::Agent("gpu-1".into()),
+                now,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        assert_eq!(info.names, ["gpu-1.agent.ferry"]);
+        let now_s = now.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert_eq!(info.not_before, now_s - CLOCK_SKEW.as_secs() as i64);
+        assert_eq!(info.not_after, now_s + 3600);
+        assert_eq!(info.serial.len(), 32);
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert!(crate::tls::cert_is_for(&der, "gpu-1.agent.ferry"));
+        assert!(!crate::tls::cert_is_for(&der, "coordinator.ferry"));
+        // A request whose signature is wrong (the key is not the holder's) is refused.
+        let mut bad = csr.clone();
+        let n = bad.len();
+        bad[n - 5] ^= 0xff;
+        assert!(matches!(
+            ca.sign_request(
+                &bad,
+                &Identity::Agent("x".into()),
+                now,
+                Duration::from_secs(60)
+            ),
+            Err(PkiError::BadRequest(_))
+        ));
+        // The CA's key checks against its certificate.
+        let pem = fs::read(dir.path().join("ca.pem")).unwrap();
+        assert_eq!(ca_public_key(&pem).unwrap(), ca.public_key_der());
+        let other = tempfile::tempdir().unwrap();
+        let ca2 = Ca::init(other.path()).unwrap();
+        assert_ne!(ca_public_key(&pem).unwrap(), ca2.public_key_der());
+        // Issued identities are bounded in time too.
+        let p = ca.issue(&Identity::Agent("y".into()), dir.path()).unwrap();
+        let i = CertInfo::from_pem(&fs::read(p.cert).unwrap()).unwrap();
+        assert_eq!(
+            i.not_after - i.not_before,
+            (AGENT_LIFETIME + CLOCK_SKEW).as_secs() as i64
+        );
     }
 }

@@ -154,6 +154,22 @@ impl TlsMaterial {
         self.server_tls(&[b"h2"]).map(Arc::new)
     }
 
+    /// A coordinator's join listener: TLS 1.3, HTTP/2, no client certificate asked (a joining
+    /// agent has none yet), and the CA's certificate sent after this node's, so the agent can
+    /// check it against the pin in its token (`crate::enrol::fetch_ca`).
+    pub fn join_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let p = std::path::Path::new("<memory>");
+        let mut chain = self.certs(p, &self.cert_pem, "certificate")?;
+        chain.extend(self.certs(p, &self.ca_pem, "CA certificate")?);
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(chain, self.key(p)?)?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     /// A server's TLS speaking `alpn`: TLS 1.3 only, a client certificate from the CA
     /// required, no 0-RTT (rustls' default: early data could be replayed).
     fn server_tls(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {

@@ -53,6 +53,23 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// TLS files.
     pub tls: TlsPaths,
+    /// Where agents join with a token (`ferry-agent join`): TLS 1.3 without a client
+    /// certificate, serving the join call only. Absent: agents cannot join through this node.
+    #[serde(default)]
+    pub join_listen: Option<SocketAddr>,
+    /// The cluster CA's key, to sign the certificates of agents that join or renew. Default:
+    /// `ca.key` beside `tls.ca`, if it is there. Without it this node signs nothing (an agent
+    /// that reaches it to renew is told to reach another).
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// How long an agent certificate this node signs is valid, in seconds (default 7 days;
+    /// at least 30 s). An agent renews it when a third is left.
+    #[serde(default = "default_agent_cert_secs")]
+    pub agent_cert_secs: u64,
+}
+
+fn default_agent_cert_secs() -> u64 {
+    ferry_common::pki::AGENT_LIFETIME.as_secs()
 }
 
 impl ferry_common::config::DaemonConfig for CoordinatorConfig {
@@ -102,6 +119,12 @@ pub enum StartError {
     /// gRPC TLS setup failed.
     #[error("gRPC server setup failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The CA key cannot sign.
+    #[error("ca_key: {0}")]
+    Signer(#[from] crate::grpc::enrol::SignerError),
+    /// Joining needs a CA key.
+    #[error("join_listen is set but this node has no CA key ({0} is not there): set ca_key to the cluster CA's key, or leave join_listen out")]
+    NoCaKey(String),
 }
 
 /// A node that is serving.
@@ -123,6 +146,9 @@ pub struct RunningNode {
     /// Where `/metrics`, `/livez` and `/readyz` are served, if they are.
     pub metrics_addr: Option<SocketAddr>,
     ops: Option<ferry_common::ops::OpsServer>,
+    /// Where agents join, if they may here.
+    pub join_addr: Option<SocketAddr>,
+    join_server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl RunningNode {
@@ -134,6 +160,9 @@ impl RunningNode {
         }
         self.rounds.abort();
         self.health.abort();
+        if let Some(j) = self.join_server.take() {
+            j.abort();
+        }
         drop(self.ops.take());
         // In-flight calls end first; a connection that never ends (a client that sent no
         // HTTP/2 preface) does not hold the shutdown up for longer than the grace.
@@ -242,8 +271,41 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         );
     }
 
+    // The CA key: configured, or beside the CA certificate. Joining needs it; renewing too
+    // (an agent asks another node when this one has none).
+    let key_path = cfg
+        .ca_key
+        .clone()
+        .unwrap_or_else(|| cfg.tls.ca.with_file_name("ca.key"));
+    let signer = if cfg.ca_key.is_some() || key_path.is_file() {
+        Some(Arc::new(crate::grpc::enrol::Signer::load(
+            &key_path,
+            &cfg.tls.ca,
+            &tls.ca_pem,
+            Duration::from_secs(cfg.agent_cert_secs),
+        )?))
+    } else if cfg.join_listen.is_some() {
+        return Err(StartError::NoCaKey(key_path.display().to_string()));
+    } else {
+        None
+    };
     let (commits, committer) = crate::grpc::group_commit::GroupCommit::start(raft.clone());
+    let ca_pin = {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&tls.ca_pem).map_err(|e| {
+            StartError::Tls(ferry_common::tls::TlsError::Quic(format!(
+                "CA certificate: {e}"
+            )))
+        })?;
+        ferry_common::pki::ca_pin(&der).map_err(|e| {
+            StartError::Tls(ferry_common::tls::TlsError::Quic(format!(
+                "CA certificate: {e}"
+            )))
+        })?
+    };
     let core = Arc::new(Core {
+        signer,
+        ca_pin,
         raft: raft.clone(),
         peers,
         applied: applied.clone(),
@@ -289,11 +351,39 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         .add_service(health_service)
         .add_service(reflection.0)
         .add_service(reflection.1);
-    let incoming = incoming(listener, tls.grpc_server_config()?);
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
-        let _ = stop_rx.await;
-    }));
+    let connections = incoming(listener, tls.grpc_server_config()?);
+    let server = tokio::spawn(
+        router.serve_with_incoming_shutdown(connections, async move {
+            let _ = stop_rx.await;
+        }),
+    );
     tracing::info!(message = "Coordinator serving.", %addr, node_id = cfg.node_id);
+    let (join_addr, join_server) = match cfg.join_listen {
+        None => (None, None),
+        Some(listen) => {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: listen,
+                    source,
+                })?;
+            let join_addr = l.local_addr().map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
+            let enrol = tonic::transport::Server::builder()
+                .add_service(
+                    ferry_proto::control::enrol_server::EnrolServer::new(
+                        crate::grpc::enrol::EnrolService::new(core.clone()),
+                    )
+                    .max_decoding_message_size(64 * 1024)
+                    .max_encoding_message_size(64 * 1024),
+                )
+                .serve_with_incoming(incoming(l, tls.join_server_config()?));
+            tracing::info!(message = "Agents may join here.", addr = %join_addr);
+            (Some(join_addr), Some(tokio::spawn(enrol)))
+        }
+    };
     let rounds = tokio::spawn(periodic_rounds(core));
     let ops = match cfg.metrics_listen {
         None => None,
@@ -337,6 +427,8 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         health,
         metrics_addr: ops.as_ref().map(|o| o.addr),
         ops,
+        join_addr,
+        join_server,
     })
 }
 

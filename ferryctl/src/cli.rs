@@ -88,6 +88,13 @@ enum Cmd {
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
     },
+    /// Join tokens: one-time secrets with which a new agent gets its certificate
+    /// (`ferry-agent join`). Need the admin role.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Certificates the coordinators signed for agents (joins and renewals).
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Contexts: named coordinator addresses, PKI directory and admin identity in
     /// ~/.config/ferry/config.toml (or $FERRY_CONFIG), as kubectl has them.
     #[command(subcommand)]
@@ -277,10 +284,44 @@ enum ClusterCmd {
 }
 
 #[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a one-time join token and print it. It carries the cluster CA's pin, so the agent
+    /// that uses it (`ferry-agent join --token T --coordinator HOST:JOINPORT`) trusts only this
+    /// cluster. Hand it over a channel you trust; it is shown once.
+    Create {
+        /// Who joins with it: agent.
+        #[arg(long, default_value = "agent")]
+        role: String,
+        /// How long it is valid (`15m`, `1h`, `2d`; at most 7d).
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        ttl: Duration,
+        /// The only agent name it may be used for [default: any name not in use].
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Join tokens of the last day: who made them, until when they are valid, who used them.
+    List,
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Signed certificates by identity: serial, validity, how each came (a join or a renewal),
+    /// and whether it is revoked.
+    List,
+}
+
+#[derive(Subcommand)]
 enum AgentsCmd {
     /// Registered agents, with their data connections' congestion controller, window and
     /// throttle.
     List,
+    /// Cut an agent off: every certificate of it signed until now is refused on every
+    /// connection, to coordinators and to other agents, and its session ends. It may join again
+    /// only with a new token (`ferry-agent join --replace`). Needs the admin role.
+    Revoke {
+        /// The agent's name.
+        name: String,
+    },
     /// Limit what an agent sends as a source, over all its migrations; changed live.
     Throttle {
         /// The agent's name.
@@ -1339,6 +1380,95 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::json!({ "migration_id": id, "name": name }));
             } else {
                 println!("created migration {id} ({name})");
+            }
+        }
+        Cmd::Agents(AgentsCmd::Revoke { name }) => {
+            connect(&cli).await?.revoke(name).await?;
+            if json {
+                print_json(&serde_json::json!({ "agent": name, "revoked": true }));
+            } else {
+                println!("agent {name} revoked: its certificates are refused from now on");
+            }
+        }
+        Cmd::Token(TokenCmd::Create { role, ttl, agent }) => {
+            let t = connect(&cli)
+                .await?
+                .create_token(role, *ttl, agent.as_deref().unwrap_or(""))
+                .await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "join token {} for {role}{} valid until {} UTC; use it once: \
+                     FERRY_JOIN_TOKEN=<token> ferry-agent join --coordinator HOST:JOINPORT",
+                    t.id,
+                    agent.as_ref().map(|a| format!(" {a}")).unwrap_or_default(),
+                    crate::ctl::utc(t.expires_unix_ms)
+                );
+            }
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let tokens = connect(&cli).await?.tokens().await?;
+            if json {
+                print_json(&tokens);
+            } else {
+                let now = now_ms();
+                println!(
+                    "{:<16} {:<6} {:<12} {:<12} {:<20} STATE",
+                    "ID", "ROLE", "FOR", "BY", "EXPIRES (UTC)"
+                );
+                for t in tokens {
+                    let state = if !t.used_by.is_empty() {
+                        format!(
+                            "used by {} from {} {}",
+                            t.used_by,
+                            t.used_from,
+                            ago(now, t.used_unix_ms)
+                        )
+                    } else if t.expires_unix_ms <= now {
+                        "expired".to_string()
+                    } else {
+                        "open".to_string()
+                    };
+                    println!(
+                        "{:<16} {:<6} {:<12} {:<12} {:<20} {state}",
+                        t.id,
+                        t.role,
+                        if t.agent.is_empty() { "any" } else { &t.agent },
+                        t.created_by,
+                        crate::ctl::utc(t.expires_unix_ms)
+                    );
+                }
+            }
+        }
+        Cmd::Certs(CertsCmd::List) => {
+            let certs = connect(&cli).await?.certificates().await?;
+            if json {
+                print_json(&certs);
+            } else {
+                let now = now_ms() as i64 / 1000;
+                println!(
+                    "{:<24} {:<34} {:<20} {:<10} VIA",
+                    "IDENTITY", "SERIAL", "VALID UNTIL (UTC)", "STATE"
+                );
+                for c in certs {
+                    let state = if c.revoked {
+                        "revoked"
+                    } else if c.not_after <= now {
+                        "expired"
+                    } else {
+                        "valid"
+                    };
+                    println!(
+                        "{:<24} {:<34} {:<20} {:<10} {}",
+                        c.identity,
+                        c.serial,
+                        crate::ctl::utc(c.not_after.max(0) as u64 * 1000),
+                        state,
+                        c.via
+                    );
+                }
             }
         }
         Cmd::Agents(AgentsCmd::Throttle { name, throttle }) => {

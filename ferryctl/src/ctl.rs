@@ -307,6 +307,60 @@ impl Ctl {
         .await
     }
 
+    /// Makes a join token (sent once: a retry would make a second token).
+    pub async fn create_token(
+        &self,
+        role: &str,
+        ttl: std::time::Duration,
+        agent: &str,
+    ) -> Result<pb::CreateJoinTokenResponse, CtlError> {
+        let mut c = self.client.clone();
+        Ok(c.create_join_token(pb::CreateJoinTokenRequest {
+            role: role.to_string(),
+            ttl_secs: ttl.as_secs(),
+            agent: agent.to_string(),
+        })
+        .await?
+        .into_inner())
+    }
+
+    /// The join tokens of the last day.
+    pub async fn tokens(&self) -> Result<Vec<pb::JoinTokenInfo>, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.list_join_tokens(pb::ListJoinTokensRequest {})
+                .await?
+                .into_inner()
+                .tokens)
+        })
+        .await
+    }
+
+    /// The certificates the coordinators signed.
+    pub async fn certificates(&self) -> Result<Vec<pb::CertificateInfo>, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.list_certificates(pb::ListCertificatesRequest {})
+                .await?
+                .into_inner()
+                .certificates)
+        })
+        .await
+    }
+
+    /// Revokes an agent (idempotent: retried like a read).
+    pub async fn revoke(&self, agent: &str) -> Result<(), CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            c.revoke_agent(pb::RevokeAgentRequest {
+                agent: agent.to_string(),
+            })
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Sets the throttle of a migration (`migration`: its name or id) or an agent; returns the
     /// throttle now in force, in canonical form. Setting a throttle is idempotent, so it is
     /// retried like a read.
@@ -1125,27 +1179,7 @@ pub fn check_audit_chain(records: &[pb::AuditRecordInfo]) -> Result<(), u64> {
     Ok(())
 }
 
-/// `ms` (unix) as UTC `YYYY-MM-DD HH:MM:SS`.
-pub fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use ferry_common::text::utc;
 
 #[cfg(test)]
 mod tests {

@@ -271,6 +271,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         keep_logs_after_snapshot: 1_000,
         metrics_listen: None,
         tls: coord_tls,
+        join_listen: None,
+        ca_key: None,
+        agent_cert_secs: ferry_common::pki::AGENT_LIFETIME.as_secs(),
     })
     .await
     .context("coordinator failed to start")?;

@@ -891,6 +891,125 @@ impl Admin for AdminService {
         Ok(GrpcResponse::new(pb::ListJobsResponse { jobs }))
     }
 
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> R<pb::CreateJoinTokenResponse> {
+        let caller = self
+            .authorized(&req, Role::Admin, "CreateJoinToken")
+            .await?;
+        let r = req.into_inner();
+        let token = ferry_common::enrol::JoinToken::generate(self.0.ca_pin)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let ttl_ms = r.ttl_secs.saturating_mul(1000);
+        let now = now_ms();
+        let cmd = Command::CreateJoinToken {
+            id: token.id.clone(),
+            digest: ferry_common::enrol::secret_digest(&token.secret),
+            role: r.role,
+            name: r.agent,
+            ttl_ms,
+            by: caller.note.who.clone(),
+            now_ms: now,
+        };
+        // The record names the token's id, never its secret (the command's Debug shows only
+        // the digest of it).
+        match self.0.write(caller.audited(cmd)).await? {
+            Response::Ok => Ok(GrpcResponse::new(pb::CreateJoinTokenResponse {
+                token: token.to_string(),
+                id: token.id,
+                expires_unix_ms: now.saturating_add(ttl_ms),
+            })),
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<pb::ListJoinTokensRequest>,
+    ) -> R<pb::ListJoinTokensResponse> {
+        authorize_role(&req, Role::Admin)?;
+        let tokens = self
+            .0
+            .read(|s| {
+                let mut t: Vec<_> = s.pki.tokens.values().cloned().collect();
+                t.sort_by_key(|t| std::cmp::Reverse(t.created_ms));
+                t
+            })
+            .await?
+            .into_iter()
+            .map(|t| {
+                let used = t.used.unwrap_or(crate::state::TokenUse {
+                    agent: String::new(),
+                    at_ms: 0,
+                    from: String::new(),
+                });
+                pb::JoinTokenInfo {
+                    id: t.id,
+                    role: t.role,
+                    agent: t.name,
+                    created_by: t.created_by,
+                    created_unix_ms: t.created_ms,
+                    expires_unix_ms: t.expires_ms,
+                    used_by: used.agent,
+                    used_unix_ms: used.at_ms,
+                    used_from: used.from,
+                }
+            })
+            .collect();
+        Ok(GrpcResponse::new(pb::ListJoinTokensResponse { tokens }))
+    }
+
+    async fn list_certificates(
+        &self,
+        req: Request<pb::ListCertificatesRequest>,
+    ) -> R<pb::ListCertificatesResponse> {
+        authorize_role(&req, Role::Viewer)?;
+        let certificates = self
+            .0
+            .read(|s| {
+                let mut c: Vec<_> = s
+                    .pki
+                    .certs
+                    .values()
+                    .map(|c| pb::CertificateInfo {
+                        serial: c.serial.clone(),
+                        identity: c.identity.clone(),
+                        not_before: c.not_before_s,
+                        not_after: c.not_after_s,
+                        via: c.via.clone(),
+                        revoked: c
+                            .identity
+                            .strip_prefix("agent ")
+                            .is_some_and(|n| s.pki.is_revoked(n, c.not_before_s)),
+                    })
+                    .collect();
+                c.sort_by(|a, b| (&a.identity, a.not_before).cmp(&(&b.identity, b.not_before)));
+                c
+            })
+            .await?;
+        Ok(GrpcResponse::new(pb::ListCertificatesResponse {
+            certificates,
+        }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        req: Request<pb::RevokeAgentRequest>,
+    ) -> R<pb::RevokeAgentResponse> {
+        let caller = self.authorized(&req, Role::Admin, "RevokeAgent").await?;
+        let agent = req.into_inner().agent;
+        let cmd = Command::RevokeAgent {
+            agent,
+            by: caller.note.who.clone(),
+            now_ms: now_ms(),
+        };
+        match self.0.write(caller.audited(cmd)).await? {
+            Response::Ok => Ok(GrpcResponse::new(pb::RevokeAgentResponse {})),
+            other => Err(refused(other)),
+        }
+    }
+
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         authorize_role(&req, Role::Viewer)?;
         let now = now_ms();

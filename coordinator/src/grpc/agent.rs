@@ -413,10 +413,49 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// Checks that the caller's certificate is agent `claimed`'s and that it is not revoked
+    /// (a revoked agent's connections made before its revocation are cut off here, call by
+    /// call; new ones at the handshake).
+    fn authorize<T>(&self, req: &Request<T>, claimed: &str) -> Result<(), Status> {
+        authorize_agent(req, claimed)?;
+        if self.0.read_local(|s| s.pki.revoked.contains_key(claimed)) {
+            let cert = req.peer_certs().and_then(|c| c.first().cloned());
+            let info = cert.and_then(|c| ferry_common::pki::CertInfo::from_der(&c).ok());
+            let revoked = info.is_none_or(|i| {
+                self.0
+                    .read_local(|s| s.pki.is_revoked(claimed, i.not_before))
+            });
+            if revoked {
+                return Err(Status::permission_denied(format!(
+                    "agent {claimed}'s certificate is revoked; join again with a new token \
+                     (`ferryctl token create`, `ferry-agent join`)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl AgentControl for AgentService {
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewCertificateRequest>,
+    ) -> R<pb::CertificateResponse> {
+        self.authorize(&req, &req.get_ref().agent)?;
+        let current = req
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let r = req.into_inner();
+        super::enrol::renew(&self.0, &r.agent, &current, &r.csr_der)
+            .await
+            .map(GrpcResponse::new)
+    }
+
     async fn register(&self, req: Request<pb::RegisterRequest>) -> R<pb::RegisterResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         if !r.data_addr.is_empty() && r.data_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
@@ -468,7 +507,7 @@ impl AgentControl for AgentService {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> R<pb::HeartbeatResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let pb::HeartbeatRequest {
             agent,
             session,
@@ -543,7 +582,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::RegisterSegmentsRequest>,
     ) -> R<pb::RegisterSegmentsResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
         let segments = self.checked_segments(r.migration_id, r.segments)?;
@@ -563,7 +602,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::CompleteScanRequest>,
     ) -> R<pb::CompleteScanResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
         let segments = self.checked_segments(r.migration_id, r.segments)?;
@@ -616,7 +655,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::LeaseSegmentsRequest>,
     ) -> R<pb::LeaseSegmentsResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
         let now = now_ms();
@@ -652,7 +691,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> R<pb::LeaseSegmentsResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let pb::ListLeasesRequest { agent, session } = req.into_inner();
         let now = now_ms();
         // Decided on the linearizable read: a process that is not the current one must never
@@ -678,7 +717,7 @@ impl AgentControl for AgentService {
     }
 
     async fn check_lease(&self, req: Request<pb::CheckLeaseRequest>) -> R<pb::CheckLeaseResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         let now = now_ms();
         if let Some(why) = self
@@ -722,7 +761,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::SourceProblemRequest>,
     ) -> R<pb::SourceProblemResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
         let resp = self
@@ -742,7 +781,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::RenewLeasesRequest>,
     ) -> R<pb::RenewLeasesResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         if r.leases.len() > MAX_ITEMS_PER_CALL {
             return Err(Status::invalid_argument(format!(
@@ -777,7 +816,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::ReportSegmentsRequest>,
     ) -> R<pb::ReportSegmentsResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         if r.reports.len() > MAX_ITEMS_PER_CALL {
             return Err(Status::invalid_argument(format!(
@@ -837,7 +876,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::ListUnverifiedRequest>,
     ) -> R<pb::ListUnverifiedResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         self.check_session(&r.agent, r.session)?;
         let ids = self
@@ -861,7 +900,7 @@ impl AgentControl for AgentService {
         &self,
         req: Request<pb::CutoverStepRequest>,
     ) -> R<pb::CutoverStepResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         let run = step_run(&r)?;
         let cmd = if r.verification != 0 {
@@ -898,7 +937,7 @@ impl AgentControl for AgentService {
     }
 
     async fn report_job(&self, req: Request<pb::JobReport>) -> R<pb::JobReportResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         let update = match (r.done, r.error.is_empty()) {
             (false, _) => JobUpdate::Progress(r.progress),
@@ -923,7 +962,7 @@ impl AgentControl for AgentService {
     }
 
     async fn end_session(&self, req: Request<pb::EndSessionRequest>) -> R<pb::EndSessionResponse> {
-        authorize_agent(&req, &req.get_ref().agent)?;
+        self.authorize(&req, &req.get_ref().agent)?;
         let r = req.into_inner();
         let resp = self
             .0

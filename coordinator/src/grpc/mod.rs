@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 mod convert;
+pub mod enrol;
 pub mod group_commit;
 pub mod peer;
 
@@ -23,6 +24,10 @@ use crate::store::Applied;
 
 /// What the services share.
 pub struct Core {
+    /// Signs agents' certificates (joins, renewals), if this node holds the CA key.
+    pub signer: Option<Arc<enrol::Signer>>,
+    /// The pin of the cluster CA (join tokens carry it).
+    pub ca_pin: [u8; 32],
     /// Raft handle.
     pub raft: Raft,
     /// Channels to the other coordinator nodes (forwarding).

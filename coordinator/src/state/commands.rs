@@ -293,6 +293,59 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// An admin makes a join token.
+    CreateJoinToken {
+        /// Its id.
+        id: String,
+        /// The digest of its secret.
+        digest: Digest,
+        /// `agent`.
+        role: String,
+        /// The only agent name it allows (empty: any not in use).
+        name: String,
+        /// How long it is valid.
+        ttl_ms: u64,
+        /// The admin.
+        by: String,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An agent joins with a token; the certificate a node signed for it is recorded (and
+    /// given to it only once this is applied).
+    UseJoinToken {
+        /// The token's id.
+        id: String,
+        /// The digest of the secret the agent sent.
+        digest: Digest,
+        /// The agent's name.
+        agent: String,
+        /// Its address.
+        from: String,
+        /// The certificate signed for it.
+        cert: IssuedCert,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A node signed a renewed certificate for an agent.
+    RecordCert {
+        /// The agent.
+        agent: String,
+        /// When the certificate it renewed with became valid (unix seconds).
+        previous_not_before_s: i64,
+        /// The new certificate.
+        cert: IssuedCert,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An admin revokes an agent.
+    RevokeAgent {
+        /// The agent.
+        agent: String,
+        /// The admin.
+        by: String,
+        /// Leader time.
+        now_ms: u64,
+    },
     /// An agent reports on a job it runs.
     ReportJob {
         /// The agent.
@@ -368,6 +421,30 @@ impl State {
         }
         match cmd {
             Command::Batch(_) => refused("batches do not nest"),
+            Command::CreateJoinToken {
+                id,
+                digest,
+                role,
+                name,
+                ttl_ms,
+                by,
+                now_ms,
+            } => self.create_token(id, digest, role, name, ttl_ms, by, now_ms),
+            Command::UseJoinToken {
+                id,
+                digest,
+                agent,
+                from,
+                cert,
+                now_ms,
+            } => self.use_token(&id, digest, &agent, from, cert, now_ms),
+            Command::RecordCert {
+                agent,
+                previous_not_before_s,
+                cert,
+                now_ms,
+            } => self.record_cert(&agent, previous_not_before_s, cert, now_ms),
+            Command::RevokeAgent { agent, by, now_ms } => self.revoke_agent(&agent, by, now_ms),
             Command::StartJob {
                 agent,
                 kind,

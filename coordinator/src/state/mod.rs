@@ -21,6 +21,7 @@ mod delete;
 mod fallback;
 mod jobs;
 mod phases;
+mod pki;
 mod reads;
 mod reports;
 mod rounds;
@@ -42,6 +43,9 @@ pub use jobs::{
 };
 use phases::ScanEnd;
 pub use phases::{Counters, Migration, MigrationSpec, Phase};
+pub use pki::{
+    agent_identity, IssuedCert, JoinTokenRecord, Pki, Revocation, TokenUse, MAX_TOKEN_TTL_MS,
+};
 pub use reads::LeaseRefusal;
 use reports::Cost;
 pub use reports::ReportOutcome;
@@ -148,6 +152,8 @@ pub struct Dirty {
     pub audit: BTreeSet<u64>,
     /// Jobs started, changed or dropped.
     pub jobs: BTreeSet<u64>,
+    /// Tokens, certificates or revocations changed.
+    pub pki: bool,
 }
 
 /// The whole replicated state.
@@ -199,6 +205,9 @@ pub struct State {
     /// Agents' jobs by id (records `j/<id>`; the newest [`MAX_JOBS_KEPT`]).
     #[serde(default)]
     pub jobs: BTreeMap<u64, Job>,
+    /// Join tokens, signed certificates, revoked agents (record `pki`).
+    #[serde(default)]
+    pub pki: Pki,
 }
 
 /// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.

@@ -3126,3 +3126,222 @@ fn a_job_id_is_never_given_again_when_the_newest_job_is_the_one_dropped() {
     );
     assert!(!w.s.jobs.contains_key(&newest), "the ended job made room");
 }
+
+fn token(w: &mut World, id: &str, secret: &str, name: &str, ttl_ms: u64, now_ms: u64) -> Response {
+    w.apply(Command::CreateJoinToken {
+        id: id.into(),
+        digest: ferry_common::enrol::secret_digest(secret),
+        role: "agent".into(),
+        name: name.into(),
+        ttl_ms,
+        by: "alice".into(),
+        now_ms,
+    })
+}
+
+fn cert(serial: &str, agent: &str, not_before_s: i64) -> IssuedCert {
+    IssuedCert {
+        serial: serial.into(),
+        identity: agent_identity(agent),
+        not_before_s,
+        not_after_s: not_before_s + 7 * 86_400,
+        via: "test".into(),
+    }
+}
+
+fn join(w: &mut World, id: &str, secret: &str, agent: &str, serial: &str, now_ms: u64) -> Response {
+    let note = AuditNote {
+        at_ms: now_ms,
+        who: agent.into(),
+        role: "agent".into(),
+        from: "10.0.0.9:40000".into(),
+        call: "Join".into(),
+        what: format!("join token {id} as agent {agent}"),
+    };
+    w.apply(Command::Audited {
+        note,
+        cmd: Box::new(Command::UseJoinToken {
+            id: id.into(),
+            digest: ferry_common::enrol::secret_digest(secret),
+            agent: agent.into(),
+            from: "10.0.0.9:40000".into(),
+            cert: cert(serial, agent, (now_ms / 1000) as i64 - pki::SKEW_S),
+            now_ms,
+        }),
+    })
+}
+
+fn refusal(r: Response) -> String {
+    match r {
+        Response::Refused(why) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_join_token_admits_one_agent_once_before_it_expires_and_every_use_is_audited() {
+    let mut w = World::new();
+    let hour = 3_600_000;
+    assert_eq!(token(&mut w, "t1", "s1", "", hour, 1_000_000), Response::Ok);
+    // A wrong secret says nothing about the token and uses nothing up.
+    let why = refusal(join(&mut w, "t1", "nope", "gpu-1", "aa", 1_001_000));
+    assert!(why.contains("secret is wrong"), "{why}");
+    assert!(w.s.pki.tokens["t1"].used.is_none());
+    // A name already in use (a registered agent) is refused: a token does not let anyone
+    // become an existing agent.
+    let why = refusal(join(&mut w, "t1", "s1", "src", "ab", 1_001_000));
+    assert!(why.contains("exists already"), "{why}");
+    assert_eq!(
+        join(&mut w, "t1", "s1", "gpu-1", "ac", 1_002_000),
+        Response::Ok
+    );
+    assert_eq!(w.s.pki.certs["ac"].identity, "agent gpu-1");
+    let used = w.s.pki.tokens["t1"].used.clone().unwrap();
+    assert_eq!((used.agent.as_str(), used.at_ms), ("gpu-1", 1_002_000));
+    // Replayed: refused, whatever name it asks for.
+    let why = refusal(join(&mut w, "t1", "s1", "gpu-2", "ad", 1_003_000));
+    assert!(why.contains("was used already"), "{why}");
+    assert!(!w.s.pki.certs.contains_key("ad"));
+    // Expired.
+    assert_eq!(token(&mut w, "t2", "s2", "", 1000, 2_000_000), Response::Ok);
+    let why = refusal(join(&mut w, "t2", "s2", "gpu-3", "ae", 2_001_000));
+    assert!(why.contains("expired"), "{why}");
+    // Unknown.
+    let why = refusal(join(&mut w, "t9", "s9", "gpu-3", "af", 2_001_000));
+    assert!(why.contains("not known"), "{why}");
+    // A token for one name only.
+    assert_eq!(
+        token(&mut w, "t3", "s3", "gpu-4", hour, 3_000_000),
+        Response::Ok
+    );
+    let why = refusal(join(&mut w, "t3", "s3", "gpu-5", "b0", 3_001_000));
+    assert!(why.contains("is for agent gpu-4"), "{why}");
+    assert_eq!(
+        join(&mut w, "t3", "s3", "gpu-4", "b1", 3_001_000),
+        Response::Ok
+    );
+    // Every attempt is in the audit log with its decision, chained.
+    let joins: Vec<&AuditRecord> =
+        w.s.audit
+            .values()
+            .filter(|r| r.note.call == "Join")
+            .collect();
+    assert_eq!(joins.len(), 8);
+    let decisions: Vec<&str> = joins.iter().map(|r| r.decision.as_str()).collect();
+    assert!(decisions[0].starts_with("refused: join token t1: the secret is wrong"));
+    assert_eq!(decisions[2], "ok");
+    assert!(decisions[3].contains("was used already"));
+    assert!(decisions[4].contains("expired"));
+    let all: Vec<AuditRecord> = w.s.audit.values().cloned().collect();
+    assert_eq!(verify_chain(&all, None), Ok(()));
+    // Bounds: a token's validity, its role.
+    let why = refusal(token(
+        &mut w,
+        "t4",
+        "s4",
+        "",
+        MAX_TOKEN_TTL_MS + 1,
+        4_000_000,
+    ));
+    assert!(why.contains("up to 7 days"), "{why}");
+    let why = refusal(w.apply(Command::CreateJoinToken {
+        id: "t5".into(),
+        digest: [0; 32],
+        role: "admin".into(),
+        name: String::new(),
+        ttl_ms: hour,
+        by: "alice".into(),
+        now_ms: 4_000_000,
+    }));
+    assert!(why.contains("--role agent"), "{why}");
+}
+
+#[test]
+fn a_revoked_agent_renews_nothing_and_may_join_again_only_with_a_new_token() {
+    let mut w = World::new();
+    let hour = 3_600_000;
+    assert_eq!(
+        token(&mut w, "t1", "s1", "", hour, 10_000_000),
+        Response::Ok
+    );
+    assert_eq!(
+        join(&mut w, "t1", "s1", "gpu-1", "c1", 10_000_000),
+        Response::Ok
+    );
+    let first_nb = w.s.pki.certs["c1"].not_before_s;
+    let renew = |w: &mut World, prev_nb: i64, serial: &str, now_ms: u64| {
+        w.apply(Command::RecordCert {
+            agent: "gpu-1".into(),
+            previous_not_before_s: prev_nb,
+            cert: cert(serial, "gpu-1", (now_ms / 1000) as i64 - pki::SKEW_S),
+            now_ms,
+        })
+    };
+    assert_eq!(renew(&mut w, first_nb, "c2", 11_000_000), Response::Ok);
+    assert!(!w.s.pki.is_revoked("gpu-1", first_nb));
+    // Revoked at 12,000.5 s: certificates signed before are refused, renewals too.
+    assert_eq!(
+        w.apply(Command::RevokeAgent {
+            agent: "gpu-1".into(),
+            by: "alice".into(),
+            now_ms: 12_000_500,
+        }),
+        Response::Ok
+    );
+    let second_nb = w.s.pki.certs["c2"].not_before_s;
+    assert!(w.s.pki.is_revoked("gpu-1", first_nb));
+    assert!(w.s.pki.is_revoked("gpu-1", second_nb));
+    // Signed in the same second as the revocation but before it: revoked too.
+    assert!(w.s.pki.is_revoked("gpu-1", 12_000 - pki::SKEW_S));
+    let why = refusal(renew(&mut w, second_nb, "c3", 12_100_000));
+    assert!(why.contains("is revoked"), "{why}");
+    // Other agents are untouched.
+    assert!(!w.s.pki.is_revoked("gpu-2", first_nb));
+    // A new token lets it join again, signed from the revocation's second on.
+    assert_eq!(
+        token(&mut w, "t2", "s2", "gpu-1", hour, 12_200_000),
+        Response::Ok
+    );
+    let sign_s = w.s.pki.signing_second("gpu-1", 12_000);
+    assert_eq!(sign_s, 12_001);
+    assert!(!w.s.pki.is_revoked("gpu-1", sign_s - pki::SKEW_S));
+    assert_eq!(
+        join(&mut w, "t2", "s2", "gpu-1", "c4", 12_200_000),
+        Response::Ok
+    );
+    // An unknown agent cannot be revoked (a typo says so).
+    let why = refusal(w.apply(Command::RevokeAgent {
+        agent: "gpu-9".into(),
+        by: "alice".into(),
+        now_ms: 13_000_000,
+    }));
+    assert!(why.contains("no agent gpu-9"), "{why}");
+}
+
+#[test]
+fn the_certificate_records_stay_bounded() {
+    let mut w = World::new();
+    let day = 86_400_000u64;
+    assert_eq!(token(&mut w, "t1", "s1", "", day, 0), Response::Ok);
+    assert_eq!(join(&mut w, "t1", "s1", "gpu-1", "d00", 1000), Response::Ok);
+    let mut prev = w.s.pki.certs["d00"].not_before_s;
+    for i in 1..20u64 {
+        let now = 1000 + i * 1000;
+        let serial = format!("d{i:02}");
+        assert_eq!(
+            w.apply(Command::RecordCert {
+                agent: "gpu-1".into(),
+                previous_not_before_s: prev,
+                cert: cert(&serial, "gpu-1", (now / 1000) as i64),
+                now_ms: now,
+            }),
+            Response::Ok
+        );
+        prev = (now / 1000) as i64;
+    }
+    assert_eq!(w.s.pki.certs.len(), pki::CERTS_KEPT_PER_IDENTITY);
+    assert!(w.s.pki.certs.contains_key("d19") && !w.s.pki.certs.contains_key("d00"));
+    // A used token is listed for a day, then dropped when the next one is made.
+    assert_eq!(token(&mut w, "t2", "s2", "", day, 2 * day), Response::Ok);
+    assert!(!w.s.pki.tokens.contains_key("t1"));
+}

@@ -71,7 +71,9 @@ pub use state_machine::{Applied, StateMachine};
 /// `deleted_up_to` (record `deleted_up_to`); the audit log (`Audited`, `Audit`; records
 /// `u/<seq>`).
 /// 11: agents' jobs (`StartJob`, `ReportJob`; records `j/<id>`, the state's `jobs`).
-pub const FORMAT_VERSION: u64 = 11;
+/// 12: enrolment: join tokens, signed certificates, revoked agents (record `pki`, the state's
+/// `pki`).
+pub const FORMAT_VERSION: u64 = 12;
 
 /// How long `open` waits for sled's file lock. sled finishes writing its buffers on background
 /// threads after the last handle is dropped, so a node reopened at once in the same process

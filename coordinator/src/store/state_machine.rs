@@ -128,6 +128,7 @@ impl StateMachine {
         let base_deleted = base.deleted_up_to;
         let mut audit = base.audit.clone();
         let mut jobs = base.jobs.clone();
+        let base_pki = base.pki.clone();
         let (mut agents, mut migrations, mut segments) = base.into_parts();
         for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
@@ -189,6 +190,10 @@ impl StateMachine {
             }
         }
         state.jobs = jobs;
+        state.pki = match self.tree.get("pki")? {
+            Some(v) => decode(&v)?,
+            None => base_pki,
+        };
         Ok(Applied {
             state,
             last_applied,
@@ -313,6 +318,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Some(j) => batch.insert(job_key(id), enc(j)?),
                 None => batch.insert(job_key(id), Vec::new()),
             }
+        }
+        if dirty.pki {
+            batch.insert("pki", enc(&a.state.pki)?);
         }
         if dirty.deleted_up_to {
             batch.insert("deleted_up_to", enc(&a.state.deleted_up_to)?);

@@ -72,6 +72,9 @@ impl TestEnv {
             keep_logs_after_snapshot: 10,
             metrics_listen: None,
             tls: self.issue(Identity::Coordinator(id)),
+            join_listen: None,
+            ca_key: None,
+            agent_cert_secs: ferry_common::pki::AGENT_LIFETIME.as_secs(),
         }
     }
 
