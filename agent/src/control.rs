@@ -113,7 +113,8 @@ pub struct Control {
     cluster: std::sync::Arc<std::sync::Mutex<String>>,
     /// One client per coordinator listed; calls start at `current` and move on when a node is
     /// unavailable.
-    clients: std::sync::Arc<Vec<AgentControlClient<Channel>>>,
+    /// Replaced when the agent's certificate is renewed ([`Control::present`]).
+    clients: std::sync::Arc<std::sync::RwLock<Clients>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// The report coalescer: started on the first report, ended by [`Control::close_reports`].
     reports: std::sync::Arc<std::sync::Mutex<Reports>>,
@@ -150,6 +151,52 @@ impl Control {
     /// Prepares a connection to `addr` (`host:port`); it is established on first use, so an agent
     /// starts even while the coordinator is down.
     pub fn new(agent: &str, addr: &str, tls: &TlsMaterial) -> Result<Self, ControlError> {
+        Ok(Control {
+            agent: agent.to_string(),
+            addr: addr.to_string(),
+            session: new_session(),
+            previous_session: 0,
+            conflict: Default::default(),
+            cluster: Default::default(),
+            clients: std::sync::Arc::new(std::sync::RwLock::new(clients(addr, tls)?)),
+            current: Default::default(),
+            reports: Default::default(),
+            known: Default::default(),
+            heartbeat_wait: crate::schedule::HEARTBEAT_WAIT,
+        })
+    }
+
+    /// Presents `tls`'s current certificate from the next call on (a renewed one): new
+    /// connections to the coordinators; calls under way finish on the old ones.
+    pub fn present(&self, tls: &TlsMaterial) -> Result<(), ControlError> {
+        let fresh = clients(&self.addr, tls)?;
+        *self.clients.write().expect("not poisoned") = fresh;
+        Ok(())
+    }
+
+    /// Asks a coordinator to certify the key of `csr` (DER) for this agent, authenticated by
+    /// its current certificate.
+    pub async fn renew_certificate(
+        &self,
+        csr: Vec<u8>,
+    ) -> Result<pb::CertificateResponse, ControlError> {
+        self.call(
+            pb::RenewCertificateRequest {
+                agent: self.agent.clone(),
+                csr_der: csr,
+            },
+            |mut c, r| async move { c.renew_certificate(r).await },
+        )
+        .await
+    }
+}
+
+/// One client per coordinator listed.
+type Clients = std::sync::Arc<Vec<AgentControlClient<Channel>>>;
+
+/// Clients for the coordinators listed in `addr`, presenting `tls`'s current identity.
+fn clients(addr: &str, tls: &TlsMaterial) -> Result<Clients, ControlError> {
+    {
         let bad = |reason: String| ControlError::Address {
             addr: addr.to_string(),
             reason,
@@ -183,21 +230,11 @@ impl Control {
                     .max_decoding_message_size(64 * 1024 * 1024)
             })
             .collect();
-        Ok(Control {
-            agent: agent.to_string(),
-            addr: addr.to_string(),
-            session: new_session(),
-            previous_session: 0,
-            conflict: Default::default(),
-            cluster: Default::default(),
-            clients: std::sync::Arc::new(clients),
-            current: Default::default(),
-            reports: Default::default(),
-            known: Default::default(),
-            heartbeat_wait: crate::schedule::HEARTBEAT_WAIT,
-        })
+        Ok(std::sync::Arc::new(clients))
     }
+}
 
+impl Control {
     /// This agent's name.
     pub fn agent(&self) -> &str {
         &self.agent
@@ -226,12 +263,13 @@ impl Control {
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         use std::sync::atomic::Ordering;
-        let n = self.clients.len();
+        let clients = self.clients.read().expect("not poisoned").clone();
+        let n = clients.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            match f(self.clients[idx].clone(), req.clone()).await {
+            match f(clients[idx].clone(), req.clone()).await {
                 Ok(r) => {
                     if i > 0 {
                         self.current.store(idx, Ordering::Relaxed);

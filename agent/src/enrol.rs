@@ -138,9 +138,137 @@ pub async fn join(
 }
 
 /// When a certificate valid from `not_before` to `not_after` (unix seconds) should be
-/// renewed: once two thirds of its lifetime are behind it.
+/// renewed: once two thirds of its lifetime are behind it, counted from its signing (ferry's
+/// certificates are valid from [`pki::CLOCK_SKEW`] before it).
 pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
-    not_before + (not_after - not_before).max(0) * 2 / 3
+    let signed = not_before
+        .saturating_add(pki::CLOCK_SKEW.as_secs() as i64)
+        .min(not_after);
+    signed + (not_after - signed).max(0) * 2 / 3
+}
+
+/// Where a renewed key waits while its certificate is put in place.
+fn next_key(paths: &TlsPaths) -> std::path::PathBuf {
+    let mut name = paths.key.file_name().unwrap_or_default().to_os_string();
+    name.push(".next");
+    paths.key.with_file_name(name)
+}
+
+/// Puts a renewed certificate and its key in place so that a crash at any point leaves a key
+/// and certificate that belong together: the key goes to `<key>.next`, then the certificate
+/// replaces the old one, then the key replaces the old key ([`finish_renewal`] completes the
+/// last step after a crash).
+pub fn install(paths: &TlsPaths, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), PkiError> {
+    let next = next_key(paths);
+    pki::replace_file(&next, key_pem, 0o600)?;
+    pki::replace_file(&paths.cert, cert_pem, 0o644)?;
+    std::fs::rename(&next, &paths.key).map_err(|source| PkiError::Io {
+        what: "cannot replace",
+        path: paths.key.clone(),
+        source,
+    })
+}
+
+/// Completes a renewal a crash interrupted (see [`install`]): a `<key>.next` that belongs to
+/// the certificate becomes the key; one that does not (the certificate was not replaced yet)
+/// is removed.
+pub fn finish_renewal(paths: &TlsPaths) {
+    let next = next_key(paths);
+    if std::fs::symlink_metadata(&next).is_err() {
+        return;
+    }
+    let with_next = TlsPaths {
+        key: next.clone(),
+        ..paths.clone()
+    };
+    if ferry_common::tls::TlsMaterial::load(&with_next).is_ok() {
+        match std::fs::rename(&next, &paths.key) {
+            Ok(()) => {
+                tracing::info!(message = "Completed a certificate renewal a stop interrupted.", key = %paths.key.display())
+            }
+            Err(e) => {
+                tracing::warn!(message = "Cannot complete an interrupted renewal.", key = %paths.key.display(), error = %e)
+            }
+        }
+    } else {
+        let _ = std::fs::remove_file(&next);
+    }
+}
+
+/// How long a failed renewal waits before it tries again (at most).
+const RETRY_RENEWAL: Duration = Duration::from_secs(60);
+/// Longest sleep between two looks at the certificate.
+const LOOK_EVERY: Duration = Duration::from_secs(3600);
+
+/// Renews this agent's certificate whenever two thirds of its lifetime are behind it, until
+/// `stop`: a new key made here, a request for it signed by a coordinator, the files replaced
+/// ([`install`]), and the new certificate presented on every new connection (QUIC both ways,
+/// gRPC) without a restart; transfers under way keep their connections.
+pub async fn renew_certificates(
+    control: crate::control::Control,
+    tls: ferry_common::tls::TlsMaterial,
+    paths: TlsPaths,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let name = control.agent().to_string();
+    loop {
+        let info = match CertInfo::from_pem(&tls.current_cert_pem()) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(message = "Cannot read this agent's certificate; it is not renewed.", error = %e);
+                return;
+            }
+        };
+        let due = renew_at(info.not_before, info.not_after);
+        let wait = Duration::from_secs(due.saturating_sub(now_s()).max(0) as u64);
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(LOOK_EVERY)) => continue,
+                _ = stop.changed() => return,
+            }
+        }
+        let renewed = async {
+            let (key_pem, csr) =
+                pki::request(&Identity::Agent(name.clone())).map_err(|e| e.to_string())?;
+            let answer = control
+                .renew_certificate(csr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let new = CertInfo::from_pem(answer.cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+            if !new.names.iter().any(|n| *n == names::agent_dns(&name)) {
+                return Err(format!(
+                    "the coordinator sent a certificate that is not agent {name}'s"
+                ));
+            }
+            install(&paths, answer.cert_pem.as_bytes(), key_pem.as_bytes())
+                .map_err(|e| e.to_string())?;
+            tls.renew(answer.cert_pem.as_bytes(), key_pem.as_bytes())
+                .map_err(|e| e.to_string())?;
+            control.present(&tls).map_err(|e| e.to_string())?;
+            Ok::<_, String>(new)
+        };
+        match renewed.await {
+            Ok(new) => tracing::info!(
+                message = "Renewed this agent's certificate.",
+                serial = %new.serial,
+                previous = %info.serial,
+                valid_until = %ferry_common::text::utc(new.not_after.max(0) as u64 * 1000)
+            ),
+            Err(error) => {
+                let left = info.not_after - now_s();
+                if left <= 0 {
+                    tracing::error!(message = "This agent's certificate expired and could not be renewed: coordinators and peers refuse it. Join again with a new token (`ferry-agent join --replace`).", %error);
+                } else {
+                    tracing::warn!(message = "Cannot renew this agent's certificate; trying again.", %error, seconds_left = left);
+                }
+                let again = RETRY_RENEWAL.min(Duration::from_secs((left.max(10) / 10) as u64));
+                tokio::select! {
+                    _ = tokio::time::sleep(again) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
 }
 
 /// Unix seconds now.
@@ -156,8 +284,44 @@ mod tests {
 
     #[test]
     fn a_certificate_is_renewed_with_a_third_of_its_life_left() {
-        assert_eq!(renew_at(0, 90), 60);
+        // Signed at 1000 (valid from 700), for 90 s.
+        assert_eq!(renew_at(700, 1090), 1060);
+        // One from before lifetimes (valid from 1975): at once.
+        assert_eq!(renew_at(157_766_400, 2_000_000_000), 2_000_000_000 - 1);
         assert_eq!(renew_at(100, 100), 100);
-        assert_eq!(renew_at(100, 50), 100);
+    }
+
+    #[test]
+    fn an_interrupted_renewal_leaves_a_key_and_certificate_that_belong_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::Ca::init(dir.path()).unwrap();
+        let who = Identity::Agent("a".into());
+        let paths = ca.issue(&who, dir.path()).unwrap();
+        let sign = || {
+            let (key, csr) = pki::request(&who).unwrap();
+            let (cert, _) = ca
+                .sign_request(&csr, &who, SystemTime::now(), Duration::from_secs(600))
+                .unwrap();
+            (cert, key)
+        };
+        // Stopped after the key was put aside: the old pair stays, the new key goes.
+        let (_, key) = sign();
+        pki::replace_file(&next_key(&paths), key.as_bytes(), 0o600).unwrap();
+        finish_renewal(&paths);
+        assert!(!next_key(&paths).exists());
+        ferry_common::tls::TlsMaterial::load(&paths).unwrap();
+        // Stopped after the certificate was replaced: the new key is taken.
+        let (cert, key) = sign();
+        pki::replace_file(&next_key(&paths), key.as_bytes(), 0o600).unwrap();
+        pki::replace_file(&paths.cert, cert.as_bytes(), 0o644).unwrap();
+        assert!(ferry_common::tls::TlsMaterial::load(&paths).is_err());
+        finish_renewal(&paths);
+        ferry_common::tls::TlsMaterial::load(&paths).unwrap();
+        assert_eq!(std::fs::read_to_string(&paths.key).unwrap(), key);
+        // And whole.
+        let (cert, key) = sign();
+        install(&paths, cert.as_bytes(), key.as_bytes()).unwrap();
+        ferry_common::tls::TlsMaterial::load(&paths).unwrap();
+        assert_eq!(std::fs::read_to_string(&paths.cert).unwrap(), cert);
     }
 }

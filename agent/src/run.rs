@@ -419,6 +419,7 @@ impl RunningAgent {
 /// and the source loop.
 pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     ferry_common::names::validate_name(&cfg.name).map_err(|e| StartError::Config(e.to_string()))?;
+    crate::enrol::finish_renewal(&cfg.tls);
     let tls = TlsMaterial::load(&cfg.tls)?;
     let transport = cfg.transport.transport()?;
     tracing::info!(message = "Data transport.", congestion = %transport.congestion, window_bytes = transport.window);
@@ -469,6 +470,14 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let (expected_probes, expected_rx) = watch::channel(crate::probe::Expected::new());
     let answerer = Arc::new(crate::probe::Answerer::new(expected_rx));
     let mut tasks = Vec::new();
+
+    // The certificate is renewed while the agent runs (a third of its lifetime left).
+    tasks.push(tokio::spawn(crate::enrol::renew_certificates(
+        control.clone(),
+        tls.clone(),
+        cfg.tls.clone(),
+        stop_rx.clone(),
+    )));
 
     let mut data_addr = None;
     let mut advertised = String::new();

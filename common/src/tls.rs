@@ -49,15 +49,111 @@ pub enum TlsError {
     Quic(String),
 }
 
-/// The PEM files of one identity, read into memory.
+/// The PEM files of one identity, read into memory. Clones share the identity they present
+/// ([`TlsMaterial::renew`] changes it for all of them).
 #[derive(Clone)]
 pub struct TlsMaterial {
     /// The CA certificate (PEM).
     pub ca_pem: Vec<u8>,
-    /// This identity's certificate (PEM).
+    /// This identity's certificate (PEM) as loaded.
     pub cert_pem: Vec<u8>,
-    /// This identity's key (PEM).
+    /// This identity's key (PEM) as loaded.
     pub key_pem: Vec<u8>,
+    live: Arc<LiveIdentity>,
+}
+
+/// The certificate and key every TLS configuration built from one [`TlsMaterial`] presents:
+/// they ask for it at each handshake, so a renewed certificate is used from the next
+/// connection on, without a restart; connections already up keep theirs.
+#[derive(Debug)]
+struct LiveIdentity {
+    current: std::sync::RwLock<LiveCurrent>,
+}
+
+#[derive(Debug)]
+struct LiveCurrent {
+    key: Arc<rustls::sign::CertifiedKey>,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+impl LiveIdentity {
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.current.read().expect("not poisoned").key.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for LiveIdentity {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for LiveIdentity {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// `cert_pem` and `key_pem` as rustls presents them; the key must be the certificate's.
+fn certified(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let chain = pem_certs(cert_path, cert_pem, "certificate")?;
+    let key = pem_key(key_path, key_pem)?;
+    Ok(rustls::sign::CertifiedKey::from_der(
+        chain,
+        key,
+        &rustls::crypto::ring::default_provider(),
+    )?)
+}
+
+fn pem_certs(
+    path: &std::path::Path,
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    Ok(certs)
+}
+
+fn pem_key(path: &std::path::Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(k) => Ok(k),
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(TlsError::Empty {
+            path: path.to_path_buf(),
+            what: "private key",
+        }),
+        Err(e) => Err(TlsError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        }),
+    }
 }
 
 impl TlsMaterial {
@@ -69,16 +165,46 @@ impl TlsMaterial {
                 source,
             })
         };
-        let m = TlsMaterial {
-            ca_pem: read(&paths.ca)?,
-            cert_pem: read(&paths.cert)?,
-            key_pem: read(&paths.key)?,
-        };
+        let (ca_pem, cert_pem, key_pem) = (read(&paths.ca)?, read(&paths.cert)?, read(&paths.key)?);
         // Parse once now so that a bad file fails at start-up with its name, not at first use.
-        m.certs(&paths.ca, &m.ca_pem, "CA certificate")?;
-        m.certs(&paths.cert, &m.cert_pem, "certificate")?;
-        m.key(&paths.key)?;
-        Ok(m)
+        pem_certs(&paths.ca, &ca_pem, "CA certificate")?;
+        let key = certified(&cert_pem, &key_pem, &paths.cert, &paths.key)?;
+        Ok(TlsMaterial {
+            live: Arc::new(LiveIdentity {
+                current: std::sync::RwLock::new(LiveCurrent {
+                    key: Arc::new(key),
+                    cert_pem: cert_pem.clone(),
+                    key_pem: key_pem.clone(),
+                }),
+            }),
+            ca_pem,
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// Presents `cert_pem` with `key_pem` from the next handshake on, in every configuration
+    /// built from this material or a clone of it (a renewed certificate). Refused, changing
+    /// nothing, when the key is not the certificate's.
+    pub fn renew(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsError> {
+        let p = std::path::Path::new("<renewed>");
+        let key = certified(cert_pem, key_pem, p, p)?;
+        *self.live.current.write().expect("not poisoned") = LiveCurrent {
+            key: Arc::new(key),
+            cert_pem: cert_pem.to_vec(),
+            key_pem: key_pem.to_vec(),
+        };
+        Ok(())
+    }
+
+    /// The certificate presented now (PEM).
+    pub fn current_cert_pem(&self) -> Vec<u8> {
+        self.live
+            .current
+            .read()
+            .expect("not poisoned")
+            .cert_pem
+            .clone()
     }
 
     fn certs(
@@ -87,65 +213,29 @@ impl TlsMaterial {
         pem: &[u8],
         what: &'static str,
     ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-        let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::Read {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-            })?;
-        if certs.is_empty() {
-            return Err(TlsError::Empty {
-                path: path.to_path_buf(),
-                what,
-            });
-        }
-        Ok(certs)
+        pem_certs(path, pem, what)
     }
 
-    fn key(&self, path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-        match PrivateKeyDer::from_pem_slice(&self.key_pem) {
-            Ok(k) => Ok(k),
-            Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(TlsError::Empty {
-                path: path.to_path_buf(),
-                what: "private key",
-            }),
-            Err(e) => Err(TlsError::Read {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-            }),
-        }
-    }
-
-    fn parts(
-        &self,
-    ) -> Result<
-        (
-            rustls::RootCertStore,
-            Vec<CertificateDer<'static>>,
-            PrivateKeyDer<'static>,
-        ),
-        TlsError,
-    > {
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
         let p = std::path::Path::new("<memory>");
         let mut roots = rustls::RootCertStore::empty();
         for c in self.certs(p, &self.ca_pem, "CA certificate")? {
             roots.add(c)?;
         }
-        Ok((
-            roots,
-            self.certs(p, &self.cert_pem, "certificate")?,
-            self.key(p)?,
-        ))
+        Ok(roots)
     }
 
     /// This identity's own certificate (the first of its chain), as a peer sees it.
     pub fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
-        let p = std::path::Path::new("<memory>");
-        let certs = self.certs(p, &self.cert_pem, "certificate")?;
-        certs.into_iter().next().ok_or_else(|| TlsError::Empty {
-            path: p.to_path_buf(),
-            what: "certificate",
-        })
+        let current = self.live.current();
+        current
+            .cert
+            .first()
+            .cloned()
+            .ok_or_else(|| TlsError::Empty {
+                path: "<memory>".into(),
+                what: "certificate",
+            })
     }
 
     /// The coordinator's gRPC server TLS: TLS 1.3 only, a client certificate from the CA
@@ -160,12 +250,13 @@ impl TlsMaterial {
     pub fn join_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let p = std::path::Path::new("<memory>");
-        let mut chain = self.certs(p, &self.cert_pem, "certificate")?;
+        let current = self.live.current.read().expect("not poisoned");
+        let mut chain = self.certs(p, &current.cert_pem, "certificate")?;
         chain.extend(self.certs(p, &self.ca_pem, "CA certificate")?);
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
-            .with_single_cert(chain, self.key(p)?)?;
+            .with_single_cert(chain, pem_key(p, &current.key_pem)?)?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
@@ -174,27 +265,29 @@ impl TlsMaterial {
     /// required, no 0-RTT (rustls' default: early data could be replayed).
     fn server_tls(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let (roots, certs, key) = self.parts()?;
         let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
                 .build()?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)?;
+            .with_cert_resolver(self.live.clone());
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
     }
 
     /// tonic client TLS towards a coordinator: verifies it as [`crate::names::COORDINATOR_DNS`]
     /// and presents this identity.
+    /// The identity presented is the current one: a channel built after [`TlsMaterial::renew`]
+    /// presents the renewed certificate.
     pub fn grpc_client(&self) -> tonic::transport::ClientTlsConfig {
+        let current = self.live.current.read().expect("not poisoned");
         tonic::transport::ClientTlsConfig::new()
             .domain_name(crate::names::COORDINATOR_DNS)
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
             .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
+                &current.cert_pem,
+                &current.key_pem,
             ))
     }
 
@@ -208,11 +301,10 @@ impl TlsMaterial {
     /// presented, no 0-RTT.
     fn quic_client_tls(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let (roots, certs, key) = self.parts()?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)?;
+            .with_root_certificates(self.roots()?)
+            .with_client_cert_resolver(self.live.clone());
         cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
     }
@@ -313,10 +405,10 @@ mod tests {
         let m = TlsMaterial::load(&paths).unwrap();
         m.quic_server().unwrap();
         m.quic_client().unwrap();
-        let (_, certs, _) = m.parts().unwrap();
-        assert!(cert_is_for(&certs[0], "src.agent.ferry"));
-        assert!(!cert_is_for(&certs[0], "dst.agent.ferry"));
-        assert!(!cert_is_for(&certs[0], "coordinator.ferry"));
+        let cert = m.cert_der().unwrap();
+        assert!(cert_is_for(&cert, "src.agent.ferry"));
+        assert!(!cert_is_for(&cert, "dst.agent.ferry"));
+        assert!(!cert_is_for(&cert, "coordinator.ferry"));
     }
 
     #[test]
@@ -340,11 +432,90 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path()).unwrap();
         let p = ca.issue(&Identity::Agent("a".into()), dir.path()).unwrap();
-        let mut m = TlsMaterial::load(&p).unwrap();
-        m.key_pem = m.cert_pem.clone();
-        assert!(matches!(m.key(&p.key), Err(TlsError::Empty { .. })));
-        m.key_pem = b"-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n".to_vec();
-        assert!(matches!(m.key(&p.key), Err(TlsError::Read { .. })));
+        let m = TlsMaterial::load(&p).unwrap();
+        assert!(matches!(
+            pem_key(&p.key, &m.cert_pem),
+            Err(TlsError::Empty { .. })
+        ));
+        let garbage = b"-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n";
+        assert!(matches!(
+            pem_key(&p.key, garbage),
+            Err(TlsError::Read { .. })
+        ));
+        // A key that is not the certificate's is refused at load and at renewal.
+        let other = ca.issue(&Identity::Agent("b".into()), dir.path()).unwrap();
+        let other_key = std::fs::read(&other.key).unwrap();
+        std::fs::write(&p.key, &other_key).unwrap();
+        assert!(TlsMaterial::load(&p).is_err());
+        assert!(m.renew(&m.cert_pem, &other_key).is_err());
+    }
+
+    /// A renewed certificate is presented from the next handshake on by every configuration
+    /// built before, on both ends of QUIC, while connections already up keep theirs.
+    #[tokio::test]
+    async fn a_renewed_certificate_is_presented_from_the_next_handshake_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let server = TlsMaterial::load(
+            &ca.issue(&Identity::Agent("dst".into()), dir.path())
+                .unwrap(),
+        )
+        .unwrap();
+        let client = TlsMaterial::load(
+            &ca.issue(&Identity::Agent("src".into()), dir.path())
+                .unwrap(),
+        )
+        .unwrap();
+        let ep = quinn::Endpoint::server(
+            server.quic_server().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let mut cl = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        cl.set_default_client_config(client.quic_client().unwrap());
+        let accept = |ep: quinn::Endpoint| async move {
+            let c = ep.accept().await.unwrap().await.unwrap();
+            let certs = c
+                .peer_identity()
+                .unwrap()
+                .downcast::<Vec<CertificateDer<'static>>>()
+                .unwrap();
+            (c, certs[0].clone())
+        };
+        let serial = |der: &CertificateDer<'_>| crate::pki::CertInfo::from_der(der).unwrap().serial;
+        let first = serial(&client.cert_der().unwrap());
+        let (a, b) = tokio::join!(accept(ep.clone()), async {
+            cl.connect(addr, "dst.agent.ferry").unwrap().await.unwrap()
+        });
+        let (_kept, seen) = a;
+        assert_eq!(serial(&seen), first);
+
+        // Renewed: a new key and a certificate for it.
+        let (key, csr) = crate::pki::request(&Identity::Agent("src".into())).unwrap();
+        let (pem, info) = ca
+            .sign_request(
+                &csr,
+                &Identity::Agent("src".into()),
+                std::time::SystemTime::now(),
+                std::time::Duration::from_secs(600),
+            )
+            .unwrap();
+        client.renew(pem.as_bytes(), key.as_bytes()).unwrap();
+        assert_ne!(info.serial, first);
+        let (a, _c2) = tokio::join!(accept(ep.clone()), async {
+            cl.connect(addr, "dst.agent.ferry").unwrap().await.unwrap()
+        });
+        assert_eq!(
+            serial(&a.1),
+            info.serial,
+            "the next handshake presents the new one"
+        );
+        assert!(
+            b.close_reason().is_none(),
+            "the first connection is still up"
+        );
+        assert_eq!(client.current_cert_pem(), pem.as_bytes());
     }
 
     #[test]

@@ -175,13 +175,28 @@ impl CoordinatorProcess {
     /// listens; the config is then pinned to that port, so a restart comes back at the address
     /// the cluster knows.
     pub fn start_node(env: &TestEnv, id: u64, bootstrap: bool) -> anyhow::Result<Self> {
+        Self::start_node_with(env, id, bootstrap, "")
+    }
+
+    /// [`CoordinatorProcess::start`] with `extra` top-level keys in its config
+    /// (`join_listen = "127.0.0.1:0"`).
+    pub fn start_with(env: &TestEnv, extra: &str) -> anyhow::Result<Self> {
+        Self::start_node_with(env, 1, true, extra)
+    }
+
+    fn start_node_with(
+        env: &TestEnv,
+        id: u64,
+        bootstrap: bool,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let cfg = env.node_config(id, "127.0.0.1:0".parse()?, bootstrap);
         let config = env.path(&format!("coordinator-{id}.toml"));
         let write = |listen: std::net::SocketAddr| {
             std::fs::write(
                 &config,
                 format!(
-                    "node_id = {id}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\nsnapshot_every = {}\nkeep_logs_after_snapshot = {}\nmetrics_listen = \"127.0.0.1:0\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    "node_id = {id}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nlease_ttl_secs = {}\nbootstrap = {bootstrap}\nsnapshot_every = {}\nkeep_logs_after_snapshot = {}\nmetrics_listen = \"127.0.0.1:0\"\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                     cfg.data_dir.display(),
                     cfg.lease_ttl_secs,
                     cfg.snapshot_every,
@@ -203,6 +218,17 @@ impl CoordinatorProcess {
             log,
             addr: addr.to_string(),
         })
+    }
+
+    /// Where the process first started lets agents join (its config sets `join_listen`).
+    pub fn join_addr(&mut self) -> anyhow::Result<std::net::SocketAddr> {
+        let child = &mut self.child;
+        ferry_integration_tests::process::logged_addr(
+            &self.log,
+            "Agents may join here.",
+            Duration::from_secs(30),
+            || !matches!(child.try_wait(), Ok(None)),
+        )
     }
 
     /// Where the process first started serves `/metrics`, `/livez` and `/readyz` (read from its

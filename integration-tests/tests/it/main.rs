@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod cutover;
 mod deploy;
+mod enrol;
 mod identity;
 mod jobs;
 mod metrics;

@@ -1,0 +1,221 @@
+//! Enrolment, renewal and revocation (issue 14) with real processes: a coordinator with a join
+//! listener, agents that join with a token, renew their certificates while they transfer, and
+//! are cut off when revoked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use ferry_common::pki::Identity;
+
+use crate::harness::{
+    agent_bin, assert_same_tree, make_files, wait_for, CoordinatorProcess, TestEnv,
+};
+use crate::processes::{ferryctl, json, spawn_agent, terminate, wait_registered};
+
+/// Writes the config of agent `name` whose TLS files go to their own directory (nothing issued
+/// there: it joins), and returns its path.
+fn joining_config(env: &TestEnv, name: &str, coord: &str, top: &str) -> PathBuf {
+    let pki = env.path(&format!("{name}-pki"));
+    let cfg = format!(
+        "name = \"{name}\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        env.path(&format!("agent-{name}")).display(),
+        pki.join("ca.pem").display(),
+        pki.join(format!("agent-{name}.pem")).display(),
+        pki.join(format!("agent-{name}.key")).display(),
+    );
+    let path = env.path(&format!("agent-{name}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn join(config: &Path, token: &str, join_addr: &str, extra: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .args(["join", "--coordinator", join_addr, "--config"])
+        .arg(config)
+        .args(extra)
+        .env("FERRY_JOIN_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+fn run_agent(env: &TestEnv, name: &str, config: &Path) -> Child {
+    let log = std::fs::File::create(env.path(&format!("agent-{name}.log"))).unwrap();
+    Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn join_records(env: &TestEnv, addr: &str) -> Vec<String> {
+    let out = ferryctl(env, addr, &["audit", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .map(|r| r.unwrap())
+        .filter(|r| r["call"] == "Join")
+        .map(|r| r["decision"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn certs_of(env: &TestEnv, addr: &str, identity: &str) -> Vec<serde_json::Value> {
+    json(&ferryctl(env, addr, &["certs", "list", "-o", "json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["identity"] == identity)
+        .cloned()
+        .collect()
+}
+
+/// An agent with no certificate joins with a one-time token: its key is made on its host, the
+/// coordinator's CA is checked against the token's pin before the token is sent, a replayed
+/// or tampered token gets nothing (and every attempt that reached the coordinator is
+/// audited). The joined agent then moves data, and its short-lived certificate is renewed
+/// while a throttled transfer runs — the transfer is not dropped or resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_with_a_token_and_renews_its_certificate_without_dropping_a_transfer() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    // Agent certificates signed here last 30 s: renewed 20 s after signing.
+    let mut coord =
+        CoordinatorProcess::start_with(&env, "join_listen = \"127.0.0.1:0\"\nagent_cert_secs = 30")
+            .unwrap();
+    let addr = coord.addr.clone();
+    let join_addr = coord.join_addr().unwrap().to_string();
+
+    let token = json(&ferryctl(
+        &env,
+        &addr,
+        &["token", "create", "--ttl", "10m", "-o", "json"],
+    ));
+    let token = token["token"].as_str().unwrap().to_string();
+    let src_cfg = joining_config(&env, "gpu-src", &addr, "");
+
+    // Tampered pin: refused in the TLS handshake, before anything of the token left.
+    let pin_at = "ferry-join-v1:".len();
+    let flipped = if &token[pin_at..pin_at + 1] == "0" {
+        "1"
+    } else {
+        "0"
+    };
+    let bad_pin = format!("{}{flipped}{}", &token[..pin_at], &token[pin_at + 1..]);
+    let out = join(&src_cfg, &bad_pin, &join_addr, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not the one the join token names"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        join_records(&env, &addr).is_empty(),
+        "the coordinator heard nothing"
+    );
+    assert!(!env.path("gpu-src-pki/agent-gpu-src.key").exists());
+
+    // The real token: a key made here (0600), the CA written, a certificate for this agent.
+    let out = join(&src_cfg, &token, &join_addr, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = env.path("gpu-src-pki/agent-gpu-src.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read(env.path("gpu-src-pki/ca.pem")).unwrap(),
+        std::fs::read(env.pki().join("ca.pem")).unwrap()
+    );
+    // Replayed, as another agent: refused, audited, nothing written.
+    let other_cfg = joining_config(&env, "gpu-other", &addr, "");
+    let out = join(&other_cfg, &token, &join_addr, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("was used already"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!env.path("gpu-other-pki/agent-gpu-other.key").exists());
+    let decisions = join_records(&env, &addr);
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert_eq!(decisions[0], "ok");
+    assert!(decisions[1].contains("was used already"), "{decisions:?}");
+    let tokens = json(&ferryctl(&env, &addr, &["token", "list", "-o", "json"]));
+    assert_eq!(tokens[0]["used_by"], "gpu-src");
+    let first = certs_of(&env, &addr, "agent gpu-src");
+    assert_eq!(first.len(), 1);
+    let first_serial = first[0]["serial"].as_str().unwrap().to_string();
+
+    // The joined agent sends to a target whose identity was issued offline.
+    let src = env.path("src");
+    make_files(&src, 4, 4 << 20);
+    let root = env.path("dst");
+    let mut target = spawn_agent(&env, "dst", &addr, Some(&root));
+    let mut source = run_agent(&env, "gpu-src", &src_cfg);
+    let ctl = env.ctl(&addr).await;
+    wait_registered(&ctl, "dst", true).await;
+    wait_registered(&ctl, "gpu-src", false).await;
+    let created = json(&ferryctl(
+        &env,
+        &addr,
+        &[
+            "migration",
+            "create",
+            "--source",
+            &format!("gpu-src:{}", src.display()),
+            "--target",
+            "dst:copy",
+            "--throttle",
+            "4mbit",
+            "-o",
+            "json",
+        ],
+    ));
+    let id = created["migration_id"].as_u64().unwrap();
+
+    // 16 MiB at 4 Mbit/s: about 34 s. The certificate is renewed about 20 s after the join.
+    let renewed = wait_for("the certificate renewed", Duration::from_secs(60), || {
+        let certs = certs_of(&env, &addr, "agent gpu-src");
+        async move { (certs.len() >= 2).then_some(certs) }
+    })
+    .await;
+    assert_eq!(
+        renewed[1]["via"].as_str().unwrap(),
+        format!("renewal of {first_serial}")
+    );
+    let during = ctl.status(id).await.unwrap();
+    assert!(
+        during.bytes_verified < during.bytes_total,
+        "renewed while the transfer ran: {during:?}"
+    );
+    let done = wait_for("migration done", Duration::from_secs(90), || async {
+        let p = ctl.status(id).await.ok()?;
+        (p.phase == ferry_proto::admin::Phase::Done as i32).then_some(p)
+    })
+    .await;
+    assert_eq!(done.failed_attempts, 0, "{done:?}");
+    assert_eq!(
+        done.leases_granted, done.segments_total,
+        "no segment was sent twice: {done:?}"
+    );
+    assert_same_tree(&src, &root.join("copy"));
+    // The files on disk are the renewed ones: a restart presents them.
+    let on_disk = ferry_common::pki::CertInfo::from_pem(
+        &std::fs::read(env.path("gpu-src-pki/agent-gpu-src.pem")).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(on_disk.serial, first_serial);
+    let log = std::fs::read_to_string(env.path("agent-gpu-src.log")).unwrap();
+    assert!(log.contains("Renewed this agent's certificate."), "{log}");
+    terminate(&mut source, "source agent");
+    terminate(&mut target, "target agent");
+    terminate(coord.child_mut(), "coordinator");
+}
