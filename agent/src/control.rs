@@ -113,6 +113,8 @@ pub struct Control {
     cluster: std::sync::Arc<std::sync::Mutex<String>>,
     /// One client per coordinator listed; calls start at `current` and move on when a node is
     /// unavailable.
+    /// Revoked agents as the last heartbeat said: name → the first second not revoked.
+    revoked: std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, i64>>>,
     /// Replaced when the agent's certificate is renewed ([`Control::present`]).
     clients: std::sync::Arc<std::sync::RwLock<Clients>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -159,11 +161,27 @@ impl Control {
             conflict: Default::default(),
             cluster: Default::default(),
             clients: std::sync::Arc::new(std::sync::RwLock::new(clients(addr, tls)?)),
+            revoked: Default::default(),
             current: Default::default(),
             reports: Default::default(),
             known: Default::default(),
             heartbeat_wait: crate::schedule::HEARTBEAT_WAIT,
         })
+    }
+
+    /// Has `tls`'s data connections (a target's server, a source's client) refuse peers whose
+    /// certificates the coordinator revoked, as its heartbeats report them.
+    pub fn check_revocations(&self, tls: &TlsMaterial) {
+        let revoked = self.revoked.clone();
+        tls.check_revocations(std::sync::Arc::new(move |agent: &str, not_before: i64| {
+            revoked
+                .read()
+                .expect("not poisoned")
+                .get(agent)
+                .is_some_and(|&at| {
+                    not_before.saturating_add(ferry_common::pki::CLOCK_SKEW.as_secs() as i64) < at
+                })
+        }));
     }
 
     /// Presents `tls`'s current certificate from the next call on (a renewed one): new
@@ -619,6 +637,19 @@ impl Coordinator for Control {
             }
         }
         self.learn_cluster(&r.cluster_id);
+        {
+            let now: std::collections::BTreeMap<String, i64> =
+                r.revoked.iter().map(|v| (v.agent.clone(), v.at)).collect();
+            let mut revoked = self.revoked.write().expect("not poisoned");
+            if *revoked != now {
+                for (agent, at) in &now {
+                    if revoked.get(agent) != Some(at) {
+                        tracing::warn!(message = "An agent was revoked: its connections are refused from now on.", %agent);
+                    }
+                }
+                *revoked = now;
+            }
+        }
         *self.known.lock().expect("not poisoned") = r.digest.clone();
         Ok(Assigned {
             work: r.source_work,

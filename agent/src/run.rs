@@ -432,6 +432,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let lock = lock_state_dir(&cfg.name, &cfg.state_dir)?;
     let control = Control::new(&cfg.name, &cfg.coordinator, &tls)?
         .succeeding(previous_session(&cfg.state_dir));
+    control.check_revocations(&tls);
     record_session(&cfg.state_dir, control.session()).map_err(|e| {
         StartError::Config(format!(
             "cannot write {}: {e}",

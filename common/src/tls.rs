@@ -60,6 +60,156 @@ pub struct TlsMaterial {
     /// This identity's key (PEM) as loaded.
     pub key_pem: Vec<u8>,
     live: Arc<LiveIdentity>,
+    revocations: Revocations,
+}
+
+/// Says whether a certificate of agent `name` valid from `not_before` (unix seconds) is
+/// revoked. A coordinator answers from its Raft state, an agent from the list its heartbeats
+/// bring.
+pub type RevocationCheck = Arc<dyn Fn(&str, i64) -> bool + Send + Sync>;
+
+/// The revocation check the verifiers of one [`TlsMaterial`] (and its clones) consult at every
+/// handshake; none until one is set.
+#[derive(Clone, Default)]
+struct Revocations(Arc<std::sync::RwLock<Option<RevocationCheck>>>);
+
+impl std::fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revocations")
+    }
+}
+
+impl Revocations {
+    /// Whether `cert` (already verified as the CA's) is an agent's that was revoked; a
+    /// certificate that cannot be read is refused too.
+    fn refuses(&self, cert: &CertificateDer<'_>) -> bool {
+        let Some(check) = self.0.read().expect("not poisoned").clone() else {
+            return false;
+        };
+        let Ok(info) = crate::pki::CertInfo::from_der(cert) else {
+            return true;
+        };
+        let suffix = crate::names::agent_dns("");
+        info.names
+            .iter()
+            .filter_map(|n| n.strip_suffix(suffix.as_str()))
+            .any(|agent| check(agent, info.not_before))
+    }
+}
+
+fn revoked_error() -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+}
+
+/// A client certificate verifier that also refuses revoked agents.
+#[derive(Debug)]
+struct CheckedClients {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revocations: Revocations,
+}
+
+impl rustls::server::danger::ClientCertVerifier for CheckedClients {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.revocations.refuses(end_entity) {
+            return Err(revoked_error());
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A server certificate verifier (the CA's, by name) that also refuses revoked agents: a
+/// source does not send to a revoked target.
+#[derive(Debug)]
+struct CheckedServers {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    revocations: Revocations,
+}
+
+impl rustls::client::danger::ServerCertVerifier for CheckedServers {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if self.revocations.refuses(end_entity) {
+            return Err(revoked_error());
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The certificate and key every TLS configuration built from one [`TlsMaterial`] presents:
@@ -180,7 +330,15 @@ impl TlsMaterial {
             ca_pem,
             cert_pem,
             key_pem,
+            revocations: Revocations::default(),
         })
+    }
+
+    /// From now on, every server configuration built from this material (or a clone) refuses
+    /// a client certificate `check` says is revoked, and every QUIC client configuration such a
+    /// server certificate, in the handshake: before any application byte.
+    pub fn check_revocations(&self, check: RevocationCheck) {
+        *self.revocations.0.write().expect("not poisoned") = Some(check);
     }
 
     /// Presents `cert_pem` with `key_pem` from the next handshake on, in every configuration
@@ -265,9 +423,14 @@ impl TlsMaterial {
     /// required, no 0-RTT (rustls' default: early data could be replayed).
     fn server_tls(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
-                .build()?;
+        let verifier = Arc::new(CheckedClients {
+            inner: WebPkiClientVerifier::builder_with_provider(
+                Arc::new(self.roots()?),
+                provider.clone(),
+            )
+            .build()?,
+            revocations: self.revocations.clone(),
+        });
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -301,9 +464,19 @@ impl TlsMaterial {
     /// presented, no 0-RTT.
     fn quic_client_tls(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(CheckedServers {
+            inner: rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(self.roots()?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::Quic(e.to_string()))?,
+            revocations: self.revocations.clone(),
+        });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots()?)
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(self.live.clone());
         cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)

@@ -200,6 +200,18 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     })?;
     let (log, sm) = crate::store::open(&cfg.data_dir)?;
     let applied = sm.shared();
+    // Revoked agents are refused in the TLS handshake, from the applied state.
+    {
+        let applied = applied.clone();
+        tls.check_revocations(Arc::new(move |agent: &str, not_before: i64| {
+            applied
+                .read()
+                .expect("not poisoned")
+                .state
+                .pki
+                .is_revoked(agent, not_before)
+        }));
+    }
     let committed = log.committed_index();
     let raft_cfg = openraft::Config {
         cluster_name: "ferry".into(),

@@ -403,6 +403,15 @@ impl AgentService {
                 conflict: a.map(|a| a.conflict.clone()).unwrap_or_default(),
                 cluster_id: s.cluster_id.clone(),
                 agent_throttle: a.map(|a| a.throttle.clone()).unwrap_or_default(),
+                revoked: s
+                    .pki
+                    .revoked
+                    .iter()
+                    .map(|(agent, r)| pb::Revocation {
+                        agent: agent.clone(),
+                        at: r.at_s,
+                    })
+                    .collect(),
                 digest: Vec::new(),
             };
             answer.digest = blake3::hash(&prost::Message::encode_to_vec(&answer))

@@ -322,6 +322,23 @@ impl State {
             a.session = 0;
             self.dirty.agents.insert(agent.to_string());
         }
+        // Its leases end now: a target asked to confirm one refuses the bytes, and the
+        // segments go to whoever sends for the migration next.
+        let sources: Vec<u64> = self
+            .migrations
+            .values()
+            .filter(|m| m.spec.source_agent == agent)
+            .map(|m| m.id)
+            .collect();
+        for mid in sources {
+            for id in self.leased.remove(&mid).unwrap_or_default() {
+                let seg = self.segments.get_mut(&(mid, id)).expect("indexed");
+                seg.expire();
+                seg.last_error = format!("source agent {agent} was revoked");
+                self.pending.entry(mid).or_default().insert(id);
+                self.dirty.segments.insert((mid, id));
+            }
+        }
         self.pki
             .revoked
             .insert(agent.to_string(), Revocation { at_s, by });

@@ -3345,3 +3345,42 @@ fn the_certificate_records_stay_bounded() {
     assert_eq!(token(&mut w, "t2", "s2", "", day, 2 * day), Response::Ok);
     assert!(!w.s.pki.tokens.contains_key("t1"));
 }
+
+#[test]
+fn revoking_a_source_ends_its_leases_at_once_and_its_segments_go_to_the_next_sender() {
+    let mut w = World::new();
+    let mid = w.migration(&[(0, 10, 1), (1, 10, 1)]);
+    let leases = w.lease(2, 10);
+    assert_eq!(leases.len(), 2);
+    assert!(w.s.check_lease("dst", mid, 0, leases[0].epoch, 11).is_ok());
+    assert_eq!(
+        w.apply(Command::RevokeAgent {
+            agent: "src".into(),
+            by: "alice".into(),
+            now_ms: 12,
+        }),
+        Response::Ok
+    );
+    // Well before the leases would have expired, a target is told not to take the bytes.
+    for l in &leases {
+        assert!(w
+            .s
+            .check_lease("dst", mid, l.segment_id, l.epoch, 13)
+            .is_err());
+        let seg = &w.s.segments[&(mid, l.segment_id)];
+        assert_eq!(seg.state, SegState::Pending);
+        assert!(seg.last_error.contains("revoked"), "{}", seg.last_error);
+    }
+    assert_eq!(w.s.agents["src"].session, 0, "its session ended");
+    // Its next calls are refused (it must register again, which its certificate cannot).
+    assert!(matches!(
+        w.apply(Command::LeaseSegments {
+            agent: "src".into(),
+            session: 1,
+            max: 2,
+            now_ms: 14,
+            ttl_ms: TTL,
+        }),
+        Response::Refused(_)
+    ));
+}

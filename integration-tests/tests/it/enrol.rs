@@ -219,3 +219,171 @@ async fn an_agent_joins_with_a_token_and_renews_its_certificate_without_dropping
     terminate(&mut target, "target agent");
     terminate(coord.child_mut(), "coordinator");
 }
+
+/// Revoking an agent cuts it off everywhere at once: its leases end (the target refuses the
+/// bytes of the segment it was sending), its calls on connections it already had are refused,
+/// and new TLS handshakes with its certificate fail — to the coordinator and to another
+/// agent's data endpoint — before any application byte. It joins again with a new token, and
+/// the migration finishes with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_is_refused_everywhere_and_comes_back_only_with_a_new_token() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let mut coord = CoordinatorProcess::start_with(&env, "join_listen = \"127.0.0.1:0\"").unwrap();
+    let addr = coord.addr.clone();
+    let join_addr = coord.join_addr().unwrap().to_string();
+    let src = env.path("src");
+    make_files(&src, 4, 1 << 20);
+    let root = env.path("dst");
+    let mut target = spawn_agent(&env, "dst", &addr, Some(&root));
+    let mut source = spawn_agent(&env, "src", &addr, None);
+    let ctl = env.ctl(&addr).await;
+    wait_registered(&ctl, "dst", true).await;
+    wait_registered(&ctl, "src", false).await;
+    let created = json(&ferryctl(
+        &env,
+        &addr,
+        &[
+            "migration",
+            "create",
+            "--source",
+            &format!("src:{}", src.display()),
+            "--target",
+            "dst:copy",
+            "--segment-size",
+            "1048576",
+            "--throttle",
+            "2mbit",
+            "-o",
+            "json",
+        ],
+    ));
+    let id = created["migration_id"].as_u64().unwrap();
+    wait_for("a segment leased", Duration::from_secs(30), || async {
+        let p = ctl.status(id).await.ok()?;
+        (p.segments_leased > 0).then_some(())
+    })
+    .await;
+
+    let out = ferryctl(&env, &addr, &["agents", "revoke", "src"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = ctl.status(id).await.unwrap();
+    assert_eq!(p.segments_leased, 0, "its leases ended at once: {p:?}");
+
+    // New handshakes with its certificate: refused by the coordinator...
+    let src_tls =
+        ferry_common::tls::TlsMaterial::load(&env.issue(Identity::Agent("src".into()))).unwrap();
+    let control = ferry_agent::control::Control::new("src", &addr, &src_tls).unwrap();
+    let e = control.end_session().await.unwrap_err().to_string();
+    assert!(
+        !e.contains("revoked; join again"),
+        "refused in the handshake, not by a call: {e}"
+    );
+    let coord_log = || std::fs::read_to_string(env.path("coordinator-1.log")).unwrap_or_default();
+    wait_for(
+        "the coordinator's handshake refusal",
+        Duration::from_secs(10),
+        || {
+            let log = coord_log();
+            async move { log.contains("invalid peer certificate: Revoked").then_some(()) }
+        },
+    )
+    .await;
+    // ... and by the target's data endpoint, once its heartbeat brought the revocation.
+    let dst_addr: std::net::SocketAddr = ctl
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.name == "dst")
+        .unwrap()
+        .data_addr
+        .parse()
+        .unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client = src_tls.quic_client().unwrap();
+    wait_for(
+        "the target refuses the revoked source",
+        Duration::from_secs(30),
+        || {
+            let (ep, client) = (ep.clone(), client.clone());
+            async move {
+                let c = ep
+                    .connect_with(client, dst_addr, &ferry_common::names::agent_dns("dst"))
+                    .unwrap()
+                    .await;
+                match c {
+                    Err(e) => Some(e),
+                    Ok(c) => {
+                        // The server may refuse just after the client finished its side.
+                        let e = c.accept_uni().await.err()?;
+                        Some(quinn::ConnectionError::from(e))
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    // The running process's calls on connections it had are refused too; nothing more is
+    // verified meanwhile.
+    let verified = ctl.status(id).await.unwrap().segments_verified;
+    let src_log = || std::fs::read_to_string(env.path("agent-src.log")).unwrap_or_default();
+    wait_for(
+        "the source told it is cut off",
+        Duration::from_secs(30),
+        || {
+            let log = src_log();
+            async move { (log.contains("revoked") || log.contains("Revoked")).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(ctl.status(id).await.unwrap().segments_verified, verified);
+    terminate(&mut source, "revoked source");
+
+    // A new token for that name: it joins again (replacing its identity) and finishes.
+    let token = json(&ferryctl(
+        &env,
+        &addr,
+        &[
+            "token", "create", "--agent", "src", "--ttl", "5m", "-o", "json",
+        ],
+    ));
+    let cfg = env.path("agent-src.toml");
+    let out = join(&cfg, token["token"].as_str().unwrap(), &join_addr, &[]);
+    assert!(
+        !out.status.success(),
+        "an identity is never replaced silently"
+    );
+    assert!(stderr(&out).contains("--replace"), "{}", stderr(&out));
+    let out = join(
+        &cfg,
+        token["token"].as_str().unwrap(),
+        &join_addr,
+        &["--replace"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let certs = certs_of(&env, &addr, "agent src");
+    assert_eq!(certs.len(), 1);
+    assert_eq!(certs[0]["revoked"], false);
+    let mut source = run_agent(&env, "src", &cfg);
+    wait_registered(&ctl, "src", false).await;
+    let out = ferryctl(
+        &env,
+        &addr,
+        &["migration", "throttle", &id.to_string(), "off"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("migration done", Duration::from_secs(90), || async {
+        let p = ctl.status(id).await.ok()?;
+        (p.phase == ferry_proto::admin::Phase::Done as i32).then_some(())
+    })
+    .await;
+    assert_same_tree(&src, &root.join("copy"));
+    // The audit log holds the revocation and the join.
+    let audit = String::from_utf8_lossy(&ferryctl(&env, &addr, &["audit"]).stdout).into_owned();
+    assert!(audit.contains("RevokeAgent"), "{audit}");
+    assert_eq!(join_records(&env, &addr), ["ok"]);
+    terminate(&mut source, "source agent");
+    terminate(&mut target, "target agent");
+    terminate(coord.child_mut(), "coordinator");
+}
