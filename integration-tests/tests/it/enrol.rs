@@ -285,7 +285,10 @@ async fn a_revoked_agent_is_refused_everywhere_and_comes_back_only_with_a_new_to
         Duration::from_secs(10),
         || {
             let log = coord_log();
-            async move { log.contains("invalid peer certificate: Revoked").then_some(()) }
+            async move {
+                log.contains("invalid peer certificate: Revoked")
+                    .then_some(())
+            }
         },
     )
     .await;
@@ -317,7 +320,7 @@ async fn a_revoked_agent_is_refused_everywhere_and_comes_back_only_with_a_new_to
                     Ok(c) => {
                         // The server may refuse just after the client finished its side.
                         let e = c.accept_uni().await.err()?;
-                        Some(quinn::ConnectionError::from(e))
+                        Some(e)
                     }
                 }
             }
