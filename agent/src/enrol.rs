@@ -286,8 +286,9 @@ mod tests {
     fn a_certificate_is_renewed_with_a_third_of_its_life_left() {
         // Signed at 1000 (valid from 700), for 90 s.
         assert_eq!(renew_at(700, 1090), 1060);
-        // One from before lifetimes (valid from 1975): at once.
-        assert_eq!(renew_at(157_766_400, 2_000_000_000), 2_000_000_000 - 1);
+        // A week's certificate: with 2 days 8 hours left.
+        let week = 7 * 86_400;
+        assert_eq!(renew_at(10_000 - 300, 10_000 + week), 10_000 + week * 2 / 3);
         assert_eq!(renew_at(100, 100), 100);
     }
 

@@ -226,6 +226,7 @@ pub async fn fetch_ca(addr: &str, pin: [u8; 32]) -> Result<CertificateDer<'stati
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     let connect = |source| EnrolError::Connect {
         addr: addr.to_string(),
         source,

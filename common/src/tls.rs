@@ -101,6 +101,15 @@ fn revoked_error() -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
 }
 
+/// A server that resumes sessions takes the client's certificate from the session it resumes,
+/// without looking at it again: a certificate revoked or expired since would get through. So
+/// no ticket is issued and no session kept; every handshake is a full one (ferry's connections
+/// are few and long-lived).
+fn no_resumption(cfg: &mut rustls::ServerConfig) {
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+}
+
 /// A client certificate verifier that also refuses revoked agents.
 #[derive(Debug)]
 struct CheckedClients {
@@ -416,6 +425,7 @@ impl TlsMaterial {
             .with_no_client_auth()
             .with_single_cert(chain, pem_key(p, &current.key_pem)?)?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        no_resumption(&mut cfg);
         Ok(Arc::new(cfg))
     }
 
@@ -436,6 +446,7 @@ impl TlsMaterial {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.live.clone());
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        no_resumption(&mut cfg);
         Ok(cfg)
     }
 
@@ -479,6 +490,8 @@ impl TlsMaterial {
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(self.live.clone());
         cfg.alpn_protocols = vec![alpn.to_vec()];
+        // Every connection presents its certificate in full (see `no_resumption`).
+        cfg.resumption = rustls::client::Resumption::disabled();
         Ok(cfg)
     }
 
@@ -598,6 +611,16 @@ mod tests {
         assert!(!m.quic_client_tls(DATA_ALPN).unwrap().enable_early_data);
         assert!(!m.quic_client_tls(PROBE_ALPN).unwrap().enable_early_data);
         assert_eq!(c.grpc_server_config().unwrap().max_early_data_size, 0);
+        // Nor is any session resumed: each handshake checks the certificate again (revoked?
+        // expired?).
+        for cfg in [
+            m.quic_server_tls().unwrap(),
+            (*c.grpc_server_config().unwrap()).clone(),
+            (*c.join_server_config().unwrap()).clone(),
+        ] {
+            assert_eq!(cfg.send_tls13_tickets, 0);
+            assert!(!cfg.session_storage.can_cache());
+        }
     }
 
     #[test]
@@ -697,5 +720,70 @@ mod tests {
         let paths = TlsPaths::in_dir(dir.path(), "nobody");
         let err = TlsMaterial::load(&paths).err().unwrap().to_string();
         assert!(err.contains("ca.pem"), "{err}");
+    }
+
+    /// A session resumed from before a revocation would carry the revoked certificate past the
+    /// check: every handshake is a full one, so the next connection is refused.
+    #[tokio::test]
+    async fn a_revocation_refuses_the_next_connection_of_a_client_that_was_accepted_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let server = TlsMaterial::load(
+            &ca.issue(&Identity::Agent("dst".into()), dir.path())
+                .unwrap(),
+        )
+        .unwrap();
+        let client = TlsMaterial::load(
+            &ca.issue(&Identity::Agent("src".into()), dir.path())
+                .unwrap(),
+        )
+        .unwrap();
+        let ep = quinn::Endpoint::server(
+            server.quic_server().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        // Each connection accepted answers a byte on the first stream the client opens (after
+        // whatever the server sent once the handshake was done: session tickets, if any).
+        let accepting = {
+            let ep = ep.clone();
+            tokio::spawn(async move {
+                let mut kept = Vec::new();
+                while let Some(incoming) = ep.accept().await {
+                    if let Ok(c) = incoming.await {
+                        if let Ok((mut send, mut recv)) = c.accept_bi().await {
+                            let _ = recv.read_to_end(1).await;
+                            let _ = send.write_all(b"!").await;
+                            let _ = send.finish();
+                        }
+                        kept.push(c);
+                    }
+                }
+            })
+        };
+        let ask = |c: quinn::Connection| async move {
+            let (mut send, mut recv) = c.open_bi().await?;
+            send.write_all(b"?").await?;
+            send.finish()?;
+            Ok::<_, Box<dyn std::error::Error>>(recv.read_to_end(1).await?)
+        };
+        let within = std::time::Duration::from_secs(10);
+        let mut cl = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        cl.set_default_client_config(client.quic_client().unwrap());
+        let first = cl.connect(addr, "dst.agent.ferry").unwrap().await.unwrap();
+        let answer = tokio::time::timeout(within, ask(first.clone())).await;
+        assert_eq!(answer.unwrap().unwrap(), b"!");
+        server.check_revocations(Arc::new(|agent: &str, _| agent == "src"));
+        let refused = match cl.connect(addr, "dst.agent.ferry").unwrap().await {
+            Err(e) => e.to_string(),
+            Ok(c) => match tokio::time::timeout(within, ask(c)).await {
+                Ok(Err(e)) => e.to_string(),
+                other => panic!("a revoked client was let in again: {other:?}"),
+            },
+        };
+        assert!(!refused.is_empty());
+        drop(first);
+        accepting.abort();
     }
 }
