@@ -257,9 +257,15 @@ struct Caller {
 impl Caller {
     /// `cmd`, to be applied and recorded with its outcome in one entry.
     fn audited(&self, cmd: Command) -> Command {
+        let what = format!("{cmd:?}");
+        self.audited_as(cmd, what)
+    }
+
+    /// [`Caller::audited`], the record saying `what` instead of the command itself.
+    fn audited_as(&self, cmd: Command, what: String) -> Command {
         let note = AuditNote {
             at_ms: now_ms(),
-            what: ferry_common::text::head(&format!("{cmd:?}"), 512).to_string(),
+            what: ferry_common::text::head(&what, 512).to_string(),
             ..self.note.clone()
         };
         Command::Audited {
@@ -903,6 +909,13 @@ impl Admin for AdminService {
             .map_err(|e| Status::internal(e.to_string()))?;
         let ttl_ms = r.ttl_secs.saturating_mul(1000);
         let now = now_ms();
+        let what = format!(
+            "join token {} for role {:?}, agent {:?}, valid {} s",
+            token.id,
+            r.role,
+            if r.agent.is_empty() { "any" } else { &r.agent },
+            r.ttl_secs
+        );
         let cmd = Command::CreateJoinToken {
             id: token.id.clone(),
             digest: ferry_common::enrol::secret_digest(&token.secret),
@@ -912,9 +925,8 @@ impl Admin for AdminService {
             by: caller.note.who.clone(),
             now_ms: now,
         };
-        // The record names the token's id, never its secret (the command's Debug shows only
-        // the digest of it).
-        match self.0.write(caller.audited(cmd)).await? {
+        // The record names the token's id, never its secret nor the digest of it.
+        match self.0.write(caller.audited_as(cmd, what)).await? {
             Response::Ok => Ok(GrpcResponse::new(pb::CreateJoinTokenResponse {
                 token: token.to_string(),
                 id: token.id,
