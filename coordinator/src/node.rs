@@ -289,7 +289,22 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         .ca_key
         .clone()
         .unwrap_or_else(|| cfg.tls.ca.with_file_name("ca.key"));
-    let signer = if cfg.ca_key.is_some() || key_path.is_file() {
+    // A key found only by default that this node's user may not read (an operator who keeps
+    // the CA key root-only, as the packages suggest) means "this node does not sign", unless
+    // joining was asked for; a configured key must be readable.
+    let defaulted_unreadable = cfg.ca_key.is_none()
+        && cfg.join_listen.is_none()
+        && key_path.is_file()
+        && std::fs::File::open(&key_path).is_err();
+    if defaulted_unreadable {
+        tracing::warn!(
+            message = "The CA key beside the CA certificate is not readable by this node; it signs no certificates (agents renew through a node that can, or set ca_key).",
+            key = %key_path.display()
+        );
+    }
+    let signer = if defaulted_unreadable {
+        None
+    } else if cfg.ca_key.is_some() || key_path.is_file() {
         Some(Arc::new(crate::grpc::enrol::Signer::load(
             &key_path,
             &cfg.tls.ca,
