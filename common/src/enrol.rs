@@ -264,15 +264,7 @@ pub async fn fetch_ca(addr: &str, pin: [u8; 32]) -> Result<CertificateDer<'stati
 
 /// A DER certificate as PEM.
 pub fn pem_certificate(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    crate::pki::pem("CERTIFICATE", der)
 }
 
 #[cfg(test)]

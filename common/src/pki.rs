@@ -219,6 +219,27 @@ impl CertInfo {
     }
 }
 
+/// `der` as PEM with `label` (`CERTIFICATE`, `CERTIFICATE REQUEST`).
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Reads a certificate request (PEM) made by [`request`] and written with [`pem`].
+pub fn read_request(path: &Path) -> Result<Vec<u8>, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateSigningRequestDer::from_pem_file(path)
+        .map(|d| d.as_ref().to_vec())
+        .map_err(|e| PkiError::BadRequest(format!("{}: {e}", path.display())))
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

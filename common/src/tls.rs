@@ -786,4 +786,96 @@ mod tests {
         drop(first);
         accepting.abort();
     }
+
+    /// A certificate past its lifetime, one not yet valid, a self-signed one and none at all
+    /// are refused by a data endpoint in the handshake.
+    #[tokio::test]
+    async fn expired_future_self_signed_and_missing_client_certificates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let server = TlsMaterial::load(
+            &ca.issue(&Identity::Agent("dst".into()), dir.path())
+                .unwrap(),
+        )
+        .unwrap();
+        let ep = quinn::Endpoint::server(
+            server.quic_server().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepting = {
+            let (ep, accepted) = (ep.clone(), accepted.clone());
+            tokio::spawn(async move {
+                while let Some(incoming) = ep.accept().await {
+                    if incoming.await.is_ok() {
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            })
+        };
+        // The material of a valid identity, then made to present a certificate signed `at`.
+        let base = ca
+            .issue(&Identity::Agent("src".into()), dir.path())
+            .unwrap();
+        let signed_at = |at: std::time::SystemTime, secs: u64| {
+            let who = Identity::Agent("src".into());
+            let (key, csr) = crate::pki::request(&who).unwrap();
+            let (cert, _) = ca
+                .sign_request(&csr, &who, at, std::time::Duration::from_secs(secs))
+                .unwrap();
+            let m = TlsMaterial::load(&base).unwrap();
+            m.renew(cert.as_bytes(), key.as_bytes()).unwrap();
+            m
+        };
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let expired = signed_at(now - day, 3600);
+        let future = signed_at(now + day, 3600);
+        // Self-signed: a CA of its own, not the cluster's.
+        let other = tempfile::tempdir().unwrap();
+        let stranger = TlsMaterial::load(
+            &Ca::init(other.path())
+                .unwrap()
+                .issue(&Identity::Agent("src".into()), other.path())
+                .unwrap(),
+        )
+        .unwrap();
+        let no_cert = {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(server.roots().unwrap())
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
+            quinn::ClientConfig::new(Arc::new(
+                quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap(),
+            ))
+        };
+        let cl = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        for (what, cfg) in [
+            ("expired", expired.quic_client().unwrap()),
+            ("not yet valid", future.quic_client().unwrap()),
+            ("another CA's", stranger.quic_client().unwrap()),
+            ("none", no_cert),
+        ] {
+            let c = cl.connect_with(cfg, addr, "dst.agent.ferry").unwrap().await;
+            if let Ok(c) = c {
+                let e = tokio::time::timeout(std::time::Duration::from_secs(10), c.accept_uni())
+                    .await
+                    .expect("the server closes the connection");
+                assert!(e.is_err(), "{what}: let in");
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // A valid one still gets in.
+        let good = TlsMaterial::load(&base).unwrap();
+        cl.connect_with(good.quic_client().unwrap(), addr, "dst.agent.ferry")
+            .unwrap()
+            .await
+            .unwrap();
+        accepting.abort();
+    }
 }

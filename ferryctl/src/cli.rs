@@ -95,6 +95,9 @@ enum Cmd {
     /// Certificates the coordinators signed for agents (joins and renewals).
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Operators' identities: keys made where they are used, certified by the coordinator.
+    #[command(subcommand)]
+    User(UserCmd),
     /// Contexts: named coordinator addresses, PKI directory and admin identity in
     /// ~/.config/ferry/config.toml (or $FERRY_CONFIG), as kubectl has them.
     #[command(subcommand)]
@@ -301,6 +304,35 @@ enum TokenCmd {
     },
     /// Join tokens of the last day: who made them, until when they are valid, who used them.
     List,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Make operator NAME's key here (DIR/admin-NAME.key, 0600) and a certificate request
+    /// (DIR/admin-NAME.csr) to hand to an admin, who certifies it with `user create NAME
+    /// --role R --csr FILE`. The key never leaves this host.
+    Request {
+        /// The operator's name.
+        name: String,
+        /// Where the key and the request go [default: the PKI directory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Certify operator NAME with ROLE (admin role needed; valid 90 days). With --csr, the
+    /// request someone made with `user request` (the certificate is written next to it, as
+    /// admin-NAME.pem); without, a key made here for an operator who works from this host
+    /// (written to the PKI directory as admin-NAME.key and .pem). Never replaces a file.
+    Create {
+        /// The operator's name.
+        name: String,
+        /// viewer (reads), operator (also changes migrations) or admin (also the cluster,
+        /// tokens, users, revocations).
+        #[arg(long)]
+        role: ferry_common::names::Role,
+        /// A request made with `ferryctl user request`.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1440,6 +1472,88 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         crate::ctl::utc(t.expires_unix_ms)
                     );
                 }
+            }
+        }
+        Cmd::User(UserCmd::Request { name, dir }) => {
+            let dir = match dir {
+                Some(d) => d.clone(),
+                None => resolved(&cli)?.pki_dir,
+            };
+            let who =
+                ferry_common::pki::Identity::User(name.clone(), ferry_common::names::Role::Viewer);
+            ferry_common::names::validate_name(name)?;
+            let (key, csr) = ferry_common::pki::request(&who)?;
+            let key_path = dir.join(format!("admin-{name}.key"));
+            let csr_path = dir.join(format!("admin-{name}.csr"));
+            std::fs::create_dir_all(&dir)?;
+            ferry_common::pki::create_file(&key_path, &key, 0o600)?;
+            ferry_common::pki::create_file(
+                &csr_path,
+                &ferry_common::pki::pem("CERTIFICATE REQUEST", &csr),
+                0o644,
+            )?;
+            println!(
+                "wrote {} (keep it here) and {}: an admin certifies it with `ferryctl user \
+                 create {name} --role ROLE --csr {}`",
+                key_path.display(),
+                csr_path.display(),
+                csr_path.display()
+            );
+        }
+        Cmd::User(UserCmd::Create { name, role, csr }) => {
+            ferry_common::names::validate_name(name)?;
+            let (csr_der, key, cert_path) = match csr {
+                Some(file) => {
+                    let der = ferry_common::pki::read_request(file)?;
+                    let cert = file.with_file_name(format!("admin-{name}.pem"));
+                    (der, None, cert)
+                }
+                None => {
+                    let dir = resolved(&cli)?.pki_dir;
+                    let who = ferry_common::pki::Identity::User(name.clone(), *role);
+                    let (key, der) = ferry_common::pki::request(&who)?;
+                    let key_path = dir.join(format!("admin-{name}.key"));
+                    (
+                        der,
+                        Some((key_path, key)),
+                        dir.join(format!("admin-{name}.pem")),
+                    )
+                }
+            };
+            // Checked before the call: the coordinator's certificate would be lost.
+            for p in std::iter::once(&cert_path).chain(key.as_ref().map(|(p, _)| p)) {
+                if std::fs::symlink_metadata(p).is_ok() {
+                    anyhow::bail!("{} exists already; refusing to replace it", p.display());
+                }
+            }
+            let r = connect(&cli)
+                .await?
+                .create_user(name, role.as_str(), csr_der)
+                .await?;
+            if let Some((key_path, key)) = &key {
+                ferry_common::pki::create_file(key_path, key, 0o600)?;
+            }
+            ferry_common::pki::create_file(&cert_path, &r.cert_pem, 0o644)?;
+            // The operator's ferryctl needs the cluster's CA beside its certificate.
+            let ca = cert_path.with_file_name("ca.pem");
+            if std::fs::symlink_metadata(&ca).is_err() {
+                ferry_common::pki::create_file(&ca, &r.ca_pem, 0o644)?;
+            }
+            if json {
+                print_json(&serde_json::json!({
+                    "name": name, "role": role.as_str(), "serial": r.serial,
+                    "not_after": r.not_after, "certificate": cert_path,
+                }));
+            } else {
+                println!(
+                    "operator {name} ({role}): wrote {}{} (serial {}, valid until {} UTC)",
+                    cert_path.display(),
+                    key.as_ref()
+                        .map(|(p, _)| format!(" and {}", p.display()))
+                        .unwrap_or_default(),
+                    r.serial,
+                    crate::ctl::utc(r.not_after.max(0) as u64 * 1000)
+                );
             }
         }
         Cmd::Certs(CertsCmd::List) => {

@@ -324,6 +324,23 @@ impl Ctl {
         .into_inner())
     }
 
+    /// Has the coordinator certify an operator's key (sent once: each call signs anew).
+    pub async fn create_user(
+        &self,
+        name: &str,
+        role: &str,
+        csr_der: Vec<u8>,
+    ) -> Result<pb::CreateUserResponse, CtlError> {
+        let mut c = self.client.clone();
+        Ok(c.create_user(pb::CreateUserRequest {
+            name: name.to_string(),
+            role: role.to_string(),
+            csr_der,
+        })
+        .await?
+        .into_inner())
+    }
+
     /// The join tokens of the last day.
     pub async fn tokens(&self) -> Result<Vec<pb::JoinTokenInfo>, CtlError> {
         retry_read(|| async {

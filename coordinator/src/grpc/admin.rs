@@ -1005,6 +1005,40 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> R<pb::CreateUserResponse> {
+        let caller = self.authorized(&req, Role::Admin, "CreateUser").await?;
+        let r = req.into_inner();
+        ferry_common::names::validate_name(&r.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let role: Role = r.role.parse().map_err(Status::invalid_argument)?;
+        let signer = self.0.signer.clone().ok_or_else(super::enrol::no_signer)?;
+        let (pem, info) = signer.sign_user(&r.csr_der, &r.name, role)?;
+        let cert = crate::state::IssuedCert {
+            serial: info.serial.clone(),
+            identity: crate::state::operator_identity(&r.name, role.as_str()),
+            not_before_s: info.not_before,
+            not_after_s: info.not_after,
+            via: format!("created by {}", caller.note.who),
+        };
+        let what = format!(
+            "certificate {} for operator {} with the {role} role",
+            info.serial, r.name
+        );
+        let cmd = Command::RecordUserCert {
+            cert,
+            now_ms: now_ms(),
+        };
+        match self.0.write(caller.audited_as(cmd, what)).await? {
+            Response::Ok => Ok(GrpcResponse::new(pb::CreateUserResponse {
+                cert_pem: pem,
+                ca_pem: signer.ca_pem().to_string(),
+                serial: info.serial,
+                not_after: info.not_after,
+            })),
+            other => Err(refused(other)),
+        }
+    }
+
     async fn revoke_agent(
         &self,
         req: Request<pb::RevokeAgentRequest>,

@@ -89,6 +89,30 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// Signs `csr` for operator `name` with `role`, valid for [`ferry_common::pki::OPERATOR_LIFETIME`].
+    pub fn sign_user(
+        &self,
+        csr: &[u8],
+        name: &str,
+        role: ferry_common::names::Role,
+    ) -> Result<(String, CertInfo), Status> {
+        self.ca
+            .sign_request(
+                csr,
+                &Identity::User(name.to_string(), role),
+                SystemTime::now(),
+                ferry_common::pki::OPERATOR_LIFETIME,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+}
+
 fn issued(info: &CertInfo, name: &str, via: String) -> IssuedCert {
     IssuedCert {
         serial: info.serial.clone(),
@@ -99,7 +123,8 @@ fn issued(info: &CertInfo, name: &str, via: String) -> IssuedCert {
     }
 }
 
-fn no_signer() -> Status {
+/// A node holds no CA key.
+pub(crate) fn no_signer() -> Status {
     Status::failed_precondition(
         "this coordinator node holds no CA key, so it signs no certificates: set ca_key in its \
          config (the cluster CA's ca.key), or reach a node that has it",

@@ -337,6 +337,13 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// A node signed an operator's certificate.
+    RecordUserCert {
+        /// The certificate.
+        cert: IssuedCert,
+        /// Leader time.
+        now_ms: u64,
+    },
     /// An admin revokes an agent.
     RevokeAgent {
         /// The agent.
@@ -445,6 +452,7 @@ impl State {
                 now_ms,
             } => self.record_cert(&agent, previous_not_before_s, cert, now_ms),
             Command::RevokeAgent { agent, by, now_ms } => self.revoke_agent(&agent, by, now_ms),
+            Command::RecordUserCert { cert, now_ms } => self.record_user_cert(cert, now_ms),
             Command::StartJob {
                 agent,
                 kind,

@@ -44,7 +44,8 @@ pub use jobs::{
 use phases::ScanEnd;
 pub use phases::{Counters, Migration, MigrationSpec, Phase};
 pub use pki::{
-    agent_identity, IssuedCert, JoinTokenRecord, Pki, Revocation, TokenUse, MAX_TOKEN_TTL_MS,
+    agent_identity, operator_identity, IssuedCert, JoinTokenRecord, Pki, Revocation, TokenUse,
+    MAX_TOKEN_TTL_MS,
 };
 pub use reads::LeaseRefusal;
 use reports::Cost;

@@ -56,7 +56,7 @@ pub struct TokenUse {
 pub struct IssuedCert {
     /// Serial, hex.
     pub serial: String,
-    /// Whose: `agent <name>`.
+    /// Whose: `agent <name>`, `operator <name> (<role>)`.
     pub identity: String,
     /// Valid from (unix seconds).
     pub not_before_s: i64,
@@ -89,6 +89,11 @@ pub struct Pki {
 /// The identity text of agent `name` in records.
 pub fn agent_identity(name: &str) -> String {
     format!("agent {name}")
+}
+
+/// The identity text of operator `name` with `role` in records.
+pub fn operator_identity(name: &str, role: &str) -> String {
+    format!("operator {name} ({role})")
 }
 
 impl Pki {
@@ -296,6 +301,14 @@ impl State {
                 "agent {agent} is revoked: its certificate is not renewed"
             ));
         }
+        self.pki.certs.insert(cert.serial.clone(), cert);
+        self.pki.prune(now_ms);
+        self.dirty.pki = true;
+        Response::Ok
+    }
+
+    /// A node signed an operator's certificate (`CreateUser`).
+    pub(super) fn record_user_cert(&mut self, cert: IssuedCert, now_ms: u64) -> Response {
         self.pki.certs.insert(cert.serial.clone(), cert);
         self.pki.prune(now_ms);
         self.dirty.pki = true;

@@ -403,3 +403,104 @@ async fn a_revoked_agent_is_refused_everywhere_and_comes_back_only_with_a_new_to
     terminate(&mut target, "target agent");
     terminate(coord.child_mut(), "coordinator");
 }
+
+fn ferryctl_as(pki: &Path, admin: &str, addr: &str, args: &[&str]) -> Output {
+    Command::new(crate::harness::ferryctl_bin())
+        .args(["--coordinator", addr, "--pki-dir"])
+        .arg(pki)
+        .args(["--admin", admin])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// An operator's key is made where the operator works (`user request`) and an admin has it
+/// certified with a role (`user create --csr`): the role is the admin's choice, the key never
+/// moves, files are never replaced, and a viewer may not make users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_is_certified_for_a_key_made_where_it_works_with_the_role_an_admin_gives() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let coord = CoordinatorProcess::start(&env).unwrap();
+    let addr = coord.addr.clone();
+    let home = env.path("vic-home");
+    let home_s = home.display().to_string();
+    let out = ferryctl(&env, &addr, &["user", "request", "vic", "--dir", &home_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    use std::os::unix::fs::PermissionsExt;
+    let key = home.join("admin-vic.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let key_before = std::fs::read(&key).unwrap();
+    let csr = home.join("admin-vic.csr").display().to_string();
+    let out = ferryctl(
+        &env,
+        &addr,
+        &["user", "create", "vic", "--role", "viewer", "--csr", &csr],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        key_before,
+        "the key stayed as it was"
+    );
+    // vic reads with its own key and certificate, and may change nothing.
+    let listed = ferryctl_as(&home, "vic", &addr, &["agents", "list"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let denied = ferryctl_as(&home, "vic", &addr, &["token", "create"]);
+    assert!(!denied.status.success());
+    assert!(
+        stderr(&denied).contains("needs the admin role"),
+        "{}",
+        stderr(&denied)
+    );
+    let denied = ferryctl_as(
+        &home,
+        "vic",
+        &addr,
+        &["user", "create", "eve", "--role", "admin"],
+    );
+    assert!(!denied.status.success());
+    assert!(!home.join("admin-eve.pem").exists());
+
+    // An operator working from this host: the key is made here, in the PKI directory.
+    let out = ferryctl(
+        &env,
+        &addr,
+        &["user", "create", "olga", "--role", "operator"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let olga = ferry_common::tls::TlsMaterial::load(&ferry_common::config::TlsPaths::in_dir(
+        &env.pki(),
+        "admin-olga",
+    ))
+    .unwrap();
+    assert_eq!(
+        ferry_common::tls::role_of(&olga.cert_der().unwrap()),
+        Some(ferry_common::names::Role::Operator)
+    );
+    // Again: refused before anything is asked of the coordinator.
+    let again = ferryctl(&env, &addr, &["user", "create", "olga", "--role", "admin"]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("exists already"),
+        "{}",
+        stderr(&again)
+    );
+    let certs = json(&ferryctl(&env, &addr, &["certs", "list", "-o", "json"]));
+    let ids: Vec<&str> = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["identity"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["operator olga (operator)", "operator vic (viewer)"]);
+    let audit = String::from_utf8_lossy(&ferryctl(&env, &addr, &["audit"]).stdout).into_owned();
+    assert_eq!(
+        audit.matches("CreateUser").count(),
+        3,
+        "two made, one denied: {audit}"
+    );
+}
