@@ -77,6 +77,16 @@ pub struct Entry {
     pub delta_base: Option<(u64, i64, u32)>,
 }
 
+/// Farthest a modification time may lie from 1970, in seconds (~146 billion years): any time
+/// a file system holds, and far from where turning it into a clock time overflows.
+pub const MAX_MTIME_SECS: i64 = 1 << 62;
+
+/// Whether `(sec, nsec)` is a time a file can have: nanoseconds below one second, seconds
+/// within [`MAX_MTIME_SECS`] of 1970.
+pub fn mtime_is_valid(sec: i64, nsec: u32) -> bool {
+    nsec < 1_000_000_000 && (-MAX_MTIME_SECS..=MAX_MTIME_SECS).contains(&sec)
+}
+
 impl Entry {
     /// A directory entry.
     pub fn dir(path: impl AsRef<Path>, mode: u32, mtime: (i64, u32)) -> Self {

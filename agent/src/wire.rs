@@ -89,6 +89,17 @@ impl TryFrom<pb::Entry> for Entry {
                 reason: "data runs must come in (offset, len) pairs".into(),
             });
         }
+        if !crate::segment::mtime_is_valid(e.mtime_sec, e.mtime_nsec)
+            || (e.delta && !crate::segment::mtime_is_valid(e.base_mtime_sec, e.base_mtime_nsec))
+        {
+            return Err(MalformedEntry {
+                path: escape(&e.path),
+                reason: format!(
+                    "modification time {}.{} s is no time a file can have",
+                    e.mtime_sec, e.mtime_nsec
+                ),
+            });
+        }
         let data_runs = e
             .sparse
             .then(|| e.data_runs.chunks(2).map(|p| (p[0], p[1])).collect());
@@ -162,5 +173,36 @@ mod tests {
             ..Default::default()
         };
         assert!(Entry::try_from(odd).is_err());
+    }
+
+    /// Found by the `sink_segments` fuzz target: a time no clock can hold (`i64::MIN`
+    /// seconds, a nanosecond count of a second or more) made the target panic when it set the
+    /// file's mtime. Refused where it enters, as a malformed entry.
+    #[test]
+    fn a_time_no_clock_can_hold_is_refused_where_it_enters() {
+        let file = |mtime_sec, mtime_nsec| pb::Entry {
+            kind: pb::EntryKind::File as i32,
+            path: b"f".to_vec(),
+            mtime_sec,
+            mtime_nsec,
+            ..Default::default()
+        };
+        for (sec, nsec) in [(i64::MIN, 0), (i64::MAX, 999_999_999), (0, 1_000_000_000)] {
+            let e = Entry::try_from(file(sec, nsec));
+            assert!(e.is_err(), "{sec}.{nsec} taken: {e:?}");
+        }
+        let delta = pb::Entry {
+            delta: true,
+            base_mtime_nsec: u32::MAX,
+            ..file(1, 0)
+        };
+        assert!(Entry::try_from(delta).is_err());
+        for (sec, nsec) in [
+            (-1, 999_999_999),
+            (-86_400 * 365 * 100, 0),
+            (1_700_000_000, 5),
+        ] {
+            assert!(Entry::try_from(file(sec, nsec)).is_ok(), "{sec}.{nsec}");
+        }
     }
 }

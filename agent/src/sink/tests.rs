@@ -1093,3 +1093,24 @@ fn a_lost_journal_refuses_the_delta_and_the_file_sent_whole_lands() {
     assert_eq!(fs::read(f.path("big.bin")).unwrap(), new_version());
     assert_eq!(ferry_names(&f), Vec::<String>::new());
 }
+
+/// Found by the `sink_segments` fuzz target (an entry that reaches the sink without crossing
+/// the wire must not panic it either): a time no clock can hold is a bad entry.
+#[test]
+fn a_time_no_clock_can_hold_is_refused_not_a_panic() {
+    let f = Fixture::new();
+    for (sec, nsec) in [(i64::MIN, 0), (0, 1_000_000_000)] {
+        let e = Entry::file("t", 1, 0o644, (sec, nsec), 0);
+        let r = write_segment(&f.sink, 1, &[(e, b"x")]);
+        assert!(
+            matches!(r, Err(SinkError::BadEntry { .. })),
+            "{sec}.{nsec}: {r:?}"
+        );
+        assert!(fs::symlink_metadata(f.path("t")).is_err());
+    }
+    let dir = Entry::dir("d", 0o755, (i64::MIN, 0));
+    assert!(matches!(
+        write_segment(&f.sink, 2, &[(dir, b"")]),
+        Err(SinkError::BadEntry { .. })
+    ));
+}

@@ -176,6 +176,9 @@ impl SegmentWriter<'_> {
             path: display(&entry.path),
             reason: reason.to_string(),
         };
+        if !crate::segment::mtime_is_valid(entry.mtime_sec, entry.mtime_nsec) {
+            return Err(bad("its modification time is no time a file can have"));
+        }
         if entry.kind != EntryKind::File && (entry.len != 0 || entry.data_runs.is_some()) {
             return Err(bad("only files carry bytes"));
         }
