@@ -281,38 +281,7 @@ pub fn request(who: &Identity) -> Result<(String, Vec<u8>), PkiError> {
 /// or key): written to a temporary next to it (`O_EXCL|O_NOFOLLOW`, that mode), synced, then
 /// renamed over it — a symlink at `path` is replaced, never followed.
 pub fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    let io = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PkiError::Io { what, path, source }
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.new-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("cannot write", &tmp))?;
-        f.write_all(contents).map_err(io("cannot write", &tmp))?;
-        f.sync_all().map_err(io("cannot write", &tmp))?;
-        fs::rename(&tmp, path).map_err(io("cannot replace", path))
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    write_via_temporary(path, contents, mode, true)
 }
 
 /// Writes a new file (PEM) at `path` with `mode`, never replacing anything there.
@@ -346,18 +315,30 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
 /// symlink someone planted: `link` does not follow it): written to a temporary created with
 /// `O_EXCL|O_NOFOLLOW` and that mode, synced, then linked into place.
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    write_via_temporary(path, contents.as_bytes(), mode, false)
+}
+
+/// [`replace_file`] (`replace`) or [`write_file`]: the temporary, then a rename over `path` or
+/// a link that fails if anything is there; the directory synced after.
+fn write_via_temporary(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    replace: bool,
+) -> Result<(), PkiError> {
     let io = |what, path: &Path| {
         let path = path.to_path_buf();
         move |source| PkiError::Io { what, path, source }
     };
-    if fs::symlink_metadata(path).is_ok() {
+    if !replace && fs::symlink_metadata(path).is_ok() {
         return Err(PkiError::Exists(path.to_path_buf()));
     }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let tag = if replace { "new" } else { "tmp" };
+    let tmp = path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let written = (|| {
         let mut f = fs::OpenOptions::new()
@@ -367,9 +348,11 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io("cannot write", &tmp))?;
-        f.write_all(contents.as_bytes())
-            .map_err(io("cannot write", &tmp))?;
+        f.write_all(contents).map_err(io("cannot write", &tmp))?;
         f.sync_all().map_err(io("cannot write", &tmp))?;
+        if replace {
+            return fs::rename(&tmp, path).map_err(io("cannot replace", path));
+        }
         match fs::hard_link(&tmp, path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -378,6 +361,7 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
             Err(e) => Err(io("cannot write", path)(e)),
         }
     })();
+    // Gone after a rename; the link's temporary, or what a failure left.
     let _ = fs::remove_file(&tmp);
     written?;
     if let Some(dir) = path.parent() {
