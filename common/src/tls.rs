@@ -646,27 +646,25 @@ mod tests {
         assert!(m.renew(&m.cert_pem, &other_key).is_err());
     }
 
+    /// Agent `name`'s identity, issued by `ca` into `dir`.
+    fn agent(ca: &Ca, dir: &std::path::Path, name: &str) -> TlsMaterial {
+        TlsMaterial::load(&ca.issue(&Identity::Agent(name.into()), dir).unwrap()).unwrap()
+    }
+
+    /// A QUIC endpoint serving `m` on a loopback port.
+    fn listening(m: &TlsMaterial) -> quinn::Endpoint {
+        quinn::Endpoint::server(m.quic_server().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap()
+    }
+
     /// A renewed certificate is presented from the next handshake on by every configuration
     /// built before, on both ends of QUIC, while connections already up keep theirs.
     #[tokio::test]
     async fn a_renewed_certificate_is_presented_from_the_next_handshake_on() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path()).unwrap();
-        let server = TlsMaterial::load(
-            &ca.issue(&Identity::Agent("dst".into()), dir.path())
-                .unwrap(),
-        )
-        .unwrap();
-        let client = TlsMaterial::load(
-            &ca.issue(&Identity::Agent("src".into()), dir.path())
-                .unwrap(),
-        )
-        .unwrap();
-        let ep = quinn::Endpoint::server(
-            server.quic_server().unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
+        let server = agent(&ca, dir.path(), "dst");
+        let client = agent(&ca, dir.path(), "src");
+        let ep = listening(&server);
         let addr = ep.local_addr().unwrap();
         let mut cl = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         cl.set_default_client_config(client.quic_client().unwrap());
@@ -728,21 +726,9 @@ mod tests {
     async fn a_revocation_refuses_the_next_connection_of_a_client_that_was_accepted_before() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path()).unwrap();
-        let server = TlsMaterial::load(
-            &ca.issue(&Identity::Agent("dst".into()), dir.path())
-                .unwrap(),
-        )
-        .unwrap();
-        let client = TlsMaterial::load(
-            &ca.issue(&Identity::Agent("src".into()), dir.path())
-                .unwrap(),
-        )
-        .unwrap();
-        let ep = quinn::Endpoint::server(
-            server.quic_server().unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
+        let server = agent(&ca, dir.path(), "dst");
+        let client = agent(&ca, dir.path(), "src");
+        let ep = listening(&server);
         let addr = ep.local_addr().unwrap();
         // Each connection accepted answers a byte on the first stream the client opens (after
         // whatever the server sent once the handshake was done: session tickets, if any).
@@ -793,16 +779,8 @@ mod tests {
     async fn expired_future_self_signed_and_missing_client_certificates_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path()).unwrap();
-        let server = TlsMaterial::load(
-            &ca.issue(&Identity::Agent("dst".into()), dir.path())
-                .unwrap(),
-        )
-        .unwrap();
-        let ep = quinn::Endpoint::server(
-            server.quic_server().unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
+        let server = agent(&ca, dir.path(), "dst");
+        let ep = listening(&server);
         let addr = ep.local_addr().unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let accepting = {
