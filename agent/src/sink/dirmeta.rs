@@ -10,19 +10,17 @@ pub(super) struct DirTimes {
     pub(super) log_path: PathBuf,
 }
 
-/// Sets a directory's owner (if given) and mode through a handle opened with
-/// `O_NOFOLLOW|O_DIRECTORY`: if something swapped the directory for a symlink after it was
-/// checked, the open fails instead of changing whatever the link points to.
+/// Sets a directory's owner (if given) and mode through a handle opened through no symlink
+/// ([`beneath`]): if something swapped the directory (or one above it) for a symlink after it
+/// was checked, the open fails instead of changing whatever the link points to.
 pub(super) fn set_dir_meta(
     path: &Path,
     mode: u32,
     owner: Option<(u32, u32)>,
     xattrs: &crate::xattr::Xattrs,
 ) -> Result<(), SinkError> {
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-        .open(path)
+    let dir = beneath::open_dir(path)
+        .map(File::from)
         .map_err(io_at("cannot open directory (is it a symlink?)", path))?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))
@@ -65,8 +63,7 @@ impl FsSink {
             let known = dt.known.get(&(migration.to_string(), d.clone()));
             if let Some(&(sec, nsec)) = known.or_else(|| before.get(d)) {
                 let t = FileTime::from_unix_time(sec, nsec);
-                filetime::set_symlink_file_times(d, t, t)
-                    .map_err(io_at("cannot set mtime of", d))?;
+                beneath::set_symlink_file_times(d, t).map_err(io_at("cannot set mtime of", d))?;
             }
         }
         Ok(())

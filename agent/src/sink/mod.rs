@@ -36,7 +36,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -47,6 +47,7 @@ use ferry_common::path::{bytes, display, validate_relative, validate_subdir, Pat
 use filetime::FileTime;
 use serde::{Deserialize, Serialize};
 
+mod beneath;
 mod dirmeta;
 #[cfg(test)]
 pub mod mem;
@@ -205,6 +206,10 @@ pub(super) fn io_at<'a>(
     }
 }
 
+/// Tests: see [`FsSink::after_check`].
+#[cfg(test)]
+type CheckHook = Box<dyn Fn(&Path) + Send>;
+
 /// Writes segments below one root directory.
 pub struct FsSink {
     root: PathBuf,
@@ -226,6 +231,10 @@ pub struct FsSink {
     /// journals are applied (where a crash leaves it).
     #[cfg(test)]
     pub(super) stop_before_patching: std::sync::atomic::AtomicBool,
+    /// Tests: called with a path's parent directory once it has been checked, before it is
+    /// used (where a racing process would swap a directory for a symlink).
+    #[cfg(test)]
+    pub(super) after_check: Mutex<Option<CheckHook>>,
 }
 
 /// How many durability calls a sink made for file data (not counting directories).
@@ -299,6 +308,8 @@ impl FsSink {
             syncs: SyncCounts::default(),
             #[cfg(test)]
             stop_before_patching: Default::default(),
+            #[cfg(test)]
+            after_check: Mutex::new(None),
         })
     }
 
@@ -384,41 +395,41 @@ pub(super) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Sink
         .map_err(io_at("cannot write", &tmp))?;
     f.sync_all().map_err(io_at("cannot fsync", &tmp))?;
     fs::rename(&tmp, path).map_err(io_at("cannot rename", path))?;
-    fsync_dir(dir)
-}
-
-pub(super) fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
+    // The state directory is the operator's: it may be reached through a symlink.
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at("cannot fsync directory", dir))
 }
 
+/// Makes the entries of a directory below the root durable (no symlink followed on the way).
+pub(super) fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
+    beneath::open_dir(dir)
+        .and_then(|d| File::from(d).sync_all())
+        .map_err(io_at("cannot fsync directory", dir))
+}
+
 /// Removes whatever non-directory sits at `path` (never following a symlink).
 pub(super) fn clear(path: &Path) -> Result<(), SinkError> {
-    match fs::symlink_metadata(path) {
+    match beneath::symlink_metadata(path) {
         Ok(m) if m.is_dir() => Err(SinkError::Escape {
             path: path.display().to_string(),
             component: path.to_path_buf(),
         }),
-        Ok(_) => fs::remove_file(path).map_err(io_at("cannot remove", path)),
+        Ok(_) => beneath::remove_file(path).map_err(io_at("cannot remove", path)),
         Err(_) => Ok(()),
     }
 }
 
 /// Creates a new private file, refusing to follow or reuse anything already there.
 pub(super) fn create_private(path: &Path) -> Result<File, SinkError> {
+    use rustix::fs::OFlags;
     clear(path)?;
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    beneath::open(path, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, 0o600)
         .map_err(io_at("cannot create", path))
 }
 
 pub(super) fn inode(path: &Path) -> Option<u64> {
-    fs::symlink_metadata(path)
+    beneath::symlink_metadata(path)
         .ok()
         .filter(|m| m.is_file())
         .map(|m| m.ino())

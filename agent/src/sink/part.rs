@@ -94,7 +94,7 @@ impl FsSink {
                 (false, false) => {
                     let part = part_name(&dest);
                     if inode(&part) == Some(st.part_ino) {
-                        fs::remove_file(&part).map_err(io_at("cannot remove", &part))?;
+                        beneath::remove_file(&part).map_err(io_at("cannot remove", &part))?;
                         removed += 1;
                     }
                 }
@@ -134,7 +134,7 @@ impl SegmentWriter<'_> {
             Err(err) => {
                 // Never recorded: nothing will apply it.
                 if let Some(name) = journal {
-                    let _ = fs::remove_file(redo::journal_path(dest, name));
+                    let _ = beneath::remove_file(&redo::journal_path(dest, name));
                 }
                 return Err(err);
             }
@@ -175,7 +175,7 @@ impl SegmentWriter<'_> {
         // Complete before the rename: a restart in between finishes the rename (open_piece).
         st.complete = true;
         sink.save_sidecar(&sidecar, &st)?;
-        fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
+        beneath::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
         Ok(true)
     }
 }
@@ -198,7 +198,7 @@ impl SegmentWriter<'_> {
         let lost = st
             .journals
             .iter()
-            .find(|(_, name)| fs::symlink_metadata(redo::journal_path(dest, name)).is_err());
+            .find(|(_, name)| beneath::symlink_metadata(&redo::journal_path(dest, name)).is_err());
         let checked = match lost {
             Some((i, name)) => Err(SinkError::BaseGone {
                 path: dest.display().to_string(),
@@ -258,12 +258,12 @@ pub(super) fn part_name(dest: &Path) -> PathBuf {
 pub(super) fn publish(tmp: &Path, dest: &Path) -> Result<(), SinkError> {
     // Both cases need a destination with several names; the usual one (nothing there yet, or a
     // file with one name) costs one lstat.
-    let linked = fs::symlink_metadata(dest)
+    let linked = beneath::symlink_metadata(dest)
         .ok()
         .filter(|d| d.is_file() && d.nlink() > 1);
-    if let (Some(d), Ok(t)) = (linked, fs::symlink_metadata(tmp)) {
+    if let (Some(d), Ok(t)) = (linked, beneath::symlink_metadata(tmp)) {
         if (t.dev(), t.ino()) == (d.dev(), d.ino()) {
-            return fs::remove_file(tmp).map_err(io_at("cannot remove", tmp));
+            return beneath::remove_file(tmp).map_err(io_at("cannot remove", tmp));
         }
         if t.is_file() && t.len() == d.len() && same_bytes(tmp, dest)? {
             let f = open_nofollow(dest).map_err(io_at("cannot open", dest))?;
@@ -277,10 +277,10 @@ pub(super) fn publish(tmp: &Path, dest: &Path) -> Result<(), SinkError> {
             filetime::set_file_handle_times(&f, Some(mtime), Some(mtime))
                 .map_err(io_at("cannot set mtime of", dest))?;
             f.sync_all().map_err(io_at("cannot fsync", dest))?;
-            return fs::remove_file(tmp).map_err(io_at("cannot remove", tmp));
+            return beneath::remove_file(tmp).map_err(io_at("cannot remove", tmp));
         }
     }
-    fs::rename(tmp, dest).map_err(io_at("cannot rename into place", dest))
+    beneath::rename(tmp, dest).map_err(io_at("cannot rename into place", dest))
 }
 
 /// Whether two files hold the same bytes.

@@ -112,11 +112,7 @@ pub(super) fn check_base(
         ),
     };
     let opened = if write {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(dest)
+        open_rw_nofollow(dest)
     } else {
         open_read_nofollow(dest)
     };
@@ -146,17 +142,16 @@ pub(super) fn check_base(
 pub(super) fn remove_journals(dest: &Path) -> Result<(), SinkError> {
     let dir = dest.parent().expect("has a parent");
     let prefix = journal_prefix(dest);
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
+    let names = match beneath::read_dir(dir) {
+        Ok(names) => names,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_at("cannot list", dir)(e)),
     };
     let mut removed = false;
-    for entry in entries {
-        let entry = entry.map_err(io_at("cannot list", dir))?;
-        if entry.file_name().as_bytes().starts_with(prefix.as_bytes()) {
-            let j = entry.path();
-            match fs::remove_file(&j) {
+    for name in names {
+        if name.as_bytes().starts_with(prefix.as_bytes()) {
+            let j = dir.join(name);
+            match beneath::remove_file(&j) {
                 Ok(()) => removed = true,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_at("cannot remove journal", &j)(e)),
@@ -177,7 +172,7 @@ pub(super) fn apply(dest: &Path, file: &File, st: &PartState) -> Result<(), Sink
     let present = st
         .journals
         .iter()
-        .filter(|(_, name)| fs::symlink_metadata(journal_path(dest, name)).is_ok())
+        .filter(|(_, name)| beneath::symlink_metadata(&journal_path(dest, name)).is_ok())
         .count();
     if present == st.journals.len() {
         let mut buf = vec![0u8; 1 << 20];
@@ -231,15 +226,11 @@ pub(super) fn recover(dest: &Path, st: &PartState) -> Result<(), SinkError> {
         || !st
             .journals
             .iter()
-            .any(|(_, name)| fs::symlink_metadata(journal_path(dest, name)).is_ok())
+            .any(|(_, name)| beneath::symlink_metadata(&journal_path(dest, name)).is_ok())
     {
         return Ok(());
     }
     tracing::info!(message = "Finishing a file patched in place when the agent stopped.", path = %dest.display());
-    let f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(dest)
-        .map_err(io_at("cannot open to finish patching", dest))?;
+    let f = open_nofollow(dest).map_err(io_at("cannot open to finish patching", dest))?;
     apply(dest, &f, st)
 }

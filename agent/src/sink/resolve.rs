@@ -1,5 +1,5 @@
-//! Where a peer's path lands: checked, below the root, through no symlink; ferry's own files
-//! opened without following one.
+//! Where a peer's path lands: checked, below the root, through no symlink; files opened
+//! through none either ([`beneath`]).
 
 use super::*;
 
@@ -44,28 +44,40 @@ impl FsSink {
             component: dir.to_path_buf(),
         };
         let mut dir = self.root.clone();
-        for c in parents {
-            dir.push(c);
-            match fs::symlink_metadata(&dir) {
-                Ok(m) if m.file_type().is_dir() => {}
-                Ok(_) => return Err(escape(&dir)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let Some(created) = created.as_deref_mut() else {
-                        return Ok(None);
-                    };
-                    match fs::DirBuilder::new().mode(0o755).create(&dir) {
-                        Ok(()) => created.push(dir.clone()),
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                            // Created concurrently by another segment; re-check what it is.
-                            if !fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir()) {
-                                return Err(escape(&dir));
+        dir.extend(parents);
+        // Usually every directory is there: one call checks the whole way.
+        if beneath::open_dir(&dir).is_err() {
+            dir = self.root.clone();
+            for c in parents {
+                dir.push(c);
+                match beneath::symlink_metadata(&dir) {
+                    Ok(m) if m.file_type().is_dir() => {}
+                    Ok(_) => return Err(escape(&dir)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        let Some(created) = created.as_deref_mut() else {
+                            return Ok(None);
+                        };
+                        match beneath::create_dir(&dir, 0o755) {
+                            Ok(()) => created.push(dir.clone()),
+                            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                                // Created concurrently by another segment; re-check what it is.
+                                if !beneath::symlink_metadata(&dir)
+                                    .is_ok_and(|m| m.file_type().is_dir())
+                                {
+                                    return Err(escape(&dir));
+                                }
                             }
+                            Err(e) => return Err(io_at("cannot create directory", &dir)(e)),
                         }
-                        Err(e) => return Err(io_at("cannot create directory", &dir)(e)),
                     }
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Err(escape(&dir)),
+                    Err(e) => return Err(io_at("cannot inspect", &dir)(e)),
                 }
-                Err(e) => return Err(io_at("cannot inspect", &dir)(e)),
             }
+        }
+        #[cfg(test)]
+        if let Some(hook) = self.after_check.lock().expect("not poisoned").as_ref() {
+            hook(&dir);
         }
         let path = dir.join(last);
         Ok(Some((dir, path)))
@@ -87,16 +99,17 @@ fn checked(base: &Path, rel: &Path) -> Result<PathBuf, SinkError> {
     Ok(full_rel)
 }
 
+/// Opens a file below the root for reading, through no symlink ([`beneath`]).
 pub(super) fn open_read_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    beneath::open(path, rustix::fs::OFlags::RDONLY, 0)
 }
 
+/// Opens a file below the root for writing, through no symlink ([`beneath`]).
 pub(super) fn open_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    beneath::open(path, rustix::fs::OFlags::WRONLY, 0)
+}
+
+/// Opens a file below the root for reading and writing, through no symlink ([`beneath`]).
+pub(super) fn open_rw_nofollow(path: &Path) -> io::Result<File> {
+    beneath::open(path, rustix::fs::OFlags::RDWR, 0)
 }

@@ -1114,3 +1114,72 @@ fn a_time_no_clock_can_hold_is_refused_not_a_panic() {
         Err(SinkError::BadEntry { .. })
     ));
 }
+
+/// Swaps `dir` (below the root) for a symlink to `outside` the first time the sink has checked
+/// a path's parent directory: what a local process, or a hostile peer's own concurrent segment
+/// (a deletion of the directory, then a symlink entry under its name), can do between the
+/// check and the use.
+fn swap_for_symlink_after_check(sink: &FsSink, dir: PathBuf, outside: PathBuf) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    *sink.after_check.lock().unwrap() = Some(Box::new(move |_| {
+        if !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            fs::rename(&dir, dir.with_extension("moved")).unwrap();
+            std::os::unix::fs::symlink(&outside, &dir).unwrap();
+        }
+    }));
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_after_its_check_leads_nowhere_outside_the_root() {
+    // Writing a file: before ferry opened every path through no symlink, the temporary was
+    // created through the swapped-in link and renamed into place outside the root.
+    let f = Fixture::new();
+    let outside = tempfile::tempdir().unwrap();
+    write_segment(&f.sink, 0, &[(Entry::dir("d", 0o755, (5, 0)), b"")]).unwrap();
+    swap_for_symlink_after_check(&f.sink, f.path("d"), outside.path().to_path_buf());
+    let err = write_segment(&f.sink, 1, &[(file("d/planted", b"evil"), b"evil")]).unwrap_err();
+    assert!(matches!(err, SinkError::Io { .. }), "{err}");
+    assert!(
+        err.to_string().contains("is a symlink"),
+        "the error says why: {err}"
+    );
+    assert_eq!(
+        fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "nothing was written outside the root"
+    );
+
+    // Deleting: before, the name was removed from the directory the link points to.
+    let f = Fixture::new();
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("precious"), b"keep").unwrap();
+    write_segment(
+        &f.sink,
+        0,
+        &[
+            (Entry::dir("d", 0o755, (5, 0)), b""),
+            (file("d/precious", b"old"), b"old"),
+        ],
+    )
+    .unwrap();
+    swap_for_symlink_after_check(&f.sink, f.path("d"), outside.path().to_path_buf());
+    let err = write_segment(&f.sink, 1, &[(Entry::delete("d/precious"), b"")]).unwrap_err();
+    assert!(err.to_string().contains("is a symlink"), "{err}");
+    assert_eq!(fs::read(outside.path().join("precious")).unwrap(), b"keep");
+    assert_eq!(fs::read(f.path("d.moved/precious")).unwrap(), b"old");
+
+    // A directory entry's mode and owner: never set on what the link points to.
+    let f = Fixture::new();
+    let outside = tempfile::tempdir().unwrap();
+    fs::create_dir(outside.path().join("sub")).unwrap();
+    fs::set_permissions(outside.path().join("sub"), Permissions::from_mode(0o700)).unwrap();
+    write_segment(&f.sink, 0, &[(Entry::dir("d/sub", 0o755, (5, 0)), b"")]).unwrap();
+    swap_for_symlink_after_check(&f.sink, f.path("d"), outside.path().to_path_buf());
+    assert!(write_segment(&f.sink, 1, &[(Entry::dir("d/sub", 0o777, (6, 0)), b"")]).is_err());
+    let m = fs::metadata(outside.path().join("sub")).unwrap();
+    assert_eq!(
+        m.mode() & 0o7777,
+        0o700,
+        "the outside directory's mode is untouched"
+    );
+}

@@ -141,7 +141,7 @@ impl SegmentWriter<'_> {
     /// Notes `dir`'s mtime before this segment first changes it.
     fn remember(&mut self, dir: &Path) {
         if !self.before.contains_key(dir) {
-            if let Ok(m) = fs::symlink_metadata(dir) {
+            if let Ok(m) = beneath::symlink_metadata(dir) {
                 if m.is_dir() {
                     self.before
                         .insert(dir.to_path_buf(), (m.mtime(), m.mtime_nsec() as u32));
@@ -184,7 +184,7 @@ impl SegmentWriter<'_> {
         }
         match entry.kind {
             EntryKind::Dir => {
-                match fs::symlink_metadata(&dest) {
+                match beneath::symlink_metadata(&dest) {
                     Ok(m) if m.file_type().is_dir() => {}
                     Ok(_) => {
                         return Err(SinkError::Escape {
@@ -192,7 +192,7 @@ impl SegmentWriter<'_> {
                             component: dest,
                         })
                     }
-                    Err(_) => match fs::DirBuilder::new().mode(0o700).create(&dest) {
+                    Err(_) => match beneath::create_dir(&dest, 0o700) {
                         Ok(()) => self.created.push(dest.clone()),
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                         Err(e) => return Err(io_at("cannot create directory", &dest)(e)),
@@ -212,16 +212,15 @@ impl SegmentWriter<'_> {
                 }
                 let tmp = self.tmp_name(&dir);
                 clear(&tmp)?;
-                std::os::unix::fs::symlink(&entry.link_target, &tmp)
+                beneath::symlink(&entry.link_target, &tmp)
                     .map_err(io_at("cannot create symlink", &tmp))?;
                 if let Some((uid, gid)) = self.sink.owner(entry) {
-                    std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))
-                        .map_err(io_at("cannot set owner of", &tmp))?;
+                    beneath::lchown(&tmp, uid, gid).map_err(io_at("cannot set owner of", &tmp))?;
                 }
-                crate::xattr::apply_nofollow(&tmp, &entry.xattrs)
+                beneath::set_xattrs_nofollow(&tmp, &entry.xattrs)
                     .map_err(io_at("cannot set attributes of", &tmp))?;
                 let t = mtime_of(entry);
-                filetime::set_symlink_file_times(&tmp, t, t)
+                beneath::set_symlink_file_times(&tmp, t)
                     .map_err(io_at("cannot set mtime of", &tmp))?;
                 self.staged.push(Staged::Rename { tmp, dest, dir });
             }
@@ -264,7 +263,7 @@ impl SegmentWriter<'_> {
                     if let Some(base) = entry.delta_base {
                         if let Err(err) = copy_base(&dest, base, &f, entry.file_size) {
                             drop(f);
-                            let _ = fs::remove_file(&tmp);
+                            let _ = beneath::remove_file(&tmp);
                             return Err(err);
                         }
                     }
@@ -318,11 +317,11 @@ impl SegmentWriter<'_> {
             return Ok(());
         };
         self.remember(&dir);
-        let removed = match fs::symlink_metadata(&dest) {
+        let removed = match beneath::symlink_metadata(&dest) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_at("cannot inspect", &dest)(e)),
-            Ok(m) if m.file_type().is_dir() => fs::remove_dir_all(&dest),
-            Ok(_) => fs::remove_file(&dest),
+            Ok(m) if m.file_type().is_dir() => beneath::remove_dir_all(&dest),
+            Ok(_) => beneath::remove_file(&dest),
         };
         match removed {
             Ok(()) => {}
@@ -352,7 +351,8 @@ impl SegmentWriter<'_> {
             _ => None,
         });
         let source = staged.unwrap_or(first);
-        let m = fs::symlink_metadata(&source).map_err(|_| pending("it has not arrived yet"))?;
+        let m =
+            beneath::symlink_metadata(&source).map_err(|_| pending("it has not arrived yet"))?;
         if !m.is_file() {
             return Err(pending("it is not a regular file"));
         }
@@ -366,9 +366,9 @@ impl SegmentWriter<'_> {
         let tmp = self.tmp_name(dir);
         clear(&tmp)?;
         // link(2) never follows a symlink at `source`, and `source` was checked to be a file.
-        fs::hard_link(&source, &tmp).map_err(io_at("cannot create hardlink", &tmp))?;
+        beneath::hard_link(&source, &tmp).map_err(io_at("cannot create hardlink", &tmp))?;
         if inode(&tmp) != Some(m.ino()) {
-            let _ = fs::remove_file(&tmp);
+            let _ = beneath::remove_file(&tmp);
             return Err(pending("it was replaced while being linked"));
         }
         Ok(tmp)
@@ -398,7 +398,8 @@ impl SegmentWriter<'_> {
             Some(st) if st.complete && st.describes(e) => {
                 if st.base.is_none() && inode(dest).is_none() && inode(&part) == Some(st.part_ino) {
                     // We stopped between marking it complete and renaming it: finish that.
-                    fs::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
+                    beneath::rename(&part, dest)
+                        .map_err(io_at("cannot rename into place", dest))?;
                     fsync_dir(dest.parent().expect("has a parent"))?;
                 }
                 let f =
@@ -418,7 +419,7 @@ impl SegmentWriter<'_> {
                     st.journals.retain(|(c, _)| *c != e.chunk_index);
                     self.sink.save_sidecar(&sidecar, &st)?;
                     for (_, name) in old {
-                        let _ = fs::remove_file(redo::journal_path(dest, &name));
+                        let _ = beneath::remove_file(&redo::journal_path(dest, &name));
                     }
                 }
                 self.open_journal(e, dest, runs)
@@ -569,7 +570,7 @@ impl SegmentWriter<'_> {
         let e = &open.entry;
         if open.written != e.wire_len() {
             if open.mode == Mode::Temp {
-                let _ = fs::remove_file(&open.path);
+                let _ = beneath::remove_file(&open.path);
             }
             return Err(SinkError::BadEntry {
                 path: display(&e.path),
@@ -741,18 +742,18 @@ impl Drop for SegmentWriter<'_> {
     fn drop(&mut self) {
         if let Some(open) = self.current.take() {
             if matches!(open.mode, Mode::Temp | Mode::Journal { .. }) {
-                let _ = fs::remove_file(&open.path);
+                let _ = beneath::remove_file(&open.path);
             }
         }
         for s in self.staged.drain(..) {
             match s {
                 Staged::Rename { tmp, .. } => {
-                    let _ = fs::remove_file(tmp);
+                    let _ = beneath::remove_file(&tmp);
                 }
                 Staged::Piece {
                     journal: Some(j), ..
                 } => {
-                    let _ = fs::remove_file(j);
+                    let _ = beneath::remove_file(&j);
                 }
                 Staged::Piece { .. } => {}
             }
