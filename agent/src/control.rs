@@ -115,6 +115,9 @@ pub struct Control {
     /// unavailable.
     /// Revoked agents as the last heartbeat said: name → the first second not revoked.
     revoked: std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, i64>>>,
+    /// The TLS material that trusts the CAs the coordinators trust ([`Control::follow_ca`]),
+    /// the file they are written to, and the last set refused (warned about once).
+    follows: std::sync::Arc<std::sync::Mutex<Option<FollowCa>>>,
     /// Replaced when the agent's certificate is renewed ([`Control::present`]).
     clients: std::sync::Arc<std::sync::RwLock<Clients>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -162,6 +165,7 @@ impl Control {
             cluster: Default::default(),
             clients: std::sync::Arc::new(std::sync::RwLock::new(clients(addr, tls)?)),
             revoked: Default::default(),
+            follows: Default::default(),
             current: Default::default(),
             reports: Default::default(),
             known: Default::default(),
@@ -182,6 +186,47 @@ impl Control {
                     not_before.saturating_add(ferry_common::pki::CLOCK_SKEW.as_secs() as i64) < at
                 })
         }));
+    }
+
+    /// Has `tls` trust the CA certificates the coordinators' heartbeats carry (two during a CA
+    /// rotation, then the new one alone), without a restart, and write them to `ca_path`
+    /// (`tls.ca`) so the next start trusts the same.
+    pub fn follow_ca(&self, tls: &TlsMaterial, ca_path: std::path::PathBuf) {
+        *self.follows.lock().expect("not poisoned") = Some(FollowCa {
+            tls: tls.clone(),
+            path: ca_path,
+            refused: String::new(),
+        });
+    }
+
+    /// Trusts `ca_pem` (from a heartbeat) if it is new; see [`Control::follow_ca`].
+    fn learn_ca(&self, ca_pem: &str) {
+        let mut follows = self.follows.lock().expect("not poisoned");
+        let Some(f) = follows.as_mut() else { return };
+        if ca_pem.is_empty() || f.tls.trusted_ca_pem() == ca_pem.as_bytes() {
+            return;
+        }
+        match f.tls.trust(ca_pem.as_bytes()) {
+            Ok(false) => {}
+            Ok(true) => {
+                let count =
+                    ferry_common::pki::ca_public_keys(ca_pem.as_bytes()).map_or(0, |k| k.len());
+                tracing::info!(message = "Now trusting the CA certificates the coordinators trust (a CA rotation).", count, file = %f.path.display());
+                if let Err(e) = ferry_common::pki::replace_file(&f.path, ca_pem.as_bytes(), 0o644) {
+                    tracing::warn!(message = "Cannot write the CA certificates the coordinators trust; this process trusts them, a restart would not until the next heartbeat.", error = %e);
+                }
+                let tls = f.tls.clone();
+                drop(follows);
+                if let Err(e) = self.present(&tls) {
+                    tracing::warn!(message = "Cannot reconnect to the coordinators with the new CA certificates.", error = %e);
+                }
+            }
+            Err(e) if f.refused != ca_pem => {
+                tracing::warn!(message = "The coordinators trust CA certificates that do not include this agent's own CA; kept the CAs trusted before. Renew or re-join this agent before the old CA is retired.", error = %e);
+                f.refused = ca_pem.to_string();
+            }
+            Err(_) => {}
+        }
     }
 
     /// Presents `tls`'s current certificate from the next call on (a renewed one): new
@@ -207,6 +252,13 @@ impl Control {
         )
         .await
     }
+}
+
+/// See [`Control::follow_ca`].
+struct FollowCa {
+    tls: TlsMaterial,
+    path: std::path::PathBuf,
+    refused: String,
 }
 
 /// One client per coordinator listed.
@@ -637,6 +689,7 @@ impl Coordinator for Control {
             }
         }
         self.learn_cluster(&r.cluster_id);
+        self.learn_ca(&r.ca_pem);
         {
             let now: std::collections::BTreeMap<String, i64> =
                 r.revoked.iter().map(|v| (v.agent.clone(), v.at)).collect();

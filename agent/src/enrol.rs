@@ -124,7 +124,15 @@ pub async fn join(
         })?;
     }
     if !existing_ca {
-        pki::create_file(&paths.ca, &ca_pem, 0o644)?;
+        // Every CA the coordinator trusts (two during a CA rotation), if the one pinned is
+        // among them; they came over the connection the pinned CA authenticated.
+        let pinned = pki::ca_public_keys(ca_pem.as_bytes())?;
+        let all = pki::ca_public_keys(answer.ca_pem.as_bytes()).unwrap_or_default();
+        let trusted = match pinned.iter().all(|k| all.contains(k)) {
+            true => &answer.ca_pem,
+            false => &ca_pem,
+        };
+        pki::create_file(&paths.ca, trusted, 0o644)?;
     }
     // The key first: a certificate is never on disk without its key.
     if replace {

@@ -433,6 +433,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let control = Control::new(&cfg.name, &cfg.coordinator, &tls)?
         .succeeding(previous_session(&cfg.state_dir));
     control.check_revocations(&tls);
+    control.follow_ca(&tls, cfg.tls.ca.clone());
     record_session(&cfg.state_dir, control.session()).map_err(|e| {
         StartError::Config(format!(
             "cannot write {}: {e}",

@@ -49,6 +49,9 @@ pub enum PkiError {
     /// A certificate could not be read.
     #[error("cannot read the certificate: {0}")]
     BadCertificate(String),
+    /// A step of a CA rotation was run out of order.
+    #[error("{0}")]
+    Rotation(String),
 }
 
 /// How long a certificate [`Ca::issue`] signs is valid, unless told otherwise: an agent's a
@@ -268,6 +271,38 @@ pub fn ca_public_key(pem: &[u8]) -> Result<Vec<u8>, PkiError> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
+/// The public key (raw bits) of every certificate of a PEM text: the CAs a bundle holds (two
+/// while a CA rotation overlaps the old and the new one).
+pub fn ca_public_keys(pem: &[u8]) -> Result<Vec<Vec<u8>>, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut keys = Vec::new();
+    for der in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+        let der = der.map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        keys.push(cert.public_key().subject_public_key.data.to_vec());
+    }
+    if keys.is_empty() {
+        return Err(PkiError::BadCertificate("no certificate in it".into()));
+    }
+    Ok(keys)
+}
+
+/// The certificates (PEM, one after the other) of a PEM text whose public key is not `key`.
+fn certificates_without(text: &[u8], key: &[u8]) -> Result<String, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut out = String::new();
+    for der in rustls::pki_types::CertificateDer::pem_slice_iter(text) {
+        let der = der.map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key {
+            out.push_str(&pem("CERTIFICATE", &der));
+        }
+    }
+    Ok(out)
+}
+
 /// A new key for `who` and a request (CSR, DER) to have it certified: the key never leaves
 /// the host that made it. Returns the key (PEM) and the request.
 pub fn request(who: &Identity) -> Result<(String, Vec<u8>), PkiError> {
@@ -295,6 +330,15 @@ pub struct Ca {
 }
 
 const CA_CN: &str = "ferry cluster CA";
+
+/// A CA directory's key, the key of a rotation under way, and the CA bundle.
+fn rotation_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join("ca.key"),
+        dir.join("ca.next.key"),
+        dir.join("ca.pem"),
+    )
+}
 
 /// The CA's parameters. They are rebuilt identically when the CA is loaded: issuing needs the CA's
 /// name and key, not its self-signature.
@@ -400,6 +444,95 @@ impl Ca {
         write_file(&key_path, &key.serialize_pem(), 0o600)?;
         Ok(Ca {
             issuer: Issuer::new(ca_params()?, key),
+        })
+    }
+
+    /// CA rotation, step 1 of 3 (`ferry-coordinator pki rotate-ca begin`): a new CA key is
+    /// made beside the old one (`ca.next.key`) and its certificate added to `ca.pem`, which
+    /// then holds both CAs. Nothing is signed by the new CA yet: first every node must trust
+    /// both (coordinators are given the new `ca.pem`; agents learn it from their heartbeats).
+    pub fn rotate_begin(dir: &Path) -> Result<Ca, PkiError> {
+        let (key_path, next, bundle_path) = rotation_files(dir);
+        if !key_path.is_file() {
+            return Err(PkiError::Rotation(format!(
+                "no CA key at {}: rotate the CA where its key is",
+                key_path.display()
+            )));
+        }
+        if next.exists() {
+            return Err(PkiError::Rotation(format!(
+                "a rotation is already under way ({} exists): finish it with `pki rotate-ca \
+                 switch` and `finish`",
+                next.display()
+            )));
+        }
+        let bundle = read_file(&bundle_path)?;
+        let key = KeyPair::generate()?;
+        let mut params = ca_params()?;
+        validity(&mut params, SystemTime::now(), CA_LIFETIME)?;
+        let cert = params.self_signed(&key)?;
+        write_file(&next, &key.serialize_pem(), 0o600)?;
+        let mut both = bundle.trim_end().to_string();
+        both.push('\n');
+        both.push_str(&cert.pem());
+        replace_file(&bundle_path, both.as_bytes(), 0o644)?;
+        Ok(Ca {
+            issuer: Issuer::new(ca_params()?, key),
+        })
+    }
+
+    /// CA rotation, step 2 (`pki rotate-ca switch`): the new key becomes `ca.key` (the old one
+    /// is kept as `ca.old.key`), so coordinators restarted from now on sign with the new CA;
+    /// `ca.pem` still holds both, so certificates of either are accepted while agents renew.
+    pub fn rotate_switch(dir: &Path) -> Result<(), PkiError> {
+        let (key_path, next, bundle_path) = rotation_files(dir);
+        let old = dir.join("ca.old.key");
+        if !next.is_file() {
+            return Err(PkiError::Rotation(format!(
+                "no new CA key at {}: start with `pki rotate-ca begin`",
+                next.display()
+            )));
+        }
+        let new_key = Ca::load_key(&next)?.public_key_der();
+        if !ca_public_keys(read_file(&bundle_path)?.as_bytes())?.contains(&new_key) {
+            return Err(PkiError::Rotation(format!(
+                "{} does not hold the new CA's certificate: was it replaced since `rotate-ca \
+                 begin`?",
+                bundle_path.display()
+            )));
+        }
+        if old.exists() {
+            return Err(PkiError::Exists(old));
+        }
+        let rename = |from: &Path, to: &Path| {
+            fs::rename(from, to).map_err(|source| PkiError::Io {
+                what: "cannot rename",
+                path: from.to_path_buf(),
+                source,
+            })
+        };
+        rename(&key_path, &old)?;
+        rename(&next, &key_path)
+    }
+
+    /// CA rotation, step 3 (`pki rotate-ca finish`), once no certificate of the old CA is
+    /// still in use: the old CA's certificate leaves `ca.pem` and its key is removed.
+    pub fn rotate_finish(dir: &Path) -> Result<(), PkiError> {
+        let (_, next, bundle_path) = rotation_files(dir);
+        let old = dir.join("ca.old.key");
+        if next.exists() || !old.is_file() {
+            return Err(PkiError::Rotation(format!(
+                "no switched rotation in {}: run `pki rotate-ca switch` first",
+                dir.display()
+            )));
+        }
+        let old_key = Ca::load_key(&old)?.public_key_der();
+        let kept = certificates_without(read_file(&bundle_path)?.as_bytes(), &old_key)?;
+        replace_file(&bundle_path, kept.as_bytes(), 0o644)?;
+        fs::remove_file(&old).map_err(|source| PkiError::Io {
+            what: "cannot remove",
+            path: old.clone(),
+            source,
         })
     }
 

@@ -47,20 +47,74 @@ pub enum TlsError {
     /// quinn refused the rustls configuration.
     #[error("QUIC TLS setup failed: {0}")]
     Quic(String),
+    /// A new set of trusted CAs does not include the CA of this identity's own certificate.
+    #[error("the CA certificates offered do not include the CA that signed this identity's certificate ({0}); kept trusting the CAs trusted before")]
+    Untrusted(String),
 }
 
 /// The PEM files of one identity, read into memory. Clones share the identity they present
-/// ([`TlsMaterial::renew`] changes it for all of them).
+/// ([`TlsMaterial::renew`] changes it for all of them) and the CAs they trust
+/// ([`TlsMaterial::trust`]).
 #[derive(Clone)]
 pub struct TlsMaterial {
-    /// The CA certificate (PEM).
+    /// The CA certificates (PEM) as loaded: one, or two while a CA rotation overlaps the old
+    /// and the new CA. [`TlsMaterial::trusted_ca_pem`] is what is trusted now.
     pub ca_pem: Vec<u8>,
     /// This identity's certificate (PEM) as loaded.
     pub cert_pem: Vec<u8>,
     /// This identity's key (PEM) as loaded.
     pub key_pem: Vec<u8>,
     live: Arc<LiveIdentity>,
+    trust: LiveTrust,
     revocations: Revocations,
+}
+
+/// The CAs every configuration built from one [`TlsMaterial`] (and its clones) trusts, with the
+/// verifiers built from them: replaced whole by [`TlsMaterial::trust`], read at each handshake,
+/// so a CA added during a rotation is trusted from the next connection on, without a restart.
+#[derive(Clone)]
+struct LiveTrust(Arc<std::sync::RwLock<Arc<Trusted>>>);
+
+struct Trusted {
+    ca_pem: Vec<u8>,
+    certs: Vec<CertificateDer<'static>>,
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    servers: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl std::fmt::Debug for LiveTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveTrust")
+    }
+}
+
+impl LiveTrust {
+    fn now(&self) -> Arc<Trusted> {
+        self.0.read().expect("not poisoned").clone()
+    }
+}
+
+impl Trusted {
+    /// Verifiers that accept certificates of any CA in `ca_pem`.
+    fn new(ca_pem: &[u8]) -> Result<Trusted, TlsError> {
+        let path = std::path::Path::new("<CA certificates>");
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = pem_certs(path, ca_pem, "CA certificate")?;
+        for c in &certs {
+            roots.add(c.clone())?;
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(Trusted {
+            ca_pem: ca_pem.to_vec(),
+            certs,
+            clients: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()?,
+            servers: rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        })
+    }
 }
 
 /// Says whether a certificate of agent `name` valid from `not_before` (unix seconds) is
@@ -113,21 +167,23 @@ fn no_resumption(cfg: &mut rustls::ServerConfig) {
 /// A client certificate verifier that also refuses revoked agents.
 #[derive(Debug)]
 struct CheckedClients {
-    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    trust: LiveTrust,
     revocations: Revocations,
 }
 
 impl rustls::server::danger::ClientCertVerifier for CheckedClients {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        true
     }
 
+    /// No hints: the trusted CAs change at run time, and every ferry client has one
+    /// certificate to present anyway.
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -137,7 +193,9 @@ impl rustls::server::danger::ClientCertVerifier for CheckedClients {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
         let ok = self
-            .inner
+            .trust
+            .now()
+            .clients
             .verify_client_cert(end_entity, intermediates, now)?;
         if self.revocations.refuses(end_entity) {
             return Err(revoked_error());
@@ -151,7 +209,10 @@ impl rustls::server::danger::ClientCertVerifier for CheckedClients {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.trust
+            .now()
+            .clients
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -160,11 +221,14 @@ impl rustls::server::danger::ClientCertVerifier for CheckedClients {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.trust
+            .now()
+            .clients
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.trust.now().clients.supported_verify_schemes()
     }
 }
 
@@ -172,7 +236,7 @@ impl rustls::server::danger::ClientCertVerifier for CheckedClients {
 /// source does not send to a revoked target.
 #[derive(Debug)]
 struct CheckedServers {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    trust: LiveTrust,
     revocations: Revocations,
 }
 
@@ -185,7 +249,7 @@ impl rustls::client::danger::ServerCertVerifier for CheckedServers {
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let ok = self.inner.verify_server_cert(
+        let ok = self.trust.now().servers.verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -204,7 +268,10 @@ impl rustls::client::danger::ServerCertVerifier for CheckedServers {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.trust
+            .now()
+            .servers
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -213,11 +280,14 @@ impl rustls::client::danger::ServerCertVerifier for CheckedServers {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.trust
+            .now()
+            .servers
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.trust.now().servers.supported_verify_schemes()
     }
 }
 
@@ -328,6 +398,7 @@ impl TlsMaterial {
         // Parse once now so that a bad file fails at start-up with its name, not at first use.
         pem_certs(&paths.ca, &ca_pem, "CA certificate")?;
         let key = certified(&cert_pem, &key_pem, &paths.cert, &paths.key)?;
+        let trusted = Trusted::new(&ca_pem)?;
         Ok(TlsMaterial {
             live: Arc::new(LiveIdentity {
                 current: std::sync::RwLock::new(LiveCurrent {
@@ -339,8 +410,66 @@ impl TlsMaterial {
             ca_pem,
             cert_pem,
             key_pem,
+            trust: LiveTrust(Arc::new(std::sync::RwLock::new(Arc::new(trusted)))),
             revocations: Revocations::default(),
         })
+    }
+
+    /// From the next handshake on, trusts the CAs in `ca_pem` (instead of those trusted
+    /// before), in every configuration built from this material or a clone: how a CA rotation
+    /// reaches a running process. Refused, changing nothing, when they do not include the CA
+    /// of this identity's own certificate (it would refuse itself). Returns whether the CAs
+    /// trusted changed (the same certificates written otherwise change nothing).
+    pub fn trust(&self, ca_pem: &[u8]) -> Result<bool, TlsError> {
+        let before = self.trust.now();
+        if before.ca_pem == ca_pem {
+            return Ok(false);
+        }
+        let new = Trusted::new(ca_pem)?;
+        if new.certs == before.certs {
+            *self.trust.0.write().expect("not poisoned") = Arc::new(new);
+            return Ok(false);
+        }
+        let own = self.cert_der()?;
+        let info =
+            crate::pki::CertInfo::from_der(&own).map_err(|e| TlsError::Untrusted(e.to_string()))?;
+        // Checked at the middle of its lifetime: whether it is expired is not the question.
+        let middle = info.not_before / 2 + info.not_after / 2;
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            middle.max(0) as u64,
+        ));
+        new.clients
+            .verify_client_cert(&own, &[], at)
+            .map_err(|e| TlsError::Untrusted(e.to_string()))?;
+        *self.trust.0.write().expect("not poisoned") = Arc::new(new);
+        Ok(true)
+    }
+
+    /// The certificate of the CA (among those trusted) that signed this identity's own
+    /// certificate: what a coordinator's join tokens pin, since its join listener presents
+    /// this identity.
+    pub fn own_ca(&self) -> Result<CertificateDer<'static>, TlsError> {
+        let own = self.cert_der()?;
+        let info =
+            crate::pki::CertInfo::from_der(&own).map_err(|e| TlsError::Untrusted(e.to_string()))?;
+        let middle = info.not_before / 2 + info.not_after / 2;
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            middle.max(0) as u64,
+        ));
+        for ca in &self.trust.now().certs {
+            let alone = Trusted::new(&crate::pki::pem("CERTIFICATE", ca).into_bytes())?;
+            if alone.clients.verify_client_cert(&own, &[], at).is_ok() {
+                return Ok(ca.clone());
+            }
+        }
+        Err(TlsError::Untrusted(
+            "none of the CA certificates trusted".into(),
+        ))
+    }
+
+    /// The CA certificates (PEM) trusted now.
+    pub fn trusted_ca_pem(&self) -> Vec<u8> {
+        self.trust.now().ca_pem.clone()
     }
 
     /// From now on, every server configuration built from this material (or a clone) refuses
@@ -383,15 +512,6 @@ impl TlsMaterial {
         pem_certs(path, pem, what)
     }
 
-    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
-        let p = std::path::Path::new("<memory>");
-        let mut roots = rustls::RootCertStore::empty();
-        for c in self.certs(p, &self.ca_pem, "CA certificate")? {
-            roots.add(c)?;
-        }
-        Ok(roots)
-    }
-
     /// This identity's own certificate (the first of its chain), as a peer sees it.
     pub fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
         let current = self.live.current();
@@ -419,7 +539,7 @@ impl TlsMaterial {
         let p = std::path::Path::new("<memory>");
         let current = self.live.current.read().expect("not poisoned");
         let mut chain = self.certs(p, &current.cert_pem, "certificate")?;
-        chain.extend(self.certs(p, &self.ca_pem, "CA certificate")?);
+        chain.extend(self.certs(p, &self.trusted_ca_pem(), "CA certificate")?);
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
@@ -434,11 +554,7 @@ impl TlsMaterial {
     fn server_tls(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(CheckedClients {
-            inner: WebPkiClientVerifier::builder_with_provider(
-                Arc::new(self.roots()?),
-                provider.clone(),
-            )
-            .build()?,
+            trust: self.trust.clone(),
             revocations: self.revocations.clone(),
         });
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -458,7 +574,9 @@ impl TlsMaterial {
         let current = self.live.current.read().expect("not poisoned");
         tonic::transport::ClientTlsConfig::new()
             .domain_name(crate::names::COORDINATOR_DNS)
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                self.trusted_ca_pem(),
+            ))
             .identity(tonic::transport::Identity::from_pem(
                 &current.cert_pem,
                 &current.key_pem,
@@ -476,12 +594,7 @@ impl TlsMaterial {
     fn quic_client_tls(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(CheckedServers {
-            inner: rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(self.roots()?),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| TlsError::Quic(e.to_string()))?,
+            trust: self.trust.clone(),
             revocations: self.revocations.clone(),
         });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -656,6 +769,101 @@ mod tests {
         quinn::Endpoint::server(m.quic_server().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap()
     }
 
+    /// Whether `client` completes a QUIC handshake with the endpoint `server` serves `name` on.
+    async fn handshake(client: &TlsMaterial, server: &quinn::Endpoint, name: &str) -> bool {
+        let mut cl = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        cl.set_default_client_config(client.quic_client().unwrap());
+        let addr = server.local_addr().unwrap();
+        let (accepted, connected) =
+            tokio::join!(async { server.accept().await.unwrap().await }, async {
+                cl.connect(addr, name).unwrap().await
+            });
+        accepted.is_ok() && connected.is_ok()
+    }
+
+    /// A CA rotation: the new CA is trusted beside the old one by running processes (no
+    /// restart), certificates of either CA are accepted both ways during the overlap, and the
+    /// old CA's certificates only once it is retired.
+    #[tokio::test]
+    async fn a_ca_rotation_keeps_every_certificate_trusted_through_its_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let old_only = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let (old_dst, old_src) = (agent(&ca, dir.path(), "dst"), agent(&ca, dir.path(), "src"));
+        let stale = agent(&ca, dir.path(), "stale");
+        let old_server = listening(&old_dst);
+        assert!(handshake(&old_src, &old_server, "dst.agent.ferry").await);
+
+        // Begin: both CAs in ca.pem, learnt by the running agents (as their heartbeats bring it).
+        Ca::rotate_begin(dir.path()).unwrap();
+        let both = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        assert_eq!(crate::pki::ca_public_keys(&both).unwrap().len(), 2);
+        assert!(old_dst.trust(&both).unwrap());
+        assert!(old_src.trust(&both).unwrap());
+        assert!(
+            !old_src.trust(&both).unwrap(),
+            "nothing new the second time"
+        );
+        assert!(
+            !old_src.trust(&[&both[..], b"\n\n"].concat()).unwrap(),
+            "nor when the same certificates are written otherwise"
+        );
+        assert_eq!(
+            old_dst.own_ca().unwrap(),
+            CertificateDer::pem_slice_iter(&old_only)
+                .next()
+                .unwrap()
+                .unwrap(),
+            "its CA is the old one"
+        );
+        assert!(
+            Ca::rotate_begin(dir.path()).is_err(),
+            "one rotation at a time"
+        );
+
+        // Switch: ca.key is the new CA's; new certificates are the new CA's.
+        Ca::rotate_switch(dir.path()).unwrap();
+        let new_ca = Ca::load(dir.path()).unwrap();
+        let (new_dst, new_src) = (
+            agent(&new_ca, dir.path(), "dst2"),
+            agent(&new_ca, dir.path(), "src2"),
+        );
+        let new_server = listening(&new_dst);
+        assert_ne!(new_dst.own_ca().unwrap(), old_dst.own_ca().unwrap());
+        assert!(
+            handshake(&new_src, &old_server, "dst.agent.ferry").await,
+            "a new certificate is accepted by a server started before the rotation"
+        );
+        assert!(
+            handshake(&old_src, &new_server, "dst2.agent.ferry").await,
+            "an old certificate is accepted by a new server during the overlap"
+        );
+        let stale_server = listening(&stale);
+        assert!(
+            !handshake(&new_src, &stale_server, "stale.agent.ferry").await,
+            "a process that never learnt the new CA refuses its certificates"
+        );
+        let e = new_src.trust(&old_only).unwrap_err();
+        assert!(matches!(e, TlsError::Untrusted(_)), "{e}");
+        assert!(handshake(&new_src, &old_server, "dst.agent.ferry").await);
+
+        // Finish: the old CA leaves ca.pem; its certificates are refused from then on.
+        Ca::rotate_finish(dir.path()).unwrap();
+        let new_only = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        assert_eq!(crate::pki::ca_public_keys(&new_only).unwrap().len(), 1);
+        assert!(!dir.path().join("ca.old.key").exists());
+        assert!(
+            matches!(old_dst.trust(&new_only), Err(TlsError::Untrusted(_))),
+            "an agent still holding an old certificate keeps trusting both until it renews"
+        );
+        assert!(new_dst.trust(&new_only).unwrap());
+        assert!(
+            !handshake(&old_src, &new_server, "dst2.agent.ferry").await,
+            "the old CA's certificates are refused once it is retired"
+        );
+        assert!(handshake(&new_src, &new_server, "dst2.agent.ferry").await);
+    }
+
     /// A renewed certificate is presented from the next handshake on by every configuration
     /// built before, on both ends of QUIC, while connections already up keep theirs.
     #[tokio::test]
@@ -825,7 +1033,13 @@ mod tests {
             let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .unwrap()
-                .with_root_certificates(server.roots().unwrap())
+                .with_root_certificates({
+                    let mut roots = rustls::RootCertStore::empty();
+                    for c in CertificateDer::pem_slice_iter(&server.ca_pem) {
+                        roots.add(c.unwrap()).unwrap();
+                    }
+                    roots
+                })
                 .with_no_client_auth();
             cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
             quinn::ClientConfig::new(Arc::new(

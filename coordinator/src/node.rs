@@ -317,13 +317,10 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         None
     };
     let (commits, committer) = crate::grpc::group_commit::GroupCommit::start(raft.clone());
+    // Join tokens pin the CA that signed this node's own certificate (the one its join
+    // listener presents): during a CA rotation tls.ca holds two.
     let ca_pin = {
-        use rustls::pki_types::pem::PemObject;
-        let der = rustls::pki_types::CertificateDer::from_pem_slice(&tls.ca_pem).map_err(|e| {
-            StartError::Tls(ferry_common::tls::TlsError::Quic(format!(
-                "CA certificate: {e}"
-            )))
-        })?;
+        let der = tls.own_ca()?;
         ferry_common::pki::ca_pin(&der).map_err(|e| {
             StartError::Tls(ferry_common::tls::TlsError::Quic(format!(
                 "CA certificate: {e}"
@@ -333,6 +330,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     let core = Arc::new(Core {
         signer,
         ca_pin,
+        ca_pem: String::from_utf8_lossy(&tls.ca_pem).into_owned(),
         raft: raft.clone(),
         peers,
         applied: applied.clone(),

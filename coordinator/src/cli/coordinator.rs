@@ -48,6 +48,24 @@ enum Pki {
     },
     /// Issue a certificate signed by the CA in DIR; writes <kind>-<name>.pem and .key there.
     Issue(Issue),
+    /// Replace the cluster CA in DIR without stopping anything, in three steps run days
+    /// apart: `begin` (a new CA beside the old one in ca.pem), `switch` (the new one signs),
+    /// `finish` (the old one is retired). Each step says what to do before the next.
+    RotateCa {
+        /// Which step.
+        #[arg(value_enum)]
+        step: RotateStep,
+        /// PKI directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RotateStep {
+    Begin,
+    Switch,
+    Finish,
 }
 
 #[derive(Args)]
@@ -86,6 +104,46 @@ pub async fn main() -> anyhow::Result<()> {
         Cmd::Pki(Pki::Init { dir }) => {
             Ca::init(&dir)?;
             println!("created cluster CA in {}", dir.display());
+            Ok(())
+        }
+        Cmd::Pki(Pki::RotateCa { step, dir }) => {
+            let bundle = dir.join("ca.pem");
+            match step {
+                RotateStep::Begin => {
+                    Ca::rotate_begin(&dir)?;
+                    println!(
+                        "{} now holds the old and a new CA (new key: {}).\n\
+                         Next: copy {} to every coordinator's tls.ca and restart them one at a \
+                         time; agents learn both CAs from their next heartbeat (their log says \
+                         \"Now trusting the CA certificates\"). Then run `pki rotate-ca switch`.",
+                        bundle.display(),
+                        dir.join("ca.next.key").display(),
+                        bundle.display()
+                    );
+                }
+                RotateStep::Switch => {
+                    Ca::rotate_switch(&dir)?;
+                    println!(
+                        "{} is now the new CA's key (the old one is ca.old.key).\n\
+                         Next: copy it to every coordinator that signs (ca_key) and restart them \
+                         one at a time: certificates are signed by the new CA from then on, and \
+                         agents get one at their next renewal. Issue new coordinator and \
+                         operator certificates. When `ferryctl certs list` shows no certificate \
+                         of the old CA still valid, run `pki rotate-ca finish`.",
+                        dir.join("ca.key").display()
+                    );
+                }
+                RotateStep::Finish => {
+                    Ca::rotate_finish(&dir)?;
+                    println!(
+                        "{} holds the new CA only; ca.old.key is removed.\n\
+                         Next: copy {} to every coordinator's tls.ca and restart them one at a \
+                         time; agents learn it from their next heartbeat.",
+                        bundle.display(),
+                        bundle.display()
+                    );
+                }
+            }
             Ok(())
         }
         Cmd::Pki(Pki::Issue(Issue { dir, who, role })) => {

@@ -354,6 +354,7 @@ impl AgentService {
         session: u64,
     ) -> Result<(pb::HeartbeatResponse, bool), Status> {
         let now = now_ms();
+        let ca_pem = &self.0.ca_pem;
         self.0.read_local(|s| {
             let a = s.agents.get(agent);
             if let Some(why) = a.and_then(|a| a.session_error(session)) {
@@ -412,6 +413,7 @@ impl AgentService {
                         at: r.at_s,
                     })
                     .collect(),
+                ca_pem: ca_pem.clone(),
                 digest: Vec::new(),
             };
             answer.digest = blake3::hash(&prost::Message::encode_to_vec(&answer))

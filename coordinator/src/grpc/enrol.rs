@@ -20,6 +20,8 @@ use crate::state::{agent_identity, AuditNote, Command, IssuedCert, Response as R
 /// Signs agents' certificates with the cluster CA's key.
 pub struct Signer {
     ca: Ca,
+    /// Every CA certificate this node trusts (two during a CA rotation): what agents are told
+    /// to trust.
     ca_pem: String,
     /// How long a signed agent certificate is valid.
     pub agent_lifetime: Duration,
@@ -32,7 +34,7 @@ pub enum SignerError {
     #[error(transparent)]
     Pki(#[from] ferry_common::pki::PkiError),
     /// It is not the key of the CA this node trusts.
-    #[error("{key} is not the key of the CA certificate {ca}: every certificate it signed would be refused; point ca_key at the CA's own key")]
+    #[error("{key} is not the key of a CA certificate in {ca}: every certificate it signed would be refused; point ca_key at the CA's own key")]
     Mismatch {
         /// The key file.
         key: String,
@@ -45,8 +47,8 @@ pub enum SignerError {
 pub const MIN_AGENT_LIFETIME: Duration = Duration::from_secs(30);
 
 impl Signer {
-    /// Loads the CA key at `key` and checks it belongs to the CA certificate `ca_pem` (read
-    /// from `ca_path`).
+    /// Loads the CA key at `key` and checks it belongs to one of the CA certificates
+    /// `ca_pem` (read from `ca_path`; during a CA rotation it holds the old and the new CA).
     pub fn load(
         key: &Path,
         ca_path: &Path,
@@ -54,8 +56,7 @@ impl Signer {
         agent_lifetime: Duration,
     ) -> Result<Signer, SignerError> {
         let ca = Ca::load_key(key)?;
-        let ca_info = ferry_common::pki::ca_public_key(ca_pem)?;
-        if ca.public_key_der() != ca_info {
+        if !ferry_common::pki::ca_public_keys(ca_pem)?.contains(&ca.public_key_der()) {
             return Err(SignerError::Mismatch {
                 key: key.display().to_string(),
                 ca: ca_path.display().to_string(),
@@ -107,7 +108,7 @@ impl Signer {
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
-    /// The CA certificate (PEM).
+    /// The CA certificates this node trusts (PEM).
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
     }

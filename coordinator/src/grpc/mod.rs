@@ -28,6 +28,9 @@ pub struct Core {
     pub signer: Option<Arc<enrol::Signer>>,
     /// The pin of the cluster CA (join tokens carry it).
     pub ca_pin: [u8; 32],
+    /// The CA certificates this node trusts (PEM, its `tls.ca`): heartbeats hand them to
+    /// agents, so a CA rotation reaches them.
+    pub ca_pem: String,
     /// Raft handle.
     pub raft: Raft,
     /// Channels to the other coordinator nodes (forwarding).

@@ -504,3 +504,154 @@ async fn an_operator_is_certified_for_a_key_made_where_it_works_with_the_role_an
         "two made, one denied: {audit}"
     );
 }
+
+/// Runs `ferry-coordinator pki rotate-ca STEP --dir PKI`.
+fn rotate_ca(env: &TestEnv, step: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_it-coordinator"))
+        .args(["pki", "rotate-ca", step, "--dir"])
+        .arg(env.pki())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rotate-ca {step}: {}", stderr(&out));
+}
+
+/// How many CA certificates a PEM file holds.
+fn cas_in(path: &Path) -> usize {
+    ferry_common::pki::ca_public_keys(&std::fs::read(path).unwrap()).map_or(0, |k| k.len())
+}
+
+/// The cluster CA is replaced while everything runs: `rotate-ca begin` puts a new CA beside the
+/// old one, and once the coordinator has it the running agents trust both from their next
+/// heartbeat (no restart; the joined agent's own ca.pem is rewritten); after `switch` the
+/// coordinator signs with the new CA, the joined agent's next renewal gets a certificate of
+/// the new CA, and it moves data to a target whose certificate is still the old CA's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_ca_is_rotated_while_agents_run_and_certificates_of_both_work_together() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    // Agent certificates signed here last 30 s: renewed 20 s after signing.
+    let mut coord =
+        CoordinatorProcess::start_with(&env, "join_listen = \"127.0.0.1:0\"\nagent_cert_secs = 30")
+            .unwrap();
+    let addr = coord.addr.clone();
+    let join_addr = coord.join_addr().unwrap().to_string();
+    let token = json(&ferryctl(
+        &env,
+        &addr,
+        &["token", "create", "--ttl", "10m", "-o", "json"],
+    ));
+    let src_cfg = joining_config(&env, "gpu-src", &addr, "");
+    let out = join(&src_cfg, token["token"].as_str().unwrap(), &join_addr, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let src_ca = env.path("gpu-src-pki/ca.pem");
+    assert_eq!(cas_in(&src_ca), 1);
+
+    let root = env.path("dst");
+    let mut target = spawn_agent(&env, "dst", &addr, Some(&root));
+    let mut source = run_agent(&env, "gpu-src", &src_cfg);
+    let ctl = env.ctl(&addr).await;
+    wait_registered(&ctl, "dst", true).await;
+    wait_registered(&ctl, "gpu-src", false).await;
+
+    // Begin: the coordinator restarted with both CAs; the agents learn them as they run.
+    rotate_ca(&env, "begin");
+    assert_eq!(cas_in(&env.pki().join("ca.pem")), 2);
+    terminate(coord.child_mut(), "coordinator");
+    coord.restart().unwrap();
+    wait_for(
+        "the joined agent trusts both CAs",
+        Duration::from_secs(60),
+        || {
+            let n = cas_in(&src_ca);
+            async move { (n == 2).then_some(()) }
+        },
+    )
+    .await;
+    for name in ["gpu-src", "dst"] {
+        let log = std::fs::read_to_string(env.path(&format!("agent-{name}.log"))).unwrap();
+        assert!(
+            log.contains("Now trusting the CA certificates"),
+            "{name}: {log}"
+        );
+    }
+
+    // Switch: the new CA signs; the joined agent's next renewal is the new CA's.
+    rotate_ca(&env, "switch");
+    let switched = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    terminate(coord.child_mut(), "coordinator");
+    coord.restart().unwrap();
+    let ctl = wait_for("coordinator back", Duration::from_secs(30), || {
+        env.ctl_try(&addr)
+    })
+    .await;
+    let new_ca = {
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(env.pki().join("ca.pem")).unwrap();
+        let all: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .map(|c| c.unwrap())
+            .collect();
+        all[1].clone()
+    };
+    let src_tls = ferry_common::config::TlsPaths {
+        ca: src_ca.clone(),
+        cert: env.path("gpu-src-pki/agent-gpu-src.pem"),
+        key: env.path("gpu-src-pki/agent-gpu-src.key"),
+    };
+    wait_for(
+        "a certificate of the new CA",
+        Duration::from_secs(90),
+        || {
+            let signed_by_new = ferry_common::tls::TlsMaterial::load(&src_tls)
+                .ok()
+                .and_then(|m| m.own_ca().ok())
+                .is_some_and(|ca| ca == new_ca);
+            async move { signed_by_new.then_some(()) }
+        },
+    )
+    .await;
+    let renewed =
+        ferry_common::pki::CertInfo::from_pem(&std::fs::read(&src_tls.cert).unwrap()).unwrap();
+    assert!(
+        renewed.not_before + ferry_common::pki::CLOCK_SKEW.as_secs() as i64 >= switched,
+        "signed after the switch: {renewed:?}"
+    );
+    let listed = certs_of(&env, &addr, "agent gpu-src");
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["serial"] == renewed.serial.as_str()),
+        "{listed:?}"
+    );
+
+    // The source (new CA) sends to the target (old CA): both trust both.
+    let src = env.path("src");
+    make_files(&src, 3, 1 << 20);
+    let created = json(&ferryctl(
+        &env,
+        &addr,
+        &[
+            "migration",
+            "create",
+            "--source",
+            &format!("gpu-src:{}", src.display()),
+            "--target",
+            "dst:copy",
+            "-o",
+            "json",
+        ],
+    ));
+    let id = created["migration_id"].as_u64().unwrap();
+    let done = wait_for("migration done", Duration::from_secs(90), || async {
+        let p = ctl.status(id).await.ok()?;
+        (p.phase == ferry_proto::admin::Phase::Done as i32).then_some(p)
+    })
+    .await;
+    assert_eq!(done.failed_attempts, 0, "{done:?}");
+    assert_same_tree(&src, &root.join("copy"));
+    terminate(&mut source, "source agent");
+    terminate(&mut target, "target agent");
+    terminate(coord.child_mut(), "coordinator");
+}
