@@ -235,6 +235,22 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
+/// Makes a key and a request for `who` ([`request`]) and writes them to `dir` as
+/// `<stem>.key` (0600) and `<stem>.csr` (PEM), never replacing a file. Returns both paths.
+pub fn write_request(who: &Identity, dir: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
+    let (key, csr) = request(who)?;
+    let key_path = dir.join(format!("{}.key", who.file_stem()));
+    let csr_path = dir.join(format!("{}.csr", who.file_stem()));
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        what: "cannot create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    create_file(&key_path, &key, 0o600)?;
+    create_file(&csr_path, &pem("CERTIFICATE REQUEST", &csr), 0o644)?;
+    Ok((key_path, csr_path))
+}
+
 /// Reads a certificate request (PEM) made by [`request`] and written with [`pem`].
 pub fn read_request(path: &Path) -> Result<Vec<u8>, PkiError> {
     use rustls::pki_types::pem::PemObject;

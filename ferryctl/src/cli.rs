@@ -1482,16 +1482,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let who =
                 ferry_common::pki::Identity::User(name.clone(), ferry_common::names::Role::Viewer);
             ferry_common::names::validate_name(name)?;
-            let (key, csr) = ferry_common::pki::request(&who)?;
-            let key_path = dir.join(format!("admin-{name}.key"));
-            let csr_path = dir.join(format!("admin-{name}.csr"));
-            std::fs::create_dir_all(&dir)?;
-            ferry_common::pki::create_file(&key_path, &key, 0o600)?;
-            ferry_common::pki::create_file(
-                &csr_path,
-                &ferry_common::pki::pem("CERTIFICATE REQUEST", &csr),
-                0o644,
-            )?;
+            let (key_path, csr_path) = ferry_common::pki::write_request(&who, &dir)?;
             println!(
                 "wrote {} (keep it here) and {}: an admin certifies it with `ferryctl user \
                  create {name} --role ROLE --csr {}`",

@@ -47,7 +47,34 @@ enum Pki {
         dir: PathBuf,
     },
     /// Issue a certificate signed by the CA in DIR; writes <kind>-<name>.pem and .key there.
+    /// The key is made on the CA's host: for a key made where it is used, `request` and `sign`.
     Issue(Issue),
+    /// Make a key and a certificate request (CSR) in DIR on the host that will use them
+    /// (<kind>-<name>.key, 0600, and .csr); the key never leaves it. The CA's host certifies
+    /// the request with `pki sign`. Never replaces a file.
+    Request {
+        /// Where the key and the request go.
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Certify a request made with `pki request`, with the CA in DIR: writes the certificate
+    /// next to the request (<kind>-<name>.pem). Only the request's key is certified; the name
+    /// and role are those given here. Never replaces a file.
+    Sign {
+        /// PKI directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The request (`pki request` wrote it).
+        #[arg(long)]
+        csr: PathBuf,
+        #[command(flatten)]
+        who: Who,
+        /// With --admin: what the certificate allows (viewer, operator, admin).
+        #[arg(long, default_value = "admin", requires = "admin")]
+        role: ferry_common::names::Role,
+    },
     /// Replace the cluster CA in DIR without stopping anything, in three steps run days
     /// apart: `begin` (a new CA beside the old one in ca.pem), `switch` (the new one signs),
     /// `finish` (the old one is retired). Each step says what to do before the next.
@@ -80,6 +107,22 @@ struct Who {
     /// A coordinator node certificate, for this node id.
     #[arg(long)]
     coordinator: Option<u64>,
+}
+
+impl Who {
+    /// The identity named, with `role` for an operator.
+    fn identity(self, role: ferry_common::names::Role) -> anyhow::Result<Identity> {
+        let id = match (self.agent, self.admin, self.coordinator) {
+            (Some(n), _, _) => Identity::Agent(n),
+            (_, Some(n), _) => Identity::User(n, role),
+            (_, _, Some(id)) => Identity::Coordinator(id),
+            _ => unreachable!("clap requires exactly one"),
+        };
+        if let Identity::Agent(n) | Identity::User(n, _) = &id {
+            ferry_common::names::validate_name(n)?;
+        }
+        Ok(id)
+    }
 }
 
 #[derive(Args)]
@@ -146,13 +189,48 @@ pub async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Pki(Pki::Request { dir, who }) => {
+            // An operator's role is given by `sign`; the request carries only the key.
+            let id = who.identity(ferry_common::names::Role::Viewer)?;
+            let (key, csr) = ferry_common::pki::write_request(&id, &dir)?;
+            println!(
+                "wrote {} (keep it on this host) and {}: certify it where the CA's key is with \
+                 `ferry-coordinator pki sign --dir <pki dir> --csr {} ...`, then copy the \
+                 certificate back here",
+                key.display(),
+                csr.display(),
+                csr.display()
+            );
+            Ok(())
+        }
+        Cmd::Pki(Pki::Sign {
+            dir,
+            csr,
+            who,
+            role,
+        }) => {
+            let id = who.identity(role)?;
+            let der = ferry_common::pki::read_request(&csr)?;
+            let ca = Ca::load(&dir)
+                .with_context(|| format!("cannot load the CA from {}", dir.display()))?;
+            let (pem, info) = ca.sign_request(
+                &der,
+                &id,
+                std::time::SystemTime::now(),
+                id.default_lifetime(),
+            )?;
+            let cert = csr.with_file_name(format!("{}.pem", id.file_stem()));
+            ferry_common::pki::create_file(&cert, &pem, 0o644)?;
+            println!(
+                "wrote {} (serial {}, valid until {})",
+                cert.display(),
+                info.serial,
+                ferry_common::text::utc(info.not_after.max(0) as u64 * 1000)
+            );
+            Ok(())
+        }
         Cmd::Pki(Pki::Issue(Issue { dir, who, role })) => {
-            let id = match (who.agent, who.admin, who.coordinator) {
-                (Some(n), _, _) => Identity::Agent(n),
-                (_, Some(n), _) => Identity::User(n, role),
-                (_, _, Some(id)) => Identity::Coordinator(id),
-                _ => unreachable!("clap requires exactly one"),
-            };
+            let id = who.identity(role)?;
             let paths = Ca::load(&dir)
                 .with_context(|| format!("cannot load the CA from {}; run `ferry-coordinator pki init --dir {}` first", dir.display(), dir.display()))?
                 .issue(&id, &dir)?;

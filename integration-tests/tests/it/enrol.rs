@@ -655,3 +655,80 @@ async fn the_cluster_ca_is_rotated_while_agents_run_and_certificates_of_both_wor
     terminate(&mut target, "target agent");
     terminate(coord.child_mut(), "coordinator");
 }
+
+/// Runs `ferry-coordinator ARGS`.
+fn coordinator_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_it-coordinator"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A coordinator's key is made on its own host (`pki request`), only the request goes to the
+/// CA's host (`pki sign`), and the node serves with the certificate that comes back; neither
+/// command replaces a file, and a request is certified only as the identity `sign` names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_key_is_made_on_its_host_and_only_its_request_is_signed() {
+    let env = TestEnv::new();
+    let host = env.path("coordinator-host");
+    let host_s = host.to_str().unwrap();
+    let out = coordinator_cli(&["pki", "request", "--coordinator", "1", "--dir", host_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (key, csr) = (
+        host.join("coordinator-1.key"),
+        host.join("coordinator-1.csr"),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = coordinator_cli(&["pki", "request", "--coordinator", "1", "--dir", host_s]);
+    assert!(!again.status.success(), "a second request replaces nothing");
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+
+    let pki = env.pki();
+    let sign = |who: &[&str]| {
+        let mut args = vec!["pki", "sign", "--dir", pki.to_str().unwrap(), "--csr"];
+        args.push(csr.to_str().unwrap());
+        args.extend_from_slice(who);
+        coordinator_cli(&args)
+    };
+    let out = sign(&["--coordinator", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cert = host.join("coordinator-1.pem");
+    let info = ferry_common::pki::CertInfo::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    assert!(
+        info.names
+            .iter()
+            .any(|n| n == ferry_common::names::COORDINATOR_DNS),
+        "{info:?}"
+    );
+    let out = sign(&["--coordinator", "1"]);
+    assert!(!out.status.success(), "the certificate is not replaced");
+    assert!(
+        !host.join("ca.key").exists() && !pki.join("coordinator-1.key").exists(),
+        "no key travelled"
+    );
+
+    // The node runs with that identity (moved into the layout its config names).
+    std::fs::copy(&key, pki.join("coordinator-1.key")).unwrap();
+    std::fs::copy(&cert, pki.join("coordinator-1.pem")).unwrap();
+    let mut coord = CoordinatorProcess::start(&env).unwrap();
+    let served = wait_for("the node serves", Duration::from_secs(30), || {
+        env.ctl_try(&coord.addr)
+    })
+    .await;
+    drop(served);
+    let on_disk = std::fs::read(pki.join("coordinator-1.pem")).unwrap();
+    assert_eq!(
+        on_disk,
+        std::fs::read(&cert).unwrap(),
+        "the node kept the signed certificate (nothing re-issued it)"
+    );
+    terminate(coord.child_mut(), "coordinator");
+}
