@@ -219,6 +219,11 @@ pub struct FsSink {
     /// Entries are never removed: there is one per large file, and removing one while another
     /// thread holds it would hand out a second lock for the same file.
     part_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// One gate per part file (its destination and inode): transfers writing pieces into it
+    /// hold it shared for each write; completing the file holds it exclusively and closes it,
+    /// so a transfer still streaming a piece (a resend's first try) never writes into the
+    /// finished file. Never removed, like `part_locks`.
+    part_gates: Mutex<HashMap<(PathBuf, u64), PartGate>>,
     /// Source mtimes of directories received so far. Adding anything to a directory changes its
     /// mtime, so every commit that touches a known directory sets it back. Kept in memory and in
     /// `<state_dir>/dir-mtimes.jsonl` (fsynced before the segment is reported).
@@ -299,6 +304,7 @@ impl FsSink {
             root,
             parts_dir,
             part_locks: Mutex::new(HashMap::new()),
+            part_gates: Mutex::new(HashMap::new()),
             dir_times: Mutex::new(DirTimes {
                 known,
                 log,

@@ -39,7 +39,31 @@ impl PartState {
     }
 }
 
+/// See `FsSink::part_gates`: `true` once the file is completed.
+pub(super) type PartGate = Arc<std::sync::RwLock<bool>>;
+
+/// What a transfer writing into a part gets once the part became the finished file.
+pub(super) fn completed(path: &Path) -> SinkError {
+    SinkError::BadEntry {
+        path: display(path),
+        reason: "the file was completed by another transfer of this piece while this one \
+                 streamed; nothing more is written into it (this transfer is sent again and \
+                 compared)"
+            .into(),
+    }
+}
+
 impl FsSink {
+    /// The gate of the part with inode `ino` of the file at `dest`.
+    pub(super) fn part_gate(&self, dest: &Path, ino: u64) -> PartGate {
+        self.part_gates
+            .lock()
+            .expect("not poisoned")
+            .entry((dest.to_path_buf(), ino))
+            .or_default()
+            .clone()
+    }
+
     pub(super) fn part_lock(&self, dest: &Path) -> Arc<Mutex<()>> {
         self.part_locks
             .lock()
@@ -157,24 +181,37 @@ impl SegmentWriter<'_> {
                 .patch_in_place(e, dest, &sidecar, st, base)
                 .map(|()| true);
         }
-        let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
-        f.set_len(e.file_size)
-            .map_err(io_at("cannot size", &part))?;
-        if let Some((uid, gid)) = sink.owner(e) {
-            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
-                .map_err(io_at("cannot set owner of", &part))?;
+        // Closed to every transfer still writing a piece into this part, before it becomes the
+        // file: waits for a write under way, refuses the next. Opened again if the file is not
+        // marked complete after all.
+        let gate = sink.part_gate(dest, st.part_ino);
+        let mut closed = gate.write().expect("not poisoned");
+        *closed = true;
+        let finished = (|| {
+            let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
+            f.set_len(e.file_size)
+                .map_err(io_at("cannot size", &part))?;
+            if let Some((uid, gid)) = sink.owner(e) {
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                    .map_err(io_at("cannot set owner of", &part))?;
+            }
+            // The piece that completes the file brings the attributes (read when it was sent).
+            crate::xattr::apply_to(&f, &e.xattrs)
+                .map_err(io_at("cannot set attributes of", &part))?;
+            f.set_permissions(Permissions::from_mode(sink.mode(e)))
+                .map_err(io_at("cannot set mode of", &part))?;
+            let t = mtime_of(e);
+            filetime::set_file_handle_times(&f, Some(t), Some(t))
+                .map_err(io_at("cannot set mtime of", &part))?;
+            f.sync_all().map_err(io_at("cannot fsync", &part))?;
+            // Complete before the rename: a restart in between finishes the rename (open_piece).
+            st.complete = true;
+            sink.save_sidecar(&sidecar, &st)
+        })();
+        if let Err(err) = finished {
+            *closed = false;
+            return Err(err);
         }
-        // The piece that completes the file brings the attributes (read when it was sent).
-        crate::xattr::apply_to(&f, &e.xattrs).map_err(io_at("cannot set attributes of", &part))?;
-        f.set_permissions(Permissions::from_mode(sink.mode(e)))
-            .map_err(io_at("cannot set mode of", &part))?;
-        let t = mtime_of(e);
-        filetime::set_file_handle_times(&f, Some(t), Some(t))
-            .map_err(io_at("cannot set mtime of", &part))?;
-        f.sync_all().map_err(io_at("cannot fsync", &part))?;
-        // Complete before the rename: a restart in between finishes the rename (open_piece).
-        st.complete = true;
-        sink.save_sidecar(&sidecar, &st)?;
         beneath::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;
         Ok(true)
     }

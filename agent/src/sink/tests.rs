@@ -1183,3 +1183,68 @@ fn a_directory_swapped_for_a_symlink_after_its_check_leads_nowhere_outside_the_r
         "the outside directory's mode is untouched"
     );
 }
+
+/// Found by the crash matrix (a coordinator crash lost a lease, the piece was leased and sent
+/// again while its first transfer still streamed): a transfer still writing a piece into a
+/// split file's part after another transfer of the same piece completed the file wrote into
+/// the finished file — its mtime changed, and bytes that differ would have reached it. A
+/// transfer that opened the part before the file was completed now fails at its next write.
+#[test]
+fn a_transfer_still_writing_when_its_file_is_completed_never_writes_into_it() {
+    let f = Fixture::new();
+    let dest = f.path("big.bin");
+    // The stale transfer of piece 1: opened, some bytes written, still streaming.
+    let mut stale = f.sink.begin("", "c/m1", 1, 1).unwrap();
+    stale.start_entry(&piece(1)).unwrap();
+    stale.write(&data()[100..150]).unwrap();
+    // Meanwhile the other transfers (piece 1 again, under a new lease) complete the file.
+    for i in [0u32, 1, 2] {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    let finished = fs::metadata(&dest).unwrap();
+    assert_eq!(fs::read(&dest).unwrap(), data());
+    // The stale transfer goes on with other bytes (a source file changed without its mtime).
+    let err = stale.write(&[0xEE; 50]).unwrap_err();
+    assert!(err.to_string().contains("completed"), "{err}");
+    drop(stale);
+    assert_eq!(
+        fs::read(&dest).unwrap(),
+        data(),
+        "the finished file is untouched"
+    );
+    let now = fs::metadata(&dest).unwrap();
+    assert_eq!(
+        (now.mtime(), now.mtime_nsec()),
+        (finished.mtime(), finished.mtime_nsec())
+    );
+    assert_eq!((now.mtime(), now.mtime_nsec()), (9, 9));
+}
+
+/// Found by the crash matrix: a transfer that failed after another transfer of the same files
+/// committed removed its temporaries and left their directory with the time of that removal.
+#[test]
+fn a_transfer_dropped_after_another_committed_leaves_the_directory_mtime_as_the_source_had_it() {
+    let f = Fixture::new();
+    let mut stale = f.sink.begin("", "c/m1", 1, 1).unwrap();
+    stale.start_entry(&file("d/x", b"xx")).unwrap();
+    stale.write(b"x").unwrap();
+    write_segment(
+        &f.sink,
+        1,
+        &[
+            (Entry::dir("d", 0o755, (5, 0)), b""),
+            (file("d/x", b"xx"), b"xx"),
+        ],
+    )
+    .unwrap();
+    let d = fs::metadata(f.path("d")).unwrap();
+    assert_eq!((d.mtime(), d.mtime_nsec()), (5, 0));
+    drop(stale);
+    assert_eq!(f.names("d"), vec!["x"], "the temporary went");
+    let d = fs::metadata(f.path("d")).unwrap();
+    assert_eq!(
+        (d.mtime(), d.mtime_nsec()),
+        (5, 0),
+        "set back after the temporary was removed"
+    );
+}

@@ -56,6 +56,8 @@ pub(super) struct Open {
     /// Bytes received for this entry.
     pub(super) written: u64,
     pub(super) mode: Mode,
+    /// A piece written into a part: the part's gate (see `FsSink::part_gates`).
+    pub(super) gate: Option<PartGate>,
 }
 
 /// Whole files written but not yet durable, and the handles that make them durable together.
@@ -284,6 +286,17 @@ impl SegmentWriter<'_> {
                         }
                     }
                 };
+                let gate = match mode {
+                    Mode::Part => {
+                        let ino = file.metadata().map_err(io_at("cannot stat", &path))?.ino();
+                        let gate = self.sink.part_gate(&dest, ino);
+                        if *gate.read().expect("not poisoned") {
+                            return Err(completed(&entry.path));
+                        }
+                        Some(gate)
+                    }
+                    _ => None,
+                };
                 self.current = Some(Open {
                     file,
                     path,
@@ -295,6 +308,7 @@ impl SegmentWriter<'_> {
                     run_done: 0,
                     written: 0,
                     mode,
+                    gate,
                 });
             }
         }
@@ -536,10 +550,20 @@ impl SegmentWriter<'_> {
             let n = (len - open.run_done).min(rest.len() as u64) as usize;
             let at = start + open.run_done;
             match open.mode {
-                Mode::Temp | Mode::Part => open
+                Mode::Temp => open
                     .file
                     .write_all_at(&rest[..n], at)
                     .map_err(io_at("cannot write", &open.path))?,
+                Mode::Part => {
+                    let gate = open.gate.as_ref().expect("a part has its gate");
+                    let closed = gate.read().expect("not poisoned");
+                    if *closed {
+                        return Err(completed(&open.entry.path));
+                    }
+                    open.file
+                        .write_all_at(&rest[..n], at)
+                        .map_err(io_at("cannot write", &open.path))?
+                }
                 Mode::Compare => compare_at(&open.file, &rest[..n], at, &open.entry)?,
                 // In order, after the header: the journal's header says where they go.
                 Mode::Journal { body } => open
@@ -608,6 +632,11 @@ impl SegmentWriter<'_> {
                 self.pending.add(open.file, &open.path)?;
             }
             Mode::Part => {
+                let gate = open.gate.as_ref().expect("a part has its gate");
+                let closed = gate.read().expect("not poisoned");
+                if *closed {
+                    return Err(completed(&e.path));
+                }
                 // The part may hold bytes of an earlier attempt where this piece has holes.
                 for (start, len) in holes(e, &open.runs) {
                     crate::holes::make_hole(&open.file, start, len)
@@ -672,6 +701,7 @@ impl SegmentWriter<'_> {
     /// bytes written.
     pub fn finish(&mut self) -> Result<[u8; 32], SinkError> {
         self.finish_entry()?;
+        ferry_common::fault_point!("sink::before_fsync");
         self.pending.barrier(&self.sink.syncs)?;
         Ok(*self.hasher.finalize().as_bytes())
     }
@@ -680,6 +710,7 @@ impl SegmentWriter<'_> {
     /// split files (assembling a file when its last piece lands) and fsyncs every directory
     /// touched or created. Call only after [`Self::finish`] and the hash check.
     pub fn commit(mut self) -> Result<(), SinkError> {
+        ferry_common::fault_point!("sink::before_rename");
         let mut dirs: Vec<PathBuf> = self
             .created
             .iter()
@@ -722,6 +753,7 @@ impl SegmentWriter<'_> {
                 }
             }
         }
+        ferry_common::fault_point!("sink::after_rename");
         dirs.extend(self.dirs.iter().map(|(d, _)| d.clone()));
         dirs.extend(self.touched.iter().cloned());
         dirs.sort();
@@ -731,13 +763,17 @@ impl SegmentWriter<'_> {
         for d in dirs {
             fsync_dir(&d)?;
         }
+        // Set back already: nothing for Drop to do.
+        self.before.clear();
         Ok(())
     }
 }
 
 impl Drop for SegmentWriter<'_> {
     /// An uncommitted segment leaves nothing visible: its temporary whole files and the
-    /// journals of its pieces are removed. Pieces of split files stay in the part file,
+    /// journals of its pieces are removed, and the directories it wrote into get their mtimes
+    /// back (the source's, or what they had before): another transfer of the same files may
+    /// have committed and set them meanwhile. Pieces of split files stay in the part file,
     /// unrecorded, to be overwritten by the resend.
     fn drop(&mut self) {
         if let Some(open) = self.current.take() {
@@ -756,6 +792,15 @@ impl Drop for SegmentWriter<'_> {
                     let _ = beneath::remove_file(&j);
                 }
                 Staged::Piece { .. } => {}
+            }
+        }
+        if !self.before.is_empty() {
+            let dirs: Vec<PathBuf> = self.before.keys().cloned().collect();
+            if let Err(e) = self
+                .sink
+                .restore_dir_times(&self.migration, &[], &dirs, &self.before)
+            {
+                tracing::debug!(message = "Cannot set directory mtimes back after a failed segment; the resend sets them.", error = %e);
             }
         }
     }
