@@ -78,6 +78,9 @@ enum Cmd {
 /// The binary's entry point.
 pub fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
+    // Fault points named in FAILPOINTS (tests of crashes; see `fault_point!`).
+    #[cfg(feature = "failpoints")]
+    let _faults = fail::FailScenario::setup();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

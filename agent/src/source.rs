@@ -1102,6 +1102,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
 
     /// Reports a transfer's outcome to the coordinator.
     async fn report_sent(self: Arc<Self>, sent: Sent) {
+        ferry_common::fault_point!("source::after_send");
         let Sent {
             lease,
             result,

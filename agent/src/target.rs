@@ -631,6 +631,7 @@ impl<C: Coordinator, S: Sink> Target<C, S> {
             return Err(Refusal::LeaseLost(still.reason));
         }
         block_in_place(|| writer.commit())?;
+        ferry_common::fault_point!("target::before_report");
         Stats::add(&self.stats.bytes_received, total);
         Stats::add(&self.stats.segments_committed, 1);
         let r = self

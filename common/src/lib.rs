@@ -27,3 +27,19 @@ pub const MAX_BUNDLE_ENTRIES: usize = 16 * 1024;
 /// Default segment size: large enough to amortise per-segment round trips on a WAN, small enough that
 /// a lost lease resends little.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
+
+/// A fault point: a durable or externally visible boundary where a crash matters (issue 17's
+/// crash matrix). In a crate built with its `failpoints` feature (which depends on the `fail`
+/// crate), `FAILPOINTS="<name>=return"` in the environment makes the process abort here, as a
+/// crash would stop it; without the feature (release builds) it is nothing. Every point is
+/// listed in `docs/reliability.md`.
+#[macro_export]
+macro_rules! fault_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        if fail::eval($name, |_| ()).is_some() {
+            eprintln!("fault point {} reached: aborting", $name);
+            std::process::abort();
+        }
+    };
+}

@@ -141,6 +141,9 @@ struct Issue {
 /// The binary's entry point.
 #[tokio::main]
 pub async fn main() -> anyhow::Result<()> {
+    // Fault points named in FAILPOINTS (tests of crashes; see `ferry_common::fault_point!`).
+    #[cfg(feature = "failpoints")]
+    let _faults = fail::FailScenario::setup();
     let cli = Cli::parse();
     let logging = ferry_common::telemetry::init("info,openraft=warn", cli.json_logs);
     match cli.cmd {

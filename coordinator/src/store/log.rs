@@ -127,7 +127,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&e.log_id.index.to_be_bytes(), v);
         }
         self.log.apply_batch(batch).map_err(write_err)?;
+        ferry_common::fault_point!("raft::append_before_flush");
         let res = self.log.flush_async().await.map(|_| ()).map_err(io_err);
+        ferry_common::fault_point!("raft::append_after_flush");
         callback.log_io_completed(res);
         Ok(())
     }

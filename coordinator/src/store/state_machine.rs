@@ -335,9 +335,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if tests::CRASH_BEFORE_RECORD.with(|c| c.get()) {
             return Err(StorageIOError::write_state_machine(&StoreError::Injected).into());
         }
+        ferry_common::fault_point!("raft::apply_before_record");
         self.tree
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        ferry_common::fault_point!("raft::apply_after_record");
         Ok(responses)
     }
 

@@ -209,7 +209,7 @@ impl CoordinatorProcess {
         };
         write(cfg.listen)?;
         let log = env.path(&format!("coordinator-{id}.log"));
-        let mut child = spawn_coordinator(&config, &log)?;
+        let mut child = spawn_coordinator(&config, &log, &[])?;
         let addr = coordinator_addr(&mut child, &log)?;
         write(addr)?;
         Ok(CoordinatorProcess {
@@ -251,7 +251,12 @@ impl CoordinatorProcess {
 
     /// Starts the process again from the same config and data directory.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.child = spawn_coordinator(&self.config, &self.log)?;
+        self.restart_with_env(&[])
+    }
+
+    /// [`CoordinatorProcess::restart`] with environment variables `vars` (`FAILPOINTS`).
+    pub fn restart_with_env(&mut self, vars: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.child = spawn_coordinator(&self.config, &self.log, vars)?;
         Ok(())
     }
 
@@ -273,7 +278,7 @@ impl Drop for CoordinatorProcess {
     }
 }
 
-fn spawn_coordinator(config: &Path, log: &Path) -> anyhow::Result<Child> {
+fn spawn_coordinator(config: &Path, log: &Path, vars: &[(&str, &str)]) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -281,6 +286,7 @@ fn spawn_coordinator(config: &Path, log: &Path) -> anyhow::Result<Child> {
     Command::new(env!("CARGO_BIN_EXE_it-coordinator"))
         .args(["run", "--config"])
         .arg(config)
+        .envs(vars.iter().copied())
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)

@@ -7,6 +7,7 @@ mod admin;
 mod bad_input;
 mod cli;
 mod cluster;
+mod crash;
 mod cutover;
 mod deploy;
 mod enrol;
