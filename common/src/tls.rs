@@ -430,14 +430,7 @@ impl TlsMaterial {
             *self.trust.0.write().expect("not poisoned") = Arc::new(new);
             return Ok(false);
         }
-        let own = self.cert_der()?;
-        let info =
-            crate::pki::CertInfo::from_der(&own).map_err(|e| TlsError::Untrusted(e.to_string()))?;
-        // Checked at the middle of its lifetime: whether it is expired is not the question.
-        let middle = info.not_before / 2 + info.not_after / 2;
-        let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-            middle.max(0) as u64,
-        ));
+        let (own, at) = self.own_cert_mid_life()?;
         new.clients
             .verify_client_cert(&own, &[], at)
             .map_err(|e| TlsError::Untrusted(e.to_string()))?;
@@ -445,10 +438,11 @@ impl TlsMaterial {
         Ok(true)
     }
 
-    /// The certificate of the CA (among those trusted) that signed this identity's own
-    /// certificate: what a coordinator's join tokens pin, since its join listener presents
-    /// this identity.
-    pub fn own_ca(&self) -> Result<CertificateDer<'static>, TlsError> {
+    /// This identity's certificate, and the middle of its lifetime: when a chain is checked to
+    /// learn which CA signed it (whether it is expired is not the question).
+    fn own_cert_mid_life(
+        &self,
+    ) -> Result<(CertificateDer<'static>, rustls::pki_types::UnixTime), TlsError> {
         let own = self.cert_der()?;
         let info =
             crate::pki::CertInfo::from_der(&own).map_err(|e| TlsError::Untrusted(e.to_string()))?;
@@ -456,6 +450,14 @@ impl TlsMaterial {
         let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
             middle.max(0) as u64,
         ));
+        Ok((own, at))
+    }
+
+    /// The certificate of the CA (among those trusted) that signed this identity's own
+    /// certificate: what a coordinator's join tokens pin, since its join listener presents
+    /// this identity.
+    pub fn own_ca(&self) -> Result<CertificateDer<'static>, TlsError> {
+        let (own, at) = self.own_cert_mid_life()?;
         for ca in &self.trust.now().certs {
             let alone = Trusted::new(&crate::pki::pem("CERTIFICATE", ca).into_bytes())?;
             if alone.clients.verify_client_cert(&own, &[], at).is_ok() {

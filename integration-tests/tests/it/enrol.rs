@@ -76,6 +76,35 @@ fn certs_of(env: &TestEnv, addr: &str, identity: &str) -> Vec<serde_json::Value>
         .collect()
 }
 
+/// Creates the migration of `src` on agent gpu-src to `dst:copy`, with `extra` arguments.
+fn gpu_src_to_dst(env: &TestEnv, addr: &str, src: &Path, extra: &[&str]) -> u64 {
+    let from = format!("gpu-src:{}", src.display());
+    let mut args = vec!["migration", "create", "--source", from.as_str()];
+    args.extend_from_slice(&["--target", "dst:copy", "-o", "json"]);
+    args.extend_from_slice(extra);
+    json(&ferryctl(env, addr, &args))["migration_id"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A coordinator process that lets agents join and signs agent certificates valid 30 s
+/// (renewed 20 s after signing), its address, its join address, and a join token.
+fn short_lived_certificates(env: &TestEnv) -> (CoordinatorProcess, String, String, String) {
+    env.issue(Identity::Admin("ops".into()));
+    let mut coord =
+        CoordinatorProcess::start_with(env, "join_listen = \"127.0.0.1:0\"\nagent_cert_secs = 30")
+            .unwrap();
+    let addr = coord.addr.clone();
+    let join_addr = coord.join_addr().unwrap().to_string();
+    let token = json(&ferryctl(
+        env,
+        &addr,
+        &["token", "create", "--ttl", "10m", "-o", "json"],
+    ));
+    let token = token["token"].as_str().unwrap().to_string();
+    (coord, addr, join_addr, token)
+}
+
 /// An agent with no certificate joins with a one-time token: its key is made on its host, the
 /// coordinator's CA is checked against the token's pin before the token is sent, a replayed
 /// or tampered token gets nothing (and every attempt that reached the coordinator is
@@ -84,20 +113,7 @@ fn certs_of(env: &TestEnv, addr: &str, identity: &str) -> Vec<serde_json::Value>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_joins_with_a_token_and_renews_its_certificate_without_dropping_a_transfer() {
     let env = TestEnv::new();
-    env.issue(Identity::Admin("ops".into()));
-    // Agent certificates signed here last 30 s: renewed 20 s after signing.
-    let mut coord =
-        CoordinatorProcess::start_with(&env, "join_listen = \"127.0.0.1:0\"\nagent_cert_secs = 30")
-            .unwrap();
-    let addr = coord.addr.clone();
-    let join_addr = coord.join_addr().unwrap().to_string();
-
-    let token = json(&ferryctl(
-        &env,
-        &addr,
-        &["token", "create", "--ttl", "10m", "-o", "json"],
-    ));
-    let token = token["token"].as_str().unwrap().to_string();
+    let (mut coord, addr, join_addr, token) = short_lived_certificates(&env);
     let src_cfg = joining_config(&env, "gpu-src", &addr, "");
 
     // Tampered pin: refused in the TLS handshake, before anything of the token left.
@@ -163,23 +179,7 @@ async fn an_agent_joins_with_a_token_and_renews_its_certificate_without_dropping
     let ctl = env.ctl(&addr).await;
     wait_registered(&ctl, "dst", true).await;
     wait_registered(&ctl, "gpu-src", false).await;
-    let created = json(&ferryctl(
-        &env,
-        &addr,
-        &[
-            "migration",
-            "create",
-            "--source",
-            &format!("gpu-src:{}", src.display()),
-            "--target",
-            "dst:copy",
-            "--throttle",
-            "4mbit",
-            "-o",
-            "json",
-        ],
-    ));
-    let id = created["migration_id"].as_u64().unwrap();
+    let id = gpu_src_to_dst(&env, &addr, &src, &["--throttle", "4mbit"]);
 
     // 16 MiB at 4 Mbit/s: about 34 s. The certificate is renewed about 20 s after the join.
     let renewed = wait_for("the certificate renewed", Duration::from_secs(60), || {
@@ -528,20 +528,9 @@ fn cas_in(path: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_ca_is_rotated_while_agents_run_and_certificates_of_both_work_together() {
     let env = TestEnv::new();
-    env.issue(Identity::Admin("ops".into()));
-    // Agent certificates signed here last 30 s: renewed 20 s after signing.
-    let mut coord =
-        CoordinatorProcess::start_with(&env, "join_listen = \"127.0.0.1:0\"\nagent_cert_secs = 30")
-            .unwrap();
-    let addr = coord.addr.clone();
-    let join_addr = coord.join_addr().unwrap().to_string();
-    let token = json(&ferryctl(
-        &env,
-        &addr,
-        &["token", "create", "--ttl", "10m", "-o", "json"],
-    ));
+    let (mut coord, addr, join_addr, token) = short_lived_certificates(&env);
     let src_cfg = joining_config(&env, "gpu-src", &addr, "");
-    let out = join(&src_cfg, token["token"].as_str().unwrap(), &join_addr, &[]);
+    let out = join(&src_cfg, &token, &join_addr, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let src_ca = env.path("gpu-src-pki/ca.pem");
     assert_eq!(cas_in(&src_ca), 1);
@@ -568,11 +557,13 @@ async fn the_cluster_ca_is_rotated_while_agents_run_and_certificates_of_both_wor
     )
     .await;
     for name in ["gpu-src", "dst"] {
-        let log = std::fs::read_to_string(env.path(&format!("agent-{name}.log"))).unwrap();
-        assert!(
-            log.contains("Now trusting the CA certificates"),
-            "{name}: {log}"
-        );
+        let log = env.path(&format!("agent-{name}.log"));
+        wait_for("the agent's log says so", Duration::from_secs(60), || {
+            let said = std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("Now trusting the CA certificates"));
+            async move { said.then_some(()) }
+        })
+        .await;
     }
 
     // Switch: the new CA signs; the joined agent's next renewal is the new CA's.
@@ -629,21 +620,7 @@ async fn the_cluster_ca_is_rotated_while_agents_run_and_certificates_of_both_wor
     // The source (new CA) sends to the target (old CA): both trust both.
     let src = env.path("src");
     make_files(&src, 3, 1 << 20);
-    let created = json(&ferryctl(
-        &env,
-        &addr,
-        &[
-            "migration",
-            "create",
-            "--source",
-            &format!("gpu-src:{}", src.display()),
-            "--target",
-            "dst:copy",
-            "-o",
-            "json",
-        ],
-    ));
-    let id = created["migration_id"].as_u64().unwrap();
+    let id = gpu_src_to_dst(&env, &addr, &src, &[]);
     let done = wait_for("migration done", Duration::from_secs(90), || async {
         let p = ctl.status(id).await.ok()?;
         (p.phase == ferry_proto::admin::Phase::Done as i32).then_some(p)
