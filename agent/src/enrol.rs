@@ -8,6 +8,7 @@ use ferry_common::config::TlsPaths;
 use ferry_common::enrol::{fetch_ca, pem_certificate, EnrolError, JoinToken};
 use ferry_common::names;
 use ferry_common::pki::{self, CertInfo, Identity, PkiError};
+use ferry_common::renewal::{install, renew_at};
 use ferry_proto::control as pb;
 use thiserror::Error;
 
@@ -145,64 +146,6 @@ pub async fn join(
     Ok(info)
 }
 
-/// When a certificate valid from `not_before` to `not_after` (unix seconds) should be
-/// renewed: once two thirds of its lifetime are behind it, counted from its signing (ferry's
-/// certificates are valid from [`pki::CLOCK_SKEW`] before it).
-pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
-    let signed = not_before
-        .saturating_add(pki::CLOCK_SKEW.as_secs() as i64)
-        .min(not_after);
-    signed + (not_after - signed).max(0) * 2 / 3
-}
-
-/// Where a renewed key waits while its certificate is put in place.
-fn next_key(paths: &TlsPaths) -> std::path::PathBuf {
-    let mut name = paths.key.file_name().unwrap_or_default().to_os_string();
-    name.push(".next");
-    paths.key.with_file_name(name)
-}
-
-/// Puts a renewed certificate and its key in place so that a crash at any point leaves a key
-/// and certificate that belong together: the key goes to `<key>.next`, then the certificate
-/// replaces the old one, then the key replaces the old key ([`finish_renewal`] completes the
-/// last step after a crash).
-pub fn install(paths: &TlsPaths, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), PkiError> {
-    let next = next_key(paths);
-    pki::replace_file(&next, key_pem, 0o600)?;
-    pki::replace_file(&paths.cert, cert_pem, 0o644)?;
-    std::fs::rename(&next, &paths.key).map_err(|source| PkiError::Io {
-        what: "cannot replace",
-        path: paths.key.clone(),
-        source,
-    })
-}
-
-/// Completes a renewal a crash interrupted (see [`install`]): a `<key>.next` that belongs to
-/// the certificate becomes the key; one that does not (the certificate was not replaced yet)
-/// is removed.
-pub fn finish_renewal(paths: &TlsPaths) {
-    let next = next_key(paths);
-    if std::fs::symlink_metadata(&next).is_err() {
-        return;
-    }
-    let with_next = TlsPaths {
-        key: next.clone(),
-        ..paths.clone()
-    };
-    if ferry_common::tls::TlsMaterial::load(&with_next).is_ok() {
-        match std::fs::rename(&next, &paths.key) {
-            Ok(()) => {
-                tracing::info!(message = "Completed a certificate renewal a stop interrupted.", key = %paths.key.display())
-            }
-            Err(e) => {
-                tracing::warn!(message = "Cannot complete an interrupted renewal.", key = %paths.key.display(), error = %e)
-            }
-        }
-    } else {
-        let _ = std::fs::remove_file(&next);
-    }
-}
-
 /// How long a failed renewal waits before it tries again (at most).
 const RETRY_RENEWAL: Duration = Duration::from_secs(60);
 /// Longest sleep between two looks at the certificate.
@@ -210,7 +153,7 @@ const LOOK_EVERY: Duration = Duration::from_secs(3600);
 
 /// Renews this agent's certificate whenever two thirds of its lifetime are behind it, until
 /// `stop`: a new key made here, a request for it signed by a coordinator, the files replaced
-/// ([`install`]), and the new certificate presented on every new connection (QUIC both ways,
+/// ([`install`](ferry_common::renewal::install)), and the new certificate presented on every new connection (QUIC both ways,
 /// gRPC) without a restart; transfers under way keep their connections.
 pub async fn renew_certificates(
     control: crate::control::Control,
@@ -284,53 +227,4 @@ pub fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_certificate_is_renewed_with_a_third_of_its_life_left() {
-        // Signed at 1000 (valid from 700), for 90 s.
-        assert_eq!(renew_at(700, 1090), 1060);
-        // A week's certificate: with 2 days 8 hours left.
-        let week = 7 * 86_400;
-        assert_eq!(renew_at(10_000 - 300, 10_000 + week), 10_000 + week * 2 / 3);
-        assert_eq!(renew_at(100, 100), 100);
-    }
-
-    #[test]
-    fn an_interrupted_renewal_leaves_a_key_and_certificate_that_belong_together() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = pki::Ca::init(dir.path()).unwrap();
-        let who = Identity::Agent("a".into());
-        let paths = ca.issue(&who, dir.path()).unwrap();
-        let sign = || {
-            let (key, csr) = pki::request(&who).unwrap();
-            let (cert, _) = ca
-                .sign_request(&csr, &who, SystemTime::now(), Duration::from_secs(600))
-                .unwrap();
-            (cert, key)
-        };
-        // Stopped after the key was put aside: the old pair stays, the new key goes.
-        let (_, key) = sign();
-        pki::replace_file(&next_key(&paths), key.as_bytes(), 0o600).unwrap();
-        finish_renewal(&paths);
-        assert!(!next_key(&paths).exists());
-        ferry_common::tls::TlsMaterial::load(&paths).unwrap();
-        // Stopped after the certificate was replaced: the new key is taken.
-        let (cert, key) = sign();
-        pki::replace_file(&next_key(&paths), key.as_bytes(), 0o600).unwrap();
-        pki::replace_file(&paths.cert, cert.as_bytes(), 0o644).unwrap();
-        assert!(ferry_common::tls::TlsMaterial::load(&paths).is_err());
-        finish_renewal(&paths);
-        ferry_common::tls::TlsMaterial::load(&paths).unwrap();
-        assert_eq!(std::fs::read_to_string(&paths.key).unwrap(), key);
-        // And whole.
-        let (cert, key) = sign();
-        install(&paths, cert.as_bytes(), key.as_bytes()).unwrap();
-        ferry_common::tls::TlsMaterial::load(&paths).unwrap();
-        assert_eq!(std::fs::read_to_string(&paths.cert).unwrap(), cert);
-    }
 }

@@ -419,7 +419,7 @@ impl RunningAgent {
 /// and the source loop.
 pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     ferry_common::names::validate_name(&cfg.name).map_err(|e| StartError::Config(e.to_string()))?;
-    crate::enrol::finish_renewal(&cfg.tls);
+    ferry_common::renewal::finish_renewal(&cfg.tls);
     let tls = TlsMaterial::load(&cfg.tls)?;
     let transport = cfg.transport.transport()?;
     tracing::info!(message = "Data transport.", congestion = %transport.congestion, window_bytes = transport.window);

@@ -12,6 +12,7 @@ pub mod ops;
 pub mod path;
 pub mod pki;
 pub mod rate;
+pub mod renewal;
 pub mod retry;
 pub mod systemd;
 pub mod telemetry;

@@ -441,8 +441,14 @@ fn read_file(path: &Path) -> Result<String, PkiError> {
 }
 
 impl Ca {
-    /// Creates a new CA in `dir` (`ca.pem`, `ca.key`). Fails if one exists.
+    /// Creates a new CA in `dir` (`ca.pem`, `ca.key`), valid for [`CA_LIFETIME`]. Fails if one
+    /// exists.
     pub fn init(dir: &Path) -> Result<Ca, PkiError> {
+        Ca::init_for(dir, CA_LIFETIME)
+    }
+
+    /// [`Ca::init`], the CA valid for `lifetime`.
+    pub fn init_for(dir: &Path, lifetime: Duration) -> Result<Ca, PkiError> {
         fs::create_dir_all(dir).map_err(|source| PkiError::Io {
             what: "cannot create",
             path: dir.to_path_buf(),
@@ -454,7 +460,7 @@ impl Ca {
         }
         let key = KeyPair::generate()?;
         let mut params = ca_params()?;
-        validity(&mut params, SystemTime::now(), CA_LIFETIME)?;
+        validity(&mut params, SystemTime::now(), lifetime)?;
         let cert = params.self_signed(&key)?;
         write_file(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
         write_file(&key_path, &key.serialize_pem(), 0o600)?;
@@ -468,6 +474,11 @@ impl Ca {
     /// then holds both CAs. Nothing is signed by the new CA yet: first every node must trust
     /// both (coordinators are given the new `ca.pem`; agents learn it from their heartbeats).
     pub fn rotate_begin(dir: &Path) -> Result<Ca, PkiError> {
+        Ca::rotate_begin_for(dir, CA_LIFETIME)
+    }
+
+    /// [`Ca::rotate_begin`], the new CA valid for `lifetime`.
+    pub fn rotate_begin_for(dir: &Path, lifetime: Duration) -> Result<Ca, PkiError> {
         let (key_path, next, bundle_path) = rotation_files(dir);
         if !key_path.is_file() {
             return Err(PkiError::Rotation(format!(
@@ -485,7 +496,7 @@ impl Ca {
         let bundle = read_file(&bundle_path)?;
         let key = KeyPair::generate()?;
         let mut params = ca_params()?;
-        validity(&mut params, SystemTime::now(), CA_LIFETIME)?;
+        validity(&mut params, SystemTime::now(), lifetime)?;
         let cert = params.self_signed(&key)?;
         write_file(&next, &key.serialize_pem(), 0o600)?;
         let mut both = bundle.trim_end().to_string();

@@ -663,6 +663,22 @@ pub fn operator_name(cert: &CertificateDer<'_>) -> Option<String> {
     name
 }
 
+/// The node id a coordinator node's certificate carries (`node-<id>.coordinator.ferry`);
+/// `None` for a certificate that is not a coordinator node's.
+pub fn coordinator_node(cert: &CertificateDer<'_>) -> Option<u64> {
+    if !cert_is_for(cert, crate::names::COORDINATOR_DNS) {
+        return None;
+    }
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    let suffix = format!(".{}", crate::names::COORDINATOR_DNS);
+    let id = ee.valid_dns_names().find_map(|n| {
+        n.strip_suffix(suffix.as_str())
+            .and_then(|h| h.strip_prefix("node-"))
+            .and_then(|id| id.parse().ok())
+    });
+    id
+}
+
 /// The role an operator's certificate carries ([`crate::names::Role`]); `None` for a
 /// certificate that is not an operator's. An operator certificate issued before roles existed
 /// carries none, and keeps the rights it had: [`Role::Admin`](crate::names::Role::Admin).
@@ -710,6 +726,12 @@ mod tests {
         assert!(cert_is_for(&cert, "src.agent.ferry"));
         assert!(!cert_is_for(&cert, "dst.agent.ferry"));
         assert!(!cert_is_for(&cert, "coordinator.ferry"));
+        assert_eq!(coordinator_node(&cert), None);
+        assert_eq!(operator_name(&cert), None);
+        let node = ca.issue(&Identity::Coordinator(12), dir.path()).unwrap();
+        let node = TlsMaterial::load(&node).unwrap().cert_der().unwrap();
+        assert_eq!(coordinator_node(&node), Some(12));
+        assert_eq!(role_of(&node), None);
     }
 
     #[test]

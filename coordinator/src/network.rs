@@ -25,23 +25,39 @@ use crate::raft_types::{NodeId, TypeConfig};
 /// gRPC channels to peers, shared by the Raft network and request forwarding.
 #[derive(Clone)]
 pub struct Peers {
+    /// The TLS of channels made from now on, and the channels made.
+    inner: Arc<Mutex<PeersInner>>,
+}
+
+struct PeersInner {
     tls: tonic::transport::ClientTlsConfig,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: HashMap<String, Channel>,
 }
 
 impl Peers {
     /// Peers reached with this node's TLS identity.
     pub fn new(tls: &TlsMaterial) -> Self {
         Peers {
-            tls: tls.grpc_client(),
-            channels: Arc::default(),
+            inner: Arc::new(Mutex::new(PeersInner {
+                tls: tls.grpc_client(),
+                channels: HashMap::new(),
+            })),
         }
+    }
+
+    /// Reaches peers with `tls`'s current identity from now on (a renewed certificate): the
+    /// channels made so far are dropped once the calls that hold them end, so no connection
+    /// goes on presenting the old certificate until it expires.
+    pub fn refresh(&self, tls: &TlsMaterial) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        inner.tls = tls.grpc_client();
+        inner.channels.clear();
     }
 
     /// A client for the peer at `addr` (`host:port`).
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {
-        let mut map = self.channels.lock().expect("not poisoned");
-        let ch = match map.get(addr) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        let ch = match inner.channels.get(addr) {
             Some(c) => c.clone(),
             None => {
                 let c = Endpoint::from_shared(format!("https://{addr}"))
@@ -49,7 +65,7 @@ impl Peers {
                         addr: addr.to_string(),
                         source,
                     })?
-                    .tls_config(self.tls.clone())
+                    .tls_config(inner.tls.clone())
                     .map_err(|source| PeerError::Tls {
                         addr: addr.to_string(),
                         source,
@@ -60,7 +76,7 @@ impl Peers {
                     .keep_alive_timeout(Duration::from_secs(3))
                     .keep_alive_while_idle(true)
                     .connect_lazy();
-                map.insert(addr.to_string(), c.clone());
+                inner.channels.insert(addr.to_string(), c.clone());
                 c
             }
         };

@@ -66,10 +66,26 @@ pub struct CoordinatorConfig {
     /// at least 30 s). An agent renews it when a third is left.
     #[serde(default = "default_agent_cert_secs")]
     pub agent_cert_secs: u64,
+    /// How long an operator certificate this node signs (`ferryctl user create`, `ferryctl
+    /// certs renew`) is valid, in seconds (default 90 days; at least 30 s).
+    #[serde(default = "default_operator_cert_secs")]
+    pub operator_cert_secs: u64,
+    /// How long a coordinator certificate this node signs is valid, in seconds (default 365
+    /// days; at least 30 s). Every node renews its own when a third of its life is left.
+    #[serde(default = "default_coordinator_cert_secs")]
+    pub coordinator_cert_secs: u64,
 }
 
 fn default_agent_cert_secs() -> u64 {
     ferry_common::pki::AGENT_LIFETIME.as_secs()
+}
+
+fn default_operator_cert_secs() -> u64 {
+    ferry_common::pki::OPERATOR_LIFETIME.as_secs()
+}
+
+fn default_coordinator_cert_secs() -> u64 {
+    ferry_common::pki::COORDINATOR_LIFETIME.as_secs()
 }
 
 impl ferry_common::config::DaemonConfig for CoordinatorConfig {
@@ -143,6 +159,8 @@ pub struct RunningNode {
     rounds: JoinHandle<()>,
     /// Keeps the gRPC health service's answer and the leader-change count current.
     health: JoinHandle<()>,
+    /// Renews this node's certificate when it is due.
+    renewal: JoinHandle<()>,
     /// Where `/metrics`, `/livez` and `/readyz` are served, if they are.
     pub metrics_addr: Option<SocketAddr>,
     ops: Option<ferry_common::ops::OpsServer>,
@@ -160,6 +178,7 @@ impl RunningNode {
         }
         self.rounds.abort();
         self.health.abort();
+        self.renewal.abort();
         if let Some(j) = self.join_server.take() {
             j.abort();
         }
@@ -191,6 +210,7 @@ impl RunningNode {
 /// Starts a node: opens the store, starts Raft (initialising a single-node cluster on first start)
 /// and serves gRPC on `cfg.listen`.
 pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
+    ferry_common::renewal::finish_renewal(&cfg.tls);
     let tls = TlsMaterial::load(&cfg.tls)?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         StartError::Store(crate::store::OpenError::Create {
@@ -309,7 +329,11 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             &key_path,
             &cfg.tls.ca,
             &tls.ca_pem,
-            Duration::from_secs(cfg.agent_cert_secs),
+            crate::grpc::enrol::Lifetimes {
+                agent: Duration::from_secs(cfg.agent_cert_secs),
+                operator: Duration::from_secs(cfg.operator_cert_secs),
+                coordinator: Duration::from_secs(cfg.coordinator_cert_secs),
+            },
         )?))
     } else if cfg.join_listen.is_some() {
         return Err(StartError::NoCaKey(key_path.display().to_string()));
@@ -329,6 +353,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     };
     let core = Arc::new(Core {
         signer,
+        renewals: crate::grpc::enrol::Limiter::new(crate::grpc::enrol::RENEWALS_PER_WINDOW, 4096),
         ca_pin,
         ca_pem: String::from_utf8_lossy(&tls.ca_pem).into_owned(),
         raft: raft.clone(),
@@ -409,6 +434,11 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
             (Some(join_addr), Some(tokio::spawn(enrol)))
         }
     };
+    let renewal = tokio::spawn(crate::certs::renew_own_certificate(
+        core.clone(),
+        tls.clone(),
+        cfg.tls.clone(),
+    ));
     let rounds = tokio::spawn(periodic_rounds(core));
     let ops = match cfg.metrics_listen {
         None => None,
@@ -450,6 +480,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
         committer,
         rounds,
         health,
+        renewal,
         metrics_addr: ops.as_ref().map(|o| o.addr),
         ops,
         join_addr,

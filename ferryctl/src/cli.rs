@@ -340,6 +340,10 @@ enum CertsCmd {
     /// Signed certificates by identity: serial, validity, how each came (a join or a renewal),
     /// and whether it is revoked.
     List,
+    /// Renew this operator's own certificate before it expires (ferryctl says when it is due):
+    /// a new key is made here, a coordinator certifies it for the same name and role, and both
+    /// files are replaced (admin-NAME.key and .pem in the PKI directory). Any role may.
+    Renew,
 }
 
 #[derive(Subcommand)]
@@ -919,14 +923,52 @@ fn resolved(cli: &Cli) -> anyhow::Result<crate::contexts::Resolved> {
 async fn connect(cli: &Cli) -> anyhow::Result<Ctl> {
     let r = resolved(cli)?;
     let paths = TlsPaths::in_dir(&r.pki_dir, &format!("admin-{}", r.admin));
-    let tls = TlsMaterial::load(&paths).with_context(|| {
+    ferry_common::renewal::finish_renewal(&paths);
+    let tls = load_identity(&r, &paths)?;
+    if let Some(warning) = renewal_due(&r.admin, &tls.cert_pem, now_ms() as i64 / 1000) {
+        eprintln!("ferryctl: {warning}");
+    }
+    Ok(Ctl::connect(&r.coordinator, &tls).await?)
+}
+
+/// The operator's certificate and key.
+fn load_identity(r: &crate::contexts::Resolved, paths: &TlsPaths) -> anyhow::Result<TlsMaterial> {
+    TlsMaterial::load(paths).with_context(|| {
         format!(
             "cannot load admin certificate; issue one with `ferry-coordinator pki issue --dir {} --admin {}`",
             r.pki_dir.display(),
             r.admin
         )
-    })?;
-    Ok(Ctl::connect(&r.coordinator, &tls).await?)
+    })
+}
+
+/// What to tell operator `name` about its certificate `cert_pem` at `now_s` (unix seconds):
+/// that it is due for renewal (two thirds of its life behind it), expired, or made before
+/// certificates had lifetimes; nothing when none is so.
+fn renewal_due(name: &str, cert_pem: &[u8], now_s: i64) -> Option<String> {
+    let info = ferry_common::pki::CertInfo::from_pem(cert_pem).ok()?;
+    // Valid for more than 20 years: made before lifetimes (valid until 4096).
+    if info.not_after - info.not_before > 20 * 365 * 86_400 {
+        return Some(format!(
+            "the certificate of operator {name} never expires (it was made before certificates \
+             had lifetimes): replace it with one that does, `ferryctl certs renew`"
+        ));
+    }
+    if now_s >= info.not_after {
+        return Some(format!(
+            "the certificate of operator {name} expired at {} UTC; an admin must certify a new \
+             one (`ferryctl user request` here, `ferryctl user create --csr` by the admin)",
+            crate::ctl::utc(info.not_after.max(0) as u64 * 1000)
+        ));
+    }
+    if now_s >= ferry_common::renewal::renew_at(info.not_before, info.not_after) {
+        return Some(format!(
+            "the certificate of operator {name} expires at {} UTC: renew it now with `ferryctl \
+             certs renew`",
+            crate::ctl::utc(info.not_after.max(0) as u64 * 1000)
+        ));
+    }
+    None
 }
 
 /// A duration as operators write it: a number of seconds, or with `s`, `m`, `h` or `d`.
@@ -1547,6 +1589,48 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Cmd::Certs(CertsCmd::Renew) => {
+            let r = resolved(&cli)?;
+            let paths = TlsPaths::in_dir(&r.pki_dir, &format!("admin-{}", r.admin));
+            ferry_common::renewal::finish_renewal(&paths);
+            let tls = load_identity(&r, &paths)?;
+            let old = ferry_common::pki::CertInfo::from_pem(&tls.cert_pem)?;
+            let ctl = Ctl::connect(&r.coordinator, &tls).await?;
+            // The request carries only the key: the coordinator certifies the name and role
+            // of the certificate this call is made with.
+            let (key_pem, csr) = ferry_common::pki::request(&ferry_common::pki::Identity::User(
+                r.admin.clone(),
+                ferry_common::names::Role::Viewer,
+            ))?;
+            let answer = ctl.renew_operator_certificate(csr).await?;
+            let new = ferry_common::pki::CertInfo::from_pem(answer.cert_pem.as_bytes())?;
+            if !new
+                .names
+                .contains(&ferry_common::names::admin_dns(&r.admin))
+            {
+                bail!(
+                    "the coordinator sent a certificate that is not operator {}'s; the old one stays",
+                    r.admin
+                );
+            }
+            ferry_common::renewal::install(&paths, answer.cert_pem.as_bytes(), key_pem.as_bytes())?;
+            if json {
+                print_json(&serde_json::json!({
+                    "name": r.admin, "serial": answer.serial, "previous": old.serial,
+                    "not_after": answer.not_after, "certificate": paths.cert, "key": paths.key,
+                }));
+            } else {
+                println!(
+                    "operator {}: wrote {} and {} (serial {}, valid until {} UTC; was {})",
+                    r.admin,
+                    paths.cert.display(),
+                    paths.key.display(),
+                    answer.serial,
+                    crate::ctl::utc(answer.not_after.max(0) as u64 * 1000),
+                    old.serial
+                );
+            }
+        }
         Cmd::Certs(CertsCmd::List) => {
             let certs = connect(&cli).await?.certificates().await?;
             if json {
@@ -1990,6 +2074,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_operator_is_told_when_its_certificate_is_due_expired_or_never_expires() {
+        use ferry_common::pki::{request, Ca, Identity};
+        use std::time::{Duration, UNIX_EPOCH};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path()).unwrap();
+        let who = Identity::User("vera".into(), ferry_common::names::Role::Viewer);
+        // Signed at 10,000 for 90 s: due from 10,060, expired from 10,090.
+        let at = |signed: u64, life: u64| {
+            let (_, csr) = request(&who).unwrap();
+            let t = UNIX_EPOCH + Duration::from_secs(signed);
+            ca.sign_request(&csr, &who, t, Duration::from_secs(life))
+                .unwrap()
+                .0
+        };
+        let cert = at(10_000, 90);
+        assert_eq!(super::renewal_due("vera", cert.as_bytes(), 10_059), None);
+        let due = super::renewal_due("vera", cert.as_bytes(), 10_060).unwrap();
+        assert!(
+            due.contains("renew it now with `ferryctl certs renew`"),
+            "{due}"
+        );
+        let expired = super::renewal_due("vera", cert.as_bytes(), 10_090).unwrap();
+        assert!(expired.contains("expired at"), "{expired}");
+        assert!(expired.contains("ferryctl user request"), "{expired}");
+        // One from before certificates had lifetimes (valid until 4096).
+        let forever = at(10_000, 2_000 * 365 * 86_400);
+        let told = super::renewal_due("vera", forever.as_bytes(), 10_001).unwrap();
+        assert!(told.contains("never expires"), "{told}");
+    }
 
     #[test]
     fn sizes_read_as_operators_write_them() {

@@ -341,6 +341,20 @@ impl Ctl {
         .into_inner())
     }
 
+    /// Renews the caller's own certificate: certifies `csr_der` (a key made here) for the
+    /// caller's name and role.
+    pub async fn renew_operator_certificate(
+        &self,
+        csr_der: Vec<u8>,
+    ) -> Result<pb::CreateUserResponse, CtlError> {
+        let mut c = self.client.clone();
+        Ok(
+            c.renew_operator_certificate(pb::RenewOperatorCertificateRequest { csr_der })
+                .await?
+                .into_inner(),
+        )
+    }
+
     /// The join tokens of the last day.
     pub async fn tokens(&self) -> Result<Vec<pb::JoinTokenInfo>, CtlError> {
         retry_read(|| async {

@@ -274,6 +274,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         join_listen: None,
         ca_key: None,
         agent_cert_secs: ferry_common::pki::AGENT_LIFETIME.as_secs(),
+        operator_cert_secs: ferry_common::pki::OPERATOR_LIFETIME.as_secs(),
+        coordinator_cert_secs: ferry_common::pki::COORDINATOR_LIFETIME.as_secs(),
     })
     .await
     .context("coordinator failed to start")?;

@@ -45,6 +45,9 @@ enum Pki {
         /// PKI directory.
         #[arg(long)]
         dir: PathBuf,
+        /// How long the CA is valid, in days [default: 3650].
+        #[arg(long, value_parser = days)]
+        ca_days: Option<u64>,
     },
     /// Issue a certificate signed by the CA in DIR; writes <kind>-<name>.pem and .key there.
     /// The key is made on the CA's host: for a key made where it is used, `request` and `sign`.
@@ -71,6 +74,8 @@ enum Pki {
         csr: PathBuf,
         #[command(flatten)]
         who: Who,
+        #[command(flatten)]
+        lifetime: Lifetime,
         /// With --admin: what the certificate allows (viewer, operator, admin).
         #[arg(long, default_value = "admin", requires = "admin")]
         role: ferry_common::names::Role,
@@ -85,7 +90,38 @@ enum Pki {
         /// PKI directory holding ca.pem and ca.key.
         #[arg(long)]
         dir: PathBuf,
+        /// With begin: how long the new CA is valid, in days [default: 3650].
+        #[arg(long, value_parser = days)]
+        ca_days: Option<u64>,
     },
+}
+
+/// A number of days, at least one.
+fn days(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a number of days (1 or more)")),
+        Ok(n) if n > 100 * 365 => Err(format!("{n} days is more than a hundred years")),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn days_secs(days: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(days * 86_400)
+}
+
+#[derive(Args)]
+struct Lifetime {
+    /// How long the certificate is valid, in days [default: agents 7, operators 90,
+    /// coordinators 365]. Running agents and coordinators renew theirs when a third is
+    /// left; operators with `ferryctl certs renew`.
+    #[arg(long, value_parser = days)]
+    days: Option<u64>,
+}
+
+impl Lifetime {
+    fn of(&self, id: &Identity) -> std::time::Duration {
+        self.days.map_or_else(|| id.default_lifetime(), days_secs)
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -136,6 +172,8 @@ struct Issue {
     /// migrations), admin (also cluster membership).
     #[arg(long, default_value = "admin", requires = "admin")]
     role: ferry_common::names::Role,
+    #[command(flatten)]
+    lifetime: Lifetime,
 }
 
 /// The binary's entry point.
@@ -147,16 +185,25 @@ pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let logging = ferry_common::telemetry::init("info,openraft=warn", cli.json_logs);
     match cli.cmd {
-        Cmd::Pki(Pki::Init { dir }) => {
-            Ca::init(&dir)?;
+        Cmd::Pki(Pki::Init { dir, ca_days }) => {
+            Ca::init_for(
+                &dir,
+                ca_days.map_or(ferry_common::pki::CA_LIFETIME, days_secs),
+            )?;
             println!("created cluster CA in {}", dir.display());
             Ok(())
         }
-        Cmd::Pki(Pki::RotateCa { step, dir }) => {
+        Cmd::Pki(Pki::RotateCa { step, dir, ca_days }) => {
+            if ca_days.is_some() && !matches!(step, RotateStep::Begin) {
+                anyhow::bail!("--ca-days goes with `rotate-ca begin` (which makes the new CA)");
+            }
             let bundle = dir.join("ca.pem");
             match step {
                 RotateStep::Begin => {
-                    Ca::rotate_begin(&dir)?;
+                    Ca::rotate_begin_for(
+                        &dir,
+                        ca_days.map_or(ferry_common::pki::CA_LIFETIME, days_secs),
+                    )?;
                     println!(
                         "{} now holds the old and a new CA (new key: {}).\n\
                          Next: copy {} to every coordinator's tls.ca and restart them one at a \
@@ -211,17 +258,14 @@ pub async fn main() -> anyhow::Result<()> {
             csr,
             who,
             role,
+            lifetime,
         }) => {
             let id = who.identity(role)?;
             let der = ferry_common::pki::read_request(&csr)?;
             let ca = Ca::load(&dir)
                 .with_context(|| format!("cannot load the CA from {}", dir.display()))?;
-            let (pem, info) = ca.sign_request(
-                &der,
-                &id,
-                std::time::SystemTime::now(),
-                id.default_lifetime(),
-            )?;
+            let (pem, info) =
+                ca.sign_request(&der, &id, std::time::SystemTime::now(), lifetime.of(&id))?;
             let cert = csr.with_file_name(format!("{}.pem", id.file_stem()));
             ferry_common::pki::create_file(&cert, &pem, 0o644)?;
             println!(
@@ -232,11 +276,16 @@ pub async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Pki(Pki::Issue(Issue { dir, who, role })) => {
+        Cmd::Pki(Pki::Issue(Issue {
+            dir,
+            who,
+            role,
+            lifetime,
+        })) => {
             let id = who.identity(role)?;
             let paths = Ca::load(&dir)
                 .with_context(|| format!("cannot load the CA from {}; run `ferry-coordinator pki init --dir {}` first", dir.display(), dir.display()))?
-                .issue(&id, &dir)?;
+                .issue_for(&id, &dir, lifetime.of(&id))?;
             println!("wrote {} and {}", paths.cert.display(), paths.key.display());
             Ok(())
         }

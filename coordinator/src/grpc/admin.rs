@@ -1024,7 +1024,7 @@ impl Admin for AdminService {
             "certificate {} for operator {} with the {role} role",
             info.serial, r.name
         );
-        let cmd = Command::RecordUserCert {
+        let cmd = Command::RecordIssuedCert {
             cert,
             now_ms: now_ms(),
         };
@@ -1035,6 +1035,61 @@ impl Admin for AdminService {
                 serial: info.serial,
                 not_after: info.not_after,
             })),
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn renew_operator_certificate(
+        &self,
+        req: Request<pb::RenewOperatorCertificateRequest>,
+    ) -> R<pb::CreateUserResponse> {
+        let caller = self
+            .authorized(&req, Role::Viewer, "RenewOperatorCertificate")
+            .await?;
+        let current = req
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let name = ferry_common::tls::operator_name(&current).ok_or_else(|| {
+            Status::permission_denied("this certificate names no operator: nothing to renew")
+        })?;
+        // What the certificate allows now, and nothing more (one issued before roles existed
+        // had every right, and is renewed with the admin role, said explicitly).
+        let role = ferry_common::tls::role_of(&current).unwrap_or(Role::Viewer);
+        let old = ferry_common::pki::CertInfo::from_der(&current)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let signer = self.0.signer.clone().ok_or_else(super::enrol::no_signer)?;
+        super::enrol::admit_renewal(
+            &self.0,
+            &crate::state::operator_identity(&name, role.as_str()),
+        )?;
+        let r = req.into_inner();
+        let (pem, info) = signer.sign_user(&r.csr_der, &name, role)?;
+        let cert = crate::state::IssuedCert {
+            serial: info.serial.clone(),
+            identity: crate::state::operator_identity(&name, role.as_str()),
+            not_before_s: info.not_before,
+            not_after_s: info.not_after,
+            via: format!("renewal of {}", old.serial),
+        };
+        let what = format!(
+            "certificate {} for operator {name} with the {role} role, renewing {}",
+            info.serial, old.serial
+        );
+        let cmd = Command::RecordIssuedCert {
+            cert,
+            now_ms: now_ms(),
+        };
+        match self.0.write(caller.audited_as(cmd, what)).await? {
+            Response::Ok => {
+                tracing::info!(message = "Renewed an operator's certificate.", operator = %name, role = %role, serial = %info.serial, previous = %old.serial);
+                Ok(GrpcResponse::new(pb::CreateUserResponse {
+                    cert_pem: pem,
+                    ca_pem: signer.ca_pem().to_string(),
+                    serial: info.serial,
+                    not_after: info.not_after,
+                }))
+            }
             other => Err(refused(other)),
         }
     }

@@ -23,8 +23,29 @@ pub struct Signer {
     /// Every CA certificate this node trusts (two during a CA rotation): what agents are told
     /// to trust.
     ca_pem: String,
-    /// How long a signed agent certificate is valid.
-    pub agent_lifetime: Duration,
+    /// How long a signed certificate is valid, by kind.
+    pub lifetimes: Lifetimes,
+}
+
+/// How long the certificates a node signs are valid (each at least [`MIN_LIFETIME`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Agents' (joins and renewals).
+    pub agent: Duration,
+    /// Operators' (`user create`, renewals).
+    pub operator: Duration,
+    /// Coordinator nodes' (renewals).
+    pub coordinator: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Lifetimes {
+            agent: ferry_common::pki::AGENT_LIFETIME,
+            operator: ferry_common::pki::OPERATOR_LIFETIME,
+            coordinator: ferry_common::pki::COORDINATOR_LIFETIME,
+        }
+    }
 }
 
 /// The CA key could not be used.
@@ -43,8 +64,8 @@ pub enum SignerError {
     },
 }
 
-/// Shortest agent certificate lifetime a node signs (renewal needs room to happen).
-pub const MIN_AGENT_LIFETIME: Duration = Duration::from_secs(30);
+/// Shortest certificate lifetime a node signs (renewal needs room to happen).
+pub const MIN_LIFETIME: Duration = Duration::from_secs(30);
 
 impl Signer {
     /// Loads the CA key at `key` and checks it belongs to one of the CA certificates
@@ -53,7 +74,7 @@ impl Signer {
         key: &Path,
         ca_path: &Path,
         ca_pem: &[u8],
-        agent_lifetime: Duration,
+        lifetimes: Lifetimes,
     ) -> Result<Signer, SignerError> {
         let ca = Ca::load_key(key)?;
         if !ferry_common::pki::ca_public_keys(ca_pem)?.contains(&ca.public_key_der()) {
@@ -65,7 +86,11 @@ impl Signer {
         Ok(Signer {
             ca,
             ca_pem: String::from_utf8_lossy(ca_pem).into_owned(),
-            agent_lifetime: agent_lifetime.max(MIN_AGENT_LIFETIME),
+            lifetimes: Lifetimes {
+                agent: lifetimes.agent.max(MIN_LIFETIME),
+                operator: lifetimes.operator.max(MIN_LIFETIME),
+                coordinator: lifetimes.coordinator.max(MIN_LIFETIME),
+            },
         })
     }
 
@@ -84,14 +109,14 @@ impl Signer {
                 csr,
                 &Identity::Agent(name.to_string()),
                 now,
-                self.agent_lifetime,
+                self.lifetimes.agent,
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
 impl Signer {
-    /// Signs `csr` for operator `name` with `role`, valid for [`ferry_common::pki::OPERATOR_LIFETIME`].
+    /// Signs `csr` for operator `name` with `role`, valid for the operators' lifetime.
     pub fn sign_user(
         &self,
         csr: &[u8],
@@ -103,7 +128,19 @@ impl Signer {
                 csr,
                 &Identity::User(name.to_string(), role),
                 SystemTime::now(),
-                ferry_common::pki::OPERATOR_LIFETIME,
+                self.lifetimes.operator,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    /// Signs `csr` for coordinator node `id`, valid for the coordinators' lifetime.
+    pub fn sign_coordinator(&self, csr: &[u8], id: u64) -> Result<(String, CertInfo), Status> {
+        self.ca
+            .sign_request(
+                csr,
+                &Identity::Coordinator(id),
+                SystemTime::now(),
+                self.lifetimes.coordinator,
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
@@ -138,11 +175,81 @@ pub const ATTEMPTS_PER_WINDOW: u32 = 10;
 pub const ATTEMPT_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses remembered by the limiter at most (beyond, the oldest windows are forgotten).
 const LIMITER_ADDRESSES: usize = 4096;
+/// Renewals one identity (agent, operator, coordinator node) may ask one node for per
+/// [`ATTEMPT_WINDOW`]: a renewal is due once in two thirds of a lifetime, and a failed one is
+/// retried after seconds, not at once.
+pub const RENEWALS_PER_WINDOW: u32 = 6;
+
+/// Counts attempts per key (an address, an identity) within a window, and refuses those
+/// beyond a number: a peer cannot make a node sign, and Raft record, without end.
+pub struct Limiter<K> {
+    per_window: u32,
+    keys: usize,
+    seen: Mutex<HashMap<K, (Instant, u32)>>,
+}
+
+/// Why [`Limiter::admit`] refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// This key made more than its attempts within the window.
+    TooMany,
+    /// More keys than remembered made attempts within the window.
+    TooManyKeys,
+}
+
+impl<K: std::hash::Hash + Eq> Limiter<K> {
+    /// `per_window` attempts per key per [`ATTEMPT_WINDOW`], for up to `keys` keys at once.
+    pub fn new(per_window: u32, keys: usize) -> Self {
+        Limiter {
+            per_window,
+            keys,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts an attempt of `key` at `now`.
+    pub fn admit(&self, key: K, now: Instant) -> Result<(), Refusal> {
+        let mut seen = self.seen.lock().expect("not poisoned");
+        if seen.len() >= self.keys && !seen.contains_key(&key) {
+            seen.retain(|_, (start, _)| now.duration_since(*start) < ATTEMPT_WINDOW);
+            if seen.len() >= self.keys {
+                return Err(Refusal::TooManyKeys);
+            }
+        }
+        let e = seen.entry(key).or_insert((now, 0));
+        if now.duration_since(e.0) >= ATTEMPT_WINDOW {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        if e.1 > self.per_window {
+            return Err(Refusal::TooMany);
+        }
+        Ok(())
+    }
+}
+
+/// Counts a renewal asked by `identity` on `core`; refused beyond [`RENEWALS_PER_WINDOW`].
+pub(crate) fn admit_renewal(core: &Core, identity: &str) -> Result<(), Status> {
+    match core.renewals.admit(identity.to_string(), Instant::now()) {
+        Ok(()) => Ok(()),
+        Err(Refusal::TooMany) => {
+            tracing::warn!(message = "A renewal refused: too many from one identity.", %identity);
+            Err(Status::resource_exhausted(format!(
+                "{identity} asked for more than {RENEWALS_PER_WINDOW} certificates within {}s; \
+                 wait and retry",
+                ATTEMPT_WINDOW.as_secs()
+            )))
+        }
+        Err(Refusal::TooManyKeys) => Err(Status::resource_exhausted(
+            "too many renewals from too many identities; retry in a minute",
+        )),
+    }
+}
 
 /// The `Enrol` service of the join listener.
 pub struct EnrolService {
     core: Arc<Core>,
-    attempts: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    attempts: Limiter<IpAddr>,
 }
 
 impl EnrolService {
@@ -150,36 +257,26 @@ impl EnrolService {
     pub fn new(core: Arc<Core>) -> Self {
         EnrolService {
             core,
-            attempts: Mutex::new(HashMap::new()),
+            attempts: Limiter::new(ATTEMPTS_PER_WINDOW, LIMITER_ADDRESSES),
         }
     }
 
     /// Counts an attempt from `ip`; refused beyond [`ATTEMPTS_PER_WINDOW`].
     fn admit(&self, ip: Option<IpAddr>) -> Result<(), Status> {
         let Some(ip) = ip else { return Ok(()) };
-        let now = Instant::now();
-        let mut a = self.attempts.lock().expect("not poisoned");
-        if a.len() >= LIMITER_ADDRESSES {
-            a.retain(|_, (start, _)| now.duration_since(*start) < ATTEMPT_WINDOW);
-        }
-        if a.len() >= LIMITER_ADDRESSES {
-            return Err(Status::resource_exhausted(
+        match self.attempts.admit(ip, Instant::now()) {
+            Ok(()) => Ok(()),
+            Err(Refusal::TooManyKeys) => Err(Status::resource_exhausted(
                 "too many join attempts from too many addresses; retry in a minute",
-            ));
+            )),
+            Err(Refusal::TooMany) => {
+                tracing::warn!(message = "Join attempts refused: too many from one address.", %ip);
+                Err(Status::resource_exhausted(format!(
+                    "more than {ATTEMPTS_PER_WINDOW} join attempts from {ip} within {}s; wait and retry",
+                    ATTEMPT_WINDOW.as_secs()
+                )))
+            }
         }
-        let e = a.entry(ip).or_insert((now, 0));
-        if now.duration_since(e.0) >= ATTEMPT_WINDOW {
-            *e = (now, 0);
-        }
-        e.1 += 1;
-        if e.1 > ATTEMPTS_PER_WINDOW {
-            tracing::warn!(message = "Join attempts refused: too many from one address.", %ip);
-            return Err(Status::resource_exhausted(format!(
-                "more than {ATTEMPTS_PER_WINDOW} join attempts from {ip} within {}s; wait and retry",
-                ATTEMPT_WINDOW.as_secs()
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -242,6 +339,7 @@ pub async fn renew(
     csr: &[u8],
 ) -> Result<pb::CertificateResponse, Status> {
     let signer = core.signer.clone().ok_or_else(no_signer)?;
+    admit_renewal(core, &agent_identity(name))?;
     let old = CertInfo::from_der(current).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let now_s = (now_ms() / 1000) as i64;
     let sign_s = core.read_local(|s| s.pki.signing_second(name, now_s));
@@ -263,5 +361,96 @@ pub async fn renew(
         }
         R::Refused(why) => Err(Status::permission_denied(why)),
         other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Signs a renewed certificate for coordinator node `id` (which called with `current`, DER, or
+/// is this node), records it in Raft (audited as `who`'s call `call`, from `from`), and
+/// returns it (PEM): given out only once recorded.
+pub async fn renew_node(
+    core: &Core,
+    id: u64,
+    current: &[u8],
+    csr: &[u8],
+    from: String,
+) -> Result<String, Status> {
+    let signer = core.signer.clone().ok_or_else(no_signer)?;
+    let who = format!("node-{id}");
+    admit_renewal(core, &who)?;
+    let member = core
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .is_some();
+    if !member {
+        return Err(Status::permission_denied(format!(
+            "coordinator node {id} is not a member of this cluster: its certificate is not renewed"
+        )));
+    }
+    let old = CertInfo::from_der(current).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let (pem, info) = signer.sign_coordinator(csr, id)?;
+    let cert = IssuedCert {
+        serial: info.serial.clone(),
+        identity: format!("coordinator {id}"),
+        not_before_s: info.not_before,
+        not_after_s: info.not_after,
+        via: format!("renewal of {}", old.serial),
+    };
+    let cmd = Command::Audited {
+        note: AuditNote {
+            at_ms: now_ms(),
+            who,
+            role: "coordinator".into(),
+            from,
+            call: "RenewNodeCertificate".into(),
+            what: format!(
+                "certificate {} for coordinator node {id}, renewing {}",
+                info.serial, old.serial
+            ),
+        },
+        cmd: Box::new(Command::RecordIssuedCert {
+            cert,
+            now_ms: now_ms(),
+        }),
+    };
+    match core.write(cmd).await? {
+        R::Ok => {
+            tracing::info!(message = "Renewed a coordinator node's certificate.", node = id, serial = %info.serial, previous = %old.serial, not_after = info.not_after);
+            Ok(pem)
+        }
+        R::Refused(why) => Err(Status::permission_denied(why)),
+        other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limiter_refuses_beyond_its_count_until_the_window_ends_and_remembers_few_keys() {
+        let l = Limiter::new(2, 2);
+        let t0 = Instant::now();
+        assert_eq!(l.admit("a", t0), Ok(()));
+        assert_eq!(l.admit("a", t0), Ok(()));
+        assert_eq!(
+            l.admit("a", t0 + Duration::from_secs(59)),
+            Err(Refusal::TooMany)
+        );
+        // Another key is counted apart.
+        assert_eq!(l.admit("b", t0), Ok(()));
+        // A third key while two are within their window: refused, the others unharmed.
+        assert_eq!(
+            l.admit("c", t0 + Duration::from_secs(1)),
+            Err(Refusal::TooManyKeys)
+        );
+        assert_eq!(l.admit("b", t0 + Duration::from_secs(1)), Ok(()));
+        // A window later, all is forgotten.
+        let later = t0 + ATTEMPT_WINDOW;
+        assert_eq!(l.admit("c", later), Ok(()));
+        assert_eq!(l.admit("a", later), Ok(()));
     }
 }

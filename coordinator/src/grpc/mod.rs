@@ -26,6 +26,8 @@ use crate::store::Applied;
 pub struct Core {
     /// Signs agents' certificates (joins, renewals), if this node holds the CA key.
     pub signer: Option<Arc<enrol::Signer>>,
+    /// Renewals asked of this node, per identity ([`enrol::RENEWALS_PER_WINDOW`]).
+    pub renewals: enrol::Limiter<String>,
     /// The pin of the cluster CA (join tokens carry it).
     pub ca_pin: [u8; 32],
     /// The CA certificates this node trusts (PEM, its `tls.ca`): heartbeats hand them to

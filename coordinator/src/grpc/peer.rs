@@ -89,4 +89,25 @@ impl RaftPeer for PeerService {
             .hold_elections(std::time::Duration::from_millis(millis));
         Ok(Response::new(pb::HoldElectionsReply {}))
     }
+
+    async fn renew_node_certificate(
+        &self,
+        req: Request<pb::RenewNodeCertificateRequest>,
+    ) -> R<pb::RenewNodeCertificateReply> {
+        authorize_coordinator(&req)?;
+        let current = req
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let id = ferry_common::tls::coordinator_node(&current).ok_or_else(|| {
+            Status::permission_denied(
+                "this coordinator certificate names no node id (node-<id>.coordinator.ferry): \
+                 renew it by hand (`ferry-coordinator pki request` and `pki sign`)",
+            )
+        })?;
+        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let csr = req.into_inner().csr_der;
+        let cert_pem = super::enrol::renew_node(&self.0, id, &current, &csr, from).await?;
+        Ok(Response::new(pb::RenewNodeCertificateReply { cert_pem }))
+    }
 }

@@ -337,8 +337,9 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
-    /// A node signed an operator's certificate.
-    RecordUserCert {
+    /// A node signed an operator's certificate (a new operator, or a renewal) or a coordinator
+    /// node's (a renewal).
+    RecordIssuedCert {
         /// The certificate.
         cert: IssuedCert,
         /// Leader time.
@@ -452,7 +453,7 @@ impl State {
                 now_ms,
             } => self.record_cert(&agent, previous_not_before_s, cert, now_ms),
             Command::RevokeAgent { agent, by, now_ms } => self.revoke_agent(&agent, by, now_ms),
-            Command::RecordUserCert { cert, now_ms } => self.record_user_cert(cert, now_ms),
+            Command::RecordIssuedCert { cert, now_ms } => self.record_issued_cert(cert, now_ms),
             Command::StartJob {
                 agent,
                 kind,

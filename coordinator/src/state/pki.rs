@@ -307,8 +307,9 @@ impl State {
         Response::Ok
     }
 
-    /// A node signed an operator's certificate (`CreateUser`).
-    pub(super) fn record_user_cert(&mut self, cert: IssuedCert, now_ms: u64) -> Response {
+    /// A node signed an operator's certificate (`CreateUser`, a renewal) or a coordinator
+    /// node's (a renewal).
+    pub(super) fn record_issued_cert(&mut self, cert: IssuedCert, now_ms: u64) -> Response {
         self.pki.certs.insert(cert.serial.clone(), cert);
         self.pki.prune(now_ms);
         self.dirty.pki = true;

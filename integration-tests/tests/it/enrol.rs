@@ -709,3 +709,206 @@ async fn a_coordinator_key_is_made_on_its_host_and_only_its_request_is_signed() 
     );
     terminate(coord.child_mut(), "coordinator");
 }
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn cert_in(paths: &ferry_common::config::TlsPaths) -> ferry_common::pki::CertInfo {
+    ferry_common::pki::CertInfo::from_pem(&std::fs::read(&paths.cert).unwrap()).unwrap()
+}
+
+/// The audit records of `call`, as JSON.
+fn audit_of(env: &TestEnv, addr: &str, call: &str) -> Vec<serde_json::Value> {
+    let out = ferryctl(env, addr, &["audit", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .map(|r| r.unwrap())
+        .filter(|r| r["call"] == call)
+        .collect()
+}
+
+/// An operator renews its own certificate when ferryctl says it is due: a new key made where it
+/// works, the same name and role (a viewer gains nothing), the old serial named in the
+/// record, the call audited; renewals one identity asks for are limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_renews_its_own_certificate_and_keeps_its_role() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let coord = CoordinatorProcess::start_with(&env, "operator_cert_secs = 600").unwrap();
+    let addr = coord.addr.clone();
+    // vera's certificate (a viewer's) was signed 250 s ago for 300 s: two thirds are behind it.
+    let home = env.path("vera-home");
+    let vera = Identity::User("vera".into(), ferry_common::names::Role::Viewer);
+    let signed = std::time::SystemTime::now() - Duration::from_secs(250);
+    let paths = env.issue_signed_at(&vera, &home, signed, Duration::from_secs(300));
+    let old = cert_in(&paths);
+    let old_key = std::fs::read(&paths.key).unwrap();
+
+    let listed = ferryctl_as(&home, "vera", &addr, &["agents", "list"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(
+        stderr(&listed).contains("renew it now with `ferryctl certs renew`"),
+        "{}",
+        stderr(&listed)
+    );
+
+    let out = ferryctl_as(&home, "vera", &addr, &["certs", "renew", "-o", "json"]);
+    let answer = json(&out);
+    let new = cert_in(&paths);
+    assert_eq!(answer["serial"], new.serial.as_str());
+    assert_eq!(answer["previous"], old.serial.as_str());
+    assert_ne!(new.serial, old.serial);
+    assert_ne!(std::fs::read(&paths.key).unwrap(), old_key, "a new key");
+    let tls = ferry_common::tls::TlsMaterial::load(&paths)
+        .expect("the key and certificate belong together");
+    assert_eq!(
+        ferry_common::tls::role_of(&tls.cert_der().unwrap()),
+        Some(ferry_common::names::Role::Viewer),
+        "the role is the one the certificate had"
+    );
+    // Valid for the configured operators' lifetime (600 s), from its signing.
+    let life = new.not_after - new.not_before - ferry_common::pki::CLOCK_SKEW.as_secs() as i64;
+    assert!((595..=605).contains(&life), "lifetime {life}");
+
+    // The renewed certificate works, is not due, and allows what a viewer's does, no more.
+    let listed = ferryctl_as(&home, "vera", &addr, &["agents", "list"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(!stderr(&listed).contains("renew"), "{}", stderr(&listed));
+    let denied = ferryctl_as(&home, "vera", &addr, &["token", "create"]);
+    assert!(!denied.status.success());
+    assert!(
+        stderr(&denied).contains("needs the admin role"),
+        "{}",
+        stderr(&denied)
+    );
+
+    let certs = certs_of(&env, &addr, "operator vera (viewer)");
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(certs[0]["serial"], new.serial.as_str());
+    assert_eq!(
+        certs[0]["via"],
+        format!("renewal of {}", old.serial).as_str()
+    );
+    let audited = audit_of(&env, &addr, "RenewOperatorCertificate");
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0]["who"], "vera");
+    assert_eq!(audited[0]["decision"], "ok");
+
+    // Six renewals per identity per minute: the seventh within it is refused, and the files
+    // stay as the sixth left them.
+    for _ in 2..=6 {
+        let out = ferryctl_as(&home, "vera", &addr, &["certs", "renew"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let sixth = cert_in(&paths);
+    let refused = ferryctl_as(&home, "vera", &addr, &["certs", "renew"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("asked for more than 6 certificates"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(cert_in(&paths), sixth);
+    ferry_common::tls::TlsMaterial::load(&paths).unwrap();
+}
+
+/// Coordinator nodes renew their own certificates while they run: node 1 signs its own (it
+/// holds the CA key), node 2 (no CA key) has node 1 sign it. After the old certificates
+/// expired, node 1 restarts: node 2 reaches it again only with its renewed certificate, node
+/// 1 serves with the renewed one from its files, and the two-node cluster commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_nodes_renew_their_own_certificates_with_or_without_the_ca_key() {
+    let env = TestEnv::new();
+    env.issue(Identity::Admin("ops".into()));
+    let now = std::time::SystemTime::now();
+    let life = Duration::from_secs(45);
+    let one = env.issue_signed_at(
+        &Identity::Coordinator(1),
+        &env.path("node-1-pki"),
+        now,
+        life,
+    );
+    let two = env.issue_signed_at(
+        &Identity::Coordinator(2),
+        &env.path("node-2-pki"),
+        now,
+        life,
+    );
+    assert!(!env.path("node-2-pki/ca.key").exists());
+    let signs = format!(
+        "ca_key = \"{}\"\ncoordinator_cert_secs = 3600",
+        env.pki().join("ca.key").display()
+    );
+    let mut node1 =
+        CoordinatorProcess::start_node_tls(&env, 1, true, &signs, Some(one.clone())).unwrap();
+    let node2 = CoordinatorProcess::start_node_tls(&env, 2, false, "", Some(two.clone())).unwrap();
+    let (ctl, _) = crate::cluster::leader(&env, &[node1.addr.clone()], None).await;
+    ctl.add_node(2, &node2.addr)
+        .await
+        .unwrap_or_else(|e| panic!("add node 2: {e}\n{}", node2.log()));
+    let old = [cert_in(&one), cert_in(&two)];
+
+    // Each renews once two thirds of its 45 s are behind it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let renewed = loop {
+        let new = [cert_in(&one), cert_in(&two)];
+        if new[0].serial != old[0].serial && new[1].serial != old[1].serial {
+            break new;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not renewed within 2 minutes\nnode 1:\n{}\nnode 2:\n{}",
+            node1.log(),
+            node2.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (paths, new) in [(&one, &renewed[0]), (&two, &renewed[1])] {
+        ferry_common::tls::TlsMaterial::load(paths).expect("key and certificate belong together");
+        assert!(
+            new.not_after > now_s() + 3000,
+            "signed for an hour: {new:?}"
+        );
+    }
+    assert!(
+        node2.log().contains("Renewed this node's certificate."),
+        "{}",
+        node2.log()
+    );
+
+    // The old certificates expire; node 1 restarts.
+    let expired = old[0].not_after.max(old[1].not_after);
+    wait_for(
+        "the old certificates expired",
+        Duration::from_secs(60),
+        || async { (now_s() > expired + 1).then_some(()) },
+    )
+    .await;
+    node1.kill9();
+    node1.restart().unwrap();
+    let addrs = [node1.addr.clone(), node2.addr.clone()];
+    let (_ctl, _) = crate::cluster::leader(&env, &addrs, None).await;
+    // Both serve operators (new connections), and a write commits (it needs both nodes).
+    for a in &addrs {
+        let out = ferryctl(&env, a, &["token", "create", "--ttl", "10m"]);
+        assert!(out.status.success(), "node at {a}: {}", stderr(&out));
+    }
+    for (id, old) in [(1, &old[0]), (2, &old[1])] {
+        let certs = certs_of(&env, &addrs[0], &format!("coordinator {id}"));
+        assert!(
+            certs
+                .iter()
+                .any(|c| c["via"] == format!("renewal of {}", old.serial).as_str()),
+            "node {id}: {certs:?}"
+        );
+    }
+    let audited = audit_of(&env, &addrs[0], "RenewNodeCertificate");
+    let who: std::collections::BTreeSet<&str> =
+        audited.iter().map(|r| r["who"].as_str().unwrap()).collect();
+    assert_eq!(who, ["node-1", "node-2"].into(), "{audited:?}");
+}

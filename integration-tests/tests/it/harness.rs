@@ -48,6 +48,31 @@ impl TestEnv {
             .expect("issue certificate")
     }
 
+    /// Issues a certificate for `who` into `dir` (which gets the CA certificate too) as if
+    /// signed at `signed_at`, valid for `lifetime` from then: one already partly through its
+    /// life, or short-lived. Returns its files.
+    pub fn issue_signed_at(
+        &self,
+        who: &Identity,
+        dir: &Path,
+        signed_at: std::time::SystemTime,
+        lifetime: Duration,
+    ) -> TlsPaths {
+        std::fs::create_dir_all(dir).unwrap();
+        if !dir.join("ca.pem").exists() {
+            std::fs::copy(self.pki().join("ca.pem"), dir.join("ca.pem")).unwrap();
+        }
+        let (key, csr) = ferry_common::pki::request(who).unwrap();
+        let (cert, _) = self
+            .ca
+            .sign_request(&csr, who, signed_at, lifetime)
+            .unwrap();
+        let paths = TlsPaths::in_dir(dir, &who.file_stem());
+        ferry_common::pki::replace_file(&paths.key, key.as_bytes(), 0o600).unwrap();
+        ferry_common::pki::replace_file(&paths.cert, cert.as_bytes(), 0o644).unwrap();
+        paths
+    }
+
     /// Coordinator config for node 1 on `listen`.
     pub fn coordinator_config(&self, listen: std::net::SocketAddr) -> CoordinatorConfig {
         self.node_config(1, listen, true)
@@ -75,6 +100,8 @@ impl TestEnv {
             join_listen: None,
             ca_key: None,
             agent_cert_secs: ferry_common::pki::AGENT_LIFETIME.as_secs(),
+            operator_cert_secs: ferry_common::pki::OPERATOR_LIFETIME.as_secs(),
+            coordinator_cert_secs: ferry_common::pki::COORDINATOR_LIFETIME.as_secs(),
         }
     }
 
@@ -190,7 +217,23 @@ impl CoordinatorProcess {
         bootstrap: bool,
         extra: &str,
     ) -> anyhow::Result<Self> {
-        let cfg = env.node_config(id, "127.0.0.1:0".parse()?, bootstrap);
+        Self::start_node_tls(env, id, bootstrap, extra, None)
+    }
+
+    /// [`CoordinatorProcess::start_node`] with `extra` top-level config keys and, when given,
+    /// other TLS files than those `env` issues (a node whose `tls.ca` has no CA key beside it
+    /// signs nothing).
+    pub fn start_node_tls(
+        env: &TestEnv,
+        id: u64,
+        bootstrap: bool,
+        extra: &str,
+        tls: Option<TlsPaths>,
+    ) -> anyhow::Result<Self> {
+        let mut cfg = env.node_config(id, "127.0.0.1:0".parse()?, bootstrap);
+        if let Some(tls) = tls {
+            cfg.tls = tls;
+        }
         let config = env.path(&format!("coordinator-{id}.toml"));
         let write = |listen: std::net::SocketAddr| {
             std::fs::write(
