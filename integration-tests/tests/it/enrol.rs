@@ -675,7 +675,9 @@ async fn a_coordinator_key_is_made_on_its_host_and_only_its_request_is_signed() 
         args.extend_from_slice(who);
         coordinator_cli(&args)
     };
-    let out = sign(&["--coordinator", "1"]);
+    let out = sign(&["--coordinator", "1", "--days", "0"]);
+    assert!(!out.status.success(), "a lifetime of nothing is refused");
+    let out = sign(&["--coordinator", "1", "--days", "200"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let cert = host.join("coordinator-1.pem");
     let info = ferry_common::pki::CertInfo::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
@@ -685,6 +687,8 @@ async fn a_coordinator_key_is_made_on_its_host_and_only_its_request_is_signed() 
             .any(|n| n == ferry_common::names::COORDINATOR_DNS),
         "{info:?}"
     );
+    let skew = ferry_common::pki::CLOCK_SKEW.as_secs() as i64;
+    assert_eq!(info.not_after - info.not_before - skew, 200 * 86_400);
     let out = sign(&["--coordinator", "1"]);
     assert!(!out.status.success(), "the certificate is not replaced");
     assert!(
@@ -708,6 +712,21 @@ async fn a_coordinator_key_is_made_on_its_host_and_only_its_request_is_signed() 
         "the node kept the signed certificate (nothing re-issued it)"
     );
     terminate(coord.child_mut(), "coordinator");
+
+    // A CA of the lifetime asked for.
+    let other = env.path("other-ca");
+    let out = coordinator_cli(&[
+        "pki",
+        "init",
+        "--dir",
+        other.to_str().unwrap(),
+        "--ca-days",
+        "400",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ca = ferry_common::pki::CertInfo::from_pem(&std::fs::read(other.join("ca.pem")).unwrap())
+        .unwrap();
+    assert_eq!(ca.not_after - ca.not_before - skew, 400 * 86_400);
 }
 
 fn now_s() -> i64 {
