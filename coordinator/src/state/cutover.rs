@@ -61,7 +61,7 @@ impl CutoverPhase {
 }
 
 /// What an agent does for a cutover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Step {
     /// The source agent's `pre_freeze` hook.
     PreFreeze,

@@ -306,4 +306,6 @@ impl State {
 }
 
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
