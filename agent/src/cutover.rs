@@ -6,7 +6,8 @@
 //! recorded in the agent's state directory before it is reported, and a step that was recorded
 //! is reported again, never run again: each hook runs once per cutover attempt, also when the
 //! agent restarts or the report's answer is lost. (A hook interrupted by the agent's own death
-//! did not complete, and runs again.)
+//! did not complete, and runs again; so does one that ended just before the agent died, before
+//! its outcome was recorded: hooks must be idempotent.)
 //!
 //! The full verification reads every file of the tree and folds each name's kind, path, mode,
 //! size, mtime, link target and content hash into one BLAKE3 digest, in walk order; the
@@ -390,7 +391,11 @@ impl<C: Coordinator> CutoverRunner<C> {
                 }
             }
         };
+        // The hook ran to its end; nothing says so yet.
+        ferry_common::fault_point!("cutover::hook_before_record");
         write_record(&record, &outcome)?;
+        // Recorded, not reported: a restarted agent reports the record.
+        ferry_common::fault_point!("cutover::hook_after_record");
         tracing::info!(
             message = "Hook ran.",
             step = name,

@@ -935,6 +935,8 @@ impl AgentControl for AgentService {
         };
         let resp = self.0.write(cmd).await?;
         expect_ok(resp)?;
+        // A cutover's phase moved (or the step was taken again): committed, not answered.
+        ferry_common::fault_point!("cutover::step_after_commit");
         tracing::info!(
             message = "Cutover step reported.",
             agent = %r.agent,

@@ -121,7 +121,11 @@ async fn commit(raft: &Raft, mut batch: Vec<(Command, Reply)>) {
 async fn write(raft: &Raft, cmd: Command) -> Result<Response, NotLeader> {
     use openraft::error::{ClientWriteError, RaftError};
     match raft.client_write(cmd).await {
-        Ok(r) => Ok(r.data),
+        Ok(r) => {
+            // Only a leader gets here: committed on a quorum and applied, not answered.
+            ferry_common::fault_point!("raft::leader_committed_before_answer");
+            Ok(r.data)
+        }
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(NotLeader::Elsewhere(f.leader_node.map(|n| n.addr)))
         }

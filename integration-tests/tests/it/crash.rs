@@ -13,22 +13,28 @@ use std::process::Child;
 use std::time::Duration;
 
 use ferry_common::pki::Identity;
+use ferry_proto::admin::CutoverPhase;
 
 use crate::harness::{
     assert_same_tree, finished, make_files, wait_for, CoordinatorProcess, TestEnv,
 };
 use crate::processes::{
-    ferryctl, json, spawn_agent, spawn_agent_toml_env, terminate, wait_registered,
+    ferryctl, json, spawn_agent_toml_env, spawn_agent_with, terminate, wait_registered,
 };
 
 /// A coordinator process, a source and a target agent process, and a source tree.
 struct Rig {
     env: TestEnv,
-    coord: CoordinatorProcess,
+    /// The coordinator nodes (node 1 first).
+    coords: Vec<CoordinatorProcess>,
+    /// Their addresses, comma-separated: what agents and operators are given.
+    addr: String,
     src: PathBuf,
     root: PathBuf,
     source: Child,
     target: Child,
+    /// Config sections of the source and the target after `[tls]` (hooks).
+    extra: [String; 2],
 }
 
 /// `FAILPOINTS` armed at `point` with `actions` (`return`: at its first hit).
@@ -40,9 +46,28 @@ impl Rig {
     /// `files` files of `size` bytes and one split file of `large` bytes; the target and the
     /// source started with `target_env` and `source_env`.
     async fn start(
+        shape: (usize, usize, usize),
+        target_env: &[(String, String)],
+        source_env: &[(String, String)],
+    ) -> Rig {
+        Rig::start_with(
+            1,
+            shape,
+            target_env,
+            source_env,
+            [String::new(), String::new()],
+        )
+        .await
+    }
+
+    /// [`Rig::start`] with `extra` config sections for the source and the target (their
+    /// hooks), kept for their restarts.
+    async fn start_with(
+        nodes: u64,
         (files, size, large): (usize, usize, usize),
         target_env: &[(String, String)],
         source_env: &[(String, String)],
+        extra: [String; 2],
     ) -> Rig {
         let env = TestEnv::new();
         env.issue(Identity::Admin("ops".into()));
@@ -50,23 +75,33 @@ impl Rig {
         make_files(&src, files, size);
         std::fs::write(src.join("large.bin"), vec![7u8; large]).unwrap();
         let root = env.path("dst");
-        let coord = CoordinatorProcess::start(&env).unwrap();
+        let coords = match nodes {
+            1 => vec![CoordinatorProcess::start(&env).unwrap()],
+            n => crate::cluster::form(&env, n).await.0,
+        };
+        let addr = coords
+            .iter()
+            .map(|c| c.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",");
         let top = format!(
             "data_listen = \"127.0.0.1:0\"\nroot = \"{}\"\n",
             root.display()
         );
-        let target = spawn_agent_toml_env(&env, "dst", &coord.addr, &top, "", target_env);
-        let source = spawn_agent_toml_env(&env, "src", &coord.addr, "", "", source_env);
-        let ctl = env.ctl(&coord.addr).await;
+        let target = spawn_agent_toml_env(&env, "dst", &addr, &top, &extra[1], target_env);
+        let source = spawn_agent_toml_env(&env, "src", &addr, "", &extra[0], source_env);
+        let ctl = env.ctl(&addr).await;
         wait_registered(&ctl, "dst", true).await;
         wait_registered(&ctl, "src", false).await;
         Rig {
             env,
-            coord,
+            coords,
+            addr,
             src,
             root,
             source,
             target,
+            extra,
         }
     }
 
@@ -84,7 +119,7 @@ impl Rig {
             "json",
         ];
         args.extend_from_slice(extra);
-        json(&ferryctl(&self.env, &self.coord.addr, &args))["migration_id"]
+        json(&ferryctl(&self.env, &self.addr, &args))["migration_id"]
             .as_u64()
             .unwrap()
     }
@@ -94,7 +129,8 @@ impl Rig {
     /// live to the coordinator), so that it handles SIGTERM.
     async fn restart_agent(&mut self, name: &str) {
         let root = (name == "dst").then_some(self.root.as_path());
-        let child = spawn_agent(&self.env, name, &self.coord.addr, root);
+        let extra = &self.extra[usize::from(name == "dst")];
+        let child = spawn_agent_with(&self.env, name, &self.addr, root, extra);
         *match name {
             "dst" => &mut self.target,
             _ => &mut self.source,
@@ -117,7 +153,7 @@ impl Rig {
     /// connection times out, and removes its temporaries then), the tree is the source's.
     /// Then everything stops cleanly.
     async fn ends_equal(mut self, id: u64) {
-        let ctl = self.env.ctl(&self.coord.addr).await;
+        let ctl = self.env.ctl(&self.addr).await;
         let log = || std::fs::read_to_string(self.env.path("agent-dst.log")).unwrap_or_default();
         let done = finished(&ctl, id, Duration::from_secs(120), &log).await;
         assert_eq!(done.progress.segments_failed, 0, "{:?}", done.progress);
@@ -129,7 +165,9 @@ impl Rig {
         assert_same_tree(&self.src, &self.root.join("copy"));
         terminate(&mut self.source, "source agent");
         terminate(&mut self.target, "target agent");
-        terminate(self.coord.child_mut(), "coordinator");
+        for c in &mut self.coords {
+            terminate(c.child_mut(), "coordinator");
+        }
     }
 }
 
@@ -188,22 +226,22 @@ async fn coordinator_crashes_at(point: &str) {
     let mut rig = Rig::start((40, 16 * 1024, 300 * 1024), &[], &[]).await;
     // Throttled, so that it still runs when the node comes back.
     let id = rig.create(&["--segment-size", "65536", "--throttle", "2mbit"]);
-    let ctl = rig.env.ctl(&rig.coord.addr).await;
+    let ctl = rig.env.ctl(&rig.addr).await;
     wait_for("a segment verified", Duration::from_secs(60), || async {
         let p = ctl.status(id).await.ok()?;
         (p.segments_verified > 0).then_some(())
     })
     .await;
 
-    terminate(rig.coord.child_mut(), "coordinator");
+    terminate(rig.coords[0].child_mut(), "coordinator");
     let [(var, value)] = armed(point, "3*off->return");
-    rig.coord
+    rig.coords[0]
         .restart_with_env(&[(var.as_str(), value.as_str())])
         .unwrap();
     let log = rig.env.path("coordinator-1.log");
-    aborted_at(rig.coord.child_mut(), &log, point).await;
-    rig.coord.restart().unwrap();
-    let addr = rig.coord.addr.clone();
+    aborted_at(rig.coords[0].child_mut(), &log, point).await;
+    rig.coords[0].restart().unwrap();
+    let addr = rig.addr.clone();
     let ctl = wait_for("coordinator back", Duration::from_secs(30), || {
         rig.env.ctl_try(&addr)
     })
@@ -268,4 +306,262 @@ async fn target_crashes_after_rename_before_directory_fsync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_crashes_after_commit_before_its_report() {
     target_crashes_at("target::before_report").await;
+}
+
+/// Hooks that append `<name> <attempt>` to `log`: the source's `pre_freeze` and `rollback`,
+/// the target's `switch`.
+fn counting_hooks(log: &Path) -> [String; 2] {
+    let log = log.display();
+    [
+        format!(
+            "[hooks]\npre_freeze = \"echo pre_freeze $FERRY_CUTOVER_ATTEMPT >> {log}\"\n\
+             rollback = \"echo rollback $FERRY_CUTOVER_ATTEMPT >> {log}\"\n"
+        ),
+        format!("[hooks]\nswitch = \"echo switch $FERRY_CUTOVER_ATTEMPT >> {log}\"\n"),
+    ]
+}
+
+/// Which process a cutover cell crashes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Crashes {
+    Source,
+    Target,
+    Coordinator,
+}
+
+/// A bulk copy, then a cutover during which `who` aborts at `point`; it is started again
+/// without the fault. The cutover must switch, its phases seen only moving forward, the
+/// target tree equal to the source's. Returns the hooks' runs as they logged them.
+async fn cutover_crashes_at(point: &str, who: Crashes) -> Vec<String> {
+    let env_dir = tempfile::tempdir().unwrap();
+    let hooks_log = env_dir.path().join("hooks.log");
+    let arm = |w| {
+        if who == w {
+            armed(point, "return").to_vec()
+        } else {
+            Vec::new()
+        }
+    };
+    let mut rig = Rig::start_with(
+        1,
+        (12, 16 * 1024, 200 * 1024),
+        &arm(Crashes::Target),
+        &arm(Crashes::Source),
+        counting_hooks(&hooks_log),
+    )
+    .await;
+    let id = rig.create(&["--segment-size", "65536"]);
+    let ctl = rig.env.ctl(&rig.addr).await;
+    let log = || String::new();
+    finished(&ctl, id, Duration::from_secs(120), &log).await;
+    if who == Crashes::Coordinator {
+        terminate(rig.coords[0].child_mut(), "coordinator");
+        let [(var, value)] = armed(point, "return");
+        rig.coords[0]
+            .restart_with_env(&[(var.as_str(), value.as_str())])
+            .unwrap();
+    }
+    let addr = rig.addr.clone();
+    let ctl = wait_for("the coordinator serves", Duration::from_secs(30), || {
+        rig.env.ctl_try(&addr)
+    })
+    .await;
+    ctl.cutover(id, false).await.unwrap();
+    let (child, log, name) = match who {
+        Crashes::Source => (&mut rig.source, rig.env.path("agent-src.log"), "src"),
+        Crashes::Target => (&mut rig.target, rig.env.path("agent-dst.log"), "dst"),
+        Crashes::Coordinator => (
+            rig.coords[0].child_mut(),
+            rig.env.path("coordinator-1.log"),
+            "coordinator",
+        ),
+    };
+    aborted_at(child, &log, point).await;
+    match who {
+        Crashes::Coordinator => rig.coords[0].restart().unwrap(),
+        _ => rig.restart_agent(name).await,
+    }
+    // The phases as seen until the cutover ends: only ever forward.
+    let seen = std::cell::RefCell::new(Vec::<(u32, i32)>::new());
+    let p = wait_for("the cutover to end", Duration::from_secs(120), || {
+        let (env, addr, seen) = (&rig.env, addr.clone(), &seen);
+        async move {
+            let ctl = env.ctl_try(&addr).await?;
+            let p = ctl.status(id).await.ok()?;
+            let c = p.cutover.clone()?;
+            let mut seen = seen.borrow_mut();
+            if seen.last() != Some(&(c.attempt, c.phase)) {
+                seen.push((c.attempt, c.phase));
+            }
+            let ended =
+                c.phase == CutoverPhase::Done as i32 || c.phase == CutoverPhase::Aborted as i32;
+            ended.then_some(p)
+        }
+    })
+    .await;
+    let seen = seen.into_inner();
+    let c = p.cutover.as_ref().unwrap();
+    assert_eq!(c.phase(), CutoverPhase::Done, "{c:#?}");
+    let order = |phase: i32| {
+        [
+            CutoverPhase::Freezing,
+            CutoverPhase::FinalSync,
+            CutoverPhase::Verifying,
+            CutoverPhase::Switching,
+            CutoverPhase::Done,
+        ]
+        .iter()
+        .position(|p| *p as i32 == phase)
+        .expect("a phase of a cutover that switches")
+    };
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].0 == w[1].0 && order(w[0].1) < order(w[1].1)),
+        "phases went back: {seen:?}"
+    );
+    let runs = std::fs::read_to_string(&hooks_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    rig.ends_equal(id).await;
+    runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_crashes_after_recording_its_pre_freeze_hook_before_reporting_it() {
+    let runs = cutover_crashes_at("cutover::hook_after_record", Crashes::Source).await;
+    assert_eq!(runs, ["pre_freeze 1", "switch 1"], "each hook once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_crashes_after_recording_its_switch_hook_before_reporting_it() {
+    let runs = cutover_crashes_at("cutover::hook_after_record", Crashes::Target).await;
+    assert_eq!(runs, ["pre_freeze 1", "switch 1"], "each hook once");
+}
+
+/// The one window where a hook runs twice: it ended, and the agent died before its record
+/// was written. The restarted agent cannot know it ran, and runs it again (hooks must be
+/// idempotent; `docs/reliability.md`). It is never lost, and the cutover still switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_crashes_after_its_pre_freeze_hook_ran_before_recording_it_and_runs_it_again() {
+    let runs = cutover_crashes_at("cutover::hook_before_record", Crashes::Source).await;
+    assert_eq!(runs, ["pre_freeze 1", "pre_freeze 1", "switch 1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_crashes_after_committing_a_cutover_step_before_answering_it() {
+    let runs = cutover_crashes_at("cutover::step_after_commit", Crashes::Coordinator).await;
+    assert_eq!(runs, ["pre_freeze 1", "switch 1"], "each hook once");
+}
+
+/// Which node of a three-node cluster a cell crashes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Node {
+    Leader,
+    Follower,
+}
+
+/// A three-node cluster mid-migration: the `role` node is stopped and started with `point`
+/// armed (a follower: at its fourth hit, while it replicates the agents' reports; the leader:
+/// restarted as a follower, then made leader again, at its first hit); it must abort there,
+/// the other two carry on, it is started again without the fault and catches up, and the
+/// migration ends done and equal.
+async fn node_of_three_crashes_at(point: &str, role: Node) {
+    let mut rig = Rig::start_with(
+        3,
+        (40, 16 * 1024, 300 * 1024),
+        &[],
+        &[],
+        [String::new(), String::new()],
+    )
+    .await;
+    let id = rig.create(&["--segment-size", "65536", "--throttle", "2mbit"]);
+    let ctl = rig.env.ctl(&rig.addr).await;
+    wait_for("a segment verified", Duration::from_secs(60), || async {
+        let p = ctl.status(id).await.ok()?;
+        (p.segments_verified > 0).then_some(())
+    })
+    .await;
+    let leader = ctl.cluster_status().await.unwrap().leader_id;
+    let victim = match role {
+        Node::Leader => leader,
+        Node::Follower => [1, 2, 3].into_iter().find(|&n| n != leader).unwrap(),
+    };
+    let i = victim as usize - 1;
+    terminate(rig.coords[i].child_mut(), "coordinator");
+    let others: Vec<String> = rig
+        .coords
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, c)| c.addr.clone())
+        .collect();
+    if role == Node::Leader {
+        // The others elect a leader first: started at once, the old leader might win the
+        // election and die before it ever was a follower.
+        crate::cluster::leader(&rig.env, &others, Some(victim)).await;
+    }
+    let actions = match role {
+        Node::Leader => "return",
+        Node::Follower => "3*off->return",
+    };
+    let [(var, value)] = armed(point, actions);
+    rig.coords[i]
+        .restart_with_env(&[(var.as_str(), value.as_str())])
+        .unwrap();
+    if role == Node::Leader {
+        // Back as a follower; once it caught up, leadership moves to it, and its first
+        // commit as leader is where it crashes.
+        let (_, now) = crate::cluster::leader(&rig.env, &others, Some(victim)).await;
+        let ctl = rig.env.ctl(&rig.coords[now as usize - 1].addr).await;
+        let upto = ctl.cluster_status().await.unwrap().last_log_index;
+        wait_for("the node caught up", Duration::from_secs(60), || async {
+            let s = ctl.cluster_status().await.ok()?;
+            let m = s.members.iter().find(|m| m.node_id == victim)?;
+            (m.matched_known && m.matched_index >= upto).then_some(())
+        })
+        .await;
+        if let Err(e) = ctl.transfer_leader(victim).await {
+            // It may die as it takes over, before the call is answered.
+            eprintln!("leader transfer to node {victim}: {e}");
+        }
+    }
+    let log = rig.env.path(&format!("coordinator-{victim}.log"));
+    aborted_at(rig.coords[i].child_mut(), &log, point).await;
+    rig.coords[i].restart().unwrap();
+    let recovered = ctl.status(id).await;
+    if let Ok(p) = recovered {
+        assert_ne!(
+            p.phase,
+            ferry_proto::admin::Phase::Done as i32,
+            "the crash came mid-migration: {p:?}"
+        );
+    }
+    rig.ends_equal(id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_of_three_crashes_after_appending_before_the_log_flush() {
+    node_of_three_crashes_at("raft::append_before_flush", Node::Follower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_of_three_crashes_after_the_log_flush_before_acknowledging_it() {
+    node_of_three_crashes_at("raft::append_after_flush", Node::Follower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_of_three_crashes_applying_before_recording_the_state() {
+    node_of_three_crashes_at("raft::apply_before_record", Node::Follower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_of_three_crashes_after_recording_the_state() {
+    node_of_three_crashes_at("raft::apply_after_record", Node::Follower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_of_three_crashes_after_a_commit_before_answering_it() {
+    node_of_three_crashes_at("raft::leader_committed_before_answer", Node::Leader).await;
 }
