@@ -127,6 +127,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let snapshot = build_snapshot(&self.shared)?;
         let data = snapshot.snapshot.get_ref().clone();
         save_snapshot(&self.snap_dir, &self.snap_lock, &snapshot.meta, data).await?;
+        // The snapshot file is durable; openraft does not know of it yet.
+        ferry_common::fault_point!("raft::snapshot_build_after_save");
         tracing::info!(
             message = "Built snapshot.",
             id = %snapshot.meta.snapshot_id,

@@ -366,8 +366,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let len = data.len();
         save_snapshot(&self.snap_dir, &self.snap_lock, meta, data).await?;
+        // The received snapshot's file is durable; the records are still the old generation's.
+        ferry_common::fault_point!("raft::snapshot_install_before_switch");
         self.switch_generation(&d)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        // The new generation is in place; openraft does not know the install ended.
+        ferry_common::fault_point!("raft::snapshot_install_after_switch");
         let mut state = d.state;
         state.rebuild_indexes();
         *self.shared.write().expect("not poisoned") = Applied {
