@@ -8,7 +8,7 @@ use ferry_common::config::TlsPaths;
 use ferry_common::enrol::{fetch_ca, pem_certificate, EnrolError, JoinToken};
 use ferry_common::names;
 use ferry_common::pki::{self, CertInfo, Identity, PkiError};
-use ferry_common::renewal::{install, renew_at};
+use ferry_common::renewal::{install, retry_after, wait_before_renewal};
 use ferry_proto::control as pb;
 use thiserror::Error;
 
@@ -146,11 +146,6 @@ pub async fn join(
     Ok(info)
 }
 
-/// How long a failed renewal waits before it tries again (at most).
-const RETRY_RENEWAL: Duration = Duration::from_secs(60);
-/// Longest sleep between two looks at the certificate.
-const LOOK_EVERY: Duration = Duration::from_secs(3600);
-
 /// Renews this agent's certificate whenever two thirds of its lifetime are behind it, until
 /// `stop`: a new key made here, a request for it signed by a coordinator, the files replaced
 /// ([`install`](ferry_common::renewal::install)), and the new certificate presented on every new connection (QUIC both ways,
@@ -170,11 +165,9 @@ pub async fn renew_certificates(
                 return;
             }
         };
-        let due = renew_at(info.not_before, info.not_after);
-        let wait = Duration::from_secs(due.saturating_sub(now_s()).max(0) as u64);
-        if !wait.is_zero() {
+        if let Some(wait) = wait_before_renewal(info.not_before, info.not_after, now_s()) {
             tokio::select! {
-                _ = tokio::time::sleep(wait.min(LOOK_EVERY)) => continue,
+                _ = tokio::time::sleep(wait) => continue,
                 _ = stop.changed() => return,
             }
         }
@@ -212,9 +205,8 @@ pub async fn renew_certificates(
                 } else {
                     tracing::warn!(message = "Cannot renew this agent's certificate; trying again.", %error, seconds_left = left);
                 }
-                let again = RETRY_RENEWAL.min(Duration::from_secs((left.max(10) / 10) as u64));
                 tokio::select! {
-                    _ = tokio::time::sleep(again) => {}
+                    _ = tokio::time::sleep(retry_after(info.not_after, now_s())) => {}
                     _ = stop.changed() => return,
                 }
             }

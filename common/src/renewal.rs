@@ -3,8 +3,15 @@
 //! together ([`install`], [`finish_renewal`]). Agents, coordinator nodes and ferryctl all renew
 //! this way; each makes its new key where it runs.
 
+use std::time::Duration;
+
 use crate::config::TlsPaths;
 use crate::pki::{self, PkiError};
+
+/// Longest a running process sleeps between two looks at its certificate.
+pub const LOOK_EVERY: Duration = Duration::from_secs(3600);
+/// Longest a failed renewal waits before it tries again.
+pub const RETRY_AT_MOST: Duration = Duration::from_secs(60);
 
 /// When a certificate valid from `not_before` to `not_after` (unix seconds) should be
 /// renewed: once two thirds of its lifetime are behind it, counted from its signing (ferry's
@@ -14,6 +21,22 @@ pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
         .saturating_add(pki::CLOCK_SKEW.as_secs() as i64)
         .min(not_after);
     signed + (not_after - signed).max(0) * 2 / 3
+}
+
+/// What a running process does at `now_s` with its certificate valid from `not_before` to
+/// `not_after` (unix seconds): sleep this long before it looks again (at most
+/// [`LOOK_EVERY`]), or renew now (`None`).
+pub fn wait_before_renewal(not_before: i64, not_after: i64, now_s: i64) -> Option<Duration> {
+    let due = renew_at(not_before, not_after);
+    let wait = Duration::from_secs(due.saturating_sub(now_s).max(0) as u64);
+    (!wait.is_zero()).then(|| wait.min(LOOK_EVERY))
+}
+
+/// How long a renewal that failed at `now_s` waits before the next try: a tenth of the
+/// certificate's time left (at least a second), at most [`RETRY_AT_MOST`].
+pub fn retry_after(not_after: i64, now_s: i64) -> Duration {
+    let left = not_after.saturating_sub(now_s);
+    RETRY_AT_MOST.min(Duration::from_secs((left.max(10) / 10) as u64))
 }
 
 /// Where a renewed key waits while its certificate is put in place.
@@ -68,7 +91,25 @@ pub fn finish_renewal(paths: &TlsPaths) {
 mod tests {
     use super::*;
     use crate::pki::Identity;
-    use std::time::{Duration, SystemTime};
+    use std::time::SystemTime;
+
+    #[test]
+    fn a_process_sleeps_until_renewal_is_due_and_retries_sooner_as_expiry_nears() {
+        // Signed at 1000 (valid from 700), for 90 s: due at 1060.
+        assert_eq!(
+            wait_before_renewal(700, 1090, 1000),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(wait_before_renewal(700, 1090, 1060), None);
+        assert_eq!(wait_before_renewal(700, 1090, 2000), None);
+        // A year's certificate: looked at again within the hour.
+        let year = 365 * 86_400;
+        assert_eq!(wait_before_renewal(0, year, 300), Some(LOOK_EVERY));
+        // Retries: a tenth of what is left, between 1 s and a minute.
+        assert_eq!(retry_after(1090, 1060), Duration::from_secs(3));
+        assert_eq!(retry_after(1090, 2000), Duration::from_secs(1));
+        assert_eq!(retry_after(year, 0), RETRY_AT_MOST);
+    }
 
     #[test]
     fn a_certificate_is_renewed_with_a_third_of_its_life_left() {

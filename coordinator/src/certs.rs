@@ -10,15 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{self, CertInfo, Identity};
-use ferry_common::renewal::{install, renew_at};
+use ferry_common::renewal::{install, retry_after, wait_before_renewal};
 use ferry_common::tls::TlsMaterial;
 
 use crate::grpc::Core;
 
-/// How long a failed renewal waits before it tries again (at most).
-const RETRY_RENEWAL: Duration = Duration::from_secs(60);
-/// Longest sleep between two looks at the certificate.
-const LOOK_EVERY: Duration = Duration::from_secs(3600);
 /// How long a peer has to certify a request.
 const PEER_CALL: Duration = Duration::from_secs(10);
 
@@ -38,10 +34,8 @@ pub async fn renew_own_certificate(core: Arc<Core>, tls: TlsMaterial, paths: Tls
                 return;
             }
         };
-        let due = renew_at(info.not_before, info.not_after);
-        let wait = Duration::from_secs(due.saturating_sub(now_s()).max(0) as u64);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait.min(LOOK_EVERY)).await;
+        if let Some(wait) = wait_before_renewal(info.not_before, info.not_after, now_s()) {
+            tokio::time::sleep(wait).await;
             continue;
         }
         match renew(&core, &tls, &paths).await {
@@ -58,8 +52,7 @@ pub async fn renew_own_certificate(core: Arc<Core>, tls: TlsMaterial, paths: Tls
                 } else {
                     tracing::warn!(message = "Cannot renew this node's certificate; trying again.", %error, seconds_left = left);
                 }
-                let again = RETRY_RENEWAL.min(Duration::from_secs((left.max(10) / 10) as u64));
-                tokio::time::sleep(again).await;
+                tokio::time::sleep(retry_after(info.not_after, now_s())).await;
             }
         }
     }
