@@ -538,20 +538,8 @@ impl Sim {
             return;
         }
         let session = self.dst.session;
-        let report = |result, source_hash| Command::ReportSegment {
-            agent: "dst".into(),
-            session,
-            role: Role::Target,
-            migration_id: l.migration_id,
-            segment_id: l.segment_id,
-            epoch: l.epoch,
-            result,
-            source_hash,
-            retry_later: false,
-            stale: false,
-            permanent: false,
-            now_ms: 0,
-        };
+        let report =
+            |result, source_hash| report(Role::Target, session, &l, result, source_hash, false);
         if received != sent {
             self.call(
                 Actor::Target,
@@ -594,20 +582,7 @@ impl Sim {
         } else {
             Err("the target did not store the segment".into())
         };
-        let cmd = Command::ReportSegment {
-            agent: "src".into(),
-            session,
-            role: Role::Source,
-            migration_id: l.migration_id,
-            segment_id: l.segment_id,
-            epoch: l.epoch,
-            result,
-            source_hash: None,
-            retry_later: false,
-            stale: false,
-            permanent: false,
-            now_ms: 0,
-        };
+        let cmd = report(Role::Source, session, &l, result, None, false);
         self.call(Actor::Source, cmd);
     }
 
@@ -737,22 +712,10 @@ impl Sim {
             .collect();
         for l in timed_out {
             self.src.held.remove(&(l.migration_id, l.segment_id));
+            let timed_out = Err("the transfer timed out".into());
             self.call(
                 Actor::Source,
-                Command::ReportSegment {
-                    agent: "src".into(),
-                    session,
-                    role: Role::Source,
-                    migration_id: l.migration_id,
-                    segment_id: l.segment_id,
-                    epoch: l.epoch,
-                    result: Err("the transfer timed out".into()),
-                    source_hash: None,
-                    retry_later: true,
-                    stale: false,
-                    permanent: false,
-                    now_ms: 0,
-                },
+                report(Role::Source, session, &l, timed_out, None, true),
             );
         }
         if self.now >= self.src.next_renew && !self.src.held.is_empty() {
@@ -951,6 +914,31 @@ impl Sim {
         self.net = kept;
         self.note("the leader changed".into());
         Ok(())
+    }
+}
+
+/// The report of `role`'s agent (session `session`) on lease `l` (stamped when delivered).
+fn report(
+    role: Role,
+    session: u64,
+    l: &Lease,
+    result: Result<Digest, String>,
+    source_hash: Option<Digest>,
+    retry_later: bool,
+) -> Command {
+    Command::ReportSegment {
+        agent: if role == Role::Source { "src" } else { "dst" }.into(),
+        session,
+        role,
+        migration_id: l.migration_id,
+        segment_id: l.segment_id,
+        epoch: l.epoch,
+        result,
+        source_hash,
+        retry_later,
+        stale: false,
+        permanent: false,
+        now_ms: 0,
     }
 }
 
