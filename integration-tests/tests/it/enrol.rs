@@ -913,9 +913,24 @@ async fn coordinator_nodes_renew_their_own_certificates_with_or_without_the_ca_k
     let addrs = [node1.addr.clone(), node2.addr.clone()];
     let (_ctl, _) = crate::cluster::leader(&env, &addrs, None).await;
     // Both serve operators (new connections), and a write commits (it needs both nodes).
+    // (A write may meet the election the restart started: it is retried until it commits,
+    // which it can only do with both renewed certificates in use.)
     for a in &addrs {
-        let out = ferryctl(&env, a, &["token", "create", "--ttl", "10m"]);
-        assert!(out.status.success(), "node at {a}: {}", stderr(&out));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = ferryctl(&env, a, &["token", "create", "--ttl", "10m"]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node at {a}: {}\nnode 1:\n{}\nnode 2:\n{}",
+                stderr(&out),
+                node1.log(),
+                node2.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     for (id, old) in [(1, &old[0]), (2, &old[1])] {
         let certs = certs_of(&env, &addrs[0], &format!("coordinator {id}"));
