@@ -181,74 +181,6 @@ impl AdminService {
     }
 }
 
-/// How long a leader transfer may take, over however many campaigns.
-const TRANSFER_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
-/// How long one campaign of a leader transfer is waited for before the node campaigns again.
-const TRANSFER_CAMPAIGN: std::time::Duration = std::time::Duration::from_secs(3);
-/// How long a node is waited for to hold or resume its election timer.
-const HOLD_CALL: std::time::Duration = std::time::Duration::from_secs(2);
-
-impl AdminService {
-    /// Holds (or with zero, resumes) the election timers of `nodes`, this one included if
-    /// listed. Best effort: a node that cannot be reached cannot campaign either, and every
-    /// hold ends by itself.
-    async fn hold_elections(&self, nodes: &[(u64, String)], hold: std::time::Duration) {
-        for (id, addr) in nodes {
-            if *id == self.0.node_id {
-                self.0.hold_elections(hold);
-                continue;
-            }
-            let asked = async {
-                let mut c = self.0.peers.client(addr).map_err(|e| e.to_string())?;
-                let req = ferry_proto::raft::HoldElectionsRequest {
-                    millis: hold.as_millis() as u64,
-                };
-                match tokio::time::timeout(HOLD_CALL, c.hold_elections(req)).await {
-                    Ok(r) => r.map(|_| ()).map_err(|s| s.message().to_string()),
-                    Err(_) => Err(format!("no answer within {HOLD_CALL:?}")),
-                }
-            };
-            if let Err(error) = asked.await {
-                tracing::warn!(message = "Leader transfer: could not hold or resume a node's election timer.", node = id, %addr, %error);
-            }
-        }
-    }
-
-    /// Has node `to` campaign until this node sees it lead, again when a campaign is lost,
-    /// for at most [`TRANSFER_WITHIN`].
-    async fn campaign(
-        &self,
-        client: &mut ferry_proto::raft::raft_peer_client::RaftPeerClient<tonic::transport::Channel>,
-        to: u64,
-    ) -> Result<(), Status> {
-        let deadline = tokio::time::Instant::now() + TRANSFER_WITHIN;
-        loop {
-            client
-                .elect(ferry_proto::raft::ElectRequest {})
-                .await
-                .map_err(|s| Status::unavailable(format!("node {to}: {}", s.message())))?;
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let won = self
-                .0
-                .raft
-                .wait(Some(left.min(TRANSFER_CAMPAIGN)))
-                .metrics(|m| m.current_leader == Some(to), "leader transfer")
-                .await;
-            match won {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Status::unavailable(format!(
-                        "node {to} did not become leader: {e}"
-                    )))
-                }
-                Err(e) => {
-                    tracing::info!(message = "Leader transfer: the campaign was lost; campaigning again.", node = to, error = %e)
-                }
-            }
-        }
-    }
-}
-
 /// An operator allowed to make a call, and what its audit records say of it.
 struct Caller {
     note: AuditNote,
@@ -482,41 +414,7 @@ impl Admin for AdminService {
         self.record(&caller, what.clone(), "requested").await?;
         let result: R<_> = async move {
             let to = req.into_inner().node_id;
-            let metrics = self.0.raft.metrics().borrow().clone();
-            let membership = metrics.membership_config.membership().clone();
-            if !membership.voter_ids().any(|v| v == to) {
-                return Err(Status::failed_precondition(format!(
-                    "node {to} is not a voter"
-                )));
-            }
-            if metrics.current_leader != Some(to) {
-                let addr = membership
-                    .get_node(&to)
-                    .map(|n| n.addr.clone())
-                    .ok_or_else(|| Status::not_found(format!("node {to} has no address")))?;
-                let mut client = self
-                    .0
-                    .peers
-                    .client(&addr)
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                // Each node draws its election timeout once, at start. Left alone, the election
-                // `to` starts would be a race it loses every time against an old leader whose
-                // timeout is the shorter: hold every other voter's election timer meanwhile.
-                let others: Vec<(u64, String)> = membership
-                    .voter_ids()
-                    .filter(|id| *id != to)
-                    .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
-                    .collect();
-                // `to` campaigns again by its own timer, if a transfer before this one left it held.
-                self.hold_elections(&[(to, addr.clone())], std::time::Duration::ZERO)
-                    .await;
-                self.hold_elections(&others, TRANSFER_WITHIN + TRANSFER_CAMPAIGN)
-                    .await;
-                let moved = self.campaign(&mut client, to).await;
-                self.hold_elections(&others, std::time::Duration::ZERO)
-                    .await;
-                moved?;
-            }
+            self.0.transfer_leader(to).await?;
             Ok(GrpcResponse::new(pb::TransferLeaderResponse {
                 leader_id: to,
             }))

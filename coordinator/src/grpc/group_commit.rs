@@ -6,10 +6,14 @@
 //! (at most [`IN_FLIGHT`] entries are being committed at once), then takes whatever else is
 //! queued, up to [`MAX_WEIGHT`] — so batches grow exactly when the cluster is busy and a lone
 //! command is proposed at once. Each caller gets its own command's response.
+//!
+//! A leader transfer pauses the queue ([`GroupCommit::pause`]): it takes every proposal slot,
+//! so that the log stops growing while the new leader catches up and campaigns; commands queue
+//! meanwhile and are proposed (or forwarded to the new leader) when the pause ends.
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::NotLeader;
 use crate::raft_types::Raft;
@@ -27,6 +31,7 @@ type Reply = oneshot::Sender<Result<Response, NotLeader>>;
 #[derive(Clone)]
 pub struct GroupCommit {
     tx: mpsc::UnboundedSender<(Command, Reply)>,
+    slots: Arc<Semaphore>,
 }
 
 impl GroupCommit {
@@ -34,8 +39,20 @@ impl GroupCommit {
     /// entries it proposed are answered: await the task it returns before shutting Raft down.
     pub fn start(raft: Raft) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(raft, rx));
-        (GroupCommit { tx }, task)
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        let task = tokio::spawn(run(raft, rx, slots.clone()));
+        (GroupCommit { tx, slots }, task)
+    }
+
+    /// Stops proposing until the returned guard is dropped. It returns once every entry
+    /// proposed before it has been answered, so from then on this node appends nothing to the
+    /// log of its own accord; commands keep queueing.
+    pub async fn pause(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_many_owned(IN_FLIGHT as u32)
+            .await
+            .expect("the proposal slots are never closed")
     }
 
     /// Commits `cmd` (in a batch with whatever else is waiting) and returns its response.
@@ -49,8 +66,7 @@ impl GroupCommit {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>, slots: Arc<Semaphore>) {
     let mut carry: Option<(Command, Reply)> = None;
     // The entries being committed, owned here: the task ends after them.
     let mut commits = tokio::task::JoinSet::new();

@@ -7,6 +7,7 @@ mod convert;
 pub mod enrol;
 pub mod group_commit;
 pub mod peer;
+mod transfer;
 
 use ferry_common::names::Role;
 use std::collections::BTreeSet;

@@ -90,6 +90,18 @@ impl RaftPeer for PeerService {
         Ok(Response::new(pb::HoldElectionsReply {}))
     }
 
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> R<pb::TransferLeaderReply> {
+        authorize_coordinator(&req)?;
+        // Only the leader runs a transfer; it never forwards one again.
+        self.0
+            .transfer_leader_here(req.into_inner().node_id)
+            .await?;
+        Ok(Response::new(pb::TransferLeaderReply {}))
+    }
+
     async fn renew_node_certificate(
         &self,
         req: Request<pb::RenewNodeCertificateRequest>,
