@@ -841,8 +841,14 @@ impl ObjectWriter<'_> {
         let lock = sink.lock(key);
         let _guard = lock.lock().expect("not poisoned");
         let path = sink.sidecar_path(&self.migration, key);
-        if let Some(up) = super::load_json::<Upload>(&path)? {
+        if let Some(mut up) = super::load_json::<Upload>(&path)? {
             if up.describes(e, piece) {
+                if !up.complete && up.pieces.len() as u64 == u64::from(up.chunk_count) {
+                    // Every piece was recorded, but the target stopped before recording the
+                    // completion: complete it (or find it completed) before the piece sent
+                    // again is checked against what the store holds.
+                    self.complete(&mut up, key, &path, e)?;
+                }
                 return Ok((up.id, up.complete));
             }
             if !up.complete {
@@ -895,6 +901,8 @@ impl ObjectWriter<'_> {
             Some(up) if up.id == p.upload => up,
             _ => return Err(lost()),
         };
+        // The piece's parts are in the store, its sidecar does not list them yet.
+        ferry_common::fault_point!("object::piece_before_record");
         if p.resent || up.complete {
             // The file is in the store already: a piece sent again must be what it holds.
             return match up.pieces.get(&p.entry.chunk_index) {
@@ -918,29 +926,75 @@ impl ObjectWriter<'_> {
         );
         save_json(&path, &up)?;
         if up.pieces.len() as u64 == u64::from(up.chunk_count) {
-            let mut parts: Vec<(usize, String)> = up
-                .pieces
-                .values()
-                .flat_map(|d| d.parts.iter().cloned())
-                .collect();
-            parts.sort_by_key(|p| p.0);
-            if parts.iter().enumerate().any(|(i, p)| p.0 != i) {
-                return Err(bad(&p.entry, "the pieces' parts are not contiguous"));
-            }
-            let ids = parts
-                .into_iter()
-                .map(|(_, content_id)| PartId { content_id })
-                .collect();
-            match sink.block(sink.store.complete_multipart(&p.key, &up.id, ids)) {
-                Ok(_) => {}
-                Err(object_store::Error::NotFound { .. }) => return Err(lost()),
-                Err(e) => return Err(store_error("cannot complete the upload of", &p.key)(e)),
-            }
-            bump(&sink.counters.uploads_completed);
-            up.complete = true;
-            save_json(&path, &up)?;
+            ferry_common::fault_point!("object::last_piece_recorded_before_complete");
+            self.complete(&mut up, &p.key, &path, &p.entry)?;
         }
         Ok(())
+    }
+
+    /// Completes `up`, every piece of which is recorded, and records that it is. A store that
+    /// no longer knows the upload may have completed it just before this target stopped (the
+    /// sidecar is saved after the completion): the object in place, of the file's size and, if
+    /// the store keeps metadata, its mtime, is that completion.
+    fn complete(
+        &self,
+        up: &mut Upload,
+        key: &Key,
+        path: &std::path::Path,
+        e: &Entry,
+    ) -> Result<(), SinkError> {
+        let sink = self.sink;
+        let mut parts: Vec<(usize, String)> = up
+            .pieces
+            .values()
+            .flat_map(|d| d.parts.iter().cloned())
+            .collect();
+        parts.sort_by_key(|p| p.0);
+        if parts.iter().enumerate().any(|(i, p)| p.0 != i) {
+            return Err(bad(e, "the pieces' parts are not contiguous"));
+        }
+        let ids = parts
+            .into_iter()
+            .map(|(_, content_id)| PartId { content_id })
+            .collect();
+        if let Err(err) = sink.block(sink.store.complete_multipart(key, &up.id, ids)) {
+            if !self.completed_already(up, key)? {
+                return Err(match err {
+                    object_store::Error::NotFound { .. } => SinkError::UploadLost {
+                        path: display(&e.path),
+                        upload: up.id.clone(),
+                    },
+                    err => store_error("cannot complete the upload of", key)(err),
+                });
+            }
+            tracing::info!(message = "A multipart upload was found completed before this target stopped.", key = %key, upload = %up.id);
+        }
+        bump(&sink.counters.uploads_completed);
+        // The object is in the store; its sidecar still says the upload is open.
+        ferry_common::fault_point!("object::completed_before_record");
+        up.complete = true;
+        save_json(path, up)?;
+        Ok(())
+    }
+
+    /// Whether the object `up` uploads is in the store: its size, and its `ferry-mtime` when
+    /// the store kept metadata, are the file's.
+    fn completed_already(&self, up: &Upload, key: &Key) -> Result<bool, SinkError> {
+        let sink = self.sink;
+        let opts = object_store::GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        match sink.block(sink.store.get_opts(key, opts)) {
+            Ok(r) => {
+                let name = Attribute::Metadata(format!("ferry{}mtime", sink.meta_sep).into());
+                let want = format!("{}.{:09}", up.mtime.0, up.mtime.1);
+                Ok(r.meta.size == up.file_size
+                    && r.attributes.get(&name).is_none_or(|m| **m == *want))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(store_error("cannot look up", key)(err)),
+        }
     }
 
     fn run_puts(&self, puts: &mut Vec<(Key, Bytes, Attributes)>) -> Result<(), SinkError> {

@@ -193,7 +193,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 /// Waits for `child` to die of SIGABRT (a fault point reached, as a crash would stop it:
 /// nothing cleaned up) and checks its log says which.
-async fn aborted_at(child: &mut Child, log: &Path, point: &str) {
+pub(crate) async fn aborted_at(child: &mut Child, log: &Path, point: &str) {
     let status = wait_for("the process to crash", Duration::from_secs(60), || {
         let s = child.try_wait().unwrap();
         async move { s }

@@ -807,3 +807,73 @@ async fn an_object_changed_after_the_listing_is_never_passed_off_as_the_listed_o
     target.shutdown().await;
     node.shutdown().await;
 }
+
+/// A crash cell of the object-store target (docs/reliability.md): a target writing into S3 is
+/// aborted at `point` (its first hit) while it uploads a 24 MiB checkpoint in three pieces of
+/// one multipart upload, is started again without the fault, and the migration must end done
+/// with no segment failed; the store holds the file whole (read back and hashed by boto3) and
+/// no upload is left open.
+async fn a_store_target_crashes_at(point: &str, bucket: &str) {
+    let Some(moto) = moto() else { return };
+    moto.create_bucket(bucket).unwrap();
+    let env = TestEnv::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut big = vec![0u8; 24 * MIB + 100];
+    blake3::Hasher::new_derive_key(&format!("ferry s3 crash {bucket}"))
+        .finalize_xof()
+        .fill(&mut big);
+    std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let source = ferry_agent::run::start(env.agent_config("source", &coord, None))
+        .await
+        .unwrap();
+    let top = "data_listen = \"127.0.0.1:0\"\n";
+    let (store, _) = moto.target_store_toml(bucket, "ckpt");
+    let armed = [("FAILPOINTS".to_string(), format!("{point}=return"))];
+    let mut target =
+        crate::processes::spawn_agent_toml_env(&env, "target", &coord, top, &store, &armed);
+    crate::processes::wait_registered(&ctl, "target", true).await;
+    let id = ctl.create(store_spec(&src, "")).await.unwrap();
+    let log = env.path("agent-target.log");
+    crate::crash::aborted_at(&mut target, &log, point).await;
+
+    let mut target = crate::processes::spawn_agent_toml(&env, "target", &coord, top, &store);
+    let log = || std::fs::read_to_string(env.path("agent-target.log")).unwrap_or_default();
+    let done = finished(&ctl, id, Duration::from_secs(120), &log).await;
+    assert_eq!(done.progress.segments_failed, 0, "{:?}", done.progress);
+    let held = moto.list(bucket, "").unwrap();
+    let got = &held["ckpt/checkpoint.bin"];
+    assert_eq!(
+        (got.size, got.sha256.as_str()),
+        (big.len() as u64, sha256(&big).as_str())
+    );
+    assert!(
+        moto.uploads(bucket).unwrap().is_empty(),
+        "an upload was left open"
+    );
+    crate::processes::terminate(&mut target, "target");
+    source.shutdown().await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_target_crashes_after_uploading_a_piece_before_recording_it() {
+    a_store_target_crashes_at("object::piece_before_record", "ferry-crash-piece").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_target_crashes_after_recording_the_last_piece_before_completing_the_upload() {
+    a_store_target_crashes_at(
+        "object::last_piece_recorded_before_complete",
+        "ferry-crash-last",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_target_crashes_after_completing_the_upload_before_recording_it() {
+    a_store_target_crashes_at("object::completed_before_record", "ferry-crash-complete").await;
+}
