@@ -39,8 +39,52 @@ impl PartState {
     }
 }
 
-/// See `FsSink::part_gates`: `true` once the file is completed.
-pub(super) type PartGate = Arc<std::sync::RwLock<bool>>;
+/// See `FsSink::part_gates`.
+pub(super) type PartGate = Arc<std::sync::RwLock<Gate>>;
+
+/// Who may still write into a part.
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    /// The file was completed: nobody.
+    pub(super) closed: bool,
+    /// Each piece's writer: the fencing token (lease epoch, only ever growing) of the newest
+    /// transfer that opened it. An older transfer of the same piece, still streaming after its
+    /// lease was lost and the piece leased again, writes nothing more into it: two transfers
+    /// interleaving their writes could leave bytes of the older in the piece the newer verified.
+    pub(super) writers: HashMap<u32, u64>,
+}
+
+impl Gate {
+    /// Whether the transfer holding lease `epoch` may write piece `chunk` (it must have opened
+    /// it, [`Gate::open`]), else why not.
+    pub(super) fn check(&self, chunk: u32, epoch: u64, path: &Path) -> Result<(), SinkError> {
+        if self.closed {
+            return Err(completed(path));
+        }
+        match self.writers.get(&chunk) {
+            Some(&newest) if newest > epoch => Err(superseded(path, chunk)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Registers the transfer holding lease `epoch` as piece `chunk`'s writer, unless a newer
+    /// one has it or the file is complete.
+    pub(super) fn open(&mut self, chunk: u32, epoch: u64, path: &Path) -> Result<(), SinkError> {
+        self.check(chunk, epoch, path)?;
+        self.writers.insert(chunk, epoch);
+        Ok(())
+    }
+}
+
+/// What a transfer writing a piece gets once a newer transfer of the same piece opened it.
+fn superseded(path: &Path, chunk: u32) -> SinkError {
+    SinkError::BadEntry {
+        path: display(path),
+        reason: format!(
+            "piece {chunk} is being written by a newer transfer (its lease was granted again);              this one writes nothing more into it"
+        ),
+    }
+}
 
 /// What a transfer writing into a part gets once the part became the finished file.
 pub(super) fn completed(path: &Path) -> SinkError {
@@ -185,8 +229,8 @@ impl SegmentWriter<'_> {
         // file: waits for a write under way, refuses the next. Opened again if the file is not
         // marked complete after all.
         let gate = sink.part_gate(dest, st.part_ino);
-        let mut closed = gate.write().expect("not poisoned");
-        *closed = true;
+        let mut gate = gate.write().expect("not poisoned");
+        gate.closed = true;
         let finished = (|| {
             let f = open_nofollow(&part).map_err(io_at("cannot open", &part))?;
             f.set_len(e.file_size)
@@ -209,7 +253,7 @@ impl SegmentWriter<'_> {
             sink.save_sidecar(&sidecar, &st)
         })();
         if let Err(err) = finished {
-            *closed = false;
+            gate.closed = false;
             return Err(err);
         }
         beneath::rename(&part, dest).map_err(io_at("cannot rename into place", dest))?;

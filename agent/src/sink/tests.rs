@@ -1220,6 +1220,41 @@ fn a_transfer_still_writing_when_its_file_is_completed_never_writes_into_it() {
     assert_eq!((now.mtime(), now.mtime_nsec()), (9, 9));
 }
 
+/// Two transfers of one piece at once (its lease was lost while the first streamed, and the
+/// piece was leased again): the older one, going on after the newer wrote the whole piece,
+/// wrote into it, so the piece the newer verified held bytes it never hashed. Once a newer
+/// transfer opened the piece, an older one writes nothing more into it and cannot open it.
+#[test]
+fn an_older_transfer_of_a_piece_writes_nothing_once_a_newer_one_opened_it() {
+    let f = Fixture::new();
+    let dest = f.path("big.bin");
+    let mut stale = f.sink.begin("", "c/m1", 1, 1).unwrap();
+    stale.start_entry(&piece(1)).unwrap();
+    stale.write(&data()[100..150]).unwrap();
+    let mut newer = f.sink.begin("", "c/m1", 1, 11).unwrap();
+    newer.start_entry(&piece(1)).unwrap();
+    newer.write(&data()[100..200]).unwrap();
+    // The stale transfer goes on with other bytes (a source file changed without its mtime).
+    let err = stale.write(&[0xEE; 50]).unwrap_err();
+    assert!(err.to_string().contains("newer transfer"), "{err}");
+    drop(stale);
+    // A transfer older still cannot even open the piece.
+    let mut late = f.sink.begin("", "c/m1", 1, 5).unwrap();
+    let err = late.start_entry(&piece(1)).unwrap_err();
+    assert!(err.to_string().contains("newer transfer"), "{err}");
+    drop(late);
+    newer.finish().unwrap();
+    newer.commit().unwrap();
+    for i in [0u32, 2] {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    assert_eq!(
+        fs::read(&dest).unwrap(),
+        data(),
+        "only the newer transfer's bytes"
+    );
+}
+
 /// Found by the crash matrix: a transfer that failed after another transfer of the same files
 /// committed removed its temporaries and left their directory with the time of that removal.
 #[test]

@@ -290,9 +290,11 @@ impl SegmentWriter<'_> {
                     Mode::Part => {
                         let ino = file.metadata().map_err(io_at("cannot stat", &path))?.ino();
                         let gate = self.sink.part_gate(&dest, ino);
-                        if *gate.read().expect("not poisoned") {
-                            return Err(completed(&entry.path));
-                        }
+                        gate.write().expect("not poisoned").open(
+                            entry.chunk_index,
+                            self.epoch,
+                            &entry.path,
+                        )?;
                         Some(gate)
                     }
                     _ => None,
@@ -556,10 +558,10 @@ impl SegmentWriter<'_> {
                     .map_err(io_at("cannot write", &open.path))?,
                 Mode::Part => {
                     let gate = open.gate.as_ref().expect("a part has its gate");
-                    let closed = gate.read().expect("not poisoned");
-                    if *closed {
-                        return Err(completed(&open.entry.path));
-                    }
+                    // Held across the write: completing the file, or a newer transfer of this
+                    // piece opening it, waits for the write under way.
+                    let gate = gate.read().expect("not poisoned");
+                    gate.check(open.entry.chunk_index, self.epoch, &open.entry.path)?;
                     open.file
                         .write_all_at(&rest[..n], at)
                         .map_err(io_at("cannot write", &open.path))?
@@ -633,10 +635,8 @@ impl SegmentWriter<'_> {
             }
             Mode::Part => {
                 let gate = open.gate.as_ref().expect("a part has its gate");
-                let closed = gate.read().expect("not poisoned");
-                if *closed {
-                    return Err(completed(&e.path));
-                }
+                let gate = gate.read().expect("not poisoned");
+                gate.check(e.chunk_index, self.epoch, &e.path)?;
                 // The part may hold bytes of an earlier attempt where this piece has holes.
                 for (start, len) in holes(e, &open.runs) {
                     crate::holes::make_hole(&open.file, start, len)
