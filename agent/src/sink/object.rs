@@ -12,6 +12,8 @@
 //!   but a split file on Azure, whose uploads take no metadata through `object_store`.
 //! - A whole file of at most [`PART_BYTES`] is buffered and stored with one PUT at commit (a
 //!   bundle's PUTs run [`PUTS_AT_ONCE`] at a time), with its content BLAKE3 as `ferry-blake3`.
+//!   Until the commit such files wait in memory within [`MEMORY_BUDGET`] over all segments,
+//!   else in an unlinked spill file in the agent's state directory.
 //!   A larger whole file streams into a multipart upload as it arrives (its metadata is set when
 //!   the upload starts, before its hash is known: no `ferry-blake3`), completed at commit,
 //!   aborted if the segment is dropped.
@@ -65,6 +67,13 @@ const PART_BUDGET: u64 = 9_000;
 const PARTS_IN_FLIGHT: usize = 2;
 /// PUTs of one bundle's small files run this many at once.
 pub const PUTS_AT_ONCE: usize = 16;
+/// Small files a sink holds in memory, over all the segments it is writing, until their
+/// commits store them (nothing is visible before its segment's commit). Past it, a segment's
+/// small files wait in a spill file in the agent's state directory instead: memory stays
+/// bounded however many segments arrive at once, and no writer ever waits for another.
+pub const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
+/// Spilled bytes a commit reads back at once (a group of PUTs).
+const SPILL_READ_AT_ONCE: u64 = 16 * 1024 * 1024;
 
 /// A store the sink can write to: objects, and multipart uploads it can resume by id.
 pub trait Store: ObjectStore + MultipartStore {}
@@ -225,6 +234,9 @@ pub struct ObjectCounters {
     pub copies: AtomicU64,
     /// Objects deleted.
     pub deletes: AtomicU64,
+    /// Bytes of small files that waited for their commit in a spill file, past
+    /// [`MEMORY_BUDGET`].
+    pub spilled: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -242,6 +254,13 @@ pub struct ObjectSink {
     handle: tokio::runtime::Handle,
     /// Between `ferry` and a metadata field's name: `-`, or `_` on Azure.
     meta_sep: char,
+    /// `<state_dir>/object-spill`: where small files past the memory budget wait (files
+    /// unlinked at creation: nothing is left there by a crash).
+    spill_dir: PathBuf,
+    /// Bytes of small files held in memory for commits, over all writers.
+    held: AtomicU64,
+    /// [`MEMORY_BUDGET`], or a test's.
+    budget: u64,
     /// What it has done.
     pub counters: ObjectCounters,
 }
@@ -258,6 +277,8 @@ impl ObjectSink {
     ) -> Result<Self, SinkError> {
         let parts_dir = state_dir.join("object-parts");
         std::fs::create_dir_all(&parts_dir).map_err(super::io_at("cannot create", &parts_dir))?;
+        let spill_dir = state_dir.join("object-spill");
+        std::fs::create_dir_all(&spill_dir).map_err(super::io_at("cannot create", &spill_dir))?;
         Ok(ObjectSink {
             store,
             prefix,
@@ -265,8 +286,55 @@ impl ObjectSink {
             locks: Default::default(),
             handle,
             meta_sep: '-',
+            spill_dir,
+            held: AtomicU64::new(0),
+            budget: MEMORY_BUDGET,
             counters: ObjectCounters::default(),
         })
+    }
+
+    /// The same sink holding at most `bytes` of small files in memory (tests).
+    pub fn with_memory_budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
+        self
+    }
+
+    /// Bytes of small files held in memory for commits right now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// A new spill file, already unlinked.
+    fn spill_file(&self) -> Result<std::fs::File, SinkError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = &self.spill_dir;
+        let tmpfile = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir);
+        match tmpfile {
+            Ok(f) => Ok(f),
+            // A file system without O_TMPFILE: a named file, unlinked at once.
+            Err(_) => {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                let path = dir.join(format!(
+                    "spill-{}-{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(super::io_at("cannot create", &path))?;
+                std::fs::remove_file(&path).map_err(super::io_at("cannot remove", &path))?;
+                Ok(f)
+            }
+        }
     }
 
     /// The same sink naming its metadata `ferry_<field>` (Azure: metadata names are
@@ -630,7 +698,7 @@ pub fn percent_decode(text: &str) -> Option<Vec<u8>> {
 enum Op {
     Put {
         key: Key,
-        data: Bytes,
+        data: Body,
         attrs: Attributes,
     },
     Finish {
@@ -646,6 +714,23 @@ enum Op {
         key: Key,
     },
     Piece(PieceDone),
+}
+
+/// A small file's bytes, waiting for its segment's commit.
+enum Body {
+    /// In memory (counted in the sink's `held`).
+    Held(Bytes),
+    /// In the writer's spill file.
+    Spilled { at: u64, len: u64 },
+}
+
+impl Body {
+    fn spilled_len(&self) -> u64 {
+        match self {
+            Body::Held(_) => 0,
+            Body::Spilled { len, .. } => *len,
+        }
+    }
 }
 
 struct PieceDone {
@@ -694,6 +779,10 @@ pub struct ObjectWriter<'a> {
     current: Option<Current>,
     ops: std::collections::VecDeque<Op>,
     hash: Option<[u8; 32]>,
+    /// Bytes this writer holds in memory, counted in the sink's `held`.
+    held: u64,
+    /// Its spill file and the bytes in it.
+    spill: Option<(std::fs::File, u64)>,
 }
 
 impl Sink for ObjectSink {
@@ -716,6 +805,8 @@ impl Sink for ObjectSink {
             current: None,
             ops: Default::default(),
             hash: None,
+            held: 0,
+            spill: None,
         })
     }
 }
@@ -781,11 +872,8 @@ impl ObjectWriter<'_> {
                     None => {
                         let h = *hasher.finalize().as_bytes();
                         let attrs = sink.attributes(&entry, Some(&h));
-                        self.ops.push_back(Op::Put {
-                            key,
-                            data: Bytes::from(buf),
-                            attrs,
-                        })
+                        let data = self.keep(buf)?;
+                        self.ops.push_back(Op::Put { key, data, attrs })
                     }
                 }
             }
@@ -997,13 +1085,71 @@ impl ObjectWriter<'_> {
         }
     }
 
-    fn run_puts(&self, puts: &mut Vec<(Key, Bytes, Attributes)>) -> Result<(), SinkError> {
-        if puts.is_empty() {
+    /// A small file's bytes until the commit: in memory within the sink's budget, else
+    /// appended to this writer's spill file.
+    fn keep(&mut self, buf: Vec<u8>) -> Result<Body, SinkError> {
+        let sink = self.sink;
+        let len = buf.len() as u64;
+        let reserved = sink
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h + len <= sink.budget).then_some(h + len)
+            })
+            .is_ok();
+        if reserved {
+            self.held += len;
+            return Ok(Body::Held(Bytes::from(buf)));
+        }
+        if self.spill.is_none() {
+            self.spill = Some((sink.spill_file()?, 0));
+        }
+        let (file, end) = self.spill.as_mut().expect("just made");
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&buf, *end).map_err(super::io_at(
+            "cannot write a spill file in",
+            &sink.spill_dir,
+        ))?;
+        let at = *end;
+        *end += len;
+        sink.counters.spilled.fetch_add(len, Ordering::Relaxed);
+        Ok(Body::Spilled { at, len })
+    }
+
+    /// Stores `puts`, in groups that read at most [`SPILL_READ_AT_ONCE`] spilled bytes back.
+    fn run_puts(&self, puts: &mut Vec<(Key, Body, Attributes)>) -> Result<(), SinkError> {
+        let mut group = Vec::new();
+        let mut reading = 0;
+        for (key, body, attrs) in std::mem::take(puts) {
+            let len = body.spilled_len();
+            if reading + len > SPILL_READ_AT_ONCE && !group.is_empty() {
+                self.put_group(std::mem::take(&mut group))?;
+                reading = 0;
+            }
+            reading += len;
+            let data = match body {
+                Body::Held(b) => b,
+                Body::Spilled { at, len } => {
+                    use std::os::unix::fs::FileExt;
+                    let (file, _) = self.spill.as_ref().expect("a spilled body has its file");
+                    let mut b = vec![0u8; len as usize];
+                    file.read_exact_at(&mut b, at).map_err(super::io_at(
+                        "cannot read a spill file in",
+                        &self.sink.spill_dir,
+                    ))?;
+                    Bytes::from(b)
+                }
+            };
+            group.push((key, data, attrs));
+        }
+        self.put_group(group)
+    }
+
+    fn put_group(&self, batch: Vec<(Key, Bytes, Attributes)>) -> Result<(), SinkError> {
+        if batch.is_empty() {
             return Ok(());
         }
         let sink = self.sink;
         let store = &sink.store;
-        let batch = std::mem::take(puts);
         sink.block(
             futures::stream::iter(batch.into_iter().map(|(key, data, attrs)| async move {
                 let opts = PutOptions {
@@ -1185,7 +1331,7 @@ impl SegmentWrite for ObjectWriter<'_> {
             EntryKind::Symlink => {
                 self.ops.push_back(Op::Put {
                     key,
-                    data: Bytes::new(),
+                    data: Body::Held(Bytes::new()),
                     attrs: self.sink.attributes(e, None),
                 });
                 Current::Nothing { entry: e.clone() }
@@ -1329,6 +1475,8 @@ impl Drop for ObjectWriter<'_> {
     /// A segment dropped before its commit: whole files' multipart uploads are aborted (a split
     /// file's upload stays, for its other pieces).
     fn drop(&mut self) {
+        // Its small files are stored or dropped: they no longer count against the budget.
+        self.sink.held.fetch_sub(self.held, Ordering::AcqRel);
         let mut uploads = Vec::new();
         if let Some(Current::Whole {
             upload: Some(u), ..

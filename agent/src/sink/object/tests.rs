@@ -342,3 +342,52 @@ fn hardlinks_are_copies_deletions_remove_what_lies_below_and_bad_entries_are_ref
         .unwrap_err();
     assert!(matches!(e, SinkError::BaseGone { .. }), "{e}");
 }
+
+/// Small files wait in memory for their segment's commit only within the sink's budget, over
+/// every segment it is writing at once; past it they wait in a spill file, and every object
+/// lands whole at its commit. A segment dropped before its commit gives its share back.
+#[test]
+fn small_files_past_the_memory_budget_wait_in_a_spill_file_and_land_whole() {
+    let rig = Rig::new();
+    let sink = rig.sink().with_memory_budget(1000);
+    let files: Vec<(Entry, Vec<u8>)> = (0..10u8)
+        .map(|i| (file(&format!("f{i}"), &[i; 300]), vec![i; 300]))
+        .collect();
+    // Another segment holds 300 bytes of the budget meanwhile, then is dropped.
+    let mut other = sink.begin("t", "c/m1", 2, 2).unwrap();
+    other.start_entry(&file("other", &[9; 300])).unwrap();
+    other.write(&[9; 300]).unwrap();
+    other.finish().unwrap();
+    assert_eq!(sink.held(), 300);
+
+    let mut w = sink.begin("t", "c/m1", 1, 1).unwrap();
+    for (e, data) in &files {
+        w.start_entry(e).unwrap();
+        w.write(data).unwrap();
+    }
+    w.finish().unwrap();
+    // 700 bytes were left: two files held, eight spilled; nothing visible before the commit.
+    assert_eq!(sink.held(), 900);
+    assert_eq!(sink.counters.spilled.load(Ordering::Relaxed), 8 * 300);
+    assert!(rig.keys().is_empty());
+    assert!(
+        std::fs::read_dir(rig.state.path().join("object-spill"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "spill files are unlinked at creation"
+    );
+    w.commit().unwrap();
+    assert_eq!(
+        sink.held(),
+        300,
+        "the committed segment gave its share back"
+    );
+    for (e, data) in &files {
+        let (got, _) = rig.get(&format!("t/{}", e.path.display())).unwrap();
+        assert_eq!(&got, data, "{}", e.path.display());
+    }
+    drop(other);
+    assert_eq!(sink.held(), 0, "and so did the dropped one");
+    assert!(rig.get("t/other").is_none());
+}
