@@ -1107,7 +1107,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(match chain {
                 Ok(()) => {
                     if !json {
-                        println!("{} record(s); hash chain intact", records.len());
+                        match records.first() {
+                            Some(r) if r.seq > 1 => println!(
+                                "{} record(s); hash chain intact from record {} (the \
+                                 coordinator keeps the newest {}; every record is also in the \
+                                 nodes' logs, target ferry_audit)",
+                                records.len(),
+                                r.seq,
+                                ferry_coordinator::state::AUDIT_KEPT
+                            ),
+                            _ => println!("{} record(s); hash chain intact", records.len()),
+                        }
                     }
                     ExitCode::SUCCESS
                 }

@@ -1190,8 +1190,18 @@ pub fn print_json<T: serde::Serialize>(v: &T) {
 /// Whether audit `records` (the whole log, from its first record) chain: each record's hash is
 /// its fields' and names the record before. Returns the first broken record's number.
 pub fn check_audit_chain(records: &[pb::AuditRecordInfo]) -> Result<(), u64> {
-    use ferry_coordinator::state::{record_hash, AuditNote};
-    let mut prev = [0u8; 32];
+    use ferry_coordinator::state::{record_hash, AuditNote, AUDIT_KEPT};
+    // The coordinator keeps the newest AUDIT_KEPT records: a log that starts later than the
+    // first record is whole only if it holds that many (the first one's `prev` names a record
+    // that was dropped, and cannot be checked).
+    let first = records.first().map_or(1, |r| r.seq);
+    if first > 1 && records.len() < AUDIT_KEPT {
+        return Err(first - 1);
+    }
+    let mut prev: [u8; 32] = match records.first() {
+        Some(r) if first > 1 => r.prev.as_slice().try_into().map_err(|_| first)?,
+        _ => [0u8; 32],
+    };
     for (i, r) in records.iter().enumerate() {
         let note = AuditNote {
             at_ms: r.at_ms,
@@ -1202,7 +1212,7 @@ pub fn check_audit_chain(records: &[pb::AuditRecordInfo]) -> Result<(), u64> {
             what: r.what.clone(),
         };
         let hash = record_hash(r.seq, &note, &r.decision, &prev);
-        if r.seq != i as u64 + 1 || r.prev.as_slice() != prev || r.hash.as_slice() != hash {
+        if r.seq != first + i as u64 || r.prev.as_slice() != prev || r.hash.as_slice() != hash {
             return Err(r.seq);
         }
         prev = hash;
@@ -1214,6 +1224,48 @@ pub use ferry_common::text::utc;
 
 #[cfg(test)]
 mod tests {
+    /// The coordinator keeps the newest `AUDIT_KEPT` records: such a log chains from its first
+    /// record; a log that starts later than record 1 yet holds fewer was cut elsewhere.
+    #[test]
+    fn an_audit_log_trimmed_to_its_newest_records_chains_and_one_cut_short_does_not() {
+        use ferry_coordinator::state::{record_hash, AuditNote, AUDIT_KEPT};
+        let mut prev = [0u8; 32];
+        let log: Vec<super::pb::AuditRecordInfo> = (1..=AUDIT_KEPT as u64 + 3)
+            .map(|seq| {
+                let note = AuditNote {
+                    at_ms: seq,
+                    who: "otto".into(),
+                    role: "admin".into(),
+                    from: "10.0.0.1:5000".into(),
+                    call: "SetThrottle".into(),
+                    what: String::new(),
+                };
+                let hash = record_hash(seq, &note, "ok", &prev);
+                let r = super::pb::AuditRecordInfo {
+                    seq,
+                    at_ms: seq,
+                    who: note.who,
+                    role: note.role,
+                    from: note.from,
+                    call: note.call,
+                    what: note.what,
+                    decision: "ok".into(),
+                    prev: prev.to_vec(),
+                    hash: hash.to_vec(),
+                };
+                prev = hash;
+                r
+            })
+            .collect();
+        assert_eq!(super::check_audit_chain(&log), Ok(()));
+        let trimmed = &log[3..];
+        assert_eq!(super::check_audit_chain(trimmed), Ok(()));
+        assert_eq!(super::check_audit_chain(&log[4..]), Err(4), "cut short");
+        let mut changed = trimmed.to_vec();
+        changed[10].decision = "refused".into();
+        assert_eq!(super::check_audit_chain(&changed), Err(14));
+    }
+
     #[test]
     fn times_are_shown_in_utc_calendar_form() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");

@@ -3,7 +3,10 @@
 //! record; calls refused for their certificate's role are recorded too (`Command::Audit`).
 //! Records are numbered from 1 and hash-chained: each record's BLAKE3 covers its fields and the
 //! previous record's hash, so a record changed or removed afterwards breaks the chain
-//! ([`verify_chain`]).
+//! ([`verify_chain`]). The newest [`AUDIT_KEPT`] records are kept (the state, and every
+//! snapshot, would otherwise grow with every call for as long as the cluster lives); each
+//! record is also written to every node's log as it is applied (target `ferry_audit`), which
+//! is where a longer history is kept.
 
 use super::*;
 
@@ -74,6 +77,10 @@ pub fn verify_chain(records: &[AuditRecord], first_prev: Option<Digest>) -> Resu
 /// Longest text kept in a record's field.
 const MAX_FIELD: usize = 512;
 
+/// Audit records kept: the oldest beyond these are dropped as new ones come (at most about
+/// 60 MiB with every field at its longest, a few MiB in practice).
+pub const AUDIT_KEPT: usize = 20_000;
+
 impl State {
     /// Appends a record of `note` with `decision`.
     pub(super) fn audit(&mut self, mut note: AuditNote, decision: String) {
@@ -94,6 +101,19 @@ impl State {
             None => (1, [0; 32]),
         };
         let hash = record_hash(seq, &note, &decision, &prev);
+        tracing::info!(
+            target: "ferry_audit",
+            seq,
+            at_ms = note.at_ms,
+            who = %note.who,
+            role = %note.role,
+            from = %note.from,
+            call = %note.call,
+            what = %note.what,
+            decision = %decision,
+            hash = %ferry_common::hash::hex(&hash),
+            "Audit record."
+        );
         self.audit.insert(
             seq,
             AuditRecord {
@@ -105,6 +125,11 @@ impl State {
             },
         );
         self.dirty.audit.insert(seq);
+        while self.audit.len() > AUDIT_KEPT {
+            if let Some((old, _)) = self.audit.pop_first() {
+                self.dirty.audit.insert(old);
+            }
+        }
     }
 
     /// Applies `cmd` and records its outcome.

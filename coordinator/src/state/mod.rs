@@ -31,7 +31,7 @@ mod throttles;
 mod verification;
 
 pub use agents::{Agent, FORGET_MAX, SESSION_TIMEOUT_MS};
-pub use audit::{record_hash, verify_chain, AuditNote, AuditRecord};
+pub use audit::{record_hash, verify_chain, AuditNote, AuditRecord, AUDIT_KEPT};
 pub use commands::{Command, ThrottleScope};
 pub use cutover::{
     next_cutover_attempt, Cutover, CutoverPhase, Step, StepRun, TreeDigest, CLASSES,

@@ -177,7 +177,12 @@ impl StateMachine {
         };
         for kv in self.tree.scan_prefix(b"u/") {
             let (k, v) = kv?;
-            audit.insert(be_u64(&k, 2..10)?, decode(&v)?);
+            let seq = be_u64(&k, 2..10)?;
+            if v.is_empty() {
+                audit.remove(&seq);
+            } else {
+                audit.insert(seq, decode(&v)?);
+            }
         }
         state.audit = audit;
         for kv in self.tree.scan_prefix(b"j/") {
@@ -309,8 +314,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.insert("cluster", enc(&a.state.cluster_id)?);
         }
         for &seq in &dirty.audit {
-            if let Some(r) = a.state.audit.get(&seq) {
-                batch.insert(audit_key(seq), enc(r)?);
+            match a.state.audit.get(&seq) {
+                Some(r) => batch.insert(audit_key(seq), enc(r)?),
+                // Dropped, the oldest beyond `AUDIT_KEPT`.
+                None => batch.insert(audit_key(seq), Vec::new()),
             }
         }
         for &id in &dirty.jobs {

@@ -533,3 +533,52 @@ async fn jobs_are_recorded_and_survive_reopen_and_snapshots() {
         "as a snapshot carries it"
     );
 }
+
+/// The audit log keeps its newest `AUDIT_KEPT` records: older ones are dropped as new ones
+/// come, from the state and from its records (a reopened node does not bring them back), and
+/// what is kept still chains.
+#[tokio::test]
+async fn the_audit_log_keeps_its_newest_records_across_reopen() {
+    use crate::state::{verify_chain, AuditNote, Command, AUDIT_KEPT};
+    let dir = tempfile::tempdir().unwrap();
+    let extra = 5u64;
+    let records = |sm: &StateMachine| {
+        let s = sm.shared().read().unwrap().state.clone();
+        s.audit.values().cloned().collect::<Vec<_>>()
+    };
+    {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        let entries: Vec<_> = (0..AUDIT_KEPT as u64 + extra)
+            .map(|i| {
+                entry(
+                    i + 1,
+                    Command::Audit {
+                        note: AuditNote {
+                            at_ms: i,
+                            who: "otto".into(),
+                            role: "viewer".into(),
+                            from: "10.0.0.1:5000".into(),
+                            call: "AddNode".into(),
+                            what: format!("call {i}"),
+                        },
+                        decision: "denied: this call needs the admin role".into(),
+                    },
+                )
+            })
+            .collect();
+        for chunk in entries.chunks(1000) {
+            sm.apply(chunk.to_vec()).await.unwrap();
+        }
+        let kept = records(&sm);
+        assert_eq!(kept.len(), AUDIT_KEPT);
+        assert_eq!(kept[0].seq, extra + 1, "the oldest went");
+        assert_eq!(verify_chain(&kept, None), Ok(()));
+    }
+    let (_log, sm) = open(dir.path()).unwrap();
+    let kept = records(&sm);
+    assert_eq!(
+        (kept.len(), kept[0].seq, kept.last().unwrap().seq),
+        (AUDIT_KEPT, extra + 1, AUDIT_KEPT as u64 + extra),
+        "as recorded"
+    );
+}
