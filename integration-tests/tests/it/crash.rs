@@ -60,6 +60,11 @@ impl Rig {
         .await
     }
 
+    /// [`Rig::start`] against a cluster of three coordinator nodes, without faults or hooks.
+    async fn three(shape: (usize, usize, usize)) -> Rig {
+        Rig::start_with(3, shape, &[], &[], [String::new(), String::new()]).await
+    }
+
     /// [`Rig::start`] with `extra` config sections for the source and the target (their
     /// hooks), kept for their restarts.
     async fn start_with(
@@ -469,14 +474,7 @@ async fn coordinator_crashes_after_committing_a_cutover_step_before_answering_it
 /// other two carry on, it is started again without the fault and catches up, and the
 /// migration ends done and equal.
 async fn follower_of_three_crashes_at(point: &str) {
-    let mut rig = Rig::start_with(
-        3,
-        (40, 16 * 1024, 300 * 1024),
-        &[],
-        &[],
-        [String::new(), String::new()],
-    )
-    .await;
+    let mut rig = Rig::three((40, 16 * 1024, 300 * 1024)).await;
     let id = rig.create(&["--segment-size", "65536", "--throttle", "2mbit"]);
     let ctl = rig.env.ctl(&rig.addr).await;
     wait_for("a segment verified", Duration::from_secs(60), || async {
@@ -557,14 +555,7 @@ async fn coordinator_crashes_after_saving_a_snapshot_it_built() {
 /// aborts there, is started again without, and must catch up: a read served by it agrees with
 /// the leader's, and the migration ends done and equal.
 async fn follower_crashes_installing_a_snapshot_at(point: &str) {
-    let mut rig = Rig::start_with(
-        3,
-        (60, 8 * 1024, 600 * 1024),
-        &[],
-        &[],
-        [String::new(), String::new()],
-    )
-    .await;
+    let mut rig = Rig::three((60, 8 * 1024, 600 * 1024)).await;
     let id = rig.create(&["--segment-size", "65536", "--throttle", "2mbit"]);
     let ctl = rig.env.ctl(&rig.addr).await;
     let leader = ctl.cluster_status().await.unwrap().leader_id;
@@ -673,14 +664,7 @@ async fn replicated_to(lead: &ferryctl::ctl::Ctl, id: u64) {
 /// holds ended: about two transfers in three failed ("node 1 did not become leader").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_moves_back_to_a_restarted_node_while_the_cluster_writes() {
-    let mut rig = Rig::start_with(
-        3,
-        (60, 16 * 1024, 2 * 1024 * 1024),
-        &[],
-        &[],
-        [String::new(), String::new()],
-    )
-    .await;
+    let mut rig = Rig::three((60, 16 * 1024, 2 * 1024 * 1024)).await;
     let id = rig.create(&["--segment-size", "65536", "--throttle", "4mbit"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -740,14 +724,7 @@ async fn leadership_moves_back_to_a_restarted_node_while_the_cluster_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_of_three_crashes_after_committing_before_answering() {
     let point = "raft::leader_committed_before_answer";
-    let mut rig = Rig::start_with(
-        3,
-        (40, 16 * 1024, 300 * 1024),
-        &[],
-        &[],
-        [String::new(), String::new()],
-    )
-    .await;
+    let mut rig = Rig::three((40, 16 * 1024, 300 * 1024)).await;
     let id = rig.create(&["--segment-size", "65536", "--throttle", "2mbit"]);
     let (old, lead) = stop_the_leader(&mut rig).await;
     let i = old as usize - 1;

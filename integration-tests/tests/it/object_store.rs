@@ -303,6 +303,19 @@ async fn a_store_target_is_verified_by_reading_its_objects_back_and_cuts_over() 
     node.shutdown().await;
 }
 
+/// `<env>/src/checkpoint.bin`: `mib` MiB and 100 bytes drawn from `seed`; the directory and
+/// the bytes.
+fn checkpoint(env: &TestEnv, mib: usize, seed: &str) -> (std::path::PathBuf, Vec<u8>) {
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut big = vec![0u8; mib * MIB + 100];
+    blake3::Hasher::new_derive_key(seed)
+        .finalize_xof()
+        .fill(&mut big);
+    std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
+    (src, big)
+}
+
 /// A checkpoint sent into `<bucket>/ckpt` one segment of 8 MiB at a time, throttled, by a
 /// source agent in this process to a target agent process: time to act while its multipart
 /// upload is open.
@@ -324,13 +337,7 @@ impl SlowUpload {
     async fn start(moto: &Server, bucket: &str, mib: usize, rate: &str) -> SlowUpload {
         moto.create_bucket(bucket).unwrap();
         let env = TestEnv::new();
-        let src = env.path("src");
-        std::fs::create_dir_all(&src).unwrap();
-        let mut big = vec![0u8; mib * MIB + 100];
-        blake3::Hasher::new_derive_key(&format!("ferry s3 test {bucket}"))
-            .finalize_xof()
-            .fill(&mut big);
-        std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
+        let (src, big) = checkpoint(&env, mib, &format!("ferry s3 test {bucket}"));
         let node = env.coordinator().await;
         let coord = node.addr.to_string();
         let ctl = env.ctl(&coord).await;
@@ -817,13 +824,7 @@ async fn a_store_target_crashes_at(point: &str, bucket: &str) {
     let Some(moto) = moto() else { return };
     moto.create_bucket(bucket).unwrap();
     let env = TestEnv::new();
-    let src = env.path("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let mut big = vec![0u8; 24 * MIB + 100];
-    blake3::Hasher::new_derive_key(&format!("ferry s3 crash {bucket}"))
-        .finalize_xof()
-        .fill(&mut big);
-    std::fs::write(src.join("checkpoint.bin"), &big).unwrap();
+    let (src, big) = checkpoint(&env, 24, &format!("ferry s3 crash {bucket}"));
     let node = env.coordinator().await;
     let coord = node.addr.to_string();
     let ctl = env.ctl(&coord).await;
