@@ -354,6 +354,7 @@ pub async fn start(cfg: CoordinatorConfig) -> Result<RunningNode, StartError> {
     let core = Arc::new(Core {
         signer,
         renewals: crate::grpc::enrol::Limiter::new(crate::grpc::enrol::RENEWALS_PER_WINDOW, 4096),
+        denials: crate::grpc::enrol::Limiter::new(crate::grpc::DENIALS_RECORDED_PER_WINDOW, 4096),
         ca_pin,
         ca_pem: String::from_utf8_lossy(&tls.ca_pem).into_owned(),
         raft: raft.clone(),

@@ -13,7 +13,8 @@
 //! - A whole file of at most [`PART_BYTES`] is buffered and stored with one PUT at commit (a
 //!   bundle's PUTs run [`PUTS_AT_ONCE`] at a time), with its content BLAKE3 as `ferry-blake3`.
 //!   Until the commit such files wait in memory within [`MEMORY_BUDGET`] over all segments,
-//!   else in an unlinked spill file in the agent's state directory.
+//!   else in an unlinked spill file in the agent's state directory (on top of the budget: the
+//!   file each stream is receiving, up to 8 MiB, and a commit's read-back, up to 16 MiB).
 //!   A larger whole file streams into a multipart upload as it arrives (its metadata is set when
 //!   the upload starts, before its hash is known: no `ferry-blake3`), completed at commit,
 //!   aborted if the segment is dropped.
@@ -69,8 +70,9 @@ const PARTS_IN_FLIGHT: usize = 2;
 pub const PUTS_AT_ONCE: usize = 16;
 /// Small files a sink holds in memory, over all the segments it is writing, until their
 /// commits store them (nothing is visible before its segment's commit). Past it, a segment's
-/// small files wait in a spill file in the agent's state directory instead: memory stays
-/// bounded however many segments arrive at once, and no writer ever waits for another.
+/// small files wait in a spill file in the agent's state directory instead: what waits for
+/// commits stays bounded however many segments arrive at once, and no writer ever waits for
+/// another.
 pub const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
 /// Spilled bytes a commit reads back at once (a group of PUTs).
 const SPILL_READ_AT_ONCE: u64 = 16 * 1024 * 1024;
@@ -1045,17 +1047,20 @@ impl ObjectWriter<'_> {
             .into_iter()
             .map(|(_, content_id)| PartId { content_id })
             .collect();
-        if let Err(err) = sink.block(sink.store.complete_multipart(key, &up.id, ids)) {
-            if !self.completed_already(up, key)? {
-                return Err(match err {
-                    object_store::Error::NotFound { .. } => SinkError::UploadLost {
+        match sink.block(sink.store.complete_multipart(key, &up.id, ids)) {
+            Ok(_) => {}
+            // The store no longer knows the upload: completed (by this target, before it
+            // stopped) or aborted behind ferry's back.
+            Err(object_store::Error::NotFound { .. }) => {
+                if !self.completed_already(up, key)? {
+                    return Err(SinkError::UploadLost {
                         path: display(&e.path),
                         upload: up.id.clone(),
-                    },
-                    err => store_error("cannot complete the upload of", key)(err),
-                });
+                    });
+                }
+                tracing::info!(message = "A multipart upload was found completed before this target stopped.", key = %key, upload = %up.id);
             }
-            tracing::info!(message = "A multipart upload was found completed before this target stopped.", key = %key, upload = %up.id);
+            Err(err) => return Err(store_error("cannot complete the upload of", key)(err)),
         }
         bump(&sink.counters.uploads_completed);
         // The object is in the store; its sidecar still says the upload is open.
@@ -1065,8 +1070,8 @@ impl ObjectWriter<'_> {
         Ok(())
     }
 
-    /// Whether the object `up` uploads is in the store: its size, and its `ferry-mtime` when
-    /// the store kept metadata, are the file's.
+    /// Whether the object `up` uploads is in the store: its size and its `ferry-mtime` are the
+    /// file's. A store that keeps no metadata for uploads (Azure) cannot tell: no.
     fn completed_already(&self, up: &Upload, key: &Key) -> Result<bool, SinkError> {
         let sink = self.sink;
         let opts = object_store::GetOptions {
@@ -1078,7 +1083,7 @@ impl ObjectWriter<'_> {
                 let name = Attribute::Metadata(format!("ferry{}mtime", sink.meta_sep).into());
                 let want = format!("{}.{:09}", up.mtime.0, up.mtime.1);
                 Ok(r.meta.size == up.file_size
-                    && r.attributes.get(&name).is_none_or(|m| **m == *want))
+                    && r.attributes.get(&name).is_some_and(|m| **m == *want))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(err) => Err(store_error("cannot look up", key)(err)),
@@ -1090,14 +1095,16 @@ impl ObjectWriter<'_> {
     fn keep(&mut self, buf: Vec<u8>) -> Result<Body, SinkError> {
         let sink = self.sink;
         let len = buf.len() as u64;
+        // What the buffer takes, not what it holds.
+        let takes = buf.capacity() as u64;
         let reserved = sink
             .held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                (h + len <= sink.budget).then_some(h + len)
+                (h + takes <= sink.budget).then_some(h + takes)
             })
             .is_ok();
         if reserved {
-            self.held += len;
+            self.held += takes;
             return Ok(Body::Held(Bytes::from(buf)));
         }
         if self.spill.is_none() {

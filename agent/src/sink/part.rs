@@ -81,7 +81,8 @@ fn superseded(path: &Path, chunk: u32) -> SinkError {
     SinkError::BadEntry {
         path: display(path),
         reason: format!(
-            "piece {chunk} is being written by a newer transfer (its lease was granted again);              this one writes nothing more into it"
+            "piece {chunk} is being written by a newer transfer (its lease was granted again); \
+             this one writes nothing more into it"
         ),
     }
 }
@@ -207,6 +208,14 @@ impl SegmentWriter<'_> {
                 return Err(err);
             }
         };
+        if st.base.is_none() {
+            // A newer transfer of this piece may have opened it after this one's last write:
+            // then only the newer records it. (Opening registers under the same part lock.)
+            sink.part_gate(dest, st.part_ino)
+                .read()
+                .expect("not poisoned")
+                .check(e.chunk_index, self.epoch, &e.path)?;
+        }
         if !st.done.contains(&e.chunk_index) {
             st.done.push(e.chunk_index);
             st.done.sort_unstable();

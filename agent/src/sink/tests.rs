@@ -1255,6 +1255,28 @@ fn an_older_transfer_of_a_piece_writes_nothing_once_a_newer_one_opened_it() {
     );
 }
 
+/// The same race one step later: the older transfer wrote its whole piece, then the newer one
+/// opened it; the older cannot record it as durable (the newer's bytes are going in).
+#[test]
+fn an_older_transfer_of_a_piece_cannot_record_it_once_a_newer_one_opened_it() {
+    let f = Fixture::new();
+    let mut stale = f.sink.begin("", "c/m1", 1, 1).unwrap();
+    stale.start_entry(&piece(1)).unwrap();
+    stale.write(&data()[100..200]).unwrap();
+    stale.finish().unwrap();
+    let mut newer = f.sink.begin("", "c/m1", 1, 11).unwrap();
+    newer.start_entry(&piece(1)).unwrap();
+    let err = stale.commit().unwrap_err();
+    assert!(err.to_string().contains("newer transfer"), "{err}");
+    newer.write(&data()[100..200]).unwrap();
+    newer.finish().unwrap();
+    newer.commit().unwrap();
+    for i in [0u32, 2] {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), data());
+}
+
 /// Found by the crash matrix: a transfer that failed after another transfer of the same files
 /// committed removed its temporaries and left their directory with the time of that removal.
 #[test]

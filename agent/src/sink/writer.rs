@@ -290,6 +290,9 @@ impl SegmentWriter<'_> {
                     Mode::Part => {
                         let ino = file.metadata().map_err(io_at("cannot stat", &path))?.ino();
                         let gate = self.sink.part_gate(&dest, ino);
+                        // Under the part's lock: recording a piece checks its writer there.
+                        let lock = self.sink.part_lock(&dest);
+                        let _guard = lock.lock().expect("not poisoned");
                         gate.write().expect("not poisoned").open(
                             entry.chunk_index,
                             self.epoch,

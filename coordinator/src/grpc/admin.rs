@@ -236,7 +236,25 @@ impl AdminService {
                 },
             }),
             Err(status) => {
-                if let Some(role) = cert.as_ref().and_then(ferry_common::tls::role_of) {
+                let role = cert.as_ref().and_then(ferry_common::tls::role_of);
+                let recorded = role.is_some()
+                    && self
+                        .0
+                        .denials
+                        .admit(note.who.clone(), std::time::Instant::now())
+                        .is_ok();
+                if !recorded && role.is_some() {
+                    tracing::warn!(
+                        target: "ferry_audit",
+                        who = %note.who,
+                        from = %note.from,
+                        call = %note.call,
+                        "A call refused for its role, not recorded: this operator's refusals are \
+                         recorded at most {} a minute.",
+                        crate::grpc::DENIALS_RECORDED_PER_WINDOW
+                    );
+                }
+                if let Some(role) = role.filter(|_| recorded) {
                     let denied = Command::Audit {
                         note: AuditNote {
                             role: role.to_string(),

@@ -9,7 +9,9 @@
 //!
 //! A leader transfer pauses the queue ([`GroupCommit::pause`]): it takes every proposal slot,
 //! so that the log stops growing while the new leader catches up and campaigns; commands queue
-//! meanwhile and are proposed (or forwarded to the new leader) when the pause ends.
+//! meanwhile and are proposed when the pause ends. If this node no longer leads then, the
+//! commands its own services submitted are forwarded to the new leader; those another node
+//! forwarded to it fail as not executed (`Unavailable`), which their callers retry.
 
 use std::sync::Arc;
 

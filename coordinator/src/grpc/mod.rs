@@ -29,6 +29,10 @@ pub struct Core {
     pub signer: Option<Arc<enrol::Signer>>,
     /// Renewals asked of this node, per identity ([`enrol::RENEWALS_PER_WINDOW`]).
     pub renewals: enrol::Limiter<String>,
+    /// Calls refused for their certificate's role recorded in the audit log, per operator
+    /// ([`DENIALS_RECORDED_PER_WINDOW`]): the log keeps its newest records only, and a
+    /// certificate cannot push the others out by calling what it may not.
+    pub denials: enrol::Limiter<String>,
     /// The pin of the cluster CA (join tokens carry it).
     pub ca_pin: [u8; 32],
     /// The CA certificates this node trusts (PEM, its `tls.ca`): heartbeats hand them to
@@ -49,6 +53,10 @@ pub struct Core {
     /// Ends the current hold on this node's election timer ([`Core::hold_elections`]).
     pub election_hold: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
+
+/// Calls refused for their role that one operator gets recorded per minute, per node; more
+/// are refused just the same and only logged.
+pub const DENIALS_RECORDED_PER_WINDOW: u32 = 10;
 
 /// The longest a node holds its election timer for one request: a hold that outlived the
 /// transfer that asked for it would leave the cluster slower to replace a dead leader.

@@ -9,6 +9,7 @@
 //!
 //! A node that does not lead forwards the request to the leader ([`Core::transfer_leader`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::Status;
@@ -25,10 +26,12 @@ const HOLD_CALL: Duration = Duration::from_secs(2);
 const DRAIN_WITHIN: Duration = Duration::from_secs(10);
 /// How long the chosen node may take to replicate the leader's whole log, writes paused.
 const CATCH_UP_WITHIN: Duration = Duration::from_secs(10);
+/// How long the chosen node may take to answer the call that starts its campaign.
+const ELECT_CALL: Duration = Duration::from_secs(5);
 
 impl Core {
     /// Makes voter `to` the leader: here if this node leads, else through the leader.
-    pub async fn transfer_leader(&self, to: u64) -> Result<(), Status> {
+    pub async fn transfer_leader(self: &Arc<Self>, to: u64) -> Result<(), Status> {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
         if !membership.voter_ids().any(|v| v == to) {
@@ -64,9 +67,18 @@ impl Core {
         }
     }
 
-    /// [`Core::transfer_leader`] on the leader: pause proposals, wait until `to` holds the
-    /// whole log, hold the other voters, have `to` campaign; then resume everything.
-    pub async fn transfer_leader_here(&self, to: u64) -> Result<(), Status> {
+    /// [`Core::transfer_leader`] on the leader, in a task of its own: a caller that gives up
+    /// (a client's deadline) does not stop it half-way, with proposals paused or voters held.
+    pub async fn transfer_leader_here(self: &Arc<Self>, to: u64) -> Result<(), Status> {
+        let core = self.clone();
+        tokio::spawn(async move { core.run_transfer(to).await })
+            .await
+            .map_err(|e| Status::internal(format!("the leader transfer failed: {e}")))?
+    }
+
+    /// Pauses proposals, waits until `to` holds the whole log, holds the other voters, has
+    /// `to` campaign; then resumes everything.
+    async fn run_transfer(&self, to: u64) -> Result<(), Status> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.current_leader != Some(self.node_id) {
             return Err(Status::failed_precondition(format!(
@@ -78,6 +90,11 @@ impl Core {
             return Ok(());
         }
         let membership = metrics.membership_config.membership().clone();
+        if !membership.voter_ids().any(|v| v == to) {
+            return Err(Status::failed_precondition(format!(
+                "node {to} is not a voter"
+            )));
+        }
         let addr = membership
             .get_node(&to)
             .map(|n| n.addr.clone())
@@ -105,15 +122,19 @@ impl Core {
                 "Leader transfer: proposals paused; waiting for the node to hold the whole log.",
             node = to
         );
-        self.raft
+        let me = self.node_id;
+        let caught_up = self
+            .raft
             .wait(Some(CATCH_UP_WITHIN))
             .metrics(
                 |m| {
                     let last = m.last_log_index;
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&to))
-                        .is_some_and(|matched| matched.map(|l| l.index) >= last)
+                    // Leadership lost meanwhile ends the wait too (checked below).
+                    m.current_leader != Some(me)
+                        || m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(&to))
+                            .is_some_and(|matched| matched.map(|l| l.index) >= last)
                 },
                 "leader transfer: the node holds the whole log",
             )
@@ -125,6 +146,11 @@ impl Core {
                      and replicating"
                 ))
             })?;
+        if caught_up.current_leader != Some(me) {
+            return Err(Status::unavailable(format!(
+                "node {me} lost its leadership during the transfer; ask again"
+            )));
+        }
         // Each node draws its election timeout once, at start. Left alone, the election `to`
         // starts would be a race it loses every time against an old leader whose timeout is
         // the shorter: hold every other voter's election timer meanwhile. `to` campaigns again
@@ -176,10 +202,19 @@ impl Core {
     ) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + TRANSFER_WITHIN;
         loop {
-            client
-                .elect(ferry_proto::raft::ElectRequest {})
+            match tokio::time::timeout(ELECT_CALL, client.elect(ferry_proto::raft::ElectRequest {}))
                 .await
-                .map_err(|s| Status::unavailable(format!("node {to}: {}", s.message())))?;
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => {
+                    return Err(Status::unavailable(format!("node {to}: {}", s.message())))
+                }
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "node {to} did not answer within {ELECT_CALL:?}"
+                    )))
+                }
+            }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let won = self
                 .raft

@@ -749,5 +749,24 @@ async fn each_operator_role_may_do_what_it_allows_and_nothing_more() {
     assert_eq!(created.role, "operator");
     assert!(created.from.starts_with("127.0.0.1:"), "{}", created.from);
     assert!(created.what.contains("CreateMigration"), "{}", created.what);
+
+    // The log keeps its newest records only: a certificate calling what it may not, again and
+    // again, gets its refusals recorded at most 10 a minute, so it cannot push the others out.
+    let denials = |log: &[ferry_proto::admin::AuditRecordInfo]| {
+        log.iter()
+            .filter(|r| r.who == "vera" && r.decision.starts_with("denied"))
+            .count()
+    };
+    let before = denials(&admin.audit().await.unwrap());
+    for _ in 0..12 {
+        denied(viewer.delete(1, true).await.unwrap_err(), "operator");
+    }
+    let log = admin.audit().await.unwrap();
+    assert_eq!(
+        denials(&log),
+        ferry_coordinator::grpc::DENIALS_RECORDED_PER_WINDOW as usize,
+        "{before} recorded before"
+    );
+    assert_eq!(ferryctl::ctl::check_audit_chain(&log), Ok(()));
     node.shutdown().await;
 }
