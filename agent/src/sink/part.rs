@@ -210,7 +210,7 @@ impl SegmentWriter<'_> {
         };
         if st.base.is_none() {
             // A newer transfer of this piece may have opened it after this one's last write:
-            // then only the newer records it. (Opening registers under the same part lock.)
+            // then only the newer records it. (`claim_piece` registers under the same lock.)
             sink.part_gate(dest, st.part_ino)
                 .read()
                 .expect("not poisoned")

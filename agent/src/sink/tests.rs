@@ -1277,6 +1277,27 @@ fn an_older_transfer_of_a_piece_cannot_record_it_once_a_newer_one_opened_it() {
     assert_eq!(fs::read(f.path("big.bin")).unwrap(), data());
 }
 
+/// An older transfer of a piece that opens it after a newer one recorded it is refused before
+/// it touches anything: opening used to un-record the piece first (as a rewrite must), so the
+/// refused transfer left a verified piece unrecorded and the file could never complete.
+#[test]
+fn an_older_transfer_opening_a_piece_a_newer_one_recorded_leaves_it_recorded() {
+    let f = Fixture::new();
+    let mut newer = f.sink.begin("", "c/m1", 1, 11).unwrap();
+    newer.start_entry(&piece(1)).unwrap();
+    newer.write(&data()[100..200]).unwrap();
+    newer.finish().unwrap();
+    newer.commit().unwrap();
+    let mut late = f.sink.begin("", "c/m1", 1, 5).unwrap();
+    let err = late.start_entry(&piece(1)).unwrap_err();
+    assert!(err.to_string().contains("newer transfer"), "{err}");
+    drop(late);
+    for i in [0u32, 2] {
+        send_piece(&f.sink, i, &data()).unwrap();
+    }
+    assert_eq!(fs::read(f.path("big.bin")).unwrap(), data());
+}
+
 /// Found by the crash matrix: a transfer that failed after another transfer of the same files
 /// committed removed its temporaries and left their directory with the time of that removal.
 #[test]

@@ -288,17 +288,9 @@ impl SegmentWriter<'_> {
                 };
                 let gate = match mode {
                     Mode::Part => {
+                        // `open_piece` made this transfer the piece's writer.
                         let ino = file.metadata().map_err(io_at("cannot stat", &path))?.ino();
-                        let gate = self.sink.part_gate(&dest, ino);
-                        // Under the part's lock: recording a piece checks its writer there.
-                        let lock = self.sink.part_lock(&dest);
-                        let _guard = lock.lock().expect("not poisoned");
-                        gate.write().expect("not poisoned").open(
-                            entry.chunk_index,
-                            self.epoch,
-                            &entry.path,
-                        )?;
-                        Some(gate)
+                        Some(self.sink.part_gate(&dest, ino))
                     }
                     _ => None,
                 };
@@ -444,6 +436,9 @@ impl SegmentWriter<'_> {
                 self.open_journal(e, dest, runs)
             }
             Some(mut st) if st.describes(e) && inode(&part) == Some(st.part_ino) => {
+                // Before anything is touched: an older transfer of a piece a newer one opened
+                // must not un-record it below.
+                self.claim_piece(dest, st.part_ino, e)?;
                 if let Some(i) = st.done.iter().position(|&d| d == e.chunk_index) {
                     // Rewriting a recorded range: un-record it first, so that a failed rewrite
                     // can never leave a range marked durable that is not.
@@ -492,11 +487,23 @@ impl SegmentWriter<'_> {
                 }
                 let f = create_private(&part)?;
                 st.part_ino = f.metadata().map_err(io_at("cannot stat", &part))?.ino();
+                self.claim_piece(dest, st.part_ino, e)?;
                 self.sink.save_sidecar(&sidecar, &st)?;
                 fsync_dir(dest.parent().expect("has a parent"))?;
                 Ok(Some((Mode::Part, part, f)))
             }
         }
+    }
+
+    /// Makes this transfer the writer of piece `e` of the part with inode `ino`, unless a
+    /// newer transfer of it is (see `part::Gate`). Called with the part's lock held: recording
+    /// a piece checks its writer under the same lock.
+    fn claim_piece(&self, dest: &Path, ino: u64, e: &Entry) -> Result<(), SinkError> {
+        self.sink
+            .part_gate(dest, ino)
+            .write()
+            .expect("not poisoned")
+            .open(e.chunk_index, self.epoch, &e.path)
     }
 
     /// Starts the journal of a piece of a version patched in place: its header says where the
