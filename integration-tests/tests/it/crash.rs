@@ -110,6 +110,14 @@ impl Rig {
         }
     }
 
+    /// Starts coordinator node `i + 1` (stopped) again with `point` armed with `actions`.
+    fn start_armed(&mut self, i: usize, point: &str, actions: &str) {
+        let [(var, value)] = armed(point, actions);
+        self.coords[i]
+            .restart_with_env(&[(var.as_str(), value.as_str())])
+            .unwrap();
+    }
+
     /// Creates the migration of the source tree to `dst:copy` with `extra` arguments.
     fn create(&self, extra: &[&str]) -> u64 {
         let from = format!("src:{}", self.src.display());
@@ -248,10 +256,7 @@ async fn coordinator_crashes_at_hit(point: &str, actions: &str) {
     .await;
 
     terminate(rig.coords[0].child_mut(), "coordinator");
-    let [(var, value)] = armed(point, actions);
-    rig.coords[0]
-        .restart_with_env(&[(var.as_str(), value.as_str())])
-        .unwrap();
+    rig.start_armed(0, point, actions);
     let log = rig.env.path("coordinator-1.log");
     aborted_at(rig.coords[0].child_mut(), &log, point).await;
     rig.coords[0].restart().unwrap();
@@ -370,10 +375,7 @@ async fn cutover_crashes_at(point: &str, who: Crashes) -> Vec<String> {
     finished(&ctl, id, Duration::from_secs(120), &log).await;
     if who == Crashes::Coordinator {
         terminate(rig.coords[0].child_mut(), "coordinator");
-        let [(var, value)] = armed(point, "return");
-        rig.coords[0]
-            .restart_with_env(&[(var.as_str(), value.as_str())])
-            .unwrap();
+        rig.start_armed(0, point, "return");
     }
     let addr = rig.addr.clone();
     let ctl = wait_for("the coordinator serves", Duration::from_secs(30), || {
@@ -486,10 +488,7 @@ async fn follower_of_three_crashes_at(point: &str) {
     let victim = [1, 2, 3].into_iter().find(|&n| n != leader).unwrap();
     let i = victim as usize - 1;
     terminate(rig.coords[i].child_mut(), "coordinator");
-    let [(var, value)] = armed(point, "3*off->return");
-    rig.coords[i]
-        .restart_with_env(&[(var.as_str(), value.as_str())])
-        .unwrap();
+    rig.start_armed(i, point, "3*off->return");
     let log = rig.env.path(&format!("coordinator-{victim}.log"));
     aborted_at(rig.coords[i].child_mut(), &log, point).await;
     rig.coords[i].restart().unwrap();
@@ -526,10 +525,7 @@ async fn coordinator_crashes_after_saving_a_snapshot_it_built() {
     let mut rig = Rig::start((40, 16 * 1024, 300 * 1024), &[], &[]).await;
     let id = rig.create(&["--segment-size", "65536", "--throttle", "2mbit"]);
     terminate(rig.coords[0].child_mut(), "coordinator");
-    let [(var, value)] = armed(point, "return");
-    rig.coords[0]
-        .restart_with_env(&[(var.as_str(), value.as_str())])
-        .unwrap();
+    rig.start_armed(0, point, "return");
     let addr = rig.addr.clone();
     let ctl = wait_for("coordinator back", Duration::from_secs(30), || {
         rig.env.ctl_try(&addr)
@@ -580,10 +576,7 @@ async fn follower_crashes_installing_a_snapshot_at(point: &str) {
         },
     )
     .await;
-    let [(var, value)] = armed(point, "return");
-    rig.coords[i]
-        .restart_with_env(&[(var.as_str(), value.as_str())])
-        .unwrap();
+    rig.start_armed(i, point, "return");
     let log = rig.env.path(&format!("coordinator-{victim}.log"));
     aborted_at(rig.coords[i].child_mut(), &log, point).await;
     rig.coords[i].restart().unwrap();
@@ -728,10 +721,7 @@ async fn leader_of_three_crashes_after_committing_before_answering() {
     let id = rig.create(&["--segment-size", "65536", "--throttle", "2mbit"]);
     let (old, lead) = stop_the_leader(&mut rig).await;
     let i = old as usize - 1;
-    let [(var, value)] = armed(point, "return");
-    rig.coords[i]
-        .restart_with_env(&[(var.as_str(), value.as_str())])
-        .unwrap();
+    rig.start_armed(i, point, "return");
     replicated_to(&lead, old).await;
     // The transfer's own audit record, or an agent's report, is the first proposal the node
     // commits as leader: the call may fail with it, so only the abort is waited for (a node
