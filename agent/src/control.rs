@@ -569,6 +569,8 @@ fn segment_info(s: &crate::manifest::SegmentSummary) -> pb::SegmentInfo {
         bytes: s.bytes,
         files: s.files,
         fingerprint: s.fingerprint.to_vec(),
+        piece_index: s.piece.0,
+        piece_count: s.piece.1,
     }
 }
 

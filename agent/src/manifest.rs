@@ -80,6 +80,9 @@ pub struct SegmentSummary {
     /// BLAKE3 of the encoded manifest record: changes whenever any path, offset, size, mtime or
     /// inode of the segment does.
     pub fingerprint: [u8; 32],
+    /// Which piece of a split file it is and of how many (0, 0 for anything else): the
+    /// coordinator sends every piece of a file to one target.
+    pub piece: (u32, u32),
 }
 
 /// Most issues kept in the summary (all are counted).
@@ -156,6 +159,7 @@ impl ManifestWriter {
             bytes: seg.bytes(),
             files: seg.files(),
             fingerprint: *blake3::hash(&body).as_bytes(),
+            piece: seg.piece(),
         })
     }
 
@@ -285,6 +289,7 @@ impl Manifest {
                     bytes: seg.bytes(),
                     files: seg.files(),
                     fingerprint: *blake3::hash(&body).as_bytes(),
+                    piece: seg.piece(),
                 })
             })
             .collect()

@@ -195,6 +195,15 @@ impl PlannedSegment {
         self.entries.iter().map(|e| e.len).sum()
     }
 
+    /// Which piece of a file split into several this segment is, and of how many; `(0, 0)` for
+    /// a bundle or a file that fits one segment.
+    pub fn piece(&self) -> (u32, u32) {
+        match self.entries.as_slice() {
+            [e] if e.kind == EntryKind::File && e.chunk_count > 1 => (e.chunk_index, e.chunk_count),
+            _ => (0, 0),
+        }
+    }
+
     /// Number of whole files (or first pieces of split files) the segment accounts for, so that
     /// summing over segments counts every file once.
     pub fn files(&self) -> u32 {

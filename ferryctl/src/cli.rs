@@ -369,6 +369,38 @@ enum AgentsCmd {
 }
 
 #[derive(Subcommand)]
+enum TargetsAction {
+    /// Add a target agent (or make a removed one active again).
+    Add {
+        /// The target agent.
+        agent: String,
+    },
+    /// Send no new files to a target agent.
+    Remove {
+        /// The target agent.
+        agent: String,
+    },
+}
+
+/// A migration's pool of targets, one line each.
+fn print_pool(pool: &[ferry_proto::admin::PoolMember]) {
+    println!(
+        "{:<24} {:<8} {:>8} {:>10} {:>12}",
+        "TARGET", "ACTIVE", "LEASED", "VERIFIED", "BYTES"
+    );
+    for t in pool {
+        println!(
+            "{:<24} {:<8} {:>8} {:>10} {:>12}",
+            t.agent,
+            if t.active { "yes" } else { "no" },
+            t.segments_leased,
+            t.segments_verified,
+            t.bytes_verified
+        );
+    }
+}
+
+#[derive(Subcommand)]
 enum MigrationCmd {
     /// Create a migration: --source AGENT:/abs/path --target AGENT[:relative/dir] [--name NAME].
     /// Retried with the same idempotency key while the coordinator does not answer, so it
@@ -510,6 +542,16 @@ enum MigrationCmd {
         /// Refresh until the migration has ended; then exit non-zero if it failed.
         #[arg(long)]
         watch: bool,
+    },
+    /// Grow or shrink a migration's pool of target agents while it runs. Members must write
+    /// to the same object store as its first target; a new member gets work at the source's
+    /// next lease call. A removed member gets no new files (the pieces of split files it
+    /// began still go to it); the first target cannot leave.
+    Targets {
+        /// Migration name or id.
+        id: String,
+        #[command(subcommand)]
+        action: TargetsAction,
     },
     /// Limit what a migration's source sends; changed live (sources apply it within a second).
     Throttle {
@@ -1681,6 +1723,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("agent {name} throttled: {now}");
             }
         }
+        Cmd::Migration(MigrationCmd::Targets { id, action }) => {
+            let (agent, active) = match action {
+                TargetsAction::Add { agent } => (agent, true),
+                TargetsAction::Remove { agent } => (agent, false),
+            };
+            let pool = connect(&cli)
+                .await?
+                .set_migration_target(id, agent, active)
+                .await?;
+            if json {
+                print_json(&pool);
+            } else {
+                print_pool(&pool);
+            }
+        }
         Cmd::Migration(MigrationCmd::Throttle { id, throttle }) => {
             let now = connect(&cli).await?.set_throttle(id, "", throttle).await?;
             if json {
@@ -1809,6 +1866,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "cutover starts by itself once a sync round ends done in under {:.1} s",
                         auto as f64 / 1000.0
                     );
+                }
+                if p.targets.len() > 1 {
+                    print_pool(&p.targets);
                 }
                 if !p.blocked.is_empty() {
                     println!("blocked: {}", p.blocked);

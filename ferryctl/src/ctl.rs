@@ -415,6 +415,29 @@ impl Ctl {
         .await
     }
 
+    /// Adds `agent` to the target pool of `migration` (its name or id), or with `active`
+    /// false takes it out; returns the pool as it is then. Idempotent, so retried like a
+    /// read.
+    pub async fn set_migration_target(
+        &self,
+        migration: &str,
+        agent: &str,
+        active: bool,
+    ) -> Result<Vec<pb::PoolMember>, CtlError> {
+        retry_read(|| async {
+            let mut c = self.client.clone();
+            Ok(c.set_migration_target(pb::SetMigrationTargetRequest {
+                migration: migration.to_string(),
+                agent: agent.to_string(),
+                active,
+            })
+            .await?
+            .into_inner()
+            .targets)
+        })
+        .await
+    }
+
     /// Starts a sync round of a migration whose current round has ended; returns its number.
     /// Sent once, not retried: a repeated request would start yet another round (if the answer
     /// is lost, `migration status` shows whether the round started).

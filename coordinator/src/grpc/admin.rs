@@ -516,6 +516,50 @@ impl Admin for AdminService {
         }
     }
 
+    async fn set_migration_target(
+        &self,
+        req: Request<pb::SetMigrationTargetRequest>,
+    ) -> R<pb::SetMigrationTargetResponse> {
+        let caller = self
+            .authorized(&req, Role::Operator, "SetMigrationTarget")
+            .await?;
+        let r = req.into_inner();
+        if r.agent.is_empty() {
+            return Err(Status::invalid_argument("name the target agent"));
+        }
+        let id = self.migration_id(&r.migration).await?;
+        let cmd = if r.active {
+            Command::AddTarget {
+                migration_id: id,
+                agent: r.agent.clone(),
+            }
+        } else {
+            Command::RemoveTarget {
+                migration_id: id,
+                agent: r.agent.clone(),
+            }
+        };
+        match self.0.write(caller.audited(cmd)).await? {
+            Response::Ok => {
+                tracing::info!(
+                    message = "Target pool changed.",
+                    migration = id,
+                    agent = %r.agent,
+                    active = r.active
+                );
+                let targets = self
+                    .0
+                    .read(|s| s.migrations.get(&id).map(convert::members))
+                    .await?
+                    .unwrap_or_default();
+                Ok(GrpcResponse::new(pb::SetMigrationTargetResponse {
+                    targets,
+                }))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
     async fn sync_migration(
         &self,
         req: Request<pb::SyncMigrationRequest>,
@@ -1175,7 +1219,12 @@ impl Admin for AdminService {
                     let first = m.round().first_segment;
                     for (&(_, sid), seg) in s.segments.range((id, first)..=(id, u64::MAX)) {
                         match seg.state {
-                            SegState::Leased { .. } => p.segments_leased += 1,
+                            SegState::Leased { .. } => {
+                                p.segments_leased += 1;
+                                if let Some(t) = p.targets.get_mut(seg.target as usize) {
+                                    t.segments_leased += 1;
+                                }
+                            }
                             SegState::Failed if p.failed.len() < FAILED_LISTED => {
                                 p.failed.push(convert::segment(sid, seg))
                             }
@@ -1346,6 +1395,8 @@ mod tests {
                 bytes: 10,
                 files: 1,
                 fingerprint: [1; 32],
+                piece_index: 0,
+                piece_count: 0,
             })
             .collect();
         apply(

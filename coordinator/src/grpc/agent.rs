@@ -276,6 +276,8 @@ fn check_segment(
         files: s.files,
         fingerprint: ferry_common::hash::digest_from_slice(&s.fingerprint)
             .ok_or_else(|| Status::invalid_argument("fingerprint must be 32 bytes"))?,
+        piece_index: s.piece_index,
+        piece_count: s.piece_count,
     })
 }
 

@@ -202,7 +202,22 @@ pub fn progress(m: &Migration) -> pb::MigrationProgress {
         fallback: m.fallback,
         fallback_of: m.spec.fallback_of,
         finalized_ms: m.finalized_ms,
+        targets: members(m),
     }
+}
+
+/// A migration's pool of targets (leases per member are the status call's to count).
+pub fn members(m: &Migration) -> Vec<pb::PoolMember> {
+    m.targets
+        .iter()
+        .map(|t| pb::PoolMember {
+            agent: t.agent.clone(),
+            active: t.active,
+            segments_verified: t.verified_segments,
+            bytes_verified: t.verified_bytes,
+            segments_leased: 0,
+        })
+        .collect()
 }
 
 /// One segment's state.

@@ -367,6 +367,21 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// An operator adds a target agent to a migration's pool ([`super::pool`]), or makes a
+    /// removed one active again.
+    AddTarget {
+        /// Migration.
+        migration_id: u64,
+        /// The target agent.
+        agent: String,
+    },
+    /// An operator takes a target agent out of a migration's pool: no new files go to it.
+    RemoveTarget {
+        /// Migration.
+        migration_id: u64,
+        /// The target agent.
+        agent: String,
+    },
 }
 
 /// What a [`Command::SetThrottle`] limits.
@@ -514,6 +529,14 @@ impl State {
                 None => refused(format!("agent {name} is not registered; register first")),
             },
             Command::SetThrottle { scope, throttle } => self.set_throttle(scope, &throttle),
+            Command::AddTarget {
+                migration_id,
+                agent,
+            } => self.add_target(migration_id, &agent),
+            Command::RemoveTarget {
+                migration_id,
+                agent,
+            } => self.remove_target(migration_id, &agent),
             Command::StartRound {
                 migration_id,
                 now_ms,

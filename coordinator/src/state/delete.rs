@@ -72,7 +72,8 @@ impl State {
                 self.dirty.migrations.insert(m.spec.fallback_of);
             }
         }
-        for name in [&m.spec.source_agent, &m.spec.target_agent] {
+        let members = m.targets.iter().map(|t| &t.agent);
+        for name in std::iter::once(&m.spec.source_agent).chain(members) {
             if let Some(a) = self.agents.get_mut(name) {
                 a.forget.retain(|u| *u != m.uuid);
                 a.forget.push(m.uuid.clone());

@@ -22,6 +22,7 @@ mod fallback;
 mod jobs;
 mod phases;
 mod pki;
+mod pool;
 mod reads;
 mod reports;
 mod rounds;
@@ -47,6 +48,7 @@ pub use pki::{
     agent_identity, operator_identity, IssuedCert, JoinTokenRecord, Pki, Revocation, TokenUse,
     MAX_TOKEN_TTL_MS,
 };
+pub use pool::{PoolMember, MAX_TARGETS};
 pub use reads::LeaseRefusal;
 use reports::Cost;
 pub use reports::ReportOutcome;

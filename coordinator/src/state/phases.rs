@@ -198,6 +198,9 @@ pub struct Migration {
     pub fallback: u64,
     /// When the fallback window was closed (0: open, or never opened).
     pub finalized_ms: u64,
+    /// The target agents it writes through, `spec.target_agent` first ([`super::pool`]):
+    /// members are never removed, only deactivated, so a segment's `target` index stays valid.
+    pub targets: Vec<PoolMember>,
 }
 
 /// What a [`Command::CompleteScan`] reports, as `complete_scan` takes it.
@@ -283,9 +286,11 @@ impl State {
         let Some(id) = last.checked_add(1) else {
             return refused("no migration id is left");
         };
+        let targets = vec![PoolMember::new(spec.target_agent.clone())];
         self.migrations.insert(
             id,
             Migration {
+                targets,
                 id,
                 name: name.clone(),
                 uuid,
@@ -344,6 +349,18 @@ impl State {
         let complete = m.scan_complete;
         // Check the whole batch first: a refused command changes nothing.
         for r in &segments {
+            let piece_ok = if r.piece_count == 0 {
+                r.piece_index == 0
+            } else {
+                r.piece_index < r.piece_count && u64::from(r.piece_index) <= r.id
+            };
+            if !piece_ok {
+                return refused(format!(
+                    "migration {mid}: segment {} says it is piece {} of {}, which cannot be \
+                     (a corrupt manifest?) — check the source agent",
+                    r.id, r.piece_index, r.piece_count
+                ));
+            }
             match self.segments.get(&(mid, r.id)) {
                 Some(s) if s.fingerprint == r.fingerprint => {}
                 None if !complete => {}
@@ -387,6 +404,8 @@ impl State {
                     s.bytes = r.bytes;
                     s.files = r.files;
                     s.fingerprint = r.fingerprint;
+                    s.piece_index = r.piece_index;
+                    s.piece_count = r.piece_count;
                 }
                 None => {
                     self.segments.insert(
@@ -395,6 +414,9 @@ impl State {
                             bytes: r.bytes,
                             files: r.files,
                             fingerprint: r.fingerprint,
+                            piece_index: r.piece_index,
+                            piece_count: r.piece_count,
+                            target: 0,
                             state: SegState::Pending,
                             leases: 0,
                             attempts: 0,

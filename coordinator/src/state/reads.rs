@@ -10,8 +10,9 @@ pub enum LeaseRefusal {
     /// The migration does not exist (deleted, or another cluster's).
     #[error("migration {0} does not exist")]
     NoMigration(u64),
-    /// The asking agent is not the migration's target.
-    #[error("agent {target} is not the target of migration {mid}")]
+    /// The asking agent is not in the migration's target pool, or the lease was granted to
+    /// another member.
+    #[error("agent {target} is not the target of migration {mid} for this lease")]
     NotTheTarget {
         /// The asking agent.
         target: String,
@@ -94,7 +95,15 @@ impl State {
         if m.phase.finished() {
             return None;
         }
-        let (src, dst) = (&m.spec.source_agent, &m.spec.target_agent);
+        // The pool is blocked only when no active member can take a file: name the first
+        // member that can, else the first target.
+        let usable = m.targets.iter().filter(|t| t.active).find(|t| {
+            self.agents
+                .get(&t.agent)
+                .is_some_and(|a| a.undialable().is_none() && a.live(now_ms))
+        });
+        let src = &m.spec.source_agent;
+        let dst = usable.map_or(&m.spec.target_agent, |t| &t.agent);
         let Some(target) = self.agents.get(dst) else {
             return Some(format!("target agent {dst} is not registered; start it"));
         };
@@ -128,21 +137,23 @@ impl State {
             .values()
             .filter(|m| m.spec.source_agent == agent)
         {
-            let Some(target) = self.agents.get(&m.spec.target_agent) else {
-                continue;
-            };
             for &id in self.leased.get(&m.id).into_iter().flatten() {
                 let seg = &self.segments[&(m.id, id)];
                 if let SegState::Leased { epoch, expires_ms } = seg.state {
                     if expires_ms > now_ms {
+                        let target = m.member_agent(seg.target);
                         out.push(Lease {
                             migration_id: m.id,
                             segment_id: id,
                             epoch,
                             expires_ms,
                             attempts: seg.attempts,
-                            target_agent: target.name.clone(),
-                            target_addr: target.data_addr.clone(),
+                            target_agent: target.to_string(),
+                            target_addr: self
+                                .agents
+                                .get(target)
+                                .map(|a| a.data_addr.clone())
+                                .unwrap_or_default(),
                         });
                     }
                 }
@@ -151,7 +162,7 @@ impl State {
         out
     }
 
-    /// Whether lease `epoch` on the segment is current and `target` is the migration's target.
+    /// Whether lease `epoch` on the segment is current and was granted to `target`.
     /// The caller must still check that its peer is `spec.source_agent`.
     pub fn check_lease(
         &self,
@@ -165,17 +176,19 @@ impl State {
             .migrations
             .get(&mid)
             .ok_or(LeaseRefusal::NoMigration(mid))?;
-        if m.spec.target_agent != target {
-            return Err(LeaseRefusal::NotTheTarget {
-                target: target.to_string(),
-                mid,
-            });
-        }
+        let not_the_target = || LeaseRefusal::NotTheTarget {
+            target: target.to_string(),
+            mid,
+        };
+        let member = m.member(target).ok_or_else(not_the_target)?;
         let seg = self
             .segments
             .get(&(mid, sid))
             .ok_or(LeaseRefusal::NoSegment { mid, sid })?;
         match seg.state {
+            SegState::Leased { epoch: e, .. } if e == epoch && seg.target != member => {
+                Err(not_the_target())
+            }
             SegState::Leased {
                 epoch: e,
                 expires_ms,

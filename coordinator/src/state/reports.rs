@@ -58,22 +58,29 @@ impl State {
                 format!("migration {mid} does not exist"),
             );
         };
-        let expected = match role {
-            Role::Source => &m.spec.source_agent,
-            Role::Target => &m.spec.target_agent,
+        let member = match role {
+            Role::Source => (m.spec.source_agent == agent).then_some(None),
+            Role::Target => m.member(agent).map(Some),
         };
-        if expected != agent {
+        let Some(member) = member else {
             return (
                 ReportOutcome::Rejected,
                 format!("agent {agent} is not the {role:?} of migration {mid}"),
             );
-        }
+        };
         let Some(seg) = self.segments.get_mut(&(mid, sid)) else {
             return (
                 ReportOutcome::Rejected,
                 format!("segment {sid} does not exist"),
             );
         };
+        // A target reports only what was leased to it.
+        if member.is_some_and(|i| i != seg.target) {
+            return (
+                ReportOutcome::Rejected,
+                format!("segment {sid}'s lease {epoch} was not granted to target {agent}"),
+            );
+        }
         match seg.state {
             SegState::Leased { epoch: e, .. } if e == epoch => {}
             // A report repeated after its answer was lost (a timeout, a leader change): the
@@ -125,6 +132,10 @@ impl State {
                 c.verified_segments = c.verified_segments.saturating_add(1);
                 c.verified_bytes = c.verified_bytes.saturating_add(seg.bytes);
                 c.verified_files = c.verified_files.saturating_add(seg.files as u64);
+                if let Some(t) = m.targets.get_mut(seg.target as usize) {
+                    t.verified_segments = t.verified_segments.saturating_add(1);
+                    t.verified_bytes = t.verified_bytes.saturating_add(seg.bytes);
+                }
                 Self::maybe_done(m, now_ms);
                 (ReportOutcome::Verified, String::new())
             }

@@ -1,6 +1,7 @@
 //! Which segment goes where: leases granted within each source's budget, renewed while
 //! a transfer runs, taken back when they expire; segments backing off wait their turn.
 
+use super::pool::{decide, Decision, MemberNow, MAX_LOOKED_AT};
 use super::*;
 
 /// A granted lease.
@@ -25,7 +26,8 @@ pub struct Lease {
 
 impl State {
     /// The scheduler: grants `agent` up to `max` pending segments of migrations it is the source
-    /// of, lowest ids first, round-robin across migrations, after returning expired leases.
+    /// of, lowest ids first, round-robin across migrations, after returning expired leases;
+    /// each to a member of its migration's target pool ([`super::pool`]).
     pub(super) fn lease(
         &mut self,
         token: u64,
@@ -46,6 +48,10 @@ impl State {
             held += self.leased.get(&mid).map_or(0, |s| s.len());
         }
         let mut budget = (max as usize).min(MAX_LEASES_PER_AGENT.saturating_sub(held));
+        let mut pools: BTreeMap<u64, Vec<MemberNow>> = mids
+            .iter()
+            .map(|&mid| (mid, self.pool_now(mid, now_ms)))
+            .collect();
         let mut out = Vec::new();
         let mut progress = true;
         while budget > 0 && progress {
@@ -54,37 +60,44 @@ impl State {
                 if budget == 0 {
                     break;
                 }
-                let m = &self.migrations[&mid];
-                let Some(target) = self.agents.get(&m.spec.target_agent) else {
-                    continue;
-                };
+                let pool = pools.get_mut(&mid).expect("made above");
                 // Never schedule to a target no source can reach: the segment would only fail
                 // (`blocker` tells the operator why nothing moves).
-                if target.undialable().is_some() {
-                    continue;
-                }
-                let Some(id) = Self::next_ready(&mut self.pending, &mut self.waiting, mid, now_ms)
-                else {
+                let Some((id, member)) = Self::next_ready(
+                    &mut self.pending,
+                    &mut self.waiting,
+                    &self.segments,
+                    mid,
+                    now_ms,
+                    pool,
+                ) else {
                     continue;
                 };
+                let m = self.migrations.get_mut(&mid).expect("listed above");
                 let seg = self
                     .segments
                     .get_mut(&(mid, id))
                     .expect("indexed segment exists");
                 let expires_ms = now_ms.saturating_add(ttl_ms);
-                seg.grant(token, expires_ms);
+                seg.grant(token, expires_ms, member);
+                pool[member as usize].inflight =
+                    pool[member as usize].inflight.saturating_add(seg.bytes);
                 self.leased.entry(mid).or_default().insert(id);
                 self.dirty.segments.insert((mid, id));
+                let target = m.member_agent(member);
                 out.push(Lease {
                     migration_id: mid,
                     segment_id: id,
                     epoch: token,
                     expires_ms,
                     attempts: seg.attempts,
-                    target_agent: target.name.clone(),
-                    target_addr: target.data_addr.clone(),
+                    target_agent: target.to_string(),
+                    target_addr: self
+                        .agents
+                        .get(target)
+                        .map(|a| a.data_addr.clone())
+                        .unwrap_or_default(),
                 });
-                let m = self.migrations.get_mut(&mid).expect("listed above");
                 m.counters.leases_granted = m.counters.leases_granted.saturating_add(1);
                 self.dirty.migrations.insert(mid);
                 budget -= 1;
@@ -94,22 +107,53 @@ impl State {
         out
     }
 
-    /// The next segment of migration `mid` to lease at `now_ms`, taken out of its index: the
-    /// lowest pending id, else the segment whose backoff ended first if it has ended.
+    /// The next segment of migration `mid` to lease at `now_ms` and the pool member it goes
+    /// to, taken out of its index: the lowest pending id that can go somewhere now, else the
+    /// segment whose backoff ended first among those that can. At most [`MAX_LOOKED_AT`]
+    /// segments are looked at.
     pub(super) fn next_ready(
         pending: &mut BTreeMap<u64, BTreeSet<u64>>,
         waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
+        segments: &BTreeMap<(u64, u64), Segment>,
         mid: u64,
         now_ms: u64,
-    ) -> Option<u64> {
-        if let Some(id) = pending.get_mut(&mid).and_then(|p| p.pop_first()) {
-            return Some(id);
+        pool: &[MemberNow],
+    ) -> Option<(u64, u16)> {
+        let mut looked = 0;
+        if let Some(set) = pending.get_mut(&mid) {
+            let mut from = 0;
+            while looked < MAX_LOOKED_AT {
+                let Some(&id) = set.range(from..).next() else {
+                    break;
+                };
+                looked += 1;
+                match decide(segments, mid, id, pool) {
+                    Decision::Lease(member) => {
+                        set.remove(&id);
+                        return Some((id, member));
+                    }
+                    Decision::Skip(next) => from = next.max(id.saturating_add(1)),
+                }
+                if id == u64::MAX {
+                    break;
+                }
+            }
         }
         let waiting = waiting.get_mut(&mid)?;
-        match waiting.first() {
-            Some(&(not_before, _)) if not_before <= now_ms => waiting.pop_first().map(|(_, id)| id),
-            _ => None,
+        let mut found = None;
+        for &(not_before, id) in waiting.iter() {
+            if not_before > now_ms || looked >= MAX_LOOKED_AT {
+                break;
+            }
+            looked += 1;
+            if let Decision::Lease(member) = decide(segments, mid, id, pool) {
+                found = Some((not_before, id, member));
+                break;
+            }
         }
+        let (not_before, id, member) = found?;
+        waiting.remove(&(not_before, id));
+        Some((id, member))
     }
 
     /// Extends lease `epoch` on segment `sid` of migration `mid` if `agent` is its source and
@@ -169,9 +213,11 @@ impl State {
             .values()
             .filter(|m| m.phase.sending() && m.spec.source_agent == agent)
             .filter(|m| {
-                self.agents
-                    .get(&m.spec.target_agent)
-                    .is_some_and(|t| t.undialable().is_none())
+                m.targets.iter().any(|t| {
+                    self.agents
+                        .get(&t.agent)
+                        .is_some_and(|a| a.undialable().is_none())
+                })
             })
             .any(|m| {
                 self.pending.get(&m.id).is_some_and(|p| !p.is_empty())

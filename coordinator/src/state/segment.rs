@@ -15,6 +15,11 @@ pub struct SegmentReg {
     pub files: u32,
     /// Fingerprint of its description.
     pub fingerprint: Digest,
+    /// Which piece of a split file it is (from 0; 0 for a bundle).
+    pub piece_index: u32,
+    /// How many pieces its split file has (0 for a bundle). The pieces of a file have
+    /// consecutive ids: the first is `id - piece_index`.
+    pub piece_count: u32,
 }
 
 /// How long a segment waits before its next try after its `n`-th failure (`n` from 1):
@@ -73,6 +78,14 @@ pub struct Segment {
     pub files: u32,
     /// Fingerprint of the source's description of it.
     pub fingerprint: Digest,
+    /// Which piece of a split file it is (0 for a bundle).
+    pub piece_index: u32,
+    /// How many pieces its split file has (0 for a bundle): pieces of one file all go to the
+    /// target that got the first one, whose state directory holds the file's sidecar.
+    pub piece_count: u32,
+    /// The member of the migration's target pool ([`Migration::targets`]) its latest lease
+    /// was granted to (0 before any lease).
+    pub target: u16,
     /// Lifecycle state.
     pub state: SegState,
     /// Leases granted for it.
@@ -92,10 +105,11 @@ pub struct Segment {
 
 /// A segment's transitions: every change of its lifecycle state goes through one of these.
 impl Segment {
-    /// Leased to the holder of fencing token `epoch` until `expires_ms`: a fresh attempt, with
-    /// no hashes yet and no backoff left.
-    pub(super) fn grant(&mut self, epoch: u64, expires_ms: u64) {
+    /// Leased to the holder of fencing token `epoch` until `expires_ms`, to be sent to member
+    /// `target` of the pool: a fresh attempt, with no hashes yet and no backoff left.
+    pub(super) fn grant(&mut self, epoch: u64, expires_ms: u64, target: u16) {
         self.state = SegState::Leased { epoch, expires_ms };
+        self.target = target;
         self.leases = self.leases.saturating_add(1);
         self.not_before_ms = 0;
         self.source_hash = None;
@@ -150,6 +164,11 @@ impl Segment {
     pub(super) fn give_up(&mut self) {
         self.state = SegState::Failed;
         self.not_before_ms = 0;
+    }
+
+    /// Whether it is a piece of a file split into several.
+    pub fn is_piece(&self) -> bool {
+        self.piece_count > 1
     }
 
     /// Pending again, not to be leased before `not_before_ms`; returns that time, never 0 (0

@@ -19,6 +19,8 @@ fn reg(id: u64, bytes: u64, files: u32) -> SegmentReg {
         bytes,
         files,
         fingerprint: [bytes as u8; 32],
+        piece_index: 0,
+        piece_count: 0,
     }
 }
 
@@ -846,6 +848,8 @@ fn huge_segment_counts_are_refused_not_overflowed() {
         bytes: u64::MAX,
         files: u32::MAX,
         fingerprint: [id as u8; 32],
+        piece_index: 0,
+        piece_count: 0,
     };
     // One segment of u64::MAX bytes fits; a second one in the same batch does not: the whole
     // command is refused and nothing of it is applied.

@@ -73,7 +73,9 @@ pub use state_machine::{Applied, StateMachine};
 /// 11: agents' jobs (`StartJob`, `ReportJob`; records `j/<id>`, the state's `jobs`).
 /// 12: enrolment: join tokens, signed certificates, revoked agents (record `pki`, the state's
 /// `pki`).
-pub const FORMAT_VERSION: u64 = 12;
+/// 13: target pools: migrations carry `targets`, segments which piece of a split file they
+/// are and the member their lease went to (`AddTarget`, `RemoveTarget`).
+pub const FORMAT_VERSION: u64 = 13;
 
 /// How long `open` waits for sled's file lock. sled finishes writing its buffers on background
 /// threads after the last handle is dropped, so a node reopened at once in the same process

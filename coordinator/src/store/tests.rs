@@ -93,6 +93,8 @@ fn busy_entries() -> Vec<Entry<TypeConfig>> {
                     bytes: 10,
                     files: 1,
                     fingerprint: [id as u8; 32],
+                    piece_index: 0,
+                    piece_count: 0,
                 })
                 .collect(),
         },

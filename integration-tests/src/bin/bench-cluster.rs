@@ -294,6 +294,7 @@ async fn main() -> anyhow::Result<()> {
                     bytes: 64 << 20,
                     files: 1,
                     fingerprint: [id as u8; 32],
+                    piece: (0, 0),
                 })
                 .collect();
             let t = Instant::now();

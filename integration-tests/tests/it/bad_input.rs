@@ -255,6 +255,7 @@ impl Hostile {
             bytes: 3,
             files: 1,
             fingerprint: [0; 32],
+            piece: (0, 0),
         };
         me.register_segments(id, &[seg]).await.unwrap();
         // The completion leases the segment in the same entry.

@@ -652,6 +652,8 @@ impl Sim {
                             bytes: 1000 + id,
                             files: 1,
                             fingerprint: hash,
+                            piece_index: 0,
+                            piece_count: 0,
                         }
                     })
                     .collect();
