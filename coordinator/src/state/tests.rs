@@ -3388,3 +3388,270 @@ fn revoking_a_source_ends_its_leases_at_once_and_its_segments_go_to_the_next_sen
         Response::Refused(_)
     ));
 }
+
+/// A world for target pools: source "src"; targets "t0", "t1", "t2" writing to one bucket,
+/// "fs" to a directory and "other" to another bucket (all registered at 0 with session 1);
+/// a migration from "src" to "t0" of `segs`, its scan complete.
+fn pool_world(segs: Vec<SegmentReg>) -> (World, u64) {
+    let mut w = World::new();
+    for (i, (name, root)) in [
+        ("t0", "s3://bucket/data"),
+        ("t1", "s3://bucket/data"),
+        ("t2", "s3://bucket/data"),
+        ("fs", "/cloud"),
+        ("other", "s3://elsewhere/data"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        register_target(&mut w, name, &format!("127.0.0.1:{}", 7000 + i), root, 0);
+    }
+    let Response::MigrationCreated(mid) = w.apply(Command::CreateMigration {
+        name: unique_name(),
+        idempotency_key: String::new(),
+        spec: MigrationSpec {
+            target_agent: "t0".into(),
+            ..spec("/d", 100)
+        },
+        uuid: ferry_common::ids::random_id(),
+        throttle: String::new(),
+        now_ms: 0,
+    }) else {
+        panic!()
+    };
+    let total = segs.len() as u64;
+    assert_eq!(register(&mut w, mid, segs), Response::Ok);
+    assert_eq!(complete(&mut w, mid, total), Response::Ok);
+    (w, mid)
+}
+
+fn register_target(w: &mut World, name: &str, addr: &str, root: &str, now_ms: u64) {
+    let r = w.apply(Command::RegisterAgent {
+        name: name.into(),
+        session: 1,
+        previous: 0,
+        data_addr: addr.into(),
+        new_cluster_id: "cluster-1".into(),
+        applies_owners: true,
+        congestion: "bbr".into(),
+        window_bytes: 64 << 20,
+        target_root: root.into(),
+        now_ms,
+    });
+    assert!(matches!(r, Response::Registered(_)), "{r:?}");
+}
+
+/// Piece `index` of `count` of a split file, as segment `id` of 100 bytes.
+fn piece(id: u64, index: u32, count: u32) -> SegmentReg {
+    SegmentReg {
+        piece_index: index,
+        piece_count: count,
+        fingerprint: [id as u8; 32],
+        ..reg(id, 100, u32::from(index == 0))
+    }
+}
+
+fn add_target(w: &mut World, mid: u64, agent: &str) -> Response {
+    w.apply(Command::AddTarget {
+        migration_id: mid,
+        agent: agent.into(),
+    })
+}
+
+fn targets_of(leases: &[Lease]) -> Vec<(u64, &str)> {
+    leases
+        .iter()
+        .map(|l| (l.segment_id, l.target_agent.as_str()))
+        .collect()
+}
+
+#[test]
+fn a_pool_grows_only_with_targets_writing_to_the_first_targets_object_store() {
+    let (mut w, mid) = pool_world(vec![reg(0, 10, 1)]);
+    let refusal = |r: Response| match r {
+        Response::Refused(why) => why,
+        r => panic!("not refused: {r:?}"),
+    };
+    let before = w.s.migrations[&mid].clone();
+    assert!(refusal(add_target(&mut w, mid, "fs")).contains("same object store"));
+    assert!(refusal(add_target(&mut w, mid, "other")).contains("same object store"));
+    assert!(refusal(add_target(&mut w, mid, "src")).contains("source"));
+    assert!(refusal(add_target(&mut w, mid, "ghost")).contains("not registered"));
+    assert_eq!(w.s.migrations[&mid], before, "a refusal changes nothing");
+    assert_eq!(add_target(&mut w, mid, "t1"), Response::Ok);
+    assert_eq!(add_target(&mut w, mid, "t1"), Response::Ok, "idempotent");
+    let pool: Vec<_> = w.s.migrations[&mid]
+        .targets
+        .iter()
+        .map(|t| (t.agent.as_str(), t.active))
+        .collect();
+    assert_eq!(pool, [("t0", true), ("t1", true)]);
+    let remove = |w: &mut World, agent: &str| {
+        w.apply(Command::RemoveTarget {
+            migration_id: mid,
+            agent: agent.into(),
+        })
+    };
+    assert!(refusal(remove(&mut w, "t0")).contains("first target"));
+    assert!(refusal(remove(&mut w, "t2")).contains("not a target"));
+    assert_eq!(remove(&mut w, "t1"), Response::Ok);
+    assert!(!w.s.migrations[&mid].targets[1].active);
+    // A migration whose first target writes to a directory cannot grow: ferry cannot tell
+    // that another host's directory is the same file system.
+    let mid2 = create(&mut w);
+    assert!(refusal(add_target(&mut w, mid2, "fs")).contains("directory on its own host"));
+}
+
+#[test]
+fn bundles_go_to_the_member_with_the_fewest_bytes_leased_and_only_it_may_take_them() {
+    let (mut w, mid) = pool_world((0..6).map(|id| reg(id, 10, 1)).collect());
+    let first = w.lease(1, 10);
+    assert_eq!(targets_of(&first), [(0, "t0")]);
+    assert_eq!(first[0].target_addr, "127.0.0.1:7000");
+    // A member that joins gets the very next lease: it has nothing leased.
+    assert_eq!(add_target(&mut w, mid, "t1"), Response::Ok);
+    let next = w.lease(1, 10);
+    assert_eq!(targets_of(&next), [(1, "t1")]);
+    assert_eq!(next[0].target_addr, "127.0.0.1:7001");
+    assert_eq!(targets_of(&w.lease(2, 10)), [(2, "t0"), (3, "t1")]);
+    // Only the member a lease went to may take the segment and report it.
+    let l = &next[0];
+    assert!(matches!(
+        w.s.check_lease("t0", mid, l.segment_id, l.epoch, 10),
+        Err(LeaseRefusal::NotTheTarget { .. })
+    ));
+    assert!(w
+        .s
+        .check_lease("t1", mid, l.segment_id, l.epoch, 10)
+        .is_ok());
+    assert!(matches!(
+        w.s.check_lease("t2", mid, l.segment_id, l.epoch, 10),
+        Err(LeaseRefusal::NotTheTarget { .. })
+    ));
+    let report = |w: &mut World, agent: &str| {
+        w.apply(Command::ReportSegment {
+            agent: agent.into(),
+            session: 1,
+            role: Role::Target,
+            migration_id: mid,
+            segment_id: l.segment_id,
+            epoch: l.epoch,
+            result: Ok([1; 32]),
+            source_hash: Some([1; 32]),
+            retry_later: false,
+            stale: false,
+            permanent: false,
+            now_ms: 20,
+        })
+    };
+    assert!(matches!(
+        report(&mut w, "t0"),
+        Response::Report(ReportOutcome::Rejected, _)
+    ));
+    assert!(matches!(
+        report(&mut w, "t1"),
+        Response::Report(ReportOutcome::Verified, _)
+    ));
+    let t = &w.s.migrations[&mid].targets;
+    assert_eq!((t[0].verified_segments, t[1].verified_segments), (0, 1));
+    assert_eq!(t[1].verified_bytes, 10);
+    // The source's own leases name the member each went to.
+    let held = w.s.leases_of("src", 10);
+    assert_eq!(targets_of(&held), [(0, "t0"), (2, "t0"), (3, "t1")]);
+}
+
+#[test]
+fn every_piece_of_a_split_file_goes_to_the_member_that_got_the_first() {
+    // A file in four pieces (0..=3), then a bundle.
+    let mut segs: Vec<_> = (0..4).map(|i| piece(i, i as u32, 4)).collect();
+    segs.push(reg(4, 10, 1));
+    let (mut w, mid) = pool_world(segs);
+    assert_eq!(add_target(&mut w, mid, "t1"), Response::Ok);
+    assert_eq!(targets_of(&w.lease(1, 10)), [(0, "t0")]);
+    // t0 holds far more bytes than t1, yet the file's other pieces go to t0: its sidecar is
+    // there. The bundle goes to t1.
+    assert_eq!(
+        targets_of(&w.lease(8, 10)),
+        [(1, "t0"), (2, "t0"), (3, "t0"), (4, "t1")]
+    );
+    // t0 shuts down; the leases run out. Nothing of the file goes anywhere else; the bundle
+    // goes to t1 again.
+    w.apply(Command::EndSession {
+        name: "t0".into(),
+        session: 1,
+    });
+    assert_eq!(targets_of(&w.lease(8, 10 + TTL)), [(4, "t1")]);
+    assert!((0..4).all(|id| w.s.segments[&(mid, id)].state == SegState::Pending));
+    // t0 comes back: the file resumes there, the first piece included.
+    w.apply(Command::RegisterAgent {
+        name: "t0".into(),
+        session: 2,
+        previous: 1,
+        data_addr: "127.0.0.1:7000".into(),
+        new_cluster_id: "cluster-1".into(),
+        applies_owners: true,
+        congestion: "bbr".into(),
+        window_bytes: 64 << 20,
+        target_root: "s3://bucket/data".into(),
+        now_ms: 20,
+    });
+    assert_eq!(
+        targets_of(&w.lease(8, 20 + TTL)),
+        [(0, "t0"), (1, "t0"), (2, "t0"), (3, "t0")]
+    );
+}
+
+#[test]
+fn a_removed_member_gets_no_new_files_but_finishes_the_split_files_it_began() {
+    // A bundle, a file in three pieces (1..=3), two bundles.
+    let segs = vec![
+        reg(0, 10, 1),
+        piece(1, 0, 3),
+        piece(2, 1, 3),
+        piece(3, 2, 3),
+        reg(4, 10, 1),
+        reg(5, 10, 1),
+    ];
+    let (mut w, mid) = pool_world(segs);
+    assert_eq!(add_target(&mut w, mid, "t1"), Response::Ok);
+    assert_eq!(targets_of(&w.lease(1, 10)), [(0, "t0")]);
+    assert_eq!(targets_of(&w.lease(1, 10)), [(1, "t1")]);
+    w.apply(Command::RemoveTarget {
+        migration_id: mid,
+        agent: "t1".into(),
+    });
+    assert_eq!(
+        targets_of(&w.lease(8, 10)),
+        [(2, "t1"), (3, "t1"), (4, "t0"), (5, "t0")]
+    );
+}
+
+#[test]
+fn a_dead_members_expired_leases_go_to_the_live_ones() {
+    let (mut w, mid) = pool_world((0..4).map(|id| reg(id, 10, 1)).collect());
+    assert_eq!(add_target(&mut w, mid, "t1"), Response::Ok);
+    assert_eq!(
+        targets_of(&w.lease(4, 10)),
+        [(0, "t0"), (1, "t1"), (2, "t0"), (3, "t1")]
+    );
+    // t1 is not heard from again; src and t0 are. Past t1's session timeout every lease has
+    // expired and all of them go to t0, the live member, though it holds more.
+    let later = SESSION_TIMEOUT_MS + 1;
+    for name in ["src", "t0"] {
+        w.apply(Command::Heartbeat {
+            name: name.into(),
+            session: 1,
+            now_ms: later - 1,
+        });
+    }
+    assert!(w.s.agents["t1"].session != 0 && !w.s.agents["t1"].live(later));
+    assert_eq!(
+        targets_of(&w.lease(4, later)),
+        [(0, "t0"), (1, "t0"), (2, "t0"), (3, "t0")]
+    );
+    assert_eq!(
+        w.s.blocker(mid, later),
+        None,
+        "t0 takes the work: nothing blocks"
+    );
+}
