@@ -1226,7 +1226,7 @@ impl Admin for AdminService {
                                 }
                             }
                             SegState::Failed if p.failed.len() < FAILED_LISTED => {
-                                p.failed.push(convert::segment(sid, seg))
+                                p.failed.push(convert::segment(m, sid, seg))
                             }
                             _ => {}
                         }
@@ -1308,7 +1308,7 @@ fn verification(
         if seg.state == SegState::Failed {
             out.segments_failed += 1;
             if out.unverified.len() < max {
-                out.unverified.push(convert::segment(sid, seg));
+                out.unverified.push(convert::segment(m, sid, seg));
             }
         }
     }
@@ -1322,13 +1322,13 @@ fn verification(
             }
             SegState::Failed => {}
             _ if out.unverified.len() < max => {
-                out.unverified.push(convert::segment(sid, seg));
+                out.unverified.push(convert::segment(m, sid, seg));
             }
             _ => {}
         }
         if r.max_listed == u32::MAX && sid >= r.segments_from {
             if out.segments.len() < page {
-                out.segments.push(convert::segment(sid, seg));
+                out.segments.push(convert::segment(m, sid, seg));
             } else {
                 out.segments_more = true;
             }

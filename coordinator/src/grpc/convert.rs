@@ -220,8 +220,8 @@ pub fn members(m: &Migration) -> Vec<pb::PoolMember> {
         .collect()
 }
 
-/// One segment's state.
-pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
+/// One segment of migration `m`, as it stands.
+pub fn segment(m: &Migration, id: u64, s: &Segment) -> pb::SegmentState {
     let hex = |h: &Option<[u8; 32]>| h.map(|h| ferry_common::hash::hex(&h)).unwrap_or_default();
     pb::SegmentState {
         segment_id: id,
@@ -243,6 +243,11 @@ pub fn segment(id: u64, s: &Segment) -> pb::SegmentState {
         retry_at_ms: match s.state {
             SegState::Pending => s.not_before_ms,
             _ => 0,
+        },
+        target: if s.leases > 0 {
+            m.member_agent(s.target).to_string()
+        } else {
+            String::new()
         },
     }
 }

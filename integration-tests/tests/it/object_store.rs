@@ -878,3 +878,131 @@ async fn a_store_target_crashes_after_recording_the_last_piece_before_completing
 async fn a_store_target_crashes_after_completing_the_upload_before_recording_it() {
     a_store_target_crashes_at("object::completed_before_record", "ferry-crash-complete").await;
 }
+
+/// A pool of store targets. The migration starts with one target; two more join while it
+/// runs and get work; one of them is killed and the migration finishes without it (its
+/// leases run out and go to the live members); every piece of the split file was written by
+/// the one target that began it (its multipart upload's sidecar is there); the store's own
+/// client finds every file whole and no upload left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn targets_join_a_store_migration_while_it_runs_and_a_dead_ones_work_goes_to_the_others() {
+    let Some(moto) = moto() else { return };
+    let bucket = "ferry-pool";
+    moto.create_bucket(bucket).unwrap();
+    let env = TestEnv::new();
+    // A checkpoint in four pieces of 6 MiB (the last 2 MiB and 100 bytes), first in walk
+    // order, then 240 files of 500 KiB in 20 bundles of 12.
+    let (src, big) = checkpoint(&env, 20, "ferry pool test");
+    make_files(&src, 240, 500 * 1024);
+    let piece_sizes = [6 * MIB as u64, 2 * MIB as u64 + 100];
+
+    let node = env.coordinator().await;
+    let coord = node.addr.to_string();
+    let ctl = env.ctl(&coord).await;
+    let spawn = |name: &str| {
+        let top = "data_listen = \"127.0.0.1:0\"\n";
+        let (store, _) = moto.target_store_toml(bucket, "pool");
+        crate::processes::spawn_agent_toml(&env, name, &coord, top, &store)
+    };
+    let mut first = spawn("target");
+    let mut scfg = env.agent_config("source", &coord, None);
+    scfg.max_in_flight = 2;
+    let source = ferry_agent::run::start(scfg).await.unwrap();
+    // ~160 MiB at 80 Mbit/s: some 16 s, time for targets to join and one to die.
+    crate::harness::throttle_agent(&ctl, &source, "source", "80mbit").await;
+    crate::processes::wait_registered(&ctl, "target", true).await;
+    let spec = pb::MigrationSpec {
+        segment_size: 6 * MIB as u64,
+        ..migration_spec(&src, "")
+    };
+    let id = ctl.create(spec).await.unwrap();
+    wait_verified(&ctl, id, 2).await;
+
+    let mut second = spawn("target-2");
+    let mut third = spawn("target-3");
+    for name in ["target-2", "target-3"] {
+        crate::processes::wait_registered(&ctl, name, true).await;
+        let pool = ctl
+            .set_migration_target(&id.to_string(), name, true)
+            .await
+            .unwrap();
+        assert!(pool.iter().any(|t| t.agent == name && t.active), "{pool:?}");
+    }
+    // A target that cannot share the tree is refused: the source is no target at all.
+    let refused = ctl
+        .set_migration_target(&id.to_string(), "source", true)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("source"), "{refused}");
+    let joined = wait_for(
+        "both new targets to verify segments",
+        Duration::from_secs(60),
+        || async {
+            let p = ctl.status(id).await.ok()?;
+            p.targets[1..]
+                .iter()
+                .all(|t| t.segments_verified > 0)
+                .then_some(p)
+        },
+    )
+    .await;
+    assert!(
+        joined.segments_verified < joined.segments_total || !joined.scan_complete,
+        "the migration finished before a target could die; the test would prove nothing"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+    ctl.set_throttle("", "source", "off").await.unwrap();
+    let log = || {
+        ["target", "target-2", "target-3"]
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(env.path(&format!("agent-{n}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let done = finished(&ctl, id, Duration::from_secs(180), &log).await;
+
+    // Every verified segment is counted at the member that verified it.
+    let members = &done.progress.targets;
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert_eq!(
+        members.iter().map(|t| t.segments_verified).sum::<u64>(),
+        done.verify.segments_verified
+    );
+    assert!(
+        members.iter().all(|t| t.segments_verified > 0),
+        "{members:?}"
+    );
+    // The split file's pieces all went to one target: the one that began its upload.
+    let pieces: Vec<&str> = done
+        .verify
+        .segments
+        .iter()
+        .filter(|s| piece_sizes.contains(&s.bytes))
+        .map(|s| s.target.as_str())
+        .collect();
+    assert_eq!(pieces.len(), 4, "{:?}", done.verify.segments);
+    assert!(pieces.iter().all(|t| *t == pieces[0]), "{pieces:?}");
+
+    // The store's own client: every file whole, nothing else, no upload left open.
+    let held = moto.list(bucket, "pool/").unwrap();
+    let want = files(&src);
+    assert_eq!(held.len(), want.len());
+    for (rel, (size, sha)) in &want {
+        let got = &held[&format!("pool/{rel}")];
+        assert_eq!((got.size, &got.sha256), (*size, sha), "{rel}");
+    }
+    assert_eq!(
+        held["pool/checkpoint.bin"].sha256,
+        sha256(&big),
+        "the split file"
+    );
+    assert!(moto.uploads(bucket).unwrap().is_empty());
+
+    crate::processes::terminate(&mut first, "target");
+    crate::processes::terminate(&mut third, "target-3");
+    source.shutdown().await;
+    node.shutdown().await;
+}
