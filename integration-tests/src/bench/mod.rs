@@ -10,6 +10,7 @@ pub mod freshfs;
 pub mod measure;
 pub mod peers;
 pub mod quic;
+pub mod relay;
 pub mod report;
 pub mod runs;
 
