@@ -290,12 +290,34 @@ struct Completed {
 
 /// The leases a source holds: those being sent (one task each) and those leased ahead,
 /// waiting for a transfer to end. Leasing ahead ([`lease_ahead`]) hides the lease call's
-/// round trip: a transfer that ends hands its slot to a lease already here.
+/// round trip: a transfer that ends hands its slot to a lease already here. With several
+/// targets (a migration's pool), a free slot goes to the waiting lease whose target has the
+/// fewest transfers running, so no target idles while another's leases wait.
 #[derive(Default)]
 struct Slots {
     sends: JoinSet<Sent>,
     sending: HashMap<tokio::task::Id, LeaseKey>,
+    /// The target of each transfer started (entries of ended ones are dropped at `fill`).
+    targets: HashMap<tokio::task::Id, String>,
     queued: std::collections::VecDeque<Lease>,
+}
+
+impl Slots {
+    /// The waiting lease to start next: the oldest of those whose target has the fewest
+    /// transfers running.
+    fn next_queued(&mut self) -> Option<Lease> {
+        let sending = &self.sending;
+        self.targets.retain(|id, _| sending.contains_key(id));
+        let mut running: HashMap<&str, usize> = HashMap::new();
+        for t in self.targets.values() {
+            *running.entry(t.as_str()).or_default() += 1;
+        }
+        let i = (0..self.queued.len()).min_by_key(|&i| {
+            let t = self.queued[i].target_agent.as_str();
+            (running.get(t).copied().unwrap_or(0), i)
+        })?;
+        self.queued.remove(i)
+    }
 }
 
 /// Leases held beyond `max_in_flight`, waiting for a slot (see [`Slots`]): half as many as
@@ -680,13 +702,15 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
     /// Starts queued leases while fewer than `max_in_flight` transfers run.
     fn fill(self: &Arc<Self>, slots: &mut Slots) {
         while slots.sending.len() < self.max_in_flight as usize {
-            let Some(lease) = slots.queued.pop_front() else {
+            let Some(lease) = slots.next_queued() else {
                 break;
             };
             let key = LeaseKey::from(&lease);
+            let target = lease.target_agent.clone();
             let me = self.clone();
             let h = slots.sends.spawn(async move { me.transfer(lease).await });
             slots.sending.insert(h.id(), key);
+            slots.targets.insert(h.id(), target);
         }
     }
 
@@ -2381,6 +2405,36 @@ mod driven {
         );
         assert!(rig.source.dialer.closed(), "connections are closed");
         drop(held);
+    }
+
+    /// With a pool of targets, a free slot goes to the waiting lease whose target has the
+    /// fewest transfers running (the oldest of those); with one target, in lease order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_free_slot_goes_to_the_waiting_lease_whose_target_is_least_busy() {
+        let lease = |segment_id: u64, target: &str| Lease {
+            migration_id: 1,
+            segment_id,
+            epoch: 1,
+            target_agent: target.into(),
+            ..Default::default()
+        };
+        let mut slots = Slots::default();
+        // One transfer to "a" runs.
+        let h = slots.sends.spawn(std::future::pending::<Sent>());
+        slots.sending.insert(h.id(), LeaseKey::from(&lease(0, "a")));
+        slots.targets.insert(h.id(), "a".into());
+        slots
+            .queued
+            .extend([lease(1, "a"), lease(2, "a"), lease(3, "b"), lease(4, "b")]);
+        let next = |slots: &mut Slots| slots.next_queued().map(|l| l.segment_id);
+        assert_eq!(next(&mut slots), Some(3), "b runs nothing, a one transfer");
+        // The transfer to "a" ended: both idle, the oldest goes.
+        slots.sending.clear();
+        assert_eq!(next(&mut slots), Some(1));
+        assert_eq!(next(&mut slots), Some(2));
+        assert_eq!(next(&mut slots), Some(4));
+        assert_eq!(next(&mut slots), None);
+        slots.sends.abort_all();
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -460,6 +460,15 @@ enum MigrationCmd {
         /// you decide. Pairs with --sync-every for a hands-off migration.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         auto_cutover_below: Option<Duration>,
+        /// More target agents for its pool, comma-separated: segments spread over every
+        /// member (the pieces of a split file stay with one). Each must write to the same
+        /// object store as --target's agent. `migration targets` changes the pool later.
+        #[arg(long, value_delimiter = ',', value_name = "AGENT,...")]
+        targets: Vec<String>,
+        /// A plan made with `ferryctl plan -o json`: the pool (--target and --targets) must
+        /// have as many target agents as the plan has.
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
         /// Change nothing: check the request as a create would (name, agents, spec), then have
         /// the source agent walk its path with these excludes and print what would be copied,
         /// how much, what is excluded or cannot be copied, and what would be deleted.
@@ -1051,6 +1060,25 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(size.as_u64())
 }
 
+/// Whether a pool of `named` target agents is what the plan (`ferryctl plan -o json`) has.
+fn pool_matches_plan(plan_json: &str, named: usize) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Planned {
+        agent_count: u64,
+    }
+    let p: Planned = serde_json::from_str(plan_json)
+        .context("not a plan: make one with `ferryctl plan ... -o json`")?;
+    if p.agent_count != named as u64 {
+        bail!(
+            "it plans {} target agents, but --target and --targets name {named}: start the \
+             planned agents and name each of them (`ferryctl agents list` shows who is \
+             registered)",
+            p.agent_count
+        );
+    }
+    Ok(())
+}
+
 fn split_agent(s: &str, what: &str) -> anyhow::Result<(String, String)> {
     let (agent, path) = s.split_once(':').unwrap_or((s, ""));
     if agent.is_empty() {
@@ -1467,10 +1495,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_delete,
             sync_every,
             auto_cutover_below,
+            targets,
+            plan,
             dry_run,
         }) => {
             let (source_agent, source_path) = split_agent(source, "--source")?;
             let (target_agent, target_path) = split_agent(target, "--target")?;
+            if let Some(file) = plan {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading the plan {}", file.display()))?;
+                pool_matches_plan(&text, 1 + targets.len())
+                    .with_context(|| format!("the plan {}", file.display()))?;
+            }
             let excludes = &excludes_with(excludes, exclude_from)?;
             let spec = pb::MigrationSpec {
                 source_agent,
@@ -1502,6 +1538,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     throttle.as_deref().unwrap_or(""),
                 )
                 .await?;
+            for t in targets {
+                connect(&cli)
+                    .await?
+                    .set_migration_target(&id.to_string(), t, true)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "migration {id} ({name}) was created, but adding target {t} to its \
+                             pool failed; once fixed: `ferryctl migration targets {name} add {t}`"
+                        )
+                    })?;
+            }
             if json {
                 print_json(&serde_json::json!({ "migration_id": id, "name": name }));
             } else {
@@ -2144,6 +2192,41 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    /// `migration create --plan` takes a plan as `ferryctl plan -o json` prints it and checks
+    /// the pool named on the command line against it.
+    #[test]
+    fn a_pool_must_have_as_many_targets_as_the_plan() {
+        use crate::plan::{plan, AgentType, Catalog, Inputs};
+        // 1 TB in 3 h is 92.6 MB/s: ten agents of 10 MB/s.
+        let catalog = Catalog {
+            agents: vec![AgentType {
+                name: "m.large".into(),
+                price_per_hour: 1.0,
+                throughput: 10_000_000,
+                max_count: 12,
+                egress_per_gb: 0.0,
+            }],
+        };
+        let inputs = Inputs {
+            bytes: 1_000_000_000_000,
+            deadline_secs: 3 * 3600,
+            path_limit: None,
+        };
+        let p = plan(&catalog, &inputs).unwrap();
+        assert_eq!(p.agent_count, 10);
+        let json = serde_json::to_string(&p).unwrap();
+        super::pool_matches_plan(&json, p.agent_count as usize).unwrap();
+        let short = super::pool_matches_plan(&json, p.agent_count as usize - 1).unwrap_err();
+        assert!(
+            short
+                .to_string()
+                .contains(&format!("plans {} target agents", p.agent_count)),
+            "{short}"
+        );
+        let junk = super::pool_matches_plan("{}", 1).unwrap_err();
+        assert!(format!("{junk:#}").contains("not a plan"), "{junk:#}");
+    }
+
     #[test]
     fn an_operator_is_told_when_its_certificate_is_due_expired_or_never_expires() {
         use ferry_common::pki::{request, Ca, Identity};

@@ -47,8 +47,13 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     rtt_ms: u64,
     /// Files of the data set.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, default_value_t = 64)]
     files: usize,
+    /// The source agent's `max_in_flight` (it leases half as many again ahead). Leases held by
+    /// the source stay with the target they name, so the source should hold a small share of
+    /// the segments, as it does of a real migration's thousands: 4 (6 leases) of 64 here.
+    #[arg(long, default_value_t = 4)]
+    source_in_flight: u32,
     /// MiB per file (each file is one segment: under the 64 MiB segment size).
     #[arg(long, default_value_t = 8)]
     file_mib: usize,
@@ -80,14 +85,15 @@ fn free_udp_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn spawn(bin: &Path, cfg: &Path, log: &Path) -> anyhow::Result<Child> {
+/// Starts `bin run --config cfg`, logging at `level` (or `FERRY_BENCH_LOG`) into `log`.
+fn spawn(bin: &Path, cfg: &Path, log: &Path, level: &str) -> anyhow::Result<Child> {
     let log = std::fs::File::create(log)?;
     Ok(Command::new(bin)
         .args(["run", "--config"])
         .arg(cfg)
         .env(
             "RUST_LOG",
-            std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| level.into()),
         )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -121,7 +127,8 @@ fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> 
         ),
     )?;
     let log = work.join("coordinator.log");
-    procs.push(spawn(&coord_bin, &cfg, &log)?);
+    // Info: it says where it listens.
+    procs.push(spawn(&coord_bin, &cfg, &log, "info")?);
     let coord = coordinator_addr(procs.last_mut().expect("pushed"), &log)?.to_string();
     let (store, _) = s3.target_store_toml(BUCKET, "ferry");
     let mut relays = Vec::new();
@@ -141,7 +148,12 @@ fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> 
                 tls(Identity::Agent(name.clone()))?
             ),
         )?;
-        procs.push(spawn(&agent_bin, &cfg, &work.join(format!("{name}.log")))?);
+        procs.push(spawn(
+            &agent_bin,
+            &cfg,
+            &work.join(format!("{name}.log")),
+            "warn",
+        )?);
         relays.push(relay);
         names.push(name);
     }
@@ -149,12 +161,13 @@ fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> 
     std::fs::write(
         &cfg,
         format!(
-            "name = \"src\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\n{}",
+            "name = \"src\"\ncoordinator = \"{coord}\"\nstate_dir = \"{}\"\nmax_in_flight = {}\n{}",
             work.join("src-state").display(),
+            args.source_in_flight,
             tls(Identity::Agent("src".into()))?
         ),
     )?;
-    procs.push(spawn(&agent_bin, &cfg, &work.join("src.log"))?);
+    procs.push(spawn(&agent_bin, &cfg, &work.join("src.log"), "warn")?);
     let admin = TlsMaterial::load(&ca.issue_if_missing(&Identity::Admin("bench".into()), &pki)?)?;
     Ok(Cluster {
         procs,
@@ -311,8 +324,9 @@ fn main() -> anyhow::Result<()> {
     })?;
     let mib = args.files * args.file_mib;
     println!(
-        "\n{mib} MiB in {} files into S3 (moto) through target agents each behind {} ({} ms RTT)\n",
-        args.files, args.rate, args.rtt_ms
+        "\n{mib} MiB in {} files into S3 (moto) through target agents each behind {} ({} ms RTT); \
+         source max_in_flight {}\n",
+        args.files, args.rate, args.rtt_ms, args.source_in_flight
     );
     println!("| run | seconds | MiB/s | first half s | second half s | segments per target |");
     println!("|---|---|---|---|---|---|");

@@ -67,9 +67,22 @@ impl Rng {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Actor {
     Source,
-    Target,
+    /// Member `i` of the target pool: 0 is the migration's first target (it runs the target's
+    /// cutover steps), 1 joins and leaves as the operator says.
+    Target(usize),
     Operator,
 }
+
+/// Target agents in the model: both write to one object store (the model's `disk`).
+const TARGETS: usize = 2;
+
+/// The name of target `i`.
+fn target_name(i: usize) -> &'static str {
+    ["dst", "dst2"][i]
+}
+
+/// Segments of the bulk copy that are the pieces of one split file (first id, count).
+const SPLIT_FILE: (u64, u32) = (4, 4);
 
 /// A message in flight.
 #[derive(Debug, Clone)]
@@ -153,6 +166,8 @@ pub struct Tally {
     pub aborted: u64,
     /// Segments verified.
     pub verified: u64,
+    /// Segments verified at the second target (it joined the pool).
+    pub pooled: u64,
 }
 
 /// One simulated migration.
@@ -168,13 +183,18 @@ pub struct Sim {
     log: Vec<(u64, Command)>,
     net: Vec<InFlight>,
     src: Agent,
-    dst: Agent,
+    dsts: [Agent; TARGETS],
     mid: u64,
     /// The source's data: each segment's content hash (a segment stands for the files it
     /// carries; a round's segments are what changed before it).
     content: BTreeMap<u64, Digest>,
     /// The target's disk: what it holds durably, per segment.
     disk: BTreeMap<u64, Digest>,
+    /// Which target wrote a piece of the split file first (its sidecar: the file's part or
+    /// multipart upload lives in that agent's state directory).
+    piece_writer: Option<usize>,
+    /// A piece of the split file written by a target other than the one holding its sidecar.
+    pieces_split: Option<String>,
     /// Whether the source application is frozen (its `pre_freeze` ran, no `rollback` since).
     frozen: bool,
     /// How many times each hook ran, per cutover attempt: the hooks' own side effects.
@@ -205,10 +225,12 @@ impl Sim {
             log: Vec::new(),
             net: Vec::new(),
             src: Agent::default(),
-            dst: Agent::default(),
+            dsts: Default::default(),
             mid: 0,
             content: BTreeMap::new(),
             disk: BTreeMap::new(),
+            piece_writer: None,
+            pieces_split: None,
             frozen: false,
             hooks_ran: BTreeMap::new(),
             ran: BTreeMap::new(),
@@ -220,10 +242,12 @@ impl Sim {
             tally: Tally::default(),
         };
         s.src.up = true;
-        s.dst.up = true;
-        // Both agents register, then the operator creates the migration, all before any
-        // fault.
-        for a in [Actor::Source, Actor::Target] {
+        for d in &mut s.dsts {
+            d.up = true;
+        }
+        // The source and the first target register, then the operator creates the migration,
+        // all before any fault; the second target registers when it first ticks.
+        for a in [Actor::Source, Actor::Target(0)] {
             let cmd = s.register(a);
             let resp = s.commit(cmd.clone());
             s.answered(a, cmd, resp);
@@ -273,7 +297,7 @@ impl Sim {
     fn agent(&mut self, a: Actor) -> &mut Agent {
         match a {
             Actor::Source => &mut self.src,
-            Actor::Target => &mut self.dst,
+            Actor::Target(i) => &mut self.dsts[i],
             Actor::Operator => unreachable!("the operator is no agent"),
         }
     }
@@ -293,12 +317,17 @@ impl Sim {
     /// The registration of session `session` of agent `a`.
     fn registration(&self, a: Actor, session: u64, previous: u64) -> Command {
         let (name, addr, root) = match a {
-            Actor::Source => ("src", "", ""),
-            _ => ("dst", "127.0.0.1:9", "/cloud"),
+            Actor::Source => ("src", String::new(), ""),
+            Actor::Target(i) => (
+                target_name(i),
+                format!("127.0.0.1:{}", 9 + i),
+                "s3://sim/data",
+            ),
+            Actor::Operator => unreachable!("the operator does not register"),
         };
         Command::RegisterAgent {
             name: name.into(),
-            data_addr: addr.into(),
+            data_addr: addr,
             session,
             previous,
             new_cluster_id: "sim-cluster".into(),
@@ -327,6 +356,11 @@ impl Sim {
                     .values()
                     .filter(|s| s.state == SegState::Verified)
                     .count() as u64;
+                self.tally.pooled = self
+                    .migration()
+                    .targets
+                    .get(1)
+                    .map_or(0, |t| t.verified_segments);
                 return Ok(self.tally);
             }
             self.step()?;
@@ -352,9 +386,8 @@ impl Sim {
             && !m.cutover_running()
             && self.net.is_empty()
             && self.src.up
-            && self.dst.up
             && self.src.registered
-            && self.dst.registered
+            && self.dsts.iter().all(|d| d.up && d.registered)
             && self.src.held.is_empty()
     }
 
@@ -378,7 +411,10 @@ impl Sim {
         match roll {
             0..=44 => self.deliver(),
             45..=64 => self.tick(Actor::Source),
-            65..=79 => self.tick(Actor::Target),
+            65..=79 => {
+                let i = self.rng.below(TARGETS as u64) as usize;
+                self.tick(Actor::Target(i))
+            }
             80..=83 => self.operate(),
             84..=85 if self.faults => self.crash(),
             86 if self.faults && self.rng.chance(1, 4) => self.change_leader()?,
@@ -522,12 +558,19 @@ impl Sim {
 
     /// The target gets a segment's bytes: checks the lease, writes them durably, reports.
     fn receive(&mut self, l: Lease, from: u64, received: Digest, sent: Digest) {
-        if !self.dst.up || !self.dst.registered {
+        let Some(i) = (0..TARGETS).find(|&i| target_name(i) == l.target_agent) else {
+            return;
+        };
+        if !self.dsts[i].up || !self.dsts[i].registered {
             return;
         }
-        let current =
-            self.state
-                .check_lease("dst", l.migration_id, l.segment_id, l.epoch, self.now);
+        let current = self.state.check_lease(
+            target_name(i),
+            l.migration_id,
+            l.segment_id,
+            l.epoch,
+            self.now,
+        );
         let ack = |stored| Msg::Ack {
             lease: l.clone(),
             session: from,
@@ -537,12 +580,21 @@ impl Sim {
             self.send(ack(false));
             return;
         }
-        let session = self.dst.session;
-        let report =
-            |result, source_hash| report(Role::Target, session, &l, result, source_hash, false);
+        let session = self.dsts[i].session;
+        let report = |result, source_hash| {
+            report(
+                target_name(i),
+                Role::Target,
+                session,
+                &l,
+                result,
+                source_hash,
+                false,
+            )
+        };
         if received != sent {
             self.call(
-                Actor::Target,
+                Actor::Target(i),
                 report(
                     Err("the bytes' BLAKE3 differs from the source's".into()),
                     None,
@@ -551,16 +603,30 @@ impl Sim {
             self.send(ack(false));
             return;
         }
+        let (first, count) = SPLIT_FILE;
+        if (first..first + u64::from(count)).contains(&l.segment_id) {
+            match self.piece_writer {
+                Some(w) if w != i => {
+                    self.pieces_split.get_or_insert(format!(
+                        "piece {} of the split file was written by {}, but {} holds its sidecar",
+                        l.segment_id,
+                        target_name(i),
+                        target_name(w)
+                    ));
+                }
+                _ => self.piece_writer = Some(i),
+            }
+        }
         match self.bug {
             Some(Bug::ReportBeforeDurable) => {
-                self.dst.unsynced.insert(l.segment_id, received);
+                self.dsts[i].unsynced.insert(l.segment_id, received);
             }
             None => {
                 // Written, synced, renamed into place: durable before anything is said.
                 self.disk.insert(l.segment_id, received);
             }
         }
-        self.call(Actor::Target, report(Ok(received), Some(sent)));
+        self.call(Actor::Target(i), report(Ok(received), Some(sent)));
         self.send(ack(true));
     }
 
@@ -582,7 +648,7 @@ impl Sim {
         } else {
             Err("the target did not store the segment".into())
         };
-        let cmd = report(Role::Source, session, &l, result, None, false);
+        let cmd = report("src", Role::Source, session, &l, result, None, false);
         self.call(Actor::Source, cmd);
     }
 
@@ -607,7 +673,7 @@ impl Sim {
             }
             return;
         }
-        let name = if a == Actor::Source { "src" } else { "dst" };
+        let name = actor_name(a);
         let session = self.agent(a).session;
         if self.now >= self.agent(a).next_heartbeat {
             self.agent(a).next_heartbeat = self.now + 2_000;
@@ -647,13 +713,18 @@ impl Sim {
                             .content
                             .entry(id)
                             .or_insert_with(|| *blake3::hash(&id.to_le_bytes()).as_bytes());
+                        // Round 0 holds a file split into pieces: they must all go to one
+                        // target.
+                        let (first, count) = SPLIT_FILE;
+                        let piece =
+                            round.number == 0 && (first..first + u64::from(count)).contains(&id);
                         SegmentReg {
                             id,
                             bytes: 1000 + id,
-                            files: 1,
+                            files: u32::from(!piece || id == first),
                             fingerprint: hash,
-                            piece_index: 0,
-                            piece_count: 0,
+                            piece_index: if piece { (id - first) as u32 } else { 0 },
+                            piece_count: if piece { count } else { 0 },
                         }
                     })
                     .collect();
@@ -717,7 +788,7 @@ impl Sim {
             let timed_out = Err("the transfer timed out".into());
             self.call(
                 Actor::Source,
-                report(Role::Source, session, &l, timed_out, None, true),
+                report("src", Role::Source, session, &l, timed_out, None, true),
             );
         }
         if self.now >= self.src.next_renew && !self.src.held.is_empty() {
@@ -764,7 +835,8 @@ impl Sim {
         };
         let session = self.agent(a).session;
         for step in c.pending_steps() {
-            if step.on_target() != (a == Actor::Target) {
+            // The first target runs the target's steps.
+            if step.on_target() != (a == Actor::Target(0)) || a == Actor::Target(1) {
                 continue;
             }
             let key = (c.attempt, step);
@@ -805,7 +877,7 @@ impl Sim {
                     run
                 }
             };
-            let name = if a == Actor::Source { "src" } else { "dst" };
+            let name = actor_name(a);
             let mid = self.mid;
             self.call(
                 a,
@@ -829,6 +901,25 @@ impl Sim {
         let done = m.switched();
         let (finished, running) = (m.phase.finished(), m.cutover_running());
         if !self.faults {
+            return;
+        }
+        // The second target joins, leaves and joins again.
+        if self.rng.chance(1, 8) {
+            let agent = target_name(1).to_string();
+            let m = self.migration();
+            let member = m.member(&agent).map(|i| m.targets[i as usize].active);
+            let cmd = if member == Some(true) && self.rng.chance(1, 3) {
+                Command::RemoveTarget {
+                    migration_id: mid,
+                    agent,
+                }
+            } else {
+                Command::AddTarget {
+                    migration_id: mid,
+                    agent,
+                }
+            };
+            self.call(Actor::Operator, cmd);
             return;
         }
         if finished && !running && !done {
@@ -857,10 +948,9 @@ impl Sim {
 
     /// An agent process dies: everything but its disk and its record of hooks is gone.
     fn crash(&mut self) {
-        let a = if self.rng.chance(1, 2) {
-            Actor::Source
-        } else {
-            Actor::Target
+        let a = match self.rng.below(1 + TARGETS as u64) {
+            0 => Actor::Source,
+            i => Actor::Target(i as usize - 1),
         };
         if !self.agent(a).up {
             return;
@@ -881,7 +971,7 @@ impl Sim {
     /// Agents that are down come back when due; a target with unsynced bytes syncs them now
     /// and then.
     fn revive(&mut self) {
-        for a in [Actor::Source, Actor::Target] {
+        for a in [Actor::Source, Actor::Target(0), Actor::Target(1)] {
             let (now, faults) = (self.now, self.faults);
             let ag = self.agent(a);
             if !ag.up && (now >= ag.back_at || !faults) {
@@ -889,9 +979,11 @@ impl Sim {
                 self.note(format!("{a:?} restarted"));
             }
         }
-        if !self.dst.unsynced.is_empty() && self.rng.chance(1, 3) {
-            let synced = std::mem::take(&mut self.dst.unsynced);
-            self.disk.extend(synced);
+        for i in 0..TARGETS {
+            if !self.dsts[i].unsynced.is_empty() && self.rng.chance(1, 3) {
+                let synced = std::mem::take(&mut self.dsts[i].unsynced);
+                self.disk.extend(synced);
+            }
         }
     }
 
@@ -919,8 +1011,19 @@ impl Sim {
     }
 }
 
-/// The report of `role`'s agent (session `session`) on lease `l` (stamped when delivered).
+/// The name agent `a` registers with.
+fn actor_name(a: Actor) -> &'static str {
+    match a {
+        Actor::Source => "src",
+        Actor::Target(i) => target_name(i),
+        Actor::Operator => "operator",
+    }
+}
+
+/// The report of `role`'s agent `agent` (session `session`) on lease `l` (stamped when
+/// delivered).
 fn report(
+    agent: &str,
     role: Role,
     session: u64,
     l: &Lease,
@@ -929,7 +1032,7 @@ fn report(
     retry_later: bool,
 ) -> Command {
     Command::ReportSegment {
-        agent: if role == Role::Source { "src" } else { "dst" }.into(),
+        agent: agent.into(),
         session,
         role,
         migration_id: l.migration_id,
@@ -1016,6 +1119,7 @@ fn seeds(first: u64, count: u64, steps: u64) -> Tally {
                 sum.switched += t.switched;
                 sum.aborted += t.aborted;
                 sum.verified += t.verified;
+                sum.pooled += t.pooled;
             }
             Err(e) => panic!("{e}"),
         }
@@ -1040,6 +1144,7 @@ fn seeds_keep_every_invariant_under_faults() {
             "{t:?}"
         );
         assert!(t.rounds > 0 && t.switched > 0 && t.aborted > 0, "{t:?}");
+        assert!(t.pooled > 0, "{t:?}");
     }
 }
 

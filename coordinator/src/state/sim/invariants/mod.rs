@@ -5,6 +5,7 @@ mod accounting;
 mod durable;
 mod hooks;
 mod monotone;
+mod pinned;
 pub mod replicas;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,6 +48,7 @@ pub fn each_step(sim: &mut Sim) -> Result<(), String> {
     durable::check(sim)?;
     accounting::check(&sim.state)?;
     hooks::check(sim)?;
+    pinned::check(sim)?;
     sim.seen.monotone = monotone::check(&sim.seen.monotone, &sim.state)?;
     Ok(())
 }
