@@ -51,8 +51,8 @@ struct Args {
     files: usize,
     /// The source agent's `max_in_flight` (it leases half as many again ahead). Leases held by
     /// the source stay with the target they name, so the source should hold a small share of
-    /// the segments, as it does of a real migration's thousands: 4 (6 leases) of 64 here.
-    #[arg(long, default_value_t = 4)]
+    /// the segments, as it does of a real migration's thousands: 8 (12 leases) of 64 here.
+    #[arg(long, default_value_t = 8)]
     source_in_flight: u32,
     /// MiB per file (each file is one segment: under the 64 MiB segment size).
     #[arg(long, default_value_t = 8)]
