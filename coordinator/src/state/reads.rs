@@ -141,20 +141,7 @@ impl State {
                 let seg = &self.segments[&(m.id, id)];
                 if let SegState::Leased { epoch, expires_ms } = seg.state {
                     if expires_ms > now_ms {
-                        let target = m.member_agent(seg.target);
-                        out.push(Lease {
-                            migration_id: m.id,
-                            segment_id: id,
-                            epoch,
-                            expires_ms,
-                            attempts: seg.attempts,
-                            target_agent: target.to_string(),
-                            target_addr: self
-                                .agents
-                                .get(target)
-                                .map(|a| a.data_addr.clone())
-                                .unwrap_or_default(),
-                        });
+                        out.push(Lease::of(&self.agents, m, id, seg, epoch, expires_ms));
                     }
                 }
             }

@@ -24,6 +24,33 @@ pub struct Lease {
     pub target_addr: String,
 }
 
+impl Lease {
+    /// Lease `epoch` (until `expires_ms`) on segment `id` of migration `m`, naming the pool
+    /// member it went to and that agent's data address.
+    pub(super) fn of(
+        agents: &BTreeMap<String, Agent>,
+        m: &Migration,
+        id: u64,
+        seg: &Segment,
+        epoch: u64,
+        expires_ms: u64,
+    ) -> Lease {
+        let target = m.member_agent(seg.target);
+        Lease {
+            migration_id: m.id,
+            segment_id: id,
+            epoch,
+            expires_ms,
+            attempts: seg.attempts,
+            target_agent: target.to_string(),
+            target_addr: agents
+                .get(target)
+                .map(|a| a.data_addr.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 impl State {
     /// The scheduler: grants `agent` up to `max` pending segments of migrations it is the source
     /// of, lowest ids first, round-robin across migrations, after returning expired leases;
@@ -84,20 +111,7 @@ impl State {
                     pool[member as usize].inflight.saturating_add(seg.bytes);
                 self.leased.entry(mid).or_default().insert(id);
                 self.dirty.segments.insert((mid, id));
-                let target = m.member_agent(member);
-                out.push(Lease {
-                    migration_id: mid,
-                    segment_id: id,
-                    epoch: token,
-                    expires_ms,
-                    attempts: seg.attempts,
-                    target_agent: target.to_string(),
-                    target_addr: self
-                        .agents
-                        .get(target)
-                        .map(|a| a.data_addr.clone())
-                        .unwrap_or_default(),
-                });
+                out.push(Lease::of(&self.agents, m, id, seg, token, expires_ms));
                 m.counters.leases_granted = m.counters.leases_granted.saturating_add(1);
                 self.dirty.migrations.insert(mid);
                 budget -= 1;

@@ -41,18 +41,8 @@ impl World {
             index: 0,
         };
         for (name, addr) in [("src", ""), ("dst", "127.0.0.1:9")] {
-            w.apply(Command::RegisterAgent {
-                name: name.into(),
-                session: 1,
-                previous: 0,
-                data_addr: addr.into(),
-                new_cluster_id: "cluster-1".into(),
-                applies_owners: true,
-                congestion: "bbr".into(),
-                window_bytes: 64 << 20,
-                target_root: if addr.is_empty() { "" } else { "/cloud" }.into(),
-                now_ms: 0,
-            });
+            let root = if addr.is_empty() { "" } else { "/cloud" };
+            register_target(&mut w, name, addr, root, 0);
         }
         w
     }
@@ -3425,6 +3415,7 @@ fn pool_world(segs: Vec<SegmentReg>) -> (World, u64) {
     (w, mid)
 }
 
+/// Registers agent `name` (session 1) with data address `addr` and target root `root`.
 fn register_target(w: &mut World, name: &str, addr: &str, root: &str, now_ms: u64) {
     let r = w.apply(Command::RegisterAgent {
         name: name.into(),
