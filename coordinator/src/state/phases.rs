@@ -347,17 +347,27 @@ impl State {
             Err(r) => return r,
         };
         let complete = m.scan_complete;
+        let round_first = m.round().first_segment;
+        let in_batch: BTreeSet<u64> = segments.iter().map(|r| r.id).collect();
         // Check the whole batch first: a refused command changes nothing.
         for r in &segments {
+            // A piece's file begins in this round, and its first piece is registered before
+            // it or with it: every piece of a file must go where its first piece goes.
+            let first = r.id.checked_sub(u64::from(r.piece_index));
             let piece_ok = if r.piece_count == 0 {
                 r.piece_index == 0
             } else {
-                r.piece_index < r.piece_count && u64::from(r.piece_index) <= r.id
+                r.piece_index < r.piece_count
+                    && first.is_some_and(|f| {
+                        f >= round_first
+                            && (in_batch.contains(&f) || self.segments.contains_key(&(mid, f)))
+                    })
             };
             if !piece_ok {
                 return refused(format!(
                     "migration {mid}: segment {} says it is piece {} of {}, which cannot be \
-                     (a corrupt manifest?) — check the source agent",
+                     (no such piece, or its file's first piece is not registered in this \
+                     round: a corrupt manifest?) — check the source agent",
                     r.id, r.piece_index, r.piece_count
                 ));
             }

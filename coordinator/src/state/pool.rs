@@ -102,12 +102,14 @@ pub(super) fn decide(
     id: u64,
     pool: &[MemberNow],
 ) -> Decision {
+    // Ids come from a source: `u64::MAX` is one.
+    let next = id.saturating_add(1);
     let Some(seg) = segments.get(&(mid, id)) else {
-        return Decision::Skip(id + 1);
+        return Decision::Skip(next);
     };
     let free = |next: u64| free_choice(pool).map_or(Decision::Skip(next), Decision::Lease);
     if !seg.is_piece() {
-        return free(id + 1);
+        return free(next);
     }
     let first = id - u64::from(seg.piece_index);
     let after = first.saturating_add(u64::from(seg.piece_count));
@@ -120,8 +122,10 @@ pub(super) fn decide(
         // The first piece chooses (it has the lowest id, so it comes first).
         Some(_) if id == first => free(after),
         Some(_) => Decision::Skip(after),
-        // No first piece registered (a corrupt registration): the piece goes anywhere.
-        None => free(id + 1),
+        // Registration refuses a piece without its first (`register_segments`); a first piece
+        // gone since (a rescan that replanned it) leaves the piece to wait for nothing: it may
+        // go anywhere.
+        None => free(next),
     }
 }
 

@@ -3646,3 +3646,29 @@ fn a_dead_members_expired_leases_go_to_the_live_ones() {
         "t0 takes the work: nothing blocks"
     );
 }
+
+/// A source's registration cannot split a file over two targets: a piece is refused unless its
+/// file's first piece is registered before it or with it, in this round. And an id at the end
+/// of the range is scheduled without overflow.
+#[test]
+fn a_piece_without_its_first_is_refused_and_the_last_id_is_scheduled() {
+    let mut w = World::new();
+    let mid = create(&mut w);
+    let before = w.s.clone();
+    let r = register(&mut w, mid, vec![piece(5, 1, 3)]);
+    assert!(
+        matches!(r, Response::Refused(ref why) if why.contains("first piece")),
+        "{r:?}"
+    );
+    assert_eq!(w.s.segments, before.segments, "a refusal changes nothing");
+    // With it in the same batch, or registered before: accepted.
+    assert_eq!(
+        register(&mut w, mid, vec![piece(4, 0, 3), piece(5, 1, 3)]),
+        Response::Ok
+    );
+    assert_eq!(register(&mut w, mid, vec![piece(6, 2, 3)]), Response::Ok);
+    let last = reg(u64::MAX, 10, 1);
+    assert_eq!(register(&mut w, mid, vec![last]), Response::Ok);
+    let leased: Vec<u64> = w.lease(8, 10).iter().map(|l| l.segment_id).collect();
+    assert_eq!(leased, [4, 5, 6, u64::MAX]);
+}
