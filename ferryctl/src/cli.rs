@@ -1529,8 +1529,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await?;
                 return dry_run_create(&ctl, &name, &spec, json).await;
             }
-            let id = connect(&cli)
-                .await?
+            let ctl = connect(&cli).await?;
+            let id = ctl
                 .create_throttled(
                     &name,
                     spec,
@@ -1539,9 +1539,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             for t in targets {
-                connect(&cli)
-                    .await?
-                    .set_migration_target(&id.to_string(), t, true)
+                ctl.set_migration_target(&id.to_string(), t, true)
                     .await
                     .with_context(|| {
                         format!(

@@ -45,18 +45,13 @@ impl Relay {
         // Client → upstream: admitted through the link, sent when due.
         {
             let (front, stop, client) = (front.clone(), stop.clone(), client.clone());
-            let mut link = Link::new(imp, seed);
+            let link = Link::new(imp, seed);
             threads.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = front.recv_from(&mut buf) else {
-                        continue;
-                    };
+                admit_each(&stop, link, up_tx, |buf| {
+                    let (n, from) = front.recv_from(buf).ok()?;
                     *client.lock().expect("relay lock") = Some(from);
-                    if let Fate::Deliver(at) = link.admit(Instant::now(), n) {
-                        let _ = up_tx.send((at, buf[..n].to_vec()));
-                    }
-                }
+                    Some(n)
+                })
             }));
         }
         {
@@ -70,17 +65,9 @@ impl Relay {
         // Upstream → client.
         {
             let (back, stop) = (back.clone(), stop.clone());
-            let mut link = Link::new(imp, seed ^ 0x9E37_79B9_7F4A_7C15);
+            let link = Link::new(imp, seed ^ 0x9E37_79B9_7F4A_7C15);
             threads.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(n) = back.recv(&mut buf) else {
-                        continue;
-                    };
-                    if let Fate::Deliver(at) = link.admit(Instant::now(), n) {
-                        let _ = down_tx.send((at, buf[..n].to_vec()));
-                    }
-                }
+                admit_each(&stop, link, down_tx, |buf| back.recv(buf).ok())
             }));
         }
         {
@@ -98,6 +85,25 @@ impl Relay {
             stop,
             threads,
         })
+    }
+}
+
+/// Receives packets with `recv` until stopped (`None`: nothing this time); each one `link`
+/// delivers goes to `tx` with the time it is due.
+fn admit_each(
+    stop: &AtomicBool,
+    mut link: Link,
+    tx: mpsc::Sender<(Instant, Vec<u8>)>,
+    mut recv: impl FnMut(&mut [u8]) -> Option<usize>,
+) {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        let Some(n) = recv(&mut buf) else {
+            continue;
+        };
+        if let Fate::Deliver(at) = link.admit(Instant::now(), n) {
+            let _ = tx.send((at, buf[..n].to_vec()));
+        }
     }
 }
 
