@@ -10,7 +10,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::segment::{Entry, EntryKind, SegmentPlanner};
 use backon::Retryable;
@@ -39,8 +39,19 @@ use crate::throttle::{Scope, Throttles};
 use futures::TryStreamExt;
 use object_store::ObjectStore;
 
-/// Segments registered with the coordinator per call.
+/// Segments registered with the coordinator per call, at most.
 const REGISTER_BATCH: usize = 1000;
+
+/// A scan registers the segments it has planned at least this often, so that transfers start
+/// while a long scan goes on: a tree of a million small files is about a thousand bundles, one
+/// batch, which would otherwise wait for the end of a scan of many seconds.
+const REGISTER_EVERY: Duration = Duration::from_millis(500);
+
+/// Whether a scan holding `pending` planned segments, the last registered `since` ago,
+/// registers them now.
+fn register_now(pending: usize, since: Duration) -> bool {
+    pending >= REGISTER_BATCH || (pending > 0 && since >= REGISTER_EVERY)
+}
 /// Read buffer per segment in flight: bounds memory whatever the file sizes.
 const BUF: usize = 1024 * 1024;
 /// How long a source keeps retrying a segment report the coordinator did not answer.
@@ -892,6 +903,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
             ..ScanSummary::default()
         };
         let mut batch: Vec<SegmentSummary> = Vec::new();
+        let registered = std::cell::Cell::new(Instant::now());
         let flush = |writer: &mut ManifestWriter,
                      batch: &mut Vec<SegmentSummary>|
          -> Result<(), PrepareError> {
@@ -900,6 +912,7 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                 call_blocking(rt, stop, || self.control.register_segments(mid, batch))?;
                 batch.clear();
             }
+            registered.set(Instant::now());
             Ok(())
         };
         let mut plan = |e: Entry,
@@ -907,11 +920,13 @@ impl<C: Coordinator, D: Dialer> Source<C, D> {
                         batch: &mut Vec<SegmentSummary>,
                         summary: &mut ScanSummary|
          -> Result<(), PrepareError> {
+            let before = batch.len();
             for seg in planner.push(e) {
                 batch.push(writer.append(&seg)?);
                 summary.segments_total += 1;
             }
-            if batch.len() >= REGISTER_BATCH {
+            // The clock is read only when a segment was planned, not for every entry.
+            if batch.len() > before && register_now(batch.len(), registered.get().elapsed()) {
                 flush(writer, batch)?;
             }
             Ok(())
@@ -2026,6 +2041,24 @@ mod tests {
             (m.mtime(), m.mtime_nsec() as u32),
             m.ino(),
         )
+    }
+
+    /// A scan registers a full batch at once, and what it has planned every half second, so a
+    /// long scan of fewer segments than a batch (a million small files) does not hold back every
+    /// transfer until it ends.
+    #[test]
+    fn a_long_scan_registers_what_it_planned_every_half_second() {
+        let ms = Duration::from_millis;
+        assert!(
+            register_now(REGISTER_BATCH, ms(0)),
+            "a full batch goes at once"
+        );
+        assert!(!register_now(REGISTER_BATCH - 1, ms(499)));
+        assert!(
+            register_now(1, REGISTER_EVERY),
+            "a partial batch goes after 500 ms"
+        );
+        assert!(!register_now(0, ms(10_000)), "nothing to register, no call");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! [`run`] is the whole benchmark; the binary only parses its arguments.
 
+pub mod daemon;
 pub mod dataset;
 pub mod ferry;
 pub mod freshfs;

@@ -23,6 +23,7 @@ use ferry_agent::manifest::{ScanSummary, SegmentSummary};
 use ferry_common::config::TlsPaths;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
+use ferry_integration_tests::bench::daemon;
 use ferry_integration_tests::process::{coordinator_addr, strip_ansi};
 use ferry_proto::admin as pb;
 use ferry_proto::control::Role;
@@ -116,29 +117,11 @@ fn spawn_node(work: &Path, ca: &Ca, id: u64, bootstrap: bool) -> anyhow::Result<
 }
 
 fn rss_mib(pid: u32, field: &str) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    daemon::status_mib(pid, field)
 }
 
 fn du_mib(dir: &Path) -> f64 {
-    fn walk(p: &Path) -> u64 {
-        let Ok(rd) = std::fs::read_dir(p) else {
-            return 0;
-        };
-        rd.flatten()
-            .map(|e| match e.metadata() {
-                Ok(m) if m.is_dir() => walk(&e.path()),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            })
-            .sum()
-    }
-    walk(dir) as f64 / (1024.0 * 1024.0)
+    daemon::du_bytes(dir) as f64 / (1024.0 * 1024.0)
 }
 
 async fn connect_admin(addr: &str, tls: &TlsMaterial) -> anyhow::Result<Ctl> {

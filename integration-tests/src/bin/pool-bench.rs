@@ -18,13 +18,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use ferry_common::pki::{Ca, Identity};
 use ferry_common::tls::TlsMaterial;
+use ferry_integration_tests::bench::daemon;
 use ferry_integration_tests::bench::peers::sibling;
 use ferry_integration_tests::bench::relay::Relay;
 use ferry_integration_tests::process::coordinator_addr;
@@ -85,35 +86,11 @@ fn free_udp_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// Starts `bin run --config cfg`, logging at `level` (or `FERRY_BENCH_LOG`) into `log`.
-fn spawn(bin: &Path, cfg: &Path, log: &Path, level: &str) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(log)?;
-    Ok(Command::new(bin)
-        .args(["run", "--config"])
-        .arg(cfg)
-        .env(
-            "RUST_LOG",
-            std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| level.into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?)
-}
-
 fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> {
     let work = &args.workdir;
     let pki = work.join("pki");
     let ca = Ca::init(&pki)?;
-    let tls = |who: Identity| -> anyhow::Result<String> {
-        let p = ca.issue_if_missing(&who, &pki)?;
-        Ok(format!(
-            "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            p.ca.display(),
-            p.cert.display(),
-            p.key.display()
-        ))
-    };
+    let tls = |who: Identity| daemon::tls_toml(&ca, &pki, who);
     let coord_bin = sibling("it-coordinator")?;
     let agent_bin = sibling("it-agent")?;
     let mut procs = Vec::new();
@@ -128,7 +105,7 @@ fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> 
     )?;
     let log = work.join("coordinator.log");
     // Info: it says where it listens.
-    procs.push(spawn(&coord_bin, &cfg, &log, "info")?);
+    procs.push(daemon::spawn(&coord_bin, &cfg, &log, "info")?);
     let coord = coordinator_addr(procs.last_mut().expect("pushed"), &log)?.to_string();
     let (store, _) = s3.target_store_toml(BUCKET, "ferry");
     let mut relays = Vec::new();
@@ -148,7 +125,7 @@ fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> 
                 tls(Identity::Agent(name.clone()))?
             ),
         )?;
-        procs.push(spawn(
+        procs.push(daemon::spawn(
             &agent_bin,
             &cfg,
             &work.join(format!("{name}.log")),
@@ -167,7 +144,12 @@ fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> 
             tls(Identity::Agent("src".into()))?
         ),
     )?;
-    procs.push(spawn(&agent_bin, &cfg, &work.join("src.log"), "warn")?);
+    procs.push(daemon::spawn(
+        &agent_bin,
+        &cfg,
+        &work.join("src.log"),
+        "warn",
+    )?);
     let admin = TlsMaterial::load(&ca.issue_if_missing(&Identity::Admin("bench".into()), &pki)?)?;
     Ok(Cluster {
         procs,
