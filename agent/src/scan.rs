@@ -4,11 +4,15 @@
 //! ([`Order::Key`]).
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::segment::Entry;
 use ferry_common::exclude::Excludes;
@@ -65,38 +69,86 @@ impl Order {
     }
 }
 
-fn sorted_children(dir: &Path, order: Order) -> std::io::Result<Vec<OsString>> {
-    let entries = fs::read_dir(dir)?;
-    match order {
-        Order::Name => {
-            let mut names = entries
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<Vec<_>, _>>()?;
-            names.sort();
-            Ok(names)
+/// The names in the open directory `dir` (without `.` and `..`), sorted in `order`.
+fn sorted_children(dir: &OwnedFd, order: Order) -> io::Result<Vec<OsString>> {
+    let mut listing = rustix::fs::Dir::read_from(dir)?;
+    let mut named = Vec::new();
+    while let Some(e) = listing.read() {
+        let e = e?;
+        let name = e.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
         }
-        Order::Key => {
+        let mut sort_key = name.to_vec();
+        if order == Order::Key {
             // Every key below a directory `d` starts `d/`: sorting siblings by their name with
             // a `/` after each directory's gives the order of the whole keys.
-            let mut named = entries
-                .map(|e| {
-                    let e = e?;
-                    let mut sort_key = e.file_name().as_bytes().to_vec();
-                    if e.file_type()?.is_dir() {
-                        sort_key.push(b'/');
+            let is_dir = match e.file_type() {
+                FileType::Directory => true,
+                FileType::Unknown => {
+                    match rustix::fs::statat(dir, e.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) => FileType::from_raw_mode(st.st_mode) == FileType::Directory,
+                        Err(Errno::NOENT) => false,
+                        Err(err) => return Err(err.into()),
                     }
-                    Ok((sort_key, e.file_name()))
-                })
-                .collect::<std::io::Result<Vec<_>>>()?;
-            named.sort();
-            Ok(named.into_iter().map(|(_, n)| n).collect())
+                }
+                _ => false,
+            };
+            if is_dir {
+                sort_key.push(b'/');
+            }
         }
+        named.push((sort_key, OsString::from_vec(name.to_vec())));
+    }
+    match order {
+        // Path order of siblings is the order of their names' bytes.
+        Order::Name => named.sort_by(|a, b| a.1.cmp(&b.1)),
+        Order::Key => named.sort(),
+    }
+    Ok(named.into_iter().map(|(_, n)| n).collect())
+}
+
+/// What the walk needs of a name's `stat`.
+struct Meta {
+    kind: FileType,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: (i64, u32),
+    ctime: (i64, u32),
+    dev: u64,
+    ino: u64,
+    nlink: u64,
+}
+
+impl Meta {
+    /// What `name` in the directory `dir` is (a symlink is described, not followed): one
+    /// `fstatat` relative to the directory's handle, not a walk of the whole path.
+    // The fields' integer types differ between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    fn at(dir: &OwnedFd, name: &OsStr) -> Result<Meta, Errno> {
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(Meta {
+            kind: FileType::from_raw_mode(st.st_mode),
+            mode: st.st_mode as u32 & 0o7777,
+            uid: st.st_uid as u32,
+            gid: st.st_gid as u32,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            nlink: st.st_nlink as u64,
+        })
     }
 }
 
-fn mtime(m: &fs::Metadata) -> (i64, u32) {
-    (m.mtime(), m.mtime_nsec() as u32)
-}
+/// Flags of the directory handles the walk holds, one per level of depth.
+const DIR: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
 
 /// Walks `root`, calling `f` for each item in depth-first name order (a directory before its
 /// contents). Stops early if `f` returns an error.
@@ -133,22 +185,27 @@ pub fn walk_in<E>(
         }
         Err(e) => return Err(root_err(e.to_string())),
     }
-    let top = sorted_children(root, order).map_err(|e| root_err(e.to_string()))?;
-    let mut stack: Vec<(PathBuf, std::vec::IntoIter<OsString>)> =
-        vec![(PathBuf::new(), top.into_iter())];
+    let root_fd = rustix::fs::open(root, DIR, Mode::empty())
+        .map_err(|e| root_err(io::Error::from(e).to_string()))?;
+    let top = sorted_children(&root_fd, order).map_err(|e| root_err(e.to_string()))?;
+    // Each level's directory handle: every name is looked at relative to its directory's
+    // handle (`fstatat`, `openat`), not by a walk of its whole path from `/`, which cost a
+    // tree of millions of small files most of its scan.
+    let mut stack: Vec<(PathBuf, OwnedFd, std::vec::IntoIter<OsString>)> =
+        vec![(PathBuf::new(), root_fd, top.into_iter())];
     // (device, inode) of files with several names → the first name met.
     let mut first_names: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    while let Some((dir, names)) = stack.last_mut() {
+    while let Some((dir, dir_fd, names)) = stack.last_mut() {
         let Some(name) = names.next() else {
             stack.pop();
             continue;
         };
         let rel = dir.join(&name);
-        let abs = root.join(&rel);
         // Taken before the excludes are asked: a rule for directories only (`build/` in an
         // exclude file) must know what `rel` is, and the entry below is made from it.
-        let meta = fs::symlink_metadata(&abs);
-        let is_dir = excludes.needs_kind() && meta.as_ref().is_ok_and(|m| m.is_dir());
+        let meta = Meta::at(dir_fd, &name);
+        let is_dir =
+            excludes.needs_kind() && meta.as_ref().is_ok_and(|m| m.kind == FileType::Directory);
         if excludes.matches_kind(&rel, is_dir) {
             if let Err(e) = f(Walked::Excluded) {
                 return Ok(Err(e));
@@ -172,71 +229,83 @@ pub fn walk_in<E>(
         let item = match meta {
             // Removed between the listing of its directory and now: a live tree changes while
             // it is scanned, and a name that is gone is not there to copy.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => issue(format!("cannot stat: {e}")),
-            Ok(m) => {
-                let ft = m.file_type();
-                let mode = m.mode() & 0o7777;
-                let (uid, gid) = (m.uid(), m.gid());
-                let ctime = (m.ctime(), m.ctime_nsec() as u32);
-                if ft.is_dir() {
-                    match sorted_children(&abs, order) {
-                        Ok(children) => {
-                            stack.push((rel.clone(), children.into_iter()));
+            Err(Errno::NOENT) => continue,
+            Err(e) => issue(format!("cannot stat: {}", io::Error::from(e))),
+            Ok(m) => match m.kind {
+                FileType::Directory => {
+                    let listed = rustix::fs::openat(&*dir_fd, &name, DIR, Mode::empty())
+                        .map_err(io::Error::from)
+                        .and_then(|fd| Ok((sorted_children(&fd, order)?, fd)));
+                    match listed {
+                        Ok((children, fd)) => {
+                            stack.push((rel.clone(), fd, children.into_iter()));
                             Walked::Entry(
-                                Entry::dir(&wire, mode, mtime(&m))
-                                    .owned_by(uid, gid)
-                                    .changed_at(ctime),
+                                Entry::dir(&wire, m.mode, m.mtime)
+                                    .owned_by(m.uid, m.gid)
+                                    .changed_at(m.ctime),
                             )
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                         Err(e) => issue(format!("cannot read directory: {e}")),
                     }
-                } else if ft.is_file() {
-                    let key = (m.dev(), m.ino());
-                    match fs::File::open(&abs) {
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => issue(format!("cannot read: {e}")),
-                        Ok(_) if m.nlink() > 1 && first_names.contains_key(&key) => Walked::Entry(
-                            Entry::hardlink(&wire, &first_names[&key], m.len(), mtime(&m))
-                                .changed_at(ctime),
+                }
+                FileType::RegularFile => {
+                    let key = (m.dev, m.ino);
+                    // Opened (and closed) to find an unreadable file now, not when it is sent;
+                    // non-blocking, in case a FIFO took its place since the stat.
+                    let opened = rustix::fs::openat(
+                        &*dir_fd,
+                        &name,
+                        OFlags::RDONLY
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC
+                            | OFlags::NONBLOCK
+                            | OFlags::NOCTTY,
+                        Mode::empty(),
+                    );
+                    match opened {
+                        Err(Errno::NOENT) => continue,
+                        Err(e) => issue(format!("cannot read: {}", io::Error::from(e))),
+                        Ok(_) if m.nlink > 1 && first_names.contains_key(&key) => Walked::Entry(
+                            Entry::hardlink(&wire, &first_names[&key], m.size, m.mtime)
+                                .changed_at(m.ctime),
                         ),
                         Ok(_) => {
-                            if m.nlink() > 1 {
+                            if m.nlink > 1 {
                                 first_names.insert(key, wire.clone());
                             }
                             Walked::Entry(
-                                Entry::file(&wire, m.len(), mode, mtime(&m), m.ino())
-                                    .owned_by(uid, gid)
-                                    .changed_at(ctime),
+                                Entry::file(&wire, m.size, m.mode, m.mtime, m.ino)
+                                    .owned_by(m.uid, m.gid)
+                                    .changed_at(m.ctime),
                             )
                         }
                     }
-                } else if ft.is_symlink() {
-                    match fs::read_link(&abs) {
-                        Ok(t) if !t.as_os_str().is_empty() => Walked::Entry(
-                            Entry::symlink(&wire, t, mtime(&m))
-                                .owned_by(uid, gid)
-                                .changed_at(ctime),
-                        ),
-                        Ok(_) => issue("symlink has an empty target".into()),
-                        Err(e) => issue(format!("cannot read symlink: {e}")),
-                    }
-                } else {
-                    let kind = if ft.is_socket() {
-                        "socket"
-                    } else if ft.is_fifo() {
-                        "named pipe"
-                    } else if ft.is_block_device() {
-                        "block device"
-                    } else if ft.is_char_device() {
-                        "character device"
-                    } else {
-                        "unknown file type"
+                }
+                FileType::Symlink => match rustix::fs::readlinkat(&*dir_fd, &name, Vec::new()) {
+                    Ok(t) if !t.as_bytes().is_empty() => Walked::Entry(
+                        Entry::symlink(
+                            &wire,
+                            PathBuf::from(OsString::from_vec(t.into_bytes())),
+                            m.mtime,
+                        )
+                        .owned_by(m.uid, m.gid)
+                        .changed_at(m.ctime),
+                    ),
+                    Ok(_) => issue("symlink has an empty target".into()),
+                    Err(e) => issue(format!("cannot read symlink: {}", io::Error::from(e))),
+                },
+                other => {
+                    let kind = match other {
+                        FileType::Socket => "socket",
+                        FileType::Fifo => "named pipe",
+                        FileType::BlockDevice => "block device",
+                        FileType::CharacterDevice => "character device",
+                        _ => "unknown file type",
                     };
                     issue(format!("unsupported file type: {kind}"))
                 }
-            }
+            },
         };
         if let Err(e) = f(item) {
             return Ok(Err(e));
