@@ -34,6 +34,37 @@ pub fn spawn(bin: &Path, cfg: &Path, log: &Path, level: &str) -> anyhow::Result<
         .spawn()?)
 }
 
+/// Starts `bin` (a `ferry-coordinator`) as node 1 bootstrapping a single-node cluster, its
+/// state in `<work>/coordinator` and its log in `<work>/coordinator.log`; returns the process
+/// and where it serves (read from its log: it binds port 0).
+pub fn start_coordinator(
+    bin: &Path,
+    work: &Path,
+    ca: &Ca,
+    pki: &Path,
+) -> anyhow::Result<(Child, String)> {
+    let cfg = work.join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbootstrap = true\n{}",
+            work.join("coordinator").display(),
+            tls_toml(ca, pki, Identity::Coordinator(1))?
+        ),
+    )?;
+    let log = work.join("coordinator.log");
+    // Info: it says where it listens.
+    let mut child = spawn(bin, &cfg, &log, "info")?;
+    match crate::process::coordinator_addr(&mut child, &log) {
+        Ok(addr) => Ok((child, addr.to_string())),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
 /// A memory field of `/proc/<pid>/status` (`VmRSS:` now, `VmHWM:` the peak), in MiB; 0 when
 /// the process is gone.
 pub fn status_mib(pid: u32, field: &str) -> f64 {

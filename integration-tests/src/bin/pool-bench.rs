@@ -28,7 +28,6 @@ use ferry_common::tls::TlsMaterial;
 use ferry_integration_tests::bench::daemon;
 use ferry_integration_tests::bench::peers::sibling;
 use ferry_integration_tests::bench::relay::Relay;
-use ferry_integration_tests::process::coordinator_addr;
 use ferry_integration_tests::stores::Server;
 use ferry_integration_tests::wan::{self, Profile};
 use ferry_proto::admin as pb;
@@ -94,19 +93,8 @@ fn start(args: &Args, s3: &Server, profile: Profile) -> anyhow::Result<Cluster> 
     let coord_bin = sibling("it-coordinator")?;
     let agent_bin = sibling("it-agent")?;
     let mut procs = Vec::new();
-    let cfg = work.join("coordinator.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "node_id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbootstrap = true\n{}",
-            work.join("coordinator").display(),
-            tls(Identity::Coordinator(1))?
-        ),
-    )?;
-    let log = work.join("coordinator.log");
-    // Info: it says where it listens.
-    procs.push(daemon::spawn(&coord_bin, &cfg, &log, "info")?);
-    let coord = coordinator_addr(procs.last_mut().expect("pushed"), &log)?.to_string();
+    let (child, coord) = daemon::start_coordinator(&coord_bin, work, &ca, &pki)?;
+    procs.push(child);
     let (store, _) = s3.target_store_toml(BUCKET, "ferry");
     let mut relays = Vec::new();
     let mut names = Vec::new();

@@ -36,7 +36,6 @@ use ferry_common::tls::TlsMaterial;
 use ferry_integration_tests::bench::daemon;
 use ferry_integration_tests::bench::freshfs::FreshFs;
 use ferry_integration_tests::bench::peers::sibling;
-use ferry_integration_tests::process::coordinator_addr;
 use ferry_proto::admin as pb;
 
 #[derive(Parser)]
@@ -93,45 +92,51 @@ fn dir_of(i: u64, per_dir: u64) -> PathBuf {
     PathBuf::from(format!("t{:03}/d{:02}", d / 100, d % 100))
 }
 
-/// Writes the tree below `root`, one directory at a time, on every core.
-fn generate(root: &Path, files: u64, per_dir: u64) -> anyhow::Result<u64> {
-    let dirs = files.div_ceil(per_dir);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
-    let bytes = AtomicU64::new(0);
-    let made = AtomicU64::new(0);
-    let started = Instant::now();
+/// Runs `work(t, threads)` on one thread per core, `t` = 0, 1, …; the first error, if any.
+fn on_every_core<F>(work: F) -> anyhow::Result<()>
+where
+    F: Fn(usize, usize) -> anyhow::Result<()> + Sync,
+{
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let (bytes, made) = (&bytes, &made);
-                s.spawn(move || -> anyhow::Result<()> {
-                    for d in (t..dirs).step_by(threads as usize) {
-                        let first = d * per_dir;
-                        let dir = root.join(dir_of(first, per_dir));
-                        std::fs::create_dir_all(&dir)
-                            .with_context(|| format!("creating {}", dir.display()))?;
-                        for i in first..(first + per_dir).min(files) {
-                            let data = contents(i);
-                            let p = dir.join(format!("f{i:08}"));
-                            std::fs::write(&p, &data)
-                                .with_context(|| format!("writing {}", p.display()))?;
-                            bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        }
-                        let n = made.fetch_add(per_dir, Ordering::Relaxed) + per_dir;
-                        if n % 1_000_000 < per_dir {
-                            eprintln!(
-                                "generated {n} files in {:.0} s",
-                                started.elapsed().as_secs_f64()
-                            );
-                        }
-                    }
-                    Ok(())
-                })
+                let work = &work;
+                s.spawn(move || work(t, threads))
             })
             .collect();
         workers
             .into_iter()
-            .try_for_each(|w| w.join().expect("generator thread panicked"))
+            .try_for_each(|w| w.join().expect("a worker thread panicked"))
+    })
+}
+
+/// Writes the tree below `root`, one directory at a time, on every core.
+fn generate(root: &Path, files: u64, per_dir: u64) -> anyhow::Result<u64> {
+    let dirs = files.div_ceil(per_dir);
+    let bytes = AtomicU64::new(0);
+    let made = AtomicU64::new(0);
+    let started = Instant::now();
+    on_every_core(|t, threads| {
+        for d in (t as u64..dirs).step_by(threads) {
+            let first = d * per_dir;
+            let dir = root.join(dir_of(first, per_dir));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for i in first..(first + per_dir).min(files) {
+                let data = contents(i);
+                let p = dir.join(format!("f{i:08}"));
+                std::fs::write(&p, &data).with_context(|| format!("writing {}", p.display()))?;
+                bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            let n = made.fetch_add(per_dir, Ordering::Relaxed) + per_dir;
+            if n % 1_000_000 < per_dir {
+                eprintln!(
+                    "generated {n} files in {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        Ok(())
     })?;
     Ok(bytes.into_inner())
 }
@@ -199,28 +204,16 @@ fn compare_tree(src: &Path, copy: &Path) -> anyhow::Result<u64> {
     if top != names(copy)? {
         bail!("the copy's top level differs from the source's");
     }
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let files = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let (top, files) = (&top, &files);
-                s.spawn(move || -> anyhow::Result<()> {
-                    for n in top.iter().skip(t).step_by(threads) {
-                        let (a, b) = (src.join(n), copy.join(n));
-                        if std::fs::symlink_metadata(&a)?.is_dir() {
-                            compare(&a, &b, files)?;
-                        } else {
-                            bail!("{} is not a directory", a.display());
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().expect("compare thread panicked"))
+    on_every_core(|t, threads| {
+        for n in top.iter().skip(t).step_by(threads) {
+            let (a, b) = (src.join(n), copy.join(n));
+            if !std::fs::symlink_metadata(&a)?.is_dir() {
+                bail!("{} is not a directory", a.display());
+            }
+            compare(&a, &b, &files)?;
+        }
+        Ok(())
     })?;
     Ok(files.into_inner())
 }
@@ -268,19 +261,7 @@ fn start(work: &Path, dst_root: &Path) -> anyhow::Result<(Daemons, String, TlsMa
     let coord_bin = sibling("it-coordinator")?;
     let agent_bin = sibling("it-agent")?;
     let mut d = Daemons { procs: Vec::new() };
-    let cfg = work.join("coordinator.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "node_id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbootstrap = true\n{}",
-            work.join("coordinator").display(),
-            daemon::tls_toml(&ca, &pki, Identity::Coordinator(1))?
-        ),
-    )?;
-    let log = work.join("coordinator.log");
-    // Info: it says where it listens.
-    let mut child = daemon::spawn(&coord_bin, &cfg, &log, "info")?;
-    let coord = coordinator_addr(&mut child, &log)?.to_string();
+    let (child, coord) = daemon::start_coordinator(&coord_bin, work, &ca, &pki)?;
     d.procs.push(("coordinator", child));
     for (name, extra) in [
         (
