@@ -185,7 +185,9 @@ pub fn walk_in<E>(
         }
         Err(e) => return Err(root_err(e.to_string())),
     }
-    let root_fd = rustix::fs::open(root, DIR, Mode::empty())
+    // The root itself may be reached through a symlink (`/data` → `/mnt/data`): only the
+    // names below it are not followed.
+    let root_fd = rustix::fs::open(root, DIR.difference(OFlags::NOFOLLOW), Mode::empty())
         .map_err(|e| root_err(io::Error::from(e).to_string()))?;
     let top = sorted_children(&root_fd, order).map_err(|e| root_err(e.to_string()))?;
     // Each level's directory handle: every name is looked at relative to its directory's
@@ -358,6 +360,35 @@ mod tests {
         assert_eq!(
             paths(Order::Name),
             ["model/a b", "model/x/w", "model-a", "model.bin", "modelz"]
+        );
+    }
+
+    /// A source root reached through a symlink is walked (the operator named it); a symlink
+    /// below it is an entry, never followed.
+    #[test]
+    fn a_root_reached_through_a_symlink_is_walked() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir_all(real.join("sub")).unwrap();
+        std::fs::write(real.join("sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+        std::os::unix::fs::symlink("sub", real.join("alias")).unwrap();
+        let mut seen = Vec::new();
+        walk(&d.path().join("link"), &none(), |w| {
+            if let Walked::Entry(e) = w {
+                seen.push((e.path, e.kind));
+            }
+            Ok::<(), ()>(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (PathBuf::from("alias"), EntryKind::Symlink),
+                (PathBuf::from("sub"), EntryKind::Dir),
+                (PathBuf::from("sub/f"), EntryKind::File),
+            ]
         );
     }
 
