@@ -1,7 +1,8 @@
 //! Walks a source tree as a stream: one directory listing in memory per level of depth, never the
 //! whole tree. Children are visited in name order so that a rescan plans the same segments; a
 //! tree compared with an object store's listing is walked in the store's order instead
-//! ([`Order::Key`]).
+//! ([`Order::Key`]). Names are looked at through their directory's handle (one held per level
+//! of depth), not by their whole path.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -71,7 +72,10 @@ impl Order {
 
 /// The names in the open directory `dir` (without `.` and `..`), sorted in `order`.
 fn sorted_children(dir: &OwnedFd, order: Order) -> io::Result<Vec<OsString>> {
-    let mut listing = rustix::fs::Dir::read_from(dir)?;
+    // A duplicate of the handle, not `Dir::read_from`, which reopens "." through it and so
+    // needs search permission on the directory, which listing it does not (an agent that is
+    // not root lists a directory it may read but not search, and reports its names).
+    let mut listing = rustix::fs::Dir::new(rustix::io::fcntl_dupfd_cloexec(dir, 0)?)?;
     let mut named = Vec::new();
     while let Some(e) = listing.read() {
         let e = e?;
@@ -144,7 +148,12 @@ impl Meta {
     }
 }
 
-/// Flags of the directory handles the walk holds, one per level of depth.
+/// The longest path, with its terminating NUL, a path-based call accepts.
+const PATH_MAX: usize = 4096;
+
+/// Flags of the directory handles the walk holds, one per level of depth. A directory renamed
+/// while the walk is inside it is walked to its end under the name it was listed by (its
+/// handle follows it); the next round sees it where it went.
 const DIR: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
@@ -205,7 +214,14 @@ pub fn walk_in<E>(
         let rel = dir.join(&name);
         // Taken before the excludes are asked: a rule for directories only (`build/` in an
         // exclude file) must know what `rel` is, and the entry below is made from it.
-        let meta = Meta::at(dir_fd, &name);
+        // Looked at by its handle a name has no length limit, but every later call on it (the
+        // send) goes by its whole path: one of PATH_MAX or more is the issue it was when the
+        // scan went by path too.
+        let meta = if root.as_os_str().len() + 1 + rel.as_os_str().len() >= PATH_MAX {
+            Err(Errno::NAMETOOLONG)
+        } else {
+            Meta::at(dir_fd, &name)
+        };
         let is_dir =
             excludes.needs_kind() && meta.as_ref().is_ok_and(|m| m.kind == FileType::Directory);
         if excludes.matches_kind(&rel, is_dir) {
@@ -255,16 +271,22 @@ pub fn walk_in<E>(
                     let key = (m.dev, m.ino);
                     // Opened (and closed) to find an unreadable file now, not when it is sent;
                     // non-blocking, in case a FIFO took its place since the stat.
-                    let opened = rustix::fs::openat(
+                    let flags =
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+                    let opened = match rustix::fs::openat(
                         &*dir_fd,
                         &name,
-                        OFlags::RDONLY
-                            | OFlags::NOFOLLOW
-                            | OFlags::CLOEXEC
-                            | OFlags::NONBLOCK
-                            | OFlags::NOCTTY,
+                        flags | OFlags::NONBLOCK,
                         Mode::empty(),
-                    );
+                    ) {
+                        // Another holds a write lease on it (Samba oplocks, NFS delegations):
+                        // a non-blocking open is refused; wait for the lease to be broken,
+                        // as a plain open does.
+                        Err(Errno::AGAIN) => {
+                            rustix::fs::openat(&*dir_fd, &name, flags, Mode::empty())
+                        }
+                        r => r,
+                    };
                     match opened {
                         Err(Errno::NOENT) => continue,
                         Err(e) => issue(format!("cannot read: {}", io::Error::from(e))),
@@ -361,6 +383,43 @@ mod tests {
             paths(Order::Name),
             ["model/a b", "model/x/w", "model-a", "model.bin", "modelz"]
         );
+    }
+
+    /// A name whose whole path (root included) is PATH_MAX or longer is an issue at scan time,
+    /// as when the scan went by path: looked at through its directory's handle it could be
+    /// planned, and every send of its segment would then fail on the path.
+    #[test]
+    fn a_path_too_long_for_the_system_is_an_issue_not_an_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let name = "d".repeat(250);
+        let mut root = d.path().to_path_buf();
+        for _ in 0..4 {
+            root.push(&name);
+        }
+        std::fs::create_dir_all(&root).unwrap();
+        // Levels below the root until root/rel reaches PATH_MAX (made through handles: the
+        // deepest cannot be named by path).
+        let levels = (PATH_MAX - root.as_os_str().len()).div_ceil(name.len() + 1);
+        let mut fd = rustix::fs::open(&root, DIR, Mode::empty()).unwrap();
+        for _ in 0..levels {
+            rustix::fs::mkdirat(&fd, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+            fd = rustix::fs::openat(&fd, name.as_str(), DIR, Mode::empty()).unwrap();
+        }
+        let (mut entries, mut issues) = (Vec::new(), Vec::new());
+        walk(&root, &none(), |w| {
+            match w {
+                Walked::Entry(e) => entries.push(e.path),
+                Walked::Issue { at, reason, .. } => issues.push((at, reason)),
+                Walked::Excluded => {}
+            }
+            Ok::<(), ()>(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(entries.len(), levels - 1, "every level but the last");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].0.components().count(), levels);
+        assert!(issues[0].1.contains("too long"), "{issues:?}");
     }
 
     /// A source root reached through a symlink is walked (the operator named it); a symlink

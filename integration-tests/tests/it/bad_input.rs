@@ -771,3 +771,48 @@ async fn each_operator_role_may_do_what_it_allows_and_nothing_more() {
     assert_eq!(ferryctl::ctl::check_audit_chain(&log), Ok(()));
     node.shutdown().await;
 }
+
+/// An agent that is not root, scanning a directory it may list but not search (mode 0444):
+/// the directory is there, and each name in it is reported as a path that cannot be copied —
+/// not the directory dropped whole as unreadable. Runs `ferry-agent assess` (the migration's
+/// own walk) as uid 65534.
+#[test]
+fn a_directory_that_can_be_listed_but_not_searched_reports_each_name() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        crate::harness::skip("running the walk as another user needs root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let locked = d.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::write(locked.join("a"), b"x").unwrap();
+    std::fs::write(locked.join("b"), b"y").unwrap();
+    std::fs::write(d.path().join("open"), b"z").unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_it-agent"))
+        .args(["assess", "--json"])
+        .arg(d.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "assess failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a: ferry_agent::assess::Assessment = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((a.dirs, a.files), (1, 1), "{a:?}");
+    let mut paths: Vec<_> = a.issue_examples.iter().map(|(p, _)| p.as_str()).collect();
+    paths.sort();
+    assert_eq!(paths, ["locked/a", "locked/b"], "{a:?}");
+    assert!(
+        a.issue_examples
+            .iter()
+            .all(|(_, why)| why.contains("Permission denied")),
+        "{a:?}"
+    );
+}
