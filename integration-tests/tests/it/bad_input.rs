@@ -784,17 +784,27 @@ fn a_directory_that_can_be_listed_but_not_searched_reports_each_name() {
         crate::harness::skip("running the walk as another user needs root");
         return;
     }
-    let d = tempfile::tempdir().unwrap();
+    // In /tmp, with the agent binary beside the tree: uid 65534 must reach both, and the
+    // checkout or TMPDIR may sit below a directory only root may enter.
+    let d = tempfile::tempdir_in("/tmp").unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let locked = d.path().join("locked");
+    let agent = d.path().join("ferry-agent");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_it-agent"), &agent).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_it-agent"), &agent).unwrap();
+    }
+    let tree = d.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::set_permissions(&tree, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = &tree;
+    let locked = d.join("locked");
     std::fs::create_dir(&locked).unwrap();
     std::fs::write(locked.join("a"), b"x").unwrap();
     std::fs::write(locked.join("b"), b"y").unwrap();
-    std::fs::write(d.path().join("open"), b"z").unwrap();
+    std::fs::write(d.join("open"), b"z").unwrap();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o444)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_it-agent"))
+    let out = Command::new(&agent)
         .args(["assess", "--json"])
-        .arg(d.path())
+        .arg(d)
         .uid(65534)
         .gid(65534)
         .output()
