@@ -83,8 +83,10 @@ fn sorted_children(dir: &OwnedFd, order: Order) -> io::Result<Vec<OsString>> {
         if name == b"." || name == b".." {
             continue;
         }
-        let mut sort_key = name.to_vec();
+        // Only the store's order sorts by a key of its own; names sort by themselves.
+        let mut sort_key = Vec::new();
         if order == Order::Key {
+            sort_key.extend_from_slice(name);
             // Every key below a directory `d` starts `d/`: sorting siblings by their name with
             // a `/` after each directory's gives the order of the whole keys.
             let is_dir = match e.file_type() {

@@ -79,13 +79,7 @@ pub fn status_mib(pid: u32, field: &str) -> f64 {
 
 /// CPU time (user + system, all threads) process `pid` has used, in seconds; 0 when gone.
 pub fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may hold spaces: the fields after the last ')' start at field 3, so
-    // utime and stime (fields 14 and 15) are the 12th and 13th after it.
-    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) as f64 / 100.0
+    super::measure::cpu_secs_in(&format!("/proc/{pid}/stat"))
 }
 
 /// Bytes in the files below `dir` (their lengths, not their blocks); 0 when absent.

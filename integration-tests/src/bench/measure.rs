@@ -34,7 +34,13 @@ pub fn machine_cpu_secs() -> f64 {
 
 /// CPU time of this process so far (all threads), in seconds.
 pub fn own_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_secs_in("/proc/self/stat")
+}
+
+/// CPU time (user + system, all threads) in a `/proc/<pid>/stat` file, in seconds; 0 when it
+/// cannot be read (the process is gone).
+pub fn cpu_secs_in(stat_file: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_file).unwrap_or_default();
     // The command name may hold spaces: fields after the last ')' start at field 3.
     let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
     let f: Vec<&str> = rest.split_whitespace().collect();

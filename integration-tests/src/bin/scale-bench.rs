@@ -283,8 +283,7 @@ fn start(work: &Path, dst_root: &Path) -> anyhow::Result<(Daemons, String, TlsMa
             ),
         )?;
         let child = daemon::spawn(&agent_bin, &cfg, &work.join(format!("{name}.log")), "warn")?;
-        d.procs
-            .push((if name == "src" { "src" } else { "dst" }, child));
+        d.procs.push((name, child));
     }
     let admin = TlsMaterial::load(&ca.issue_if_missing(&Identity::Admin("bench".into()), &pki)?)?;
     Ok((d, coord, admin))
