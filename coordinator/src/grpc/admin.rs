@@ -1217,7 +1217,7 @@ impl Admin for AdminService {
                     p.notes = s.notes(id);
                     // Earlier rounds' failures were sent again by the rounds after them.
                     let first = m.round().first_segment;
-                    for (&(_, sid), seg) in s.segments.range((id, first)..=(id, u64::MAX)) {
+                    for ((_, sid), seg) in s.segments.range((id, first)..=(id, u64::MAX)) {
                         match seg.state {
                             SegState::Leased { .. } => {
                                 p.segments_leased += 1;
@@ -1297,14 +1297,14 @@ fn verification(
     let segs = || {
         s.segments
             .range((id, 0)..=(id, u64::MAX))
-            .filter(|(&(_, sid), seg)| !superseded(sid, seg))
+            .filter(|((_, sid), seg)| !superseded(*sid, seg))
     };
     out.segments_total -= s
         .segments
         .range((id, 0)..(id, first))
-        .filter(|(&(_, sid), seg)| superseded(sid, seg))
+        .filter(|((_, sid), seg)| superseded(*sid, seg))
         .count() as u64;
-    for (&(_, sid), seg) in segs() {
+    for ((_, sid), seg) in segs() {
         if seg.state == SegState::Failed {
             out.segments_failed += 1;
             if out.unverified.len() < max {
@@ -1312,7 +1312,7 @@ fn verification(
             }
         }
     }
-    for (&(_, sid), seg) in segs() {
+    for ((_, sid), seg) in segs() {
         match seg.state {
             SegState::Verified => {
                 out.segments_verified += 1;

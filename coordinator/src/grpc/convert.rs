@@ -238,7 +238,7 @@ pub fn segment(m: &Migration, id: u64, s: &Segment) -> pb::SegmentState {
         attempts: s.attempts,
         source_blake3: hex(&s.source_hash),
         target_blake3: hex(&s.target_hash),
-        last_error: s.last_error.clone(),
+        last_error: s.last_error.to_string(),
         files: s.files,
         retry_at_ms: match s.state {
             SegState::Pending => s.not_before_ms,

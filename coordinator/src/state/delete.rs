@@ -52,7 +52,7 @@ impl State {
         let segments: Vec<(u64, u64)> = self
             .segments
             .range((mid, 0)..=(mid, u64::MAX))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         for k in segments {
             self.segments.remove(&k);

@@ -27,6 +27,7 @@ mod reads;
 mod reports;
 mod rounds;
 mod scheduler;
+mod segmap;
 mod segment;
 mod throttles;
 mod verification;
@@ -54,7 +55,8 @@ use reports::Cost;
 pub use reports::ReportOutcome;
 pub use rounds::{Round, MAX_ROUNDS_KEPT};
 pub use scheduler::Lease;
-pub use segment::{retry_delay_ms, SegState, Segment, SegmentReg};
+pub use segmap::{IdSet, SegmentMap};
+pub use segment::{retry_delay_ms, Reason, SegState, Segment, SegmentReg};
 pub use verification::FullVerification;
 
 /// Default lease time: how long a source may hold a segment before it returns to `Pending`.
@@ -166,13 +168,11 @@ pub struct State {
     pub agents: BTreeMap<String, Agent>,
     /// Migrations by id.
     pub migrations: BTreeMap<u64, Migration>,
-    /// Segments by `(migration id, segment id)`. Serialised as a list of pairs: JSON maps need
-    /// string keys.
-    #[serde(with = "pairs")]
-    pub segments: BTreeMap<(u64, u64), Segment>,
+    /// Segments by `(migration id, segment id)` (serialised as a list of pairs).
+    pub segments: SegmentMap,
     /// Derived index: pending segment ids per migration (rebuilt on load, never persisted).
     #[serde(skip)]
-    pending: BTreeMap<u64, BTreeSet<u64>>,
+    pending: BTreeMap<u64, IdSet>,
     /// Derived index: pending segments waiting out a backoff, per migration, as
     /// `(not_before_ms, segment id)`.
     #[serde(skip)]
@@ -213,29 +213,6 @@ pub struct State {
     pub pki: Pki,
 }
 
-/// Serde for maps whose keys are not strings: a sequence of `(key, value)` pairs.
-mod pairs {
-    use std::collections::BTreeMap;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(
-        m: &BTreeMap<K, V>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(m.iter())
-    }
-
-    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
-    where
-        D: Deserializer<'de>,
-        K: Deserialize<'de> + Ord,
-        V: Deserialize<'de>,
-    {
-        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
-    }
-}
-
 fn refused(msg: impl Into<String>) -> Response {
     Response::Refused(msg.into())
 }
@@ -245,7 +222,7 @@ impl State {
     pub fn from_parts(
         agents: BTreeMap<String, Agent>,
         migrations: BTreeMap<u64, Migration>,
-        segments: BTreeMap<(u64, u64), Segment>,
+        segments: SegmentMap,
     ) -> Self {
         let mut s = State {
             agents,
@@ -264,7 +241,7 @@ impl State {
     ) -> (
         BTreeMap<String, Agent>,
         BTreeMap<u64, Migration>,
-        BTreeMap<(u64, u64), Segment>,
+        SegmentMap,
     ) {
         (self.agents, self.migrations, self.segments)
     }
@@ -282,7 +259,7 @@ impl State {
                 self.by_key.insert(m.idempotency_key.clone(), m.id);
             }
         }
-        for (&(m, id), seg) in &self.segments {
+        for ((m, id), seg) in self.segments.iter() {
             match seg.state {
                 SegState::Pending if seg.not_before_ms > 0 => {
                     self.waiting

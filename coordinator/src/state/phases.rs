@@ -433,7 +433,7 @@ impl State {
                             not_before_ms: 0,
                             source_hash: None,
                             target_hash: None,
-                            last_error: String::new(),
+                            last_error: Reason::default(),
                         },
                     );
                     self.pending.entry(mid).or_default().insert(r.id);
@@ -505,7 +505,7 @@ impl State {
         let stale: Vec<u64> = self
             .segments
             .range((mid, end)..=(mid, u64::MAX))
-            .map(|(&(_, id), _)| id)
+            .map(|((_, id), _)| id)
             .collect();
         if let Some(id) = stale.iter().find(|id| {
             let s = &self.segments[&(mid, **id)];

@@ -348,7 +348,7 @@ impl State {
             for id in self.leased.remove(&mid).unwrap_or_default() {
                 let seg = self.segments.get_mut(&(mid, id)).expect("indexed");
                 seg.expire();
-                seg.last_error = format!("source agent {agent} was revoked");
+                seg.last_error = format!("source agent {agent} was revoked").into();
                 self.pending.entry(mid).or_default().insert(id);
                 self.dirty.segments.insert((mid, id));
             }

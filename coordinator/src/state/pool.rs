@@ -96,12 +96,7 @@ pub(super) fn free_choice(pool: &[MemberNow]) -> Option<u16> {
 }
 
 /// Where segment `id` of migration `mid` may go now, given the pool.
-pub(super) fn decide(
-    segments: &BTreeMap<(u64, u64), Segment>,
-    mid: u64,
-    id: u64,
-    pool: &[MemberNow],
-) -> Decision {
+pub(super) fn decide(segments: &SegmentMap, mid: u64, id: u64, pool: &[MemberNow]) -> Decision {
     // Ids come from a source: `u64::MAX` is one.
     let next = id.saturating_add(1);
     let Some(seg) = segments.get(&(mid, id)) else {

@@ -50,9 +50,10 @@ impl State {
     /// How many segments of migration `mid` wait for a lease (backoffs included) and how many
     /// are leased now, from the indexes (no walk over the segments).
     pub fn queued(&self, mid: u64) -> (u64, u64) {
-        let len = |m: &BTreeMap<u64, BTreeSet<u64>>| m.get(&mid).map_or(0, |s| s.len() as u64);
+        let pending = self.pending.get(&mid).map_or(0, |s| s.len() as u64);
         let waiting = self.waiting.get(&mid).map_or(0, |s| s.len() as u64);
-        (len(&self.pending) + waiting, len(&self.leased))
+        let leased = self.leased.get(&mid).map_or(0, |s| s.len() as u64);
+        (pending + waiting, leased)
     }
 
     /// The id of the migration named `name`.
@@ -184,7 +185,7 @@ impl State {
             SegState::Verified => Err(LeaseRefusal::AlreadyVerified),
             SegState::Failed => Err(LeaseRefusal::GivenUp {
                 attempts: seg.attempts,
-                last_error: seg.last_error.clone(),
+                last_error: seg.last_error.to_string(),
             }),
             _ => Err(LeaseRefusal::NotCurrent(epoch)),
         }

@@ -175,7 +175,7 @@ impl State {
         self.segments
             .range((mid, from)..(mid, to))
             .filter(|(_, s)| s.state != SegState::Verified)
-            .map(|(&(_, id), _)| id)
+            .map(|((_, id), _)| id)
             .collect()
     }
 }

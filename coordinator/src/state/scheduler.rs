@@ -126,9 +126,9 @@ impl State {
     /// segment whose backoff ended first among those that can. At most [`MAX_LOOKED_AT`]
     /// segments are looked at.
     pub(super) fn next_ready(
-        pending: &mut BTreeMap<u64, BTreeSet<u64>>,
+        pending: &mut BTreeMap<u64, IdSet>,
         waiting: &mut BTreeMap<u64, BTreeSet<(u64, u64)>>,
-        segments: &BTreeMap<(u64, u64), Segment>,
+        segments: &SegmentMap,
         mid: u64,
         now_ms: u64,
         pool: &[MemberNow],
@@ -137,7 +137,7 @@ impl State {
         if let Some(set) = pending.get_mut(&mid) {
             let mut from = 0;
             while looked < MAX_LOOKED_AT {
-                let Some(&id) = set.range(from..).next() else {
+                let Some(id) = set.first_from(from) else {
                     break;
                 };
                 looked += 1;

@@ -124,9 +124,10 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let started = std::time::Instant::now();
-        let snapshot = build_snapshot(&self.shared)?;
-        let data = snapshot.snapshot.get_ref().clone();
-        save_snapshot(&self.snap_dir, &self.snap_lock, &snapshot.meta, data).await?;
+        let mut snapshot = build_snapshot(&self.shared)?;
+        let data = std::mem::take(snapshot.snapshot.get_mut());
+        let data = save_snapshot(&self.snap_dir, &self.snap_lock, &snapshot.meta, data).await?;
+        *snapshot.snapshot.get_mut() = data;
         // The snapshot file is durable; openraft does not know of it yet.
         ferry_common::fault_point!("raft::snapshot_build_after_save");
         tracing::info!(
@@ -159,26 +160,27 @@ pub(super) fn build_snapshot(
 }
 
 /// Persists a snapshot (off the async runtime: it is a large write plus fsyncs) unless the file
-/// already holds a newer one (a build that started before an install finished).
+/// already holds a newer one (a build that started before an install finished). Hands `data`
+/// back: a snapshot of millions of segments is hundreds of MiB, not to be copied to be written.
 pub(super) async fn save_snapshot(
     dir: &Path,
     lock: &Arc<std::sync::Mutex<()>>,
     meta: &Meta,
     data: Vec<u8>,
-) -> Result<(), StorageError> {
+) -> Result<Vec<u8>, StorageError> {
     let (dir, m, lock) = (dir.to_path_buf(), meta.clone(), lock.clone());
-    tokio::task::spawn_blocking(move || {
+    let (written, data) = tokio::task::spawn_blocking(move || {
         let _held = lock.lock().expect("not poisoned");
         // An unreadable file is replaced.
         if let Some(existing) = read_snapshot_meta(&dir).ok().flatten() {
             if existing.last_log_id > m.last_log_id {
-                return Ok(());
+                return (Ok(()), data);
             }
         }
-        write_snapshot_file(&dir, &m, &data)
+        (write_snapshot_file(&dir, &m, &data), data)
     })
     .await
-    .map_err(StoreError::from)
-    .and_then(|r| r)
-    .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
+    .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &StoreError::from(e)))?;
+    written.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+    Ok(data)
 }

@@ -372,7 +372,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let d = open_snapshot(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let len = data.len();
-        save_snapshot(&self.snap_dir, &self.snap_lock, meta, data).await?;
+        drop(save_snapshot(&self.snap_dir, &self.snap_lock, meta, data).await?);
         // The received snapshot's file is durable; the records are still the old generation's.
         ferry_common::fault_point!("raft::snapshot_install_before_switch");
         self.switch_generation(&d)

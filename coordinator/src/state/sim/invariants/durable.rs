@@ -6,7 +6,7 @@ use crate::state::sim::Sim;
 use crate::state::SegState;
 
 pub fn check(sim: &Sim) -> Result<(), String> {
-    for (&(_, id), seg) in &sim.state.segments {
+    for ((_, id), seg) in sim.state.segments.iter() {
         if seg.state != SegState::Verified {
             continue;
         }

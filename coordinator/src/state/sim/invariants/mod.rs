@@ -24,7 +24,7 @@ pub struct Seen {
 fn indexes(
     s: &crate::state::State,
 ) -> (
-    BTreeMap<u64, BTreeSet<u64>>,
+    BTreeMap<u64, crate::state::IdSet>,
     BTreeMap<u64, BTreeSet<(u64, u64)>>,
     BTreeMap<u64, BTreeSet<u64>>,
     BTreeMap<String, u64>,
@@ -57,7 +57,7 @@ pub fn each_step(sim: &mut Sim) -> Result<(), String> {
 /// source's tree.
 pub fn at_end(sim: &Sim) -> Result<(), String> {
     use crate::state::SegState;
-    for (&(_, id), seg) in &sim.state.segments {
+    for ((_, id), seg) in sim.state.segments.iter() {
         if matches!(seg.state, SegState::Pending | SegState::Leased { .. }) {
             return Err(format!("settled, but segment {id} is {:?}", seg.state));
         }

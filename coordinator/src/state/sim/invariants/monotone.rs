@@ -46,7 +46,7 @@ fn edge(a: CutoverPhase, b: CutoverPhase) -> bool {
 
 pub fn check(before: &Seen, state: &State) -> Result<Seen, String> {
     let mut now = Seen::default();
-    for (&key, seg) in &state.segments {
+    for (key, seg) in state.segments.iter() {
         if seg.state == SegState::Verified {
             now.verified.insert(key);
         }
