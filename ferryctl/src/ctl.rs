@@ -266,8 +266,10 @@ impl Ctl {
 
     /// Builds a snapshot on the connected node; returns `(node, index, build milliseconds)`.
     pub async fn snapshot(&self) -> Result<(u64, u64, u64), CtlError> {
+        // The node bounds its own wait (it waits until the snapshot covers what it applied, at
+        // most 10 minutes): millions of segments on a busy node outlast the 60 s per call.
         let r = self
-            .client
+            .long
             .clone()
             .snapshot(pb::SnapshotRequest {})
             .await?

@@ -312,6 +312,8 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|n| rss_mib(n.child.id(), "VmRSS"))
         .collect();
+    // Said as soon as measured: a long run that fails later still leaves its figures.
+    eprintln!("RSS after registration (MiB): {rss_after_register:.0?}");
 
     // 4. Drive: every agent heartbeats each second; every source leases and both ends report.
     let meter = Arc::new(Meter::default());
@@ -382,6 +384,10 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|n| rss_mib(n.child.id(), "VmRSS"))
         .collect();
+    eprintln!(
+        "driven {drive_secs:.1}s: {updates} segment updates, {writes} calls, {} failed; RSS (MiB): {rss:.0?}",
+        meter.errors.load(Ordering::Relaxed)
+    );
     let disk_before: Vec<f64> = nodes.iter().map(|n| du_mib(&n.dir)).collect();
     let mut builds = Vec::new();
     for n in &nodes {
