@@ -1316,7 +1316,7 @@ fn verification(
         match seg.state {
             SegState::Verified => {
                 out.segments_verified += 1;
-                if seg.source_hash.is_none() || seg.source_hash != seg.target_hash {
+                if seg.source_hash().is_none() || seg.source_hash() != seg.target_hash() {
                     out.hash_mismatches += 1;
                 }
             }

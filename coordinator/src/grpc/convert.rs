@@ -236,8 +236,8 @@ pub fn segment(m: &Migration, id: u64, s: &Segment) -> pb::SegmentState {
         bytes: s.bytes,
         leases: s.leases,
         attempts: s.attempts,
-        source_blake3: hex(&s.source_hash),
-        target_blake3: hex(&s.target_hash),
+        source_blake3: hex(&s.source_hash()),
+        target_blake3: hex(&s.target_hash()),
         last_error: s.last_error.to_string(),
         files: s.files,
         retry_at_ms: match s.state {

@@ -56,7 +56,7 @@ pub use reports::ReportOutcome;
 pub use rounds::{Round, MAX_ROUNDS_KEPT};
 pub use scheduler::Lease;
 pub use segmap::{IdSet, SegmentMap};
-pub use segment::{retry_delay_ms, Reason, SegState, Segment, SegmentReg};
+pub use segment::{retry_delay_ms, Hashes, Reason, SegState, Segment, SegmentReg};
 pub use verification::FullVerification;
 
 /// Default lease time: how long a source may hold a segment before it returns to `Pending`.

@@ -431,8 +431,7 @@ impl State {
                             leases: 0,
                             attempts: 0,
                             not_before_ms: 0,
-                            source_hash: None,
-                            target_hash: None,
+                            hashes: Hashes::None,
                             last_error: Reason::default(),
                         },
                     );

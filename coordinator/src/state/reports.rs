@@ -86,10 +86,10 @@ impl State {
             // A report repeated after its answer was lost (a timeout, a leader change): the
             // segment is already verified with the hash this end reports, so say so.
             SegState::Verified
-                if result.as_ref().ok()
+                if result.as_ref().ok().copied()
                     == match role {
-                        Role::Source => seg.source_hash.as_ref(),
-                        Role::Target => seg.target_hash.as_ref(),
+                        Role::Source => seg.source_hash(),
+                        Role::Target => seg.target_hash(),
                     } =>
             {
                 return (ReportOutcome::Verified, String::new());
@@ -112,18 +112,20 @@ impl State {
                 return (o, why);
             }
         };
+        let (mut source, mut target) = seg.hashes.pair();
         match role {
-            Role::Source => seg.source_hash = Some(hash),
+            Role::Source => source = Some(hash),
             Role::Target => {
-                seg.target_hash = Some(hash);
+                target = Some(hash);
                 // The source's hash as it came with the bytes, unless the source reported
                 // its own already (then that one is compared).
-                if seg.source_hash.is_none() {
-                    seg.source_hash = source_hash;
+                if source.is_none() {
+                    source = source_hash;
                 }
             }
         }
-        match (seg.source_hash, seg.target_hash) {
+        seg.hashes = Hashes::of(source, target);
+        match (source, target) {
             (Some(s), Some(t)) if s == t => {
                 seg.verify();
                 self.leased.entry(mid).or_default().remove(&sid);

@@ -368,8 +368,7 @@ mod tests {
             leases: 0,
             attempts: 0,
             not_before_ms: 0,
-            source_hash: None,
-            target_hash: None,
+            hashes: Default::default(),
             last_error: Default::default(),
         }
     }

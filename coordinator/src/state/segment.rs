@@ -71,6 +71,7 @@ pub enum SegState {
 
 /// A segment, as the coordinator tracks it (its contents are described by the source's manifest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SegmentRecord", into = "SegmentRecord")]
 pub struct Segment {
     /// Bytes of file data.
     pub bytes: u64,
@@ -95,12 +96,113 @@ pub struct Segment {
     /// While `Pending` after a failure: not leased again before this time (unix ms; 0: at
     /// once). Set by the backoff ([`retry_delay_ms`]), cleared when leased.
     pub not_before_ms: u64,
-    /// Hash the source reported under the current lease (or the verified one).
-    pub source_hash: Option<Digest>,
-    /// Hash the target reported under the current lease (or the verified one).
-    pub target_hash: Option<Digest>,
+    /// What each end reported under the current lease (or the verified hash):
+    /// [`Segment::source_hash`], [`Segment::target_hash`].
+    pub hashes: Hashes,
     /// Last failure.
     pub last_error: Reason,
+}
+
+/// [`Segment`] as it is encoded (records, snapshots, JSON): both hashes as options. Kept so the
+/// compact [`Hashes`] in memory changed nothing on disk.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename = "Segment")]
+struct SegmentRecord {
+    bytes: u64,
+    files: u32,
+    fingerprint: Digest,
+    piece_index: u32,
+    piece_count: u32,
+    target: u16,
+    state: SegState,
+    leases: u32,
+    attempts: u32,
+    not_before_ms: u64,
+    source_hash: Option<Digest>,
+    target_hash: Option<Digest>,
+    last_error: Reason,
+}
+
+impl From<SegmentRecord> for Segment {
+    fn from(r: SegmentRecord) -> Self {
+        Segment {
+            bytes: r.bytes,
+            files: r.files,
+            fingerprint: r.fingerprint,
+            piece_index: r.piece_index,
+            piece_count: r.piece_count,
+            target: r.target,
+            state: r.state,
+            leases: r.leases,
+            attempts: r.attempts,
+            not_before_ms: r.not_before_ms,
+            hashes: Hashes::of(r.source_hash, r.target_hash),
+            last_error: r.last_error,
+        }
+    }
+}
+
+impl From<Segment> for SegmentRecord {
+    fn from(s: Segment) -> Self {
+        SegmentRecord {
+            bytes: s.bytes,
+            files: s.files,
+            fingerprint: s.fingerprint,
+            piece_index: s.piece_index,
+            piece_count: s.piece_count,
+            target: s.target,
+            state: s.state,
+            leases: s.leases,
+            attempts: s.attempts,
+            not_before_ms: s.not_before_ms,
+            source_hash: s.source_hash(),
+            target_hash: s.target_hash(),
+            last_error: s.last_error,
+        }
+    }
+}
+
+/// The two ends' hashes of a segment, in 40 bytes instead of two `Option<Digest>`'s 66: an
+/// attempt has at most one end's hash until the second report, which either verifies the
+/// segment (the two are the same) or fails it (both are forgotten). `Differ` is kept for a
+/// record that holds two different hashes all the same (none is written today).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Hashes {
+    /// Neither end reported.
+    #[default]
+    None,
+    /// Only the source reported.
+    Source(Digest),
+    /// Only the target reported.
+    Target(Digest),
+    /// Both reported this hash.
+    Same(Digest),
+    /// Both reported, differently: `[source, target]`.
+    Differ(Box<[Digest; 2]>),
+}
+
+impl Hashes {
+    /// From the source's and the target's hash.
+    pub fn of(source: Option<Digest>, target: Option<Digest>) -> Self {
+        match (source, target) {
+            (None, None) => Hashes::None,
+            (Some(s), None) => Hashes::Source(s),
+            (None, Some(t)) => Hashes::Target(t),
+            (Some(s), Some(t)) if s == t => Hashes::Same(s),
+            (Some(s), Some(t)) => Hashes::Differ(Box::new([s, t])),
+        }
+    }
+
+    /// The source's and the target's hash.
+    pub fn pair(&self) -> (Option<Digest>, Option<Digest>) {
+        match self {
+            Hashes::None => (None, None),
+            Hashes::Source(s) => (Some(*s), None),
+            Hashes::Target(t) => (None, Some(*t)),
+            Hashes::Same(h) => (Some(*h), Some(*h)),
+            Hashes::Differ(b) => (Some(b[0]), Some(b[1])),
+        }
+    }
 }
 
 /// Why a segment's last attempt failed. Empty for nearly every segment, so it costs one
@@ -170,8 +272,7 @@ impl Segment {
         self.target = target;
         self.leases = self.leases.saturating_add(1);
         self.not_before_ms = 0;
-        self.source_hash = None;
-        self.target_hash = None;
+        self.hashes = Hashes::None;
     }
 
     /// Extends lease `epoch` to at least `expires_ms` if it is current at `now_ms`; whether
@@ -207,8 +308,7 @@ impl Segment {
 
     /// What every failed attempt leaves: no hashes of it, and why it failed.
     pub(super) fn forget_attempt(&mut self, why: &str) {
-        self.source_hash = None;
-        self.target_hash = None;
+        self.hashes = Hashes::None;
         self.last_error = why.into();
     }
 
@@ -222,6 +322,16 @@ impl Segment {
     pub(super) fn give_up(&mut self) {
         self.state = SegState::Failed;
         self.not_before_ms = 0;
+    }
+
+    /// The hash the source reported under the current lease (or the verified one).
+    pub fn source_hash(&self) -> Option<Digest> {
+        self.hashes.pair().0
+    }
+
+    /// The hash the target reported under the current lease (or the verified one).
+    pub fn target_hash(&self) -> Option<Digest> {
+        self.hashes.pair().1
     }
 
     /// Whether it is a piece of a file split into several.

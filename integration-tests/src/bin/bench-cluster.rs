@@ -143,20 +143,35 @@ struct Meter {
     writes: AtomicU64,
     segment_updates: AtomicU64,
     errors: AtomicU64,
+    /// Failed calls by the first 80 characters of their error: what failed, not only how often.
+    why: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Meter {
-    fn record(&self, started: Instant, ok: bool, updates: u64) {
-        if ok {
-            self.latencies
-                .lock()
-                .unwrap()
-                .push(started.elapsed().as_micros() as u32);
-            self.writes.fetch_add(1, Ordering::Relaxed);
-            self.segment_updates.fetch_add(updates, Ordering::Relaxed);
-        } else {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+    fn record<T, E: std::fmt::Display>(&self, started: Instant, r: &Result<T, E>, updates: u64) {
+        match r {
+            Ok(_) => {
+                self.latencies
+                    .lock()
+                    .unwrap()
+                    .push(started.elapsed().as_micros() as u32);
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.segment_updates.fetch_add(updates, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                let why: String = e.to_string().chars().take(80).collect();
+                *self.why.lock().unwrap().entry(why).or_default() += 1;
+            }
         }
+    }
+
+    /// The most frequent errors, most frequent first.
+    fn top_errors(&self, n: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self.why.lock().unwrap().clone().into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v.truncate(n);
+        v
     }
 
     fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -281,8 +296,8 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let t = Instant::now();
-            let ok = c.register_segments(mid, &segs).await.is_ok();
-            meter.record(t, ok, segs.len() as u64);
+            let r = c.register_segments(mid, &segs).await;
+            meter.record(t, &r, segs.len() as u64);
         }
     }))
     .buffer_unordered(args.parallel)
@@ -324,8 +339,8 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let ok = c.heartbeat().await.is_ok();
-                meter.record(t, ok, 0);
+                let r = c.heartbeat().await;
+                meter.record(t, &r, 0);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }));
@@ -337,11 +352,10 @@ async fn main() -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let leases = src.lease(16).await;
+                meter.record(t, &leases, leases.as_ref().map_or(0, |l| l.len() as u64));
                 let Ok(leases) = leases else {
-                    meter.record(t, false, 0);
                     continue;
                 };
-                meter.record(t, true, leases.len() as u64);
                 if leases.is_empty() {
                     break;
                 }
@@ -353,11 +367,10 @@ async fn main() -> anyhow::Result<()> {
                         let meter = meter.clone();
                         async move {
                             let t = Instant::now();
-                            let ok = c
+                            let r = c
                                 .report(role, l.migration_id, l.segment_id, l.epoch, Ok(h))
-                                .await
-                                .is_ok();
-                            meter.record(t, ok, 1);
+                                .await;
+                            meter.record(t, &r, 1);
                         }
                     })
                 });
@@ -388,6 +401,9 @@ async fn main() -> anyhow::Result<()> {
         "driven {drive_secs:.1}s: {updates} segment updates, {writes} calls, {} failed; RSS (MiB): {rss:.0?}",
         meter.errors.load(Ordering::Relaxed)
     );
+    for (why, n) in meter.top_errors(5) {
+        eprintln!("  failed {n}×: {why}");
+    }
     let disk_before: Vec<f64> = nodes.iter().map(|n| du_mib(&n.dir)).collect();
     let mut builds = Vec::new();
     for n in &nodes {

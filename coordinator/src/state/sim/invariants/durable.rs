@@ -10,7 +10,7 @@ pub fn check(sim: &Sim) -> Result<(), String> {
         if seg.state != SegState::Verified {
             continue;
         }
-        let (Some(s), Some(t)) = (seg.source_hash, seg.target_hash) else {
+        let (Some(s), Some(t)) = (seg.source_hash(), seg.target_hash()) else {
             return Err(format!(
                 "segment {id} is verified without both ends' hashes"
             ));
