@@ -143,7 +143,7 @@ struct Meter {
     writes: AtomicU64,
     segment_updates: AtomicU64,
     errors: AtomicU64,
-    /// Failed calls by the first 80 characters of their error: what failed, not only how often.
+    /// Failed calls by the start of their status: what failed, not only how often.
     why: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
@@ -160,7 +160,10 @@ impl Meter {
             }
             Err(e) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
-                let why: String = e.to_string().chars().take(80).collect();
+                // After the address list every message starts with, what the status says.
+                let e = e.to_string();
+                let at = e.find("code:").unwrap_or(0);
+                let why: String = e[at..].chars().take(120).collect();
                 *self.why.lock().unwrap().entry(why).or_default() += 1;
             }
         }
