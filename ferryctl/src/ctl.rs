@@ -67,6 +67,9 @@ impl From<tonic::Status> for CtlError {
 /// takes a few seconds).
 const READ_RETRY_FOR: Duration = Duration::from_secs(20);
 
+/// How long `snapshot` waits for its answer: the node's own bound (10 minutes) and a minute.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(660);
+
 /// The retry policy of admin calls: from 100 ms up to 2 s between tries.
 fn policy() -> backon::ExponentialBuilder {
     ferry_common::retry::policy(Duration::from_millis(100), Duration::from_secs(2))
@@ -266,13 +269,19 @@ impl Ctl {
 
     /// Builds a snapshot on the connected node; returns `(node, index, build milliseconds)`.
     pub async fn snapshot(&self) -> Result<(u64, u64, u64), CtlError> {
-        // The node bounds its own wait (it waits until the snapshot covers what it applied, at
-        // most 10 minutes): millions of segments on a busy node outlast the 60 s per call.
-        let r = self
-            .long
-            .clone()
-            .snapshot(pb::SnapshotRequest {})
-            .await?
+        // The node waits until the snapshot covers what it applied, at most 10 minutes:
+        // millions of segments on a busy node outlast the 60 s per call. A minute more here,
+        // so a stuck node or a dead connection still ends the call.
+        let mut long = self.long.clone();
+        let call = long.snapshot(pb::SnapshotRequest {});
+        let r = tokio::time::timeout(SNAPSHOT_WAIT, call)
+            .await
+            .map_err(|_| {
+                tonic::Status::deadline_exceeded(format!(
+                    "no answer to the snapshot request within {} s: check the node's log",
+                    SNAPSHOT_WAIT.as_secs()
+                ))
+            })??
             .into_inner();
         Ok((r.node_id, r.snapshot_index, r.build_millis))
     }

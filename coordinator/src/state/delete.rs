@@ -49,14 +49,8 @@ impl State {
             self.deleted_up_to = mid;
             self.dirty.deleted_up_to = true;
         }
-        let segments: Vec<(u64, u64)> = self
-            .segments
-            .range((mid, 0)..=(mid, u64::MAX))
-            .map(|(k, _)| k)
-            .collect();
-        for k in segments {
-            self.segments.remove(&k);
-            self.dirty.segments.insert(k);
+        for id in self.segments.remove_migration(mid) {
+            self.dirty.segments.insert((mid, id));
         }
         self.pending.remove(&mid);
         self.waiting.remove(&mid);

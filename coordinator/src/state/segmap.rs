@@ -23,8 +23,10 @@ use super::Segment;
 const CHUNK_BITS: u32 = 6;
 
 /// Up to 64 consecutive segment ids of one migration: a bitmap of which exist and their
-/// segments in id order. A chunk holding one segment costs little more than the segment, so ids
-/// spread far apart (a hostile or broken source) cost what they would in a B-tree.
+/// segments in id order. Filled in id order, a chunk's `Vec` grows 4, 8, 16, 32, 64: a full
+/// chunk has no spare room, a migration's last chunk at most twice what it holds. A chunk with
+/// one segment costs four segments' room (`Vec`'s least), so ids spread far apart (a hostile or
+/// broken source) cost about what they did in a B-tree, not more.
 #[derive(Clone, Default, PartialEq, Eq)]
 struct Chunk {
     present: u64,
@@ -131,12 +133,29 @@ impl SegmentMap {
         if chunk.present == 0 {
             self.chunks.remove(&c);
         } else if chunk.items.capacity() >= 2 * chunk.items.len() + 8 {
-            // A migration's segments are removed together; one removed here and there (a
-            // replanned tail) need not keep its room.
+            // Segments removed one by one (a rescan's replanned tail) give their room back
+            // once the chunk is less than half full.
             chunk.items.shrink_to_fit();
         }
         self.len -= 1;
         Some(seg)
+    }
+
+    /// Takes out every segment of migration `mid`; returns their ids, in order. Whole chunks
+    /// are dropped: removing ten million segments one at a time in id order would shift each
+    /// chunk's `Vec` once per segment.
+    pub fn remove_migration(&mut self, mid: u64) -> Vec<u64> {
+        let mut taken = self.chunks.split_off(&(mid, 0));
+        if let Some(next) = mid.checked_add(1) {
+            let mut after = taken.split_off(&(next, 0));
+            self.chunks.append(&mut after);
+        }
+        let ids: Vec<u64> = taken
+            .iter()
+            .flat_map(|(&(m, c), chunk)| chunk.entries(m, c).map(|((_, id), _)| id))
+            .collect();
+        self.len -= ids.len();
+        ids
     }
 
     /// Every segment with its key, in key order.
@@ -156,7 +175,8 @@ impl SegmentMap {
         self.iter().map(|(k, _)| k)
     }
 
-    /// The segments whose keys are in `range`, in key order.
+    /// The segments whose keys are in `range`, in key order. A range that ends before it
+    /// starts is empty (where `BTreeMap::range` panics).
     pub fn range<R: RangeBounds<(u64, u64)>>(
         &self,
         range: R,
@@ -405,6 +425,15 @@ mod tests {
                         let s = seg(step);
                         assert_eq!(ours.insert(key, s.clone()), model.insert(key, s));
                     }
+                    2 if rng.next().is_multiple_of(50) => {
+                        let mid = key.0;
+                        let want: Vec<u64> = model
+                            .range((mid, 0)..=(mid, u64::MAX))
+                            .map(|(&(_, id), _)| id)
+                            .collect();
+                        model.retain(|&(m, _), _| m != mid);
+                        assert_eq!(ours.remove_migration(mid), want, "seed {seed}");
+                    }
                     2 => assert_eq!(ours.remove(&key), model.remove(&key), "seed {seed}"),
                     _ => {
                         if let Some(s) = ours.get_mut(&key) {
@@ -425,6 +454,17 @@ mod tests {
                 let got: Vec<_> = ours.range(lo..=hi).map(|(k, _)| k).collect();
                 let want: Vec<_> = model.range(lo..=hi).map(|(&k, _)| k).collect();
                 assert_eq!(got, want, "seed {seed}: range {lo:?}..={hi:?}");
+                let (from, to) = (Bound::Excluded(lo), Bound::Included(hi));
+                let got: Vec<_> = ours.range((from, to)).map(|(k, _)| k).collect();
+                let want: Vec<_> = model.range((from, to)).map(|(&k, _)| k).collect();
+                assert_eq!(got, want, "seed {seed}: range ({from:?}, {to:?})");
+                let got: Vec<_> = ours.range(lo..).take(5).map(|(k, _)| k).collect();
+                let want: Vec<_> = model.range(lo..).take(5).map(|(&k, _)| k).collect();
+                assert_eq!(got, want, "seed {seed}: range {lo:?}..");
+                if lo < hi {
+                    assert_eq!(ours.range(hi..lo).count(), 0, "seed {seed}: reversed");
+                    assert_eq!(ours.range(hi..=lo).count(), 0, "seed {seed}: reversed");
+                }
             }
             let all: Vec<_> = ours.iter().map(|(k, s)| (k, s.clone())).collect();
             let want: Vec<_> = model.iter().map(|(&k, s)| (k, s.clone())).collect();
