@@ -365,9 +365,7 @@ impl AgentService {
             let stale = a.is_none_or(|a| now.saturating_sub(a.last_seen_ms) >= LAST_SEEN_EVERY_MS);
             let mut answer = pb::HeartbeatResponse {
                 source_work: s
-                    .migrations
-                    .values()
-                    .filter(|m| m.spec.source_agent == agent)
+                    .sourced_by(agent)
                     .map(|m| pb::SourceWork {
                         migration_id: m.id,
                         source_path: m.spec.source_path.clone(),

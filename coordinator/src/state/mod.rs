@@ -186,6 +186,12 @@ pub struct State {
     /// Derived index: migration id by idempotency key.
     #[serde(skip)]
     by_key: BTreeMap<String, u64>,
+    /// Derived index: the migrations each agent is the source of (a source's spec never
+    /// changes), so that what one agent asks for — its heartbeat's work, its leases — costs its
+    /// own migrations, not every migration (5,000 agents heartbeating against 2,500 migrations
+    /// spent a third of the leader's CPU comparing agent names).
+    #[serde(skip)]
+    by_source: BTreeMap<String, BTreeSet<u64>>,
     #[serde(skip)]
     dirty: Dirty,
     /// Derived, local: how many commands applied here that may change what agents are asked to
@@ -253,8 +259,13 @@ impl State {
         self.leased.clear();
         self.by_name.clear();
         self.by_key.clear();
+        self.by_source.clear();
         for m in self.migrations.values() {
             self.by_name.insert(m.name.clone(), m.id);
+            self.by_source
+                .entry(m.spec.source_agent.clone())
+                .or_default()
+                .insert(m.id);
             if !m.idempotency_key.is_empty() {
                 self.by_key.insert(m.idempotency_key.clone(), m.id);
             }
@@ -276,6 +287,15 @@ impl State {
                 SegState::Verified | SegState::Failed | SegState::Stale => {}
             }
         }
+    }
+
+    /// The migrations `agent` is the source of, in id order.
+    pub fn sourced_by<'a>(&'a self, agent: &str) -> impl Iterator<Item = &'a Migration> + 'a {
+        self.by_source
+            .get(agent)
+            .into_iter()
+            .flatten()
+            .map(|id| &self.migrations[id])
     }
 
     /// Returns and clears the set of keys changed since the last call.

@@ -338,12 +338,7 @@ impl State {
         }
         // Its leases end now: a target asked to confirm one refuses the bytes, and the
         // segments go to whoever sends for the migration next.
-        let sources: Vec<u64> = self
-            .migrations
-            .values()
-            .filter(|m| m.spec.source_agent == agent)
-            .map(|m| m.id)
-            .collect();
+        let sources: Vec<u64> = self.sourced_by(agent).map(|m| m.id).collect();
         for mid in sources {
             for id in self.leased.remove(&mid).unwrap_or_default() {
                 let seg = self.segments.get_mut(&(mid, id)).expect("indexed");

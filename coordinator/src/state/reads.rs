@@ -133,11 +133,7 @@ impl State {
     /// The unexpired leases `agent` holds as a source.
     pub fn leases_of(&self, agent: &str, now_ms: u64) -> Vec<Lease> {
         let mut out = Vec::new();
-        for m in self
-            .migrations
-            .values()
-            .filter(|m| m.spec.source_agent == agent)
-        {
+        for m in self.sourced_by(agent) {
             for &id in self.leased.get(&m.id).into_iter().flatten() {
                 let seg = &self.segments[&(m.id, id)];
                 if let SegState::Leased { epoch, expires_ms } = seg.state {

@@ -64,9 +64,8 @@ impl State {
         ttl_ms: u64,
     ) -> Vec<Lease> {
         let mids: Vec<u64> = self
-            .migrations
-            .values()
-            .filter(|m| m.phase.sending() && m.spec.source_agent == agent)
+            .sourced_by(agent)
+            .filter(|m| m.phase.sending())
             .map(|m| m.id)
             .collect();
         let mut held = 0usize;
@@ -223,9 +222,8 @@ impl State {
     /// an expired lease to take back, in a migration it is the source of. Lets the service answer
     /// "nothing" without writing a log entry.
     pub fn has_leasable(&self, agent: &str, now_ms: u64) -> bool {
-        self.migrations
-            .values()
-            .filter(|m| m.phase.sending() && m.spec.source_agent == agent)
+        self.sourced_by(agent)
+            .filter(|m| m.phase.sending())
             .filter(|m| {
                 m.targets.iter().any(|t| {
                     self.agents

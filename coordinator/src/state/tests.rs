@@ -2645,6 +2645,53 @@ fn a_migration_from_an_object_store_refuses_what_it_cannot_do_yet() {
 }
 
 #[test]
+fn an_agent_is_asked_only_about_the_migrations_it_is_the_source_of() {
+    let mut w = World::new();
+    for (name, addr) in [("src2", ""), ("dst2", "127.0.0.1:10")] {
+        let root = if addr.is_empty() { "" } else { "/cloud2" };
+        register_target(&mut w, name, addr, root, 0);
+    }
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let (source, target) = if i % 3 == 0 {
+            ("src2", "dst2")
+        } else {
+            ("src", "dst")
+        };
+        ids.push(w.create(MigrationSpec {
+            source_agent: source.into(),
+            target_agent: target.into(),
+            ..spec("/data", 100)
+        }));
+    }
+    let gone = ids[3];
+    assert_eq!(
+        w.apply(Command::DeleteMigration {
+            migration_id: gone,
+            force: true,
+        }),
+        Response::Ok
+    );
+    for agent in ["src", "src2", "dst", "nobody"] {
+        let listed: Vec<u64> = w.s.sourced_by(agent).map(|m| m.id).collect();
+        let scanned: Vec<u64> =
+            w.s.migrations
+                .values()
+                .filter(|m| m.spec.source_agent == agent)
+                .map(|m| m.id)
+                .collect();
+        assert_eq!(listed, scanned, "{agent}");
+    }
+    assert_eq!(
+        w.s.sourced_by("src2").map(|m| m.id).collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
+    let mut rebuilt = w.s.clone();
+    rebuilt.rebuild_indexes();
+    assert_eq!(rebuilt.by_source, w.s.by_source);
+}
+
+#[test]
 fn a_deleted_migration_leaves_no_segment_or_index_behind_and_its_agents_forget_it() {
     let mut w = World::new();
     let running = w.migration(&[(0, 10, 1), (1, 10, 1), (2, 10, 1)]);
@@ -2715,8 +2762,12 @@ fn a_deleted_migration_leaves_no_segment_or_index_behind_and_its_agents_forget_i
         (pending(&w.s.pending), held(&w.s.waiting), held(&w.s.leased))
     );
     assert_eq!(
-        (&rebuilt.by_name, &rebuilt.by_key),
-        (&w.s.by_name, &w.s.by_key)
+        (&rebuilt.by_name, &rebuilt.by_key, &rebuilt.by_source),
+        (&w.s.by_name, &w.s.by_key, &w.s.by_source)
+    );
+    assert!(
+        w.s.sourced_by("src").all(|m| m.id != running),
+        "its source is no longer asked to send it"
     );
     for agent in ["src", "dst"] {
         assert_eq!(

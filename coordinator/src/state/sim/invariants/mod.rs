@@ -29,6 +29,7 @@ fn indexes(
     BTreeMap<u64, BTreeSet<u64>>,
     BTreeMap<String, u64>,
     BTreeMap<String, u64>,
+    BTreeMap<String, BTreeSet<u64>>,
 ) {
     let mut i = (
         s.pending.clone(),
@@ -36,6 +37,7 @@ fn indexes(
         s.leased.clone(),
         s.by_name.clone(),
         s.by_key.clone(),
+        s.by_source.clone(),
     );
     i.0.retain(|_, v| !v.is_empty());
     i.1.retain(|_, v| !v.is_empty());
