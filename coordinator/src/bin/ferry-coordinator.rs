@@ -1,5 +1,8 @@
 //! `ferry-coordinator`: see [`ferry_coordinator::cli::coordinator`].
 
+#[global_allocator]
+static ALLOCATOR: ferry_coordinator::Allocator = ferry_coordinator::Allocator;
+
 fn main() -> anyhow::Result<()> {
     ferry_coordinator::cli::coordinator::main()
 }
