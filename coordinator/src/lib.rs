@@ -17,4 +17,5 @@ pub mod store;
 /// malloc spent a quarter of its CPU in `_int_malloc`, `malloc_consolidate` and `unlink_chunk`,
 /// and at 10 million segments it was 3–4× slower than either jemalloc or mimalloc; mimalloc
 /// held 10–25 % more memory than glibc there, jemalloc about the same (docs/benchmarks.md).
+#[cfg(feature = "jemalloc")]
 pub use tikv_jemallocator::Jemalloc as Allocator;

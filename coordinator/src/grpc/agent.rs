@@ -30,7 +30,7 @@ fn lease_pb(l: crate::state::Lease, ttl_ms: u64) -> pb::Lease {
 /// is the source or target of.
 fn cutover_work(s: &crate::state::State, agent: &str) -> Vec<pb::CutoverWork> {
     let mut out = Vec::new();
-    for m in s.migrations.values() {
+    for m in s.sourced_or_targeted_by(agent) {
         // (step, cutover attempt, verification number, round)
         let mut steps: Vec<(Step, u32, u32, u32)> = Vec::new();
         if let Some(c) = &m.cutover {

@@ -56,12 +56,7 @@ impl State {
         self.waiting.remove(&mid);
         self.leased.remove(&mid);
         self.by_name.remove(&m.name);
-        if let Some(ids) = self.by_source.get_mut(&m.spec.source_agent) {
-            ids.remove(&mid);
-            if ids.is_empty() {
-                self.by_source.remove(&m.spec.source_agent);
-            }
-        }
+        self.unindex_agents(mid, &m.spec);
         if !m.idempotency_key.is_empty() {
             self.by_key.remove(&m.idempotency_key);
         }

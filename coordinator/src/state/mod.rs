@@ -192,6 +192,9 @@ pub struct State {
     /// spent a third of the leader's CPU comparing agent names).
     #[serde(skip)]
     by_source: BTreeMap<String, BTreeSet<u64>>,
+    /// Derived index: the migrations each agent is the (first) target of, by its spec.
+    #[serde(skip)]
+    by_target: BTreeMap<String, BTreeSet<u64>>,
     #[serde(skip)]
     dirty: Dirty,
     /// Derived, local: how many commands applied here that may change what agents are asked to
@@ -218,6 +221,9 @@ pub struct State {
     #[serde(default)]
     pub pki: Pki,
 }
+
+/// No migration ids.
+static EMPTY_IDS: BTreeSet<u64> = BTreeSet::new();
 
 fn refused(msg: impl Into<String>) -> Response {
     Response::Refused(msg.into())
@@ -260,10 +266,15 @@ impl State {
         self.by_name.clear();
         self.by_key.clear();
         self.by_source.clear();
+        self.by_target.clear();
         for m in self.migrations.values() {
             self.by_name.insert(m.name.clone(), m.id);
             self.by_source
                 .entry(m.spec.source_agent.clone())
+                .or_default()
+                .insert(m.id);
+            self.by_target
+                .entry(m.spec.target_agent.clone())
                 .or_default()
                 .insert(m.id);
             if !m.idempotency_key.is_empty() {
@@ -296,6 +307,42 @@ impl State {
             .into_iter()
             .flatten()
             .map(|id| &self.migrations[id])
+    }
+
+    /// The migrations `agent` is the source or the spec's target of, in id order.
+    pub fn sourced_or_targeted_by<'a>(
+        &'a self,
+        agent: &str,
+    ) -> impl Iterator<Item = &'a Migration> + 'a {
+        let empty = &EMPTY_IDS;
+        let sourced = self.by_source.get(agent).unwrap_or(empty);
+        let targeted = self.by_target.get(agent).unwrap_or(empty);
+        sourced.union(targeted).map(|id| &self.migrations[id])
+    }
+
+    /// Indexes migration `id` under its source and target agents.
+    fn index_agents(&mut self, id: u64, spec: &MigrationSpec) {
+        for (index, agent) in [
+            (&mut self.by_source, &spec.source_agent),
+            (&mut self.by_target, &spec.target_agent),
+        ] {
+            index.entry(agent.clone()).or_default().insert(id);
+        }
+    }
+
+    /// Drops migration `id` from the agent indexes (an agent left with none leaves no entry).
+    fn unindex_agents(&mut self, id: u64, spec: &MigrationSpec) {
+        for (index, agent) in [
+            (&mut self.by_source, &spec.source_agent),
+            (&mut self.by_target, &spec.target_agent),
+        ] {
+            if let Some(ids) = index.get_mut(agent) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    index.remove(agent);
+                }
+            }
+        }
     }
 
     /// Returns and clears the set of keys changed since the last call.

@@ -287,10 +287,7 @@ impl State {
             return refused("no migration id is left");
         };
         let targets = vec![PoolMember::new(spec.target_agent.clone())];
-        self.by_source
-            .entry(spec.source_agent.clone())
-            .or_default()
-            .insert(id);
+        self.index_agents(id, &spec);
         self.migrations.insert(
             id,
             Migration {

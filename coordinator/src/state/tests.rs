@@ -2672,12 +2672,20 @@ fn an_agent_is_asked_only_about_the_migrations_it_is_the_source_of() {
         }),
         Response::Ok
     );
-    for agent in ["src", "src2", "dst", "nobody"] {
+    for agent in ["src", "src2", "dst", "dst2", "nobody"] {
         let listed: Vec<u64> = w.s.sourced_by(agent).map(|m| m.id).collect();
         let scanned: Vec<u64> =
             w.s.migrations
                 .values()
                 .filter(|m| m.spec.source_agent == agent)
+                .map(|m| m.id)
+                .collect();
+        assert_eq!(listed, scanned, "{agent}");
+        let listed: Vec<u64> = w.s.sourced_or_targeted_by(agent).map(|m| m.id).collect();
+        let scanned: Vec<u64> =
+            w.s.migrations
+                .values()
+                .filter(|m| m.spec.source_agent == agent || m.spec.target_agent == agent)
                 .map(|m| m.id)
                 .collect();
         assert_eq!(listed, scanned, "{agent}");
@@ -2688,7 +2696,27 @@ fn an_agent_is_asked_only_about_the_migrations_it_is_the_source_of() {
     );
     let mut rebuilt = w.s.clone();
     rebuilt.rebuild_indexes();
-    assert_eq!(rebuilt.by_source, w.s.by_source);
+    assert_eq!(
+        (&rebuilt.by_source, &rebuilt.by_target),
+        (&w.s.by_source, &w.s.by_target)
+    );
+    // An agent whose last migration is deleted leaves no entry behind, as a rebuild has none.
+    assert_eq!(
+        w.apply(Command::DeleteMigration {
+            migration_id: ids[0],
+            force: true,
+        }),
+        Response::Ok
+    );
+    assert_eq!(w.s.sourced_or_targeted_by("src2").count(), 0);
+    assert_eq!(w.s.sourced_or_targeted_by("dst2").count(), 0);
+    assert!(!w.s.by_source.contains_key("src2") && !w.s.by_target.contains_key("dst2"));
+    let mut rebuilt = w.s.clone();
+    rebuilt.rebuild_indexes();
+    assert_eq!(
+        (&rebuilt.by_source, &rebuilt.by_target),
+        (&w.s.by_source, &w.s.by_target)
+    );
 }
 
 #[test]
@@ -2762,8 +2790,13 @@ fn a_deleted_migration_leaves_no_segment_or_index_behind_and_its_agents_forget_i
         (pending(&w.s.pending), held(&w.s.waiting), held(&w.s.leased))
     );
     assert_eq!(
-        (&rebuilt.by_name, &rebuilt.by_key, &rebuilt.by_source),
-        (&w.s.by_name, &w.s.by_key, &w.s.by_source)
+        (
+            &rebuilt.by_name,
+            &rebuilt.by_key,
+            &rebuilt.by_source,
+            &rebuilt.by_target
+        ),
+        (&w.s.by_name, &w.s.by_key, &w.s.by_source, &w.s.by_target)
     );
     assert!(
         w.s.sourced_by("src").all(|m| m.id != running),

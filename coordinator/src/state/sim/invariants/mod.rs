@@ -30,6 +30,7 @@ fn indexes(
     BTreeMap<String, u64>,
     BTreeMap<String, u64>,
     BTreeMap<String, BTreeSet<u64>>,
+    BTreeMap<String, BTreeSet<u64>>,
 ) {
     let mut i = (
         s.pending.clone(),
@@ -38,6 +39,7 @@ fn indexes(
         s.by_name.clone(),
         s.by_key.clone(),
         s.by_source.clone(),
+        s.by_target.clone(),
     );
     i.0.retain(|_, v| !v.is_empty());
     i.1.retain(|_, v| !v.is_empty());
