@@ -189,7 +189,7 @@ pub struct State {
     /// Derived index: the migrations each agent is the source of (a source's spec never
     /// changes), so that what one agent asks for — its heartbeat's work, its leases — costs its
     /// own migrations, not every migration (5,000 agents heartbeating against 2,500 migrations
-    /// spent a third of the leader's CPU comparing agent names).
+    /// spent a fifth of the leader's CPU comparing agent names).
     #[serde(skip)]
     by_source: BTreeMap<String, BTreeSet<u64>>,
     /// Derived index: the migrations each agent is the (first) target of, by its spec.
