@@ -191,10 +191,10 @@ pub struct State {
     /// own migrations, not every migration (5,000 agents heartbeating against 2,500 migrations
     /// spent a fifth of the leader's CPU comparing agent names).
     #[serde(skip)]
-    by_source: BTreeMap<String, BTreeSet<u64>>,
+    by_source: AgentIndex,
     /// Derived index: the migrations each agent is the (first) target of, by its spec.
     #[serde(skip)]
-    by_target: BTreeMap<String, BTreeSet<u64>>,
+    by_target: AgentIndex,
     #[serde(skip)]
     dirty: Dirty,
     /// Derived, local: how many commands applied here that may change what agents are asked to
@@ -224,6 +224,25 @@ pub struct State {
 
 /// No migration ids.
 static EMPTY_IDS: BTreeSet<u64> = BTreeSet::new();
+
+/// Migration ids by agent name ([`State`]'s `by_source`, `by_target`).
+type AgentIndex = BTreeMap<String, BTreeSet<u64>>;
+
+/// Indexes migration `id` under its source and target agents (a function of the two indexes,
+/// not of the state, so that a rebuild can call it while it walks the migrations).
+fn index_agents(
+    by_source: &mut AgentIndex,
+    by_target: &mut AgentIndex,
+    id: u64,
+    spec: &MigrationSpec,
+) {
+    for (index, agent) in [
+        (by_source, &spec.source_agent),
+        (by_target, &spec.target_agent),
+    ] {
+        index.entry(agent.clone()).or_default().insert(id);
+    }
+}
 
 fn refused(msg: impl Into<String>) -> Response {
     Response::Refused(msg.into())
@@ -269,14 +288,7 @@ impl State {
         self.by_target.clear();
         for m in self.migrations.values() {
             self.by_name.insert(m.name.clone(), m.id);
-            self.by_source
-                .entry(m.spec.source_agent.clone())
-                .or_default()
-                .insert(m.id);
-            self.by_target
-                .entry(m.spec.target_agent.clone())
-                .or_default()
-                .insert(m.id);
+            index_agents(&mut self.by_source, &mut self.by_target, m.id, &m.spec);
             if !m.idempotency_key.is_empty() {
                 self.by_key.insert(m.idempotency_key.clone(), m.id);
             }
@@ -318,16 +330,6 @@ impl State {
         let sourced = self.by_source.get(agent).unwrap_or(empty);
         let targeted = self.by_target.get(agent).unwrap_or(empty);
         sourced.union(targeted).map(|id| &self.migrations[id])
-    }
-
-    /// Indexes migration `id` under its source and target agents.
-    fn index_agents(&mut self, id: u64, spec: &MigrationSpec) {
-        for (index, agent) in [
-            (&mut self.by_source, &spec.source_agent),
-            (&mut self.by_target, &spec.target_agent),
-        ] {
-            index.entry(agent.clone()).or_default().insert(id);
-        }
     }
 
     /// Drops migration `id` from the agent indexes (an agent left with none leaves no entry).

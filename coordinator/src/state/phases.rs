@@ -287,7 +287,7 @@ impl State {
             return refused("no migration id is left");
         };
         let targets = vec![PoolMember::new(spec.target_agent.clone())];
-        self.index_agents(id, &spec);
+        super::index_agents(&mut self.by_source, &mut self.by_target, id, &spec);
         self.migrations.insert(
             id,
             Migration {
