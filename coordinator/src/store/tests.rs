@@ -5,6 +5,7 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::RaftSnapshotBuilder;
 
 use super::*;
+use state_machine::agent_key;
 
 thread_local! {
     /// Fault point in `StateMachine::apply`: fail after applying in memory, before the sled batch
@@ -319,6 +320,146 @@ async fn records_applied_after_a_built_snapshot_are_laid_over_it_on_reopen() {
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(9));
     assert_eq!(sm.shared().read().unwrap().state, want);
+}
+
+/// Keys of the current generation of `sm`'s records.
+fn record_keys(sm: &StateMachine) -> Vec<Vec<u8>> {
+    sm.records()
+        .tree()
+        .iter()
+        .keys()
+        .map(|k| k.unwrap().to_vec())
+        .collect()
+}
+
+/// What `SnapshotBuilder::build_snapshot` does up to `raft::snapshot_build_before_switch`: a
+/// snapshot of the state now, its next generation begun and its file saved. Returns the
+/// snapshot and that generation.
+fn saved_before_switch(sm: &StateMachine, dir: &std::path::Path) -> (Snapshot<TypeConfig>, u64) {
+    let (snap, next) = {
+        let a = sm.shared.read().unwrap();
+        let next = sm
+            .records()
+            .begin_next(&a.last_applied, &a.membership)
+            .unwrap();
+        (snapshot_of(&a).unwrap(), next)
+    };
+    write_snapshot_file(&dir.join(SNAPSHOT_DIR), &snap.meta, snap.snapshot.get_ref()).unwrap();
+    (snap, next)
+}
+
+/// A node's own snapshot starts a new generation of its records: what the snapshot holds is
+/// no longer written twice, so the records tree (and sled's directory) stays as small as the
+/// changes since the last snapshot instead of growing with every segment ever written.
+#[tokio::test]
+async fn a_snapshot_this_node_built_starts_a_new_generation_of_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(busy_entries()).await.unwrap();
+        let before = sm.records().generation();
+        assert!(record_keys(&sm).iter().any(|k| k.starts_with(b"s/")));
+        snapshot(&mut sm).await;
+        assert_eq!(sm.records().generation(), before + 1);
+        assert_eq!(
+            record_keys(&sm),
+            [b"applied".to_vec(), b"membership".to_vec()],
+            "the snapshot holds everything else"
+        );
+        assert_eq!(
+            sm.records().generations(),
+            [before + 1],
+            "the old one dropped"
+        );
+        sm.apply(more_entries()).await.unwrap();
+        let keys = record_keys(&sm);
+        assert!(keys.contains(&agent_key("late")), "{keys:?}");
+        assert!(!keys.contains(&agent_key("dst")), "{keys:?}");
+        sm.shared().read().unwrap().state.clone()
+    };
+    let (_log, mut sm) = open(dir.path()).unwrap();
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(9));
+    assert_eq!(sm.shared().read().unwrap().state, want);
+}
+
+/// Batches applied while a built snapshot is being saved go to both generations: the new one
+/// becomes current holding them, and nothing applied meanwhile is lost.
+#[tokio::test]
+async fn records_applied_while_a_built_snapshot_is_saved_are_in_the_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(busy_entries()).await.unwrap();
+        let (_snap, next) = saved_before_switch(&sm, dir.path());
+        sm.apply(more_entries()).await.unwrap();
+        assert!(sm.records().finish_next(next).unwrap());
+        assert_eq!(sm.records().generation(), next);
+        let keys = record_keys(&sm);
+        assert!(keys.contains(&agent_key("late")), "{keys:?}");
+        assert!(!keys.contains(&agent_key("dst")), "{keys:?}");
+        sm.shared().read().unwrap().state.clone()
+    };
+    let (_log, sm) = open(dir.path()).unwrap();
+    assert_eq!(sm.shared().read().unwrap().state, want);
+}
+
+/// The process dies after a built snapshot's file is durable, before its generation became
+/// current (`raft::snapshot_build_before_switch`): the old generation still holds every record
+/// (those applied since the snapshot too), the unfinished one is dropped, and the next build
+/// switches.
+#[tokio::test]
+async fn a_crash_between_saving_a_built_snapshot_and_the_switch_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (want, before) = {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        sm.apply(busy_entries()).await.unwrap();
+        let before = sm.records().generation();
+        saved_before_switch(&sm, dir.path());
+        sm.apply(more_entries()).await.unwrap();
+        (sm.shared().read().unwrap().state.clone(), before)
+    };
+    {
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(9));
+        assert_eq!(sm.shared().read().unwrap().state, want);
+        assert_eq!(
+            sm.records().generations(),
+            [before],
+            "the unfinished one dropped"
+        );
+        snapshot(&mut sm).await;
+        assert!(
+            sm.records().generation() > before + 1,
+            "numbers are not reused"
+        );
+    }
+    let (_log, sm) = open(dir.path()).unwrap();
+    assert_eq!(sm.shared().read().unwrap().state, want);
+}
+
+/// A snapshot installed from the leader while this node saves one it built replaces it: the
+/// built one's generation never becomes current, and the state is the leader's.
+#[tokio::test]
+async fn an_install_while_a_built_snapshot_is_saved_wins_over_it() {
+    let (snap, want) = leader_snapshot().await;
+    let b = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut follower) = follower_with_a_ghost(b.path()).await;
+        let next = {
+            let a = follower.shared.read().unwrap();
+            follower
+                .records()
+                .begin_next(&a.last_applied, &a.membership)
+                .unwrap()
+        };
+        install(&mut follower, &snap).await;
+        assert!(!follower.records().finish_next(next).unwrap());
+        assert_eq!(follower.shared().read().unwrap().state, want);
+    }
+    let (_log, reopened) = open(b.path()).unwrap();
+    assert_eq!(reopened.shared().read().unwrap().state, want);
 }
 
 /// A snapshot `sm` builds now.
