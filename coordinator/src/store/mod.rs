@@ -5,7 +5,7 @@
 //! - `log`: entry index (u64 big-endian) → entry; `meta` holds the vote, the last purged log id
 //!   and the format version. Appends and votes are flushed before openraft is told they are
 //!   durable.
-//! - `sm-<generation>`: the applied state's records written since the last snapshot —
+//! - `sm-<generation>`: the applied state's records written since the last snapshot install —
 //!   one per agent (`a/<name>`), migration (`m/<id>`) and segment (`s/<mig><seg>`; an empty value
 //!   is a tombstone), plus `applied` and `membership`. Each apply batch, including the new
 //!   `applied`, is one atomic sled batch, so an entry is never applied twice.
@@ -18,15 +18,14 @@
 //! therefore writes one file and switches to a new, empty generation of the tree (the number is
 //! in `meta/sm_generation`), instead of rewriting millions of records; the old generation is
 //! dropped afterwards. A snapshot newer than the tree's `applied` found at start-up is an install
-//! that was interrupted before the switch: the switch is finished then. A snapshot the node
-//! builds itself also starts a generation, holding what is applied after it (`records`).
+//! that was interrupted before the switch: the switch is finished then.
 //!
 //! The live [`State`] is also kept in memory (shared with the gRPC services for reads). sled's
 //! own cache is bounded by [`SLED_CACHE_BYTES`]: the state is served from memory, so sled's
 //! cache only has to hold what is being written.
 //!
-//! `log` is the Raft log, `state_machine` the applied state and its records, `records` the
-//! generations of the records tree, `snapshot` the snapshot file and its builder; this file opens the database and names the errors.
+//! `log` is the Raft log, `state_machine` the applied state and its records, `snapshot` the
+//! snapshot file and its builder; this file opens the database and names the errors.
 
 // openraft's trait methods return its `StorageError` (224 bytes); our helpers return the same type.
 #![allow(clippy::result_large_err)]
@@ -35,7 +34,7 @@ use std::fmt::Debug;
 use std::io::{Cursor, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -49,12 +48,10 @@ use crate::raft_types::{NodeId, StorageError, TypeConfig};
 use crate::state::{Migration, Segment, State};
 
 mod log;
-mod records;
 mod snapshot;
 mod state_machine;
 
 pub use log::LogStore;
-use records::*;
 use snapshot::*;
 pub use snapshot::{SnapshotBuilder, SnapshotError};
 pub use state_machine::{Applied, StateMachine};

@@ -114,75 +114,37 @@ pub(super) fn write_snapshot_file(dir: &Path, meta: &Meta, data: &[u8]) -> Resul
     Ok(())
 }
 
-/// Builds snapshots from the in-memory state and persists them before handing them to openraft;
-/// then the records written before the snapshot are dropped ([`Records::begin_next`]).
+/// Builds snapshots from the in-memory state and persists them before handing them to openraft.
 pub struct SnapshotBuilder {
     pub(super) shared: Arc<RwLock<Applied>>,
-    pub(super) records: Arc<Mutex<Records>>,
     pub(super) snap_dir: PathBuf,
-    pub(super) snap_lock: Arc<Mutex<()>>,
-}
-
-impl SnapshotBuilder {
-    fn records(&self) -> std::sync::MutexGuard<'_, Records> {
-        self.records.lock().expect("not poisoned")
-    }
+    pub(super) snap_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let started = std::time::Instant::now();
-        let (mut snapshot, generation) = {
-            let a = self.shared.read().expect("not poisoned");
-            let generation = self
-                .records()
-                .begin_next(&a.last_applied, &a.membership)
-                .map_err(|e| StorageIOError::read_state_machine(&e))?;
-            match snapshot_of(&a) {
-                Ok(s) => (s, generation),
-                Err(e) => {
-                    self.records().abandon_next(generation);
-                    return Err(e);
-                }
-            }
-        };
+        let mut snapshot = build_snapshot(&self.shared)?;
         let data = std::mem::take(snapshot.snapshot.get_mut());
-        let saved = save_snapshot(&self.snap_dir, &self.snap_lock, &snapshot.meta, data).await;
-        let (written, data) = match saved {
-            Ok(s) => s,
-            Err(e) => {
-                self.records().abandon_next(generation);
-                return Err(e);
-            }
-        };
+        let data = save_snapshot(&self.snap_dir, &self.snap_lock, &snapshot.meta, data).await?;
         *snapshot.snapshot.get_mut() = data;
-        // The snapshot file is durable; the records are still the old generation's (the next
-        // one has every batch applied since the snapshot).
-        ferry_common::fault_point!("raft::snapshot_build_before_switch");
-        let switched = if written {
-            self.records()
-                .finish_next(generation)
-                .map_err(|e| StorageIOError::write_snapshot(Some(snapshot.meta.signature()), &e))?
-        } else {
-            self.records().abandon_next(generation);
-            false
-        };
-        // The records of the new generation are current; openraft does not know of the snapshot.
-        ferry_common::fault_point!("raft::snapshot_build_after_switch");
+        // The snapshot file is durable; openraft does not know of it yet.
+        ferry_common::fault_point!("raft::snapshot_build_after_save");
         tracing::info!(
             message = "Built snapshot.",
             id = %snapshot.meta.snapshot_id,
             bytes = snapshot.snapshot.get_ref().len(),
-            records_switched = switched,
             ms = started.elapsed().as_millis() as u64
         );
         Ok(snapshot)
     }
 }
 
-/// A snapshot of the applied state `a`.
-pub(super) fn snapshot_of(a: &Applied) -> Result<Snapshot<TypeConfig>, StorageError> {
-    let data = seal_snapshot(a).map_err(|e| StorageIOError::read_state_machine(&e))?;
+pub(super) fn build_snapshot(
+    shared: &RwLock<Applied>,
+) -> Result<Snapshot<TypeConfig>, StorageError> {
+    let a = shared.read().expect("not poisoned");
+    let data = seal_snapshot(&a).map_err(|e| StorageIOError::read_state_machine(&e))?;
     let snapshot_id = match a.last_applied {
         Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
         None => format!("empty-{}", data.len()),
@@ -198,29 +160,27 @@ pub(super) fn snapshot_of(a: &Applied) -> Result<Snapshot<TypeConfig>, StorageEr
 }
 
 /// Persists a snapshot (off the async runtime: it is a large write plus fsyncs) unless the file
-/// already holds a newer one (a build that started before an install finished). Says whether it
-/// wrote, and hands `data` back: a snapshot of millions of segments is hundreds of MiB, not to be
-/// copied to be written.
+/// already holds a newer one (a build that started before an install finished). Hands `data`
+/// back: a snapshot of millions of segments is hundreds of MiB, not to be copied to be written.
 pub(super) async fn save_snapshot(
     dir: &Path,
-    lock: &Arc<Mutex<()>>,
+    lock: &Arc<std::sync::Mutex<()>>,
     meta: &Meta,
     data: Vec<u8>,
-) -> Result<(bool, Vec<u8>), StorageError> {
+) -> Result<Vec<u8>, StorageError> {
     let (dir, m, lock) = (dir.to_path_buf(), meta.clone(), lock.clone());
     let (written, data) = tokio::task::spawn_blocking(move || {
         let _held = lock.lock().expect("not poisoned");
         // An unreadable file is replaced.
         if let Some(existing) = read_snapshot_meta(&dir).ok().flatten() {
             if existing.last_log_id > m.last_log_id {
-                return (Ok(false), data);
+                return (Ok(()), data);
             }
         }
-        (write_snapshot_file(&dir, &m, &data).map(|()| true), data)
+        (write_snapshot_file(&dir, &m, &data), data)
     })
     .await
     .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &StoreError::from(e)))?;
-    let written =
-        written.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-    Ok((written, data))
+    written.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+    Ok(data)
 }

@@ -1,5 +1,5 @@
 //! The state machine: the applied state in memory, its records in the current generation of
-//! the `sm` tree, each apply one atomic batch; every new snapshot file starts a generation.
+//! the `sm` tree, each apply one atomic batch; snapshot installs switch generations.
 
 // openraft's trait methods return its `StorageError` (224 bytes); our helpers return the same type.
 #![allow(clippy::result_large_err)]
@@ -7,13 +7,31 @@
 use super::*;
 
 /// The state machine: in-memory [`State`]; durably, the snapshot file plus the sled records
-/// written since it was saved ([`Records`]).
+/// written since it was installed.
 pub struct StateMachine {
-    pub(super) records: Arc<Mutex<Records>>,
+    pub(super) db: sled::Db,
+    pub(super) meta: sled::Tree,
+    /// The current generation of the records tree.
+    pub(super) tree: sled::Tree,
+    pub(super) generation: u64,
     pub(super) snap_dir: PathBuf,
     /// Held while the snapshot file is replaced, so an older snapshot never replaces a newer one.
-    pub(super) snap_lock: Arc<Mutex<()>>,
+    pub(super) snap_lock: Arc<std::sync::Mutex<()>>,
     pub(super) shared: Arc<RwLock<Applied>>,
+    /// The thread dropping old generations, joined before the next one and on drop.
+    pub(super) dropper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for StateMachine {
+    fn drop(&mut self) {
+        if let Some(t) = self.dropper.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(super) fn sm_tree_name(generation: u64) -> String {
+    format!("sm-{generation}")
 }
 
 /// What the state machine has applied; shared read-only with the services.
@@ -53,14 +71,24 @@ impl StateMachine {
         meta: sled::Tree,
         snap_dir: PathBuf,
     ) -> Result<Self, StoreError> {
-        let sm = StateMachine {
-            records: Arc::new(Mutex::new(Records::open(db, meta)?)),
+        let generation = match meta.get("sm_generation")? {
+            Some(v) => be_u64(&v, 0..8)?,
+            None => 0,
+        };
+        let tree = db.open_tree(sm_tree_name(generation))?;
+        let mut sm = StateMachine {
+            db,
+            meta,
+            tree,
+            generation,
             snap_dir,
             snap_lock: Arc::default(),
             shared: Arc::default(),
+            dropper: None,
         };
+        sm.drop_old_generations();
         let snapshot = read_snapshot_file(&sm.snap_dir)?;
-        let tree_applied: Option<LogId<NodeId>> = match sm.records().tree().get("applied")? {
+        let tree_applied: Option<LogId<NodeId>> = match sm.tree.get("applied")? {
             Some(v) => decode(&v)?,
             None => None,
         };
@@ -73,7 +101,7 @@ impl StateMachine {
                 })?;
                 if smeta.last_log_id > tree_applied {
                     // An install was interrupted before the switch to a new generation.
-                    sm.records().switch_to(&d.last_applied, &d.membership)?;
+                    sm.switch_generation(&d)?;
                     let mut state = d.state;
                     state.rebuild_indexes();
                     Applied {
@@ -96,15 +124,13 @@ impl StateMachine {
         base: State,
         membership: Option<Membership>,
     ) -> Result<Applied, StoreError> {
-        let records = self.records();
-        let tree = records.tree();
         let base_cluster = base.cluster_id.clone();
         let base_deleted = base.deleted_up_to;
         let mut audit = base.audit.clone();
         let mut jobs = base.jobs.clone();
         let base_pki = base.pki.clone();
         let (mut agents, mut migrations, mut segments) = base.into_parts();
-        for kv in tree.scan_prefix(b"a/") {
+        for kv in self.tree.scan_prefix(b"a/") {
             let (k, v) = kv?;
             let name = String::from_utf8(k[2..].to_vec())
                 .map_err(|_| StoreError::Malformed(k.to_vec()))?;
@@ -114,7 +140,7 @@ impl StateMachine {
                 agents.insert(name, decode(&v)?);
             }
         }
-        for kv in tree.scan_prefix(b"m/") {
+        for kv in self.tree.scan_prefix(b"m/") {
             let (k, v) = kv?;
             let id = be_u64(&k, 2..10)?;
             if v.is_empty() {
@@ -123,7 +149,7 @@ impl StateMachine {
                 migrations.insert(id, decode::<Migration>(&v)?);
             }
         }
-        for kv in tree.scan_prefix(b"s/") {
+        for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
             let (m, s) = (be_u64(&k, 2..10)?, be_u64(&k, 10..18)?);
             if v.is_empty() {
@@ -132,24 +158,24 @@ impl StateMachine {
                 segments.insert((m, s), decode::<Segment>(&v)?);
             }
         }
-        let last_applied = match tree.get("applied")? {
+        let last_applied = match self.tree.get("applied")? {
             Some(v) => decode(&v)?,
             None => None,
         };
-        let membership = match tree.get("membership")? {
+        let membership = match self.tree.get("membership")? {
             Some(v) => decode(&v)?,
             None => membership.unwrap_or_default(),
         };
         let mut state = State::from_parts(agents, migrations, segments);
-        state.cluster_id = match tree.get("cluster")? {
+        state.cluster_id = match self.tree.get("cluster")? {
             Some(v) => decode(&v)?,
             None => base_cluster,
         };
-        state.deleted_up_to = match tree.get("deleted_up_to")? {
+        state.deleted_up_to = match self.tree.get("deleted_up_to")? {
             Some(v) => decode(&v)?,
             None => base_deleted,
         };
-        for kv in tree.scan_prefix(b"u/") {
+        for kv in self.tree.scan_prefix(b"u/") {
             let (k, v) = kv?;
             let seq = be_u64(&k, 2..10)?;
             if v.is_empty() {
@@ -159,7 +185,7 @@ impl StateMachine {
             }
         }
         state.audit = audit;
-        for kv in tree.scan_prefix(b"j/") {
+        for kv in self.tree.scan_prefix(b"j/") {
             let (k, v) = kv?;
             let id = be_u64(&k, 2..10)?;
             if v.is_empty() {
@@ -169,7 +195,7 @@ impl StateMachine {
             }
         }
         state.jobs = jobs;
-        state.pki = match tree.get("pki")? {
+        state.pki = match self.tree.get("pki")? {
             Some(v) => decode(&v)?,
             None => base_pki,
         };
@@ -180,9 +206,49 @@ impl StateMachine {
         })
     }
 
-    /// The records trees (never held across an `await`, nor while taking the state's lock).
-    pub(super) fn records(&self) -> std::sync::MutexGuard<'_, Records> {
-        self.records.lock().expect("not poisoned")
+    /// Makes `d` (just saved as the snapshot file) the whole state: a new, empty generation of
+    /// the records tree holding only `applied` and `membership` becomes current; the old one is
+    /// dropped in the background.
+    pub(super) fn switch_generation(&mut self, d: &SnapshotData) -> Result<(), StoreError> {
+        let next = self.generation + 1;
+        let tree = self.db.open_tree(sm_tree_name(next))?;
+        tree.clear()?;
+        let mut batch = sled::Batch::default();
+        batch.insert("applied", encode(&d.last_applied)?);
+        batch.insert("membership", encode(&d.membership)?);
+        tree.apply_batch(batch)?;
+        tree.flush()?;
+        self.meta.insert("sm_generation", &next.to_be_bytes())?;
+        self.meta.flush()?;
+        self.tree = tree;
+        self.generation = next;
+        self.drop_old_generations();
+        Ok(())
+    }
+
+    /// Drops record trees of earlier generations (in the background: it takes time per record).
+    pub(super) fn drop_old_generations(&mut self) {
+        if let Some(t) = self.dropper.take() {
+            let _ = t.join();
+        }
+        let current = sm_tree_name(self.generation);
+        let old: Vec<_> = self
+            .db
+            .tree_names()
+            .into_iter()
+            .filter(|n| n.starts_with(b"sm-") && n.as_ref() != current.as_bytes())
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        let db = self.db.clone();
+        self.dropper = Some(std::thread::spawn(move || {
+            for name in old {
+                if let Err(e) = db.drop_tree(&name) {
+                    tracing::warn!(message = "Could not drop an old state tree; it is retried at the next start.", error = %e);
+                }
+            }
+        }));
     }
 
     /// A handle for readers (the gRPC services).
@@ -277,8 +343,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Err(StorageIOError::write_state_machine(&StoreError::Injected).into());
         }
         ferry_common::fault_point!("raft::apply_before_record");
-        self.records()
-            .apply(batch)
+        self.tree
+            .apply_batch(batch)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         ferry_common::fault_point!("raft::apply_after_record");
         Ok(responses)
@@ -287,7 +353,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             shared: self.shared.clone(),
-            records: self.records.clone(),
             snap_dir: self.snap_dir.clone(),
             snap_lock: self.snap_lock.clone(),
         }
@@ -310,8 +375,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(save_snapshot(&self.snap_dir, &self.snap_lock, meta, data).await?);
         // The received snapshot's file is durable; the records are still the old generation's.
         ferry_common::fault_point!("raft::snapshot_install_before_switch");
-        self.records()
-            .switch_to(&d.last_applied, &d.membership)
+        self.switch_generation(&d)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         // The new generation is in place; openraft does not know the install ended.
         ferry_common::fault_point!("raft::snapshot_install_after_switch");
