@@ -19,14 +19,19 @@ pub fn encode<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, CodecError> {
     Ok(postcard::to_stdvec(v)?)
 }
 
-/// Appends the encoding of `v` to `out`, which grows once, to the size the encoding is measured
-/// at first: a snapshot of millions of segments is hundreds of MiB, and a buffer grown by
-/// doubling holds up to twice that, or (where the allocator copies on `realloc`) the old and the
-/// new buffer at once.
-pub fn encode_into<T: Serialize + ?Sized>(v: &T, mut out: Vec<u8>) -> Result<Vec<u8>, CodecError> {
-    let size = postcard::serialize_with_flavor(v, postcard::ser_flavors::Size::default())?;
-    out.reserve_exact(size);
-    Ok(postcard::to_extend(v, out)?)
+/// The length of the encoding of `v`, measured without encoding it.
+pub fn encoded_len<T: Serialize + ?Sized>(v: &T) -> Result<usize, CodecError> {
+    Ok(postcard::serialize_with_flavor(
+        v,
+        postcard::ser_flavors::Size::default(),
+    )?)
+}
+
+/// Writes the encoding of `v` to `w` and hands `w` back: a snapshot of millions of segments
+/// goes to its file without ever being whole in memory. postcard writes a few bytes at a time,
+/// so `w` should be buffered.
+pub fn encode_to<T: Serialize + ?Sized, W: std::io::Write>(v: &T, w: W) -> Result<W, CodecError> {
+    Ok(postcard::to_io(v, w)?)
 }
 
 /// Decodes a `T` that must fill `bytes` exactly.
@@ -43,13 +48,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encode_into_appends_the_encoding_after_one_exact_growth() {
+    fn a_value_written_to_a_writer_is_its_encoding_of_the_measured_length() {
         let v: Vec<(u64, String)> = (0..10_000u64).map(|i| (i << 40, i.to_string())).collect();
-        let out = encode_into(&v, vec![7; 32]).unwrap();
+        let out = encode_to(&v, vec![7; 32]).unwrap();
         assert_eq!(&out[..32], &[7; 32]);
         assert_eq!(out[32..], encode(&v).unwrap());
+        assert_eq!(out.len() - 32, encoded_len(&v).unwrap());
         assert_eq!(decode::<Vec<(u64, String)>>(&out[32..]).unwrap(), v);
-        // Grown once, to the measured size: no doubling left unused room.
-        assert_eq!(out.capacity(), out.len());
     }
 }

@@ -6,21 +6,13 @@
 
 use super::*;
 
-/// Snapshot bytes: a 32-byte BLAKE3 of the body, then the body (the encoded [`SnapshotData`]).
-/// The checksum is verified before a snapshot is installed or loaded, so a snapshot damaged in
-/// transit or on disk is refused instead of becoming the state. Encoded straight from the live
-/// state under its read lock (no clone: a clone of millions of segments doubled the memory).
-pub(super) fn seal_snapshot(a: &Applied) -> Result<Vec<u8>, crate::codec::CodecError> {
-    let body = SnapshotRef {
-        last_applied: &a.last_applied,
-        membership: &a.membership,
-        state: &a.state,
-    };
-    let mut out = crate::codec::encode_into(&body, vec![0; 32])?;
-    let digest = blake3::hash(&out[32..]);
-    out[..32].copy_from_slice(digest.as_bytes());
-    Ok(out)
-}
+/// Snapshot bytes (what follows the meta in the snapshot file, and what is sent to a follower):
+/// a 32-byte BLAKE3 of the body, then the body (the encoded [`SnapshotData`]). The checksum is
+/// verified before a snapshot is installed or loaded, so a snapshot damaged in transit or on disk
+/// is refused instead of becoming the state. A node builds it straight from the live state into
+/// the file under the state's read lock ([`build_into_file`]): no clone (a clone of millions of
+/// segments doubled the memory), no buffer (a buffer of millions of segments is ~0.5 GiB).
+const DIGEST_LEN: usize = 32;
 
 /// A snapshot could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -102,69 +94,185 @@ pub(super) fn read_snapshot_meta(dir: &Path) -> Result<Option<Meta>, StoreError>
 /// Writes the snapshot file atomically: a temporary file, fsync, rename, fsync of the directory.
 pub(super) fn write_snapshot_file(dir: &Path, meta: &Meta, data: &[u8]) -> Result<(), StoreError> {
     let meta = encode(meta)?;
-    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::File::create(dir.join(TMP_FILE))?;
     f.write_all(&(meta.len() as u64).to_be_bytes())?;
     f.write_all(&meta)?;
     f.write_all(data)?;
+    put_in_place(dir, f)
+}
+
+/// Name of the snapshot file being written, in the snapshot directory.
+const TMP_FILE: &str = "current.tmp";
+
+/// Makes the temporary snapshot file `f` the snapshot file: fsync, rename, fsync of the
+/// directory.
+fn put_in_place(dir: &Path, f: std::fs::File) -> Result<(), StoreError> {
     f.sync_all()?;
     drop(f);
-    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::rename(dir.join(TMP_FILE), dir.join(SNAPSHOT_FILE))?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// A writer that hashes and counts what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A snapshot this node built: its meta, its size, and whether it was saved (not when the
+/// snapshot file already held a newer snapshot).
+pub(super) struct Built {
+    pub(super) meta: Meta,
+    pub(super) bytes: usize,
+    pub(super) saved: bool,
+}
+
+/// Builds a snapshot of the applied state into the snapshot file and makes it durable, unless
+/// the file already holds a newer one (a build that started before an install finished).
+/// Encodes under the state's read lock, straight into the temporary file (hashed on the way);
+/// syncs and renames it after the lock is released. Blocking.
+pub(super) fn build_into_file(
+    dir: &Path,
+    lock: &Mutex<()>,
+    shared: &RwLock<Applied>,
+) -> Result<Built, StoreError> {
+    let _held = lock.lock().expect("not poisoned");
+    let (built, file) = {
+        let a = shared.read().expect("not poisoned");
+        let body = SnapshotRef {
+            last_applied: &a.last_applied,
+            membership: &a.membership,
+            state: &a.state,
+        };
+        let body_len = crate::codec::encoded_len(&body)?;
+        let bytes = DIGEST_LEN + body_len;
+        let meta = SnapshotMeta {
+            last_log_id: a.last_applied,
+            last_membership: a.membership.clone(),
+            snapshot_id: match a.last_applied {
+                Some(l) => format!("{}-{}-{bytes}", l.leader_id, l.index),
+                None => format!("empty-{bytes}"),
+            },
+        };
+        // An unreadable file is replaced.
+        if let Some(existing) = read_snapshot_meta(dir).ok().flatten() {
+            if existing.last_log_id > meta.last_log_id {
+                return Ok(Built {
+                    meta,
+                    bytes,
+                    saved: false,
+                });
+            }
+        }
+        let file = write_body(dir, &meta, &body, body_len)?;
+        let built = Built {
+            meta,
+            bytes,
+            saved: true,
+        };
+        (built, file)
+    };
+    put_in_place(dir, file)?;
+    Ok(built)
+}
+
+/// Writes the temporary snapshot file: the meta's length and the meta, the body's digest, the
+/// body (`body_len` bytes as measured). Not synced.
+fn write_body(
+    dir: &Path,
+    meta: &Meta,
+    body: &SnapshotRef<'_>,
+    body_len: usize,
+) -> Result<std::fs::File, StoreError> {
+    use std::io::{Seek, SeekFrom};
+    let meta = encode(meta)?;
+    let mut f = std::fs::File::create(dir.join(TMP_FILE))?;
+    f.write_all(&(meta.len() as u64).to_be_bytes())?;
+    f.write_all(&meta)?;
+    f.write_all(&[0; DIGEST_LEN])?;
+    let w = std::io::BufWriter::with_capacity(
+        1 << 20,
+        Hashing {
+            inner: f,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+        },
+    );
+    let w = crate::codec::encode_to(body, w)?;
+    let h = w.into_inner().map_err(|e| e.into_error())?;
+    if h.written != body_len as u64 {
+        return Err(std::io::Error::other(format!(
+            "the snapshot body took {} bytes, measured at {body_len}",
+            h.written
+        ))
+        .into());
+    }
+    let mut f = h.inner;
+    f.seek(SeekFrom::Start(8 + meta.len() as u64))?;
+    f.write_all(h.hasher.finalize().as_bytes())?;
+    Ok(f)
 }
 
 /// Builds snapshots from the in-memory state and persists them before handing them to openraft.
 pub struct SnapshotBuilder {
     pub(super) shared: Arc<RwLock<Applied>>,
     pub(super) snap_dir: PathBuf,
-    pub(super) snap_lock: Arc<std::sync::Mutex<()>>,
+    pub(super) snap_lock: Arc<Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// The snapshot goes to the snapshot file ([`build_into_file`]); the returned one carries its
+    /// meta and no bytes. openraft 0.9 keeps only the meta of a snapshot it had built
+    /// (`core::sm::worker`) and reads the bytes back with `get_current_snapshot` when it sends
+    /// one, as its storage suite checks.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let started = std::time::Instant::now();
-        let mut snapshot = build_snapshot(&self.shared)?;
-        let data = std::mem::take(snapshot.snapshot.get_mut());
-        let data = save_snapshot(&self.snap_dir, &self.snap_lock, &snapshot.meta, data).await?;
-        *snapshot.snapshot.get_mut() = data;
+        let (dir, lock, shared) = (
+            self.snap_dir.clone(),
+            self.snap_lock.clone(),
+            self.shared.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || build_into_file(&dir, &lock, &shared))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &StoreError::from(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         // The snapshot file is durable; openraft does not know of it yet.
         ferry_common::fault_point!("raft::snapshot_build_after_save");
         tracing::info!(
             message = "Built snapshot.",
-            id = %snapshot.meta.snapshot_id,
-            bytes = snapshot.snapshot.get_ref().len(),
+            id = %built.meta.snapshot_id,
+            bytes = built.bytes,
+            saved = built.saved,
             ms = started.elapsed().as_millis() as u64
         );
-        Ok(snapshot)
+        Ok(Snapshot {
+            meta: built.meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
+        })
     }
 }
 
-pub(super) fn build_snapshot(
-    shared: &RwLock<Applied>,
-) -> Result<Snapshot<TypeConfig>, StorageError> {
-    let a = shared.read().expect("not poisoned");
-    let data = seal_snapshot(&a).map_err(|e| StorageIOError::read_state_machine(&e))?;
-    let snapshot_id = match a.last_applied {
-        Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
-        None => format!("empty-{}", data.len()),
-    };
-    Ok(Snapshot {
-        meta: SnapshotMeta {
-            last_log_id: a.last_applied,
-            last_membership: a.membership.clone(),
-            snapshot_id,
-        },
-        snapshot: Box::new(Cursor::new(data)),
-    })
-}
-
-/// Persists a snapshot (off the async runtime: it is a large write plus fsyncs) unless the file
-/// already holds a newer one (a build that started before an install finished). Hands `data`
-/// back: a snapshot of millions of segments is hundreds of MiB, not to be copied to be written.
+/// Persists a snapshot received from the leader (off the async runtime: it is a large write
+/// plus fsyncs) unless the file already holds a newer one. Hands `data` back: a snapshot of
+/// millions of segments is hundreds of MiB, not to be copied to be written.
 pub(super) async fn save_snapshot(
     dir: &Path,
-    lock: &Arc<std::sync::Mutex<()>>,
+    lock: &Arc<Mutex<()>>,
     meta: &Meta,
     data: Vec<u8>,
 ) -> Result<Vec<u8>, StorageError> {

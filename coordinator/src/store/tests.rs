@@ -5,6 +5,7 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::RaftSnapshotBuilder;
 
 use super::*;
+use state_machine::sm_tree_name;
 
 thread_local! {
     /// Fault point in `StateMachine::apply`: fail after applying in memory, before the sled batch
@@ -321,13 +322,28 @@ async fn records_applied_after_a_built_snapshot_are_laid_over_it_on_reopen() {
     assert_eq!(sm.shared().read().unwrap().state, want);
 }
 
-/// A snapshot `sm` builds now.
+/// A snapshot `sm` builds now, as openraft then reads it to send it (the built one carries
+/// only its meta).
 async fn snapshot(sm: &mut StateMachine) -> Snapshot<TypeConfig> {
-    sm.get_snapshot_builder()
+    let built = sm
+        .get_snapshot_builder()
         .await
         .build_snapshot()
         .await
-        .expect("snapshot builds")
+        .expect("snapshot builds");
+    let current = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("in the file");
+    assert_eq!(current.meta, built.meta);
+    let len = current.snapshot.get_ref().len();
+    assert!(
+        built.meta.snapshot_id.ends_with(&format!("-{len}")),
+        "the id names the size measured before writing: {} for {len} bytes",
+        built.meta.snapshot_id
+    );
+    current
 }
 
 /// Installs (a copy of) `snap` into `sm`.
@@ -383,6 +399,15 @@ async fn an_installed_snapshot_replaces_older_records_instead_of_mixing_with_the
         let (_log, mut follower) = follower_with_a_ghost(b.path()).await;
         install(&mut follower, &snap).await;
         assert_eq!(follower.shared().read().unwrap().state, want);
+        // The old generation (emptied, then dropped) is gone.
+        follower.dropper.take().unwrap().join().unwrap();
+        let trees: Vec<_> = follower
+            .db
+            .tree_names()
+            .into_iter()
+            .filter(|n| n.starts_with(b"sm-"))
+            .collect();
+        assert_eq!(trees, [sm_tree_name(follower.generation).as_bytes()]);
     }
     let (_log, reopened) = open(b.path()).unwrap();
     let state = reopened.shared().read().unwrap().state.clone();
