@@ -33,7 +33,9 @@ fn refuses_other_format_versions() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()).unwrap());
     {
-        let db = sled::open(dir.path()).unwrap();
+        // Through `open_db`: sled's threads can hold the directory's lock a moment after the
+        // store above is dropped (a bare `sled::open` failed so under load).
+        let db = open_db(dir.path()).unwrap();
         let meta = db.open_tree("meta").unwrap();
         meta.insert("format_version", &99u64.to_be_bytes()).unwrap();
         meta.flush().unwrap();
