@@ -26,10 +26,12 @@ pub enum SnapshotError {
 }
 
 pub(super) fn open_snapshot(bytes: &[u8]) -> Result<SnapshotData, SnapshotError> {
-    if bytes.len() < 32 || blake3::hash(&bytes[32..]).as_bytes() != &bytes[..32] {
+    if bytes.len() < DIGEST_LEN
+        || blake3::hash(&bytes[DIGEST_LEN..]).as_bytes() != &bytes[..DIGEST_LEN]
+    {
         return Err(SnapshotError::Checksum(bytes.len()));
     }
-    Ok(decode(&bytes[32..])?)
+    Ok(decode(&bytes[DIGEST_LEN..])?)
 }
 
 /// The serialised form of a snapshot.
@@ -114,16 +116,26 @@ fn put_in_place(dir: &Path, f: std::fs::File) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A writer that hashes and counts what goes through it.
+/// A writer that hashes and counts what goes through it, and keeps its first error (postcard
+/// reports any writer's error as a full buffer; a full disk must say so).
 struct Hashing<W> {
     inner: W,
     hasher: blake3::Hasher,
     written: u64,
+    error: Option<std::io::Error>,
 }
 
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
+        let n = match self.inner.write(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                if self.error.is_none() {
+                    self.error = Some(std::io::Error::new(e.kind(), e.to_string()));
+                }
+                return Err(e);
+            }
+        };
         self.hasher.update(&buf[..n]);
         self.written += n as u64;
         Ok(n)
@@ -179,7 +191,7 @@ pub(super) fn build_into_file(
                 });
             }
         }
-        let file = write_body(dir, &meta, &body, body_len)?;
+        let file = write_body(dir, &meta, &body, body_len).inspect_err(|_| remove_tmp(dir))?;
         let built = Built {
             meta,
             bytes,
@@ -187,8 +199,18 @@ pub(super) fn build_into_file(
         };
         (built, file)
     };
-    put_in_place(dir, file)?;
+    put_in_place(dir, file).inspect_err(|_| remove_tmp(dir))?;
     Ok(built)
+}
+
+/// Removes a temporary snapshot file left by a failed write (hundreds of MiB, perhaps on a full
+/// disk).
+fn remove_tmp(dir: &Path) {
+    if let Err(e) = std::fs::remove_file(dir.join(TMP_FILE)) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(message = "Could not remove a partly written snapshot file.", dir = %dir.display(), error = %e);
+        }
+    }
 }
 
 /// Writes the temporary snapshot file: the meta's length and the meta, the body's digest, the
@@ -205,30 +227,42 @@ fn write_body(
     f.write_all(&(meta.len() as u64).to_be_bytes())?;
     f.write_all(&meta)?;
     f.write_all(&[0; DIGEST_LEN])?;
-    let w = std::io::BufWriter::with_capacity(
-        1 << 20,
-        Hashing {
-            inner: f,
-            hasher: blake3::Hasher::new(),
-            written: 0,
-        },
-    );
-    let w = crate::codec::encode_to(body, w)?;
-    let h = w.into_inner().map_err(|e| e.into_error())?;
-    if h.written != body_len as u64 {
+    let (mut f, digest, written) = write_hashed(body, f)?;
+    if written != body_len as u64 {
         return Err(std::io::Error::other(format!(
-            "the snapshot body took {} bytes, measured at {body_len}",
-            h.written
+            "the snapshot body took {written} bytes, measured at {body_len}"
         ))
         .into());
     }
-    let mut f = h.inner;
     f.seek(SeekFrom::Start(8 + meta.len() as u64))?;
-    f.write_all(h.hasher.finalize().as_bytes())?;
+    f.write_all(digest.as_bytes())?;
     Ok(f)
 }
 
-/// Builds snapshots from the in-memory state and persists them before handing them to openraft.
+/// Encodes `body` into `inner` through a 1 MiB buffer; returns `inner`, the BLAKE3 of what was
+/// written and its length. A write error is returned as itself (a full disk says so).
+pub(super) fn write_hashed<T: Serialize + ?Sized, W: Write>(
+    body: &T,
+    inner: W,
+) -> Result<(W, blake3::Hash, u64), StoreError> {
+    let mut h = Hashing {
+        inner,
+        hasher: blake3::Hasher::new(),
+        written: 0,
+        error: None,
+    };
+    let w = std::io::BufWriter::with_capacity(1 << 20, &mut h);
+    let encoded = crate::codec::encode_to(body, w)
+        .map(|w| w.into_inner().map(drop).map_err(|e| e.into_error()));
+    match encoded {
+        Ok(flushed) => flushed?,
+        Err(e) => return Err(h.error.take().map_or(e.into(), Into::into)),
+    }
+    Ok((h.inner, h.hasher.finalize(), h.written))
+}
+
+/// Builds snapshots from the in-memory state into the snapshot file, then hands openraft their
+/// meta.
 pub struct SnapshotBuilder {
     pub(super) shared: Arc<RwLock<Applied>>,
     pub(super) snap_dir: PathBuf,

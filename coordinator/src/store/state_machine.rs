@@ -210,6 +210,10 @@ impl StateMachine {
     /// the records tree holding only `applied` and `membership` becomes current; the old one is
     /// dropped in the background.
     pub(super) fn switch_generation(&mut self, d: &SnapshotData) -> Result<(), StoreError> {
+        // The dropper may be emptying a tree of this number left by a crash (`load` starts it).
+        if let Some(t) = self.dropper.take() {
+            let _ = t.join();
+        }
         let next = self.generation + 1;
         let tree = self.db.open_tree(sm_tree_name(next))?;
         tree.clear()?;
@@ -246,7 +250,7 @@ impl StateMachine {
             for name in old {
                 // Emptied key by key first: sled's `drop_tree` walks every page of the tree
                 // under one epoch guard, so nothing it reads is freed before it ends, and a tree
-                // of 10 million records took ~3 GiB more (bench-cluster, 2026-12-06). Each
+                // of 10 million records took ~2.5 GiB more (bench-cluster, 2026-12-06). Each
                 // `remove` pins on its own.
                 let dropped = db
                     .open_tree(&name)

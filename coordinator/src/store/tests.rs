@@ -324,6 +324,33 @@ async fn records_applied_after_a_built_snapshot_are_laid_over_it_on_reopen() {
     assert_eq!(sm.shared().read().unwrap().state, want);
 }
 
+/// A disk that fills up while a snapshot is written: the error is the disk's, not postcard's
+/// ("the serialize buffer is full", as it reports any writer's error).
+#[test]
+fn a_snapshot_written_to_a_full_disk_fails_saying_so() {
+    struct Full(usize);
+    impl std::io::Write for Full {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // More than the 1 MiB buffer, so postcard's writes meet the error.
+    let body: Vec<u64> = (0..1_000_000u64).map(|i| i << 20).collect();
+    let err = write_hashed(&body, Full(100 << 10)).err().expect("fails");
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    let (_, digest, len) = write_hashed(&body, Vec::new()).unwrap();
+    let bytes = crate::codec::encode(&body).unwrap();
+    assert_eq!((digest, len), (blake3::hash(&bytes), bytes.len() as u64));
+}
+
 /// A snapshot `sm` builds now, as openraft then reads it to send it (the built one carries
 /// only its meta).
 async fn snapshot(sm: &mut StateMachine) -> Snapshot<TypeConfig> {
